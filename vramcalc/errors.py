@@ -1,0 +1,39 @@
+"""Exceptions raised by the vramcalc library.
+
+The CLI converts every ``VramcalcError`` into one ``Error: ...`` line (see
+``cli.py``); nothing in the library prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class VramcalcError(Exception):
+    """Base class of every error vramcalc raises on bad input or data."""
+
+
+class UnknownModelError(VramcalcError):
+    """``--model`` names no catalog entry, local path or reachable hub id."""
+
+
+class UnknownGpuError(VramcalcError):
+    """``--gpu`` names no entry of ``data/gpus.csv``."""
+
+
+class InvalidPlanError(VramcalcError):
+    """A training plan has one or more invalid fields.
+
+    ``problems`` lists every problem found, each naming its CLI flag, so the
+    user can fix them all at once.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class ConfigError(VramcalcError):
+    """A model config file is missing, unreadable or malformed."""
+
+
+class CatalogError(VramcalcError):
+    """A bundled data file (model catalog, GPU catalog, calibration) is broken."""

@@ -1,0 +1,207 @@
+"""The validated description of one fine-tuning run: ``TrainingPlan``.
+
+A plan holds what a user chooses (model, method, quantization, LoRA shape,
+batch geometry, optimizer, attention kernel). ``TrainingPlan.__post_init__``
+checks every field and raises one ``InvalidPlanError`` listing every problem,
+each naming the CLI flag that sets it. Defaults are the project's default
+recipe (DEVELOPERS.md): HF Trainer with ``bf16=True``, PEFT LoRA defaults
+(r=8, alpha=8, dropout 0, PEFT's per-architecture target modules), NF4 with
+double quantization for QLoRA, SDPA attention, AdamW (torch), no gradient
+checkpointing unless asked.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from vramcalc.errors import InvalidPlanError
+
+METHODS = ("full", "lora", "qlora")
+QUANTS = ("none", "int8", "nf4", "fp4")
+DTYPES = ("bf16", "fp16", "fp32")
+ATTNS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "sgd",
+    "sgd_momentum",
+    "adafactor",
+)
+STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
+ALL_LINEAR = "all-linear"
+
+
+def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
+    """A ' Did you mean ...?' suffix listing close matches, or ''."""
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " Did you mean " + ", ".join(repr(lowered[c]) for c in close) + "?"
+
+
+def _choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    return (
+        f"{flag} {value!r} is not one of {', '.join(choices)}."
+        + suggest(value, choices)
+    )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One fine-tuning run, validated on construction.
+
+    ``targets`` is ``None`` for PEFT's default target modules of the
+    architecture, ``("all-linear",)`` for every linear layer but the output
+    head, or explicit module names. ``quant`` is ``None`` until resolved:
+    ``qlora`` means ``nf4``, other methods mean ``none``.
+    """
+
+    model: str
+    method: str = "lora"
+    quant: str | None = None
+    double_quant: bool = True
+    dtype: str = "bf16"
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw_torch"
+    attn: str = "sdpa"
+    num_gpus: int = 1
+    strategy: str = "ddp"
+    cpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not isinstance(self.model, str) or not self.model.strip():
+            problems.append("--model must name a model (catalog name, hub id or config path).")
+        for flag, value, choices in (
+            ("--method", self.method, METHODS),
+            ("--dtype", self.dtype, DTYPES),
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--attn", self.attn, ATTNS),
+            ("--strategy", self.strategy, STRATEGIES),
+        ):
+            problem = _choice_problem(flag, value, choices)
+            if problem:
+                problems.append(problem)
+        quant = self.quant
+        if quant is not None:
+            problem = _choice_problem("--quant", quant, QUANTS)
+            if problem:
+                problems.append(problem)
+                quant = None
+        if quant is None:
+            quant = "nf4" if self.method == "qlora" else "none"
+            object.__setattr__(self, "quant", quant)
+        if self.method == "qlora" and quant not in ("nf4", "fp4"):
+            problems.append(
+                f"--method qlora needs 4-bit base weights, but --quant is {quant!r}; "
+                "use --quant nf4 (the default for qlora) or fp4, or --method lora "
+                "for 16-bit/INT8 base weights."
+            )
+        if self.method == "full" and quant != "none":
+            problems.append(
+                f"--method full trains every weight, which cannot be stored as {quant!r}; "
+                "use --quant none, or --method lora/qlora for quantized base weights."
+            )
+        if quant in ("int8", "nf4", "fp4") and self.dtype == "fp32" and self.method != "full":
+            pass  # fp32 compute dtype for k-bit layers is allowed (slow but valid)
+        for flag, value in (
+            ("--rank", self.rank),
+            ("--seq-len", self.seq_len),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--num-gpus", self.num_gpus),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{flag} must be a positive integer, got {value!r}.")
+        if self.alpha is not None and not self.alpha > 0:
+            problems.append(f"--alpha must be positive, got {self.alpha!r}.")
+        if not (0.0 <= self.dropout < 1.0):
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.targets is not None:
+            targets = tuple(t.strip() for t in self.targets if t.strip())
+            if not targets:
+                problems.append("--targets is empty; give module names such as q_proj,v_proj or all-linear.")
+            elif ALL_LINEAR in targets and len(targets) > 1:
+                problems.append("--targets all-linear cannot be combined with module names.")
+            object.__setattr__(self, "targets", targets)
+        if self.cpu_offload and self.strategy not in ("fsdp", "fsdp-grad-op", "zero2", "zero3", "zero1"):
+            problems.append("--cpu-offload needs --strategy fsdp, fsdp-grad-op or zero1/2/3.")
+        if problems:
+            raise InvalidPlanError(problems)
+
+    # -- derived facts ---------------------------------------------------
+    @property
+    def uses_adapters(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else float(self.rank)
+
+    @property
+    def is_kbit(self) -> bool:
+        """Base weights quantized by bitsandbytes (INT8 or 4-bit)."""
+        return self.quant in ("int8", "nf4", "fp4")
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.seq_len * self.batch_size
+
+    def with_(self, **changes: Any) -> TrainingPlan:
+        """A copy with ``changes`` applied and validated again."""
+        if "method" in changes and "quant" not in changes:
+            changes["quant"] = None
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved plan as plain JSON-ready values (targets as a list)."""
+        data = asdict(self)
+        data["alpha"] = self.lora_alpha
+        data["targets"] = list(self.targets) if self.targets is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
+        """Build a plan from a mapping (JSON line, CSV row, YAML case).
+
+        Unknown keys raise ``InvalidPlanError``; ``targets`` may be a list or a
+        comma-separated string.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in data if k.replace("-", "_") not in names)
+        if unknown:
+            raise InvalidPlanError(
+                [f"unknown plan field {k!r}.{suggest(k, sorted(names))}" for k in unknown]
+            )
+        kwargs = {k.replace("-", "_"): v for k, v in data.items()}
+        targets = kwargs.get("targets")
+        if isinstance(targets, str):
+            kwargs["targets"] = parse_targets(targets)
+        elif isinstance(targets, list):
+            kwargs["targets"] = tuple(targets)
+        return cls(**kwargs)
+
+
+def parse_targets(text: str | None) -> tuple[str, ...] | None:
+    """``"q_proj,v_proj"`` -> ``("q_proj", "v_proj")``; empty/None/'default' -> None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text or text.lower() == "default":
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())

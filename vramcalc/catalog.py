@@ -1,0 +1,243 @@
+"""Catalogs as data: bundled model configs and the GPU table.
+
+Models resolve in this order (``resolve_model``):
+
+1. a bundled catalog entry (``data/models/catalog.yaml``: hub id or alias,
+   case-insensitive), whose ``config.json`` is the published one;
+2. a local directory holding ``config.json``, or a path to a config file;
+3. any other hub id through ``transformers.AutoConfig`` when the hub is
+   reachable. Offline, an ``UnknownModelError`` suggests close catalog names
+   and the local-path option.
+
+GPUs come from ``data/gpus.csv`` (``load_gpus`` / ``find_gpu``).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vramcalc.errors import CatalogError, ConfigError, UnknownGpuError, UnknownModelError
+
+DATA_DIR = Path(os.environ.get("VRAMCALC_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+MODELS_DIR = DATA_DIR / "models"
+GPUS_CSV = DATA_DIR / "gpus.csv"
+
+
+# -- models --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CatalogModel:
+    """One bundled model: hub id, aliases, published config and its known size."""
+
+    name: str
+    aliases: tuple[str, ...]
+    config_path: Path
+    config_source: str
+    params: int | None
+    params_source: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved ``--model``: its display name, where it came from, its config."""
+
+    name: str
+    source: str  # "catalog", "local" or "hub"
+    config_dict: dict[str, Any] = field(repr=False)
+    catalog_entry: CatalogModel | None = None
+
+    @property
+    def config(self) -> Any:
+        """A fresh ``transformers.PretrainedConfig`` built from the config dict."""
+        return config_from_dict(self.config_dict, where=self.name)
+
+
+@functools.lru_cache(maxsize=1)
+def model_catalog() -> tuple[CatalogModel, ...]:
+    """Every entry of ``data/models/catalog.yaml``."""
+    index = MODELS_DIR / "catalog.yaml"
+    try:
+        raw = yaml.safe_load(index.read_text()) or []
+    except FileNotFoundError as err:
+        raise CatalogError(f"model catalog {index} is missing") from err
+    entries = []
+    for item in raw:
+        try:
+            entries.append(
+                CatalogModel(
+                    name=item["name"],
+                    aliases=tuple(item.get("aliases") or ()),
+                    config_path=MODELS_DIR / item["config"],
+                    config_source=str(item.get("config_source", "")),
+                    params=int(item["params"]) if item.get("params") is not None else None,
+                    params_source=str(item.get("params_source", "")),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CatalogError(f"bad entry in {index}: {item!r} ({err})") from err
+    return tuple(entries)
+
+
+def _catalog_lookup() -> dict[str, CatalogModel]:
+    table: dict[str, CatalogModel] = {}
+    for entry in model_catalog():
+        for key in (entry.name, *entry.aliases):
+            table[key.lower()] = entry
+    return table
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"--model: config file {path} does not exist") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--model: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ConfigError(f"--model: {path} is not a transformers config (no 'model_type' field)")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> Any:
+    """Build the architecture's ``PretrainedConfig`` from a ``config.json`` mapping."""
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--model: {where}: cannot build a {model_type!r} config ({err})") from err
+
+
+def resolve_model(name_or_path: str) -> ModelSpec:
+    """Turn ``--model`` into a ``ModelSpec`` (catalog, local path, then hub)."""
+    key = name_or_path.strip()
+    entry = _catalog_lookup().get(key.lower())
+    if entry is not None:
+        return ModelSpec(entry.name, "catalog", _read_config_file(entry.config_path), entry)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return ModelSpec(str(path), "local", _read_config_file(path / "config.json"))
+    if path.is_file():
+        return ModelSpec(str(path), "local", _read_config_file(path))
+    if key.endswith(".json") or key.startswith((".", "/", "~")):
+        raise ConfigError(f"--model: config file {path} does not exist")
+    return _resolve_from_hub(key)
+
+
+def _resolve_from_hub(name: str) -> ModelSpec:
+    names = [e.name for e in model_catalog()] + [a for e in model_catalog() for a in e.aliases]
+    hint = _close(name, names)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VRAMCALC_OFFLINE") == "1"
+    if not offline and "/" in name:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name)
+            return ModelSpec(name, "hub", config.to_dict())
+        except Exception:  # noqa: BLE001 - any hub failure means "not resolvable here"
+            pass
+    raise UnknownModelError(
+        f"--model {name!r} is not in the bundled catalog and could not be fetched from the hub."
+        + (f" Did you mean {hint}?" if hint else "")
+        + " Run 'vramcalc models' for the catalog, or pass a local directory or config.json path."
+    )
+
+
+def _close(value: str, choices: list[str], n: int = 3) -> str:
+    lowered = {c.lower(): c for c in choices}
+    short = {c.lower().split("/")[-1]: c for c in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
+    close += [
+        short[c]
+        for c in difflib.get_close_matches(value.lower().split("/")[-1], list(short), n=n, cutoff=0.6)
+    ]
+    found = list(dict.fromkeys(lowered.get(c, c) for c in close))[:n]
+    return ", ".join(repr(c) for c in found)
+
+
+# -- GPUs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gpu:
+    """One row of ``data/gpus.csv``."""
+
+    name: str
+    aliases: tuple[str, ...]
+    vendor: str
+    memory_bytes: int
+    bf16_dense_tflops: float | None
+    fp16_dense_tflops: float | None
+    memory_bandwidth_gbps: float | None
+    price_per_hour_usd: float | None
+    price_source: str
+    price_date: str
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """Dense bf16 peak, or fp16 where the card has no bf16 (T4)."""
+        return self.bf16_dense_tflops or self.fp16_dense_tflops
+
+
+def _float(text: str | None) -> float | None:
+    text = (text or "").strip()
+    return float(text) if text else None
+
+
+@functools.lru_cache(maxsize=1)
+def load_gpus() -> tuple[Gpu, ...]:
+    """Every GPU of ``data/gpus.csv``, in file order."""
+    try:
+        with GPUS_CSV.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError as err:
+        raise CatalogError(f"GPU catalog {GPUS_CSV} is missing") from err
+    gpus = []
+    for row in rows:
+        try:
+            gpus.append(
+                Gpu(
+                    name=row["name"].strip(),
+                    aliases=tuple(a.strip() for a in (row.get("aliases") or "").split(";") if a.strip()),
+                    vendor=(row.get("vendor") or "").strip(),
+                    memory_bytes=int(row["memory_bytes"]),
+                    bf16_dense_tflops=_float(row.get("bf16_dense_tflops")),
+                    fp16_dense_tflops=_float(row.get("fp16_dense_tflops")),
+                    memory_bandwidth_gbps=_float(row.get("memory_bandwidth_gbps")),
+                    price_per_hour_usd=_float(row.get("price_per_hour_usd")),
+                    price_source=(row.get("price_source") or "").strip(),
+                    price_date=(row.get("price_date") or "").strip(),
+                )
+            )
+        except (KeyError, ValueError) as err:
+            raise CatalogError(f"bad row in {GPUS_CSV}: {row!r} ({err})") from err
+    return tuple(gpus)
+
+
+def find_gpu(name: str) -> Gpu:
+    """The GPU called ``name`` (name or alias, case-insensitive), or ``UnknownGpuError``."""
+    table: dict[str, Gpu] = {}
+    for gpu in load_gpus():
+        for key in (gpu.name, *gpu.aliases):
+            table[key.lower()] = gpu
+    key = name.strip().lower()
+    if key in table:
+        return table[key]
+    normalized = {k.replace("-", "").replace(" ", "").replace("_", ""): g for k, g in table.items()}
+    squashed = key.replace("-", "").replace(" ", "").replace("_", "")
+    if squashed in normalized:
+        return normalized[squashed]
+    hint = _close(name, [g.name for g in load_gpus()])
+    raise UnknownGpuError(
+        f"--gpu {name!r} is not in the GPU catalog."
+        + (f" Did you mean {hint}?" if hint else "")
+        + " Run 'vramcalc gpus' for the list."
+    )

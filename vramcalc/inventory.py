@@ -79,6 +79,8 @@ class ModelInventory:
     num_experts: int  # 0 for dense models
     experts_per_token: int
     linear_module_names: tuple[str, ...]  # every distinct Linear leaf name (for error messages)
+    # shape -> how many trainable tensors have it (optimizer rules need per-tensor sizes)
+    trainable_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
     library_versions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -101,6 +103,7 @@ class ModelInventory:
         data["linears"] = tuple(LinearGroup(**g) for g in data["linears"])
         data["lora_targets"] = tuple(data["lora_targets"])
         data["linear_module_names"] = tuple(data["linear_module_names"])
+        data["trainable_shapes"] = tuple((tuple(s), c) for s, c in data["trainable_shapes"])
         return cls(**data)
 
 
@@ -203,6 +206,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
 
     roles = dict.fromkeys(ROLES, 0)
     seen: set[int] = set()
+    base_shapes: dict[tuple[int, ...], int] = {}
     groups: dict[tuple[str, int, int, bool, bool], int] = {}
     for module_name, module in model.named_modules():
         is_linear = type(module) is torch.nn.Linear
@@ -210,6 +214,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            base_shapes[tuple(param.shape)] = base_shapes.get(tuple(param.shape), 0) + 1
             roles[_role(module, module_name, param_name, is_linear, output_head, convertible)] += param.numel()
         if is_linear and module is not output_head:
             key = (
@@ -225,8 +230,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
 
     lora_names: tuple[str, ...] = ()
     adapter_params = 0
+    trainable_shapes = base_shapes
     if plan.uses_adapters:
-        lora_names, adapter_params = _apply_lora(model, config, plan, linear_names)
+        lora_names, adapter_params, trainable_shapes = _apply_lora(model, config, plan, linear_names)
     roles["adapter"] = adapter_params
     linears = tuple(
         LinearGroup(name, fin, fout, bias, count, quantizable, name in lora_names)
@@ -258,6 +264,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         num_experts=_config_int(config, "num_local_experts", "num_experts"),
         experts_per_token=_config_int(config, "num_experts_per_tok"),
         linear_module_names=linear_names,
+        trainable_shapes=tuple(sorted(trainable_shapes.items())),
         library_versions=library_versions(),
     )
 
@@ -278,8 +285,12 @@ def _role(module, module_name, param_name, is_linear, output_head, convertible) 
     return "other"
 
 
-def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
-    """Wrap ``model`` with the real peft LoRA on meta; return wrapped leaf names and adapter params."""
+def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]):
+    """Wrap ``model`` with the real peft LoRA on meta.
+
+    Returns the wrapped leaf names, the adapter parameter count and the
+    adapter tensors' shapes (shape -> count).
+    """
     import warnings
 
     from accelerate import init_empty_weights
@@ -319,5 +330,10 @@ def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer)
     }
-    adapter = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    return tuple(sorted(names)), adapter
+    shapes: dict[tuple[int, ...], int] = {}
+    adapter = 0
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            adapter += param.numel()
+            shapes[tuple(param.shape)] = shapes.get(tuple(param.shape), 0) + 1
+    return tuple(sorted(names)), adapter, shapes

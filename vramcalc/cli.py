@@ -1,0 +1,170 @@
+"""The ``vramcalc`` command line: parse, call the library, render. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from vramcalc.errors import VramcalcError
+from vramcalc.plan import ATTNS, DTYPES, METHODS, OPTIMIZERS, QUANTS, TrainingPlan, parse_targets
+
+
+class _Group(click.Group):
+    """Turn every library error into one ``Error: ...`` line (exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VramcalcError as err:
+            raise click.ClickException(str(err)) from err
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vramcalc")
+def cli() -> None:
+    """How much GPU memory an LLM fine-tuning run needs, before you rent the GPU.
+
+    \b
+    Examples:
+      vramcalc plan --model meta-llama/Llama-2-13b --method qlora --rank 16
+      vramcalc plan --model Qwen/Qwen2.5-7B --method full --gpu H100-80GB --json
+      vramcalc models        # the bundled model catalog (works offline)
+      vramcalc gpus          # the GPU catalog
+    """
+
+
+def plan_options(func):
+    """The options that describe one training plan (shared by plan and friends)."""
+    options = [
+        click.option("--model", "-m", required=True, help="Catalog name or alias (see 'vramcalc models'), a local dir/config.json, or a hub id (online)."),
+        click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True, help="full: train every weight; lora: 16-bit or INT8 base + adapters; qlora: 4-bit base + adapters."),
+        click.option("--quant", type=click.Choice(QUANTS), default=None, help="Base-weight quantization (bitsandbytes). Default: nf4 for qlora, none otherwise; int8 with --method lora is INT8-LoRA."),
+        click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the 4-bit absmax constants again (QLoRA double quantization)."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True, help="Dtype the base weights are loaded in; training runs under bf16 autocast (full + fp32 = fp32 master weights; full + bf16 = pure bf16)."),
+        click.option("--rank", "-r", type=int, default=8, show_default=True, help="LoRA rank r."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank, PEFT's scaling 1)."),
+        click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout (0 keeps no dropout mask)."),
+        click.option("--targets", default=None, help="LoRA target modules, comma-separated (q_proj,v_proj) or 'all-linear'. Default: PEFT's default for the architecture."),
+        click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."),
+        click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="Per-device micro-batch size."),
+        click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps (gradients stay live across micro-batches)."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True, help="Recompute each decoder layer in backward (use_reentrant=False)."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw_torch_fused", show_default=True, help="Trainer optimizer (Trainer's default is adamw_torch_fused)."),
+        click.option("--attn", type=click.Choice(ATTNS), default="sdpa", show_default=True, help="Attention implementation."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def plan_from_options(options: dict) -> TrainingPlan:
+    """A validated ``TrainingPlan`` from parsed plan options."""
+    return TrainingPlan(
+        model=options["model"],
+        method=options["method"],
+        quant=options["quant"],
+        double_quant=options["double_quant"],
+        dtype=options["dtype"],
+        rank=options["rank"],
+        alpha=options["alpha"],
+        dropout=options["dropout"],
+        targets=parse_targets(options["targets"]),
+        seq_len=options["seq_len"],
+        batch_size=options["batch_size"],
+        grad_accum=options["grad_accum"],
+        gradient_checkpointing=options["gradient_checkpointing"],
+        optimizer=options["optimizer"],
+        attn=options["attn"],
+    )
+
+
+@cli.command()
+@plan_options
+@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to check the fit on (repeat or comma-separate). Default: every GPU of the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README) instead of the report.")
+def plan(gpus: tuple[str, ...], as_json: bool, **options) -> None:
+    """Estimate the GPU memory of one fine-tuning run, component by component.
+
+    Counts every parameter exactly on the meta device (no weights, no GPU, no
+    network for catalog models), then applies each component's rule. Prints
+    peak allocated / reserved / device-total memory and which GPUs it fits.
+
+    \b
+    Example:
+      vramcalc plan --model meta-llama/Llama-2-13b --method qlora --rank 16 \\
+                    --seq-len 2048 --batch-size 4 --gpu RTX-4090
+    """
+    from vramcalc.catalog import find_gpu, load_gpus
+    from vramcalc.estimate import estimate
+    from vramcalc.render import gpu_fits, render_plan
+
+    the_plan = plan_from_options(options)
+    names = [n for g in gpus for n in g.split(",") if n.strip()]
+    chosen = [find_gpu(n) for n in names] if names else list(load_gpus())
+    result = estimate(the_plan)
+    fits = gpu_fits(result, chosen)
+    if as_json:
+        data = result.to_dict()
+        data["gpus"] = [
+            {"name": f.gpu.name, "memory_bytes": f.gpu.memory_bytes, "fits": f.fits, "headroom_bytes": f.headroom_bytes}
+            for f in fits
+        ]
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(render_plan(result, fits))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the bundled model catalog (usable offline), with exact parameter counts."""
+    from vramcalc.catalog import model_catalog
+
+    entries = model_catalog()
+    if as_json:
+        click.echo(json.dumps([{"name": e.name, "aliases": list(e.aliases), "params": e.params} for e in entries], indent=2))
+        return
+    click.echo(f"{'model':<52}{'parameters':>16}  aliases")
+    for e in entries:
+        params = f"{e.params:,}" if e.params else "?"
+        click.echo(f"{e.name:<52}{params:>16}  {', '.join(e.aliases)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def gpus(as_json: bool) -> None:
+    """List the GPU catalog: memory as the card reports it, peak bf16 TFLOP/s, price."""
+    from vramcalc.catalog import load_gpus
+    from vramcalc.render import gib
+
+    table = load_gpus()
+    if as_json:
+        click.echo(json.dumps([g.__dict__ | {"aliases": list(g.aliases)} for g in table], indent=2))
+        return
+    click.echo(f"{'GPU':<16}{'memory':>14}{'bf16 TFLOP/s':>14}{'$/hour':>9}  aliases")
+    for g in table:
+        tflops = f"{g.peak_tflops:g}" if g.peak_tflops else "-"
+        price = f"{g.price_per_hour_usd:.2f}" if g.price_per_hour_usd else "-"
+        click.echo(f"{g.name:<16}{gib(g.memory_bytes):>14}{tflops:>14}{price:>9}  {', '.join(g.aliases)}")
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in other packages (harness) or modules, if importable."""
+    try:
+        from harness.cli import measure
+    except ImportError:
+        return
+    cli.add_command(measure)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="vramcalc")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

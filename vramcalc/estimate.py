@@ -1,0 +1,224 @@
+"""Compose the per-component rules into one ``MemoryEstimate``.
+
+A training step's memory is not a sum of everything ever allocated: tensors
+come and go. The estimate evaluates the live bytes at the three moments where
+the peak can fall and takes the largest:
+
+``forward_end``   all saved activations + the logits/loss tensors (+ gradients
+                  kept across micro-batches when ``grad_accum`` > 1, + the
+                  head's gradient in full fine-tuning, computed while the
+                  logits' gradient is live);
+``backward``      saved activations + the first layer recomputed (gradient
+                  checkpointing) + one layer's backward temporaries;
+``optimizer_step`` all gradients + the optimizer's step temporaries.
+
+Always live: weights, adapters, optimizer states (allocated at the first step,
+so present in every measured step after it), cuBLAS workspaces. Reserved adds
+the allocator's slack; the device total adds the CUDA context and paged
+optimizer states (managed memory).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramcalc.catalog import ModelSpec, resolve_model
+from vramcalc.inventory import ModelInventory, build_inventory
+from vramcalc.memory.activations import ActivationEstimate, estimate_activations
+from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
+from vramcalc.memory.logits import LogitsEstimate, estimate_logits
+from vramcalc.memory.optimizer import OptimizerEstimate, estimate_optimizer
+from vramcalc.memory.overhead import allocator_reserve_bytes, load_calibration
+from vramcalc.memory.weights import WeightsEstimate, estimate_weights
+from vramcalc.plan import TrainingPlan
+
+COMPONENTS = (
+    "weights",
+    "adapters",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits",
+    "transient",
+    "cublas_workspace",
+    "allocator_reserve",
+    "cuda_context",
+    "paged_optimizer_states",
+)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Memory of one training plan at its peak, by component, in bytes."""
+
+    plan: TrainingPlan
+    model_name: str
+    model_source: str
+    total_params: int
+    trainable_params: int
+    components: dict[str, int]  # at the peak moment; sums to device_total_bytes
+    peak_allocated_bytes: int  # comparable to torch.cuda.max_memory_allocated()
+    peak_reserved_bytes: int  # comparable to torch.cuda.max_memory_reserved()
+    device_total_bytes: int  # comparable to nvidia-smi used memory
+    peak_phase: str
+    phase_allocated_bytes: dict[str, int]
+    assumptions: tuple[str, ...]
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; field names match the harness's measurement records."""
+        return {
+            "model": self.model_name,
+            "model_source": self.model_source,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "peak_phase": self.peak_phase,
+            "phase_allocated_bytes": dict(self.phase_allocated_bytes),
+            "components": dict(self.components),
+            "plan": self.plan.to_dict(),
+            "assumptions": list(self.assumptions),
+            "rules": dict(self.rules),
+        }
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(name: str) -> ModelSpec:
+    return resolve_model(name)
+
+
+def inventory_for(spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
+    """The (disk-cached) inventory of ``spec`` under ``plan``."""
+    return build_inventory(spec.config_dict, plan)
+
+
+def estimate(plan: TrainingPlan, spec: ModelSpec | None = None) -> MemoryEstimate:
+    """Estimate ``plan``; ``spec`` skips resolving ``plan.model`` again."""
+    spec = spec or _spec(plan.model)
+    inventory = inventory_for(spec, plan)
+    return estimate_from_inventory(inventory, plan, spec.name, spec.source)
+
+
+def estimate_from_inventory(
+    inventory: ModelInventory, plan: TrainingPlan, model_name: str = "", model_source: str = ""
+) -> MemoryEstimate:
+    """The pure part: inventory + plan → ``MemoryEstimate``."""
+    calibration = load_calibration()
+    weights: WeightsEstimate = estimate_weights(inventory, plan)
+    optimizer: OptimizerEstimate = estimate_optimizer(inventory, plan)
+    activations: ActivationEstimate = estimate_activations(inventory, plan)
+    logits: LogitsEstimate = estimate_logits(inventory, plan)
+    grads = gradient_bytes(inventory, plan)
+    head_grad = _head_gradient_bytes(inventory, plan)
+    accum_grads = grads if plan.grad_accum > 1 else 0
+
+    static = (
+        weights.weights_bytes
+        + weights.adapter_bytes
+        + optimizer.state_bytes
+        + calibration.cublas_workspace_bytes
+    )
+    phases = {
+        "forward_end": {
+            "gradients": max(accum_grads, head_grad),
+            "activations": activations.layers_saved_bytes,
+            "logits": logits.peak_bytes,
+            "transient": activations.forward_transient_bytes,
+        },
+        "backward": {
+            "gradients": max(accum_grads, head_grad),
+            "activations": activations.layers_saved_bytes + activations.recompute_layer_bytes,
+            "logits": 0,
+            "transient": activations.backward_transient_bytes,
+        },
+        "optimizer_step": {
+            "gradients": grads,
+            "activations": 0,
+            "logits": 0,
+            "transient": optimizer.step_transient_bytes,
+        },
+    }
+    phase_totals = {name: static + sum(parts.values()) for name, parts in phases.items()}
+    peak_phase = max(phase_totals, key=lambda name: phase_totals[name])
+    peak_allocated = phase_totals[peak_phase]
+    reserve = allocator_reserve_bytes(peak_allocated, calibration)
+    peak_reserved = peak_allocated + reserve
+    device_total = peak_reserved + calibration.cuda_context_bytes + optimizer.paged_state_bytes
+    components = {
+        "weights": weights.weights_bytes,
+        "adapters": weights.adapter_bytes,
+        "optimizer_states": optimizer.state_bytes,
+        **phases[peak_phase],
+        "cublas_workspace": calibration.cublas_workspace_bytes,
+        "allocator_reserve": reserve,
+        "cuda_context": calibration.cuda_context_bytes,
+        "paged_optimizer_states": optimizer.paged_state_bytes,
+    }
+    components = {name: int(components[name]) for name in COMPONENTS}
+    return MemoryEstimate(
+        plan=plan,
+        model_name=model_name,
+        model_source=model_source,
+        total_params=inventory.total_params_with_adapters,
+        trainable_params=inventory.trainable_params,
+        components=components,
+        peak_allocated_bytes=int(peak_allocated),
+        peak_reserved_bytes=int(peak_reserved),
+        device_total_bytes=int(device_total),
+        peak_phase=peak_phase,
+        phase_allocated_bytes={k: int(v) for k, v in phase_totals.items()},
+        assumptions=_assumptions(inventory, plan, weights),
+        rules={
+            "weights": weights.rule,
+            "optimizer_states": optimizer.rule,
+            "activations": activations.rule,
+            "logits": logits.rule,
+            **{f"calibration.{k}": v for k, v in calibration.sources.items()},
+        },
+    )
+
+
+def _head_gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
+    """Full fine-tuning: the output head's gradient appears while the logits' gradient is live."""
+    if plan.method != "full":
+        return 0
+    from vramcalc.memory import DTYPE_BYTES
+
+    head = inventory.params_by_role["lm_head"] or inventory.params_by_role["embedding"]
+    return head * DTYPE_BYTES[trainable_dtype(plan)]
+
+
+def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: WeightsEstimate) -> tuple[str, ...]:
+    out = [
+        "HF Trainer, bf16=True (forward/backward under bf16 autocast)",
+        f"base weights loaded in {plan.dtype}"
+        + (f", linear layers quantized to {plan.quant}" if plan.is_kbit else ""),
+    ]
+    if plan.is_kbit:
+        out.append(
+            "prepare_model_for_kbit_training: non-quantized parameters upcast to fp32"
+            + (", NF4 double quantization" if plan.quant in ("nf4", "fp4") and plan.double_quant else "")
+        )
+    if plan.uses_adapters:
+        out.append(
+            f"PEFT LoRA r={plan.rank}, alpha={plan.lora_alpha:g}, dropout={plan.dropout:g}, "
+            f"adapters fp32 on {', '.join(inventory.lora_targets)}"
+            + (" (PEFT default targets)" if plan.targets is None else "")
+        )
+    elif plan.method == "full":
+        out.append(
+            "full fine-tuning: "
+            + ("fp32 master weights + bf16 autocast" if plan.dtype == "fp32" else f"pure {plan.dtype}")
+        )
+    out.append(
+        f"micro-batch {plan.batch_size} x {plan.seq_len} tokens, grad-accum {plan.grad_accum}, "
+        f"attention {plan.attn}, gradient checkpointing "
+        + ("on (use_reentrant=False)" if plan.gradient_checkpointing else "off")
+    )
+    out.append(f"optimizer {plan.optimizer}; states live from the first step on")
+    out.append("CUDA context, cuBLAS workspace and allocator slack from data/calibration.json")
+    return tuple(out)

@@ -1,0 +1,28 @@
+"""Gradients: one tensor per trainable parameter, in that parameter's dtype.
+
+``AccumulateGrad`` allocates ``param.grad`` like the parameter (torch
+autograd); LoRA adapters are fp32 (peft), so their gradients are fp32; full
+fine-tuning keeps gradients in ``--dtype`` (fp32 master weights → fp32
+gradients, pure bf16 → bf16). Trainer frees them after every optimizer step
+(``model.zero_grad(set_to_none=True)``), so they are live from the backward
+pass through the step, and across micro-batches when ``--grad-accum`` > 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vramcalc.inventory import ModelInventory
+from vramcalc.memory import DTYPE_BYTES, alloc_bytes
+from vramcalc.plan import TrainingPlan
+
+
+def trainable_dtype(plan: TrainingPlan) -> str:
+    """Dtype of trainable parameters (and so of their gradients)."""
+    return plan.dtype if plan.method == "full" else "fp32"
+
+
+def gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
+    """Bytes of all gradients once the backward pass has finished."""
+    itemsize = DTYPE_BYTES[trainable_dtype(plan)]
+    return sum(alloc_bytes(math.prod(shape) * itemsize, count) for shape, count in inventory.trainable_shapes)

@@ -1,0 +1,112 @@
+"""Optimizer states, and the transient buffers of the optimizer step.
+
+Rules, per trainable tensor of ``n`` elements in dtype ``d`` (sources:
+torch/optim/adam.py, bitsandbytes/optim/optimizer.py, transformers
+optimization.py ``Adafactor``, Trainer's optimizer mapping):
+
+* ``adamw_torch``: ``exp_avg`` + ``exp_avg_sq`` like the parameter (2·n·d);
+  the foreach implementation (default on CUDA) allocates
+  ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``, one more n·d for
+  every tensor at once during the step. ``step`` is a CPU scalar.
+* ``adamw_torch_fused`` (Trainer's default with torch >= 2.8): 2·n·d states;
+  the fused kernel needs no full-size temporary; ``step`` is a device scalar.
+* bitsandbytes 8-bit Adam (``adamw_8bit``, ``paged_adamw_8bit``): tensors with
+  ``n >= min_8bit_size`` (4096) keep two uint8 states plus two fp32 absmax per
+  block of 256; smaller tensors keep two fp32 states.
+* bitsandbytes 32-bit Adam (``paged_adamw_32bit``): two fp32 states.
+* paged variants put states of tensors with ``n >= 1e5`` in CUDA managed
+  memory (``F.get_paged``): outside the caching allocator (not in
+  ``max_memory_allocated``/``reserved``) but resident on the device while
+  there is room, so counted in ``device_total_bytes``.
+* ``sgd``: no state; ``sgd_momentum``: one ``momentum_buffer`` (n·d).
+* ``adafactor`` (Trainer: ``scale_parameter=False, relative_step=False``,
+  ``beta1=None``): a ≥2-D tensor of shape (..., r, c) keeps a row vector
+  (..., r) and a column vector (..., c); a 1-D tensor keeps ``exp_avg_sq``
+  (n); all in the gradient's dtype. The step upcasts bf16 gradients to fp32
+  and works on an n-sized ``update`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vramcalc.inventory import ModelInventory
+from vramcalc.memory import DTYPE_BYTES, alloc_bytes
+from vramcalc.memory.gradients import trainable_dtype
+from vramcalc.plan import TrainingPlan
+
+MIN_8BIT_SIZE = 4096
+BNB_BLOCKSIZE = 256
+PAGED_MIN_NUMEL = 100_000
+
+
+@dataclass(frozen=True)
+class OptimizerEstimate:
+    """Optimizer memory: states in the allocator, states in managed memory, step temporaries."""
+
+    state_bytes: int  # in the caching allocator
+    paged_state_bytes: int  # in CUDA managed memory (paged optimizers)
+    step_transient_bytes: int  # extra live only during optimizer.step()
+    rule: str
+
+    @property
+    def total_state_bytes(self) -> int:
+        return self.state_bytes + self.paged_state_bytes
+
+
+def _bnb_adam(n: int, eight_bit: bool) -> int:
+    if eight_bit and n >= MIN_8BIT_SIZE:
+        blocks = -(n // -BNB_BLOCKSIZE)
+        return 2 * alloc_bytes(n) + 2 * alloc_bytes(blocks * 4)
+    return 2 * alloc_bytes(n * 4)
+
+
+def estimate_optimizer(inventory: ModelInventory, plan: TrainingPlan) -> OptimizerEstimate:
+    """States and step temporaries of ``plan.optimizer`` over the trainable tensors."""
+    itemsize = DTYPE_BYTES[trainable_dtype(plan)]
+    state = paged = transient = 0
+    name = plan.optimizer
+    for shape, count in inventory.trainable_shapes:
+        n = math.prod(shape)
+        if name in ("adamw_torch", "adamw_torch_fused"):
+            state += 2 * alloc_bytes(n * itemsize, count)
+            if name == "adamw_torch":
+                transient += alloc_bytes(n * itemsize, count)
+            else:
+                state += alloc_bytes(4, count)  # device step scalar
+        elif name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+            per = _bnb_adam(n, eight_bit=name != "paged_adamw_32bit")
+            if name.startswith("paged") and n >= PAGED_MIN_NUMEL:
+                paged += per * count
+            else:
+                state += per * count
+        elif name == "sgd":
+            pass
+        elif name == "sgd_momentum":
+            state += alloc_bytes(n * itemsize, count)
+        elif name == "adafactor":
+            if len(shape) >= 2:
+                rows = math.prod(shape[:-1])
+                cols = math.prod(shape[:-2]) * shape[-1]
+                state += (alloc_bytes(rows * itemsize) + alloc_bytes(cols * itemsize)) * count
+            else:
+                state += alloc_bytes(n * itemsize, count)
+            state += alloc_bytes(4, count)  # RMS scalar
+            # per-tensor temporaries: fp32 grad copy, fp32 update (one tensor at a time)
+            transient = max(transient, 2 * alloc_bytes(n * 4))
+        else:  # pragma: no cover - TrainingPlan validates the name
+            raise ValueError(name)
+    return OptimizerEstimate(state, paged, transient, _RULES[name])
+
+
+_RULES = {
+    "adamw_torch": "AdamW (torch, foreach): 2 states like each trainable parameter, +1 during the step",
+    "adamw_torch_fused": "AdamW (torch, fused): 2 states like each trainable parameter",
+    "adamw_8bit": "bitsandbytes 8-bit AdamW: 2 uint8 states + fp32 absmax per 256 (fp32 below 4096 elements)",
+    "paged_adamw_8bit": "bitsandbytes paged 8-bit AdamW: as adamw_8bit, tensors >= 1e5 elements in managed memory",
+    "paged_adamw_32bit": "bitsandbytes paged 32-bit AdamW: 2 fp32 states, tensors >= 1e5 elements in managed memory",
+    "sgd": "SGD without momentum: no state",
+    "sgd_momentum": "SGD with momentum: 1 state like each trainable parameter",
+    "adafactor": "Adafactor (factored second moment, no first moment): row + column vectors per matrix",
+}

@@ -1,0 +1,51 @@
+"""What is on the device beyond live tensors: CUDA context, cuBLAS workspaces,
+and the caching allocator's reserve over what is allocated.
+
+These cannot be derived from model code; their values live in
+``data/calibration.json`` with the source of each (fitted on measurements, or
+a documented prior until measurements exist).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from vramcalc.catalog import DATA_DIR
+from vramcalc.errors import CatalogError
+
+CALIBRATION_JSON = DATA_DIR / "calibration.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    cuda_context_bytes: int
+    cublas_workspace_bytes: int
+    allocator_reserved_fraction: float
+    allocator_reserved_floor_bytes: int
+    sources: dict[str, str]
+
+
+@functools.lru_cache(maxsize=1)
+def load_calibration() -> Calibration:
+    try:
+        raw = json.loads(CALIBRATION_JSON.read_text())
+    except (OSError, ValueError) as err:
+        raise CatalogError(f"calibration file {CALIBRATION_JSON} is unreadable ({err})") from err
+    try:
+        return Calibration(
+            cuda_context_bytes=int(raw["cuda_context_bytes"]["value"]),
+            cublas_workspace_bytes=int(raw["cublas_workspace_bytes"]["value"]),
+            allocator_reserved_fraction=float(raw["allocator_reserved_fraction"]["value"]),
+            allocator_reserved_floor_bytes=int(raw["allocator_reserved_floor_bytes"]["value"]),
+            sources={k: v["source"] for k, v in raw.items() if isinstance(v, dict)},
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CatalogError(f"calibration file {CALIBRATION_JSON} is malformed ({err})") from err
+
+
+def allocator_reserve_bytes(peak_allocated_bytes: int, calibration: Calibration) -> int:
+    """Reserved minus allocated at the peak: the caching allocator's slack."""
+    slack = peak_allocated_bytes * calibration.allocator_reserved_fraction
+    return int(max(slack, calibration.allocator_reserved_floor_bytes))

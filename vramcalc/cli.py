@@ -150,16 +150,26 @@ def gpus(as_json: bool) -> None:
         click.echo(f"{g.name:<16}{gib(g.memory_bytes):>14}{tflops:>14}{price:>9}  {', '.join(g.aliases)}")
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in other packages (harness) or modules, if importable."""
-    try:
-        from harness.cli import measure
-    except ImportError:
-        return
-    cli.add_command(measure)
+def _register_commands() -> None:
+    """Commands that live in their own modules (each a thin click layer too)."""
+    import importlib
+
+    for module, names in (
+        ("vramcalc.cli_capacity", ("sweep", "fit")),
+        ("vramcalc.cli_report", ("report",)),
+        ("harness.cli", ("measure",)),
+    ):
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a real missing dependency inside the module
+                raise
+            continue
+        for name in names:
+            cli.add_command(getattr(loaded, name))
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:

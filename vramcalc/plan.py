@@ -130,6 +130,8 @@ class TrainingPlan:
                 problems.append(f"{flag} must be a positive integer, got {value!r}.")
         if self.alpha is not None and not self.alpha > 0:
             problems.append(f"--alpha must be positive, got {self.alpha!r}.")
+        elif self.alpha is None and isinstance(self.rank, int):
+            object.__setattr__(self, "alpha", float(self.rank))  # PEFT scaling alpha/r = 1
         if not (0.0 <= self.dropout < 1.0):
             problems.append(f"--dropout must be in [0, 1), got {self.dropout!r}.")
         if self.targets is not None:
@@ -166,12 +168,13 @@ class TrainingPlan:
         """A copy with ``changes`` applied and validated again."""
         if "method" in changes and "quant" not in changes:
             changes["quant"] = None
+        if "rank" in changes and "alpha" not in changes and self.alpha == float(self.rank):
+            changes["alpha"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved plan as plain JSON-ready values (targets as a list)."""
         data = asdict(self)
-        data["alpha"] = self.lora_alpha
         data["targets"] = list(self.targets) if self.targets is not None else None
         return data
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny configs whose byte counts can be computed by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+# Inventories built by tests go to a per-session temp cache, never ~/.cache.
+os.environ.setdefault("VRAMCALC_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+TINY_OPT = {
+    "model_type": "opt",
+    "architectures": ["OPTForCausalLM"],
+    "hidden_size": 64,
+    "ffn_dim": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "word_embed_proj_dim": 64,
+    "do_layer_norm_before": True,
+    "enable_bias": True,
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _inventory_cache(tmp_path_factory):
+    os.environ["VRAMCALC_CACHE_DIR"] = str(tmp_path_factory.mktemp("vramcalc-cache"))
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return path
+
+
+@pytest.fixture
+def tiny_opt_dir(tmp_path):
+    path = tmp_path / "tiny-opt"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(TINY_OPT))
+    return path

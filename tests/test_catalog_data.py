@@ -1,0 +1,66 @@
+"""The bundled model catalog: configs load with built-in transformers classes and the
+meta-device parameter count equals the independently derived ``params`` of each entry.
+
+``params`` in ``data/models/catalog.yaml`` is not taken from transformers: it is a hand count
+from the config (arithmetic in ``params_source``) cross-checked against published checkpoint
+sizes. This test is the second, independent check that transformers builds the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
+CATALOG = yaml.safe_load((MODELS_DIR / "catalog.yaml").read_text())
+# Keys that describe a particular upload, not the architecture; they must not be bundled.
+FORBIDDEN_KEYS = {"_name_or_path", "transformers_version", "quantization_config", "auto_map"}
+
+
+def _config(entry: dict) -> dict:
+    return json.loads((MODELS_DIR / entry["config"]).read_text())
+
+
+def test_catalog_names_and_aliases_are_unique():
+    keys = [k.lower() for e in CATALOG for k in (e["name"], *(e.get("aliases") or ()))]
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("entry", CATALOG, ids=[e["name"] for e in CATALOG])
+def test_entry_is_complete(entry):
+    assert (MODELS_DIR / entry["config"]).is_file()
+    assert entry["config"] == f"{entry['name']}/config.json"
+    assert entry["config_source"] and entry["params_source"]
+    assert isinstance(entry["params"], int) and entry["params"] > 0
+    config = _config(entry)
+    assert "model_type" in config
+    assert not FORBIDDEN_KEYS & config.keys()
+
+
+@pytest.mark.parametrize("entry", CATALOG, ids=[e["name"] for e in CATALOG])
+def test_meta_build_matches_catalog_params(entry):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _config(entry)
+    model_type = config.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config)
+    # accelerate's init_empty_weights re-wraps every registered parameter in a new
+    # Parameter object, which silently undoes the lm_head <- embed_tokens tie made during
+    # construction (transformers 5.x + accelerate 1.x). Re-tie outside the context so that
+    # tied embeddings are one parameter, as in the real model.
+    model.tie_weights()
+    if hf_config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # shared tensors counted once
+    assert total == entry["params"], (
+        f"{entry['name']}: transformers {total:,} != catalog {entry['params']:,}"
+    )

@@ -21,7 +21,14 @@ def report(measurements: Path | None, out_dir: Path, no_gate: bool) -> None:
     max <= 10 %, no under-estimate beyond 5 %, and every OOM case estimated
     not to fit. Prints one summary line.
     """
-    from vramcalc.report import MEASUREMENTS_DIR, build_report, check_targets, load_measurements, summarize, write_report
+    from vramcalc.report import (
+        MEASUREMENTS_DIR,
+        build_report,
+        check_targets,
+        load_measurements,
+        summarize,
+        write_report,
+    )
 
     records, sources = load_measurements(measurements or MEASUREMENTS_DIR)
     result = build_report(records, sources)

@@ -27,6 +27,7 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.inventory import ModelInventory, build_inventory
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
+from vramcalc.memory.distributed import shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.logits import LogitsEstimate, estimate_logits
 from vramcalc.memory.optimizer import OptimizerEstimate, estimate_optimizer
@@ -42,9 +43,12 @@ COMPONENTS = (
     "activations",
     "logits",
     "transient",
+    "gathered_weights",
+    "comm_buffers",
     "cublas_workspace",
     "allocator_reserve",
     "cuda_context",
+    "nccl",
     "paged_optimizer_states",
 )
 
@@ -58,14 +62,23 @@ class MemoryEstimate:
     model_source: str
     total_params: int
     trainable_params: int
-    components: dict[str, int]  # at the peak moment; sums to device_total_bytes
+    components: dict[str, int]  # per GPU at the peak moment; sums to device_total_bytes
     peak_allocated_bytes: int  # comparable to torch.cuda.max_memory_allocated()
     peak_reserved_bytes: int  # comparable to torch.cuda.max_memory_reserved()
-    device_total_bytes: int  # comparable to nvidia-smi used memory
+    device_total_bytes: int  # comparable to nvidia-smi used memory (per GPU)
     peak_phase: str
     phase_allocated_bytes: dict[str, int]
     assumptions: tuple[str, ...]
     rules: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.plan.num_gpus
+
+    @property
+    def total_device_bytes_all_gpus(self) -> int:
+        """Device memory summed over every GPU of the plan."""
+        return self.device_total_bytes * self.plan.num_gpus
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; field names match the harness's measurement records."""
@@ -75,6 +88,8 @@ class MemoryEstimate:
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "device_total_bytes": self.device_total_bytes,
+            "num_gpus": self.num_gpus,
+            "total_device_bytes_all_gpus": self.total_device_bytes_all_gpus,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "peak_phase": self.peak_phase,
@@ -112,14 +127,27 @@ def estimate_from_inventory(
     optimizer: OptimizerEstimate = estimate_optimizer(inventory, plan)
     activations: ActivationEstimate = estimate_activations(inventory, plan)
     logits: LogitsEstimate = estimate_logits(inventory, plan)
-    grads = gradient_bytes(inventory, plan)
-    head_grad = _head_gradient_bytes(inventory, plan)
+    sharded = shard_static(
+        inventory,
+        plan,
+        weights_bytes=weights.weights_bytes,
+        adapter_bytes=weights.adapter_bytes,
+        optimizer_state_bytes=optimizer.state_bytes,
+        gradient_bytes=gradient_bytes(inventory, plan),
+        compute_itemsize=2,
+        nccl_bytes=calibration.nccl_communicator_bytes,
+    )
+    grads = sharded.gradient_bytes
+    head_grad = _head_gradient_bytes(inventory, plan) // (plan.num_gpus if plan.strategy in ("fsdp", "zero3") else 1)
     accum_grads = grads if plan.grad_accum > 1 else 0
+    paged = 0 if plan.cpu_offload and plan.num_gpus > 1 else optimizer.paged_state_bytes
 
     static = (
-        weights.weights_bytes
-        + weights.adapter_bytes
-        + optimizer.state_bytes
+        sharded.weights_bytes
+        + sharded.adapter_bytes
+        + sharded.optimizer_state_bytes
+        + sharded.gathered_weights_bytes
+        + sharded.comm_buffer_bytes
         + calibration.cublas_workspace_bytes
     )
     phases = {
@@ -147,16 +175,19 @@ def estimate_from_inventory(
     peak_allocated = phase_totals[peak_phase]
     reserve = allocator_reserve_bytes(peak_allocated, calibration)
     peak_reserved = peak_allocated + reserve
-    device_total = peak_reserved + calibration.cuda_context_bytes + optimizer.paged_state_bytes
+    device_total = peak_reserved + calibration.cuda_context_bytes + sharded.nccl_bytes + paged
     components = {
-        "weights": weights.weights_bytes,
-        "adapters": weights.adapter_bytes,
-        "optimizer_states": optimizer.state_bytes,
+        "weights": sharded.weights_bytes,
+        "adapters": sharded.adapter_bytes,
+        "optimizer_states": sharded.optimizer_state_bytes,
         **phases[peak_phase],
+        "gathered_weights": sharded.gathered_weights_bytes,
+        "comm_buffers": sharded.comm_buffer_bytes,
         "cublas_workspace": calibration.cublas_workspace_bytes,
         "allocator_reserve": reserve,
         "cuda_context": calibration.cuda_context_bytes,
-        "paged_optimizer_states": optimizer.paged_state_bytes,
+        "nccl": sharded.nccl_bytes,
+        "paged_optimizer_states": paged,
     }
     components = {name: int(components[name]) for name in COMPONENTS}
     return MemoryEstimate(
@@ -177,6 +208,7 @@ def estimate_from_inventory(
             "optimizer_states": optimizer.rule,
             "activations": activations.rule,
             "logits": logits.rule,
+            "distributed": sharded.rule,
             **{f"calibration.{k}": v for k, v in calibration.sources.items()},
         },
     )
@@ -203,6 +235,13 @@ def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: Weights
             "prepare_model_for_kbit_training: non-quantized parameters upcast to fp32"
             + (", NF4 double quantization" if plan.quant in ("nf4", "fp4") and plan.double_quant else "")
         )
+    other = inventory.params_by_role["other"]
+    if plan.is_kbit and other > 0.05 * inventory.total_params:
+        out.append(
+            f"WARNING: {other:,} parameters ({100 * other / inventory.total_params:.0f} %) are not plain nn.Linear "
+            "weights (MoE expert tensors or nn.Linear subclasses), which this transformers version's "
+            "bitsandbytes integration does not quantize: they stay in 16 bit and are upcast to fp32"
+        )
     if plan.uses_adapters:
         out.append(
             f"PEFT LoRA r={plan.rank}, alpha={plan.lora_alpha:g}, dropout={plan.dropout:g}, "
@@ -220,5 +259,11 @@ def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: Weights
         + ("on (use_reentrant=False)" if plan.gradient_checkpointing else "off")
     )
     out.append(f"optimizer {plan.optimizer}; states live from the first step on")
+    if plan.num_gpus > 1:
+        out.append(
+            f"{plan.num_gpus} GPUs, {plan.strategy}"
+            + (" with CPU offload" if plan.cpu_offload else "")
+            + "; memory is per GPU, each running the full micro-batch"
+        )
     out.append("CUDA context, cuBLAS workspace and allocator slack from data/calibration.json")
     return tuple(out)

@@ -36,7 +36,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         warnings.simplefilter("ignore")
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
+        # init_empty_weights re-wraps every registered Parameter, which undoes the
+        # head <-> embedding tie made during construction: tie again.
+        model.tie_weights()
     not_convert = set(get_keys_to_not_convert(model))
     output_head = model.get_output_embeddings()
     input_embed = model.get_input_embeddings()
@@ -197,12 +200,15 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         and output_head.weight is input_embed.weight
     )
 
+    try:  # the exact predicate replace_with_bnb_linear uses (transformers >= 5)
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # older transformers: prefix / suffix match
+
+        def should_convert_module(name, patterns):
+            return not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in patterns)
+
     def convertible(module_name: str) -> bool:
-        # transformers.integrations.bitsandbytes.should_convert_module semantics
-        return not any(
-            module_name == key or module_name.endswith("." + key) or module_name.startswith(key + ".")
-            for key in not_convert
-        )
+        return should_convert_module(module_name, sorted(not_convert))
 
     roles = dict.fromkeys(ROLES, 0)
     seen: set[int] = set()

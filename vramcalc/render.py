@@ -17,9 +17,12 @@ COMPONENT_LABELS = {
     "activations": "activations",
     "logits": "logits + loss",
     "transient": "step temporaries",
+    "gathered_weights": "gathered (unsharded) weights",
+    "comm_buffers": "communication buffers",
     "cublas_workspace": "cuBLAS workspace",
     "allocator_reserve": "allocator reserve",
     "cuda_context": "CUDA context",
+    "nccl": "NCCL communicators",
     "paged_optimizer_states": "paged optimizer states",
 }
 

@@ -24,6 +24,7 @@ class Calibration:
     cublas_workspace_bytes: int
     allocator_reserved_fraction: float
     allocator_reserved_floor_bytes: int
+    nccl_communicator_bytes: int
     sources: dict[str, str]
 
 
@@ -39,6 +40,7 @@ def load_calibration() -> Calibration:
             cublas_workspace_bytes=int(raw["cublas_workspace_bytes"]["value"]),
             allocator_reserved_fraction=float(raw["allocator_reserved_fraction"]["value"]),
             allocator_reserved_floor_bytes=int(raw["allocator_reserved_floor_bytes"]["value"]),
+            nccl_communicator_bytes=int(raw["nccl_communicator_bytes"]["value"]),
             sources={k: v["source"] for k, v in raw.items() if isinstance(v, dict)},
         )
     except (KeyError, TypeError, ValueError) as err:

@@ -42,25 +42,15 @@ def test_entry_is_complete(entry):
 
 
 @pytest.mark.parametrize("entry", CATALOG, ids=[e["name"] for e in CATALOG])
-def test_meta_build_matches_catalog_params(entry):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_inventory_matches_catalog_params(entry):
+    """vramcalc's own meta-device inventory (the estimator's path) gives the known count."""
+    from vramcalc.inventory import build_inventory
+    from vramcalc.plan import TrainingPlan
 
-    config = _config(entry)
-    model_type = config.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(hf_config)
-    # accelerate's init_empty_weights re-wraps every registered parameter in a new
-    # Parameter object, which silently undoes the lm_head <- embed_tokens tie made during
-    # construction (transformers 5.x + accelerate 1.x). Re-tie outside the context so that
-    # tied embeddings are one parameter, as in the real model.
-    model.tie_weights()
-    if hf_config.tie_word_embeddings:
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # shared tensors counted once
-    assert total == entry["params"], (
-        f"{entry['name']}: transformers {total:,} != catalog {entry['params']:,}"
+    inventory = build_inventory(_config(entry), TrainingPlan(entry["name"], method="full"), use_cache=False)
+    assert inventory.total_params == entry["params"], (
+        f"{entry['name']}: inventory {inventory.total_params:,} != catalog {entry['params']:,}"
+    )
+    assert inventory.tied_embeddings == bool(_config(entry).get("tie_word_embeddings", True)) or (
+        inventory.params_by_role["lm_head"] > 0
     )

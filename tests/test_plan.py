@@ -9,6 +9,7 @@ def test_defaults_are_the_recipe():
     assert (plan.method, plan.quant, plan.dtype, plan.rank, plan.lora_alpha, plan.dropout) == (
         "lora", "none", "bf16", 8, 8.0, 0.0)
     assert plan.attn == "sdpa" and plan.gradient_checkpointing is False
+    assert plan.optimizer == "adamw_torch_fused"  # Trainer default with torch >= 2.8
 
 
 def test_qlora_implies_nf4_and_double_quant():

@@ -8,7 +8,7 @@ import sys
 import click
 
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import ATTNS, DTYPES, METHODS, OPTIMIZERS, QUANTS, TrainingPlan, parse_targets
+from vramcalc.plan import ATTNS, DTYPES, METHODS, OPTIMIZERS, QUANTS, STRATEGIES, TrainingPlan, parse_targets
 
 
 class _Group(click.Group):
@@ -53,6 +53,9 @@ def plan_options(func):
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True, help="Recompute each decoder layer in backward (use_reentrant=False)."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw_torch_fused", show_default=True, help="Trainer optimizer (Trainer's default is adamw_torch_fused)."),
         click.option("--attn", type=click.Choice(ATTNS), default="sdpa", show_default=True, help="Attention implementation."),
+        click.option("--num-gpus", type=int, default=1, show_default=True, help="Data-parallel GPUs; memory is reported per GPU (each runs --batch-size)."),
+        click.option("--strategy", type=click.Choice(STRATEGIES), default="ddp", show_default=True, help="How --num-gpus > 1 shares state: ddp replicates; fsdp / zero3 shard everything; fsdp-grad-op / zero2 shard gradients + optimizer; zero1 shards the optimizer."),
+        click.option("--cpu-offload", is_flag=True, help="Offload optimizer states (and fsdp/zero3 parameter shards) to CPU."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -77,6 +80,9 @@ def plan_from_options(options: dict) -> TrainingPlan:
         gradient_checkpointing=options["gradient_checkpointing"],
         optimizer=options["optimizer"],
         attn=options["attn"],
+        num_gpus=options["num_gpus"],
+        strategy=options["strategy"],
+        cpu_offload=options["cpu_offload"],
     )
 
 

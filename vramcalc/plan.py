@@ -6,8 +6,9 @@ checks every field and raises one ``InvalidPlanError`` listing every problem,
 each naming the CLI flag that sets it. Defaults are the project's default
 recipe (DEVELOPERS.md): HF Trainer with ``bf16=True``, PEFT LoRA defaults
 (r=8, alpha=8, dropout 0, PEFT's per-architecture target modules), NF4 with
-double quantization for QLoRA, SDPA attention, AdamW (torch), no gradient
-checkpointing unless asked.
+double quantization for QLoRA, SDPA attention, Trainer's default optimizer
+(``adamw_torch_fused`` with torch >= 2.8), no gradient checkpointing unless
+asked.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class TrainingPlan:
     batch_size: int = 1
     grad_accum: int = 1
     gradient_checkpointing: bool = False
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"
     attn: str = "sdpa"
     num_gpus: int = 1
     strategy: str = "ddp"
@@ -141,8 +142,8 @@ class TrainingPlan:
             elif ALL_LINEAR in targets and len(targets) > 1:
                 problems.append("--targets all-linear cannot be combined with module names.")
             object.__setattr__(self, "targets", targets)
-        if self.cpu_offload and self.strategy not in ("fsdp", "fsdp-grad-op", "zero2", "zero3", "zero1"):
-            problems.append("--cpu-offload needs --strategy fsdp, fsdp-grad-op or zero1/2/3.")
+        if self.cpu_offload and (self.strategy == "ddp" or self.num_gpus == 1):
+            problems.append("--cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op or zero1/2/3.")
         if problems:
             raise InvalidPlanError(problems)
 

@@ -1,0 +1,256 @@
+"""Build the real model a case trains: random weights, real loading path, real adapters.
+
+1. ``prepare_checkpoint``: the model's catalog config (``vramcalc.catalog``)
+   -> ``AutoModelForCausalLM.from_config`` with random init (fixed seed) ->
+   ``save_pretrained`` once into ``SCRATCH/checkpoints/<model>-<confighash>/<dtype>/``.
+   Reused when present; other checkpoints are evicted (least recently used
+   first) when the disk is short. The launcher runs this in its own process
+   so that initializing the weights never shows in a case's memory figures.
+2. ``build_model``: ``from_pretrained`` with the plan's dtype, attention kernel
+   and, for int8/nf4/fp4, a ``BitsAndBytesConfig``; k-bit models go through
+   ``prepare_model_for_kbit_training``; LoRA plans get peft adapters; full
+   fine-tuning trains every parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError, MissingDependencyError
+from vramcalc.catalog import resolve_model
+from vramcalc.plan import ALL_LINEAR, TrainingPlan
+
+INIT_SEED = 0
+MARKER = "harness-checkpoint.json"
+DISK_MARGIN_BYTES = 2 << 30
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+BNB_INSTALL_HINT = (
+    "install it on the GPU machine (pip install bitsandbytes, or from a local wheel: "
+    "python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl "
+    "&& export PYTHONPATH=/tmp/site)"
+)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def require_dependencies(plan: TrainingPlan) -> None:
+    """Raise ``MissingDependencyError`` when the plan needs bitsandbytes and it is missing."""
+    needs = []
+    if plan.is_kbit:
+        needs.append(f"--quant {plan.quant}")
+    if plan.optimizer in BNB_OPTIMIZERS:
+        needs.append(f"--optimizer {plan.optimizer}")
+    if needs and not has_bitsandbytes():
+        raise MissingDependencyError(
+            f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} bitsandbytes, which is not installed; {BNB_INSTALL_HINT}."
+        )
+
+
+# -- the random-init checkpoint ------------------------------------------------------------------
+def checkpoint_dir(plan: TrainingPlan, scratch_dir: str | Path) -> Path:
+    """Where the random-init checkpoint of the plan's model and dtype lives."""
+    spec = resolve_model(plan.model)
+    digest = hashlib.sha256(
+        json.dumps(spec.config_dict, sort_keys=True, default=str).encode()
+    ).hexdigest()[:8]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", spec.name).strip("-.")[-80:] or "model"
+    return Path(scratch_dir) / "checkpoints" / f"{slug}-{digest}" / plan.dtype
+
+
+def checkpoint_ready(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def touch_checkpoint(path: Path) -> None:
+    """Mark a checkpoint as just used (eviction removes the least recently used)."""
+    marker = path / MARKER
+    if marker.is_file():
+        os.utime(marker)
+
+
+def prepare_checkpoint(plan: TrainingPlan, scratch_dir: str | Path, device: str) -> Path:
+    """Create (or reuse) the random-init checkpoint; returns its directory.
+
+    Weights are initialized on ``device`` (fast on a GPU); an OOM there falls
+    back to the CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = checkpoint_dir(plan, scratch_dir)
+    if checkpoint_ready(target):
+        touch_checkpoint(target)
+        return target
+    config = resolve_model(plan.model).config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # a pre-quantized hub config: we quantize ourselves
+    dtype = torch_dtype(plan.dtype)
+    torch.manual_seed(INIT_SEED)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except torch.OutOfMemoryError:
+        if not device.startswith("cuda"):
+            raise
+        torch.cuda.empty_cache()
+        torch.manual_seed(INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    make_room(Path(scratch_dir) / "checkpoints", size_bytes, keep=target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    (partial / MARKER).write_text(
+        json.dumps(
+            {"model": plan.model, "dtype": plan.dtype, "bytes": size_bytes, "seed": INIT_SEED}
+        )
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
+
+
+def make_room(checkpoints: Path, need_bytes: int, keep: Path) -> list[Path]:
+    """Delete least recently used checkpoints until ``need_bytes`` (+2 GiB) fit on disk."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    removed = []
+    candidates = sorted(
+        (m.parent for m in checkpoints.glob(f"*/*/{MARKER}") if m.parent != keep),
+        key=lambda p: (p / MARKER).stat().st_mtime,
+    )
+    while shutil.disk_usage(checkpoints).free < need_bytes + DISK_MARGIN_BYTES and candidates:
+        victim = candidates.pop(0)
+        shutil.rmtree(victim, ignore_errors=True)
+        removed.append(victim)
+    if shutil.disk_usage(checkpoints).free < need_bytes:
+        raise HarnessError(
+            f"not enough disk under {checkpoints} for a {need_bytes / 2**30:.1f} GiB checkpoint; "
+            "use --scratch on a larger disk."
+        )
+    return removed
+
+
+# -- loading -------------------------------------------------------------------------------------
+@dataclass
+class BuiltModel:
+    """The model ready to train, and its parameter counts as peft reports them."""
+
+    model: Any
+    trainable_params: int
+    total_params: int
+    lora_targets_used: tuple[str, ...] | None
+
+
+def quantization_config(plan: TrainingPlan) -> Any:
+    """The ``BitsAndBytesConfig`` for int8/nf4/fp4 plans, else None."""
+    if not plan.is_kbit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if plan.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=plan.quant,
+        bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
+        bnb_4bit_use_double_quant=plan.double_quant,
+    )
+
+
+def lora_target_modules(plan: TrainingPlan, model_type: str) -> list[str] | str:
+    """peft ``target_modules``: the plan's names, "all-linear", or peft's default.
+
+    Like the estimator (``vramcalc.inventory``), an architecture without a peft
+    default gets all-linear instead of an error.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if plan.targets is None:
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        return list(default) if default is not None else ALL_LINEAR
+    if plan.targets == (ALL_LINEAR,):
+        return ALL_LINEAR
+    return list(plan.targets)
+
+
+def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> BuiltModel:
+    """Load the checkpoint as the plan says and make it trainable (adapters or full)."""
+    require_dependencies(plan)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.dtype), "attn_implementation": plan.attn}
+    if plan.is_kbit:
+        kwargs["quantization_config"] = quantization_config(plan)
+    if device.startswith("cuda"):
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
+    model.config.use_cache = False
+    if plan.is_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets_used = None
+    if plan.uses_adapters:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        lora = LoraConfig(
+            r=plan.rank,
+            lora_alpha=plan.lora_alpha,
+            lora_dropout=plan.dropout,
+            target_modules=lora_target_modules(plan, model.config.model_type),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        targets_used = tuple(
+            sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+            )
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    return BuiltModel(model, trainable, total, targets_used)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) exactly as peft's ``get_nb_trainable_parameters`` counts.
+
+    bitsandbytes packs two 4-bit values per byte, so a ``Params4bit`` counts
+    ``numel * 2 * element_size``; shared (tied) parameters count once.
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            size = param.element_size() if hasattr(param, "element_size") else 1
+            count = count * 2 * size
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total

@@ -1,0 +1,172 @@
+"""``vramcalc measure``: the click command of the harness (parse, call the launcher, render)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from harness.errors import CaseError
+from harness.launcher import (
+    DEFAULT_TIMEOUT_S,
+    DEVICES,
+    check_models,
+    plan_run,
+    resolve_device,
+    run_cases,
+)
+from harness.scenario import SPLITS, Case, load_cases, select_split
+from vramcalc.errors import VramcalcError
+
+HELP = """Measure real fine-tuning steps of every case in CASES and append one JSON line
+per case to OUTPUT.
+
+CASES is a YAML or CSV file of training plans (the estimator's fields: model,
+method, quant, rank, targets, seq_len, batch_size, grad_accum,
+gradient_checkpointing, optimizer, ...) plus steps, warmup_steps, seed, split
+(calibration|validation) and recipe (trainer|loop). YAML may hold grids: each
+list value is a set of options and the grid expands to their cross product.
+
+\b
+The recipe, for each case, in a fresh process:
+  1. build: the model's catalog config -> AutoModelForCausalLM.from_config
+     with random weights (seed 0), saved once per model and dtype under
+     --scratch, then from_pretrained with the plan's dtype and attention;
+     int8/nf4/fp4 load through bitsandbytes (NF4/FP4 with double quant as
+     asked), then prepare_model_for_kbit_training; LoRA/QLoRA add peft
+     adapters (r, alpha, dropout, targets); full trains every weight.
+  2. train: HF Trainer (recipe 'trainer', default) or a plain PyTorch loop
+     ('loop'), bf16 autocast where supported, the plan's micro-batch,
+     gradient accumulation, checkpointing (use_reentrant=False) and
+     optimizer, on random token ids of exactly seq_len, labels = inputs;
+     warmup_steps untimed, then steps timed with a device synchronize.
+  3. track: peak max_memory_allocated / max_memory_reserved, device-wide
+     used memory (NVML or mem_get_info, CUDA context included), memory after
+     load, median step seconds, tokens/s, parameter counts, provenance.
+
+An out-of-memory case is recorded as status "oom", a case over --timeout-s
+as "timeout", any other failure as "error" with the traceback's tail; the run
+goes on. Rerunning skips cases already in OUTPUT for the same device. On CPU,
+GPU memory figures are null (not measured). On CUDA the memory instrument is
+checked first: a known 1 GiB allocation must read back within 1 %.
+"""
+
+
+@click.command(
+    "measure", help=HELP, short_help="Measure real training steps of a case list on a GPU."
+)
+@click.argument("cases", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON-lines file the results are appended to, e.g. data/measurements/h100.jsonl.",
+)
+@click.option(
+    "--timeout-s",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a case may take (a case's own timeout_s wins).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where to train: cuda, cpu, or cuda when visible.",
+)
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory for random-init checkpoints and worker logs "
+    "[default: $VRAMCALC_SCRATCH or <tmp>/vramcalc-scratch].",
+)
+@click.option(
+    "--only-split",
+    type=click.Choice(SPLITS),
+    default=None,
+    help="Run only the cases of this split.",
+)
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="Run again cases whose last result is error or timeout (not oom).",
+)
+@click.option(
+    "--stop-after-s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Start no new case after this many seconds (to fit a time slot); rerun to go on.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="List the cases and whether each is done; run nothing."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def measure(
+    cases: Path,
+    output: Path,
+    timeout_s: float,
+    device: str,
+    scratch: Path | None,
+    only_split: str | None,
+    retry_errors: bool,
+    stop_after_s: float | None,
+    dry_run: bool,
+    no_progress: bool,
+) -> None:
+    try:
+        selected = select_split(load_cases(cases), only_split)
+        problems = check_models(selected)
+        if dry_run:
+            resolved = resolve_device(device)
+            planned = plan_run(selected, output, resolved, retry_errors)
+            for item in planned:
+                click.echo(("done  " if item.done else "todo  ") + describe(item.case))
+            todo = sum(not p.done for p in planned)
+            click.echo(
+                f"{len(planned)} cases: {todo} to run, {len(planned) - todo} done on {resolved} -> {output}"
+            )
+        if problems:
+            raise click.ClickException("models that do not resolve: " + " | ".join(problems))
+        if dry_run:
+            return
+        summary = run_cases(
+            selected,
+            output,
+            device=device,
+            timeout_s=timeout_s,
+            scratch_dir=scratch,
+            retry_errors=retry_errors,
+            stop_after_s=stop_after_s,
+            progress=not no_progress,
+        )
+    except CaseError as err:
+        raise click.ClickException(
+            f"invalid cases in {cases}:\n" + "\n".join(f"  - {p}" for p in err.problems)
+        ) from err
+    except VramcalcError as err:
+        raise click.ClickException(str(err)) from err
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.statuses.items())) or "nothing new"
+    click.echo(
+        f"ran {summary.ran} ({counts}), skipped {summary.skipped} already done, "
+        f"{summary.left} left, on {summary.device} -> {summary.output}"
+        + (" (stopped early: --stop-after-s)" if summary.stopped_early else "")
+    )
+
+
+def describe(case: Case) -> str:
+    """One line of ``--dry-run``: id, split, recipe and the plan's key choices."""
+    plan = case.plan
+    if plan.uses_adapters:
+        targets = ",".join(plan.targets) if plan.targets else "default"
+        method = f"{plan.method}/{plan.quant} r{plan.rank} {targets}"
+    else:
+        method = f"{plan.method}/{plan.quant}"
+    return (
+        f"{case.split:<11} {case.case_id} {case.recipe:<7} {plan.model} {method} "
+        f"seq {plan.seq_len} bs {plan.batch_size} ga {plan.grad_accum} "
+        f"gc {'on' if plan.gradient_checkpointing else 'off'} {plan.optimizer}"
+    )

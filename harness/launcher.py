@@ -1,0 +1,307 @@
+"""Launcher: run every case in a fresh worker process and append its result.
+
+For each case not yet in the output file: make sure the random-init
+checkpoint exists (``python -m harness.worker prepare``, its own process), then
+measure the case (``python -m harness.worker run``) under a per-case timeout.
+The result -- ``ok``, ``oom``, ``timeout`` or ``error`` -- is appended to the
+JSON-lines output as soon as the case ends, so a crash or a kill loses
+nothing already measured, and a rerun skips every case already there (same
+``case_id`` on the same device). A tqdm bar shows cases done / left and the
+last case's seconds. On CUDA, a ``probe`` worker first records provenance and
+checks the memory instrument (a known allocation must read back within 1 %).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.record import (
+    PROVENANCE_FIELDS,
+    REPO_ROOT,
+    append_record,
+    collect_provenance,
+    make_record,
+    read_records,
+    utc_now,
+)
+from harness.scenario import Case
+from vramcalc.errors import VramcalcError
+
+DEFAULT_TIMEOUT_S = 900.0
+LOG_TAIL_LINES = 12
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    """A case of the run and whether the output file already has its result."""
+
+    case: Case
+    done: bool
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did: how many cases ran, were skipped, and their statuses."""
+
+    output: Path
+    device: str
+    total: int
+    skipped: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    @property
+    def ran(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def left(self) -> int:
+        return self.total - self.skipped - self.ran
+
+
+@dataclass(frozen=True)
+class WorkerOutcome:
+    result: dict[str, Any] | None
+    timed_out: bool
+    returncode: int | None
+    log_tail: str
+    seconds: float
+
+
+def default_scratch_dir() -> Path:
+    """``$VRAMCALC_SCRATCH`` or ``<tmp>/vramcalc-scratch``."""
+    env = os.environ.get("VRAMCALC_SCRATCH")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "vramcalc-scratch"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``. Does not create a CUDA context."""
+    if device not in DEVICES:
+        raise HarnessError(f"--device {device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise HarnessError(
+            "--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto."
+        )
+    return "cpu"
+
+
+def finished_case_ids(output: Path, device: str, retry_errors: bool = False) -> set[str]:
+    """Case ids the output already holds for ``device`` (the latest record of each counts)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in read_records(output):
+        if record.get("device") == device and record.get("case_id"):
+            latest[record["case_id"]] = record
+    return {
+        case_id
+        for case_id, record in latest.items()
+        if not (retry_errors and record.get("status") in ("error", "timeout"))
+    }
+
+
+def plan_run(
+    cases: Iterable[Case], output: Path, device: str, retry_errors: bool = False
+) -> list[PlannedCase]:
+    """Every case with its done flag, in order (what ``--dry-run`` shows)."""
+    done = finished_case_ids(output, device, retry_errors)
+    return [PlannedCase(case, case.case_id in done) for case in cases]
+
+
+def check_models(cases: Iterable[Case]) -> list[str]:
+    """A problem for each distinct model that does not resolve (catalog or local path)."""
+    from vramcalc.catalog import resolve_model
+
+    problems = []
+    for name in dict.fromkeys(case.plan.model for case in cases):
+        try:
+            resolve_model(name)
+        except VramcalcError as err:
+            problems.append(str(err))
+    return problems
+
+
+# -- worker processes ------------------------------------------------------------------------------
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def spawn_worker(
+    mode: str, spec: dict[str, Any], timeout_s: float, log_path: Path
+) -> WorkerOutcome:
+    """Run ``python -m harness.worker MODE`` in a fresh process; kill its group on timeout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["VRAMCALC_LAUNCHER_PID"] = str(os.getpid())
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vramcalc-worker-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "harness.worker", mode, str(spec_path), str(result_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(REPO_ROOT),
+                start_new_session=True,  # its own process group, killed whole on timeout
+            )
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        result = (
+            json.loads(result_path.read_text()) if result_path.exists() and not timed_out else None
+        )
+    return WorkerOutcome(
+        result, timed_out, proc.returncode, _tail(log_path), time.perf_counter() - started
+    )
+
+
+def _failure(outcome: WorkerOutcome, what: str, timeout_s: float) -> tuple[str, str]:
+    """(status, error) of a worker that produced no record."""
+    if outcome.timed_out:
+        return "timeout", f"{what}: no result after {timeout_s:g} s; worker killed."
+    if outcome.result is not None and outcome.result.get("error"):
+        return outcome.result.get("status", "error"), f"{what}: {outcome.result['error']}"
+    text = outcome.log_tail
+    status = (
+        "oom" if "CUDA out of memory" in text or "CUDA error: out of memory" in text else "error"
+    )
+    return status, f"{what}: worker exited with code {outcome.returncode} and no result.\n{text}"
+
+
+def measure_case(
+    case: Case, device: str, timeout_s: float, scratch_dir: Path, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """Prepare (if needed) and measure one case in fresh processes; always returns a record."""
+    from harness.build import checkpoint_dir, checkpoint_ready, touch_checkpoint
+
+    timeout_s = case.timeout_s or timeout_s
+    log_path = scratch_dir / "logs" / f"{case.case_id}.log"
+    spec: dict[str, Any] = {
+        "case": case.to_dict(),
+        "device": device,
+        "scratch_dir": str(scratch_dir),
+    }
+    status, error = "error", None
+    try:
+        checkpoint = checkpoint_dir(case.plan, scratch_dir)
+    except VramcalcError as err:
+        return _fallback_record(case, device, "error", f"model: {err}", provenance)
+    if not checkpoint_ready(checkpoint):
+        outcome = spawn_worker("prepare", spec, timeout_s, log_path)
+        if outcome.result is None or outcome.result.get("status") != "ok":
+            status, error = _failure(outcome, "preparing the random-init checkpoint", timeout_s)
+            return _fallback_record(case, device, status, error, provenance)
+    touch_checkpoint(checkpoint)
+    spec["checkpoint"] = str(checkpoint)
+    outcome = spawn_worker("run", spec, timeout_s, log_path)
+    if outcome.result is not None and outcome.result.get("case_id") == case.case_id:
+        record = outcome.result
+        for key in PROVENANCE_FIELDS:
+            if record.get(key) is None and key != "measured_at":
+                record[key] = provenance.get(key)
+        return record
+    status, error = _failure(outcome, "measuring", timeout_s)
+    return _fallback_record(case, device, status, error, provenance)
+
+
+def _fallback_record(
+    case: Case, device: str, status: str, error: str, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    return make_record(
+        case, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
+    )
+
+
+def machine_provenance(device: str, scratch_dir: Path) -> dict[str, Any]:
+    """Provenance for records the worker could not write; on CUDA also checks the instrument."""
+    if device == "cpu":
+        return collect_provenance("cpu")
+    outcome = spawn_worker("probe", {"device": device}, 300, scratch_dir / "logs" / "probe.log")
+    if outcome.result is None or outcome.result.get("error"):
+        _, error = _failure(outcome, "probe (provenance + memory instrument check)", 300)
+        raise HarnessError(error)
+    return outcome.result["provenance"]
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def run_cases(
+    cases: Sequence[Case],
+    output: str | Path,
+    device: str = "auto",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    scratch_dir: str | Path | None = None,
+    retry_errors: bool = False,
+    stop_after_s: float | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Measure every case not yet in ``output``, appending one JSON line per case."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    device = resolve_device(device)
+    scratch = Path(scratch_dir) if scratch_dir is not None else default_scratch_dir()
+    scratch.mkdir(parents=True, exist_ok=True)
+    planned = plan_run(cases, output, device, retry_errors)
+    todo = [p.case for p in planned if not p.done]
+    statuses: Counter[str] = Counter()
+    stopped = False
+    if todo:
+        provenance = machine_provenance(device, scratch)
+        started = time.perf_counter()
+        with tqdm(
+            total=len(planned),
+            initial=len(planned) - len(todo),
+            unit="case",
+            desc="measure",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+            for case in todo:
+                if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
+                    stopped = True
+                    break
+                case_started = time.perf_counter()
+                record = measure_case(case, device, timeout_s, scratch, provenance)
+                append_record(output, record)
+                statuses[record["status"]] += 1
+                bar.set_postfix_str(
+                    f"last {time.perf_counter() - case_started:.0f}s {record['status']}"
+                )
+                bar.update(1)
+    return RunSummary(
+        output, device, len(planned), len(planned) - len(todo), dict(statuses), stopped
+    )

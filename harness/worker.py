@@ -1,0 +1,193 @@
+"""The process that measures one case: ``python -m harness.worker MODE SPEC.json RESULT.json``.
+
+The launcher starts a fresh worker for every case, so no allocator cache,
+CUDA context or compiled kernel of one case leaks into the next.
+
+Modes:
+
+``run``      build the model and run the recipe under the trackers; RESULT
+             holds the complete result record (``harness.record``). An OOM is a
+             result (``status: "oom"``, memory peaks up to the failure kept),
+             any other exception is ``status: "error"`` with the traceback's tail.
+``prepare``  create the random-init checkpoint of the case's model and dtype.
+``probe``    provenance of the machine and, on CUDA, the memory instrument check.
+
+SPEC is ``{"case": Case.to_dict(), "device": ..., "scratch_dir": ..., "checkpoint": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from harness.scenario import Case
+
+ERROR_TAIL_LINES = 12
+ERROR_TAIL_CHARS = 4000
+
+
+def is_oom(err: BaseException) -> bool:
+    """A CUDA out-of-memory failure (torch's, or bitsandbytes' CUDA error text)."""
+    try:
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    text = str(err)
+    return "CUDA out of memory" in text or "CUDA error: out of memory" in text
+
+
+def error_text(err: BaseException) -> str:
+    """``Type: message`` first, then the last lines of the traceback (none for our own errors)."""
+    from vramcalc.errors import VramcalcError
+
+    message = f"{type(err).__name__}: {err}"
+    if isinstance(err, VramcalcError):
+        return message[:ERROR_TAIL_CHARS]
+    frames = traceback.format_tb(err.__traceback__)
+    tail = "".join(frames).rstrip().splitlines()[-ERROR_TAIL_LINES:]
+    return (message + "\ntraceback (last lines):\n" + "\n".join(tail))[:ERROR_TAIL_CHARS]
+
+
+def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
+    """Measure one case in this process; returns its full result record."""
+    from harness.build import build_model
+    from harness.record import collect_provenance, make_record
+    from harness.step import RECIPES, compute_dtype_for
+    from harness.trackers import (
+        MemoryTracker,
+        allocated_bytes,
+        device_baseline_bytes,
+        host_peak_rss_bytes,
+        is_cuda,
+    )
+
+    started = time.perf_counter()
+    measurement: dict[str, Any] = {}
+    if is_cuda(device):
+        measurement["device_baseline_bytes"] = device_baseline_bytes()
+    provenance: dict[str, Any] = {}
+    status, error = "ok", None
+    tracker = MemoryTracker(device)
+    try:
+        provenance = collect_provenance(device)
+        compute_dtype = compute_dtype_for(case, device)
+        measurement["compute_dtype_used"] = compute_dtype
+        with tracker:
+            built = build_model(case.plan, checkpoint, device)
+            measurement.update(
+                loaded_allocated_bytes=allocated_bytes(device),
+                trainable_params=built.trainable_params,
+                total_params=built.total_params,
+                lora_targets_used=list(built.lora_targets_used)
+                if built.lora_targets_used
+                else None,
+            )
+            print(
+                f"[harness] built: {built.trainable_params} trainable / {built.total_params} params",
+                flush=True,
+            )
+            result = RECIPES[case.recipe](built.model, case, device, compute_dtype)
+        plan = case.plan
+        tokens_per_step = plan.seq_len * plan.batch_size * plan.grad_accum
+        measurement.update(
+            step_seconds=result.step_seconds,
+            step_seconds_measured=list(result.step_seconds_measured),
+            tokens_per_second=tokens_per_step / result.step_seconds
+            if result.step_seconds
+            else None,
+            optimizer_class=result.optimizer_class,
+        )
+    except Exception as err:  # noqa: BLE001 - every failure of a case is a result
+        status = "oom" if is_oom(err) else "error"
+        error = error_text(err)
+        print(error, file=sys.stderr, flush=True)
+    measurement.update(
+        peak_allocated_bytes=tracker.peak_allocated_bytes,
+        peak_reserved_bytes=tracker.peak_reserved_bytes,
+        device_total_bytes=tracker.device_total_bytes,
+        device_total_source=tracker.device_total_source,
+        host_peak_rss_bytes=host_peak_rss_bytes(),
+        case_seconds=time.perf_counter() - started,
+    )
+    return make_record(case, device, status, measurement, provenance, error)
+
+
+def prepare(case: Case, device: str, scratch_dir: str | Path) -> dict[str, Any]:
+    from harness.build import prepare_checkpoint
+
+    path = prepare_checkpoint(case.plan, scratch_dir, device)
+    return {"status": "ok", "checkpoint": str(path)}
+
+
+def probe(device: str) -> dict[str, Any]:
+    from harness.record import collect_provenance
+    from harness.trackers import check_memory_instrument, is_cuda
+
+    out: dict[str, Any] = {"provenance": collect_provenance(device), "instrument": None}
+    if is_cuda(device):
+        out["instrument"] = asdict(check_memory_instrument(device))
+    return out
+
+
+def die_with_launcher() -> None:
+    """Get SIGKILL when the launcher dies (Linux), so no orphan worker keeps the GPU."""
+    launcher = os.environ.get("VRAMCALC_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ("run", "prepare", "probe"):
+        print(
+            "usage: python -m harness.worker run|prepare|probe SPEC.json RESULT.json",
+            file=sys.stderr,
+        )
+        return 2
+    mode, spec_path, result_path = argv
+    die_with_launcher()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    spec = json.loads(Path(spec_path).read_text())
+    device = spec["device"]
+    try:
+        if mode == "probe":
+            result = probe(device)
+        else:
+            case = Case.from_dict(spec["case"])
+            print(
+                f"[harness] {mode} case {case.case_id} on {device}: {case.canonical_key()}",
+                flush=True,
+            )
+            if mode == "prepare":
+                result = prepare(case, device, spec["scratch_dir"])
+            else:
+                result = run_case(case, device, spec["checkpoint"])
+    except Exception as err:  # noqa: BLE001 - reported to the launcher, not raised
+        result = {"status": "oom" if is_oom(err) else "error", "error": error_text(err)}
+        print(result["error"], file=sys.stderr, flush=True)
+    tmp = Path(result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

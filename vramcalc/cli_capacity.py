@@ -1,0 +1,170 @@
+"""``vramcalc sweep`` and ``vramcalc fit``: parse, call ``vramcalc.sweep`` /
+``vramcalc.fit``, render with ``vramcalc.export``. Registered by ``cli.py``.
+
+The sweep's options are ``plan``'s own (``cli.plan_options``), each made to
+take several values; every value is checked by the plan option's own type, so
+a typo fails with the same message as in ``plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from vramcalc.cli import plan_from_options, plan_options
+
+
+def _plan_params() -> list[click.Option]:
+    holder = plan_options(lambda **_: None)
+    return [p for p in reversed(holder.__click_params__) if isinstance(p, click.Option)]
+
+
+PLAN_PARAMS = _plan_params()
+
+
+def plan_defaults() -> dict[str, Any]:
+    """What ``vramcalc plan`` uses for an option that is not given."""
+    ctx = click.Context(click.Command("plan"))
+    out = {}
+    for param in PLAN_PARAMS:
+        value = param.get_default(ctx)
+        out[param.name] = value if value is None or isinstance(value, (bool, int, float, str)) else None
+    return out
+
+
+def sweep_options(func):
+    """``plan``'s options, each taking comma-separated values and repeatable."""
+    for param in reversed(PLAN_PARAMS):
+        help_text = param.help or ""
+        if isinstance(param.type, click.Choice):
+            help_text += f" One or more of: {', '.join(map(str, param.type.choices))}."
+        if param.name == "targets":
+            func = click.option(*param.opts, param.name, multiple=True, metavar="MODULES",
+                                help=help_text + " Repeat the option to sweep several target sets.")(func)
+        elif param.is_flag:
+            if param.secondary_opts:
+                func = click.option(*param.secondary_opts, f"no_{param.name}", is_flag=True,
+                                    help=f"Same as {param.opts[0]} false.")(func)
+            func = click.option(*param.opts, param.name, multiple=True, is_flag=False, flag_value="true",
+                                metavar="[BOOL,...]", help=help_text + " Sweep both: true,false.")(func)
+        else:
+            func = click.option(*param.opts, param.name, multiple=True, metavar="VALUE[,VALUE...]",
+                                help=help_text + " Comma-separate or repeat to sweep.")(func)
+    return func
+
+
+def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[Any]]:
+    """Typed, de-duplicated values per plan option given on the command line (pops them)."""
+    axes = {}
+    for param in PLAN_PARAMS:
+        raw = list(options.pop(param.name, ()) or ())
+        if options.pop(f"no_{param.name}", False):
+            raw.append("false")
+        pieces = raw if param.name == "targets" else [p for r in raw for p in r.split(",") if p.strip()]
+        param_type = click.BOOL if param.is_flag else param.type
+        if pieces:
+            axes[param.name] = list(dict.fromkeys(param_type.convert(p.strip(), param, ctx) for p in pieces))
+    return axes
+
+
+def _gpus(names: tuple[str, ...]):
+    from vramcalc.catalog import find_gpu, load_gpus
+
+    chosen = [n for g in names for n in g.split(",") if n.strip()]
+    return [find_gpu(n) for n in chosen] if chosen else list(load_gpus())
+
+
+def _progress(quiet: bool, total: int):
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return lambda items: tqdm(items, total=total, file=sys.stderr, disable=disable, unit="plan", desc="sweep")
+
+
+@click.command()
+@sweep_options
+@click.option("--cases", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CSV with one plan per row; columns are plan option names (model,method,rank,seq_len,... dashes or underscores) and optionally gpu. Blank cells take the command-line values (all of them: crossed) or plan's defaults.")
+@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to get a fits column (repeat or comma-separate). Default: every GPU of the catalog.")
+@click.option("--headroom", default="0", show_default=True, help="Memory to leave free when judging fits: 5% or 0.05 (0 matches 'plan').")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write FILE.csv, .xlsx, .json, .jsonl or .md instead of printing a table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
+@click.pass_context
+def sweep(ctx: click.Context, cases: Path | None, gpus: tuple[str, ...], headroom: str, output: Path | None, quiet: bool, **options) -> None:
+    """Estimate many plans at once: the cross product of every option's values.
+
+    Each plan option takes comma-separated values (or repeats); --cases takes
+    one plan per CSV row instead. One output row per plan: the plan, every
+    memory component and total in GiB (and exact bytes in CSV/JSON), trainable
+    parameters, and a fits column per GPU. A plan that is invalid gets the
+    reason in the 'error' column; the sweep goes on (exit status 0).
+
+    \b
+    Example:
+      vramcalc sweep --model meta-llama/Llama-2-7b-hf,mistralai/Mistral-7B-v0.1 \\
+        --method lora,qlora --rank 8,16,64 --seq-len 512,2048,4096 \\
+        --batch-size 1,4,8 --gpu A100-40GB,H100-80GB,RTX-4090 -o plans.xlsx
+    """
+    from vramcalc import export
+    from vramcalc.catalog import resolve_model
+    from vramcalc.fit import parse_headroom
+    from vramcalc.sweep import expand_cases, read_cases, run_sweep
+
+    if output:
+        export.output_format(output)  # fail before the work, not after
+    axes = sweep_axes(options, ctx)
+    for model in axes.get("model", ()):  # a typo on the command line is an error, not 100 error rows
+        resolve_model(model)
+    todo = expand_cases(axes, plan_defaults(), read_cases(cases) if cases else None)
+    result = run_sweep(todo, _gpus(gpus), parse_headroom(headroom), progress=_progress(quiet, len(todo)))
+    if output:
+        export.write_sweep(result, output)
+        click.echo(f"{len(result.rows)} plans written to {output}", err=True)
+    else:
+        click.echo(export.render_table(result))
+    if result.errors:
+        click.echo(f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.", err=True)
+
+
+@click.command()
+@plan_options
+@click.option("--gpu", required=True, help="The GPU to fill (name or alias, see 'vramcalc gpus').")
+@click.option("--headroom", default="5%", show_default=True, help="Memory to leave free: 5% or 0.05. Fits means device total <= GPU memory x (1 - headroom).")
+@click.option("--seq-multiple", type=int, default=64, show_default=True, help="With --batch-size: search sequence lengths that are multiples of this.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@click.pass_context
+def fit(ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json: bool, **options) -> None:
+    """Find the largest batch size that fits a GPU (with --batch-size: the longest sequence).
+
+    Searches the estimator (doubling, then bisection): the answer fits within
+    the GPU's memory minus --headroom, the next step (batch + 1, or sequence +
+    --seq-multiple) does not; both estimates are shown. Sequence lengths stop at
+    the model's context length.
+
+    Exit status: 0 when something fits, 3 when even batch 1 (or one
+    --seq-multiple) does not fit, 1 on errors, 2 on usage errors.
+
+    \b
+    Example:
+      vramcalc fit --model meta-llama/Llama-2-7b-hf --method qlora --gpu RTX-4090 --seq-len 2048
+    """
+    from vramcalc import export
+    from vramcalc.catalog import find_gpu
+    from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
+
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    by_seq_len = ctx.get_parameter_source("batch_size") in given
+    if by_seq_len and ctx.get_parameter_source("seq_len") in given:
+        raise click.UsageError("give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both.")
+    plan, card, margin = plan_from_options(options), find_gpu(gpu), parse_headroom(headroom)
+    if by_seq_len:
+        result = max_seq_len(plan, card, margin, multiple=seq_multiple)
+    else:
+        result = max_batch_size(plan, card, margin)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else export.render_fit(result))
+    if not result.found:
+        ctx.exit(3)

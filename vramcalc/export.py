@@ -1,0 +1,273 @@
+"""Sweep results as files and tables; ``fit`` results as text.
+
+Formats, chosen by the output file's extension (``write_sweep``):
+
+``.csv`` / ``.json`` / ``.jsonl``  every column of ``SweepResult.records``
+    (exact ``*_bytes`` and rounded ``*_gib``), for programs and pandas;
+``.md``    a GitHub-flavoured Markdown table of the summary columns;
+``.xlsx``  for people: a *summary* sheet (headers with units, GiB to two
+    decimals, fits coloured green/red), a *details* sheet with every column
+    under its schema name (so ``pandas.read_excel(..., "details")`` round-trips),
+    and a *gpus* sheet with each GPU's memory and the budget the headroom
+    leaves. Written by pandas with openpyxl (``pip install 'vramcalc[export]'``);
+    header rows frozen, columns filterable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from vramcalc.errors import VramcalcError
+from vramcalc.fit import FitResult, Probe, budget_bytes
+from vramcalc.render import gib
+from vramcalc.sweep import GIB, GPU_COLUMN, PLAN_FIELDS, SweepResult
+
+FORMATS = (".csv", ".xlsx", ".json", ".jsonl", ".md")
+MAX_GPU_COLUMNS_IN_TABLES = 6  # more GPUs: text/Markdown tables show smallest_fitting_gpu only
+ALWAYS_SHOWN = ("model", "method")
+KEY_RESULTS = ("trainable_params", "device_total_gib", "peak_reserved_gib", "peak_allocated_gib")
+
+
+class ExportError(VramcalcError):
+    """An output file cannot be written in the requested format."""
+
+
+def output_format(path: str | Path) -> str:
+    """The format of ``path`` by extension, or ``ExportError`` listing the supported ones."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ExportError(
+            f"-o {path}: unknown output format {suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(FORMATS)}, or no -o for a table on stdout."
+        )
+    return suffix
+
+
+def write_sweep(result: SweepResult, path: str | Path) -> None:
+    """Write ``result`` to ``path`` in the format its extension names."""
+    fmt = output_format(path)
+    path = Path(path)
+    if fmt == ".xlsx":
+        write_xlsx(result, path)
+        return
+    records, columns = result.records(), result.columns
+    if fmt == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+    elif fmt == ".json":
+        path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    elif fmt == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    else:
+        path.write_text(render_markdown(result) + "\n", encoding="utf-8")
+
+
+# -- columns and cells ---------------------------------------------------------------------
+def summary_columns(
+    result: SweepResult, records: list[dict[str, Any]], max_gpu_columns: int | None = None
+) -> list[str]:
+    """The columns people read first: plan columns that vary, key totals, fits, errors."""
+    varying = [
+        name
+        for name in PLAN_FIELDS
+        if name in ALWAYS_SHOWN or len({repr(r[name]) for r in records}) > 1
+    ]
+    columns = varying + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
+    columns += list(KEY_RESULTS)
+    fits = [c for c in result.columns if c.startswith("fits_")]
+    if max_gpu_columns is None or len(fits) <= max_gpu_columns:
+        columns += fits
+    columns.append("smallest_fitting_gpu")
+    if result.errors:
+        columns.append("error")
+    return columns
+
+
+def header(column: str) -> str:
+    """A column's name for people, unit included: ``device_total_gib`` → ``device total (GiB)``."""
+    if column.startswith("fits_"):
+        return f"fits {column[5:]}"
+    for suffix, unit in (("_gib", " (GiB)"), ("_bytes", " (bytes)")):
+        if column.endswith(suffix):
+            return column[: -len(suffix)].replace("_", " ") + unit
+    return column.replace("_", " ")
+
+
+def cell_text(column: str, value: Any) -> str:
+    """A value as tables show it: GiB to 2 decimals, counts with separators, yes/no."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if column.endswith("_gib"):
+        return f"{value:,.2f}"
+    if isinstance(value, int) and column.endswith(("_params", "_bytes")):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _numeric(column: str) -> bool:
+    return column.endswith(("_gib", "_bytes", "_params")) or column in (
+        "rank", "alpha", "dropout", "seq_len", "batch_size", "grad_accum", "num_gpus"
+    )
+
+
+def _table(result: SweepResult) -> tuple[list[str], list[list[str]]]:
+    records = result.records()
+    columns = summary_columns(result, records, MAX_GPU_COLUMNS_IN_TABLES)
+    rows = [[cell_text(c, r[c]) for c in columns] for r in records]
+    return columns, rows
+
+
+def render_table(result: SweepResult) -> str:
+    """The sweep as an aligned text table (summary columns)."""
+    columns, rows = _table(result)
+    heads = [header(c) for c in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(heads)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(w) if _numeric(c) else cell.ljust(w)
+            for c, cell, w in zip(columns, cells, widths, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def render_markdown(result: SweepResult) -> str:
+    """The sweep as a GitHub-flavoured Markdown table (summary columns)."""
+    columns, rows = _table(result)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(escape(header(c)) for c in columns) + " |",
+        "|" + "|".join("---:" if _numeric(c) else "---" for c in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- XLSX ------------------------------------------------------------------------------------
+def write_xlsx(result: SweepResult, path: Path) -> None:
+    """The people's workbook: summary, details and gpus sheets (see the module docstring)."""
+    try:
+        import pandas as pd
+        from openpyxl.formatting.rule import CellIsRule
+        from openpyxl.styles import Font, PatternFill
+    except ImportError as err:
+        raise ExportError(
+            f"-o {path}: XLSX output needs pandas and openpyxl ({err}); "
+            "pip install 'vramcalc[export]'."
+        ) from err
+    records = result.records()
+    details = pd.DataFrame(records, columns=result.columns, dtype=object)
+    summary_cols = summary_columns(result, records)
+    gpus = pd.DataFrame(
+        [
+            {
+                "gpu": gpu.name,
+                "memory_gib": gpu.memory_bytes / GIB,
+                "headroom": result.headroom,
+                "budget_gib": budget_bytes(gpu, result.headroom) / GIB,
+                "memory_bytes": gpu.memory_bytes,
+                "price_per_hour_usd": gpu.price_per_hour_usd,
+            }
+            for gpu in result.gpus
+        ],
+        columns=["gpu", "memory_gib", "headroom", "budget_gib", "memory_bytes", "price_per_hour_usd"],
+        dtype=object,
+    )
+    sheets = {
+        "summary": (details[summary_cols].rename(columns=header), summary_cols),
+        "details": (details, result.columns),
+        "gpus": (gpus.rename(columns=header), list(gpus.columns)),
+    }
+    green = PatternFill(start_color="C6EFCE", end_color="C6EFCE", fill_type="solid")
+    red = PatternFill(start_color="FFC7CE", end_color="FFC7CE", fill_type="solid")
+    with pd.ExcelWriter(path, engine="openpyxl") as writer:
+        for name, (frame, columns) in sheets.items():
+            frame.to_excel(writer, sheet_name=name, index=False)
+            sheet = writer.sheets[name]
+            sheet.freeze_panes = "B2"
+            sheet.auto_filter.ref = sheet.dimensions
+            last_row = max(sheet.max_row, 2)
+            for index, column in enumerate(columns, start=1):
+                letter = sheet.cell(row=1, column=index).column_letter
+                cells = f"{letter}2:{letter}{last_row}"
+                for (cell,) in sheet[cells]:
+                    cell.number_format = _number_format(column)
+                if column == "fits" or column.startswith("fits_"):
+                    sheet.conditional_formatting.add(cells, CellIsRule(operator="equal", formula=["TRUE"], fill=green))
+                    sheet.conditional_formatting.add(cells, CellIsRule(operator="equal", formula=["FALSE"], fill=red))
+                if column == "error":
+                    for (cell,) in sheet[cells]:
+                        cell.font = Font(color="9C0006")
+                width = max([len(str(sheet.cell(row=1, column=index).value))] + [
+                    len(cell_text(column, r.get(column))) for r in records[:200]
+                ])
+                sheet.column_dimensions[letter].width = min(max(width + 2, 8), 60)
+
+
+def _number_format(column: str) -> str:
+    if column.endswith("_gib"):
+        return "0.00"
+    if column.endswith(("_bytes", "_params")):
+        return "#,##0"
+    if column == "headroom":
+        return "0%"
+    if column.endswith("_usd"):
+        return "0.00"
+    return "General"
+
+
+# -- fit -------------------------------------------------------------------------------------
+def render_fit(result: FitResult) -> str:
+    """The ``vramcalc fit`` report."""
+    what = "batch size" if result.field == "batch_size" else "sequence length"
+    shown = result.best or result.first_too_large
+    assert shown is not None  # a search always makes its first probe
+    plan = shown.estimate.plan
+    fixed = f"seq {plan.seq_len}" if result.field == "batch_size" else f"batch {plan.batch_size}"
+    lines = [
+        f"{shown.estimate.model_name} — {plan.method}" + (f" ({plan.quant})" if plan.is_kbit else "")
+        + f", {fixed}, on {result.gpu.name}",
+        f"GPU memory {gib(result.gpu.memory_bytes)}, headroom {result.headroom:.0%} → budget "
+        f"{gib(result.budget_bytes)} for the device total",
+        "",
+    ]
+    if result.best is None:
+        probe = result.first_too_large
+        assert probe is not None
+        lines += [
+            f"Does not fit even at {what} {probe.value}: device total {gib(probe.estimate.device_total_bytes)} "
+            f"> budget {gib(result.budget_bytes)}.",
+            "Try --method qlora, --gradient-checkpointing, a shorter --seq-len, a smaller --rank "
+            "or a larger GPU.",
+        ]
+        return "\n".join(lines)
+    lines.append(f"largest {what} that fits: {result.best.value:,}")
+    lines.append(_probe_line(what, result.best, "fits"))
+    if result.first_too_large is not None:
+        lines.append(_probe_line(what, result.first_too_large, "does not fit"))
+    else:
+        limit = "the model's context length" if result.field == "seq_len" else "the search limit"
+        lines.append(f"  {what} {result.best.value:,} is {limit}; larger values were not searched")
+    lines += ["", f"{result.estimates_made} estimates (doubling, then bisection)"]
+    return "\n".join(lines)
+
+
+def _probe_line(what: str, probe: Probe, verdict: str) -> str:
+    est = probe.estimate
+    return (
+        f"  {what} {probe.value:>7,}  {verdict:<13} device total {gib(est.device_total_bytes)}"
+        f"  (peak reserved {gib(est.peak_reserved_bytes)}, allocated {gib(est.peak_allocated_bytes)})"
+    )

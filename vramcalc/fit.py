@@ -1,0 +1,218 @@
+"""What fits on a GPU: the headroom rule, and the largest batch / sequence that fits.
+
+A plan *fits* a GPU when its estimated device total leaves the headroom free::
+
+    device_total_bytes <= floor(gpu.memory_bytes * (1 - headroom))
+
+``max_batch_size`` and ``max_seq_len`` answer the inverse question with a
+monotone search on the estimator (memory never shrinks when the batch or the
+sequence grows): double until the plan no longer fits, then bisect. The
+answer fits and the next step (batch + 1, sequence + one multiple) does not;
+both estimates are returned so the boundary can be shown and checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vramcalc.catalog import Gpu, ModelSpec, resolve_model
+from vramcalc.errors import InvalidPlanError
+from vramcalc.estimate import MemoryEstimate, estimate_from_inventory, inventory_for
+from vramcalc.plan import TrainingPlan
+
+DEFAULT_HEADROOM = 0.05
+MAX_BATCH_SIZE = 1 << 20  # searched no further (a "limit reached" answer)
+MAX_SEQ_LEN = 1 << 20  # for configs that state no context length
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def parse_headroom(value: str | float) -> float:
+    """``"5%"`` or ``0.05`` → 0.05; anything outside [0, 1) is an ``InvalidPlanError``."""
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0.0 <= fraction < 1.0:  # also rejects nan
+        hint = f" (did you mean {text}%?)" if 1.0 <= fraction < 100.0 else ""
+        raise InvalidPlanError(
+            [f"--headroom must be a fraction in [0, 1) or a percentage such as 5%, got {text!r}{hint}."]
+        )
+    return fraction
+
+
+def budget_bytes(gpu: Gpu, headroom: float) -> int:
+    """The most device memory a plan may use on ``gpu`` leaving ``headroom`` free."""
+    return math.floor(gpu.memory_bytes * (1.0 - headroom))
+
+
+def fits(estimate: MemoryEstimate, gpu: Gpu, headroom: float = 0.0) -> bool:
+    """Whether ``estimate`` fits ``gpu`` with ``headroom`` (a fraction) left free."""
+    return estimate.device_total_bytes <= budget_bytes(gpu, headroom)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One estimate the search made: the plan's value of the searched field."""
+
+    value: int
+    estimate: MemoryEstimate
+    fits: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        est = self.estimate
+        return {
+            "batch_size": est.plan.batch_size,
+            "seq_len": est.plan.seq_len,
+            "fits": self.fits,
+            "device_total_bytes": est.device_total_bytes,
+            "peak_reserved_bytes": est.peak_reserved_bytes,
+            "peak_allocated_bytes": est.peak_allocated_bytes,
+            "peak_phase": est.peak_phase,
+        }
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The largest value of ``field`` ("batch_size" or "seq_len") that fits ``gpu``.
+
+    ``best`` is ``None`` when even the smallest value (batch 1, one sequence
+    step) does not fit; ``first_too_large`` is the probe one step above
+    ``best`` (``None`` when the search stopped at ``limit`` still fitting).
+    """
+
+    field: str
+    step: int
+    limit: int
+    gpu: Gpu
+    headroom: float
+    budget_bytes: int
+    best: Probe | None
+    first_too_large: Probe | None
+    estimates_made: int
+
+    @property
+    def found(self) -> bool:
+        return self.best is not None
+
+    @property
+    def value(self) -> int | None:
+        return self.best.value if self.best else None
+
+    @property
+    def limit_reached(self) -> bool:
+        return self.best is not None and self.first_too_large is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; byte fields exact, named like ``plan --json``'s."""
+        shown = self.best or self.first_too_large
+        return {
+            "field": self.field,
+            "value": self.value,
+            "found": self.found,
+            "step": self.step,
+            "limit": self.limit,
+            "limit_reached": self.limit_reached,
+            "gpu": self.gpu.name,
+            "gpu_memory_bytes": self.gpu.memory_bytes,
+            "headroom": self.headroom,
+            "budget_bytes": self.budget_bytes,
+            "model": shown.estimate.model_name if shown else None,
+            "plan": shown.estimate.plan.to_dict() if shown else None,
+            "at_value": self.best.to_dict() if self.best else None,
+            "at_next_step": self.first_too_large.to_dict() if self.first_too_large else None,
+            "estimates_made": self.estimates_made,
+        }
+
+
+def max_batch_size(
+    plan: TrainingPlan,
+    gpu: Gpu,
+    headroom: float = DEFAULT_HEADROOM,
+    spec: ModelSpec | None = None,
+    limit: int = MAX_BATCH_SIZE,
+) -> FitResult:
+    """The largest ``batch_size`` at ``plan.seq_len`` whose estimate fits ``gpu``."""
+    return _search(plan, gpu, headroom, spec, "batch_size", step=1, limit=limit)
+
+
+def max_seq_len(
+    plan: TrainingPlan,
+    gpu: Gpu,
+    headroom: float = DEFAULT_HEADROOM,
+    spec: ModelSpec | None = None,
+    multiple: int = 64,
+    limit: int | None = None,
+) -> FitResult:
+    """The longest ``seq_len`` (a multiple of ``multiple``) at ``plan.batch_size`` that fits.
+
+    ``limit`` defaults to the model's context length (``max_position_embeddings``).
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
+        raise InvalidPlanError([f"--seq-multiple must be a positive integer, got {multiple!r}."])
+    spec = spec or resolve_model(plan.model)
+    limit = limit or context_length(spec) or MAX_SEQ_LEN
+    if limit < multiple:
+        raise InvalidPlanError(
+            [f"--seq-multiple {multiple} exceeds the model's context length {limit}."]
+        )
+    return _search(plan, gpu, headroom, spec, "seq_len", step=multiple, limit=limit)
+
+
+def context_length(spec: ModelSpec) -> int | None:
+    """The longest sequence the model's config declares, if it declares one."""
+    for config in (spec.config_dict, spec.config_dict.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _search(
+    plan: TrainingPlan, gpu: Gpu, headroom: float, spec: ModelSpec | None, field: str, step: int, limit: int
+) -> FitResult:
+    spec = spec or resolve_model(plan.model)
+    inventory = inventory_for(spec, plan)  # batch and sequence do not change the inventory
+    budget = budget_bytes(gpu, headroom)
+    probes: dict[int, Probe] = {}
+
+    def probe(units: int) -> Probe:
+        if units not in probes:
+            candidate = plan.with_(**{field: units * step})
+            est = estimate_from_inventory(inventory, candidate, spec.name, spec.source)
+            probes[units] = Probe(units * step, est, est.device_total_bytes <= budget)
+        return probes[units]
+
+    best, too_large = largest_fitting(probe, limit // step)
+    return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, len(probes))
+
+
+def largest_fitting(probe: Callable[[int], Probe], max_units: int) -> tuple[Probe | None, Probe | None]:
+    """Largest ``k`` in ``1..max_units`` with ``probe(k).fits``, for a monotone ``fits``.
+
+    Returns the probes at ``k`` and ``k + 1`` (the latter ``None`` when ``k`` is
+    ``max_units``); ``(None, probe(1))`` when nothing fits. O(log k) probes.
+    """
+    first = probe(1)
+    if not first.fits:
+        return None, first
+    low, high = 1, None
+    while high is None:  # double until it does not fit, or the limit
+        if low >= max_units:
+            return probe(low), None
+        candidate = min(2 * low, max_units)
+        if probe(candidate).fits:
+            low = candidate
+        else:
+            high = candidate
+    while high - low > 1:  # bisect: probe(low) fits, probe(high) does not
+        middle = (low + high) // 2
+        if probe(middle).fits:
+            low = middle
+        else:
+            high = middle
+    return probe(low), probe(high)

@@ -1,0 +1,354 @@
+"""Sweeps: estimate many plans at once (a cross product of option values, or a
+cases file with one plan per row), for capacity-planning sheets.
+
+``expand_cases`` turns option values and/or rows into complete cases,
+``run_sweep`` estimates each (an invalid case gets an ``error``, it does not
+stop the sweep) and ``SweepResult.records`` flattens the rows into one flat
+schema shared by every output format (``vramcalc.export``):
+
+* plan columns, named like ``TrainingPlan`` fields / CLI options;
+* ``trainable_params``, ``total_params``, ``peak_phase``;
+* every total and component in GiB (2**30 bytes, rounded to 0.0001) as
+  ``<name>_gib`` and exactly as ``<name>_bytes``, equal to ``plan --json``;
+* ``fits_<GPU>`` per GPU (``device_total_bytes`` within the budget that the
+  headroom leaves, see ``vramcalc.fit``), ``smallest_fitting_gpu``;
+* ``error``: why the case could not be estimated, else empty.
+
+The model inventory is the only expensive step, and it depends only on the
+model and (for adapter methods) the LoRA rank and targets, so ``EstimateCache``
+builds it once per such key; each row is then arithmetic.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve_model
+from vramcalc.errors import InvalidPlanError, VramcalcError
+from vramcalc.estimate import (
+    COMPONENTS,
+    MemoryEstimate,
+    estimate_from_inventory,
+    inventory_for,
+)
+from vramcalc.fit import budget_bytes
+from vramcalc.inventory import ModelInventory
+from vramcalc.plan import TrainingPlan, parse_targets, suggest
+
+GIB = 2**30
+GIB_DECIMALS = 4
+PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
+TOTALS = ("device_total", "peak_reserved", "peak_allocated")
+BYTE_COLUMNS = TOTALS + COMPONENTS
+RESULT_COLUMNS = ("trainable_params", "total_params", "peak_phase", "smallest_fitting_gpu", "fits", "error")
+
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f"}
+
+
+def _kind(annotation: object) -> str:
+    text = str(annotation)
+    for kind in ("tuple", "bool", "int", "float"):
+        if text.startswith(kind):
+            return kind
+    return "str"
+
+
+FIELD_KINDS = {f.name: _kind(f.type) for f in fields(TrainingPlan)}
+
+
+def flag(name: str) -> str:
+    """``seq_len`` → ``--seq-len``."""
+    return "--" + name.replace("_", "-")
+
+
+# -- cases -----------------------------------------------------------------------------------
+def read_cases(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a cases CSV, keyed by plan field name (dashes or underscores, any case).
+
+    Blank cells mean "not set here". Columns that a sweep writes (``*_gib``,
+    ``fits_*``, ``error``, ...) are ignored, so an estimated sheet can be edited
+    and run again; any other unknown column is an ``InvalidPlanError``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidPlanError([f"--cases {path}: cannot read it ({err})."]) from err
+    try:
+        dialect: Any = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(text.splitlines(), dialect)
+    header = next(reader, None)
+    if not header:
+        raise InvalidPlanError([f"--cases {path}: the file is empty; its first row must name plan options."])
+    names = [h.strip().lstrip("-").lower().replace("-", "_").replace(" ", "_") for h in header]
+    known = set(PLAN_FIELDS) | {GPU_COLUMN}
+    unknown = [h for h, n in zip(header, names, strict=True) if n not in known and not _is_result_column(n)]
+    if unknown:
+        raise InvalidPlanError(
+            [
+                f"--cases {path}: unknown column {h!r}.{suggest(h, sorted(known))}"
+                for h in unknown
+            ]
+            + [f"Columns are plan options: {', '.join(PLAN_FIELDS)} (and {GPU_COLUMN})."]
+        )
+    keep = [(i, n) for i, n in enumerate(names) if n in known]
+    rows = []
+    for cells in reader:
+        row = {n: cells[i].strip() for i, n in keep if i < len(cells) and cells[i].strip()}
+        if any(c.strip() for c in cells):
+            rows.append(row)
+    return rows
+
+
+def _is_result_column(name: str) -> bool:
+    return (
+        name in RESULT_COLUMNS
+        or name == "model_source"
+        or name.startswith("fits_")
+        or name.endswith(("_gib", "_bytes"))
+    )
+
+
+def expand_cases(
+    axes: Mapping[str, Sequence[Any]],
+    defaults: Mapping[str, Any],
+    cases: Sequence[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Complete cases: each row (or one empty row) × every combination of ``axes``
+    for the fields the row leaves unset, the rest from ``defaults``.
+
+    Axes vary in ``TrainingPlan`` field order, the last fastest.
+    """
+    extra = sorted(set(axes) - set(PLAN_FIELDS))
+    if extra:
+        raise InvalidPlanError([f"{flag(n)} is not a plan option." for n in extra])
+    if cases is None:
+        if not axes.get("model"):
+            raise InvalidPlanError(["--model is required (or --cases FILE.csv with a model column)."])
+        cases = [{}]
+    out = []
+    for case in cases:
+        given = {k: v for k, v in case.items() if v not in (None, "")}
+        free = [n for n in PLAN_FIELDS if n not in given and axes.get(n)]
+        for combo in itertools.product(*(axes[n] for n in free)):
+            out.append({**defaults, **given, **dict(zip(free, combo, strict=True))})
+    return out
+
+
+def plan_from_case(case: Mapping[str, Any]) -> TrainingPlan:
+    """A ``TrainingPlan`` from a case whose values may be text (CSV cells).
+
+    Every problem, in parsing or in the plan, is reported at once.
+    """
+    problems: list[str] = []
+    unparsable: set[str] = set()
+    kwargs: dict[str, Any] = {"model": None}
+    for name, value in case.items():
+        if name == GPU_COLUMN:
+            continue
+        try:
+            kwargs[name] = _coerce(name, value)
+        except ValueError as err:
+            problems.append(str(err))
+            unparsable.add(name)
+    try:
+        plan = TrainingPlan(**{k: v for k, v in kwargs.items() if k not in unparsable})
+    except InvalidPlanError as err:
+        problems += err.problems
+    if problems:
+        raise InvalidPlanError(problems)
+    return plan
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELD_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"{flag(name)} is not a plan option.")
+    if not isinstance(value, str):
+        return tuple(value) if kind == "tuple" and isinstance(value, list) else value
+    text = value.strip()
+    if kind == "tuple":
+        return parse_targets(text)
+    if kind == "bool":
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{flag(name)} {text!r} is not true or false.")
+    if kind == "int":
+        try:
+            number = float(text)
+        except ValueError:
+            number = 0.5
+        if not number.is_integer():
+            raise ValueError(f"{flag(name)} {text!r} is not an integer.")
+        return int(number)
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{flag(name)} {text!r} is not a number.") from None
+    return text
+
+
+# -- estimating --------------------------------------------------------------------------------
+class EstimateCache:
+    """Resolved models and inventories, built once per key for a whole sweep.
+
+    An inventory depends on the model config and, for adapter methods, on the
+    LoRA rank and targets only (the key ``vramcalc.inventory.cache_key`` uses);
+    failures are cached too, so a bad model or target fails fast on every row.
+    """
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ModelSpec | VramcalcError] = {}
+        self._inventories: dict[tuple[Any, ...], ModelInventory | VramcalcError] = {}
+
+    def spec(self, model: str) -> ModelSpec:
+        if model not in self._specs:
+            try:
+                self._specs[model] = resolve_model(model)
+            except VramcalcError as err:
+                self._specs[model] = err
+        return _value_or_raise(self._specs[model])
+
+    def inventory(self, spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
+        key: tuple[Any, ...] = (spec.source, spec.name, plan.uses_adapters)
+        if plan.uses_adapters:
+            key += (plan.rank, plan.targets)
+        if key not in self._inventories:
+            try:
+                self._inventories[key] = inventory_for(spec, plan)
+            except VramcalcError as err:
+                self._inventories[key] = err
+        return _value_or_raise(self._inventories[key])
+
+    def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
+        """Equal to ``vramcalc.estimate.estimate(plan)``."""
+        spec = self.spec(plan.model)
+        return estimate_from_inventory(self.inventory(spec, plan), plan, spec.name, spec.source)
+
+
+def _value_or_raise(value: Any) -> Any:
+    if isinstance(value, VramcalcError):
+        raise value
+    return value
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One case: its inputs, and either its plan and estimate or the error."""
+
+    case: dict[str, Any]
+    plan: TrainingPlan | None
+    estimate: MemoryEstimate | None
+    gpus: tuple[Gpu, ...]  # the GPU(s) the case's own ``gpu`` cell names
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: tuple[SweepRow, ...]
+    gpus: tuple[Gpu, ...]  # one ``fits_<name>`` column each
+    headroom: float
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for row in self.rows if row.error)
+
+    @property
+    def columns(self) -> list[str]:
+        with_gpu = any(row.case.get(GPU_COLUMN) for row in self.rows)
+        return (
+            list(PLAN_FIELDS)
+            + ([GPU_COLUMN, "fits"] if with_gpu else [])
+            + ["trainable_params", "total_params", "peak_phase"]
+            + [f"{name}_gib" for name in BYTE_COLUMNS]
+            + [f"{name}_bytes" for name in BYTE_COLUMNS]
+            + [f"fits_{gpu.name}" for gpu in self.gpus]
+            + ["smallest_fitting_gpu", "error"]
+        )
+
+    def records(self) -> list[dict[str, Any]]:
+        """One flat dict per row, keys ``columns``; blanks are ``None``."""
+        budgets = [(gpu, budget_bytes(gpu, self.headroom)) for gpu in self.gpus]
+        by_memory = sorted(budgets, key=lambda pair: pair[0].memory_bytes)
+        columns = self.columns
+        return [_record(row, columns, budgets, by_memory, self.headroom) for row in self.rows]
+
+
+def _record(row: SweepRow, columns: list[str], budgets, by_memory, headroom: float) -> dict[str, Any]:
+    out: dict[str, Any] = dict.fromkeys(columns)
+    source = row.plan.to_dict() if row.plan else row.case
+    for name in PLAN_FIELDS:
+        out[name] = source.get(name)
+    out["targets"] = _targets_text(out["targets"])
+    if GPU_COLUMN in out:
+        out[GPU_COLUMN] = row.case.get(GPU_COLUMN)
+    est = row.estimate
+    if est is None:
+        out["error"] = row.error
+        return out
+    out["model"] = est.model_name
+    out["trainable_params"] = est.trainable_params
+    out["total_params"] = est.total_params
+    out["peak_phase"] = est.peak_phase
+    values = {
+        "device_total": est.device_total_bytes,
+        "peak_reserved": est.peak_reserved_bytes,
+        "peak_allocated": est.peak_allocated_bytes,
+        **est.components,
+    }
+    for name, nbytes in values.items():
+        out[f"{name}_bytes"] = nbytes
+        out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
+    total = est.device_total_bytes
+    for gpu, budget in budgets:
+        out[f"fits_{gpu.name}"] = total <= budget
+    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if total <= b), None)
+    if row.gpus:
+        out["fits"] = all(total <= budget_bytes(g, headroom) for g in row.gpus)
+    return out
+
+
+def _targets_text(targets: Any) -> str:
+    if targets is None or targets == "":
+        return "default"
+    return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def run_sweep(
+    cases: Sequence[Mapping[str, Any]],
+    gpus: Sequence[Gpu],
+    headroom: float = 0.0,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    cache: EstimateCache | None = None,
+) -> SweepResult:
+    """Estimate every case; an invalid one gets an ``error`` instead of stopping the sweep.
+
+    GPUs named in a case's ``gpu`` cell get a ``fits_<name>`` column too.
+    ``progress`` wraps the iteration (e.g. a tqdm bar).
+    """
+    cache = cache or EstimateCache()
+    columns: dict[str, Gpu] = {gpu.name: gpu for gpu in gpus}
+    rows = []
+    for case in progress(cases) if progress else cases:
+        plan = est = None
+        row_gpus: tuple[Gpu, ...] = ()
+        try:
+            row_gpus = tuple(find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip())
+            plan = plan_from_case(case)
+            est = cache.estimate(plan)
+            error = None
+        except VramcalcError as err:
+            error = str(err)
+        columns.update((gpu.name, gpu) for gpu in row_gpus)
+        rows.append(SweepRow(dict(case), plan, est, row_gpus, error))
+    return SweepResult(tuple(rows), tuple(columns.values()), headroom)

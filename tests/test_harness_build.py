@@ -1,0 +1,152 @@
+"""Building the real model on CPU: checkpoint once, load, adapters, exact parameter counts."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import build
+from harness.build import (
+    build_model,
+    checkpoint_dir,
+    count_parameters,
+    has_bitsandbytes,
+    make_room,
+    prepare_checkpoint,
+    quantization_config,
+    require_dependencies,
+)
+from harness.errors import HarnessError, MissingDependencyError
+from vramcalc.plan import TrainingPlan
+
+FIXTURES = Path(__file__).parent / "harness_cases"
+TINY_LLAMA = str(FIXTURES / "tiny-llama")
+TINY_OPT = str(FIXTURES / "tiny-opt")
+# tiny llama: hidden 64, 4 heads of 16, 2 kv heads (k/v out 32), mlp 128, 2 layers, vocab 256
+TINY_LLAMA_PARAMS = 2 * 256 * 64 + 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("scratch")
+
+
+def test_checkpoint_is_saved_once_and_reused(scratch):
+    plan = TrainingPlan(model=TINY_LLAMA)
+    path = prepare_checkpoint(plan, scratch, "cpu")
+    assert path == checkpoint_dir(plan, scratch)
+    assert re.fullmatch(r".*harness_cases--tiny-llama-[0-9a-f]{8}", path.parent.name)
+    assert path.name == "bf16"
+    weights = next(path.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    assert prepare_checkpoint(plan, scratch, "cpu") == path
+    assert weights.stat().st_mtime_ns == stamp
+    assert checkpoint_dir(plan.with_(dtype="fp32"), scratch).name == "fp32"
+
+
+def test_lora_trainable_count_is_peft_count_and_exact(scratch):
+    plan = TrainingPlan(model=TINY_LLAMA, method="lora", rank=8, targets=("q_proj", "v_proj"))
+    built = build_model(plan, prepare_checkpoint(plan, scratch, "cpu"), "cpu")
+    assert (built.trainable_params, built.total_params) == built.model.get_nb_trainable_parameters()
+    # q: 8*(64+64), v: 8*(64+32), two layers
+    assert built.trainable_params == 2 * (8 * (64 + 64) + 8 * (64 + 32)) == 3584
+    assert built.total_params == TINY_LLAMA_PARAMS + 3584
+    assert built.lora_targets_used == ("q_proj", "v_proj")
+    assert next(built.model.parameters()).dtype == torch.bfloat16
+    assert built.model.config.use_cache is False
+
+
+def test_all_linear_and_peft_default_targets(scratch):
+    plan = TrainingPlan(model=TINY_LLAMA, method="lora", rank=8, targets=("all-linear",))
+    built = build_model(plan, prepare_checkpoint(plan, scratch, "cpu"), "cpu")
+    per_layer = 8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3
+    assert built.trainable_params == 2 * per_layer == 16384
+    assert built.lora_targets_used == (
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    )
+
+    opt = TrainingPlan(model=TINY_OPT, method="lora", rank=4, alpha=16)
+    built = build_model(opt, prepare_checkpoint(opt, scratch, "cpu"), "cpu")
+    assert built.lora_targets_used == ("q_proj", "v_proj")  # peft's default for opt
+    assert built.trainable_params == 2 * 2 * 4 * (64 + 64) == 2048
+    assert built.model.peft_config["default"].lora_alpha == 16
+
+
+def test_full_fine_tuning_trains_every_parameter(scratch):
+    plan = TrainingPlan(model=TINY_LLAMA, method="full", dtype="fp32")
+    built = build_model(plan, prepare_checkpoint(plan, scratch, "cpu"), "cpu")
+    assert built.trainable_params == built.total_params == TINY_LLAMA_PARAMS
+    assert built.lora_targets_used is None
+    assert next(built.model.parameters()).dtype == torch.float32
+
+
+def test_count_parameters_counts_packed_4bit_twice_like_peft():
+    class Params4bit(torch.nn.Parameter):  # the name is what peft (and we) look at
+        pass
+
+    module = torch.nn.Module()
+    module.packed = Params4bit(torch.zeros(10, dtype=torch.uint8), requires_grad=False)
+    module.dense = torch.nn.Parameter(torch.zeros(3))
+    assert count_parameters(module) == (3, 10 * 2 + 3)
+
+
+def test_quantization_configs_follow_the_plan():
+    assert quantization_config(TrainingPlan(model="m")) is None
+    int8 = quantization_config(TrainingPlan(model="m", quant="int8"))
+    assert int8.load_in_8bit and not int8.load_in_4bit
+    nf4 = quantization_config(TrainingPlan(model="m", method="qlora"))
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4"
+    assert nf4.bnb_4bit_use_double_quant is True
+    assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
+    fp4 = quantization_config(
+        TrainingPlan(model="m", method="qlora", quant="fp4", double_quant=False)
+    )
+    assert fp4.bnb_4bit_quant_type == "fp4" and fp4.bnb_4bit_use_double_quant is False
+
+
+@pytest.mark.skipif(has_bitsandbytes(), reason="bitsandbytes is installed here")
+def test_kbit_or_bnb_optimizer_without_bitsandbytes_is_a_clear_error():
+    require_dependencies(TrainingPlan(model="m"))  # nothing needed
+    with pytest.raises(
+        MissingDependencyError, match=r"--quant nf4 needs bitsandbytes, which is not installed"
+    ):
+        require_dependencies(TrainingPlan(model="m", method="qlora"))
+    with pytest.raises(
+        MissingDependencyError, match=r"--quant int8 and --optimizer paged_adamw_32bit need"
+    ):
+        require_dependencies(TrainingPlan(model="m", quant="int8", optimizer="paged_adamw_32bit"))
+
+
+def test_make_room_evicts_least_recently_used_checkpoints(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    dirs = []
+    for i, name in enumerate(("old", "mid", "new")):
+        path = root / name / "bf16"
+        path.mkdir(parents=True)
+        (path / build.MARKER).write_text("{}")
+        os.utime(path / build.MARKER, (1000 + i, 1000 + i))
+        dirs.append(path)
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 0}
+
+    def fake_disk_usage(_path):
+        present = sum(d.exists() for d in dirs)
+        return usage(100, 0, free["bytes"] + (3 - present) * 10 * 2**30)
+
+    monkeypatch.setattr(build.shutil, "disk_usage", fake_disk_usage)
+    removed = make_room(root, need_bytes=5 * 2**30, keep=dirs[2])
+    assert removed == [dirs[0]]
+    assert not dirs[0].exists() and dirs[1].exists() and dirs[2].exists()
+    with pytest.raises(HarnessError, match="not enough disk"):
+        make_room(root, need_bytes=100 * 2**30, keep=dirs[2])

@@ -72,10 +72,11 @@ def summary_columns(
     result: SweepResult, records: list[dict[str, Any]], max_gpu_columns: int | None = None
 ) -> list[str]:
     """The columns people read first: plan columns that vary, key totals, fits, errors."""
+    valid = [r for r in records if not r["error"]] or records  # error rows hold raw inputs
     varying = [
         name
         for name in PLAN_FIELDS
-        if name in ALWAYS_SHOWN or len({repr(r[name]) for r in records}) > 1
+        if name in ALWAYS_SHOWN or len({repr(r[name]) for r in valid}) > 1
     ]
     columns = varying + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
     columns += list(KEY_RESULTS)

@@ -1,0 +1,80 @@
+"""The proposed GPU case list: coverage, the stated split rule, every model in the catalog."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from harness.launcher import check_models
+from harness.scenario import load_cases
+from vramcalc.catalog import resolve_model
+
+CASE_LIST = Path(__file__).resolve().parent.parent / "harness" / "cases" / "h100.yaml"
+HELD_OUT = {"Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.1"}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_cases(CASE_LIST)
+
+
+def rule_split(case) -> str:
+    """The split rule stated at the top of h100.yaml."""
+    plan = case.plan
+    if plan.model in HELD_OUT or plan.seq_len >= 4096 or plan.batch_size >= 16:
+        return "validation"
+    return "calibration"
+
+
+def test_every_case_follows_the_stated_split_rule(cases):
+    wrong = [
+        (c.plan.model, c.plan.seq_len, c.plan.batch_size, c.split)
+        for c in cases
+        if c.split != rule_split(c)
+    ]
+    assert wrong == []
+    counts = Counter(c.split for c in cases)
+    assert counts == {"calibration": 26, "validation": 17}
+
+
+def test_case_list_covers_what_the_estimator_must_get_right(cases):
+    plans = [c.plan for c in cases]
+    assert len(cases) >= 40
+    assert check_models(cases) == []
+    model_types = {resolve_model(p.model).config_dict["model_type"] for p in plans}
+    assert model_types >= {"llama", "qwen2", "gemma2", "phi3", "opt", "mistral"}
+    assert {p.method for p in plans} == {"full", "lora", "qlora"}
+    assert {p.quant for p in plans} == {"none", "int8", "nf4"}
+    assert {p.optimizer for p in plans} >= {"adamw_torch", "adamw_8bit", "paged_adamw_32bit"}
+    targets = {p.targets for p in plans}
+    assert {
+        ("q_proj", "v_proj"),
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ("all-linear",),
+        None,
+    } <= targets
+    assert {p.rank for p in plans if p.uses_adapters} >= {8, 16, 32, 64}
+    assert min(p.seq_len for p in plans) == 256 and max(p.seq_len for p in plans) == 8192
+    assert min(p.batch_size for p in plans) == 1 and max(p.batch_size for p in plans) == 16
+    assert {p.gradient_checkpointing for p in plans} == {True, False}
+    assert {c.recipe for c in cases} == {"trainer", "loop"}
+    assert "meta-llama/Llama-2-13b-hf" in {p.model for p in plans}
+    assert all((c.steps, c.warmup_steps) == (3, 2) for c in cases)
+
+
+@pytest.mark.slow
+def test_every_lora_target_exists_in_its_model(cases):
+    """Built on the meta device by the estimator's inventory: a wrong name fails here, not on the GPU."""
+    from vramcalc.inventory import build_inventory
+
+    seen = set()
+    for case in cases:
+        plan = case.plan
+        if not plan.uses_adapters or (plan.model, plan.targets) in seen:
+            continue
+        seen.add((plan.model, plan.targets))
+        inventory = build_inventory(resolve_model(plan.model).config_dict, plan)
+        if plan.targets not in (None, ("all-linear",)):
+            assert set(inventory.lora_targets) == set(plan.targets), plan

@@ -48,6 +48,7 @@ def test_header_names_units():
     assert header("weights_bytes") == "weights (bytes)"
     assert header("fits_RTX-4090") == "fits RTX-4090"
     assert header("seq_len") == "seq len"
+    assert header("price_per_hour_usd") == "price per hour (USD)"
 
 
 def test_csv_round_trip(result, tmp_path):

@@ -52,6 +52,16 @@ def test_read_cases_accepts_dashes_and_ignores_result_columns(tmp_path):
     ]
 
 
+def test_read_cases_needs_rows(tmp_path):
+    path = tmp_path / "cases.csv"
+    path.write_text("model,rank\n,\n")
+    with pytest.raises(InvalidPlanError, match="no plan rows below the header"):
+        read_cases(path)
+    path.write_text("")
+    with pytest.raises(InvalidPlanError, match="the file is empty"):
+        read_cases(path)
+
+
 def test_read_cases_sniffs_semicolons(tmp_path):
     path = tmp_path / "cases.csv"
     path.write_text("model;rank\nm;16\n")

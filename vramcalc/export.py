@@ -93,7 +93,7 @@ def header(column: str) -> str:
     """A column's name for people, unit included: ``device_total_gib`` → ``device total (GiB)``."""
     if column.startswith("fits_"):
         return f"fits {column[5:]}"
-    for suffix, unit in (("_gib", " (GiB)"), ("_bytes", " (bytes)")):
+    for suffix, unit in (("_gib", " (GiB)"), ("_bytes", " (bytes)"), ("_usd", " (USD)")):
         if column.endswith(suffix):
             return column[: -len(suffix)].replace("_", " ") + unit
     return column.replace("_", " ")

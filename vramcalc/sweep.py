@@ -106,6 +106,8 @@ def read_cases(path: str | Path) -> list[dict[str, str]]:
         row = {n: cells[i].strip() for i, n in keep if i < len(cells) and cells[i].strip()}
         if any(c.strip() for c in cells):
             rows.append(row)
+    if not rows:
+        raise InvalidPlanError([f"--cases {path}: no plan rows below the header."])
     return rows
 
 

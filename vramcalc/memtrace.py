@@ -326,6 +326,7 @@ class SavedTensor:
     created_by: str  # aten op that made the storage ("" if it existed before)
     kind: str  # "new", "input" (an argument's storage) or "parameter"
     scope: str = ""  # innermost ``scopes`` module running when the storage was made
+    saved_in: str = ""  # innermost ``scopes`` module running when autograd first saved it
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,12 @@ class SavedReport:
         return out
 
     def in_scope(self, scope: str) -> SavedReport:
+        """Storages *made* in ``scope``."""
         return SavedReport(tuple(t for t in self.tensors if t.scope == scope), self.round_to)
+
+    def saved_during(self, scope: str) -> SavedReport:
+        """Storages first saved while ``scope`` ran (a layer's input counts for the layer)."""
+        return SavedReport(tuple(t for t in self.tensors if t.saved_in == scope), self.round_to)
 
     def bytes_by_dtype(self, kind: str = "new") -> dict[str, int]:
         out: dict[str, int] = {}
@@ -369,7 +375,7 @@ class SavedReport:
     def table(self) -> str:
         """One line per saved storage, for reading a rule off a real layer."""
         return "\n".join(
-            f"{t.scope:12s} {t.kind:9s} {t.created_by:32s} {t.dtype:8s} "
+            f"{t.saved_in:8s} {t.scope:8s} {t.kind:9s} {t.created_by:28s} {t.dtype:8s} "
             f"{str(list(t.shape)):24s} {t.nbytes}"
             for t in self.tensors
         )
@@ -454,7 +460,7 @@ def saved_bytes(
                 op, scope = creators.created.get(key, ("", ""))
                 seen[key] = SavedTensor(
                     tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                    round_bytes(st.nbytes(), round_to), op, kind, scope,
+                    round_bytes(st.nbytes(), round_to), op, kind, scope, creators.scope[-1],
                 )
         return t.detach()
 

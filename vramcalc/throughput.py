@@ -334,6 +334,19 @@ class ThroughputEstimate:
         }
 
 
+def transfer_note(cal: ThroughputCalibration) -> str:
+    """One line on where the efficiencies come from and how they reach other GPUs."""
+    if not cal.fitted:
+        return (
+            f"efficiency measured on: {NO_MEASUREMENT} (priors in data/calibration.json); each GPU's "
+            "time uses its own peak TFLOP/s and memory bandwidth from data/gpus.csv"
+        )
+    return (
+        f"efficiency measured on: {cal.measured_on_text}; other GPUs keep the fitted fractions of "
+        "peak, with their own peak TFLOP/s and bandwidth from data/gpus.csv; host seconds unchanged"
+    )
+
+
 def _derivation(gpu: Gpu, cal: ThroughputCalibration, dtype: str) -> str:
     if not cal.fitted:
         return (

@@ -1,0 +1,157 @@
+"""Run length -> optimizer steps, wall time, GPU-hours and dollars; flag-naming errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from tests.conftest import TINY_LLAMA
+from vramcalc.catalog import Gpu, find_gpu
+from vramcalc.cost import (
+    COLUMN_PREFIXES,
+    RunLength,
+    check_price,
+    cost_table,
+    estimate_cost,
+    format_duration,
+    render_cost,
+)
+from vramcalc.errors import InvalidPlanError
+from vramcalc.inventory import build_inventory
+from vramcalc.plan import TrainingPlan
+from vramcalc.throughput import ThroughputCalibration, estimate_throughput
+
+GPU = Gpu(
+    "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"
+)
+UNPRICED = replace(GPU, name="Unpriced", price_per_hour_usd=None, price_source="", price_date="")
+CAL = ThroughputCalibration(
+    compute_efficiency={"full": 0.5, "lora": 0.25, "qlora": 0.2, "int8": 0.1},
+    bandwidth_efficiency=0.5,
+    host_seconds_per_layer_pass=1e-3,
+    step_overhead_seconds=0.01,
+)
+
+
+def tiny_throughput(gpu=GPU, **fields):
+    plan = TrainingPlan("tiny", **{"method": "lora", "seq_len": 32, "batch_size": 2, **fields})
+    inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
+    return inventory, plan, estimate_throughput(inventory, plan, gpu, CAL)
+
+
+def test_steps_from_dataset_tokens_and_epochs():
+    plan = TrainingPlan("m", seq_len=512, batch_size=4, grad_accum=8, num_gpus=2)
+    # 1,000,000 tokens / 512 = 1953.1 -> 1954 sequences; / (4 x 2 GPUs) -> 245 micro-batches;
+    # / 8 accumulation -> 31 steps per epoch; x 2.5 epochs = 77.5 -> 78 (Trainer's ceil)
+    run = RunLength(dataset_tokens=1_000_000, epochs=2.5)
+    assert run.optimizer_steps(plan) == 78
+    assert RunLength(dataset_tokens=1_000_000).optimizer_steps(plan) == 31  # one epoch by default
+    assert RunLength(dataset_tokens=1).optimizer_steps(plan) == 1
+    assert RunLength(steps=500).optimizer_steps(plan) == 500
+    assert "78 optimizer steps of 32,768 tokens" in run.describe(plan)
+
+
+def test_cost_arithmetic():
+    _, plan, throughput = tiny_throughput(num_gpus=2)
+    run = RunLength(dataset_tokens=64_000, epochs=2)
+    cost = estimate_cost(throughput, run)
+    # 64,000 / 32 = 2,000 sequences; / (2 x 2) = 500 micro-batches = 500 steps per epoch; x 2
+    assert cost.steps == 1_000
+    assert cost.tokens_per_step == 32 * 2 * 2
+    assert cost.wall_seconds == pytest.approx(1_000 * throughput.step_seconds)
+    assert cost.gpu_hours == pytest.approx(cost.wall_seconds / 3600 * 2)
+    assert cost.price_per_hour_usd == 2.5
+    assert cost.cost_usd == pytest.approx(cost.gpu_hours * 2.5)
+    assert cost.price_source == "test cloud on-demand (2026-01-01)"
+    data = cost.to_dict()
+    assert (
+        data["cost_usd"] == cost.cost_usd
+        and data["efficiency_measured_on"] == "prior, no measurement"
+    )
+
+
+def test_price_override_and_missing_price():
+    _, _, throughput = tiny_throughput()
+    cost = estimate_cost(throughput, RunLength(steps=3600), price_per_hour_usd=10)
+    assert cost.price_source == "--price-per-hour"
+    assert cost.cost_usd == pytest.approx(cost.gpu_hours * 10)
+    _, _, unpriced = tiny_throughput(UNPRICED)
+    cost = estimate_cost(unpriced, RunLength(steps=10))
+    assert cost.cost_usd is None and cost.price_per_hour_usd is None
+    assert "--price-per-hour" in cost.price_source and cost.wall_seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "give --dataset-tokens (with --epochs, default 1) or --steps"),
+        (
+            {"dataset_tokens": 10, "steps": 5},
+            "--dataset-tokens and --steps both set the run length",
+        ),
+        (
+            {"dataset_tokens": 0},
+            "--dataset-tokens must be a positive whole number of tokens, got 0.",
+        ),
+        ({"dataset_tokens": 1.5}, "--dataset-tokens must be a positive whole number"),
+        ({"dataset_tokens": True}, "--dataset-tokens must be a positive whole number"),
+        ({"dataset_tokens": 10, "epochs": 0}, "--epochs must be a positive number, got 0."),
+        ({"dataset_tokens": 10, "epochs": math.inf}, "--epochs must be a positive number"),
+        (
+            {"steps": 5, "epochs": 2},
+            "--epochs counts passes over --dataset-tokens; with --steps leave it out.",
+        ),
+        ({"steps": -1}, "--steps must be a positive whole number, got -1."),
+    ],
+)
+def test_run_length_errors_name_the_flag(kwargs, message):
+    with pytest.raises(InvalidPlanError) as info:
+        RunLength(**kwargs)
+    assert any(message in problem for problem in info.value.problems)
+
+
+def test_run_length_reports_every_problem_at_once():
+    with pytest.raises(InvalidPlanError) as info:
+        RunLength(dataset_tokens=-5, epochs=-1)
+    text = str(info.value)
+    assert "--dataset-tokens" in text and "--epochs" in text and len(info.value.problems) == 2
+
+
+@pytest.mark.parametrize("price", [0, -1.0, math.nan, "3"])
+def test_bad_price_names_the_flag(price):
+    with pytest.raises(
+        InvalidPlanError, match="--price-per-hour must be a positive number of USD per GPU-hour"
+    ):
+        check_price(price)
+    _, _, throughput = tiny_throughput()
+    with pytest.raises(InvalidPlanError, match="--price-per-hour"):
+        estimate_cost(throughput, RunLength(steps=1), price_per_hour_usd=price)
+
+
+def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
+    inventory, plan, _ = tiny_throughput()
+    gpus = [GPU, UNPRICED, find_gpu("A10G"), find_gpu("H100")]
+    table = cost_table(inventory, plan, gpus, RunLength(steps=100), calibration=CAL)
+    assert [row.gpu_name for row in table.rows] == ["Test", "Unpriced", "H100-80GB"]
+    assert table.skipped[0][0] == "A10G" and "no dense bf16" in table.skipped[0][1]
+    columns = table.columns()
+    assert columns["optimizer_steps"] == 100
+    for prefix in COLUMN_PREFIXES:
+        assert f"{prefix}_Test" in columns and columns[f"{prefix}_A10G"] is None
+    assert columns["cost_usd_Unpriced"] is None
+    assert columns["cost_usd_Test"] == pytest.approx(table.rows[0].cost_usd)
+    data = table.to_dict()
+    assert data["run"]["optimizer_steps"] == 100 and data["skipped"][0]["gpu"] == "A10G"
+    text = render_cost(table)
+    assert "run: 100 optimizer steps" in text and "H100-80GB" in text
+    assert "A10G          not priced" in text
+    assert "efficiency measured on: prior, no measurement" in text
+
+
+def test_format_duration():
+    assert format_duration(59) == "59 s"
+    assert format_duration(600) == "10.0 min"
+    assert format_duration(3 * 3600) == "3.0 h"
+    assert format_duration(3 * 86400) == "3.0 d"

@@ -102,6 +102,11 @@ checked first: a known 1 GiB allocation must read back within 1 %.
     help="Start no new case after this many seconds (to fit a time slot); rerun to go on.",
 )
 @click.option(
+    "--skip-instrument-check",
+    is_flag=True,
+    help="Do not check the memory instrument (1 GiB read back within 1 %) before a CUDA run.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="List the cases and whether each is done; run nothing."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -114,6 +119,7 @@ def measure(
     only_split: str | None,
     retry_errors: bool,
     stop_after_s: float | None,
+    skip_instrument_check: bool,
     dry_run: bool,
     no_progress: bool,
 ) -> None:
@@ -142,6 +148,7 @@ def measure(
             retry_errors=retry_errors,
             stop_after_s=stop_after_s,
             progress=not no_progress,
+            check_instrument=not skip_instrument_check,
         )
     except CaseError as err:
         raise click.ClickException(

@@ -245,11 +245,14 @@ def _fallback_record(
     )
 
 
-def machine_provenance(device: str, scratch_dir: Path) -> dict[str, Any]:
+def machine_provenance(
+    device: str, scratch_dir: Path, check_instrument: bool = True
+) -> dict[str, Any]:
     """Provenance for records the worker could not write; on CUDA also checks the instrument."""
     if device == "cpu":
         return collect_provenance("cpu")
-    outcome = spawn_worker("probe", {"device": device}, 300, scratch_dir / "logs" / "probe.log")
+    spec = {"device": device, "check_instrument": check_instrument}
+    outcome = spawn_worker("probe", spec, 300, scratch_dir / "logs" / "probe.log")
     if outcome.result is None or outcome.result.get("error"):
         _, error = _failure(outcome, "probe (provenance + memory instrument check)", 300)
         raise HarnessError(error)
@@ -266,6 +269,7 @@ def run_cases(
     retry_errors: bool = False,
     stop_after_s: float | None = None,
     progress: bool = True,
+    check_instrument: bool = True,
 ) -> RunSummary:
     """Measure every case not yet in ``output``, appending one JSON line per case."""
     from tqdm import tqdm
@@ -279,7 +283,7 @@ def run_cases(
     statuses: Counter[str] = Counter()
     stopped = False
     if todo:
-        provenance = machine_provenance(device, scratch)
+        provenance = machine_provenance(device, scratch, check_instrument)
         started = time.perf_counter()
         with tqdm(
             total=len(planned),

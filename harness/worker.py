@@ -128,12 +128,12 @@ def prepare(case: Case, device: str, scratch_dir: str | Path) -> dict[str, Any]:
     return {"status": "ok", "checkpoint": str(path)}
 
 
-def probe(device: str) -> dict[str, Any]:
+def probe(device: str, check_instrument: bool = True) -> dict[str, Any]:
     from harness.record import collect_provenance
     from harness.trackers import check_memory_instrument, is_cuda
 
     out: dict[str, Any] = {"provenance": collect_provenance(device), "instrument": None}
-    if is_cuda(device):
+    if is_cuda(device) and check_instrument:
         out["instrument"] = asdict(check_memory_instrument(device))
     return out
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     device = spec["device"]
     try:
         if mode == "probe":
-            result = probe(device)
+            result = probe(device, spec.get("check_instrument", True))
         else:
             case = Case.from_dict(spec["case"])
             print(

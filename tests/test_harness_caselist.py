@@ -62,6 +62,10 @@ def test_case_list_covers_what_the_estimator_must_get_right(cases):
     assert {c.recipe for c in cases} == {"trainer", "loop"}
     assert "meta-llama/Llama-2-13b-hf" in {p.model for p in plans}
     assert all((c.steps, c.warmup_steps) == (3, 2) for c in cases)
+    assert {p.attn for p in plans} == {"sdpa", "eager"}
+    assert all(
+        p.attn == "eager" for p in plans if p.model == "google/gemma-2-2b"
+    )  # no SDPA for Gemma2
 
 
 @pytest.mark.slow

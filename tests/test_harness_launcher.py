@@ -145,3 +145,29 @@ def test_worker_logs_are_kept_per_case(run):
     first = run["cases"][0]
     text = (logs / f"{first.case_id}.log").read_text()
     assert f"run case {first.case_id} on cpu" in text
+
+
+def test_stop_after_s_starts_no_new_case_and_a_rerun_goes_on(tmp_path):
+    from harness.launcher import plan_run, run_cases
+
+    cases = load_cases(Path(__file__).parent / "harness_cases" / "grid.yaml")[:3]
+    output = tmp_path / "out.jsonl"
+    summary = run_cases(
+        cases, output, device="cpu", scratch_dir=tmp_path, stop_after_s=0, progress=False
+    )
+    assert (summary.ran, summary.skipped, summary.left, summary.stopped_early) == (0, 0, 3, True)
+    assert not output.exists()
+    assert [p.done for p in plan_run(cases, output, "cpu")] == [False, False, False]
+
+
+def test_a_gpu_record_does_not_count_as_done_on_cpu(tmp_path):
+    from harness.launcher import finished_case_ids
+    from harness.record import append_record, make_record
+
+    case = load_cases(Path(__file__).parent / "harness_cases" / "grid.yaml")[0]
+    output = tmp_path / "out.jsonl"
+    append_record(output, make_record(case, "cuda", "ok"))
+    append_record(output, make_record(case, "cpu", "error", error="x"))
+    assert finished_case_ids(output, "cuda") == {case.case_id}
+    assert finished_case_ids(output, "cpu") == {case.case_id}
+    assert finished_case_ids(output, "cpu", retry_errors=True) == set()

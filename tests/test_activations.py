@@ -188,7 +188,13 @@ def build_cpu_recipe(
 
         for p in model.parameters():
             p.requires_grad_(False)
-        targets: Any = None if plan.targets is None else list(plan.targets)
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS,
+        )
+
+        targets: Any = list(plan.targets) if plan.targets else None
+        if plan.targets is None:  # as vramcalc.inventory: peft's default, else all-linear
+            targets = DEFAULTS.get(config_dict["model_type"]) or "all-linear"
         if plan.targets == ("all-linear",):
             targets = "all-linear"
         lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=plan.dropout,
@@ -304,6 +310,38 @@ def test_llama_layers_match_tracer(variant: str) -> None:
 @pytest.mark.parametrize("variant", ["lora-bf16", "qlora-all-linear", "full-fp32"])
 def test_llama_family_layers_match_tracer(model_type: str, variant: str) -> None:
     check_layers(model_type, variant)
+
+
+@pytest.mark.parametrize(
+    "model_type, variant",
+    [
+        ("gemma2", "lora-bf16"),  # eager (no sdpa), softcapping, sandwich norms, GELU-tanh
+        ("gemma2", "full-fp32"),
+        ("gemma2", "qlora-all-linear"),
+        ("phi3", "lora-bf16"),  # fused qkv_proj / gate_up_proj, partial-rotary cat
+        ("phi3", "qlora-all-linear"),
+        ("phi3", "full-bf16"),
+        ("phi3", "lora-all-linear-eager"),
+        ("mixtral", "lora-bf16"),  # router fp32 softmax/top-k, grouped_mm experts
+        ("mixtral", "full-fp32"),
+        ("mixtral", "full-bf16"),
+        ("mixtral", "qlora-nf4"),
+        ("mixtral", "int8-lora"),
+        ("opt", "lora-bf16"),  # LayerNorm (fp32 under CUDA autocast), ReLU, dropout 0.1
+        ("opt", "full-fp32"),
+        ("opt", "qlora-all-linear"),
+        ("opt", "lora-dropout"),
+    ],
+)
+def test_other_architectures_match_tracer(model_type: str, variant: str) -> None:
+    check_layers(model_type, variant)
+
+
+def test_adapters_outside_linears_are_flagged_inexact() -> None:
+    """peft all-linear on Mixtral also wraps the router and the 3-D expert tensors."""
+    plan = plan_for("mixtral", method="lora", targets=("all-linear",))
+    est = estimate_activations(build_inventory(CONFIGS["mixtral"], plan), plan, CONFIGS["mixtral"])
+    assert not est.exact and "ParamWrapper" in est.rule
 
 
 @pytest.mark.parametrize("variant", ["qlora-nf4", "qlora-all-linear"])

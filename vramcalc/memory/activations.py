@@ -64,14 +64,16 @@ class T:
     """A symbolic tensor: one storage of ``numel`` elements."""
 
     key: int
-    numel: int
+    numel: int  # elements of this (possibly view) tensor
     dtype: str
     rg: bool  # requires grad
     param: bool = False
+    storage_numel: int = 0  # elements of the storage when this is a view of a larger one
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+        """Bytes of the storage (what saving a view keeps alive)."""
+        return max(self.numel, self.storage_numel) * ITEMSIZE[self.dtype]
 
 
 def promote(a: str, b: str) -> str:
@@ -97,6 +99,10 @@ class Graph:
 
     def param(self, numel: int, dtype: str, rg: bool) -> T:
         return self.new(numel, dtype, rg, param=True)
+
+    def view(self, t: T, numel: int) -> T:
+        """A slice of ``t`` (chunk of a fused projection): same storage, fewer elements."""
+        return T(t.key, numel, t.dtype, t.rg, t.param, max(t.numel, t.storage_numel))
 
     def save(self, *ts: T) -> None:
         for t in ts:
@@ -309,7 +315,10 @@ class Layer:
             return q
         m1 = g.mul(q, self.cos, numel)
         m2 = g.mul(g.new(numel, q.dtype, q.rg), self.sin, numel)
-        return g.add(m1, m2)
+        out = g.add(m1, m2)
+        if self.inv.model_type == "phi3":  # partial rotary: cat([rotated, pass-through])
+            out = g.new(numel, out.dtype, out.rg)
+        return out
 
     def attention(self, q: T, k: T, v: T) -> T:
         g, r, inv = self.g, self.r, self.inv
@@ -363,7 +372,7 @@ class Layer:
         if top.rg:
             g.save(perm)
         gu = self.grouped(g.to(sel, wdt), g.param(e * 2 * i * h, wdt, r.full), n * k * 2 * i, offsets)
-        p = self.gated_mlp(gu, gu, n * k * i)
+        p = self.gated_mlp(g.view(gu, n * k * i), g.view(gu, n * k * i), n * k * i)
         d = self.grouped(p, g.param(e * h * i, wdt, r.full), n * k * h, offsets)
         wo = g.mul(d, weights, n * k * h)
         if wo.rg:
@@ -392,10 +401,15 @@ class Layer:
         kv_numel = r.tokens * inv.num_key_value_heads * inv.head_dim
         h = self.norm(x, kind)
         if self.has("qkv_proj"):  # phi3: q, k, v are views of one output
-            q = k = v = self.proj(h, "qkv_proj")
+            qkv = self.proj(h, "qkv_proj")
+            q, k, v = g.view(qkv, q_numel), g.view(qkv, kv_numel), g.view(qkv, kv_numel)
         else:
             q, k, v = self.proj(h, "q_proj"), self.proj(h, "k_proj"), self.proj(h, "v_proj")
         a = self.attention(self.rope(q, q_numel), self.rope(k, kv_numel), v)
+        if inv.model_type == "phi3":
+            # cat() leaves q in (B, H, S, D) memory; the kernel's output follows q's layout,
+            # so attn_output.transpose(1, 2).contiguous() copies
+            a = g.new(a.numel, a.dtype, a.rg)
         o = self.proj(a, "o_proj")
         if sandwich:
             o = self.norm(o, kind)
@@ -406,7 +420,8 @@ class Layer:
         else:
             numel = r.tokens * inv.intermediate_size
             if self.has("gate_up_proj"):
-                gate = up = self.proj(h, "gate_up_proj")
+                gu = self.proj(h, "gate_up_proj")
+                gate, up = g.view(gu, numel), g.view(gu, numel)
             else:
                 gate, up = self.proj(h, "gate_proj"), self.proj(h, "up_proj")
             m = self.proj(self.gated_mlp(gate, up, numel), "down_proj")
@@ -509,7 +524,11 @@ def estimate_activations(
         windows = 2 if inventory.model_type == "gemma2" else 1
         mask = windows * _round(r.batch * r.seq * r.seq * ITEMSIZE[r.res], round_to)
     forward_transient, backward_transient = _transients(steady, r, inventory)
-    exact = inventory.model_type in MODELLED and r.weight != "int8"
+    linear_adapters = sum(
+        grp.count * plan.rank * (grp.in_features + grp.out_features) for grp in inventory.linears if grp.lora
+    )
+    wrapped_params = plan.uses_adapters and inventory.adapter_params != linear_adapters
+    exact = inventory.model_type in MODELLED and r.weight != "int8" and not wrapped_params
     return ActivationEstimate(
         per_layer_saved_bytes=per_layer,
         first_layer_saved_bytes=first_layer,
@@ -522,7 +541,7 @@ def estimate_activations(
         forward_transient_bytes=forward_transient,
         attention_mask_bytes=mask,
         exact=exact,
-        rule=_describe(inventory, plan, r, exact),
+        rule=_describe(inventory, plan, r, exact, wrapped_params),
     )
 
 
@@ -540,7 +559,7 @@ def _transients(run: LayerRun, r: Recipe, inv: ModelInventory) -> tuple[int, int
     return forward, backward
 
 
-def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool) -> str:
+def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, wrapped: bool) -> str:
     parts = [
         f"{inv.model_type}: abstract autograd over one decoder layer (CUDA autocast {r.low}, "
         f"residual stream {r.res}, base weights {r.weight}, attention {r.attn})",
@@ -555,6 +574,11 @@ def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool) -
         )
     if r.weight == "int8":
         parts.append("INT8 MatMul8bitLt also keeps outlier columns of its input (data dependent, not counted)")
+    if wrapped:
+        parts.append(
+            "adapters on non-Linear parameters (peft ParamWrapper on MoE experts/router) are not "
+            "modelled: their merged expert weights are saved too"
+        )
     if not exact and inv.model_type not in MODELLED:
         parts.append(f"{inv.model_type} is not written out; the llama layer is used as an approximation")
     return "; ".join(parts) + "."

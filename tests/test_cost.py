@@ -17,6 +17,7 @@ from vramcalc.cost import (
     estimate_cost,
     format_duration,
     render_cost,
+    throughput_columns,
 )
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
@@ -148,6 +149,21 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     assert "run: 100 optimizer steps" in text and "H100-80GB" in text
     assert "A10G          not priced" in text
     assert "efficiency measured on: prior, no measurement" in text
+    assert "price Test: test cloud on-demand (2026-01-01)" in text
+    assert "price Test" not in render_cost(table, price_sources=False)
+
+
+def test_throughput_columns_without_a_run_length():
+    inventory, plan, throughput = tiny_throughput()
+    columns = throughput_columns(inventory, plan, [GPU, find_gpu("A10G")], CAL)
+    assert columns == {
+        "tokens_per_second_Test": throughput.tokens_per_second,
+        "step_seconds_Test": throughput.step_seconds,
+        "mfu_Test": throughput.mfu,
+        "tokens_per_second_A10G": None,
+        "step_seconds_A10G": None,
+        "mfu_A10G": None,
+    }
 
 
 def test_format_duration():

@@ -267,8 +267,27 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def render_cost(table: CostTable) -> str:
-    """The run-cost block of ``vramcalc plan``: one line per GPU type."""
+def throughput_columns(
+    inventory: ModelInventory,
+    plan: TrainingPlan,
+    gpus: Iterable[Gpu],
+    calibration: ThroughputCalibration | None = None,
+) -> dict[str, Any]:
+    """Sweep cells without a run length: ``tokens_per_second_<GPU>``, ``step_seconds_<GPU>``,
+    ``mfu_<GPU>`` (None where the GPU cannot be priced)."""
+    out: dict[str, Any] = {}
+    for gpu in gpus:
+        try:
+            e = estimate_throughput(inventory, plan, gpu, calibration)
+            values = (e.tokens_per_second, e.step_seconds, e.mfu)
+        except VramcalcError:
+            values = (None, None, None)
+        out.update({f"{p}_{gpu.name}": v for p, v in zip(COLUMN_PREFIXES[:3], values, strict=True)})
+    return out
+
+
+def render_cost(table: CostTable, price_sources: bool = True) -> str:
+    """The run-cost block of ``vramcalc plan``: one line per GPU type (+ where prices come from)."""
     lines = [
         f"run: {table.run.describe(table.plan)}",
         f"{'GPU':<14}{'tokens/s':>10}{'step s':>9}{'wall time':>11}{'GPU-hours':>11}{'$/GPU-h':>9}{'cost $':>11}",
@@ -283,5 +302,6 @@ def render_cost(table: CostTable) -> str:
     lines += [f"{name:<14}not priced: {reason}" for name, reason in table.skipped]
     if table.rows:
         lines.append(transfer_note(table.rows[0].throughput.calibration))
-        lines += [f"price {row.gpu_name}: {row.price_source}" for row in table.rows]
+        if price_sources:
+            lines += [f"price {row.gpu_name}: {row.price_source}" for row in table.rows]
     return "\n".join(lines)

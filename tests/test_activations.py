@@ -254,6 +254,9 @@ def measure_saved(
     layers = decoder_layers(model)
     scopes = {f"layer{i}": layer for i, layer in enumerate(layers)}
     scopes["final_norm"] = final_norm(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    scopes["embed"] = inner.get_input_embeddings()
+    scopes["head"] = inner.get_output_embeddings()
     torch.manual_seed(1)
     ids = torch.randint(2, config_dict["vocab_size"], (plan.batch_size, plan.seq_len))
     with cuda_recipe_on_cpu():

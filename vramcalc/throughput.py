@@ -179,15 +179,14 @@ def estimate_traffic(inventory: ModelInventory, plan: TrainingPlan) -> StepTraff
     return StepTraffic(round(dequant) * plan.grad_accum, scores * plan.grad_accum, optimizer)
 
 
+def compute_dtype(plan: TrainingPlan) -> str:
+    """The dtype matmuls run in: the recipe's bf16 autocast (fp32 master weights included),
+    or fp16 autocast when the base weights are loaded in fp16."""
+    return "fp16" if plan.dtype == "fp16" else "bf16"
+
+
 def peak_tflops_for(gpu: Gpu, dtype: str) -> float:
-    """The dense tensor-core peak a ``--dtype`` run can reach on ``gpu``."""
-    if dtype == "fp32":
-        raise InvalidPlanError(
-            [
-                "--dtype fp32: data/gpus.csv lists only bf16/fp16 tensor-core peaks, so an fp32 "
-                "run's speed cannot be predicted; use --dtype bf16 or fp16."
-            ]
-        )
+    """The dense tensor-core peak of ``dtype`` (bf16 or fp16) matmuls on ``gpu``."""
     peak = (
         gpu.bf16_dense_tflops if dtype == "bf16" else gpu.fp16_dense_tflops or gpu.bf16_dense_tflops
     )
@@ -240,7 +239,7 @@ def time_terms(
     """The work of ``plan`` priced on ``gpu`` at efficiency 1, with the counts behind it."""
     flops = estimate_flops(inventory, plan)
     traffic = estimate_traffic(inventory, plan)
-    peak = peak_tflops_for(gpu, plan.dtype) * 1e12
+    peak = peak_tflops_for(gpu, compute_dtype(plan)) * 1e12
     bandwidth = float(gpu.memory_bandwidth_gbps or 0) * 1e9
     passes = (3 + int(plan.gradient_checkpointing)) * inventory.num_layers
     terms = TimeTerms(
@@ -298,7 +297,7 @@ class ThroughputEstimate:
     def assumptions(self) -> tuple[str, ...]:
         notes = [
             "matmul FLOPs counted exactly; elementwise work sits in the fitted efficiencies",
-            f"{self.plan.dtype} tensor-core peak {self.peak_tflops:g} TFLOP/s, "
+            f"{compute_dtype(self.plan)} tensor-core peak {self.peak_tflops:g} TFLOP/s, "
             f"{self.gpu.memory_bandwidth_gbps:g} GB/s (data/gpus.csv)",
         ]
         if self.plan.num_gpus > 1:
@@ -391,14 +390,14 @@ def estimate_throughput(
     return ThroughputEstimate(
         plan,
         gpu,
-        peak_tflops_for(gpu, plan.dtype),
+        peak_tflops_for(gpu, compute_dtype(plan)),
         flops,
         traffic,
         cal,
         seconds,
         terms.step_seconds(cal),
         "GPU" if gpu_s >= host_s else "host",
-        _derivation(gpu, cal, plan.dtype),
+        _derivation(gpu, cal, compute_dtype(plan)),
     )
 
 
@@ -408,7 +407,7 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
     cal, key = e.calibration, e.efficiency_key
     return "\n".join(
         [
-            f"throughput on {e.gpu.name} ({e.peak_tflops:g} {e.plan.dtype} TFLOP/s, {e.gpu.memory_bandwidth_gbps:g} GB/s)",
+            f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, {e.gpu.memory_bandwidth_gbps:g} GB/s)",
             f"  {'step time':<18}{e.step_seconds:>12.3f} s   ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
             f"  {'tokens/s':<18}{e.tokens_per_second:>12,.0f}     per GPU"
             + (

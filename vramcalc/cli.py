@@ -111,38 +111,35 @@ def plan_from_options(options: dict) -> TrainingPlan:
 
 @cli.command()
 @plan_options
-@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to check the fit on (repeat or comma-separate). Default: every GPU of the catalog.")
+@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to check the fit and speed on (repeat or comma-separate). Default: every GPU of the catalog.")
+@click.option("--dataset-tokens", type=int, default=None, help="Tokens in the training set: prices the run (with --epochs) on every GPU that fits.")
+@click.option("--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps of the run, instead of --dataset-tokens.")
+@click.option("--price-per-hour", type=float, default=None, help="USD per GPU-hour, overriding the catalog's price for every GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README) instead of the report.")
-def plan(gpus: tuple[str, ...], as_json: bool, **options) -> None:
-    """Estimate the GPU memory of one fine-tuning run, component by component.
+def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options) -> None:
+    """Estimate the GPU memory, speed and cost of one fine-tuning run.
 
     Counts every parameter exactly on the meta device (no weights, no GPU, no
-    network for catalog models), then applies each component's rule. Prints
-    peak allocated / reserved / device-total memory and which GPUs it fits.
+    network for catalog models), applies each memory component's rule, and
+    prints peak allocated / reserved / device-total memory, which GPUs it fits
+    with their predicted tokens/s, and — given --dataset-tokens or --steps —
+    the wall time and dollars on each GPU that fits.
 
     \b
     Example:
       vramcalc plan --model meta-llama/Llama-2-13b --method qlora --rank 16 \\
-                    --seq-len 2048 --batch-size 4 --gpu RTX-4090
+                    --seq-len 2048 --batch-size 4 --gpu RTX-4090 --dataset-tokens 50000000
     """
-    from vramcalc.catalog import find_gpu, load_gpus
-    from vramcalc.estimate import estimate
-    from vramcalc.render import gpu_fits, render_plan
+    from vramcalc.cost import RunLength
+    from vramcalc.planner import choose_gpus, plan_result
+    from vramcalc.render import render_plan_result
 
     the_plan = plan_from_options(options)
-    names = [n for g in gpus for n in g.split(",") if n.strip()]
-    chosen = [find_gpu(n) for n in names] if names else list(load_gpus())
-    result = estimate(the_plan)
-    fits = gpu_fits(result, chosen)
-    if as_json:
-        data = result.to_dict()
-        data["gpus"] = [
-            {"name": f.gpu.name, "memory_bytes": f.gpu.memory_bytes, "fits": f.fits, "headroom_bytes": f.headroom_bytes}
-            for f in fits
-        ]
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo(render_plan(result, fits))
+    wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
+    run = RunLength(dataset_tokens, epochs, steps) if wants_cost else None
+    result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan_result(result))
 
 
 @cli.command()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from vramcalc.catalog import Gpu
 from vramcalc.estimate import MemoryEstimate
+from vramcalc.planner import PlanResult
 
 GIB = 2**30
 
@@ -31,23 +29,35 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:,.2f} GiB"
 
 
-@dataclass(frozen=True)
-class GpuFit:
-    gpu: Gpu
-    fits: bool
-    headroom_bytes: int  # negative when it does not fit
+def render_plan_result(result: PlanResult) -> str:
+    """The ``vramcalc plan`` report: memory, GPU fit and speed, run cost."""
+    from vramcalc.cost import render_cost
+    from vramcalc.throughput import transfer_note
+
+    text = render_memory(result.memory)
+    if result.fits:
+        lines = ["", f"{'GPU':<16}{'memory':>14}  {'fits':<5}{'headroom':>14}{'tokens/s':>11}{'step s':>9}"]
+        for fit in result.fits:
+            speed = (
+                f"{fit.throughput.tokens_per_second:>11,.0f}{fit.throughput.step_seconds:>9.2f}"
+                if fit.throughput
+                else f"{'-':>11}{'-':>9}"
+            )
+            lines.append(
+                f"{fit.gpu.name:<16}{gib(fit.gpu.memory_bytes):>14}  {'yes' if fit.fits else 'no':<5}"
+                f"{gib(fit.headroom_bytes):>14}{speed}"
+            )
+        first = next((f.throughput for f in result.fits if f.throughput), None)
+        if first is not None:
+            lines.append(f"speed: {transfer_note(first.calibration)}")
+        text += "\n".join(lines)
+    if result.cost is not None:
+        text += "\n\n" + (render_cost(result.cost) if result.cost.rows else "run cost: no GPU of the list fits")
+    return text
 
 
-def gpu_fits(estimate: MemoryEstimate, gpus: tuple[Gpu, ...] | list[Gpu]) -> list[GpuFit]:
-    """Whether ``estimate.device_total_bytes`` fits each GPU, with headroom."""
-    return [
-        GpuFit(gpu, estimate.device_total_bytes <= gpu.memory_bytes, gpu.memory_bytes - estimate.device_total_bytes)
-        for gpu in gpus
-    ]
-
-
-def render_plan(estimate: MemoryEstimate, fits: list[GpuFit]) -> str:
-    """The ``vramcalc plan`` report."""
+def render_memory(estimate: MemoryEstimate) -> str:
+    """The memory part of the ``vramcalc plan`` report."""
     plan = estimate.plan
     total = estimate.device_total_bytes
     lines = [
@@ -68,17 +78,11 @@ def render_plan(estimate: MemoryEstimate, fits: list[GpuFit]) -> str:
         "-" * 47,
         f"{'peak allocated':<24}{gib(estimate.peak_allocated_bytes):>14}   (torch max_memory_allocated)",
         f"{'peak reserved':<24}{gib(estimate.peak_reserved_bytes):>14}   (torch max_memory_reserved)",
-        f"{'device total':<24}{gib(estimate.device_total_bytes):>14}   (nvidia-smi; what the GPU must hold)",
+        f"{'device total':<24}{gib(estimate.device_total_bytes):>14}   (nvidia-smi; what the GPU must hold)"
+        + (f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs" if plan.num_gpus > 1 else ""),
         f"peak falls at: {estimate.peak_phase.replace('_', ' ')}",
         "",
         "assumptions:",
         *[f"  - {a}" for a in estimate.assumptions],
     ]
-    if fits:
-        lines += ["", f"{'GPU':<16}{'memory':>14}  {'fits':<5}{'headroom':>14}"]
-        for fit in fits:
-            lines.append(
-                f"{fit.gpu.name:<16}{gib(fit.gpu.memory_bytes):>14}  {'yes' if fit.fits else 'no':<5}"
-                f"{gib(fit.headroom_bytes):>14}"
-            )
     return "\n".join(lines)

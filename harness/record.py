@@ -84,7 +84,13 @@ def package_version(name: str) -> str | None:
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
-    """``git rev-parse HEAD`` of the checkout the harness runs from, or None."""
+    """``git rev-parse HEAD`` of the checkout the harness runs from, or None.
+
+    ``$VRAMCALC_COMMIT`` stands in where the tree is a copy without ``.git``
+    (e.g. a working tree shipped to a GPU machine).
+    """
+    if os.environ.get("VRAMCALC_COMMIT"):
+        return os.environ["VRAMCALC_COMMIT"].strip()
     try:
         done = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10

@@ -10,6 +10,7 @@ import pytest
 from harness.launcher import check_models
 from harness.scenario import load_cases
 from vramcalc.catalog import resolve_model
+from vramcalc.plan import TrainingPlan
 
 CASE_LIST = Path(__file__).resolve().parent.parent / "harness" / "cases" / "h100.yaml"
 HELD_OUT = {"Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.1"}
@@ -73,12 +74,12 @@ def test_every_lora_target_exists_in_its_model(cases):
     """Built on the meta device by the estimator's inventory: a wrong name fails here, not on the GPU."""
     from vramcalc.inventory import build_inventory
 
-    seen = set()
-    for case in cases:
-        plan = case.plan
-        if not plan.uses_adapters or (plan.model, plan.targets) in seen:
-            continue
-        seen.add((plan.model, plan.targets))
-        inventory = build_inventory(resolve_model(plan.model).config_dict, plan)
-        if plan.targets not in (None, ("all-linear",)):
-            assert set(inventory.lora_targets) == set(plan.targets), plan
+    named = {
+        (c.plan.model, c.plan.targets)
+        for c in cases
+        if c.plan.targets not in (None, ("all-linear",))
+    }
+    for model, targets in sorted(named):
+        plan = TrainingPlan(model=model, method="lora", targets=targets)
+        inventory = build_inventory(resolve_model(model).config_dict, plan)
+        assert set(inventory.lora_targets) == set(targets), plan

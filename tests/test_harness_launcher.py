@@ -40,7 +40,7 @@ def run(tmp_path_factory):
                 "split": "validation",
             },
             {**small, "method": "lora", "simulate": "oom", "split": "calibration"},
-            {**small, "method": "lora", "simulate": "hang", "timeout_s": 3, "split": "calibration"},
+            {**small, "method": "lora", "simulate": "hang", "timeout_s": 2, "split": "calibration"},
         ]
     }
     cases_path = root / "cases.yaml"
@@ -119,7 +119,7 @@ def test_oom_is_a_result_and_the_run_goes_on(run):
     assert oom["error"].startswith("OutOfMemoryError: CUDA out of memory.")
     assert oom["trainable_params"] == 3584 and oom["tokens_per_second"] is None
     assert timeout["status"] == "timeout"
-    assert timeout["error"] == "measuring: no result after 3 s; worker killed."
+    assert timeout["error"] == "measuring: no result after 2 s; worker killed."
 
 
 def test_rerun_skips_cases_already_measured(run):

@@ -57,3 +57,11 @@ def test_append_survives_a_line_cut_short_by_a_crash(tmp_path):
     assert path.read_text().endswith('"oom"}\n')
     assert json.loads(path.read_text().splitlines()[-1])["case_id"] == "c"
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_commit_can_be_given_where_the_tree_has_no_git(monkeypatch, tmp_path):
+    from harness.record import git_commit
+
+    assert git_commit(tmp_path) is None  # not a git checkout
+    monkeypatch.setenv("VRAMCALC_COMMIT", "abc123")
+    assert git_commit(tmp_path) == "abc123"

@@ -352,3 +352,63 @@ def test_emulation_matches_bitsandbytes(variant: str) -> None:
     """The same numbers with bitsandbytes' real Linear4bit and peft's real lora.bnb layers."""
     pytest.importorskip("bitsandbytes")
     check_layers("llama", variant, real_bnb=True)
+
+
+# -- whole forward / backward with the live-memory tracer -----------------------------------------
+def step_memory(config: dict[str, Any], plan: TrainingPlan) -> tuple[int, int, int]:
+    """(bytes alive after forward + loss, peak extra over them in backward, grads at that peak).
+
+    Parameters and the input ids are left out; the forward runs under autocast and ends
+    before backward, as in Trainer.training_step.
+    """
+    from vramcalc.memtrace import MemoryTracer
+
+    model = build_cpu_recipe(config, plan)
+    torch.manual_seed(1)
+    ids = torch.randint(2, config["vocab_size"], (plan.batch_size, plan.seq_len))
+    with MemoryTracer() as tracer:
+        tracer.watch_model(model)
+        tracer.track(ids, "inputs")
+        with cuda_recipe_on_cpu():
+            loss = model(input_ids=ids, labels=ids).loss
+        after = tracer.live_by_category()
+        tracer.reset_peak()
+        loss.backward()
+    report = tracer.report()
+    fixed = after.get("parameters", 0) + after.get("inputs", 0)
+    saved = sum(after.values()) - fixed
+    return saved, report.peak_bytes - fixed - saved, report.peak_by_category.get("gradients", 0)
+
+
+WIDE = {"vocab_size": 32, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(
+    "model_type, variant",
+    [("llama", "lora-bf16"), ("llama", "qlora-nf4"), ("llama", "full-fp32"), ("mixtral", "lora-bf16")],
+)
+def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpointing: bool) -> None:
+    """After forward exactly layers + head + loss saved (+ the loss); backward within bounds.
+
+    Backward: the rule's transient is what a layer's backward allocates at its peak; the
+    tracer sees that minus what was already released (final norm, loss, head saved, and,
+    with full fine-tuning, plus the weight gradients made so far), so the measured extra
+    must lie between the transient less those releases (and 20 %: the rule takes all three
+    MLP gradients at their widest dtype) and the transient itself.
+    """
+    from vramcalc.memory.logits import estimate_logits
+
+    config = {**CONFIGS[model_type], **WIDE}
+    plan = plan_for(model_type, gradient_checkpointing=checkpointing, seq_len=64, **VARIANTS[variant])
+    inventory = build_inventory(config, plan)
+    act = estimate_activations(inventory, plan, config)
+    logits = estimate_logits(inventory, plan, config)
+    saved, extra, grads = step_memory(config, plan)
+    loss_scalar = 512
+    assert saved == act.layers_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes + loss_scalar
+    released = act.final_norm_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes
+    expected = act.recompute_layer_bytes + act.backward_transient_bytes
+    assert extra - grads <= expected
+    if plan.uses_adapters:  # full FT peaks where weight gradients pile up instead
+        assert extra >= expected - released - 0.2 * expected

@@ -113,6 +113,8 @@ class TraceReport:
     final_by_category: dict[str, int]
     round_to: int
     timeline: tuple[TimelinePoint, ...] = ()
+    # (category, phase made in, op that made it, bytes) of each storage live at the peak
+    peak_tensors: tuple[tuple[str, str, str, int], ...] = ()
 
     def peak_excluding(self, *categories: str) -> int:
         """Peak-instant live bytes without ``categories`` (e.g. ``"parameters"``)."""
@@ -130,8 +132,10 @@ class MemoryTracer(TorchDispatchMode):
     """
 
     def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULARITY, timeline: bool = False,
-                 track_saved: bool = True) -> None:
+                 track_saved: bool = True, peak_tensors: bool = False) -> None:
         super().__init__()
+        self.record_peak_tensors = peak_tensors
+        self._peak_tensors: tuple[tuple[str, str, str, int], ...] = ()
         self.round_to = round_to
         self.record_timeline = timeline
         self.track_saved = track_saved
@@ -245,6 +249,10 @@ class MemoryTracer(TorchDispatchMode):
             self._peak_by_category = dict(self._live_by_category)
             self._peak_phase = self._phase
             self._peak_op = op
+            if self.record_peak_tensors:  # costly: every live storage at every new peak
+                self._peak_tensors = tuple(
+                    (r.category, r.phase, r.op, r.nbytes) for r in self._records.values()
+                )
 
     def _free(self, key: int) -> None:
         record = self._records.pop(key, None)
@@ -308,6 +316,7 @@ class MemoryTracer(TorchDispatchMode):
             final_by_category=self.live_by_category(),
             round_to=self.round_to,
             timeline=tuple(self._timeline),
+            peak_tensors=self._peak_tensors,
         )
 
 

@@ -512,7 +512,8 @@ def estimate_activations(
         rope_bytes = steady.graph.bytes(
             t for t in (steady.layer.cos, steady.layer.sin) if t is not None
         )
-        layers_saved = layers * input_bytes + rope_bytes + final_bytes
+        position_ids = _round(r.seq * ITEMSIZE["i64"], round_to)  # passed to (and kept by) every layer
+        layers_saved = layers * input_bytes + rope_bytes + position_ids + final_bytes
         recompute = per_layer - (input_bytes if steady.saves_input else 0) + shared
         checkpoint_input = input_bytes
     else:
@@ -546,16 +547,25 @@ def estimate_activations(
 
 
 def _transients(run: LayerRun, r: Recipe, inv: ModelInventory) -> tuple[int, int]:
-    """Short-lived extras inside one layer (approximate; see tests for the tolerance)."""
+    """Short-lived extras inside one layer, beyond what it saved (approximate, see tests).
+
+    Backward, read off the tracer at the peak of a layer's backward: the gradient of the
+    residual stream, plus the MLP's three intermediate gradients alive together (of the
+    down projection's input, of the activation output, of the up projection; fp32 when the
+    k-bit outputs are upcast), or for eager attention the score gradients (bf16 + two fp32),
+    plus a k-bit layer's dequantized weight. Forward: the largest of the dequantized
+    weight with its input copy, the eager fp32 scores, two MLP intermediates.
+    """
     resid = r.tokens * inv.hidden_size * ITEMSIZE[r.res]
-    inter = r.tokens * inv.intermediate_size * max(inv.experts_per_token, 1)
-    mlp_dtype = ITEMSIZE["fp32" if r.kbit else r.low]
+    rows = r.tokens * max(inv.experts_per_token, 1)
+    mlp_bytes = 4 if r.kbit else ITEMSIZE[r.low]
+    inter = rows * inv.intermediate_size * mlp_bytes
     dequant = run.layer.dequant_bytes
-    scores = 0
-    if r.attn == "eager":
-        scores = r.batch * inv.num_attention_heads * r.seq * r.seq * 4
-    forward = max(dequant + 2 * resid, scores, 2 * inter * mlp_dtype)
-    backward = dequant + 2 * resid + max(3 * inter * mlp_dtype, 2 * scores)
+    if r.weight == "int8":  # MatMul8bitLt backward: CB dequantized to the input's dtype
+        dequant = dequant // ITEMSIZE[r.low] * ITEMSIZE[r.res]
+    scores = r.batch * inv.num_attention_heads * r.seq * r.seq if r.attn == "eager" else 0
+    forward = max(dequant + resid, 4 * scores, 2 * inter)
+    backward = resid + max(3 * inter, (2 + 4 + 4) * scores) + dequant
     return forward, backward
 
 

@@ -20,9 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,27 @@ def machine_provenance(
 
 
 # -- the run -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM (e.g. from ``timeout``) into a ``HarnessError`` while cases run.
+
+    The exception unwinds through ``spawn_worker``, which kills the running
+    worker's process group; every finished case is already on disk.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise HarnessError("interrupted by SIGTERM; finished cases are saved, rerun to go on.")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cases(
     cases: Sequence[Case],
     output: str | Path,
@@ -285,15 +307,18 @@ def run_cases(
     if todo:
         provenance = machine_provenance(device, scratch, check_instrument)
         started = time.perf_counter()
-        with tqdm(
-            total=len(planned),
-            initial=len(planned) - len(todo),
-            unit="case",
-            desc="measure",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
+        with (
+            sigterm_unwinds(),
+            tqdm(
+                total=len(planned),
+                initial=len(planned) - len(todo),
+                unit="case",
+                desc="measure",
+                disable=not progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for case in todo:
                 if stop_after_s is not None and time.perf_counter() - started > stop_after_s:
                     stopped = True

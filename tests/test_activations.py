@@ -412,3 +412,47 @@ def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpoint
     assert extra - grads <= expected
     if plan.uses_adapters:  # full FT peaks where weight gradients pile up instead
         assert extra >= expected - released - 0.2 * expected
+
+
+def test_unmodelled_architecture_gets_a_flagged_llama_approximation() -> None:
+    config = {**BASE, "model_type": "falcon", "multi_query": True, "parallel_attn": True,
+              "new_decoder_architecture": False, "bias": False, "alibi": False}
+    plan = plan_for("falcon", method="qlora")
+    est = estimate_activations(build_inventory(config, plan), plan, config)
+    assert not est.exact and "approximation" in est.rule
+    assert est.per_layer_saved_bytes > 0 and est.layers_saved_bytes > est.per_layer_saved_bytes
+
+
+def test_full_size_layer_matches_fake_tensor_measurement() -> None:
+    """Llama-2-7B, full bf16, 4096 tokens: the rule against the real layer on fake tensors."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from vramcalc.memtrace import fake_saved_bytes
+
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2,
+              "vocab_size": 32000}
+    seq = 4096
+    layer_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    layer_config._attn_implementation = "sdpa"
+
+    def build():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            return LlamaDecoderLayer(layer_config, 1)
+        finally:
+            torch.set_default_dtype(default)
+
+    def inputs():
+        x = torch.randn(1, seq, 4096, dtype=torch.bfloat16, requires_grad=True)
+        cos = torch.randn(1, seq, 128, dtype=torch.bfloat16)
+        return (x,), {"position_embeddings": (cos, cos.clone()), "attention_mask": None}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = fake_saved_bytes(build, inputs, round_to=512)
+    plan = TrainingPlan(model="llama-2-7b", method="full", dtype="bf16", seq_len=seq)
+    est = estimate_activations(build_inventory(config, plan), plan, config)
+    assert report.new_bytes == est.per_layer_saved_bytes
+    assert report.input_bytes == est.shared_saved_bytes  # cos, sin

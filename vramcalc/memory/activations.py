@@ -255,6 +255,8 @@ class Layer:
     def __init__(self, g: Graph, inv: ModelInventory, r: Recipe, cos: T | None, sin: T | None) -> None:
         self.g, self.inv, self.r, self.cos, self.sin = g, inv, r, cos, sin
         self.groups = {grp.name: grp for grp in inv.linears}
+        if inv.model_type not in MODELLED:
+            self.groups = _llama_groups(inv)
         self.dequant_bytes = 0
 
     def has(self, name: str) -> bool:
@@ -391,7 +393,7 @@ class Layer:
     def forward(self, x: T) -> T:
         if self.inv.model_type == "opt":
             return self.forward_opt(x)
-        return self.forward_llama(x)
+        return self.forward_llama(x)  # also the approximation for unmodelled types
 
     def forward_llama(self, x: T) -> T:
         g, r, inv = self.g, self.r, self.inv
@@ -442,6 +444,22 @@ class Layer:
     def final_norm(self, x: T) -> T:
         kind = {"opt": "layer", "gemma": "gemma", "gemma2": "gemma"}.get(self.inv.model_type, "rms")
         return self.norm(x, kind)
+
+
+def _llama_groups(inv: ModelInventory) -> dict[str, LinearGroup]:
+    """Llama-shaped projections for an architecture not written out (an approximation).
+
+    LoRA is assumed on q/v when the plan has adapters, quantization on all projections.
+    """
+    h, i = inv.hidden_size, inv.intermediate_size
+    q, kv = inv.num_attention_heads * inv.head_dim, inv.num_key_value_heads * inv.head_dim
+    lora = bool(inv.lora_targets)
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        name: LinearGroup(name, fin, fout, False, inv.num_layers, True, lora and name in ("q_proj", "v_proj"))
+        for name, (fin, fout) in shapes.items()
+    }
 
 
 # -- the estimate ---------------------------------------------------------------------------

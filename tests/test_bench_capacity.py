@@ -72,7 +72,9 @@ def test_thousand_plans_cold_inventories(benchmark, cases, gpus, tmp_path, monke
 def test_thousand_plans_warm_disk_cache(benchmark, cases, gpus, tmp_path):
     seconds: list[float] = []
     run_sweep(cases, gpus)  # fill the disk cache (imports, meta builds)
-    result = benchmark.pedantic(_timed_sweep, args=(cases, gpus, tmp_path / "sweep.csv", seconds), rounds=5)
+    result = benchmark.pedantic(
+        _timed_sweep, args=(cases, gpus, tmp_path / "sweep.csv", seconds), rounds=5
+    )
     assert len(result.rows) == 1000 and result.errors == 0
     median = statistics.median(seconds)
     benchmark.extra_info["plans_per_second"] = round(1000 / median)

@@ -33,27 +33,81 @@ def test_help(run, command):
 
 def test_sweep_help_lists_every_plan_option(run):
     text = run("sweep", "--help").output
-    for flag in ("--model", "--method", "--quant", "--double-quant", "--no-double-quant", "--rank", "--targets",
-                 "--seq-len", "--batch-size", "--gradient-checkpointing", "--optimizer", "--num-gpus",
-                 "--cpu-offload", "--cases", "--gpu", "--headroom", "--output", "--quiet"):
+    for flag in (
+        "--model",
+        "--method",
+        "--quant",
+        "--double-quant",
+        "--no-double-quant",
+        "--rank",
+        "--targets",
+        "--seq-len",
+        "--batch-size",
+        "--gradient-checkpointing",
+        "--optimizer",
+        "--num-gpus",
+        "--cpu-offload",
+        "--cases",
+        "--gpu",
+        "--headroom",
+        "--output",
+        "--quiet",
+    ):
         assert flag in text
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".xlsx"])
 def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path, suffix):
     out = tmp_path / f"sweep{suffix}"
-    result = run("sweep", "--model", f"{tiny_llama_dir},{tiny_opt_dir}", "--method", "lora,qlora", "--rank", "4,16",
-                 "--seq-len", "128", "--seq-len", "512", "-b", "1,3", "--gradient-checkpointing", "true,false",
-                 "--gpu", "T4,RTX-4090", "-o", out)
+    result = run(
+        "sweep",
+        "--model",
+        f"{tiny_llama_dir},{tiny_opt_dir}",
+        "--method",
+        "lora,qlora",
+        "--rank",
+        "4,16",
+        "--seq-len",
+        "128",
+        "--seq-len",
+        "512",
+        "-b",
+        "1,3",
+        "--gradient-checkpointing",
+        "true,false",
+        "--gpu",
+        "T4,RTX-4090",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "64 plans written to" in result.output
     frame = pd.read_csv(out) if suffix == ".csv" else pd.read_excel(out, sheet_name="details")
     assert len(frame) == 64 and frame["error"].isna().all()
-    assert {"device_total_gib", "device_total_bytes", "activations_gib", "weights_bytes", "trainable_params",
-            "fits_T4", "fits_RTX-4090"} <= set(frame.columns)
+    assert {
+        "device_total_gib",
+        "device_total_bytes",
+        "activations_gib",
+        "weights_bytes",
+        "trainable_params",
+        "fits_T4",
+        "fits_RTX-4090",
+    } <= set(frame.columns)
     for _, row in frame.iloc[::9].iterrows():
-        args = ["--model", row["model"], "--method", row["method"], "--rank", int(row["rank"]),
-                "--seq-len", int(row["seq_len"]), "-b", int(row["batch_size"]), "--gpu", "T4,RTX-4090"]
+        args = [
+            "--model",
+            row["model"],
+            "--method",
+            row["method"],
+            "--rank",
+            int(row["rank"]),
+            "--seq-len",
+            int(row["seq_len"]),
+            "-b",
+            int(row["batch_size"]),
+            "--gpu",
+            "T4,RTX-4090",
+        ]
         if row["gradient_checkpointing"]:
             args.append("--gradient-checkpointing")
         expected = plan_json(run, *args)
@@ -64,7 +118,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
             assert int(row[f"{name}_bytes"]) == nbytes
             assert row[f"{name}_gib"] == pytest.approx(nbytes / 2**30, abs=5e-5)
         assert int(row["trainable_params"]) == expected["trainable_params"]
-        assert [bool(row["fits_T4"]), bool(row["fits_RTX-4090"])] == [g["fits"] for g in expected["gpus"]]
+        assert [bool(row["fits_T4"]), bool(row["fits_RTX-4090"])] == [
+            g["fits"] for g in expected["gpus"]
+        ]
         for key, value in expected["plan"].items():
             if key != "targets":
                 assert row[key] == value, key
@@ -84,8 +140,12 @@ def test_sweep_cases_file(run, tiny_llama_dir, tmp_path):
     assert "1 of 3 plans are invalid; see the error column." in result.output
     rows = json.loads(out.read_text())
     assert [(r["method"], r["rank"], r["seq_len"], r["batch_size"]) for r in rows[:2]] == [
-        ("qlora", 16, 256, 2), ("full", 8, 512, 4)]
-    expected = plan_json(run, "--model", tiny_llama_dir, "--method", "full", "--seq-len", "512", "-b", "4")
+        ("qlora", 16, 256, 2),
+        ("full", 8, 512, 4),
+    ]
+    expected = plan_json(
+        run, "--model", tiny_llama_dir, "--method", "full", "--seq-len", "512", "-b", "4"
+    )
     assert rows[1]["device_total_bytes"] == expected["device_total_bytes"]
     assert rows[2]["error"].startswith("--method 'lorra' is not one of full, lora, qlora.")
     assert rows[2]["device_total_bytes"] is None
@@ -96,7 +156,9 @@ def test_sweep_cases_unknown_column(run, tmp_path):
     cases.write_text("model,seqlen\nm,512\n")
     result = run("sweep", "--cases", cases)
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: --cases {cases}: unknown column 'seqlen'. Did you mean 'seq_len'?")
+    assert result.output.startswith(
+        f"Error: --cases {cases}: unknown column 'seqlen'. Did you mean 'seq_len'?"
+    )
 
 
 def test_sweep_stdout_table_and_markdown(run, tiny_llama_dir, tmp_path):
@@ -105,7 +167,9 @@ def test_sweep_stdout_table_and_markdown(run, tiny_llama_dir, tmp_path):
     lines = result.output.splitlines()
     assert lines[0].split()[:3] == ["model", "method", "rank"] and len(lines) == 4
     md = tmp_path / "t.md"
-    assert run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "-o", md).exit_code == 0
+    assert (
+        run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "-o", md).exit_code == 0
+    )
     assert md.read_text().startswith("| model | method | rank | alpha |")
 
 
@@ -122,7 +186,10 @@ def test_sweep_bad_values_fail_like_plan(run, tiny_llama_dir):
     [
         (["--gpu", "RTX-9999"], "Error: --gpu 'RTX-9999' is not in the GPU catalog."),
         (["-o", "out.txt"], "Error: -o out.txt: unknown output format '.txt'"),
-        (["--headroom", "5"], "Error: --headroom must be a fraction in [0, 1) or a percentage such as 5%, got '5' (did you mean 5%?)."),
+        (
+            ["--headroom", "5"],
+            "Error: --headroom must be a fraction in [0, 1) or a percentage such as 5%, got '5' (did you mean 5%?).",
+        ),
     ],
 )
 def test_sweep_errors_are_one_line(run, tiny_llama_dir, args, message):
@@ -134,26 +201,54 @@ def test_sweep_errors_are_one_line(run, tiny_llama_dir, args, message):
 def test_sweep_unknown_model_on_the_command_line_is_an_error(run):
     result = run("sweep", "-m", "meta-llama/Llama-2-7b-hf,no-such/model-xyz")
     assert result.exit_code == 1
-    assert result.output.startswith("Error: --model 'no-such/model-xyz' is not in the bundled catalog")
+    assert result.output.startswith(
+        "Error: --model 'no-such/model-xyz' is not in the bundled catalog"
+    )
 
 
 def test_sweep_needs_a_model(run):
     result = run("sweep", "--rank", "8")
-    assert result.exit_code == 1 and "Error: --model is required (or --cases FILE.csv" in result.output
+    assert (
+        result.exit_code == 1 and "Error: --model is required (or --cases FILE.csv" in result.output
+    )
 
 
 def test_sweep_bool_switches(run, tiny_llama_dir, tmp_path):
     out = tmp_path / "b.csv"
-    result = run("sweep", "-m", tiny_llama_dir, "--gradient-checkpointing", "--no-gradient-checkpointing",
-                 "--method", "qlora", "--no-double-quant", "-o", out)
+    result = run(
+        "sweep",
+        "-m",
+        tiny_llama_dir,
+        "--gradient-checkpointing",
+        "--no-gradient-checkpointing",
+        "--method",
+        "qlora",
+        "--no-double-quant",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out)
-    assert list(frame["gradient_checkpointing"]) == [True, False] and not frame["double_quant"].any()
+    assert (
+        list(frame["gradient_checkpointing"]) == [True, False] and not frame["double_quant"].any()
+    )
 
 
 def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
-    result = run("fit", "-m", tiny_llama_dir, "--method", "qlora", "--gpu", "T4", "--seq-len", "1024",
-                 "--headroom", "5%", "--json")
+    result = run(
+        "fit",
+        "-m",
+        tiny_llama_dir,
+        "--method",
+        "qlora",
+        "--gpu",
+        "T4",
+        "--seq-len",
+        "1024",
+        "--headroom",
+        "5%",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["field"] == "batch_size" and data["found"] and not data["limit_reached"]
@@ -161,7 +256,9 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
     budget = int(data["gpu_memory_bytes"] * 0.95)
     assert data["budget_bytes"] == budget
     at = plan_json(run, "-m", tiny_llama_dir, "--method", "qlora", "--seq-len", "1024", "-b", batch)
-    above = plan_json(run, "-m", tiny_llama_dir, "--method", "qlora", "--seq-len", "1024", "-b", batch + 1)
+    above = plan_json(
+        run, "-m", tiny_llama_dir, "--method", "qlora", "--seq-len", "1024", "-b", batch + 1
+    )
     assert at["device_total_bytes"] <= budget < above["device_total_bytes"]
     assert data["at_value"]["device_total_bytes"] == at["device_total_bytes"]
     assert data["at_next_step"]["device_total_bytes"] == above["device_total_bytes"]
@@ -169,7 +266,9 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
 
 
 def test_fit_sequence_length_with_batch_size(run, tiny_opt_dir):
-    result = run("fit", "-m", tiny_opt_dir, "--gpu", "T4", "-b", "64", "--seq-multiple", "16", "--json")
+    result = run(
+        "fit", "-m", tiny_opt_dir, "--gpu", "T4", "-b", "64", "--seq-multiple", "16", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["field"] == "seq_len" and data["step"] == 16 and data["value"] % 16 == 0
@@ -185,7 +284,11 @@ def test_fit_human_output(run, tiny_llama_dir):
     assert result.exit_code == 0, result.output
     text = result.output
     assert "on RTX-4090" in text and "headroom 5% → budget" in text
-    assert "largest batch size that fits:" in text and "does not fit" in text and "device total" in text
+    assert (
+        "largest batch size that fits:" in text
+        and "does not fit" in text
+        and "device total" in text
+    )
 
 
 def test_fit_nothing_fits_exits_3(run):
@@ -193,13 +296,21 @@ def test_fit_nothing_fits_exits_3(run):
     assert result.exit_code == 3
     assert "Does not fit even at batch size 1: device total" in result.output
     assert "Error" not in result.output
-    data = json.loads(run("fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4", "--json").output)
-    assert data["found"] is False and data["value"] is None and data["at_next_step"]["batch_size"] == 1
+    data = json.loads(
+        run(
+            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4", "--json"
+        ).output
+    )
+    assert (
+        data["found"] is False and data["value"] is None and data["at_next_step"]["batch_size"] == 1
+    )
 
 
 def test_fit_errors(run, tiny_llama_dir):
     result = run("fit", "-m", tiny_llama_dir, "--gpu", "RTX-9999")
-    assert result.exit_code == 1 and result.output.startswith("Error: --gpu 'RTX-9999' is not in the GPU catalog.")
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: --gpu 'RTX-9999' is not in the GPU catalog."
+    )
     result = run("fit", "-m", "no-such/model-xyz", "--gpu", "T4")
     assert result.exit_code == 1 and result.output.startswith("Error: --model 'no-such/model-xyz'")
     result = run("fit", "-m", tiny_llama_dir, "--gpu", "T4", "--seq-len", "512", "-b", "2")

@@ -25,20 +25,28 @@ DEFAULTS = {"model": None, "method": "lora", "seq_len": 256, "batch_size": 1}
 @pytest.fixture
 def result(tiny_llama_dir, tiny_opt_dir):
     cases = expand_cases(
-        {"model": [str(tiny_llama_dir), str(tiny_opt_dir)], "method": ["full", "qlora"], "quant": [None, "nf4"],
-         "batch_size": [1, 2]},
+        {
+            "model": [str(tiny_llama_dir), str(tiny_opt_dir)],
+            "method": ["full", "qlora"],
+            "quant": [None, "nf4"],
+            "batch_size": [1, 2],
+        },
         DEFAULTS,
     )
     return run_sweep(cases, [find_gpu("T4"), find_gpu("H100-80GB")], headroom=0.05)
 
 
 def _valid(result):
-    return [(row, rec) for row, rec in zip(result.rows, result.records(), strict=True) if not row.error]
+    return [
+        (row, rec) for row, rec in zip(result.rows, result.records(), strict=True) if not row.error
+    ]
 
 
 def test_output_format_by_extension():
     assert output_format("a/b.XLSX") == ".xlsx" and output_format("x.md") == ".md"
-    with pytest.raises(ExportError, match=r"-o out.txt: unknown output format '.txt'; use one of .csv, .xlsx"):
+    with pytest.raises(
+        ExportError, match=r"-o out.txt: unknown output format '.txt'; use one of .csv, .xlsx"
+    ):
         output_format("out.txt")
     assert issubclass(ExportError, VramcalcError)
 
@@ -69,8 +77,14 @@ def test_csv_round_trip(result, tmp_path):
             assert int(got[f"{name}_bytes"]) == nbytes
         assert got["device_total_gib"] == pytest.approx(est.device_total_bytes / 2**30, abs=5e-5)
         assert int(got["trainable_params"]) == est.trainable_params
-        assert (got["model"], got["method"], int(got["batch_size"])) == (est.model_name, est.plan.method, est.plan.batch_size)
-        assert bool(got["fits_T4"]) is (est.device_total_bytes <= int(find_gpu("T4").memory_bytes * 0.95))
+        assert (got["model"], got["method"], int(got["batch_size"])) == (
+            est.model_name,
+            est.plan.method,
+            est.plan.batch_size,
+        )
+        assert bool(got["fits_T4"]) is (
+            est.device_total_bytes <= int(find_gpu("T4").memory_bytes * 0.95)
+        )
 
 
 def test_json_and_jsonl_round_trip(result, tmp_path):
@@ -123,7 +137,9 @@ def test_markdown_is_a_gfm_table(result):
     text = render_markdown(result)
     lines = text.splitlines()
     assert len(lines) == 2 + 16
-    assert lines[0].startswith("| model | method | quant | batch size | trainable params | device total (GiB)")
+    assert lines[0].startswith(
+        "| model | method | quant | batch size | trainable params | device total (GiB)"
+    )
     assert set(lines[1]) <= set("|-:") and lines[1].count("|") == lines[0].count("|")
     assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
     assert "--method full trains every weight" in text

@@ -20,7 +20,9 @@ from vramcalc.fit import (
 from vramcalc.plan import TrainingPlan
 
 
-@pytest.mark.parametrize(("text", "fraction"), [("5%", 0.05), ("0.05", 0.05), ("0", 0.0), (" 12.5% ", 0.125), (0.1, 0.1)])
+@pytest.mark.parametrize(
+    ("text", "fraction"), [("5%", 0.05), ("0.05", 0.05), ("0", 0.0), (" 12.5% ", 0.125), (0.1, 0.1)]
+)
 def test_parse_headroom(text, fraction):
     assert parse_headroom(text) == pytest.approx(fraction)
 
@@ -38,7 +40,11 @@ def test_parse_headroom_hints_at_percent():
 
 def test_budget_is_the_floor_of_memory_times_one_minus_headroom():
     gpu = replace(find_gpu("T4"), memory_bytes=1000)
-    assert budget_bytes(gpu, 0.05) == 950 and budget_bytes(gpu, 0.0555) == 944 and budget_bytes(gpu, 0) == 1000
+    assert (
+        budget_bytes(gpu, 0.05) == 950
+        and budget_bytes(gpu, 0.0555) == 944
+        and budget_bytes(gpu, 0) == 1000
+    )
 
 
 def _probe_for(limit_value):
@@ -88,11 +94,21 @@ def test_max_batch_size_at_the_boundary(tiny_llama_dir):
     assert result.found and result.value == 37 and result.field == "batch_size"
     assert result.best.estimate == estimate(plan.with_(batch_size=37))
     assert result.first_too_large.estimate == estimate(plan.with_(batch_size=38))
-    assert fits(result.best.estimate, gpu, 0.05) and not fits(result.first_too_large.estimate, gpu, 0.05)
+    assert fits(result.best.estimate, gpu, 0.05) and not fits(
+        result.first_too_large.estimate, gpu, 0.05
+    )
     assert result.estimates_made <= 14
     data = result.to_dict()
-    assert data["value"] == 37 and data["at_value"]["batch_size"] == 37 and data["at_next_step"]["batch_size"] == 38
-    assert data["at_value"]["device_total_bytes"] <= data["budget_bytes"] < data["at_next_step"]["device_total_bytes"]
+    assert (
+        data["value"] == 37
+        and data["at_value"]["batch_size"] == 37
+        and data["at_next_step"]["batch_size"] == 38
+    )
+    assert (
+        data["at_value"]["device_total_bytes"]
+        <= data["budget_bytes"]
+        < data["at_next_step"]["device_total_bytes"]
+    )
 
 
 def test_max_seq_len_in_multiples(tiny_opt_dir):
@@ -108,7 +124,9 @@ def test_max_seq_len_stops_at_the_context_length(tiny_llama_dir):
     assert context_length(resolve_model(str(tiny_llama_dir))) == 512
     result = max_seq_len(plan, find_gpu("H100-80GB"), multiple=64)
     assert result.value == 512 and result.limit_reached and result.first_too_large is None
-    with pytest.raises(InvalidPlanError, match="--seq-multiple 1024 exceeds the model's context length 512"):
+    with pytest.raises(
+        InvalidPlanError, match="--seq-multiple 1024 exceeds the model's context length 512"
+    ):
         max_seq_len(plan, find_gpu("H100-80GB"), multiple=1024)
     with pytest.raises(InvalidPlanError, match="--seq-multiple must be a positive integer"):
         max_seq_len(plan, find_gpu("H100-80GB"), multiple=0)

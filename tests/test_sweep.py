@@ -22,7 +22,11 @@ def test_expand_is_the_cross_product_in_field_order_last_fastest():
     cases = expand_cases({"batch_size": [1, 4], "model": ["a", "b"], "rank": [8, 16, 64]}, DEFAULTS)
     assert len(cases) == 12
     assert [(c["model"], c["rank"], c["batch_size"]) for c in cases[:4]] == [
-        ("a", 8, 1), ("a", 8, 4), ("a", 16, 1), ("a", 16, 4)]
+        ("a", 8, 1),
+        ("a", 8, 4),
+        ("a", 16, 1),
+        ("a", 16, 4),
+    ]
     assert all(c["method"] == "lora" and c["seq_len"] == 2048 for c in cases)
 
 
@@ -35,7 +39,10 @@ def test_case_rows_keep_their_cells_and_cross_the_axes_on_blank_ones():
     rows = [{"model": "a", "rank": "4"}, {"model": "b"}]
     cases = expand_cases({"rank": [8, 16], "seq_len": [512]}, DEFAULTS, rows)
     assert [(c["model"], c["rank"], c["seq_len"]) for c in cases] == [
-        ("a", "4", 512), ("b", 8, 512), ("b", 16, 512)]
+        ("a", "4", 512),
+        ("b", 8, 512),
+        ("b", 16, 512),
+    ]
 
 
 def test_read_cases_accepts_dashes_and_ignores_result_columns(tmp_path):
@@ -80,20 +87,49 @@ def test_read_cases_names_every_unknown_column(tmp_path):
 
 
 def test_plan_from_case_parses_text_and_reports_every_problem():
-    plan = plan_from_case({"model": "m", "rank": "16", "alpha": "32", "gradient_checkpointing": "yes",
-                           "targets": "q_proj, v_proj", "seq_len": "1024.0", "gpu": "T4"})
+    plan = plan_from_case(
+        {
+            "model": "m",
+            "rank": "16",
+            "alpha": "32",
+            "gradient_checkpointing": "yes",
+            "targets": "q_proj, v_proj",
+            "seq_len": "1024.0",
+            "gpu": "T4",
+        }
+    )
     assert (plan.rank, plan.alpha, plan.gradient_checkpointing, plan.targets, plan.seq_len) == (
-        16, 32.0, True, ("q_proj", "v_proj"), 1024)
+        16,
+        32.0,
+        True,
+        ("q_proj", "v_proj"),
+        1024,
+    )
     with pytest.raises(InvalidPlanError) as info:
-        plan_from_case({"model": "m", "rank": "eight", "double_quant": "maybe", "method": "qlorra", "seq_len": "0"})
-    assert info.value.problems[:2] == ["--rank 'eight' is not an integer.", "--double-quant 'maybe' is not true or false."]
+        plan_from_case(
+            {
+                "model": "m",
+                "rank": "eight",
+                "double_quant": "maybe",
+                "method": "qlorra",
+                "seq_len": "0",
+            }
+        )
+    assert info.value.problems[:2] == [
+        "--rank 'eight' is not an integer.",
+        "--double-quant 'maybe' is not true or false.",
+    ]
     assert any(p.startswith("--method 'qlorra'") for p in info.value.problems)
     assert any(p.startswith("--seq-len must be a positive integer") for p in info.value.problems)
 
 
 def test_invalid_rows_get_an_error_and_the_sweep_goes_on(tiny_llama_dir):
     cases = expand_cases(
-        {"model": [str(tiny_llama_dir), "no/such-model"], "method": ["full", "lora"], "quant": [None, "nf4"]},
+        {
+            "model": [str(tiny_llama_dir), "no/such-model"],
+            "method": ["full", "lora"],
+            "quant": [None, "nf4"],
+        },
         DEFAULTS,
     )
     result = run_sweep(cases, [find_gpu("T4")])
@@ -110,8 +146,13 @@ def test_invalid_rows_get_an_error_and_the_sweep_goes_on(tiny_llama_dir):
 
 def test_records_equal_estimate_exactly(tiny_llama_dir, tiny_opt_dir):
     cases = expand_cases(
-        {"model": [str(tiny_llama_dir), str(tiny_opt_dir)], "method": ["full", "qlora"], "rank": [4, 16],
-         "seq_len": [128, 512], "batch_size": [1, 3]},
+        {
+            "model": [str(tiny_llama_dir), str(tiny_opt_dir)],
+            "method": ["full", "qlora"],
+            "rank": [4, 16],
+            "seq_len": [128, 512],
+            "batch_size": [1, 3],
+        },
         DEFAULTS,
     )
     result = run_sweep(cases, [find_gpu("T4"), find_gpu("H100-80GB")], headroom=0.0)
@@ -136,10 +177,14 @@ def test_fits_columns_apply_the_headroom(tiny_llama_dir):
     gpu = find_gpu("T4")
     just = 1 - total / gpu.memory_bytes  # the headroom at which it just fits
     assert run_sweep(cases, [gpu], headroom=just * 0.99).records()[0]["fits_T4"] is True
-    assert run_sweep(cases, [gpu], headroom=min(just * 1.01, 0.999)).records()[0]["fits_T4"] is False
+    assert (
+        run_sweep(cases, [gpu], headroom=min(just * 1.01, 0.999)).records()[0]["fits_T4"] is False
+    )
 
 
-def test_inventory_is_built_once_per_model_rank_and_targets(tiny_llama_dir, tiny_opt_dir, monkeypatch):
+def test_inventory_is_built_once_per_model_rank_and_targets(
+    tiny_llama_dir, tiny_opt_dir, monkeypatch
+):
     calls = []
     real = sweep_module.inventory_for
 
@@ -149,8 +194,13 @@ def test_inventory_is_built_once_per_model_rank_and_targets(tiny_llama_dir, tiny
 
     monkeypatch.setattr(sweep_module, "inventory_for", counting)
     cases = expand_cases(
-        {"model": [str(tiny_llama_dir), str(tiny_opt_dir)], "method": ["full", "lora", "qlora"],
-         "rank": [4, 8], "seq_len": [64, 128, 256], "batch_size": [1, 2, 4, 8]},
+        {
+            "model": [str(tiny_llama_dir), str(tiny_opt_dir)],
+            "method": ["full", "lora", "qlora"],
+            "rank": [4, 8],
+            "seq_len": [64, 128, 256],
+            "batch_size": [1, 2, 4, 8],
+        },
         DEFAULTS,
     )
     result = run_sweep(cases, [find_gpu("T4")])
@@ -163,13 +213,18 @@ def test_cache_remembers_failures(tiny_llama_dir):
     cache = EstimateCache()
     plan = TrainingPlan(str(tiny_llama_dir), targets=("nope",))
     for _ in range(2):
-        with pytest.raises(InvalidPlanError, match="--targets nope: the model has no linear module"):
+        with pytest.raises(
+            InvalidPlanError, match="--targets nope: the model has no linear module"
+        ):
             cache.estimate(plan)
     assert len(cache._inventories) == 1
 
 
 def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):
-    rows = [{"model": str(tiny_llama_dir), "gpu": "RTX-4090"}, {"model": str(tiny_llama_dir), "gpu": "no-such-gpu"}]
+    rows = [
+        {"model": str(tiny_llama_dir), "gpu": "RTX-4090"},
+        {"model": str(tiny_llama_dir), "gpu": "no-such-gpu"},
+    ]
     result = run_sweep(expand_cases({}, DEFAULTS, rows), [find_gpu("T4")])
     assert [g.name for g in result.gpus] == ["T4", "RTX-4090"]
     good, bad = result.records()

@@ -33,7 +33,9 @@ def plan_defaults() -> dict[str, Any]:
     out = {}
     for param in PLAN_PARAMS:
         value = param.get_default(ctx)
-        out[param.name] = value if value is None or isinstance(value, (bool, int, float, str)) else None
+        out[param.name] = (
+            value if value is None or isinstance(value, (bool, int, float, str)) else None
+        )
     return out
 
 
@@ -44,17 +46,38 @@ def sweep_options(func):
         if isinstance(param.type, click.Choice):
             help_text += f" One or more of: {', '.join(map(str, param.type.choices))}."
         if param.name == "targets":
-            func = click.option(*param.opts, param.name, multiple=True, metavar="MODULES",
-                                help=help_text + " Repeat the option to sweep several target sets.")(func)
+            func = click.option(
+                *param.opts,
+                param.name,
+                multiple=True,
+                metavar="MODULES",
+                help=help_text + " Repeat the option to sweep several target sets.",
+            )(func)
         elif param.is_flag:
             if param.secondary_opts:
-                func = click.option(*param.secondary_opts, f"no_{param.name}", is_flag=True,
-                                    help=f"Same as {param.opts[0]} false.")(func)
-            func = click.option(*param.opts, param.name, multiple=True, is_flag=False, flag_value="true",
-                                metavar="[BOOL,...]", help=help_text + " Sweep both: true,false.")(func)
+                func = click.option(
+                    *param.secondary_opts,
+                    f"no_{param.name}",
+                    is_flag=True,
+                    help=f"Same as {param.opts[0]} false.",
+                )(func)
+            func = click.option(
+                *param.opts,
+                param.name,
+                multiple=True,
+                is_flag=False,
+                flag_value="true",
+                metavar="[BOOL,...]",
+                help=help_text + " Sweep both: true,false.",
+            )(func)
         else:
-            func = click.option(*param.opts, param.name, multiple=True, metavar="VALUE[,VALUE...]",
-                                help=help_text + " Comma-separate or repeat to sweep.")(func)
+            func = click.option(
+                *param.opts,
+                param.name,
+                multiple=True,
+                metavar="VALUE[,VALUE...]",
+                help=help_text + " Comma-separate or repeat to sweep.",
+            )(func)
     return func
 
 
@@ -65,10 +88,14 @@ def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[An
         raw = list(options.pop(param.name, ()) or ())
         if options.pop(f"no_{param.name}", False):
             raw.append("false")
-        pieces = raw if param.name == "targets" else [p for r in raw for p in r.split(",") if p.strip()]
+        pieces = (
+            raw if param.name == "targets" else [p for r in raw for p in r.split(",") if p.strip()]
+        )
         param_type = click.BOOL if param.is_flag else param.type
         if pieces:
-            axes[param.name] = list(dict.fromkeys(param_type.convert(p.strip(), param, ctx) for p in pieces))
+            axes[param.name] = list(
+                dict.fromkeys(param_type.convert(p.strip(), param, ctx) for p in pieces)
+            )
     return axes
 
 
@@ -83,18 +110,52 @@ def _progress(quiet: bool, total: int):
     from tqdm import tqdm
 
     disable = quiet or not sys.stderr.isatty()
-    return lambda items: tqdm(items, total=total, file=sys.stderr, disable=disable, unit="plan", desc="sweep")
+    return lambda items: tqdm(
+        items, total=total, file=sys.stderr, disable=disable, unit="plan", desc="sweep"
+    )
 
 
 @click.command()
 @sweep_options
-@click.option("--cases", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="CSV with one plan per row; columns are plan option names (model,method,rank,seq_len,... dashes or underscores) and optionally gpu. Blank cells take the command-line values (all of them: crossed) or plan's defaults.")
-@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to get a fits column (repeat or comma-separate). Default: every GPU of the catalog.")
-@click.option("--headroom", default="0", show_default=True, help="Memory to leave free when judging fits: 5% or 0.05 (0 matches 'plan').")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write FILE.csv, .xlsx, .json, .jsonl or .md instead of printing a table.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
+@click.option(
+    "--cases",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with one plan per row; columns are plan option names (model,method,rank,seq_len,... dashes or underscores) and optionally gpu. Blank cells take the command-line values (all of them: crossed) or plan's defaults.",
+)
+@click.option(
+    "--gpu",
+    "gpus",
+    multiple=True,
+    help="GPU(s) to get a fits column (repeat or comma-separate). Default: every GPU of the catalog.",
+)
+@click.option(
+    "--headroom",
+    default="0",
+    show_default=True,
+    help="Memory to leave free when judging fits: 5% or 0.05 (0 matches 'plan').",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write FILE.csv, .xlsx, .json, .jsonl or .md instead of printing a table.",
+)
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bar (it is off anyway when stderr is not a terminal).",
+)
 @click.pass_context
-def sweep(ctx: click.Context, cases: Path | None, gpus: tuple[str, ...], headroom: str, output: Path | None, quiet: bool, **options) -> None:
+def sweep(
+    ctx: click.Context,
+    cases: Path | None,
+    gpus: tuple[str, ...],
+    headroom: str,
+    output: Path | None,
+    quiet: bool,
+    **options,
+) -> None:
     """Estimate many plans at once: the cross product of every option's values.
 
     Each plan option takes comma-separated values (or repeats); --cases takes
@@ -117,27 +178,47 @@ def sweep(ctx: click.Context, cases: Path | None, gpus: tuple[str, ...], headroo
     if output:
         export.output_format(output)  # fail before the work, not after
     axes = sweep_axes(options, ctx)
-    for model in axes.get("model", ()):  # a typo on the command line is an error, not 100 error rows
+    for model in axes.get("model", ()):  # a typo here is an error, not 100 error rows
         resolve_model(model)
     todo = expand_cases(axes, plan_defaults(), read_cases(cases) if cases else None)
-    result = run_sweep(todo, _gpus(gpus), parse_headroom(headroom), progress=_progress(quiet, len(todo)))
+    result = run_sweep(
+        todo, _gpus(gpus), parse_headroom(headroom), progress=_progress(quiet, len(todo))
+    )
     if output:
         export.write_sweep(result, output)
         click.echo(f"{len(result.rows)} plans written to {output}", err=True)
     else:
         click.echo(export.render_table(result))
     if result.errors:
-        click.echo(f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.", err=True)
+        click.echo(
+            f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.",
+            err=True,
+        )
 
 
 @click.command()
 @plan_options
 @click.option("--gpu", required=True, help="The GPU to fill (name or alias, see 'vramcalc gpus').")
-@click.option("--headroom", default="5%", show_default=True, help="Memory to leave free: 5% or 0.05. Fits means device total <= GPU memory x (1 - headroom).")
-@click.option("--seq-multiple", type=int, default=64, show_default=True, help="With --batch-size: search sequence lengths that are multiples of this.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@click.option(
+    "--headroom",
+    default="5%",
+    show_default=True,
+    help="Memory to leave free: 5% or 0.05. Fits means device total <= GPU memory x (1 - headroom).",
+)
+@click.option(
+    "--seq-multiple",
+    type=int,
+    default=64,
+    show_default=True,
+    help="With --batch-size: search sequence lengths that are multiples of this.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object instead of the report."
+)
 @click.pass_context
-def fit(ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json: bool, **options) -> None:
+def fit(
+    ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json: bool, **options
+) -> None:
     """Find the largest batch size that fits a GPU (with --batch-size: the longest sequence).
 
     Searches the estimator (doubling, then bisection): the answer fits within
@@ -159,7 +240,9 @@ def fit(ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json:
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given
     if by_seq_len and ctx.get_parameter_source("seq_len") in given:
-        raise click.UsageError("give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both.")
+        raise click.UsageError(
+            "give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both."
+        )
     plan, card, margin = plan_from_options(options), find_gpu(gpu), parse_headroom(headroom)
     if by_seq_len:
         result = max_seq_len(plan, card, margin, multiple=seq_multiple)

@@ -116,7 +116,13 @@ def cell_text(column: str, value: Any) -> str:
 
 def _numeric(column: str) -> bool:
     return column.endswith(("_gib", "_bytes", "_params")) or column in (
-        "rank", "alpha", "dropout", "seq_len", "batch_size", "grad_accum", "num_gpus"
+        "rank",
+        "alpha",
+        "dropout",
+        "seq_len",
+        "batch_size",
+        "grad_accum",
+        "num_gpus",
     )
 
 
@@ -184,7 +190,14 @@ def write_xlsx(result: SweepResult, path: Path) -> None:
             }
             for gpu in result.gpus
         ],
-        columns=["gpu", "memory_gib", "headroom", "budget_gib", "memory_bytes", "price_per_hour_usd"],
+        columns=[
+            "gpu",
+            "memory_gib",
+            "headroom",
+            "budget_gib",
+            "memory_bytes",
+            "price_per_hour_usd",
+        ],
         dtype=object,
     )
     sheets = {
@@ -207,14 +220,19 @@ def write_xlsx(result: SweepResult, path: Path) -> None:
                 for (cell,) in sheet[cells]:
                     cell.number_format = _number_format(column)
                 if column == "fits" or column.startswith("fits_"):
-                    sheet.conditional_formatting.add(cells, CellIsRule(operator="equal", formula=["TRUE"], fill=green))
-                    sheet.conditional_formatting.add(cells, CellIsRule(operator="equal", formula=["FALSE"], fill=red))
+                    sheet.conditional_formatting.add(
+                        cells, CellIsRule(operator="equal", formula=["TRUE"], fill=green)
+                    )
+                    sheet.conditional_formatting.add(
+                        cells, CellIsRule(operator="equal", formula=["FALSE"], fill=red)
+                    )
                 if column == "error":
                     for (cell,) in sheet[cells]:
                         cell.font = Font(color="9C0006")
-                width = max([len(str(sheet.cell(row=1, column=index).value))] + [
-                    len(cell_text(column, r.get(column))) for r in records[:200]
-                ])
+                width = max(
+                    [len(str(sheet.cell(row=1, column=index).value))]
+                    + [len(cell_text(column, r.get(column))) for r in records[:200]]
+                )
                 sheet.column_dimensions[letter].width = min(max(width + 2, 8), 60)
 
 
@@ -239,7 +257,8 @@ def render_fit(result: FitResult) -> str:
     plan = shown.estimate.plan
     fixed = f"seq {plan.seq_len}" if result.field == "batch_size" else f"batch {plan.batch_size}"
     lines = [
-        f"{shown.estimate.model_name} — {plan.method}" + (f" ({plan.quant})" if plan.is_kbit else "")
+        f"{shown.estimate.model_name} — {plan.method}"
+        + (f" ({plan.quant})" if plan.is_kbit else "")
         + f", {fixed}, on {result.gpu.name}",
         f"GPU memory {gib(result.gpu.memory_bytes)}, headroom {result.headroom:.0%} → budget "
         f"{gib(result.budget_bytes)} for the device total",
@@ -248,11 +267,16 @@ def render_fit(result: FitResult) -> str:
     if result.best is None:
         probe = result.first_too_large
         assert probe is not None
+        hints = [
+            "--method qlora" if plan.method != "qlora" else "",
+            "--gradient-checkpointing" if not plan.gradient_checkpointing else "",
+            "a shorter --seq-len" if result.field == "batch_size" else "a smaller --batch-size",
+            "a larger GPU",
+        ]
         lines += [
             f"Does not fit even at {what} {probe.value}: device total {gib(probe.estimate.device_total_bytes)} "
             f"> budget {gib(result.budget_bytes)}.",
-            "Try --method qlora, --gradient-checkpointing, a shorter --seq-len, a smaller --rank "
-            "or a larger GPU.",
+            "Try " + ", ".join(h for h in hints if h) + ".",
         ]
         return "\n".join(lines)
     lines.append(f"largest {what} that fits: {result.best.value:,}")

@@ -39,7 +39,9 @@ def parse_headroom(value: str | float) -> float:
     if not 0.0 <= fraction < 1.0:  # also rejects nan
         hint = f" (did you mean {text}%?)" if 1.0 <= fraction < 100.0 else ""
         raise InvalidPlanError(
-            [f"--headroom must be a fraction in [0, 1) or a percentage such as 5%, got {text!r}{hint}."]
+            [
+                f"--headroom must be a fraction in [0, 1) or a percentage such as 5%, got {text!r}{hint}."
+            ]
         )
     return fraction
 
@@ -173,7 +175,13 @@ def context_length(spec: ModelSpec) -> int | None:
 
 
 def _search(
-    plan: TrainingPlan, gpu: Gpu, headroom: float, spec: ModelSpec | None, field: str, step: int, limit: int
+    plan: TrainingPlan,
+    gpu: Gpu,
+    headroom: float,
+    spec: ModelSpec | None,
+    field: str,
+    step: int,
+    limit: int,
 ) -> FitResult:
     spec = spec or resolve_model(plan.model)
     inventory = inventory_for(spec, plan)  # batch and sequence do not change the inventory
@@ -191,7 +199,9 @@ def _search(
     return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, len(probes))
 
 
-def largest_fitting(probe: Callable[[int], Probe], max_units: int) -> tuple[Probe | None, Probe | None]:
+def largest_fitting(
+    probe: Callable[[int], Probe], max_units: int
+) -> tuple[Probe | None, Probe | None]:
     """Largest ``k`` in ``1..max_units`` with ``probe(k).fits``, for a monotone ``fits``.
 
     Returns the probes at ``k`` and ``k + 1`` (the latter ``None`` when ``k`` is

@@ -46,7 +46,14 @@ PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
 TOTALS = ("device_total", "peak_reserved", "peak_allocated")
 BYTE_COLUMNS = TOTALS + COMPONENTS
-RESULT_COLUMNS = ("trainable_params", "total_params", "peak_phase", "smallest_fitting_gpu", "fits", "error")
+RESULT_COLUMNS = (
+    "trainable_params",
+    "total_params",
+    "peak_phase",
+    "smallest_fitting_gpu",
+    "fits",
+    "error",
+)
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
@@ -88,16 +95,17 @@ def read_cases(path: str | Path) -> list[dict[str, str]]:
     reader = csv.reader(text.splitlines(), dialect)
     header = next(reader, None)
     if not header:
-        raise InvalidPlanError([f"--cases {path}: the file is empty; its first row must name plan options."])
+        raise InvalidPlanError(
+            [f"--cases {path}: the file is empty; its first row must name plan options."]
+        )
     names = [h.strip().lstrip("-").lower().replace("-", "_").replace(" ", "_") for h in header]
     known = set(PLAN_FIELDS) | {GPU_COLUMN}
-    unknown = [h for h, n in zip(header, names, strict=True) if n not in known and not _is_result_column(n)]
+    unknown = [
+        h for h, n in zip(header, names, strict=True) if n not in known and not _is_result_column(n)
+    ]
     if unknown:
         raise InvalidPlanError(
-            [
-                f"--cases {path}: unknown column {h!r}.{suggest(h, sorted(known))}"
-                for h in unknown
-            ]
+            [f"--cases {path}: unknown column {h!r}.{suggest(h, sorted(known))}" for h in unknown]
             + [f"Columns are plan options: {', '.join(PLAN_FIELDS)} (and {GPU_COLUMN})."]
         )
     keep = [(i, n) for i, n in enumerate(names) if n in known]
@@ -135,7 +143,9 @@ def expand_cases(
         raise InvalidPlanError([f"{flag(n)} is not a plan option." for n in extra])
     if cases is None:
         if not axes.get("model"):
-            raise InvalidPlanError(["--model is required (or --cases FILE.csv with a model column)."])
+            raise InvalidPlanError(
+                ["--model is required (or --cases FILE.csv with a model column)."]
+            )
         cases = [{}]
     out = []
     for case in cases:
@@ -286,11 +296,12 @@ class SweepResult:
         return [_record(row, columns, budgets, by_memory, self.headroom) for row in self.rows]
 
 
-def _record(row: SweepRow, columns: list[str], budgets, by_memory, headroom: float) -> dict[str, Any]:
+def _record(
+    row: SweepRow, columns: list[str], budgets, by_memory, headroom: float
+) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(columns)
-    source = row.plan.to_dict() if row.plan else row.case
     for name in PLAN_FIELDS:
-        out[name] = source.get(name)
+        out[name] = getattr(row.plan, name) if row.plan else row.case.get(name)
     out["targets"] = _targets_text(out["targets"])
     if GPU_COLUMN in out:
         out[GPU_COLUMN] = row.case.get(GPU_COLUMN)
@@ -345,7 +356,9 @@ def run_sweep(
         plan = est = None
         row_gpus: tuple[Gpu, ...] = ()
         try:
-            row_gpus = tuple(find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip())
+            row_gpus = tuple(
+                find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip()
+            )
             plan = plan_from_case(case)
             est = cache.estimate(plan)
             error = None

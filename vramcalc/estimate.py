@@ -1,18 +1,23 @@
 """Compose the per-component rules into one ``MemoryEstimate``.
 
 A training step's memory is not a sum of everything ever allocated: tensors
-come and go. The estimate evaluates the live bytes at the three moments where
-the peak can fall and takes the largest:
+come and go. The estimate evaluates the live bytes at the moments where the
+peak can fall and takes the largest (``phase_allocated_bytes`` keeps each):
 
-``forward_end``   all saved activations + the logits/loss tensors (+ gradients
-                  kept across micro-batches when ``grad_accum`` > 1, + the
-                  head's gradient in full fine-tuning, computed while the
-                  logits' gradient is live);
-``backward``      saved activations + the first layer recomputed (gradient
-                  checkpointing) + one layer's backward temporaries;
-``optimizer_step`` all gradients + the optimizer's step temporaries.
+``forward``        all saved activations + one decoder layer's short-lived
+                   forward buffers (dequantized k-bit weight, eager scores);
+``loss``           all saved activations + logits, their fp32 upcast and
+                   log-probabilities (+ the eager attention mask);
+``loss_backward``  saved activations + the fp32 gradients of the logits (+ the
+                   head's gradient in full fine-tuning);
+``backward``       saved activations + the top layer re-created (gradient
+                   checkpointing) + one layer's backward temporaries;
+``backward_end``   every gradient + the first layer's saved tensors and
+                   backward temporaries;
+``optimizer_step`` every gradient + the optimizer's step temporaries.
 
-Always live: weights, adapters, optimizer states (allocated at the first step,
+Gradients kept across micro-batches (``grad_accum`` > 1) are live in every
+phase. Always live: weights, adapters, optimizer states (allocated at the first step,
 so present in every measured step after it), cuBLAS workspaces. Reserved adds
 the allocator's slack; the device total adds the CUDA context and paged
 optimizer states (managed memory).
@@ -115,18 +120,22 @@ def estimate(plan: TrainingPlan, spec: ModelSpec | None = None) -> MemoryEstimat
     """Estimate ``plan``; ``spec`` skips resolving ``plan.model`` again."""
     spec = spec or _spec(plan.model)
     inventory = inventory_for(spec, plan)
-    return estimate_from_inventory(inventory, plan, spec.name, spec.source)
+    return estimate_from_inventory(inventory, plan, spec.name, spec.source, spec.config_dict)
 
 
 def estimate_from_inventory(
-    inventory: ModelInventory, plan: TrainingPlan, model_name: str = "", model_source: str = ""
+    inventory: ModelInventory,
+    plan: TrainingPlan,
+    model_name: str = "",
+    model_source: str = "",
+    config_dict: dict[str, Any] | None = None,
 ) -> MemoryEstimate:
-    """The pure part: inventory + plan → ``MemoryEstimate``."""
+    """The pure part: inventory + plan (+ the config's activation facts) → ``MemoryEstimate``."""
     calibration = load_calibration()
     weights: WeightsEstimate = estimate_weights(inventory, plan)
     optimizer: OptimizerEstimate = estimate_optimizer(inventory, plan)
-    activations: ActivationEstimate = estimate_activations(inventory, plan)
-    logits: LogitsEstimate = estimate_logits(inventory, plan)
+    activations: ActivationEstimate = estimate_activations(inventory, plan, config_dict)
+    logits: LogitsEstimate = estimate_logits(inventory, plan, config_dict)
     sharded = shard_static(
         inventory,
         plan,
@@ -150,25 +159,30 @@ def estimate_from_inventory(
         + sharded.comm_buffer_bytes
         + calibration.cublas_workspace_bytes
     )
+    acts, mask = activations.layers_saved_bytes, activations.attention_mask_bytes
+    live_grads = max(accum_grads, head_grad)
+    if plan.gradient_checkpointing:
+        last_layer = activations.checkpoint_input_bytes + activations.recompute_layer_bytes
+    else:
+        last_layer = activations.first_layer_saved_bytes
     phases = {
-        "forward_end": {
-            "gradients": max(accum_grads, head_grad),
-            "activations": activations.layers_saved_bytes,
-            "logits": logits.peak_bytes,
-            "transient": activations.forward_transient_bytes,
-        },
-        "backward": {
-            "gradients": max(accum_grads, head_grad),
-            "activations": activations.layers_saved_bytes + activations.recompute_layer_bytes,
-            "logits": 0,
-            "transient": activations.backward_transient_bytes,
-        },
-        "optimizer_step": {
-            "gradients": grads,
-            "activations": 0,
-            "logits": 0,
-            "transient": optimizer.step_transient_bytes,
-        },
+        # inside a decoder layer's forward: its short-lived buffers on top of what is saved
+        "forward": {"gradients": accum_grads, "activations": acts + mask, "logits": 0,
+                    "transient": activations.forward_transient_bytes},
+        # the head and the loss at the end of forward
+        "loss": {"gradients": accum_grads, "activations": acts + mask, "logits": logits.forward_peak_bytes,
+                 "transient": 0},
+        # the loss and head backward (full fine-tuning: the head's gradient appears here)
+        "loss_backward": {"gradients": live_grads, "activations": acts, "logits": logits.backward_peak_bytes,
+                          "transient": 0},
+        # the last decoder layer's backward (checkpointing: re-created first)
+        "backward": {"gradients": live_grads, "activations": acts + activations.recompute_layer_bytes,
+                     "logits": 0, "transient": activations.backward_transient_bytes},
+        # the first decoder layer's backward: every gradient has been produced
+        "backward_end": {"gradients": grads, "activations": last_layer, "logits": 0,
+                         "transient": activations.backward_transient_bytes},
+        "optimizer_step": {"gradients": grads, "activations": 0, "logits": 0,
+                           "transient": optimizer.step_transient_bytes},
     }
     phase_totals = {name: static + sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(phase_totals, key=lambda name: phase_totals[name])

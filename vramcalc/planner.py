@@ -45,12 +45,14 @@ class PlanResult:
     memory: MemoryEstimate
     fits: tuple[GpuFit, ...]
     cost: CostTable | None
+    hints: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = self.memory.to_dict()
         data["gpus"] = [fit.to_dict() for fit in self.fits]
         data["throughput"] = [fit.throughput.to_dict() for fit in self.fits if fit.throughput]
         data["cost"] = self.cost.to_dict() if self.cost else None
+        data["hints"] = list(self.hints)
         return data
 
 
@@ -84,4 +86,19 @@ def plan_result(
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
         cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
-    return PlanResult(memory, tuple(fits), cost)
+    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, spec)))
+
+
+def _hints(memory: MemoryEstimate, spec) -> list[str]:
+    """Cheap what-ifs worth telling the user (each is another pure estimate)."""
+    from vramcalc.render import gib
+
+    plan, out = memory.plan, []
+    if not plan.gradient_checkpointing and memory.components["activations"] > 0.4 * memory.device_total_bytes:
+        other = estimate(plan.with_(gradient_checkpointing=True), spec)
+        out.append(
+            f"activations are {100 * memory.components['activations'] / memory.device_total_bytes:.0f} % of the "
+            f"total; --gradient-checkpointing brings the device total from {gib(memory.device_total_bytes)} "
+            f"to {gib(other.device_total_bytes)} (one more forward per step)"
+        )
+    return out

@@ -50,7 +50,9 @@ def render_plan_result(result: PlanResult) -> str:
         first = next((f.throughput for f in result.fits if f.throughput), None)
         if first is not None:
             lines.append(f"speed: {transfer_note(first.calibration)}")
-        text += "\n".join(lines)
+        text += "\n" + "\n".join(lines)
+    for hint in result.hints:
+        text += f"\nhint: {hint}"
     if result.cost is not None:
         text += "\n\n" + (render_cost(result.cost) if result.cost.rows else "run cost: no GPU of the list fits")
     return text

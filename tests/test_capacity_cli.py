@@ -317,3 +317,28 @@ def test_fit_errors(run, tiny_llama_dir):
     assert result.exit_code == 2 and "not both" in result.output
     result = run("fit", "-m", tiny_llama_dir, "--gpu", "T4", "--headroom", "150%")
     assert result.exit_code == 1 and "Error: --headroom must be a fraction" in result.output
+
+
+def test_sweep_speed_and_cost_columns_equal_plan_json(run, tiny_llama_dir, tmp_path):
+    out = tmp_path / "cost.csv"
+    args = ["--gpu", "A100-40GB,RTX-4090", "--dataset-tokens", "5000000", "--price-per-hour", "2.5"]
+    result = run("sweep", "-m", tiny_llama_dir, "-b", "1,8", "--speed", *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    for _, row in frame.iterrows():
+        expected = plan_json(run, "-m", tiny_llama_dir, "-b", int(row["batch_size"]), *args)
+        for gpu in expected["gpus"]:
+            assert row[f"tokens_per_second_{gpu['name']}"] == pytest.approx(
+                gpu["tokens_per_second"]
+            )
+            assert row[f"mfu_{gpu['name']}"] == pytest.approx(gpu["mfu"])
+        for priced in expected["cost"]["gpus"]:
+            assert row[f"cost_usd_{priced['gpu']}"] == pytest.approx(priced["cost_usd"])
+            assert row[f"gpu_hours_{priced['gpu']}"] == pytest.approx(priced["gpu_hours"])
+        assert row["optimizer_steps"] == expected["cost"]["run"]["optimizer_steps"]
+
+
+def test_sweep_run_length_errors(run, tiny_llama_dir):
+    result = run("sweep", "-m", tiny_llama_dir, "--dataset-tokens", "100", "--steps", "5")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --dataset-tokens and --steps both set the run length")

@@ -57,6 +57,9 @@ def test_header_names_units():
     assert header("fits_RTX-4090") == "fits RTX-4090"
     assert header("seq_len") == "seq len"
     assert header("price_per_hour_usd") == "price per hour (USD)"
+    assert header("cost_usd_RTX-4090") == "cost RTX-4090 (USD)"
+    assert header("tokens_per_second_T4") == "tokens/s T4"
+    assert header("step_seconds_H100-80GB") == "step H100-80GB (s)"
 
 
 def test_csv_round_trip(result, tmp_path):

@@ -48,10 +48,10 @@ def test_case_rows_keep_their_cells_and_cross_the_axes_on_blank_ones():
 def test_read_cases_accepts_dashes_and_ignores_result_columns(tmp_path):
     path = tmp_path / "cases.csv"
     path.write_text(
-        "\ufeffModel,--seq-len,batch_size,Gradient-Checkpointing,device_total_gib,fits_T4,error\n"
-        "m1,512,2,true,1.5,True,\n"
-        ",,,,,,\n"
-        "m2,,4,,,,\n"
+        "\ufeffModel,--seq-len,batch_size,Gradient-Checkpointing,device_total_gib,fits_T4,cost_usd_T4,error\n"
+        "m1,512,2,true,1.5,True,3.2,\n"
+        ",,,,,,,\n"
+        "m2,,4,,,,,\n"
     )
     assert read_cases(path) == [
         {"model": "m1", "seq_len": "512", "batch_size": "2", "gradient_checkpointing": "true"},
@@ -230,3 +230,51 @@ def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):
     good, bad = result.records()
     assert good["gpu"] == "RTX-4090" and good["fits"] is True and good["fits_RTX-4090"] is True
     assert "--gpu 'no-such-gpu' is not in the GPU catalog" in bad["error"]
+
+
+def test_speed_and_cost_columns_equal_the_cost_module(tiny_llama_dir):
+    from vramcalc.cost import RunLength
+    from vramcalc.planner import plan_result
+    from vramcalc.sweep import SpeedAndCost
+
+    gpus = [find_gpu("T4"), find_gpu("A100-40GB"), find_gpu("H100-80GB")]
+    extras = SpeedAndCost(
+        speed=True, run=RunLength(dataset_tokens=10_000_000), price_per_hour_usd=None
+    )
+    cases = expand_cases({"model": [str(tiny_llama_dir)], "batch_size": [1, 4]}, DEFAULTS)
+    result = run_sweep(cases, gpus, extras=extras)
+    columns = result.columns
+    assert columns.index("tokens_per_second_T4") > columns.index("fits_H100-80GB")
+    assert {"optimizer_steps", "cost_usd_A100-40GB", "wall_hours_H100-80GB", "mfu_T4"} <= set(
+        columns
+    )
+    for row, record in zip(result.rows, result.records(), strict=True):
+        expected = plan_result(row.plan, gpus, RunLength(dataset_tokens=10_000_000))
+        for fit in expected.fits:
+            speed = fit.throughput.tokens_per_second if fit.throughput else None
+            assert record[f"tokens_per_second_{fit.gpu.name}"] == speed
+        assert record["tokens_per_second_T4"] is None  # bf16 on a T4: no estimate, no crash
+        priced = {c.gpu_name: c for c in expected.cost.rows}
+        assert record["cost_usd_A100-40GB"] == pytest.approx(priced["A100-40GB"].cost_usd)
+        assert record["optimizer_steps"] == RunLength(dataset_tokens=10_000_000).optimizer_steps(
+            row.plan
+        )
+
+
+def test_cost_only_on_gpus_the_plan_fits(tiny_llama_dir):
+    from dataclasses import replace
+
+    from vramcalc.cost import RunLength
+    from vramcalc.sweep import SpeedAndCost
+
+    cases = expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS)
+    tiny_gpu = replace(find_gpu("A100-40GB"), name="tiny", memory_bytes=2**20)
+    result = run_sweep(
+        cases, [tiny_gpu, find_gpu("H100-80GB")], extras=SpeedAndCost(run=RunLength(steps=100))
+    )
+    record = result.records()[0]
+    assert record["fits_tiny"] is False and record["cost_usd_tiny"] is None
+    assert record["cost_usd_H100-80GB"] > 0 and record["optimizer_steps"] == 100
+    assert "tokens_per_second_tiny" not in record  # speed not asked for
+    with pytest.raises(InvalidPlanError, match="--price-per-hour must be a positive number"):
+        SpeedAndCost(price_per_hour_usd=-1)

@@ -99,6 +99,47 @@ def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[An
     return axes
 
 
+def speed_and_cost_options(func):
+    """Opt-in speed and run-cost columns (the same run-length options as ``plan``)."""
+    options = [
+        click.option("--speed", is_flag=True, help="Add tokens/s, step seconds and MFU per GPU."),
+        click.option(
+            "--dataset-tokens",
+            type=int,
+            default=None,
+            help="Tokens in the training set: adds optimizer steps and, per GPU the plan fits, wall hours, GPU-hours and USD (with --epochs).",
+        ),
+        click.option(
+            "--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1)."
+        ),
+        click.option(
+            "--steps",
+            type=int,
+            default=None,
+            help="Optimizer steps of the run, instead of --dataset-tokens.",
+        ),
+        click.option(
+            "--price-per-hour",
+            type=float,
+            default=None,
+            help="USD per GPU-hour, overriding the catalog's price for every GPU.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def speed_and_cost(options: dict[str, Any]):
+    """The ``SpeedAndCost`` the options ask for (pops them)."""
+    from vramcalc.cost import RunLength
+    from vramcalc.sweep import SpeedAndCost
+
+    length = [options.pop(name) for name in ("dataset_tokens", "epochs", "steps")]
+    run = RunLength(*length) if any(v is not None for v in length) else None
+    return SpeedAndCost(options.pop("speed"), run, options.pop("price_per_hour"))
+
+
 def _gpus(names: tuple[str, ...]):
     from vramcalc.catalog import find_gpu, load_gpus
 
@@ -117,6 +158,7 @@ def _progress(quiet: bool, total: int):
 
 @click.command()
 @sweep_options
+@speed_and_cost_options
 @click.option(
     "--cases",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -161,8 +203,10 @@ def sweep(
     Each plan option takes comma-separated values (or repeats); --cases takes
     one plan per CSV row instead. One output row per plan: the plan, every
     memory component and total in GiB (and exact bytes in CSV/JSON), trainable
-    parameters, and a fits column per GPU. A plan that is invalid gets the
-    reason in the 'error' column; the sweep goes on (exit status 0).
+    parameters, and a fits column per GPU (--speed: tokens/s per GPU;
+    --dataset-tokens or --steps: the run's hours and dollars on each GPU it
+    fits). A plan that is invalid gets the reason in the 'error' column; the
+    sweep goes on (exit status 0).
 
     \b
     Example:
@@ -177,13 +221,13 @@ def sweep(
 
     if output:
         export.output_format(output)  # fail before the work, not after
+    extras = speed_and_cost(options)
     axes = sweep_axes(options, ctx)
     for model in axes.get("model", ()):  # a typo here is an error, not 100 error rows
         resolve_model(model)
     todo = expand_cases(axes, plan_defaults(), read_cases(cases) if cases else None)
-    result = run_sweep(
-        todo, _gpus(gpus), parse_headroom(headroom), progress=_progress(quiet, len(todo))
-    )
+    progress = _progress(quiet, len(todo))
+    result = run_sweep(todo, _gpus(gpus), parse_headroom(headroom), progress, extras=extras)
     if output:
         export.write_sweep(result, output)
         click.echo(f"{len(result.rows)} plans written to {output}", err=True)

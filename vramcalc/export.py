@@ -29,6 +29,17 @@ FORMATS = (".csv", ".xlsx", ".json", ".jsonl", ".md")
 MAX_GPU_COLUMNS_IN_TABLES = 6  # more GPUs: text/Markdown tables show smallest_fitting_gpu only
 ALWAYS_SHOWN = ("model", "method")
 KEY_RESULTS = ("trainable_params", "device_total_gib", "peak_reserved_gib", "peak_allocated_gib")
+#: ``<prefix>_<GPU>`` columns: label, unit, XLSX number format, text format.
+PER_GPU = {
+    "fits": ("fits", "", "General", "{}"),
+    "tokens_per_second": ("tokens/s", "", "#,##0", "{:,.0f}"),
+    "step_seconds": ("step", "s", "0.000", "{:.3f}"),
+    "mfu": ("MFU", "", "0.0%", "{:.1%}"),
+    "wall_hours": ("wall time", "h", "#,##0.0", "{:,.1f}"),
+    "gpu_hours": ("GPU-hours", "", "#,##0.0", "{:,.1f}"),
+    "cost_usd": ("cost", "USD", "#,##0.00", "{:,.2f}"),
+}
+SUMMARY_PER_GPU = ("fits", "tokens_per_second", "cost_usd")
 
 
 class ExportError(VramcalcError):
@@ -80,19 +91,27 @@ def summary_columns(
     ]
     columns = varying + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
     columns += list(KEY_RESULTS)
-    fits = [c for c in result.columns if c.startswith("fits_")]
-    if max_gpu_columns is None or len(fits) <= max_gpu_columns:
-        columns += fits
+    if max_gpu_columns is None or len(result.gpus) <= max_gpu_columns:
+        columns += [c for c in result.columns if (_per_gpu(c) or ("",))[0] in SUMMARY_PER_GPU]
     columns.append("smallest_fitting_gpu")
     if result.errors:
         columns.append("error")
     return columns
 
 
+def _per_gpu(column: str) -> tuple[str, str] | None:
+    """``cost_usd_RTX-4090`` → ``("cost_usd", "RTX-4090")``; None for other columns."""
+    for prefix in PER_GPU:
+        if column.startswith(prefix + "_"):
+            return prefix, column[len(prefix) + 1 :]
+    return None
+
+
 def header(column: str) -> str:
     """A column's name for people, unit included: ``device_total_gib`` → ``device total (GiB)``."""
-    if column.startswith("fits_"):
-        return f"fits {column[5:]}"
+    if split := _per_gpu(column):
+        label, unit, _, _ = PER_GPU[split[0]]
+        return f"{label} {split[1]}" + (f" ({unit})" if unit else "")
     for suffix, unit in (("_gib", " (GiB)"), ("_bytes", " (bytes)"), ("_usd", " (USD)")):
         if column.endswith(suffix):
             return column[: -len(suffix)].replace("_", " ") + unit
@@ -105,6 +124,8 @@ def cell_text(column: str, value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if split := _per_gpu(column):
+        return PER_GPU[split[0]][3].format(value)
     if column.endswith("_gib"):
         return f"{value:,.2f}"
     if isinstance(value, int) and column.endswith(("_params", "_bytes")):
@@ -115,6 +136,8 @@ def cell_text(column: str, value: Any) -> str:
 
 
 def _numeric(column: str) -> bool:
+    if split := _per_gpu(column):
+        return split[0] != "fits"
     return column.endswith(("_gib", "_bytes", "_params")) or column in (
         "rank",
         "alpha",
@@ -123,6 +146,7 @@ def _numeric(column: str) -> bool:
         "batch_size",
         "grad_accum",
         "num_gpus",
+        "optimizer_steps",
     )
 
 
@@ -237,6 +261,8 @@ def write_xlsx(result: SweepResult, path: Path) -> None:
 
 
 def _number_format(column: str) -> str:
+    if split := _per_gpu(column):
+        return PER_GPU[split[0]][2]
     if column.endswith("_gib"):
         return "0.00"
     if column.endswith(("_bytes", "_params")):

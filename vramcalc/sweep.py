@@ -24,11 +24,12 @@ from __future__ import annotations
 import csv
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve_model
+from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import (
     COMPONENTS,
@@ -53,7 +54,10 @@ RESULT_COLUMNS = (
     "smallest_fitting_gpu",
     "fits",
     "error",
+    "optimizer_steps",
 )
+SPEED_PREFIXES = COLUMN_PREFIXES[:3]  # tokens_per_second, step_seconds, mfu
+COST_PREFIXES = COLUMN_PREFIXES[3:]  # wall_hours, gpu_hours, cost_usd
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
@@ -123,7 +127,7 @@ def _is_result_column(name: str) -> bool:
     return (
         name in RESULT_COLUMNS
         or name == "model_source"
-        or name.startswith("fits_")
+        or name.startswith(("fits_", *(f"{p.lower()}_" for p in COLUMN_PREFIXES)))
         or name.endswith(("_gib", "_bytes"))
     )
 
@@ -255,6 +259,50 @@ def _value_or_raise(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class SpeedAndCost:
+    """Optional per-GPU columns: speed (``tokens_per_second_<GPU>``, ``step_seconds_<GPU>``,
+    ``mfu_<GPU>``) and, given a run length, ``optimizer_steps`` plus ``wall_hours_<GPU>``,
+    ``gpu_hours_<GPU>`` and ``cost_usd_<GPU>`` on each GPU the plan fits (``vramcalc.cost``)."""
+
+    speed: bool = False
+    run: RunLength | None = None
+    price_per_hour_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        check_price(self.price_per_hour_usd)
+
+    def columns(self, gpus: Sequence[Gpu]) -> list[str]:
+        out = [f"{p}_{g.name}" for p in SPEED_PREFIXES for g in gpus] if self.speed else []
+        if self.run is not None:
+            out += ["optimizer_steps"] + [f"{p}_{g.name}" for p in COST_PREFIXES for g in gpus]
+        return out
+
+    def cells(
+        self,
+        inventory: ModelInventory,
+        estimate: MemoryEstimate,
+        gpus: Sequence[Gpu],
+        headroom: float,
+    ) -> dict[str, Any]:
+        plan, out = estimate.plan, {}
+        if self.speed:
+            out.update(throughput_columns(inventory, plan, gpus))
+        if self.run is not None:
+            fitting = [g for g in gpus if estimate.device_total_bytes <= budget_bytes(g, headroom)]
+            priced = cost_table(
+                inventory, plan, fitting, self.run, self.price_per_hour_usd
+            ).columns()
+            out.update(
+                {
+                    k: v
+                    for k, v in priced.items()
+                    if k == "optimizer_steps" or k.startswith(COST_PREFIXES)
+                }
+            )
+        return out
+
+
+@dataclass(frozen=True)
 class SweepRow:
     """One case: its inputs, and either its plan and estimate or the error."""
 
@@ -263,6 +311,7 @@ class SweepRow:
     estimate: MemoryEstimate | None
     gpus: tuple[Gpu, ...]  # the GPU(s) the case's own ``gpu`` cell names
     error: str | None
+    cells: dict[str, Any] = field(default_factory=dict)  # ``SpeedAndCost`` columns
 
 
 @dataclass(frozen=True)
@@ -270,6 +319,7 @@ class SweepResult:
     rows: tuple[SweepRow, ...]
     gpus: tuple[Gpu, ...]  # one ``fits_<name>`` column each
     headroom: float
+    extras: SpeedAndCost = SpeedAndCost()
 
     @property
     def errors(self) -> int:
@@ -285,6 +335,7 @@ class SweepResult:
             + [f"{name}_gib" for name in BYTE_COLUMNS]
             + [f"{name}_bytes" for name in BYTE_COLUMNS]
             + [f"fits_{gpu.name}" for gpu in self.gpus]
+            + self.extras.columns(self.gpus)
             + ["smallest_fitting_gpu", "error"]
         )
 
@@ -328,6 +379,7 @@ def _record(
     out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if total <= b), None)
     if row.gpus:
         out["fits"] = all(total <= budget_bytes(g, headroom) for g in row.gpus)
+    out.update(row.cells)
     return out
 
 
@@ -343,27 +395,33 @@ def run_sweep(
     headroom: float = 0.0,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     cache: EstimateCache | None = None,
+    extras: SpeedAndCost = SpeedAndCost(),
 ) -> SweepResult:
     """Estimate every case; an invalid one gets an ``error`` instead of stopping the sweep.
 
     GPUs named in a case's ``gpu`` cell get a ``fits_<name>`` column too.
-    ``progress`` wraps the iteration (e.g. a tqdm bar).
+    ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns.
     """
     cache = cache or EstimateCache()
+    wants_cells = extras.speed or extras.run is not None
     columns: dict[str, Gpu] = {gpu.name: gpu for gpu in gpus}
     rows = []
     for case in progress(cases) if progress else cases:
         plan = est = None
         row_gpus: tuple[Gpu, ...] = ()
+        cells: dict[str, Any] = {}
         try:
             row_gpus = tuple(
                 find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip()
             )
+            columns.update((gpu.name, gpu) for gpu in row_gpus)
             plan = plan_from_case(case)
             est = cache.estimate(plan)
+            if wants_cells:
+                inventory = cache.inventory(cache.spec(plan.model), plan)
+                cells = extras.cells(inventory, est, list(columns.values()), headroom)
             error = None
         except VramcalcError as err:
             error = str(err)
-        columns.update((gpu.name, gpu) for gpu in row_gpus)
-        rows.append(SweepRow(dict(case), plan, est, row_gpus, error))
-    return SweepResult(tuple(rows), tuple(columns.values()), headroom)
+        rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells))
+    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras)

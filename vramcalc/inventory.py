@@ -174,7 +174,12 @@ def _config_int(config: Any, *names: str, default: int = 0) -> int:
 
 
 def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInventory:
+    import logging
     import warnings
+
+    # peft imports bitsandbytes when it is installed; its CPU backend logs a warning about an
+    # optional kernel package that has nothing to do with counting parameters.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     import torch
     from accelerate import init_empty_weights

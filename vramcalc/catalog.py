@@ -134,20 +134,41 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     return _resolve_from_hub(key)
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds, not after retries."""
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((endpoint, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _resolve_from_hub(name: str) -> ModelSpec:
     names = [e.name for e in model_catalog()] + [a for e in model_catalog() for a in e.aliases]
     hint = _close(name, names)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VRAMCALC_OFFLINE") == "1"
+    reason = "the hub is not used offline (HF_HUB_OFFLINE/VRAMCALC_OFFLINE)"
     if not offline and "/" in name:
-        try:
-            from transformers import AutoConfig
+        if not _hub_reachable():
+            reason = "the hub cannot be reached from this machine"
+        else:
+            import logging
 
-            config = AutoConfig.from_pretrained(name)
-            return ModelSpec(name, "hub", config.to_dict())
-        except Exception:  # noqa: BLE001 - any hub failure means "not resolvable here"
-            pass
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+            try:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(name)
+                return ModelSpec(name, "hub", config.to_dict())
+            except Exception as err:  # noqa: BLE001 - any hub failure means "not resolvable here"
+                reason = f"the hub has no config for it ({type(err).__name__})"
+    elif "/" not in name:
+        reason = "it is not a hub id (org/name)"
     raise UnknownModelError(
-        f"--model {name!r} is not in the bundled catalog and could not be fetched from the hub."
+        f"--model {name!r} is not in the bundled catalog and {reason}."
         + (f" Did you mean {hint}?" if hint else "")
         + " Run 'vramcalc models' for the catalog, or pass a local directory or config.json path."
     )

@@ -41,43 +41,31 @@ def plan_defaults() -> dict[str, Any]:
 
 def sweep_options(func):
     """``plan``'s options, each taking comma-separated values and repeatable."""
+    defaults = plan_defaults()
     for param in reversed(PLAN_PARAMS):
         help_text = param.help or ""
         if isinstance(param.type, click.Choice):
             help_text += f" One or more of: {', '.join(map(str, param.type.choices))}."
+        default = defaults[param.name]
+        shown = f"  [default: {str(default).lower() if param.is_flag else default}]"
+        shown = shown if default is not None and param.show_default else ""
         if param.name == "targets":
-            func = click.option(
-                *param.opts,
-                param.name,
-                multiple=True,
-                metavar="MODULES",
-                help=help_text + " Repeat the option to sweep several target sets.",
-            )(func)
+            help_text += " Repeat the option to sweep several target sets."
+            extra: dict[str, Any] = {"metavar": "MODULES"}
         elif param.is_flag:
-            if param.secondary_opts:
-                func = click.option(
-                    *param.secondary_opts,
-                    f"no_{param.name}",
-                    is_flag=True,
-                    help=f"Same as {param.opts[0]} false.",
-                )(func)
-            func = click.option(
-                *param.opts,
-                param.name,
-                multiple=True,
-                is_flag=False,
-                flag_value="true",
-                metavar="[BOOL,...]",
-                help=help_text + " Sweep both: true,false.",
-            )(func)
+            help_text += " Sweep both: true,false."
+            extra = {"is_flag": False, "flag_value": "true", "metavar": "[BOOL,...]"}
         else:
+            help_text += " Comma-separate or repeat to sweep."
+            extra = {"metavar": "VALUE[,VALUE...]"}
+        if param.secondary_opts:  # --no-x: one more value, false
+            no_help = f"Same as {param.opts[0]} false."
             func = click.option(
-                *param.opts,
-                param.name,
-                multiple=True,
-                metavar="VALUE[,VALUE...]",
-                help=help_text + " Comma-separate or repeat to sweep.",
+                *param.secondary_opts, f"no_{param.name}", is_flag=True, help=no_help
             )(func)
+        func = click.option(
+            *param.opts, param.name, multiple=True, help=help_text + shown, **extra
+        )(func)
     return func
 
 

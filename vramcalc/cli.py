@@ -7,31 +7,8 @@ import sys
 
 import click
 
+from vramcalc.cli_options import plan_from_options, plan_options
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import (
-    ATTNS,
-    DTYPES,
-    METHODS,
-    OPTIMIZERS,
-    QUANTS,
-    STRATEGIES,
-    TrainingPlan,
-    parse_targets,
-    suggest,
-)
-
-
-class _Choice(click.Choice):
-    """``click.Choice`` whose error also suggests the closest valid values."""
-
-    def convert(self, value, param, ctx):
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter as err:
-            hint = suggest(str(value), [str(c) for c in self.choices])
-            if hint:
-                self.fail(f"{err.message}{hint}", param, ctx)
-            raise
 
 
 class _Group(click.Group):
@@ -56,57 +33,6 @@ def cli() -> None:
       vramcalc models        # the bundled model catalog (works offline)
       vramcalc gpus          # the GPU catalog
     """
-
-
-def plan_options(func):
-    """The options that describe one training plan (shared by plan and friends)."""
-    options = [
-        click.option("--model", "-m", required=True, help="Catalog name or alias (see 'vramcalc models'), a local dir/config.json, or a hub id (online)."),
-        click.option("--method", type=_Choice(METHODS), default="lora", show_default=True, help="full: train every weight; lora: 16-bit or INT8 base + adapters; qlora: 4-bit base + adapters."),
-        click.option("--quant", type=_Choice(QUANTS), default=None, help="Base-weight quantization (bitsandbytes). Default: nf4 for qlora, none otherwise; int8 with --method lora is INT8-LoRA."),
-        click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the 4-bit absmax constants again (QLoRA double quantization)."),
-        click.option("--dtype", type=_Choice(DTYPES), default="bf16", show_default=True, help="Dtype the base weights are loaded in; training runs under bf16 autocast (full + fp32 = fp32 master weights; full + bf16 = pure bf16)."),
-        click.option("--rank", "-r", type=int, default=8, show_default=True, help="LoRA rank r."),
-        click.option("--alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank, PEFT's scaling 1)."),
-        click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout (0 keeps no dropout mask)."),
-        click.option("--targets", default=None, help="LoRA target modules, comma-separated (q_proj,v_proj) or 'all-linear'. Default: PEFT's default for the architecture."),
-        click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."),
-        click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="Per-device micro-batch size."),
-        click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps (gradients stay live across micro-batches)."),
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True, help="Recompute each decoder layer in backward (use_reentrant=False)."),
-        click.option("--optimizer", type=_Choice(OPTIMIZERS), default="adamw_torch_fused", show_default=True, help="Trainer optimizer (Trainer's default is adamw_torch_fused)."),
-        click.option("--attn", type=_Choice(ATTNS), default="sdpa", show_default=True, help="Attention implementation."),
-        click.option("--num-gpus", type=int, default=1, show_default=True, help="Data-parallel GPUs; memory is reported per GPU (each runs --batch-size)."),
-        click.option("--strategy", type=_Choice(STRATEGIES), default="ddp", show_default=True, help="How --num-gpus > 1 shares state: ddp replicates; fsdp / zero3 shard everything; fsdp-grad-op / zero2 shard gradients + optimizer; zero1 shards the optimizer."),
-        click.option("--cpu-offload", is_flag=True, help="Offload optimizer states (and fsdp/zero3 parameter shards) to CPU."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def plan_from_options(options: dict) -> TrainingPlan:
-    """A validated ``TrainingPlan`` from parsed plan options."""
-    return TrainingPlan(
-        model=options["model"],
-        method=options["method"],
-        quant=options["quant"],
-        double_quant=options["double_quant"],
-        dtype=options["dtype"],
-        rank=options["rank"],
-        alpha=options["alpha"],
-        dropout=options["dropout"],
-        targets=parse_targets(options["targets"]),
-        seq_len=options["seq_len"],
-        batch_size=options["batch_size"],
-        grad_accum=options["grad_accum"],
-        gradient_checkpointing=options["gradient_checkpointing"],
-        optimizer=options["optimizer"],
-        attn=options["attn"],
-        num_gpus=options["num_gpus"],
-        strategy=options["strategy"],
-        cpu_offload=options["cpu_offload"],
-    )
 
 
 @cli.command()

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vramcalc.cli import plan_from_options, plan_options
+from vramcalc.cli_options import plan_from_options, plan_options
 
 
 def _plan_params() -> list[click.Option]:

@@ -8,7 +8,14 @@ from click.testing import CliRunner
 from vramcalc.cli import cli
 from vramcalc.estimate import estimate
 from vramcalc.plan import TrainingPlan
-from vramcalc.report import MEASUREMENTS_DIR, Targets, build_report, check_targets, load_measurements, summarize
+from vramcalc.report import (
+    MEASUREMENTS_DIR,
+    Targets,
+    build_report,
+    check_targets,
+    load_measurements,
+    summarize,
+)
 
 
 def record(tiny_dir, split, scale, status="ok", **plan):
@@ -79,3 +86,19 @@ def test_committed_measurements_meet_the_targets():
         pytest.skip("no GPU measurements committed under data/measurements/ yet (issue 'harness')")
     problems = check_targets(build_report(records), Targets())
     assert problems == []
+
+
+def test_throughput_section_and_gate(tiny_llama_dir, monkeypatch):
+    from vramcalc.throughput_fit import compare_records
+
+    rec = record(tiny_llama_dir, "validation", 1.0) | {"gpu_name": "H100-80GB", "step_seconds": 1.0,
+                                                       "tokens_per_second": 2048.0}
+    (predicted,) = compare_records([rec])
+    # a measurement exactly as predicted passes; one 30 % slower fails the 15 % median target
+    good = rec | {"step_seconds": predicted["predicted_step_seconds"],
+                  "tokens_per_second": predicted["predicted_tokens_per_second"]}
+    report = build_report([good])
+    assert report.throughput[0]["tokens_per_second_error"] == pytest.approx(0.0, abs=1e-9)
+    assert check_targets(report) == []
+    slow = good | {"step_seconds": good["step_seconds"] * 1.3, "tokens_per_second": good["tokens_per_second"] / 1.3}
+    assert any(p.startswith("tokens_per_second") for p in check_targets(build_report([slow])))

@@ -32,6 +32,7 @@ class Targets:
     p90_abs_error: float = 0.06
     max_abs_error: float = 0.10
     max_underestimate: float = 0.05
+    tokens_per_second_median_abs_error: float = 0.15  # issue "throughput and cost"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Report:
     rows: tuple[ReportRow, ...]
     sources: tuple[str, ...]
     failures: tuple[str, ...] = field(default_factory=tuple)
+    throughput: tuple[dict[str, Any], ...] = ()  # throughput_fit.compare_records rows
 
     @property
     def ok_rows(self) -> list[ReportRow]:
@@ -97,7 +99,15 @@ def build_report(records: list[dict[str, Any]], sources: list[str] | None = None
                 if measured:
                     errors[metric] = (est[metric] - measured) / measured
         rows.append(ReportRow(record, est, errors))
-    return Report(tuple(rows), tuple(sources or ()))
+    from vramcalc.throughput_fit import compare_records
+
+    return Report(tuple(rows), tuple(sources or ()), throughput=tuple(compare_records(records)))
+
+
+def throughput_summary(report: Report, split: str) -> dict[str, float]:
+    """n and median |error| of predicted vs measured tokens/s on ``split``."""
+    errors = [abs(r["tokens_per_second_error"]) for r in report.throughput if r["split"] == split]
+    return {"n": len(errors), "median_abs_error": _percentile(errors, 0.5)}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -138,6 +148,12 @@ def check_targets(report: Report, targets: Targets = Targets()) -> list[str]:
         ):
             if s[key] > limit:
                 problems.append(f"{metric}: {key} {100 * s[key]:.2f} % > {100 * limit:.0f} %")
+    speed = throughput_summary(report, "validation")
+    if speed["n"] and speed["median_abs_error"] > targets.tokens_per_second_median_abs_error:
+        problems.append(
+            f"tokens_per_second: median_abs_error {100 * speed['median_abs_error']:.2f} % "
+            f"> {100 * targets.tokens_per_second_median_abs_error:.0f} %"
+        )
     for row in report.rows:
         if row.record.get("status") == "oom" and row.split == "validation" and row.estimate:
             capacity = row.record.get("gpu_memory_bytes")
@@ -149,6 +165,7 @@ def check_targets(report: Report, targets: Targets = Targets()) -> list[str]:
 def report_table(report: Report) -> list[dict[str, Any]]:
     """One flat row per measurement: plan, measured, estimated, error %."""
     out = []
+    speed = {r["case_id"]: r for r in report.throughput}
     for row in report.rows:
         rec, est = row.record, row.estimate or {}
         flat: dict[str, Any] = {k: rec.get(k) for k in ("case_id", "split", "source_file", "status", "gpu_name")}
@@ -160,6 +177,11 @@ def report_table(report: Report) -> list[dict[str, Any]]:
             flat[f"estimated_{metric}"] = est.get(metric)
             error = row.errors.get(metric)
             flat[f"error_pct_{metric}"] = None if error is None else round(100 * error, 3)
+        match = speed.get(str(rec.get("case_id")), {})
+        flat["measured_tokens_per_second"] = match.get("measured_tokens_per_second")
+        flat["predicted_tokens_per_second"] = match.get("predicted_tokens_per_second")
+        error = match.get("tokens_per_second_error")
+        flat["error_pct_tokens_per_second"] = None if error is None else round(100 * error, 3)
         flat["estimate_error"] = row.estimate_error
         out.append(flat)
     return out
@@ -197,6 +219,14 @@ def render_markdown(report: Report, problems: list[str]) -> str:
         lines += ["## Worst cases (device_total_bytes)", ""]
         for r in worst:
             lines.append(f"- {r.record.get('case_id')}: {100 * r.errors['device_total_bytes']:+.2f} %")
+        lines.append("")
+    if report.throughput:
+        lines += ["## Throughput (tokens/s)", ""]
+        lines.append(f"Efficiencies: {report.throughput[0]['efficiency_measured_on']}.")
+        lines += ["", "| split | n | median abs error |", "|---|---|---|"]
+        for split in sorted({r["split"] for r in report.throughput}):
+            s = throughput_summary(report, split)
+            lines.append(f"| {split} | {s['n']} | {_fmt_pct(s['median_abs_error'])} |")
         lines.append("")
     lines += ["## Gate", ""]
     lines += [f"- FAIL: {p}" for p in problems] or ["- all targets met on the validation split"]

@@ -122,7 +122,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
             g["fits"] for g in expected["gpus"]
         ]
         for key, value in expected["plan"].items():
-            if key != "targets":
+            if key == "modules_to_save":
+                assert value is None and (row[key] is None or row[key] != row[key])  # NaN in a frame
+            elif key != "targets":
                 assert row[key] == value, key
 
 

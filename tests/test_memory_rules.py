@@ -137,3 +137,25 @@ def test_adafactor_factored_states():
     est = estimate_optimizer(inventory, plan)
     # A (4x64): row 4 + col 64 fp32 → 512 + 512; B (64x4) → 512 + 512; B (32x4) → 512 + 512; + RMS scalar
     assert est.state_bytes == 8 * (512 + 512 + 512)
+
+
+def test_dora_magnitudes_and_modules_to_save_copies():
+    inventory, plan = inv(rank=4, dora=True, modules_to_save=("lm_head",))
+    # DoRA: one fp32 magnitude per output row of each adapted module (q 64, v 32 per layer)
+    assert inventory.adapter_params == 1792 + 2 * (64 + 32)
+    # modules_to_save: a trainable copy of the 256 x 64 head, in the load dtype (bf16)
+    assert inventory.saved_copy_params == 256 * 64
+    assert inventory.trainable_params == 1792 + 192 + 16384
+    weights = estimate_weights(inventory, plan)
+    assert weights.adapter_bytes == (1792 + 192) * 4 + 16384 * 2
+    # gradients: adapter tensors as before + 4 magnitudes (256 B / 128 B → 512 each) + bf16 head copy
+    assert gradient_bytes(inventory, plan) == 4 * 1024 + 2 * 1024 + 2 * 512 + 4 * 512 + 16384 * 2
+    qlora, qplan = inv(method="qlora", rank=4, modules_to_save=("lm_head",))
+    assert estimate_weights(qlora, qplan).adapter_bytes == 1792 * 4 + 16384 * 4  # fp32 after k-bit prep
+
+
+def test_lora_only_options_are_rejected_for_full():
+    from vramcalc.errors import InvalidPlanError
+
+    with pytest.raises(InvalidPlanError, match="--dora and --modules-to-save are LoRA options"):
+        TrainingPlan("m", method="full", dora=True)

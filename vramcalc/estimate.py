@@ -216,7 +216,8 @@ def estimate_from_inventory(
         device_total_bytes=int(device_total),
         peak_phase=peak_phase,
         phase_allocated_bytes={k: int(v) for k, v in phase_totals.items()},
-        assumptions=_assumptions(inventory, plan, weights),
+        assumptions=_assumptions(inventory, plan, weights)
+        + (() if activations.exact else (f"APPROXIMATE activations: {activations.rule}",)),
         rules={
             "weights": weights.rule,
             "optimizer_states": optimizer.rule,
@@ -261,6 +262,8 @@ def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: Weights
             f"PEFT LoRA r={plan.rank}, alpha={plan.lora_alpha:g}, dropout={plan.dropout:g}, "
             f"adapters fp32 on {', '.join(inventory.lora_targets)}"
             + (" (PEFT default targets)" if plan.targets is None else "")
+            + (", DoRA magnitudes" if plan.dora else "")
+            + (f", full trainable copies of {', '.join(plan.modules_to_save)}" if plan.modules_to_save else "")
         )
     elif plan.method == "full":
         out.append(

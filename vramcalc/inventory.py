@@ -36,7 +36,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class ModelInventory:
     model_type: str
     architecture: str
     total_params: int  # base model, tied weights once, without adapters
-    adapter_params: int
-    trainable_params: int  # for the plan's method
+    adapter_params: int  # LoRA A/B (+ DoRA magnitudes), fp32
+    trainable_params: int  # for the plan's method (adapters + modules_to_save copies)
     params_by_role: dict[str, int]
     linears: tuple[LinearGroup, ...]
     lora_targets: tuple[str, ...]  # leaf names wrapped by LoRA ("" for full)
@@ -81,11 +81,14 @@ class ModelInventory:
     linear_module_names: tuple[str, ...]  # every distinct Linear leaf name (for error messages)
     # shape -> how many trainable tensors have it (optimizer rules need per-tensor sizes)
     trainable_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
+    # peft modules_to_save: trainable copies of whole modules, kept in the base dtype
+    saved_copy_params: int = 0
+    saved_copy_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
     library_versions: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_params_with_adapters(self) -> int:
-        return self.total_params + self.adapter_params
+        return self.total_params + self.adapter_params + self.saved_copy_params
 
     @property
     def largest_quantizable_linear_params(self) -> int:
@@ -104,6 +107,7 @@ class ModelInventory:
         data["lora_targets"] = tuple(data["lora_targets"])
         data["linear_module_names"] = tuple(data["linear_module_names"])
         data["trainable_shapes"] = tuple((tuple(s), c) for s, c in data["trainable_shapes"])
+        data["saved_copy_shapes"] = tuple((tuple(s), c) for s, c in data["saved_copy_shapes"])
         return cls(**data)
 
 
@@ -142,7 +146,12 @@ def cache_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
 def _lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
     if not plan.uses_adapters:
         return None
-    return {"rank": plan.rank, "targets": list(plan.targets) if plan.targets else None}
+    return {
+        "rank": plan.rank,
+        "targets": list(plan.targets) if plan.targets else None,
+        "dora": plan.dora,
+        "modules_to_save": list(plan.modules_to_save) if plan.modules_to_save else None,
+    }
 
 
 def build_inventory(config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True) -> ModelInventory:
@@ -240,16 +249,19 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     linear_names = tuple(sorted({k[0] for k in groups}))
 
     lora_names: tuple[str, ...] = ()
-    adapter_params = 0
-    trainable_shapes = base_shapes
+    adapter_params = copy_params = 0
+    trainable_shapes, copy_shapes = base_shapes, {}
     if plan.uses_adapters:
-        lora_names, adapter_params, trainable_shapes = _apply_lora(model, config, plan, linear_names)
+        module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+        lora_names, adapter_params, trainable_shapes, copy_params, copy_shapes = _apply_lora(
+            model, config, plan, linear_names, module_names
+        )
     roles["adapter"] = adapter_params
     linears = tuple(
         LinearGroup(name, fin, fout, bias, count, quantizable, name in lora_names)
         for (name, fin, fout, bias, quantizable), count in sorted(groups.items())
     )
-    trainable = adapter_params if plan.uses_adapters else total
+    trainable = adapter_params + copy_params if plan.uses_adapters else total
     heads = _config_int(config, "num_attention_heads", "n_head")
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     return ModelInventory(
@@ -276,6 +288,8 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         experts_per_token=_config_int(config, "num_experts_per_tok"),
         linear_module_names=linear_names,
         trainable_shapes=tuple(sorted(trainable_shapes.items())),
+        saved_copy_params=copy_params,
+        saved_copy_shapes=tuple(sorted(copy_shapes.items())),
         library_versions=library_versions(),
     )
 
@@ -296,11 +310,12 @@ def _role(module, module_name, param_name, is_linear, output_head, convertible) 
     return "other"
 
 
-def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]):
+def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...], module_names: set[str]):
     """Wrap ``model`` with the real peft LoRA on meta.
 
     Returns the wrapped leaf names, the adapter parameter count and the
-    adapter tensors' shapes (shape -> count).
+    adapter tensors' shapes (shape -> count), and the same two for
+    ``modules_to_save`` copies.
     """
     import warnings
 
@@ -325,11 +340,21 @@ def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]
                 ]
             )
         targets = list(plan.targets)
+    missing_saved = [m for m in plan.modules_to_save or () if m not in module_names]
+    if missing_saved:
+        raise InvalidPlanError(
+            [
+                f"--modules-to-save {', '.join(missing_saved)}: the model has no module of that name "
+                f"(e.g. {', '.join(sorted(n for n in module_names if not n.isdigit())[:12])})."
+            ]
+        )
     lora_config = LoraConfig(
         r=plan.rank,
         lora_alpha=plan.lora_alpha,
         lora_dropout=plan.dropout,
         target_modules=targets,
+        use_dora=plan.dora,
+        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
@@ -342,9 +367,15 @@ def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...]
         if isinstance(module, LoraLayer)
     }
     shapes: dict[tuple[int, ...], int] = {}
-    adapter = 0
+    copies: dict[tuple[int, ...], int] = {}
+    adapter = copied = 0
     for name, param in peft_model.named_parameters():
+        if not param.requires_grad:
+            continue
         if "lora_" in name:
             adapter += param.numel()
             shapes[tuple(param.shape)] = shapes.get(tuple(param.shape), 0) + 1
-    return tuple(sorted(names)), adapter, shapes
+        elif ".modules_to_save." in name:
+            copied += param.numel()
+            copies[tuple(param.shape)] = copies.get(tuple(param.shape), 0) + 1
+    return tuple(sorted(names)), adapter, shapes, copied, copies

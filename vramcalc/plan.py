@@ -74,6 +74,8 @@ class TrainingPlan:
     alpha: float | None = None
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None
+    dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
     seq_len: int = 2048
     batch_size: int = 1
     grad_accum: int = 1
@@ -142,6 +144,12 @@ class TrainingPlan:
             elif ALL_LINEAR in targets and len(targets) > 1:
                 problems.append("--targets all-linear cannot be combined with module names.")
             object.__setattr__(self, "targets", targets)
+        if self.modules_to_save is not None:
+            object.__setattr__(
+                self, "modules_to_save", tuple(m.strip() for m in self.modules_to_save if m.strip()) or None
+            )
+        if self.method == "full" and (self.dora or self.modules_to_save):
+            problems.append("--dora and --modules-to-save are LoRA options; --method full already trains every weight.")
         if self.cpu_offload and (self.strategy == "ddp" or self.num_gpus == 1):
             problems.append("--cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op or zero1/2/3.")
         if problems:
@@ -177,6 +185,7 @@ class TrainingPlan:
         """The resolved plan as plain JSON-ready values (targets as a list)."""
         data = asdict(self)
         data["targets"] = list(self.targets) if self.targets is not None else None
+        data["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
         return data
 
     @classmethod
@@ -193,11 +202,12 @@ class TrainingPlan:
                 [f"unknown plan field {k!r}.{suggest(k, sorted(names))}" for k in unknown]
             )
         kwargs = {k.replace("-", "_"): v for k, v in data.items()}
-        targets = kwargs.get("targets")
-        if isinstance(targets, str):
-            kwargs["targets"] = parse_targets(targets)
-        elif isinstance(targets, list):
-            kwargs["targets"] = tuple(targets)
+        for key in ("targets", "modules_to_save"):
+            value = kwargs.get(key)
+            if isinstance(value, str):
+                kwargs[key] = parse_targets(value)
+            elif isinstance(value, list):
+                kwargs[key] = tuple(value)
         return cls(**kwargs)
 
 

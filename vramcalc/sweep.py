@@ -238,7 +238,7 @@ class EstimateCache:
     def inventory(self, spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
         key: tuple[Any, ...] = (spec.source, spec.name, plan.uses_adapters)
         if plan.uses_adapters:
-            key += (plan.rank, plan.targets)
+            key += (plan.rank, plan.targets, plan.dora, plan.modules_to_save)
         if key not in self._inventories:
             try:
                 self._inventories[key] = inventory_for(spec, plan)
@@ -354,6 +354,8 @@ def _record(
     for name in PLAN_FIELDS:
         out[name] = getattr(row.plan, name) if row.plan else row.case.get(name)
     out["targets"] = _targets_text(out["targets"])
+    saved = out.get("modules_to_save")
+    out["modules_to_save"] = saved if isinstance(saved, str) or not saved else ",".join(saved)
     if GPU_COLUMN in out:
         out[GPU_COLUMN] = row.case.get(GPU_COLUMN)
     est = row.estimate

@@ -143,7 +143,9 @@ def estimate_activations(
     linear_adapters = sum(
         grp.count * plan.rank * (grp.in_features + grp.out_features) for grp in inventory.linears if grp.lora
     )
-    wrapped_params = plan.uses_adapters and inventory.adapter_params != linear_adapters
+    wrapped_params = plan.uses_adapters and (
+        inventory.adapter_params != linear_adapters or plan.dora or bool(plan.modules_to_save)
+    )
     exact = inventory.model_type in MODELLED and r.weight != "int8" and not wrapped_params
     return ActivationEstimate(
         per_layer_saved_bytes=per_layer,
@@ -199,7 +201,17 @@ def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, w
         )
     if r.weight == "int8":
         parts.append("INT8 MatMul8bitLt also keeps outlier columns of its input (data dependent, not counted)")
-    if wrapped:
+    if plan.dora:
+        parts.append(
+            "DoRA's extra saved tensors (base output and magnitude scaling per adapted module) and its "
+            "per-step weight-norm temporaries are NOT modelled: activations are an under-estimate"
+        )
+    if plan.modules_to_save:
+        parts.append(
+            f"modules_to_save ({', '.join(plan.modules_to_save)}) train whole modules whose inputs are "
+            "then saved too; not modelled"
+        )
+    if wrapped and not (plan.dora or plan.modules_to_save):
         parts.append(
             "adapters on non-Linear parameters (peft ParamWrapper on MoE experts/router) are not "
             "modelled: their merged expert weights are saved too"

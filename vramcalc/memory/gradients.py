@@ -18,11 +18,25 @@ from vramcalc.plan import TrainingPlan
 
 
 def trainable_dtype(plan: TrainingPlan) -> str:
-    """Dtype of trainable parameters (and so of their gradients)."""
+    """Dtype of trainable parameters (and so of their gradients); adapters are fp32."""
     return plan.dtype if plan.method == "full" else "fp32"
+
+
+def saved_copy_dtype(plan: TrainingPlan) -> str:
+    """peft ``modules_to_save`` deep-copies a module as it is: fp32 after k-bit preparation."""
+    return "fp32" if plan.is_kbit else plan.dtype
+
+
+def trainable_tensors(inventory: ModelInventory, plan: TrainingPlan) -> list[tuple[tuple[int, ...], int, str]]:
+    """Every trainable tensor as (shape, how many, dtype)."""
+    out = [(shape, count, trainable_dtype(plan)) for shape, count in inventory.trainable_shapes]
+    out += [(shape, count, saved_copy_dtype(plan)) for shape, count in inventory.saved_copy_shapes]
+    return out
 
 
 def gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
     """Bytes of all gradients once the backward pass has finished."""
-    itemsize = DTYPE_BYTES[trainable_dtype(plan)]
-    return sum(alloc_bytes(math.prod(shape) * itemsize, count) for shape, count in inventory.trainable_shapes)
+    return sum(
+        alloc_bytes(math.prod(shape) * DTYPE_BYTES[dtype], count)
+        for shape, count, dtype in trainable_tensors(inventory, plan)
+    )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
-from vramcalc.memory.gradients import trainable_dtype
+from vramcalc.memory.gradients import trainable_tensors
 from vramcalc.plan import TrainingPlan
 
 MIN_8BIT_SIZE = 4096
@@ -64,10 +64,10 @@ def _bnb_adam(n: int, eight_bit: bool) -> int:
 
 def estimate_optimizer(inventory: ModelInventory, plan: TrainingPlan) -> OptimizerEstimate:
     """States and step temporaries of ``plan.optimizer`` over the trainable tensors."""
-    itemsize = DTYPE_BYTES[trainable_dtype(plan)]
     state = paged = transient = 0
     name = plan.optimizer
-    for shape, count in inventory.trainable_shapes:
+    for shape, count, dtype in trainable_tensors(inventory, plan):
+        itemsize = DTYPE_BYTES[dtype]
         n = math.prod(shape)
         if name in ("adamw_torch", "adamw_torch_fused"):
             state += 2 * alloc_bytes(n * itemsize, count)

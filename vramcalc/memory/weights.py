@@ -20,8 +20,11 @@ Rules (read from the sources named):
   with ``nested=False``, ``code.to(copy=True)``).
 * INT8 (``Int8Params`` → ``int8_vectorwise_quant``): int8 weight (one byte per
   element) plus ``SCB``, one fp32 scale per output row.
-* LoRA adapters: peft creates ``lora_A``/``lora_B`` as fp32 ``nn.Linear`` and
-  keeps them fp32 (``autocast_adapter_dtype=True`` upcasts bf16/fp16 adapters).
+* LoRA adapters: peft creates ``lora_A``/``lora_B`` (and DoRA's
+  ``lora_magnitude_vector``) as fp32 and keeps them fp32
+  (``autocast_adapter_dtype=True`` upcasts bf16/fp16 adapters).
+  ``modules_to_save`` wraps a module with a trainable deep copy in the
+  module's own dtype (fp32 after k-bit preparation), counted with adapters.
 
 Every tensor is charged the caching allocator's 512-byte rounding.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
+from vramcalc.memory.gradients import saved_copy_dtype
 from vramcalc.plan import TrainingPlan
 
 NF4_BLOCKSIZE = 64
@@ -107,4 +111,5 @@ def estimate_weights(inventory: ModelInventory, plan: TrainingPlan) -> WeightsEs
     adapter = 0
     if plan.uses_adapters:
         adapter = inventory.adapter_params * DTYPE_BYTES["fp32"]
+        adapter += inventory.saved_copy_params * DTYPE_BYTES[saved_copy_dtype(plan)]
     return WeightsEstimate(quantized, unquantized, adapter, unquantized_dtype, rule)

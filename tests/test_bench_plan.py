@@ -9,8 +9,18 @@ import sys
 
 import pytest
 
-COMMAND = [sys.executable, "-m", "vramcalc", "plan", "--model", "meta-llama/Llama-2-13b", "--method", "qlora",
-           "--rank", "16"]
+COMMAND = [
+    sys.executable,
+    "-m",
+    "vramcalc",
+    "plan",
+    "--model",
+    "meta-llama/Llama-2-13b",
+    "--method",
+    "qlora",
+    "--rank",
+    "16",
+]
 
 
 @pytest.mark.benchmark(group="plan-process")
@@ -30,5 +40,7 @@ def test_cached_plan_imports_no_torch():
         "try:\n    runpy.run_module('vramcalc', run_name='__main__')\nexcept SystemExit:\n    pass\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert "HEAVY []" in out

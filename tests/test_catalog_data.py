@@ -9,7 +9,6 @@ sizes. This test is the second, independent check that transformers builds the s
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,9 @@ def test_inventory_matches_catalog_params(entry):
     from vramcalc.inventory import build_inventory
     from vramcalc.plan import TrainingPlan
 
-    inventory = build_inventory(_config(entry), TrainingPlan(entry["name"], method="full"), use_cache=False)
+    inventory = build_inventory(
+        _config(entry), TrainingPlan(entry["name"], method="full"), use_cache=False
+    )
     assert inventory.total_params == entry["params"], (
         f"{entry['name']}: inventory {inventory.total_params:,} != catalog {entry['params']:,}"
     )

@@ -27,9 +27,27 @@ def test_every_command_has_help(run, command):
 
 def test_plan_help_teaches_the_options(run):
     text = run("plan", "--help").output
-    for flag in ("--model", "--method", "--quant", "--double-quant", "--dtype", "--rank", "--alpha", "--dropout",
-                 "--targets", "--seq-len", "--batch-size", "--grad-accum", "--gradient-checkpointing",
-                 "--optimizer", "--attn", "--gpu", "--json", "--num-gpus", "--strategy"):
+    for flag in (
+        "--model",
+        "--method",
+        "--quant",
+        "--double-quant",
+        "--dtype",
+        "--rank",
+        "--alpha",
+        "--dropout",
+        "--targets",
+        "--seq-len",
+        "--batch-size",
+        "--grad-accum",
+        "--gradient-checkpointing",
+        "--optimizer",
+        "--attn",
+        "--gpu",
+        "--json",
+        "--num-gpus",
+        "--strategy",
+    ):
         assert flag in text
     assert "vramcalc plan --model meta-llama/Llama-2-13b --method qlora" in text
 
@@ -38,19 +56,47 @@ def test_plan_human_output(run, tiny_llama_dir):
     result = run("plan", "--model", str(tiny_llama_dir), "--method", "lora", "--gpu", "H100-80GB")
     assert result.exit_code == 0, result.output
     out = result.output
-    for text in ("base weights", "LoRA adapters", "peak allocated", "peak reserved", "device total", "GiB",
-                 "assumptions:", "H100-80GB", "yes"):
+    for text in (
+        "base weights",
+        "LoRA adapters",
+        "peak allocated",
+        "peak reserved",
+        "device total",
+        "GiB",
+        "assumptions:",
+        "H100-80GB",
+        "yes",
+    ):
         assert text in out
 
 
 def test_plan_json_schema_and_components_sum(run, tiny_llama_dir):
-    result = run("plan", "--model", str(tiny_llama_dir), "--method", "qlora", "--rank", "4", "--json")
+    result = run(
+        "plan", "--model", str(tiny_llama_dir), "--method", "qlora", "--rank", "4", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes", "trainable_params",
-                "total_params", "components", "plan", "assumptions", "gpus"):
+    for key in (
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_total_bytes",
+        "trainable_params",
+        "total_params",
+        "components",
+        "plan",
+        "assumptions",
+        "gpus",
+    ):
         assert key in data
-    for component in ("weights", "adapters", "gradients", "optimizer_states", "activations", "logits", "cuda_context"):
+    for component in (
+        "weights",
+        "adapters",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits",
+        "cuda_context",
+    ):
         assert component in data["components"]
     assert sum(data["components"].values()) == data["device_total_bytes"]
     assert data["peak_allocated_bytes"] <= data["peak_reserved_bytes"] <= data["device_total_bytes"]
@@ -61,7 +107,9 @@ def test_plan_json_schema_and_components_sum(run, tiny_llama_dir):
 
 
 def test_catalog_alias_resolves(run):
-    result = run("plan", "--model", "meta-llama/Llama-2-13b", "--method", "qlora", "--rank", "16", "--json")
+    result = run(
+        "plan", "--model", "meta-llama/Llama-2-13b", "--method", "qlora", "--rank", "16", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["model"] == "meta-llama/Llama-2-13b-hf" and data["model_source"] == "catalog"
@@ -79,17 +127,33 @@ def test_models_and_gpus_list(run):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model", "meta-llama/Llama-2-13", "--method", "qlora"],
-         "Error: --model 'meta-llama/Llama-2-13' is not in the bundled catalog"),
+        (
+            ["--model", "meta-llama/Llama-2-13", "--method", "qlora"],
+            "Error: --model 'meta-llama/Llama-2-13' is not in the bundled catalog",
+        ),
         (["--model", "llama-2-7b"], "Did you mean"),
         (["--model", "TINY", "--rank", "0"], "Error: --rank must be a positive integer, got 0."),
-        (["--model", "TINY", "--seq-len", "-5"], "Error: --seq-len must be a positive integer, got -5."),
-        (["--model", "TINY", "--batch-size", "0"], "Error: --batch-size must be a positive integer, got 0."),
-        (["--model", "TINY", "--method", "qlora", "--quant", "none"], "Error: --method qlora needs 4-bit base weights"),
-        (["--model", "TINY", "--targets", "q_proj,qproj"],
-         "Error: --targets qproj: the model has no linear module of that name; its linear modules are "
-         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
-        (["--model", "TINY", "--gpu", "H100-80"], "Error: --gpu 'H100-80' is not in the GPU catalog. Did you mean"),
+        (
+            ["--model", "TINY", "--seq-len", "-5"],
+            "Error: --seq-len must be a positive integer, got -5.",
+        ),
+        (
+            ["--model", "TINY", "--batch-size", "0"],
+            "Error: --batch-size must be a positive integer, got 0.",
+        ),
+        (
+            ["--model", "TINY", "--method", "qlora", "--quant", "none"],
+            "Error: --method qlora needs 4-bit base weights",
+        ),
+        (
+            ["--model", "TINY", "--targets", "q_proj,qproj"],
+            "Error: --targets qproj: the model has no linear module of that name; its linear modules are "
+            "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        ),
+        (
+            ["--model", "TINY", "--gpu", "H100-80"],
+            "Error: --gpu 'H100-80' is not in the GPU catalog. Did you mean",
+        ),
         (["--model", "TINY", "--optimizer", "adamw"], "Did you mean 'adamw_8bit'"),
     ],
 )

@@ -19,7 +19,12 @@ def run(**kwargs):
 
 def test_single_gpu_has_no_comm_or_nccl():
     _, _, one = run()
-    assert one.components["nccl"] == one.components["comm_buffers"] == one.components["gathered_weights"] == 0
+    assert (
+        one.components["nccl"]
+        == one.components["comm_buffers"]
+        == one.components["gathered_weights"]
+        == 0
+    )
 
 
 def test_ddp_replicates_and_adds_gradient_buckets():

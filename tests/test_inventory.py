@@ -9,11 +9,15 @@ from vramcalc.plan import TrainingPlan
 
 
 def inventory(model, **kwargs):
-    return build_inventory(resolve_model(model).config_dict, TrainingPlan(model, **kwargs), use_cache=False)
+    return build_inventory(
+        resolve_model(model).config_dict, TrainingPlan(model, **kwargs), use_cache=False
+    )
 
 
 def test_llama2_7b_total_and_lora_qkvo_r16():
-    inv = inventory("meta-llama/Llama-2-7b-hf", rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    inv = inventory(
+        "meta-llama/Llama-2-7b-hf", rank=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
     assert inv.total_params == 6_738_415_616
     # 32 layers x 4 modules x r(4096 + 4096)
     assert inv.trainable_params == 32 * 4 * 16 * (4096 + 4096) == 16_777_216
@@ -26,7 +30,15 @@ def test_llama3_8b_gqa_all_linear_r64():
     h, kv, inter = 4096, 1024, 14336
     per_layer = 64 * ((h + h) * 2 + (h + kv) * 2 + (h + inter) * 2 + (inter + h))
     assert inv.trainable_params == 32 * per_layer
-    assert inv.lora_targets == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+    assert inv.lora_targets == (
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    )
     assert inv.num_key_value_heads == 8 and inv.vocab_size == 128256
 
 

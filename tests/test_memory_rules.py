@@ -35,8 +35,13 @@ def test_inventory_roles_are_exact():
     inventory, _ = inv(method="full")
     assert inventory.total_params == TOTAL == 106_816
     assert inventory.params_by_role == {
-        "linear": 2 * LINEAR_PER_LAYER, "linear_bias": 0, "lm_head": EMBED, "embedding": EMBED,
-        "norm": NORMS, "other": 0, "adapter": 0,
+        "linear": 2 * LINEAR_PER_LAYER,
+        "linear_bias": 0,
+        "lm_head": EMBED,
+        "embedding": EMBED,
+        "norm": NORMS,
+        "other": 0,
+        "adapter": 0,
     }
     assert inventory.trainable_params == TOTAL
     assert not inventory.tied_embeddings
@@ -95,7 +100,8 @@ def test_gradients_follow_trainable_dtype():
     assert gradient_bytes(inventory, plan) == 4 * 1024 + 2 * 1024 + 2 * 512
     full, full_plan = inv(method="full", dtype="bf16")
     assert gradient_bytes(full, full_plan) == sum(
-        alloc_bytes(n * 2) for n in [64 * 64] * 4 + [32 * 64] * 4 + [128 * 64] * 6 + [EMBED] * 2 + [64] * 5
+        alloc_bytes(n * 2)
+        for n in [64 * 64] * 4 + [32 * 64] * 4 + [128 * 64] * 6 + [EMBED] * 2 + [64] * 5
     )
 
 
@@ -114,17 +120,29 @@ def test_gradients_follow_trainable_dtype():
 def test_optimizer_states_on_adapters(optimizer, state, transient, paged):
     inventory, plan = inv(rank=4, optimizer=optimizer)
     est = estimate_optimizer(inventory, plan)
-    assert (est.state_bytes, est.step_transient_bytes, est.paged_state_bytes) == (state, transient, paged)
+    assert (est.state_bytes, est.step_transient_bytes, est.paged_state_bytes) == (
+        state,
+        transient,
+        paged,
+    )
 
 
 def test_bnb_8bit_and_paged_thresholds_on_a_large_tensor():
     # Llama-2-7B-sized LoRA r=16 on q,v: A 16x4096 (65,536 ≥ 4096 → 8-bit, < 1e5 → not paged)
-    cfg = dict(TINY_LLAMA, hidden_size=4096, intermediate_size=128, num_attention_heads=32,
-               num_key_value_heads=32, num_hidden_layers=1)
+    cfg = dict(
+        TINY_LLAMA,
+        hidden_size=4096,
+        intermediate_size=128,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=1,
+    )
     plan = TrainingPlan("x", rank=16, optimizer="paged_adamw_8bit")
     inventory = build_inventory(cfg, plan, use_cache=False)
     est = estimate_optimizer(inventory, plan)
-    per_tensor = 2 * 65_536 + 2 * alloc_bytes(256 * 4)  # two uint8 states + two fp32 absmax of 256 blocks
+    per_tensor = 2 * 65_536 + 2 * alloc_bytes(
+        256 * 4
+    )  # two uint8 states + two fp32 absmax of 256 blocks
     assert est.state_bytes == 4 * per_tensor and est.paged_state_bytes == 0
     plan32 = plan.with_(optimizer="paged_adamw_32bit", rank=32)  # 131,072 elements ≥ 1e5 → paged
     inventory32 = build_inventory(cfg, plan32, use_cache=False)
@@ -151,7 +169,9 @@ def test_dora_magnitudes_and_modules_to_save_copies():
     # gradients: adapter tensors as before + 4 magnitudes (256 B / 128 B → 512 each) + bf16 head copy
     assert gradient_bytes(inventory, plan) == 4 * 1024 + 2 * 1024 + 2 * 512 + 4 * 512 + 16384 * 2
     qlora, qplan = inv(method="qlora", rank=4, modules_to_save=("lm_head",))
-    assert estimate_weights(qlora, qplan).adapter_bytes == 1792 * 4 + 16384 * 4  # fp32 after k-bit prep
+    assert (
+        estimate_weights(qlora, qplan).adapter_bytes == 1792 * 4 + 16384 * 4
+    )  # fp32 after k-bit prep
 
 
 def test_lora_only_options_are_rejected_for_full():

@@ -7,7 +7,13 @@ from vramcalc.plan import TrainingPlan, parse_targets
 def test_defaults_are_the_recipe():
     plan = TrainingPlan("m")
     assert (plan.method, plan.quant, plan.dtype, plan.rank, plan.lora_alpha, plan.dropout) == (
-        "lora", "none", "bf16", 8, 8.0, 0.0)
+        "lora",
+        "none",
+        "bf16",
+        8,
+        8.0,
+        0.0,
+    )
     assert plan.attn == "sdpa" and plan.gradient_checkpointing is False
     assert plan.optimizer == "adamw_torch_fused"  # Trainer default with torch >= 2.8
 
@@ -19,7 +25,9 @@ def test_qlora_implies_nf4_and_double_quant():
 
 def test_every_problem_is_reported_at_once_naming_flags():
     with pytest.raises(InvalidPlanError) as info:
-        TrainingPlan("m", method="qlora", quant="none", rank=0, seq_len=-1, batch_size=0, optimizer="adamw")
+        TrainingPlan(
+            "m", method="qlora", quant="none", rank=0, seq_len=-1, batch_size=0, optimizer="adamw"
+        )
     text = str(info.value)
     for flag in ("--method qlora", "--rank", "--seq-len", "--batch-size", "--optimizer"):
         assert flag in text

@@ -25,9 +25,16 @@ from vramcalc.memtrace import MemoryTracer
 from vramcalc.plan import TrainingPlan
 
 CONFIG = {
-    "model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
-    "max_position_embeddings": 512, "tie_word_embeddings": False, "use_cache": False,
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "use_cache": False,
 }
 
 
@@ -35,7 +42,9 @@ def traced_step_peak(plan: TrainingPlan) -> tuple[int, str]:
     model = build_cpu_recipe(CONFIG, plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = plan.optimizer == "adamw_torch_fused"
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=1e-4, weight_decay=0.0, fused=fused, foreach=not fused
+    )
     torch.manual_seed(1)
     ids = torch.randint(2, CONFIG["vocab_size"], (plan.batch_size, plan.seq_len))
     with MemoryTracer() as tracer:
@@ -64,7 +73,12 @@ def traced_step_peak(plan: TrainingPlan) -> tuple[int, str]:
         {"method": "lora", "rank": 8, "gradient_checkpointing": True},
         {"method": "full", "dtype": "bf16", "optimizer": "adamw_torch"},
         {"method": "full", "dtype": "fp32", "optimizer": "adamw_torch_fused"},
-        {"method": "full", "dtype": "fp32", "gradient_checkpointing": True, "optimizer": "adamw_torch"},
+        {
+            "method": "full",
+            "dtype": "fp32",
+            "gradient_checkpointing": True,
+            "optimizer": "adamw_torch",
+        },
     ],
     ids=["lora-all-linear", "lora-ckpt", "full-bf16", "full-fp32-fused", "full-fp32-ckpt"],
 )
@@ -75,5 +89,7 @@ def test_estimated_peak_matches_a_traced_training_step(kwargs):
     estimated = est.peak_allocated_bytes - load_calibration().cublas_workspace_bytes
     measured, phase = traced_step_peak(plan)
     error = (estimated - measured) / measured
-    print(f"{kwargs}: estimated {estimated:,} ({est.peak_phase}) measured {measured:,} ({phase}) {100 * error:+.2f} %")
+    print(
+        f"{kwargs}: estimated {estimated:,} ({est.peak_phase}) measured {measured:,} ({phase}) {100 * error:+.2f} %"
+    )
     assert -0.01 <= error <= 0.10, (est.phase_allocated_bytes, phase)

@@ -27,7 +27,9 @@ import yaml
 
 from vramcalc.errors import CatalogError, ConfigError, UnknownGpuError, UnknownModelError
 
-DATA_DIR = Path(os.environ.get("VRAMCALC_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+DATA_DIR = Path(
+    os.environ.get("VRAMCALC_DATA_DIR", Path(__file__).resolve().parent.parent / "data")
+)
 MODELS_DIR = DATA_DIR / "models"
 GPUS_CSV = DATA_DIR / "gpus.csv"
 
@@ -115,7 +117,9 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Any:
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"--model: {where}: cannot build a {model_type!r} config ({err})") from err
+        raise ConfigError(
+            f"--model: {where}: cannot build a {model_type!r} config ({err})"
+        ) from err
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
@@ -138,7 +142,9 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """A quick TCP probe, so an offline machine fails in seconds, not after retries."""
     import socket
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    endpoint = (
+        os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    )
     try:
         with socket.create_connection((endpoint, 443), timeout=timeout_s):
             return True
@@ -180,7 +186,9 @@ def _close(value: str, choices: list[str], n: int = 3) -> str:
     close = difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
     close += [
         short[c]
-        for c in difflib.get_close_matches(value.lower().split("/")[-1], list(short), n=n, cutoff=0.6)
+        for c in difflib.get_close_matches(
+            value.lower().split("/")[-1], list(short), n=n, cutoff=0.6
+        )
     ]
     found = list(dict.fromkeys(lowered.get(c, c) for c in close))[:n]
     return ", ".join(repr(c) for c in found)
@@ -227,7 +235,9 @@ def load_gpus() -> tuple[Gpu, ...]:
             gpus.append(
                 Gpu(
                     name=row["name"].strip(),
-                    aliases=tuple(a.strip() for a in (row.get("aliases") or "").split(";") if a.strip()),
+                    aliases=tuple(
+                        a.strip() for a in (row.get("aliases") or "").split(";") if a.strip()
+                    ),
                     vendor=(row.get("vendor") or "").strip(),
                     memory_bytes=int(row["memory_bytes"]),
                     bf16_dense_tflops=_float(row.get("bf16_dense_tflops")),

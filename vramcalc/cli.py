@@ -37,12 +37,39 @@ def cli() -> None:
 
 @cli.command()
 @plan_options
-@click.option("--gpu", "gpus", multiple=True, help="GPU(s) to check the fit and speed on (repeat or comma-separate). Default: every GPU of the catalog.")
-@click.option("--dataset-tokens", type=int, default=None, help="Tokens in the training set: prices the run (with --epochs) on every GPU that fits.")
-@click.option("--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps of the run, instead of --dataset-tokens.")
-@click.option("--price-per-hour", type=float, default=None, help="USD per GPU-hour, overriding the catalog's price for every GPU.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README) instead of the report.")
+@click.option(
+    "--gpu",
+    "gpus",
+    multiple=True,
+    help="GPU(s) to check the fit and speed on (repeat or comma-separate). Default: every GPU of the catalog.",
+)
+@click.option(
+    "--dataset-tokens",
+    type=int,
+    default=None,
+    help="Tokens in the training set: prices the run (with --epochs) on every GPU that fits.",
+)
+@click.option(
+    "--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1)."
+)
+@click.option(
+    "--steps",
+    type=int,
+    default=None,
+    help="Optimizer steps of the run, instead of --dataset-tokens.",
+)
+@click.option(
+    "--price-per-hour",
+    type=float,
+    default=None,
+    help="USD per GPU-hour, overriding the catalog's price for every GPU.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object (schema in README) instead of the report.",
+)
 def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options) -> None:
     """Estimate the GPU memory, speed and cost of one fine-tuning run.
 
@@ -76,7 +103,12 @@ def models(as_json: bool) -> None:
 
     entries = model_catalog()
     if as_json:
-        click.echo(json.dumps([{"name": e.name, "aliases": list(e.aliases), "params": e.params} for e in entries], indent=2))
+        click.echo(
+            json.dumps(
+                [{"name": e.name, "aliases": list(e.aliases), "params": e.params} for e in entries],
+                indent=2,
+            )
+        )
         return
     click.echo(f"{'model':<52}{'parameters':>16}  aliases")
     for e in entries:
@@ -99,7 +131,9 @@ def gpus(as_json: bool) -> None:
     for g in table:
         tflops = f"{g.peak_tflops:g}" if g.peak_tflops else "-"
         price = f"{g.price_per_hour_usd:.2f}" if g.price_per_hour_usd else "-"
-        click.echo(f"{g.name:<16}{gib(g.memory_bytes):>14}{tflops:>14}{price:>9}  {', '.join(g.aliases)}")
+        click.echo(
+            f"{g.name:<16}{gib(g.memory_bytes):>14}{tflops:>14}{price:>9}  {', '.join(g.aliases)}"
+        )
 
 
 def _register_commands() -> None:

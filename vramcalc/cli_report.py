@@ -8,11 +8,23 @@ import click
 
 
 @click.command()
-@click.option("--measurements", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of harness JSONL files (default: data/measurements/).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Where accuracy.md / .csv / .png are written.")
-@click.option("--no-gate", is_flag=True, help="Write the report but exit 0 even if targets are broken.")
+@click.option(
+    "--measurements",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of harness JSONL files (default: data/measurements/).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Where accuracy.md / .csv / .png are written.",
+)
+@click.option(
+    "--no-gate", is_flag=True, help="Write the report but exit 0 even if targets are broken."
+)
 def report(measurements: Path | None, out_dir: Path, no_gate: bool) -> None:
     """Join every GPU measurement with its estimate; fail if accuracy targets break.
 

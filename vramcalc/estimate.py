@@ -147,7 +147,9 @@ def estimate_from_inventory(
         nccl_bytes=calibration.nccl_communicator_bytes,
     )
     grads = sharded.gradient_bytes
-    head_grad = _head_gradient_bytes(inventory, plan) // (plan.num_gpus if plan.strategy in ("fsdp", "zero3") else 1)
+    head_grad = _head_gradient_bytes(inventory, plan) // (
+        plan.num_gpus if plan.strategy in ("fsdp", "zero3") else 1
+    )
     accum_grads = grads if plan.grad_accum > 1 else 0
     paged = 0 if plan.cpu_offload and plan.num_gpus > 1 else optimizer.paged_state_bytes
 
@@ -167,22 +169,46 @@ def estimate_from_inventory(
         last_layer = activations.first_layer_saved_bytes
     phases = {
         # inside a decoder layer's forward: its short-lived buffers on top of what is saved
-        "forward": {"gradients": accum_grads, "activations": acts + mask, "logits": 0,
-                    "transient": activations.forward_transient_bytes},
+        "forward": {
+            "gradients": accum_grads,
+            "activations": acts + mask,
+            "logits": 0,
+            "transient": activations.forward_transient_bytes,
+        },
         # the head and the loss at the end of forward
-        "loss": {"gradients": accum_grads, "activations": acts + mask, "logits": logits.forward_peak_bytes,
-                 "transient": 0},
+        "loss": {
+            "gradients": accum_grads,
+            "activations": acts + mask,
+            "logits": logits.forward_peak_bytes,
+            "transient": 0,
+        },
         # the loss and head backward (full fine-tuning: the head's gradient appears here)
-        "loss_backward": {"gradients": live_grads, "activations": acts, "logits": logits.backward_peak_bytes,
-                          "transient": 0},
+        "loss_backward": {
+            "gradients": live_grads,
+            "activations": acts,
+            "logits": logits.backward_peak_bytes,
+            "transient": 0,
+        },
         # the last decoder layer's backward (checkpointing: re-created first)
-        "backward": {"gradients": live_grads, "activations": acts + activations.recompute_layer_bytes,
-                     "logits": 0, "transient": activations.backward_transient_bytes},
+        "backward": {
+            "gradients": live_grads,
+            "activations": acts + activations.recompute_layer_bytes,
+            "logits": 0,
+            "transient": activations.backward_transient_bytes,
+        },
         # the first decoder layer's backward: every gradient has been produced
-        "backward_end": {"gradients": grads, "activations": last_layer, "logits": 0,
-                         "transient": activations.backward_transient_bytes},
-        "optimizer_step": {"gradients": grads, "activations": 0, "logits": 0,
-                           "transient": optimizer.step_transient_bytes},
+        "backward_end": {
+            "gradients": grads,
+            "activations": last_layer,
+            "logits": 0,
+            "transient": activations.backward_transient_bytes,
+        },
+        "optimizer_step": {
+            "gradients": grads,
+            "activations": 0,
+            "logits": 0,
+            "transient": optimizer.step_transient_bytes,
+        },
     }
     phase_totals = {name: static + sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(phase_totals, key=lambda name: phase_totals[name])
@@ -239,7 +265,9 @@ def _head_gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
     return head * DTYPE_BYTES[trainable_dtype(plan)]
 
 
-def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: WeightsEstimate) -> tuple[str, ...]:
+def _assumptions(
+    inventory: ModelInventory, plan: TrainingPlan, weights: WeightsEstimate
+) -> tuple[str, ...]:
     out = [
         "HF Trainer, bf16=True (forward/backward under bf16 autocast)",
         f"base weights loaded in {plan.dtype}"
@@ -248,7 +276,11 @@ def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: Weights
     if plan.is_kbit:
         out.append(
             "prepare_model_for_kbit_training: non-quantized parameters upcast to fp32"
-            + (", NF4 double quantization" if plan.quant in ("nf4", "fp4") and plan.double_quant else "")
+            + (
+                ", NF4 double quantization"
+                if plan.quant in ("nf4", "fp4") and plan.double_quant
+                else ""
+            )
         )
     other = inventory.params_by_role["other"]
     if plan.is_kbit and other > 0.05 * inventory.total_params:
@@ -263,12 +295,20 @@ def _assumptions(inventory: ModelInventory, plan: TrainingPlan, weights: Weights
             f"adapters fp32 on {', '.join(inventory.lora_targets)}"
             + (" (PEFT default targets)" if plan.targets is None else "")
             + (", DoRA magnitudes" if plan.dora else "")
-            + (f", full trainable copies of {', '.join(plan.modules_to_save)}" if plan.modules_to_save else "")
+            + (
+                f", full trainable copies of {', '.join(plan.modules_to_save)}"
+                if plan.modules_to_save
+                else ""
+            )
         )
     elif plan.method == "full":
         out.append(
             "full fine-tuning: "
-            + ("fp32 master weights + bf16 autocast" if plan.dtype == "fp32" else f"pure {plan.dtype}")
+            + (
+                "fp32 master weights + bf16 autocast"
+                if plan.dtype == "fp32"
+                else f"pure {plan.dtype}"
+            )
         )
     out.append(
         f"micro-batch {plan.batch_size} x {plan.seq_len} tokens, grad-accum {plan.grad_accum}, "

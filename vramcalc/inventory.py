@@ -154,7 +154,9 @@ def _lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
     }
 
 
-def build_inventory(config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True) -> ModelInventory:
+def build_inventory(
+    config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True
+) -> ModelInventory:
     """The inventory of ``config_dict`` under ``plan`` (cached on disk)."""
     path = _cache_dir() / f"{cache_key(config_dict, plan)}.json"
     if use_cache and path.is_file():
@@ -219,7 +221,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     except ImportError:  # older transformers: prefix / suffix match
 
         def should_convert_module(name, patterns):
-            return not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in patterns)
+            return not any(
+                name == k or name.endswith("." + k) or name.startswith(k + ".") for k in patterns
+            )
 
     def convertible(module_name: str) -> bool:
         return should_convert_module(module_name, sorted(not_convert))
@@ -235,7 +239,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
                 continue
             seen.add(id(param))
             base_shapes[tuple(param.shape)] = base_shapes.get(tuple(param.shape), 0) + 1
-            roles[_role(module, module_name, param_name, is_linear, output_head, convertible)] += param.numel()
+            roles[_role(module, module_name, param_name, is_linear, output_head, convertible)] += (
+                param.numel()
+            )
         if is_linear and module is not output_head:
             key = (
                 module_name.rsplit(".", 1)[-1],
@@ -279,8 +285,11 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         intermediate_size=_config_int(config, "intermediate_size", "ffn_dim", "ffn_hidden_size")
         or 4 * hidden,
         num_attention_heads=heads,
-        num_key_value_heads=_config_int(config, "num_key_value_heads", "num_kv_heads", default=heads)
-        if not getattr(config, "multi_query", False) or getattr(config, "new_decoder_architecture", False)
+        num_key_value_heads=_config_int(
+            config, "num_key_value_heads", "num_kv_heads", default=heads
+        )
+        if not getattr(config, "multi_query", False)
+        or getattr(config, "new_decoder_architecture", False)
         else 1,
         head_dim=_config_int(config, "head_dim") or (hidden // heads if heads else 0),
         vocab_size=_config_int(config, "vocab_size"),
@@ -310,7 +319,9 @@ def _role(module, module_name, param_name, is_linear, output_head, convertible) 
     return "other"
 
 
-def _apply_lora(model, config, plan: TrainingPlan, linear_names: tuple[str, ...], module_names: set[str]):
+def _apply_lora(
+    model, config, plan: TrainingPlan, linear_names: tuple[str, ...], module_names: set[str]
+):
     """Wrap ``model`` with the real peft LoRA on meta.
 
     Returns the wrapped leaf names, the adapter parameter count and the

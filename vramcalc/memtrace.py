@@ -131,8 +131,13 @@ class MemoryTracer(TorchDispatchMode):
     >>> tracer.report().peak_bytes
     """
 
-    def __init__(self, round_to: int = CUDA_ALLOCATION_GRANULARITY, timeline: bool = False,
-                 track_saved: bool = True, peak_tensors: bool = False) -> None:
+    def __init__(
+        self,
+        round_to: int = CUDA_ALLOCATION_GRANULARITY,
+        timeline: bool = False,
+        track_saved: bool = True,
+        peak_tensors: bool = False,
+    ) -> None:
         super().__init__()
         self.record_peak_tensors = peak_tensors
         self._peak_tensors: tuple[tuple[str, str, str, int], ...] = ()
@@ -231,7 +236,9 @@ class MemoryTracer(TorchDispatchMode):
             if _RANK.get(category, 0) > _RANK.get(record.category, 0):
                 self._live_by_category[record.category] -= record.nbytes
                 record.category = category
-                self._live_by_category[category] = self._live_by_category.get(category, 0) + record.nbytes
+                self._live_by_category[category] = (
+                    self._live_by_category.get(category, 0) + record.nbytes
+                )
             return
         self._new(st, key, category, op)
 
@@ -468,8 +475,13 @@ def saved_bytes(
                     kind = "new"
                 op, scope = creators.created.get(key, ("", ""))
                 seen[key] = SavedTensor(
-                    tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                    round_bytes(st.nbytes(), round_to), op, kind, scope, creators.scope[-1],
+                    tuple(t.shape),
+                    str(t.dtype).removeprefix("torch."),
+                    round_bytes(st.nbytes(), round_to),
+                    op,
+                    kind,
+                    scope,
+                    creators.scope[-1],
                 )
         return t.detach()
 

@@ -49,10 +49,7 @@ def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str
 def _choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
     if value in choices:
         return None
-    return (
-        f"{flag} {value!r} is not one of {', '.join(choices)}."
-        + suggest(value, choices)
-    )
+    return f"{flag} {value!r} is not one of {', '.join(choices)}." + suggest(value, choices)
 
 
 @dataclass(frozen=True)
@@ -140,18 +137,26 @@ class TrainingPlan:
         if self.targets is not None:
             targets = tuple(t.strip() for t in self.targets if t.strip())
             if not targets:
-                problems.append("--targets is empty; give module names such as q_proj,v_proj or all-linear.")
+                problems.append(
+                    "--targets is empty; give module names such as q_proj,v_proj or all-linear."
+                )
             elif ALL_LINEAR in targets and len(targets) > 1:
                 problems.append("--targets all-linear cannot be combined with module names.")
             object.__setattr__(self, "targets", targets)
         if self.modules_to_save is not None:
             object.__setattr__(
-                self, "modules_to_save", tuple(m.strip() for m in self.modules_to_save if m.strip()) or None
+                self,
+                "modules_to_save",
+                tuple(m.strip() for m in self.modules_to_save if m.strip()) or None,
             )
         if self.method == "full" and (self.dora or self.modules_to_save):
-            problems.append("--dora and --modules-to-save are LoRA options; --method full already trains every weight.")
+            problems.append(
+                "--dora and --modules-to-save are LoRA options; --method full already trains every weight."
+            )
         if self.cpu_offload and (self.strategy == "ddp" or self.num_gpus == 1):
-            problems.append("--cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op or zero1/2/3.")
+            problems.append(
+                "--cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op or zero1/2/3."
+            )
         if problems:
             raise InvalidPlanError(problems)
 

@@ -94,7 +94,10 @@ def _hints(memory: MemoryEstimate, spec) -> list[str]:
     from vramcalc.render import gib
 
     plan, out = memory.plan, []
-    if not plan.gradient_checkpointing and memory.components["activations"] > 0.4 * memory.device_total_bytes:
+    if (
+        not plan.gradient_checkpointing
+        and memory.components["activations"] > 0.4 * memory.device_total_bytes
+    ):
         other = estimate(plan.with_(gradient_checkpointing=True), spec)
         out.append(
             f"activations are {100 * memory.components['activations'] / memory.device_total_bytes:.0f} % of the "

@@ -36,7 +36,10 @@ def render_plan_result(result: PlanResult) -> str:
 
     text = render_memory(result.memory)
     if result.fits:
-        lines = ["", f"{'GPU':<16}{'memory':>14}  {'fits':<5}{'headroom':>14}{'tokens/s':>11}{'step s':>9}"]
+        lines = [
+            "",
+            f"{'GPU':<16}{'memory':>14}  {'fits':<5}{'headroom':>14}{'tokens/s':>11}{'step s':>9}",
+        ]
         for fit in result.fits:
             speed = (
                 f"{fit.throughput.tokens_per_second:>11,.0f}{fit.throughput.step_seconds:>9.2f}"
@@ -54,7 +57,9 @@ def render_plan_result(result: PlanResult) -> str:
     for hint in result.hints:
         text += f"\nhint: {hint}"
     if result.cost is not None:
-        text += "\n\n" + (render_cost(result.cost) if result.cost.rows else "run cost: no GPU of the list fits")
+        text += "\n\n" + (
+            render_cost(result.cost) if result.cost.rows else "run cost: no GPU of the list fits"
+        )
     return text
 
 
@@ -75,13 +80,19 @@ def render_memory(estimate: MemoryEstimate) -> str:
     for name, nbytes in estimate.components.items():
         if nbytes == 0:
             continue
-        lines.append(f"{COMPONENT_LABELS.get(name, name):<24}{gib(nbytes):>14}{100 * nbytes / total:>8.1f}%")
+        lines.append(
+            f"{COMPONENT_LABELS.get(name, name):<24}{gib(nbytes):>14}{100 * nbytes / total:>8.1f}%"
+        )
     lines += [
         "-" * 47,
         f"{'peak allocated':<24}{gib(estimate.peak_allocated_bytes):>14}   (torch max_memory_allocated)",
         f"{'peak reserved':<24}{gib(estimate.peak_reserved_bytes):>14}   (torch max_memory_reserved)",
         f"{'device total':<24}{gib(estimate.device_total_bytes):>14}   (nvidia-smi; what the GPU must hold)"
-        + (f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs" if plan.num_gpus > 1 else ""),
+        + (
+            f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"
+            if plan.num_gpus > 1
+            else ""
+        ),
         f"peak falls at: {estimate.peak_phase.replace('_', ' ')}",
         "",
         "assumptions:",

@@ -168,7 +168,9 @@ def report_table(report: Report) -> list[dict[str, Any]]:
     speed = {r["case_id"]: r for r in report.throughput}
     for row in report.rows:
         rec, est = row.record, row.estimate or {}
-        flat: dict[str, Any] = {k: rec.get(k) for k in ("case_id", "split", "source_file", "status", "gpu_name")}
+        flat: dict[str, Any] = {
+            k: rec.get(k) for k in ("case_id", "split", "source_file", "status", "gpu_name")
+        }
         flat.update({k: rec.get(k) for k in PLAN_FIELDS})
         if isinstance(flat.get("targets"), list):
             flat["targets"] = ",".join(flat["targets"])
@@ -188,17 +190,26 @@ def report_table(report: Report) -> list[dict[str, Any]]:
 
 
 def _fmt_pct(value: float) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f} %"
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{100 * value:.2f} %"
+    )
 
 
 def render_markdown(report: Report, problems: list[str]) -> str:
     """``reports/accuracy.md``."""
     lines = ["# vramcalc accuracy report", ""]
-    lines.append(f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}.")
+    lines.append(
+        f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}."
+    )
     lines.append("Error = (estimate − measured) / measured; positive means over-estimate.")
     lines.append("")
     if not report.rows:
-        lines += ["No GPU measurements are committed yet (`data/measurements/` is empty), so nothing is compared.", ""]
+        lines += [
+            "No GPU measurements are committed yet (`data/measurements/` is empty), so nothing is compared.",
+            "",
+        ]
     ok = report.ok_rows
     for split in sorted({r.split for r in ok}):
         for method in sorted({str(r.record.get("method")) for r in ok if r.split == split}):
@@ -218,7 +229,9 @@ def render_markdown(report: Report, problems: list[str]) -> str:
     if worst:
         lines += ["## Worst cases (device_total_bytes)", ""]
         for r in worst:
-            lines.append(f"- {r.record.get('case_id')}: {100 * r.errors['device_total_bytes']:+.2f} %")
+            lines.append(
+                f"- {r.record.get('case_id')}: {100 * r.errors['device_total_bytes']:+.2f} %"
+            )
         lines.append("")
     if report.throughput:
         lines += ["## Throughput (tokens/s)", ""]
@@ -233,13 +246,29 @@ def render_markdown(report: Report, problems: list[str]) -> str:
     lines += ["", "## Cases", ""]
     table = report_table(report)
     if table:
-        cols = ["case_id", "split", "model", "method", "seq_len", "batch_size", "status",
-                "measured_device_total_bytes", "estimated_device_total_bytes", "error_pct_device_total_bytes",
-                "measured_peak_allocated_bytes", "estimated_peak_allocated_bytes", "error_pct_peak_allocated_bytes"]
+        cols = [
+            "case_id",
+            "split",
+            "model",
+            "method",
+            "seq_len",
+            "batch_size",
+            "status",
+            "measured_device_total_bytes",
+            "estimated_device_total_bytes",
+            "error_pct_device_total_bytes",
+            "measured_peak_allocated_bytes",
+            "estimated_peak_allocated_bytes",
+            "error_pct_peak_allocated_bytes",
+        ]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for flat in table:
-            lines.append("| " + " | ".join("" if flat.get(c) is None else str(flat.get(c)) for c in cols) + " |")
+            lines.append(
+                "| "
+                + " | ".join("" if flat.get(c) is None else str(flat.get(c)) for c in cols)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -281,9 +310,15 @@ def _plot(report: Report, path: Path) -> Path:
     values = [r.record["device_total_bytes"] / gib for r in report.ok_rows]
     lo, hi = min(values) * 0.8, max(values) * 1.25
     left.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="y = x")
-    left.set(xscale="log", yscale="log", xlabel="measured device total (GiB)", ylabel="estimated (GiB)")
+    left.set(
+        xscale="log", yscale="log", xlabel="measured device total (GiB)", ylabel="estimated (GiB)"
+    )
     left.legend()
-    errors = [100 * r.errors["device_total_bytes"] for r in report.ok_rows if "device_total_bytes" in r.errors]
+    errors = [
+        100 * r.errors["device_total_bytes"]
+        for r in report.ok_rows
+        if "device_total_bytes" in r.errors
+    ]
     right.hist(errors, bins=20)
     right.set(xlabel="error (%)", ylabel="cases", title="device_total_bytes error")
     fig.tight_layout()

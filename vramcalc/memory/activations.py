@@ -37,7 +37,14 @@ from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
 from vramcalc.memory.layers import MODELLED, Layer, Recipe, recipe_for
 from vramcalc.plan import TrainingPlan
 
-__all__ = ["ITEMSIZE", "ROUND_TO", "ActivationEstimate", "Graph", "estimate_activations", "recipe_for"]
+__all__ = [
+    "ITEMSIZE",
+    "ROUND_TO",
+    "ActivationEstimate",
+    "Graph",
+    "estimate_activations",
+    "recipe_for",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,9 @@ class ActivationEstimate:
     first_layer_saved_bytes: int  # layer 0 (LoRA without checkpointing: input needs no gradient)
     shared_saved_bytes: int  # saved once for all layers (RoPE cos/sin)
     final_norm_saved_bytes: int  # the final norm (its input is the last layer's output)
-    layers_saved_bytes: int  # all of the above live at the end of forward (checkpointing: kept inputs)
+    layers_saved_bytes: (
+        int  # all of the above live at the end of forward (checkpointing: kept inputs)
+    )
     checkpoint_input_bytes: int  # per layer under checkpointing: the kept layer input (0 otherwise)
     recompute_layer_bytes: int  # checkpointing: one layer's saved tensors re-made in backward
     backward_transient_bytes: int  # largest short-lived extra inside one layer's backward
@@ -56,7 +65,6 @@ class ActivationEstimate:
     attention_mask_bytes: int  # model-level mask live during forward (eager attention)
     exact: bool  # False where the rule approximates (int8 outliers, unknown architecture)
     rule: str
-
 
 
 # -- the estimate ---------------------------------------------------------------------------
@@ -71,7 +79,9 @@ class LayerRun:
 
     @property
     def saved_bytes(self) -> int:
-        return self.graph.bytes(t for t in self.graph.saved.values() if t.key not in self.shared_keys)
+        return self.graph.bytes(
+            t for t in self.graph.saved.values() if t.key not in self.shared_keys
+        )
 
     @property
     def shared_bytes(self) -> int:
@@ -83,8 +93,11 @@ class LayerRun:
 
 
 def run_layer(
-    inventory: ModelInventory, recipe: Recipe, input_requires_grad: bool = True,
-    round_to: int = ROUND_TO, final_norm: bool = False,
+    inventory: ModelInventory,
+    recipe: Recipe,
+    input_requires_grad: bool = True,
+    round_to: int = ROUND_TO,
+    final_norm: bool = False,
 ) -> LayerRun:
     """Run one abstract decoder layer (or the final norm) and keep its graph."""
     r = recipe
@@ -100,7 +113,9 @@ def run_layer(
 
 
 def estimate_activations(
-    inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[str, Any] | None = None,
+    inventory: ModelInventory,
+    plan: TrainingPlan,
+    config_dict: dict[str, Any] | None = None,
     round_to: int = ROUND_TO,
 ) -> ActivationEstimate:
     """Activation bytes of ``inventory``'s decoder stack under ``plan`` (see module docstring).
@@ -127,7 +142,9 @@ def estimate_activations(
         rope_bytes = steady.graph.bytes(
             t for t in (steady.layer.cos, steady.layer.sin) if t is not None
         )
-        position_ids = _round(r.seq * ITEMSIZE["i64"], round_to)  # passed to (and kept by) every layer
+        position_ids = _round(
+            r.seq * ITEMSIZE["i64"], round_to
+        )  # passed to (and kept by) every layer
         layers_saved = layers * input_bytes + rope_bytes + position_ids + final_bytes
         recompute = per_layer - (input_bytes if steady.saves_input else 0) + shared
         checkpoint_input = input_bytes
@@ -141,7 +158,9 @@ def estimate_activations(
         mask = windows * _round(r.batch * r.seq * r.seq * ITEMSIZE[r.res], round_to)
     forward_transient, backward_transient = _transients(steady, r, inventory)
     linear_adapters = sum(
-        grp.count * plan.rank * (grp.in_features + grp.out_features) for grp in inventory.linears if grp.lora
+        grp.count * plan.rank * (grp.in_features + grp.out_features)
+        for grp in inventory.linears
+        if grp.lora
     )
     wrapped_params = plan.uses_adapters and (
         inventory.adapter_params != linear_adapters or plan.dora or bool(plan.modules_to_save)
@@ -186,7 +205,9 @@ def _transients(run: LayerRun, r: Recipe, inv: ModelInventory) -> tuple[int, int
     return forward, backward
 
 
-def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, wrapped: bool) -> str:
+def _describe(
+    inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, wrapped: bool
+) -> str:
     parts = [
         f"{inv.model_type}: abstract autograd over one decoder layer (CUDA autocast {r.low}, "
         f"residual stream {r.res}, base weights {r.weight}, attention {r.attn})",
@@ -200,7 +221,9 @@ def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, w
             "re-creates one layer's saved set at a time"
         )
     if r.weight == "int8":
-        parts.append("INT8 MatMul8bitLt also keeps outlier columns of its input (data dependent, not counted)")
+        parts.append(
+            "INT8 MatMul8bitLt also keeps outlier columns of its input (data dependent, not counted)"
+        )
     if plan.dora:
         parts.append(
             "DoRA's extra saved tensors (base output and magnitude scaling per adapted module) and its "
@@ -217,5 +240,7 @@ def _describe(inv: ModelInventory, plan: TrainingPlan, r: Recipe, exact: bool, w
             "modelled: their merged expert weights are saved too"
         )
     if not exact and inv.model_type not in MODELLED:
-        parts.append(f"{inv.model_type} is not written out; the llama layer is used as an approximation")
+        parts.append(
+            f"{inv.model_type} is not written out; the llama layer is used as an approximation"
+        )
     return "; ".join(parts) + "."

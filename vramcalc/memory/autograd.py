@@ -142,4 +142,3 @@ def _round(nbytes: int, granularity: int) -> int:
     if nbytes <= 0 or granularity <= 1:
         return max(nbytes, 0)
     return math.ceil(nbytes / granularity) * granularity
-

@@ -74,12 +74,25 @@ def shard_static(
     """Per-GPU persistent memory of ``plan`` (``plan.num_gpus`` data-parallel ranks)."""
     n = plan.num_gpus
     if n == 1:
-        return ShardedStatic(weights_bytes, adapter_bytes, optimizer_state_bytes, gradient_bytes, 0, 0, 0,
-                             "single GPU: nothing sharded")
+        return ShardedStatic(
+            weights_bytes,
+            adapter_bytes,
+            optimizer_state_bytes,
+            gradient_bytes,
+            0,
+            0,
+            0,
+            "single GPU: nothing sharded",
+        )
     strategy = plan.strategy
     layer, root = layer_fraction(inventory)
     hidden2 = inventory.hidden_size**2
-    weights, adapters, opt, grads = weights_bytes, adapter_bytes, optimizer_state_bytes, gradient_bytes
+    weights, adapters, opt, grads = (
+        weights_bytes,
+        adapter_bytes,
+        optimizer_state_bytes,
+        gradient_bytes,
+    )
     gathered = comm = 0
     if strategy == "ddp":
         comm = gradient_bytes
@@ -117,5 +130,7 @@ def shard_static(
             if plan.method == "full":
                 weights = 0
             grads = 0
-        rule += "; CPU offload of optimizer states" + (" and parameter/gradient shards" if strategy in ("fsdp", "zero3") else "")
+        rule += "; CPU offload of optimizer states" + (
+            " and parameter/gradient shards" if strategy in ("fsdp", "zero3") else ""
+        )
     return ShardedStatic(weights, adapters, opt, grads, gathered, comm, nccl_bytes, rule)

@@ -27,7 +27,9 @@ def saved_copy_dtype(plan: TrainingPlan) -> str:
     return "fp32" if plan.is_kbit else plan.dtype
 
 
-def trainable_tensors(inventory: ModelInventory, plan: TrainingPlan) -> list[tuple[tuple[int, ...], int, str]]:
+def trainable_tensors(
+    inventory: ModelInventory, plan: TrainingPlan
+) -> list[tuple[tuple[int, ...], int, str]]:
     """Every trainable tensor as (shape, how many, dtype)."""
     out = [(shape, count, trainable_dtype(plan)) for shape, count in inventory.trainable_shapes]
     out += [(shape, count, saved_copy_dtype(plan)) for shape, count in inventory.saved_copy_shapes]

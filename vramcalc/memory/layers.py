@@ -51,18 +51,37 @@ class Recipe:
         return self.weight in ("nf4", "fp4", "int8")
 
 
-def recipe_for(inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[str, Any] | None = None) -> Recipe:
+def recipe_for(
+    inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[str, Any] | None = None
+) -> Recipe:
     cfg = config_dict or {}
     model_type = inventory.model_type
     low = "fp16" if plan.dtype == "fp16" else "bf16"
     res = "fp32" if plan.is_kbit else plan.dtype
-    attn = "eager" if plan.attn == "eager" or model_type in NO_SDPA and plan.attn == "sdpa" else "flash"
-    default_act = {"gemma": "gelu_tanh", "gemma2": "gelu_tanh", "opt": "relu"}.get(model_type, "silu")
-    act_name = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or cfg.get("activation_function") or default_act)
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(act_name, act_name)
+    attn = (
+        "eager"
+        if plan.attn == "eager" or model_type in NO_SDPA and plan.attn == "sdpa"
+        else "flash"
+    )
+    default_act = {"gemma": "gelu_tanh", "gemma2": "gelu_tanh", "opt": "relu"}.get(
+        model_type, "silu"
+    )
+    act_name = str(
+        cfg.get("hidden_activation")
+        or cfg.get("hidden_act")
+        or cfg.get("activation_function")
+        or default_act
+    )
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(
+        act_name, act_name
+    )
     if act not in ("silu", "gelu", "gelu_tanh", "relu"):
         act = "silu" if act == "swish" else "gelu"
-    hidden_dropout = float(cfg.get("dropout", 0.1 if model_type == "opt" else 0.0) or 0.0) if model_type == "opt" else 0.0
+    hidden_dropout = (
+        float(cfg.get("dropout", 0.1 if model_type == "opt" else 0.0) or 0.0)
+        if model_type == "opt"
+        else 0.0
+    )
     softcap = cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)
     return Recipe(
         batch=plan.batch_size,
@@ -84,7 +103,9 @@ def recipe_for(inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[
 class Layer:
     """One decoder layer of ``inventory`` written over a ``Graph``."""
 
-    def __init__(self, g: Graph, inv: ModelInventory, r: Recipe, cos: T | None, sin: T | None) -> None:
+    def __init__(
+        self, g: Graph, inv: ModelInventory, r: Recipe, cos: T | None, sin: T | None
+    ) -> None:
         self.g, self.inv, self.r, self.cos, self.sin = g, inv, r, cos, sin
         self.groups = {grp.name: grp for grp in inv.linears}
         if inv.model_type not in MODELLED:
@@ -173,7 +194,9 @@ class Layer:
         if r.softcap:
             t = g.act(g.scale(s), "relu")  # tanh keeps its output
             s = g.scale(t)
-        s = g.add(s, g.new(r.batch * r.seq * r.seq, r.res, False))  # + causal mask (embedding dtype)
+        s = g.add(
+            s, g.new(r.batch * r.seq * r.seq, r.res, False)
+        )  # + causal mask (embedding dtype)
         p = g.new(scores_numel, "fp32", s.rg)  # softmax(dtype=fp32) keeps its output
         if s.rg:
             g.save(p)
@@ -205,7 +228,9 @@ class Layer:
             g.save(tok_idx)
         if top.rg:
             g.save(perm)
-        gu = self.grouped(g.to(sel, wdt), g.param(e * 2 * i * h, wdt, r.full), n * k * 2 * i, offsets)
+        gu = self.grouped(
+            g.to(sel, wdt), g.param(e * 2 * i * h, wdt, r.full), n * k * 2 * i, offsets
+        )
         p = self.gated_mlp(g.view(gu, n * k * i), g.view(gu, n * k * i), n * k * i)
         d = self.grouped(p, g.param(e * h * i, wdt, r.full), n * k * h, offsets)
         wo = g.mul(d, weights, n * k * h)
@@ -286,10 +311,18 @@ def _llama_groups(inv: ModelInventory) -> dict[str, LinearGroup]:
     h, i = inv.hidden_size, inv.intermediate_size
     q, kv = inv.num_attention_heads * inv.head_dim, inv.num_key_value_heads * inv.head_dim
     lora = bool(inv.lora_targets)
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     return {
-        name: LinearGroup(name, fin, fout, False, inv.num_layers, True, lora and name in ("q_proj", "v_proj"))
+        name: LinearGroup(
+            name, fin, fout, False, inv.num_layers, True, lora and name in ("q_proj", "v_proj")
+        )
         for name, (fin, fout) in shapes.items()
     }
-

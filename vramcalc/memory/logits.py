@@ -40,14 +40,18 @@ class LogitsEstimate:
     loss_saved_bytes: int  # what the loss keeps: fp32 log-probabilities, labels, softcap tanh
     loss_forward_transient_bytes: int  # fp32 upcast + log-probabilities while the loss runs
     loss_backward_transient_bytes: int  # gradients of the logits inside backward, beyond the saved
-    forward_peak_bytes: int  # most alive at once in forward (logits + upcast + log-probs + saved head)
+    forward_peak_bytes: (
+        int  # most alive at once in forward (logits + upcast + log-probs + saved head)
+    )
     backward_peak_bytes: int  # most alive at once in the loss/head backward
     peak_bytes: int
     rule: str
 
 
 def estimate_logits(
-    inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[str, Any] | None = None,
+    inventory: ModelInventory,
+    plan: TrainingPlan,
+    config_dict: dict[str, Any] | None = None,
     round_to: int = ROUND_TO,
 ) -> LogitsEstimate:
     """Head + loss bytes of ``inventory`` under ``plan`` (see the module docstring)."""
@@ -70,7 +74,9 @@ def estimate_logits(
     labels = rounded(n, "i64")  # labels[..., 1:].contiguous(), kept by nll_loss
     padded = rounded(r.batch * (r.seq + 1), "i64")  # pad(labels, (0, 1), -100)
     total_weight = rounded(1, "fp32")  # nll_loss's 0-dim outputs: the loss and total_weight
-    softcap = inventory.model_type == "gemma2" and (config_dict or {}).get("final_logit_softcapping", 30.0)
+    softcap = inventory.model_type == "gemma2" and (config_dict or {}).get(
+        "final_logit_softcapping", 30.0
+    )
     tanh_saved = logits if softcap else 0
     loss_saved = fp32_logits + labels + total_weight + tanh_saved
     # forward: bf16 logits (+ the kept tanh output) + fp32 copy + log-probs, pad/shift labels

@@ -92,7 +92,9 @@ def estimate_weights(inventory: ModelInventory, plan: TrainingPlan) -> WeightsEs
             if plan.quant == "int8":
                 per = int8_linear_bytes(group.out_features, group.in_features)
             else:
-                per = four_bit_linear_bytes(group.out_features, group.in_features, plan.double_quant)
+                per = four_bit_linear_bytes(
+                    group.out_features, group.in_features, plan.double_quant
+                )
             quantized += per * group.count
         unquantized_dtype = "fp32"  # prepare_model_for_kbit_training
         unquantized_params = inventory.total_params - roles["linear"]

@@ -10,6 +10,15 @@
    and, for int8/nf4/fp4, a ``BitsAndBytesConfig``; k-bit models go through
    ``prepare_model_for_kbit_training``; LoRA plans get peft adapters; full
    fine-tuning trains every parameter.
+
+Multi-GPU plans whose weights are sharded (``fsdp``, ``fsdp-grad-op``,
+``zero3``) load as those wrappers need: 16-bit weights without a
+``device_map`` (FSDP: rank 0 on the CPU, the others on meta, then
+``sync_module_states``; ZeRO-3: partitioned by ``zero.Init``), 4-bit weights
+stored as the plan's dtype (``bnb_4bit_quant_storage``) so they can be
+flattened and sharded with the other parameters, which keep that dtype too
+(no ``prepare_model_for_kbit_training`` upcast to fp32, as in peft's FSDP/
+DeepSpeed QLoRA recipes).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.distributed import require_strategy_dependencies, shards_weights
 from harness.errors import HarnessError, MissingDependencyError
 from vramcalc.catalog import resolve_model
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
@@ -50,7 +60,8 @@ def has_bitsandbytes() -> bool:
 
 
 def require_dependencies(plan: TrainingPlan) -> None:
-    """Raise ``MissingDependencyError`` when the plan needs bitsandbytes and it is missing."""
+    """Raise ``MissingDependencyError`` when the plan needs bitsandbytes (or deepspeed) and it is missing."""
+    require_strategy_dependencies(plan)
     needs = []
     if plan.is_kbit:
         needs.append(f"--quant {plan.quant}")
@@ -165,11 +176,15 @@ def quantization_config(plan: TrainingPlan) -> Any:
 
     if plan.quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    kwargs: dict[str, Any] = {}
+    if shards_weights(plan):  # FSDP / ZeRO-3 flatten 4-bit storage with the 16-bit params
+        kwargs["bnb_4bit_quant_storage"] = torch_dtype(plan.dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=plan.quant,
         bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
         bnb_4bit_use_double_quant=plan.double_quant,
+        **kwargs,
     )
 
 
@@ -198,11 +213,11 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
     kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.dtype), "attn_implementation": plan.attn}
     if plan.is_kbit:
         kwargs["quantization_config"] = quantization_config(plan)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not (shards_weights(plan) and not plan.is_kbit):
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
     model.config.use_cache = False
-    if plan.is_kbit:
+    if plan.is_kbit and not shards_weights(plan):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

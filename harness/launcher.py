@@ -9,6 +9,14 @@ nothing already measured, and a rerun skips every case already there (same
 ``case_id`` on the same device). A tqdm bar shows cases done / left and the
 last case's seconds. On CUDA, a ``probe`` worker first records provenance and
 checks the memory instrument (a known allocation must read back within 1 %).
+
+A multi-GPU case (``num_gpus > 1``) is measured by ``python -m harness.agent``
+(accelerate's launch env + ``torch.distributed.run``, one worker per GPU)
+under configs written to ``SCRATCH/launch/<case_id>/``; its ranks' records
+are merged into one (``harness.record.merge_rank_records``). On a timeout the
+whole process tree is killed: the agent's group and every rank, which
+torch.distributed.run starts in sessions of their own. Every process the
+launcher starts has NVLink multicast off (``NVLS_OFF_ENV``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.distributed import (
+    NVLS_OFF_ENV,
+    is_distributed,
+    require_strategy_dependencies,
+    write_launch_configs,
+)
 from harness.errors import HarnessError
 from harness.record import (
     PROVENANCE_FIELDS,
@@ -35,6 +49,7 @@ from harness.record import (
     append_record,
     collect_provenance,
     make_record,
+    merge_rank_records,
     read_records,
     utc_now,
 )
@@ -81,6 +96,7 @@ class WorkerOutcome:
     returncode: int | None
     log_tail: str
     seconds: float
+    rank_results: tuple[dict[str, Any], ...] = ()  # multi-GPU: what each rank wrote
 
 
 def default_scratch_dir() -> Path:
@@ -150,21 +166,35 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def spawn_worker(
-    mode: str, spec: dict[str, Any], timeout_s: float, log_path: Path
+    mode: str,
+    spec: dict[str, Any],
+    timeout_s: float,
+    log_path: Path,
+    accelerate_config_file: str | None = None,
 ) -> WorkerOutcome:
-    """Run ``python -m harness.worker MODE`` in a fresh process; kill its group on timeout."""
+    """Run ``python -m harness.worker MODE`` in a fresh process; kill its tree on timeout.
+
+    With ``accelerate_config_file`` the process is ``harness.agent``, which
+    starts one worker per GPU; each rank's record comes back in ``rank_results``.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["VRAMCALC_LAUNCHER_PID"] = str(os.getpid())
+    env.update(NVLS_OFF_ENV)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vramcalc-worker-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
+        worker_args = [mode, str(spec_path), str(result_path)]
+        if accelerate_config_file is None:
+            command = [sys.executable, "-m", "harness.worker", *worker_args]
+        else:
+            command = [sys.executable, "-m", "harness.agent", accelerate_config_file, *worker_args]
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "harness.worker", mode, str(spec_path), str(result_path)],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -178,15 +208,52 @@ def spawn_worker(
                 timed_out = True
             finally:
                 if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    kill_process_tree(proc)
         result = (
             json.loads(result_path.read_text()) if result_path.exists() and not timed_out else None
         )
+        rank_results = tuple(
+            json.loads(path.read_text()) for path in sorted(Path(tmp).glob("result.rank*.json"))
+        )
     return WorkerOutcome(
-        result, timed_out, proc.returncode, _tail(log_path), time.perf_counter() - started
+        result,
+        timed_out,
+        proc.returncode,
+        _tail(log_path),
+        time.perf_counter() - started,
+        rank_results,
     )
+
+
+def kill_process_tree(proc: subprocess.Popen[bytes]) -> list[int]:
+    """SIGKILL ``proc``'s process group and every process below it; returns the pids killed.
+
+    torch.distributed.run starts each rank in a session of its own, so the
+    group alone would leave the ranks running. The group is stopped first so
+    that no new child appears while the tree is read.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGSTOP)
+    below = descendant_pids(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:  # a session / group leader: its own children too
+                os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    return [proc.pid, *below]
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _failure(outcome: WorkerOutcome, what: str, timeout_s: float) -> tuple[str, str]:
@@ -220,6 +287,13 @@ def measure_case(
         checkpoint = checkpoint_dir(case.plan, scratch_dir)
     except VramcalcError as err:
         return _fallback_record(case, device, "error", f"model: {err}", provenance)
+    launch: dict[str, Any] | None = None
+    if is_distributed(case.plan):
+        try:
+            check_multi_gpu(case, device)
+            launch = write_launch_configs(case, device, scratch_dir / "launch" / case.case_id)
+        except VramcalcError as err:
+            return _fallback_record(case, device, "error", str(err), provenance)
     if not checkpoint_ready(checkpoint):
         outcome = spawn_worker("prepare", spec, timeout_s, log_path)
         if outcome.result is None or outcome.result.get("status") != "ok":
@@ -227,6 +301,13 @@ def measure_case(
             return _fallback_record(case, device, status, error, provenance)
     touch_checkpoint(checkpoint)
     spec["checkpoint"] = str(checkpoint)
+    if launch is not None:
+        outcome = spawn_worker("run", spec, timeout_s, log_path, launch["accelerate_config_file"])
+        failure = None
+        if outcome.timed_out or outcome.returncode != 0:
+            failure = _failure(outcome, "measuring", timeout_s)
+        config = {"accelerate": launch["accelerate"], "deepspeed": launch["deepspeed"]}
+        return merge_rank_records(case, device, outcome.rank_results, provenance, failure, config)
     outcome = spawn_worker("run", spec, timeout_s, log_path)
     if outcome.result is not None and outcome.result.get("case_id") == case.case_id:
         record = outcome.result
@@ -236,6 +317,26 @@ def measure_case(
         return record
     status, error = _failure(outcome, "measuring", timeout_s)
     return _fallback_record(case, device, status, error, provenance)
+
+
+def check_multi_gpu(case: Case, device: str) -> None:
+    """``HarnessError`` when this machine cannot run the multi-GPU case at all."""
+    plan = case.plan
+    require_strategy_dependencies(plan)
+    if device == "cpu" and plan.strategy != "ddp":
+        raise HarnessError(
+            f"strategy {plan.strategy} needs CUDA GPUs (accelerate's FSDP plugin and DeepSpeed "
+            "refuse the CPU); on CPU only ddp runs (gloo)."
+        )
+    if device == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible < plan.num_gpus:
+            raise HarnessError(
+                f"num_gpus {plan.num_gpus}: only {visible} CUDA GPU{'s' if visible != 1 else ''} "
+                "visible (CUDA_VISIBLE_DEVICES)."
+            )
 
 
 def _fallback_record(

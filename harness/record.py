@@ -7,6 +7,13 @@ and provenance (``PROVENANCE_FIELDS``). Every record has every field; a figure
 that was not measured (GPU memory on CPU, anything after an OOM) is ``null``.
 
 Units are in the names: ``*_bytes`` are bytes, ``*_seconds`` / ``*_s`` seconds.
+
+A multi-GPU case is one record too (``merge_rank_records``): memory figures
+are per GPU, the maximum over the ranks (the estimator's per-GPU figures),
+``tokens_per_second`` is per GPU as in the estimator and
+``tokens_per_second_all_gpus`` the total over the ranks; ``per_rank`` keeps
+every rank's own figures and ``distributed_config`` the accelerate / DeepSpeed
+configs the case ran under.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import platform
 import shutil
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -41,8 +48,10 @@ RESULT_FIELDS = (
     "peak_allocated_bytes",  # max_memory_allocated over load + training
     "peak_reserved_bytes",  # max_memory_reserved over load + training
     "device_total_bytes",  # peak device-wide used memory, CUDA context included
+    "total_device_bytes_all_gpus",  # sum of device_total_bytes over the GPUs of the case
     "loaded_allocated_bytes",  # memory_allocated after the model (+ adapters) is built
-    "tokens_per_second",  # seq_len * batch_size * grad_accum / step_seconds
+    "tokens_per_second",  # per GPU: seq_len * batch_size * grad_accum / step_seconds
+    "tokens_per_second_all_gpus",  # the sum over the GPUs (ranks) of the case
     "step_seconds",  # median of the measured optimizer steps
     "mfu",  # model FLOPs utilization; None (not computed yet)
     "trainable_params",
@@ -57,7 +66,25 @@ EXTRA_FIELDS = (
     "lora_targets_used",  # leaf names peft wrapped (None for full fine-tuning)
     "optimizer_class",  # the optimizer the recipe really built
     "case_seconds",  # wall time of the worker, imports included
+    "per_rank",  # multi-GPU: one dict per rank (PER_RANK_FIELDS), else None
+    "distributed_config",  # multi-GPU: {"accelerate": {...}, "deepspeed": {...} | None}
 )
+PER_RANK_FIELDS = (
+    "rank",
+    "local_rank",
+    "status",
+    "error",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "device_total_bytes",
+    "device_baseline_bytes",
+    "loaded_allocated_bytes",
+    "tokens_per_second",
+    "step_seconds",
+    "host_peak_rss_bytes",
+    "case_seconds",
+)
+MISSING_RANK_ERROR = "no result: the process was stopped or died before writing one"
 PROVENANCE_FIELDS = (
     "gpu_name",
     "gpu_memory_bytes",
@@ -141,7 +168,7 @@ def collect_provenance(device: str) -> dict[str, Any]:
     on_gpu = device.startswith("cuda")
     gpu_name = gpu_memory = None
     if on_gpu:
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_name, gpu_memory = props.name, int(props.total_memory)
     return {
         "gpu_name": gpu_name,
@@ -190,9 +217,107 @@ def make_record(
     record.update(device=device, status=status, error=error)
     if record["measured_at"] is None:
         record["measured_at"] = utc_now()
+    if case.plan.num_gpus == 1:  # the all-GPU totals of one GPU are its own figures
+        record["tokens_per_second_all_gpus"] = record["tokens_per_second"]
+        record["total_device_bytes_all_gpus"] = record["device_total_bytes"]
     if case.simulate is not None:
         record["simulate"] = case.simulate
     return record
+
+
+# -- multi-GPU: one record from the ranks' records -------------------------------------------------
+def merge_rank_records(
+    case: Case,
+    device: str,
+    rank_records: Sequence[Mapping[str, Any]],
+    provenance: Mapping[str, Any] | None = None,
+    launch_failure: tuple[str, str] | None = None,
+    distributed_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One record for a multi-GPU case from the records its ranks wrote.
+
+    Per-GPU figures are the maximum over the ranks, totals the sum; a rank
+    with no record (killed, or died) is a ``per_rank`` entry with status None.
+    Status: ``oom`` when any rank ran out of memory, else ``error`` when any
+    rank failed, else ``ok`` when every rank measured, else
+    ``launch_failure`` (``(status, error)`` of the launch: a timeout, a
+    crashed agent), else ``error`` naming the ranks that wrote nothing.
+    """
+    num_gpus = case.plan.num_gpus
+    by_rank = {int(r["rank"]): r for r in rank_records if r.get("rank") is not None}
+    per_rank = []
+    for rank in range(num_gpus):
+        own = by_rank.get(rank)
+        entry = dict.fromkeys(PER_RANK_FIELDS)
+        if own is None:
+            entry.update(rank=rank, local_rank=rank, error=MISSING_RANK_ERROR)
+        else:
+            entry.update({k: own.get(k) for k in PER_RANK_FIELDS})
+        per_rank.append(entry)
+    status, error = _merged_status(per_rank, launch_failure)
+    present = [by_rank[r] for r in sorted(by_rank)]
+    first = present[0] if present else {}
+    measurement: dict[str, Any] = {
+        key: first.get(key)
+        for key in (
+            "compute_dtype_used",
+            "trainable_params",
+            "total_params",
+            "lora_targets_used",
+            "optimizer_class",
+            "device_total_source",
+        )
+    }
+    for key in (
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_total_bytes",
+        "loaded_allocated_bytes",
+        "device_baseline_bytes",
+        "step_seconds",
+        "host_peak_rss_bytes",
+        "case_seconds",
+    ):
+        measurement[key] = _max(r.get(key) for r in present)
+    measurement["total_device_bytes_all_gpus"] = _sum([e["device_total_bytes"] for e in per_rank])
+    all_gpus = _sum([e["tokens_per_second"] for e in per_rank])
+    measurement["tokens_per_second_all_gpus"] = all_gpus
+    measurement["tokens_per_second"] = all_gpus / num_gpus if all_gpus is not None else None
+    steps = [r.get("step_seconds_measured") for r in present]
+    if len(steps) == num_gpus and all(steps) and len({len(s) for s in steps}) == 1:
+        measurement["step_seconds_measured"] = [max(column) for column in zip(*steps, strict=True)]
+    measurement["per_rank"] = per_rank
+    measurement["distributed_config"] = dict(distributed_config) if distributed_config else None
+    merged_provenance = {k: first.get(k) for k in PROVENANCE_FIELDS}
+    for key, value in (provenance or {}).items():
+        if merged_provenance.get(key) is None:
+            merged_provenance[key] = value
+    return make_record(case, device, status, measurement, merged_provenance, error)
+
+
+def _merged_status(
+    per_rank: list[dict[str, Any]], launch_failure: tuple[str, str] | None
+) -> tuple[str, str | None]:
+    for wanted in ("oom", "error"):
+        failed = [e for e in per_rank if e["status"] == wanted]
+        if failed:
+            return wanted, "\n".join(f"rank {e['rank']}: {e['error']}" for e in failed)
+    missing = [e["rank"] for e in per_rank if e["status"] is None]
+    if not missing:  # every rank measured: a failure after that (teardown) changes nothing
+        return "ok", None
+    if launch_failure is not None:
+        return launch_failure
+    return "error", f"ranks {missing}: {MISSING_RANK_ERROR}."
+
+
+def _max(values: Iterable[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _sum(values: list[Any]) -> Any:
+    """The sum, or None unless every value is there (a partial total would mislead)."""
+    return sum(values) if values and all(v is not None for v in values) else None
 
 
 # -- JSON lines ----------------------------------------------------------------------------------

@@ -5,7 +5,12 @@ optimizer steps), ``warmup_steps`` (run first, not timed), ``seed``, ``split``
 (``calibration`` cases may tune the estimator, ``validation`` cases only check
 it), ``recipe`` (``trainer``: HF Trainer, ``loop``: plain PyTorch) and an
 optional ``timeout_s``. ``simulate`` is a test hook (``oom``, ``error``,
-``hang``) that makes the worker fail on purpose; real case lists leave it out.
+``hang``) that makes the worker fail on purpose (in a multi-GPU case, the
+last rank only); real case lists leave it out.
+
+A plan with ``num_gpus > 1`` runs one process per GPU under its ``strategy``
+(``ddp``, ``fsdp``, ``fsdp-grad-op``, ``zero1/2/3``) and ``cpu_offload``
+(``harness.distributed``).
 
 YAML files are either a list of cases or a mapping::
 
@@ -150,10 +155,24 @@ def case_problems(values: Mapping[str, Any], plan: TrainingPlan | None) -> list[
         isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0
     ):
         problems.append(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
-    if plan is not None and plan.num_gpus != 1:
-        problems.append(f"num_gpus must be 1: the harness measures one GPU, got {plan.num_gpus}.")
-    if plan is not None and plan.cpu_offload:
-        problems.append("cpu_offload is not supported by the harness (one GPU, no offload).")
+    if plan is not None and plan.num_gpus > 1:
+        problems.extend(multi_gpu_problems(plan, values["recipe"]))
+    return problems
+
+
+def multi_gpu_problems(plan: TrainingPlan, recipe: str) -> list[str]:
+    """What the harness cannot run of a multi-GPU plan (the plan checked the rest)."""
+    problems = []
+    if plan.quant == "int8" and plan.strategy in ("fsdp", "fsdp-grad-op", "zero3"):
+        problems.append(
+            f"quant int8 cannot be sharded by strategy {plan.strategy} (bitsandbytes keeps "
+            "int8 weights in its own tensor type); use strategy ddp, zero1 or zero2, or quant nf4."
+        )
+    if recipe == "loop" and plan.strategy in ("zero1", "zero2", "zero3"):
+        problems.append(
+            f"recipe loop runs strategies ddp, fsdp and fsdp-grad-op; use recipe trainer "
+            f"for {plan.strategy}."
+        )
     return problems
 
 

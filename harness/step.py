@@ -14,10 +14,19 @@ gradient clipping at 1.0 as Trainer does, ``zero_grad(set_to_none=True)``.
 
 Batches are random token ids of exactly ``seq_len`` (seeded), labels = inputs,
 no attention mask (every token attends causally, as in packed training).
+
+Multi-GPU cases (one process per GPU, ``harness.agent``): Trainer wraps the
+model as the launch env says (DDP, FSDP, DeepSpeed) and each rank gets its own
+micro-batches; ``loop`` prepares model and optimizer with accelerate's
+``Accelerator`` (DDP and FSDP), skipping the gradient all-reduce on
+accumulation micro-batches as Trainer does. Under FSDP, adapter models get
+peft's auto-wrap policy (each trainable leaf its own unit, see
+``harness.distributed.fsdp_peft_wrap``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import tempfile
@@ -25,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from harness.distributed import fsdp_peft_wrap, is_distributed, rank_info
 from harness.scenario import Case
 from harness.trackers import is_cuda, synchronize
 
@@ -87,7 +97,7 @@ def dataset_for(case: Case, model: Any) -> SyntheticTokens:
     plan = case.plan
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    samples = case.total_steps * plan.batch_size * plan.grad_accum
+    samples = case.total_steps * plan.batch_size * plan.grad_accum * plan.num_gpus
     return SyntheticTokens(samples, plan.seq_len, int(text_config.vocab_size), case.seed)
 
 
@@ -119,8 +129,13 @@ def compute_dtype_for(case: Case, device: str) -> str:
 
 # -- test hook ---------------------------------------------------------------------------------------
 def simulate_failure(case: Case) -> None:
-    """Fail on purpose at the first measured step (``case.simulate``); no-op otherwise."""
-    if case.simulate is None:
+    """Fail on purpose at the first measured step (``case.simulate``); no-op otherwise.
+
+    Only the last rank fails: in a multi-GPU case the others go on into the
+    step's collectives and wait there, as they would for a real failure.
+    """
+    rank, _, world_size = rank_info()
+    if case.simulate is None or rank != world_size - 1:
         return
     import torch
 
@@ -227,6 +242,8 @@ def run_trainer(model: Any, case: Case, device: str, compute_dtype: str) -> Reci
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset_for(case, model), callbacks=[StepTimer()]
         )
+        if getattr(trainer, "is_fsdp_enabled", False):
+            fsdp_peft_wrap(trainer.model, _fsdp_plugin(trainer.accelerator))
         trainer.train()
         optimizer_class = seen.get("optimizer") or _optimizer_class(trainer.optimizer)
     return RecipeResult(tuple(times), case.warmup_steps, optimizer_class)
@@ -249,50 +266,96 @@ def run_loop(model: Any, case: Case, device: str, compute_dtype: str) -> RecipeR
     from transformers import Trainer
 
     plan = case.plan
+    with tempfile.TemporaryDirectory(prefix="vramcalc-loop-") as output_dir:
+        args = training_arguments(case, device, compute_dtype, output_dir)  # before Accelerator:
+        # TrainingArguments resets accelerate's state
     if plan.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    if not is_cuda(device):
+    accelerator = _loop_accelerator(model, case, device, compute_dtype)
+    fsdp = accelerator is not None and _fsdp_plugin(accelerator) is not None
+    if fsdp:
+        model = accelerator.prepare(model)  # FSDP: the optimizer sees the sharded parameters
+    elif not is_cuda(device):
         model.to(device)
-    with tempfile.TemporaryDirectory(prefix="vramcalc-loop-") as output_dir:
-        args = training_arguments(case, device, compute_dtype, output_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer = optimizer_cls(params, **optimizer_kwargs)
     _check_optimizer(case, optimizer)
+    if accelerator is not None:
+        if fsdp:
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype]
     device_type = "cuda" if is_cuda(device) else "cpu"
-    scaler = torch.amp.GradScaler(device_type) if compute_dtype == "fp16" else None
-    data = dataset_for(case, model)
-    sample = 0
+    scaler = (
+        torch.amp.GradScaler(device_type)
+        if compute_dtype == "fp16" and accelerator is None
+        else None
+    )
+    data = dataset_for(case, getattr(model, "module", model))  # DDP hides the config
+    rank, _, _ = rank_info()
+    sample = rank * case.total_steps * plan.batch_size * plan.grad_accum  # this rank's share
     times: list[float] = []
     synchronize(device)
     last = time.perf_counter()
     for step in range(case.total_steps):
         if step == case.warmup_steps:
             simulate_failure(case)
-        for _ in range(plan.grad_accum):
+        for micro in range(plan.grad_accum):
             items = [data[sample + i] for i in range(plan.batch_size)]
             sample += plan.batch_size
             input_ids = torch.stack([it["input_ids"] for it in items]).to(device, non_blocking=True)
             labels = torch.stack([it["labels"] for it in items]).to(device, non_blocking=True)
-            with torch.autocast(device_type, dtype=dtype, enabled=compute_dtype != "fp32"):
-                loss = model(input_ids=input_ids, labels=labels).loss / plan.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
+            last_micro = micro == plan.grad_accum - 1
+            with (
+                accelerator.no_sync(model)
+                if accelerator is not None and not last_micro
+                else contextlib.nullcontext()
+            ):
+                with torch.autocast(device_type, dtype=dtype, enabled=compute_dtype != "fp32"):
+                    loss = model(input_ids=input_ids, labels=labels).loss / plan.grad_accum
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                else:
+                    (scaler.scale(loss) if scaler else loss).backward()
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)  # as Trainer
             optimizer.step()
+        else:
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         now = time.perf_counter()
         times.append(now - last)
         last = now
     return RecipeResult(tuple(times), case.warmup_steps, _optimizer_class(optimizer))
+
+
+def _loop_accelerator(model: Any, case: Case, device: str, compute_dtype: str) -> Any:
+    """accelerate's ``Accelerator`` for a multi-GPU loop (the launch env picks DDP or FSDP)."""
+    if not is_distributed(case.plan):
+        return None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        mixed_precision="no" if compute_dtype == "fp32" else compute_dtype,
+        cpu=not is_cuda(device),
+    )
+    fsdp_peft_wrap(model, _fsdp_plugin(accelerator))
+    return accelerator
+
+
+def _fsdp_plugin(accelerator: Any) -> Any:
+    return getattr(accelerator.state, "fsdp_plugin", None)
 
 
 RECIPES = {"trainer": run_trainer, "loop": run_loop}

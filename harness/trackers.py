@@ -21,6 +21,7 @@ figure reads it back within 1 %.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import threading
@@ -56,7 +57,7 @@ def host_peak_rss_bytes() -> int:
 
 # -- device-wide memory ----------------------------------------------------------------------
 class _NvmlReader:
-    """Device-wide used bytes of the GPU that torch calls cuda:0, via NVML."""
+    """Device-wide used bytes of this process's GPU (torch's current device), via NVML."""
 
     source = "nvml"
 
@@ -71,14 +72,15 @@ class _NvmlReader:
         nvml = self._nvml
         torch = _torch()
         if torch.cuda.is_initialized():
-            uuid = str(getattr(torch.cuda.get_device_properties(0), "uuid", "") or "")
+            current = torch.cuda.current_device()
+            uuid = str(getattr(torch.cuda.get_device_properties(current), "uuid", "") or "")
             if uuid:
                 try:
                     name = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
                     return nvml.nvmlDeviceGetHandleByUUID(name)
                 except nvml.NVMLError:
                     pass
-        return nvml.nvmlDeviceGetHandleByIndex(0)
+        return nvml.nvmlDeviceGetHandleByIndex(_visible_device_index())
 
     def used_bytes(self) -> int:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
@@ -98,24 +100,41 @@ class _MemGetInfoReader:
         return int(total - free)
 
 
+def _visible_device_entry() -> str:
+    """This process's GPU as NVML names it: entry ``LOCAL_RANK`` of ``CUDA_VISIBLE_DEVICES``.
+
+    A single-GPU worker has ``LOCAL_RANK`` 0; the ranks of a multi-GPU case
+    each use GPU ``LOCAL_RANK`` (accelerate's ``PartialState`` sets it so).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return str(local_rank)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    return entries[local_rank] if local_rank < len(entries) else str(local_rank)
+
+
+def _visible_device_index() -> int:
+    entry = _visible_device_entry()
+    return int(entry) if entry.isdigit() else int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def device_baseline_bytes() -> int | None:
-    """Device-wide used bytes *before* this process creates a CUDA context (NVML only).
+    """Device-wide used bytes of this process's GPU *before* it creates a CUDA context (NVML only).
 
     ``None`` without pynvml, or once CUDA is initialized (the context is in it then).
     """
-    import os
-
     if _torch().cuda.is_initialized():
         return None
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-        if first.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(first))
+        entry = _visible_device_entry()
+        if entry.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(entry))
         else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(first)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(entry)
         return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
     except Exception:  # noqa: BLE001 - no pynvml / NVML: not measured
         return None

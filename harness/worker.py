@@ -13,6 +13,13 @@ Modes:
 ``probe``    provenance of the machine and, on CUDA, the memory instrument check.
 
 SPEC is ``{"case": Case.to_dict(), "device": ..., "scratch_dir": ..., "checkpoint": ...}``.
+
+A multi-GPU case runs this worker once per GPU under ``harness.agent``
+(torch.distributed.run): each rank joins the process group before touching
+CUDA, measures its own GPU, writes its record to ``RESULT.rank<r>.json``
+(``harness.distributed.rank_result_path``) and, when it failed, exits
+non-zero so that torch.distributed.run stops the ranks waiting for it. The
+launcher merges the ranks' records (``harness.record.merge_rank_records``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,12 @@ def error_text(err: BaseException) -> str:
 def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
     """Measure one case in this process; returns its full result record."""
     from harness.build import build_model
+    from harness.distributed import (
+        is_distributed,
+        rank_info,
+        start_process_group,
+        zero3_loading_context,
+    )
     from harness.record import collect_provenance, make_record
     from harness.step import RECIPES, compute_dtype_for
     from harness.trackers import (
@@ -77,12 +90,17 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
     provenance: dict[str, Any] = {}
     status, error = "ok", None
     tracker = MemoryTracker(device)
+    rank, local_rank, world_size = rank_info()
     try:
+        if is_distributed(case.plan):
+            start_process_group(device)  # before CUDA: this rank's GPU only
         provenance = collect_provenance(device)
         compute_dtype = compute_dtype_for(case, device)
         measurement["compute_dtype_used"] = compute_dtype
         with tracker:
+            keep_alive = zero3_loading_context(case.plan)
             built = build_model(case.plan, checkpoint, device)
+            del keep_alive
             measurement.update(
                 loaded_allocated_bytes=allocated_bytes(device),
                 trainable_params=built.trainable_params,
@@ -118,7 +136,10 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
         host_peak_rss_bytes=host_peak_rss_bytes(),
         case_seconds=time.perf_counter() - started,
     )
-    return make_record(case, device, status, measurement, provenance, error)
+    record = make_record(case, device, status, measurement, provenance, error)
+    if is_distributed(case.plan):  # a rank's record, merged by the launcher
+        record.update(rank=rank, local_rank=local_rank, world_size=world_size)
+    return record
 
 
 def prepare(case: Case, device: str, scratch_dir: str | Path) -> dict[str, Any]:
@@ -139,7 +160,11 @@ def probe(device: str, check_instrument: bool = True) -> dict[str, Any]:
 
 
 def die_with_launcher() -> None:
-    """Get SIGKILL when the launcher dies (Linux), so no orphan worker keeps the GPU."""
+    """Get SIGKILL when the launcher dies (Linux), so no orphan worker keeps the GPU.
+
+    ``VRAMCALC_LAUNCHER_PID`` is the parent's pid: the launcher's, or for the
+    ranks of a multi-GPU case the agent's (``harness.agent``).
+    """
     launcher = os.environ.get("VRAMCALC_LAUNCHER_PID")
     if not launcher or not sys.platform.startswith("linux"):
         return
@@ -165,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     mode, spec_path, result_path = argv
     die_with_launcher()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from harness.distributed import rank_info, rank_result_path
+
+    rank, _, world_size = rank_info()
+    if world_size > 1:
+        result_path = str(rank_result_path(result_path, rank))
+        print(f"[harness] rank {rank}/{world_size} pid {os.getpid()}", flush=True)
     spec = json.loads(Path(spec_path).read_text())
     device = spec["device"]
     try:
@@ -186,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(result_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, result_path)
+    if world_size > 1 and result.get("status") != "ok":
+        return 1  # torch.distributed.run stops the other ranks
     return 0
 
 

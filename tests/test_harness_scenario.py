@@ -108,8 +108,42 @@ def test_case_fields_are_validated_together_with_the_plan():
         "recipe 'keras' is not one of trainer, loop",
     ):
         assert expected in text
-    with pytest.raises(CaseError, match="num_gpus must be 1"):
-        cases_from_yaml_data([{"model": "m", "split": "calibration", "num_gpus": 2}])
+    (two_gpus,) = cases_from_yaml_data(
+        [{"model": "m", "split": "calibration", "num_gpus": 2, "strategy": "fsdp"}]
+    )
+    assert (two_gpus.plan.num_gpus, two_gpus.plan.strategy) == (2, "fsdp")
+
+
+def test_multi_gpu_cases_the_harness_cannot_run_are_rejected_with_a_fix():
+    with pytest.raises(CaseError) as info:
+        cases_from_yaml_data(
+            [
+                {
+                    "model": "m",
+                    "split": "calibration",
+                    "num_gpus": 2,
+                    "strategy": "fsdp",
+                    "method": "lora",
+                    "quant": "int8",
+                },
+                {
+                    "model": "m",
+                    "split": "calibration",
+                    "num_gpus": 2,
+                    "strategy": "zero3",
+                    "recipe": "loop",
+                },
+                {"model": "m", "split": "calibration", "strategy": "fsdp", "cpu_offload": True},
+            ]
+        )
+    assert info.value.problems == [
+        "input cases[0]: quant int8 cannot be sharded by strategy fsdp (bitsandbytes keeps int8 "
+        "weights in its own tensor type); use strategy ddp, zero1 or zero2, or quant nf4.",
+        "input cases[1]: recipe loop runs strategies ddp, fsdp and fsdp-grad-op; use recipe "
+        "trainer for zero3.",
+        "input cases[2]: --cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op "
+        "or zero1/2/3.",
+    ]
 
 
 def test_csv_bad_cells_name_line_and_field():

@@ -44,6 +44,21 @@ The recipe, for each case, in a fresh process:
      used memory (NVML or mem_get_info, CUDA context included), memory after
      load, median step seconds, tokens/s, parameter counts, provenance.
 
+\b
+Multi-GPU cases (num_gpus > 1; strategy ddp|fsdp|fsdp-grad-op|zero1|zero2|
+zero3; cpu_offload) run one process per GPU: python -m harness.agent turns a
+generated accelerate config (under --scratch/launch/<case_id>/) into the env
+of accelerate launch and starts torch.distributed.run. ddp is MULTI_GPU;
+fsdp/fsdp-grad-op are FSDP FULL_SHARD/SHARD_GRAD_OP with transformer-layer
+wrap, use_orig_params, CPU-RAM-efficient loading (4-bit weights stored as
+the plan's dtype); zero1/2/3 write a DeepSpeed JSON (deepspeed must be
+installed); cpu_offload is FSDP offload_params / ZeRO offload_optimizer.
+Each rank measures its own GPU; the record holds the maximum over ranks
+(per-GPU figures), tokens_per_second per GPU, tokens_per_second_all_gpus
+and per_rank. An OOM on any rank makes the case "oom"; a timeout kills
+every rank. NVLink multicast stays off (NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
+
 An out-of-memory case is recorded as status "oom", a case over --timeout-s
 as "timeout", any other failure as "error" with the traceback's tail; the run
 goes on. Rerunning skips cases already in OUTPUT for the same device. On CPU,
@@ -53,7 +68,9 @@ checked first: a known 1 GiB allocation must read back within 1 %.
 
 
 @click.command(
-    "measure", help=HELP, short_help="Measure real training steps of a case list on a GPU."
+    "measure",
+    help=HELP,
+    short_help="Measure real training steps of a case list on one GPU or several.",
 )
 @click.argument("cases", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -172,8 +189,11 @@ def describe(case: Case) -> str:
         method = f"{plan.method}/{plan.quant} r{plan.rank} {targets}"
     else:
         method = f"{plan.method}/{plan.quant}"
+    gpus = ""
+    if plan.num_gpus > 1:
+        gpus = f" gpus {plan.num_gpus} {plan.strategy}" + (" offload" if plan.cpu_offload else "")
     return (
         f"{case.split:<11} {case.case_id} {case.recipe:<7} {plan.model} {method} "
         f"seq {plan.seq_len} bs {plan.batch_size} ga {plan.grad_accum} "
-        f"gc {'on' if plan.gradient_checkpointing else 'off'} {plan.optimizer}"
+        f"gc {'on' if plan.gradient_checkpointing else 'off'} {plan.optimizer}{gpus}"
     )

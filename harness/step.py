@@ -146,6 +146,7 @@ def simulate_failure(case: Case) -> None:
     if case.simulate == "error":
         raise RuntimeError("simulated failure (harness test hook)")
     if case.simulate == "hang":
+        print(f"[harness] simulated hang on rank {rank}", flush=True)
         while True:
             time.sleep(60)
 

@@ -83,3 +83,49 @@ def test_every_lora_target_exists_in_its_model(cases):
         plan = TrainingPlan(model=model, method="lora", targets=targets)
         inventory = build_inventory(resolve_model(model).config_dict, plan)
         assert set(inventory.lora_targets) == set(targets), plan
+
+
+# -- the 2-GPU list ---------------------------------------------------------------------------------
+TWO_GPU_LIST = CASE_LIST.with_name("h200x2.yaml")
+
+
+def two_gpu_rule_split(case) -> str:
+    """The split rule stated at the top of h200x2.yaml."""
+    plan = case.plan
+    if (
+        plan.model == "meta-llama/Llama-2-13b-hf"
+        or plan.strategy in ("zero1", "zero2", "zero3")
+        or plan.seq_len >= 4096
+        or plan.batch_size >= 16
+        or plan.cpu_offload
+    ):
+        return "validation"
+    return "calibration"
+
+
+def test_two_gpu_list_follows_its_split_rule_and_covers_every_strategy():
+    cases = load_cases(TWO_GPU_LIST)
+    assert [c.split for c in cases] == [two_gpu_rule_split(c) for c in cases]
+    assert Counter(c.split for c in cases) == {"calibration": 7, "validation": 5}
+    assert check_models(cases) == []
+    plans = [c.plan for c in cases]
+    assert all(p.num_gpus == 2 for p in plans)
+    assert {p.strategy for p in plans} == {"ddp", "fsdp", "fsdp-grad-op", "zero2", "zero3"}
+    assert {(p.method, p.strategy) for p in plans} >= {
+        ("lora", "ddp"),
+        ("lora", "fsdp"),
+        ("qlora", "ddp"),
+        ("qlora", "fsdp"),
+        ("full", "ddp"),
+        ("full", "fsdp"),
+    }
+    assert any(p.cpu_offload for p in plans)
+    assert {p.model for p in plans} == {"meta-llama/Llama-3.1-8B", "meta-llama/Llama-2-13b-hf"}
+    assert all((c.steps, c.warmup_steps, c.recipe) == (3, 2, "trainer") for c in cases)
+    # one LoRA plan under every strategy: the sharding rules compared on one workload
+    same = {
+        p.strategy
+        for p in plans
+        if p.with_(strategy="ddp", cpu_offload=False) == plans[0] and not p.cpu_offload
+    }
+    assert same == {"ddp", "fsdp", "fsdp-grad-op", "zero2", "zero3"}

@@ -10,7 +10,7 @@ writes the case's configs next to its log (``SCRATCH/launch/<case_id>/``):
   ``use_orig_params``, ``cpu_ram_efficient_loading`` + ``sync_module_states``,
   ``offload_params`` = ``cpu_offload``); ``zero1/2/3`` -> ``DEEPSPEED`` with
 * ``deepspeed.json`` -- ZeRO stage 1/2/3, batch geometry of the plan, bucket
-  sizes ``auto`` (filled from ``hidden_size`` by transformers / accelerate),
+  sizes as transformers / accelerate fill ``auto`` (``hidden_size``-based),
   ``offload_optimizer`` (+ ``offload_param`` for ZeRO-3) = ``cpu_offload``.
 
 ``harness.agent`` then does what ``accelerate launch`` does on one node --
@@ -153,19 +153,34 @@ def accelerate_config(
     return config
 
 
+def hidden_size(plan: TrainingPlan) -> int:
+    from vramcalc.catalog import resolve_model
+
+    config = resolve_model(plan.model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
 def deepspeed_config(case: Case) -> dict[str, Any]:
-    """DeepSpeed JSON of a ZeRO case; ``auto`` values are filled by transformers/accelerate."""
+    """DeepSpeed JSON of a ZeRO case, with no ``auto`` value left.
+
+    The bucket sizes are the numbers transformers and accelerate put for
+    ``auto`` (from ``hidden_size``), written out because ZeRO-3 loading
+    (``zero.Init`` inside ``from_pretrained``) reads the config before
+    anything fills ``auto`` values.
+    """
     plan = case.plan
     stage = ZERO_STAGE[plan.strategy]
+    hidden = hidden_size(plan)
     zero: dict[str, Any] = {
         "stage": stage,
         "contiguous_gradients": True,
-        "reduce_bucket_size": "auto",  # hidden_size**2
+        "reduce_bucket_size": hidden * hidden,
     }
     if stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size="auto",  # 0.9 * hidden_size**2
-            stage3_param_persistence_threshold="auto",  # 10 * hidden_size
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            stage3_param_persistence_threshold=10 * hidden,
             stage3_gather_16bit_weights_on_model_save=False,
         )
     if plan.cpu_offload:
@@ -178,7 +193,7 @@ def deepspeed_config(case: Case) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": plan.batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": "auto",
+        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
         "gradient_clipping": MAX_GRAD_NORM,
         # explicit, not "auto": ZeRO-3 loading (zero.Init) reads it before Trainer fills autos
         "bf16": {"enabled": precision == "bf16"},
@@ -290,13 +305,15 @@ def fsdp_peft_wrap(model: Any, plugin: Any) -> None:
 
 
 def zero3_loading_context(plan: TrainingPlan) -> Any:
-    """An object to keep alive while loading a ZeRO-3 model, so it loads partitioned.
+    """An object to keep alive while a ZeRO-3 model loads, so it loads partitioned.
 
-    accelerate's ``DeepSpeedPlugin`` (read from the launch env) registers the
-    DeepSpeed config transformers checks in ``from_pretrained`` (zero.Init).
+    transformers' ``HfDeepSpeedConfig`` of the case's DeepSpeed JSON (path in
+    the launch env): ``from_pretrained`` then builds the model under
+    ``deepspeed.zero.Init``, as the DeepSpeed docs prescribe outside Trainer.
     """
     if not (is_distributed(plan) and plan.strategy == "zero3"):
         return None
-    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import HfDeepSpeedConfig
 
-    return DeepSpeedPlugin()
+    config_file = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    return HfDeepSpeedConfig(json.loads(Path(config_file).read_text()))

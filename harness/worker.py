@@ -97,10 +97,9 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
         provenance = collect_provenance(device)
         compute_dtype = compute_dtype_for(case, device)
         measurement["compute_dtype_used"] = compute_dtype
+        _zero3_config = zero3_loading_context(case.plan)  # kept alive: ZeRO-3 loading
         with tracker:
-            keep_alive = zero3_loading_context(case.plan)
             built = build_model(case.plan, checkpoint, device)
-            del keep_alive
             measurement.update(
                 loaded_allocated_bytes=allocated_bytes(device),
                 trainable_params=built.trainable_params,

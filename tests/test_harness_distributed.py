@@ -115,7 +115,7 @@ def test_deepspeed_json_of_each_stage():
     base = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 2,
-        "train_batch_size": "auto",
+        "train_batch_size": 16,  # 4 x 2 x 2 GPUs
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
         "fp16": {"enabled": False},
@@ -124,7 +124,8 @@ def test_deepspeed_json_of_each_stage():
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }
-    zero = {"contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    # what transformers / accelerate fill for "auto" from hidden_size (64 in the tiny llama)
+    zero = {"contiguous_gradients": True, "reduce_bucket_size": 64 * 64}
     geometry = {"batch_size": 4, "grad_accum": 2}
     assert deepspeed_config(two_gpu_case("zero1", **geometry)) == {
         **base,
@@ -143,8 +144,8 @@ def test_deepspeed_json_of_each_stage():
         "zero_optimization": {
             "stage": 3,
             **zero,
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
+            "stage3_prefetch_bucket_size": 3686,  # int(0.9 * 64 * 64)
+            "stage3_param_persistence_threshold": 640,
             "stage3_gather_16bit_weights_on_model_save": False,
             "offload_optimizer": {"device": "cpu", "pin_memory": True},
             "offload_param": {"device": "cpu", "pin_memory": True},
@@ -152,6 +153,7 @@ def test_deepspeed_json_of_each_stage():
     }
     fp16 = deepspeed_config(two_gpu_case("zero2", dtype="fp16"))
     assert (fp16["bf16"], fp16["fp16"]) == ({"enabled": False}, {"enabled": True})
+    assert "auto" not in json.dumps(fp16)  # ZeRO-3 loading reads it before anything fills autos
 
 
 def test_written_files_read_back_as_generated(tmp_path):
@@ -432,3 +434,54 @@ def test_killing_the_tree_reaches_ranks_in_sessions_of_their_own():
     time.sleep(0.2)
     for pid in sleepers:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# -- what accelerate builds from that env (FSDP needs a GPU to run, not to be configured) ---------------
+def test_accelerate_builds_the_fsdp_plugin_the_plan_asks_for(tmp_path, monkeypatch):
+    import accelerate.utils.dataclasses as accelerate_dataclasses
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import ShardingStrategy
+
+    case = two_gpu_case("fsdp-grad-op", cpu_offload=True)
+    launch = write_launch_configs(case, "cuda", tmp_path)
+    env = launch_env(launch["accelerate_config_file"], ["run", "s", "r"])
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(accelerate_dataclasses, "is_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 1
+    assert plugin.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
+    assert plugin.cpu_offload.offload_params is True
+    assert (plugin.use_orig_params, plugin.sync_module_states) == (True, True)
+    assert plugin.cpu_ram_efficient_loading is True
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.activation_checkpointing is False
+
+
+def test_adapters_get_fsdp_units_of_their_own(monkeypatch):
+    """peft's policy: decoder layers, plus every trainable leaf (one dtype per flat parameter)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.distributed import fsdp_peft_wrap
+
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    plugin = SimpleNamespace(auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    fsdp_peft_wrap(model, plugin)
+
+    def wraps(module: object) -> bool:
+        return plugin.auto_wrap_policy(module, recurse=False, nonwrapped_numel=0)
+
+    layer = model.base_model.model.model.layers[0]
+    assert wraps(layer) and wraps(layer.self_attn.q_proj.lora_A["default"])
+    assert not wraps(layer.self_attn.q_proj.base_layer) and not wraps(layer.self_attn.k_proj)
+    untouched = SimpleNamespace(auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    fsdp_peft_wrap(base.model, untouched)  # not a peft model: accelerate's own policy stays
+    assert untouched.auto_wrap_policy == "TRANSFORMER_BASED_WRAP"

@@ -76,6 +76,25 @@ def require_strategy_dependencies(plan: TrainingPlan) -> None:
         )
 
 
+def check_machine(plan: TrainingPlan, device: str) -> None:
+    """``HarnessError`` when this machine cannot run the multi-GPU plan at all (before any launch)."""
+    require_strategy_dependencies(plan)
+    if device == "cpu" and plan.strategy != "ddp":
+        raise HarnessError(
+            f"strategy {plan.strategy} needs CUDA GPUs (accelerate's FSDP plugin and DeepSpeed "
+            "refuse the CPU); on CPU only ddp runs (gloo)."
+        )
+    if device == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible < plan.num_gpus:
+            raise HarnessError(
+                f"num_gpus {plan.num_gpus}: only {visible} CUDA GPU{'s' if visible != 1 else ''} "
+                "visible (CUDA_VISIBLE_DEVICES)."
+            )
+
+
 def decoder_layer_classes(plan: TrainingPlan) -> list[str]:
     """The model class's ``_no_split_modules`` (its decoder layer), for FSDP's auto wrap."""
     from transformers import AutoModelForCausalLM

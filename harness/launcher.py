@@ -36,13 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.distributed import (
-    NVLS_OFF_ENV,
-    is_distributed,
-    require_strategy_dependencies,
-    write_launch_configs,
-)
+from harness.distributed import NVLS_OFF_ENV, check_machine, is_distributed, write_launch_configs
 from harness.errors import HarnessError
+from harness.processes import kill_process_tree
 from harness.record import (
     PROVENANCE_FIELDS,
     REPO_ROOT,
@@ -225,57 +221,6 @@ def spawn_worker(
     )
 
 
-def kill_process_tree(proc: subprocess.Popen[bytes], wait_s: float = 30) -> list[int]:
-    """SIGKILL ``proc``'s process group and every process below it; returns the pids killed.
-
-    torch.distributed.run starts each rank in a session of its own, so the
-    group alone would leave the ranks running. The group is stopped first so
-    that no new child appears while the tree is read; the call returns once
-    every process is gone (or ``wait_s`` passed), so the next case does not
-    start beside ranks still holding a GPU.
-    """
-    import psutil  # a dependency of accelerate
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGSTOP)
-    try:
-        below = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        below = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for child in below:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(child.pid) == child.pid:  # a group leader: its own children too
-                os.killpg(child.pid, signal.SIGKILL)
-            os.kill(child.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + wait_s
-    while any(_running(child) for child in below) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [proc.pid, *(child.pid for child in below)]
-
-
-def _running(process: Any) -> bool:
-    """Alive and not a zombie (a zombie holds no memory; a non-reaping init may keep it)."""
-    import psutil
-
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def descendant_pids(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, ...)."""
-    import psutil
-
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _failure(outcome: WorkerOutcome, what: str, timeout_s: float) -> tuple[str, str]:
     """(status, error) of a worker that produced no record."""
     if outcome.timed_out:
@@ -310,7 +255,7 @@ def measure_case(
     launch: dict[str, Any] | None = None
     if is_distributed(case.plan):
         try:
-            check_multi_gpu(case, device)
+            check_machine(case.plan, device)
             launch = write_launch_configs(case, device, scratch_dir / "launch" / case.case_id)
         except VramcalcError as err:
             return _fallback_record(case, device, "error", str(err), provenance)
@@ -337,26 +282,6 @@ def measure_case(
         return record
     status, error = _failure(outcome, "measuring", timeout_s)
     return _fallback_record(case, device, status, error, provenance)
-
-
-def check_multi_gpu(case: Case, device: str) -> None:
-    """``HarnessError`` when this machine cannot run the multi-GPU case at all."""
-    plan = case.plan
-    require_strategy_dependencies(plan)
-    if device == "cpu" and plan.strategy != "ddp":
-        raise HarnessError(
-            f"strategy {plan.strategy} needs CUDA GPUs (accelerate's FSDP plugin and DeepSpeed "
-            "refuse the CPU); on CPU only ddp runs (gloo)."
-        )
-    if device == "cuda":
-        import torch
-
-        visible = torch.cuda.device_count()
-        if visible < plan.num_gpus:
-            raise HarnessError(
-                f"num_gpus {plan.num_gpus}: only {visible} CUDA GPU{'s' if visible != 1 else ''} "
-                "visible (CUDA_VISIBLE_DEVICES)."
-            )
 
 
 def _fallback_record(

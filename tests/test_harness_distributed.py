@@ -234,19 +234,20 @@ def test_sharded_4bit_weights_are_stored_in_the_plan_dtype():
 
 # -- what cannot run here is an error record, not a launch ---------------------------------------
 def test_cases_this_machine_cannot_run_are_errors_before_anything_starts(tmp_path, monkeypatch):
-    from harness.launcher import check_multi_gpu, measure_case
+    from harness.distributed import check_machine
+    from harness.launcher import measure_case
 
     with pytest.raises(HarnessError, match="strategy fsdp needs CUDA GPUs"):
-        check_multi_gpu(two_gpu_case("fsdp"), "cpu")
+        check_machine(two_gpu_case("fsdp").plan, "cpu")
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(HarnessError, match=r"num_gpus 2: only 1 CUDA GPU visible"):
-        check_multi_gpu(two_gpu_case("ddp"), "cuda")
+        check_machine(two_gpu_case("ddp").plan, "cuda")
     if has_deepspeed():
         return
     with pytest.raises(MissingDependencyError, match="--strategy zero3 needs deepspeed"):
-        check_multi_gpu(two_gpu_case("zero3"), "cuda")
+        check_machine(two_gpu_case("zero3").plan, "cuda")
     started = time.perf_counter()
     record = measure_case(two_gpu_case("zero2"), "cpu", 60, tmp_path, {"hostname": "h"})
     assert time.perf_counter() - started < 5  # nothing was launched
@@ -405,7 +406,7 @@ def test_killing_the_tree_reaches_ranks_in_sessions_of_their_own():
     """torch.distributed.run puts each rank in its own session: the agent's group is not enough."""
     import psutil
 
-    from harness.launcher import descendant_pids, kill_process_tree
+    from harness.processes import kill_process_tree
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -419,11 +420,8 @@ def test_killing_the_tree_reaches_ranks_in_sessions_of_their_own():
         sleepers: list[int] = []
         while len(sleepers) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-            sleepers = [
-                pid
-                for pid in descendant_pids(proc.pid)
-                if psutil.pid_exists(pid) and psutil.Process(pid).name() == "sleep"
-            ]
+            below = psutil.Process(proc.pid).children(recursive=True)
+            sleepers = [child.pid for child in below if child.name() == "sleep"]
         assert len(sleepers) == 2
         assert all(os.getsid(pid) == pid for pid in sleepers)  # not in the agent's group
         killed = kill_process_tree(proc)

@@ -8,6 +8,9 @@ Launcher / scenario / tracker / report, each in its own module:
 ``trackers``  memory / time context managers and the instrument check;
 ``record``    the result record (shared field names with the estimator) and provenance;
 ``launcher``  each case in a fresh ``harness.worker`` process, timeouts, resume;
+``distributed`` multi-GPU cases: accelerate / DeepSpeed configs, launch env, per-rank helpers;
+``agent``     one node's ``accelerate launch``: torch.distributed.run over ``harness.worker``;
+``processes`` killing a case's whole process tree (every rank) on a timeout;
 ``cli``       the ``measure`` click command (``vramcalc measure``, ``python -m harness``).
 
 Importing this package imports neither torch nor transformers.

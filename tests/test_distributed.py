@@ -12,7 +12,8 @@ from vramcalc.plan import TrainingPlan
 
 
 def run(**kwargs):
-    plan = TrainingPlan("tiny", method="full", dtype="bf16", **kwargs)
+    kwargs.setdefault("dtype", "bf16")
+    plan = TrainingPlan("tiny", method="full", **kwargs)
     inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
     return inventory, plan, estimate_from_inventory(inventory, plan, "tiny", "local", TINY_LLAMA)
 
@@ -39,7 +40,7 @@ def test_ddp_replicates_and_adds_gradient_buckets():
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_fsdp_shards_weights_grads_and_states(n):
-    _, _, one = run()
+    _, _, one = run(dtype="fp32")  # FSDP1 mixed precision keeps fp32 master shards
     _, _, fsdp = run(num_gpus=n, strategy="fsdp")
     assert fsdp.components["weights"] == one.components["weights"] // n
     assert fsdp.components["optimizer_states"] == one.components["optimizer_states"] // n
@@ -75,3 +76,29 @@ def test_cpu_offload_moves_optimizer_states():
 def test_cpu_offload_needs_a_sharding_strategy():
     with pytest.raises(InvalidPlanError, match="--cpu-offload needs --num-gpus > 1"):
         TrainingPlan("m", cpu_offload=True)
+
+
+def test_sharded_qlora_keeps_non_quantized_params_in_load_dtype():
+    def weights(**kw):
+        plan = TrainingPlan("tiny", method="qlora", rank=4, **kw)
+        inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
+        from vramcalc.memory.weights import estimate_weights
+
+        return estimate_weights(inventory, plan)
+
+    single, fsdp = weights(), weights(num_gpus=2, strategy="fsdp")
+    assert single.unquantized_dtype == "fp32" and fsdp.unquantized_dtype == "bf16"
+    assert fsdp.unquantized_bytes * 2 == single.unquantized_bytes
+
+
+def test_fsdp_full_finetuning_keeps_fp32_master_shards():
+    _, _, ddp = run(num_gpus=2, strategy="ddp")  # bf16 everywhere
+    _, _, fsdp = run(num_gpus=2, strategy="fsdp")
+    assert fsdp.components["weights"] == ddp.components["weights"]  # fp32 halves = bf16 whole
+
+
+def test_fsdp_offload_moves_frozen_base_weights_too():
+    plan = TrainingPlan("tiny", method="lora", num_gpus=2, strategy="fsdp", cpu_offload=True)
+    inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
+    est = estimate_from_inventory(inventory, plan, "tiny", "local", TINY_LLAMA)
+    assert est.components["weights"] == 0 and est.components["gathered_weights"] > 0

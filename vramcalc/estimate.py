@@ -32,7 +32,7 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.inventory import ModelInventory, build_inventory
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
-from vramcalc.memory.distributed import shard_static
+from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.logits import LogitsEstimate, estimate_logits
 from vramcalc.memory.optimizer import OptimizerEstimate, estimate_optimizer
@@ -132,8 +132,9 @@ def estimate_from_inventory(
 ) -> MemoryEstimate:
     """The pure part: inventory + plan (+ the config's activation facts) → ``MemoryEstimate``."""
     calibration = load_calibration()
-    weights: WeightsEstimate = estimate_weights(inventory, plan)
-    optimizer: OptimizerEstimate = estimate_optimizer(inventory, plan)
+    static_plan = effective_plan(plan)  # FSDP full fine-tuning: fp32 master shards
+    weights: WeightsEstimate = estimate_weights(inventory, static_plan)
+    optimizer: OptimizerEstimate = estimate_optimizer(inventory, static_plan)
     activations: ActivationEstimate = estimate_activations(inventory, plan, config_dict)
     logits: LogitsEstimate = estimate_logits(inventory, plan, config_dict)
     sharded = shard_static(
@@ -142,7 +143,7 @@ def estimate_from_inventory(
         weights_bytes=weights.weights_bytes,
         adapter_bytes=weights.adapter_bytes,
         optimizer_state_bytes=optimizer.state_bytes,
-        gradient_bytes=gradient_bytes(inventory, plan),
+        gradient_bytes=gradient_bytes(inventory, static_plan),
         compute_itemsize=2,
         nccl_bytes=calibration.nccl_communicator_bytes,
     )

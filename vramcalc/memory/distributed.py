@@ -23,8 +23,12 @@ accelerate configures them with ``auto`` values):
   parameters gathered in forward stay gathered until backward, so every
   weight is live unsharded during the step (plus its 1/N shard).
 * QLoRA under FSDP/ZeRO-3 stores 4-bit weights with
-  ``bnb_4bit_quant_storage=bf16`` so they can be flattened and sharded; the
-  byte count is the same packed size.
+  ``bnb_4bit_quant_storage=bf16`` so they can be flattened and sharded (the
+  same packed bytes) and skips ``prepare_model_for_kbit_training``, so the
+  non-quantized parameters stay in the load dtype (peft's FSDP-QLoRA recipe).
+* Full fine-tuning under FSDP1 with mixed precision: accelerate upcasts the
+  trainable shards to fp32, so weights, gradients and optimizer states are
+  counted as fp32 master weights whatever ``--dtype``.
 * ``--cpu-offload``: optimizer states move to CPU (and, for fsdp/zero3, the
   parameter and gradient shards too).
 * Every process also holds NCCL communicator buffers (calibration file).
@@ -36,6 +40,24 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
+
+SHARDED_PARAM_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero3")
+
+
+def effective_plan(plan: TrainingPlan) -> TrainingPlan:
+    """The plan whose single-GPU rules give the per-GPU tensors before sharding.
+
+    FSDP1 mixed precision keeps fp32 master shards of trainable parameters
+    (accelerate upcasts them), so full fine-tuning under FSDP is fp32 master.
+    """
+    if plan.num_gpus > 1 and plan.method == "full" and plan.strategy in ("fsdp", "fsdp-grad-op"):
+        return plan.with_(dtype="fp32")
+    return plan
+
+
+def skips_kbit_upcast(plan: TrainingPlan) -> bool:
+    """FSDP/ZeRO-3 QLoRA keeps non-quantized parameters in the load dtype (no fp32 upcast)."""
+    return plan.is_kbit and plan.num_gpus > 1 and plan.strategy in SHARDED_PARAM_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -127,8 +149,9 @@ def shard_static(
     if plan.cpu_offload:
         opt = 0
         if strategy in ("fsdp", "zero3"):
-            if plan.method == "full":
-                weights = 0
+            # FSDP offload_params / ZeRO-3 offload_param move every parameter shard,
+            # frozen base weights included, to CPU
+            weights = 0
             grads = 0
         rule += "; CPU offload of optimizer states" + (
             " and parameter/gradient shards" if strategy in ("fsdp", "zero3") else ""

@@ -14,6 +14,7 @@ from typing import Any
 
 from vramcalc.inventory import LinearGroup, ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, Graph, T
+from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.plan import TrainingPlan
 
 # -- the recipe's facts ---------------------------------------------------------------------
@@ -57,7 +58,9 @@ def recipe_for(
     cfg = config_dict or {}
     model_type = inventory.model_type
     low = "fp16" if plan.dtype == "fp16" else "bf16"
-    res = "fp32" if plan.is_kbit else plan.dtype
+    # prepare_model_for_kbit_training's fp32 norms/embeddings make the residual fp32;
+    # sharded QLoRA (FSDP/ZeRO-3) skips that preparation
+    res = "fp32" if plan.is_kbit and not skips_kbit_upcast(plan) else plan.dtype
     attn = (
         "eager"
         if plan.attn == "eager" or model_type in NO_SDPA and plan.attn == "sdpa"

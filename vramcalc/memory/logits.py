@@ -63,7 +63,7 @@ def estimate_logits(
         return g.bytes([g.new(numel, dtype, False)])
 
     # head: input = final norm output (residual dtype), weight trainable only in full FT
-    head_dtype = "fp32" if r.kbit else plan.dtype
+    head_dtype = r.res if r.kbit else plan.dtype
     x = g.new(n * h, r.res, True)
     w = g.param(v * h, head_dtype, r.full)
     g.linear(x, w, n * v)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
+from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.memory.gradients import saved_copy_dtype
 from vramcalc.plan import TrainingPlan
 
@@ -96,11 +97,14 @@ def estimate_weights(inventory: ModelInventory, plan: TrainingPlan) -> WeightsEs
                     group.out_features, group.in_features, plan.double_quant
                 )
             quantized += per * group.count
-        unquantized_dtype = "fp32"  # prepare_model_for_kbit_training
+        # prepare_model_for_kbit_training upcasts to fp32; sharded QLoRA skips it
+        unquantized_dtype = plan.dtype if skips_kbit_upcast(plan) else "fp32"
         unquantized_params = inventory.total_params - roles["linear"]
-        rule = (
-            f"{plan.quant} linear weights (bitsandbytes storage + quantization constants); "
-            "embeddings, norms, head, biases and other tensors upcast to fp32 by "
+        rule = f"{plan.quant} linear weights (bitsandbytes storage + quantization constants); " + (
+            f"embeddings, norms, head, biases and other tensors in {unquantized_dtype} "
+            "(sharded QLoRA skips prepare_model_for_kbit_training)"
+            if unquantized_dtype != "fp32"
+            else "embeddings, norms, head, biases and other tensors upcast to fp32 by "
             "prepare_model_for_kbit_training"
         )
     else:

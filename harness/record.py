@@ -59,6 +59,9 @@ RESULT_FIELDS = (
     "compute_dtype_used",  # autocast dtype of the recipe: bf16, fp16 or fp32
 )
 EXTRA_FIELDS = (
+    "steady_peak_allocated_bytes",  # max_memory_allocated over the measured steps only
+    "steady_peak_reserved_bytes",  # max_memory_reserved over the measured steps only
+    "steady_device_total_bytes",  # device-wide peak over the measured steps only
     "step_seconds_measured",  # every measured step, in order
     "device_total_source",  # "nvml" or "mem_get_info"
     "device_baseline_bytes",  # device-wide used before this process touched CUDA (NVML only)
@@ -272,6 +275,9 @@ def merge_rank_records(
         "peak_allocated_bytes",
         "peak_reserved_bytes",
         "device_total_bytes",
+        "steady_peak_allocated_bytes",
+        "steady_peak_reserved_bytes",
+        "steady_device_total_bytes",
         "loaded_allocated_bytes",
         "device_baseline_bytes",
         "step_seconds",

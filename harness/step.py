@@ -210,8 +210,14 @@ def _check_optimizer(case: Case, optimizer: Any) -> None:
             )
 
 
-def run_trainer(model: Any, case: Case, device: str, compute_dtype: str) -> RecipeResult:
-    """Run ``warmup_steps + steps`` optimizer steps with HF Trainer; time each one."""
+def run_trainer(
+    model: Any, case: Case, device: str, compute_dtype: str, on_warmup_end: Any = None
+) -> RecipeResult:
+    """Run ``warmup_steps + steps`` optimizer steps with HF Trainer; time each one.
+
+    ``on_warmup_end`` is called when the first measured step begins (the memory
+    tracker restarts its peaks there).
+    """
     from transformers import Trainer, TrainerCallback
 
     times: list[float] = []
@@ -227,6 +233,8 @@ def run_trainer(model: Any, case: Case, device: str, compute_dtype: str) -> Reci
 
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             if state.global_step == case.warmup_steps:
+                if on_warmup_end is not None:
+                    on_warmup_end()
                 simulate_failure(case)
             if state.global_step == 0:
                 synchronize(device)
@@ -261,7 +269,9 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_loop(model: Any, case: Case, device: str, compute_dtype: str) -> RecipeResult:
+def run_loop(
+    model: Any, case: Case, device: str, compute_dtype: str, on_warmup_end: Any = None
+) -> RecipeResult:
     """The same steps as a plain PyTorch loop (autocast, Trainer's optimizer, clipping)."""
     import torch
     from transformers import Trainer
@@ -303,6 +313,8 @@ def run_loop(model: Any, case: Case, device: str, compute_dtype: str) -> RecipeR
     last = time.perf_counter()
     for step in range(case.total_steps):
         if step == case.warmup_steps:
+            if on_warmup_end is not None:
+                on_warmup_end()
             simulate_failure(case)
         for micro in range(plan.grad_accum):
             items = [data[sample + i] for i in range(plan.batch_size)]

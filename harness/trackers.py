@@ -207,7 +207,29 @@ class MemoryTracker:
     device_total_bytes: int | None = None
     device_start_bytes: int | None = None
     device_total_source: str | None = None
+    # the same peaks over the measured steps only (after warm-up): the steady state the
+    # estimator models, without model loading and the first optimizer step
+    steady_peak_allocated_bytes: int | None = None
+    steady_peak_reserved_bytes: int | None = None
+    steady_device_total_bytes: int | None = None
+    _whole_run: tuple[int, int, int | None] | None = None
     _own_sampler: bool = False
+
+    def mark_steady(self) -> None:
+        """Warm-up is over: keep the peaks so far and restart them for the measured steps."""
+        if not is_cuda(self.device):
+            return
+        torch = _torch()
+        torch.cuda.synchronize()
+        assert self.sampler is not None
+        self._whole_run = (
+            int(torch.cuda.max_memory_allocated()),
+            int(torch.cuda.max_memory_reserved()),
+            self.sampler.peak_bytes,
+        )
+        torch.cuda.reset_peak_memory_stats()
+        self.sampler.peak_bytes = None
+        self.sampler.sample()
 
     def __enter__(self) -> MemoryTracker:
         if not is_cuda(self.device):
@@ -240,6 +262,15 @@ class MemoryTracker:
             self.sampler.sample()
         self.device_total_bytes = self.sampler.peak_bytes
         self.device_total_source = self.sampler.source
+        if self._whole_run is not None:
+            self.steady_peak_allocated_bytes = self.peak_allocated_bytes
+            self.steady_peak_reserved_bytes = self.peak_reserved_bytes
+            self.steady_device_total_bytes = self.device_total_bytes
+            before = self._whole_run
+            self.peak_allocated_bytes = max(self.peak_allocated_bytes, before[0])
+            self.peak_reserved_bytes = max(self.peak_reserved_bytes, before[1])
+            if before[2] is not None and self.device_total_bytes is not None:
+                self.device_total_bytes = max(self.device_total_bytes, before[2])
 
 
 def allocated_bytes(device: str) -> int | None:

@@ -112,7 +112,9 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
                 f"[harness] built: {built.trainable_params} trainable / {built.total_params} params",
                 flush=True,
             )
-            result = RECIPES[case.recipe](built.model, case, device, compute_dtype)
+            result = RECIPES[case.recipe](
+                built.model, case, device, compute_dtype, on_warmup_end=tracker.mark_steady
+            )
         plan = case.plan
         tokens_per_step = plan.seq_len * plan.batch_size * plan.grad_accum
         measurement.update(
@@ -129,6 +131,9 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
         print(error, file=sys.stderr, flush=True)
     measurement.update(
         peak_allocated_bytes=tracker.peak_allocated_bytes,
+        steady_peak_allocated_bytes=tracker.steady_peak_allocated_bytes,
+        steady_peak_reserved_bytes=tracker.steady_peak_reserved_bytes,
+        steady_device_total_bytes=tracker.steady_device_total_bytes,
         peak_reserved_bytes=tracker.peak_reserved_bytes,
         device_total_bytes=tracker.device_total_bytes,
         device_total_source=tracker.device_total_source,

@@ -86,7 +86,15 @@ def test_cpu_compute_dtype_is_bf16_only_when_it_works():
 def test_loop_recipe_times_each_step_with_momentum_sgd(scratch):
     case = lora_case(optimizer="sgd_momentum", gradient_checkpointing=True, grad_accum=2)
     built = build_model(case.plan, prepare_checkpoint(case.plan, scratch, "cpu"), "cpu")
-    result = run_loop(built.model, case, "cpu", compute_dtype_for(case, "cpu"))
+    marks = []
+    result = run_loop(
+        built.model,
+        case,
+        "cpu",
+        compute_dtype_for(case, "cpu"),
+        on_warmup_end=lambda: marks.append(len(marks)),
+    )
+    assert marks == [0]  # the memory tracker restarts its peaks once, after warm-up
     assert len(result.step_seconds_all) == 3 and len(result.step_seconds_measured) == 2
     assert result.step_seconds > 0 and result.optimizer_class == "SGD"
 
@@ -94,7 +102,15 @@ def test_loop_recipe_times_each_step_with_momentum_sgd(scratch):
 def test_trainer_recipe_times_each_step(scratch):
     case = lora_case(optimizer="sgd_momentum", grad_accum=2)
     built = build_model(case.plan, prepare_checkpoint(case.plan, scratch, "cpu"), "cpu")
-    result = run_trainer(built.model, case, "cpu", compute_dtype_for(case, "cpu"))
+    marks = []
+    result = run_trainer(
+        built.model,
+        case,
+        "cpu",
+        compute_dtype_for(case, "cpu"),
+        on_warmup_end=lambda: marks.append(len(marks)),
+    )
+    assert marks == [0]
     assert len(result.step_seconds_all) == 3
     assert all(s > 0 for s in result.step_seconds_all)
     assert result.optimizer_class == "SGD"

@@ -97,3 +97,24 @@ def test_gpu_tracker_reads_peaks_and_device_total():
     assert tracker.peak_reserved_bytes >= tracker.peak_allocated_bytes
     assert tracker.device_total_bytes >= tracker.peak_reserved_bytes
     assert tracker.device_total_source in ("nvml", "mem_get_info")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tracker_keeps_whole_run_and_steady_peaks_apart():
+    torch.cuda.init()
+    with MemoryTracker("cuda") as tracker:
+        load = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+        del load
+        tracker.mark_steady()
+        step = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+        del step
+    assert tracker.peak_allocated_bytes - tracker.start_allocated_bytes == 512 << 20
+    assert tracker.steady_peak_allocated_bytes - tracker.start_allocated_bytes == 128 << 20
+    assert tracker.device_total_bytes >= tracker.steady_device_total_bytes
+
+
+def test_cpu_tracker_marks_steady_without_measuring():
+    with MemoryTracker("cpu") as tracker:
+        tracker.mark_steady()
+    assert tracker.steady_peak_allocated_bytes is None and tracker.peak_allocated_bytes is None

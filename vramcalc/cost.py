@@ -279,7 +279,7 @@ def throughput_columns(
     for gpu in gpus:
         try:
             e = estimate_throughput(inventory, plan, gpu, calibration)
-            values = (e.tokens_per_second, e.step_seconds, e.mfu)
+            values: tuple[float | None, ...] = (e.tokens_per_second, e.step_seconds, e.mfu)
         except VramcalcError:
             values = (None, None, None)
         out.update({f"{p}_{gpu.name}": v for p, v in zip(COLUMN_PREFIXES[:3], values, strict=True)})

@@ -220,9 +220,10 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:  # older transformers: prefix / suffix match
 
-        def should_convert_module(name, patterns):
+        def should_convert_module(full_name, patterns=None):  # type: ignore[misc]
             return not any(
-                name == k or name.endswith("." + k) or name.startswith(k + ".") for k in patterns
+                full_name == k or full_name.endswith("." + k) or full_name.startswith(k + ".")
+                for k in patterns or ()
             )
 
     def convertible(module_name: str) -> bool:
@@ -361,7 +362,7 @@ def _apply_lora(
         )
     lora_config = LoraConfig(
         r=plan.rank,
-        lora_alpha=plan.lora_alpha,
+        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=plan.dropout,
         target_modules=targets,
         use_dora=plan.dora,

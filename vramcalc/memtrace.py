@@ -28,6 +28,7 @@ full-size 7B decoder layer costs no memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -242,11 +243,14 @@ class MemoryTracer(TorchDispatchMode):
             return
         self._new(st, key, category, op)
 
+    def _free_ref(self, key: int, _ref: object) -> None:
+        self._free(key)
+
     def _new(self, st: torch.UntypedStorage, key: int, category: str, op: str) -> None:
         nbytes = round_bytes(st.nbytes(), self.round_to)
         record = _Record(nbytes, category, op, self._phase)
         self._records[key] = record
-        self._refs[key] = weakref.ref(st, lambda _ref, key=key: self._free(key))
+        self._refs[key] = weakref.ref(st, functools.partial(self._free_ref, key))
         self._live += nbytes
         self._live_by_category[category] = self._live_by_category.get(category, 0) + nbytes
         if self._live > self._peak_by_phase.get(self._phase, 0):

@@ -117,17 +117,16 @@ class TrainingPlan:
                 f"--method full trains every weight, which cannot be stored as {quant!r}; "
                 "use --quant none, or --method lora/qlora for quantized base weights."
             )
-        if quant in ("int8", "nf4", "fp4") and self.dtype == "fp32" and self.method != "full":
-            pass  # fp32 compute dtype for k-bit layers is allowed (slow but valid)
-        for flag, value in (
+        numbers: tuple[tuple[str, object], ...] = (
             ("--rank", self.rank),
             ("--seq-len", self.seq_len),
             ("--batch-size", self.batch_size),
             ("--grad-accum", self.grad_accum),
             ("--num-gpus", self.num_gpus),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"{flag} must be a positive integer, got {value!r}.")
+        )
+        for flag, number in numbers:
+            if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                problems.append(f"{flag} must be a positive integer, got {number!r}.")
         if self.alpha is not None and not self.alpha > 0:
             problems.append(f"--alpha must be positive, got {self.alpha!r}.")
         elif self.alpha is None and isinstance(self.rank, int):

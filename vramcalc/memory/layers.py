@@ -91,7 +91,7 @@ def recipe_for(
         seq=plan.seq_len,
         low=low,
         res=res,
-        weight=plan.quant if plan.is_kbit else plan.dtype,
+        weight=str(plan.quant) if plan.is_kbit else plan.dtype,
         full=plan.method == "full",
         rank=plan.rank,
         lora_dropout=plan.dropout if plan.uses_adapters else 0.0,

@@ -148,7 +148,7 @@ def estimate_from_inventory(
         nccl_bytes=calibration.nccl_communicator_bytes,
     )
     grads = sharded.gradient_bytes
-    head_grad = _head_gradient_bytes(inventory, plan) // (
+    head_grad = _head_gradient_bytes(inventory, static_plan) // (
         plan.num_gpus if plan.strategy in ("fsdp", "zero3") else 1
     )
     accum_grads = grads if plan.grad_accum > 1 else 0

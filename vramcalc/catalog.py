@@ -15,7 +15,6 @@ GPUs come from ``data/gpus.csv`` (``load_gpus`` / ``find_gpu``).
 from __future__ import annotations
 
 import csv
-import difflib
 import functools
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from vramcalc.errors import CatalogError, ConfigError, UnknownGpuError, UnknownModelError
+from vramcalc.plan import suggest
 
 DATA_DIR = Path(
     os.environ.get("VRAMCALC_DATA_DIR", Path(__file__).resolve().parent.parent / "data")
@@ -154,7 +154,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def _resolve_from_hub(name: str) -> ModelSpec:
     names = [e.name for e in model_catalog()] + [a for e in model_catalog() for a in e.aliases]
-    hint = _close(name, names)
+    hint = suggest(name, names)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VRAMCALC_OFFLINE") == "1"
     reason = "the hub is not used offline (HF_HUB_OFFLINE/VRAMCALC_OFFLINE)"
     if not offline and "/" in name:
@@ -175,23 +175,9 @@ def _resolve_from_hub(name: str) -> ModelSpec:
         reason = "it is not a hub id (org/name)"
     raise UnknownModelError(
         f"--model {name!r} is not in the bundled catalog and {reason}."
-        + (f" Did you mean {hint}?" if hint else "")
+        + hint
         + " Run 'vramcalc models' for the catalog, or pass a local directory or config.json path."
     )
-
-
-def _close(value: str, choices: list[str], n: int = 3) -> str:
-    lowered = {c.lower(): c for c in choices}
-    short = {c.lower().split("/")[-1]: c for c in choices}
-    close = difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
-    close += [
-        short[c]
-        for c in difflib.get_close_matches(
-            value.lower().split("/")[-1], list(short), n=n, cutoff=0.6
-        )
-    ]
-    found = list(dict.fromkeys(lowered.get(c, c) for c in close))[:n]
-    return ", ".join(repr(c) for c in found)
 
 
 # -- GPUs ----------------------------------------------------------------------------------
@@ -266,9 +252,7 @@ def find_gpu(name: str) -> Gpu:
     squashed = key.replace("-", "").replace(" ", "").replace("_", "")
     if squashed in normalized:
         return normalized[squashed]
-    hint = _close(name, [g.name for g in load_gpus()])
+    hint = suggest(name, [g.name for g in load_gpus()])
     raise UnknownGpuError(
-        f"--gpu {name!r} is not in the GPU catalog."
-        + (f" Did you mean {hint}?" if hint else "")
-        + " Run 'vramcalc gpus' for the list."
+        f"--gpu {name!r} is not in the GPU catalog." + hint + " Run 'vramcalc gpus' for the list."
     )

@@ -22,8 +22,9 @@ from typing import Any
 
 from vramcalc.errors import VramcalcError
 from vramcalc.fit import FitResult, Probe, budget_bytes
-from vramcalc.render import gib
-from vramcalc.sweep import GIB, GPU_COLUMN, PLAN_FIELDS, SweepResult
+from vramcalc.memory import GIB
+from vramcalc.render import gib, plan_heading
+from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
 
 FORMATS = (".csv", ".xlsx", ".json", ".jsonl", ".md")
 MAX_GPU_COLUMNS_IN_TABLES = 6  # more GPUs: text/Markdown tables show smallest_fitting_gpu only
@@ -283,9 +284,7 @@ def render_fit(result: FitResult) -> str:
     plan = shown.estimate.plan
     fixed = f"seq {plan.seq_len}" if result.field == "batch_size" else f"batch {plan.batch_size}"
     lines = [
-        f"{shown.estimate.model_name} — {plan.method}"
-        + (f" ({plan.quant})" if plan.is_kbit else "")
-        + f", {fixed}, on {result.gpu.name}",
+        plan_heading(shown.estimate.model_name, plan) + f", {fixed}, on {result.gpu.name}",
         f"GPU memory {gib(result.gpu.memory_bytes)}, headroom {result.headroom:.0%} → budget "
         f"{gib(result.budget_bytes)} for the device total",
         "",

@@ -38,12 +38,26 @@ ALL_LINEAR = "all-linear"
 
 
 def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
-    """A ' Did you mean ...?' suffix listing close matches, or ''."""
+    """A ' Did you mean ...?' suffix listing close matches, or ''.
+
+    Case-insensitive; for ``org/name`` choices the part after the last ``/``
+    is matched too, so ``llama-2-7b`` finds ``meta-llama/Llama-2-7b``.
+    """
     lowered = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
-    if not close:
+    short = {c.lower().rsplit("/", 1)[-1]: c for c in choices}
+    close = [
+        lowered[c] for c in difflib.get_close_matches(value.lower(), list(lowered), n=n, cutoff=0.6)
+    ]
+    close += [
+        short[c]
+        for c in difflib.get_close_matches(
+            value.lower().rsplit("/", 1)[-1], list(short), n=n, cutoff=0.6
+        )
+    ]
+    found = list(dict.fromkeys(close))[:n]
+    if not found:
         return ""
-    return " Did you mean " + ", ".join(repr(lowered[c]) for c in close) + "?"
+    return " Did you mean " + ", ".join(repr(c) for c in found) + "?"
 
 
 def _choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 from vramcalc.catalog import Gpu, find_gpu, load_gpus, resolve_model
 from vramcalc.cost import CostTable, RunLength, check_price, cost_table
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import MemoryEstimate, estimate, inventory_for
+from vramcalc.estimate import MemoryEstimate, estimate, estimate_from_inventory, inventory_for
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import ThroughputEstimate, estimate_throughput
 
@@ -71,8 +71,8 @@ def plan_result(
     """Memory of ``plan``, its fit and speed on each of ``gpus``, and the run's cost on those that fit."""
     check_price(price_per_hour_usd)
     spec = resolve_model(plan.model)
-    memory = estimate(plan, spec)
     inventory = inventory_for(spec, plan)
+    memory = estimate_from_inventory(inventory, plan, spec.name, spec.source, spec.config_dict)
     fits = []
     for gpu in gpus:
         throughput, problem = None, None

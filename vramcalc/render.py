@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from vramcalc.estimate import MemoryEstimate
+from vramcalc.memory import GIB
+from vramcalc.plan import TrainingPlan
 from vramcalc.planner import PlanResult
-
-GIB = 2**30
 
 COMPONENT_LABELS = {
     "weights": "base weights",
@@ -63,14 +63,17 @@ def render_plan_result(result: PlanResult) -> str:
     return text
 
 
+def plan_heading(model_name: str, plan: TrainingPlan) -> str:
+    """``meta-llama/Llama-2-13b-hf — qlora (nf4)``: the first words of every plan report."""
+    return f"{model_name} — {plan.method}" + (f" ({plan.quant})" if plan.is_kbit else "")
+
+
 def render_memory(estimate: MemoryEstimate) -> str:
     """The memory part of the ``vramcalc plan`` report."""
     plan = estimate.plan
     total = estimate.device_total_bytes
     lines = [
-        f"{estimate.model_name} — {plan.method}"
-        + (f" ({plan.quant})" if plan.is_kbit else "")
-        + f", seq {plan.seq_len} x batch {plan.batch_size}",
+        plan_heading(estimate.model_name, plan) + f", seq {plan.seq_len} x batch {plan.batch_size}",
         f"parameters: {estimate.total_params:,} total, {estimate.trainable_params:,} trainable "
         f"({100 * estimate.trainable_params / max(estimate.total_params, 1):.3f} %)",
         "",

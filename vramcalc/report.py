@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class ReportRow:
 class Report:
     rows: tuple[ReportRow, ...]
     sources: tuple[str, ...]
-    failures: tuple[str, ...] = field(default_factory=tuple)
     throughput: tuple[dict[str, Any], ...] = ()  # throughput_fit.compare_records rows
 
     @property
@@ -301,7 +300,8 @@ def _plot(report: Report, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    gib = 2**30
+    from vramcalc.memory import GIB as gib
+
     for split, marker in (("calibration", "o"), ("validation", "s")):
         rows = [r for r in report.ok_rows if r.split == split]
         xs = [r.record["device_total_bytes"] / gib for r in rows]

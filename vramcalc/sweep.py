@@ -39,9 +39,9 @@ from vramcalc.estimate import (
 )
 from vramcalc.fit import budget_bytes
 from vramcalc.inventory import ModelInventory
+from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
 
-GIB = 2**30
 GIB_DECIMALS = 4
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for

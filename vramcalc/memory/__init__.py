@@ -10,6 +10,9 @@ import math
 #: statistics count the rounded size.
 ALLOCATOR_ROUND_BYTES = 512
 
+#: Bytes in a GiB: every size shown to users is in GiB (2**30), never "GB".
+GIB = 2**30
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1}
 
 

@@ -25,6 +25,7 @@ Building costs ~0.5 s after ~3 s of imports, so results are cached on disk
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -113,15 +114,21 @@ class ModelInventory:
 
 def library_versions() -> dict[str, str]:
     """Versions that change how models are built (part of the cache key)."""
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Read once per process: installed packages do not change under a running sweep."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out = []
     for name in ("torch", "transformers", "peft", "accelerate"):
         try:
-            out[name] = version(name)
+            out.append((name, version(name)))
         except PackageNotFoundError:
-            out[name] = "missing"
-    return out
+            out.append((name, "missing"))
+    return tuple(out)
 
 
 def _cache_dir() -> Path:

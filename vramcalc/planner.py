@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.catalog import Gpu, find_gpu, load_gpus, resolve_model
+from vramcalc.catalog import Gpu, ModelSpec, find_gpu, load_gpus, resolve_model
 from vramcalc.cost import CostTable, RunLength, check_price, cost_table
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import MemoryEstimate, estimate, estimate_from_inventory, inventory_for
+from vramcalc.estimate import MemoryEstimate, estimate_from_inventory, inventory_for
+from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import ThroughputEstimate, estimate_throughput
 
@@ -86,11 +87,11 @@ def plan_result(
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
         cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
-    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, spec)))
+    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, inventory, spec)))
 
 
-def _hints(memory: MemoryEstimate, spec) -> list[str]:
-    """Cheap what-ifs worth telling the user (each is another pure estimate)."""
+def _hints(memory: MemoryEstimate, inventory: ModelInventory, spec: ModelSpec) -> list[str]:
+    """Cheap what-ifs worth telling the user (each is another pure estimate on the same inventory)."""
     from vramcalc.render import gib
 
     plan, out = memory.plan, []
@@ -98,7 +99,13 @@ def _hints(memory: MemoryEstimate, spec) -> list[str]:
         not plan.gradient_checkpointing
         and memory.components["activations"] > 0.4 * memory.device_total_bytes
     ):
-        other = estimate(plan.with_(gradient_checkpointing=True), spec)
+        other = estimate_from_inventory(
+            inventory,
+            plan.with_(gradient_checkpointing=True),
+            spec.name,
+            spec.source,
+            spec.config_dict,
+        )
         out.append(
             f"activations are {100 * memory.components['activations'] / memory.device_total_bytes:.0f} % of the "
             f"total; --gradient-checkpointing brings the device total from {gib(memory.device_total_bytes)} "

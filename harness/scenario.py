@@ -51,6 +51,7 @@ RECIPES = ("trainer", "loop")
 SIMULATIONS = ("oom", "error", "hang")
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+KEY_FIELDS_ADDED_LATER = {"allocator": "default"}
 CASE_FIELDS = ("steps", "warmup_steps", "seed", "split", "recipe", "timeout_s", "simulate")
 ALL_FIELDS = PLAN_FIELDS + CASE_FIELDS
 _INT_FIELDS = (
@@ -97,8 +98,14 @@ class Case:
 
         ``split`` and ``timeout_s`` are labels / limits, not part of the key.
         """
+        plan = self.plan.to_dict()
+        # fields added to the plan after measurements existed stay out of the key at their
+        # default, so the ids of earlier cases do not change
+        for name, default in KEY_FIELDS_ADDED_LATER.items():
+            if plan.get(name) == default:
+                plan.pop(name)
         key: dict[str, Any] = {
-            "plan": self.plan.to_dict(),
+            "plan": plan,
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
             "seed": self.seed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from vramcalc.plan import (
+    ALLOCATORS,
     ATTNS,
     DTYPES,
     METHODS,
@@ -152,6 +153,14 @@ def plan_options(func):
             is_flag=True,
             help="Offload optimizer states (and fsdp/zero3 parameter shards) to CPU.",
         ),
+        click.option(
+            "--allocator",
+            type=SuggestingChoice(ALLOCATORS),
+            default="default",
+            show_default=True,
+            help="PyTorch caching-allocator mode the run uses: default, or expandable "
+            "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, less fragmentation slack).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -181,4 +190,5 @@ def plan_from_options(options: dict) -> TrainingPlan:
         num_gpus=options["num_gpus"],
         strategy=options["strategy"],
         cpu_offload=options["cpu_offload"],
+        allocator=options["allocator"],
     )

@@ -34,6 +34,9 @@ OPTIMIZERS = (
     "adafactor",
 )
 STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
+# PyTorch's caching allocator mode, as PYTORCH_CUDA_ALLOC_CONF sets it:
+# "default" (no setting) or "expandable" (expandable_segments:True)
+ALLOCATORS = ("default", "expandable")
 ALL_LINEAR = "all-linear"
 
 
@@ -96,6 +99,7 @@ class TrainingPlan:
     num_gpus: int = 1
     strategy: str = "ddp"
     cpu_offload: bool = False
+    allocator: str = "default"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -107,6 +111,7 @@ class TrainingPlan:
             ("--optimizer", self.optimizer, OPTIMIZERS),
             ("--attn", self.attn, ATTNS),
             ("--strategy", self.strategy, STRATEGIES),
+            ("--allocator", self.allocator, ALLOCATORS),
         ):
             problem = _choice_problem(flag, value, choices)
             if problem:

@@ -59,10 +59,22 @@ class Report:
 
 
 def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str, Any]], list[str]]:
-    """All records of ``directory/*.jsonl`` (file name kept in ``source_file``)."""
+    """All records of ``directory/*.jsonl`` (file name kept in ``source_file``).
+
+    A ``NAME.meta.json`` beside ``NAME.jsonl`` may give ``defaults``: run conditions the
+    records of that file do not state (e.g. the allocator setting of a run made before the
+    harness recorded it). They fill only fields a record lacks.
+    """
     records: list[dict[str, Any]] = []
     files = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
     for path in files:
+        meta_path = path.with_suffix(".meta.json")
+        defaults: dict[str, Any] = {}
+        if meta_path.is_file():
+            try:
+                defaults = dict(json.loads(meta_path.read_text()).get("defaults") or {})
+            except (ValueError, AttributeError, TypeError) as err:
+                raise VramcalcError(f"{meta_path}: not a JSON object with 'defaults' ({err})") from err
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -70,6 +82,8 @@ def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise VramcalcError(f"{path}:{number}: not a JSON line ({err})") from err
+            for key, value in defaults.items():
+                record.setdefault(key, value)
             record["source_file"] = path.name
             records.append(record)
     return records, [p.name for p in files]

@@ -49,7 +49,7 @@ from harness.record import (
     read_records,
     utc_now,
 )
-from harness.scenario import Case
+from harness.scenario import Case, alloc_conf_for
 from vramcalc.errors import VramcalcError
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -161,6 +161,11 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def trace_dir_for(output: Path) -> Path:
+    """Where the allocator traces of ``output``'s cases go: ``NAME_traces/`` beside it."""
+    return output.parent / f"{output.stem}_traces"
+
+
 def spawn_worker(
     mode: str,
     spec: dict[str, Any],
@@ -179,6 +184,12 @@ def spawn_worker(
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["VRAMCALC_LAUNCHER_PID"] = str(os.getpid())
     env.update(NVLS_OFF_ENV)
+    if "case" in spec:  # the plan's allocator mode, and nothing inherited
+        conf = alloc_conf_for(spec["case"].get("allocator") or "default")
+        if conf is None:
+            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        else:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = conf
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vramcalc-worker-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -235,9 +246,17 @@ def _failure(outcome: WorkerOutcome, what: str, timeout_s: float) -> tuple[str, 
 
 
 def measure_case(
-    case: Case, device: str, timeout_s: float, scratch_dir: Path, provenance: dict[str, Any]
+    case: Case,
+    device: str,
+    timeout_s: float,
+    scratch_dir: Path,
+    provenance: dict[str, Any],
+    trace_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Prepare (if needed) and measure one case in fresh processes; always returns a record."""
+    """Prepare (if needed) and measure one case in fresh processes; always returns a record.
+
+    A case with ``record_trace`` writes its allocator trace to ``trace_dir/<case_id>.json.gz``.
+    """
     from harness.build import checkpoint_dir, checkpoint_ready, touch_checkpoint
 
     timeout_s = case.timeout_s or timeout_s
@@ -247,6 +266,8 @@ def measure_case(
         "device": device,
         "scratch_dir": str(scratch_dir),
     }
+    if case.record_trace and trace_dir is not None:
+        spec["trace_path"] = str(trace_dir / f"{case.case_id}.json.gz")
     status, error = "error", None
     try:
         checkpoint = checkpoint_dir(case.plan, scratch_dir)
@@ -370,7 +391,9 @@ def run_cases(
                     stopped = True
                     break
                 case_started = time.perf_counter()
-                record = measure_case(case, device, timeout_s, scratch, provenance)
+                record = measure_case(
+                    case, device, timeout_s, scratch, provenance, trace_dir_for(output)
+                )
                 append_record(output, record)
                 statuses[record["status"]] += 1
                 bar.set_postfix_str(

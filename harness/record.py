@@ -71,6 +71,14 @@ EXTRA_FIELDS = (
     "case_seconds",  # wall time of the worker, imports included
     "per_rank",  # multi-GPU: one dict per rank (PER_RANK_FIELDS), else None
     "distributed_config",  # multi-GPU: {"accelerate": {...}, "deepspeed": {...} | None}
+    "pytorch_cuda_alloc_conf",  # PYTORCH_CUDA_ALLOC_CONF the worker ran under (None: unset)
+    "cuda_total_bytes",  # mem_get_info total: what a process can use ("total capacity")
+    "context_device_bytes",  # mem_get_info used right after the CUDA context exists
+    "nvml_total_bytes",  # NVML v2 total (nvidia-smi's total)
+    "driver_reserved_bytes",  # NVML v2 reserved: the driver's own, inside nvidia-smi's used
+    "min_seconds",  # the case's minimum measured time
+    "record_trace",  # whether the allocator trace was recorded (timing slightly perturbed)
+    "trace_file",  # the trace's file name beside the JSONL (NAME_traces/), if recorded
 )
 PER_RANK_FIELDS = (
     "rank",
@@ -210,6 +218,8 @@ def make_record(
         steps=case.steps,
         warmup_steps=case.warmup_steps,
         seed=case.seed,
+        min_seconds=case.min_seconds,
+        record_trace=case.record_trace,
     )
     for key, value in (measurement or {}).items():
         if key in RECORD_FIELDS:

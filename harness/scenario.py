@@ -52,7 +52,27 @@ SIMULATIONS = ("oom", "error", "hang")
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 KEY_FIELDS_ADDED_LATER = {"allocator": "default"}
-CASE_FIELDS = ("steps", "warmup_steps", "seed", "split", "recipe", "timeout_s", "simulate")
+# the plan's --allocator as PYTORCH_CUDA_ALLOC_CONF (None: the variable is unset)
+ALLOC_CONF = {"default": None, "expandable": "expandable_segments:True"}
+
+
+def alloc_conf_for(allocator: str) -> str | None:
+    return ALLOC_CONF[allocator]
+
+
+CASE_FIELDS = (
+    "steps",
+    "warmup_steps",
+    "seed",
+    "split",
+    "recipe",
+    "timeout_s",
+    "simulate",
+    "min_seconds",
+    "record_trace",
+)
+# measured steps never exceed this many, whatever ``min_seconds`` asks
+MAX_MEASURED_STEPS = 200
 ALL_FIELDS = PLAN_FIELDS + CASE_FIELDS
 _INT_FIELDS = (
     "rank",
@@ -64,8 +84,8 @@ _INT_FIELDS = (
     "warmup_steps",
     "seed",
 )
-_FLOAT_FIELDS = ("alpha", "dropout", "timeout_s")
-_BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload")
+_FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds")
+_BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
 
@@ -82,6 +102,11 @@ class Case:
     recipe: str = "trainer"
     timeout_s: float | None = None
     simulate: str | None = field(default=None)
+    # measure at least ``steps`` steps *and* at least ``min_seconds`` of measured steps
+    # (up to MAX_MEASURED_STEPS): short steps need many for a stable median
+    min_seconds: float = 0.0
+    # record the caching allocator's alloc/free trace (torch.cuda.memory._record_memory_history)
+    record_trace: bool = False
 
     def __post_init__(self) -> None:
         problems = case_problems({name: getattr(self, name) for name in CASE_FIELDS}, self.plan)
@@ -113,11 +138,24 @@ class Case:
         }
         if self.simulate is not None:
             key["simulate"] = self.simulate
+        if self.min_seconds:
+            key["min_seconds"] = self.min_seconds
+        if self.record_trace:
+            key["record_trace"] = True
         return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
     @property
     def total_steps(self) -> int:
-        return self.warmup_steps + self.steps
+        """Optimizer steps the recipe runs at most (warm-up included)."""
+        return self.warmup_steps + self.max_measured_steps
+
+    @property
+    def max_measured_steps(self) -> int:
+        return max(self.steps, MAX_MEASURED_STEPS) if self.min_seconds else self.steps
+
+    def measured_enough(self, step_seconds: list[float]) -> bool:
+        """Whether the measured steps so far (warm-up excluded) satisfy ``steps`` and ``min_seconds``."""
+        return len(step_seconds) >= self.steps and sum(step_seconds) >= self.min_seconds
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready mapping: the plan's fields then the case fields."""
@@ -130,6 +168,8 @@ class Case:
             recipe=self.recipe,
             timeout_s=self.timeout_s,
             simulate=self.simulate,
+            min_seconds=self.min_seconds,
+            record_trace=self.record_trace,
         )
         return data
 
@@ -158,6 +198,13 @@ def case_problems(values: Mapping[str, Any], plan: TrainingPlan | None) -> list[
     if simulate is not None and simulate not in SIMULATIONS:
         problems.append(f"simulate {simulate!r} is not one of {', '.join(SIMULATIONS)}.")
     timeout_s = values["timeout_s"]
+    min_seconds = values.get("min_seconds", 0.0)
+    if (
+        isinstance(min_seconds, bool)
+        or not isinstance(min_seconds, (int, float))
+        or min_seconds < 0
+    ):
+        problems.append(f"min_seconds must be a number of seconds >= 0, got {min_seconds!r}.")
     if timeout_s is not None and (
         isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0
     ):

@@ -211,12 +211,18 @@ def _check_optimizer(case: Case, optimizer: Any) -> None:
 
 
 def run_trainer(
-    model: Any, case: Case, device: str, compute_dtype: str, on_warmup_end: Any = None
+    model: Any,
+    case: Case,
+    device: str,
+    compute_dtype: str,
+    on_warmup_end: Any = None,
+    on_step_end: Any = None,
 ) -> RecipeResult:
-    """Run ``warmup_steps + steps`` optimizer steps with HF Trainer; time each one.
+    """Run ``warmup_steps`` + at least ``steps`` optimizer steps with HF Trainer; time each one.
 
+    Measured steps go on until ``case.measured_enough`` (``steps`` and ``min_seconds``).
     ``on_warmup_end`` is called when the first measured step begins (the memory
-    tracker restarts its peaks there).
+    tracker restarts its peaks there); ``on_step_end(n)`` after the n-th step.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -245,6 +251,10 @@ def run_trainer(
             now = time.perf_counter()
             times.append(now - self.last)
             self.last = now
+            if on_step_end is not None:
+                on_step_end(len(times))
+            if case.measured_enough(times[case.warmup_steps :]):
+                control.should_training_stop = True
 
     with tempfile.TemporaryDirectory(prefix="vramcalc-trainer-") as output_dir:
         args = training_arguments(case, device, compute_dtype, output_dir)
@@ -270,7 +280,12 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def run_loop(
-    model: Any, case: Case, device: str, compute_dtype: str, on_warmup_end: Any = None
+    model: Any,
+    case: Case,
+    device: str,
+    compute_dtype: str,
+    on_warmup_end: Any = None,
+    on_step_end: Any = None,
 ) -> RecipeResult:
     """The same steps as a plain PyTorch loop (autocast, Trainer's optimizer, clipping)."""
     import torch
@@ -350,6 +365,10 @@ def run_loop(
         now = time.perf_counter()
         times.append(now - last)
         last = now
+        if on_step_end is not None:
+            on_step_end(len(times))
+        if step >= case.warmup_steps and case.measured_enough(times[case.warmup_steps :]):
+            break
     return RecipeResult(tuple(times), case.warmup_steps, _optimizer_class(optimizer))
 
 

@@ -85,6 +85,19 @@ class _NvmlReader:
     def used_bytes(self) -> int:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
+    def memory_v2(self) -> dict[str, int] | None:
+        """NVML v2 memory info: ``total``, ``reserved`` (the driver's own), ``used``, ``free``.
+
+        v1 ``used`` (what nvidia-smi shows and ``used_bytes`` returns) includes the
+        driver's reservation; v2 reports it apart. None where the driver or pynvml lacks v2.
+        """
+        nvml = self._nvml
+        try:
+            info = nvml.nvmlDeviceGetMemoryInfo(self._handle, version=nvml.nvmlMemory_v2)
+        except Exception:  # noqa: BLE001 - old driver / pynvml without v2
+            return None
+        return {k: int(getattr(info, k)) for k in ("total", "reserved", "used", "free")}
+
     def driver_version(self) -> str:
         version = self._nvml.nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else str(version)
@@ -302,6 +315,24 @@ class Timer:
 
 
 # -- the instrument check ------------------------------------------------------------------------
+def warm_up_device(device: str) -> None:
+    """Create the CUDA context and load the kernels the check uses, outside what it measures.
+
+    With CUDA's lazy module loading (the default since CUDA 11.7) the first launch of a
+    kernel loads its module into device memory: on an H200 (driver 580) the first
+    ``fill_`` moved NVML's used memory by ~92 MiB on top of a 1 GiB allocation, so a
+    check that allocates and fills in one go reads 1,170,210,816 bytes for 1 GiB. Doing
+    the same small allocation and fill once before measuring keeps module loading out.
+    """
+    if not is_cuda(device):
+        return
+    torch = _torch()
+    warm = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    warm.fill_(1)
+    torch.cuda.synchronize()
+    del warm
+
+
 @dataclass(frozen=True)
 class InstrumentCheck:
     """What each figure read for a known allocation of ``expected_bytes``."""
@@ -342,6 +373,7 @@ def check_memory_instrument(
         )
     torch = _torch()
     torch.cuda.init()
+    warm_up_device(device)
     torch.cuda.empty_cache()
     with MemoryTracker(device) as tracker:
         block = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -362,3 +394,38 @@ def check_memory_instrument(
     if problems:
         raise InstrumentError("memory instrument check failed: " + " ".join(problems))
     return check
+
+
+# -- device facts ----------------------------------------------------------------------------------
+def device_memory_facts(device: str) -> dict[str, Any]:
+    """What the driver and CUDA say about the device's memory, read once per case.
+
+    * ``cuda_total_bytes``: ``mem_get_info`` total, what a process can use (torch's OOM
+      message calls it "total capacity");
+    * ``context_device_bytes``: ``mem_get_info`` used (total - free) when called right
+      after the CUDA context exists and before anything is allocated: the context;
+    * ``nvml_total_bytes`` / ``driver_reserved_bytes``: NVML v2 ``total`` (nvidia-smi's
+      total) and ``reserved`` (the driver's own reservation, inside v1 ``used``);
+    * ``pytorch_cuda_alloc_conf``: the allocator settings the process runs under.
+
+    GPU figures are None on CPU or where NVML v2 is missing.
+    """
+    facts: dict[str, Any] = {
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "cuda_total_bytes": None,
+        "context_device_bytes": None,
+        "nvml_total_bytes": None,
+        "driver_reserved_bytes": None,
+    }
+    if not is_cuda(device):
+        return facts
+    torch = _torch()
+    free, total = torch.cuda.mem_get_info()
+    facts.update(cuda_total_bytes=int(total), context_device_bytes=int(total - free))
+    try:
+        v2 = _NvmlReader().memory_v2()
+    except Exception:  # noqa: BLE001 - no pynvml: not measured
+        v2 = None
+    if v2 is not None:
+        facts.update(nvml_total_bytes=v2["total"], driver_reserved_bytes=v2["reserved"])
+    return facts

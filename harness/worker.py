@@ -64,8 +64,17 @@ def error_text(err: BaseException) -> str:
     return (message + "\ntraceback (last lines):\n" + "\n".join(tail))[:ERROR_TAIL_CHARS]
 
 
-def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
-    """Measure one case in this process; returns its full result record."""
+def run_case(
+    case: Case, device: str, checkpoint: str | Path, trace_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Measure one case in this process; returns its full result record.
+
+    With ``case.record_trace`` on CUDA, the allocator's trace of the whole case is
+    written to ``trace_path`` (``harness.alloc_trace``).
+    """
+    import contextlib
+
+    from harness.alloc_trace import AllocationTrace
     from harness.build import build_model
     from harness.distributed import (
         is_distributed,
@@ -79,6 +88,7 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
         MemoryTracker,
         allocated_bytes,
         device_baseline_bytes,
+        device_memory_facts,
         host_peak_rss_bytes,
         is_cuda,
     )
@@ -95,11 +105,18 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
         if is_distributed(case.plan):
             start_process_group(device)  # before CUDA: this rank's GPU only
         provenance = collect_provenance(device)
+        measurement.update(device_memory_facts(device))  # before anything is allocated
         compute_dtype = compute_dtype_for(case, device)
         measurement["compute_dtype_used"] = compute_dtype
         _zero3_config = zero3_loading_context(case.plan)  # kept alive: ZeRO-3 loading
-        with tracker:
+        tracing = case.record_trace and is_cuda(device) and trace_path is not None
+        trace = AllocationTrace(trace_path, case.case_id) if tracing else None  # type: ignore[arg-type]
+        if trace is not None:
+            measurement["trace_file"] = Path(trace_path).name  # type: ignore[arg-type]
+        with tracker, trace or contextlib.nullcontext():
             built = build_model(case.plan, checkpoint, device)
+            if trace is not None:
+                trace.mark("loaded")
             measurement.update(
                 loaded_allocated_bytes=allocated_bytes(device),
                 trainable_params=built.trainable_params,
@@ -113,7 +130,12 @@ def run_case(case: Case, device: str, checkpoint: str | Path) -> dict[str, Any]:
                 flush=True,
             )
             result = RECIPES[case.recipe](
-                built.model, case, device, compute_dtype, on_warmup_end=tracker.mark_steady
+                built.model,
+                case,
+                device,
+                compute_dtype,
+                on_warmup_end=tracker.mark_steady,
+                on_step_end=(lambda n: trace.mark("step_end")) if trace is not None else None,
             )
         plan = case.plan
         tokens_per_step = plan.seq_len * plan.batch_size * plan.grad_accum
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "prepare":
                 result = prepare(case, device, spec["scratch_dir"])
             else:
-                result = run_case(case, device, spec["checkpoint"])
+                result = run_case(case, device, spec["checkpoint"], spec.get("trace_path"))
     except Exception as err:  # noqa: BLE001 - reported to the launcher, not raised
         result = {"status": "oom" if is_oom(err) else "error", "error": error_text(err)}
         print(result["error"], file=sys.stderr, flush=True)

@@ -171,3 +171,29 @@ def test_a_gpu_record_does_not_count_as_done_on_cpu(tmp_path):
     assert finished_case_ids(output, "cuda") == {case.case_id}
     assert finished_case_ids(output, "cpu") == {case.case_id}
     assert finished_case_ids(output, "cpu", retry_errors=True) == set()
+
+
+def test_min_seconds_allocator_and_trace_fields_reach_the_record(tmp_path, monkeypatch):
+    """Measured steps go on until both ``steps`` and ``min_seconds`` are met; the plan's
+    allocator reaches the worker as PYTORCH_CUDA_ALLOC_CONF (an inherited one is dropped)."""
+    from harness.launcher import run_cases
+    from harness.scenario import Case
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    small = {"model": TINY_LLAMA, "seq_len": 16, "batch_size": 2, "split": "calibration"}
+    cases = [
+        Case.from_dict({**small, "steps": 2, "warmup_steps": 1, "min_seconds": 0.5}),
+        Case.from_dict({**small, "allocator": "expandable", "record_trace": True, "steps": 1}),
+    ]
+    output = tmp_path / "out.jsonl"
+    run_cases(cases, output, device="cpu", scratch_dir=tmp_path, progress=False)
+    timed, traced = read_records(output)
+    assert timed["status"] == traced["status"] == "ok"
+    assert len(timed["step_seconds_measured"]) >= 2
+    assert sum(timed["step_seconds_measured"]) >= 0.5
+    assert timed["min_seconds"] == 0.5 and timed["record_trace"] is False
+    assert timed["pytorch_cuda_alloc_conf"] is None  # default allocator: variable unset
+    assert traced["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
+    assert traced["allocator"] == "expandable" and traced["record_trace"] is True
+    assert traced["trace_file"] is None  # no allocator trace on CPU, never a fake one
+    assert traced["cuda_total_bytes"] is None and traced["driver_reserved_bytes"] is None

@@ -4,6 +4,8 @@ Every expected value follows from a named rule of c10/cuda/CUDACachingAllocator.
 (comments cite it); MiB = 2**20 bytes throughout.
 """
 
+import random
+
 import pytest
 
 from vramcalc.errors import AllocatorTraceError, InvalidPlanError
@@ -418,3 +420,108 @@ def test_replayed_trace_reproduces_its_segments():
 def test_unknown_trace_action_raises():
     with pytest.raises(AllocatorTraceError, match="entry 1: unknown action 'allocate'"):
         events_from_snapshot_trace([["alloc", 1, 2], ["allocate", 1, 2]])
+
+
+# ---- the instrument against the real allocator (opt-in: pytest -m gpu) ---------------------
+
+
+def mixed_workload(n_events=20_000, seed=1):
+    """Sizes log-uniform from 512 B to 64 MiB; frees mostly the newest tensor, 30 % a random one."""
+    rng = random.Random(seed)
+    live, events, handle = [], [], 0
+    while len(events) < n_events:
+        if live and (rng.random() < 0.5 or len(events) + len(live) >= n_events):
+            j = rng.randrange(len(live)) if rng.random() < 0.3 else len(live) - 1
+            live[j], live[-1] = live[-1], live[j]
+            events.append((FREE, live.pop(), 0))
+        else:
+            events.append((ALLOC, handle, int(2 ** rng.uniform(9, 26))))
+            live.append(handle)
+            handle += 1
+    return events
+
+
+def run_on_gpu(events, conf, fraction=None):
+    """Run ``events`` as uint8 CUDA tensors under ``conf``; torch's stats and trace."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.cuda.empty_cache()
+    if torch.cuda.memory_reserved() != 0:
+        pytest.skip("the caching allocator is not empty (tensors left by other tests)")
+    torch.cuda.memory._set_allocator_settings(conf)
+    torch.cuda.set_per_process_memory_fraction(fraction or 1.0)
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_accumulated_memory_stats()
+    torch.cuda.memory._record_memory_history(context=None, stacks="python", max_entries=10**7)
+    live, oom_index = {}, None
+    try:
+        for index, (op, handle, nbytes) in enumerate(events):
+            if op == FREE:
+                del live[handle]
+                continue
+            try:
+                live[handle] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            except torch.OutOfMemoryError:
+                oom_index = index
+                break
+        stats = torch.cuda.memory_stats()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(None)
+        live.clear()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    capacity = None if fraction is None else int(fraction * total)  # allowed_memory_maximum
+    return stats, trace, oom_index, capacity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("conf", "fraction"),
+    [
+        ("expandable_segments:False", None),
+        ("expandable_segments:True", None),
+        ("expandable_segments:False,max_split_size_mb:64", None),
+        ("expandable_segments:False,roundup_power2_divisions:4", None),
+        ("expandable_segments:False", 0.004),  # ~575 MiB on an H200: releases, then OOM
+        ("expandable_segments:False,max_split_size_mb:32", 0.004),
+    ],
+)
+def test_simulation_matches_the_cuda_allocator(conf, fraction):
+    events = mixed_workload()
+    stats, trace, oom_index, capacity = run_on_gpu(events, conf, fraction)
+    config = AllocatorConfig.from_env_string(conf, capacity_bytes=capacity)
+    sim = CachingAllocator(config)
+    sim_oom = next((i for i, (op, h, n) in enumerate(events) if not apply(sim, op, h, n)), None)
+    assert {
+        "peak_allocated": sim.peak_allocated_bytes,
+        "peak_reserved": sim.peak_reserved_bytes,
+        "peak_requested": sim.peak_requested_bytes,
+        "reserved": sim.reserved_bytes,
+        "device_allocs": sim.cuda_malloc_calls,
+        "oom_index": sim_oom,
+    } == {
+        "peak_allocated": stats["allocated_bytes.all.peak"],
+        "peak_reserved": stats["reserved_bytes.all.peak"],
+        "peak_requested": stats["requested_bytes.all.peak"],
+        "reserved": stats["reserved_bytes.all.current"],
+        "device_allocs": stats["num_device_alloc"],
+        "oom_index": oom_index,
+    }
+    assert sim.segment_log == segment_events(trace)
+    replay = simulate(events_from_snapshot_trace(trace), config)
+    assert (replay.peak_allocated_bytes, replay.peak_reserved_bytes) == (
+        stats["allocated_bytes.all.peak"],
+        stats["reserved_bytes.all.peak"],
+    )
+
+
+def apply(sim, op, handle, nbytes):
+    """One event on ``sim``; False once an ALLOC ran out of memory."""
+    if op == FREE:
+        sim.free(handle)
+        return True
+    return sim.malloc(handle, nbytes)

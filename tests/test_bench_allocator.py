@@ -29,14 +29,17 @@ def synthetic_trace(n_events: int = 200_000, seed: int = 0) -> list[tuple[int, i
     return events
 
 
-TRACE = synthetic_trace()
+@pytest.fixture(scope="module")
+def trace():
+    return synthetic_trace()
 
 
 @pytest.mark.benchmark(group="allocator-replay")
 @pytest.mark.parametrize("expandable", [False, True], ids=["segments", "expandable"])
-def test_replay_200k_events(benchmark, expandable):
+def test_replay_200k_events(benchmark, trace, expandable):
     config = AllocatorConfig(expandable_segments=expandable)
-    result = benchmark.pedantic(simulate, args=(TRACE, config), rounds=3, iterations=1)
+    result = benchmark.pedantic(simulate, args=(trace, config), rounds=3, iterations=1)
     assert result.final_allocated_bytes == 0  # every tensor was freed
     assert result.peak_reserved_bytes >= result.peak_allocated_bytes > 0
-    assert benchmark.stats.stats.mean < 1.0
+    if not benchmark.disabled:
+        assert benchmark.stats.stats.mean < 1.0

@@ -269,7 +269,9 @@ class CachingAllocator:
             else size < self._max_split and remaining > SMALL_REQUEST_BYTES
         ):
             front = _Block(block.addr, size, stream, small, block.segment)
-            _splice(front, block.prev, block)
+            front.prev, front.next, block.prev = (prev := block.prev), block, front  # splice
+            if prev is not None:
+                prev.next = front
             block.addr += size
             block.size = remaining
             keys = pool.keys  # pool.insert(block), inlined: the hot path
@@ -300,14 +302,28 @@ class CachingAllocator:
             self.allocated_bytes -= block.size
             self.requested_bytes -= block.requested
             pool = self._pools[block.small]
+            keys, blocks = pool.keys, pool.blocks  # merges and insert inlined: the hot path
             prev, nxt = block.prev, block.next
-            if (prev is not None and not prev.allocated) or (nxt is not None and not nxt.allocated):
-                _merge_neighbours(block, pool.remove)
-            keys = pool.keys  # pool.insert(block), inlined: the hot path
+            if prev is not None and not prev.allocated and prev.mapped:  # try_merge_blocks
+                i = bisect_left(
+                    keys, prev.stream << _STREAM_SHIFT | prev.size << _SIZE_SHIFT | prev.addr
+                )
+                del keys[i], blocks[i]
+                block.addr, block.size, block.prev = prev.addr, block.size + prev.size, prev.prev
+                if block.prev is not None:
+                    block.prev.next = block
+            if nxt is not None and not nxt.allocated and nxt.mapped:
+                i = bisect_left(
+                    keys, nxt.stream << _STREAM_SHIFT | nxt.size << _SIZE_SHIFT | nxt.addr
+                )
+                del keys[i], blocks[i]
+                block.size, block.next = block.size + nxt.size, nxt.next
+                if block.next is not None:
+                    block.next.prev = block
             key = block.stream << _STREAM_SHIFT | block.size << _SIZE_SHIFT | block.addr
             i = bisect_left(keys, key)
             keys.insert(i, key)
-            pool.blocks.insert(i, block)
+            blocks.insert(i, block)
 
     def empty_cache(self) -> None:
         """``emptyCache``: ``release_cached_blocks``."""
@@ -382,9 +398,10 @@ class CachingAllocator:
         return _Block(self._take_addresses(segment_bytes), segment_bytes, stream, pool.small)
 
     def _take_addresses(self, nbytes: int) -> int:
-        """The next free address range, a gap after it so that segments never touch."""
+        """cudaMalloc's address: fresh 2 MiB-aligned ranges in increasing order (addresses
+        only order equal-sized free blocks; merging follows the prev/next links)."""
         addr = self._next_addr
-        self._next_addr += (nbytes // ROUND_LARGE_BYTES + 2) * ROUND_LARGE_BYTES
+        self._next_addr += -(-nbytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
         return addr
 
     def _reserve(self, nbytes: int, action: str) -> None:

@@ -66,7 +66,10 @@ class AllocatorConfig:
     interval from 1 MiB (index 0, also used below 1 MiB) to 32 GiB and above
     (index 15); empty means off. ``max_non_split_rounding_bytes`` None means
     ``large_segment_bytes``, as ``AcceleratorAllocatorConfig::parseArgs`` sets it.
-    ``capacity_bytes`` is what cudaMalloc can obtain in total (None: unlimited).
+    ``capacity_bytes`` is what cudaMalloc can obtain in total (None: unlimited);
+    ``torch.cuda.set_per_process_memory_fraction(f)`` acts as ``int(f * total_memory)``
+    for cudaMalloc segments (with expandable segments torch checks the fraction
+    against ``get_allocation_size`` before mapping, which is not modelled).
     """
 
     expandable_segments: bool = False

@@ -37,3 +37,8 @@ class ConfigError(VramcalcError):
 
 class CatalogError(VramcalcError):
     """A bundled data file (model catalog, GPU catalog, calibration) is broken."""
+
+
+class AllocatorTraceError(VramcalcError):
+    """An allocator event sequence is malformed (a free of a handle that is not
+    live, a handle allocated twice, an unknown op or trace action)."""

@@ -1,0 +1,233 @@
+"""What the GPU recipe does that a CPU run of the same code does not, made to happen on CPU.
+
+The step tracer (``memory/steptrace.py``) runs the recipe's real model code on
+CPU fake tensors; these pieces make that run allocate what the CUDA run
+allocates, each difference named with its source:
+
+* ``cuda_autocast``: CPU bf16 autocast plus the CUDA behaviours the recipe
+  meets: ``layer_norm`` runs in fp32 (CUDA autocast's fp32 list; CPU's has no
+  entry), dropout is the fused ``native_dropout`` (keeps a bool mask; CPU
+  multiplies by a noise tensor), and ``torch.is_autocast_enabled()`` reads the
+  autocast state (peft's ``lora.bnb`` layers skip their fp32 input cast under
+  CUDA autocast).
+* ``Emulated4bit`` / ``Emulated8bit``: bitsandbytes' ``Linear4bit`` /
+  ``Linear8bitLt`` as autograd functions that allocate and keep what
+  ``MatMul4Bit`` (the dequantized weight, transiently; the packed weight) and
+  ``MatMul8bitLt`` keep. ``MatMul8bitLt`` stores its input ``A`` and the
+  outlier columns ``subA`` on ``ctx.tensors``, not through
+  ``save_for_backward`` (bitsandbytes/autograd/_functions.py), so gradient
+  checkpointing cannot free them and they live until the graph is freed.
+* ``bnb_lora_forward``: peft's ``lora.bnb`` forward for LoRA on those layers.
+* ``FLASH_BACKWARD_WORKSPACES``: the fp32 buffers FlashAttention-2's backward
+  allocates besides its outputs (PyTorch ``aten/src/ATen/native/transformers/
+  cuda/flash_attn/flash_api.cpp`` ``mha_bwd``).
+
+``tests/test_activations.py`` checks the layer emulation against the rules and
+against the real bitsandbytes (its CPU backend) where installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# bitsandbytes' LLM.int8 outlier threshold (BitsAndBytesConfig.llm_int8_threshold default)
+INT8_THRESHOLD = 6.0
+
+
+class _MatMul4BitLike(torch.autograd.Function):
+    """bitsandbytes MatMul4Bit: dequantize, F.linear; keeps only the (packed) weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight  # bnb: ctx.tensors = (None, B), outside save_for_backward
+        return F.linear(x, weight.clone())  # the clone stands for the dequantized weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.weight.clone().to(grad.dtype), None
+
+
+class _MatMul8bitLtLike(torch.autograd.Function):
+    """bitsandbytes MatMul8bitLt (frozen int8 weight): returns A's dtype; keeps A and subA
+    on ``ctx`` (not ``save_for_backward``: checkpointing does not see them)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, outlier_columns: int
+    ) -> torch.Tensor:
+        ctx.a = x
+        # subA = A[:, outlier_cols].contiguous(): a copy of the outlier columns in A's dtype
+        ctx.sub_a = x.new_empty((*x.shape[:-1], outlier_columns)) if outlier_columns else None
+        ctx.weight = weight
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x = ctx.a
+        return (grad.to(x.dtype) @ ctx.weight.to(x.dtype)), None, None
+
+
+class Emulated4bit(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _MatMul4BitLike.apply(x.to(torch.bfloat16), self.weight)
+        if self.bias is not None:
+            out = out + self.bias.to(torch.bfloat16)
+        return out.to(x.dtype)
+
+
+class Emulated8bit(torch.nn.Linear):
+    """``outlier_columns``: how many input columns carry an |x| >= 6 entry (set by the tracer)."""
+
+    outlier_columns = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _MatMul8bitLtLike.apply(x, self.weight, self.outlier_columns)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def bnb_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft lora.bnb.Linear4bit/8bitLt.forward under CUDA autocast (no input cast)."""
+    result = self.base_layer(x, *args, **kwargs)
+    if isinstance(self.base_layer, Emulated4bit):
+        result = result.clone()
+    for name in self.active_adapters:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        result = result + lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+    return result
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> Iterator[None]:
+    """CPU autocast with the CUDA behaviours the recipe depends on (module docstring)."""
+    layer_norm, dropout, is_enabled = F.layer_norm, F.dropout, torch.is_autocast_enabled
+
+    def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.float() if t is not None and torch.is_autocast_enabled("cpu") else t
+
+        return layer_norm(cast(x), shape, cast(weight), cast(bias), eps)
+
+    def fused_dropout(x, p=0.5, training=True, inplace=False):  # type: ignore[no-untyped-def]
+        if training and 0 < p < 1:
+            return torch.native_dropout(x, p, True)[0]
+        return dropout(x, p, training, inplace)
+
+    F.layer_norm, F.dropout = fp32_layer_norm, fused_dropout  # type: ignore[assignment]
+    torch.is_autocast_enabled = lambda *a: is_enabled(*a) if a else is_enabled("cpu")  # type: ignore[assignment]
+    try:
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            yield
+    finally:
+        F.layer_norm, F.dropout, torch.is_autocast_enabled = layer_norm, dropout, is_enabled  # type: ignore[assignment]
+
+
+def flash_backward_workspaces(batch: int, seq_q: int, heads: int, head_dim: int) -> tuple[int, ...]:
+    """Bytes of the fp32 buffers FlashAttention-2's backward allocates (``mha_bwd``):
+    ``softmax_d`` (batch, heads, seq rounded to 128) and ``dq_accum`` (batch, seq rounded
+    to 128, heads, head_dim rounded to 32), both fp32, freed when the kernel returns."""
+    seq_rounded = -(-seq_q // 128) * 128
+    head_dim_rounded = -(-head_dim // 32) * 32
+    return (
+        batch * heads * seq_rounded * 4,
+        batch * seq_rounded * heads * head_dim_rounded * 4,
+    )
+
+
+class _FlashAttentionLike(torch.autograd.Function):
+    """SDPA's FlashAttention-2 path on CUDA (``_scaled_dot_product_flash_attention``): what it
+    allocates and keeps. Forward: ``out`` (batch, seq, heads, dim) in the input dtype and
+    ``softmax_lse`` (batch, heads, seq) fp32; saves q, k, v, out, lse. Backward
+    (``mha_bwd``): dq, dk, dv; for grouped-query attention dk/dv expanded to every query
+    head, then summed into dk/dv; ``softmax_d`` and ``dq_accum`` fp32 workspaces."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, heads, seq, dim = q.shape
+        out = q.new_empty((batch, seq, heads, dim))
+        lse = q.new_empty((batch, heads, seq), dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        batch, heads, seq, dim = q.shape
+        kv_heads, seq_k = k.shape[1], k.shape[2]
+        grad = grad.transpose(1, 2).contiguous()
+        dq = q.new_empty((batch, seq, heads, dim))
+        dk = k.new_empty((batch, seq_k, kv_heads, dim))
+        dv = v.new_empty((batch, seq_k, kv_heads, dim))
+        expanded = kv_heads != heads
+        if expanded:
+            dk_expanded = k.new_empty((batch, seq_k, heads, dim))
+            dv_expanded = v.new_empty((batch, seq_k, heads, dim))
+        softmax_d, dq_accum = (
+            q.new_empty((n // 4,), dtype=torch.float32)
+            for n in flash_backward_workspaces(batch, seq, heads, dim)
+        )
+        del dq_accum
+        if expanded:
+            del dk_expanded, dv_expanded
+        del softmax_d, grad
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def flash_like_sdpa(original: Any) -> Any:
+    """``F.scaled_dot_product_attention`` that takes the FlashAttention-2 path where CUDA
+    would (no mask, fp16/bf16, head dim <= 256, no dropout); anything else as ``original``."""
+
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ):  # type: ignore[no-untyped-def]  # noqa: E501
+        flash = (
+            attn_mask is None
+            and dropout_p == 0.0
+            and query.dtype in (torch.bfloat16, torch.float16)
+            and query.shape[-1] <= 256
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        )
+        if flash:
+            return _FlashAttentionLike.apply(query, key, value)
+        return original(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
+
+    return sdpa
+
+
+@contextlib.contextmanager
+def gpu_code_paths() -> Iterator[None]:
+    """Make library code take the branches it takes on a GPU while tensors are fake:
+    transformers skips the causal mask for SDPA unless it ``is_tracing`` (which counts a
+    FakeTensor as tracing); it looks for packed sequences in ``position_ids`` by reading
+    their values (the recipe's batches are whole unpadded sequences: none are found);
+    SDPA runs FlashAttention-2 (``flash_like_sdpa``)."""
+    import transformers.masking_utils as masking_utils
+    import transformers.utils.import_utils as import_utils
+
+    is_fake, sdpa = import_utils.is_fake_tensor, F.scaled_dot_product_attention
+    find_packed = masking_utils.find_packed_sequence_indices
+    import_utils.is_fake_tensor = lambda tensor: False  # type: ignore[assignment]
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None  # type: ignore[assignment]
+    F.scaled_dot_product_attention = flash_like_sdpa(sdpa)  # type: ignore[assignment]
+    torch.nn.functional.scaled_dot_product_attention = F.scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        import_utils.is_fake_tensor = is_fake  # type: ignore[assignment]
+        masking_utils.find_packed_sequence_indices = find_packed  # type: ignore[assignment]
+        F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]

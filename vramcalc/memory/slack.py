@@ -1,0 +1,164 @@
+"""The caching allocator's slack: a whole run replayed through the allocator model.
+
+``simulate_run`` lays out what a harness run (and a user's Trainer run) does,
+in order, as ``(op, handle, nbytes)`` events, and replays them through
+``memory/allocator.py``, whose replay of recorded H200 traces gives torch's
+peak reserved bytes exactly (``tests/test_allocator_traces.py``):
+
+1. loading (transformers ``from_pretrained`` with a ``device_map``):
+   ``caching_allocator_warmup`` allocates one tensor of the model's loaded size
+   and frees it (bitsandbytes weights counted at 0.5 / 1 byte per parameter), so
+   one cached segment takes the weights; parameters then arrive one by one in
+   checkpoint key order, k-bit weights staged in the load dtype and quantized on
+   the GPU (4-bit: packed data, fp32 absmax, with double quantization a uint8
+   absmax and its second-level constants; int8: an fp16 copy, then int8 data and
+   one fp32 scale per row);
+2. ``prepare_model_for_kbit_training``: every non-quantized parameter gets an
+   fp32 copy and loses its 16-bit original, then ``torch.cuda.empty_cache()``;
+3. peft creates the adapters (fp32), then ``Trainer.train()`` empties the cache
+   (``accelerator.free_memory()``);
+4. the training steps, recorded from the real model code on fake tensors
+   (``memory/steptrace.py``).
+
+Sources: transformers ``modeling_utils.caching_allocator_warmup``,
+``integrations/bitsandbytes.py``; peft ``utils/other.py``; accelerate
+``utils/memory.py``; bitsandbytes ``functional.quantize_4bit`` /
+``int8_vectorwise_quant``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vramcalc.memory.allocator import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    AllocatorConfig,
+    AllocatorResult,
+    simulate,
+)
+from vramcalc.memory.steptrace import StepTrace
+from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
+from vramcalc.plan import TrainingPlan
+
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
+LOAD_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class RunSimulation:
+    """The allocator's view of a whole run: peaks and how it got there."""
+
+    result: AllocatorResult
+    load_events: int
+    step_events: int
+
+    @property
+    def slack_bytes(self) -> int:
+        """Reserved beyond allocated at the reserved peak (over load and steps)."""
+        return self.result.peak_reserved_bytes - self.result.peak_allocated_bytes
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[int, int, int]] = []
+        self._next = -1
+
+    def alloc(self, nbytes: int) -> int:
+        handle = self._next
+        self._next -= 1
+        self.events.append((ALLOC, handle, nbytes))
+        return handle
+
+    def free(self, handle: int) -> None:
+        self.events.append((FREE, handle, 0))
+
+    def empty_cache(self) -> None:
+        self.events.append((EMPTY_CACHE, 0, 0))
+
+
+def _checkpoint_key(name: str) -> str:
+    """peft's parameter name -> the base model's state-dict key."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _quantized_tensors(shape: tuple[int, ...], plan: TrainingPlan, ev: _Events) -> None:
+    """Allocate what bitsandbytes keeps for one quantized weight (staging freed)."""
+    n = 1
+    for d in shape:
+        n *= d
+    staging = ev.alloc(n * LOAD_ITEMSIZE[plan.dtype])
+    if plan.quant == "int8":
+        fp16 = ev.alloc(2 * n)
+        ev.alloc(n)  # CB, int8
+        ev.alloc(4 * shape[0])  # SCB, fp32 per output row
+        ev.free(fp16)
+    else:
+        blocks = -(-n // NF4_BLOCKSIZE)
+        ev.alloc((n + 1) // 2)  # packed
+        absmax = ev.alloc(4 * blocks)  # fp32 absmax
+        ev.alloc(16 * 4)  # the 4-bit code
+        if plan.double_quant:
+            ev.alloc(blocks)  # absmax quantized to uint8
+            ev.alloc(4 * -(-blocks // NESTED_BLOCKSIZE))  # second-level absmax
+            ev.alloc(4 * DYNAMIC_MAP_ENTRIES)  # dynamic map copy
+            ev.alloc(4)  # offset
+            ev.free(absmax)
+    ev.free(staging)
+
+
+def load_events(trace: StepTrace, plan: TrainingPlan) -> list[tuple[int, int, int]]:
+    """Events of loading, k-bit preparation and adapter creation, up to the first step."""
+    ev = _Events()
+    base = [p for p in trace.params if "lora_" not in p[0]]
+    adapters = [p for p in trace.params if "lora_" in p[0]]
+    load_size = LOAD_ITEMSIZE[plan.dtype]
+
+    def numel(shape: tuple[int, ...]) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+
+    warmup = 0
+    for _, shape, _, _, kbit in base:
+        per = (1 if plan.quant == "int8" else 0.5) if kbit else load_size
+        warmup += int(numel(shape) * per)
+    ev.free(ev.alloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
+    loaded: dict[str, int] = {}
+    for name, shape, _, _, kbit in sorted(base, key=lambda p: _checkpoint_key(p[0])):
+        if kbit:
+            _quantized_tensors(shape, plan, ev)
+        else:
+            loaded[name] = ev.alloc(numel(shape) * load_size)
+    if plan.is_kbit:
+        for name, shape, dtype, _, kbit in base:
+            if not kbit and name in loaded and ITEMSIZE[dtype] != load_size:
+                upcast = ev.alloc(numel(shape) * ITEMSIZE[dtype])
+                ev.free(loaded[name])
+                loaded[name] = upcast
+        ev.empty_cache()
+    for _, shape, dtype, _, _ in adapters:
+        ev.alloc(numel(shape) * ITEMSIZE[dtype])
+    ev.empty_cache()
+    return ev.events
+
+
+def simulate_run(
+    trace: StepTrace, plan: TrainingPlan, config: AllocatorConfig | None = None
+) -> RunSimulation:
+    """Replay loading and the traced steps through the allocator model."""
+    loading = load_events(trace, plan)
+    result = simulate(_chain(loading, trace.events), config or _config(plan))
+    return RunSimulation(result, len(loading), len(trace.events))
+
+
+def _config(plan: TrainingPlan) -> AllocatorConfig:
+    return AllocatorConfig(expandable_segments=plan.allocator == "expandable")
+
+
+def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, int]]:
+    for part in parts:
+        yield from part

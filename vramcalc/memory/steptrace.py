@@ -1,0 +1,367 @@
+"""The allocation sequence of real training steps, recorded on fake tensors.
+
+The caching allocator's slack (``peak_reserved - peak_allocated``) depends on
+the order and sizes of every allocation and free of a step, not on totals.
+``trace_steps`` builds the recipe's real model (transformers + peft, the
+k-bit layers emulated, ``memory/emulation.py``) with ``FakeTensorMode``
+tensors (no memory, no compute: a full-size 8B step costs seconds of CPU),
+runs HF Trainer's step on it (forward under bf16 autocast, the loss, backward,
+gradient clipping, the optimizer step, ``zero_grad(set_to_none=True)``) and
+records every storage the aten ops create and the moment each is freed: the
+``(op, handle, nbytes)`` events of ``memory/allocator.py``.
+
+Parameters and buffers exist before the first step; they are returned apart
+(``params``) so the caller can lay them out as loading does
+(``memory/slack.py``). What the CUDA kernels allocate that the CPU kernels do
+not (cuBLAS workspaces, FlashAttention-2's backward buffers) is added here,
+each with its source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.plan import ALL_LINEAR, TrainingPlan
+
+# torch CublasHandlePool: one workspace per (handle, stream), a handle per thread: the
+# forward (main thread) and the autograd engine's device thread each get one, allocated
+# through the caching allocator at their first matmul; 32 MiB on sm_90
+# (getChosenWorkspaceSize: 4096 KiB * 8); never freed during training.
+CUBLAS_WORKSPACE_BYTES = 32 << 20
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
+# transformers model types without an SDPA path (the harness and the estimator use eager)
+EAGER_ONLY = ("gemma2",)
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """What a run of ``steps`` optimizer steps allocates, in order."""
+
+    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE, handle, nbytes)
+    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
+    # per parameter tensor: (name, shape, dtype, trainable, k-bit quantized)
+    params: tuple[tuple[str, tuple[int, ...], str, bool, bool], ...]
+    peak_live_bytes: int  # the largest sum of live step storages (params excluded)
+
+
+class _Recorder:
+    """A ``TorchDispatchMode`` that turns new storages into ALLOC and their death into FREE."""
+
+    def __init__(self, plan: TrainingPlan, attn_shape: tuple[int, int, int, int]) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                return recorder.dispatch(func, args, kwargs or {})
+
+        self.mode = Mode()
+        self.events: list[tuple[int, int, int]] = []
+        self.markers: list[tuple[str, int]] = []
+        self._handles: dict[int, int] = {}
+        self._next = 0
+        self.live = self.peak = 0
+        self.in_backward = False
+        self._workspaces: set[str] = set()
+        self._attn_shape = attn_shape  # batch, seq, heads, head_dim
+
+    def known(self, tensors: Any) -> None:
+        """Storages that exist before the steps (parameters, buffers): views of them are not
+        allocations."""
+        for tensor in tensors:
+            self._handles.setdefault(tensor.untyped_storage()._cdata, 0)
+
+    def mark(self, label: str) -> None:
+        self.markers.append((label, len(self.events)))
+
+    def _alloc(self, nbytes: int) -> int:
+        self._next += 1
+        self.events.append((ALLOC, self._next, nbytes))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        return self._next
+
+    def _free(self, handle: int, nbytes: int) -> None:
+        self.events.append((FREE, handle, nbytes))
+        self.live -= nbytes
+
+    def track(self, tensor: Any) -> None:
+        import torch
+
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._handles:
+            return
+        nbytes = int(storage.nbytes())
+        handle = self._alloc(nbytes)
+        self._handles[key] = handle
+
+        def freed(key: int = key, handle: int = handle, nbytes: int = nbytes) -> None:
+            self._handles.pop(key, None)
+            self._free(handle, nbytes)
+
+        weakref.finalize(storage, freed)
+
+    def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
+        from torch.utils._pytree import tree_leaves
+
+        name = func.overloadpacket.__name__
+        if name in _MATMULS:
+            thread = "backward" if self.in_backward else "forward"
+            if thread not in self._workspaces:
+                self._workspaces.add(thread)
+                self._alloc(CUBLAS_WORKSPACE_BYTES)  # kept for the whole run
+        out = func(*args, **kwargs)
+        for tensor in tree_leaves(out):
+            self.track(tensor)
+        return out
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None) -> Any:
+    """The recipe's model on the meta device: load dtype, k-bit layers emulated and the
+    rest upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA, checkpointing."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from vramcalc.catalog import config_from_dict
+    from vramcalc.memory import emulation
+    from vramcalc.memory.distributed import skips_kbit_upcast
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    config = config_from_dict(config_dict)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+    config.use_cache = False  # Trainer sets config.use_cache = args.use_cache (False)
+    attn = "eager" if plan.attn == "eager" or config.model_type in EAGER_ONLY else "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=_torch_dtype(plan.dtype), attn_implementation=attn
+            )
+        model.tie_weights()
+    if plan.is_kbit:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        kind = emulation.Emulated8bit if plan.quant == "int8" else emulation.Emulated4bit
+        skip = set(get_keys_to_not_convert(model))
+        for name, module in list(model.named_modules()):
+            if type(module) is not torch.nn.Linear or any(
+                name == k or name.endswith("." + k) for k in skip
+            ):
+                continue
+            with torch.device("meta"):
+                new = kind(module.in_features, module.out_features, bias=module.bias is not None)
+            new.weight = torch.nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
+            new.weight._vramcalc_kbit = True  # type: ignore[attr-defined]
+            if module.bias is not None:
+                new.bias = module.bias
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        model.is_loaded_in_4bit = plan.quant != "int8"
+        model.is_loaded_in_8bit = plan.quant == "int8"
+        for p in model.parameters():
+            p.requires_grad_(False)
+            if not getattr(p, "_vramcalc_kbit", False) and not skips_kbit_upcast(plan):
+                p.data = p.data.float()
+    if plan.uses_adapters:
+        model = _with_lora(model, plan)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        if plan.uses_adapters:  # peft / prepare_model_for_kbit_training
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _with_lora(model: Any, plan: TrainingPlan) -> Any:
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from vramcalc.memory import emulation
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets: Any = list(plan.targets) if plan.targets else None
+    if plan.targets is None:
+        targets = (
+            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+            or ALL_LINEAR
+        )
+    elif plan.targets == (ALL_LINEAR,):
+        targets = ALL_LINEAR
+    lora = LoraConfig(
+        r=plan.rank,
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=plan.dropout,
+        target_modules=targets,
+        use_dora=plan.dora,
+        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with init_empty_weights():
+            model = get_peft_model(model, lora)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(
+            module.base_layer, (emulation.Emulated4bit, emulation.Emulated8bit)
+        ):
+            module.forward = emulation.bnb_lora_forward.__get__(module)
+    return model
+
+
+def _to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
+    """Replace every meta parameter / buffer by a fake CPU tensor (ties kept); returns the
+    parameters by name."""
+    import torch
+
+    made: dict[int, Any] = {}
+    with mode:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    fake = torch.nn.Parameter(
+                        torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
+                    )
+                    if getattr(p, "_vramcalc_kbit", False):
+                        fake._vramcalc_kbit = True
+                    made[id(p)] = fake
+                module._parameters[name] = made[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return list(model.named_parameters())
+
+
+def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+    import torch
+
+    name = plan.optimizer
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        # Trainer: AdamW(fused=True) for adamw_torch_fused; torch's default on CUDA
+        # tensors otherwise is the foreach implementation (forced: these are CPU tensors)
+        fused = name == "adamw_torch_fused"
+        return torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, foreach=True)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
+    return _StatesOnly(params, plan)
+
+
+class _StatesOnly:
+    """bitsandbytes / Adafactor optimizers: states allocated at the first step as the
+    optimizer rules say (``memory/optimizer.py``), in parameter order; their steps are
+    single in-place kernels (bitsandbytes) or per-tensor temporaries (Adafactor)."""
+
+    def __init__(self, params: list[Any], plan: TrainingPlan) -> None:
+        self.params, self.plan = params, plan
+        self.state: list[Any] | None = None
+
+    def step(self) -> None:
+        import torch
+
+        from vramcalc.memory.optimizer import state_tensor_bytes
+
+        if self.state is None:
+            self.state = []
+            for p in self.params:
+                for nbytes, on_device in state_tensor_bytes(
+                    self.plan, tuple(p.shape), str(p.dtype).removeprefix("torch."),
+                    getattr(p, "_vramcalc_embedding", False),
+                ):  # fmt: skip
+                    if on_device:
+                        self.state.append(torch.empty(nbytes, dtype=torch.uint8))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def trace_steps(
+    config_dict: dict[str, Any], plan: TrainingPlan, steps: int = 3, num_layers: int | None = None
+) -> StepTrace:
+    """Record ``steps`` Trainer steps of ``plan`` (``num_layers`` decoder layers, default all)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramcalc.memory.emulation import cuda_autocast, gpu_code_paths
+
+    with _quiet():
+        model = build_model(config_dict, plan, num_layers)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    named = _to_fake(model, mode)
+    embedding = model.get_input_embeddings()
+    for p in embedding.parameters():
+        p._vramcalc_embedding = True  # bnb 8-bit optimizers keep 32-bit state for these
+    params = [p for _, p in named if p.requires_grad]
+    config = model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
+    recorder = _Recorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    vocab = int(config.vocab_size)
+    recorder.known(p for _, p in named)
+    recorder.known(model.buffers())
+    with mode, _quiet(), gpu_code_paths():
+        optimizer = _optimizer(params, plan)
+        with recorder.mode:
+            for step in range(steps):
+                recorder.mark(f"step{step}")
+                for _micro in range(plan.grad_accum):
+                    ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+                    labels = ids.clone()
+                    with cuda_autocast():
+                        loss = model(input_ids=ids, labels=labels).loss
+                    del ids, labels
+                    recorder.in_backward = True
+                    loss.backward()
+                    recorder.in_backward = False
+                    del loss
+                recorder.mark(f"step{step}_optimizer")
+                if params:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            recorder.mark("end")
+    param_list = tuple(
+        (
+            name,
+            tuple(int(d) for d in p.shape),
+            str(p.dtype).removeprefix("torch."),
+            bool(p.requires_grad),
+            bool(getattr(p, "_vramcalc_kbit", False)),
+        )
+        for name, p in named
+    )
+    return StepTrace(tuple(recorder.events), tuple(recorder.markers), param_list, recorder.peak)

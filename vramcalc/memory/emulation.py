@@ -231,3 +231,50 @@ def gpu_code_paths() -> Iterator[None]:
         import_utils.is_fake_tensor = is_fake  # type: ignore[assignment]
         masking_utils.find_packed_sequence_indices = find_packed  # type: ignore[assignment]
         F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
+
+
+def _act(name: str, x: float) -> float:
+    import math
+
+    if name == "relu":
+        return max(x, 0.0)
+    if name in ("gelu_tanh", "gelu"):
+        return 0.5 * x * (1.0 + math.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+    return x / (1.0 + math.exp(-x))  # silu
+
+
+def int8_outlier_probability(act: str, sigma: float, gated: bool) -> float:
+    """P(|x| >= 6) for one element of an MLP output projection's input at random init.
+
+    The input of ``down_proj`` is ``act(g) * u`` (``act(g)`` without a gate), with g and u
+    the gate / up outputs: sums over ``hidden`` normalized inputs (~N(0, 1) after RMSNorm)
+    times weights drawn N(0, initializer_range^2), so ~N(0, sigma^2) with
+    sigma = initializer_range * sqrt(hidden), independent of each other. Integrated
+    numerically over g (Simpson, +-12 sigma).
+    """
+    import math
+
+    def tail(z: float) -> float:  # P(|N(0,1)| >= z)
+        return math.erfc(z / math.sqrt(2.0))
+
+    steps = 2400
+    lo, hi = -12 * sigma, 12 * sigma
+    h = (hi - lo) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        g = lo + i * h
+        a = abs(_act(act, g))
+        if gated:
+            p = tail(INT8_THRESHOLD / (sigma * a)) if a > 0 else 0.0
+        else:
+            p = 1.0 if a >= INT8_THRESHOLD else 0.0
+        weight = 1 if i in (0, steps) else (4 if i % 2 else 2)
+        total += weight * p * math.exp(-0.5 * (g / sigma) ** 2)
+    return total * h / 3 / (sigma * math.sqrt(2 * math.pi))
+
+
+def int8_outlier_columns(act: str, sigma: float, gated: bool, in_features: int, tokens: int) -> int:
+    """Columns of the ``tokens`` x ``in_features`` input with at least one |x| >= 6: the
+    ``subA`` copy ``MatMul8bitLt`` keeps (rows treated as independent)."""
+    p = int8_outlier_probability(act, sigma, gated)
+    return round(in_features * (1.0 - (1.0 - p) ** tokens))

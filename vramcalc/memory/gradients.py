@@ -42,3 +42,15 @@ def gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
         alloc_bytes(math.prod(shape) * DTYPE_BYTES[dtype], count)
         for shape, count, dtype in trainable_tensors(inventory, plan)
     )
+
+
+def trainable_embedding_shapes(
+    inventory: ModelInventory, plan: TrainingPlan
+) -> list[tuple[tuple[int, ...], int]]:
+    """Trainable ``nn.Embedding`` weights as (shape, how many): the token embedding (a tied
+    head is the same tensor) when it trains (full fine-tuning, or a ``modules_to_save``
+    copy). An untied head has the same shape but is an ``nn.Linear``: one of the
+    (vocab, dim) tensors is the embedding."""
+    shapes = [shape for shape, _, _ in trainable_tensors(inventory, plan)]
+    token = [s for s in shapes if len(s) == 2 and s[0] == inventory.vocab_size]
+    return [(token[0], 1)] if token else []

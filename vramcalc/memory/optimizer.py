@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
-from vramcalc.memory.gradients import trainable_tensors
+from vramcalc.memory.gradients import trainable_embedding_shapes, trainable_tensors
 from vramcalc.plan import TrainingPlan
 
 MIN_8BIT_SIZE = 4096
@@ -55,17 +55,37 @@ class OptimizerEstimate:
         return self.state_bytes + self.paged_state_bytes
 
 
-def _bnb_adam(n: int, eight_bit: bool) -> int:
-    if eight_bit and n >= MIN_8BIT_SIZE:
-        blocks = -(n // -BNB_BLOCKSIZE)
-        return 2 * alloc_bytes(n) + 2 * alloc_bytes(blocks * 4)
-    return 2 * alloc_bytes(n * 4)
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def bnb_state_tensors(name: str, n: int, is_embedding: bool) -> list[tuple[int, bool]]:
+    """(bytes, in the caching allocator) of each state tensor bitsandbytes' AdamW creates for
+    a trainable tensor of ``n`` elements, in the order ``Optimizer2State.init_state`` does.
+
+    8-bit: Trainer registers every ``nn.Embedding`` weight (tied heads included) with
+    ``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})``
+    (transformers ``Trainer.create_optimizer``), and tensors below ``min_8bit_size`` (4096)
+    stay 32-bit: two fp32 states. Otherwise two uint8 states, then two fp32 absmax per
+    block of 256 (always device tensors). Paged variants put state1/state2 of tensors
+    with >= 1e5 elements in CUDA managed memory (``get_state_buffer``).
+    """
+    paged = name.startswith("paged") and n >= PAGED_MIN_NUMEL
+    if name == "paged_adamw_32bit" or is_embedding or n < MIN_8BIT_SIZE:
+        return [(alloc_bytes(4 * n), not paged), (alloc_bytes(4 * n), not paged)]
+    absmax = alloc_bytes(4 * -(n // -BNB_BLOCKSIZE))
+    return [
+        (alloc_bytes(n), not paged),
+        (alloc_bytes(n), not paged),
+        (absmax, True),
+        (absmax, True),
+    ]
 
 
 def estimate_optimizer(inventory: ModelInventory, plan: TrainingPlan) -> OptimizerEstimate:
     """States and step temporaries of ``plan.optimizer`` over the trainable tensors."""
     state = paged = transient = 0
     name = plan.optimizer
+    embedding_shapes = dict(trainable_embedding_shapes(inventory, plan))
     for shape, count, dtype in trainable_tensors(inventory, plan):
         itemsize = DTYPE_BYTES[dtype]
         n = math.prod(shape)
@@ -75,12 +95,15 @@ def estimate_optimizer(inventory: ModelInventory, plan: TrainingPlan) -> Optimiz
                 transient += alloc_bytes(n * itemsize, count)
             else:
                 state += alloc_bytes(4, count)  # device step scalar
-        elif name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-            per = _bnb_adam(n, eight_bit=name != "paged_adamw_32bit")
-            if name.startswith("paged") and n >= PAGED_MIN_NUMEL:
-                paged += per * count
-            else:
-                state += per * count
+        elif name in BNB_OPTIMIZERS:
+            embeddings = min(embedding_shapes.get(shape, 0), count)
+            for tensors, is_embedding in ((embeddings, True), (count - embeddings, False)):
+                for nbytes, on_device in bnb_state_tensors(name, n, is_embedding):
+                    if on_device:
+                        state += nbytes * tensors
+                    else:
+                        paged += nbytes * tensors
+            embedding_shapes.pop(shape, None)
         elif name == "sgd":
             pass
         elif name == "sgd_momentum":
@@ -103,8 +126,8 @@ def estimate_optimizer(inventory: ModelInventory, plan: TrainingPlan) -> Optimiz
 _RULES = {
     "adamw_torch": "AdamW (torch, foreach): 2 states like each trainable parameter, +1 during the step",
     "adamw_torch_fused": "AdamW (torch, fused): 2 states like each trainable parameter",
-    "adamw_8bit": "bitsandbytes 8-bit AdamW: 2 uint8 states + fp32 absmax per 256 (fp32 below 4096 elements)",
-    "paged_adamw_8bit": "bitsandbytes paged 8-bit AdamW: as adamw_8bit, tensors >= 1e5 elements in managed memory",
+    "adamw_8bit": "bitsandbytes 8-bit AdamW: 2 uint8 states + fp32 absmax per 256 (fp32 below 4096 elements and for nn.Embedding weights, which Trainer overrides to 32-bit)",
+    "paged_adamw_8bit": "bitsandbytes paged 8-bit AdamW: as adamw_8bit, uint8/fp32 states of tensors >= 1e5 elements in managed memory (absmax stays in the allocator)",
     "paged_adamw_32bit": "bitsandbytes paged 32-bit AdamW: 2 fp32 states, tensors >= 1e5 elements in managed memory",
     "sgd": "SGD without momentum: no state",
     "sgd_momentum": "SGD with momentum: 1 state like each trainable parameter",

@@ -137,7 +137,6 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
     """The recipe's model on the meta device: load dtype, k-bit layers emulated and the
     rest upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA, checkpointing."""
     import torch
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from vramcalc.catalog import config_from_dict
@@ -173,6 +172,8 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
                 new = kind(module.in_features, module.out_features, bias=module.bias is not None)
             new.weight = torch.nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
             new.weight._vramcalc_kbit = True  # type: ignore[attr-defined]
+            if plan.quant == "int8":
+                new.outlier_columns = _outlier_columns(config, name, module.in_features, plan)
             if module.bias is not None:
                 new.bias = module.bias
             parent, _, leaf = name.rpartition(".")
@@ -191,6 +192,37 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+# MLP output projections whose input is act(gate) * up (gated) or act(x): where random-init
+# models put |x| >= 6 entries (the LLM.int8 outlier threshold)
+_MLP_OUTPUT = {"down_proj": True, "fc2": False}
+
+
+def _outlier_columns(config: Any, name: str, in_features: int, plan: TrainingPlan) -> int:
+    """Outlier columns of an int8 linear's input, by the random-init statistics of
+    ``emulation.int8_outlier_columns`` (pretrained checkpoints have a few fixed outlier
+    features instead: fewer columns, less memory)."""
+    import math
+
+    from vramcalc.memory.emulation import int8_outlier_columns
+
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf not in _MLP_OUTPUT:
+        return 0
+    act = str(
+        getattr(config, "hidden_activation", None)
+        or getattr(config, "hidden_act", None)
+        or getattr(config, "activation_function", None)
+        or "silu"
+    )
+    act = "gelu_tanh" if "gelu" in act else ("relu" if act == "relu" else "silu")
+    sigma = float(getattr(config, "initializer_range", 0.02) or 0.02) * math.sqrt(
+        int(config.hidden_size)
+    )
+    return int8_outlier_columns(
+        act, sigma, _MLP_OUTPUT[leaf], in_features, plan.batch_size * plan.seq_len
+    )
 
 
 def _with_lora(model: Any, plan: TrainingPlan) -> Any:
@@ -285,17 +317,25 @@ class _StatesOnly:
     def step(self) -> None:
         import torch
 
-        from vramcalc.memory.optimizer import state_tensor_bytes
+        from vramcalc.memory.optimizer import BNB_OPTIMIZERS, bnb_state_tensors
 
-        if self.state is None:
-            self.state = []
+        if self.state is not None:
+            return
+        self.state = []
+        if self.plan.optimizer in BNB_OPTIMIZERS:
             for p in self.params:
-                for nbytes, on_device in state_tensor_bytes(
-                    self.plan, tuple(p.shape), str(p.dtype).removeprefix("torch."),
-                    getattr(p, "_vramcalc_embedding", False),
-                ):  # fmt: skip
+                for nbytes, on_device in bnb_state_tensors(
+                    self.plan.optimizer, p.numel(), getattr(p, "_vramcalc_embedding", False)
+                ):
                     if on_device:
                         self.state.append(torch.empty(nbytes, dtype=torch.uint8))
+            return
+        for p in self.params:  # adafactor: factored second moment (optimizer.py's rule)
+            if p.dim() >= 2:
+                self.state.append(p.new_empty(p.shape[:-1]))
+                self.state.append(p.new_empty((*p.shape[:-2], p.shape[-1])))
+            else:
+                self.state.append(p.new_empty(p.shape))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

@@ -53,24 +53,62 @@ class _MatMul4BitLike(torch.autograd.Function):
 
 
 class _MatMul8bitLtLike(torch.autograd.Function):
-    """bitsandbytes MatMul8bitLt (frozen int8 weight): returns A's dtype; keeps A and subA
-    on ``ctx`` (not ``save_for_backward``: checkpointing does not see them)."""
+    """bitsandbytes ``MatMul8bitLt`` with a frozen int8 weight, allocation for allocation
+    (autograd/_functions.py; backends/cuda/ops.py ``int8_vectorwise_quant``,
+    ``int8_mm_dequant``; backends/default/ops.py ``int8_mixed_scaled_mm``):
+
+    forward: ``A.to(fp16)``; its quantization (int8 ``CA``, fp32 row stats, the
+    ``abs() >= 6`` outlier mask); with outliers ``subA = A[:, cols]`` and the dequantized
+    weight columns; the int32 GEMM result, its fp16 dequantization and ``.to(A.dtype)``;
+    with outliers the autocast ``addmm`` adding them back (bf16 result). Keeps ``A`` and
+    ``subA`` on ``ctx`` (not ``save_for_backward``: checkpointing cannot free them).
+    backward: the weight dequantized to A's dtype (``CB.to(dtype_A, copy=True)``), the
+    gradient cast to A's dtype, their product.
+    """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, outlier_columns: int
     ) -> torch.Tensor:
-        ctx.a = x
-        # subA = A[:, outlier_cols].contiguous(): a copy of the outlier columns in A's dtype
-        ctx.sub_a = x.new_empty((*x.shape[:-1], outlier_columns)) if outlier_columns else None
-        ctx.weight = weight
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+        a = x.reshape(-1, x.shape[-1])
+        tokens, k = a.shape
+        n = weight.shape[0]
+        a16 = a.to(torch.float16)
+        row_stats = a.new_empty((tokens,), dtype=torch.float32)
+        ca = a.new_empty((tokens, k), dtype=torch.int8)
+        magnitude = a16.abs()
+        mask = magnitude >= INT8_THRESHOLD
+        del magnitude, mask, a16
+        c = outlier_columns
+        sub_a = a.new_empty((tokens, c))
+        if c:
+            sub_cb = a.new_empty((n, c), dtype=torch.int8)
+            sub_b = a.new_empty((n, c), dtype=torch.float32)
+            del sub_cb
+        out32 = a.new_empty((tokens, n), dtype=torch.int32)
+        out16 = a.new_empty((tokens, n), dtype=torch.float16)
+        del out32
+        out = out16.to(a.dtype)
+        del out16
+        if c:  # output.addmm(subA, subB) under autocast: bf16 operands and result
+            casts = (out.to(torch.bfloat16), sub_a.to(torch.bfloat16), sub_b.to(torch.bfloat16))
+            result = a.new_empty((tokens, n), dtype=torch.bfloat16)
+            del casts, sub_b
+            out = result
+        del ca, row_stats
+        ctx.tensors = (sub_a, a)
+        ctx.weight_shape = (n, k)
+        return out.view(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x = ctx.a
-        return (grad.to(x.dtype) @ ctx.weight.to(x.dtype)), None, None
+        _, a = ctx.tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        cb = a.new_empty(ctx.weight_shape)  # CB.to(dtype_A, copy=True), scaled in place
+        scale = a.new_empty((ctx.weight_shape[0], 1))
+        del scale
+        grad_a = g.to(a.dtype) @ cb
+        return grad_a.view(*grad.shape[:-1], a.shape[-1]), None, None
 
 
 class Emulated4bit(torch.nn.Linear):
@@ -105,6 +143,14 @@ def bnb_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> t
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> Iterator[None]:
     """CPU autocast with the CUDA behaviours the recipe depends on (module docstring)."""
+    with cuda_functions(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
+        yield
+
+
+@contextlib.contextmanager
+def cuda_functions() -> Iterator[None]:
+    """The CUDA behaviours of ``layer_norm``, dropout and ``is_autocast_enabled`` (module
+    docstring). Keep them on through backward: checkpointing re-runs the forward there."""
     layer_norm, dropout, is_enabled = F.layer_norm, F.dropout, torch.is_autocast_enabled
 
     def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
@@ -121,8 +167,7 @@ def cuda_autocast(dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> 
     F.layer_norm, F.dropout = fp32_layer_norm, fused_dropout  # type: ignore[assignment]
     torch.is_autocast_enabled = lambda *a: is_enabled(*a) if a else is_enabled("cpu")  # type: ignore[assignment]
     try:
-        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
-            yield
+        yield
     finally:
         F.layer_norm, F.dropout, torch.is_autocast_enabled = layer_norm, dropout, is_enabled  # type: ignore[assignment]
 

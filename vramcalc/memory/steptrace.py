@@ -356,7 +356,7 @@ def trace_steps(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.memory.emulation import cuda_autocast, gpu_code_paths
+    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
 
     with _quiet():
         model = build_model(config_dict, plan, num_layers)
@@ -373,7 +373,7 @@ def trace_steps(
     vocab = int(config.vocab_size)
     recorder.known(p for _, p in named)
     recorder.known(model.buffers())
-    with mode, _quiet(), gpu_code_paths():
+    with mode, _quiet(), gpu_code_paths(), cuda_functions():
         optimizer = _optimizer(params, plan)
         with recorder.mode:
             for step in range(steps):
@@ -381,7 +381,7 @@ def trace_steps(
                 for _micro in range(plan.grad_accum):
                     ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
                     labels = ids.clone()
-                    with cuda_autocast():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
                     recorder.in_backward = True

@@ -162,3 +162,110 @@ def _config(plan: TrainingPlan) -> AllocatorConfig:
 def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, int]]:
     for part in parts:
         yield from part
+
+
+# -- one plan, cached ------------------------------------------------------------------------
+#: bump when the trace or the load layout changes what a simulation returns
+SIMULATION_VERSION = 1
+#: optimizer steps simulated: the first creates the optimizer states; segments stop growing
+#: by the second or third (every traced H200 run: peaks reached within three steps)
+SIMULATED_STEPS = 3
+ALLOCATOR_MODES = ("default", "expandable")
+
+
+@dataclass(frozen=True)
+class AllocatorSimulation:
+    """Peaks of a plan's whole run under each allocator mode, from one step trace."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: dict[str, int]  # allocator mode -> bytes
+    trace_seconds: float
+
+    def slack_bytes(self, allocator: str) -> int:
+        return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes
+
+
+def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
+    """What changes a single-GPU step trace, hashed (the allocator mode is simulated apart)."""
+    import hashlib
+    import json
+
+    from vramcalc.inventory import library_versions
+
+    fields = plan.to_dict()
+    for name in ("num_gpus", "strategy", "cpu_offload", "allocator"):
+        fields.pop(name, None)
+    payload = {
+        "v": SIMULATION_VERSION,
+        "config": config_dict,
+        "plan": fields,
+        "libs": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :32
+    ]
+
+
+def _cache_path(key: str):  # type: ignore[no-untyped-def]
+    from vramcalc.inventory import _cache_dir
+
+    return _cache_dir().parent / "allocator" / f"{key}.json"
+
+
+def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
+    """The cached simulation of ``plan``, or None (no torch import)."""
+    import json
+
+    path = _cache_path(simulation_key(config_dict, plan))
+    try:
+        raw = json.loads(path.read_text())
+        return AllocatorSimulation(
+            int(raw["peak_allocated_bytes"]),
+            {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
+            float(raw["trace_seconds"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def simulate_plan(
+    config_dict: dict, plan: TrainingPlan, use_cache: bool = True
+) -> AllocatorSimulation:
+    """Trace ``plan``'s steps (seconds to a minute of CPU, once) and replay the run under
+    both allocator modes; cached on disk beside the inventories."""
+    import json
+    import os
+    import time
+
+    from vramcalc.memory.steptrace import trace_steps
+
+    if use_cache:
+        hit = cached_simulation(config_dict, plan)
+        if hit is not None:
+            return hit
+    started = time.perf_counter()
+    trace = trace_steps(config_dict, plan, steps=SIMULATED_STEPS)
+    reserved, allocated = {}, 0
+    for mode in ALLOCATOR_MODES:
+        run = simulate_run(trace, plan, AllocatorConfig(expandable_segments=mode == "expandable"))
+        reserved[mode] = run.result.peak_reserved_bytes
+        allocated = run.result.peak_allocated_bytes
+    result = AllocatorSimulation(allocated, reserved, time.perf_counter() - started)
+    if use_cache:
+        path = _cache_path(simulation_key(config_dict, plan))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "peak_allocated_bytes": result.peak_allocated_bytes,
+                        "peak_reserved_bytes": result.peak_reserved_bytes,
+                        "trace_seconds": result.trace_seconds,
+                    }
+                )
+            )
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return result

@@ -45,10 +45,12 @@ class StepTrace:
     """What a run of ``steps`` optimizer steps allocates, in order."""
 
     events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE, handle, nbytes)
+    tags: tuple[int, ...]  # per event: the decoder layer it belongs to, -1 for none
     markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
     # per parameter tensor: (name, shape, dtype, trainable, k-bit quantized)
     params: tuple[tuple[str, tuple[int, ...], str, bool, bool], ...]
-    peak_live_bytes: int  # the largest sum of live step storages (params excluded)
+    param_layers: tuple[int, ...]  # per parameter: its decoder layer, -1 for none
+    num_layers: int  # decoder layers of the traced model
 
 
 class _Recorder:
@@ -65,35 +67,47 @@ class _Recorder:
 
         self.mode = Mode()
         self.events: list[tuple[int, int, int]] = []
+        self.tags: list[int] = []  # per event: the decoder layer it belongs to, or -1
         self.markers: list[tuple[str, int]] = []
-        self._handles: dict[int, int] = {}
+        self._handles: dict[int, tuple[int, int]] = {}  # storage -> (handle, layer tag)
+        self.layer = -1  # the decoder layer running now (forward hooks, backward node hooks)
         self._next = 0
         self.live = self.peak = 0
         self.in_backward = False
         self._workspaces: set[str] = set()
         self._attn_shape = attn_shape  # batch, seq, heads, head_dim
 
-    def known(self, tensors: Any) -> None:
+    def known(self, tensors: Any, layer: int = -1) -> None:
         """Storages that exist before the steps (parameters, buffers): views of them are not
-        allocations."""
+        allocations; ``layer`` tags what the optimizer derives from them."""
         for tensor in tensors:
-            self._handles.setdefault(tensor.untyped_storage()._cdata, 0)
+            self._handles[tensor.untyped_storage()._cdata] = (0, layer)
 
     def mark(self, label: str) -> None:
         self.markers.append((label, len(self.events)))
 
-    def _alloc(self, nbytes: int) -> int:
+    def _alloc(self, nbytes: int, tag: int = -1) -> int:
         self._next += 1
         self.events.append((ALLOC, self._next, nbytes))
+        self.tags.append(tag)
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         return self._next
 
-    def _free(self, handle: int, nbytes: int) -> None:
+    def _free(self, handle: int, nbytes: int, tag: int) -> None:
         self.events.append((FREE, handle, nbytes))
+        self.tags.append(self.layer if self.layer >= 0 else tag)
         self.live -= nbytes
 
-    def track(self, tensor: Any) -> None:
+    def _tag_of(self, tensor: Any) -> int:
+        import torch
+
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            return -1
+        known = self._handles.get(tensor.untyped_storage()._cdata)
+        return known[1] if known else -1
+
+    def track(self, tensor: Any, tag: int) -> None:
         import torch
 
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
@@ -103,14 +117,28 @@ class _Recorder:
         if key in self._handles:
             return
         nbytes = int(storage.nbytes())
-        handle = self._alloc(nbytes)
-        self._handles[key] = handle
+        handle = self._alloc(nbytes, tag)
+        self._handles[key] = (handle, tag)
 
         def freed(key: int = key, handle: int = handle, nbytes: int = nbytes) -> None:
             self._handles.pop(key, None)
-            self._free(handle, nbytes)
+            self._free(handle, nbytes, tag)
 
         weakref.finalize(storage, freed)
+
+    def _output_tags(self, args: Any, outputs: list[Any]) -> list[int]:
+        """Outside a decoder layer (the optimizer, gradient clipping), an output belongs to
+        the layer of what it is made from: element i of a foreach op's output list to
+        element i of its first list argument, anything else to its first tagged input."""
+        if self.layer >= 0:
+            return [self.layer] * len(outputs)
+        for arg in args:
+            if isinstance(arg, (list, tuple)) and len(arg) == len(outputs) and len(arg) > 1:
+                return [self._tag_of(a) for a in arg]
+        from torch.utils._pytree import tree_leaves
+
+        tag = next((t for t in map(self._tag_of, tree_leaves(args)) if t >= 0), -1)
+        return [tag] * len(outputs)
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         from torch.utils._pytree import tree_leaves
@@ -122,8 +150,9 @@ class _Recorder:
                 self._workspaces.add(thread)
                 self._alloc(CUBLAS_WORKSPACE_BYTES)  # kept for the whole run
         out = func(*args, **kwargs)
-        for tensor in tree_leaves(out):
-            self.track(tensor)
+        outputs = tree_leaves(out)
+        for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
+            self.track(tensor, tag)
         return out
 
 
@@ -328,7 +357,7 @@ class _StatesOnly:
                     self.plan.optimizer, p.numel(), getattr(p, "_vramcalc_embedding", False)
                 ):
                     if on_device:
-                        self.state.append(torch.empty(nbytes, dtype=torch.uint8))
+                        self.state.append(p.new_empty((nbytes,), dtype=torch.uint8))
             return
         for p in self.params:  # adafactor: factored second moment (optimizer.py's rule)
             if p.dim() >= 2:
@@ -349,10 +378,115 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The stack of decoder layers: the longest ``nn.ModuleList`` of the model."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
+    """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
+    and, for backward, the autograd nodes each layer's forward created (found from its
+    output back to its input) in ``nodes``, for prehooks set before backward."""
+    nodes: dict[Any, int] = {}
+    stack: list[int] = []
+
+    def walk(root: Any, stop: Any, layer: int) -> None:
+        todo = [root]
+        while todo:
+            node = todo.pop()
+            if node is None or node is stop or node in nodes:
+                continue
+            nodes[node] = layer
+            todo.extend(fn for fn, _ in node.next_functions)
+
+    for index, layer in enumerate(decoder_layers(model)):
+
+        def pre(module: Any, args: Any, kwargs: Any, index: int = index) -> None:
+            stack.append(recorder.layer)
+            recorder.layer = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            module._vramcalc_input_fn = getattr(hidden, "grad_fn", None)
+
+        def post(module: Any, args: Any, kwargs: Any, out: Any, index: int = index) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out
+            walk(getattr(hidden, "grad_fn", None), module._vramcalc_input_fn, index)
+            previous = stack.pop()
+            # forward: the layer's context lasts until the next layer starts (the decoder
+            # loop frees the previous layer's output after this one returns); a recompute
+            # in backward gives the context back to the node that asked for it
+            recorder.layer = previous if recorder.in_backward else index
+
+        layer.register_forward_pre_hook(pre, with_kwargs=True)
+        layer.register_forward_hook(post, with_kwargs=True)
+    return nodes
+
+
+def _hook_backward(loss: Any, nodes: dict[Any, int], recorder: _Recorder) -> None:
+    """Before backward: every node of the graph tells the recorder its layer when it runs."""
+    seen: set[Any] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        layer = nodes.get(node, -1)
+
+        def enter(grads: Any, layer: int = layer) -> None:
+            recorder.layer = layer
+
+        node.register_prehook(enter)
+        todo.extend(fn for fn, _ in node.next_functions)
+
+
 def trace_steps(
-    config_dict: dict[str, Any], plan: TrainingPlan, steps: int = 3, num_layers: int | None = None
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int = 3,
+    num_layers: int | None = None,
+    unroll: bool = True,
 ) -> StepTrace:
-    """Record ``steps`` Trainer steps of ``plan`` (``num_layers`` decoder layers, default all)."""
+    """Record ``steps`` Trainer steps of ``plan`` (``num_layers`` decoder layers, default all).
+
+    With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
+    many and unrolled to all of them (``memory/unroll.py``); if its layers are not alike
+    enough for that, all of them are traced.
+    """
+    from vramcalc.memory import unroll as unrolling
+
+    total = num_layers or _config_layers(config_dict)
+    if not unroll or steps < 2:
+        return _trace(config_dict, plan, steps, num_layers)
+    layers = min(total, unrolling.TRACED_LAYERS)
+    small = _trace(config_dict, plan, 2, layers)
+    try:
+        events, tags = unrolling.repeat_last_step(
+            small.events, small.tags, small.markers, steps - 2
+        )
+        params = small.params
+        if total > layers:
+            events = unrolling.unroll(events, tags, total)
+            params = unrolling.unroll_params(small.params, small.param_layers, total)
+            tags = ()
+    except unrolling.UnrollError:
+        return _trace(config_dict, plan, steps, num_layers)
+    return StepTrace(events, tags, (), params, (), total)
+
+
+def _config_layers(config_dict: dict[str, Any]) -> int:
+    from vramcalc.catalog import config_from_dict
+
+    config = config_from_dict(config_dict)
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def _trace(
+    config_dict: dict[str, Any], plan: TrainingPlan, steps: int, num_layers: int | None
+) -> StepTrace:
+    """Trace every layer of a model of ``num_layers`` (default: the config's) layers."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -371,8 +505,15 @@ def trace_steps(
     head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
     recorder = _Recorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
     vocab = int(config.vocab_size)
-    recorder.known(p for _, p in named)
+    layer_of: dict[int, int] = {}
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        for p in layer.parameters():
+            layer_of[id(p)] = index
+    for _, p in named:
+        recorder.known([p], layer_of.get(id(p), -1))
     recorder.known(model.buffers())
+    nodes = _tag_layers(model, recorder)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
         optimizer = _optimizer(params, plan)
         with recorder.mode:
@@ -384,10 +525,14 @@ def trace_steps(
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
+                    recorder.layer = -1
+                    _hook_backward(loss, nodes, recorder)
                     recorder.in_backward = True
                     loss.backward()
                     recorder.in_backward = False
+                    recorder.layer = -1
                     del loss
+                    nodes.clear()
                 recorder.mark(f"step{step}_optimizer")
                 if params:
                     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -404,4 +549,11 @@ def trace_steps(
         )
         for name, p in named
     )
-    return StepTrace(tuple(recorder.events), tuple(recorder.markers), param_list, recorder.peak)
+    return StepTrace(
+        tuple(recorder.events),
+        tuple(recorder.tags),
+        tuple(recorder.markers),
+        param_list,
+        tuple(layer_of.get(id(p), -1) for _, p in named),
+        len(layers),
+    )

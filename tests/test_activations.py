@@ -290,7 +290,7 @@ def check_layers(model_type: str, variant: str, real_bnb: bool = False) -> None:
     config = CONFIGS[model_type]
     plan = plan_for(model_type, **VARIANTS[variant])
     inventory = build_inventory(config, plan)
-    est = estimate_activations(inventory, plan, config)
+    est = estimate_activations(inventory, plan)
     report, n_layers = measure_saved(config, plan, real_bnb=real_bnb)
     measured = {
         scope: report.saved_during(scope).new_bytes
@@ -343,7 +343,7 @@ def test_other_architectures_match_tracer(model_type: str, variant: str) -> None
 def test_adapters_outside_linears_are_flagged_inexact() -> None:
     """peft all-linear on Mixtral also wraps the router and the 3-D expert tensors."""
     plan = plan_for("mixtral", method="lora", targets=("all-linear",))
-    est = estimate_activations(build_inventory(CONFIGS["mixtral"], plan), plan, CONFIGS["mixtral"])
+    est = estimate_activations(build_inventory(CONFIGS["mixtral"], plan), plan)
     assert not est.exact and "ParamWrapper" in est.rule
 
 
@@ -402,8 +402,8 @@ def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpoint
     config = {**CONFIGS[model_type], **WIDE}
     plan = plan_for(model_type, gradient_checkpointing=checkpointing, seq_len=64, **VARIANTS[variant])
     inventory = build_inventory(config, plan)
-    act = estimate_activations(inventory, plan, config)
-    logits = estimate_logits(inventory, plan, config)
+    act = estimate_activations(inventory, plan)
+    logits = estimate_logits(inventory, plan)
     saved, extra, grads = step_memory(config, plan)
     loss_scalar = 512
     assert saved == act.layers_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes + loss_scalar
@@ -418,7 +418,7 @@ def test_unmodelled_architecture_gets_a_flagged_llama_approximation() -> None:
     config = {**BASE, "model_type": "falcon", "multi_query": True, "parallel_attn": True,
               "new_decoder_architecture": False, "bias": False, "alibi": False}
     plan = plan_for("falcon", method="qlora")
-    est = estimate_activations(build_inventory(config, plan), plan, config)
+    est = estimate_activations(build_inventory(config, plan), plan)
     assert not est.exact and "approximation" in est.rule
     assert est.per_layer_saved_bytes > 0 and est.layers_saved_bytes > est.per_layer_saved_bytes
 
@@ -453,6 +453,6 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = fake_saved_bytes(build, inputs, round_to=512)
     plan = TrainingPlan(model="llama-2-7b", method="full", dtype="bf16", seq_len=seq)
-    est = estimate_activations(build_inventory(config, plan), plan, config)
+    est = estimate_activations(build_inventory(config, plan), plan)
     assert report.new_bytes == est.per_layer_saved_bytes
     assert report.input_bytes == est.shared_saved_bytes  # cos, sin

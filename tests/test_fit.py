@@ -4,13 +4,12 @@ from dataclasses import replace
 
 import pytest
 
-from vramcalc.catalog import find_gpu, resolve_model
+from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
-from vramcalc.estimate import estimate
+from vramcalc.estimate import estimate, prepare
 from vramcalc.fit import (
     Probe,
     budget_bytes,
-    context_length,
     fits,
     largest_fitting,
     max_batch_size,
@@ -121,7 +120,10 @@ def test_max_seq_len_in_multiples(tiny_opt_dir):
 
 def test_max_seq_len_stops_at_the_context_length(tiny_llama_dir):
     plan = TrainingPlan(str(tiny_llama_dir), batch_size=1)
-    assert context_length(resolve_model(str(tiny_llama_dir))) == 512
+    assert (
+        prepare(str(tiny_llama_dir), TrainingPlan(str(tiny_llama_dir))).inventory.context_length
+        == 512
+    )
     result = max_seq_len(plan, find_gpu("H100-80GB"), multiple=64)
     assert result.value == 512 and result.limit_reached and result.first_too_large is None
     with pytest.raises(

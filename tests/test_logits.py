@@ -25,7 +25,7 @@ VOCAB = 1000  # logits dominate: B*S*V = 64k elements
 def _case(model_type: str, variant: str):
     config = dict(CONFIGS[model_type], vocab_size=VOCAB)
     plan = plan_for(model_type, **VARIANTS[variant])
-    return config, plan, estimate_logits(build_inventory(config, plan), plan, config)
+    return config, plan, estimate_logits(build_inventory(config, plan), plan)
 
 
 CASES = [

@@ -2,7 +2,7 @@
 
 import pytest
 
-import vramcalc.sweep as sweep_module
+import vramcalc.estimate as estimate_module
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate
@@ -186,13 +186,13 @@ def test_inventory_is_built_once_per_model_rank_and_targets(
     tiny_llama_dir, tiny_opt_dir, monkeypatch
 ):
     calls = []
-    real = sweep_module.inventory_for
+    real = estimate_module.inventory_for
 
     def counting(spec, plan):
         calls.append((spec.name, plan.method, plan.rank))
         return real(spec, plan)
 
-    monkeypatch.setattr(sweep_module, "inventory_for", counting)
+    monkeypatch.setattr(estimate_module, "inventory_for", counting)
     cases = expand_cases(
         {
             "model": [str(tiny_llama_dir), str(tiny_opt_dir)],
@@ -217,7 +217,7 @@ def test_cache_remembers_failures(tiny_llama_dir):
             InvalidPlanError, match="--targets nope: the model has no linear module"
         ):
             cache.estimate(plan)
-    assert len(cache._inventories) == 1
+    assert len(cache._prepared) == 1
 
 
 def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):

@@ -37,7 +37,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: config facts (activation, dropout, softcapping, context length)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,15 @@ class ModelInventory:
     saved_copy_params: int = 0
     saved_copy_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
     library_versions: dict[str, str] = field(default_factory=dict)
+    # What the memory rules read from the config besides shapes, as the built
+    # ``PretrainedConfig`` states them (architecture defaults included), so that no
+    # caller has to pass the config next to the inventory.
+    hidden_act: str = ""  # hidden_activation / hidden_act / activation_function, "" if none
+    dropout: float = 0.0  # config.dropout (OPT's residual-branch dropout)
+    attention_dropout: float = 0.0
+    attn_logit_softcapping: float | None = None  # gemma2
+    final_logit_softcapping: float | None = None  # gemma2
+    context_length: int | None = None  # max_position_embeddings (or the architecture's name for it)
 
     @property
     def total_params_with_adapters(self) -> int:
@@ -143,14 +152,15 @@ def cache_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     payload = {
         "v": CACHE_VERSION,
         "config": config_dict,
-        "lora": _lora_key(plan),
+        "lora": lora_key(plan),
         "libs": library_versions(),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def _lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
+def lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
+    """The part of a plan that changes the inventory (None: no adapters)."""
     if not plan.uses_adapters:
         return None
     return {
@@ -189,6 +199,46 @@ def _config_int(config: Any, *names: str, default: int = 0) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return default
+
+
+def _config_float(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+#: config keys that state the longest sequence, in the order they are looked up
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_facts(config: Any) -> dict[str, Any]:
+    """The non-shape facts of a built ``PretrainedConfig`` that the memory rules read."""
+    act = next(
+        (
+            str(getattr(config, name))
+            for name in ("hidden_activation", "hidden_act", "activation_function")
+            if getattr(config, name, None)
+        ),
+        "",
+    )
+    context = None
+    for source in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                context = value
+                break
+        if context:
+            break
+    return {
+        "hidden_act": act,
+        "dropout": _config_float(config, "dropout") or 0.0,
+        "attention_dropout": _config_float(config, "attention_dropout") or 0.0,
+        "attn_logit_softcapping": _config_float(config, "attn_logit_softcapping"),
+        "final_logit_softcapping": _config_float(config, "final_logit_softcapping"),
+        "context_length": context,
+    }
 
 
 def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInventory:
@@ -308,6 +358,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         saved_copy_params=copy_params,
         saved_copy_shapes=tuple(sorted(copy_shapes.items())),
         library_versions=library_versions(),
+        **config_facts(config),
     )
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, find_gpu, load_gpus, resolve_model
+from vramcalc.catalog import Gpu, find_gpu, load_gpus
 from vramcalc.cost import CostTable, RunLength, check_price, cost_table
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import MemoryEstimate, estimate_from_inventory, inventory_for
-from vramcalc.inventory import ModelInventory
+from vramcalc.estimate import MemoryEstimate, Prepared, prepare
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import ThroughputEstimate, estimate_throughput
 
@@ -71,9 +70,9 @@ def plan_result(
 ) -> PlanResult:
     """Memory of ``plan``, its fit and speed on each of ``gpus``, and the run's cost on those that fit."""
     check_price(price_per_hour_usd)
-    spec = resolve_model(plan.model)
-    inventory = inventory_for(spec, plan)
-    memory = estimate_from_inventory(inventory, plan, spec.name, spec.source, spec.config_dict)
+    prepared = prepare(plan.model, plan)
+    inventory = prepared.inventory
+    memory = prepared.estimate(plan)
     fits = []
     for gpu in gpus:
         throughput, problem = None, None
@@ -87,10 +86,10 @@ def plan_result(
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
         cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
-    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, inventory, spec)))
+    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)))
 
 
-def _hints(memory: MemoryEstimate, inventory: ModelInventory, spec: ModelSpec) -> list[str]:
+def _hints(memory: MemoryEstimate, prepared: Prepared) -> list[str]:
     """Cheap what-ifs worth telling the user (each is another pure estimate on the same inventory)."""
     from vramcalc.render import gib
 
@@ -99,13 +98,7 @@ def _hints(memory: MemoryEstimate, inventory: ModelInventory, spec: ModelSpec) -
         not plan.gradient_checkpointing
         and memory.components["activations"] > 0.4 * memory.device_total_bytes
     ):
-        other = estimate_from_inventory(
-            inventory,
-            plan.with_(gradient_checkpointing=True),
-            spec.name,
-            spec.source,
-            spec.config_dict,
-        )
+        other = prepared.estimate(plan.with_(gradient_checkpointing=True))
         out.append(
             f"activations are {100 * memory.components['activations'] / memory.device_total_bytes:.0f} % of the "
             f"total; --gradient-checkpointing brings the device total from {gib(memory.device_total_bytes)} "

@@ -28,17 +28,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve_model
+from vramcalc.catalog import Gpu, ModelSpec, find_gpu
 from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
-from vramcalc.estimate import (
-    COMPONENTS,
-    MemoryEstimate,
-    estimate_from_inventory,
-    inventory_for,
-)
+from vramcalc.estimate import COMPONENTS, MemoryEstimate, Prepared, prepare, resolve
 from vramcalc.fit import budget_bytes
-from vramcalc.inventory import ModelInventory
+from vramcalc.inventory import ModelInventory, lora_key
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
 
@@ -216,40 +211,37 @@ def _coerce(name: str, value: Any) -> Any:
 
 # -- estimating --------------------------------------------------------------------------------
 class EstimateCache:
-    """Resolved models and inventories, built once per key for a whole sweep.
+    """``prepare`` per model and inventory key for a whole sweep, failures included.
 
-    An inventory depends on the model config and, for adapter methods, on the
-    LoRA rank and targets only (the key ``vramcalc.inventory.cache_key`` uses);
-    failures are cached too, so a bad model or target fails fast on every row.
+    ``prepare`` is memoized already; this also remembers what failed (an unknown model,
+    a broken config, a missing target), so a bad model fails fast on every row.
     """
 
     def __init__(self) -> None:
         self._specs: dict[str, ModelSpec | VramcalcError] = {}
-        self._inventories: dict[tuple[Any, ...], ModelInventory | VramcalcError] = {}
+        self._prepared: dict[tuple[Any, ...], Prepared | VramcalcError] = {}
 
     def spec(self, model: str) -> ModelSpec:
         if model not in self._specs:
             try:
-                self._specs[model] = resolve_model(model)
+                self._specs[model] = resolve(model)
             except VramcalcError as err:
                 self._specs[model] = err
         return _value_or_raise(self._specs[model])
 
-    def inventory(self, spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
-        key: tuple[Any, ...] = (spec.source, spec.name, plan.uses_adapters)
-        if plan.uses_adapters:
-            key += (plan.rank, plan.targets, plan.dora, plan.modules_to_save)
-        if key not in self._inventories:
+    def prepared(self, plan: TrainingPlan) -> Prepared:
+        spec = self.spec(plan.model)
+        key = (spec.source, spec.name, repr(lora_key(plan)))
+        if key not in self._prepared:
             try:
-                self._inventories[key] = inventory_for(spec, plan)
+                self._prepared[key] = prepare(spec, plan)
             except VramcalcError as err:
-                self._inventories[key] = err
-        return _value_or_raise(self._inventories[key])
+                self._prepared[key] = err
+        return _value_or_raise(self._prepared[key])
 
     def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
         """Equal to ``vramcalc.estimate.estimate(plan)``."""
-        spec = self.spec(plan.model)
-        return estimate_from_inventory(self.inventory(spec, plan), plan, spec.name, spec.source)
+        return self.prepared(plan).estimate(plan)
 
 
 def _value_or_raise(value: Any) -> Any:
@@ -420,7 +412,7 @@ def run_sweep(
             plan = plan_from_case(case)
             est = cache.estimate(plan)
             if wants_cells:
-                inventory = cache.inventory(cache.spec(plan.model), plan)
+                inventory = cache.prepared(plan).inventory
                 cells = extras.cells(inventory, est, list(columns.values()), headroom)
             error = None
         except VramcalcError as err:

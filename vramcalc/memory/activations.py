@@ -30,7 +30,6 @@ against ``vramcalc.memtrace`` on real tiny models run on CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
@@ -115,15 +114,14 @@ def run_layer(
 def estimate_activations(
     inventory: ModelInventory,
     plan: TrainingPlan,
-    config_dict: dict[str, Any] | None = None,
+    *,
     round_to: int = ROUND_TO,
 ) -> ActivationEstimate:
     """Activation bytes of ``inventory``'s decoder stack under ``plan`` (see module docstring).
 
-    ``config_dict`` (the model's ``config.json``) supplies the activation
-    function and dropout rates; without it the architecture's defaults apply.
+    The activation function and dropout rates are the inventory's config facts.
     """
-    r = recipe_for(inventory, plan, config_dict)
+    r = recipe_for(inventory, plan)
     layers = inventory.num_layers
     steady = run_layer(inventory, r, True, round_to)
     # LoRA without checkpointing: the frozen embedding's output needs no gradient; with

@@ -108,8 +108,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
             "--gpu",
             "T4,RTX-4090",
         ]
-        if row["gradient_checkpointing"]:
-            args.append("--gradient-checkpointing")
+        args.append(
+            "--gradient-checkpointing" if row["gradient_checkpointing"] else "--no-gradient-checkpointing"
+        )
         expected = plan_json(run, *args)
         assert int(row["device_total_bytes"]) == expected["device_total_bytes"]
         assert int(row["peak_allocated_bytes"]) == expected["peak_allocated_bytes"]

@@ -141,7 +141,7 @@ def test_markdown_is_a_gfm_table(result):
     lines = text.splitlines()
     assert len(lines) == 2 + 16
     assert lines[0].startswith(
-        "| model | method | quant | batch size | trainable params | device total (GiB)"
+        "| model | method | quant | batch size | gradient checkpointing | trainable params | device total (GiB)"
     )
     assert set(lines[1]) <= set("|-:") and lines[1].count("|") == lines[0].count("|")
     assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])

@@ -116,9 +116,10 @@ def plan_options(func):
         ),
         click.option(
             "--gradient-checkpointing/--no-gradient-checkpointing",
-            default=False,
-            show_default=True,
-            help="Recompute each decoder layer in backward (use_reentrant=False).",
+            default=None,
+            help="Recompute each decoder layer in backward (use_reentrant=False). Default: on "
+            "for k-bit base weights (qlora, --quant int8), as prepare_model_for_kbit_training "
+            "does; off otherwise.",
         ),
         click.option(
             "--optimizer",

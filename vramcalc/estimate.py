@@ -381,9 +381,9 @@ def _assumptions(
         )
     out.append(
         f"micro-batch {plan.batch_size} x {plan.seq_len} tokens, grad-accum {plan.grad_accum}, "
-        f"attention {plan.attn}, gradient checkpointing "
-        + ("on (use_reentrant=False)" if plan.gradient_checkpointing else "off")
+        f"attention {plan.attn}"
     )
+    out.append(plan.checkpointing_note)
     out.append(f"optimizer {plan.optimizer}; states live from the first step on")
     if plan.num_gpus > 1:
         out.append(

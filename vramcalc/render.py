@@ -73,7 +73,9 @@ def render_memory(estimate: MemoryEstimate) -> str:
     plan = estimate.plan
     total = estimate.device_total_bytes
     lines = [
-        plan_heading(estimate.model_name, plan) + f", seq {plan.seq_len} x batch {plan.batch_size}",
+        plan_heading(estimate.model_name, plan)
+        + f", seq {plan.seq_len} x batch {plan.batch_size}, gradient checkpointing "
+        + ("on" if plan.gradient_checkpointing else "off"),
         f"parameters: {estimate.total_params:,} total, {estimate.trainable_params:,} trainable "
         f"({100 * estimate.trainable_params / max(estimate.total_params, 1):.3f} %)",
         "",

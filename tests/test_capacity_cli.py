@@ -22,7 +22,7 @@ def run():
 def plan_json(run, *args):
     result = run("plan", *args, "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("command", ["sweep", "fit"])
@@ -167,7 +167,7 @@ def test_sweep_cases_unknown_column(run, tmp_path):
 def test_sweep_stdout_table_and_markdown(run, tiny_llama_dir, tmp_path):
     result = run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "--quiet")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["model", "method", "rank"] and len(lines) == 4
     md = tmp_path / "t.md"
     assert (
@@ -253,7 +253,7 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
         "--json",
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["field"] == "batch_size" and data["found"] and not data["limit_reached"]
     batch = data["value"]
     budget = int(data["gpu_memory_bytes"] * 0.95)
@@ -273,7 +273,7 @@ def test_fit_sequence_length_with_batch_size(run, tiny_opt_dir):
         "fit", "-m", tiny_opt_dir, "--gpu", "T4", "-b", "64", "--seq-multiple", "16", "--json"
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["field"] == "seq_len" and data["step"] == 16 and data["value"] % 16 == 0
     seq = data["value"]
     assert data["at_value"]["seq_len"] == seq and data["at_value"]["batch_size"] == 64

@@ -109,17 +109,90 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> Any:
-    """Build the architecture's ``PretrainedConfig`` from a ``config.json`` mapping."""
+    """Build the architecture's ``PretrainedConfig`` from a ``config.json`` mapping.
+
+    Every failure is a one-line ``ConfigError`` naming ``where``: an unknown
+    ``model_type`` (with close matches), a value transformers' own validation
+    rejects (a wrong type, heads that do not divide the hidden size).
+    """
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     data = dict(data)
     model_type = data.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"--model {where}: model_type {model_type!r} is not an architecture this "
+            f"transformers ({_transformers_version()}) knows."
+            + suggest(str(model_type), sorted(CONFIG_MAPPING_NAMES))
+            + " Run 'vramcalc models' for the bundled catalog."
+        )
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - transformers raises ValueError, TypeError, hub errors
+        raise ConfigError(f"--model {where}: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: the innermost message of a chained validation error."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return (text or type(err).__name__)[:300]
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+#: config sizes that must be positive integers, each under the names architectures use
+SIZE_FIELDS = (
+    ("num_hidden_layers", ("num_hidden_layers", "n_layer", "num_layers")),
+    ("hidden_size", ("hidden_size", "n_embd", "d_model")),
+    ("num_attention_heads", ("num_attention_heads", "n_head")),
+    ("vocab_size", ("vocab_size",)),
+    ("intermediate_size", ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")),
+)
+
+
+def causal_lm_config(data: dict[str, Any], where: str = "config") -> Any:
+    """``config_from_dict`` plus what vramcalc needs: a decoder-only causal LM with
+    positive sizes. Every problem of the sizes is reported at once."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = config_from_dict(data, where)
+    model_type = config.model_type
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(
+        config, "is_encoder_decoder", False
+    ):
         raise ConfigError(
-            f"--model: {where}: cannot build a {model_type!r} config ({err})"
-        ) from err
+            f"--model {where}: {model_type!r} is an encoder (masked-LM or encoder-decoder) "
+            "architecture, not a causal LM; vramcalc estimates decoder-only causal-LM "
+            "fine-tuning (AutoModelForCausalLM). Run 'vramcalc models' for the catalog."
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"--model {where}: {model_type!r} has no causal-LM class in transformers "
+            "(AutoModelForCausalLM); vramcalc estimates causal-LM fine-tuning. "
+            "Run 'vramcalc models' for the catalog."
+        )
+    problems = []
+    for label, names in SIZE_FIELDS:
+        for name in names:
+            value = getattr(config, name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{label} must be a positive integer, got {value!r}")
+            break
+    if problems:
+        raise ConfigError(f"--model {where}: " + "; ".join(problems) + ".")
+    return config
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:

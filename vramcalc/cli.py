@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vramcalc.cli_options import plan_from_options, plan_options
+from vramcalc.cli_options import given_options, plan_from_options, plan_options
 from vramcalc.errors import VramcalcError
 
 
@@ -35,6 +35,7 @@ def cli() -> None:
 
 
 @cli.command()
+@click.pass_context
 @plan_options
 @click.option(
     "--gpu",
@@ -69,7 +70,7 @@ def cli() -> None:
     is_flag=True,
     help="Print one JSON object (schema in README) instead of the report.",
 )
-def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options) -> None:
+def plan(ctx, gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options) -> None:
     """Estimate the GPU memory, speed and cost of one fine-tuning run.
 
     Counts every parameter exactly on the meta device (no weights, no GPU, no
@@ -90,7 +91,10 @@ def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options
     the_plan = plan_from_options(options)
     wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
     run = RunLength(dataset_tokens, epochs, steps) if wants_cost else None
-    result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour)
+    given = given_options(ctx)
+    result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour, given)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan_result(result))
 
 

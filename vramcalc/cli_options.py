@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from vramcalc.plan import (
     ALLOCATORS,
@@ -166,6 +167,12 @@ def plan_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def given_options(ctx: click.Context) -> frozenset[str]:
+    """The options the user set on the command line (or through the environment)."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
 def plan_from_options(options: dict) -> TrainingPlan:

@@ -179,7 +179,7 @@ def forget_prepared() -> None:
 
 def inventory_for(spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
     """The (disk-cached) inventory of ``spec`` under ``plan``; use ``prepare`` instead."""
-    return build_inventory(spec.config_dict, plan)
+    return build_inventory(spec.config_dict, plan, where=spec.name)
 
 
 def estimate(plan: TrainingPlan, spec: ModelSpec | None = None) -> MemoryEstimate:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,20 @@ def output_format(path: str | Path) -> str:
             f"{', '.join(FORMATS)}, or no -o for a table on stdout."
         )
     return suffix
+
+
+def check_output(path: str | Path) -> str:
+    """``output_format`` plus a folder that exists and can be written: checked before a sweep
+    computes anything, so a long sweep does not fail at the end."""
+    fmt = output_format(path)
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise ExportError(f"-o {path}: the folder {folder} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"-o {path}: the folder {folder} is not writable.")
+    if Path(path).is_dir():
+        raise ExportError(f"-o {path}: is a folder; give a file name such as plans{fmt}.")
+    return fmt
 
 
 def write_sweep(result: SweepResult, path: str | Path) -> None:

@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramcalc.errors import InvalidPlanError
+from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 4  # 4: config facts (activation, dropout, softcapping, context length)
+CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built
 
 
 @dataclass(frozen=True)
@@ -172,16 +172,30 @@ def lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
 
 
 def build_inventory(
-    config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True
+    config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True, where: str = "config"
 ) -> ModelInventory:
-    """The inventory of ``config_dict`` under ``plan`` (cached on disk)."""
+    """The inventory of ``config_dict`` under ``plan`` (cached on disk).
+
+    A config that transformers or peft cannot build becomes a ``ConfigError`` naming
+    ``where`` (the ``--model`` value); only configs that built are cached.
+    """
     path = _cache_dir() / f"{cache_key(config_dict, plan)}.json"
     if use_cache and path.is_file():
         try:
             return ModelInventory.from_json(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError):
             pass  # stale or corrupt entry: rebuild below
-    inventory = _build_on_meta(config_dict, plan)
+    try:
+        inventory = _build_on_meta(config_dict, plan, where)
+    except VramcalcError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure inside transformers/peft is the config's
+        from vramcalc.catalog import one_line
+
+        raise ConfigError(
+            f"--model {where}: transformers cannot build the model from this config "
+            f"({type(err).__name__}: {one_line(err)})"
+        ) from err
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +255,7 @@ def config_facts(config: Any) -> dict[str, Any]:
     }
 
 
-def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInventory:
+def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) -> ModelInventory:
     import logging
     import warnings
 
@@ -254,9 +268,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from vramcalc.catalog import config_from_dict
+    from vramcalc.catalog import causal_lm_config
 
-    config = config_from_dict(config_dict)
+    config = causal_lm_config(config_dict, where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_empty_weights():

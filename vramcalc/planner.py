@@ -6,10 +6,12 @@ and ``PlanResult.to_dict`` into the ``--json`` object.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.catalog import Gpu, find_gpu, load_gpus
+from vramcalc.checks import plan_warnings
 from vramcalc.cost import CostTable, RunLength, check_price, cost_table
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import MemoryEstimate, Prepared, prepare
@@ -46,6 +48,7 @@ class PlanResult:
     fits: tuple[GpuFit, ...]
     cost: CostTable | None
     hints: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
 
     def to_dict(self) -> dict[str, Any]:
         data = self.memory.to_dict()
@@ -53,6 +56,7 @@ class PlanResult:
         data["throughput"] = [fit.throughput.to_dict() for fit in self.fits if fit.throughput]
         data["cost"] = self.cost.to_dict() if self.cost else None
         data["hints"] = list(self.hints)
+        data["warnings"] = list(self.warnings)
         return data
 
 
@@ -67,6 +71,7 @@ def plan_result(
     gpus: list[Gpu],
     run: RunLength | None = None,
     price_per_hour_usd: float | None = None,
+    given: Set[str] = frozenset(),
 ) -> PlanResult:
     """Memory of ``plan``, its fit and speed on each of ``gpus``, and the run's cost on those that fit."""
     check_price(price_per_hour_usd)
@@ -86,7 +91,8 @@ def plan_result(
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
         cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
-    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)))
+    warnings = plan_warnings(plan, inventory, given)
+    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)), warnings)
 
 
 def _hints(memory: MemoryEstimate, prepared: Prepared) -> list[str]:

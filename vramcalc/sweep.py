@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu
+from vramcalc.checks import plan_warnings
 from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import COMPONENTS, MemoryEstimate, Prepared, prepare, resolve
@@ -304,6 +305,7 @@ class SweepRow:
     gpus: tuple[Gpu, ...]  # the GPU(s) the case's own ``gpu`` cell names
     error: str | None
     cells: dict[str, Any] = field(default_factory=dict)  # ``SpeedAndCost`` columns
+    warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
 
 
 @dataclass(frozen=True)
@@ -316,6 +318,15 @@ class SweepResult:
     @property
     def errors(self) -> int:
         return sum(1 for row in self.rows if row.error)
+
+    @property
+    def warnings(self) -> dict[str, int]:
+        """Each distinct warning with the number of rows it concerns."""
+        out: dict[str, int] = {}
+        for row in self.rows:
+            for warning in row.warnings:
+                out[warning] = out.get(warning, 0) + 1
+        return out
 
     @property
     def columns(self) -> list[str]:
@@ -390,11 +401,13 @@ def run_sweep(
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     cache: EstimateCache | None = None,
     extras: SpeedAndCost = SpeedAndCost(),
+    given: Set[str] = frozenset(),
 ) -> SweepResult:
     """Estimate every case; an invalid one gets an ``error`` instead of stopping the sweep.
 
     GPUs named in a case's ``gpu`` cell get a ``fits_<name>`` column too.
-    ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns.
+    ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns;
+    ``given`` names the plan options set explicitly (for ``vramcalc.checks.plan_warnings``).
     """
     cache = cache or EstimateCache()
     wants_cells = extras.speed or extras.run is not None
@@ -404,6 +417,7 @@ def run_sweep(
         plan = est = None
         row_gpus: tuple[Gpu, ...] = ()
         cells: dict[str, Any] = {}
+        warnings: tuple[str, ...] = ()
         try:
             row_gpus = tuple(
                 find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip()
@@ -411,11 +425,12 @@ def run_sweep(
             columns.update((gpu.name, gpu) for gpu in row_gpus)
             plan = plan_from_case(case)
             est = cache.estimate(plan)
+            warnings = plan_warnings(plan, cache.prepared(plan).inventory, given)
             if wants_cells:
                 inventory = cache.prepared(plan).inventory
                 cells = extras.cells(inventory, est, list(columns.values()), headroom)
             error = None
         except VramcalcError as err:
             error = str(err)
-        rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells))
+        rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells, warnings))
     return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras)

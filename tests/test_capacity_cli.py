@@ -168,12 +168,13 @@ def test_sweep_stdout_table_and_markdown(run, tiny_llama_dir, tmp_path):
     result = run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "--quiet")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:3] == ["model", "method", "rank"] and len(lines) == 4
+    assert lines[0].split()[:4] == ["model", "method", "quant", "rank"] and len(lines) == 4
     md = tmp_path / "t.md"
     assert (
         run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "-o", md).exit_code == 0
     )
-    assert md.read_text().startswith("| model | method | rank | alpha |")
+    head = [c.strip() for c in md.read_text().splitlines()[0].split("|")]
+    assert head[1:6] == ["model", "method", "quant", "rank", "alpha"]
 
 
 def test_sweep_bad_values_fail_like_plan(run, tiny_llama_dir):
@@ -245,7 +246,7 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
         "--method",
         "qlora",
         "--gpu",
-        "T4",
+        "L4",
         "--seq-len",
         "1024",
         "--headroom",
@@ -270,7 +271,7 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
 
 def test_fit_sequence_length_with_batch_size(run, tiny_opt_dir):
     result = run(
-        "fit", "-m", tiny_opt_dir, "--gpu", "T4", "-b", "64", "--seq-multiple", "16", "--json"
+        "fit", "-m", tiny_opt_dir, "--gpu", "L4", "-b", "64", "--seq-multiple", "16", "--json"
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -295,13 +296,13 @@ def test_fit_human_output(run, tiny_llama_dir):
 
 
 def test_fit_nothing_fits_exits_3(run):
-    result = run("fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4")
+    result = run("fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "RTX-4090")
     assert result.exit_code == 3
     assert "Does not fit even at batch size 1: device total" in result.output
     assert "Error" not in result.output
     data = json.loads(
         run(
-            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4", "--json"
+            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "RTX-4090", "--json"
         ).output
     )
     assert (

@@ -30,9 +30,10 @@ def test_checkpointing_defaults_on_for_kbit_methods_only(kwargs, checkpointing):
 
 def test_plan_states_the_checkpointing_choice(tiny_llama_dir):
     run = CliRunner().invoke
-    out = run(cli, ["plan", "--model", str(tiny_llama_dir), "--method", "qlora", "--gpu", "T4"])
+    model = ["plan", "--model", str(tiny_llama_dir), "--seq-len", "256"]
+    out = run(cli, [*model, "--method", "qlora", "--gpu", "L4"])
     assert out.exit_code == 0, out.output
-    assert ", seq 2048 x batch 1, gradient checkpointing on\n" in out.output
+    assert ", seq 256 x batch 1, gradient checkpointing on\n" in out.output
     assert (
         "  - gradient checkpointing on (use_reentrant=False): the default for k-bit base weights, "
         "as prepare_model_for_kbit_training(use_gradient_checkpointing=True) and the common "
@@ -40,11 +41,11 @@ def test_plan_states_the_checkpointing_choice(tiny_llama_dir):
     ) in out.output
     off = run(
         cli,
-        ["plan", "--model", str(tiny_llama_dir), "--method", "qlora", "--no-gradient-checkpointing"],
+        [*model, "--method", "qlora", "--no-gradient-checkpointing"],
     )
     assert ", gradient checkpointing off\n" in off.output
     assert "  - gradient checkpointing off (--no-gradient-checkpointing; k-bit recipes" in off.output
-    lora = run(cli, ["plan", "--model", str(tiny_llama_dir), "--json"])
+    lora = run(cli, [*model, "--json"])
     assert json.loads(lora.output)["plan"]["gradient_checkpointing"] is False
     assert "gradient checkpointing off (the default without k-bit base weights;" in "\n".join(
         json.loads(lora.output)["assumptions"]

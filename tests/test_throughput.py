@@ -37,7 +37,9 @@ LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj"), "optimi
 
 
 def tiny(**fields) -> tuple:
-    plan = TrainingPlan("tiny", **{"seq_len": 32, "batch_size": 2, **fields})
+    plan = TrainingPlan(
+        "tiny", **{"seq_len": 32, "batch_size": 2, "gradient_checkpointing": False, **fields}
+    )
     return build_inventory(TINY_LLAMA, plan, use_cache=False), plan
 
 

@@ -268,11 +268,9 @@ class Gpu:
     price_per_hour_usd: float | None
     price_source: str
     price_date: str
-
-    @property
-    def peak_tflops(self) -> float | None:
-        """Dense bf16 peak, or fp16 where the card has no bf16 (T4)."""
-        return self.bf16_dense_tflops or self.fp16_dense_tflops
+    # bf16 tensor cores: an optional ``bf16`` column (yes/no) says so; without it, a card with
+    # an fp16 peak and no bf16 peak has none (Turing T4, Volta V100: "bf16 left empty")
+    has_bf16: bool = True
 
 
 def _float(text: str | None) -> float | None:
@@ -280,9 +278,20 @@ def _float(text: str | None) -> float | None:
     return float(text) if text else None
 
 
+def _has_bf16(row: dict[str, str]) -> bool:
+    stated = (row.get("bf16") or "").strip().lower()
+    if stated in ("yes", "true", "1", "no", "false", "0"):
+        return stated in ("yes", "true", "1")
+    if stated:
+        raise ValueError(f"bf16 must be yes or no, got {stated!r}")
+    return not (
+        _float(row.get("bf16_dense_tflops")) is None and _float(row.get("fp16_dense_tflops"))
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def load_gpus() -> tuple[Gpu, ...]:
-    """Every GPU of ``data/gpus.csv``, in file order."""
+    """Every GPU of ``data/gpus.csv``, in file order (columns beyond the known ones are ignored)."""
     try:
         with GPUS_CSV.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -305,6 +314,7 @@ def load_gpus() -> tuple[Gpu, ...]:
                     price_per_hour_usd=_float(row.get("price_per_hour_usd")),
                     price_source=(row.get("price_source") or "").strip(),
                     price_date=(row.get("price_date") or "").strip(),
+                    has_bf16=_has_bf16(row),
                 )
             )
         except (KeyError, ValueError) as err:

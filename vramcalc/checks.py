@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 
+from vramcalc.catalog import Gpu
 from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
 
@@ -50,3 +51,17 @@ def plan_warnings(
             "the plan is estimated as single-GPU training."
         )
     return tuple(out)
+
+
+def recipe_blocker(plan: TrainingPlan, gpu: Gpu) -> str | None:
+    """Why ``gpu`` cannot run ``plan``'s recipe at all, whatever its memory (None if it can).
+
+    The recipe trains under bf16 autocast (Trainer ``bf16=True``) unless ``--dtype fp16``;
+    Turing and Volta cards have no bf16 and Trainer refuses ``bf16=True`` there.
+    """
+    if plan.dtype != "fp16" and not gpu.has_bf16:
+        return (
+            f"no bf16: {gpu.name} has no bf16 tensor cores, so the recipe's Trainer(bf16=True) "
+            "cannot run there; plan it with --dtype fp16 (fp16 autocast with loss scaling)"
+        )
+    return None

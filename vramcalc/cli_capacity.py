@@ -207,6 +207,7 @@ def sweep(
     from vramcalc.errors import UnknownModelError
     from vramcalc.estimate import resolve
     from vramcalc.fit import parse_headroom
+    from vramcalc.render import render_sweep
     from vramcalc.sweep import expand_cases, read_cases, run_sweep
 
     if output:
@@ -233,7 +234,7 @@ def sweep(
         export.write_sweep(result, output)
         click.echo(f"{len(result.rows)} plans written to {output}", err=True)
     else:
-        click.echo(export.render_table(result))
+        click.echo(render_sweep(result))
     if result.errors:
         click.echo(
             f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.",
@@ -278,11 +279,11 @@ def fit(
     Example:
       vramcalc fit --model meta-llama/Llama-2-7b-hf --method qlora --gpu RTX-4090 --seq-len 2048
     """
-    from vramcalc import export
     from vramcalc.catalog import find_gpu
     from vramcalc.checks import plan_warnings
     from vramcalc.estimate import prepare
     from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
+    from vramcalc.render import render_fit
 
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given
@@ -299,6 +300,6 @@ def fit(
         result = max_seq_len(plan, card, margin, multiple=seq_multiple)
     else:
         result = max_batch_size(plan, card, margin)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else export.render_fit(result))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_fit(result))
     if not result.found:
         ctx.exit(3)

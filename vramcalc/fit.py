@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec
+from vramcalc.checks import recipe_blocker
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import MemoryEstimate, prepare
 from vramcalc.plan import TrainingPlan
@@ -172,6 +173,9 @@ def _search(
     step: int,
     limit: int,
 ) -> FitResult:
+    blocker = recipe_blocker(plan, gpu)
+    if blocker:
+        raise InvalidPlanError([f"--gpu {gpu.name}: {blocker.removeprefix('no bf16: ')}."])
     prepared = prepare(spec or plan.model, plan)  # batch and sequence share the inventory
     budget = budget_bytes(gpu, headroom)
     probes: dict[int, Probe] = {}

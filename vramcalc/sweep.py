@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu
-from vramcalc.checks import plan_warnings
+from vramcalc.checks import plan_warnings, recipe_blocker
 from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import COMPONENTS, MemoryEstimate, Prepared, prepare, resolve
@@ -281,7 +281,12 @@ class SpeedAndCost:
         if self.speed:
             out.update(throughput_columns(inventory, plan, gpus))
         if self.run is not None:
-            fitting = [g for g in gpus if estimate.device_total_bytes <= budget_bytes(g, headroom)]
+            fitting = [
+                g
+                for g in gpus
+                if estimate.device_total_bytes <= budget_bytes(g, headroom)
+                and recipe_blocker(plan, g) is None
+            ]
             priced = cost_table(
                 inventory, plan, fitting, self.run, self.price_per_hour_usd
             ).columns()
@@ -314,6 +319,7 @@ class SweepResult:
     gpus: tuple[Gpu, ...]  # one ``fits_<name>`` column each
     headroom: float
     extras: SpeedAndCost = SpeedAndCost()
+    given: frozenset[str] = frozenset()  # plan options set explicitly: they define the rows
 
     @property
     def errors(self) -> int:
@@ -378,12 +384,16 @@ def _record(
     for name, nbytes in values.items():
         out[f"{name}_bytes"] = nbytes
         out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
-    total = est.device_total_bytes
+    total, plan = est.device_total_bytes, est.plan
+
+    def fits(gpu: Gpu, budget: int) -> bool:
+        return total <= budget and recipe_blocker(plan, gpu) is None
+
     for gpu, budget in budgets:
-        out[f"fits_{gpu.name}"] = total <= budget
-    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if total <= b), None)
+        out[f"fits_{gpu.name}"] = fits(gpu, budget)
+    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if fits(g, b)), None)
     if row.gpus:
-        out["fits"] = all(total <= budget_bytes(g, headroom) for g in row.gpus)
+        out["fits"] = all(fits(g, budget_bytes(g, headroom)) for g in row.gpus)
     out.update(row.cells)
     return out
 
@@ -433,4 +443,4 @@ def run_sweep(
         except VramcalcError as err:
             error = str(err)
         rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells, warnings))
-    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras)
+    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras, frozenset(given))

@@ -3,7 +3,7 @@
 Each case builds a tiny model of the architecture under the project recipe
 (``build_cpu_recipe``), runs forward + loss under ``torch.autocast("cpu",
 bf16)`` and reads what autograd saved, per decoder layer, with
-``vramcalc.memtrace.saved_bytes`` (storages rounded to 512 B like the CUDA
+``tests/memtrace.py``'s ``saved_bytes`` (storages rounded to 512 B like the CUDA
 allocator). The rule in ``vramcalc.memory.activations`` must give the same
 bytes exactly.
 
@@ -38,9 +38,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.memtrace import SavedReport, saved_bytes
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.activations import estimate_activations
-from vramcalc.memtrace import SavedReport, saved_bytes
 from vramcalc.plan import TrainingPlan
 
 BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
@@ -271,6 +271,7 @@ def measure_saved(
 def plan_for(model_type: str, **kwargs: Any) -> TrainingPlan:
     kwargs.setdefault("seq_len", SEQ)
     kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("gradient_checkpointing", False)  # the tracer runs without it
     return TrainingPlan(model=model_type, **kwargs)
 
 
@@ -361,7 +362,7 @@ def step_memory(config: dict[str, Any], plan: TrainingPlan) -> tuple[int, int, i
     Parameters and the input ids are left out; the forward runs under autocast and ends
     before backward, as in Trainer.training_step.
     """
-    from vramcalc.memtrace import MemoryTracer
+    from tests.memtrace import MemoryTracer
 
     model = build_cpu_recipe(config, plan)
     torch.manual_seed(1)
@@ -428,7 +429,7 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from vramcalc.memtrace import fake_saved_bytes
+    from tests.memtrace import fake_saved_bytes
 
     config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
               "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2,

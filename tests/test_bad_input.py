@@ -198,3 +198,38 @@ def test_sweep_warns_once_per_distinct_warning(tiny_llama_dir):
         "of that layer cannot have a higher rank, so the extra rank adds parameters and memory "
         "but no capacity. (1 of 3 plans)",
     ]
+
+
+# -- names and targets (item 6) ----------------------------------------------------------------
+def test_a_gpu_family_name_suggests_its_members(tiny_llama_dir):
+    result = _invoke("plan", "--model", str(tiny_llama_dir), "--gpu", "a100")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: --gpu 'a100' is not in the GPU catalog. Did you mean 'A100-40GB', 'A100-80GB'? "
+        "Run 'vramcalc gpus' for the list.\n"
+    )
+
+
+def test_a_legacy_hub_name_is_a_hub_id():
+    result = _invoke("plan", "--model", "gpt2")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: --model 'gpt2' is not in the bundled catalog and the hub is not used offline "
+        "(HF_HUB_OFFLINE/VRAMCALC_OFFLINE). Run 'vramcalc models' for the catalog, or pass a "
+        "local directory or config.json path.\n"
+    )
+    spaced = _invoke("plan", "--model", "not a model")
+    assert "and it is not a hub id (org/name, or a legacy name such as gpt2)." in spaced.output
+
+
+def test_the_output_head_is_a_lora_target(tiny_llama_dir):
+    result = _invoke(
+        "plan", "--model", str(tiny_llama_dir), "--seq-len", "256", "--targets", "lm_head", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["trainable_params"] == 8 * (64 + 256)  # r x (hidden + vocab)
+    (approx,) = [a for a in data["assumptions"] if a.startswith("APPROXIMATE activations")]
+    assert "LoRA on the output head (lm_head) is not modelled" in approx
+    bad = _invoke("plan", "--model", str(tiny_llama_dir), "--targets", "lm_haed")
+    assert bad.output.startswith("Error: --targets lm_haed: the model has no linear module")

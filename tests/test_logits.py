@@ -15,9 +15,9 @@ from test_activations import (
     plan_for,
 )
 
+from tests.memtrace import MemoryTracer
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.logits import estimate_logits
-from vramcalc.memtrace import MemoryTracer
 
 VOCAB = 1000  # logits dominate: B*S*V = 64k elements
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.memtrace import MemoryTracer
 from tests.test_activations import build_cpu_recipe, cuda_recipe_on_cpu
 from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.memtrace import MemoryTracer
 from vramcalc.plan import TrainingPlan
 
 CONFIG = {

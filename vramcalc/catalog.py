@@ -18,6 +18,7 @@ import csv
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,10 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     return _resolve_from_hub(key)
 
 
+#: a hub repository id: ``org/name`` or a legacy top-level name such as ``gpt2``
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """A quick TCP probe, so an offline machine fails in seconds, not after retries."""
     import socket
@@ -230,7 +235,7 @@ def _resolve_from_hub(name: str) -> ModelSpec:
     hint = suggest(name, names)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VRAMCALC_OFFLINE") == "1"
     reason = "the hub is not used offline (HF_HUB_OFFLINE/VRAMCALC_OFFLINE)"
-    if not offline and "/" in name:
+    if not offline and HUB_ID.match(name):
         if not _hub_reachable():
             reason = "the hub cannot be reached from this machine"
         else:
@@ -244,8 +249,8 @@ def _resolve_from_hub(name: str) -> ModelSpec:
                 return ModelSpec(name, "hub", config.to_dict())
             except Exception as err:  # noqa: BLE001 - any hub failure means "not resolvable here"
                 reason = f"the hub has no config for it ({type(err).__name__})"
-    elif "/" not in name:
-        reason = "it is not a hub id (org/name)"
+    elif not HUB_ID.match(name):
+        reason = "it is not a hub id (org/name, or a legacy name such as gpt2)"
     raise UnknownModelError(
         f"--model {name!r} is not in the bundled catalog and {reason}."
         + hint
@@ -335,7 +340,16 @@ def find_gpu(name: str) -> Gpu:
     squashed = key.replace("-", "").replace(" ", "").replace("_", "")
     if squashed in normalized:
         return normalized[squashed]
-    hint = suggest(name, [g.name for g in load_gpus()])
+    # "a100" names a family: every card whose name or alias starts with it
+    family = sorted(
+        {g.name for k, g in normalized.items() if squashed and k.startswith(squashed)},
+        key=lambda n: [g.name for g in load_gpus()].index(n),
+    )
+    hint = (
+        " Did you mean " + ", ".join(repr(n) for n in family) + "?"
+        if family
+        else suggest(name, [g.name for g in load_gpus()])
+    )
     raise UnknownGpuError(
         f"--gpu {name!r} is not in the GPU catalog." + hint + " Run 'vramcalc gpus' for the list."
     )

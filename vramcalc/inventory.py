@@ -95,6 +95,7 @@ class ModelInventory:
     attn_logit_softcapping: float | None = None  # gemma2
     final_logit_softcapping: float | None = None  # gemma2
     context_length: int | None = None  # max_position_embeddings (or the architecture's name for it)
+    output_head: str = ""  # leaf name of the output projection ("lm_head"): a valid LoRA target
 
     @property
     def total_params_with_adapters(self) -> int:
@@ -325,6 +326,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
             groups[key] = groups.get(key, 0) + 1
     total = sum(roles.values())
     linear_names = tuple(sorted({k[0] for k in groups}))
+    head_name = next(
+        (name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_head), ""
+    )
 
     lora_names: tuple[str, ...] = ()
     adapter_params = copy_params = 0
@@ -332,7 +336,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     if plan.uses_adapters:
         module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
         lora_names, adapter_params, trainable_shapes, copy_params, copy_shapes = _apply_lora(
-            model, config, plan, linear_names, module_names
+            model, config, plan, linear_names + ((head_name,) if head_name else ()), module_names
         )
     roles["adapter"] = adapter_params
     linears = tuple(
@@ -372,6 +376,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
         saved_copy_params=copy_params,
         saved_copy_shapes=tuple(sorted(copy_shapes.items())),
         library_versions=library_versions(),
+        output_head=head_name,
         **config_facts(config),
     )
 

@@ -22,7 +22,7 @@ from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan
 from vramcalc.planner import GpuFit, Hint, PlanResult
 from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
-from vramcalc.throughput import transfer_note
+from vramcalc.throughput import ThroughputEstimate, compute_dtype, transfer_note
 
 COMPONENT_LABELS = {
     "weights": "base weights",
@@ -87,7 +87,7 @@ def render_plan_result(result: PlanResult, all_gpus: bool = False, verbose: bool
     """
     parts = [render_memory(result.memory, verbose)]
     if result.fits:
-        parts.append(render_gpu_fits(result.fits, all_gpus))
+        parts.append(render_gpu_fits(result.fits, all_gpus, verbose))
     parts += [render_hint(hint) for hint in result.hints]
     if result.cost is not None:
         parts.append(render_cost(result.cost, verbose))
@@ -144,7 +144,7 @@ def _fits_cell(fit: GpuFit) -> str:
     return "no bf16" if fit.blocker else ("yes" if fit.fits else "no")
 
 
-def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False) -> str:
+def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: bool = False) -> str:
     """GPUs by memory, smallest first: the fitting ones (every one with ``all_gpus``)."""
     ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
     shown = ordered if all_gpus else [f for f in ordered if f.fits]
@@ -196,7 +196,50 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False) -> str:
     first = next((f.throughput for f in shown if f.throughput), None)
     if first is not None:
         lines.append(f"speed: {transfer_note(first.calibration)}")
+        if verbose:
+            lines += ["", render_throughput(first)]
     return "\n".join(lines)
+
+
+def render_throughput(estimate: ThroughputEstimate) -> str:
+    """How one GPU's step time is made (``plan --verbose``, for the smallest fitting GPU)."""
+    e, s, f = estimate, estimate.seconds, estimate.flops
+    cal, key = e.calibration, e.efficiency_key
+    all_gpus = (
+        f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
+        if e.plan.num_gpus > 1
+        else ""
+    )
+    rows = [
+        [
+            "step time",
+            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
+        ],
+        ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
+        ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
+        [
+            "FLOPs / step",
+            f"{f.total:.3e}: forward {f.forward:.3e}, backward {f.backward:.3e}, "
+            f"recompute {f.recompute:.3e}",
+        ],
+        [
+            "seconds / step",
+            f"max(GPU compute {s['compute']:.3f} + memory {s['memory']:.3f}, host launch "
+            f"{s['host']:.3f}) + optimizer {s['optimizer']:.3f} + overhead {s['overhead']:.3f}",
+        ],
+        [
+            "efficiency",
+            f"{key} {cal.compute_efficiency[key]:.2f} of peak, {cal.bandwidth_efficiency:.2f} of "
+            f"bandwidth; measured on: {cal.measured_on_text}",
+        ],
+        ["derived", e.derivation],
+    ]
+    head = (
+        f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, "
+        f"{e.gpu.memory_bandwidth_gbps:g} GB/s)"
+    )
+    body = tabulate(rows, tablefmt="plain", disable_numparse=True)
+    return head + "\n" + "\n".join("  " + line for line in body.splitlines())
 
 
 def render_cost(cost: CostTable, verbose: bool = False) -> str:

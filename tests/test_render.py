@@ -217,3 +217,19 @@ def test_no_module_pads_tables_by_hand():
         assert ".ljust(" not in text and ".rjust(" not in text, path
         if path.name != "render.py":
             assert "tabulate" not in text, path
+
+
+def test_the_library_does_not_import_the_text_module():
+    """planner, sweep, fit and cost compute; only render (and the CLI) write text."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vramcalc.planner, vramcalc.sweep, vramcalc.fit, vramcalc.cost, "
+        "vramcalc.export; print('vramcalc.render' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"  # export writes .md through render
+    code = code.replace(", vramcalc.export", "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -305,7 +305,10 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     seen: set[int] = set()
     base_shapes: dict[tuple[int, ...], int] = {}
     groups: dict[tuple[str, int, int, bool, bool], int] = {}
+    head_name = ""
     for module_name, module in model.named_modules():
+        if module is output_head:
+            head_name = module_name.rsplit(".", 1)[-1]
         is_linear = type(module) is torch.nn.Linear
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -326,9 +329,6 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
             groups[key] = groups.get(key, 0) + 1
     total = sum(roles.values())
     linear_names = tuple(sorted({k[0] for k in groups}))
-    head_name = next(
-        (name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is output_head), ""
-    )
 
     lora_names: tuple[str, ...] = ()
     adapter_params = copy_params = 0

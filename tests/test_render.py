@@ -233,3 +233,29 @@ def test_the_library_does_not_import_the_text_module():
     code = code.replace(", vramcalc.export", "")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
+    from vramcalc.estimate import estimate
+    from vramcalc.report import build_report, render_markdown
+
+    plan = TrainingPlan(str(tiny_llama_dir), seq_len=256)
+    est = estimate(plan)
+    record = plan.to_dict() | {
+        "split": "validation",
+        "status": "ok",
+        "case_id": "c1",
+        "gpu_memory_bytes": 80 * 2**30,
+        "device_total_bytes": est.device_total_bytes,
+        "peak_allocated_bytes": est.peak_allocated_bytes,
+    }
+    text = render_markdown(build_report([record], ["x.jsonl"]), [])
+    start = text.index("| metric")
+    assert text[start:].splitlines()[:4] == [
+        "| metric               |   n |   median abs |   p90 abs |   max abs |   worst under-estimate |",
+        "|:---------------------|----:|-------------:|----------:|----------:|-----------------------:|",
+        "| device_total_bytes   |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
+        "| peak_allocated_bytes |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
+    ]
+    cases = text[text.index("| case_id") :].splitlines()
+    assert cases[1].startswith("|:----") and cases[2].startswith("| c1 ")

@@ -79,3 +79,31 @@ def test_no_internal_details_of_our_machines():
     for text in (README, (ROOT / "data" / "gpus.csv").read_text()):
         for needle in ("KINDS.md", "device machine", "our machines", "/work/"):
             assert needle not in text
+
+
+def _usage_lines(command: str) -> list[str]:
+    block = _section("## Usage")
+    return [line for line in block.splitlines() if line.startswith(f"vramcalc {command} --model")]
+
+
+def test_readme_plan_examples_fit_something_except_the_one_said_not_to():
+    lines = [line for line in _usage_lines("plan") if "./my-model-dir/" not in line]
+    assert len(lines) == 4
+    for line in lines:
+        command, _, comment = line.partition("#")
+        args = command.split()[1:]
+        result = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--json"])
+        assert result.exit_code == 0, result.output
+        fitting = [g["name"] for g in json.loads(result.stdout)["gpus"] if g["fits"]]
+        assert bool(fitting) is ("fits no single GPU" not in comment), line
+
+
+def test_readme_fit_examples_say_what_fit_answers():
+    lines = _usage_lines("fit")
+    assert len(lines) == 2
+    for line in lines:
+        command, _, comment = line.partition("#")
+        result = CliRunner().invoke(cli, [*command.split()[1:], "--json"])
+        assert result.exit_code == 0, result.output
+        value = json.loads(result.stdout)["value"]
+        assert comment.strip().endswith(f": {value:,}"), (line, value)

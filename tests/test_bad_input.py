@@ -233,3 +233,12 @@ def test_the_output_head_is_a_lora_target(tiny_llama_dir):
     assert "LoRA on the output head (lm_head) is not modelled" in approx
     bad = _invoke("plan", "--model", str(tiny_llama_dir), "--targets", "lm_haed")
     assert bad.output.startswith("Error: --targets lm_haed: the model has no linear module")
+
+
+def test_several_plan_problems_read_as_sentences():
+    result = _invoke("plan", "--model", "facebook/opt-125m", "--rank", "0", "--seq-len", "-1")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: --rank must be a positive integer, got 0. "
+        "--seq-len must be a positive integer, got -1.\n"
+    )

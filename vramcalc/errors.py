@@ -28,7 +28,7 @@ class InvalidPlanError(VramcalcError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__(_sentences(self.problems))
 
 
 class ConfigError(VramcalcError):
@@ -37,3 +37,8 @@ class ConfigError(VramcalcError):
 
 class CatalogError(VramcalcError):
     """A bundled data file (model catalog, GPU catalog, calibration) is broken."""
+
+
+def _sentences(problems: list[str]) -> str:
+    """Problems as one line of sentences: ``a. b?`` (no ``a.; b``)."""
+    return " ".join(p if p.rstrip().endswith((".", "?", "!")) else p + "." for p in problems)

@@ -19,6 +19,11 @@ class UnknownGpuError(VramcalcError):
     """``--gpu`` names no entry of ``data/gpus.csv``."""
 
 
+def _sentences(problems: list[str]) -> str:
+    """Problems as one line of sentences: ``a. b?`` (no ``a.; b``)."""
+    return " ".join(p if p.rstrip().endswith((".", "?", "!")) else p + "." for p in problems)
+
+
 class InvalidPlanError(VramcalcError):
     """A training plan has one or more invalid fields.
 
@@ -37,8 +42,3 @@ class ConfigError(VramcalcError):
 
 class CatalogError(VramcalcError):
     """A bundled data file (model catalog, GPU catalog, calibration) is broken."""
-
-
-def _sentences(problems: list[str]) -> str:
-    """Problems as one line of sentences: ``a. b?`` (no ``a.; b``)."""
-    return " ".join(p if p.rstrip().endswith((".", "?", "!")) else p + "." for p in problems)

@@ -3,7 +3,7 @@
 Each case builds a tiny model of the architecture under the project recipe
 (``build_cpu_recipe``), runs forward + loss under ``torch.autocast("cpu",
 bf16)`` and reads what autograd saved, per decoder layer, with
-``vramcalc.memtrace.saved_bytes`` (storages rounded to 512 B like the CUDA
+``tests/memtrace.py``'s ``saved_bytes`` (storages rounded to 512 B like the CUDA
 allocator). The rule in ``vramcalc.memory.activations`` must give the same
 bytes exactly.
 
@@ -38,9 +38,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.memtrace import SavedReport, saved_bytes
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.activations import estimate_activations
-from vramcalc.memtrace import SavedReport, saved_bytes
 from vramcalc.plan import TrainingPlan
 
 BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
@@ -271,6 +271,7 @@ def measure_saved(
 def plan_for(model_type: str, **kwargs: Any) -> TrainingPlan:
     kwargs.setdefault("seq_len", SEQ)
     kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("gradient_checkpointing", False)  # the tracer runs without it
     return TrainingPlan(model=model_type, **kwargs)
 
 
@@ -290,7 +291,7 @@ def check_layers(model_type: str, variant: str, real_bnb: bool = False) -> None:
     config = CONFIGS[model_type]
     plan = plan_for(model_type, **VARIANTS[variant])
     inventory = build_inventory(config, plan)
-    est = estimate_activations(inventory, plan, config)
+    est = estimate_activations(inventory, plan)
     report, n_layers = measure_saved(config, plan, real_bnb=real_bnb)
     measured = {
         scope: report.saved_during(scope).new_bytes
@@ -343,7 +344,7 @@ def test_other_architectures_match_tracer(model_type: str, variant: str) -> None
 def test_adapters_outside_linears_are_flagged_inexact() -> None:
     """peft all-linear on Mixtral also wraps the router and the 3-D expert tensors."""
     plan = plan_for("mixtral", method="lora", targets=("all-linear",))
-    est = estimate_activations(build_inventory(CONFIGS["mixtral"], plan), plan, CONFIGS["mixtral"])
+    est = estimate_activations(build_inventory(CONFIGS["mixtral"], plan), plan)
     assert not est.exact and "ParamWrapper" in est.rule
 
 
@@ -361,7 +362,7 @@ def step_memory(config: dict[str, Any], plan: TrainingPlan) -> tuple[int, int, i
     Parameters and the input ids are left out; the forward runs under autocast and ends
     before backward, as in Trainer.training_step.
     """
-    from vramcalc.memtrace import MemoryTracer
+    from tests.memtrace import MemoryTracer
 
     model = build_cpu_recipe(config, plan)
     torch.manual_seed(1)
@@ -402,8 +403,8 @@ def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpoint
     config = {**CONFIGS[model_type], **WIDE}
     plan = plan_for(model_type, gradient_checkpointing=checkpointing, seq_len=64, **VARIANTS[variant])
     inventory = build_inventory(config, plan)
-    act = estimate_activations(inventory, plan, config)
-    logits = estimate_logits(inventory, plan, config)
+    act = estimate_activations(inventory, plan)
+    logits = estimate_logits(inventory, plan)
     saved, extra, grads = step_memory(config, plan)
     loss_scalar = 512
     assert saved == act.layers_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes + loss_scalar
@@ -418,7 +419,7 @@ def test_unmodelled_architecture_gets_a_flagged_llama_approximation() -> None:
     config = {**BASE, "model_type": "falcon", "multi_query": True, "parallel_attn": True,
               "new_decoder_architecture": False, "bias": False, "alibi": False}
     plan = plan_for("falcon", method="qlora")
-    est = estimate_activations(build_inventory(config, plan), plan, config)
+    est = estimate_activations(build_inventory(config, plan), plan)
     assert not est.exact and "approximation" in est.rule
     assert est.per_layer_saved_bytes > 0 and est.layers_saved_bytes > est.per_layer_saved_bytes
 
@@ -428,7 +429,7 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from vramcalc.memtrace import fake_saved_bytes
+    from tests.memtrace import fake_saved_bytes
 
     config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
               "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2,
@@ -453,6 +454,6 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = fake_saved_bytes(build, inputs, round_to=512)
     plan = TrainingPlan(model="llama-2-7b", method="full", dtype="bf16", seq_len=seq)
-    est = estimate_activations(build_inventory(config, plan), plan, config)
+    est = estimate_activations(build_inventory(config, plan), plan)
     assert report.new_bytes == est.per_layer_saved_bytes
     assert report.input_bytes == est.shared_saved_bytes  # cos, sin

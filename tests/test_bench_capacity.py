@@ -19,6 +19,7 @@ import pytest
 from vramcalc.catalog import find_gpu
 from vramcalc.cli import cli  # noqa: F401 - registers cli_capacity before it is imported
 from vramcalc.cli_capacity import plan_defaults
+from vramcalc.estimate import forget_prepared
 from vramcalc.export import write_sweep
 from vramcalc.sweep import expand_cases, run_sweep
 
@@ -58,6 +59,7 @@ def test_thousand_plans_cold_inventories(benchmark, cases, gpus, tmp_path, monke
     rounds = iter(range(100))
 
     def fresh_disk_cache():
+        forget_prepared()
         monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / f"cache{next(rounds)}"))
         return (cases, gpus, tmp_path / "sweep.csv", seconds), {}
 

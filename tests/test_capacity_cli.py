@@ -22,7 +22,7 @@ def run():
 def plan_json(run, *args):
     result = run("plan", *args, "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 @pytest.mark.parametrize("command", ["sweep", "fit"])
@@ -108,8 +108,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
             "--gpu",
             "T4,RTX-4090",
         ]
-        if row["gradient_checkpointing"]:
-            args.append("--gradient-checkpointing")
+        args.append(
+            "--gradient-checkpointing" if row["gradient_checkpointing"] else "--no-gradient-checkpointing"
+        )
         expected = plan_json(run, *args)
         assert int(row["device_total_bytes"]) == expected["device_total_bytes"]
         assert int(row["peak_allocated_bytes"]) == expected["peak_allocated_bytes"]
@@ -166,13 +167,14 @@ def test_sweep_cases_unknown_column(run, tmp_path):
 def test_sweep_stdout_table_and_markdown(run, tiny_llama_dir, tmp_path):
     result = run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "--quiet")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert lines[0].split()[:3] == ["model", "method", "rank"] and len(lines) == 4
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["model", "method", "quant", "rank"] and len(lines) == 4
     md = tmp_path / "t.md"
     assert (
         run("sweep", "-m", tiny_llama_dir, "--rank", "4,8", "--gpu", "T4", "-o", md).exit_code == 0
     )
-    assert md.read_text().startswith("| model | method | rank | alpha |")
+    head = [c.strip() for c in md.read_text().splitlines()[0].split("|")]
+    assert head[1:6] == ["model", "method", "quant", "rank", "alpha"]
 
 
 def test_sweep_bad_values_fail_like_plan(run, tiny_llama_dir):
@@ -244,7 +246,7 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
         "--method",
         "qlora",
         "--gpu",
-        "T4",
+        "L4",
         "--seq-len",
         "1024",
         "--headroom",
@@ -252,7 +254,7 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
         "--json",
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["field"] == "batch_size" and data["found"] and not data["limit_reached"]
     batch = data["value"]
     budget = int(data["gpu_memory_bytes"] * 0.95)
@@ -269,10 +271,10 @@ def test_fit_finds_the_batch_boundary_like_plan(run, tiny_llama_dir):
 
 def test_fit_sequence_length_with_batch_size(run, tiny_opt_dir):
     result = run(
-        "fit", "-m", tiny_opt_dir, "--gpu", "T4", "-b", "64", "--seq-multiple", "16", "--json"
+        "fit", "-m", tiny_opt_dir, "--gpu", "L4", "-b", "64", "--seq-multiple", "16", "--json"
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["field"] == "seq_len" and data["step"] == 16 and data["value"] % 16 == 0
     seq = data["value"]
     assert data["at_value"]["seq_len"] == seq and data["at_value"]["batch_size"] == 64
@@ -294,13 +296,13 @@ def test_fit_human_output(run, tiny_llama_dir):
 
 
 def test_fit_nothing_fits_exits_3(run):
-    result = run("fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4")
+    result = run("fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "RTX-4090")
     assert result.exit_code == 3
     assert "Does not fit even at batch size 1: device total" in result.output
     assert "Error" not in result.output
     data = json.loads(
         run(
-            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "T4", "--json"
+            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "RTX-4090", "--json"
         ).output
     )
     assert (

@@ -75,7 +75,7 @@ def test_plan_json_schema_and_components_sum(run, tiny_llama_dir):
         "plan", "--model", str(tiny_llama_dir), "--method", "qlora", "--rank", "4", "--json"
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     for key in (
         "peak_allocated_bytes",
         "peak_reserved_bytes",
@@ -111,7 +111,7 @@ def test_catalog_alias_resolves(run):
         "plan", "--model", "meta-llama/Llama-2-13b", "--method", "qlora", "--rank", "16", "--json"
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["model"] == "meta-llama/Llama-2-13b-hf" and data["model_source"] == "catalog"
     # 40 layers x (q, v) x 16 x (5120 + 5120)
     assert data["trainable_params"] == 40 * 2 * 16 * 10240

@@ -15,13 +15,12 @@ from vramcalc.cost import (
     check_price,
     cost_table,
     estimate_cost,
-    format_duration,
-    render_cost,
     throughput_columns,
 )
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
+from vramcalc.render import format_duration, render_cost
 from vramcalc.throughput import ThroughputCalibration, estimate_throughput
 
 GPU = Gpu(
@@ -146,11 +145,23 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     data = table.to_dict()
     assert data["run"]["optimizer_steps"] == 100 and data["skipped"][0]["gpu"] == "A10G"
     text = render_cost(table)
-    assert "run: 100 optimizer steps" in text and "H100-80GB" in text
-    assert "A10G          not priced" in text
-    assert "efficiency measured on: prior, no measurement" in text
-    assert "price Test: test cloud on-demand (2026-01-01)" in text
-    assert "price Test" not in render_cost(table, price_sources=False)
+    lines = text.splitlines()
+    assert lines[0] == "run: 100 optimizer steps of 64 tokens (--steps)"
+    assert lines[1].split() == ["GPU", "tokens/s", "wall", "time", "GPU-hours", "$/GPU-h", "cost", "$"]
+    # one line per GPU, smallest memory first; every '-' is explained under the table
+    assert [line.split()[0] for line in lines[3:7]] == ["H100-80GB", "Test", "Unpriced", "A10G"]
+    assert lines[6].split() == ["A10G", "-", "-", "-", "-", "-"]
+    assert lines[3].split()[-2:] == ["4.29", f"{table.rows[2].cost_usd:,.2f}"]
+    assert lines[5].split()[-2:] == ["-", "-"]
+    assert lines[7:] == [
+        "  Unpriced: cost '-': no price for Unpriced in data/gpus.csv; pass --price-per-hour",
+        "  A10G: not priced: data/gpus.csv lists no dense bf16 TFLOP/s for A10G; its speed "
+        "cannot be predicted.",
+    ]
+    verbose = render_cost(table, verbose=True)
+    assert "  price Test: test cloud on-demand (2026-01-01)" in verbose.splitlines()
+    assert "efficiency measured on: prior, no measurement" in verbose
+    assert "price Test" not in text and "efficiency" not in text
 
 
 def test_throughput_columns_without_a_run_length():

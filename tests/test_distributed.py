@@ -15,7 +15,7 @@ def run(**kwargs):
     kwargs.setdefault("dtype", "bf16")
     plan = TrainingPlan("tiny", method="full", **kwargs)
     inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
-    return inventory, plan, estimate_from_inventory(inventory, plan, "tiny", "local", TINY_LLAMA)
+    return inventory, plan, estimate_from_inventory(inventory, plan, load_calibration())
 
 
 def test_single_gpu_has_no_comm_or_nccl():
@@ -60,7 +60,7 @@ def test_activations_and_logits_stay_per_gpu():
     def lora(**kw):
         plan = TrainingPlan("tiny", method="lora", seq_len=1024, batch_size=2, **kw)
         inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
-        return estimate_from_inventory(inventory, plan, "tiny", "local", TINY_LLAMA)
+        return estimate_from_inventory(inventory, plan, load_calibration())
 
     one, four = lora(), lora(num_gpus=4, strategy="fsdp")
     assert one.peak_phase == four.peak_phase
@@ -100,5 +100,5 @@ def test_fsdp_full_finetuning_keeps_fp32_master_shards():
 def test_fsdp_offload_moves_frozen_base_weights_too():
     plan = TrainingPlan("tiny", method="lora", num_gpus=2, strategy="fsdp", cpu_offload=True)
     inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
-    est = estimate_from_inventory(inventory, plan, "tiny", "local", TINY_LLAMA)
+    est = estimate_from_inventory(inventory, plan, load_calibration())
     assert est.components["weights"] == 0 and est.components["gathered_weights"] > 0

@@ -8,15 +8,8 @@ import pytest
 
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
-from vramcalc.export import (
-    ExportError,
-    header,
-    output_format,
-    render_markdown,
-    render_table,
-    summary_columns,
-    write_sweep,
-)
+from vramcalc.export import ExportError, output_format, write_sweep
+from vramcalc.render import header, render_sweep, summary_columns
 from vramcalc.sweep import expand_cases, run_sweep
 
 DEFAULTS = {"model": None, "method": "lora", "seq_len": 256, "batch_size": 1}
@@ -33,7 +26,7 @@ def result(tiny_llama_dir, tiny_opt_dir):
         },
         DEFAULTS,
     )
-    return run_sweep(cases, [find_gpu("T4"), find_gpu("H100-80GB")], headroom=0.05)
+    return run_sweep(cases, [find_gpu("L4"), find_gpu("H100-80GB")], headroom=0.05)
 
 
 def _valid(result):
@@ -85,8 +78,8 @@ def test_csv_round_trip(result, tmp_path):
             est.plan.method,
             est.plan.batch_size,
         )
-        assert bool(got["fits_T4"]) is (
-            est.device_total_bytes <= int(find_gpu("T4").memory_bytes * 0.95)
+        assert bool(got["fits_L4"]) is (
+            est.device_total_bytes <= int(find_gpu("L4").memory_bytes * 0.95)
         )
 
 
@@ -117,11 +110,11 @@ def test_xlsx_sheets_values_and_formatting(result, tmp_path):
     summary = pd.read_excel(path, sheet_name="summary")
     records = result.records()
     assert list(summary.columns) == [header(c) for c in summary_columns(result, records)]
-    assert "device total (GiB)" in summary.columns and "fits T4" in summary.columns
+    assert "device total (GiB)" in summary.columns and "fits L4" in summary.columns
     assert "error" in summary.columns and "total params" not in summary.columns
 
     gpus = pd.read_excel(path, sheet_name="gpus")
-    assert list(gpus["gpu"]) == ["T4", "H100-80GB"] and gpus["headroom"][0] == pytest.approx(0.05)
+    assert list(gpus["gpu"]) == ["L4", "H100-80GB"] and gpus["headroom"][0] == pytest.approx(0.05)
 
     book = openpyxl.load_workbook(path)
     assert book.sheetnames == ["summary", "details", "gpus"]
@@ -131,36 +124,44 @@ def test_xlsx_sheets_values_and_formatting(result, tmp_path):
     assert sheet[f"{heads['device total (GiB)']}2"].number_format == "0.00"
     assert sheet[f"{heads['trainable params']}2"].number_format == "#,##0"
     rules = {str(r.sqref): [rule.formula for rule in r.rules] for r in sheet.conditional_formatting}
-    fits_range = next(ref for ref in rules if ref.startswith(heads["fits T4"]))
+    fits_range = next(ref for ref in rules if ref.startswith(heads["fits L4"]))
     assert sorted(rules[fits_range]) == [["FALSE"], ["TRUE"]]
     assert book["details"][f"{heads['model']}1"].value == "model"
 
 
 def test_markdown_is_a_gfm_table(result):
-    text = render_markdown(result)
+    text = render_sweep(result, markdown=True)
     lines = text.splitlines()
     assert len(lines) == 2 + 16
-    assert lines[0].startswith(
-        "| model | method | quant | batch size | trainable params | device total (GiB)"
-    )
+    assert [c.strip() for c in lines[0].split("|")][1:9] == [
+        "model",
+        "method",
+        "quant",
+        "rank",
+        "seq len",
+        "batch size",
+        "gradient checkpointing",
+        "trainable params",
+    ]
     assert set(lines[1]) <= set("|-:") and lines[1].count("|") == lines[0].count("|")
     assert all(line.startswith("| ") and line.endswith(" |") for line in lines[2:])
     assert "--method full trains every weight" in text
 
 
 def test_text_table_shows_varying_columns(result, tiny_llama_dir):
-    text = render_table(result)
+    text = render_sweep(result)
     first, rule = text.splitlines()[:2]
     assert first.split()[:3] == ["model", "method", "quant"] and set(rule) <= {"-", " "}
-    assert "seq len" not in first  # constant across the sweep
-    one = run_sweep(expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS), [find_gpu("T4")])
-    assert "yes" in render_table(one).splitlines()[2]
+    assert "seq len" in first  # constant across the sweep, but it defines the rows
+    assert "alpha" not in first and "optimizer" not in first  # constant, not defining
+    one = run_sweep(expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS), [find_gpu("L4")])
+    assert "yes" in render_sweep(one).splitlines()[2]
 
 
 def test_many_gpus_collapse_to_the_smallest_fitting_one_in_tables(tiny_llama_dir):
     from vramcalc.catalog import load_gpus
 
     one = run_sweep(expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS), list(load_gpus()))
-    head = render_table(one).splitlines()[0]
+    head = render_sweep(one).splitlines()[0]
     assert "fits" not in head and "smallest fitting gpu" in head
-    assert "T4" in render_table(one).splitlines()[2]
+    assert render_sweep(one).splitlines()[2].split()[-1] == "A10G"  # T4: no bf16

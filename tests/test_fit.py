@@ -4,13 +4,12 @@ from dataclasses import replace
 
 import pytest
 
-from vramcalc.catalog import find_gpu, resolve_model
+from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
-from vramcalc.estimate import estimate
+from vramcalc.estimate import estimate, prepare
 from vramcalc.fit import (
     Probe,
     budget_bytes,
-    context_length,
     fits,
     largest_fitting,
     max_batch_size,
@@ -39,7 +38,7 @@ def test_parse_headroom_hints_at_percent():
 
 
 def test_budget_is_the_floor_of_memory_times_one_minus_headroom():
-    gpu = replace(find_gpu("T4"), memory_bytes=1000)
+    gpu = replace(find_gpu("L4"), memory_bytes=1000)
     assert (
         budget_bytes(gpu, 0.05) == 950
         and budget_bytes(gpu, 0.0555) == 944
@@ -80,7 +79,7 @@ def test_largest_fitting_when_nothing_fits_and_at_the_limit():
 def _gpu_holding(plan, headroom=0.05):
     """A GPU whose budget is exactly the estimate of ``plan`` (it just fits)."""
     total = estimate(plan).device_total_bytes
-    gpu = replace(find_gpu("T4"), name="test-gpu", memory_bytes=int(total / (1 - headroom)) - 2)
+    gpu = replace(find_gpu("L4"), name="test-gpu", memory_bytes=int(total / (1 - headroom)) - 2)
     while budget_bytes(gpu, headroom) < total:
         gpu = replace(gpu, memory_bytes=gpu.memory_bytes + 1)
     assert budget_bytes(gpu, headroom) == total
@@ -121,7 +120,10 @@ def test_max_seq_len_in_multiples(tiny_opt_dir):
 
 def test_max_seq_len_stops_at_the_context_length(tiny_llama_dir):
     plan = TrainingPlan(str(tiny_llama_dir), batch_size=1)
-    assert context_length(resolve_model(str(tiny_llama_dir))) == 512
+    assert (
+        prepare(str(tiny_llama_dir), TrainingPlan(str(tiny_llama_dir))).inventory.context_length
+        == 512
+    )
     result = max_seq_len(plan, find_gpu("H100-80GB"), multiple=64)
     assert result.value == 512 and result.limit_reached and result.first_too_large is None
     with pytest.raises(
@@ -134,7 +136,7 @@ def test_max_seq_len_stops_at_the_context_length(tiny_llama_dir):
 
 def test_nothing_fits(tiny_llama_dir):
     plan = TrainingPlan(str(tiny_llama_dir))
-    gpu = replace(find_gpu("T4"), memory_bytes=estimate(plan).device_total_bytes - 1)
+    gpu = replace(find_gpu("L4"), memory_bytes=estimate(plan).device_total_bytes - 1)
     result = max_batch_size(plan, gpu, headroom=0.0)
     assert not result.found and result.value is None and result.first_too_large.value == 1
     assert result.to_dict()["at_value"] is None

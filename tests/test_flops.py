@@ -29,7 +29,9 @@ FULL_PAIRS = 32 * 32
 
 
 def flops_for(config=TINY_LLAMA, **plan_fields):
-    plan = TrainingPlan("tiny", seq_len=32, batch_size=2, **plan_fields)
+    plan = TrainingPlan(
+        "tiny", **{"seq_len": 32, "batch_size": 2, "gradient_checkpointing": False, **plan_fields}
+    )
     return estimate_flops(build_inventory(config, plan, use_cache=False), plan)
 
 

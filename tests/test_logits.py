@@ -15,9 +15,9 @@ from test_activations import (
     plan_for,
 )
 
+from tests.memtrace import MemoryTracer
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.logits import estimate_logits
-from vramcalc.memtrace import MemoryTracer
 
 VOCAB = 1000  # logits dominate: B*S*V = 64k elements
 
@@ -25,7 +25,7 @@ VOCAB = 1000  # logits dominate: B*S*V = 64k elements
 def _case(model_type: str, variant: str):
     config = dict(CONFIGS[model_type], vocab_size=VOCAB)
     plan = plan_for(model_type, **VARIANTS[variant])
-    return config, plan, estimate_logits(build_inventory(config, plan), plan, config)
+    return config, plan, estimate_logits(build_inventory(config, plan), plan)
 
 
 CASES = [

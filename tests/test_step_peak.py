@@ -17,11 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.memtrace import MemoryTracer
 from tests.test_activations import build_cpu_recipe, cuda_recipe_on_cpu
 from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.memtrace import MemoryTracer
 from vramcalc.plan import TrainingPlan
 
 CONFIG = {
@@ -85,7 +85,7 @@ def traced_step_peak(plan: TrainingPlan) -> tuple[int, str]:
 def test_estimated_peak_matches_a_traced_training_step(kwargs):
     plan = TrainingPlan("tiny", seq_len=256, batch_size=2, **kwargs)
     inventory = build_inventory(CONFIG, plan, use_cache=False)
-    est = estimate_from_inventory(inventory, plan, "tiny", "local", CONFIG)
+    est = estimate_from_inventory(inventory, plan, load_calibration())
     estimated = est.peak_allocated_bytes - load_calibration().cublas_workspace_bytes
     measured, phase = traced_step_peak(plan)
     error = (estimated - measured) / measured

@@ -2,7 +2,7 @@
 
 import pytest
 
-import vramcalc.sweep as sweep_module
+import vramcalc.estimate as estimate_module
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate
@@ -155,7 +155,7 @@ def test_records_equal_estimate_exactly(tiny_llama_dir, tiny_opt_dir):
         },
         DEFAULTS,
     )
-    result = run_sweep(cases, [find_gpu("T4"), find_gpu("H100-80GB")], headroom=0.0)
+    result = run_sweep(cases, [find_gpu("L4"), find_gpu("H100-80GB")], headroom=0.0)
     assert len(result.rows) == 32 and result.errors == 0
     for row, record in zip(result.rows, result.records(), strict=True):
         expected = estimate(row.plan)
@@ -167,18 +167,18 @@ def test_records_equal_estimate_exactly(tiny_llama_dir, tiny_opt_dir):
             assert record[f"{name}_bytes"] == nbytes
             assert record[f"{name}_gib"] == pytest.approx(nbytes / 2**30, abs=5e-5)
         assert record["trainable_params"] == expected.trainable_params
-        assert record["fits_T4"] is (expected.device_total_bytes <= find_gpu("T4").memory_bytes)
-        assert record["smallest_fitting_gpu"] == "T4"
+        assert record["fits_L4"] is (expected.device_total_bytes <= find_gpu("L4").memory_bytes)
+        assert record["smallest_fitting_gpu"] == "L4"
 
 
 def test_fits_columns_apply_the_headroom(tiny_llama_dir):
     cases = expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS)
-    total = run_sweep(cases, [find_gpu("T4")]).rows[0].estimate.device_total_bytes
-    gpu = find_gpu("T4")
+    total = run_sweep(cases, [find_gpu("L4")]).rows[0].estimate.device_total_bytes
+    gpu = find_gpu("L4")
     just = 1 - total / gpu.memory_bytes  # the headroom at which it just fits
-    assert run_sweep(cases, [gpu], headroom=just * 0.99).records()[0]["fits_T4"] is True
+    assert run_sweep(cases, [gpu], headroom=just * 0.99).records()[0]["fits_L4"] is True
     assert (
-        run_sweep(cases, [gpu], headroom=min(just * 1.01, 0.999)).records()[0]["fits_T4"] is False
+        run_sweep(cases, [gpu], headroom=min(just * 1.01, 0.999)).records()[0]["fits_L4"] is False
     )
 
 
@@ -186,13 +186,13 @@ def test_inventory_is_built_once_per_model_rank_and_targets(
     tiny_llama_dir, tiny_opt_dir, monkeypatch
 ):
     calls = []
-    real = sweep_module.inventory_for
+    real = estimate_module.inventory_for
 
     def counting(spec, plan):
         calls.append((spec.name, plan.method, plan.rank))
         return real(spec, plan)
 
-    monkeypatch.setattr(sweep_module, "inventory_for", counting)
+    monkeypatch.setattr(estimate_module, "inventory_for", counting)
     cases = expand_cases(
         {
             "model": [str(tiny_llama_dir), str(tiny_opt_dir)],
@@ -217,7 +217,7 @@ def test_cache_remembers_failures(tiny_llama_dir):
             InvalidPlanError, match="--targets nope: the model has no linear module"
         ):
             cache.estimate(plan)
-    assert len(cache._inventories) == 1
+    assert len(cache._prepared) == 1
 
 
 def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):

@@ -14,13 +14,13 @@ from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.overhead import CALIBRATION_JSON
 from vramcalc.plan import TrainingPlan
+from vramcalc.render import render_throughput
 from vramcalc.throughput import (
     ThroughputCalibration,
     efficiency_key,
     estimate_throughput,
     estimate_traffic,
     load_throughput_calibration,
-    render_throughput,
     time_terms,
 )
 from vramcalc.throughput_fit import compare_records, fit_efficiency
@@ -37,7 +37,9 @@ LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj"), "optimi
 
 
 def tiny(**fields) -> tuple:
-    plan = TrainingPlan("tiny", **{"seq_len": 32, "batch_size": 2, **fields})
+    plan = TrainingPlan(
+        "tiny", **{"seq_len": 32, "batch_size": 2, "gradient_checkpointing": False, **fields}
+    )
     return build_inventory(TINY_LLAMA, plan, use_cache=False), plan
 
 

@@ -18,6 +18,7 @@ import csv
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,17 +110,90 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> Any:
-    """Build the architecture's ``PretrainedConfig`` from a ``config.json`` mapping."""
+    """Build the architecture's ``PretrainedConfig`` from a ``config.json`` mapping.
+
+    Every failure is a one-line ``ConfigError`` naming ``where``: an unknown
+    ``model_type`` (with close matches), a value transformers' own validation
+    rejects (a wrong type, heads that do not divide the hidden size).
+    """
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     data = dict(data)
     model_type = data.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"--model {where}: model_type {model_type!r} is not an architecture this "
+            f"transformers ({_transformers_version()}) knows."
+            + suggest(str(model_type), sorted(CONFIG_MAPPING_NAMES))
+            + " Run 'vramcalc models' for the bundled catalog."
+        )
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - transformers raises ValueError, TypeError, hub errors
+        raise ConfigError(f"--model {where}: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: the innermost message of a chained validation error."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return (text or type(err).__name__)[:300]
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+#: config sizes that must be positive integers, each under the names architectures use
+SIZE_FIELDS = (
+    ("num_hidden_layers", ("num_hidden_layers", "n_layer", "num_layers")),
+    ("hidden_size", ("hidden_size", "n_embd", "d_model")),
+    ("num_attention_heads", ("num_attention_heads", "n_head")),
+    ("vocab_size", ("vocab_size",)),
+    ("intermediate_size", ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")),
+)
+
+
+def causal_lm_config(data: dict[str, Any], where: str = "config") -> Any:
+    """``config_from_dict`` plus what vramcalc needs: a decoder-only causal LM with
+    positive sizes. Every problem of the sizes is reported at once."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = config_from_dict(data, where)
+    model_type = config.model_type
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(
+        config, "is_encoder_decoder", False
+    ):
         raise ConfigError(
-            f"--model: {where}: cannot build a {model_type!r} config ({err})"
-        ) from err
+            f"--model {where}: {model_type!r} is an encoder (masked-LM or encoder-decoder) "
+            "architecture, not a causal LM; vramcalc estimates decoder-only causal-LM "
+            "fine-tuning (AutoModelForCausalLM). Run 'vramcalc models' for the catalog."
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"--model {where}: {model_type!r} has no causal-LM class in transformers "
+            "(AutoModelForCausalLM); vramcalc estimates causal-LM fine-tuning. "
+            "Run 'vramcalc models' for the catalog."
+        )
+    problems = []
+    for label, names in SIZE_FIELDS:
+        for name in names:
+            value = getattr(config, name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{label} must be a positive integer, got {value!r}")
+            break
+    if problems:
+        raise ConfigError(f"--model {where}: " + "; ".join(problems) + ".")
+    return config
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
@@ -136,6 +210,10 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     if key.endswith(".json") or key.startswith((".", "/", "~")):
         raise ConfigError(f"--model: config file {path} does not exist")
     return _resolve_from_hub(key)
+
+
+#: a hub repository id: ``org/name`` or a legacy top-level name such as ``gpt2``
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -157,7 +235,7 @@ def _resolve_from_hub(name: str) -> ModelSpec:
     hint = suggest(name, names)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("VRAMCALC_OFFLINE") == "1"
     reason = "the hub is not used offline (HF_HUB_OFFLINE/VRAMCALC_OFFLINE)"
-    if not offline and "/" in name:
+    if not offline and HUB_ID.match(name):
         if not _hub_reachable():
             reason = "the hub cannot be reached from this machine"
         else:
@@ -171,8 +249,8 @@ def _resolve_from_hub(name: str) -> ModelSpec:
                 return ModelSpec(name, "hub", config.to_dict())
             except Exception as err:  # noqa: BLE001 - any hub failure means "not resolvable here"
                 reason = f"the hub has no config for it ({type(err).__name__})"
-    elif "/" not in name:
-        reason = "it is not a hub id (org/name)"
+    elif not HUB_ID.match(name):
+        reason = "it is not a hub id (org/name, or a legacy name such as gpt2)"
     raise UnknownModelError(
         f"--model {name!r} is not in the bundled catalog and {reason}."
         + hint
@@ -195,11 +273,9 @@ class Gpu:
     price_per_hour_usd: float | None
     price_source: str
     price_date: str
-
-    @property
-    def peak_tflops(self) -> float | None:
-        """Dense bf16 peak, or fp16 where the card has no bf16 (T4)."""
-        return self.bf16_dense_tflops or self.fp16_dense_tflops
+    # bf16 tensor cores: an optional ``bf16`` column (yes/no) says so; without it, a card with
+    # an fp16 peak and no bf16 peak has none (Turing T4, Volta V100: "bf16 left empty")
+    has_bf16: bool = True
 
 
 def _float(text: str | None) -> float | None:
@@ -207,9 +283,20 @@ def _float(text: str | None) -> float | None:
     return float(text) if text else None
 
 
+def _has_bf16(row: dict[str, str]) -> bool:
+    stated = (row.get("bf16") or "").strip().lower()
+    if stated in ("yes", "true", "1", "no", "false", "0"):
+        return stated in ("yes", "true", "1")
+    if stated:
+        raise ValueError(f"bf16 must be yes or no, got {stated!r}")
+    return not (
+        _float(row.get("bf16_dense_tflops")) is None and _float(row.get("fp16_dense_tflops"))
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def load_gpus() -> tuple[Gpu, ...]:
-    """Every GPU of ``data/gpus.csv``, in file order."""
+    """Every GPU of ``data/gpus.csv``, in file order (columns beyond the known ones are ignored)."""
     try:
         with GPUS_CSV.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -232,6 +319,7 @@ def load_gpus() -> tuple[Gpu, ...]:
                     price_per_hour_usd=_float(row.get("price_per_hour_usd")),
                     price_source=(row.get("price_source") or "").strip(),
                     price_date=(row.get("price_date") or "").strip(),
+                    has_bf16=_has_bf16(row),
                 )
             )
         except (KeyError, ValueError) as err:
@@ -252,7 +340,16 @@ def find_gpu(name: str) -> Gpu:
     squashed = key.replace("-", "").replace(" ", "").replace("_", "")
     if squashed in normalized:
         return normalized[squashed]
-    hint = suggest(name, [g.name for g in load_gpus()])
+    # "a100" names a family: every card whose name or alias starts with it
+    family = sorted(
+        {g.name for k, g in normalized.items() if squashed and k.startswith(squashed)},
+        key=lambda n: [g.name for g in load_gpus()].index(n),
+    )
+    hint = (
+        " Did you mean " + ", ".join(repr(n) for n in family) + "?"
+        if family
+        else suggest(name, [g.name for g in load_gpus()])
+    )
     raise UnknownGpuError(
         f"--gpu {name!r} is not in the GPU catalog." + hint + " Run 'vramcalc gpus' for the list."
     )

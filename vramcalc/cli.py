@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vramcalc.cli_options import plan_from_options, plan_options
+from vramcalc.cli_options import given_options, plan_from_options, plan_options
 from vramcalc.errors import VramcalcError
 
 
@@ -35,6 +35,7 @@ def cli() -> None:
 
 
 @cli.command()
+@click.pass_context
 @plan_options
 @click.option(
     "--gpu",
@@ -64,12 +65,25 @@ def cli() -> None:
     help="USD per GPU-hour, overriding the catalog's price for every GPU.",
 )
 @click.option(
+    "--all-gpus",
+    is_flag=True,
+    help="List every GPU of the catalog, not only those that fit (implied by --gpu).",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Add each rule, calibration source, price source and speed source.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
     help="Print one JSON object (schema in README) instead of the report.",
 )
-def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options) -> None:
+def plan(
+    ctx, gpus, dataset_tokens, epochs, steps, price_per_hour, all_gpus, verbose, as_json, **options
+) -> None:
     """Estimate the GPU memory, speed and cost of one fine-tuning run.
 
     Counts every parameter exactly on the meta device (no weights, no GPU, no
@@ -90,8 +104,14 @@ def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options
     the_plan = plan_from_options(options)
     wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
     run = RunLength(dataset_tokens, epochs, steps) if wants_cost else None
-    result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_plan_result(result))
+    given = given_options(ctx)
+    result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour, given)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose))
 
 
 @cli.command()
@@ -99,6 +119,7 @@ def plan(gpus, dataset_tokens, epochs, steps, price_per_hour, as_json, **options
 def models(as_json: bool) -> None:
     """List the bundled model catalog (usable offline), with exact parameter counts."""
     from vramcalc.catalog import model_catalog
+    from vramcalc.render import render_models
 
     entries = model_catalog()
     if as_json:
@@ -109,30 +130,22 @@ def models(as_json: bool) -> None:
             )
         )
         return
-    click.echo(f"{'model':<52}{'parameters':>16}  aliases")
-    for e in entries:
-        params = f"{e.params:,}" if e.params else "?"
-        click.echo(f"{e.name:<52}{params:>16}  {', '.join(e.aliases)}")
+    click.echo(render_models(entries))
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def gpus(as_json: bool) -> None:
-    """List the GPU catalog: memory as the card reports it, peak bf16 TFLOP/s, price."""
+    """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
+    TFLOP/s, bandwidth, price."""
     from vramcalc.catalog import load_gpus
-    from vramcalc.render import gib
+    from vramcalc.render import render_gpus
 
     table = load_gpus()
     if as_json:
         click.echo(json.dumps([g.__dict__ | {"aliases": list(g.aliases)} for g in table], indent=2))
         return
-    click.echo(f"{'GPU':<16}{'memory':>14}{'bf16 TFLOP/s':>14}{'$/hour':>9}  aliases")
-    for g in table:
-        tflops = f"{g.peak_tflops:g}" if g.peak_tflops else "-"
-        price = f"{g.price_per_hour_usd:.2f}" if g.price_per_hour_usd else "-"
-        click.echo(
-            f"{g.name:<16}{gib(g.memory_bytes):>14}{tflops:>14}{price:>9}  {', '.join(g.aliases)}"
-        )
+    click.echo(render_gpus(table))
 
 
 def _register_commands() -> None:

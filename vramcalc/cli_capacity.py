@@ -16,7 +16,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vramcalc.cli_options import plan_from_options, plan_options
+from vramcalc.cli_options import given_options, plan_from_options, plan_options
+from vramcalc.errors import VramcalcError
 
 
 def _plan_params() -> list[click.Option]:
@@ -203,24 +204,37 @@ def sweep(
         --batch-size 1,4,8 --gpu A100-40GB,H100-80GB,RTX-4090 -o plans.xlsx
     """
     from vramcalc import export
-    from vramcalc.catalog import resolve_model
+    from vramcalc.errors import UnknownModelError
+    from vramcalc.estimate import resolve
     from vramcalc.fit import parse_headroom
+    from vramcalc.render import render_sweep
     from vramcalc.sweep import expand_cases, read_cases, run_sweep
 
     if output:
-        export.output_format(output)  # fail before the work, not after
+        export.check_output(output)  # fail before the work, not after
     extras = speed_and_cost(options)
     axes = sweep_axes(options, ctx)
-    for model in axes.get("model", ()):  # a typo here is an error, not 100 error rows
-        resolve_model(model)
-    todo = expand_cases(axes, plan_defaults(), read_cases(cases) if cases else None)
+    for model in axes.get("model", ()):
+        try:  # a name that resolves nowhere is a typo: an error, not 100 error rows
+            resolve(model)
+        except UnknownModelError:
+            raise
+        except VramcalcError:
+            pass  # a broken config: its rows get the error column, the others are written
+    rows = read_cases(cases) if cases else None
+    todo = expand_cases(axes, plan_defaults(), rows)
+    given = set(axes).union(*(row.keys() for row in rows or ()))
     progress = _progress(quiet, len(todo))
-    result = run_sweep(todo, _gpus(gpus), parse_headroom(headroom), progress, extras=extras)
+    result = run_sweep(
+        todo, _gpus(gpus), parse_headroom(headroom), progress, extras=extras, given=given
+    )
+    for warning, count in result.warnings.items():
+        click.echo(f"Warning: {warning} ({count} of {len(result.rows)} plans)", err=True)
     if output:
         export.write_sweep(result, output)
         click.echo(f"{len(result.rows)} plans written to {output}", err=True)
     else:
-        click.echo(export.render_table(result))
+        click.echo(render_sweep(result))
     if result.errors:
         click.echo(
             f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.",
@@ -265,9 +279,11 @@ def fit(
     Example:
       vramcalc fit --model meta-llama/Llama-2-7b-hf --method qlora --gpu RTX-4090 --seq-len 2048
     """
-    from vramcalc import export
     from vramcalc.catalog import find_gpu
+    from vramcalc.checks import plan_warnings
+    from vramcalc.estimate import prepare
     from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
+    from vramcalc.render import render_fit
 
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given
@@ -276,10 +292,14 @@ def fit(
             "give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both."
         )
     plan, card, margin = plan_from_options(options), find_gpu(gpu), parse_headroom(headroom)
+    inventory = prepare(plan.model, plan).inventory
+    for warning in plan_warnings(plan, inventory, given_options(ctx)):
+        if not (by_seq_len and warning.startswith("--seq-len")):  # the search sets --seq-len
+            click.echo(f"Warning: {warning}", err=True)
     if by_seq_len:
         result = max_seq_len(plan, card, margin, multiple=seq_multiple)
     else:
         result = max_batch_size(plan, card, margin)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else export.render_fit(result))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_fit(result))
     if not result.found:
         ctx.exit(3)

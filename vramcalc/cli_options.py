@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from vramcalc.plan import (
     ALLOCATORS,
@@ -116,9 +117,10 @@ def plan_options(func):
         ),
         click.option(
             "--gradient-checkpointing/--no-gradient-checkpointing",
-            default=False,
-            show_default=True,
-            help="Recompute each decoder layer in backward (use_reentrant=False).",
+            default=None,
+            help="Recompute each decoder layer in backward (use_reentrant=False). Default: on "
+            "for k-bit base weights (qlora, --quant int8), as prepare_model_for_kbit_training "
+            "does; off otherwise.",
         ),
         click.option(
             "--optimizer",
@@ -165,6 +167,12 @@ def plan_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def given_options(ctx: click.Context) -> frozenset[str]:
+    """The options the user set on the command line (or through the environment)."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
 def plan_from_options(options: dict) -> TrainingPlan:

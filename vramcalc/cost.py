@@ -30,7 +30,6 @@ from vramcalc.throughput import (
     ThroughputCalibration,
     ThroughputEstimate,
     estimate_throughput,
-    transfer_note,
 )
 
 #: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``).
@@ -256,17 +255,6 @@ def cost_table(
     return CostTable(plan, run, tuple(rows), tuple(skipped))
 
 
-def format_duration(seconds: float) -> str:
-    """``95 s``, ``12.5 min``, ``3.4 h``, ``2.1 d``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
 def throughput_columns(
     inventory: ModelInventory,
     plan: TrainingPlan,
@@ -284,24 +272,3 @@ def throughput_columns(
             values = (None, None, None)
         out.update({f"{p}_{gpu.name}": v for p, v in zip(COLUMN_PREFIXES[:3], values, strict=True)})
     return out
-
-
-def render_cost(table: CostTable, price_sources: bool = True) -> str:
-    """The run-cost block of ``vramcalc plan``: one line per GPU type (+ where prices come from)."""
-    lines = [
-        f"run: {table.run.describe(table.plan)}",
-        f"{'GPU':<14}{'tokens/s':>10}{'step s':>9}{'wall time':>11}{'GPU-hours':>11}{'$/GPU-h':>9}{'cost $':>11}",
-    ]
-    for row in table.rows:
-        price = f"{row.price_per_hour_usd:.2f}" if row.price_per_hour_usd is not None else "-"
-        cost = f"{row.cost_usd:,.2f}" if row.cost_usd is not None else "-"
-        lines.append(
-            f"{row.gpu_name:<14}{row.throughput.tokens_per_second:>10,.0f}{row.throughput.step_seconds:>9.3f}"
-            f"{format_duration(row.wall_seconds):>11}{row.gpu_hours:>11,.2f}{price:>9}{cost:>11}"
-        )
-    lines += [f"{name:<14}not priced: {reason}" for name, reason in table.skipped]
-    if table.rows:
-        lines.append(transfer_note(table.rows[0].throughput.calibration))
-        if price_sources:
-            lines += [f"price {row.gpu_name}: {row.price_source}" for row in table.rows]
-    return "\n".join(lines)

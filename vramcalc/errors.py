@@ -19,6 +19,11 @@ class UnknownGpuError(VramcalcError):
     """``--gpu`` names no entry of ``data/gpus.csv``."""
 
 
+def _sentences(problems: list[str]) -> str:
+    """Problems as one line of sentences: ``a. b?`` (no ``a.; b``)."""
+    return " ".join(p if p.rstrip().endswith((".", "?", "!")) else p + "." for p in problems)
+
+
 class InvalidPlanError(VramcalcError):
     """A training plan has one or more invalid fields.
 
@@ -28,7 +33,7 @@ class InvalidPlanError(VramcalcError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__(_sentences(self.problems))
 
 
 class ConfigError(VramcalcError):

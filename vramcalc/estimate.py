@@ -25,18 +25,18 @@ optimizer states (managed memory).
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.catalog import ModelSpec, resolve_model
-from vramcalc.inventory import ModelInventory, build_inventory
+from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.logits import LogitsEstimate, estimate_logits
 from vramcalc.memory.optimizer import OptimizerEstimate, estimate_optimizer
-from vramcalc.memory.overhead import allocator_reserve_bytes, load_calibration
+from vramcalc.memory.overhead import Calibration, allocator_reserve_bytes, load_calibration
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
 from vramcalc.plan import TrainingPlan
 
@@ -106,37 +106,105 @@ class MemoryEstimate:
         }
 
 
-@functools.lru_cache(maxsize=256)
-def _spec(name: str) -> ModelSpec:
-    return resolve_model(name)
+# -- the seam: one way from a model and a plan to an estimate -------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """A resolved model, its inventory under a plan, and the calibration: all an estimate needs.
+
+    ``prepare`` builds it (memoized); ``estimate`` then works for every plan that shares
+    the inventory (same model, method family and LoRA shape: batch, sequence, optimizer,
+    GPUs ... may differ), so ``plan``, ``sweep``, ``fit`` and ``report`` give the same bytes.
+    """
+
+    spec: ModelSpec
+    inventory: ModelInventory
+    calibration: Calibration
+    lora: dict[str, Any] | None  # inventory.lora_key of the plans this serves
+
+    def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
+        """The memory estimate of ``plan`` on this model."""
+        if lora_key(plan) != self.lora:
+            raise ValueError(
+                f"plan {plan.method} r={plan.rank} targets={plan.targets} needs another inventory "
+                f"than the one prepared for {self.spec.name}; call prepare(spec, plan) for it"
+            )
+        return estimate_from_inventory(
+            self.inventory,
+            plan,
+            self.calibration,
+            model_name=self.spec.name,
+            model_source=self.spec.source,
+        )
+
+
+_PREPARED: OrderedDict[tuple[str, str, str], Prepared] = OrderedDict()
+_PREPARED_MAX = 256
+
+
+def resolve(name: str) -> ModelSpec:
+    """``--model`` resolved; catalog and hub answers are kept for the process (local files are
+    read again, so an edited config is seen)."""
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    spec = resolve_model(name)
+    if spec.source != "local":
+        _RESOLVED[name] = spec
+    return spec
+
+
+_RESOLVED: dict[str, ModelSpec] = {}
+
+
+def prepare(model: ModelSpec | str, plan: TrainingPlan) -> Prepared:
+    """The one step every command takes before estimating: resolve, build the inventory
+    (disk-cached), attach the calibration. Memoized per model config and inventory key."""
+    spec = resolve(model) if isinstance(model, str) else model
+    key = cache_key(spec.config_dict, plan)
+    memo = (spec.name, spec.source, key)
+    if memo in _PREPARED:
+        _PREPARED.move_to_end(memo)
+        return _PREPARED[memo]
+    prepared = Prepared(spec, inventory_for(spec, plan), load_calibration(), lora_key(plan))
+    _PREPARED[memo] = prepared
+    if len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+    return prepared
+
+
+def forget_prepared() -> None:
+    """Empty ``prepare``'s memo (benchmarks that time cold starts; tests)."""
+    _PREPARED.clear()
+    _RESOLVED.clear()
 
 
 def inventory_for(spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
-    """The (disk-cached) inventory of ``spec`` under ``plan``."""
-    return build_inventory(spec.config_dict, plan)
+    """The (disk-cached) inventory of ``spec`` under ``plan``; use ``prepare`` instead."""
+    return build_inventory(spec.config_dict, plan, where=spec.name)
 
 
 def estimate(plan: TrainingPlan, spec: ModelSpec | None = None) -> MemoryEstimate:
-    """Estimate ``plan``; ``spec`` skips resolving ``plan.model`` again."""
-    spec = spec or _spec(plan.model)
-    inventory = inventory_for(spec, plan)
-    return estimate_from_inventory(inventory, plan, spec.name, spec.source, spec.config_dict)
+    """Estimate ``plan`` (the convenience entry): ``prepare(...).estimate(plan)``."""
+    return prepare(spec or plan.model, plan).estimate(plan)
 
 
 def estimate_from_inventory(
     inventory: ModelInventory,
     plan: TrainingPlan,
+    calibration: Calibration,
+    *,
     model_name: str = "",
     model_source: str = "",
-    config_dict: dict[str, Any] | None = None,
 ) -> MemoryEstimate:
-    """The pure part: inventory + plan (+ the config's activation facts) → ``MemoryEstimate``."""
-    calibration = load_calibration()
+    """The pure part: inventory + plan + calibration → ``MemoryEstimate`` (reads nothing).
+
+    The model's config facts are in the inventory; ``model_name``/``model_source`` only label
+    the result. Commands go through ``prepare``, which supplies all three arguments.
+    """
     static_plan = effective_plan(plan)  # FSDP full fine-tuning: fp32 master shards
     weights: WeightsEstimate = estimate_weights(inventory, static_plan)
     optimizer: OptimizerEstimate = estimate_optimizer(inventory, static_plan)
-    activations: ActivationEstimate = estimate_activations(inventory, plan, config_dict)
-    logits: LogitsEstimate = estimate_logits(inventory, plan, config_dict)
+    activations: ActivationEstimate = estimate_activations(inventory, plan)
+    logits: LogitsEstimate = estimate_logits(inventory, plan)
     sharded = shard_static(
         inventory,
         plan,
@@ -313,9 +381,9 @@ def _assumptions(
         )
     out.append(
         f"micro-batch {plan.batch_size} x {plan.seq_len} tokens, grad-accum {plan.grad_accum}, "
-        f"attention {plan.attn}, gradient checkpointing "
-        + ("on (use_reentrant=False)" if plan.gradient_checkpointing else "off")
+        f"attention {plan.attn}"
     )
+    out.append(plan.checkpointing_note)
     out.append(f"optimizer {plan.optimizer}; states live from the first step on")
     if plan.num_gpus > 1:
         out.append(

@@ -18,15 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, resolve_model
+from vramcalc.catalog import Gpu, ModelSpec
+from vramcalc.checks import recipe_blocker
 from vramcalc.errors import InvalidPlanError
-from vramcalc.estimate import MemoryEstimate, estimate_from_inventory, inventory_for
+from vramcalc.estimate import MemoryEstimate, prepare
 from vramcalc.plan import TrainingPlan
 
 DEFAULT_HEADROOM = 0.05
 MAX_BATCH_SIZE = 1 << 20  # searched no further (a "limit reached" answer)
 MAX_SEQ_LEN = 1 << 20  # for configs that state no context length
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def parse_headroom(value: str | float) -> float:
@@ -155,23 +155,13 @@ def max_seq_len(
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
         raise InvalidPlanError([f"--seq-multiple must be a positive integer, got {multiple!r}."])
-    spec = spec or resolve_model(plan.model)
-    limit = limit or context_length(spec) or MAX_SEQ_LEN
+    prepared = prepare(spec or plan.model, plan)
+    limit = limit or prepared.inventory.context_length or MAX_SEQ_LEN
     if limit < multiple:
         raise InvalidPlanError(
             [f"--seq-multiple {multiple} exceeds the model's context length {limit}."]
         )
-    return _search(plan, gpu, headroom, spec, "seq_len", step=multiple, limit=limit)
-
-
-def context_length(spec: ModelSpec) -> int | None:
-    """The longest sequence the model's config declares, if it declares one."""
-    for config in (spec.config_dict, spec.config_dict.get("text_config") or {}):
-        for key in CONTEXT_KEYS:
-            value = config.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
+    return _search(plan, gpu, headroom, prepared.spec, "seq_len", step=multiple, limit=limit)
 
 
 def _search(
@@ -183,15 +173,17 @@ def _search(
     step: int,
     limit: int,
 ) -> FitResult:
-    spec = spec or resolve_model(plan.model)
-    inventory = inventory_for(spec, plan)  # batch and sequence do not change the inventory
+    blocker = recipe_blocker(plan, gpu)
+    if blocker:
+        raise InvalidPlanError([f"--gpu {gpu.name}: {blocker.removeprefix('no bf16: ')}."])
+    prepared = prepare(spec or plan.model, plan)  # batch and sequence share the inventory
     budget = budget_bytes(gpu, headroom)
     probes: dict[int, Probe] = {}
 
     def probe(units: int) -> Probe:
         if units not in probes:
             candidate = plan.with_(**{field: units * step})
-            est = estimate_from_inventory(inventory, candidate, spec.name, spec.source)
+            est = prepared.estimate(candidate)
             probes[units] = Probe(units * step, est, est.device_total_bytes <= budget)
         return probes[units]
 

@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramcalc.errors import InvalidPlanError
+from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 3
+CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,16 @@ class ModelInventory:
     saved_copy_params: int = 0
     saved_copy_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
     library_versions: dict[str, str] = field(default_factory=dict)
+    # What the memory rules read from the config besides shapes, as the built
+    # ``PretrainedConfig`` states them (architecture defaults included), so that no
+    # caller has to pass the config next to the inventory.
+    hidden_act: str = ""  # hidden_activation / hidden_act / activation_function, "" if none
+    dropout: float = 0.0  # config.dropout (OPT's residual-branch dropout)
+    attention_dropout: float = 0.0
+    attn_logit_softcapping: float | None = None  # gemma2
+    final_logit_softcapping: float | None = None  # gemma2
+    context_length: int | None = None  # max_position_embeddings (or the architecture's name for it)
+    output_head: str = ""  # leaf name of the output projection ("lm_head"): a valid LoRA target
 
     @property
     def total_params_with_adapters(self) -> int:
@@ -143,14 +153,15 @@ def cache_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     payload = {
         "v": CACHE_VERSION,
         "config": config_dict,
-        "lora": _lora_key(plan),
+        "lora": lora_key(plan),
         "libs": library_versions(),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def _lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
+def lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
+    """The part of a plan that changes the inventory (None: no adapters)."""
     if not plan.uses_adapters:
         return None
     return {
@@ -162,16 +173,30 @@ def _lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
 
 
 def build_inventory(
-    config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True
+    config_dict: dict[str, Any], plan: TrainingPlan, use_cache: bool = True, where: str = "config"
 ) -> ModelInventory:
-    """The inventory of ``config_dict`` under ``plan`` (cached on disk)."""
+    """The inventory of ``config_dict`` under ``plan`` (cached on disk).
+
+    A config that transformers or peft cannot build becomes a ``ConfigError`` naming
+    ``where`` (the ``--model`` value); only configs that built are cached.
+    """
     path = _cache_dir() / f"{cache_key(config_dict, plan)}.json"
     if use_cache and path.is_file():
         try:
             return ModelInventory.from_json(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError):
             pass  # stale or corrupt entry: rebuild below
-    inventory = _build_on_meta(config_dict, plan)
+    try:
+        inventory = _build_on_meta(config_dict, plan, where)
+    except VramcalcError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure inside transformers/peft is the config's
+        from vramcalc.catalog import one_line
+
+        raise ConfigError(
+            f"--model {where}: transformers cannot build the model from this config "
+            f"({type(err).__name__}: {one_line(err)})"
+        ) from err
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +216,47 @@ def _config_int(config: Any, *names: str, default: int = 0) -> int:
     return default
 
 
-def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInventory:
+def _config_float(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+#: config keys that state the longest sequence, in the order they are looked up
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_facts(config: Any) -> dict[str, Any]:
+    """The non-shape facts of a built ``PretrainedConfig`` that the memory rules read."""
+    act = next(
+        (
+            str(getattr(config, name))
+            for name in ("hidden_activation", "hidden_act", "activation_function")
+            if getattr(config, name, None)
+        ),
+        "",
+    )
+    context = None
+    for source in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                context = value
+                break
+        if context:
+            break
+    return {
+        "hidden_act": act,
+        "dropout": _config_float(config, "dropout") or 0.0,
+        "attention_dropout": _config_float(config, "attention_dropout") or 0.0,
+        "attn_logit_softcapping": _config_float(config, "attn_logit_softcapping"),
+        "final_logit_softcapping": _config_float(config, "final_logit_softcapping"),
+        "context_length": context,
+    }
+
+
+def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) -> ModelInventory:
     import logging
     import warnings
 
@@ -204,9 +269,9 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from vramcalc.catalog import config_from_dict
+    from vramcalc.catalog import causal_lm_config
 
-    config = config_from_dict(config_dict)
+    config = causal_lm_config(config_dict, where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_empty_weights():
@@ -240,7 +305,10 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     seen: set[int] = set()
     base_shapes: dict[tuple[int, ...], int] = {}
     groups: dict[tuple[str, int, int, bool, bool], int] = {}
+    head_name = ""
     for module_name, module in model.named_modules():
+        if module is output_head:
+            head_name = module_name.rsplit(".", 1)[-1]
         is_linear = type(module) is torch.nn.Linear
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -268,7 +336,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
     if plan.uses_adapters:
         module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
         lora_names, adapter_params, trainable_shapes, copy_params, copy_shapes = _apply_lora(
-            model, config, plan, linear_names, module_names
+            model, config, plan, linear_names + ((head_name,) if head_name else ()), module_names
         )
     roles["adapter"] = adapter_params
     linears = tuple(
@@ -308,6 +376,8 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan) -> ModelInve
         saved_copy_params=copy_params,
         saved_copy_shapes=tuple(sorted(copy_shapes.items())),
         library_versions=library_versions(),
+        output_head=head_name,
+        **config_facts(config),
     )
 
 

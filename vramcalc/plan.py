@@ -7,8 +7,9 @@ each naming the CLI flag that sets it. Defaults are the project's default
 recipe (DEVELOPERS.md): HF Trainer with ``bf16=True``, PEFT LoRA defaults
 (r=8, alpha=8, dropout 0, PEFT's per-architecture target modules), NF4 with
 double quantization for QLoRA, SDPA attention, Trainer's default optimizer
-(``adamw_torch_fused`` with torch >= 2.8), no gradient checkpointing unless
-asked.
+(``adamw_torch_fused`` with torch >= 2.8), gradient checkpointing on for k-bit
+base weights (``prepare_model_for_kbit_training``'s ``use_gradient_checkpointing=True``,
+as the common QLoRA recipes) and off otherwise, unless asked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vramcalc.errors import InvalidPlanError
 
 METHODS = ("full", "lora", "qlora")
 QUANTS = ("none", "int8", "nf4", "fp4")
+KBIT_QUANTS = ("int8", "nf4", "fp4")  # bitsandbytes base weights
 DTYPES = ("bf16", "fp16", "fp32")
 ATTNS = ("sdpa", "eager", "flash_attention_2")
 OPTIMIZERS = (
@@ -93,7 +95,8 @@ class TrainingPlan:
     seq_len: int = 2048
     batch_size: int = 1
     grad_accum: int = 1
-    gradient_checkpointing: bool = False
+    # None (not given): on for k-bit base weights, else off; always a bool once built
+    gradient_checkpointing: bool = None  # type: ignore[assignment]
     optimizer: str = "adamw_torch_fused"
     attn: str = "sdpa"
     num_gpus: int = 1
@@ -125,6 +128,8 @@ class TrainingPlan:
         if quant is None:
             quant = "nf4" if self.method == "qlora" else "none"
             object.__setattr__(self, "quant", quant)
+        if self.gradient_checkpointing is None:
+            object.__setattr__(self, "gradient_checkpointing", quant in KBIT_QUANTS)
         if self.method == "qlora" and quant not in ("nf4", "fp4"):
             problems.append(
                 f"--method qlora needs 4-bit base weights, but --quant is {quant!r}; "
@@ -190,7 +195,28 @@ class TrainingPlan:
     @property
     def is_kbit(self) -> bool:
         """Base weights quantized by bitsandbytes (INT8 or 4-bit)."""
-        return self.quant in ("int8", "nf4", "fp4")
+        return self.quant in KBIT_QUANTS
+
+    @property
+    def checkpointing_note(self) -> str:
+        """Gradient checkpointing as chosen, and why (``plan`` states it in its output)."""
+        if self.is_kbit and self.gradient_checkpointing:
+            return (
+                "gradient checkpointing on (use_reentrant=False): the default for k-bit base "
+                "weights, as prepare_model_for_kbit_training(use_gradient_checkpointing=True) "
+                "and the common QLoRA recipes; --no-gradient-checkpointing switches it off"
+            )
+        if self.is_kbit:
+            return (
+                "gradient checkpointing off (--no-gradient-checkpointing; k-bit recipes "
+                "usually keep it on)"
+            )
+        if self.gradient_checkpointing:
+            return "gradient checkpointing on (use_reentrant=False, --gradient-checkpointing)"
+        return (
+            "gradient checkpointing off (the default without k-bit base weights; "
+            "--gradient-checkpointing trades one more forward for activation memory)"
+        )
 
     @property
     def tokens_per_micro_batch(self) -> int:

@@ -1,19 +1,20 @@
 """What ``vramcalc plan`` computes: memory, GPU fit, speed and (optionally) run cost.
 
-One call, one frozen result; ``render.render_plan_result`` turns it into text
+One call, one frozen result (no text: ``render.render_plan_result`` writes it)
 and ``PlanResult.to_dict`` into the ``--json`` object.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, find_gpu, load_gpus, resolve_model
+from vramcalc.catalog import Gpu, find_gpu, load_gpus
+from vramcalc.checks import plan_warnings, recipe_blocker
 from vramcalc.cost import CostTable, RunLength, check_price, cost_table
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import MemoryEstimate, estimate_from_inventory, inventory_for
-from vramcalc.inventory import ModelInventory
+from vramcalc.estimate import MemoryEstimate, Prepared, prepare
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import ThroughputEstimate, estimate_throughput
 
@@ -23,10 +24,11 @@ class GpuFit:
     """Whether one GPU holds the plan, with the headroom left (negative if not)."""
 
     gpu: Gpu
-    fits: bool
+    fits: bool  # memory holds the plan and the card can run the recipe
     headroom_bytes: int
     throughput: ThroughputEstimate | None
     throughput_error: str | None
+    blocker: str | None = None  # why the card cannot run the recipe at all (checks.recipe_blocker)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,6 +36,7 @@ class GpuFit:
             "memory_bytes": self.gpu.memory_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
+            "blocked_by": self.blocker,
             "tokens_per_second": self.throughput.tokens_per_second if self.throughput else None,
             "step_seconds": self.throughput.step_seconds if self.throughput else None,
             "mfu": self.throughput.mfu if self.throughput else None,
@@ -42,18 +45,38 @@ class GpuFit:
 
 
 @dataclass(frozen=True)
+class Hint:
+    """An option that would change the device total a lot, with both totals."""
+
+    option: str  # e.g. "--gradient-checkpointing"
+    activations_share: float  # of the device total, the reason for the hint
+    device_total_bytes: int
+    device_total_bytes_with_option: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "option": self.option,
+            "activations_share": self.activations_share,
+            "device_total_bytes": self.device_total_bytes,
+            "device_total_bytes_with_option": self.device_total_bytes_with_option,
+        }
+
+
+@dataclass(frozen=True)
 class PlanResult:
     memory: MemoryEstimate
     fits: tuple[GpuFit, ...]
     cost: CostTable | None
-    hints: tuple[str, ...] = ()
+    hints: tuple[Hint, ...] = ()
+    warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
 
     def to_dict(self) -> dict[str, Any]:
         data = self.memory.to_dict()
         data["gpus"] = [fit.to_dict() for fit in self.fits]
         data["throughput"] = [fit.throughput.to_dict() for fit in self.fits if fit.throughput]
         data["cost"] = self.cost.to_dict() if self.cost else None
-        data["hints"] = list(self.hints)
+        data["hints"] = [hint.to_dict() for hint in self.hints]
+        data["warnings"] = list(self.warnings)
         return data
 
 
@@ -68,47 +91,39 @@ def plan_result(
     gpus: list[Gpu],
     run: RunLength | None = None,
     price_per_hour_usd: float | None = None,
+    given: Set[str] = frozenset(),
 ) -> PlanResult:
     """Memory of ``plan``, its fit and speed on each of ``gpus``, and the run's cost on those that fit."""
     check_price(price_per_hour_usd)
-    spec = resolve_model(plan.model)
-    inventory = inventory_for(spec, plan)
-    memory = estimate_from_inventory(inventory, plan, spec.name, spec.source, spec.config_dict)
+    prepared = prepare(plan.model, plan)
+    inventory = prepared.inventory
+    memory = prepared.estimate(plan)
     fits = []
     for gpu in gpus:
-        throughput, problem = None, None
-        try:
-            throughput = estimate_throughput(inventory, plan, gpu)
-        except VramcalcError as err:
-            problem = str(err)
+        throughput, problem = None, recipe_blocker(plan, gpu)
+        if problem is None:
+            try:
+                throughput = estimate_throughput(inventory, plan, gpu)
+            except VramcalcError as err:
+                problem = str(err)
+        blocker = recipe_blocker(plan, gpu)
         headroom = gpu.memory_bytes - memory.device_total_bytes
-        fits.append(GpuFit(gpu, headroom >= 0, headroom, throughput, problem))
+        fits.append(
+            GpuFit(gpu, headroom >= 0 and not blocker, headroom, throughput, problem, blocker)
+        )
     cost = None
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
         cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
-    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, inventory, spec)))
+    warnings = plan_warnings(plan, inventory, given)
+    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)), warnings)
 
 
-def _hints(memory: MemoryEstimate, inventory: ModelInventory, spec: ModelSpec) -> list[str]:
+def _hints(memory: MemoryEstimate, prepared: Prepared) -> list[Hint]:
     """Cheap what-ifs worth telling the user (each is another pure estimate on the same inventory)."""
-    from vramcalc.render import gib
-
-    plan, out = memory.plan, []
-    if (
-        not plan.gradient_checkpointing
-        and memory.components["activations"] > 0.4 * memory.device_total_bytes
-    ):
-        other = estimate_from_inventory(
-            inventory,
-            plan.with_(gradient_checkpointing=True),
-            spec.name,
-            spec.source,
-            spec.config_dict,
-        )
-        out.append(
-            f"activations are {100 * memory.components['activations'] / memory.device_total_bytes:.0f} % of the "
-            f"total; --gradient-checkpointing brings the device total from {gib(memory.device_total_bytes)} "
-            f"to {gib(other.device_total_bytes)} (one more forward per step)"
-        )
+    plan, total, out = memory.plan, memory.device_total_bytes, []
+    share = memory.components["activations"] / total
+    if not plan.gradient_checkpointing and share > 0.4:
+        other = prepared.estimate(plan.with_(gradient_checkpointing=True))
+        out.append(Hint("--gradient-checkpointing", share, total, other.device_total_bytes))
     return out

@@ -1,11 +1,28 @@
-"""Human-readable text for estimates (the CLI prints what these return)."""
+"""Every text vramcalc shows people: the library returns data, this module writes it.
+
+Tables are drawn by ``tabulate`` through one helper, ``table``: its ``simple`` format for
+the terminal and GitHub Markdown (``pipe``: GFM tables with column alignment) for ``.md``
+files. Numbers are formatted here
+(GiB to two decimals, counts with separators) and right-aligned; a ``-`` in a table always
+has a note under it that says why.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from tabulate import tabulate
+
+from vramcalc.catalog import CatalogModel, Gpu
+from vramcalc.cost import CostTable
 from vramcalc.estimate import MemoryEstimate
+from vramcalc.fit import FitResult, Probe
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan
-from vramcalc.planner import PlanResult
+from vramcalc.planner import GpuFit, Hint, PlanResult
+from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
+from vramcalc.throughput import ThroughputEstimate, compute_dtype, transfer_note
 
 COMPONENT_LABELS = {
     "weights": "base weights",
@@ -25,80 +42,441 @@ COMPONENT_LABELS = {
 }
 
 
+# -- the one table helper ------------------------------------------------------------------
+def table(
+    rows: Sequence[Sequence[str]],
+    headers: Sequence[str],
+    numeric: Sequence[bool] | None = None,
+    markdown: bool = False,
+) -> str:
+    """Rows of preformatted cells as a table: plain text, or GitHub Markdown."""
+    align = ["right" if n else "left" for n in numeric] if numeric else None
+    if markdown:
+        escape = [[str(c).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
+        heads = [h.replace("|", "\\|") for h in headers]
+        return tabulate(escape, heads, tablefmt="pipe", colalign=align, disable_numparse=True)
+    return tabulate(rows, headers, tablefmt="simple", colalign=align, disable_numparse=True)
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:,.2f} GiB"
 
 
-def render_plan_result(result: PlanResult) -> str:
-    """The ``vramcalc plan`` report: memory, GPU fit and speed, run cost."""
-    from vramcalc.cost import render_cost
-    from vramcalc.throughput import transfer_note
-
-    text = render_memory(result.memory)
-    if result.fits:
-        lines = [
-            "",
-            f"{'GPU':<16}{'memory':>14}  {'fits':<5}{'headroom':>14}{'tokens/s':>11}{'step s':>9}",
-        ]
-        for fit in result.fits:
-            speed = (
-                f"{fit.throughput.tokens_per_second:>11,.0f}{fit.throughput.step_seconds:>9.2f}"
-                if fit.throughput
-                else f"{'-':>11}{'-':>9}"
-            )
-            lines.append(
-                f"{fit.gpu.name:<16}{gib(fit.gpu.memory_bytes):>14}  {'yes' if fit.fits else 'no':<5}"
-                f"{gib(fit.headroom_bytes):>14}{speed}"
-            )
-        first = next((f.throughput for f in result.fits if f.throughput), None)
-        if first is not None:
-            lines.append(f"speed: {transfer_note(first.calibration)}")
-        text += "\n" + "\n".join(lines)
-    for hint in result.hints:
-        text += f"\nhint: {hint}"
-    if result.cost is not None:
-        text += "\n\n" + (
-            render_cost(result.cost) if result.cost.rows else "run cost: no GPU of the list fits"
-        )
-    return text
+def format_duration(seconds: float) -> str:
+    """``95 s``, ``12.5 min``, ``3.4 h``, ``2.1 d``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
+# -- plan ------------------------------------------------------------------------------------
 def plan_heading(model_name: str, plan: TrainingPlan) -> str:
     """``meta-llama/Llama-2-13b-hf — qlora (nf4)``: the first words of every plan report."""
     return f"{model_name} — {plan.method}" + (f" ({plan.quant})" if plan.is_kbit else "")
 
 
-def render_memory(estimate: MemoryEstimate) -> str:
+def render_plan_result(result: PlanResult, all_gpus: bool = False, verbose: bool = False) -> str:
+    """The ``vramcalc plan`` report: memory, the GPUs it fits with their speed, run cost.
+
+    Without ``all_gpus`` only the fitting GPUs are listed (smallest memory first) with a
+    count of the others; ``verbose`` adds each rule, price source and efficiency source.
+    """
+    parts = [render_memory(result.memory, verbose)]
+    if result.fits:
+        parts.append(render_gpu_fits(result.fits, all_gpus, verbose))
+    parts += [render_hint(hint) for hint in result.hints]
+    if result.cost is not None:
+        parts.append(render_cost(result.cost, verbose))
+    return "\n\n".join(parts)
+
+
+def render_hint(hint: Hint) -> str:
+    return (
+        f"hint: activations are {100 * hint.activations_share:.0f} % of the total; "
+        f"{hint.option} brings the device total from {gib(hint.device_total_bytes)} to "
+        f"{gib(hint.device_total_bytes_with_option)} (one more forward per step)"
+    )
+
+
+def render_memory(estimate: MemoryEstimate, verbose: bool = False) -> str:
     """The memory part of the ``vramcalc plan`` report."""
-    plan = estimate.plan
-    total = estimate.device_total_bytes
+    plan, total = estimate.plan, estimate.device_total_bytes
+    rows = [
+        [COMPONENT_LABELS.get(name, name), gib(nbytes), f"{100 * nbytes / total:.1f} %"]
+        for name, nbytes in estimate.components.items()
+        if nbytes
+    ]
+    per_gpu = (
+        f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"
+        if plan.num_gpus > 1
+        else ""
+    )
+    totals = [
+        ["peak allocated", gib(estimate.peak_allocated_bytes), "torch max_memory_allocated"],
+        ["peak reserved", gib(estimate.peak_reserved_bytes), "torch max_memory_reserved"],
+        ["device total", gib(total), "nvidia-smi; what the GPU must hold" + per_gpu],
+    ]
     lines = [
-        plan_heading(estimate.model_name, plan) + f", seq {plan.seq_len} x batch {plan.batch_size}",
+        plan_heading(estimate.model_name, plan)
+        + f", seq {plan.seq_len} x batch {plan.batch_size}, gradient checkpointing "
+        + ("on" if plan.gradient_checkpointing else "off"),
         f"parameters: {estimate.total_params:,} total, {estimate.trainable_params:,} trainable "
         f"({100 * estimate.trainable_params / max(estimate.total_params, 1):.3f} %)",
         "",
-        f"{'component':<24}{'memory':>14}{'share':>9}",
-        "-" * 47,
-    ]
-    for name, nbytes in estimate.components.items():
-        if nbytes == 0:
-            continue
-        lines.append(
-            f"{COMPONENT_LABELS.get(name, name):<24}{gib(nbytes):>14}{100 * nbytes / total:>8.1f}%"
-        )
-    lines += [
-        "-" * 47,
-        f"{'peak allocated':<24}{gib(estimate.peak_allocated_bytes):>14}   (torch max_memory_allocated)",
-        f"{'peak reserved':<24}{gib(estimate.peak_reserved_bytes):>14}   (torch max_memory_reserved)",
-        f"{'device total':<24}{gib(estimate.device_total_bytes):>14}   (nvidia-smi; what the GPU must hold)"
-        + (
-            f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"
-            if plan.num_gpus > 1
-            else ""
-        ),
+        table(rows, ["component", "memory", "share"], [False, True, True]),
+        "",
+        table(totals, ["total", "memory", "compare with"], [False, True, False]),
         f"peak falls at: {estimate.peak_phase.replace('_', ' ')}",
         "",
         "assumptions:",
         *[f"  - {a}" for a in estimate.assumptions],
     ]
+    if verbose:
+        lines += ["", "rules and sources:", *[f"  {k}: {v}" for k, v in estimate.rules.items()]]
     return "\n".join(lines)
+
+
+def _fits_cell(fit: GpuFit) -> str:
+    return "no bf16" if fit.blocker else ("yes" if fit.fits else "no")
+
+
+def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: bool = False) -> str:
+    """GPUs by memory, smallest first: the fitting ones (every one with ``all_gpus``)."""
+    ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
+    shown = ordered if all_gpus else [f for f in ordered if f.fits]
+    rows, notes = [], []
+    for fit in shown:
+        speed = fit.throughput
+        rows.append(
+            [
+                fit.gpu.name,
+                gib(fit.gpu.memory_bytes),
+                _fits_cell(fit),
+                gib(fit.headroom_bytes),
+                f"{speed.tokens_per_second:,.0f}" if speed else "-",
+                f"{speed.step_seconds:.2f}" if speed else "-",
+            ]
+        )
+        if fit.blocker:
+            notes.append(f"  {fit.gpu.name}: {fit.blocker}")
+        elif speed is None:
+            notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
+    lines = []
+    if rows:
+        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s"]
+        lines.append(table(rows, heads, [False, True, False, True, True, True]))
+    hidden = [f for f in ordered if f not in shown]
+    if not any(f.fits for f in ordered):
+        largest = ordered[-1]
+        lines.append(
+            f"fits no GPU of the {'list' if all_gpus else 'catalog'}: the largest, "
+            f"{largest.gpu.name} ({gib(largest.gpu.memory_bytes)}), is "
+            f"{gib(-largest.headroom_bytes)} short"
+            if largest.headroom_bytes < 0
+            else f"fits no GPU of the {'list' if all_gpus else 'catalog'} (see the notes)"
+        )
+    too_small = [f for f in hidden if f.headroom_bytes < 0]
+    blocked = [f.gpu.name for f in hidden if f.blocker and f.headroom_bytes >= 0]
+    if too_small:
+        lines.append(
+            f"{len(too_small)} more GPU{'s' if len(too_small) > 1 else ''} of the catalog "
+            "do not fit (--all-gpus lists every GPU)"
+        )
+    if blocked:
+        lines.append(
+            f"{', '.join(blocked)} would hold it but {'have' if len(blocked) > 1 else 'has'} "
+            "no bf16 tensor cores for the recipe's Trainer(bf16=True); --dtype fp16 plans "
+            "fp16 autocast for them"
+        )
+    lines += notes
+    first = next((f.throughput for f in shown if f.throughput), None)
+    if first is not None:
+        lines.append(f"speed: {transfer_note(first.calibration)}")
+        if verbose:
+            lines += ["", render_throughput(first)]
+    return "\n".join(lines)
+
+
+def render_throughput(estimate: ThroughputEstimate) -> str:
+    """How one GPU's step time is made (``plan --verbose``, for the smallest fitting GPU)."""
+    e, s, f = estimate, estimate.seconds, estimate.flops
+    cal, key = e.calibration, e.efficiency_key
+    all_gpus = (
+        f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
+        if e.plan.num_gpus > 1
+        else ""
+    )
+    rows = [
+        [
+            "step time",
+            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
+        ],
+        ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
+        ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
+        [
+            "FLOPs / step",
+            f"{f.total:.3e}: forward {f.forward:.3e}, backward {f.backward:.3e}, "
+            f"recompute {f.recompute:.3e}",
+        ],
+        [
+            "seconds / step",
+            f"max(GPU compute {s['compute']:.3f} + memory {s['memory']:.3f}, host launch "
+            f"{s['host']:.3f}) + optimizer {s['optimizer']:.3f} + overhead {s['overhead']:.3f}",
+        ],
+        [
+            "efficiency",
+            f"{key} {cal.compute_efficiency[key]:.2f} of peak, {cal.bandwidth_efficiency:.2f} of "
+            f"bandwidth; measured on: {cal.measured_on_text}",
+        ],
+        ["derived", e.derivation],
+    ]
+    head = (
+        f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, "
+        f"{e.gpu.memory_bandwidth_gbps:g} GB/s)"
+    )
+    body = tabulate(rows, tablefmt="plain", disable_numparse=True)
+    return head + "\n" + "\n".join("  " + line for line in body.splitlines())
+
+
+def render_cost(cost: CostTable, verbose: bool = False) -> str:
+    """The run-cost block: one line per GPU type (sources with ``verbose``, always in JSON)."""
+    lines = [f"run: {cost.run.describe(cost.plan)}"]
+    if not cost.rows and not cost.skipped:
+        return lines[0] + "\nrun cost: no GPU of the list fits"
+    rows, notes = [], []
+    for row in sorted(cost.rows, key=lambda r: (r.throughput.gpu.memory_bytes, r.gpu_name)):
+        unpriced = row.price_per_hour_usd is None
+        rows.append(
+            [
+                row.gpu_name,
+                f"{row.throughput.tokens_per_second:,.0f}",
+                format_duration(row.wall_seconds),
+                f"{row.gpu_hours:,.2f}",
+                "-" if unpriced else f"{row.price_per_hour_usd:.2f}",
+                "-" if row.cost_usd is None else f"{row.cost_usd:,.2f}",
+            ]
+        )
+        if unpriced:
+            notes.append(f"  {row.gpu_name}: cost '-': {row.price_source}")
+    for name, reason in cost.skipped:
+        rows.append([name, "-", "-", "-", "-", "-"])
+        notes.append(f"  {name}: not priced: {reason}")
+    heads = ["GPU", "tokens/s", "wall time", "GPU-hours", "$/GPU-h", "cost $"]
+    lines += [table(rows, heads, [False, True, True, True, True, True]), *notes]
+    if verbose:
+        lines += [f"  price {row.gpu_name}: {row.price_source}" for row in cost.rows]
+        if cost.rows:
+            lines.append(f"  speed: {transfer_note(cost.rows[0].throughput.calibration)}")
+    return "\n".join(lines)
+
+
+# -- fit -------------------------------------------------------------------------------------
+def render_fit(result: FitResult) -> str:
+    """The ``vramcalc fit`` report."""
+    what = "batch size" if result.field == "batch_size" else "sequence length"
+    shown = result.best or result.first_too_large
+    if shown is None:  # a search always makes its first probe
+        raise ValueError("a FitResult without probes")
+    plan = shown.estimate.plan
+    fixed = f"seq {plan.seq_len}" if result.field == "batch_size" else f"batch {plan.batch_size}"
+    lines = [
+        plan_heading(shown.estimate.model_name, plan) + f", {fixed}, on {result.gpu.name}",
+        f"GPU memory {gib(result.gpu.memory_bytes)}, headroom {result.headroom:.0%} → budget "
+        f"{gib(result.budget_bytes)} for the device total",
+        "",
+    ]
+    if result.best is None:
+        probe = result.first_too_large
+        if probe is None:
+            raise ValueError("a FitResult without probes")
+        hints = [
+            "--method qlora" if plan.method != "qlora" else "",
+            "--gradient-checkpointing" if not plan.gradient_checkpointing else "",
+            "a shorter --seq-len" if result.field == "batch_size" else "",
+            "a smaller --batch-size" if result.field == "seq_len" and plan.batch_size > 1 else "",
+            "a larger GPU",
+        ]
+        lines += [
+            f"Does not fit even at {what} {probe.value:,}: device total "
+            f"{gib(probe.estimate.device_total_bytes)} > budget {gib(result.budget_bytes)}.",
+            "Try " + ", ".join(h for h in hints if h) + ".",
+        ]
+        return "\n".join(lines)
+    lines.append(f"largest {what} that fits: {result.best.value:,}")
+    probes = [_probe_row(result.best, "fits")]
+    if result.first_too_large is not None:
+        probes.append(_probe_row(result.first_too_large, "does not fit"))
+    heads = [what, "verdict", "device total", "peak reserved", "peak allocated"]
+    lines.append(table(probes, heads, [True, False, True, True, True]))
+    if result.first_too_large is None:
+        limit = "the model's context length" if result.field == "seq_len" else "the search limit"
+        lines.append(f"{what} {result.best.value:,} is {limit}; larger values were not searched")
+    lines += ["", f"{result.estimates_made} estimates (doubling, then bisection)"]
+    return "\n".join(lines)
+
+
+def _probe_row(probe: Probe, verdict: str) -> list[str]:
+    est = probe.estimate
+    return [
+        f"{probe.value:,}",
+        verdict,
+        gib(est.device_total_bytes),
+        gib(est.peak_reserved_bytes),
+        gib(est.peak_allocated_bytes),
+    ]
+
+
+# -- sweep -----------------------------------------------------------------------------------
+MAX_GPU_COLUMNS_IN_TABLES = 6  # more GPUs: text/Markdown tables show smallest_fitting_gpu only
+#: plan columns that define a row: shown even when every row has the same value
+DEFINING = ("model", "method", "quant", "rank", "seq_len", "batch_size", "gradient_checkpointing")
+KEY_RESULTS = ("trainable_params", "device_total_gib", "peak_reserved_gib", "peak_allocated_gib")
+#: ``<prefix>_<GPU>`` columns: label, unit, XLSX number format, text format.
+PER_GPU = {
+    "fits": ("fits", "", "General", "{}"),
+    "tokens_per_second": ("tokens/s", "", "#,##0", "{:,.0f}"),
+    "step_seconds": ("step", "s", "0.000", "{:.3f}"),
+    "mfu": ("MFU", "", "0.0%", "{:.1%}"),
+    "wall_hours": ("wall time", "h", "#,##0.0", "{:,.1f}"),
+    "gpu_hours": ("GPU-hours", "", "#,##0.0", "{:,.1f}"),
+    "cost_usd": ("cost", "USD", "#,##0.00", "{:,.2f}"),
+}
+SUMMARY_PER_GPU = ("fits", "tokens_per_second", "cost_usd")
+
+
+def summary_columns(
+    result: SweepResult, records: list[dict[str, Any]], max_gpu_columns: int | None = None
+) -> list[str]:
+    """The columns people read first: the plan columns that define a row (``DEFINING``, the
+    options given, and any that vary), key totals, fits, errors."""
+    valid = [r for r in records if not r["error"]] or records  # error rows hold raw inputs
+    plan_columns = [
+        name
+        for name in PLAN_FIELDS
+        if name in DEFINING or name in result.given or len({repr(r[name]) for r in valid}) > 1
+    ]
+    columns = plan_columns + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
+    columns += list(KEY_RESULTS)
+    if max_gpu_columns is None or len(result.gpus) <= max_gpu_columns:
+        columns += [c for c in result.columns if (per_gpu(c) or ("",))[0] in SUMMARY_PER_GPU]
+    columns.append("smallest_fitting_gpu")
+    if result.errors:
+        columns.append("error")
+    return columns
+
+
+def per_gpu(column: str) -> tuple[str, str] | None:
+    """``cost_usd_RTX-4090`` → ``("cost_usd", "RTX-4090")``; None for other columns."""
+    for prefix in PER_GPU:
+        if column.startswith(prefix + "_"):
+            return prefix, column[len(prefix) + 1 :]
+    return None
+
+
+def header(column: str) -> str:
+    """A column's name for people, unit included: ``device_total_gib`` → ``device total (GiB)``."""
+    if split := per_gpu(column):
+        label, unit, _, _ = PER_GPU[split[0]]
+        return f"{label} {split[1]}" + (f" ({unit})" if unit else "")
+    for suffix, unit in (("_gib", " (GiB)"), ("_bytes", " (bytes)"), ("_usd", " (USD)")):
+        if column.endswith(suffix):
+            return column[: -len(suffix)].replace("_", " ") + unit
+    return column.replace("_", " ")
+
+
+def cell_text(column: str, value: Any) -> str:
+    """A value as tables show it: GiB to 2 decimals, counts with separators, yes/no."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if split := per_gpu(column):
+        return PER_GPU[split[0]][3].format(value)
+    if column.endswith("_gib"):
+        return f"{value:,.2f}"
+    if isinstance(value, int) and column.endswith(("_params", "_bytes")):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def is_numeric(column: str) -> bool:
+    if split := per_gpu(column):
+        return split[0] != "fits"
+    return column.endswith(("_gib", "_bytes", "_params")) or column in (
+        "rank",
+        "alpha",
+        "dropout",
+        "seq_len",
+        "batch_size",
+        "grad_accum",
+        "num_gpus",
+        "optimizer_steps",
+    )
+
+
+def render_sweep(result: SweepResult, markdown: bool = False) -> str:
+    """The sweep's summary columns as a table (text, or Markdown for ``.md`` files)."""
+    records = result.records()
+    columns = summary_columns(result, records, MAX_GPU_COLUMNS_IN_TABLES)
+    rows = [[cell_text(c, r[c]) for c in columns] for r in records]
+    heads = [header(c) for c in columns]
+    return table(rows, heads, [is_numeric(c) for c in columns], markdown)
+
+
+# -- catalogs --------------------------------------------------------------------------------
+def render_models(entries: Sequence[CatalogModel]) -> str:
+    """``vramcalc models``: every bundled model with its exact parameter count."""
+    rows = [[e.name, f"{e.params:,}" if e.params else "-", ", ".join(e.aliases)] for e in entries]
+    text = table(rows, ["model", "parameters", "aliases"], [False, True, False])
+    if any(not e.params for e in entries):
+        text += "\nparameters '-': no published count for that model"
+    return text
+
+
+def render_gpus(gpus: Sequence[Gpu]) -> str:
+    """``vramcalc gpus``: by memory, with bf16 and fp16 peaks apart, and why any cell is '-'."""
+    rows, no_bf16, unpublished, unpriced = [], [], [], []
+    for g in sorted(gpus, key=lambda g: (g.memory_bytes, g.name)):
+        if not g.has_bf16:
+            no_bf16.append(g.name)
+        elif g.bf16_dense_tflops is None:
+            unpublished.append(g.name)
+        if g.price_per_hour_usd is None:
+            unpriced.append(g.name)
+        rows.append(
+            [
+                g.name,
+                gib(g.memory_bytes),
+                "none" if not g.has_bf16 else _number(g.bf16_dense_tflops),
+                _number(g.fp16_dense_tflops),
+                _number(g.memory_bandwidth_gbps),
+                "-" if g.price_per_hour_usd is None else f"{g.price_per_hour_usd:.2f}",
+                ", ".join(g.aliases),
+            ]
+        )
+    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "GB/s", "$/hour", "aliases"]
+    lines = [table(rows, heads, [False, True, True, True, True, True, False])]
+    if no_bf16:
+        lines.append(
+            f"bf16 'none': {', '.join(no_bf16)} have no bf16 tensor cores; bf16 plans do not "
+            "run there (plan them with --dtype fp16)"
+        )
+    if unpublished:
+        lines.append(
+            f"TFLOP/s '-': {', '.join(unpublished)}: the vendor publishes no dense tensor "
+            "TFLOP/s, so speed is not predicted (memory fit is)"
+        )
+    if unpriced:
+        lines.append(f"$/hour '-': no price in data/gpus.csv for {', '.join(unpriced)}")
+    lines.append("memory: what nvidia-smi reports as total; TFLOP/s: dense tensor-core peaks")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"

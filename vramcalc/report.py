@@ -206,12 +206,14 @@ def _fmt_pct(value: float) -> str:
     return (
         "–"
         if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{100 * value:.2f} %"
+        else f"{100 * value + 0.0:.2f} %"  # + 0.0: no "-0.00 %"
     )
 
 
 def render_markdown(report: Report, problems: list[str]) -> str:
-    """``reports/accuracy.md``."""
+    """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown)."""
+    from vramcalc.render import table
+
     lines = ["# vramcalc accuracy report", ""]
     lines.append(
         f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}."
@@ -229,15 +231,13 @@ def render_markdown(report: Report, problems: list[str]) -> str:
             rows = [r for r in ok if r.split == split and str(r.record.get("method")) == method]
             lines.append(f"## {split} · {method} ({len(rows)} cases)")
             lines.append("")
-            lines.append("| metric | n | median abs | p90 abs | max abs | worst under-estimate |")
-            lines.append("|---|---|---|---|---|---|")
+            cells = []
             for metric in METRICS:
                 s = summarize(rows, metric)
-                lines.append(
-                    f"| {metric} | {s['n']} | {_fmt_pct(s['median_abs_error'])} | {_fmt_pct(s['p90_abs_error'])} "
-                    f"| {_fmt_pct(s['max_abs_error'])} | {_fmt_pct(s['worst_underestimate'])} |"
-                )
-            lines.append("")
+                keys = ("median_abs_error", "p90_abs_error", "max_abs_error", "worst_underestimate")
+                cells.append([metric, str(s["n"]), *(_fmt_pct(s[k]) for k in keys)])
+            heads = ["metric", "n", "median abs", "p90 abs", "max abs", "worst under-estimate"]
+            lines += [table(cells, heads, [False] + [True] * 5, markdown=True), ""]
     worst = sorted(ok, key=lambda r: -abs(r.errors.get("device_total_bytes", 0.0)))[:5]
     if worst:
         lines += ["## Worst cases (device_total_bytes)", ""]
@@ -249,16 +249,17 @@ def render_markdown(report: Report, problems: list[str]) -> str:
     if report.throughput:
         lines += ["## Throughput (tokens/s)", ""]
         lines.append(f"Efficiencies: {report.throughput[0]['efficiency_measured_on']}.")
-        lines += ["", "| split | n | median abs error |", "|---|---|---|"]
+        cells = []
         for split in sorted({r["split"] for r in report.throughput}):
             s = throughput_summary(report, split)
-            lines.append(f"| {split} | {s['n']} | {_fmt_pct(s['median_abs_error'])} |")
-        lines.append("")
+            cells.append([split, str(s["n"]), _fmt_pct(s["median_abs_error"])])
+        heads = ["split", "n", "median abs error"]
+        lines += ["", table(cells, heads, [False, True, True], markdown=True), ""]
     lines += ["## Gate", ""]
     lines += [f"- FAIL: {p}" for p in problems] or ["- all targets met on the validation split"]
     lines += ["", "## Cases", ""]
-    table = report_table(report)
-    if table:
+    cases = report_table(report)
+    if cases:
         cols = [
             "case_id",
             "split",
@@ -274,14 +275,8 @@ def render_markdown(report: Report, problems: list[str]) -> str:
             "estimated_peak_allocated_bytes",
             "error_pct_peak_allocated_bytes",
         ]
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "---|" * len(cols))
-        for flat in table:
-            lines.append(
-                "| "
-                + " | ".join("" if flat.get(c) is None else str(flat.get(c)) for c in cols)
-                + " |"
-            )
+        cells = [["" if flat.get(c) is None else str(flat.get(c)) for c in cols] for flat in cases]
+        lines.append(table(cells, cols, markdown=True))
     return "\n".join(lines) + "\n"
 
 

@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve_model
+from vramcalc.catalog import Gpu, ModelSpec, find_gpu
+from vramcalc.checks import plan_warnings, recipe_blocker
 from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
-from vramcalc.estimate import (
-    COMPONENTS,
-    MemoryEstimate,
-    estimate_from_inventory,
-    inventory_for,
-)
+from vramcalc.estimate import COMPONENTS, MemoryEstimate, Prepared, prepare, resolve
 from vramcalc.fit import budget_bytes
-from vramcalc.inventory import ModelInventory
+from vramcalc.inventory import ModelInventory, lora_key
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
 
@@ -216,40 +212,37 @@ def _coerce(name: str, value: Any) -> Any:
 
 # -- estimating --------------------------------------------------------------------------------
 class EstimateCache:
-    """Resolved models and inventories, built once per key for a whole sweep.
+    """``prepare`` per model and inventory key for a whole sweep, failures included.
 
-    An inventory depends on the model config and, for adapter methods, on the
-    LoRA rank and targets only (the key ``vramcalc.inventory.cache_key`` uses);
-    failures are cached too, so a bad model or target fails fast on every row.
+    ``prepare`` is memoized already; this also remembers what failed (an unknown model,
+    a broken config, a missing target), so a bad model fails fast on every row.
     """
 
     def __init__(self) -> None:
         self._specs: dict[str, ModelSpec | VramcalcError] = {}
-        self._inventories: dict[tuple[Any, ...], ModelInventory | VramcalcError] = {}
+        self._prepared: dict[tuple[Any, ...], Prepared | VramcalcError] = {}
 
     def spec(self, model: str) -> ModelSpec:
         if model not in self._specs:
             try:
-                self._specs[model] = resolve_model(model)
+                self._specs[model] = resolve(model)
             except VramcalcError as err:
                 self._specs[model] = err
         return _value_or_raise(self._specs[model])
 
-    def inventory(self, spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:
-        key: tuple[Any, ...] = (spec.source, spec.name, plan.uses_adapters)
-        if plan.uses_adapters:
-            key += (plan.rank, plan.targets, plan.dora, plan.modules_to_save)
-        if key not in self._inventories:
+    def prepared(self, plan: TrainingPlan) -> Prepared:
+        spec = self.spec(plan.model)
+        key = (spec.source, spec.name, repr(lora_key(plan)))
+        if key not in self._prepared:
             try:
-                self._inventories[key] = inventory_for(spec, plan)
+                self._prepared[key] = prepare(spec, plan)
             except VramcalcError as err:
-                self._inventories[key] = err
-        return _value_or_raise(self._inventories[key])
+                self._prepared[key] = err
+        return _value_or_raise(self._prepared[key])
 
     def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
         """Equal to ``vramcalc.estimate.estimate(plan)``."""
-        spec = self.spec(plan.model)
-        return estimate_from_inventory(self.inventory(spec, plan), plan, spec.name, spec.source)
+        return self.prepared(plan).estimate(plan)
 
 
 def _value_or_raise(value: Any) -> Any:
@@ -288,7 +281,12 @@ class SpeedAndCost:
         if self.speed:
             out.update(throughput_columns(inventory, plan, gpus))
         if self.run is not None:
-            fitting = [g for g in gpus if estimate.device_total_bytes <= budget_bytes(g, headroom)]
+            fitting = [
+                g
+                for g in gpus
+                if estimate.device_total_bytes <= budget_bytes(g, headroom)
+                and recipe_blocker(plan, g) is None
+            ]
             priced = cost_table(
                 inventory, plan, fitting, self.run, self.price_per_hour_usd
             ).columns()
@@ -312,6 +310,7 @@ class SweepRow:
     gpus: tuple[Gpu, ...]  # the GPU(s) the case's own ``gpu`` cell names
     error: str | None
     cells: dict[str, Any] = field(default_factory=dict)  # ``SpeedAndCost`` columns
+    warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
 
 
 @dataclass(frozen=True)
@@ -320,10 +319,20 @@ class SweepResult:
     gpus: tuple[Gpu, ...]  # one ``fits_<name>`` column each
     headroom: float
     extras: SpeedAndCost = SpeedAndCost()
+    given: frozenset[str] = frozenset()  # plan options set explicitly: they define the rows
 
     @property
     def errors(self) -> int:
         return sum(1 for row in self.rows if row.error)
+
+    @property
+    def warnings(self) -> dict[str, int]:
+        """Each distinct warning with the number of rows it concerns."""
+        out: dict[str, int] = {}
+        for row in self.rows:
+            for warning in row.warnings:
+                out[warning] = out.get(warning, 0) + 1
+        return out
 
     @property
     def columns(self) -> list[str]:
@@ -375,12 +384,16 @@ def _record(
     for name, nbytes in values.items():
         out[f"{name}_bytes"] = nbytes
         out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
-    total = est.device_total_bytes
+    total, plan = est.device_total_bytes, est.plan
+
+    def fits(gpu: Gpu, budget: int) -> bool:
+        return total <= budget and recipe_blocker(plan, gpu) is None
+
     for gpu, budget in budgets:
-        out[f"fits_{gpu.name}"] = total <= budget
-    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if total <= b), None)
+        out[f"fits_{gpu.name}"] = fits(gpu, budget)
+    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if fits(g, b)), None)
     if row.gpus:
-        out["fits"] = all(total <= budget_bytes(g, headroom) for g in row.gpus)
+        out["fits"] = all(fits(g, budget_bytes(g, headroom)) for g in row.gpus)
     out.update(row.cells)
     return out
 
@@ -398,11 +411,13 @@ def run_sweep(
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     cache: EstimateCache | None = None,
     extras: SpeedAndCost = SpeedAndCost(),
+    given: Set[str] = frozenset(),
 ) -> SweepResult:
     """Estimate every case; an invalid one gets an ``error`` instead of stopping the sweep.
 
     GPUs named in a case's ``gpu`` cell get a ``fits_<name>`` column too.
-    ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns.
+    ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns;
+    ``given`` names the plan options set explicitly (for ``vramcalc.checks.plan_warnings``).
     """
     cache = cache or EstimateCache()
     wants_cells = extras.speed or extras.run is not None
@@ -412,6 +427,7 @@ def run_sweep(
         plan = est = None
         row_gpus: tuple[Gpu, ...] = ()
         cells: dict[str, Any] = {}
+        warnings: tuple[str, ...] = ()
         try:
             row_gpus = tuple(
                 find_gpu(n) for n in str(case.get(GPU_COLUMN) or "").split(",") if n.strip()
@@ -419,11 +435,12 @@ def run_sweep(
             columns.update((gpu.name, gpu) for gpu in row_gpus)
             plan = plan_from_case(case)
             est = cache.estimate(plan)
+            warnings = plan_warnings(plan, cache.prepared(plan).inventory, given)
             if wants_cells:
-                inventory = cache.inventory(cache.spec(plan.model), plan)
+                inventory = cache.prepared(plan).inventory
                 cells = extras.cells(inventory, est, list(columns.values()), headroom)
             error = None
         except VramcalcError as err:
             error = str(err)
-        rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells))
-    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras)
+        rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells, warnings))
+    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras, frozenset(given))

@@ -36,11 +36,11 @@ TFLOP/s and bandwidth from ``data/gpus.csv``; host seconds carry over unchanged.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
 from vramcalc.flops import StepFlops, estimate_flops, linear_input_grad_shares
@@ -48,7 +48,6 @@ from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.optimizer import estimate_optimizer
-from vramcalc.memory.overhead import CALIBRATION_JSON
 from vramcalc.memory.weights import NF4_BLOCKSIZE, four_bit_linear_bytes, int8_linear_bytes
 from vramcalc.plan import TrainingPlan
 
@@ -124,8 +123,8 @@ class ThroughputCalibration:
 def load_throughput_calibration() -> ThroughputCalibration:
     """The ``throughput_*`` constants of ``data/calibration.json``."""
     try:
-        return ThroughputCalibration.from_json(json.loads(CALIBRATION_JSON.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        return ThroughputCalibration.from_json(calibration_json())
+    except (ValueError, KeyError, TypeError) as err:
         raise CatalogError(
             f"calibration file {CALIBRATION_JSON}: throughput entries unreadable ({err})"
         ) from err
@@ -398,30 +397,4 @@ def estimate_throughput(
         terms.step_seconds(cal),
         "GPU" if gpu_s >= host_s else "host",
         _derivation(gpu, cal, compute_dtype(plan)),
-    )
-
-
-def render_throughput(estimate: ThroughputEstimate) -> str:
-    """The throughput block of ``vramcalc plan``."""
-    e, s, f = estimate, estimate.seconds, estimate.flops
-    cal, key = e.calibration, e.efficiency_key
-    return "\n".join(
-        [
-            f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, {e.gpu.memory_bandwidth_gbps:g} GB/s)",
-            f"  {'step time':<18}{e.step_seconds:>12.3f} s   ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
-            f"  {'tokens/s':<18}{e.tokens_per_second:>12,.0f}     per GPU"
-            + (
-                f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
-                if e.plan.num_gpus > 1
-                else ""
-            ),
-            f"  {'MFU':<18}{100 * e.mfu:>11.1f} %    (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)",
-            f"  {'FLOPs / step':<18}{f.total:>12.3e}     forward {f.forward:.3e}, backward {f.backward:.3e}, "
-            f"recompute {f.recompute:.3e}",
-            f"  {'seconds / step':<18}max(GPU compute {s['compute']:.3f} + memory {s['memory']:.3f}, "
-            f"host launch {s['host']:.3f}) + optimizer {s['optimizer']:.3f} + overhead {s['overhead']:.3f}",
-            f"  {'efficiency':<18}{key} {cal.compute_efficiency[key]:.2f} of peak, "
-            f"{cal.bandwidth_efficiency:.2f} of bandwidth; measured on: {cal.measured_on_text}",
-            f"  {'derived':<18}{e.derivation}",
-        ]
     )

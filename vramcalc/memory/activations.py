@@ -24,13 +24,12 @@ Sources: transformers ``models/*/modeling_*.py`` (5.x), peft
 ``tuners/lora/layer.py`` and ``lora/bnb.py`` (0.21), bitsandbytes
 ``autograd/_functions.py`` (0.50), torch ``utils/checkpoint.py`` and
 ``ATen/autocast_mode.cpp``. ``tests/test_activations.py`` checks every number
-against ``vramcalc.memtrace`` on real tiny models run on CPU.
+against ``tests/memtrace.py`` (a test instrument) on real tiny models run on CPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
@@ -115,15 +114,14 @@ def run_layer(
 def estimate_activations(
     inventory: ModelInventory,
     plan: TrainingPlan,
-    config_dict: dict[str, Any] | None = None,
+    *,
     round_to: int = ROUND_TO,
 ) -> ActivationEstimate:
     """Activation bytes of ``inventory``'s decoder stack under ``plan`` (see module docstring).
 
-    ``config_dict`` (the model's ``config.json``) supplies the activation
-    function and dropout rates; without it the architecture's defaults apply.
+    The activation function and dropout rates are the inventory's config facts.
     """
-    r = recipe_for(inventory, plan, config_dict)
+    r = recipe_for(inventory, plan)
     layers = inventory.num_layers
     steady = run_layer(inventory, r, True, round_to)
     # LoRA without checkpointing: the frozen embedding's output needs no gradient; with
@@ -157,15 +155,21 @@ def estimate_activations(
         windows = 2 if inventory.model_type == "gemma2" else 1
         mask = windows * _round(r.batch * r.seq * r.seq * ITEMSIZE[r.res], round_to)
     forward_transient, backward_transient = _transients(steady, r, inventory)
+    head_lora = bool(inventory.output_head) and inventory.output_head in inventory.lora_targets
     linear_adapters = sum(
         grp.count * plan.rank * (grp.in_features + grp.out_features)
         for grp in inventory.linears
         if grp.lora
-    )
+    ) + (plan.rank * (inventory.hidden_size + inventory.vocab_size) if head_lora else 0)
     wrapped_params = plan.uses_adapters and (
         inventory.adapter_params != linear_adapters or plan.dora or bool(plan.modules_to_save)
     )
-    exact = inventory.model_type in MODELLED and r.weight != "int8" and not wrapped_params
+    exact = (
+        inventory.model_type in MODELLED
+        and r.weight != "int8"
+        and not wrapped_params
+        and not head_lora
+    )
     return ActivationEstimate(
         per_layer_saved_bytes=per_layer,
         first_layer_saved_bytes=first_layer,
@@ -238,6 +242,11 @@ def _describe(
         parts.append(
             "adapters on non-Linear parameters (peft ParamWrapper on MoE experts/router) are not "
             "modelled: their merged expert weights are saved too"
+        )
+    if inv.output_head and inv.output_head in inv.lora_targets:
+        parts.append(
+            f"LoRA on the output head ({inv.output_head}) is not modelled: its fp32 input copy "
+            "and rank-r output, and the B x S x V adapter output added to the logits, are missing"
         )
     if not exact and inv.model_type not in MODELLED:
         parts.append(

@@ -10,7 +10,6 @@ and their sources.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vramcalc.inventory import LinearGroup, ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, Graph, T
@@ -52,10 +51,8 @@ class Recipe:
         return self.weight in ("nf4", "fp4", "int8")
 
 
-def recipe_for(
-    inventory: ModelInventory, plan: TrainingPlan, config_dict: dict[str, Any] | None = None
-) -> Recipe:
-    cfg = config_dict or {}
+def recipe_for(inventory: ModelInventory, plan: TrainingPlan) -> Recipe:
+    """The recipe of ``plan`` on ``inventory`` (its config facts included)."""
     model_type = inventory.model_type
     low = "fp16" if plan.dtype == "fp16" else "bf16"
     # prepare_model_for_kbit_training's fp32 norms/embeddings make the residual fp32;
@@ -69,23 +66,13 @@ def recipe_for(
     default_act = {"gemma": "gelu_tanh", "gemma2": "gelu_tanh", "opt": "relu"}.get(
         model_type, "silu"
     )
-    act_name = str(
-        cfg.get("hidden_activation")
-        or cfg.get("hidden_act")
-        or cfg.get("activation_function")
-        or default_act
-    )
+    act_name = inventory.hidden_act or default_act
     act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}.get(
         act_name, act_name
     )
     if act not in ("silu", "gelu", "gelu_tanh", "relu"):
         act = "silu" if act == "swish" else "gelu"
-    hidden_dropout = (
-        float(cfg.get("dropout", 0.1 if model_type == "opt" else 0.0) or 0.0)
-        if model_type == "opt"
-        else 0.0
-    )
-    softcap = cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)
+    softcap = inventory.attn_logit_softcapping
     return Recipe(
         batch=plan.batch_size,
         seq=plan.seq_len,
@@ -97,8 +84,8 @@ def recipe_for(
         lora_dropout=plan.dropout if plan.uses_adapters else 0.0,
         attn=attn,
         act=act,
-        hidden_dropout=hidden_dropout,
-        attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+        hidden_dropout=inventory.dropout if model_type == "opt" else 0.0,
+        attention_dropout=inventory.attention_dropout,
         softcap=float(softcap) if softcap and attn == "eager" else None,
     )
 

@@ -24,7 +24,6 @@ its bf16 cast. ``tests/test_logits.py`` checks these against the tracer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.activations import ITEMSIZE, ROUND_TO, Graph, recipe_for
@@ -51,11 +50,11 @@ class LogitsEstimate:
 def estimate_logits(
     inventory: ModelInventory,
     plan: TrainingPlan,
-    config_dict: dict[str, Any] | None = None,
+    *,
     round_to: int = ROUND_TO,
 ) -> LogitsEstimate:
     """Head + loss bytes of ``inventory`` under ``plan`` (see the module docstring)."""
-    r = recipe_for(inventory, plan, config_dict)
+    r = recipe_for(inventory, plan)
     g = Graph(r.low, round_to)
     n, v, h = r.tokens, inventory.vocab_size, inventory.hidden_size
 
@@ -74,9 +73,7 @@ def estimate_logits(
     labels = rounded(n, "i64")  # labels[..., 1:].contiguous(), kept by nll_loss
     padded = rounded(r.batch * (r.seq + 1), "i64")  # pad(labels, (0, 1), -100)
     total_weight = rounded(1, "fp32")  # nll_loss's 0-dim outputs: the loss and total_weight
-    softcap = inventory.model_type == "gemma2" and (config_dict or {}).get(
-        "final_logit_softcapping", 30.0
-    )
+    softcap = inventory.model_type == "gemma2" and bool(inventory.final_logit_softcapping)
     tanh_saved = logits if softcap else 0
     loss_saved = fp32_logits + labels + total_weight + tanh_saved
     # forward: bf16 logits (+ the kept tanh output) + fp32 copy + log-probs, pad/shift labels

@@ -9,13 +9,10 @@ a documented prior until measurements exist).
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 
-from vramcalc.catalog import DATA_DIR
+from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.errors import CatalogError
-
-CALIBRATION_JSON = DATA_DIR / "calibration.json"
 
 
 @dataclass(frozen=True)
@@ -30,10 +27,7 @@ class Calibration:
 
 @functools.lru_cache(maxsize=1)
 def load_calibration() -> Calibration:
-    try:
-        raw = json.loads(CALIBRATION_JSON.read_text())
-    except (OSError, ValueError) as err:
-        raise CatalogError(f"calibration file {CALIBRATION_JSON} is unreadable ({err})") from err
+    raw = calibration_json()
     try:
         return Calibration(
             cuda_context_bytes=int(raw["cuda_context_bytes"]["value"]),

@@ -1,5 +1,8 @@
 """A live-tensor memory tracer: the instrument that derives and tests activation rules.
 
+A development instrument, used only by the tests (``test_memtrace.py`` checks the
+instrument itself): it lives here, not in the shipped ``vramcalc`` package.
+
 ``MemoryTracer`` is a ``TorchDispatchMode``: every aten op that runs while it
 is active (forward, loss, backward, optimizer step; CPU, meta or fake
 tensors) reports its outputs, and each *new* storage is followed with a

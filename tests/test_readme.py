@@ -1,0 +1,109 @@
+"""The README matches the code: every key ``plan --json`` emits is documented, the layout
+lists every module, the set-up commands are the ones CI runs, no internal machine details."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from vramcalc.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    start = README.index(title)
+    following = README.find("\n## ", start + len(title))
+    nxt = README.find("\n### ", start + len(title))
+    ends = [i for i in (following, nxt) if i != -1]
+    return README[start : min(ends) if ends else len(README)]
+
+
+def _documented() -> set[str]:
+    return set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", _section("### `--json` schema")))
+
+
+def _keys(value, prefix: str = "") -> set[str]:
+    """Every key of ``value``, nested objects and the objects inside lists included."""
+    out: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.add(key)
+            if key not in ("rules",):  # rule names are free text per component
+                out |= _keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            out |= _keys(item)
+    return out
+
+
+def test_every_emitted_json_key_is_documented():
+    model = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"  # activations > 40 %: a hint
+    args = ["plan", "--model", model, "--batch-size", "2", "--seq-len", "2048", "--steps", "10"]
+    result = CliRunner().invoke(cli, [*args, "--strategy", "fsdp", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["hints"] and data["warnings"] and data["cost"]["skipped"]  # every part present
+    keys = _keys({k: v for k, v in data.items() if k != "rules"})
+    missing = sorted(keys - _documented())
+    assert missing == []
+    phases = set(data["phase_allocated_bytes"])
+    row = next(line for line in README.splitlines() if line.startswith("| `peak_phase`"))
+    assert set(re.findall(r"`([a-z_]+)`", row)) - {"peak_phase"} == phases
+
+
+def test_the_layout_lists_every_module():
+    layout = _section("## Layout")
+    for folder in ("vramcalc", "vramcalc/memory", "harness"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            assert path.name in layout, f"{folder}/{path.name} is missing from the README layout"
+    assert "memtrace.py" in layout
+
+
+def test_setup_commands_and_ci():
+    assert (
+        'pip install torch==2.13.0 && pip install -e ".[export]" && vramcalc plan --model '
+        "meta-llama/Llama-2-13b --method qlora --rank 16" in README
+    )
+    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    assert test_command in README
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == test_command
+
+
+def test_no_internal_details_of_our_machines():
+    for text in (README, (ROOT / "data" / "gpus.csv").read_text()):
+        for needle in ("KINDS.md", "device machine", "our machines", "/work/"):
+            assert needle not in text
+
+
+def _usage_lines(command: str) -> list[str]:
+    block = _section("## Usage")
+    return [line for line in block.splitlines() if line.startswith(f"vramcalc {command} --model")]
+
+
+def test_readme_plan_examples_fit_something_except_the_one_said_not_to():
+    lines = [line for line in _usage_lines("plan") if "./my-model-dir/" not in line]
+    assert len(lines) == 4
+    for line in lines:
+        command, _, comment = line.partition("#")
+        args = command.split()[1:]
+        result = CliRunner().invoke(cli, [a for a in args if a != "--json"] + ["--json"])
+        assert result.exit_code == 0, result.output
+        fitting = [g["name"] for g in json.loads(result.stdout)["gpus"] if g["fits"]]
+        assert bool(fitting) is ("fits no single GPU" not in comment), line
+
+
+def test_readme_fit_examples_say_what_fit_answers():
+    lines = _usage_lines("fit")
+    assert len(lines) == 2
+    for line in lines:
+        command, _, comment = line.partition("#")
+        result = CliRunner().invoke(cli, [*command.split()[1:], "--json"])
+        assert result.exit_code == 0, result.output
+        value = json.loads(result.stdout)["value"]
+        assert comment.strip().endswith(f": {value:,}"), (line, value)

@@ -1,0 +1,32 @@
+"""The one reader of ``data/calibration.json``.
+
+The file holds every constant the estimator cannot derive from library source
+(memory overheads, throughput efficiencies), each with its source. It is read
+once per process here; ``memory.overhead.load_calibration`` and
+``throughput.load_throughput_calibration`` parse their parts of it, and the
+commands pass the parsed objects in (``estimate.prepare``), so no rule reads a
+file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from vramcalc.catalog import DATA_DIR
+from vramcalc.errors import CatalogError
+
+CALIBRATION_JSON = DATA_DIR / "calibration.json"
+
+
+@functools.lru_cache(maxsize=1)
+def calibration_json() -> dict[str, Any]:
+    """The parsed ``data/calibration.json`` (read once; a ``CatalogError`` if unreadable)."""
+    try:
+        raw = json.loads(CALIBRATION_JSON.read_text())
+    except (OSError, ValueError) as err:
+        raise CatalogError(f"calibration file {CALIBRATION_JSON} is unreadable ({err})") from err
+    if not isinstance(raw, dict):
+        raise CatalogError(f"calibration file {CALIBRATION_JSON} is not a JSON object")
+    return raw

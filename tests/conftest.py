@@ -10,6 +10,10 @@ import pytest
 # Inventories built by tests go to a per-session temp cache, never ~/.cache.
 os.environ.setdefault("VRAMCALC_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests about the rules, the CLI and the harness do not trace steps to simulate the caching
+# allocator (seconds per plan); the allocator tests (test_allocator*, test_steptrace,
+# test_slack_estimate, the report gate) ask for it explicitly.
+os.environ.setdefault("VRAMCALC_ALLOCATOR_MODEL", "approximate")
 
 TINY_LLAMA = {
     "model_type": "llama",

@@ -43,21 +43,59 @@ from vramcalc.inventory import build_inventory
 from vramcalc.memory.activations import estimate_activations
 from vramcalc.plan import TrainingPlan
 
-BASE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
-        "max_position_embeddings": 256, "tie_word_embeddings": False, "use_cache": False}
+BASE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "use_cache": False,
+}
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {**BASE, "model_type": "llama", "intermediate_size": 176, "num_key_value_heads": 2},
     "qwen2": {**BASE, "model_type": "qwen2", "intermediate_size": 176, "num_key_value_heads": 2},
-    "mistral": {**BASE, "model_type": "mistral", "intermediate_size": 160, "num_key_value_heads": 1,
-                "sliding_window": None},
-    "gemma2": {**BASE, "model_type": "gemma2", "intermediate_size": 160, "num_key_value_heads": 2,
-               "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
-    "phi3": {**BASE, "model_type": "phi3", "intermediate_size": 160, "num_key_value_heads": 2,
-             "pad_token_id": 0},
-    "mixtral": {**BASE, "model_type": "mixtral", "intermediate_size": 96, "num_key_value_heads": 2,
-                "num_local_experts": 4, "num_experts_per_tok": 2},
-    "opt": {**BASE, "model_type": "opt", "ffn_dim": 128, "word_embed_proj_dim": 64,
-            "do_layer_norm_before": True, "enable_bias": True, "dropout": 0.1, "pad_token_id": 1},
+    "mistral": {
+        **BASE,
+        "model_type": "mistral",
+        "intermediate_size": 160,
+        "num_key_value_heads": 1,
+        "sliding_window": None,
+    },
+    "gemma2": {
+        **BASE,
+        "model_type": "gemma2",
+        "intermediate_size": 160,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 64,
+    },
+    "phi3": {
+        **BASE,
+        "model_type": "phi3",
+        "intermediate_size": 160,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+    },
+    "mixtral": {
+        **BASE,
+        "model_type": "mixtral",
+        "intermediate_size": 96,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "opt": {
+        **BASE,
+        "model_type": "opt",
+        "ffn_dim": 128,
+        "word_embed_proj_dim": 64,
+        "do_layer_norm_before": True,
+        "enable_bias": True,
+        "dropout": 0.1,
+        "pad_token_id": 1,
+    },
 }
 BATCH, SEQ = 2, 32
 
@@ -120,10 +158,20 @@ def _bnb_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 def _real_linear4bit(module: torch.nn.Linear) -> torch.nn.Module:
     import bitsandbytes as bnb
 
-    new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                            compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-    new.weight = bnb.nn.Params4bit(module.weight.data.to(torch.bfloat16), requires_grad=False,
-                                   quant_type="nf4", compress_statistics=True)
+    new = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=torch.bfloat16,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    new.weight = bnb.nn.Params4bit(
+        module.weight.data.to(torch.bfloat16),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
     new = new.to("cpu")  # quantizes
     if module.bias is not None:
         new.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
@@ -143,7 +191,9 @@ def _replace_linears(model: torch.nn.Module, cls: Any) -> None:
             new = _real_linear4bit(module)
         else:
             new = cls(module.in_features, module.out_features, bias=module.bias is not None)
-            new.weight = torch.nn.Parameter(module.weight.data.to(torch.bfloat16), requires_grad=False)
+            new.weight = torch.nn.Parameter(
+                module.weight.data.to(torch.bfloat16), requires_grad=False
+            )
             new.weight._emulated_kbit = True
             if module.bias is not None:
                 new.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
@@ -168,18 +218,24 @@ def build_cpu_recipe(
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config_from_dict(config_dict), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(
+            config_from_dict(config_dict), attn_implementation=attn
+        )
     model.config.use_cache = False  # Trainer sets config.use_cache = args.use_cache (False)
     model.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.dtype])
     if plan.is_kbit:
-        kind = "bitsandbytes" if real_bnb else Emulated8bit if plan.quant == "int8" else Emulated4bit
+        kind = (
+            "bitsandbytes" if real_bnb else Emulated8bit if plan.quant == "int8" else Emulated4bit
+        )
         _replace_linears(model, kind)
         # set by transformers' bnb quantizers; peft picks its lora.bnb layers by it
         model.is_loaded_in_4bit = plan.quant != "int8"
         model.is_loaded_in_8bit = plan.quant == "int8"
         for p in model.parameters():  # prepare_model_for_kbit_training: the rest to fp32
-            if p.dtype == torch.bfloat16 and type(p).__name__ != "Params4bit" and not getattr(
-                p, "_emulated_kbit", False
+            if (
+                p.dtype == torch.bfloat16
+                and type(p).__name__ != "Params4bit"
+                and not getattr(p, "_emulated_kbit", False)
             ):
                 p.data = p.data.float()
     if plan.uses_adapters:
@@ -197,13 +253,20 @@ def build_cpu_recipe(
             targets = DEFAULTS.get(config_dict["model_type"]) or "all-linear"
         if plan.targets == ("all-linear",):
             targets = "all-linear"
-        lora = LoraConfig(r=plan.rank, lora_alpha=plan.lora_alpha, lora_dropout=plan.dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=plan.rank,
+            lora_alpha=plan.lora_alpha,
+            lora_dropout=plan.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lora)
         for module in model.modules():
-            if isinstance(module, LoraLayer) and isinstance(module.base_layer, (Emulated4bit, Emulated8bit)):
+            if isinstance(module, LoraLayer) and isinstance(
+                module.base_layer, (Emulated4bit, Emulated8bit)
+            ):
                 module.forward = _bnb_lora_forward.__get__(module)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -217,7 +280,11 @@ def cuda_recipe_on_cpu() -> Iterator[None]:
     layer_norm, dropout, is_enabled = F.layer_norm, F.dropout, torch.is_autocast_enabled
 
     def fp32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
-        cast = (lambda t: t if t is None else t.float()) if torch.is_autocast_enabled("cpu") else (lambda t: t)
+        cast = (
+            (lambda t: t if t is None else t.float())
+            if torch.is_autocast_enabled("cpu")
+            else (lambda t: t)
+        )
         return layer_norm(cast(x), shape, cast(weight), cast(bias), eps)
 
     def fused_dropout(x, p=0.5, training=True, inplace=False):
@@ -261,8 +328,10 @@ def measure_saved(
     ids = torch.randint(2, config_dict["vocab_size"], (plan.batch_size, plan.seq_len))
     with cuda_recipe_on_cpu():
         report, out = saved_bytes(
-            lambda: model(input_ids=ids, labels=ids), round_to=512,
-            parameters=list(model.parameters()), scopes=scopes,
+            lambda: model(input_ids=ids, labels=ids),
+            round_to=512,
+            parameters=list(model.parameters()),
+            scopes=scopes,
         )
     del out
     return report, len(layers)
@@ -387,7 +456,12 @@ WIDE = {"vocab_size": 32, "hidden_size": 128, "intermediate_size": 512, "num_hid
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize(
     "model_type, variant",
-    [("llama", "lora-bf16"), ("llama", "qlora-nf4"), ("llama", "full-fp32"), ("mixtral", "lora-bf16")],
+    [
+        ("llama", "lora-bf16"),
+        ("llama", "qlora-nf4"),
+        ("llama", "full-fp32"),
+        ("mixtral", "lora-bf16"),
+    ],
 )
 def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpointing: bool) -> None:
     """After forward exactly layers + head + loss saved (+ the loss); backward within bounds.
@@ -401,13 +475,18 @@ def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpoint
     from vramcalc.memory.logits import estimate_logits
 
     config = {**CONFIGS[model_type], **WIDE}
-    plan = plan_for(model_type, gradient_checkpointing=checkpointing, seq_len=64, **VARIANTS[variant])
+    plan = plan_for(
+        model_type, gradient_checkpointing=checkpointing, seq_len=64, **VARIANTS[variant]
+    )
     inventory = build_inventory(config, plan)
     act = estimate_activations(inventory, plan)
     logits = estimate_logits(inventory, plan)
     saved, extra, grads = step_memory(config, plan)
     loss_scalar = 512
-    assert saved == act.layers_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes + loss_scalar
+    assert (
+        saved
+        == act.layers_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes + loss_scalar
+    )
     released = act.final_norm_saved_bytes + logits.head_saved_bytes + logits.loss_saved_bytes
     expected = act.recompute_layer_bytes + act.backward_transient_bytes
     assert extra - grads <= expected
@@ -416,8 +495,15 @@ def test_forward_end_and_backward_peak(model_type: str, variant: str, checkpoint
 
 
 def test_unmodelled_architecture_gets_a_flagged_llama_approximation() -> None:
-    config = {**BASE, "model_type": "falcon", "multi_query": True, "parallel_attn": True,
-              "new_decoder_architecture": False, "bias": False, "alibi": False}
+    config = {
+        **BASE,
+        "model_type": "falcon",
+        "multi_query": True,
+        "parallel_attn": True,
+        "new_decoder_architecture": False,
+        "bias": False,
+        "alibi": False,
+    }
     plan = plan_for("falcon", method="qlora")
     est = estimate_activations(build_inventory(config, plan), plan)
     assert not est.exact and "approximation" in est.rule
@@ -431,9 +517,15 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
 
     from tests.memtrace import fake_saved_bytes
 
-    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2,
-              "vocab_size": 32000}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_hidden_layers": 2,
+        "vocab_size": 32000,
+    }
     seq = 4096
     layer_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
     layer_config._attn_implementation = "sdpa"

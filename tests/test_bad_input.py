@@ -72,7 +72,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "config", "message"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    ("name", "config", "message"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS]
+)
 @pytest.mark.parametrize("command", ["plan", "fit"])
 def test_a_broken_local_config_is_one_error_line(tmp_path, name, config, message, command):
     model = _config(tmp_path, name, config)

@@ -109,7 +109,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
             "T4,RTX-4090",
         ]
         args.append(
-            "--gradient-checkpointing" if row["gradient_checkpointing"] else "--no-gradient-checkpointing"
+            "--gradient-checkpointing"
+            if row["gradient_checkpointing"]
+            else "--no-gradient-checkpointing"
         )
         expected = plan_json(run, *args)
         assert int(row["device_total_bytes"]) == expected["device_total_bytes"]
@@ -124,7 +126,9 @@ def test_sweep_file_equals_plan_json(run, tiny_llama_dir, tiny_opt_dir, tmp_path
         ]
         for key, value in expected["plan"].items():
             if key == "modules_to_save":
-                assert value is None and (row[key] is None or row[key] != row[key])  # NaN in a frame
+                assert value is None and (
+                    row[key] is None or row[key] != row[key]
+                )  # NaN in a frame
             elif key != "targets":
                 assert row[key] == value, key
 
@@ -302,7 +306,14 @@ def test_fit_nothing_fits_exits_3(run):
     assert "Error" not in result.output
     data = json.loads(
         run(
-            "fit", "-m", "meta-llama/Llama-2-70b-hf", "--method", "full", "--gpu", "RTX-4090", "--json"
+            "fit",
+            "-m",
+            "meta-llama/Llama-2-70b-hf",
+            "--method",
+            "full",
+            "--gpu",
+            "RTX-4090",
+            "--json",
         ).output
     )
     assert (

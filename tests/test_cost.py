@@ -147,7 +147,16 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     text = render_cost(table)
     lines = text.splitlines()
     assert lines[0] == "run: 100 optimizer steps of 64 tokens (--steps)"
-    assert lines[1].split() == ["GPU", "tokens/s", "wall", "time", "GPU-hours", "$/GPU-h", "cost", "$"]
+    assert lines[1].split() == [
+        "GPU",
+        "tokens/s",
+        "wall",
+        "time",
+        "GPU-hours",
+        "$/GPU-h",
+        "cost",
+        "$",
+    ]
     # one line per GPU, smallest memory first; every '-' is explained under the table
     assert [line.split()[0] for line in lines[3:7]] == ["H100-80GB", "Test", "Unpriced", "A10G"]
     assert lines[6].split() == ["A10G", "-", "-", "-", "-", "-"]

@@ -44,7 +44,9 @@ def test_plan_states_the_checkpointing_choice(tiny_llama_dir):
         [*model, "--method", "qlora", "--no-gradient-checkpointing"],
     )
     assert ", gradient checkpointing off\n" in off.output
-    assert "  - gradient checkpointing off (--no-gradient-checkpointing; k-bit recipes" in off.output
+    assert (
+        "  - gradient checkpointing off (--no-gradient-checkpointing; k-bit recipes" in off.output
+    )
     lora = run(cli, [*model, "--json"])
     assert json.loads(lora.output)["plan"]["gradient_checkpointing"] is False
     assert "gradient checkpointing off (the default without k-bit base weights;" in "\n".join(
@@ -53,12 +55,23 @@ def test_plan_states_the_checkpointing_choice(tiny_llama_dir):
 
 
 def test_the_mission_example_fits_a_24_gb_card():
-    """``plan --model meta-llama/Llama-2-13b --method qlora --rank 16``: about 11 GiB, as users see."""
+    """``plan --model meta-llama/Llama-2-13b --method qlora --rank 16``: about 11 GiB reserved by
+    torch, 12-13 GiB on the device with the driver reserve and the CUDA context; fits 24 GB."""
     out = CliRunner().invoke(
         cli,
-        ["plan", "--model", "meta-llama/Llama-2-13b", "--method", "qlora", "--rank", "16", "--json"],
+        [
+            "plan",
+            "--model",
+            "meta-llama/Llama-2-13b",
+            "--method",
+            "qlora",
+            "--rank",
+            "16",
+            "--json",
+        ],
     )
     data = json.loads(out.output)
     assert data["plan"]["gradient_checkpointing"] is True
-    assert 10 * GIB < data["device_total_bytes"] < 12 * GIB
+    assert 10 * GIB < data["peak_reserved_bytes"] < 12 * GIB
+    assert 11 * GIB < data["device_total_bytes"] < 14 * GIB
     assert {g["name"]: g["fits"] for g in data["gpus"]}["RTX-4090"] is True

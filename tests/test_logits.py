@@ -43,7 +43,9 @@ def test_saved_by_head_and_loss_match_tracer(model_type, variant):
     config, plan, est = _case(model_type, variant)
     report, _ = measure_saved(config, plan)
     head = report.saved_during("head").new_bytes
-    loss = sum(t.nbytes for t in report.saved_during("").tensors if t.kind == "new" and t.created_by)
+    loss = sum(
+        t.nbytes for t in report.saved_during("").tensors if t.kind == "new" and t.created_by
+    )
     assert head == est.head_saved_bytes, report.table()
     assert loss == est.loss_saved_bytes, report.table()
 

@@ -94,8 +94,9 @@ def test_fake_mode_measures_a_full_size_layer_without_memory():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                         num_key_value_heads=32)
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
+    )
     config._attn_implementation = "sdpa"
     seq = 4096
 

@@ -154,7 +154,7 @@ def test_cost_is_one_line_per_gpu_and_sources_only_with_verbose():
     assert "price" not in text.lower().replace("$/gpu-h", "")
     verbose = _run(*args, "--verbose").output
     assert "  price L4: AWS EC2 on-demand Linux us-east-1" in verbose
-    assert "rules and sources:" in verbose and "  calibration.cuda_context_bytes: " in verbose
+    assert "rules and sources:" in verbose and "  calibration.cuda_runtime_bytes: " in verbose
     data = _plan(*args[1:])
     assert data["cost"]["gpus"][0]["price_source"].startswith("AWS EC2 on-demand")
 

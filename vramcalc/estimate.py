@@ -30,13 +30,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.catalog import ModelSpec, resolve_model
+from vramcalc.errors import VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
+from vramcalc.memory.layers import NO_SDPA
 from vramcalc.memory.logits import LogitsEstimate, estimate_logits
 from vramcalc.memory.optimizer import OptimizerEstimate, estimate_optimizer
-from vramcalc.memory.overhead import Calibration, allocator_reserve_bytes, load_calibration
+from vramcalc.memory.overhead import (
+    Calibration,
+    allocator_reserve_bytes,
+    load_calibration,
+    paged_device_bytes,
+    runtime_bytes,
+)
+from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
 from vramcalc.plan import TrainingPlan
 
@@ -51,8 +60,10 @@ COMPONENTS = (
     "gathered_weights",
     "comm_buffers",
     "cublas_workspace",
+    "trace_difference",
     "allocator_reserve",
     "cuda_context",
+    "driver_reserved",
     "nccl",
     "paged_optimizer_states",
 )
@@ -121,8 +132,15 @@ class Prepared:
     calibration: Calibration
     lora: dict[str, Any] | None  # inventory.lora_key of the plans this serves
 
-    def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
-        """The memory estimate of ``plan`` on this model."""
+    def estimate(self, plan: TrainingPlan, allocator_model: str | None = None) -> MemoryEstimate:
+        """The memory estimate of ``plan`` on this model.
+
+        ``allocator_model``: ``simulate`` (trace the run and replay it through the
+        caching-allocator model: seconds of CPU once per plan, then cached), ``cached`` (a
+        cached simulation if there is one, else the fallback), or ``approximate`` (the
+        calibrated fallback); default ``default_allocator_model()``. Multi-GPU plans always
+        take the fallback.
+        """
         if lora_key(plan) != self.lora:
             raise ValueError(
                 f"plan {plan.method} r={plan.rank} targets={plan.targets} needs another inventory "
@@ -134,7 +152,38 @@ class Prepared:
             self.calibration,
             model_name=self.spec.name,
             model_source=self.spec.source,
+            simulation=self.simulation(plan, allocator_model or default_allocator_model()),
         )
+
+    def simulation(self, plan: TrainingPlan, allocator_model: str) -> AllocatorSimulation | None:
+        """The plan's allocator simulation as ``allocator_model`` asks (None: the fallback)."""
+        from vramcalc.memory import slack
+
+        if allocator_model not in ALLOCATOR_MODELS:
+            raise ValueError(
+                f"allocator_model {allocator_model!r} is not one of {ALLOCATOR_MODELS}"
+            )
+        if allocator_model == "approximate" or plan.num_gpus > 1:
+            return None
+        if allocator_model == "cached":
+            return slack.cached_simulation(self.spec.config_dict, plan)
+        try:
+            return slack.simulate_plan(self.spec.config_dict, plan)
+        except VramcalcError:
+            raise
+        except Exception:  # noqa: BLE001 - an architecture the trace cannot run: the fallback
+            return None
+
+
+ALLOCATOR_MODELS = ("simulate", "cached", "approximate")
+
+
+def default_allocator_model() -> str:
+    """``$VRAMCALC_ALLOCATOR_MODEL`` or ``simulate`` (the test suite sets ``approximate``
+    where a test is not about the allocator, to stay fast)."""
+    import os
+
+    return os.environ.get("VRAMCALC_ALLOCATOR_MODEL", "simulate")
 
 
 _PREPARED: OrderedDict[tuple[str, str, str], Prepared] = OrderedDict()
@@ -194,11 +243,18 @@ def estimate_from_inventory(
     *,
     model_name: str = "",
     model_source: str = "",
+    simulation: AllocatorSimulation | None = None,
 ) -> MemoryEstimate:
     """The pure part: inventory + plan + calibration → ``MemoryEstimate`` (reads nothing).
 
     The model's config facts are in the inventory; ``model_name``/``model_source`` only label
     the result. Commands go through ``prepare``, which supplies all three arguments.
+
+    ``simulation``: the plan's run replayed through the caching-allocator model
+    (``memory/slack.py``). Its peaks are the estimate's peak allocated and reserved bytes;
+    the per-component breakdown still comes from the rules, ``trace_difference`` holding
+    what the traced step allocates at its peak beyond them (negative: the rules count
+    more). Without it (multi-GPU plans, large sweeps) the slack is the calibrated fraction.
     """
     static_plan = effective_plan(plan)  # FSDP full fine-tuning: fp32 master shards
     weights: WeightsEstimate = estimate_weights(inventory, static_plan)
@@ -281,10 +337,22 @@ def estimate_from_inventory(
     }
     phase_totals = {name: static + sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(phase_totals, key=lambda name: phase_totals[name])
-    peak_allocated = phase_totals[peak_phase]
-    reserve = allocator_reserve_bytes(peak_allocated, calibration)
-    peak_reserved = peak_allocated + reserve
-    device_total = peak_reserved + calibration.cuda_context_bytes + sharded.nccl_bytes + paged
+    rules_allocated = phase_totals[peak_phase]
+    if simulation is not None:
+        peak_allocated = simulation.peak_allocated_bytes
+        peak_reserved = max(simulation.peak_reserved_bytes[plan.allocator], peak_allocated)
+    else:
+        peak_allocated = rules_allocated
+        peak_reserved = peak_allocated + allocator_reserve_bytes(
+            peak_allocated, calibration, plan.allocator
+        )
+    reserve = peak_reserved - peak_allocated
+    eager = plan.attn == "eager" or inventory.model_type in NO_SDPA
+    runtime = runtime_bytes(plan, eager, calibration)
+    paged = paged_device_bytes(paged, calibration)
+    device_total = (
+        peak_reserved + runtime + calibration.driver_reserved_bytes + sharded.nccl_bytes + paged
+    )
     components = {
         "weights": sharded.weights_bytes,
         "adapters": sharded.adapter_bytes,
@@ -293,8 +361,10 @@ def estimate_from_inventory(
         "gathered_weights": sharded.gathered_weights_bytes,
         "comm_buffers": sharded.comm_buffer_bytes,
         "cublas_workspace": calibration.cublas_workspace_bytes,
+        "trace_difference": peak_allocated - rules_allocated,
         "allocator_reserve": reserve,
-        "cuda_context": calibration.cuda_context_bytes,
+        "cuda_context": runtime,
+        "driver_reserved": calibration.driver_reserved_bytes,
         "nccl": sharded.nccl_bytes,
         "paged_optimizer_states": paged,
     }
@@ -312,7 +382,8 @@ def estimate_from_inventory(
         peak_phase=peak_phase,
         phase_allocated_bytes={k: int(v) for k, v in phase_totals.items()},
         assumptions=_assumptions(inventory, plan, weights)
-        + (() if activations.exact else (f"APPROXIMATE activations: {activations.rule}",)),
+        + (() if activations.exact else (f"APPROXIMATE activations: {activations.rule}",))
+        + (_slack_assumption(plan, simulation),),
         rules={
             "weights": weights.rule,
             "optimizer_states": optimizer.rule,
@@ -321,6 +392,29 @@ def estimate_from_inventory(
             "distributed": sharded.rule,
             **{f"calibration.{k}": v for k, v in calibration.sources.items()},
         },
+    )
+
+
+def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None) -> str:
+    mode = (
+        "expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)"
+        if plan.allocator == "expandable"
+        else "the default caching allocator"
+    )
+    if simulation is not None:
+        text = (
+            f"peak allocated and reserved bytes from the whole run (loading, 3 optimizer steps) "
+            f"traced on fake tensors and replayed through a model of {mode}"
+        )
+        if plan.quant == "int8":
+            text += (
+                "; int8 outlier columns as random-init weights produce them (pretrained "
+                "checkpoints have fewer: less memory)"
+            )
+        return text
+    return (
+        f"APPROXIMATE allocator slack under {mode}: a calibrated fraction of peak allocated "
+        "(the allocator is simulated for single-GPU plans, not here)"
     )
 
 
@@ -391,5 +485,8 @@ def _assumptions(
             + (" with CPU offload" if plan.cpu_offload else "")
             + "; memory is per GPU, each running the full micro-batch"
         )
-    out.append("CUDA context, cuBLAS workspace and allocator slack from data/calibration.json")
+    out.append(
+        "driver reserve, CUDA context and kernel modules, cuBLAS workspaces from "
+        "data/calibration.json (measured on an H200)"
+    )
     return tuple(out)

@@ -21,7 +21,7 @@ from typing import Any
 from vramcalc.catalog import Gpu, ModelSpec
 from vramcalc.checks import recipe_blocker
 from vramcalc.errors import InvalidPlanError
-from vramcalc.estimate import MemoryEstimate, prepare
+from vramcalc.estimate import MemoryEstimate, default_allocator_model, prepare
 from vramcalc.plan import TrainingPlan
 
 DEFAULT_HEADROOM = 0.05
@@ -178,17 +178,65 @@ def _search(
         raise InvalidPlanError([f"--gpu {gpu.name}: {blocker.removeprefix('no bf16: ')}."])
     prepared = prepare(spec or plan.model, plan)  # batch and sequence share the inventory
     budget = budget_bytes(gpu, headroom)
-    probes: dict[int, Probe] = {}
+    model = default_allocator_model()
+    made = 0
 
-    def probe(units: int) -> Probe:
-        if units not in probes:
-            candidate = plan.with_(**{field: units * step})
-            est = prepared.estimate(candidate)
-            probes[units] = Probe(units * step, est, est.device_total_bytes <= budget)
-        return probes[units]
+    def prober(allocator_model: str) -> Callable[[int], Probe]:
+        probes: dict[int, Probe] = {}
 
-    best, too_large = largest_fitting(probe, limit // step)
-    return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, len(probes))
+        def probe(units: int) -> Probe:
+            nonlocal made
+            if units not in probes:
+                candidate = plan.with_(**{field: units * step})
+                est = prepared.estimate(candidate, allocator_model)
+                probes[units] = Probe(units * step, est, est.device_total_bytes <= budget)
+                made += 1
+            return probes[units]
+
+        return probe
+
+    # the search runs on the calibrated slack (no step trace per probe); where the
+    # allocator is simulated, the boundary is then found again with simulations,
+    # starting from there (a few probes: the two models differ by a few per cent)
+    best, too_large = largest_fitting(prober("approximate"), limit // step)
+    if model != "approximate" and plan.num_gpus == 1:
+        hint = best.value // step if best else 1
+        best, too_large = largest_fitting_near(prober(model), limit // step, hint)
+    return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, made)
+
+
+def largest_fitting_near(
+    probe: Callable[[int], Probe], max_units: int, hint: int
+) -> tuple[Probe | None, Probe | None]:
+    """``largest_fitting`` starting from a guess ``hint``: gallop away from it, then bisect."""
+    hint = min(max(hint, 1), max_units)
+    if probe(hint).fits:
+        low, distance = hint, 1
+        while True:  # up until it does not fit
+            if low >= max_units:
+                return probe(low), None
+            candidate = min(low + distance, max_units)
+            if not probe(candidate).fits:
+                high = candidate
+                break
+            low, distance = candidate, 2 * distance
+    else:
+        high, distance = hint, 1
+        while True:  # down until it fits
+            candidate = max(high - distance, 1)
+            if probe(candidate).fits:
+                low = candidate
+                break
+            if candidate == 1:
+                return None, probe(1)
+            high, distance = candidate, 2 * distance
+    while high - low > 1:
+        middle = (low + high) // 2
+        if probe(middle).fits:
+            low = middle
+        else:
+            high = middle
+    return probe(low), probe(high)
 
 
 def largest_fitting(

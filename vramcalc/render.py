@@ -35,8 +35,10 @@ COMPONENT_LABELS = {
     "gathered_weights": "gathered (unsharded) weights",
     "comm_buffers": "communication buffers",
     "cublas_workspace": "cuBLAS workspace",
-    "allocator_reserve": "allocator reserve",
-    "cuda_context": "CUDA context",
+    "trace_difference": "traced step beyond the rules",
+    "allocator_reserve": "allocator reserve (slack)",
+    "cuda_context": "CUDA context + kernels",
+    "driver_reserved": "driver reserve",
     "nccl": "NCCL communicators",
     "paged_optimizer_states": "paged optimizer states",
 }
@@ -108,7 +110,7 @@ def render_memory(estimate: MemoryEstimate, verbose: bool = False) -> str:
     rows = [
         [COMPONENT_LABELS.get(name, name), gib(nbytes), f"{100 * nbytes / total:.1f} %"]
         for name, nbytes in estimate.components.items()
-        if nbytes
+        if nbytes and (name != "trace_difference" or abs(nbytes) >= 0.005 * GIB)
     ]
     per_gpu = (
         f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"

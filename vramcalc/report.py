@@ -74,7 +74,9 @@ def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str
             try:
                 defaults = dict(json.loads(meta_path.read_text()).get("defaults") or {})
             except (ValueError, AttributeError, TypeError) as err:
-                raise VramcalcError(f"{meta_path}: not a JSON object with 'defaults' ({err})") from err
+                raise VramcalcError(
+                    f"{meta_path}: not a JSON object with 'defaults' ({err})"
+                ) from err
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue

@@ -177,6 +177,17 @@ def _progress(quiet: bool, total: int):
     is_flag=True,
     help="No progress bar (it is off anyway when stderr is not a terminal).",
 )
+@click.option(
+    "--allocator-model",
+    type=click.Choice(["auto", "simulate", "cached", "approximate"]),
+    default=None,
+    show_default="auto",
+    help="How each row gets the caching allocator's slack. simulate: trace the plan's steps "
+    "and replay them through the allocator model, as 'plan' does (seconds per plan, once; "
+    "then cached). auto: simulate the first 16 plans that are not cached yet, then take "
+    "cached simulations or the calibrated fallback (a fraction of peak allocated). "
+    "approximate: the fallback for every row.",
+)
 @click.pass_context
 def sweep(
     ctx: click.Context,
@@ -185,6 +196,7 @@ def sweep(
     headroom: str,
     output: Path | None,
     quiet: bool,
+    allocator_model: str,
     **options,
 ) -> None:
     """Estimate many plans at once: the cross product of every option's values.
@@ -226,8 +238,20 @@ def sweep(
     given = set(axes).union(*(row.keys() for row in rows or ()))
     progress = _progress(quiet, len(todo))
     result = run_sweep(
-        todo, _gpus(gpus), parse_headroom(headroom), progress, extras=extras, given=given
+        todo,
+        _gpus(gpus),
+        parse_headroom(headroom),
+        progress,
+        extras=extras,
+        given=given,
+        allocator_model=allocator_model,
     )
+    if result.approximated:
+        click.echo(
+            f"Note: {result.approximated} of {len(result.rows)} plans use the approximate "
+            "allocator slack (no cached simulation; --allocator-model simulate traces them all).",
+            err=True,
+        )
     for warning, count in result.warnings.items():
         click.echo(f"Warning: {warning} ({count} of {len(result.rows)} plans)", err=True)
     if output:

@@ -32,7 +32,14 @@ from vramcalc.catalog import Gpu, ModelSpec, find_gpu
 from vramcalc.checks import plan_warnings, recipe_blocker
 from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
 from vramcalc.errors import InvalidPlanError, VramcalcError
-from vramcalc.estimate import COMPONENTS, MemoryEstimate, Prepared, prepare, resolve
+from vramcalc.estimate import (
+    COMPONENTS,
+    MemoryEstimate,
+    Prepared,
+    default_allocator_model,
+    prepare,
+    resolve,
+)
 from vramcalc.fit import budget_bytes
 from vramcalc.inventory import ModelInventory, lora_key
 from vramcalc.memory import GIB
@@ -211,6 +218,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 # -- estimating --------------------------------------------------------------------------------
+#: step traces a sweep runs before it takes the calibrated slack for uncached plans
+SIMULATION_BUDGET = 16
+
+
 class EstimateCache:
     """``prepare`` per model and inventory key for a whole sweep, failures included.
 
@@ -218,9 +229,18 @@ class EstimateCache:
     a broken config, a missing target), so a bad model fails fast on every row.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, allocator_model: str | None = None, simulation_budget: int = SIMULATION_BUDGET
+    ) -> None:
+        if allocator_model is None:  # plan's default (simulate) means auto for a sweep
+            default = default_allocator_model()
+            allocator_model = "auto" if default == "simulate" else default
         self._specs: dict[str, ModelSpec | VramcalcError] = {}
         self._prepared: dict[tuple[Any, ...], Prepared | VramcalcError] = {}
+        self.allocator_model = allocator_model
+        self.simulation_budget = simulation_budget
+        self.simulated = 0  # step traces this sweep ran (not found in the cache)
+        self.approximated = 0  # plans that took the calibrated slack instead
 
     def spec(self, model: str) -> ModelSpec:
         if model not in self._specs:
@@ -241,8 +261,29 @@ class EstimateCache:
         return _value_or_raise(self._prepared[key])
 
     def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
-        """Equal to ``vramcalc.estimate.estimate(plan)``."""
-        return self.prepared(plan).estimate(plan)
+        """Equal to ``vramcalc.estimate.estimate(plan)`` while the allocator is simulated.
+
+        ``auto``: simulate (as ``plan`` does) until ``simulation_budget`` step traces have
+        run in this sweep (each costs seconds of CPU once, then is cached); after that,
+        plans without a cached simulation take the calibrated fallback slack, counted in
+        ``approximated``.
+        """
+        prepared = self.prepared(plan)
+        model = self.allocator_model
+        if model == "auto":
+            model = "simulate" if self.simulated < self.simulation_budget else "cached"
+        if (
+            model == "simulate"
+            and plan.num_gpus == 1
+            and prepared.simulation(plan, "cached") is None
+        ):
+            self.simulated += 1
+        est = prepared.estimate(plan, model)
+        if plan.num_gpus == 1 and any(
+            a.startswith("APPROXIMATE allocator") for a in est.assumptions
+        ):
+            self.approximated += 1
+        return est
 
 
 def _value_or_raise(value: Any) -> Any:
@@ -320,6 +361,7 @@ class SweepResult:
     headroom: float
     extras: SpeedAndCost = SpeedAndCost()
     given: frozenset[str] = frozenset()  # plan options set explicitly: they define the rows
+    approximated: int = 0  # rows whose allocator slack is the calibrated fallback
 
     @property
     def errors(self) -> int:
@@ -412,6 +454,7 @@ def run_sweep(
     cache: EstimateCache | None = None,
     extras: SpeedAndCost = SpeedAndCost(),
     given: Set[str] = frozenset(),
+    allocator_model: str | None = None,
 ) -> SweepResult:
     """Estimate every case; an invalid one gets an ``error`` instead of stopping the sweep.
 
@@ -419,7 +462,7 @@ def run_sweep(
     ``progress`` wraps the iteration (e.g. a tqdm bar); ``extras`` adds speed/cost columns;
     ``given`` names the plan options set explicitly (for ``vramcalc.checks.plan_warnings``).
     """
-    cache = cache or EstimateCache()
+    cache = cache or EstimateCache(allocator_model)
     wants_cells = extras.speed or extras.run is not None
     columns: dict[str, Gpu] = {gpu.name: gpu for gpu in gpus}
     rows = []
@@ -443,4 +486,11 @@ def run_sweep(
         except VramcalcError as err:
             error = str(err)
         rows.append(SweepRow(dict(case), plan, est, row_gpus, error, cells, warnings))
-    return SweepResult(tuple(rows), tuple(columns.values()), headroom, extras, frozenset(given))
+    return SweepResult(
+        tuple(rows),
+        tuple(columns.values()),
+        headroom,
+        extras,
+        frozenset(given),
+        cache.approximated,
+    )

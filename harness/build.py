@@ -235,6 +235,8 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
             lora_alpha=plan.lora_alpha,
             lora_dropout=plan.dropout,
             target_modules=lora_target_modules(plan, model.config.model_type),
+            use_dora=plan.dora,
+            modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)

@@ -61,6 +61,20 @@ def test_lora_trainable_count_is_peft_count_and_exact(scratch):
     assert built.model.config.use_cache is False
 
 
+def test_dora_and_modules_to_save_reach_peft_and_match_the_inventory(scratch):
+    """The harness builds what the plan says (a harness that dropped use_dora measured plain
+    LoRA under a DoRA label): the trainable count equals the estimator's inventory."""
+    from vramcalc.estimate import prepare
+
+    for extra in ({"dora": True}, {"modules_to_save": ("lm_head",)}):
+        plan = TrainingPlan(
+            model=TINY_LLAMA, method="lora", rank=8, targets=("q_proj", "v_proj"), **extra
+        )
+        built = build_model(plan, prepare_checkpoint(plan, scratch, "cpu"), "cpu")
+        assert built.trainable_params == prepare(plan.model, plan).inventory.trainable_params
+        assert built.trainable_params > 3584  # more than plain LoRA's
+
+
 def test_all_linear_and_peft_default_targets(scratch):
     plan = TrainingPlan(model=TINY_LLAMA, method="lora", rank=8, targets=("all-linear",))
     built = build_model(plan, prepare_checkpoint(plan, scratch, "cpu"), "cpu")

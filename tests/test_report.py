@@ -181,3 +181,15 @@ def test_throughput_section_and_gate(tiny_llama_dir, monkeypatch):
         "tokens_per_second": good["tokens_per_second"] / 1.3,
     }
     assert any(p.startswith("tokens_per_second") for p in check_targets(build_report([slow])))
+
+
+def test_a_record_that_trained_another_parameter_count_is_not_compared(tiny_llama_dir):
+    """A run whose trainable parameters are not its plan's ran another plan (a DoRA label on
+    a plain-LoRA run): it gets a reason instead of errors."""
+    rec = record(tiny_llama_dir, "validation", 1.0, method="lora", dora=True)
+    lora = estimate(TrainingPlan(str(tiny_llama_dir), method="lora"))
+    (row,) = build_report([rec | {"trainable_params": lora.trainable_params}]).rows
+    assert row.errors == {}
+    assert row.estimate_error.startswith(f"the run trained {lora.trainable_params:,} parameters")
+    (same,) = build_report([rec | {"trainable_params": row.estimate["trainable_params"]}]).rows
+    assert set(same.errors) == {"device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes"}

@@ -130,6 +130,10 @@ def build_report(
         finally:
             if progress is not None:
                 progress(1)
+        mismatch = _plan_mismatch(record, est)
+        if mismatch:
+            rows.append(ReportRow(record, est, {}, mismatch))
+            continue
         errors = {}
         if record.get("status") == "ok":
             for metric in METRICS:
@@ -140,6 +144,19 @@ def build_report(
     from vramcalc.throughput_fit import compare_records
 
     return Report(tuple(rows), tuple(sources or ()), throughput=tuple(compare_records(records)))
+
+
+def _plan_mismatch(record: dict[str, Any], est: dict[str, Any]) -> str | None:
+    """Why a record does not measure its plan (None: it does). A run that trained another
+    number of parameters than the plan has ran another plan (the harness of 2026-12-01
+    dropped ``use_dora``: its DoRA records measured plain LoRA): it is not compared."""
+    trained = record.get("trainable_params")
+    if trained and trained != est["trainable_params"]:
+        return (
+            f"the run trained {trained:,} parameters, the plan has {est['trainable_params']:,}: "
+            "it did not run this plan, so it is not compared"
+        )
+    return None
 
 
 def throughput_summary(report: Report, split: str) -> dict[str, float]:

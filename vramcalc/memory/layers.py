@@ -199,7 +199,8 @@ class Layer:
         return self.g.mul(self.g.act(gate, self.r.act, numel), up, numel)
 
     def moe(self, x: T) -> T:
-        """Mixtral-style sparse MoE, transformers 5 ``grouped_mm`` experts (no per-expert slices)."""
+        """Mixtral-style sparse MoE, transformers 5 ``grouped_mm`` experts (no per-expert slices;
+        ``integrations/moe.py`` ``grouped_mm_experts_forward``)."""
         g, r, inv = self.g, self.r, self.inv
         n, e, k = r.tokens, inv.num_experts, inv.experts_per_token
         h, i = inv.hidden_size, inv.intermediate_size
@@ -218,6 +219,11 @@ class Layer:
             g.save(tok_idx)
         if top.rg:
             g.save(perm)
+        # transformers 5.17: masked_fill with the expert-parallel sentinel mask before and
+        # after each grouped matmul; its backward keeps the (n * k, 1) bool mask
+        sentinel = g.new(n * k, "bool", False)
+        if sel.rg or r.full:
+            g.save(sentinel)
         gu = self.grouped(
             g.to(sel, wdt), g.param(e * 2 * i * h, wdt, r.full), n * k * 2 * i, offsets
         )

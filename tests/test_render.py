@@ -247,15 +247,17 @@ def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
         "case_id": "c1",
         "gpu_memory_bytes": 80 * 2**30,
         "device_total_bytes": est.device_total_bytes,
+        "peak_reserved_bytes": est.peak_reserved_bytes,
         "peak_allocated_bytes": est.peak_allocated_bytes,
     }
     text = render_markdown(build_report([record], ["x.jsonl"]), [])
     start = text.index("| metric")
-    assert text[start:].splitlines()[:4] == [
-        "| metric               |   n |   median abs |   p90 abs |   max abs |   worst under-estimate |",
-        "|:---------------------|----:|-------------:|----------:|----------:|-----------------------:|",
-        "| device_total_bytes   |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
-        "| peak_allocated_bytes |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
+    assert text[start:].splitlines()[:5] == [
+        "| metric                      |   n |   median abs |   p90 abs |   max abs |   worst under-estimate |",
+        "|:----------------------------|----:|-------------:|----------:|----------:|-----------------------:|",
+        "| lora · device_total_bytes   |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
+        "| lora · peak_reserved_bytes  |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
+        "| lora · peak_allocated_bytes |   1 |       0.00 % |    0.00 % |    0.00 % |                 0.00 % |",
     ]
     cases = text[text.index("| case_id") :].splitlines()
     assert cases[1].startswith("|:----") and cases[2].startswith("| c1 ")

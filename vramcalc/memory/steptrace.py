@@ -20,7 +20,6 @@ each with its source.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
-from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.memory.fakemodel import build_model, to_fake
+from vramcalc.plan import TrainingPlan
 
 # torch CublasHandlePool: one workspace per (handle, stream), a handle per thread: the
 # forward (main thread) and the autograd engine's device thread each get one, allocated
@@ -36,8 +36,6 @@ from vramcalc.plan import ALL_LINEAR, TrainingPlan
 # (getChosenWorkspaceSize: 4096 KiB * 8); never freed during training.
 CUBLAS_WORKSPACE_BYTES = 32 << 20
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
-# transformers model types without an SDPA path (the harness and the estimator use eager)
-EAGER_ONLY = ("gemma2",)
 
 
 @dataclass(frozen=True)
@@ -154,168 +152,6 @@ class _Recorder:
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
             self.track(tensor, tag)
         return out
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None) -> Any:
-    """The recipe's model on the meta device: load dtype, k-bit layers emulated and the
-    rest upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA, checkpointing."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from vramcalc.catalog import config_from_dict
-    from vramcalc.memory import emulation
-    from vramcalc.memory.distributed import skips_kbit_upcast
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    config = config_from_dict(config_dict)
-    if num_layers is not None:
-        config.num_hidden_layers = num_layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:num_layers]
-    config.use_cache = False  # Trainer sets config.use_cache = args.use_cache (False)
-    attn = "eager" if plan.attn == "eager" or config.model_type in EAGER_ONLY else "sdpa"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=_torch_dtype(plan.dtype), attn_implementation=attn
-            )
-        model.tie_weights()
-    if plan.is_kbit:
-        from transformers.quantizers.base import get_keys_to_not_convert
-
-        kind = emulation.Emulated8bit if plan.quant == "int8" else emulation.Emulated4bit
-        skip = set(get_keys_to_not_convert(model))
-        for name, module in list(model.named_modules()):
-            if type(module) is not torch.nn.Linear or any(
-                name == k or name.endswith("." + k) for k in skip
-            ):
-                continue
-            with torch.device("meta"):
-                new = kind(module.in_features, module.out_features, bias=module.bias is not None)
-            new.weight = torch.nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
-            new.weight._vramcalc_kbit = True  # type: ignore[attr-defined]
-            if plan.quant == "int8":
-                new.outlier_columns = _outlier_columns(config, name, module.in_features, plan)
-            if module.bias is not None:
-                new.bias = module.bias
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
-        model.is_loaded_in_4bit = plan.quant != "int8"
-        model.is_loaded_in_8bit = plan.quant == "int8"
-        for p in model.parameters():
-            p.requires_grad_(False)
-            if not getattr(p, "_vramcalc_kbit", False) and not skips_kbit_upcast(plan):
-                p.data = p.data.float()
-    if plan.uses_adapters:
-        model = _with_lora(model, plan)
-    if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-        if plan.uses_adapters:  # peft / prepare_model_for_kbit_training
-            model.enable_input_require_grads()
-    model.train()
-    return model
-
-
-# MLP output projections whose input is act(gate) * up (gated) or act(x): where random-init
-# models put |x| >= 6 entries (the LLM.int8 outlier threshold)
-_MLP_OUTPUT = {"down_proj": True, "fc2": False}
-
-
-def _outlier_columns(config: Any, name: str, in_features: int, plan: TrainingPlan) -> int:
-    """Outlier columns of an int8 linear's input, by the random-init statistics of
-    ``emulation.int8_outlier_columns`` (pretrained checkpoints have a few fixed outlier
-    features instead: fewer columns, less memory)."""
-    import math
-
-    from vramcalc.memory.emulation import int8_outlier_columns
-
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in _MLP_OUTPUT:
-        return 0
-    act = str(
-        getattr(config, "hidden_activation", None)
-        or getattr(config, "hidden_act", None)
-        or getattr(config, "activation_function", None)
-        or "silu"
-    )
-    act = "gelu_tanh" if "gelu" in act else ("relu" if act == "relu" else "silu")
-    sigma = float(getattr(config, "initializer_range", 0.02) or 0.02) * math.sqrt(
-        int(config.hidden_size)
-    )
-    return int8_outlier_columns(
-        act, sigma, _MLP_OUTPUT[leaf], in_features, plan.batch_size * plan.seq_len
-    )
-
-
-def _with_lora(model: Any, plan: TrainingPlan) -> Any:
-    from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    from vramcalc.memory import emulation
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    targets: Any = list(plan.targets) if plan.targets else None
-    if plan.targets is None:
-        targets = (
-            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
-            or ALL_LINEAR
-        )
-    elif plan.targets == (ALL_LINEAR,):
-        targets = ALL_LINEAR
-    lora = LoraConfig(
-        r=plan.rank,
-        lora_alpha=plan.lora_alpha,
-        lora_dropout=plan.dropout,
-        target_modules=targets,
-        use_dora=plan.dora,
-        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with init_empty_weights():
-            model = get_peft_model(model, lora)
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(
-            module.base_layer, (emulation.Emulated4bit, emulation.Emulated8bit)
-        ):
-            module.forward = emulation.bnb_lora_forward.__get__(module)
-    return model
-
-
-def _to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
-    """Replace every meta parameter / buffer by a fake CPU tensor (ties kept); returns the
-    parameters by name."""
-    import torch
-
-    made: dict[int, Any] = {}
-    with mode:
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                if id(p) not in made:
-                    fake = torch.nn.Parameter(
-                        torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
-                    )
-                    if getattr(p, "_vramcalc_kbit", False):
-                        fake._vramcalc_kbit = True
-                    made[id(p)] = fake
-                module._parameters[name] = made[id(p)]
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
-    return list(model.named_parameters())
 
 
 def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
@@ -495,7 +331,7 @@ def _trace(
     with _quiet():
         model = build_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    named = _to_fake(model, mode)
+    named = to_fake(model, mode)
     embedding = model.get_input_embeddings()
     for p in embedding.parameters():
         p._vramcalc_embedding = True  # bnb 8-bit optimizers keep 32-bit state for these

@@ -413,8 +413,9 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
             )
         return text
     return (
-        f"APPROXIMATE allocator slack under {mode}: a calibrated fraction of peak allocated "
-        "(the allocator is simulated for single-GPU plans, not here)"
+        f"APPROXIMATE allocator slack under {mode}: a calibrated fraction of peak allocated, "
+        "not a simulation of this run (multi-GPU plans, sweep rows past the simulation "
+        "budget, or a model whose training step could not be traced)"
     )
 
 

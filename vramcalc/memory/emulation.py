@@ -237,6 +237,11 @@ def flash_like_sdpa(original: Any) -> Any:
         scale=None,
         enable_gqa=False,
     ):  # type: ignore[no-untyped-def]  # noqa: E501
+        if torch.is_autocast_enabled("cpu") and query.dtype == torch.float32:
+            # scaled_dot_product_attention is on CUDA autocast's lower-precision list: fp32
+            # inputs (int8 layers return their input's fp32) are cast before the kernel
+            low = torch.get_autocast_dtype("cpu")
+            query, key, value = query.to(low), key.to(low), value.to(low)
         flash = (
             attn_mask is None
             and dropout_p == 0.0
@@ -258,16 +263,20 @@ def flash_like_sdpa(original: Any) -> Any:
 def gpu_code_paths() -> Iterator[None]:
     """Make library code take the branches it takes on a GPU while tensors are fake:
     transformers skips the causal mask for SDPA unless it ``is_tracing`` (which counts a
-    FakeTensor as tracing); it looks for packed sequences in ``position_ids`` by reading
-    their values (the recipe's batches are whole unpadded sequences: none are found);
+    FakeTensor as tracing); it looks for packed sequences in ``position_ids`` and (5.17) for
+    padding in the attention mask by reading their values (the recipe's batches are whole
+    unpadded sequences: none are found, no padding);
     SDPA runs FlashAttention-2 (``flash_like_sdpa``)."""
     import transformers.masking_utils as masking_utils
     import transformers.utils.import_utils as import_utils
 
     is_fake, sdpa = import_utils.is_fake_tensor, F.scaled_dot_product_attention
     find_packed = masking_utils.find_packed_sequence_indices
+    fast_all = getattr(masking_utils, "fast_all", None)
     import_utils.is_fake_tensor = lambda tensor: False  # type: ignore[assignment]
     masking_utils.find_packed_sequence_indices = lambda position_ids: None  # type: ignore[assignment]
+    if fast_all is not None:  # transformers 5.17 reads the padding mask's values: no padding
+        masking_utils.fast_all = lambda tensor: True  # type: ignore[attr-defined]
     F.scaled_dot_product_attention = flash_like_sdpa(sdpa)  # type: ignore[assignment]
     torch.nn.functional.scaled_dot_product_attention = F.scaled_dot_product_attention
     try:
@@ -275,6 +284,8 @@ def gpu_code_paths() -> Iterator[None]:
     finally:
         import_utils.is_fake_tensor = is_fake  # type: ignore[assignment]
         masking_utils.find_packed_sequence_indices = find_packed  # type: ignore[assignment]
+        if fast_all is not None:
+            masking_utils.fast_all = fast_all  # type: ignore[attr-defined]
         F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
 
 

@@ -82,6 +82,11 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
         if plan.uses_adapters:  # peft / prepare_model_for_kbit_training
             model.enable_input_require_grads()
     model.train()
+    for module in model.modules():
+        # LayerDrop (OPT) draws torch.rand([]) < layerdrop per layer, a value fake tensors
+        # do not have; with layerdrop 0 (every released config) no layer is ever dropped
+        if getattr(module, "layerdrop", None) == 0:
+            module.training = False
     return model
 
 

@@ -228,6 +228,7 @@ def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
     output back to its input) in ``nodes``, for prehooks set before backward."""
     nodes: dict[Any, int] = {}
     stack: list[int] = []
+    inputs: list[Any] = []
 
     def walk(root: Any, stop: Any, layer: int) -> None:
         todo = [root]
@@ -241,19 +242,26 @@ def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
     for index, layer in enumerate(decoder_layers(model)):
 
         def pre(module: Any, args: Any, kwargs: Any, index: int = index) -> None:
+            if recorder.in_backward:  # a checkpoint's recompute: the node hooks tell the
+                # layer, and an early-stopped recompute never reaches the post hook (so
+                # nothing may be held here: it would keep the recomputed graph alive)
+                return
             stack.append(recorder.layer)
             recorder.layer = index
             hidden = args[0] if args else kwargs.get("hidden_states")
-            module._vramcalc_input_fn = getattr(hidden, "grad_fn", None)
+            # held only until the layer returns: a lasting reference to a graph node would
+            # keep everything it reaches (and what bitsandbytes keeps on ctx) alive
+            inputs.append(getattr(hidden, "grad_fn", None))
 
         def post(module: Any, args: Any, kwargs: Any, out: Any, index: int = index) -> None:
+            if recorder.in_backward:
+                return
             hidden = out[0] if isinstance(out, tuple) else out
-            walk(getattr(hidden, "grad_fn", None), module._vramcalc_input_fn, index)
-            previous = stack.pop()
-            # forward: the layer's context lasts until the next layer starts (the decoder
-            # loop frees the previous layer's output after this one returns); a recompute
-            # in backward gives the context back to the node that asked for it
-            recorder.layer = previous if recorder.in_backward else index
+            walk(getattr(hidden, "grad_fn", None), inputs.pop(), index)
+            stack.pop()
+            # the layer's context lasts until the next layer starts (the decoder loop frees
+            # the previous layer's output after this one returns)
+            recorder.layer = index
 
         layer.register_forward_pre_hook(pre, with_kwargs=True)
         layer.register_forward_hook(post, with_kwargs=True)
@@ -367,8 +375,8 @@ def _trace(
                     loss.backward()
                     recorder.in_backward = False
                     recorder.layer = -1
-                    del loss
                     nodes.clear()
+                    del loss
                 recorder.mark(f"step{step}_optimizer")
                 if params:
                     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)

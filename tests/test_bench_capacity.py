@@ -5,9 +5,10 @@ models x lora/qlora x 5 LoRA ranks x 5 sequence lengths x 10 batch sizes,
 checked on 3 GPUs and written to CSV.
 
 * ``cold``: every round starts with an empty inventory cache on disk and in
-  the process, so the 10 distinct inventories (model x rank) are built on the
-  meta device inside the timing; only the one-off torch/transformers import
-  is outside (the warm-up round).
+  the process, so the 10 distinct inventories (model x rank) are made inside
+  the timing: each model is built on the meta device and wrapped by peft once
+  (at the structure rank), the five ranks are derived from it; only the one-off
+  torch/transformers import is outside (the warm-up round).
 * ``warm``: the disk cache is filled (a user's second sweep); per-row cost.
 """
 

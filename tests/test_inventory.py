@@ -74,5 +74,29 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     spec = resolve_model("TinyLlama/TinyLlama-1.1B")
     plan = TrainingPlan("t", rank=8)
     first = build_inventory(spec.config_dict, plan)
-    assert len(list(tmp_path.rglob("*.json"))) == 1
+    # the rank-8191 structure build that every rank is derived from, and rank 8 itself
+    assert len(list(tmp_path.rglob("*.json"))) == 2
     assert build_inventory(spec.config_dict, plan) == first
+
+
+@pytest.mark.parametrize(
+    "model, changes",
+    [
+        ("TinyLlama/TinyLlama-1.1B", {"rank": 8}),
+        ("TinyLlama/TinyLlama-1.1B", {"rank": 64, "targets": ("all-linear",)}),
+        ("TinyLlama/TinyLlama-1.1B", {"rank": 16, "dora": True}),
+        ("Qwen/Qwen2.5-0.5B", {"rank": 4, "modules_to_save": ("lm_head",)}),
+        ("tiiuae/falcon-7b", {"rank": 32, "targets": ("all-linear",)}),
+        ("microsoft/Phi-3-mini-4k-instruct", {"rank": 128, "targets": ("lm_head", "o_proj")}),
+        ("mistralai/Mixtral-8x7B-v0.1", {"rank": 8, "targets": ("all-linear",)}),
+    ],
+)
+def test_ranks_derived_from_the_structure_build_equal_a_direct_peft_build(model, changes):
+    from vramcalc.inventory import _build_on_meta
+
+    spec = resolve_model(model)
+    plan = TrainingPlan(model, **changes)
+    derived = build_inventory(spec.config_dict, plan, use_cache=False)
+    direct = _build_on_meta(spec.config_dict, plan, model)
+    assert derived == direct
+    assert derived.adapter_params > 0

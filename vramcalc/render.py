@@ -161,6 +161,8 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
                 gib(fit.headroom_bytes),
                 f"{speed.tokens_per_second:,.0f}" if speed else "-",
                 f"{speed.step_seconds:.2f}" if speed else "-",
+                f"{100 * speed.mfu:.0f} %" if speed else "-",
+                speed_basis(speed),
             ]
         )
         if fit.blocker:
@@ -169,8 +171,8 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
             notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
     lines = []
     if rows:
-        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s"]
-        lines.append(table(rows, heads, [False, True, False, True, True, True]))
+        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s", "MFU", "bound"]
+        lines.append(table(rows, heads, [False, True, False, True, True, True, True, False]))
     hidden = [f for f in ordered if f not in shown]
     if not any(f.fits for f in ordered):
         largest = ordered[-1]
@@ -195,18 +197,37 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
             "fp16 autocast for them"
         )
     lines += notes
-    first = next((f.throughput for f in shown if f.throughput), None)
-    if first is not None:
-        lines.append(f"speed: {transfer_note(first.calibration)}")
-        if verbose:
-            lines += ["", render_throughput(first)]
+    speeds = [f.throughput for f in shown if f.throughput]
+    lines += speed_note(speeds)
+    if speeds and verbose:
+        lines += ["", render_throughput(speeds[0])]
     return "\n".join(lines)
+
+
+def speed_basis(e: ThroughputEstimate | None) -> str:
+    """What bounds the step, and ``*`` where no measurement backs the GPU (``speed_note``)."""
+    if e is None:
+        return "-"
+    return e.bound + ("" if e.measured else "*")
+
+
+def speed_note(estimates: Sequence[ThroughputEstimate]) -> list[str]:
+    """The lines under a speed table: where the constants were measured; ``*`` rows."""
+    if not estimates:
+        return []
+    lines = [f"speed: {transfer_note(estimates[0].calibration)}"]
+    unmeasured = [e.gpu.name for e in estimates if not e.measured]
+    if unmeasured and estimates[0].calibration.fitted:
+        lines.append(
+            "  * no measurement backs " + ", ".join(unmeasured) + ": speed derived from "
+            f"{estimates[0].calibration.measured_on_text} (plan --verbose says how)"
+        )
+    return lines
 
 
 def render_throughput(estimate: ThroughputEstimate) -> str:
     """How one GPU's step time is made (``plan --verbose``, for the smallest fitting GPU)."""
-    e, s, f = estimate, estimate.seconds, estimate.flops
-    cal, key = e.calibration, e.efficiency_key
+    e, s, w, c = estimate, estimate.seconds, estimate.work.step, estimate.calibration
     all_gpus = (
         f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
         if e.plan.num_gpus > 1
@@ -215,24 +236,29 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
     rows = [
         [
             "step time",
-            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
+            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es)), bound by {e.bound}: "
+            f"waits on compute {s['compute']:.3f} s, memory {s['memory']:.3f} s, "
+            f"host {s['host']:.3f} s",
         ],
         ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
         ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
         [
-            "FLOPs / step",
-            f"{f.total:.3e}: forward {f.forward:.3e}, backward {f.backward:.3e}, "
-            f"recompute {f.recompute:.3e}",
+            "work / step",
+            f"{w.matmul_flops:.3e} matmul FLOPs, {w.memory_bytes / 1e9:,.1f} GB moved, "
+            f"{w.kernels:,.0f} kernels, {w.total('dispatches'):,.0f} dispatches "
+            f"({w.total('python_calls'):,.0f} from Python), {w.syncs:,.0f} syncs",
         ],
         [
-            "seconds / step",
-            f"max(GPU compute {s['compute']:.3f} + memory {s['memory']:.3f}, host launch "
-            f"{s['host']:.3f}) + optimizer {s['optimizer']:.3f} + overhead {s['overhead']:.3f}",
+            "all GPU / host",
+            f"{e.time.gpu_seconds:.3f} s / {e.time.host_seconds:.3f} s (overlapped between syncs)",
         ],
         [
-            "efficiency",
-            f"{key} {cal.compute_efficiency[key]:.2f} of peak, {cal.bandwidth_efficiency:.2f} of "
-            f"bandwidth; measured on: {cal.measured_on_text}",
+            "constants",
+            f"matmul {c.compute_efficiency:.2f} and attention {c.attention_efficiency:.2f} of peak, "
+            f"{c.bandwidth_efficiency:.2f} of bandwidth, {1e6 * c.kernel_seconds:.1f} us a kernel; "
+            f"host {1e6 * c.python_call_seconds:.1f} us a Python call + "
+            f"{1e6 * c.dispatch_seconds:.1f} us a dispatch, {1e3 * c.step_overhead_seconds:.1f} ms "
+            f"a step; measured on: {c.measured_on_text}",
         ],
         ["derived", e.derivation],
     ]
@@ -256,6 +282,9 @@ def render_cost(cost: CostTable, verbose: bool = False) -> str:
             [
                 row.gpu_name,
                 f"{row.throughput.tokens_per_second:,.0f}",
+                f"{row.throughput.step_seconds:.2f}",
+                f"{100 * row.throughput.mfu:.0f} %",
+                speed_basis(row.throughput),
                 format_duration(row.wall_seconds),
                 f"{row.gpu_hours:,.2f}",
                 "-" if unpriced else f"{row.price_per_hour_usd:.2f}",
@@ -265,14 +294,15 @@ def render_cost(cost: CostTable, verbose: bool = False) -> str:
         if unpriced:
             notes.append(f"  {row.gpu_name}: cost '-': {row.price_source}")
     for name, reason in cost.skipped:
-        rows.append([name, "-", "-", "-", "-", "-"])
+        rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-"])
         notes.append(f"  {name}: not priced: {reason}")
-    heads = ["GPU", "tokens/s", "wall time", "GPU-hours", "$/GPU-h", "cost $"]
-    lines += [table(rows, heads, [False, True, True, True, True, True]), *notes]
+    heads = ["GPU", "tokens/s", "step s", "MFU", "bound", "wall time", "GPU-hours", "$/GPU-h"]
+    heads.append("cost $")
+    numeric = [False, True, True, True, False, True, True, True, True]
+    lines += [table(rows, heads, numeric), *notes]
     if verbose:
         lines += [f"  price {row.gpu_name}: {row.price_source}" for row in cost.rows]
-        if cost.rows:
-            lines.append(f"  speed: {transfer_note(cost.rows[0].throughput.calibration)}")
+        lines += ["  " + line for line in speed_note([row.throughput for row in cost.rows])]
     return "\n".join(lines)
 
 
@@ -343,6 +373,8 @@ PER_GPU = {
     "tokens_per_second": ("tokens/s", "", "#,##0", "{:,.0f}"),
     "step_seconds": ("step", "s", "0.000", "{:.3f}"),
     "mfu": ("MFU", "", "0.0%", "{:.1%}"),
+    "bound": ("bound", "", "General", "{}"),
+    "speed_measured": ("speed measured", "", "General", "{}"),
     "wall_hours": ("wall time", "h", "#,##0.0", "{:,.1f}"),
     "gpu_hours": ("GPU-hours", "", "#,##0.0", "{:,.1f}"),
     "cost_usd": ("cost", "USD", "#,##0.00", "{:,.2f}"),

@@ -278,5 +278,7 @@ def throughput_columns(
                 e = estimate_throughput(work, gpu, calibration)
             except VramcalcError:
                 e = None
-        out.update({f"{p}_{gpu.name}": v for p, v in zip(SPEED_PREFIXES, speed_cells(e), strict=True)})
+        out.update(
+            {f"{p}_{gpu.name}": v for p, v in zip(SPEED_PREFIXES, speed_cells(e), strict=True)}
+        )
     return out

@@ -123,7 +123,8 @@ class _Builder:
 
     def close(self, times: float = 1.0) -> None:
         compute = tuple(
-            Kernel(kind, n, flops * n, nbytes * n) for (kind, flops, nbytes), n in self.compute.items()
+            Kernel(kind, n, flops * n, nbytes * n)
+            for (kind, flops, nbytes), n in self.compute.items()
         )
         if self.python or self.dispatches or self.mem_bytes or compute:
             self.closed.append(
@@ -175,9 +176,7 @@ def _lay_out(builder: _Builder, runs: tuple[Run, ...], layers: int, tokens: int,
         builder.add(tail, 1)
 
 
-def step_work(
-    profile: OpProfile, inventory: ModelInventory, plan: TrainingPlan
-) -> StepWork:
+def step_work(profile: OpProfile, inventory: ModelInventory, plan: TrainingPlan) -> StepWork:
     """The stretches of one optimizer step of ``plan`` (module docstring)."""
     layers, tokens, seq = inventory.num_layers, plan.batch_size * plan.seq_len, plan.seq_len
     builder = _Builder()
@@ -205,4 +204,6 @@ def step_work(
         bnb_tensors += times
         bnb_bytes += times * p.numel * p.bytes_per_element / shard
     builder.close()  # the step ends with the harness's (and any trainer's) synchronize
-    return StepWork(plan, tuple(builder.closed), bnb_tensors, bnb_bytes, builder.syncs + bnb_tensors)
+    return StepWork(
+        plan, tuple(builder.closed), bnb_tensors, bnb_bytes, builder.syncs + bnb_tensors
+    )

@@ -229,13 +229,14 @@ class Work:
     num_layers: int
 
 
-def plan_work(
-    config_dict: dict[str, Any], inventory: ModelInventory, plan: TrainingPlan
-) -> Work:
+def plan_work(config_dict: dict[str, Any], inventory: ModelInventory, plan: TrainingPlan) -> Work:
     """The work of ``plan``: its recipe traced (``op_profile``, cached) and laid out."""
     profile: OpProfile = op_profile(config_dict, plan)
     return Work(
-        plan, estimate_flops(inventory, plan), step_work(profile, inventory, plan), inventory.num_layers
+        plan,
+        estimate_flops(inventory, plan),
+        step_work(profile, inventory, plan),
+        inventory.num_layers,
     )
 
 

@@ -166,7 +166,9 @@ class ThroughputFit:
         return statistics.median(abs(e) for e in self.relative_errors)
 
 
-def _with(cal: ThroughputCalibration, names: tuple[str, ...], logs: list[float]) -> ThroughputCalibration:
+def _with(
+    cal: ThroughputCalibration, names: tuple[str, ...], logs: list[float]
+) -> ThroughputCalibration:
     return replace(cal, **{n: math.exp(v) for n, v in zip(names, logs, strict=True)})
 
 
@@ -219,7 +221,9 @@ def fit_cases(
             moved[i] += step
             shifted = _robust_residuals(cases, _with(prior, names, moved))
             jacobian.append([(a - b) / step for a, b in zip(shifted, r, strict=True)])
-        jtj = [[sum(a * b for a, b in zip(ci, cj, strict=True)) for cj in jacobian] for ci in jacobian]
+        jtj = [
+            [sum(a * b for a, b in zip(ci, cj, strict=True)) for cj in jacobian] for ci in jacobian
+        ]
         jtr = [sum(a * b for a, b in zip(ci, r, strict=True)) for ci in jacobian]
         improved = False
         while damping < 1e10:
@@ -260,10 +264,13 @@ def _sourced(
         )
     sources["throughput_measured_on"] = f"GPUs of the '{split}' cases the constants were fitted on"
     sources["throughput_fitted_on"] = (
-        "the measurement files and case ids the fitted constants come from (data/measurements/)"
+        "the measurement files and cases (file:case_id) the fitted constants come from "
+        "(data/measurements/)"
     )
-    fitted_on = {"split": split, "files": files, "case_ids": sorted(c.case_id for c in cases)}
-    return replace(fitted, measured_on=gpus, sources=sources, fitted_on=fitted_on)
+    cases_used = sorted(f"{c.record.get('source_file', '')}:{c.case_id}" for c in cases)
+    fitted_on = {"split": split, "files": files, "cases": cases_used}
+    rounded = {n: float(f"{getattr(fitted, n):.4g}") for n in names}  # 4 digits: the data's noise
+    return replace(fitted, **rounded, measured_on=gpus, sources=sources, fitted_on=fitted_on)
 
 
 def fit_throughput(

@@ -42,7 +42,7 @@ from typing import Any
 from vramcalc.errors import VramcalcError
 from vramcalc.plan import TrainingPlan
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 5
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
 # divides no model dimension
 TRACED_LAYERS = 2
@@ -193,12 +193,12 @@ def _power(n: int, p: int) -> int:
 
 
 def _vector(amounts: list[tuple[int, float]], p: int) -> Vector:
-    """Amounts keyed by the element count they scale with -> coefficients of (1, T, T·S)."""
-    out = [0.0] * N_FEATURES
+    """Amounts keyed by the element count they scale with -> coefficients of (1, T, T·S),
+    exact (integers divided by the power of ``p`` they carry)."""
+    sums = [0, 0, 0]
     for elements, amount in amounts:
-        e = _power(elements, p)
-        out[e] += amount / p**e
-    return tuple(out)
+        sums[_power(elements, p)] += int(amount)
+    return tuple(float(total // p**e) for e, total in enumerate(sums)) + (0.0, 0.0)
 
 
 def _matmul_shape(name: str, args: tuple[Any, ...]) -> tuple[int, int, int, int]:
@@ -235,7 +235,7 @@ def _traffic(
     return moved
 
 
-# frames between a Python caller and the recorder: torch's dispatch machinery and this file
+# frames between a Python caller and the recorder: torch's dispatch machinery
 _INTERNAL = (
     "/torch/_ops.py",
     "/torch/utils/_python_dispatch.py",
@@ -244,7 +244,6 @@ _INTERNAL = (
     "/torch/_compile.py",
     "/torch/_dynamo/",
     "/torch/_prims_common/",
-    __file__,
 )
 _ENGINE = "/torch/autograd/graph.py"  # _engine_run_backward: ops the C++ autograd engine runs
 
@@ -254,10 +253,10 @@ def _caller() -> tuple[int, int] | None:
     engine did (a backward formula): (frame id, instruction)."""
     import sys
 
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.endswith(_INTERNAL):
+    frame = sys._getframe(3)  # past Recorder.dispatch and the mode's __torch_dispatch__
+    while frame is not None and any(part in frame.f_code.co_filename for part in _INTERNAL):
         frame = frame.f_back  # type: ignore[assignment]
-    if frame is None or frame.f_code.co_filename.endswith(_ENGINE):
+    if frame is None or _ENGINE in frame.f_code.co_filename:
         return None
     return id(frame), frame.f_lasti
 
@@ -546,6 +545,11 @@ def _trace(
         elif isinstance(module, emulation.Emulated8bit):
             p = _outlier_probability(text_config, name)
             module.forward = kbit_ops.bnb8_forward(module, rec, p)
+    for module in model.modules():
+        # LayerDrop (OPT) draws a host-side coin per layer in training; at 0 it never skips
+        # one, and its CPU tensor cannot be read on fake tensors: leave that branch out
+        if getattr(module, "layerdrop", None) == 0.0:
+            module.training = False
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     named = _to_fake(model, mode)
     layers = decoder_layers(model)
@@ -558,7 +562,7 @@ def _trace(
     counts = _param_counts(named, layer_of)
     nodes = _decoder_hooks(model, rec)
     original_sdpa = F.scaled_dot_product_attention
-    with mode, _quiet(), emulation.gpu_code_paths(), emulation.cuda_functions():
+    with mode, _quiet(), _unpadded(), emulation.gpu_code_paths(), emulation.cuda_functions():
         F.scaled_dot_product_attention = kbit_ops.flash_sdpa(original_sdpa, rec)
         try:
             optimizer = _torch_optimizer(params, plan)
@@ -578,6 +582,21 @@ def _trace(
     if optimizer is None:
         bnb = _bnb_params([(p, layer_of.get(id(p), -1), id(p) in embeddings) for p in params], plan)
     return micro_batch, optimizer_events, (bnb, counts, len(layers), prime)
+
+
+@contextlib.contextmanager
+def _unpadded() -> Iterator[None]:
+    """The recipe's batches are whole sequences: a padding mask (OPT passes one of ones) is
+    all true, as transformers' ``fast_all`` finds on the GPU by reading it back; on fake
+    tensors it cannot be read, so say so."""
+    import transformers.masking_utils as masking_utils
+
+    fast_all = masking_utils.fast_all
+    masking_utils.fast_all = lambda tensor: True  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        masking_utils.fast_all = fast_all
 
 
 @contextlib.contextmanager

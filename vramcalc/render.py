@@ -525,6 +525,7 @@ def _number(value: float | None) -> str:
 # -- speed report ----------------------------------------------------------------------------
 _CONSTANT_UNITS = {
     "compute_efficiency": ("of the dense matmul peak", 1, "{:.3f}"),
+    "fp32_efficiency": ("of the fp32 peak, fp32 matmuls", 1, "{:.3f}"),
     "attention_efficiency": ("of the dense peak, FlashAttention (prior)", 1, "{:.3f}"),
     "bandwidth_efficiency": ("of the memory bandwidth", 1, "{:.3f}"),
     "kernel_seconds": ("us of GPU time a kernel", 1e6, "{:.2f}"),

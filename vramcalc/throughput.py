@@ -50,6 +50,7 @@ NO_MEASUREMENT = "prior, no measurement"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)
 CONSTANTS = (
     "compute_efficiency",
+    "fp32_efficiency",
     "attention_efficiency",
     "bandwidth_efficiency",
     "kernel_seconds",
@@ -59,6 +60,7 @@ CONSTANTS = (
     "step_overhead_seconds",
 )
 BOUNDS = ("compute", "memory", "host")
+_EFFICIENCY = {ATTENTION: "attention_efficiency", MATMUL_FP32: "fp32_efficiency"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class ThroughputCalibration:
     """The speed constants, the GPUs they were measured on, and the source of each."""
 
     compute_efficiency: float  # of the dense matmul peak
+    fp32_efficiency: float  # fp32 matmuls outside autocast, of the fp32 (non-tensor) peak
     attention_efficiency: float  # FlashAttention kernels, of the dense peak
     bandwidth_efficiency: float  # of the datasheet memory bandwidth
     kernel_seconds: float  # GPU time every kernel takes besides its work
@@ -200,12 +203,14 @@ def price(work: StepWork, peaks: Peaks, cal: ThroughputCalibration) -> StepTime:
         memory = s.memory_bytes / bandwidth + s.memory_kernels * cal.kernel_seconds
         compute = 0.0
         for k in s.compute:
-            efficiency = cal.attention_efficiency if k.kind == ATTENTION else cal.compute_efficiency
-            compute += max(k.flops / (peaks.flops[k.kind] * efficiency), k.bytes / bandwidth)
+            efficiency = _EFFICIENCY.get(k.kind, "compute_efficiency")
+            flops_per_second = peaks.flops[k.kind] * getattr(cal, efficiency)
+            compute += max(k.flops / flops_per_second, k.bytes / bandwidth)
             compute += k.count * cal.kernel_seconds
+        gpu = compute + memory
         host_total += s.times * host
-        gpu_total += s.times * (compute + memory)
-        if host > compute + memory:
+        gpu_total += s.times * gpu
+        if host > gpu:  # asynchronous launches: the longer of the two
             waits["host"] += s.times * host
         else:
             waits["compute"] += s.times * compute

@@ -227,8 +227,8 @@ def fit_cases(
         jtr = [sum(a * b for a, b in zip(ci, r, strict=True)) for ci in jacobian]
         improved = False
         while damping < 1e10:
-            lhs = [
-                [v * (1 + damping) if i == j else v for j, v in enumerate(row)]
+            lhs = [  # Marquardt's scaled damping; a constant no case moves gets a unit diagonal
+                [(v or 1.0) * (1 + damping) if i == j else v for j, v in enumerate(row)]
                 for i, row in enumerate(jtj)
             ]
             delta = _solve(lhs, [-v for v in jtr])

@@ -31,7 +31,6 @@ an int8 layer's number of outlier columns and ``T`` the tokens of the micro-batc
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -93,13 +92,6 @@ def bnb4_forward(module: Any, rec: Any, double_quant: bool) -> Any:
         return out.to(inp_dtype)
 
     return forward
-
-
-def int8_outlier_columns(in_features: int, p: float, tokens: int) -> float:
-    """Expected input columns of ``tokens`` rows with at least one |x| >= 6 (``c``)."""
-    if p <= 0.0 or tokens <= 0:
-        return 0.0
-    return in_features * -math.expm1(tokens * math.log1p(-p))
 
 
 class _Bnb8bit(torch.autograd.Function):

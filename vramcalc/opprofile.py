@@ -81,6 +81,13 @@ class ProfileError(VramcalcError):
     """The recipe's step could not be traced."""
 
 
+def int8_outlier_columns(in_features: int, p: float, tokens: int) -> float:
+    """Expected input columns of ``tokens`` rows with at least one |x| >= 6 (``c``)."""
+    if p <= 0.0 or tokens <= 0:
+        return 0.0
+    return in_features * -math.expm1(tokens * math.log1p(-p))
+
+
 @dataclass(frozen=True)
 class Op:
     """One kind of op at one place of the step, ``count`` times there."""

@@ -25,9 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
-from vramcalc.kbit_ops import int8_outlier_columns
 from vramcalc.memory.gradients import gradient_bytes
-from vramcalc.opprofile import LAUNCH, MEMORY, Op, OpProfile, Run
+from vramcalc.opprofile import LAUNCH, MEMORY, Op, OpProfile, Run, int8_outlier_columns
 from vramcalc.plan import TrainingPlan
 
 SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")

@@ -348,9 +348,8 @@ def transfer_note(cal: ThroughputCalibration) -> str:
             "time uses its own peak TFLOP/s and memory bandwidth from data/gpus.csv"
         )
     return (
-        f"speed measured on: {cal.measured_on_text}; other GPUs are not measured: the fitted "
-        "fractions of peak applied to their own peak TFLOP/s and bandwidth (data/gpus.csv), "
-        "host and kernel-launch seconds as measured"
+        f"measured on {cal.measured_on_text}; any other GPU: the fitted fractions of its own "
+        "peak TFLOP/s and bandwidth (data/gpus.csv), host and kernel-launch seconds as measured"
     )
 
 

@@ -33,9 +33,10 @@ def calibration_json() -> dict[str, Any]:
     return raw
 
 
-def write_throughput_entries(entries: dict[str, Any], path: Path = CALIBRATION_JSON) -> Path:
-    """Replace the ``throughput_*`` entries of ``path`` by ``entries``; keep every other entry
-    (and its place) as it is."""
+def write_throughput_entries(entries: dict[str, Any], path: Path | None = None) -> Path:
+    """Replace the ``throughput_*`` entries of ``path`` (default ``CALIBRATION_JSON``) by
+    ``entries``; keep every other entry (and its place) as it is."""
+    path = path or CALIBRATION_JSON
     raw = json.loads(path.read_text())
     kept = {k: v for k, v in raw.items() if not k.startswith("throughput_")}
     path.write_text(json.dumps(kept | dict(entries), indent=2, ensure_ascii=False) + "\n")

@@ -138,10 +138,9 @@ def distances(validation: Mapping[str, float | int]) -> list[str]:
         if value is None:
             out.append(f"{key}: no validation case")
             continue
-        gap = limit - float(value)
-        verdict = (
-            f"{100 * gap:.1f} points inside" if gap >= 0 else f"{100 * -gap:.1f} points OUTSIDE"
-        )
+        gap = round(limit - float(value), 9)
+        inside = f"{100 * gap + 0.0:.1f} points inside"  # + 0.0: no "-0.0"
+        verdict = inside if gap >= 0 else f"{100 * -gap:.1f} points OUTSIDE"
         out.append(f"{key} {100 * float(value):.1f} % (target {100 * limit:.0f} %): {verdict}")
     return out
 

@@ -495,13 +495,14 @@ def render_gpus(gpus: Sequence[Gpu]) -> str:
                 gib(g.memory_bytes),
                 "none" if not g.has_bf16 else _number(g.bf16_dense_tflops),
                 _number(g.fp16_dense_tflops),
+                _number(g.fp32_tflops),
                 _number(g.memory_bandwidth_gbps),
                 "-" if g.price_per_hour_usd is None else f"{g.price_per_hour_usd:.2f}",
                 ", ".join(g.aliases),
             ]
         )
-    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "GB/s", "$/hour", "aliases"]
-    lines = [table(rows, heads, [False, True, True, True, True, True, False])]
+    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "fp32", "GB/s", "$/hour", "aliases"]
+    lines = [table(rows, heads, [False, True, True, True, True, True, True, False])]
     if no_bf16:
         lines.append(
             f"bf16 'none': {', '.join(no_bf16)} have no bf16 tensor cores; bf16 plans do not "

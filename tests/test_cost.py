@@ -29,6 +29,7 @@ GPU = Gpu(
 UNPRICED = replace(GPU, name="Unpriced", price_per_hour_usd=None, price_source="", price_date="")
 CAL = ThroughputCalibration(
     compute_efficiency=0.5,
+    fp32_efficiency=0.3,
     attention_efficiency=0.4,
     bandwidth_efficiency=0.5,
     kernel_seconds=1e-6,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TINY_LLAMA
-from vramcalc import opprofile
+from vramcalc import optrace
 from vramcalc.flops import estimate_flops
 from vramcalc.inventory import build_inventory
 from vramcalc.opprofile import LAUNCH, OpProfile, op_profile, trace_profile
@@ -36,7 +36,7 @@ def test_sizes_are_exact_coefficients(monkeypatch):
     but for label-sized tensors of S ± 1 tokens (shifted labels), which count as constant."""
     p = plan(attn="eager", **LORA_QV)
     at_251 = trace_profile(TINY_LLAMA, p)
-    monkeypatch.setattr(opprofile, "TRACE_PRIMES", (241,))
+    monkeypatch.setattr(optrace, "TRACE_PRIMES", (241,))
     at_241 = trace_profile(TINY_LLAMA, p)
     assert (at_251.trace_seq, at_241.trace_seq) == (251, 241)
     ops = [op for run in at_251.micro_batch for op in run.ops]

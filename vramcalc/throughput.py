@@ -61,6 +61,9 @@ CONSTANTS = (
 )
 BOUNDS = ("compute", "memory", "host")
 _EFFICIENCY = {ATTENTION: "attention_efficiency", MATMUL_FP32: "fp32_efficiency"}
+# a GPU without an fp32 peak in the catalog can still price a recipe whose fp32 matmuls are
+# below this share of its matmul FLOPs (the rotary embedding's, in every recipe)
+FP32_SHARE_NEEDING_A_PEAK = 0.01
 
 
 @dataclass(frozen=True)
@@ -167,13 +170,15 @@ class Peaks:
     def of(cls, gpu: Gpu, plan: TrainingPlan, work: StepWork) -> Peaks:
         dense = peak_tflops_for(gpu, compute_dtype(plan)) * 1e12
         flops = {"matmul": dense, ATTENTION: dense, INT8_MATMUL: 2 * dense}
-        if any(k.kind == MATMUL_FP32 for s in work.stretches for k in s.compute):
-            if not gpu.fp32_tflops:
+        flops[MATMUL_FP32] = (gpu.fp32_tflops or 0) * 1e12
+        fp32 = sum(k.flops for s in work.stretches for k in s.compute if k.kind == MATMUL_FP32)
+        if not flops[MATMUL_FP32]:
+            if fp32 > FP32_SHARE_NEEDING_A_PEAK * work.matmul_flops:
                 raise CatalogError(
                     f"data/gpus.csv lists no fp32 TFLOP/s for {gpu.name}; the fp32 matmuls of "
                     "this recipe (int8 LoRA's backward) cannot be priced."
                 )
-            flops[MATMUL_FP32] = gpu.fp32_tflops * 1e12
+            flops[MATMUL_FP32] = dense  # a few tiny ones (RoPE's frequencies): their time is nil
         return cls(flops, float(gpu.memory_bandwidth_gbps or 0) * 1e9)
 
 

@@ -54,8 +54,8 @@ def test_validation_split_meets_the_targets(report):
 
 def test_the_committed_constants_are_the_calibration_fit(records):
     """From 1.5x every committed constant, the fit on the calibration split finds them again
-    (within 1 %: the robust cost is flat to that level): they were fitted there, and only
-    there, the fit never sees a validation case."""
+    (within their 4 stored digits): they were fitted there, and only there, the fit never sees
+    a validation case."""
     committed = load_throughput_calibration()
     cases, _ = cases_from_records(records, "calibration")
     assert cases and {c.split for c in cases} == {"calibration"}
@@ -63,7 +63,7 @@ def test_the_committed_constants_are_the_calibration_fit(records):
     fit = fit_cases(cases, start)
     for name in CONSTANTS:
         assert getattr(fit.calibration, name) == pytest.approx(
-            getattr(committed, name), rel=1e-2
+            getattr(committed, name), rel=2e-3
         ), name
     used = sorted(f"{c.record.get('source_file')}:{c.case_id}" for c in cases)
     assert committed.fitted_on["cases"] == used

@@ -215,12 +215,14 @@ def fit_cases(
     cost, damping, iterations = sum(v * v for v in r), 1e-3, 0
     for iterations in range(1, max_iterations + 1):  # noqa: B007 - reported
         step = 1e-4
-        jacobian = []  # columns: d residuals / d log(constant)
+        jacobian = []  # columns: d residuals / d log(constant), central differences
         for i in range(len(names)):
-            moved = x[:]
-            moved[i] += step
-            shifted = _robust_residuals(cases, _with(prior, names, moved))
-            jacobian.append([(a - b) / step for a, b in zip(shifted, r, strict=True)])
+            up, down = x[:], x[:]
+            up[i] += step
+            down[i] -= step
+            above = _robust_residuals(cases, _with(prior, names, up))
+            below = _robust_residuals(cases, _with(prior, names, down))
+            jacobian.append([(a - b) / (2 * step) for a, b in zip(above, below, strict=True)])
         jtj = [
             [sum(a * b for a, b in zip(ci, cj, strict=True)) for cj in jacobian] for ci in jacobian
         ]
@@ -235,8 +237,8 @@ def fit_cases(
             trial = [a + d for a, d in zip(x, delta, strict=True)]
             trial_r = _robust_residuals(cases, _with(prior, names, trial))
             trial_cost = sum(v * v for v in trial_r)
-            if trial_cost < cost:
-                improved = cost - trial_cost > 1e-12 * max(cost, 1e-30)
+            if trial_cost < cost:  # go on while the constants still move by 1e-6 or more
+                improved = max(abs(d) for d in delta) > 1e-6
                 x, r, cost, damping = trial, trial_r, trial_cost, max(damping / 10, 1e-9)
                 break
             damping *= 10

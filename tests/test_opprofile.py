@@ -127,3 +127,10 @@ def test_profile_json_round_trip_and_launch_ops():
     ops = [o for r in profile.micro_batch for o in r.ops]
     assert all(o.flops == (0.0,) * 5 and o.bytes == (0.0,) * 5 for o in ops if o.kind == LAUNCH)
     assert profile.tensor_count(2, trainable=True) == 8  # A and B of q and v in 2 layers
+
+
+def test_tracing_twice_gives_the_same_profile():
+    """Python calls are told apart by the frame object itself (held until the next op, so a
+    new frame cannot take its id), not by an id that the next call may reuse."""
+    p = plan(method="qlora", rank=4)
+    assert trace_profile(TINY_LLAMA, p) == trace_profile(TINY_LLAMA, p)

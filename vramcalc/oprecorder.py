@@ -127,9 +127,9 @@ _INTERNAL = (
 _ENGINE = "/torch/autograd/graph.py"  # _engine_run_backward: ops the C++ autograd engine runs
 
 
-def _caller() -> tuple[int, int] | None:
+def _caller() -> tuple[Any, int] | None:
     """The Python call site that dispatched the current op, or None when the C++ autograd
-    engine did (a backward formula): (frame id, instruction)."""
+    engine did (a backward formula): (frame, instruction)."""
     import sys
 
     frame = sys._getframe(3)  # past Recorder.dispatch and the mode's __torch_dispatch__
@@ -137,7 +137,7 @@ def _caller() -> tuple[int, int] | None:
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None or _ENGINE in frame.f_code.co_filename:
         return None
-    return id(frame), frame.f_lasti
+    return frame, frame.f_lasti
 
 
 class Recorder:
@@ -152,7 +152,8 @@ class Recorder:
         # optimizer phase: decoder layer of each parameter / gradient / state tensor (by id),
         # so that one op over the lists of all of them is split by layer
         self.layer_of: dict[int, int] = {}
-        self._last_caller: tuple[int, int] | None = None
+        # the frame (held, so that its id is not reused), instruction and op of the last op
+        self._last_caller: tuple[Any, int, str] | None = None
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -196,9 +197,18 @@ class Recorder:
             return out
         name = func.overloadpacket.__name__
         zero = (0.0,) * N_FEATURES
-        caller = _caller()
-        python = 1.0 if caller is not None and caller != self._last_caller else 0.0
-        self._last_caller = caller
+        caller, last = _caller(), self._last_caller
+        # one Python-level call dispatches several ops (F.linear: t, mm); the same op again
+        # from the same instruction is a loop making another call
+        same_call = (
+            caller is not None
+            and last is not None
+            and caller[0] is last[0]
+            and caller[1] == last[1]
+            and name != last[2]
+        )
+        python = 1.0 if caller is not None and not same_call else 0.0
+        self._last_caller = (caller[0], caller[1], name) if caller is not None else None
         if getattr(func, "is_view", False) or name in _NO_KERNEL or name.startswith("_record_"):
             self.events.append(
                 _Event(name, LAUNCH, self.phase, self.layer, zero, zero, python=python)

@@ -169,7 +169,8 @@ class ThroughputFit:
 def _with(
     cal: ThroughputCalibration, names: tuple[str, ...], logs: list[float]
 ) -> ThroughputCalibration:
-    return replace(cal, **{n: math.exp(v) for n, v in zip(names, logs, strict=True)})
+    values: dict[str, Any] = {n: math.exp(v) for n, v in zip(names, logs, strict=True)}
+    return replace(cal, **values)
 
 
 def _robust_residuals(cases: list[FitCase], cal: ThroughputCalibration) -> list[float]:
@@ -271,7 +272,8 @@ def _sourced(
     )
     cases_used = sorted(f"{c.record.get('source_file', '')}:{c.case_id}" for c in cases)
     fitted_on = {"split": split, "files": files, "cases": cases_used}
-    rounded = {n: float(f"{getattr(fitted, n):.4g}") for n in names}  # 4 digits: the data's noise
+    # 4 digits: the data's noise
+    rounded: dict[str, Any] = {n: float(f"{getattr(fitted, n):.4g}") for n in names}
     return replace(fitted, **rounded, measured_on=gpus, sources=sources, fitted_on=fitted_on)
 
 

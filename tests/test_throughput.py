@@ -246,3 +246,32 @@ def test_writing_the_entries_keeps_every_other_entry(tmp_path):
         "throughput_new": {"value": 3, "source": "s"},
     }
     assert BnbOptimizerParam(1, 2.0, "once").numel == 1
+
+
+def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir):
+    from vramcalc.planner import plan_result
+    from vramcalc.render import render_gpu_fits
+
+    p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=64, batch_size=2)
+    result = plan_result(p, [find_gpu("H200"), find_gpu("A100-80GB")])
+    lines = render_gpu_fits(result.fits).splitlines()
+    assert lines[0].split() == [
+        "GPU",
+        "memory",
+        "fits",
+        "headroom",
+        "tokens/s",
+        "step",
+        "s",
+        "MFU",
+        "bound",
+    ]
+    a100, h200 = lines[2].split(), lines[3].split()
+    assert a100[0] == "A100-80GB" and a100[-1] == "host*"  # derived from the H200
+    assert h200[0] == "H200" and h200[-1] == "host"  # measured there
+    assert lines[-1] == (
+        "  * no measurement backs A100-80GB: speed derived from H200 (plan --verbose says how)"
+    )
+    gpus = {g["name"]: g for g in result.to_dict()["gpus"]}
+    assert gpus["H200"]["speed_measured"] is True and gpus["A100-80GB"]["speed_measured"] is False
+    assert gpus["H200"]["bound"] == "host"

@@ -1,6 +1,6 @@
 """Trace one training step of a recipe on fake tensors into ``oprecorder`` events.
 
-``trace_events`` builds the recipe's model (``memory.steptrace.build_model``) with two
+``trace_events`` builds the recipe's model (``memory.fakemodel.build_model``) with two
 decoder layers, swaps in the GPU code paths (``memory.emulation``; bitsandbytes layers and
 FlashAttention from ``kbit_ops``), and runs what HF Trainer runs (``_micro_batch``: forward
 under bf16 autocast, the loss with ``num_items_in_batch``, backward, the ``isnan``/``isinf``
@@ -93,9 +93,9 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 
 def _outlier_probability(config: Any, name: str) -> float:
     """P(|x| >= 6) for one input element of an int8 linear at random init: MLP output
-    projections only (``memory.steptrace._outlier_columns`` gives the same columns)."""
+    projections only (``memory.fakemodel._outlier_columns`` gives the same columns)."""
     from vramcalc.memory.emulation import int8_outlier_probability
-    from vramcalc.memory.steptrace import _MLP_OUTPUT
+    from vramcalc.memory.fakemodel import _MLP_OUTPUT
 
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
@@ -180,7 +180,8 @@ def trace_events(
     from vramcalc import kbit_ops
     from vramcalc.catalog import config_from_dict
     from vramcalc.memory import emulation
-    from vramcalc.memory.steptrace import _to_fake, build_model, decoder_layers
+    from vramcalc.memory.fakemodel import build_model, to_fake
+    from vramcalc.memory.steptrace import decoder_layers
 
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -202,7 +203,7 @@ def trace_events(
         if getattr(module, "layerdrop", None) == 0.0:
             module.training = False
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    named = _to_fake(model, mode)
+    named = to_fake(model, mode)
     layers = decoder_layers(model)
     layer_of: dict[int, int] = {}
     for index, layer in enumerate(layers):

@@ -21,24 +21,29 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
 from vramcalc.render import format_duration, render_cost
-from vramcalc.throughput import ThroughputCalibration, estimate_throughput
+from vramcalc.throughput import ThroughputCalibration, estimate_throughput, plan_work
 
 GPU = Gpu(
     "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"
 )
 UNPRICED = replace(GPU, name="Unpriced", price_per_hour_usd=None, price_source="", price_date="")
 CAL = ThroughputCalibration(
-    compute_efficiency={"full": 0.5, "lora": 0.25, "qlora": 0.2, "int8": 0.1},
+    compute_efficiency=0.5,
+    fp32_efficiency=0.3,
+    attention_efficiency=0.4,
     bandwidth_efficiency=0.5,
-    host_seconds_per_layer_pass=1e-3,
+    kernel_seconds=1e-6,
+    python_call_seconds=1e-5,
+    dispatch_seconds=2e-6,
+    bnb_tensor_seconds=1e-4,
     step_overhead_seconds=0.01,
 )
 
 
 def tiny_throughput(gpu=GPU, **fields):
     plan = TrainingPlan("tiny", **{"method": "lora", "seq_len": 32, "batch_size": 2, **fields})
-    inventory = build_inventory(TINY_LLAMA, plan, use_cache=False)
-    return inventory, plan, estimate_throughput(inventory, plan, gpu, CAL)
+    work = plan_work(TINY_LLAMA, build_inventory(TINY_LLAMA, plan, use_cache=False), plan)
+    return work, plan, estimate_throughput(work, gpu, CAL)
 
 
 def test_steps_from_dataset_tokens_and_epochs():
@@ -66,10 +71,9 @@ def test_cost_arithmetic():
     assert cost.cost_usd == pytest.approx(cost.gpu_hours * 2.5)
     assert cost.price_source == "test cloud on-demand (2026-01-01)"
     data = cost.to_dict()
-    assert (
-        data["cost_usd"] == cost.cost_usd
-        and data["efficiency_measured_on"] == "prior, no measurement"
-    )
+    assert data["cost_usd"] == cost.cost_usd
+    assert data["efficiency_measured_on"] == "prior, no measurement"
+    assert data["bound"] in ("compute", "memory", "host") and data["measured"] is False
 
 
 def test_price_override_and_missing_price():
@@ -131,9 +135,9 @@ def test_bad_price_names_the_flag(price):
 
 
 def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
-    inventory, plan, _ = tiny_throughput()
+    work, plan, _ = tiny_throughput()
     gpus = [GPU, UNPRICED, find_gpu("A10G"), find_gpu("H100")]
-    table = cost_table(inventory, plan, gpus, RunLength(steps=100), calibration=CAL)
+    table = cost_table(work, gpus, RunLength(steps=100), calibration=CAL)
     assert [row.gpu_name for row in table.rows] == ["Test", "Unpriced", "H100-80GB"]
     assert table.skipped[0][0] == "A10G" and "no dense bf16" in table.skipped[0][1]
     columns = table.columns()
@@ -150,6 +154,10 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     assert lines[1].split() == [
         "GPU",
         "tokens/s",
+        "step",
+        "s",
+        "MFU",
+        "bound",
         "wall",
         "time",
         "GPU-hours",
@@ -159,7 +167,14 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     ]
     # one line per GPU, smallest memory first; every '-' is explained under the table
     assert [line.split()[0] for line in lines[3:7]] == ["H100-80GB", "Test", "Unpriced", "A10G"]
-    assert lines[6].split() == ["A10G", "-", "-", "-", "-", "-"]
+    assert lines[6].split() == ["A10G", "-", "-", "-", "-", "-", "-", "-", "-"]
+    h100 = table.rows[2].throughput
+    assert lines[3].split()[1:5] == [
+        f"{h100.tokens_per_second:,.0f}",
+        f"{h100.step_seconds:.2f}",
+        f"{100 * h100.mfu:.0f}",
+        "%",
+    ]
     assert lines[3].split()[-2:] == ["4.29", f"{table.rows[2].cost_usd:,.2f}"]
     assert lines[5].split()[-2:] == ["-", "-"]
     assert lines[7:] == [
@@ -169,21 +184,29 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     ]
     verbose = render_cost(table, verbose=True)
     assert "  price Test: test cloud on-demand (2026-01-01)" in verbose.splitlines()
-    assert "efficiency measured on: prior, no measurement" in verbose
-    assert "price Test" not in text and "efficiency" not in text
+    assert "speed constants: prior, no measurement" in verbose
+    assert "price Test" not in text and "speed constants" not in text
 
 
 def test_throughput_columns_without_a_run_length():
-    inventory, plan, throughput = tiny_throughput()
-    columns = throughput_columns(inventory, plan, [GPU, find_gpu("A10G")], CAL)
+    work, _, throughput = tiny_throughput()
+    columns = throughput_columns(work, [GPU, find_gpu("A10G")], CAL)
     assert columns == {
         "tokens_per_second_Test": throughput.tokens_per_second,
         "step_seconds_Test": throughput.step_seconds,
         "mfu_Test": throughput.mfu,
+        "bound_Test": throughput.bound,
+        "speed_measured_Test": False,
         "tokens_per_second_A10G": None,
         "step_seconds_A10G": None,
         "mfu_A10G": None,
+        "bound_A10G": None,
+        "speed_measured_A10G": None,
     }
+    assert throughput_columns(None, [GPU], CAL) == dict.fromkeys(
+        ("tokens_per_second_Test", "step_seconds_Test", "mfu_Test", "bound_Test")
+        + ("speed_measured_Test",)
+    )
 
 
 def test_format_duration():

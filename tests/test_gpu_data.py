@@ -20,6 +20,7 @@ HEADER = [
     "memory_source",
     "bf16_dense_tflops",
     "fp16_dense_tflops",
+    "fp32_tflops",
     "memory_bandwidth_gbps",
     "price_per_hour_usd",
     "price_source",
@@ -92,7 +93,13 @@ def test_memory_bytes_whole_mib_and_in_range(rows):
 
 @pytest.mark.parametrize(
     "column",
-    ["bf16_dense_tflops", "fp16_dense_tflops", "memory_bandwidth_gbps", "price_per_hour_usd"],
+    [
+        "bf16_dense_tflops",
+        "fp16_dense_tflops",
+        "fp32_tflops",
+        "memory_bandwidth_gbps",
+        "price_per_hour_usd",
+    ],
 )
 def test_numbers_positive_where_present(rows, column):
     for r in rows:

@@ -1,315 +1,277 @@
-"""Time model, memory traffic, priors, GPU transfer statements and the efficiency fit."""
+"""The time model: stretches between syncs, the price of each op, the step's bound, how a GPU
+without measurements gets its speed, and the constants' file entries."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import replace
 
 import pytest
 
 from tests.conftest import TINY_LLAMA
+from vramcalc.calibration import CALIBRATION_JSON, write_throughput_entries
 from vramcalc.catalog import Gpu, find_gpu
-from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
+from vramcalc.errors import CatalogError, InvalidPlanError
 from vramcalc.inventory import build_inventory
-from vramcalc.memory.overhead import CALIBRATION_JSON
+from vramcalc.memory.gradients import gradient_bytes
+from vramcalc.opprofile import BnbOptimizerParam, Op, OpProfile, Run, op_profile
 from vramcalc.plan import TrainingPlan
 from vramcalc.render import render_throughput
+from vramcalc.stepwork import Kernel, StepWork, Stretch, step_work
 from vramcalc.throughput import (
+    CONSTANTS,
+    Peaks,
     ThroughputCalibration,
-    efficiency_key,
     estimate_throughput,
-    estimate_traffic,
     load_throughput_calibration,
-    time_terms,
+    plan_work,
+    price,
 )
-from vramcalc.throughput_fit import compare_records, fit_efficiency
 
-# 0.01 TFLOP/s and 1 GB/s: a made-up GPU that makes the tiny model GPU-bound with round numbers
-SLOW_GPU = Gpu("Slow", (), "test", 80 * 2**30, 0.01, 0.01, 1.0, 2.0, "test price", "2026-01-01")
 CAL = ThroughputCalibration(
-    compute_efficiency={"full": 0.5, "lora": 0.25, "qlora": 0.2, "int8": 0.1},
+    compute_efficiency=0.5,
+    fp32_efficiency=0.25,
+    attention_efficiency=0.4,
     bandwidth_efficiency=0.5,
-    host_seconds_per_layer_pass=1e-3,
+    kernel_seconds=1e-6,
+    python_call_seconds=1e-5,
+    dispatch_seconds=2e-6,
+    bnb_tensor_seconds=1e-4,
     step_overhead_seconds=0.01,
 )
-LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj"), "optimizer": "adamw_torch"}
+# 100 TFLOP/s dense, 10 TFLOP/s fp32, 1000 GB/s
+GPU = Gpu("Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.0, "test", "2026-01-01")
+GPU = replace(GPU, fp32_tflops=10.0)
+PEAKS = Peaks(
+    {"matmul": 100e12, "attention": 100e12, "int8_matmul": 200e12, "matmul_fp32": 10e12}, 1e12
+)
+ZERO = (0.0,) * 5
 
 
-def tiny(**fields) -> tuple:
-    plan = TrainingPlan(
-        "tiny", **{"seq_len": 32, "batch_size": 2, "gradient_checkpointing": False, **fields}
+def op(name, kind="memory", flops=ZERO, nbytes=ZERO, sync=False, python=1.0, count=1):
+    return Op(name, kind, "forward", count, flops, nbytes, 1.0, python, 0.0, 0, sync)
+
+
+def _vec(const=0.0, token=0.0, token_seq=0.0):
+    return (float(const), float(token), float(token_seq), 0.0, 0.0)
+
+
+# -- laying out the work ------------------------------------------------------------------------------
+def test_layers_repeat_and_syncs_cut_stretches():
+    """4 layers: the second traced layer's run is done 3 times; a sync in it cuts the stretch
+    once per layer, and the seam between two layers is its own stretch."""
+    profile = OpProfile(
+        micro_batch=(
+            Run("once", (op("embed", nbytes=_vec(0, 10)),)),
+            Run(
+                "layers", (op("a", nbytes=_vec(0, 1)), op("s", sync=True), op("b", nbytes=_vec(5)))
+            ),
+            Run("once", (op("head", "matmul", flops=_vec(0, 100), nbytes=_vec(0, 2)),)),
+        ),
+        optimizer=(Run("once", (op("adam", nbytes=_vec(1000)),)),),
+        bnb_params=(),
+        params_total=(1, 1, 1),
+        params_trainable=(0, 1, 1),
     )
-    return build_inventory(TINY_LLAMA, plan, use_cache=False), plan
+    inventory = build_inventory(TINY_LLAMA, TrainingPlan("tiny"), use_cache=False)
+    inventory = replace(inventory, num_layers=4)
+    p = TrainingPlan("tiny", seq_len=10, batch_size=2, method="full")  # T = 20
+    work = step_work(profile, inventory, p)
+    shape = [(s.times, s.dispatches, s.memory_bytes) for s in work.stretches]
+    assert shape == [
+        (1, 3, 10 * 20 + 1 * 20),  # embed, layer 1 up to its sync
+        (2, 3, 5 + 1 * 20),  # b of one layer, a and the sync of the next: 2 seams
+        (1, 3, 5 + 1000),  # b of the last layer, the head, the optimizer step
+    ]
+    assert work.stretches[-1].compute == (Kernel("matmul", 1, 100 * 20, 2 * 20),)
+    assert work.syncs == 1 + 2 + 1  # the first layer's, the seams', the step's end
 
 
-# -- priors --------------------------------------------------------------------------------------
-def test_priors_are_documented_and_not_fitted():
+def test_gradient_accumulation_adds_into_the_gradients():
+    """Each micro-batch after the first adds its gradients into .grad: one in-place add per
+    trainable tensor (read 2, write 1 gradient); the optimizer steps once."""
+    p = TrainingPlan("tiny", seq_len=32, batch_size=2, method="full", gradient_checkpointing=False)
+    inventory = build_inventory(TINY_LLAMA, p, use_cache=False)
+    profile = op_profile(TINY_LLAMA, p)
+    one = step_work(profile, inventory, p)
+    three = step_work(profile, inventory, p.with_(grad_accum=3))
+    micro = step_work(replace(profile, optimizer=()), inventory, p)
+    trainable = profile.tensor_count(2, trainable=True)
+    grads = gradient_bytes(inventory, p)
+    assert three.tokens == 3 * one.tokens and three.syncs == 3 * 2 + 1
+    assert three.total("dispatches") == one.total("dispatches") + 2 * (
+        micro.total("dispatches") + trainable
+    )
+    assert three.memory_bytes == pytest.approx(
+        one.memory_bytes + 2 * (micro.memory_bytes + 3 * grads)
+    )
+
+
+# -- pricing -----------------------------------------------------------------------------------------
+def _work(*stretches, bnb_tensors=0.0, bnb_bytes=0.0):
+    return StepWork(TrainingPlan("tiny"), tuple(stretches), bnb_tensors, bnb_bytes, 1.0)
+
+
+def test_a_stretch_takes_the_longer_of_host_and_gpu():
+    gpu_bound = Stretch(1, 10, 100, 4e9, 10, (Kernel("matmul", 2, 4e12, 1e9),))
+    # host 10 x 10 us + 100 x 2 us = 0.3 ms; GPU: bytes 4e9 / 5e11 = 8 ms + 10 kernels x 1 us;
+    # matmul max(4e12 / 5e13, 1e9 / 5e11) = 80 ms + 2 x 1 us
+    time = price(_work(gpu_bound), PEAKS, CAL)
+    assert time.seconds["compute"] == pytest.approx(0.080 + 2e-6)
+    assert time.seconds["memory"] == pytest.approx(0.008 + 10e-6)
+    assert time.seconds["host"] == pytest.approx(0.01)  # the fixed step part only
+    assert time.step_seconds == pytest.approx(0.01 + 0.080002 + 0.00801)
+    assert time.bound == "compute" and time.host_seconds == pytest.approx(0.01 + 0.0003)
+
+    host_bound = replace(gpu_bound, python_calls=10_000, times=3)
+    time = price(_work(host_bound), PEAKS, CAL)
+    host = 10_000 * 1e-5 + 100 * 2e-6  # 0.1002 s > 0.08802 s of GPU work
+    assert time.seconds["host"] == pytest.approx(0.01 + 3 * host)
+    assert time.step_seconds == pytest.approx(0.01 + 3 * host) and time.bound == "host"
+
+
+def test_each_kernel_kind_has_its_peak_and_efficiency():
+    kinds = {
+        "matmul": 1e12 / (100e12 * 0.5),
+        "int8_matmul": 1e12 / (200e12 * 0.5),
+        "matmul_fp32": 1e12 / (10e12 * 0.25),
+        "attention": 1e12 / (100e12 * 0.4),
+    }
+    for kind, seconds in kinds.items():
+        work = _work(Stretch(1, 0, 0, 0.0, 0, (Kernel(kind, 1, 1e12, 0.0),)))
+        assert price(work, PEAKS, CAL).seconds["compute"] == pytest.approx(seconds + 1e-6), kind
+    # a thin matmul is bandwidth-bound: 1 GFLOP, 1 GB
+    thin = _work(Stretch(1, 0, 0, 0.0, 0, (Kernel("matmul", 1, 1e9, 1e9),)))
+    assert price(thin, PEAKS, CAL).seconds["compute"] == pytest.approx(1e9 / 5e11 + 1e-6)
+
+
+def test_bitsandbytes_optimizer_tensors_are_serial():
+    work = _work(bnb_tensors=100, bnb_bytes=5e9)
+    time = price(work, PEAKS, CAL)
+    assert time.seconds["host"] == pytest.approx(0.01 + 100 * 1e-4)
+    assert time.seconds["memory"] == pytest.approx(5e9 / 5e11 + 100 * 1e-6)
+    assert time.step_seconds == pytest.approx(sum(time.seconds.values()))
+
+
+# -- the estimate ------------------------------------------------------------------------------------
+LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj")}
+
+
+def tiny_work(**fields):
+    p = TrainingPlan("tiny", **{"seq_len": 32, "batch_size": 2, **fields})
+    return plan_work(TINY_LLAMA, build_inventory(TINY_LLAMA, p, use_cache=False), p)
+
+
+def test_estimate_fields_agree():
+    work = tiny_work(gradient_checkpointing=True, **LORA_QV)
+    e = estimate_throughput(work, GPU, CAL)
+    assert e.tokens_per_second == pytest.approx(64 / e.step_seconds)
+    assert e.step_seconds == pytest.approx(sum(e.seconds.values()))
+    assert e.mfu == pytest.approx(work.flops.model_flops / (e.step_seconds * 100e12))
+    assert e.hfu > e.mfu  # the recompute
+    assert e.bound == "host"  # 64 tokens of a tiny model: launch-bound
+    data = e.to_dict()
+    assert set(data["seconds"]) == {"compute", "memory", "host"}
+    assert set(data["constants"]) == set(CONSTANTS)
+    assert data["work"]["syncs"] == 3 and data["measured"] is False
+    json.dumps(data)
+
+
+def test_gpus_scale_by_their_own_peaks():
+    """With no host and launch terms, half the peak and half the bandwidth: twice the time."""
+    work = tiny_work(method="full", seq_len=4096, batch_size=64, gradient_checkpointing=False)
+    gpu_only = replace(CAL, kernel_seconds=0.0, python_call_seconds=0.0, dispatch_seconds=0.0)
+    gpu_only = replace(gpu_only, step_overhead_seconds=0.0)
+    fast = estimate_throughput(work, GPU, gpu_only)
+    half = replace(GPU, bf16_dense_tflops=50.0, memory_bandwidth_gbps=500.0, fp32_tflops=5.0)
+    slow = estimate_throughput(work, half, gpu_only)
+    assert slow.step_seconds == pytest.approx(2 * fast.step_seconds, rel=1e-12)
+    assert slow.mfu == pytest.approx(fast.mfu, rel=1e-12)
+
+
+def test_errors_name_the_flag_or_the_catalog_gap():
+    work = tiny_work(**LORA_QV)
+    assert (
+        estimate_throughput(tiny_work(dtype="fp32", **LORA_QV), find_gpu("H100")).peak_tflops == 989
+    )
+    with pytest.raises(InvalidPlanError, match="--dtype bf16: T4 has no bf16"):
+        estimate_throughput(work, find_gpu("T4"))
+    with pytest.raises(CatalogError, match="A10G"):
+        estimate_throughput(work, find_gpu("A10G"))
+    assert estimate_throughput(tiny_work(dtype="fp16", **LORA_QV), find_gpu("T4")).peak_tflops == 65
+    # int8 LoRA runs fp32 matmuls in backward: a GPU needs an fp32 peak for them
+    int8 = tiny_work(quant="int8", gradient_checkpointing=False, **LORA_QV)
+    with pytest.raises(CatalogError, match="no fp32 TFLOP/s for Test"):
+        estimate_throughput(int8, replace(GPU, fp32_tflops=None), CAL)
+    assert estimate_throughput(int8, GPU, CAL).step_seconds > 0
+
+
+def test_output_says_which_gpus_no_measurement_backs():
+    work = tiny_work(**LORA_QV)
     cal = load_throughput_calibration()
-    assert not cal.fitted and cal.measured_on_text == "prior, no measurement"
-    assert set(cal.compute_efficiency) == {"full", "lora", "qlora", "int8"}
-    assert all(0 < v <= 1 for v in cal.compute_efficiency.values())
-    assert 0 < cal.bandwidth_efficiency <= 1
-    for key, source in cal.sources.items():
-        assert source.startswith("prior"), key
+    assert cal.measured_on == ("H200",)
+    h200 = estimate_throughput(work, find_gpu("H200"))
+    a100 = estimate_throughput(work, find_gpu("A100-80GB"))
+    assert h200.measured and "this GPU included" in h200.derivation
+    assert not a100.measured
+    assert a100.derivation.startswith("no measurement on A100-80GB: constants fitted on H200")
+    assert "989 -> 312 TFLOP/s" in a100.derivation and "4800 -> 2039 GB/s" in a100.derivation
+    text = render_throughput(a100)
+    assert "no measurement on A100-80GB" in text and "measured on: H200" in text
+    prior = replace(cal, measured_on=())
+    assert "prior, no measurement" in estimate_throughput(work, find_gpu("H200"), prior).derivation
 
 
-def test_calibration_json_round_trip_keeps_every_throughput_key():
+# -- the constants' file --------------------------------------------------------------------------------
+def test_calibration_entries_round_trip_and_are_sourced():
     raw = json.loads(CALIBRATION_JSON.read_text())
     cal = load_throughput_calibration()
     assert set(cal.to_json()) == {k for k in raw if k.startswith("throughput_")}
     assert ThroughputCalibration.from_json(cal.to_json()) == cal
+    for name in CONSTANTS:
+        source = cal.sources[f"throughput_{name}"]
+        assert source.startswith("fitted " if name != "attention_efficiency" else "prior"), name
+    assert cal.fitted_on["split"] == "calibration"
+    assert all(":" in case for case in cal.fitted_on["cases"])
 
 
-@pytest.mark.parametrize(
-    ("fields", "key"),
-    [
-        ({"method": "full"}, "full"),
-        (LORA_QV, "lora"),
-        ({"method": "qlora"}, "qlora"),
-        ({"method": "lora", "quant": "int8"}, "int8"),
-    ],
-)
-def test_efficiency_key(fields, key):
-    assert efficiency_key(TrainingPlan("m", **fields)) == key
-
-
-# -- memory traffic (hand counts) -------------------------------------------------------------------
-def test_int8_dequantizes_in_backward_only():
-    inventory, plan = tiny(quant="int8", **LORA_QV)
-    # per module: int8 CB read (n) + fp32 SCB per row (512-byte blocks) + CB.to(bf16) write 2n
-    # + mul_ read and write 2n each = n + alloc(4·out) + 6n; only backwards that need the input grad
-    q = 4096 + 512 + 6 * 4096  # 29,184
-    k = v = 2048 + 512 + 6 * 2048  # 14,848
-    o = q
-    mlp = 8192 + 512 + 6 * 8192  # 57,856 (gate, up, down)
-    # layer 0's q, k, v get no input gradient (first-layer rule): one of their two modules
-    expected = (q + k + v) * 1 + o * 2 + mlp * 2 * 3
-    assert estimate_traffic(inventory, plan).dequant_bytes == expected == 464_384
-
-
-def test_nf4_dequantizes_in_forward_and_backward():
-    inventory, plan = tiny(method="qlora", rank=4, targets=("q_proj", "v_proj"))
-    # stored bytes (512-rounded): packed n/2, 16-entry fp32 code, uint8 absmax per 64,
-    # fp32 absmax per 256 blocks, 256-entry fp32 map, fp32 offset; + bf16 write 2n
-    # + fp32 absmax written and read (8 B per block of 64)
-    q = (2048 + 512 + 512 + 512 + 1024 + 512) + 2 * 4096 + 8 * 64  # 13,824
-    k = v = (1024 + 512 + 512 + 512 + 1024 + 512) + 2 * 2048 + 8 * 32  # 8,448
-    o = q
-    mlp = (4096 + 512 + 512 + 512 + 1024 + 512) + 2 * 8192 + 8 * 128  # 24,576
-    # passes: forward in both layers; backward where the input grad is needed
-    expected = (q + k + v) * (2 + 1) + (o + 3 * mlp) * (2 + 2)
-    assert estimate_traffic(inventory, plan).dequant_bytes == expected == 442_368
-
-
-def test_eager_attention_score_traffic():
-    inventory, plan = tiny(attn="eager", **LORA_QV)
-    # B·H·S² score elements per layer, 2 layers, 34 B forward + 38 B backward each
-    assert estimate_traffic(inventory, plan).attention_score_bytes == 2 * 4 * 32 * 32 * 2 * (
-        34 + 38
+def test_writing_the_entries_keeps_every_other_entry(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text(
+        json.dumps({"cuda_context_bytes": {"value": 1}, "throughput_old": {"value": 2}})
     )
-    inventory, plan = tiny(**LORA_QV)
-    assert estimate_traffic(inventory, plan).attention_score_bytes == 0
+    write_throughput_entries({"throughput_new": {"value": 3, "source": "s"}}, path)
+    assert json.loads(path.read_text()) == {
+        "cuda_context_bytes": {"value": 1},
+        "throughput_new": {"value": 3, "source": "s"},
+    }
+    assert BnbOptimizerParam(1, 2.0, "once").numel == 1
 
 
-def test_optimizer_traffic_lora_adamw():
-    inventory, plan = tiny(**LORA_QV)
-    # fp32 adapters per layer: q A 4x64, q B 64x4, v A 4x64, v B 32x4 = 1,792 params, 7,168 B
-    params = grads = 4 * 1_792
-    states = 2 * grads
-    # read+write params and states, read grads, clip (norm read + scale read/write)
-    assert (
-        estimate_traffic(inventory, plan).optimizer_bytes
-        == 2 * params + grads + 2 * states + 3 * grads
-    )
-    inventory, plan = tiny(grad_accum=3, **LORA_QV)
-    assert (
-        estimate_traffic(inventory, plan).optimizer_bytes == 71_680 + 2 * 3 * grads
-    )  # accumulation
+def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir):
+    from vramcalc.planner import plan_result
+    from vramcalc.render import render_gpu_fits
 
-
-# -- the time model ---------------------------------------------------------------------------------
-def test_step_time_arithmetic_gpu_bound():
-    inventory, plan = tiny(**LORA_QV)
-    e = estimate_throughput(inventory, plan, SLOW_GPU, CAL)
-    compute = 24_535_040 / (0.01e12 * 0.25)  # exact FLOPs (test_flops) / (peak x efficiency)
-    optimizer = 71_680 / (1e9 * 0.5)
-    host = 1 * 3 * 2 * 1e-3  # passes x layers x seconds: shorter than the GPU work
-    assert e.bound == "GPU"
-    assert e.seconds["host"] == pytest.approx(host)
-    assert e.step_seconds == pytest.approx(compute + optimizer + 0.01)
-    assert e.tokens_per_second == pytest.approx(64 / e.step_seconds)
-    assert e.mfu == pytest.approx(24_535_040 / (e.step_seconds * 0.01e12))
-    assert e.hfu == e.mfu  # no recompute
-
-
-def test_step_time_arithmetic_host_bound_and_accumulation():
-    inventory, plan = tiny(grad_accum=2, **LORA_QV)
-    fast = replace(SLOW_GPU, bf16_dense_tflops=1000.0, memory_bandwidth_gbps=1000.0)
-    e = estimate_throughput(inventory, plan, fast, CAL)
-    assert e.bound == "host"
-    optimizer = (71_680 + 3 * 7_168) / (1000e9 * 0.5)  # one extra accumulation
-    assert e.step_seconds == pytest.approx(2 * 3 * 2 * 1e-3 + optimizer + 0.01)
-    assert e.tokens_per_second == pytest.approx(2 * 64 / e.step_seconds)
-
-
-def test_checkpointing_counts_hardware_flops_in_hfu_not_mfu():
-    inventory, plan = tiny(gradient_checkpointing=True, **LORA_QV)
-    e = estimate_throughput(inventory, plan, SLOW_GPU, CAL)
-    assert e.hfu / e.mfu == pytest.approx(35_856_384 / 25_649_152)
-
-
-def test_gpus_scale_by_their_own_peak():
-    inventory, plan = tiny(method="full", seq_len=2048, batch_size=8)
-    h100 = time_terms(inventory, plan, find_gpu("H100"))[0]
-    a100 = time_terms(inventory, plan, find_gpu("A100-80GB"))[0]
-    assert a100.compute_seconds / h100.compute_seconds == pytest.approx(989 / 312)
-    assert a100.optimizer_seconds / h100.optimizer_seconds == pytest.approx(3350 / 2039)
-
-
-def test_errors_name_the_flag_or_the_catalog_gap():
-    # fp32 master weights still run their matmuls under bf16 autocast
-    assert estimate_throughput(*tiny(dtype="fp32", **LORA_QV), find_gpu("H100")).peak_tflops == 989
-    inventory, plan = tiny(**LORA_QV)
-    with pytest.raises(InvalidPlanError, match="--dtype bf16: T4 has no bf16"):
-        estimate_throughput(inventory, plan, find_gpu("T4"))
-    with pytest.raises(CatalogError, match="A10G"):
-        estimate_throughput(inventory, plan, find_gpu("A10G"))
-    fp16 = estimate_throughput(*tiny(dtype="fp16", **LORA_QV), find_gpu("T4"))
-    assert fp16.peak_tflops == 65
-
-
-def test_output_states_where_the_efficiency_was_measured():
-    inventory, plan = tiny(**LORA_QV)
-    prior = estimate_throughput(inventory, plan, find_gpu("A100-80GB"))
-    assert "prior, no measurement" in prior.derivation
-    assert prior.to_dict()["efficiency_measured_on"] == "prior, no measurement"
-    text = render_throughput(prior)
-    assert "measured on: prior, no measurement" in text and "A100-80GB" in text
-
-    fitted = replace(load_throughput_calibration(), measured_on=("H100-80GB",))
-    other = estimate_throughput(inventory, plan, find_gpu("A100-80GB"), fitted)
-    assert "fitted on H100-80GB, not on A100-80GB" in other.derivation
-    assert "989 -> 312 TFLOP/s" in other.derivation and "3350 -> 2039 GB/s" in other.derivation
-    same = estimate_throughput(inventory, plan, find_gpu("H100"), fitted)
-    assert "this GPU included" in same.derivation
-
-
-def test_to_dict_uses_harness_field_names():
-    data = estimate_throughput(*tiny(**LORA_QV), SLOW_GPU, CAL).to_dict()
-    assert {"tokens_per_second", "step_seconds", "mfu", "flops", "seconds", "derivation"} <= set(
-        data
-    )
-    json.dumps(data)
-
-
-# -- fitting ------------------------------------------------------------------------------------------
-SMALL_LLAMA = dict(
-    TINY_LLAMA,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    vocab_size=32000,
-)
-CONFIGS = {"tiny": TINY_LLAMA, "small": SMALL_LLAMA}
-TRUTH = ThroughputCalibration(
-    compute_efficiency={"full": 0.45, "lora": 0.25, "qlora": 0.22, "int8": 0.09},
-    bandwidth_efficiency=0.8,
-    host_seconds_per_layer_pass=2e-4,
-    step_overhead_seconds=0.02,
-)
-_INVENTORIES: dict = {}
-
-
-def inventory_for(plan):
-    key = (plan.model, plan.method, plan.rank, plan.targets)
-    if key not in _INVENTORIES:
-        _INVENTORIES[key] = build_inventory(CONFIGS[plan.model], plan, use_cache=False)
-    return _INVENTORIES[key]
-
-
-def synthetic_records(truth=TRUTH, methods=("full", "lora", "qlora", "int8")):
-    """Measurement records generated from known constants (GPU and host-bound cases)."""
-    records = []
-    grid = itertools.product(
-        CONFIGS,
-        methods,
-        (128, 1024),
-        (1, 4),
-        ("sdpa", "eager"),
-        ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"),
-    )
-    for i, (model, method, seq, batch, attn, gpu_name) in enumerate(grid):
-        kind = {"method": "lora", "quant": "int8"} if method == "int8" else {"method": method}
-        plan = TrainingPlan(
-            model, seq_len=seq, batch_size=batch, grad_accum=1 + i % 2, attn=attn, **kind
-        )
-        step = time_terms(inventory_for(plan), plan, find_gpu(gpu_name))[0].step_seconds(truth)
-        records.append(
-            plan.to_dict()
-            | {
-                "case_id": f"case{i}",
-                "split": "calibration",
-                "status": "ok",
-                "gpu_name": gpu_name,
-                "step_seconds": step,
-                "tokens_per_second": seq * batch * plan.grad_accum / step,
-            }
-        )
-    return records
-
-
-def test_fit_recovers_known_constants():
-    records = synthetic_records()
-    assert {r["step_seconds"] > 0 for r in records} == {True}
-    # validation cases (wildly off) and failed cases must not influence the fit
-    noise = [
-        dict(records[0], case_id="val", split="validation", step_seconds=99.0),
-        dict(records[1], case_id="oom", status="oom", step_seconds=None),
+    p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=64, batch_size=2)
+    result = plan_result(p, [find_gpu("H200"), find_gpu("A100-80GB")])
+    lines = render_gpu_fits(result.fits).splitlines()
+    assert lines[0].split() == [
+        "GPU",
+        "memory",
+        "fits",
+        "headroom",
+        "tokens/s",
+        "step",
+        "s",
+        "MFU",
+        "bound",
     ]
-    fit = fit_efficiency(records + noise, inventory_for=inventory_for)
-    cal = fit.calibration
-    for key, value in TRUTH.compute_efficiency.items():
-        assert cal.compute_efficiency[key] == pytest.approx(value, rel=1e-4), key
-    assert cal.bandwidth_efficiency == pytest.approx(0.8, rel=1e-4)
-    assert cal.host_seconds_per_layer_pass == pytest.approx(2e-4, rel=1e-4)
-    assert cal.step_overhead_seconds == pytest.approx(0.02, rel=1e-4)
-    assert fit.median_abs_error < 1e-5
-    assert cal.measured_on == ("A100-80GB", "H100-80GB")
-    assert len(fit.cases) == len(records) and fit.skipped == ("oom: status 'oom'",)
-    assert cal.sources["throughput_compute_efficiency_full"].startswith("fitted ")
-    assert set(cal.to_json()) == set(load_throughput_calibration().to_json())
-
-
-def test_fit_keeps_priors_that_no_case_informs():
-    prior = load_throughput_calibration()
-    fit = fit_efficiency(synthetic_records(methods=("full", "lora")), inventory_for=inventory_for)
-    cal = fit.calibration
-    assert cal.compute_efficiency["full"] == pytest.approx(0.45, rel=1e-4)
-    assert cal.compute_efficiency["int8"] == prior.compute_efficiency["int8"]
-    assert (
-        cal.sources["throughput_compute_efficiency_int8"]
-        == prior.sources["throughput_compute_efficiency_int8"]
+    a100, h200 = lines[2].split(), lines[3].split()
+    assert a100[0] == "A100-80GB" and a100[-1] == "host*"  # derived from the H200
+    assert h200[0] == "H200" and h200[-1] == "host"  # measured there
+    assert lines[-1] == (
+        "  * no measurement backs A100-80GB: speed derived from H200 (plan --verbose says how)"
     )
-    assert "compute_efficiency_int8" not in fit.informed
-
-
-def test_fit_with_nothing_usable_raises():
-    records = [dict(r, status="error") for r in synthetic_records(methods=("lora",))[:2]]
-    with pytest.raises(VramcalcError, match="no usable 'calibration' measurements"):
-        fit_efficiency(records, inventory_for=inventory_for)
-
-
-def test_compare_records_reports_tokens_per_second_error():
-    records = synthetic_records(methods=("lora",))
-    rows = compare_records(records, TRUTH, inventory_for=inventory_for)
-    assert len(rows) == len(records)
-    assert max(abs(r["tokens_per_second_error"]) for r in rows) < 1e-9
-    slow = replace(TRUTH, step_overhead_seconds=0.04)
-    row = compare_records(records[:1], slow, inventory_for=inventory_for)[0]
-    assert row["predicted_tokens_per_second"] < row["measured_tokens_per_second"]
-    assert row["tokens_per_second_error"] == pytest.approx(
-        row["predicted_tokens_per_second"] / row["measured_tokens_per_second"] - 1
-    )
+    gpus = {g["name"]: g for g in result.to_dict()["gpus"]}
+    assert gpus["H200"]["speed_measured"] is True and gpus["A100-80GB"]["speed_measured"] is False
+    assert gpus["H200"]["bound"] == "host"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import DATA_DIR
@@ -30,3 +31,14 @@ def calibration_json() -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise CatalogError(f"calibration file {CALIBRATION_JSON} is not a JSON object")
     return raw
+
+
+def write_throughput_entries(entries: dict[str, Any], path: Path | None = None) -> Path:
+    """Replace the ``throughput_*`` entries of ``path`` (default ``CALIBRATION_JSON``) by
+    ``entries``; keep every other entry (and its place) as it is."""
+    path = path or CALIBRATION_JSON
+    raw = json.loads(path.read_text())
+    kept = {k: v for k, v in raw.items() if not k.startswith("throughput_")}
+    path.write_text(json.dumps(kept | dict(entries), indent=2, ensure_ascii=False) + "\n")
+    calibration_json.cache_clear()
+    return path

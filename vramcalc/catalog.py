@@ -276,6 +276,7 @@ class Gpu:
     # bf16 tensor cores: an optional ``bf16`` column (yes/no) says so; without it, a card with
     # an fp16 peak and no bf16 peak has none (Turing T4, Volta V100: "bf16 left empty")
     has_bf16: bool = True
+    fp32_tflops: float | None = None  # non-tensor FP32 peak (fp32 matmuls outside autocast)
 
 
 def _float(text: str | None) -> float | None:
@@ -320,6 +321,7 @@ def load_gpus() -> tuple[Gpu, ...]:
                     price_source=(row.get("price_source") or "").strip(),
                     price_date=(row.get("price_date") or "").strip(),
                     has_bf16=_has_bf16(row),
+                    fp32_tflops=_float(row.get("fp32_tflops")),
                 )
             )
         except (KeyError, ValueError) as err:

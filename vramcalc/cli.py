@@ -137,7 +137,7 @@ def models(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def gpus(as_json: bool) -> None:
     """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
-    TFLOP/s, bandwidth, price."""
+    (dense tensor) and fp32 TFLOP/s, bandwidth, price."""
     from vramcalc.catalog import load_gpus
     from vramcalc.render import render_gpus
 
@@ -155,6 +155,7 @@ def _register_commands() -> None:
     for module, names in (
         ("vramcalc.cli_capacity", ("sweep", "fit")),
         ("vramcalc.cli_report", ("report",)),
+        ("vramcalc.cli_speed", ("speed_report", "speed_fit")),
         ("harness.cli", ("measure",)),
     ):
         try:

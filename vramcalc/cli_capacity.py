@@ -91,7 +91,11 @@ def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[An
 def speed_and_cost_options(func):
     """Opt-in speed and run-cost columns (the same run-length options as ``plan``)."""
     options = [
-        click.option("--speed", is_flag=True, help="Add tokens/s, step seconds and MFU per GPU."),
+        click.option(
+            "--speed",
+            is_flag=True,
+            help="Add tokens/s, step seconds, MFU, what bounds the step and whether a measurement backs the GPU, per GPU.",
+        ),
         click.option(
             "--dataset-tokens",
             type=int,

@@ -24,23 +24,18 @@ from typing import Any
 
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
-from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import (
     ThroughputCalibration,
     ThroughputEstimate,
+    Work,
     estimate_throughput,
 )
 
-#: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``).
-COLUMN_PREFIXES = (
-    "tokens_per_second",
-    "step_seconds",
-    "mfu",
-    "wall_hours",
-    "gpu_hours",
-    "cost_usd",
-)
+#: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``): the
+#: speed ones (``SPEED_PREFIXES``), then the run's.
+SPEED_PREFIXES = ("tokens_per_second", "step_seconds", "mfu", "bound", "speed_measured")
+COLUMN_PREFIXES = (*SPEED_PREFIXES, "wall_hours", "gpu_hours", "cost_usd")
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -168,6 +163,8 @@ class CostEstimate:
             "price_per_hour_usd": self.price_per_hour_usd,
             "price_source": self.price_source,
             "cost_usd": self.cost_usd,
+            "bound": self.throughput.bound,
+            "measured": self.throughput.measured,
             "efficiency_measured_on": self.throughput.calibration.measured_on_text,
             "derivation": self.throughput.derivation,
         }
@@ -206,9 +203,7 @@ class CostTable:
         out: dict[str, Any] = {"optimizer_steps": self.run.optimizer_steps(self.plan)}
         for row in self.rows:
             values = (
-                row.throughput.tokens_per_second,
-                row.throughput.step_seconds,
-                row.throughput.mfu,
+                *speed_cells(row.throughput),
                 row.wall_hours,
                 row.gpu_hours,
                 row.cost_usd,
@@ -235,8 +230,7 @@ class CostTable:
 
 
 def cost_table(
-    inventory: ModelInventory,
-    plan: TrainingPlan,
+    work: Work,
     gpus: Iterable[Gpu],
     run: RunLength,
     price_per_hour_usd: float | None = None,
@@ -247,28 +241,44 @@ def cost_table(
     rows, skipped = [], []
     for gpu in gpus:
         try:
-            throughput = estimate_throughput(inventory, plan, gpu, calibration)
+            throughput = estimate_throughput(work, gpu, calibration)
         except VramcalcError as err:
             skipped.append((gpu.name, str(err)))
             continue
         rows.append(estimate_cost(throughput, run, price_per_hour_usd))
-    return CostTable(plan, run, tuple(rows), tuple(skipped))
+    return CostTable(work.plan, run, tuple(rows), tuple(skipped))
+
+
+def unpriced_table(
+    plan: TrainingPlan, gpus: Iterable[Gpu], run: RunLength, reason: str
+) -> CostTable:
+    """A run that cannot be priced on any GPU (its speed cannot be predicted), with why."""
+    return CostTable(plan, run, (), tuple((gpu.name, reason) for gpu in gpus))
+
+
+def speed_cells(e: ThroughputEstimate | None) -> tuple[Any, ...]:
+    """The ``SPEED_PREFIXES`` cells of one GPU (None where its speed cannot be predicted)."""
+    if e is None:
+        return (None,) * len(SPEED_PREFIXES)
+    return (e.tokens_per_second, e.step_seconds, e.mfu, e.bound, e.measured)
 
 
 def throughput_columns(
-    inventory: ModelInventory,
-    plan: TrainingPlan,
+    work: Work | None,
     gpus: Iterable[Gpu],
     calibration: ThroughputCalibration | None = None,
 ) -> dict[str, Any]:
-    """Sweep cells without a run length: ``tokens_per_second_<GPU>``, ``step_seconds_<GPU>``,
-    ``mfu_<GPU>`` (None where the GPU cannot be priced)."""
+    """Sweep cells without a run length: ``<prefix>_<GPU>`` for every ``SPEED_PREFIXES``
+    (None where the GPU cannot be priced, or ``work`` is None)."""
     out: dict[str, Any] = {}
     for gpu in gpus:
-        try:
-            e = estimate_throughput(inventory, plan, gpu, calibration)
-            values: tuple[float | None, ...] = (e.tokens_per_second, e.step_seconds, e.mfu)
-        except VramcalcError:
-            values = (None, None, None)
-        out.update({f"{p}_{gpu.name}": v for p, v in zip(COLUMN_PREFIXES[:3], values, strict=True)})
+        e = None
+        if work is not None:
+            try:
+                e = estimate_throughput(work, gpu, calibration)
+            except VramcalcError:
+                e = None
+        out.update(
+            {f"{p}_{gpu.name}": v for p, v in zip(SPEED_PREFIXES, speed_cells(e), strict=True)}
+        )
     return out

@@ -12,11 +12,11 @@ from typing import Any
 
 from vramcalc.catalog import Gpu, find_gpu, load_gpus
 from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.cost import CostTable, RunLength, check_price, cost_table
+from vramcalc.cost import CostTable, RunLength, check_price, cost_table, unpriced_table
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import MemoryEstimate, Prepared, prepare
 from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import ThroughputEstimate, estimate_throughput
+from vramcalc.throughput import ThroughputEstimate, Work, estimate_throughput, plan_work
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class GpuFit:
             "tokens_per_second": self.throughput.tokens_per_second if self.throughput else None,
             "step_seconds": self.throughput.step_seconds if self.throughput else None,
             "mfu": self.throughput.mfu if self.throughput else None,
+            "bound": self.throughput.bound if self.throughput else None,
+            "speed_measured": self.throughput.measured if self.throughput else None,
             "throughput_error": self.throughput_error,
         }
 
@@ -98,12 +100,17 @@ def plan_result(
     prepared = prepare(plan.model, plan)
     inventory = prepared.inventory
     memory = prepared.estimate(plan)
+    work: Work | None = None
+    try:
+        work, untraced = plan_work(prepared.spec.config_dict, inventory, plan), None
+    except VramcalcError as err:  # the recipe's step could not be traced: no speed
+        untraced = str(err)
     fits = []
     for gpu in gpus:
-        throughput, problem = None, recipe_blocker(plan, gpu)
-        if problem is None:
+        throughput, problem = None, recipe_blocker(plan, gpu) or untraced
+        if problem is None and work is not None:
             try:
-                throughput = estimate_throughput(inventory, plan, gpu)
+                throughput = estimate_throughput(work, gpu)
             except VramcalcError as err:
                 problem = str(err)
         blocker = recipe_blocker(plan, gpu)
@@ -114,7 +121,11 @@ def plan_result(
     cost = None
     if run is not None:
         fitting = [f.gpu for f in fits if f.fits]
-        cost = cost_table(inventory, plan, fitting, run, price_per_hour_usd)
+        cost = (
+            cost_table(work, fitting, run, price_per_hour_usd)
+            if work is not None
+            else unpriced_table(plan, fitting, run, untraced or "")
+        )
     warnings = plan_warnings(plan, inventory, given)
     return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)), warnings)
 

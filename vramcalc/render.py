@@ -22,7 +22,13 @@ from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan
 from vramcalc.planner import GpuFit, Hint, PlanResult
 from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
-from vramcalc.throughput import ThroughputEstimate, compute_dtype, transfer_note
+from vramcalc.throughput import (
+    ThroughputCalibration,
+    ThroughputEstimate,
+    compute_dtype,
+    transfer_note,
+)
+from vramcalc.throughput_fit import FITTED, ThroughputFit
 
 COMPONENT_LABELS = {
     "weights": "base weights",
@@ -161,6 +167,8 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
                 gib(fit.headroom_bytes),
                 f"{speed.tokens_per_second:,.0f}" if speed else "-",
                 f"{speed.step_seconds:.2f}" if speed else "-",
+                f"{100 * speed.mfu:.0f} %" if speed else "-",
+                speed_basis(speed),
             ]
         )
         if fit.blocker:
@@ -169,8 +177,8 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
             notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
     lines = []
     if rows:
-        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s"]
-        lines.append(table(rows, heads, [False, True, False, True, True, True]))
+        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s", "MFU", "bound"]
+        lines.append(table(rows, heads, [False, True, False, True, True, True, True, False]))
     hidden = [f for f in ordered if f not in shown]
     if not any(f.fits for f in ordered):
         largest = ordered[-1]
@@ -195,18 +203,37 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
             "fp16 autocast for them"
         )
     lines += notes
-    first = next((f.throughput for f in shown if f.throughput), None)
-    if first is not None:
-        lines.append(f"speed: {transfer_note(first.calibration)}")
-        if verbose:
-            lines += ["", render_throughput(first)]
+    speeds = [f.throughput for f in shown if f.throughput]
+    lines += speed_note(speeds)
+    if speeds and verbose:
+        lines += ["", render_throughput(speeds[0])]
     return "\n".join(lines)
+
+
+def speed_basis(e: ThroughputEstimate | None) -> str:
+    """What bounds the step, and ``*`` where no measurement backs the GPU (``speed_note``)."""
+    if e is None:
+        return "-"
+    return e.bound + ("" if e.measured else "*")
+
+
+def speed_note(estimates: Sequence[ThroughputEstimate]) -> list[str]:
+    """The lines under a speed table: where the constants were measured; ``*`` rows."""
+    if not estimates:
+        return []
+    lines = [f"speed: {transfer_note(estimates[0].calibration)}"]
+    unmeasured = [e.gpu.name for e in estimates if not e.measured]
+    if unmeasured and estimates[0].calibration.fitted:
+        lines.append(
+            "  * no measurement backs " + ", ".join(unmeasured) + ": speed derived from "
+            f"{estimates[0].calibration.measured_on_text} (plan --verbose says how)"
+        )
+    return lines
 
 
 def render_throughput(estimate: ThroughputEstimate) -> str:
     """How one GPU's step time is made (``plan --verbose``, for the smallest fitting GPU)."""
-    e, s, f = estimate, estimate.seconds, estimate.flops
-    cal, key = e.calibration, e.efficiency_key
+    e, s, w, c = estimate, estimate.seconds, estimate.work.step, estimate.calibration
     all_gpus = (
         f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
         if e.plan.num_gpus > 1
@@ -215,24 +242,29 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
     rows = [
         [
             "step time",
-            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es), bound by {e.bound})",
+            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es)), bound by {e.bound}: "
+            f"waits on compute {s['compute']:.3f} s, memory {s['memory']:.3f} s, "
+            f"host {s['host']:.3f} s",
         ],
         ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
         ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
         [
-            "FLOPs / step",
-            f"{f.total:.3e}: forward {f.forward:.3e}, backward {f.backward:.3e}, "
-            f"recompute {f.recompute:.3e}",
+            "work / step",
+            f"{w.matmul_flops:.3e} matmul FLOPs, {w.memory_bytes / 1e9:,.1f} GB moved, "
+            f"{w.kernels:,.0f} kernels, {w.total('dispatches'):,.0f} dispatches "
+            f"({w.total('python_calls'):,.0f} from Python), {w.syncs:,.0f} syncs",
         ],
         [
-            "seconds / step",
-            f"max(GPU compute {s['compute']:.3f} + memory {s['memory']:.3f}, host launch "
-            f"{s['host']:.3f}) + optimizer {s['optimizer']:.3f} + overhead {s['overhead']:.3f}",
+            "all GPU / host",
+            f"{e.time.gpu_seconds:.3f} s / {e.time.host_seconds:.3f} s (overlapped between syncs)",
         ],
         [
-            "efficiency",
-            f"{key} {cal.compute_efficiency[key]:.2f} of peak, {cal.bandwidth_efficiency:.2f} of "
-            f"bandwidth; measured on: {cal.measured_on_text}",
+            "constants",
+            f"matmul {c.compute_efficiency:.2f} and attention {c.attention_efficiency:.2f} of peak, "
+            f"{c.bandwidth_efficiency:.2f} of bandwidth, {1e6 * c.kernel_seconds:.1f} us a kernel; "
+            f"host {1e6 * c.python_call_seconds:.1f} us a Python call + "
+            f"{1e6 * c.dispatch_seconds:.1f} us a dispatch, {1e3 * c.step_overhead_seconds:.1f} ms "
+            f"a step; measured on: {c.measured_on_text}",
         ],
         ["derived", e.derivation],
     ]
@@ -256,6 +288,9 @@ def render_cost(cost: CostTable, verbose: bool = False) -> str:
             [
                 row.gpu_name,
                 f"{row.throughput.tokens_per_second:,.0f}",
+                f"{row.throughput.step_seconds:.2f}",
+                f"{100 * row.throughput.mfu:.0f} %",
+                speed_basis(row.throughput),
                 format_duration(row.wall_seconds),
                 f"{row.gpu_hours:,.2f}",
                 "-" if unpriced else f"{row.price_per_hour_usd:.2f}",
@@ -265,14 +300,15 @@ def render_cost(cost: CostTable, verbose: bool = False) -> str:
         if unpriced:
             notes.append(f"  {row.gpu_name}: cost '-': {row.price_source}")
     for name, reason in cost.skipped:
-        rows.append([name, "-", "-", "-", "-", "-"])
+        rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-"])
         notes.append(f"  {name}: not priced: {reason}")
-    heads = ["GPU", "tokens/s", "wall time", "GPU-hours", "$/GPU-h", "cost $"]
-    lines += [table(rows, heads, [False, True, True, True, True, True]), *notes]
+    heads = ["GPU", "tokens/s", "step s", "MFU", "bound", "wall time", "GPU-hours", "$/GPU-h"]
+    heads.append("cost $")
+    numeric = [False, True, True, True, False, True, True, True, True]
+    lines += [table(rows, heads, numeric), *notes]
     if verbose:
         lines += [f"  price {row.gpu_name}: {row.price_source}" for row in cost.rows]
-        if cost.rows:
-            lines.append(f"  speed: {transfer_note(cost.rows[0].throughput.calibration)}")
+        lines += ["  " + line for line in speed_note([row.throughput for row in cost.rows])]
     return "\n".join(lines)
 
 
@@ -343,6 +379,8 @@ PER_GPU = {
     "tokens_per_second": ("tokens/s", "", "#,##0", "{:,.0f}"),
     "step_seconds": ("step", "s", "0.000", "{:.3f}"),
     "mfu": ("MFU", "", "0.0%", "{:.1%}"),
+    "bound": ("bound", "", "General", "{}"),
+    "speed_measured": ("speed measured", "", "General", "{}"),
     "wall_hours": ("wall time", "h", "#,##0.0", "{:,.1f}"),
     "gpu_hours": ("GPU-hours", "", "#,##0.0", "{:,.1f}"),
     "cost_usd": ("cost", "USD", "#,##0.00", "{:,.2f}"),
@@ -457,13 +495,14 @@ def render_gpus(gpus: Sequence[Gpu]) -> str:
                 gib(g.memory_bytes),
                 "none" if not g.has_bf16 else _number(g.bf16_dense_tflops),
                 _number(g.fp16_dense_tflops),
+                _number(g.fp32_tflops),
                 _number(g.memory_bandwidth_gbps),
                 "-" if g.price_per_hour_usd is None else f"{g.price_per_hour_usd:.2f}",
                 ", ".join(g.aliases),
             ]
         )
-    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "GB/s", "$/hour", "aliases"]
-    lines = [table(rows, heads, [False, True, True, True, True, True, False])]
+    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "fp32", "GB/s", "$/hour", "aliases"]
+    lines = [table(rows, heads, [False, True, True, True, True, True, True, False])]
     if no_bf16:
         lines.append(
             f"bf16 'none': {', '.join(no_bf16)} have no bf16 tensor cores; bf16 plans do not "
@@ -482,3 +521,163 @@ def render_gpus(gpus: Sequence[Gpu]) -> str:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+# -- speed report ----------------------------------------------------------------------------
+_CONSTANT_UNITS = {
+    "compute_efficiency": ("of the dense matmul peak", 1, "{:.3f}"),
+    "fp32_efficiency": ("of the fp32 peak, fp32 matmuls", 1, "{:.3f}"),
+    "attention_efficiency": ("of the dense peak, FlashAttention (prior)", 1, "{:.3f}"),
+    "bandwidth_efficiency": ("of the memory bandwidth", 1, "{:.3f}"),
+    "kernel_seconds": ("us of GPU time a kernel", 1e6, "{:.2f}"),
+    "python_call_seconds": ("us of host time a Python-level torch call", 1e6, "{:.2f}"),
+    "dispatch_seconds": ("us of host time a dispatched op", 1e6, "{:.2f}"),
+    "bnb_tensor_seconds": ("us of host time a bitsandbytes optimizer tensor", 1e6, "{:.1f}"),
+    "step_overhead_seconds": ("ms of host time a step", 1e3, "{:.2f}"),
+}
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value) + 0.0:+.1f} %"
+
+
+def _abs_pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.1f} %"
+
+
+def _case_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["case_id"])[:8],
+        str(row["split"]),
+        str(row.get("model") or "").split("/")[-1],
+        f"{row.get('method')} {row.get('quant')}",
+        f"{row.get('seq_len')}x{row.get('batch_size')}",
+        "on" if row.get("gradient_checkpointing") else "off",
+        f"{row['measured_tokens_per_second']:,.0f}",
+        f"{row['predicted_tokens_per_second']:,.0f}",
+        _pct(row["tokens_per_second_error"]),
+        str(row["bound"]),
+        str(row.get("steps") or "–"),
+        _abs_pct(row.get("iqr_over_median")),
+    ]
+
+
+_CASE_HEADS = [
+    "case",
+    "split",
+    "model",
+    "method",
+    "seq x batch",
+    "ckpt",
+    "measured tok/s",
+    "predicted tok/s",
+    "error",
+    "bound",
+    "steps",
+    "IQR/median",
+]
+_CASE_NUMERIC = [False] * 6 + [True] * 3 + [False, True, True]
+
+
+def render_speed_report(data: dict[str, Any]) -> str:
+    """``reports/throughput.md`` from ``speed_report.SpeedReport.to_json()``."""
+    lines = ["# vramcalc speed report (tokens/s)", ""]
+    lines.append(
+        "Error = predicted / measured tokens/s - 1: positive means the planner promises more "
+        "speed than the GPU gave. Measured on: " + (", ".join(data["measured_on"]) or "none") + "."
+    )
+    lines += ["", "## Accuracy by split", ""]
+    cells = [
+        [
+            split,
+            str(s.get("n", 0)),
+            _abs_pct(s.get("median_abs_error")),
+            _abs_pct(s.get("p90_abs_error")),
+            _pct(s.get("max_overprediction")),
+            _pct(-s["max_underprediction"] if "max_underprediction" in s else None),
+        ]
+        for split, s in data["splits"].items()
+    ]
+    heads = ["split", "n", "median abs", "p90 abs", "max over", "max under"]
+    lines += [table(cells, heads, [False] + [True] * 5, markdown=True), ""]
+    targets = data["targets"]
+    lines.append(
+        f"Targets on the validation split: median <= {100 * targets['median_abs_error']:.0f} %, "
+        f"p90 <= {100 * targets['p90_abs_error']:.0f} %, no case over-predicted by more than "
+        f"{100 * targets['max_overprediction']:.0f} %."
+    )
+    lines += [f"- {line}" for line in data["distance_to_targets"]]
+    lines += ["", "## Constants (data/calibration.json)", ""]
+    cells = [
+        [name, fmt.format(value * scale), unit]
+        for name, value in data["constants"].items()
+        for unit, scale, fmt in [_CONSTANT_UNITS[name]]
+    ]
+    lines += [table(cells, ["constant", "value", "unit"], [False, True, False], markdown=True), ""]
+    lines += ["## Worst validation cases", ""]
+    worst = [_case_cells(r) for r in data["worst_validation_cases"]]
+    lines += [table(worst, _CASE_HEADS, _CASE_NUMERIC, markdown=True), ""]
+    lines += ["## Measurement quality", ""]
+    spread = data["dispersion"]
+    lines.append(
+        "Spread of the timed steps of a case, (Q3 - Q1) / median: median "
+        f"{_abs_pct(spread['median_iqr_over_median'])}, largest {_abs_pct(spread['max_iqr_over_median'])}."
+    )
+    repeat = data["repeatability"]
+    lines.append(
+        f"Plans measured twice (same plan, same GPU, another seed or run): {len(repeat['pairs'])} "
+        f"pairs, tokens/s apart by {_abs_pct(repeat['median_abs_difference'])} (median), "
+        f"{_abs_pct(repeat['max_abs_difference'])} (largest); target 5 %."
+    )
+    lines.append("")
+    for title, pairs in (
+        ("Same plan", repeat["pairs"]),
+        ("Same plan under the other allocator setting", repeat["other_allocator_pairs"]),
+    ):
+        if not pairs:
+            continue
+        cells = [
+            [
+                " / ".join(str(c)[:8] for c in p["case_ids"]),
+                str(p["model"]).split("/")[-1],
+                " / ".join(f"{t:,.0f}" for t in p["tokens_per_second"]),
+                _pct(p["difference"]),
+            ]
+            for p in pairs
+        ]
+        lines += [f"{title}:", ""]
+        heads = ["cases", "model", "tokens/s", "difference"]
+        lines += [table(cells, heads, [False, False, True, True], markdown=True), ""]
+    if data["excluded"]:
+        lines += ["## Not compared", ""]
+        lines += [f"- {line}" for line in data["excluded"]]
+        lines.append("")
+    lines += ["## Cases", ""]
+    cases = [_case_cells(r) for r in data["cases"]]
+    lines.append(table(cases, _CASE_HEADS, _CASE_NUMERIC, markdown=True))
+    return "\n".join(lines) + "\n"
+
+
+def render_speed_fit(fit: ThroughputFit, prior: ThroughputCalibration) -> str:
+    """``vramcalc speed-fit``: each constant before and after, and how well the fit reproduces
+    the cases it was fitted on."""
+    new = fit.calibration.values()
+    cells = [
+        [
+            name,
+            fmt.format(prior.values()[name] * scale),
+            fmt.format(new[name] * scale),
+            unit + ("" if name in FITTED else " (kept)"),
+        ]
+        for name in new
+        for unit, scale, fmt in [_CONSTANT_UNITS[name]]
+    ]
+    lines = [
+        f"fitted on {len(fit.cases)} calibration cases measured on "
+        f"{fit.calibration.measured_on_text} ({fit.iterations} iterations); median |error| "
+        f"{100 * fit.median_abs_error:.1f} % on them",
+        table(cells, ["constant", "before", "after", "unit"], [False, True, True, False]),
+    ]
+    if fit.skipped:
+        lines += ["not used:", *[f"  {line}" for line in fit.skipped]]
+    return "\n".join(lines)

@@ -30,7 +30,15 @@ from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu
 from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.cost import COLUMN_PREFIXES, RunLength, check_price, cost_table, throughput_columns
+from vramcalc.cost import (
+    COLUMN_PREFIXES,
+    SPEED_PREFIXES,
+    RunLength,
+    check_price,
+    cost_table,
+    throughput_columns,
+    unpriced_table,
+)
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import (
     COMPONENTS,
@@ -41,9 +49,10 @@ from vramcalc.estimate import (
     resolve,
 )
 from vramcalc.fit import budget_bytes
-from vramcalc.inventory import ModelInventory, lora_key
+from vramcalc.inventory import lora_key
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
+from vramcalc.throughput import plan_work
 
 GIB_DECIMALS = 4
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
@@ -59,8 +68,7 @@ RESULT_COLUMNS = (
     "error",
     "optimizer_steps",
 )
-SPEED_PREFIXES = COLUMN_PREFIXES[:3]  # tokens_per_second, step_seconds, mfu
-COST_PREFIXES = COLUMN_PREFIXES[3:]  # wall_hours, gpu_hours, cost_usd
+COST_PREFIXES = COLUMN_PREFIXES[len(SPEED_PREFIXES) :]  # wall_hours, gpu_hours, cost_usd
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
@@ -313,14 +321,18 @@ class SpeedAndCost:
 
     def cells(
         self,
-        inventory: ModelInventory,
+        prepared: Prepared,
         estimate: MemoryEstimate,
         gpus: Sequence[Gpu],
         headroom: float,
     ) -> dict[str, Any]:
         plan, out = estimate.plan, {}
+        try:
+            work, problem = plan_work(prepared.spec.config_dict, prepared.inventory, plan), ""
+        except VramcalcError as err:  # the recipe's step could not be traced
+            work, problem = None, str(err)
         if self.speed:
-            out.update(throughput_columns(inventory, plan, gpus))
+            out.update(throughput_columns(work, gpus))
         if self.run is not None:
             fitting = [
                 g
@@ -328,9 +340,12 @@ class SpeedAndCost:
                 if estimate.device_total_bytes <= budget_bytes(g, headroom)
                 and recipe_blocker(plan, g) is None
             ]
-            priced = cost_table(
-                inventory, plan, fitting, self.run, self.price_per_hour_usd
-            ).columns()
+            table = (
+                cost_table(work, fitting, self.run, self.price_per_hour_usd)
+                if work is not None
+                else unpriced_table(plan, fitting, self.run, problem)
+            )
+            priced = table.columns()
             out.update(
                 {
                     k: v
@@ -480,8 +495,7 @@ def run_sweep(
             est = cache.estimate(plan)
             warnings = plan_warnings(plan, cache.prepared(plan).inventory, given)
             if wants_cells:
-                inventory = cache.prepared(plan).inventory
-                cells = extras.cells(inventory, est, list(columns.values()), headroom)
+                cells = extras.cells(cache.prepared(plan), est, list(columns.values()), headroom)
             error = None
         except VramcalcError as err:
             error = str(err)

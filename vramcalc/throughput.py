@@ -1,36 +1,33 @@
-"""Step time, tokens/s and MFU of a plan on a GPU: the work done over what the GPU delivers.
+"""Step time, tokens/s and MFU of a plan on a GPU, priced op by op.
 
-Per optimizer step on one GPU (``grad_accum`` micro-batches)::
+The work of a step is counted from the recipe's real code (``opprofile.py``) and
+laid out as stretches of ops between host-device syncs (``stepwork.py``). Each
+kernel is priced on the GPU as a roofline plus a launch term, each op on the host
+as dispatch work::
 
-    GPU time   = matmul FLOPs / (peak TFLOP/s x compute_efficiency[method])
-               + micro-batch memory traffic / (bandwidth x bandwidth_efficiency)
-    host time  = grad_accum x layer passes x layers x host_seconds_per_layer_pass
-    step_seconds = max(GPU time, host time)
-                 + optimizer traffic / (bandwidth x bandwidth_efficiency)
-                 + step_overhead_seconds
+    kernel GPU seconds = max(FLOPs / (peak x e), bytes / (bandwidth x e_bw)) + t_kernel
+        peak: the GPU's dense tensor peak in the compute dtype for matmuls (its fp32
+        peak for fp32 matmuls, twice the 16-bit peak for int8), e = compute_efficiency;
+        FlashAttention kernels use attention_efficiency; other kernels are bandwidth-bound
+    host seconds = h_python x Python-level torch calls + h_dispatch x dispatched ops
 
-FLOPs are counted exactly (``flops.py``). Memory traffic is the work that
-moves whole weights or S x S matrices without being FLOPs:
+Kernels run asynchronously, so a stretch takes the longer of its host and GPU
+seconds; syncs add them up stretch by stretch. A bitsandbytes optimizer steps
+each tensor with a launch and a sync (``h_bnb_tensor`` + its bytes at bandwidth),
+and every step has a fixed host part (``step_overhead_seconds``: Trainer's loop,
+data loading, callbacks, ``zero_grad``)::
 
-* k-bit dequantization: bitsandbytes ``MatMul4Bit`` dequantizes every NF4/FP4
-  weight in each forward, each backward that needs the input gradient and each
-  checkpoint recompute (reads the packed weight and its constants, writes a
-  ``--dtype`` copy; double quantization first writes and reads an fp32 absmax);
-  ``MatMul8bitLt`` runs the forward as an int8 matmul and, in backward,
-  dequantizes ``CB`` (``CB.to(dtype, copy=True).mul_(SCB / 127)``: read int8,
-  write, read and write ``--dtype``).
-* eager attention materializes the S x S scores: per score element 34 bytes in
-  forward (matmul output, scaling, mask add, bf16->fp32, softmax, fp32->bf16,
-  read by PV) and 38 in backward (the mirror passes).
-* optimizer step: read and write parameters and states, read gradients, plus
-  gradient clipping (norm read + scale read/write, Trainer's
-  ``max_grad_norm=1``) and in-place accumulation over micro-batches.
+    step = step_overhead + sum over stretches of max(host, GPU) + bitsandbytes tensors
 
-Efficiencies are dimensionless fractions of the datasheet peak and live in
-``data/calibration.json`` (``throughput_*``): documented priors until
-``fit_efficiency`` refits them on the calibration split. A prediction for a GPU
-other than the one measured keeps the fractions and takes that GPU's own peak
-TFLOP/s and bandwidth from ``data/gpus.csv``; host seconds carry over unchanged.
+The step is *bound* by what it waits on most: ``host`` (stretches whose host time
+is longer, the fixed part), ``compute`` or ``memory`` (the matmul/attention and the
+bandwidth/launch parts of the GPU-bound stretches); the three add up to the step.
+
+The constants live in ``data/calibration.json`` (``throughput_*``), fitted on the
+calibration split of the H200 measurements (``throughput_fit.py``). For another GPU
+the efficiencies are kept as fractions of that GPU's own peak TFLOP/s and bandwidth
+(``data/gpus.csv``); the host constants (the CPU side) and the kernel launch term are
+carried over unchanged, and the output says that no measurement backs that GPU.
 """
 
 from __future__ import annotations
@@ -43,41 +40,48 @@ from typing import Any
 from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
-from vramcalc.flops import StepFlops, estimate_flops, linear_input_grad_shares
+from vramcalc.flops import StepFlops, estimate_flops
 from vramcalc.inventory import ModelInventory
-from vramcalc.memory import DTYPE_BYTES
-from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
-from vramcalc.memory.optimizer import estimate_optimizer
-from vramcalc.memory.weights import NF4_BLOCKSIZE, four_bit_linear_bytes, int8_linear_bytes
+from vramcalc.opprofile import ATTENTION, INT8_MATMUL, MATMUL_FP32, OpProfile, op_profile
 from vramcalc.plan import TrainingPlan
+from vramcalc.stepwork import StepWork, step_work
 
-EFFICIENCY_KEYS = ("full", "lora", "qlora", "int8")
-EAGER_FORWARD_BYTES_PER_SCORE = 34
-EAGER_BACKWARD_BYTES_PER_SCORE = 38
-SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
 NO_MEASUREMENT = "prior, no measurement"
-_SCALARS = ("bandwidth_efficiency", "host_seconds_per_layer_pass", "step_overhead_seconds")
-
-
-def efficiency_key(plan: TrainingPlan) -> str:
-    """Which compute efficiency a plan uses: full, lora (16-bit base), qlora (4-bit), int8."""
-    if plan.method == "full":
-        return "full"
-    if plan.quant == "int8":
-        return "int8"
-    return "qlora" if plan.quant in ("nf4", "fp4") else "lora"
+# the constants, in the order the fit solves them (calibration.json: "throughput_" + name)
+CONSTANTS = (
+    "compute_efficiency",
+    "fp32_efficiency",
+    "attention_efficiency",
+    "bandwidth_efficiency",
+    "kernel_seconds",
+    "python_call_seconds",
+    "dispatch_seconds",
+    "bnb_tensor_seconds",
+    "step_overhead_seconds",
+)
+BOUNDS = ("compute", "memory", "host")
+_EFFICIENCY = {ATTENTION: "attention_efficiency", MATMUL_FP32: "fp32_efficiency"}
+# a GPU without an fp32 peak in the catalog can still price a recipe whose fp32 matmuls are
+# below this share of its matmul FLOPs (the rotary embedding's, in every recipe)
+FP32_SHARE_NEEDING_A_PEAK = 0.01
 
 
 @dataclass(frozen=True)
 class ThroughputCalibration:
-    """The efficiency constants, where they were measured, and the source of each."""
+    """The speed constants, the GPUs they were measured on, and the source of each."""
 
-    compute_efficiency: dict[str, float]  # by efficiency_key
-    bandwidth_efficiency: float
-    host_seconds_per_layer_pass: float
-    step_overhead_seconds: float
+    compute_efficiency: float  # of the dense matmul peak
+    fp32_efficiency: float  # fp32 matmuls outside autocast, of the fp32 (non-tensor) peak
+    attention_efficiency: float  # FlashAttention kernels, of the dense peak
+    bandwidth_efficiency: float  # of the datasheet memory bandwidth
+    kernel_seconds: float  # GPU time every kernel takes besides its work
+    python_call_seconds: float  # host: one Python-level torch call
+    dispatch_seconds: float  # host: one op through the dispatcher (+ its launch)
+    bnb_tensor_seconds: float  # host: one tensor of a bitsandbytes optimizer step (with sync)
+    step_overhead_seconds: float  # host: fixed per optimizer step
     measured_on: tuple[str, ...] = ()  # catalog GPU names; () while these are priors
     sources: dict[str, str] = field(default_factory=dict)  # calibration.json key -> source
+    fitted_on: dict[str, Any] = field(default_factory=dict)  # the measurements of the fit
 
     @property
     def fitted(self) -> bool:
@@ -87,13 +91,14 @@ class ThroughputCalibration:
     def measured_on_text(self) -> str:
         return ", ".join(self.measured_on) if self.measured_on else NO_MEASUREMENT
 
+    def values(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in CONSTANTS}
+
     def to_json(self) -> dict[str, dict[str, Any]]:
         """The ``throughput_*`` entries of ``data/calibration.json``, value and source each."""
-        values: dict[str, Any] = {
-            f"compute_efficiency_{k}": v for k, v in self.compute_efficiency.items()
-        }
-        values.update({name: getattr(self, name) for name in _SCALARS})
+        values: dict[str, Any] = self.values()
         values["measured_on"] = list(self.measured_on) or None
+        values["fitted_on"] = self.fitted_on or None
         return {
             f"throughput_{name}": {
                 "value": value,
@@ -107,15 +112,12 @@ class ThroughputCalibration:
         def value(name: str) -> Any:
             return raw[f"throughput_{name}"]["value"]
 
+        fitted_on = raw.get("throughput_fitted_on", {}).get("value") or {}
         return cls(
-            compute_efficiency={
-                k: float(value(f"compute_efficiency_{k}")) for k in EFFICIENCY_KEYS
-            },
-            bandwidth_efficiency=float(value("bandwidth_efficiency")),
-            host_seconds_per_layer_pass=float(value("host_seconds_per_layer_pass")),
-            step_overhead_seconds=float(value("step_overhead_seconds")),
+            **{name: float(value(name)) for name in CONSTANTS},
             measured_on=tuple(value("measured_on") or ()),
             sources={k: str(v["source"]) for k, v in raw.items() if k.startswith("throughput_")},
+            fitted_on=dict(fitted_on),
         )
 
 
@@ -130,54 +132,7 @@ def load_throughput_calibration() -> ThroughputCalibration:
         ) from err
 
 
-# -- the work: FLOPs and bytes -----------------------------------------------------------------
-@dataclass(frozen=True)
-class StepTraffic:
-    """Bytes one optimizer step moves that are not matmul FLOPs, on one GPU."""
-
-    dequant_bytes: int  # k-bit weights dequantized (all micro-batches)
-    attention_score_bytes: int  # eager attention's S x S passes (all micro-batches)
-    optimizer_bytes: int  # optimizer step + clipping + gradient accumulation
-
-    @property
-    def micro_batch_bytes(self) -> int:
-        return self.dequant_bytes + self.attention_score_bytes
-
-
-def estimate_traffic(inventory: ModelInventory, plan: TrainingPlan) -> StepTraffic:
-    """Memory traffic of one optimizer step (see the module docstring for each rule)."""
-    out_bytes = DTYPE_BYTES[plan.dtype]
-    dequant = 0.0
-    if plan.is_kbit:
-        shares = linear_input_grad_shares(inventory, plan)
-        for g in (g for g in inventory.linears if g.quantizable):
-            n = g.in_features * g.out_features
-            if plan.quant == "int8":
-                per_pass = int8_linear_bytes(g.out_features, g.in_features) + 3 * n * out_bytes
-                passes = float(shares[g.name])
-            else:
-                per_pass = four_bit_linear_bytes(g.out_features, g.in_features, plan.double_quant)
-                per_pass += n * out_bytes + (8 * -(n // -NF4_BLOCKSIZE) if plan.double_quant else 0)
-                passes = 1 + int(plan.gradient_checkpointing) + float(shares[g.name])
-            dequant += per_pass * passes * g.count
-    scores = 0
-    if plan.attn == "eager":
-        per_pass = (
-            plan.batch_size * inventory.num_attention_heads * plan.seq_len**2 * inventory.num_layers
-        )
-        forward_passes = 1 + int(plan.gradient_checkpointing)
-        scores = per_pass * (
-            forward_passes * EAGER_FORWARD_BYTES_PER_SCORE + EAGER_BACKWARD_BYTES_PER_SCORE
-        )
-    grads = gradient_bytes(inventory, plan)
-    params = inventory.trainable_params * DTYPE_BYTES[trainable_dtype(plan)]
-    states = estimate_optimizer(inventory, plan).total_state_bytes
-    optimizer = 2 * params + grads + 2 * states + 3 * grads + 3 * grads * (plan.grad_accum - 1)
-    if plan.strategy in SHARDED_STRATEGIES and plan.num_gpus > 1:
-        optimizer //= plan.num_gpus
-    return StepTraffic(round(dequant) * plan.grad_accum, scores * plan.grad_accum, optimizer)
-
-
+# -- the GPU -------------------------------------------------------------------------------------
 def compute_dtype(plan: TrainingPlan) -> str:
     """The dtype matmuls run in: the recipe's bf16 autocast (fp32 master weights included),
     or fp16 autocast when the base weights are loaded in fp16."""
@@ -205,73 +160,137 @@ def peak_tflops_for(gpu: Gpu, dtype: str) -> float:
 
 
 @dataclass(frozen=True)
-class TimeTerms:
-    """One plan on one GPU as seconds at efficiency 1: the features the fit works on."""
+class Peaks:
+    """What a GPU delivers at efficiency 1, per second."""
 
-    key: str
-    grad_accum: int
-    compute_seconds: float  # step FLOPs / peak
-    memory_seconds: float  # micro-batch traffic of the step / bandwidth
-    optimizer_seconds: float  # optimizer traffic / bandwidth
-    host_layer_passes: int  # per micro-batch: (forward 1 + backward 2 + recompute 1) x layers
+    flops: dict[str, float]  # by kernel kind
+    bytes: float
 
-    def gpu_seconds(self, cal: ThroughputCalibration) -> float:
-        return (
-            self.compute_seconds / cal.compute_efficiency[self.key]
-            + self.memory_seconds / cal.bandwidth_efficiency
-        )
-
-    def host_seconds(self, cal: ThroughputCalibration) -> float:
-        return self.grad_accum * self.host_layer_passes * cal.host_seconds_per_layer_pass
-
-    def step_seconds(self, cal: ThroughputCalibration) -> float:
-        return (
-            max(self.gpu_seconds(cal), self.host_seconds(cal))
-            + self.optimizer_seconds / cal.bandwidth_efficiency
-            + cal.step_overhead_seconds
-        )
+    @classmethod
+    def of(cls, gpu: Gpu, plan: TrainingPlan, work: StepWork) -> Peaks:
+        dense = peak_tflops_for(gpu, compute_dtype(plan)) * 1e12
+        flops = {"matmul": dense, ATTENTION: dense, INT8_MATMUL: 2 * dense}
+        flops[MATMUL_FP32] = (gpu.fp32_tflops or 0) * 1e12
+        fp32 = sum(k.flops for s in work.stretches for k in s.compute if k.kind == MATMUL_FP32)
+        if not flops[MATMUL_FP32]:
+            if fp32 > FP32_SHARE_NEEDING_A_PEAK * work.matmul_flops:
+                raise CatalogError(
+                    f"data/gpus.csv lists no fp32 TFLOP/s for {gpu.name}; the fp32 matmuls of "
+                    "this recipe (int8 LoRA's backward) cannot be priced."
+                )
+            flops[MATMUL_FP32] = dense  # a few tiny ones (RoPE's frequencies): their time is nil
+        return cls(flops, float(gpu.memory_bandwidth_gbps or 0) * 1e9)
 
 
-def time_terms(
-    inventory: ModelInventory, plan: TrainingPlan, gpu: Gpu
-) -> tuple[TimeTerms, StepFlops, StepTraffic]:
-    """The work of ``plan`` priced on ``gpu`` at efficiency 1, with the counts behind it."""
-    flops = estimate_flops(inventory, plan)
-    traffic = estimate_traffic(inventory, plan)
-    peak = peak_tflops_for(gpu, compute_dtype(plan)) * 1e12
-    bandwidth = float(gpu.memory_bandwidth_gbps or 0) * 1e9
-    passes = (3 + int(plan.gradient_checkpointing)) * inventory.num_layers
-    terms = TimeTerms(
-        efficiency_key(plan),
-        plan.grad_accum,
-        flops.total / peak,
-        traffic.micro_batch_bytes / bandwidth,
-        traffic.optimizer_bytes / bandwidth,
-        passes,
-    )
-    return terms, flops, traffic
+# -- pricing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepTime:
+    """One step priced: its seconds and what they wait on (``BOUNDS`` add up to ``step``)."""
+
+    step_seconds: float
+    seconds: dict[str, float]  # compute, memory, host
+    host_seconds: float  # all host work, overlapped or not
+    gpu_seconds: float  # all GPU work, overlapped or not
+
+    @property
+    def bound(self) -> str:
+        return max(BOUNDS, key=lambda k: self.seconds[k])
+
+
+def price(work: StepWork, peaks: Peaks, cal: ThroughputCalibration) -> StepTime:
+    """``work`` on a GPU of ``peaks`` with the constants ``cal`` (module docstring)."""
+    bandwidth = peaks.bytes * cal.bandwidth_efficiency
+    waits = dict.fromkeys(BOUNDS, 0.0)
+    waits["host"] = cal.step_overhead_seconds
+    host_total, gpu_total = cal.step_overhead_seconds, 0.0
+    for s in work.stretches:
+        host = s.python_calls * cal.python_call_seconds + s.dispatches * cal.dispatch_seconds
+        memory = s.memory_bytes / bandwidth + s.memory_kernels * cal.kernel_seconds
+        compute = 0.0
+        for k in s.compute:
+            efficiency = _EFFICIENCY.get(k.kind, "compute_efficiency")
+            flops_per_second = peaks.flops[k.kind] * getattr(cal, efficiency)
+            compute += max(k.flops / flops_per_second, k.bytes / bandwidth)
+            compute += k.count * cal.kernel_seconds
+        gpu = compute + memory
+        host_total += s.times * host
+        gpu_total += s.times * gpu
+        if host > gpu:  # asynchronous launches: the longer of the two
+            waits["host"] += s.times * host
+        else:
+            waits["compute"] += s.times * compute
+            waits["memory"] += s.times * memory
+    # bitsandbytes optimizers: per tensor, host work, then the kernel, then a sync
+    waits["host"] += work.bnb_tensors * cal.bnb_tensor_seconds
+    waits["memory"] += work.bnb_bytes / bandwidth + work.bnb_tensors * cal.kernel_seconds
+    host_total += work.bnb_tensors * cal.bnb_tensor_seconds
+    gpu_total += work.bnb_bytes / bandwidth + work.bnb_tensors * cal.kernel_seconds
+    return StepTime(sum(waits.values()), waits, host_total, gpu_total)
 
 
 # -- the estimate --------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Work:
+    """Everything the speed of a plan needs besides the GPU: counted once per plan."""
+
+    plan: TrainingPlan
+    flops: StepFlops  # flops.py: model FLOPs for MFU
+    step: StepWork
+    num_layers: int
+
+
+def plan_work(config_dict: dict[str, Any], inventory: ModelInventory, plan: TrainingPlan) -> Work:
+    """The work of ``plan``: its recipe traced (``op_profile``, cached) and laid out."""
+    profile: OpProfile = op_profile(config_dict, plan)
+    return Work(
+        plan,
+        estimate_flops(inventory, plan),
+        step_work(profile, inventory, plan),
+        inventory.num_layers,
+    )
+
+
+@dataclass(frozen=True)
 class ThroughputEstimate:
     """Predicted speed of one plan on one GPU; field names match the harness records."""
 
-    plan: TrainingPlan
+    work: Work
     gpu: Gpu
     peak_tflops: float
-    flops: StepFlops
-    traffic: StepTraffic
     calibration: ThroughputCalibration
-    seconds: dict[str, float]  # compute, memory, host, optimizer, overhead (per step)
-    step_seconds: float
-    bound: str  # "GPU" or "host": which is longer per micro-batch
+    time: StepTime
     derivation: str
+
+    @property
+    def plan(self) -> TrainingPlan:
+        return self.work.plan
+
+    @property
+    def flops(self) -> StepFlops:
+        return self.work.flops
+
+    @property
+    def step_seconds(self) -> float:
+        return self.time.step_seconds
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.time.seconds
+
+    @property
+    def bound(self) -> str:
+        """``compute``, ``memory`` or ``host``: what the step waits on most."""
+        return self.time.bound
+
+    @property
+    def measured(self) -> bool:
+        """Whether a measurement on this GPU backs the constants."""
+        return self.gpu.name in self.calibration.measured_on
 
     @property
     def tokens_per_second(self) -> float:
         """Per GPU, as the harness defines it: seq_len x batch_size x grad_accum / step_seconds."""
-        return self.plan.seq_len * self.plan.batch_size * self.plan.grad_accum / self.step_seconds
+        return self.work.step.tokens / self.step_seconds
 
     @property
     def tokens_per_second_all_gpus(self) -> float:
@@ -285,17 +304,14 @@ class ThroughputEstimate:
 
     @property
     def hfu(self) -> float:
-        """As ``mfu`` with the checkpoint recompute counted (hardware FLOPs)."""
-        return self.flops.total / (self.step_seconds * self.peak_tflops * 1e12)
-
-    @property
-    def efficiency_key(self) -> str:
-        return efficiency_key(self.plan)
+        """Every matmul and attention FLOP the step runs (recompute included) over the peak."""
+        return self.work.step.matmul_flops / (self.step_seconds * self.peak_tflops * 1e12)
 
     @property
     def assumptions(self) -> tuple[str, ...]:
         notes = [
-            "matmul FLOPs counted exactly; elementwise work sits in the fitted efficiencies",
+            "ops counted on the recipe's own code (transformers, peft; bitsandbytes and "
+            "FlashAttention as their sources state); Trainer's step, one GPU",
             f"{compute_dtype(self.plan)} tensor-core peak {self.peak_tflops:g} TFLOP/s, "
             f"{self.gpu.memory_bandwidth_gbps:g} GB/s (data/gpus.csv)",
         ]
@@ -317,15 +333,12 @@ class ThroughputEstimate:
             "hfu": self.hfu,
             "bound": self.bound,
             "seconds": dict(self.seconds),
+            "host_seconds": self.time.host_seconds,
+            "gpu_seconds": self.time.gpu_seconds,
             "flops": self.flops.to_dict(),
-            "traffic_bytes": {
-                "dequant": self.traffic.dequant_bytes,
-                "attention_scores": self.traffic.attention_score_bytes,
-                "optimizer": self.traffic.optimizer_bytes,
-            },
-            "efficiency_key": self.efficiency_key,
-            "compute_efficiency": self.calibration.compute_efficiency[self.efficiency_key],
-            "bandwidth_efficiency": self.calibration.bandwidth_efficiency,
+            "work": self.work.step.to_dict(),
+            "constants": self.calibration.values(),
+            "measured": self.measured,
             "efficiency_measured_on": self.calibration.measured_on_text,
             "derivation": self.derivation,
             "assumptions": list(self.assumptions),
@@ -333,68 +346,47 @@ class ThroughputEstimate:
 
 
 def transfer_note(cal: ThroughputCalibration) -> str:
-    """One line on where the efficiencies come from and how they reach other GPUs."""
+    """One line on where the constants come from and how they reach other GPUs."""
     if not cal.fitted:
         return (
-            f"efficiency measured on: {NO_MEASUREMENT} (priors in data/calibration.json); each GPU's "
+            f"speed constants: {NO_MEASUREMENT} (priors in data/calibration.json); each GPU's "
             "time uses its own peak TFLOP/s and memory bandwidth from data/gpus.csv"
         )
     return (
-        f"efficiency measured on: {cal.measured_on_text}; other GPUs keep the fitted fractions of "
-        "peak, with their own peak TFLOP/s and bandwidth from data/gpus.csv; host seconds unchanged"
+        f"measured on {cal.measured_on_text}; any other GPU: the fitted fractions of its own "
+        "peak TFLOP/s and bandwidth (data/gpus.csv), host and kernel-launch seconds as measured"
     )
 
 
 def _derivation(gpu: Gpu, cal: ThroughputCalibration, dtype: str) -> str:
     if not cal.fitted:
         return (
-            f"efficiency: {NO_MEASUREMENT} (data/calibration.json priors), applied as fractions of "
+            f"constants: {NO_MEASUREMENT} (data/calibration.json priors), applied as fractions of "
             f"{gpu.name}'s own peak TFLOP/s and memory bandwidth from data/gpus.csv"
         )
     if gpu.name in cal.measured_on:
-        return f"efficiency fitted on measurements of {cal.measured_on_text}, this GPU included"
+        return f"constants fitted on measurements of {cal.measured_on_text}, this GPU included"
     try:
-        sources = [find_gpu(name) for name in cal.measured_on]
         scale = "; ".join(
             f"{s.name} {peak_tflops_for(s, dtype):g} -> {peak_tflops_for(gpu, dtype):g} TFLOP/s, "
             f"{s.memory_bandwidth_gbps:g} -> {gpu.memory_bandwidth_gbps:g} GB/s"
-            for s in sources
+            for s in (find_gpu(name) for name in cal.measured_on)
         )
     except VramcalcError:
         scale = "peak TFLOP/s and bandwidth from data/gpus.csv"
     return (
-        f"efficiency fitted on {cal.measured_on_text}, not on {gpu.name}: carried over as fractions of "
-        f"peak, compute time scaled by peak TFLOP/s and memory time by bandwidth ({scale}); "
-        "host launch and per-step seconds taken unchanged"
+        f"no measurement on {gpu.name}: constants fitted on {cal.measured_on_text}, carried over "
+        f"as fractions of peak, compute time scaled by peak TFLOP/s and memory time by bandwidth "
+        f"({scale}); host seconds and the kernel launch term taken unchanged"
     )
 
 
 def estimate_throughput(
-    inventory: ModelInventory,
-    plan: TrainingPlan,
-    gpu: Gpu,
-    calibration: ThroughputCalibration | None = None,
+    work: Work, gpu: Gpu, calibration: ThroughputCalibration | None = None
 ) -> ThroughputEstimate:
-    """Step time, tokens/s and MFU of ``plan`` on ``gpu``."""
+    """Step time, tokens/s and MFU of ``work``'s plan on ``gpu``."""
     cal = calibration or load_throughput_calibration()
-    terms, flops, traffic = time_terms(inventory, plan, gpu)
-    gpu_s, host_s = terms.gpu_seconds(cal), terms.host_seconds(cal)
-    seconds = {
-        "compute": terms.compute_seconds / cal.compute_efficiency[terms.key],
-        "memory": terms.memory_seconds / cal.bandwidth_efficiency,
-        "host": host_s,
-        "optimizer": terms.optimizer_seconds / cal.bandwidth_efficiency,
-        "overhead": cal.step_overhead_seconds,
-    }
-    return ThroughputEstimate(
-        plan,
-        gpu,
-        peak_tflops_for(gpu, compute_dtype(plan)),
-        flops,
-        traffic,
-        cal,
-        seconds,
-        terms.step_seconds(cal),
-        "GPU" if gpu_s >= host_s else "host",
-        _derivation(gpu, cal, compute_dtype(plan)),
-    )
+    dtype = compute_dtype(work.plan)
+    peak = peak_tflops_for(gpu, dtype)
+    time = price(work.step, Peaks.of(gpu, work.plan, work.step), cal)
+    return ThroughputEstimate(work, gpu, peak, cal, time, _derivation(gpu, cal, dtype))

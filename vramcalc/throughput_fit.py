@@ -1,24 +1,20 @@
-"""Refit the throughput efficiencies on measured step times (calibration split only).
+"""Fit the speed constants on measured step times (calibration split only), and compare.
 
-Once it is known for each case whether its GPU work or its host launches take
-longer per micro-batch, the time model of ``throughput.py`` is linear in
+A measurement record (harness schema: the plan fields at top level, ``step_seconds``
+or ``tokens_per_second``, ``gpu_name``, ``split``, ``status``, ``case_id``) becomes a
+``FitCase``: the plan's work (``throughput.plan_work``) with the peaks of the GPU it
+ran on, and the measured step time. Records that do not measure what the planner
+predicts are left out, with the reason (``excluded_reason``): failed cases, the
+harness's plain-loop recipe (the planner models HF Trainer), and cases run with the
+CUDA allocator's history recording on (``record_trace``: it records a stack trace
+per allocation on the host, which perturbs the speed).
 
-    a[key] = 1 / compute_efficiency[key]   b = 1 / bandwidth_efficiency
-    h = host_seconds_per_layer_pass        c = step_overhead_seconds
-
-    GPU-bound:  step = a[key]·C + b·(M + O) + c
-    host-bound: step = h·grad_accum·passes + b·O + c
-
-(C, M, O: compute, micro-batch memory and optimizer seconds at efficiency 1).
-``fit_cases`` alternates: put each case on its longer branch with the current
-constants, solve least squares on the *relative* step-time error (each row
-divided by the measured time), repeat until no case changes branch. A weak pull
-toward the priors (``prior_weight``) keeps a constant that no case informs at
-its prior and the system solvable with few cases; a constant the data would
-make non-positive stays at its prior.
-
-Records use the harness schema: plan fields at top level plus ``step_seconds``
-(or ``tokens_per_second``), ``gpu_name``, ``split``, ``status``, ``case_id``.
+``fit_cases`` finds the constants named in ``FITTED`` (the others keep their
+values: the FlashAttention efficiency, which no calibration case at 2k tokens or
+less informs, stays a sourced prior) by Levenberg–Marquardt on the logs of the
+constants, minimizing a robust (soft-L1, scale 0.1) sum over
+``log(predicted / measured step time)``: a few noisy host-bound cases cannot pull
+the rest. Everything is pure Python (no SciPy).
 """
 
 from __future__ import annotations
@@ -33,65 +29,47 @@ from typing import Any
 
 from vramcalc.catalog import ModelSpec, find_gpu, resolve_model
 from vramcalc.errors import VramcalcError
-from vramcalc.inventory import ModelInventory, build_inventory
+from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
 from vramcalc.throughput import (
-    EFFICIENCY_KEYS,
+    CONSTANTS,
+    Peaks,
     ThroughputCalibration,
-    TimeTerms,
+    Work,
     load_throughput_calibration,
-    time_terms,
+    plan_work,
+    price,
 )
 
-PARAMS = (
-    *(f"compute_efficiency_{k}" for k in EFFICIENCY_KEYS),
-    "bandwidth_efficiency",
-    "host_seconds_per_layer_pass",
-    "step_overhead_seconds",
-)
-_B, _H, _C = len(EFFICIENCY_KEYS), len(EFFICIENCY_KEYS) + 1, len(EFFICIENCY_KEYS) + 2
+FITTED = tuple(c for c in CONSTANTS if c != "attention_efficiency")
+SOFT_L1_SCALE = 0.1  # on log(predicted / measured): errors beyond ~10 % count less than squared
 _PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 
-InventoryFor = Callable[[TrainingPlan], ModelInventory]
+WorkFor = Callable[[TrainingPlan], Work]
 
 
 @dataclass(frozen=True)
 class FitCase:
-    """One measured case: its plan priced at efficiency 1 and its measured step time."""
+    """One measured case: its work priced at efficiency 1 on its GPU, and its step time."""
 
     case_id: str
     split: str
     gpu_name: str  # catalog name
-    plan: TrainingPlan
-    terms: TimeTerms
+    work: Work
+    peaks: Peaks
     measured_step_seconds: float
+    record: Mapping[str, Any]
 
     @property
     def tokens_per_step(self) -> int:
-        return self.plan.seq_len * self.plan.batch_size * self.plan.grad_accum
+        return self.work.step.tokens
 
+    def predicted_step_seconds(self, cal: ThroughputCalibration) -> float:
+        return price(self.work.step, self.peaks, cal).step_seconds
 
-@dataclass(frozen=True)
-class ThroughputFit:
-    """Fitted constants, the cases behind them and how well they reproduce those cases."""
-
-    calibration: ThroughputCalibration
-    cases: tuple[FitCase, ...]
-    predicted_step_seconds: tuple[float, ...]
-    informed: tuple[str, ...]  # constants some case informs; the others kept their prior
-    skipped: tuple[str, ...]  # records not used, with the reason
-
-    @property
-    def relative_errors(self) -> tuple[float, ...]:
-        """Predicted / measured tokens per second - 1, per case."""
-        return tuple(
-            c.measured_step_seconds / p - 1
-            for c, p in zip(self.cases, self.predicted_step_seconds, strict=True)
-        )
-
-    @property
-    def median_abs_error(self) -> float:
-        return statistics.median(abs(e) for e in self.relative_errors)
+    def error(self, cal: ThroughputCalibration) -> float:
+        """Predicted / measured tokens per second - 1 (positive: speed over-predicted)."""
+        return self.measured_step_seconds / self.predicted_step_seconds(cal) - 1
 
 
 # -- records -> cases ------------------------------------------------------------------------------
@@ -100,9 +78,10 @@ def _spec(model: str) -> ModelSpec:
     return resolve_model(model)
 
 
-def default_inventory_for(plan: TrainingPlan) -> ModelInventory:
-    """The plan's model resolved (catalog, path, hub) and counted on meta (disk-cached)."""
-    return build_inventory(_spec(plan.model).config_dict, plan)
+def default_work_for(plan: TrainingPlan) -> Work:
+    """The plan's model resolved (catalog, path, hub), counted and traced (both disk-cached)."""
+    config = _spec(plan.model).config_dict
+    return plan_work(config, build_inventory(config, plan), plan)
 
 
 def plan_from_record(record: Mapping[str, Any]) -> TrainingPlan:
@@ -110,85 +89,107 @@ def plan_from_record(record: Mapping[str, Any]) -> TrainingPlan:
     return TrainingPlan.from_dict({k: record[k] for k in _PLAN_FIELDS if record.get(k) is not None})
 
 
-def _measured_step_seconds(record: Mapping[str, Any], plan: TrainingPlan) -> float | None:
+def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
+    """The record's median step time (or the one its tokens/s implies), None without one."""
     step = record.get("step_seconds")
     if isinstance(step, (int, float)) and step > 0:
         return float(step)
     tps = record.get("tokens_per_second")
     if isinstance(tps, (int, float)) and tps > 0:
+        plan = plan_from_record(record)
         return plan.seq_len * plan.batch_size * plan.grad_accum / float(tps)
+    return None
+
+
+def excluded_reason(record: Mapping[str, Any]) -> str | None:
+    """Why a record does not measure what the planner predicts, or None."""
+    if record.get("status") != "ok":
+        return f"status {record.get('status')!r}"
+    if (record.get("recipe") or "trainer") != "trainer":
+        return f"recipe {record.get('recipe')!r}: the planner models HF Trainer"
+    if record.get("record_trace"):
+        return "allocator history recording on (record_trace): host time perturbed"
+    if measured_step_seconds(record) is None:
+        return "no step_seconds or tokens_per_second"
     return None
 
 
 def cases_from_records(
     records: Iterable[Mapping[str, Any]],
     split: str | None = None,
-    inventory_for: InventoryFor | None = None,
+    work_for: WorkFor | None = None,
 ) -> tuple[list[FitCase], list[str]]:
-    """Usable cases of ``split`` (every split when None) and why the others were skipped."""
-    inventory_for = inventory_for or default_inventory_for
+    """Usable cases of ``split`` (every split when None) and why the others were left out."""
+    work_for = work_for or default_work_for
     cases: list[FitCase] = []
     skipped: list[str] = []
     for index, record in enumerate(records):
         if split is not None and record.get("split") != split:
             continue
         case_id = str(record.get("case_id") or f"record {index}")
-        if record.get("status") != "ok":
-            skipped.append(f"{case_id}: status {record.get('status')!r}")
+        reason = excluded_reason(record)
+        if reason is not None:
+            skipped.append(f"{case_id}: {reason}")
             continue
         try:
             plan = plan_from_record(record)
-            step = _measured_step_seconds(record, plan)
-            if step is None:
-                skipped.append(f"{case_id}: no step_seconds or tokens_per_second")
-                continue
             gpu = find_gpu(str(record.get("gpu_name") or ""))
-            terms, _, _ = time_terms(inventory_for(plan), plan, gpu)
+            work = work_for(plan)
+            peaks = Peaks.of(gpu, plan, work.step)
         except VramcalcError as err:
             skipped.append(f"{case_id}: {err}")
             continue
-        cases.append(FitCase(case_id, str(record.get("split")), gpu.name, plan, terms, step))
+        step = measured_step_seconds(record)
+        assert step is not None  # excluded_reason checked it
+        cases.append(
+            FitCase(case_id, str(record.get("split")), gpu.name, work, peaks, step, record)
+        )
     return cases, skipped
 
 
 # -- the fit ---------------------------------------------------------------------------------------
-def _theta(cal: ThroughputCalibration) -> list[float]:
-    return [
-        *(1 / cal.compute_efficiency[k] for k in EFFICIENCY_KEYS),
-        1 / cal.bandwidth_efficiency,
-        cal.host_seconds_per_layer_pass,
-        cal.step_overhead_seconds,
-    ]
+@dataclass(frozen=True)
+class ThroughputFit:
+    """Fitted constants, the cases behind them and how well they reproduce those cases."""
+
+    calibration: ThroughputCalibration
+    cases: tuple[FitCase, ...]
+    skipped: tuple[str, ...]  # records not used, with the reason
+    iterations: int
+
+    @property
+    def relative_errors(self) -> tuple[float, ...]:
+        return tuple(c.error(self.calibration) for c in self.cases)
+
+    @property
+    def median_abs_error(self) -> float:
+        return statistics.median(abs(e) for e in self.relative_errors)
 
 
-def _with_theta(cal: ThroughputCalibration, theta: list[float]) -> ThroughputCalibration:
-    return replace(
-        cal,
-        compute_efficiency={k: 1 / theta[i] for i, k in enumerate(EFFICIENCY_KEYS)},
-        bandwidth_efficiency=1 / theta[_B],
-        host_seconds_per_layer_pass=theta[_H],
-        step_overhead_seconds=theta[_C],
-    )
+def _with(
+    cal: ThroughputCalibration, names: tuple[str, ...], logs: list[float]
+) -> ThroughputCalibration:
+    values: dict[str, Any] = {n: math.exp(v) for n, v in zip(names, logs, strict=True)}
+    return replace(cal, **values)
 
 
-def _features(terms: TimeTerms, gpu_bound: bool) -> list[float]:
-    x = [0.0] * len(PARAMS)
-    if gpu_bound:
-        x[EFFICIENCY_KEYS.index(terms.key)] = terms.compute_seconds
-        x[_B] += terms.memory_seconds
-    else:
-        x[_H] = float(terms.grad_accum * terms.host_layer_passes)
-    x[_B] += terms.optimizer_seconds
-    x[_C] = 1.0
-    return x
+def _robust_residuals(cases: list[FitCase], cal: ThroughputCalibration) -> list[float]:
+    """sign(r)·sqrt(2·s²·(sqrt(1 + (r/s)²) - 1)) for r = log(predicted / measured): their
+    squares sum to the soft-L1 cost."""
+    out = []
+    for case in cases:
+        r = math.log(case.predicted_step_seconds(cal) / case.measured_step_seconds)
+        cost = 2 * SOFT_L1_SCALE**2 * (math.sqrt(1 + (r / SOFT_L1_SCALE) ** 2) - 1)
+        out.append(math.copysign(math.sqrt(cost), r))
+    return out
 
 
-def _solve_least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
-    """argmin ||rows·u - targets||² by the normal equations (small, well-conditioned systems)."""
-    n = len(rows[0])
-    a = [[sum(r[i] * r[j] for r in rows) for j in range(n)] for i in range(n)]
-    y = [sum(r[i] * t for r, t in zip(rows, targets, strict=True)) for i in range(n)]
-    for col in range(n):  # Gauss-Jordan with partial pivoting
+def _solve(a: list[list[float]], y: list[float]) -> list[float]:
+    """Solve a·x = y (small, symmetric positive definite) by Gauss-Jordan with pivoting."""
+    n = len(y)
+    a = [row[:] for row in a]
+    y = y[:]
+    for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
         a[col], a[pivot], y[col], y[pivot] = a[pivot], a[col], y[pivot], y[col]
         for r in range(n):
@@ -202,95 +203,90 @@ def _solve_least_squares(rows: list[list[float]], targets: list[float]) -> list[
 def fit_cases(
     cases: list[FitCase],
     prior: ThroughputCalibration | None = None,
-    prior_weight: float = 1e-6,
-    max_iterations: int = 100,
+    names: tuple[str, ...] = FITTED,
+    max_iterations: int = 200,
     split: str = "calibration",
 ) -> ThroughputFit:
-    """Least-squares constants for ``cases`` (see the module docstring)."""
+    """Levenberg–Marquardt on the logs of ``names`` (module docstring), from ``prior``."""
     if not cases:
-        raise VramcalcError(
-            f"no usable '{split}' measurements to fit the throughput efficiencies on"
-        )
+        raise VramcalcError(f"no usable '{split}' measurements to fit the throughput constants on")
     prior = prior or load_throughput_calibration()
-    theta0 = _theta(prior)
-    theta = list(theta0)
-    fixed: set[int] = set()
-    pull = math.sqrt(prior_weight)
-    branches: list[bool] | None = None
-    for _ in range(max_iterations):
-        current = _with_theta(prior, theta)
-        new_branches = [
-            c.terms.gpu_seconds(current) >= c.terms.host_seconds(current) for c in cases
+    x = [math.log(getattr(prior, n)) for n in names]
+    r = _robust_residuals(cases, _with(prior, names, x))
+    cost, damping, iterations = sum(v * v for v in r), 1e-3, 0
+    for iterations in range(1, max_iterations + 1):  # noqa: B007 - reported
+        step = 1e-4
+        jacobian = []  # columns: d residuals / d log(constant), central differences
+        for i in range(len(names)):
+            up, down = x[:], x[:]
+            up[i] += step
+            down[i] -= step
+            above = _robust_residuals(cases, _with(prior, names, up))
+            below = _robust_residuals(cases, _with(prior, names, down))
+            jacobian.append([(a - b) / (2 * step) for a, b in zip(above, below, strict=True)])
+        jtj = [
+            [sum(a * b for a, b in zip(ci, cj, strict=True)) for cj in jacobian] for ci in jacobian
         ]
-        if new_branches == branches:
-            break
-        branches = new_branches
-        while True:  # solve; pin any constant that goes non-positive to its prior and solve again
-            rows, targets = [], []
-            for case, gpu_bound in zip(cases, branches, strict=True):
-                x = _features(case.terms, gpu_bound)
-                row = [x[j] * theta0[j] / case.measured_step_seconds for j in range(len(PARAMS))]
-                targets.append(1.0 - sum(row[j] for j in fixed))
-                rows.append([0.0 if j in fixed else v for j, v in enumerate(row)])
-            for j in range(len(PARAMS)):
-                rows.append(
-                    [pull if (i == j and j not in fixed) else 0.0 for i in range(len(PARAMS))]
-                )
-                targets.append(0.0 if j in fixed else pull)
-            u = _solve_least_squares(rows, targets)
-            bad = {j for j, v in enumerate(u) if j not in fixed and v <= 0}
-            if not bad:
+        jtr = [sum(a * b for a, b in zip(ci, r, strict=True)) for ci in jacobian]
+        improved = False
+        while damping < 1e10:
+            lhs = [  # Marquardt's scaled damping; a constant no case moves gets a unit diagonal
+                [(v or 1.0) * (1 + damping) if i == j else v for j, v in enumerate(row)]
+                for i, row in enumerate(jtj)
+            ]
+            delta = _solve(lhs, [-v for v in jtr])
+            trial = [a + d for a, d in zip(x, delta, strict=True)]
+            trial_r = _robust_residuals(cases, _with(prior, names, trial))
+            trial_cost = sum(v * v for v in trial_r)
+            if trial_cost < cost:  # go on while the constants still move by 1e-6 or more
+                improved = max(abs(d) for d in delta) > 1e-6
+                x, r, cost, damping = trial, trial_r, trial_cost, max(damping / 10, 1e-9)
                 break
-            fixed |= bad
-        theta = [theta0[j] if j in fixed else u[j] * theta0[j] for j in range(len(PARAMS))]
-    assert branches is not None  # max_iterations >= 1
-    counts = [0] * len(PARAMS)
-    for case, gpu_bound in zip(cases, branches, strict=True):
-        for j, v in enumerate(_features(case.terms, gpu_bound)):
-            counts[j] += bool(v)
-    informed = {PARAMS[j]: counts[j] for j in range(len(PARAMS)) if counts[j] and j not in fixed}
-    kept = [theta[j] if PARAMS[j] in informed else theta0[j] for j in range(len(PARAMS))]
-    return _result(cases, prior, _with_theta(prior, kept), informed, split)
+            damping *= 10
+        if not improved:
+            break
+    fitted = _with(prior, names, x)
+    return ThroughputFit(_sourced(fitted, prior, names, cases, split), tuple(cases), (), iterations)
 
 
-def _result(
-    cases: list[FitCase],
-    prior: ThroughputCalibration,
+def _sourced(
     fitted: ThroughputCalibration,
-    informed: dict[str, int],
+    prior: ThroughputCalibration,
+    names: tuple[str, ...],
+    cases: list[FitCase],
     split: str,
-) -> ThroughputFit:
+) -> ThroughputCalibration:
     gpus = tuple(sorted({c.gpu_name for c in cases}))
-    previous = prior.to_json()
+    files = sorted({str(c.record.get("source_file", "")) for c in cases} - {""})
     sources = dict(prior.sources)
-    for name, count in informed.items():
+    for name in names:
         sources[f"throughput_{name}"] = (
-            f"fitted {date.today().isoformat()} by vramcalc.throughput_fit: least squares on relative "
-            f"step time, {count} of {len(cases)} '{split}' cases measured on {', '.join(gpus)} "
-            f"inform it (prior was {previous[f'throughput_{name}']['value']:g})"
+            f"fitted {date.today().isoformat()} by vramcalc.throughput_fit (robust least squares "
+            f"on log step time) on the {len(cases)} '{split}' cases measured on {', '.join(gpus)} "
+            "listed in throughput_fitted_on"
         )
-    sources["throughput_measured_on"] = (
-        f"GPUs of the '{split}' cases the throughput constants were fitted on"
+    sources["throughput_measured_on"] = f"GPUs of the '{split}' cases the constants were fitted on"
+    sources["throughput_fitted_on"] = (
+        "the measurement files and cases (file:case_id) the fitted constants come from "
+        "(data/measurements/)"
     )
-    calibration = replace(fitted, measured_on=gpus, sources=sources)
-    predicted = tuple(c.terms.step_seconds(calibration) for c in cases)
-    return ThroughputFit(calibration, tuple(cases), predicted, tuple(informed), ())
+    cases_used = sorted(f"{c.record.get('source_file', '')}:{c.case_id}" for c in cases)
+    fitted_on = {"split": split, "files": files, "cases": cases_used}
+    # 4 digits: the data's noise
+    rounded: dict[str, Any] = {n: float(f"{getattr(fitted, n):.4g}") for n in names}
+    return replace(fitted, **rounded, measured_on=gpus, sources=sources, fitted_on=fitted_on)
 
 
-def fit_efficiency(
+def fit_throughput(
     records: Iterable[Mapping[str, Any]],
     split: str = "calibration",
     prior: ThroughputCalibration | None = None,
-    inventory_for: InventoryFor | None = None,
-    prior_weight: float = 1e-6,
+    work_for: WorkFor | None = None,
 ) -> ThroughputFit:
-    """Refit the throughput constants on the ``split`` records (``status == "ok"`` only).
-
-    ``fit.calibration.to_json()`` gives the ``throughput_*`` entries to write
-    back into ``data/calibration.json``.
-    """
-    cases, skipped = cases_from_records(records, split, inventory_for)
-    fit = fit_cases(cases, prior, prior_weight, split=split)
+    """Refit the constants on the ``split`` records; ``fit.calibration.to_json()`` gives the
+    ``throughput_*`` entries for ``data/calibration.json``."""
+    cases, skipped = cases_from_records(records, split, work_for)
+    fit = fit_cases(cases, prior, split=split)
     return replace(fit, skipped=tuple(skipped))
 
 
@@ -298,25 +294,26 @@ def compare_records(
     records: Iterable[Mapping[str, Any]],
     calibration: ThroughputCalibration | None = None,
     split: str | None = None,
-    inventory_for: InventoryFor | None = None,
+    work_for: WorkFor | None = None,
 ) -> list[dict[str, Any]]:
-    """Predicted vs measured tokens/s per record (for the accuracy report)."""
+    """Predicted vs measured tokens/s per usable record (for the accuracy reports)."""
     cal = calibration or load_throughput_calibration()
-    cases, _ = cases_from_records(records, split, inventory_for)
+    cases, _ = cases_from_records(records, split, work_for)
     rows = []
     for case in cases:
-        predicted = case.terms.step_seconds(cal)
+        time = price(case.work.step, case.peaks, cal)
         rows.append(
             {
                 "case_id": case.case_id,
                 "split": case.split,
                 "gpu": case.gpu_name,
-                "efficiency_key": case.terms.key,
+                "source_file": case.record.get("source_file"),
+                "bound": time.bound,
                 "measured_step_seconds": case.measured_step_seconds,
-                "predicted_step_seconds": predicted,
+                "predicted_step_seconds": time.step_seconds,
                 "measured_tokens_per_second": case.tokens_per_step / case.measured_step_seconds,
-                "predicted_tokens_per_second": case.tokens_per_step / predicted,
-                "tokens_per_second_error": case.measured_step_seconds / predicted - 1,
+                "predicted_tokens_per_second": case.tokens_per_step / time.step_seconds,
+                "tokens_per_second_error": case.measured_step_seconds / time.step_seconds - 1,
                 "efficiency_measured_on": cal.measured_on_text,
             }
         )

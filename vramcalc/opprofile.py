@@ -1,0 +1,270 @@
+"""The work of one training step, op by op: counted on the recipe's real model code.
+
+Speed is priced op by op (``throughput.py``), so the ops are counted, not guessed.
+``trace_profile`` traces the recipe's step on fake tensors (``optrace.py``: the real
+transformers + peft model with two decoder layers, what HF Trainer runs for one micro-batch
+and one optimizer step; ``oprecorder.py``: every op's FLOPs, bytes, kernel, Python caller,
+layer and phase; ``kbit_ops.py``: what runs differently on a GPU, from the sources) and
+keeps it as an ``OpProfile``:
+
+* ``Op``: one kind of op at one place of the step, its FLOPs and bytes as coefficients of
+  (1, T, T·S, c, T·c) for T = batch·seq tokens and c int8 outlier columns (the step is traced
+  at one prime sequence length, so the powers of that prime in each tensor tell them apart);
+* ``Run``: ops in program order, done once or once per decoder layer after the first (the
+  second traced layer), identical ops between two syncs merged;
+* the parameter tensors per layer and, for bitsandbytes optimizers, every trainable tensor.
+
+Profiles do not depend on batch or sequence length: ``op_profile`` traces each recipe once
+and caches it in memory and on disk beside the inventory cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vramcalc.errors import VramcalcError
+from vramcalc.plan import TrainingPlan
+
+PROFILE_VERSION = 7
+TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
+# divides no model dimension
+TRACED_LAYERS = 2
+PHASES = ("forward", "recompute", "backward", "optimizer")
+# kinds: what prices an op on the GPU (throughput.py)
+MATMUL, MATMUL_FP32, INT8_MATMUL = "matmul", "matmul_fp32", "int8_matmul"
+ATTENTION, MEMORY, LAUNCH = "attention", "memory", "launch"
+# an op's FLOPs and bytes are linear in: 1, T, T·S, c, T·c (c: int8 outlier columns)
+N_FEATURES = 5
+Vector = tuple[float, ...]
+
+if TYPE_CHECKING:
+    from vramcalc.oprecorder import _Event
+
+
+class ProfileError(VramcalcError):
+    """The recipe's step could not be traced."""
+
+
+def int8_outlier_columns(in_features: int, p: float, tokens: int) -> float:
+    """Expected input columns of ``tokens`` rows with at least one |x| >= 6 (``c``)."""
+    if p <= 0.0 or tokens <= 0:
+        return 0.0
+    return in_features * -math.expm1(tokens * math.log1p(-p))
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kind of op at one place of the step, ``count`` times there."""
+
+    name: str
+    kind: str  # MATMUL, MATMUL_FP32, INT8_MATMUL, ATTENTION, MEMORY (bandwidth-bound), LAUNCH
+    phase: str  # forward, recompute, backward, optimizer
+    count: int
+    flops: Vector  # per op, coefficients of (1, T, T·S, c, T·c)
+    bytes: Vector  # read + written, same features
+    host: float = 1.0  # host dispatches (0: the layer share of an op over every parameter)
+    python: float = 1.0  # Python-level calls it starts (0: dispatched by C++, or by the same call)
+    outlier_p: float = 0.0  # int8: chance that one input element is an |x| >= 6 outlier
+    outlier_in: int = 0  # int8: input columns; c = in·(1 - (1 - p)^T)
+    sync: bool = False  # the host waits for the GPU after this op
+
+
+@dataclass(frozen=True)
+class Run:
+    """Ops in program order; ``repeat`` "layers": once per decoder layer after the first."""
+
+    repeat: str  # "once" or "layers"
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True)
+class BnbOptimizerParam:
+    """One trainable tensor stepped by a bitsandbytes optimizer (a launch and a sync each)."""
+
+    numel: int
+    bytes_per_element: float  # parameter, gradient and states, read and written
+    repeat: str  # "once" or "layers"
+
+
+@dataclass(frozen=True)
+class OpProfile:
+    """One micro-batch and one optimizer step of a recipe, as ops."""
+
+    micro_batch: tuple[Run, ...]
+    optimizer: tuple[Run, ...]
+    bnb_params: tuple[BnbOptimizerParam, ...]  # empty unless a bitsandbytes optimizer
+    params_total: tuple[int, int, int]  # parameter tensors: outside layers, first, each other
+    params_trainable: tuple[int, int, int]
+    trace_seq: int = TRACE_PRIMES[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OpProfile:
+        def runs(raw: list[dict[str, Any]]) -> tuple[Run, ...]:
+            return tuple(
+                Run(
+                    r["repeat"],
+                    tuple(
+                        Op(**{**o, "flops": tuple(o["flops"]), "bytes": tuple(o["bytes"])})
+                        for o in r["ops"]
+                    ),
+                )
+                for r in raw
+            )
+
+        def triple(raw: list[int]) -> tuple[int, int, int]:
+            return int(raw[0]), int(raw[1]), int(raw[2])
+
+        return cls(
+            runs(data["micro_batch"]),
+            runs(data["optimizer"]),
+            tuple(BnbOptimizerParam(**p) for p in data["bnb_params"]),
+            triple(data["params_total"]),
+            triple(data["params_trainable"]),
+            int(data["trace_seq"]),
+        )
+
+    def tensor_count(self, num_layers: int, trainable: bool) -> int:
+        """Parameter tensors of the model with ``num_layers`` decoder layers."""
+        outside, first, other = self.params_trainable if trainable else self.params_total
+        return outside + (first if num_layers else 0) + max(num_layers - 1, 0) * other
+
+
+# -- events -> runs ------------------------------------------------------------------------------
+def _ops(events: list[_Event]) -> list[tuple[int, Op]]:
+    return [
+        (
+            e.layer,
+            Op(
+                e.name,
+                e.kind,
+                e.phase,
+                1,
+                e.flops,
+                e.bytes,
+                e.host,
+                e.python,
+                e.outlier[0],
+                e.outlier[1],
+                e.sync,
+            ),
+        )
+        for e in events
+    ]
+
+
+def _runs(ops: list[tuple[int, Op]]) -> tuple[Run, ...]:
+    """Consecutive ops of the second traced layer form a run repeated per layer; the rest runs
+    once. Within a run, identical ops between two syncs are merged (their order there does not
+    change the time)."""
+    runs: list[Run] = []
+    stretch: dict[Op, int] = {}
+    current: list[Op] = []
+    repeat: str | None = None
+
+    def close_stretch() -> None:
+        current.extend(replace(op, count=n) for op, n in stretch.items())
+        stretch.clear()
+
+    for layer, op in ops:
+        kind = "layers" if layer == 1 else "once"
+        if kind != repeat:
+            close_stretch()
+            if current and repeat is not None:
+                runs.append(Run(repeat, tuple(current)))
+            current, repeat = [], kind
+        stretch[op] = stretch.get(op, 0) + 1
+        if op.sync:
+            close_stretch()
+    close_stretch()
+    if current and repeat is not None:
+        runs.append(Run(repeat, tuple(current)))
+    return tuple(runs)
+
+
+def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
+    """Trace the recipe of ``plan`` (its sizes do not matter) into an ``OpProfile``."""
+    from vramcalc.optrace import trace_events
+
+    try:
+        micro_batch, optimizer, (bnb, counts, layers, prime) = trace_events(config_dict, plan)
+    except VramcalcError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of the model code: no profile
+        raise ProfileError(
+            f"the training step of this recipe could not be traced ({type(err).__name__}: {err})"
+        ) from err
+    if layers != TRACED_LAYERS:
+        raise ProfileError(f"traced {layers} decoder layers, expected {TRACED_LAYERS}")
+    # the optimizer step has no syncs: group its ops by layer, order does not matter
+    optimizer_ops = sorted(_ops(optimizer), key=lambda item: item[0] == 1)
+    return OpProfile(
+        _runs(_ops(micro_batch)), _runs(optimizer_ops), bnb, counts[0], counts[1], prime
+    )
+
+
+def profile_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
+    """Everything that changes a profile: the config, the recipe (not its sizes), versions."""
+    from vramcalc.inventory import library_versions
+
+    recipe = _recipe(plan).to_dict()
+    recipe.pop("model", None)
+    payload = {
+        "v": PROFILE_VERSION,
+        "config": config_dict,
+        "recipe": recipe,
+        "libs": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :32
+    ]
+
+
+def _recipe(plan: TrainingPlan) -> TrainingPlan:
+    """The plan with what does not change the ops per micro-batch set to one value."""
+    return plan.with_(
+        seq_len=TRACE_PRIMES[0],
+        batch_size=1,
+        grad_accum=1,
+        num_gpus=1,
+        strategy="ddp",
+        cpu_offload=False,
+        allocator="default",
+    )
+
+
+def _cache_dir() -> Path:
+    from vramcalc.inventory import _cache_dir as inventory_dir
+
+    return inventory_dir().parent / "opprofile"
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(key: str, config_json: str, recipe: TrainingPlan) -> OpProfile:
+    path = _cache_dir() / f"{key}.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return OpProfile.from_json(json.loads(path.read_text()))
+    profile = trace_profile(json.loads(config_json), recipe)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.to_json()))
+        tmp.replace(path)
+    return profile
+
+
+def op_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
+    """The ``OpProfile`` of ``plan``'s recipe: traced once, then cached in memory and on disk
+    (beside the inventory cache, same key rules)."""
+    config_json = json.dumps(config_dict, sort_keys=True)
+    return _cached(profile_key(config_dict, plan), config_json, _recipe(plan))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -76,7 +77,7 @@ def report(
         unit="case",
         desc="estimate",
         disable=no_progress,
-        file=click.get_text_stream("stderr"),
+        file=sys.stderr,
     ) as bar:
         result = build_report(records, sources, allocator_model, progress=bar.update)
     figures = summary_figures(result)

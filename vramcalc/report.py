@@ -9,6 +9,7 @@ validation split; ``write_report`` writes Markdown, CSV and a PNG.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ class Report:
     @property
     def ok_rows(self) -> list[ReportRow]:
         return [r for r in self.rows if r.record.get("status") == "ok" and r.errors]
+
+
+def _abs_error_desc(metric: str, row: ReportRow) -> float:
+    """Sort key: the largest |error| of ``metric`` first."""
+    return -abs(row.errors.get(metric, 0.0))
 
 
 def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str, Any]], list[str]]:
@@ -369,7 +375,7 @@ def render_markdown(report: Report, problems: list[str]) -> str:
                 cells.append([f"all · {metric}", str(s["n"]), *(_fmt_pct(s[k]) for k in STATS)])
             lines += [table(cells, heads, [False] + [True] * 5, markdown=True), ""]
     for metric in ("device_total_bytes", "peak_reserved_bytes"):
-        worst = sorted(ok, key=lambda r, m=metric: -abs(r.errors.get(m, 0.0)))[:5]
+        worst = sorted(ok, key=functools.partial(_abs_error_desc, metric))[:5]
         if worst:
             lines += [f"## Worst cases ({metric})", ""]
             for r in worst:

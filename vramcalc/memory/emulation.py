@@ -276,7 +276,7 @@ def gpu_code_paths() -> Iterator[None]:
     import_utils.is_fake_tensor = lambda tensor: False  # type: ignore[assignment]
     masking_utils.find_packed_sequence_indices = lambda position_ids: None  # type: ignore[assignment]
     if fast_all is not None:  # transformers 5.17 reads the padding mask's values: no padding
-        masking_utils.fast_all = lambda tensor: True  # type: ignore[attr-defined]
+        masking_utils.fast_all = lambda tensor: True  # type: ignore[attr-defined,assignment,return-value]
     F.scaled_dot_product_attention = flash_like_sdpa(sdpa)  # type: ignore[assignment]
     torch.nn.functional.scaled_dot_product_attention = F.scaled_dot_product_attention
     try:

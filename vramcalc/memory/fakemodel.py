@@ -141,7 +141,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
         targets = ALL_LINEAR
     lora = LoraConfig(
         r=plan.rank,
-        lora_alpha=plan.lora_alpha,
+        lora_alpha=plan.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, scales by float
         lora_dropout=plan.dropout,
         target_modules=targets,
         use_dora=plan.dora,
@@ -156,7 +156,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
         if isinstance(module, LoraLayer) and isinstance(
             module.base_layer, (emulation.Emulated4bit, emulation.Emulated8bit)
         ):
-            module.forward = emulation.bnb_lora_forward.__get__(module)
+            module.forward = emulation.bnb_lora_forward.__get__(module)  # type: ignore[attr-defined]
     return model
 
 
@@ -176,7 +176,7 @@ def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
                         torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
                     )
                     if getattr(p, "_vramcalc_kbit", False):
-                        fake._vramcalc_kbit = True
+                        fake._vramcalc_kbit = True  # type: ignore[attr-defined]
                     made[id(p)] = fake
                 module._parameters[name] = made[id(p)]
             for name, b in list(module._buffers.items()):

@@ -218,8 +218,11 @@ def decoder_layers(model: Any) -> list[Any]:
     """The stack of decoder layers: the longest ``nn.ModuleList`` of the model."""
     import torch
 
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    longest: list[Any] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(longest):
+            longest = list(module)
+    return longest
 
 
 def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:

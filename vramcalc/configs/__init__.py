@@ -92,9 +92,13 @@ def detect_format(data: dict[str, Any], path: str = "FILE") -> str:
         return "axolotl"
     if any(k in data for k in LLAMA_FACTORY_KEYS) and "model_name_or_path" in data:
         return "llama-factory"
-    if any(k in data for k in trainer.TRL_KEYS) or _nested_has(data, trainer.TRL_KEYS):
+    trl_only = [k for k in trainer.TRL_KEYS if k != "max_length"]
+    sections = any(isinstance(data.get(s), dict) for s in trainer.SECTIONS if s not in ("sft_config", "SFTConfig"))
+    if any(k in data for k in trl_only) or _nested_has(data, trainer.TRL_KEYS):
         return "trl"
-    if any(k in data for k in TRAINER_KEYS):
+    if "max_length" in data and not sections:
+        return "trl"
+    if sections or any(k in data for k in TRAINER_KEYS):
         return "trainer"
     raise ConfigFileError(
         f"--from {path!r}: unknown format; expected an axolotl config (base_model), a "
@@ -156,7 +160,7 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
     if sources["strategy"].value != "ddp" and sources["num_gpus"].origin != FLAG:
         if c.world_size:
             sources["num_gpus"] = FieldSource(c.world_size, "file", sources["strategy"].key,
-                                              "the world size the file states")
+                                              sources["strategy"].note)
         else:
             raise ConfigFileError(
                 f"{fmt} key {sources['strategy'].key!r}: shards over several GPUs ({sources['strategy'].value}) "

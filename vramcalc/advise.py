@@ -220,12 +220,9 @@ def _delta(base: TrainingPlan, changed: TrainingPlan) -> dict[str, Any]:
 def _combine(
     plan: TrainingPlan, changes: list[Change], quick: _Judge, exact: _Judge
 ) -> tuple[list[Change], Option | None]:
-    """The cheapest single change that fits; else the ranked changes applied one after
-    another until the plan fits, then each dropped again where the rest still fits. Fitting is
-    judged quick and confirmed exact."""
-    for change in changes:
-        if change.option.fits and exact.fits(change.option.plan):
-            return [change], exact.option(change.option.plan)
+    """The ranked changes applied one after another, cheapest first, until the plan fits;
+    then each dropped again, most expensive first, where the rest still fits. Fitting is judged
+    quick and confirmed exact."""
     current, taken = plan, []
     seen_fields: set[str] = set()
     for change in changes:

@@ -18,8 +18,12 @@ def test_the_readme_plan_that_fits_nothing_gets_a_fitting_combination():
     advice = advise(plan, find_gpu("H200"))
     assert not advice.baseline.fits
     assert advice.combined is not None and advice.combined.fits
-    assert [COSTS.index(c.cost) for c in advice.changes] == sorted(COSTS.index(c.cost) for c in advice.changes)
-    assert all(c.option.device_total_bytes < advice.baseline.device_total_bytes for c in advice.changes)
+    assert [COSTS.index(c.cost) for c in advice.changes] == sorted(
+        COSTS.index(c.cost) for c in advice.changes
+    )
+    assert all(
+        c.option.device_total_bytes < advice.baseline.device_total_bytes for c in advice.changes
+    )
 
 
 def test_micro_batch_keeps_the_effective_batch_and_checkpointing_is_offered():
@@ -43,7 +47,9 @@ def test_advise_cli_table_json_and_from_file(tmp_path):
     data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
     assert data["combined"]["fits"] and data["combination"]
     path = tmp_path / "a.yml"
-    path.write_text("base_model: Qwen/Qwen2.5-7B\nadapter: lora\nsequence_len: 4096\nmicro_batch_size: 8\n")
+    path.write_text(
+        "base_model: Qwen/Qwen2.5-7B\nadapter: lora\nsequence_len: 4096\nmicro_batch_size: 8\n"
+    )
     from_file = CliRunner().invoke(cli, ["advise", "--from", str(path), "--gpu", "RTX-4090"])
     assert from_file.exit_code == 0, from_file.output
     assert "plan read from" in from_file.output

@@ -84,7 +84,9 @@ def test_every_tool_has_three_configs():
 
 def test_every_key_is_used_or_ignored_with_a_reason():
     for name in [*EQUIVALENT, *WITH_FLAGS]:
-        flags = {"num_gpus": 2} if name in ("llama-factory/full_ds3.yaml", "trainer/fsdp.yaml") else {}
+        flags = (
+            {"num_gpus": 2} if name in ("llama-factory/full_ds3.yaml", "trainer/fsdp.yaml") else {}
+        )
         source = read_plan_file(CONFIGS / name, flags)
         import yaml
 
@@ -118,7 +120,11 @@ def test_flags_override_the_file_and_are_marked():
 
 def test_deepspeed_json_next_to_the_file_sets_stage_offload_and_world_size():
     source = read_plan_file(CONFIGS / "axolotl/zero3.yml")
-    assert (source.plan.strategy, source.plan.cpu_offload, source.plan.num_gpus) == ("zero3", True, 4)
+    assert (source.plan.strategy, source.plan.cpu_offload, source.plan.num_gpus) == (
+        "zero3",
+        True,
+        4,
+    )
     assert "train_batch_size 16" in source.sources["num_gpus"].note
 
 
@@ -136,18 +142,42 @@ def test_sharding_without_a_world_size_asks_for_num_gpus():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("base_model: Qwen/Qwen2.5-0.5B\nadapter: lora\nload_in_4bit: true\n",
-         "Error: axolotl key 'load_in_4bit': load_in_4bit: true with adapter: lora is contradictory"),
-        ("base_model: Qwen/Qwen2.5-0.5B\nadapter: qlora\n", "Error: axolotl key 'adapter': adapter: qlora needs load_in_4bit"),
-        ("base_model: Qwen/Qwen2.5-0.5B\nload_in_8bit: true\n", "Error: axolotl key 'load_in_8bit'"),
-        ("base_model: no-such/model-xyz\n", "Error: axolotl key 'base_model': --model 'no-such/model-xyz'"),
-        ("base_model: Qwen/Qwen2.5-0.5B\noptimizer: lion_8bit\n", "Error: axolotl key 'optimizer': optimizer 'lion_8bit'"),
-        ("model_name_or_path: Qwen/Qwen2.5-0.5B\nfinetuning_type: full\nquantization_bit: 4\n",
-         "Error: llama-factory key 'quantization_bit'"),
-        ("model_name_or_path: Qwen/Qwen2.5-0.5B\nfinetuning_type: oft\n", "Error: llama-factory key 'finetuning_type'"),
-        ("model_name_or_path: Qwen/Qwen2.5-0.5B\nmax_length: 512\nload_in_4bit: true\n", "Error: trl key 'load_in_4bit'"),
-        ("model: Qwen/Qwen2.5-0.5B\ntraining_args: {per_device_train_batch_size: 0}\n",
-         "Error: trainer key 'training_args.per_device_train_batch_size'"),
+        (
+            "base_model: Qwen/Qwen2.5-0.5B\nadapter: lora\nload_in_4bit: true\n",
+            "Error: axolotl key 'load_in_4bit': load_in_4bit: true with adapter: lora is contradictory",
+        ),
+        (
+            "base_model: Qwen/Qwen2.5-0.5B\nadapter: qlora\n",
+            "Error: axolotl key 'adapter': adapter: qlora needs load_in_4bit",
+        ),
+        (
+            "base_model: Qwen/Qwen2.5-0.5B\nload_in_8bit: true\n",
+            "Error: axolotl key 'load_in_8bit'",
+        ),
+        (
+            "base_model: no-such/model-xyz\n",
+            "Error: axolotl key 'base_model': --model 'no-such/model-xyz'",
+        ),
+        (
+            "base_model: Qwen/Qwen2.5-0.5B\noptimizer: lion_8bit\n",
+            "Error: axolotl key 'optimizer': optimizer 'lion_8bit'",
+        ),
+        (
+            "model_name_or_path: Qwen/Qwen2.5-0.5B\nfinetuning_type: full\nquantization_bit: 4\n",
+            "Error: llama-factory key 'quantization_bit'",
+        ),
+        (
+            "model_name_or_path: Qwen/Qwen2.5-0.5B\nfinetuning_type: oft\n",
+            "Error: llama-factory key 'finetuning_type'",
+        ),
+        (
+            "model_name_or_path: Qwen/Qwen2.5-0.5B\nmax_length: 512\nload_in_4bit: true\n",
+            "Error: trl key 'load_in_4bit'",
+        ),
+        (
+            "model: Qwen/Qwen2.5-0.5B\ntraining_args: {per_device_train_batch_size: 0}\n",
+            "Error: trainer key 'training_args.per_device_train_batch_size'",
+        ),
         ("learning_rate: 0.1\n", "Error: --from"),
         ("- a\n- b\n", "expected a mapping"),
     ],
@@ -167,11 +197,16 @@ def test_unknown_format_lists_what_is_understood():
 
 def test_plan_without_model_or_file_is_a_usage_error():
     result = CliRunner().invoke(cli, ["plan"])
-    assert result.exit_code == 2 and "Missing option '-m' / '--model' (or give --from FILE)." in result.output
+    assert (
+        result.exit_code == 2
+        and "Missing option '-m' / '--model' (or give --from FILE)." in result.output
+    )
 
 
 def test_plan_text_shows_the_provenance():
-    result = CliRunner().invoke(cli, ["plan", "--from", str(CONFIGS / "trl/sft_full_defaults.yaml"), "--gpu", "H200"])
+    result = CliRunner().invoke(
+        cli, ["plan", "--from", str(CONFIGS / "trl/sft_full_defaults.yaml"), "--gpu", "H200"]
+    )
     assert result.exit_code == 0, result.output
     assert "plan read from" in result.output and "(TRL config)" in result.output
     assert "tool default" in result.output and "keys ignored" in result.output

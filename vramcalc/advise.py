@@ -121,19 +121,39 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
     """(flags, description, cost, changed plan) for every change that applies to ``plan``."""
     out: list[tuple[str, str, str, TrainingPlan]] = []
     if not plan.gradient_checkpointing:
-        out.append(("--gradient-checkpointing", "recompute each layer in backward", "none",
-                    plan.with_(gradient_checkpointing=True)))
+        out.append(
+            (
+                "--gradient-checkpointing",
+                "recompute each layer in backward",
+                "none",
+                plan.with_(gradient_checkpointing=True),
+            )
+        )
     if plan.batch_size > 1:
         batch = plan.batch_size // 2
-        while batch > 1 and not judge.fits(plan.with_(batch_size=batch, grad_accum=plan.grad_accum * plan.batch_size // batch)):
+        while batch > 1 and not judge.fits(
+            plan.with_(batch_size=batch, grad_accum=plan.grad_accum * plan.batch_size // batch)
+        ):
             batch //= 2
         accum = plan.grad_accum * plan.batch_size // batch
         if batch * accum == plan.batch_size * plan.grad_accum:
-            out.append((f"--batch-size {batch} --grad-accum {accum}", "same effective batch, more micro-steps",
-                        "none", plan.with_(batch_size=batch, grad_accum=accum)))
+            out.append(
+                (
+                    f"--batch-size {batch} --grad-accum {accum}",
+                    "same effective batch, more micro-steps",
+                    "none",
+                    plan.with_(batch_size=batch, grad_accum=accum),
+                )
+            )
     if plan.allocator == "default":
-        out.append(("--allocator expandable", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-                    "none", plan.with_(allocator="expandable")))
+        out.append(
+            (
+                "--allocator expandable",
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+                "none",
+                plan.with_(allocator="expandable"),
+            )
+        )
     for gpus in (2, 4, 8, 16):  # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything
         if gpus <= plan.num_gpus:
             continue
@@ -144,29 +164,68 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
         ]
         if fitting or gpus == 16:
             changed = fitting[0] if fitting else plan.with_(num_gpus=gpus, strategy="fsdp")
-            out.append((f"--num-gpus {gpus} --strategy {changed.strategy}",
-                        f"shard everything over {gpus} GPUs", "more GPUs", changed))
+            out.append(
+                (
+                    f"--num-gpus {gpus} --strategy {changed.strategy}",
+                    f"shard everything over {gpus} GPUs",
+                    "more GPUs",
+                    changed,
+                )
+            )
             break
     if plan.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
-        out.append(("--optimizer paged_adamw_8bit", "8-bit optimizer states, paged", "quality",
-                    plan.with_(optimizer="paged_adamw_8bit")))
+        out.append(
+            (
+                "--optimizer paged_adamw_8bit",
+                "8-bit optimizer states, paged",
+                "quality",
+                plan.with_(optimizer="paged_adamw_8bit"),
+            )
+        )
     if plan.method == "lora" and plan.quant not in KBIT_QUANTS:
-        out.append(("--method qlora", "4-bit NF4 base weights", "quality", plan.with_(method="qlora")))
+        out.append(
+            ("--method qlora", "4-bit NF4 base weights", "quality", plan.with_(method="qlora"))
+        )
     if plan.method == "lora" and plan.quant == "int8":
-        out.append(("--method qlora", "4-bit NF4 base weights instead of INT8", "quality",
-                    plan.with_(method="qlora")))
+        out.append(
+            (
+                "--method qlora",
+                "4-bit NF4 base weights instead of INT8",
+                "quality",
+                plan.with_(method="qlora"),
+            )
+        )
     if plan.method == "full":
-        out.append(("--method qlora", "4-bit base weights + LoRA adapters instead of full fine-tuning",
-                    "quality", plan.with_(method="qlora", gradient_checkpointing=plan.gradient_checkpointing)))
+        out.append(
+            (
+                "--method qlora",
+                "4-bit base weights + LoRA adapters instead of full fine-tuning",
+                "quality",
+                plan.with_(method="qlora", gradient_checkpointing=plan.gradient_checkpointing),
+            )
+        )
     if plan.uses_adapters and plan.targets is not None:
-        out.append(("--targets default", "PEFT's default target modules only", "quality", plan.with_(targets=None)))
+        out.append(
+            (
+                "--targets default",
+                "PEFT's default target modules only",
+                "quality",
+                plan.with_(targets=None),
+            )
+        )
     if plan.uses_adapters and plan.rank > 8:
         out.append(("--rank 8", f"rank {plan.rank} -> 8", "quality", plan.with_(rank=8)))
     if plan.seq_len > 256:
         seq = _longest_fitting_seq(plan, judge)
         if seq:
-            out.append((f"--seq-len {seq}", f"{plan.seq_len - seq:,} tokens cut from each sequence",
-                        "tokens cut", plan.with_(seq_len=seq)))
+            out.append(
+                (
+                    f"--seq-len {seq}",
+                    f"{plan.seq_len - seq:,} tokens cut from each sequence",
+                    "tokens cut",
+                    plan.with_(seq_len=seq),
+                )
+            )
     return out
 
 
@@ -197,7 +256,11 @@ def advise(plan: TrainingPlan, gpu: Gpu, headroom: float = 0.05) -> Advice:
         option = quick.option(changed)
         if option.device_total_bytes >= quick.option(plan).device_total_bytes:
             continue  # saves nothing here
-        speed = (option.tokens_per_second / base_speed - 1) if option.tokens_per_second and base_speed else None
+        speed = (
+            (option.tokens_per_second / base_speed - 1)
+            if option.tokens_per_second and base_speed
+            else None
+        )
         changes.append(Change(flags, description, cost, option, speed))
     changes.sort(key=_rank)
     combination: list[Change] = []
@@ -242,6 +305,7 @@ def _combine(
 
 def _prune(plan: TrainingPlan, taken: list[Change], exact: _Judge) -> tuple[list[Change], Option]:
     """Drop each change, most expensive first, that the others do not need to fit."""
+
     def build(chosen: list[Change]) -> TrainingPlan | None:
         current: TrainingPlan | None = plan
         for change in chosen:

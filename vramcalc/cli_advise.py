@@ -11,7 +11,9 @@ from vramcalc.cli_options import plan_and_source, plan_options
 
 @click.command()
 @plan_options
-@click.option("--gpu", required=True, help="The GPU the plan should fit (name or alias, see 'vramcalc gpus').")
+@click.option(
+    "--gpu", required=True, help="The GPU the plan should fit (name or alias, see 'vramcalc gpus')."
+)
 @click.option(
     "--headroom",
     default="5%",

@@ -38,7 +38,9 @@ def render_advice(advice: Advice) -> str:
     ]
     headers = ["#", "change", "what it does", "costs", "memory after", "fits", "tokens/s", "speed"]
     numeric = [True, False, False, False, True, False, True, True]
-    lines.append("changes, cheapest first (each alone; memory with the calibrated allocator slack):")
+    lines.append(
+        "changes, cheapest first (each alone; memory with the calibrated allocator slack):"
+    )
     lines.append(table(rows, headers, numeric))
     if base.fits:
         lines += ["", "the plan fits with the headroom asked; the changes above only add room."]

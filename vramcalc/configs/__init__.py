@@ -81,7 +81,9 @@ def load_file(path: Path) -> dict[str, Any]:
         first = str(err).splitlines()[0]
         raise ConfigFileError(f"--from {str(path)!r}: not valid YAML or JSON ({first}).") from None
     if not isinstance(data, dict):
-        raise ConfigFileError(f"--from {str(path)!r}: expected a mapping of keys, got {type(data).__name__}.")
+        raise ConfigFileError(
+            f"--from {str(path)!r}: expected a mapping of keys, got {type(data).__name__}."
+        )
     return data
 
 
@@ -93,7 +95,11 @@ def detect_format(data: dict[str, Any], path: str = "FILE") -> str:
     if any(k in data for k in LLAMA_FACTORY_KEYS) and "model_name_or_path" in data:
         return "llama-factory"
     trl_only = [k for k in trainer.TRL_KEYS if k != "max_length"]
-    sections = any(isinstance(data.get(s), dict) for s in trainer.SECTIONS if s not in ("sft_config", "SFTConfig"))
+    sections = any(
+        isinstance(data.get(s), dict)
+        for s in trainer.SECTIONS
+        if s not in ("sft_config", "SFTConfig")
+    )
     if any(k in data for k in trl_only) or _nested_has(data, trainer.TRL_KEYS):
         return "trl"
     if "max_length" in data and not sections:
@@ -109,7 +115,10 @@ def detect_format(data: dict[str, Any], path: str = "FILE") -> str:
 
 
 def _nested_has(data: dict[str, Any], keys: tuple[str, ...]) -> bool:
-    return any(isinstance(data.get(s), dict) and any(k in data[s] for k in keys) for s in trainer.TRAINING_SECTIONS)
+    return any(
+        isinstance(data.get(s), dict) and any(k in data[s] for k in keys)
+        for s in trainer.TRAINING_SECTIONS
+    )
 
 
 MODEL_KEYS = {"axolotl": ("base_model",), "llama-factory": ("model_name_or_path",)}
@@ -126,14 +135,20 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
     fmt = detect_format(data, str(path))
     c = Collector(fmt, data)
     model_key = next(
-        (k for k in MODEL_KEYS.get(fmt, ("model_name_or_path", "model")) if isinstance(data.get(k), str)),
+        (
+            k
+            for k in MODEL_KEYS.get(fmt, ("model_name_or_path", "model"))
+            if isinstance(data.get(k), str)
+        ),
         None,
     )
     if "model" in flags:
         model, model_source = flags["model"], FieldSource(flags["model"], FLAG, "--model")
     elif model_key is None:
         wanted = " or ".join(MODEL_KEYS.get(fmt, ("model_name_or_path", "model")))
-        raise ConfigFileError(f"{fmt} config {str(path)!r} names no model: add {wanted}, or pass --model.")
+        raise ConfigFileError(
+            f"{fmt} config {str(path)!r} names no model: add {wanted}, or pass --model."
+        )
     else:
         model = data[model_key]
         model_source = FieldSource(model, "file", model_key)
@@ -143,7 +158,9 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
         where = f"key {model_key!r}" if "model" not in flags else "--model"
         raise ConfigFileError(f"{fmt} {where}: {err}") from None
     checkpoint = spec.config_dict.get("torch_dtype") or spec.config_dict.get("dtype")
-    checkpoint_dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(checkpoint))
+    checkpoint_dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+        str(checkpoint)
+    )
     if fmt == "axolotl":
         axolotl.read(c, path, checkpoint_dtype)
     elif fmt == "llama-factory":
@@ -156,11 +173,14 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
     defaults = TrainingPlan(model="x")
     for f in fields(TrainingPlan):
         if f.name not in sources:
-            sources[f.name] = FieldSource(getattr(defaults, f.name), OURS, note="vramcalc's default recipe")
+            sources[f.name] = FieldSource(
+                getattr(defaults, f.name), OURS, note="vramcalc's default recipe"
+            )
     if sources["strategy"].value != "ddp" and sources["num_gpus"].origin != FLAG:
         if c.world_size:
-            sources["num_gpus"] = FieldSource(c.world_size, "file", sources["strategy"].key,
-                                              sources["strategy"].note)
+            sources["num_gpus"] = FieldSource(
+                c.world_size, "file", sources["strategy"].key, sources["strategy"].note
+            )
         else:
             raise ConfigFileError(
                 f"{fmt} key {sources['strategy'].key!r}: shards over several GPUs ({sources['strategy'].value}) "
@@ -174,20 +194,31 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
     sources = {f.name: sources[f.name] for f in fields(TrainingPlan)}
     for name in ("quant", "alpha", "gradient_checkpointing"):  # resolved by the plan itself
         if sources[name].value is None:
-            sources[name] = FieldSource(getattr(plan, name), sources[name].origin, sources[name].key,
-                                        sources[name].note)
+            sources[name] = FieldSource(
+                getattr(plan, name), sources[name].origin, sources[name].key, sources[name].note
+            )
     return FilePlan(str(path), fmt, plan, sources, tuple(c.used), dict(c.ignored), tuple(c.notes))
 
 
 def _apply_flags(c: Collector, sources: dict[str, FieldSource], flags: dict[str, Any]) -> None:
     for name, value in flags.items():
-        sources[name] = FieldSource(value, FLAG, "--" + name.replace("_", "-"), "given on the command line")
+        sources[name] = FieldSource(
+            value, FLAG, "--" + name.replace("_", "-"), "given on the command line"
+        )
     if "method" in flags and "quant" not in flags:
         sources["quant"] = FieldSource(None, FLAG, "--method", "follows --method")
         if flags["method"] == "full":
             for name in ("rank", "alpha", "dropout", "targets", "dora", "modules_to_save"):
                 sources.pop(name, None)
-    if "rank" in flags and "alpha" not in flags and sources.get("alpha", FieldSource(0, FLAG)).origin != "file":
+    if (
+        "rank" in flags
+        and "alpha" not in flags
+        and sources.get("alpha", FieldSource(0, FLAG)).origin != "file"
+    ):
         alpha = c.alpha_rule(flags["rank"]) if c.alpha_rule else None
-        sources["alpha"] = FieldSource(alpha, sources.get("alpha", FieldSource(None, OURS)).origin, None,
-                                       "the tool's alpha for the --rank given")
+        sources["alpha"] = FieldSource(
+            alpha,
+            sources.get("alpha", FieldSource(None, OURS)).origin,
+            None,
+            "the tool's alpha for the --rank given",
+        )

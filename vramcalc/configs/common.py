@@ -128,7 +128,9 @@ class Collector:
     def name(self, key: str) -> str:
         return f"{self.prefix}{key}"
 
-    def set(self, name: str, value: Any, origin: str, key: str | None = None, note: str = "") -> None:
+    def set(
+        self, name: str, value: Any, origin: str, key: str | None = None, note: str = ""
+    ) -> None:
         self.fields[name] = FieldSource(value, origin, self.name(key) if key else None, note)
 
     def from_key(
@@ -203,7 +205,9 @@ def as_modules(c: Collector, key: str, value: Any) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)):
         parts = [str(p).strip() for p in value if str(p).strip()]
     else:
-        raise c.error(key, f"expected module names (a list or a comma-separated string), got {value!r}.")
+        raise c.error(
+            key, f"expected module names (a list or a comma-separated string), got {value!r}."
+        )
     if not parts:
         raise c.error(key, "is empty; name the modules, or leave the key out.")
     if [p.lower() for p in parts] in (["all"], ["all-linear"], ["all_linear"]):

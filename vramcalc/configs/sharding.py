@@ -62,7 +62,12 @@ def deepspeed_sharding(
     offload = _offloads(zero)
     world = None
     total = config.get("train_batch_size")
-    if isinstance(total, int) and micro_batch and grad_accum and total % (micro_batch * grad_accum) == 0:
+    if (
+        isinstance(total, int)
+        and micro_batch
+        and grad_accum
+        and total % (micro_batch * grad_accum) == 0
+    ):
         world = total // (micro_batch * grad_accum)
     note = f"DeepSpeed ZeRO stage {stage} ({origin})" + (
         f", offload of {' and '.join(offload)} to CPU" if offload else ""
@@ -92,9 +97,8 @@ def _deepspeed_from_name(c: Collector, key: str, name: str) -> Sharding:
         )
     stage = int(match.group(1))
     offload = "offload" in stem
-    note = (
-        f"DeepSpeed ZeRO stage {stage} inferred from the name {name!r} (file not found)"
-        + (", CPU offload (the name says offload)" if offload else "")
+    note = f"DeepSpeed ZeRO stage {stage} inferred from the name {name!r} (file not found)" + (
+        ", CPU offload (the name says offload)" if offload else ""
     )
     return Sharding(ZERO_STRATEGY[stage], offload, None, c.name(key), note)
 
@@ -120,14 +124,18 @@ def fsdp_sharding(c: Collector, key: str, config_key: str) -> Sharding | None:
         elif isinstance(value, list):
             words = [str(v).lower() for v in value]
         else:
-            raise c.error(key, f"expected FSDP options such as 'full_shard auto_wrap', got {value!r}.")
+            raise c.error(
+                key, f"expected FSDP options such as 'full_shard auto_wrap', got {value!r}."
+            )
     else:
         c.take(key)
     config: dict[str, Any] = {}
     if c.has(config_key):
         raw = c.take(config_key)
         if not isinstance(raw, dict):
-            c.ignored[c.name(config_key)] = "a path to an FSDP JSON config: not read, the fsdp words apply"
+            c.ignored[c.name(config_key)] = (
+                "a path to an FSDP JSON config: not read, the fsdp words apply"
+            )
         else:
             config = {k.removeprefix("fsdp_"): v for k, v in raw.items()}
     if not words and not config:

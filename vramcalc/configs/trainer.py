@@ -74,37 +74,86 @@ def section(c: Collector, names: tuple[str, ...]) -> Collector | None:
 def read(c: Collector, where: Path, checkpoint_dtype: str | None, trl: bool) -> None:
     c.take("model_name_or_path")
     c.take("model")
-    args, peft, bnb, model_kw = (section(c, s) for s in (TRAINING_SECTIONS, PEFT_SECTIONS, BNB_SECTIONS, MODEL_SECTIONS))
+    args, peft, bnb, model_kw = (
+        section(c, s) for s in (TRAINING_SECTIONS, PEFT_SECTIONS, BNB_SECTIONS, MODEL_SECTIONS)
+    )
     ta = [s for s in (args, c) if s is not None]  # TrainingArguments: its section, else flat
 
     method = _method(c, peft, bnb, trl)
     if method != "full":
         _lora(c, peft, trl)
     _seq_len(c, ta, trl)
-    _from(ta, "batch_size", "per_device_train_batch_size", 8, TA + ": per_device_train_batch_size=8", as_int)
-    _from(ta, "grad_accum", "gradient_accumulation_steps", 1, TA + ": gradient_accumulation_steps=1", as_int)
-    gc_default, gc_note = (True, TRL + "base_config.py: gradient_checkpointing=True") if trl else (
-        False, TA + ": gradient_checkpointing=False")
+    _from(
+        ta,
+        "batch_size",
+        "per_device_train_batch_size",
+        8,
+        TA + ": per_device_train_batch_size=8",
+        as_int,
+    )
+    _from(
+        ta,
+        "grad_accum",
+        "gradient_accumulation_steps",
+        1,
+        TA + ": gradient_accumulation_steps=1",
+        as_int,
+    )
+    gc_default, gc_note = (
+        (True, TRL + "base_config.py: gradient_checkpointing=True")
+        if trl
+        else (False, TA + ": gradient_checkpointing=False")
+    )
     _from(ta, "gradient_checkpointing", "gradient_checkpointing", gc_default, gc_note, as_bool)
-    _from(ta, "optimizer", "optim", "adamw_torch_fused", TA + ": optim=adamw_torch_fused (torch >= 2.8)",
-          lambda cc, k, v: as_optimizer(cc, k, v))
+    _from(
+        ta,
+        "optimizer",
+        "optim",
+        "adamw_torch_fused",
+        TA + ": optim=adamw_torch_fused (torch >= 2.8)",
+        lambda cc, k, v: as_optimizer(cc, k, v),
+    )
     _precision(c, ta, model_kw, checkpoint_dtype, trl)
     owner = _owner([model_kw, c], "attn_implementation")
     if owner is not None:
-        owner.set("attn", as_attn(owner, "attn_implementation", owner.take("attn_implementation")), FILE,
-                  "attn_implementation")
+        owner.set(
+            "attn",
+            as_attn(owner, "attn_implementation", owner.take("attn_implementation")),
+            FILE,
+            "attn_implementation",
+        )
     else:
         c.set("attn", "sdpa", TOOL, note="transformers' default attn_implementation: sdpa")
     for s in ta:
-        s.ignore("packing", "packing fills each sequence to max_length; the estimate assumes full sequences")
-        s.ignore("padding_free", "the estimate assumes padded sequences of max_length tokens (an upper bound)")
+        s.ignore(
+            "packing",
+            "packing fills each sequence to max_length; the estimate assumes full sequences",
+        )
+        s.ignore(
+            "padding_free",
+            "the estimate assumes padded sequences of max_length tokens (an upper bound)",
+        )
         s.ignore("gradient_checkpointing_kwargs", "estimated with use_reentrant=False")
     micro, accum = c.fields["batch_size"].value, c.fields["grad_accum"].value
     for s in ta:
-        sharding = deepspeed_sharding(s, "deepspeed", where, micro, accum) or fsdp_sharding(s, "fsdp", "fsdp_config")
+        sharding = deepspeed_sharding(s, "deepspeed", where, micro, accum) or fsdp_sharding(
+            s, "fsdp", "fsdp_config"
+        )
         if sharding is not None:
-            s.set("strategy", sharding.strategy, FILE, sharding.key.removeprefix(s.prefix), sharding.note)
-            s.set("cpu_offload", sharding.cpu_offload, FILE, sharding.key.removeprefix(s.prefix), sharding.note)
+            s.set(
+                "strategy",
+                sharding.strategy,
+                FILE,
+                sharding.key.removeprefix(s.prefix),
+                sharding.note,
+            )
+            s.set(
+                "cpu_offload",
+                sharding.cpu_offload,
+                FILE,
+                sharding.key.removeprefix(s.prefix),
+                sharding.note,
+            )
             c.world_size = sharding.world_size
             break
     for sub in (args, peft, bnb, model_kw):
@@ -142,48 +191,96 @@ def _method(c: Collector, peft: Collector | None, bnb: Collector | None, trl: bo
             "add a peft_config section" + (" or use_peft: true" if trl else "") + ".",
         )
     if not use_peft:
-        c.set("method", "full", TOOL, note="no peft_config" + (" and use_peft=False (model_config.py)" if trl else ""))
+        c.set(
+            "method",
+            "full",
+            TOOL,
+            note="no peft_config" + (" and use_peft=False (model_config.py)" if trl else ""),
+        )
         c.set("quant", "none", TOOL, note="no quantization")
         return "full"
     if four:
-        qtype_default = ("nf4", TRL + "model_config.py: bnb_4bit_quant_type=nf4") if bnb is None else (
-            "fp4", "transformers BitsAndBytesConfig: bnb_4bit_quant_type=fp4")
+        qtype_default = (
+            ("nf4", TRL + "model_config.py: bnb_4bit_quant_type=nf4")
+            if bnb is None
+            else ("fp4", "transformers BitsAndBytesConfig: bnb_4bit_quant_type=fp4")
+        )
         c.set("method", "qlora", FILE, q.name("load_in_4bit"))
         q.from_key("quant", "bnb_4bit_quant_type", qtype_default[0], TOOL, qtype_default[1])
         nested = "bnb_4bit_use_double_quant" if bnb is not None else "use_bnb_nested_quant"
-        note = ("transformers BitsAndBytesConfig: bnb_4bit_use_double_quant=False" if bnb is not None
-                else TRL + "model_config.py: use_bnb_nested_quant=False")
+        note = (
+            "transformers BitsAndBytesConfig: bnb_4bit_use_double_quant=False"
+            if bnb is not None
+            else TRL + "model_config.py: use_bnb_nested_quant=False"
+        )
         q.from_key("double_quant", nested, False, TOOL, note, lambda v: as_bool(q, nested, v))
         return "qlora"
     c.set("method", "lora", FILE, "peft_config" if peft is not None else "use_peft")
-    c.set("quant", "int8" if eight else "none", FILE if eight else TOOL, q.name("load_in_8bit") if eight else None,
-          "" if eight else "no load_in_4bit/load_in_8bit")
+    c.set(
+        "quant",
+        "int8" if eight else "none",
+        FILE if eight else TOOL,
+        q.name("load_in_8bit") if eight else None,
+        "" if eight else "no load_in_4bit/load_in_8bit",
+    )
     return "lora"
 
 
 def _lora(c: Collector, peft: Collector | None, trl: bool) -> None:
     if peft is not None:  # a peft LoraConfig: peft's own defaults
-        p, keys = peft, ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora")
+        p, keys = (
+            peft,
+            ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora"),
+        )
         defaults = (8, 8.0, 0.0)
         note = "peft LoraConfig: "
         peft.ignore("task_type", "CAUSAL_LM is what vramcalc estimates")
         peft.ignore("bias", "bias training is not modelled (peft's default bias='none')")
     else:  # TRL ModelConfig's flat keys and defaults
-        p, keys = c, ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "use_dora")
+        p, keys = (
+            c,
+            (
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "lora_target_modules",
+                "lora_modules_to_save",
+                "use_dora",
+            ),
+        )
         defaults = (16, 32.0, 0.05)
         note = TRL + "model_config.py: "
         c.ignore("lora_task_type", "CAUSAL_LM is what vramcalc estimates")
     r, alpha, dropout, targets, saved, dora = keys
     p.from_key("rank", r, defaults[0], TOOL, f"{note}{r}={defaults[0]}", lambda v: as_int(p, r, v))
-    p.from_key("alpha", alpha, defaults[1], TOOL, f"{note}{alpha}={defaults[1]:g}", lambda v: as_float(p, alpha, v))
+    p.from_key(
+        "alpha",
+        alpha,
+        defaults[1],
+        TOOL,
+        f"{note}{alpha}={defaults[1]:g}",
+        lambda v: as_float(p, alpha, v),
+    )
     if peft is not None:
         c.alpha_rule = lambda rank: 8.0  # peft: lora_alpha=8 whatever r
     else:
         c.alpha_rule = lambda rank: 32.0
-    p.from_key("dropout", dropout, defaults[2], TOOL, f"{note}{dropout}={defaults[2]:g}",
-               lambda v: as_float(p, dropout, v))
-    p.from_key("targets", targets, None, TOOL, f"{note}{targets}=None: peft's default for the architecture",
-               lambda v: as_modules(p, targets, v))
+    p.from_key(
+        "dropout",
+        dropout,
+        defaults[2],
+        TOOL,
+        f"{note}{dropout}={defaults[2]:g}",
+        lambda v: as_float(p, dropout, v),
+    )
+    p.from_key(
+        "targets",
+        targets,
+        None,
+        TOOL,
+        f"{note}{targets}=None: peft's default for the architecture",
+        lambda v: as_modules(p, targets, v),
+    )
     if p.has(saved):
         p.set("modules_to_save", as_modules(p, saved, p.take(saved)), FILE, saved)
     p.from_key("dora", dora, False, TOOL, f"{note}use_dora=False", lambda v: as_bool(p, dora, v))
@@ -195,33 +292,66 @@ def _seq_len(c: Collector, ta: list[Collector], trl: bool) -> None:
         if owner is not None:
             owner.set("seq_len", as_int(owner, key, owner.take(key)), FILE, key)
             for other in ta:
-                other.ignore("max_seq_length", "max_length is given (TRL renamed max_seq_length to it)")
+                other.ignore(
+                    "max_seq_length", "max_length is given (TRL renamed max_seq_length to it)"
+                )
             return
     if trl:
         c.set("seq_len", 1024, TOOL, note=TRL + "sft_config.py: max_length=1024")
     else:
-        c.set("seq_len", 2048, OURS, note="Trainer has no sequence length: give max_length in the file or --seq-len")
+        c.set(
+            "seq_len",
+            2048,
+            OURS,
+            note="Trainer has no sequence length: give max_length in the file or --seq-len",
+        )
 
 
-def _precision(c: Collector, ta: list[Collector], model_kw: Collector | None, checkpoint_dtype: str | None, trl: bool) -> None:
+def _precision(
+    c: Collector,
+    ta: list[Collector],
+    model_kw: Collector | None,
+    checkpoint_dtype: str | None,
+    trl: bool,
+) -> None:
     fp16_owner, bf16_owner = _owner(list(ta), "fp16"), _owner(list(ta), "bf16")
     fp16 = as_bool(fp16_owner, "fp16", fp16_owner.take("fp16")) if fp16_owner else False
-    bf16 = as_bool(bf16_owner, "bf16", bf16_owner.take("bf16")) if bf16_owner else (trl and not fp16)
+    bf16 = (
+        as_bool(bf16_owner, "bf16", bf16_owner.take("bf16")) if bf16_owner else (trl and not fp16)
+    )
     if bf16 and fp16:
         raise (bf16_owner or c).error("bf16", "bf16 and fp16 are both true; choose one.")
-    owner = next((s for s in (model_kw, c) if s is not None for k in ("dtype", "torch_dtype") if s.has(k)), None)
+    owner = next(
+        (s for s in (model_kw, c) if s is not None for k in ("dtype", "torch_dtype") if s.has(k)),
+        None,
+    )
     if owner is not None:
         key = "dtype" if owner.has("dtype") else "torch_dtype"
         dtype = as_dtype(owner, key, owner.take(key), checkpoint_dtype)
         owner.set("dtype", dtype, FILE, key, "the dtype from_pretrained loads the weights in")
         owner.ignore("torch_dtype", "dtype is given (transformers 5 renamed torch_dtype to it)")
     elif trl:
-        c.set("dtype", "fp32", TOOL, note=TRL + "model_config.py: dtype=float32 (weights loaded in fp32)")
+        c.set(
+            "dtype",
+            "fp32",
+            TOOL,
+            note=TRL + "model_config.py: dtype=float32 (weights loaded in fp32)",
+        )
     elif fp16:
-        c.set("dtype", "fp16", FILE, fp16_owner.name("fp16") if fp16_owner else None, "fp16 mixed precision")
+        c.set(
+            "dtype",
+            "fp16",
+            FILE,
+            fp16_owner.name("fp16") if fp16_owner else None,
+            "fp16 mixed precision",
+        )
     else:
-        c.set("dtype", checkpoint_dtype or "bf16", OURS,
-              note="from_pretrained's dtype='auto' (transformers 5): the checkpoint's dtype")
+        c.set(
+            "dtype",
+            checkpoint_dtype or "bf16",
+            OURS,
+            note="from_pretrained's dtype='auto' (transformers 5): the checkpoint's dtype",
+        )
     if not bf16 and not fp16:
         c.notes.append(
             "bf16 and fp16 are off (TrainingArguments bf16=False): full precision without autocast, "

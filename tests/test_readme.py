@@ -58,7 +58,7 @@ def test_every_emitted_json_key_is_documented():
 
 def test_the_layout_lists_every_module():
     layout = _section("## Layout")
-    for folder in ("vramcalc", "vramcalc/memory", "harness"):
+    for folder in ("vramcalc", "vramcalc/memory", "vramcalc/configs", "harness"):
         for path in sorted((ROOT / folder).glob("*.py")):
             assert path.name in layout, f"{folder}/{path.name} is missing from the README layout"
     assert "memtrace.py" in layout

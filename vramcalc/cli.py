@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vramcalc.cli_options import given_options, plan_from_options, plan_options
+from vramcalc.cli_options import given_options, plan_and_source, plan_options
 from vramcalc.errors import VramcalcError
 
 
@@ -96,12 +96,14 @@ def plan(
     Example:
       vramcalc plan --model meta-llama/Llama-2-13b --method qlora --rank 16 \\
                     --seq-len 2048 --batch-size 4 --gpu RTX-4090 --dataset-tokens 50000000
+      vramcalc plan --from axolotl-qlora.yml --gpu RTX-4090    # flags override the file
     """
     from vramcalc.cost import RunLength
     from vramcalc.planner import choose_gpus, plan_result
     from vramcalc.render import render_plan_result
+    from vramcalc.render_files import render_file_plan
 
-    the_plan = plan_from_options(options)
+    the_plan, source = plan_and_source(ctx, options)
     wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
     run = RunLength(dataset_tokens, epochs, steps) if wants_cost else None
     given = given_options(ctx)
@@ -109,8 +111,12 @@ def plan(
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        data["from_file"] = source.to_dict() if source else None
+        click.echo(json.dumps(data, indent=2))
     else:
+        if source:
+            click.echo(render_file_plan(source) + "\n")
         click.echo(render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose))
 
 
@@ -154,6 +160,7 @@ def _register_commands() -> None:
 
     for module, names in (
         ("vramcalc.cli_capacity", ("sweep", "fit")),
+        ("vramcalc.cli_advise", ("advise",)),
         ("vramcalc.cli_report", ("report",)),
         ("vramcalc.cli_speed", ("speed_report", "speed_fit")),
         ("harness.cli", ("measure",)),

@@ -16,13 +16,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vramcalc.cli_options import given_options, plan_from_options, plan_options
+from vramcalc.cli_options import given_options, plan_and_source, plan_options
 from vramcalc.errors import VramcalcError
 
 
 def _plan_params() -> list[click.Option]:
     holder = plan_options(lambda **_: None)
-    return [p for p in reversed(holder.__click_params__) if isinstance(p, click.Option)]
+    params = reversed(holder.__click_params__)
+    return [p for p in params if isinstance(p, click.Option) and p.name != "from_file"]
 
 
 PLAN_PARAMS = _plan_params()
@@ -153,6 +154,13 @@ def _progress(quiet: bool, total: int):
 @sweep_options
 @speed_and_cost_options
 @click.option(
+    "--from",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Take the plan from a training config (axolotl, LLaMA-Factory, TRL, Trainer); the options given sweep around it.",
+)
+@click.option(
     "--cases",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CSV with one plan per row; columns are plan option names (model,method,rank,seq_len,... dashes or underscores) and optionally gpu. Blank cells take the command-line values (all of them: crossed) or plan's defaults.",
@@ -196,6 +204,7 @@ def _progress(quiet: bool, total: int):
 def sweep(
     ctx: click.Context,
     cases: Path | None,
+    from_file: str | None,
     gpus: tuple[str, ...],
     headroom: str,
     output: Path | None,
@@ -238,7 +247,18 @@ def sweep(
         except VramcalcError:
             pass  # a broken config: its rows get the error column, the others are written
     rows = read_cases(cases) if cases else None
-    todo = expand_cases(axes, plan_defaults(), rows)
+    defaults = plan_defaults()
+    if from_file:
+        from vramcalc.configs import read_plan_file
+        from vramcalc.render_files import render_file_plan
+
+        source = read_plan_file(from_file, {name: values[0] for name, values in axes.items()})
+        click.echo(render_file_plan(source), err=True)
+        defaults = source.plan.to_dict()
+        if "method" in axes and "quant" not in axes:
+            defaults["quant"] = None
+        axes.setdefault("model", [source.plan.model])
+    todo = expand_cases(axes, defaults, rows)
     given = set(axes).union(*(row.keys() for row in rows or ()))
     progress = _progress(quiet, len(todo))
     result = run_sweep(
@@ -312,6 +332,7 @@ def fit(
     from vramcalc.estimate import prepare
     from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
     from vramcalc.render import render_fit
+    from vramcalc.render_files import render_file_plan
 
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given
@@ -319,7 +340,10 @@ def fit(
         raise click.UsageError(
             "give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both."
         )
-    plan, card, margin = plan_from_options(options), find_gpu(gpu), parse_headroom(headroom)
+    plan, source = plan_and_source(ctx, options)
+    card, margin = find_gpu(gpu), parse_headroom(headroom)
+    if source:
+        click.echo(render_file_plan(source), err=True)
     inventory = prepare(plan.model, plan).inventory
     for warning in plan_warnings(plan, inventory, given_options(ctx)):
         if not (by_seq_len and warning.startswith("--seq-len")):  # the search sets --seq-len

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
 import click
 from click.core import ParameterSource
 
@@ -17,6 +20,9 @@ from vramcalc.plan import (
     parse_targets,
     suggest,
 )
+
+if TYPE_CHECKING:
+    from vramcalc.configs import FilePlan
 
 
 class SuggestingChoice(click.Choice):
@@ -38,8 +44,18 @@ def plan_options(func):
         click.option(
             "--model",
             "-m",
-            required=True,
-            help="Catalog name or alias (see 'vramcalc models'), a local dir/config.json, or a hub id (online).",
+            default=None,
+            help="Catalog name or alias (see 'vramcalc models'), a local dir/config.json, or a hub id "
+            "(online). Required unless --from names a config file.",
+        ),
+        click.option(
+            "--from",
+            "from_file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Read the plan from a training config: axolotl, LLaMA-Factory, TRL or HF Trainer "
+            "(YAML/JSON). Keys the file leaves out take that tool's defaults; flags given on the "
+            "command line override the file.",
         ),
         click.option(
             "--method",
@@ -173,6 +189,33 @@ def given_options(ctx: click.Context) -> frozenset[str]:
     """The options the user set on the command line (or through the environment)."""
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
+
+
+PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+
+
+def given_plan_values(options: dict, given: frozenset[str]) -> dict[str, Any]:
+    """The plan fields the user set on the command line, typed as ``TrainingPlan`` takes them."""
+    out = {}
+    for name in PLAN_FIELDS:
+        if name in given:
+            value = options[name]
+            out[name] = parse_targets(value) if name in ("targets", "modules_to_save") else value
+    return out
+
+
+def plan_and_source(ctx: click.Context, options: dict) -> tuple[TrainingPlan, FilePlan | None]:
+    """The plan the options describe: from ``--from FILE`` with the given flags on top, or from
+    the flags alone. Pops ``from_file`` from ``options``."""
+    path = options.pop("from_file", None)
+    if path is None:
+        if not options.get("model"):
+            raise click.UsageError("Missing option '-m' / '--model' (or give --from FILE).")
+        return plan_from_options(options), None
+    from vramcalc.configs import read_plan_file
+
+    source = read_plan_file(path, given_plan_values(options, given_options(ctx)))
+    return source.plan, source
 
 
 def plan_from_options(options: dict) -> TrainingPlan:

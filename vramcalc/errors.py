@@ -47,3 +47,9 @@ class CatalogError(VramcalcError):
 class AllocatorTraceError(VramcalcError):
     """An allocator event sequence is malformed (a free of a handle that is not
     live, a handle allocated twice, an unknown op or trace action)."""
+
+
+class ConfigFileError(VramcalcError):
+    """A training config given with ``--from`` (axolotl, LLaMA-Factory, TRL, Trainer) is of an
+    unknown format, unreadable, contradictory, or names a model that cannot be resolved; the
+    message names the key."""

@@ -220,3 +220,22 @@ def test_sweep_and_fit_take_from():
     fit = CliRunner().invoke(cli, ["fit", *args, "--json"])
     assert fit.exit_code == 0, fit.output
     assert json.loads(fit.stdout)["plan"]["rank"] == 32
+
+
+def test_plan_states_that_the_file_set_checkpointing(tmp_path):
+    from click.testing import CliRunner
+
+    from vramcalc.cli import cli
+
+    path = tmp_path / "axo.yml"
+    path.write_text(
+        "base_model: Qwen/Qwen2.5-0.5B\nadapter: qlora\nload_in_4bit: true\n"
+        "gradient_checkpointing: false\n"
+    )
+    result = CliRunner().invoke(cli, ["plan", "--from", str(path), "--gpu", "H200"])
+    assert result.exit_code == 0, result.output
+    assert (
+        f"  - gradient checkpointing off, as {path}: gradient_checkpointing sets it; "
+        "--gradient-checkpointing overrides the file"
+    ) in result.output
+    assert "k-bit recipes usually keep it on" not in result.output

@@ -108,6 +108,9 @@ def plan(
     run = RunLength(dataset_tokens, epochs, steps) if wants_cost else None
     given = given_options(ctx)
     result = plan_result(the_plan, choose_gpus(list(gpus)), run, price_per_hour, given)
+    note = source.checkpointing_note(the_plan) if source else None
+    if note:
+        result = result.with_assumption(the_plan.checkpointing_note, note)
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:

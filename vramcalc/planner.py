@@ -7,7 +7,7 @@ and ``PlanResult.to_dict`` into the ``--json`` object.
 from __future__ import annotations
 
 from collections.abc import Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vramcalc.catalog import Gpu, find_gpu, load_gpus
@@ -71,6 +71,11 @@ class PlanResult:
     cost: CostTable | None
     hints: tuple[Hint, ...] = ()
     warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
+
+    def with_assumption(self, old: str, new: str) -> PlanResult:
+        """A copy whose memory estimate states ``new`` where it stated ``old``."""
+        lines = tuple(new if line == old else line for line in self.memory.assumptions)
+        return replace(self, memory=replace(self.memory, assumptions=lines))
 
     def to_dict(self) -> dict[str, Any]:
         data = self.memory.to_dict()

@@ -56,6 +56,23 @@ class FilePlan:
     ignored_keys: dict[str, str]  # key -> why it does not enter the plan
     notes: tuple[str, ...]
 
+    def checkpointing_note(self, plan: TrainingPlan) -> str | None:
+        """The assumption line for gradient checkpointing when the file or its tool decided
+        it (None when vramcalc's default or a flag did: the plan's own note says so)."""
+        source = self.sources.get("gradient_checkpointing")
+        if source is None or source.origin not in ("file", "tool default"):
+            return None
+        state = "on (use_reentrant=False)" if plan.gradient_checkpointing else "off"
+        where = (
+            f"{self.path}: {source.key}" if source.origin == "file" else f"{self.format}'s default"
+        )
+        flag = (
+            "--no-gradient-checkpointing"
+            if plan.gradient_checkpointing
+            else "--gradient-checkpointing"
+        )
+        return f"gradient checkpointing {state}, as {where} sets it; {flag} overrides the file"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,

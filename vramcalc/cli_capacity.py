@@ -196,8 +196,8 @@ def _progress(quiet: bool, total: int):
     show_default="auto",
     help="How each row gets the caching allocator's slack. simulate: trace the plan's steps "
     "and replay them through the allocator model, as 'plan' does (seconds per plan, once; "
-    "then cached). auto: simulate the first 16 plans that are not cached yet, then take "
-    "cached simulations or the calibrated fallback (a fraction of peak allocated). "
+    "then cached). auto: simulate every plan of a sweep of up to 16 plans; a longer sweep "
+    "takes cached simulations, else the calibrated fallback (a fraction of peak allocated). "
     "approximate: the fallback for every row.",
 )
 @click.pass_context

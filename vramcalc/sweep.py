@@ -226,7 +226,8 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 # -- estimating --------------------------------------------------------------------------------
-#: step traces a sweep runs before it takes the calibrated slack for uncached plans
+#: the most plans a sweep simulates by default (``auto``); a longer sweep takes cached
+#: simulations and the calibrated slack, so that 1,000 plans stay at milliseconds each
 SIMULATION_BUDGET = 16
 
 
@@ -247,6 +248,7 @@ class EstimateCache:
         self._prepared: dict[tuple[Any, ...], Prepared | VramcalcError] = {}
         self.allocator_model = allocator_model
         self.simulation_budget = simulation_budget
+        self.long_sweep = False  # more plans than simulation_budget: auto simulates none
         self.simulated = 0  # step traces this sweep ran (not found in the cache)
         self.approximated = 0  # plans that took the calibrated slack instead
 
@@ -271,15 +273,15 @@ class EstimateCache:
     def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
         """Equal to ``vramcalc.estimate.estimate(plan)`` while the allocator is simulated.
 
-        ``auto``: simulate (as ``plan`` does) until ``simulation_budget`` step traces have
-        run in this sweep (each costs seconds of CPU once, then is cached); after that,
-        plans without a cached simulation take the calibrated fallback slack, counted in
-        ``approximated``.
+        ``auto``: a sweep of at most ``simulation_budget`` plans simulates each (as ``plan``
+        does: seconds of CPU once, then cached); a longer one (``run_sweep`` says so with
+        ``long_sweep``) takes cached simulations and, for plans without one, the calibrated
+        fallback slack, counted in ``approximated``.
         """
         prepared = self.prepared(plan)
         model = self.allocator_model
         if model == "auto":
-            model = "simulate" if self.simulated < self.simulation_budget else "cached"
+            model = "cached" if self.long_sweep else "simulate"
         if (
             model == "simulate"
             and plan.num_gpus == 1
@@ -478,6 +480,7 @@ def run_sweep(
     ``given`` names the plan options set explicitly (for ``vramcalc.checks.plan_warnings``).
     """
     cache = cache or EstimateCache(allocator_model)
+    cache.long_sweep = len(cases) > cache.simulation_budget
     wants_cells = extras.speed or extras.run is not None
     columns: dict[str, Gpu] = {gpu.name: gpu for gpu in gpus}
     rows = []

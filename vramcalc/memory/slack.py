@@ -189,12 +189,14 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
     """What changes a single-GPU step trace, hashed (the allocator mode is simulated apart)."""
     import hashlib
     import json
+    from dataclasses import fields as dataclass_fields
 
     from vramcalc.inventory import library_versions
 
-    fields = plan.to_dict()
-    for name in ("num_gpus", "strategy", "cpu_offload", "allocator"):
-        fields.pop(name, None)
+    # a shallow copy (plan.to_dict deep-copies: a third of a cached sweep row); tuples
+    # serialize as the lists to_dict makes of them, so the key is the same
+    skip = ("num_gpus", "strategy", "cpu_offload", "allocator")
+    fields = {f.name: getattr(plan, f.name) for f in dataclass_fields(plan) if f.name not in skip}
     payload = {
         "v": SIMULATION_VERSION,
         "config": config_dict,
@@ -212,11 +214,32 @@ def _cache_path(key: str):  # type: ignore[no-untyped-def]
     return _cache_dir().parent / "allocator" / f"{key}.json"
 
 
+_LISTINGS: dict[str, tuple[float, frozenset[str]]] = {}
+
+
+def _cached_names(folder: str) -> frozenset[str]:
+    """The file names in ``folder``, listed again only when it changed (its mtime): a long
+    sweep asks for a thousand simulations that mostly are not there."""
+    import os
+
+    try:
+        mtime = os.stat(folder).st_mtime
+    except OSError:
+        return frozenset()
+    listed = _LISTINGS.get(folder)
+    if listed is None or listed[0] != mtime:
+        listed = (mtime, frozenset(os.listdir(folder)))
+        _LISTINGS[folder] = listed
+    return listed[1]
+
+
 def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
     """The cached simulation of ``plan``, or None (no torch import)."""
     import json
 
     path = _cache_path(simulation_key(config_dict, plan))
+    if path.name not in _cached_names(str(path.parent)):
+        return None
     try:
         raw = json.loads(path.read_text())
         return AllocatorSimulation(
@@ -266,6 +289,7 @@ def simulate_plan(
                 )
             )
             tmp.replace(path)
+            _LISTINGS.pop(str(path.parent), None)
         except OSError:
             pass  # a read-only cache only costs time
     return result

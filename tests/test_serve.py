@@ -159,7 +159,13 @@ def test_adapter_dir_reads_each_subdirectory(tmp_path):
         ("lm_head",),
         "x/y",
     )
-    assert (b.name, b.rank, b.targets, b.dora, b.alpha) == ("b-task", 16, ("q_proj", "v_proj"), True, 16)
+    assert (b.name, b.rank, b.targets, b.dora, b.alpha) == (
+        "b-task",
+        16,
+        ("q_proj", "v_proj"),
+        True,
+        16,
+    )
     assert read_adapter_dir(tmp_path / "a-task")[0].name == "a-task"  # the dir itself
 
 
@@ -214,9 +220,10 @@ def test_components_add_up_and_merging_copies_the_base(tiny_llama_dir):
     multi = _memory(tiny_llama_dir, adapters=adapters, mode="multi", batch=4)
     merged = _memory(tiny_llama_dir, adapters=adapters, mode="merged", batch=4)
     assert sum(multi.components.values()) == multi.device_total_bytes
-    assert multi.peak_reserved_bytes - multi.peak_allocated_bytes == multi.components[
-        "allocator_reserve"
-    ]
+    assert (
+        multi.peak_reserved_bytes - multi.peak_allocated_bytes
+        == multi.components["allocator_reserve"]
+    )
     assert merged.components["weights"] == 4 * multi.components["weights"]
     assert merged.components["adapters"] == 0 < multi.components["adapters"]
     # tiny llama: 2 layers x 2 x (batch 4, 2 KV heads, 4,095 tokens, 16) bf16

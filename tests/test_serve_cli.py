@@ -7,10 +7,9 @@ import re
 
 from click.testing import CliRunner
 
+from tests.test_readme import README, _keys, _section
 from vramcalc.cli import cli
 from vramcalc.cli_serve import NOTHING_FITS
-
-from tests.test_readme import README, _keys, _section
 
 
 def _run(*args: str):
@@ -24,7 +23,9 @@ def test_help():
 
 
 def test_text_report(tiny_llama_dir):
-    result = _run("--model", str(tiny_llama_dir), "--adapters", "3", "--mode", "multi", "--gpu", "H200")
+    result = _run(
+        "--model", str(tiny_llama_dir), "--adapters", "3", "--mode", "multi", "--gpu", "H200"
+    )
     assert result.exit_code == 0, result.output
     assert "3 adapters multi" in result.output
     assert "KV cache" in result.output and "decode tok/s" in result.output
@@ -37,7 +38,9 @@ def test_json_keys_are_documented(tiny_llama_dir, tmp_path):
     data = json.loads(result.stdout)
     assert data["warnings"]  # beyond the 512-token context
     keys = _keys({k: v for k, v in data.items()})
-    fitted = json.loads(_run("--model", str(tiny_llama_dir), "--gpu", "H200", "--fit", "batch", "--json").stdout)
+    fitted = json.loads(
+        _run("--model", str(tiny_llama_dir), "--gpu", "H200", "--fit", "batch", "--json").stdout
+    )
     keys |= _keys(fitted)
     documented = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", _section("### `--json` schema")))
     assert sorted(keys - documented) == []
@@ -58,7 +61,9 @@ def test_fit_needs_one_gpu(tiny_llama_dir):
 
 
 def test_nothing_fits_exits_3():
-    result = _run("--model", "meta-llama/Llama-2-70b", "--quant", "nf4", "--gpu", "T4", "--fit", "context")
+    result = _run(
+        "--model", "meta-llama/Llama-2-70b", "--quant", "nf4", "--gpu", "T4", "--fit", "context"
+    )
     assert result.exit_code == NOTHING_FITS
     assert "fit: no context" in result.output
 
@@ -100,12 +105,20 @@ def test_bad_targets_name_the_modules(tiny_llama_dir):
     assert "--targets qkv_proj: the model has no linear module of that name" in result.output
 
 
-def test_readme_serve_examples_run():
-    block = _section("### `vramcalc serve`")
+def test_readme_serve_examples_say_what_they_answer():
+    block = _section("### Serving with adapters (`vramcalc serve`)")
     lines = [line for line in block.splitlines() if line.startswith("vramcalc serve --model")]
-    assert lines
+    prose = " ".join(block.split())
+    results = []
     for line in lines:
-        args = line.partition("#")[0].split()[2:]
-        result = _run(*args, "--json")
-        assert result.exit_code in (0, NOTHING_FITS), (line, result.output)
+        result = _run(*line.split()[2:], "--json")
+        assert result.exit_code == 0, (line, result.output)
+        results.append(json.loads(result.stdout))
+    first, fitted, merged = results
+    assert not first["gpus"][0]["fits"]
+    assert f"{first['device_total_bytes'] / 2**30:.1f} GiB in all" in prose
+    assert f"says {fitted['fit']['value']} requests fit" in prose
+    overhead = first["gpus"][0]["speed"]["adapter_overhead_fraction"]
+    assert f"+{100 * overhead:.0f} % with" in prose
+    assert merged["gpus"][0]["speed"]["adapter_overhead_fraction"] == 0
     assert "vramcalc serve" in README

@@ -142,4 +142,3 @@ def render_serve_result(result: ServeResult, all_gpus: bool = False) -> str:
             return parts[0]
     parts += [render_serve_memory(result.memory), render_serve_fits(result.fits, all_gpus)]
     return "\n\n".join(parts)
-

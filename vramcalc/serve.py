@@ -112,9 +112,7 @@ def prepare_serving(plan: ServePlan) -> ServeModel:
     for adapter in plan.adapters:
         key = (adapter.rank, adapter.targets, adapter.dora, adapter.modules_to_save)
         if key not in counted:
-            inv = build_inventory(
-                spec.config_dict, _training_plan(plan, adapter), where=spec.name
-            )
+            inv = build_inventory(spec.config_dict, _training_plan(plan, adapter), where=spec.name)
             counted[key] = AdapterCount(
                 adapter,
                 inv.adapter_params,
@@ -282,8 +280,11 @@ def estimate_serve_memory(
     )
     prefill_layer = layer_transient_bytes(base, shape(plan.prompt_tokens, plan.prompt_tokens))
     prefill_logits = logits_bytes(base, per_copy, positions, dtype)
-    prefill_act = max(prefill_layer, prefill_logits + alloc_bytes(
-        per_copy * plan.prompt_tokens * base.hidden_size * DTYPE_BYTES[dtype], 2))
+    prefill_act = max(
+        prefill_layer,
+        prefill_logits
+        + alloc_bytes(per_copy * plan.prompt_tokens * base.hidden_size * DTYPE_BYTES[dtype], 2),
+    )
     decode_kv = kv_cache_bytes(layout, plan.batch, plan.cache_tokens, dtype)
     decode_act = layer_transient_bytes(base, shape(1, plan.cache_tokens))
     decode_act += kv_update_transient_bytes(layout, per_copy, plan.cache_tokens, plan.cache, dtype)

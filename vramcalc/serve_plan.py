@@ -212,14 +212,14 @@ def context_split(
 ) -> tuple[int, int]:
     """``--context`` / ``--prompt-tokens`` / ``--new-tokens`` as (prompt, new): any two fix
     the third; alone, ``--context`` keeps 256 new tokens (or a sixteenth of a short context)."""
-    if context is not None and prompt_tokens is not None and new_tokens is not None:
-        if prompt_tokens + new_tokens != context:
-            raise InvalidPlanError(
-                [
-                    f"--context {context} is not --prompt-tokens {prompt_tokens} + --new-tokens "
-                    f"{new_tokens}; give two of the three"
-                ]
-            )
+    given = (context, prompt_tokens, new_tokens)
+    if None not in given and prompt_tokens + new_tokens != context:  # type: ignore[operator]
+        raise InvalidPlanError(
+            [
+                f"--context {context} is not --prompt-tokens {prompt_tokens} + --new-tokens "
+                f"{new_tokens}; give two of the three"
+            ]
+        )
     if context is None:
         prompt = 3840 if prompt_tokens is None else prompt_tokens
         return prompt, 256 if new_tokens is None else new_tokens

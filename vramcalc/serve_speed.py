@@ -23,7 +23,7 @@ The host counts are by rule, per decoder layer of a llama-style block in transfo
 (``modeling_llama.py``: two RMSNorms, four attention and three MLP projections, RoPE, the
 cache update, SDPA, the residual adds) and per ``generate`` step (logits processors,
 stopping criteria, the next inputs); they are not traced. No serving measurement backs the
-constants yet (``harness/cases/h200_serve.yaml`` lists the cases to measure).
+constants yet: the harness has no inference case kind so far.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ class _Tally:
 
     def calls(self, host: tuple[int, int, int], times: float) -> None:
         ops, python, kernels = host
-        self.host += times * (ops * self.cal.dispatch_seconds + python * self.cal.python_call_seconds)
+        self.host += times * (
+            ops * self.cal.dispatch_seconds + python * self.cal.python_call_seconds
+        )
         self.gpu += times * kernels * self.cal.kernel_seconds
 
     def done(self) -> ForwardTime:
@@ -161,7 +163,9 @@ def _forward(
     t = batch * tokens
     layers = base.num_layers
     # linears: the weights once, activations in and out
-    kbit_bytes = base_weight_bytes(base, plan) - (base.total_params - base.params_by_role["linear"]) * d
+    kbit_bytes = (
+        base_weight_bytes(base, plan) - (base.total_params - base.params_by_role["linear"]) * d
+    )
     for g in base.linears:
         n = g.weight_params * g.count
         act = t * (g.in_features + g.out_features) * d * g.count
@@ -198,8 +202,12 @@ def _forward(
             r = adapter.spec.rank
             lora = r * (g.in_features + g.out_features)
             act = t * (g.in_features + 2 * r + 3 * g.out_features) * 4
-            tally.kernel(2 * t * lora * g.count, (lora * 4 * adapters_in_batch + act) * g.count,
-                         3 * g.count * adapters_in_batch, fp32=True)
+            tally.kernel(
+                2 * t * lora * g.count,
+                (lora * 4 * adapters_in_batch + act) * g.count,
+                3 * g.count * adapters_in_batch,
+                fp32=True,
+            )
             tally.calls(LORA_HOST, g.count * adapters_in_batch)
             if plan.mode == "multi":
                 tally.calls(MULTI_LORA_HOST, g.count * adapters_in_batch)

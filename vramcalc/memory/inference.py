@@ -58,7 +58,11 @@ class ForwardShape:
 def layer_transient_bytes(inventory: ModelInventory, shape: ForwardShape) -> int:
     """The largest moment inside one decoder layer, beyond weights and cache."""
     t, d = shape.total_tokens, DTYPE_BYTES[shape.dtype]
-    h, heads, kv = inventory.hidden_size, inventory.num_attention_heads, inventory.num_key_value_heads
+    h, heads, kv = (
+        inventory.hidden_size,
+        inventory.num_attention_heads,
+        inventory.num_key_value_heads,
+    )
     hd = inventory.head_dim
     gated = any(g.name in ("gate_proj", "w1", "gate_up_proj") for g in inventory.linears)
     residual = alloc_bytes(t * h * d, 2)

@@ -64,9 +64,7 @@ def cache_layout(config: Any, num_key_value_heads: int, head_dim: int) -> CacheL
     text = config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(text)
     window = kwargs.get("sliding_window")
-    windows = tuple(
-        int(window) if t in SLIDING_TYPES and window else None for t in layer_types
-    )
+    windows = tuple(int(window) if t in SLIDING_TYPES and window else None for t in layer_types)
     return CacheLayout(windows, num_key_value_heads, head_dim)
 
 

@@ -164,6 +164,7 @@ def _register_commands() -> None:
     for module, names in (
         ("vramcalc.cli_capacity", ("sweep", "fit")),
         ("vramcalc.cli_advise", ("advise",)),
+        ("vramcalc.cli_serve", ("serve",)),
         ("vramcalc.cli_report", ("report",)),
         ("vramcalc.cli_speed", ("speed_report", "speed_fit")),
         ("harness.cli", ("measure",)),

@@ -163,7 +163,7 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
         "moe_intermediate_size",
     )
     dims = [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
-    dims.append(plan.rank)
+    dims.append(plan.adapter_rank)
     for p in TRACE_PRIMES:
         if all(d % p for d in dims):
             return p

@@ -297,6 +297,7 @@ def estimate_from_inventory(
         last_layer = activations.checkpoint_input_bytes + activations.recompute_layer_bytes
     else:
         last_layer = activations.first_layer_saved_bytes
+    after_loss = logits.logits_bytes + logits.head_saved_bytes + logits.loss_saved_bytes
     phases = {
         # inside a decoder layer's forward: its short-lived buffers on top of what is saved
         "forward": {
@@ -305,13 +306,15 @@ def estimate_from_inventory(
             "logits": 0,
             "transient": activations.forward_transient_bytes,
         },
-        # the head and the loss at the end of forward (+ AdaLoRA's regulariser, made after
-        # the loss: counted with it, a small over-estimate)
+        # the head and the loss at the end of forward; AdaLoRA's regulariser comes after the
+        # loss, when only the logits and what the head and the loss saved are left
         "loss": {
             "gradients": accum_grads,
             "activations": acts + mask,
             "logits": logits.forward_peak_bytes,
-            "transient": adalora.orth_reg_bytes,
+            "transient": max(0, after_loss + adalora.orth_reg_bytes - logits.forward_peak_bytes)
+            if adalora.orth_reg_bytes
+            else 0,
         },
         # the loss and head backward (full fine-tuning: the head's gradient appears here)
         "loss_backward": {

@@ -18,10 +18,14 @@ Rules, read from peft 0.21 (``peft/tuners/adalora/``):
   its ``abs``, ...). peft's docs call it after ``optimizer.step()`` and before
   ``zero_grad()``: the gradients are live. The recipe assumed: a Trainer callback (or
   the user's loop) makes that call every optimizer step.
-* ``AdaLoraModel.forward`` (training, ``orth_reg_weight > 0``) adds
-  ``orth_reg_weight · mean ||P Pᵀ - I||_F`` over every A and B. Under bf16 autocast
+* ``AdaLoraModel.forward`` adds ``orth_reg_weight · mean ||P Pᵀ - I||_F`` over every A
+  and B whenever the output has a loss: peft computes it even at ``orth_reg_weight=0``
+  (and in eval), so its memory does not depend on the weight. Under bf16 autocast
   ``p @ p.T`` casts the leaf ``p`` (cached) and the view ``p.T`` to bf16 and ``mm`` saves
-  both: 2 · 2 bytes per A/B element until backward, plus a few r×r tensors. The loss's
+  both: 2 · 2 bytes per A/B element until backward; the norm saves its r×r input
+  ``P Pᵀ - I`` (bf16 under CPU autocast; counted as fp32, as CUDA autocast may run the
+  norm in fp32) and its scalar result. The last tensor's ``P Pᵀ`` and ``I`` and the
+  running sum are live at the end. The loss's
   backward runs this branch first (its nodes are the newest), so every A/B gradient
   exists from the start of backward, not layer by layer as in LoRA.
 """
@@ -39,9 +43,6 @@ FP32 = 4
 BF16 = 2
 RANK_ALLOCATOR_COPIES = 3  # ipt, exp_avg_ipt, exp_avg_unc
 UPDATE_TEMPORARIES = 3  # the most update_ipt holds at once, each like one adapter tensor
-# per A/B tensor: P Pᵀ (bf16), I (bf16), P Pᵀ - I (bf16) and its fp32 upcast for the norm,
-# the norm (fp32 scalar) and the running sum (fp32 scalar)
-ORTH_SMALL_TENSORS = 4
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,15 @@ def estimate_adalora(inventory: ModelInventory, plan: TrainingPlan) -> AdaLoraEs
     largest = max((math.prod(shape) for shape, _ in tensors), default=0)
     update = UPDATE_TEMPORARIES * alloc_bytes(largest * FP32)
     orth = early_grads = 0
-    if plan.orth_reg_weight > 0:
-        small = (ORTH_SMALL_TENSORS - 1) * alloc_bytes(r * r * BF16) + alloc_bytes(r * r * FP32)
-        for shape, count in tensors:
-            if shape == (r, 1):
-                continue  # lora_E: not regularised
-            orth += (2 * alloc_bytes(math.prod(shape) * BF16) + small) * count
-            early_grads += alloc_bytes(math.prod(shape) * FP32, count)
-        orth += 2 * alloc_bytes(FP32)
+    # peft computes the regulariser whatever orth_reg_weight is
+    saved_small = alloc_bytes(r * r * FP32) + alloc_bytes(FP32)  # the norm's input and result
+    for shape, count in tensors:
+        if shape == (r, 1):
+            continue  # lora_E: not regularised
+        orth += (2 * alloc_bytes(math.prod(shape) * BF16) + saved_small) * count
+        early_grads += alloc_bytes(math.prod(shape) * FP32, count)
+    if orth:  # the last P Pᵀ and I, the running sum and its scaled copy
+        orth += 2 * alloc_bytes(r * r * BF16) + 2 * alloc_bytes(FP32)
     ranknum = alloc_bytes(FP32, adapted_modules(inventory, r))
     rule = (
         f"AdaLoRA at init_r={r} (pruned ranks are masked, tensors keep their shape): rank "
@@ -99,7 +101,8 @@ def estimate_adalora(inventory: ModelInventory, plan: TrainingPlan) -> AdaLoraEs
     )
     if orth:
         rule += (
-            f"; orthogonal regularisation (weight {plan.orth_reg_weight:g}) saves two bf16 "
+            f"; orthogonal regularisation (weight {plan.orth_reg_weight:g}, computed even at 0) "
+            "saves two bf16 "
             "copies of each lora_A/B (+ r x r tensors) until backward, whose first nodes fill "
             "every A/B gradient"
         )

@@ -236,7 +236,9 @@ def test_traced_run_holds_the_rank_allocator_and_matches_the_rules():
     p = TrainingPlan(
         "tiny", method="adalora", init_rank=32, targets=("all-linear",), seq_len=64, batch_size=2
     )
-    lora = TrainingPlan("tiny", method="lora", rank=32, targets=("all-linear",), seq_len=64, batch_size=2)
+    lora = TrainingPlan(
+        "tiny", method="lora", rank=32, targets=("all-linear",), seq_len=64, batch_size=2
+    )
     inv = build_inventory(TRACED, p)
     sim = simulate_plan(TRACED, p, use_cache=False)
     est = estimate_from_inventory(inv, p, load_calibration(), simulation=sim)

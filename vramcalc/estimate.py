@@ -32,8 +32,8 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
-from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
+from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
 from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.layers import NO_SDPA

@@ -189,16 +189,16 @@ def quantization_config(plan: TrainingPlan) -> Any:
 
 
 def lora_target_modules(plan: TrainingPlan, model_type: str) -> list[str] | str:
-    """peft ``target_modules``: the plan's names, "all-linear", or peft's default.
+    """peft ``target_modules``: the plan's names, "all-linear", or peft's default (LoRA's
+    table, or AdaLoRA's for ``method: adalora``).
 
     Like the estimator (``vramcalc.inventory``), an architecture without a peft
     default gets all-linear instead of an error.
     """
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from vramcalc.inventory import default_target_modules
 
     if plan.targets is None:
-        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-        return list(default) if default is not None else ALL_LINEAR
+        return default_target_modules(model_type, plan.method)
     if plan.targets == (ALL_LINEAR,):
         return ALL_LINEAR
     return list(plan.targets)
@@ -227,18 +227,14 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
         )
     targets_used = None
     if plan.uses_adapters:
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora import LoraLayer
+        from peft import get_peft_model
+        from peft.tuners.lora import LoraLayer  # AdaLoRA's SVD layers are LoraLayers too
 
-        lora = LoraConfig(
-            r=plan.rank,
-            lora_alpha=plan.lora_alpha,
-            lora_dropout=plan.dropout,
-            target_modules=lora_target_modules(plan, model.config.model_type),
-            use_dora=plan.dora,
-            modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-            task_type="CAUSAL_LM",
-        )
+        from vramcalc.inventory import adapter_config
+
+        # LoraConfig, or AdaLoraConfig for method adalora (the step then calls
+        # update_and_allocate, harness.step.rank_allocation)
+        lora = adapter_config(plan, lora_target_modules(plan, model.config.model_type))
         model = get_peft_model(model, lora)
         targets_used = tuple(
             sorted(

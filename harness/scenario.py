@@ -51,7 +51,17 @@ RECIPES = ("trainer", "loop")
 SIMULATIONS = ("oom", "error", "hang")
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
-KEY_FIELDS_ADDED_LATER = {"allocator": "default"}
+KEY_FIELDS_ADDED_LATER: dict[str, Any] = {
+    "allocator": "default",
+    # AdaLoRA's options (peft's defaults), added with --method adalora
+    "init_rank": 12,
+    "target_rank": 8,
+    "tinit": 0,
+    "tfinal": 0,
+    "delta_t": 1,
+    "total_step": None,
+    "orth_reg_weight": 0.5,
+}
 # the plan's --allocator as PYTORCH_CUDA_ALLOC_CONF (None: the variable is unset)
 ALLOC_CONF = {"default": None, "expandable": "expandable_segments:True"}
 
@@ -80,11 +90,17 @@ _INT_FIELDS = (
     "batch_size",
     "grad_accum",
     "num_gpus",
+    "init_rank",
+    "target_rank",
+    "tinit",
+    "tfinal",
+    "delta_t",
+    "total_step",
     "steps",
     "warmup_steps",
     "seed",
 )
-_FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds")
+_FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds", "orth_reg_weight")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off")
@@ -211,7 +227,25 @@ def case_problems(values: Mapping[str, Any], plan: TrainingPlan | None) -> list[
         problems.append(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
     if plan is not None and plan.num_gpus > 1:
         problems.extend(multi_gpu_problems(plan, values["recipe"]))
+    if plan is not None and plan.method == "adalora":
+        problems.extend(adalora_problems(plan, values))
     return problems
+
+
+def adalora_problems(plan: TrainingPlan, values: Mapping[str, Any]) -> list[str]:
+    """An AdaLoRA case must keep the rank allocator's state through every step it runs, as the
+    bulk of a real run does: peft frees it (``reset_ipt``) at step ``total_step - tfinal``."""
+    steps, warmup = values["steps"], values["warmup_steps"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, warmup)):
+        return []  # reported above
+    most = warmup + (max(steps, MAX_MEASURED_STEPS) if values.get("min_seconds") else steps)
+    if plan.total_step is None or plan.total_step - plan.tfinal <= most:
+        return [
+            f"total_step must be given for method adalora and leave total_step - tfinal above "
+            f"the {most} steps the case runs (the rank allocator's state is freed there), got "
+            f"total_step {plan.total_step!r}, tfinal {plan.tfinal}."
+        ]
+    return []
 
 
 def multi_gpu_problems(plan: TrainingPlan, recipe: str) -> list[str]:

@@ -12,6 +12,10 @@ device at the end of every optimizer step and times it.
 optimizer Trainer would build (``Trainer.get_optimizer_cls_and_kwargs``),
 gradient clipping at 1.0 as Trainer does, ``zero_grad(set_to_none=True)``.
 
+AdaLoRA (``method: adalora``) needs ``model.base_model.update_and_allocate(step)`` after
+``optimizer.step()`` and before ``zero_grad()`` (peft's docs): ``trainer`` makes the call
+from a callback's ``on_optimizer_step`` (Trainer calls it right there), ``loop`` inline.
+
 Batches are random token ids of exactly ``seq_len`` (seeded), labels = inputs,
 no attention mask (every token attends causally, as in packed training).
 
@@ -256,16 +260,33 @@ def run_trainer(
             if case.measured_enough(times[case.warmup_steps :]):
                 control.should_training_stop = True
 
+    allocate = rank_allocation(model, case)
+
+    class RankAllocation(TrainerCallback):
+        """AdaLoRA: after optimizer.step(), before zero_grad() (Trainer's on_optimizer_step)."""
+
+        def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
+            allocate(state.global_step)
+
+    callbacks: list[Any] = [StepTimer()] + ([RankAllocation()] if allocate else [])
     with tempfile.TemporaryDirectory(prefix="vramcalc-trainer-") as output_dir:
         args = training_arguments(case, device, compute_dtype, output_dir)
         trainer = Trainer(
-            model=model, args=args, train_dataset=dataset_for(case, model), callbacks=[StepTimer()]
+            model=model, args=args, train_dataset=dataset_for(case, model), callbacks=callbacks
         )
         if getattr(trainer, "is_fsdp_enabled", False):
             fsdp_peft_wrap(trainer.model, _fsdp_plugin(trainer.accelerator))
         trainer.train()
         optimizer_class = seen.get("optimizer") or _optimizer_class(trainer.optimizer)
     return RecipeResult(tuple(times), case.warmup_steps, optimizer_class)
+
+
+def rank_allocation(model: Any, case: Case) -> Any:
+    """AdaLoRA: peft's ``update_and_allocate(global_step)`` of ``model`` (None otherwise)."""
+    if case.plan.method != "adalora":
+        return None
+    peft_model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    return peft_model.base_model.update_and_allocate
 
 
 # -- recipe: plain PyTorch loop --------------------------------------------------------------------------
@@ -321,6 +342,7 @@ def run_loop(
         else None
     )
     data = dataset_for(case, getattr(model, "module", model))  # DDP hides the config
+    allocate = rank_allocation(model, case)
     rank, _, _ = rank_info()
     sample = rank * case.total_steps * plan.batch_size * plan.grad_accum  # this rank's share
     times: list[float] = []
@@ -360,6 +382,8 @@ def run_loop(
                 scaler.update()
             else:
                 optimizer.step()
+        if allocate is not None:  # AdaLoRA: after the step, before zero_grad (peft's docs)
+            allocate(step)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         now = time.perf_counter()

@@ -33,6 +33,7 @@ PLANS = {
     "full-foreach": {"method": "full", "optimizer": "adamw_torch"},
     "int8-ckpt": {"method": "lora", "quant": "int8", "gradient_checkpointing": True},
     "full-8bit": {"method": "full", "optimizer": "adamw_8bit"},
+    "adalora-ckpt": {"method": "adalora", "gradient_checkpointing": True},
 }
 
 

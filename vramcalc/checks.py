@@ -13,6 +13,15 @@ from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
 
 LORA_OPTIONS = ("rank", "alpha", "dropout", "targets")
+ADALORA_OPTIONS = (
+    "init_rank",
+    "target_rank",
+    "tinit",
+    "tfinal",
+    "delta_t",
+    "total_step",
+    "orth_reg_weight",
+)
 
 
 def plan_warnings(
@@ -32,9 +41,10 @@ def plan_warnings(
     if plan.uses_adapters and targeted:
         smallest = min(targeted, key=lambda g: min(g.in_features, g.out_features))
         dim = min(smallest.in_features, smallest.out_features)
-        if plan.rank > dim:
+        if plan.adapter_rank > dim:
+            flag = "--init-rank" if plan.method == "adalora" else "--rank"
             out.append(
-                f"--rank {plan.rank} is above the smallest targeted dimension ({smallest.name}: "
+                f"{flag} {plan.adapter_rank} is above the smallest targeted dimension ({smallest.name}: "
                 f"{dim}); the update of that layer cannot have a higher rank, so the extra rank adds "
                 "parameters and memory but no capacity."
             )
@@ -44,6 +54,13 @@ def plan_warnings(
             f"{', '.join(lora_flags)} {'only applies' if len(lora_flags) == 1 else 'only apply'} "
             "to LoRA; --method full trains every weight and ignores "
             + ("it." if len(lora_flags) == 1 else "them.")
+        )
+    adalora_flags = [f"--{name.replace('_', '-')}" for name in ADALORA_OPTIONS if name in given]
+    if plan.method != "adalora" and adalora_flags:
+        out.append(
+            f"{', '.join(adalora_flags)} {'only applies' if len(adalora_flags) == 1 else 'only apply'} "
+            f"to --method adalora; --method {plan.method} ignores "
+            + ("it." if len(adalora_flags) == 1 else "them.")
         )
     if plan.num_gpus == 1 and ("strategy" in given or plan.strategy != "ddp"):
         out.append(

@@ -62,7 +62,9 @@ def plan_options(func):
             type=SuggestingChoice(METHODS),
             default="lora",
             show_default=True,
-            help="full: train every weight; lora: 16-bit or INT8 base + adapters; qlora: 4-bit base + adapters.",
+            help="full: train every weight; lora: 16-bit or INT8 base + adapters; qlora: 4-bit base "
+            "+ adapters; adalora: peft AdaLoRA (SVD-form adapters pruned from --init-rank to "
+            "--target-rank).",
         ),
         click.option(
             "--quant",
@@ -83,7 +85,14 @@ def plan_options(func):
             show_default=True,
             help="Dtype the base weights are loaded in; training runs under bf16 autocast (full + fp32 = fp32 master weights; full + bf16 = pure bf16).",
         ),
-        click.option("--rank", "-r", type=int, default=8, show_default=True, help="LoRA rank r."),
+        click.option(
+            "--rank",
+            "-r",
+            type=int,
+            default=8,
+            show_default=True,
+            help="LoRA rank r (AdaLoRA: use --init-rank).",
+        ),
         click.option(
             "--alpha",
             type=float,
@@ -113,6 +122,7 @@ def plan_options(func):
             default=None,
             help="Modules trained in full next to LoRA (peft modules_to_save), comma-separated, e.g. lm_head,embed_tokens.",
         ),
+        *adalora_options(),
         click.option(
             "--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."
         ),
@@ -185,6 +195,61 @@ def plan_options(func):
     return func
 
 
+def adalora_options() -> list:
+    """AdaLoRA's options (peft ``AdaLoraConfig``, its defaults); only --method adalora reads them."""
+    return [
+        click.option(
+            "--init-rank",
+            type=int,
+            default=12,
+            show_default=True,
+            help="AdaLoRA: initial rank of every adapted module (peft init_r); memory is held at it.",
+        ),
+        click.option(
+            "--target-rank",
+            type=int,
+            default=8,
+            show_default=True,
+            help="AdaLoRA: average rank the budget schedule prunes to (peft target_r).",
+        ),
+        click.option(
+            "--tinit",
+            type=int,
+            default=0,
+            show_default=True,
+            help="AdaLoRA: warm-up steps before ranks are pruned.",
+        ),
+        click.option(
+            "--tfinal",
+            type=int,
+            default=0,
+            show_default=True,
+            help="AdaLoRA: final steps at the pruned ranks.",
+        ),
+        click.option(
+            "--delta-t",
+            type=int,
+            default=1,
+            show_default=True,
+            help="AdaLoRA: steps between two budget allocations (peft deltaT).",
+        ),
+        click.option(
+            "--total-step",
+            type=int,
+            default=None,
+            help="AdaLoRA: total training steps (peft requires it for training; the memory "
+            "estimate does not depend on it).",
+        ),
+        click.option(
+            "--orth-reg-weight",
+            type=float,
+            default=0.5,
+            show_default=True,
+            help="AdaLoRA: weight of the orthogonal regularisation of P and Q (0 switches it off).",
+        ),
+    ]
+
+
 def given_options(ctx: click.Context) -> frozenset[str]:
     """The options the user set on the command line (or through the environment)."""
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -242,4 +307,16 @@ def plan_from_options(options: dict) -> TrainingPlan:
         strategy=options["strategy"],
         cpu_offload=options["cpu_offload"],
         allocator=options["allocator"],
+        **{name: options[name] for name in ADALORA_FIELDS if name in options},
     )
+
+
+ADALORA_FIELDS = (
+    "init_rank",
+    "target_rank",
+    "tinit",
+    "tfinal",
+    "delta_t",
+    "total_step",
+    "orth_reg_weight",
+)

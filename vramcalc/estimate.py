@@ -33,6 +33,7 @@ from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
+from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
 from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.layers import NO_SDPA
@@ -54,6 +55,7 @@ COMPONENTS = (
     "adapters",
     "gradients",
     "optimizer_states",
+    "rank_allocator",
     "activations",
     "logits",
     "transient",
@@ -261,6 +263,7 @@ def estimate_from_inventory(
     optimizer: OptimizerEstimate = estimate_optimizer(inventory, static_plan)
     activations: ActivationEstimate = estimate_activations(inventory, plan)
     logits: LogitsEstimate = estimate_logits(inventory, plan)
+    adalora: AdaLoraEstimate = estimate_adalora(inventory, plan)
     sharded = shard_static(
         inventory,
         plan,
@@ -278,20 +281,23 @@ def estimate_from_inventory(
     accum_grads = grads if plan.grad_accum > 1 else 0
     paged = 0 if plan.cpu_offload and plan.num_gpus > 1 else optimizer.paged_state_bytes
 
+    adapters = sharded.adapter_bytes + adalora.ranknum_bytes
     static = (
         sharded.weights_bytes
-        + sharded.adapter_bytes
+        + adapters
         + sharded.optimizer_state_bytes
+        + adalora.rank_allocator_bytes
         + sharded.gathered_weights_bytes
         + sharded.comm_buffer_bytes
         + calibration.cublas_workspace_bytes
     )
     acts, mask = activations.layers_saved_bytes, activations.attention_mask_bytes
-    live_grads = max(accum_grads, head_grad)
+    live_grads = max(accum_grads, head_grad, adalora.early_gradient_bytes)
     if plan.gradient_checkpointing:
         last_layer = activations.checkpoint_input_bytes + activations.recompute_layer_bytes
     else:
         last_layer = activations.first_layer_saved_bytes
+    after_loss = logits.logits_bytes + logits.head_saved_bytes + logits.loss_saved_bytes
     phases = {
         # inside a decoder layer's forward: its short-lived buffers on top of what is saved
         "forward": {
@@ -300,12 +306,15 @@ def estimate_from_inventory(
             "logits": 0,
             "transient": activations.forward_transient_bytes,
         },
-        # the head and the loss at the end of forward
+        # the head and the loss at the end of forward; AdaLoRA's regulariser comes after the
+        # loss, when only the logits and what the head and the loss saved are left
         "loss": {
             "gradients": accum_grads,
             "activations": acts + mask,
             "logits": logits.forward_peak_bytes,
-            "transient": 0,
+            "transient": max(0, after_loss + adalora.orth_reg_bytes - logits.forward_peak_bytes)
+            if adalora.orth_reg_bytes
+            else 0,
         },
         # the loss and head backward (full fine-tuning: the head's gradient appears here)
         "loss_backward": {
@@ -332,7 +341,8 @@ def estimate_from_inventory(
             "gradients": grads,
             "activations": 0,
             "logits": 0,
-            "transient": optimizer.step_transient_bytes,
+            # AdaLoRA's update_and_allocate comes after the step, gradients still live
+            "transient": max(optimizer.step_transient_bytes, adalora.update_transient_bytes),
         },
     }
     phase_totals = {name: static + sum(parts.values()) for name, parts in phases.items()}
@@ -355,8 +365,9 @@ def estimate_from_inventory(
     )
     components = {
         "weights": sharded.weights_bytes,
-        "adapters": sharded.adapter_bytes,
+        "adapters": adapters,
         "optimizer_states": sharded.optimizer_state_bytes,
+        "rank_allocator": adalora.rank_allocator_bytes,
         **phases[peak_phase],
         "gathered_weights": sharded.gathered_weights_bytes,
         "comm_buffers": sharded.comm_buffer_bytes,
@@ -390,6 +401,7 @@ def estimate_from_inventory(
             "activations": activations.rule,
             "logits": logits.rule,
             "distributed": sharded.rule,
+            **({"adalora": adalora.rule} if adalora.rule else {}),
             **{f"calibration.{k}": v for k, v in calibration.sources.items()},
         },
     )
@@ -453,7 +465,28 @@ def _assumptions(
             "weights (MoE expert tensors or nn.Linear subclasses), which this transformers version's "
             "bitsandbytes integration does not quantize: they stay in 16 bit and are upcast to fp32"
         )
-    if plan.uses_adapters:
+    if plan.method == "adalora":
+        out.append(
+            f"PEFT AdaLoRA init_r={plan.init_rank} -> target_r={plan.target_rank} (tinit="
+            f"{plan.tinit}, tfinal={plan.tfinal}, deltaT={plan.delta_t}, total_step="
+            f"{plan.total_step if plan.total_step is not None else 'not given'}), "
+            f"orth_reg_weight={plan.orth_reg_weight:g}, dropout={plan.dropout:g}, lora_A/E/B "
+            f"fp32 on {', '.join(inventory.lora_targets)}"
+            + (" (PEFT's AdaLoRA default targets)" if plan.targets is None else "")
+            + (
+                f", full trainable copies of {', '.join(plan.modules_to_save)}"
+                if plan.modules_to_save
+                else ""
+            )
+        )
+        out.append(
+            "AdaLoRA memory held at init_r for the whole run: pruned ranks are masked to zero "
+            "in lora_E, no tensor shrinks; model.base_model.update_and_allocate(step) is called "
+            "every optimizer step after optimizer.step() and before zero_grad() (peft's docs; "
+            "a Trainer callback), its rank-allocator state (3 fp32 copies of the adapters) "
+            "live from the first step until step total_step - tfinal"
+        )
+    elif plan.uses_adapters:
         out.append(
             f"PEFT LoRA r={plan.rank}, alpha={plan.lora_alpha:g}, dropout={plan.dropout:g}, "
             f"adapters fp32 on {', '.join(inventory.lora_targets)}"

@@ -294,7 +294,9 @@ def _residual_adapters(inventory: ModelInventory, plan: TrainingPlan) -> int:
     """Adapter parameters on no ``LinearGroup`` (3-D expert tensors, Linear subclasses)."""
     if not plan.uses_adapters:
         return 0
-    in_groups = sum(_lora_group_params(g, plan.rank) for g in inventory.linears if g.lora)
+    in_groups = sum(_lora_group_params(g, plan.adapter_rank) for g in inventory.linears if g.lora)
+    if plan.method == "adalora":  # Λ = lora_E (r, 1) per adapted module
+        in_groups += plan.adapter_rank * sum(g.count for g in inventory.linears if g.lora)
     return max(inventory.adapter_params - in_groups, 0)
 
 
@@ -340,7 +342,7 @@ def estimate_flops(inventory: ModelInventory, plan: TrainingPlan) -> StepFlops:
         count = group.count * _active_share(group, inventory)
         weights.append(_Weights(group.weight_params * count, in_layers, grads))
         if group.lora:
-            r = plan.rank
+            r = plan.adapter_rank
             fwd = 2 * tokens * r * (group.in_features + group.out_features) * count
             lora_fwd += fwd
             lora_bwd += fwd + 2 * tokens * r * count * (

@@ -17,7 +17,9 @@ exact parameter counts by *role*:
 ``norm``          LayerNorm / RMSNorm weights and biases;
 ``other``         everything else (MoE expert tensors stored as 3-D
                   parameters, routers, ...), kept in the load dtype;
-``adapter``       LoRA A/B matrices (and DoRA magnitudes) added by peft.
+``adapter``       LoRA A/B matrices (and DoRA magnitudes) added by peft; for AdaLoRA
+                  the SVD-form P, Λ, Q (``lora_A``, ``lora_E``, ``lora_B``) at
+                  the initial rank.
 
 Building costs ~0.5 s after ~3 s of imports, so results are cached on disk
 (see ``inventory_cache``), keyed by config, targets, rank and library versions.
@@ -164,12 +166,15 @@ def lora_key(plan: TrainingPlan) -> dict[str, Any] | None:
     """The part of a plan that changes the inventory (None: no adapters)."""
     if not plan.uses_adapters:
         return None
-    return {
+    key: dict[str, Any] = {
         "rank": plan.rank,
         "targets": list(plan.targets) if plan.targets else None,
         "dora": plan.dora,
         "modules_to_save": list(plan.modules_to_save) if plan.modules_to_save else None,
     }
+    if plan.method == "adalora":  # the schedule changes values, not shapes
+        key.update(adalora=True, rank=plan.init_rank)
+    return key
 
 
 def build_inventory(
@@ -226,8 +231,8 @@ def _from_structure(
     model dimension is a multiple of ``STRUCTURE_RANK`` (the shapes would be
     ambiguous): build directly then.
     """
-    if not plan.uses_adapters or plan.rank == STRUCTURE_RANK:
-        return None
+    if not plan.uses_adapters or plan.rank == STRUCTURE_RANK or plan.method == "adalora":
+        return None  # AdaLoRA is built at its own init_rank: a small build, not derived
     structure = build_inventory(
         config_dict, plan.with_(rank=STRUCTURE_RANK), use_cache=use_cache, where=where
     )
@@ -479,14 +484,11 @@ def _apply_lora(
     import warnings
 
     from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer  # AdaLoRA's SVDLinear is a LoraLayer too
 
     if plan.targets is None:
-        targets: Any = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(config.model_type)
-        if targets is None:
-            targets = ALL_LINEAR  # peft has no default for this architecture
+        targets: Any = default_target_modules(config.model_type, plan.method)
     elif plan.targets == (ALL_LINEAR,):
         targets = ALL_LINEAR
     else:
@@ -507,15 +509,7 @@ def _apply_lora(
                 f"(e.g. {', '.join(sorted(n for n in module_names if not n.isdigit())[:12])})."
             ]
         )
-    lora_config = LoraConfig(
-        r=plan.rank,
-        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
-        lora_dropout=plan.dropout,
-        target_modules=targets,
-        use_dora=plan.dora,
-        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-        task_type="CAUSAL_LM",
-    )
+    lora_config = adapter_config(plan, targets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_empty_weights(), _no_init():
@@ -538,3 +532,63 @@ def _apply_lora(
             copied += param.numel()
             copies[tuple(param.shape)] = copies.get(tuple(param.shape), 0) + 1
     return tuple(sorted(names)), adapter, shapes, copied, copies
+
+
+def default_target_modules(model_type: str, method: str) -> list[str] | str:
+    """peft's default ``target_modules`` for ``model_type`` under ``method`` (AdaLoRA has its
+    own table), or ``"all-linear"`` where peft has none (peft would raise instead)."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    )
+
+    table = (
+        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+        if method == "adalora"
+        else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    )
+    found = table.get(model_type)
+    return list(found) if found is not None else ALL_LINEAR
+
+
+def adapter_config(plan: TrainingPlan, targets: Any) -> Any:
+    """The peft config of an adapter plan on ``targets``: ``LoraConfig``, or
+    ``AdaLoraConfig`` for ``--method adalora``."""
+    from peft import LoraConfig
+
+    if plan.method == "adalora":
+        return adalora_config(plan, targets)
+    return LoraConfig(
+        r=plan.rank,
+        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=plan.dropout,
+        target_modules=targets,
+        use_dora=plan.dora,
+        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def adalora_config(plan: TrainingPlan, targets: Any) -> Any:
+    """peft's ``AdaLoraConfig`` for ``plan`` (``--method adalora``) on ``targets``.
+
+    ``r`` is left at LoRA's default (AdaLoRA ignores it and warns otherwise); the adapters
+    are built at ``init_r``. ``total_step`` defaults to the smallest the schedule allows
+    (``TrainingPlan.adalora_total_step``): shapes do not depend on it.
+    """
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(
+        init_r=plan.init_rank,
+        target_r=plan.target_rank,
+        tinit=plan.tinit,
+        tfinal=plan.tfinal,
+        deltaT=plan.delta_t,
+        total_step=plan.adalora_total_step,
+        orth_reg_weight=plan.orth_reg_weight,
+        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=plan.dropout,
+        target_modules=targets,
+        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )

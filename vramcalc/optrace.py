@@ -163,7 +163,7 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
         "moe_intermediate_size",
     )
     dims = [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
-    dims.append(plan.rank)
+    dims.append(plan.adapter_rank)
     for p in TRACE_PRIMES:
         if all(d % p for d in dims):
             return p
@@ -213,6 +213,7 @@ def trace_events(
     params = [p for _, p in named if p.requires_grad]
     counts = _param_counts(named, layer_of)
     nodes = _decoder_hooks(model, rec)
+    allocate = _rank_allocation(model, plan)
     original_sdpa = F.scaled_dot_product_attention
     with mode, _quiet(), _unpadded(), emulation.gpu_code_paths(), emulation.cuda_functions():
         F.scaled_dot_product_attention = kbit_ops.flash_sdpa(original_sdpa, rec)
@@ -223,10 +224,10 @@ def trace_events(
                 micro_batch = list(rec.events)
                 rec.phase, rec.layer = "optimizer", -1
                 with rec.pause():  # the first step creates the optimizer states
-                    _optimizer_step(params, optimizer)
+                    _optimizer_step(params, optimizer, allocate)
                 rec.layer_of = _state_layers(params, optimizer, layer_of)
                 start = len(rec.events)
-                _optimizer_step(params, optimizer)
+                _optimizer_step(params, optimizer, allocate)
                 optimizer_events = rec.events[start:]
         finally:
             F.scaled_dot_product_attention = original_sdpa
@@ -319,8 +320,18 @@ def _micro_batch(model: Any, rec: Recorder, nodes: dict[Any, int], vocab: int, s
     tr_loss += detached  # Trainer's self._tr_loss += tr_loss_step
 
 
-def _optimizer_step(params: list[Any], optimizer: Any) -> None:
-    """accelerate's ``clip_grad_norm_`` (foreach on CUDA), the step, ``model.zero_grad()``."""
+def _rank_allocation(model: Any, plan: TrainingPlan) -> Any:
+    """AdaLoRA: the rank allocator's ``update_ipt`` (what ``update_and_allocate`` runs every
+    step before zero_grad; its data-dependent ``mask_to_budget`` is not traced), else None."""
+    if plan.method != "adalora":
+        return None
+    allocator, inner = model.base_model.rankallocator, model.base_model.model
+    return lambda: allocator.update_ipt(inner)
+
+
+def _optimizer_step(params: list[Any], optimizer: Any, allocate: Any = None) -> None:
+    """accelerate's ``clip_grad_norm_`` (foreach on CUDA), the step, AdaLoRA's rank
+    allocation (a Trainer callback on_optimizer_step), ``model.zero_grad()``."""
     import torch
 
     with_grad = [p for p in params if p.grad is not None]
@@ -328,3 +339,5 @@ def _optimizer_step(params: list[Any], optimizer: Any) -> None:
         torch.nn.utils.clip_grad_norm_(with_grad, 1.0, foreach=True)
     if optimizer is not None:
         optimizer.step()
+    if allocate is not None:
+        allocate()

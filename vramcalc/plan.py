@@ -5,7 +5,9 @@ batch geometry, optimizer, attention kernel). ``TrainingPlan.__post_init__``
 checks every field and raises one ``InvalidPlanError`` listing every problem,
 each naming the CLI flag that sets it. Defaults are the project's default
 recipe (DEVELOPERS.md): HF Trainer with ``bf16=True``, PEFT LoRA defaults
-(r=8, alpha=8, dropout 0, PEFT's per-architecture target modules), NF4 with
+(r=8, alpha=8, dropout 0, PEFT's per-architecture target modules; AdaLoRA: peft's
+``AdaLoraConfig`` defaults init_r=12, target_r=8, tinit=tfinal=0, deltaT=1,
+orth_reg_weight=0.5, and its own default targets), NF4 with
 double quantization for QLoRA, SDPA attention, Trainer's default optimizer
 (``adamw_torch_fused`` with torch >= 2.8), gradient checkpointing on for k-bit
 base weights (``prepare_model_for_kbit_training``'s ``use_gradient_checkpointing=True``,
@@ -20,7 +22,8 @@ from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "adalora")
+ADAPTER_METHODS = ("lora", "qlora", "adalora")
 QUANTS = ("none", "int8", "nf4", "fp4")
 KBIT_QUANTS = ("int8", "nf4", "fp4")  # bitsandbytes base weights
 DTYPES = ("bf16", "fp16", "fp32")
@@ -103,6 +106,15 @@ class TrainingPlan:
     strategy: str = "ddp"
     cpu_offload: bool = False
     allocator: str = "default"
+    # AdaLoRA (peft AdaLoraConfig; used only with --method adalora): adapters start at
+    # init_rank and are pruned towards an average target_rank by the budget schedule
+    init_rank: int = 12
+    target_rank: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    total_step: int | None = None  # peft requires it; memory does not depend on it
+    orth_reg_weight: float = 0.5
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -176,6 +188,8 @@ class TrainingPlan:
             problems.append(
                 "--dora and --modules-to-save are LoRA options; --method full already trains every weight."
             )
+        if self.method == "adalora":
+            problems += self._adalora_problems()
         if self.cpu_offload and (self.strategy == "ddp" or self.num_gpus == 1):
             problems.append(
                 "--cpu-offload needs --num-gpus > 1 with --strategy fsdp, fsdp-grad-op or zero1/2/3."
@@ -183,10 +197,65 @@ class TrainingPlan:
         if problems:
             raise InvalidPlanError(problems)
 
+    def _adalora_problems(self) -> list[str]:
+        """AdaLoRA's options, checked as peft's ``AdaLoraConfig`` does, naming the flags."""
+        problems = []
+        for flag, number, minimum in (
+            ("--init-rank", self.init_rank, 1),
+            ("--target-rank", self.target_rank, 1),
+            ("--tinit", self.tinit, 0),
+            ("--tfinal", self.tfinal, 0),
+            ("--delta-t", self.delta_t, 1),
+            ("--total-step", 1 if self.total_step is None else self.total_step, 1),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
+                kind = "a positive integer" if minimum else "an integer >= 0"
+                problems.append(f"{flag} must be {kind}, got {number!r}.")
+        if problems:
+            return problems
+        if self.target_rank > self.init_rank:
+            problems.append(
+                f"--target-rank {self.target_rank} is above --init-rank {self.init_rank}: "
+                "AdaLoRA only prunes ranks; give a target rank <= the initial rank."
+            )
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
+            problems.append(
+                f"--tinit {self.tinit} + --tfinal {self.tfinal} must be below --total-step "
+                f"{self.total_step}: the schedule leaves no budgeting phase (peft AdaLoraConfig)."
+            )
+        if not self.orth_reg_weight >= 0:
+            problems.append(f"--orth-reg-weight must be >= 0, got {self.orth_reg_weight!r}.")
+        if self.rank != 8:
+            problems.append(
+                f"--rank {self.rank} is LoRA's rank, which AdaLoRA ignores; "
+                "use --init-rank (and --target-rank) with --method adalora."
+            )
+        if self.dora:
+            problems.append("--dora is not supported by --method adalora (peft AdaLoraConfig).")
+        if self.num_gpus > 1 and self.strategy != "ddp":
+            problems.append(
+                f"--method adalora with --strategy {self.strategy} is not modelled (the rank "
+                "allocator reads whole gradients; peft gathers them only under DeepSpeed); use "
+                "--strategy ddp or one GPU."
+            )
+        return problems
+
     # -- derived facts ---------------------------------------------------
     @property
     def uses_adapters(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ADAPTER_METHODS
+
+    @property
+    def adapter_rank(self) -> int:
+        """The rank the adapter tensors are built with: ``--rank``, or AdaLoRA's
+        ``--init-rank`` (pruned ranks are masked to zero, the tensors keep this shape)."""
+        return self.init_rank if self.method == "adalora" else self.rank
+
+    @property
+    def adalora_total_step(self) -> int:
+        """``total_step`` for peft's ``AdaLoraConfig``: as given, else the smallest value the
+        schedule allows (the budget schedule changes values, not memory)."""
+        return self.total_step if self.total_step is not None else self.tinit + self.tfinal + 1
 
     @property
     def lora_alpha(self) -> float:

@@ -35,6 +35,7 @@ COMPONENT_LABELS = {
     "adapters": "LoRA adapters",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
+    "rank_allocator": "AdaLoRA rank-allocator state",
     "activations": "activations",
     "logits": "logits + loss",
     "transient": "step temporaries",

@@ -157,10 +157,14 @@ def estimate_activations(
     forward_transient, backward_transient = _transients(steady, r, inventory)
     head_lora = bool(inventory.output_head) and inventory.output_head in inventory.lora_targets
     linear_adapters = sum(
-        grp.count * plan.rank * (grp.in_features + grp.out_features)
+        grp.count * plan.adapter_rank * (grp.in_features + grp.out_features)
         for grp in inventory.linears
         if grp.lora
-    ) + (plan.rank * (inventory.hidden_size + inventory.vocab_size) if head_lora else 0)
+    ) + (plan.adapter_rank * (inventory.hidden_size + inventory.vocab_size) if head_lora else 0)
+    if plan.method == "adalora":  # + Λ = lora_E (r, 1) per adapted module
+        linear_adapters += plan.adapter_rank * (
+            sum(grp.count for grp in inventory.linears if grp.lora) + int(head_lora)
+        )
     wrapped_params = plan.uses_adapters and (
         inventory.adapter_params != linear_adapters or plan.dora or bool(plan.modules_to_save)
     )
@@ -169,6 +173,7 @@ def estimate_activations(
         and r.weight != "int8"
         and not wrapped_params
         and not head_lora
+        and plan.method != "adalora"
     )
     return ActivationEstimate(
         per_layer_saved_bytes=per_layer,
@@ -242,6 +247,12 @@ def _describe(
         parts.append(
             "adapters on non-Linear parameters (peft ParamWrapper on MoE experts/router) are not "
             "modelled: their merged expert weights are saved too"
+        )
+    if plan.method == "adalora":
+        parts.append(
+            f"AdaLoRA's SVD-form branch (x @ (P*Λ)ᵀ @ Qᵀ, scaled in fp32) is modelled as a LoRA "
+            f"branch at init_r={plan.adapter_rank}: same saved bf16 copies of x, P·Λ, Q and the "
+            "rank-r intermediate; its fp32 output temporary is not"
         )
     if inv.output_head and inv.output_head in inv.lora_targets:
         parts.append(

@@ -3,7 +3,7 @@
 ``build_model`` makes what the harness loads, in the dtypes the recipe leaves it:
 the load dtype, k-bit linears emulated (``memory/emulation.py``) with the rest
 upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA (DoRA,
-``modules_to_save``), gradient checkpointing with ``use_reentrant=False``.
+``modules_to_save``) or AdaLoRA, gradient checkpointing with ``use_reentrant=False``.
 ``to_fake`` turns its meta parameters into ``FakeTensorMode`` tensors (ties kept),
 so a full-size step runs without memory.
 """
@@ -122,39 +122,32 @@ def _outlier_columns(config: Any, name: str, in_features: int, plan: TrainingPla
 
 
 def _with_lora(model: Any, plan: TrainingPlan) -> Any:
+    """peft LoRA (or AdaLoRA, ``--method adalora``) on the meta model, as the inventory
+    configures it; LoRA on emulated k-bit layers runs peft's bnb forward."""
     from accelerate import init_empty_weights
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+    from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    from vramcalc.inventory import adapter_config, default_target_modules
     from vramcalc.memory import emulation
 
     for p in model.parameters():
         p.requires_grad_(False)
     targets: Any = list(plan.targets) if plan.targets else None
     if plan.targets is None:
-        targets = (
-            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
-            or ALL_LINEAR
-        )
+        targets = default_target_modules(model.config.model_type, plan.method)
     elif plan.targets == (ALL_LINEAR,):
         targets = ALL_LINEAR
-    lora = LoraConfig(
-        r=plan.rank,
-        lora_alpha=plan.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, scales by float
-        lora_dropout=plan.dropout,
-        target_modules=targets,
-        use_dora=plan.dora,
-        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-        task_type="CAUSAL_LM",
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_empty_weights():
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, adapter_config(plan, targets))
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(
-            module.base_layer, (emulation.Emulated4bit, emulation.Emulated8bit)
+        if (
+            isinstance(module, LoraLayer)
+            and not isinstance(module, AdaLoraLayer)  # SVDLinear keeps its own forward
+            and isinstance(module.base_layer, (emulation.Emulated4bit, emulation.Emulated8bit))
         ):
             module.forward = emulation.bnb_lora_forward.__get__(module)  # type: ignore[attr-defined]
     return model

@@ -80,7 +80,7 @@ def recipe_for(inventory: ModelInventory, plan: TrainingPlan) -> Recipe:
         res=res,
         weight=str(plan.quant) if plan.is_kbit else plan.dtype,
         full=plan.method == "full",
-        rank=plan.rank,
+        rank=plan.adapter_rank,
         lora_dropout=plan.dropout if plan.uses_adapters else 0.0,
         attn=attn,
         act=act,

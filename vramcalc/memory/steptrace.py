@@ -6,7 +6,8 @@ the order and sizes of every allocation and free of a step, not on totals.
 k-bit layers emulated, ``memory/emulation.py``) with ``FakeTensorMode``
 tensors (no memory, no compute: a full-size 8B step costs seconds of CPU),
 runs HF Trainer's step on it (forward under bf16 autocast, the loss, backward,
-gradient clipping, the optimizer step, ``zero_grad(set_to_none=True)``) and
+gradient clipping, the optimizer step, AdaLoRA's ``update_ipt``,
+``zero_grad(set_to_none=True)``) and
 records every storage the aten ops create and the moment each is freed: the
 ``(op, handle, nbytes)`` events of ``memory/allocator.py``.
 
@@ -323,6 +324,21 @@ def trace_steps(
     return StepTrace(events, tags, (), params, (), total)
 
 
+def _rank_allocator(model: Any, plan: TrainingPlan) -> Any:
+    """AdaLoRA's ``RankAllocator``, whose ``update_ipt`` the trace runs after each optimizer
+    step (None for other methods).
+
+    ``AdaLoraModel.update_and_allocate(step)`` runs ``update_ipt`` (the sensitivity and
+    uncertainty moving averages: every tensor it keeps) and then, on budget steps,
+    ``mask_to_budget``, which thresholds the scores with ``kthvalue(...).item()``: a value
+    fake tensors do not have. Its temporaries (one element score per adapter tensor at a
+    time, r-sized means) are not traced; ``memory/adalora.py`` states the rule.
+    """
+    if plan.method != "adalora":
+        return None
+    return model.base_model.rankallocator
+
+
 def _config_layers(config_dict: dict[str, Any]) -> int:
     from vramcalc.catalog import config_from_dict
 
@@ -361,6 +377,7 @@ def _trace(
         recorder.known([p], layer_of.get(id(p), -1))
     recorder.known(model.buffers())
     nodes = _tag_layers(model, recorder)
+    allocator = _rank_allocator(model, plan)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
         optimizer = _optimizer(params, plan)
         with recorder.mode:
@@ -384,6 +401,8 @@ def _trace(
                 if params:
                     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
                 optimizer.step()
+                if allocator is not None:  # AdaLoRA: update_and_allocate, before zero_grad
+                    allocator.update_ipt(model.base_model.model)
                 optimizer.zero_grad(set_to_none=True)
             recorder.mark("end")
     param_list = tuple(

@@ -15,7 +15,7 @@ from harness.launcher import (
     resolve_device,
     run_cases,
 )
-from harness.scenario import SPLITS, Case, load_cases, select_split
+from harness.scenario import SPLITS, Case, load_cases, select_split, simulated
 from vramcalc.errors import VramcalcError
 
 HELP = """Measure real fine-tuning steps of every case in CASES and append one JSON line
@@ -58,6 +58,16 @@ Each rank measures its own GPU; the record holds the maximum over ranks
 and per_rank. An OOM on any rank makes the case "oom"; a timeout kills
 every rank. NVLink multicast stays off (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
+
+\b
+Simulated worlds (--simulate-world N, or a case's simulate_world: N) run
+one process as rank 0 of an N-GPU world on one device (torch's fake
+process group: collectives move no data): per-GPU memory of the plan with
+num_gpus N under ddp (pass-through comm hook), fsdp or fsdp-grad-op (on
+CUDA accelerate's FSDP, as the real path; on CPU FSDP2 fully_shard in
+recipe loop). Records carry simulated_world_size, simulated_world_limits
+and rank 0's parameter/gradient/optimizer-state bytes; their tokens/s are
+not a speed measurement.
 
 An out-of-memory case is recorded as status "oom", a case over --timeout-s
 as "timeout", any other failure as "error" with the traceback's tail; the run
@@ -124,6 +134,15 @@ checked first: a known 1 GiB allocation must read back within 1 %.
     help="Do not check the memory instrument (1 GiB read back within 1 %) before a CUDA run.",
 )
 @click.option(
+    "--simulate-world",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Run every case as rank 0 of an N-GPU world on one device (fake process group): "
+    "per-GPU memory of the plan with num_gpus N under its strategy (ddp, fsdp, fsdp-grad-op); "
+    "no speed, no NCCL buffers.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="List the cases and whether each is done; run nothing."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -137,11 +156,14 @@ def measure(
     retry_errors: bool,
     stop_after_s: float | None,
     skip_instrument_check: bool,
+    simulate_world: int | None,
     dry_run: bool,
     no_progress: bool,
 ) -> None:
     try:
         selected = select_split(load_cases(cases), only_split)
+        if simulate_world is not None:
+            selected = tuple(simulated(case, simulate_world) for case in selected)
         problems = check_models(selected)
         if dry_run:
             resolved = resolve_device(device)
@@ -192,6 +214,8 @@ def describe(case: Case) -> str:
     gpus = ""
     if plan.num_gpus > 1:
         gpus = f" gpus {plan.num_gpus} {plan.strategy}" + (" offload" if plan.cpu_offload else "")
+        if case.simulate_world is not None:
+            gpus += " simulated"
     return (
         f"{case.split:<11} {case.case_id} {case.recipe:<7} {plan.model} {method} "
         f"seq {plan.seq_len} bs {plan.batch_size} ga {plan.grad_accum} "

@@ -50,6 +50,7 @@ from harness.record import (
     utc_now,
 )
 from harness.scenario import Case, alloc_conf_for
+from harness.simworld import check_simulated_machine, simulated_launch_env, uses_accelerate
 from vramcalc.errors import VramcalcError
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -172,6 +173,7 @@ def spawn_worker(
     timeout_s: float,
     log_path: Path,
     accelerate_config_file: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerOutcome:
     """Run ``python -m harness.worker MODE`` in a fresh process; kill its tree on timeout.
 
@@ -184,6 +186,7 @@ def spawn_worker(
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["VRAMCALC_LAUNCHER_PID"] = str(os.getpid())
     env.update(NVLS_OFF_ENV)
+    env.update(extra_env or {})  # a simulated world's launch env
     if "case" in spec:  # the plan's allocator mode, and nothing inherited
         conf = alloc_conf_for(spec["case"].get("allocator") or "default")
         if conf is None:
@@ -274,10 +277,16 @@ def measure_case(
     except VramcalcError as err:
         return _fallback_record(case, device, "error", f"model: {err}", provenance)
     launch: dict[str, Any] | None = None
+    simulated_env: dict[str, str] | None = None
     if is_distributed(case.plan):
         try:
-            check_machine(case.plan, device)
+            if case.simulate_world is not None:
+                check_simulated_machine(case, device)
+            else:
+                check_machine(case.plan, device)
             launch = write_launch_configs(case, device, scratch_dir / "launch" / case.case_id)
+            if case.simulate_world is not None:
+                simulated_env = simulated_launch_env(case, device, launch["accelerate_config_file"])
         except VramcalcError as err:
             return _fallback_record(case, device, "error", str(err), provenance)
     if not checkpoint_ready(checkpoint):
@@ -287,16 +296,21 @@ def measure_case(
             return _fallback_record(case, device, status, error, provenance)
     touch_checkpoint(checkpoint)
     spec["checkpoint"] = str(checkpoint)
-    if launch is not None:
+    if launch is not None and simulated_env is None:
         outcome = spawn_worker("run", spec, timeout_s, log_path, launch["accelerate_config_file"])
         failure = None
         if outcome.timed_out or outcome.returncode != 0:
             failure = _failure(outcome, "measuring", timeout_s)
         config = {"accelerate": launch["accelerate"], "deepspeed": launch["deepspeed"]}
         return merge_rank_records(case, device, outcome.rank_results, provenance, failure, config)
-    outcome = spawn_worker("run", spec, timeout_s, log_path)
+    outcome = spawn_worker("run", spec, timeout_s, log_path, extra_env=simulated_env)
     if outcome.result is not None and outcome.result.get("case_id") == case.case_id:
         record = outcome.result
+        if launch is not None and uses_accelerate(case, device):  # a simulated world
+            record["distributed_config"] = {
+                "accelerate": launch["accelerate"],
+                "deepspeed": launch["deepspeed"],
+            }
         for key in PROVENANCE_FIELDS:
             if record.get(key) is None and key != "measured_at":
                 record[key] = provenance.get(key)

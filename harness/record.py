@@ -14,6 +14,12 @@ are per GPU, the maximum over the ranks (the estimator's per-GPU figures),
 ``tokens_per_second_all_gpus`` the total over the ranks; ``per_rank`` keeps
 every rank's own figures and ``distributed_config`` the accelerate / DeepSpeed
 configs the case ran under.
+
+A simulated-world case (``simulate_world: N``, ``harness.simworld``) is rank 0
+of an N-GPU world run alone: its memory figures are per GPU of the plan with
+``num_gpus`` N, ``simulated_world_size`` says so and ``simulated_world_limits``
+what it cannot show; its tokens/s are rank 0's alone (no all-GPU total), and
+the speed fit leaves it out.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ EXTRA_FIELDS = (
     "min_seconds",  # the case's minimum measured time
     "record_trace",  # whether the allocator trace was recorded (timing slightly perturbed)
     "trace_file",  # the trace's file name beside the JSONL (NAME_traces/), if recorded
+    "simulated_world_size",  # N when rank 0 of an N-GPU world ran alone (harness.simworld)
+    "simulated_world_limits",  # what that fake world cannot show (no NCCL buffers, no speed)
+    "simulated_world_wrapper",  # what wrapped the model there (FSDP1, FSDP2, DDP + hook)
+    "rank_parameter_bytes",  # simulated world: this rank's parameter bytes (local shards)
+    "rank_gradient_bytes",  # ... its gradient bytes after the last optimizer step
+    "rank_optimizer_state_bytes",  # ... its optimizer-state bytes
 )
 PER_RANK_FIELDS = (
     "rank",
@@ -235,6 +247,11 @@ def make_record(
         record["total_device_bytes_all_gpus"] = record["device_total_bytes"]
     if case.simulate is not None:
         record["simulate"] = case.simulate
+    if case.simulate_world is not None:
+        from harness.simworld import SIMULATED_WORLD_LIMITS
+
+        record["simulated_world_size"] = case.simulate_world
+        record["simulated_world_limits"] = list(SIMULATED_WORLD_LIMITS)
     return record
 
 

@@ -10,7 +10,10 @@ last rank only); real case lists leave it out.
 
 A plan with ``num_gpus > 1`` runs one process per GPU under its ``strategy``
 (``ddp``, ``fsdp``, ``fsdp-grad-op``, ``zero1/2/3``) and ``cpu_offload``
-(``harness.distributed``).
+(``harness.distributed``). ``simulate_world: N`` measures such a plan on one
+device as rank 0 of an N-GPU world (``harness.simworld``): the plan's
+``num_gpus`` is N (set from it when the case leaves ``num_gpus`` out), the
+strategy one of ``ddp``, ``fsdp``, ``fsdp-grad-op``.
 
 YAML files are either a list of cases or a mapping::
 
@@ -49,6 +52,7 @@ from vramcalc.plan import TrainingPlan, parse_targets, suggest
 SPLITS = ("calibration", "validation")
 RECIPES = ("trainer", "loop")
 SIMULATIONS = ("oom", "error", "hang")
+SIMULATED_STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op")
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 KEY_FIELDS_ADDED_LATER: dict[str, Any] = {
@@ -80,6 +84,7 @@ CASE_FIELDS = (
     "simulate",
     "min_seconds",
     "record_trace",
+    "simulate_world",
 )
 # measured steps never exceed this many, whatever ``min_seconds`` asks
 MAX_MEASURED_STEPS = 200
@@ -99,6 +104,7 @@ _INT_FIELDS = (
     "steps",
     "warmup_steps",
     "seed",
+    "simulate_world",
 )
 _FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds", "orth_reg_weight")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
@@ -123,6 +129,8 @@ class Case:
     min_seconds: float = 0.0
     # record the caching allocator's alloc/free trace (torch.cuda.memory._record_memory_history)
     record_trace: bool = False
+    # run as rank 0 of a world of this many GPUs on one device (harness.simworld), or None
+    simulate_world: int | None = None
 
     def __post_init__(self) -> None:
         problems = case_problems({name: getattr(self, name) for name in CASE_FIELDS}, self.plan)
@@ -158,6 +166,8 @@ class Case:
             key["min_seconds"] = self.min_seconds
         if self.record_trace:
             key["record_trace"] = True
+        if self.simulate_world is not None:
+            key["simulate_world"] = self.simulate_world
         return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -187,6 +197,8 @@ class Case:
             min_seconds=self.min_seconds,
             record_trace=self.record_trace,
         )
+        if self.simulate_world is not None:
+            data["simulate_world"] = self.simulate_world
         return data
 
     @classmethod
@@ -229,6 +241,9 @@ def case_problems(values: Mapping[str, Any], plan: TrainingPlan | None) -> list[
         problems.extend(multi_gpu_problems(plan, values["recipe"]))
     if plan is not None and plan.method == "adalora":
         problems.extend(adalora_problems(plan, values))
+    simulate_world = values.get("simulate_world")
+    if simulate_world is not None:
+        problems.extend(simulated_world_problems(simulate_world, plan))
     return problems
 
 
@@ -246,6 +261,33 @@ def adalora_problems(plan: TrainingPlan, values: Mapping[str, Any]) -> list[str]
             f"total_step {plan.total_step!r}, tfinal {plan.tfinal}."
         ]
     return []
+
+
+def simulated_world_problems(world: Any, plan: TrainingPlan | None) -> list[str]:
+    """What is wrong with ``simulate_world`` for this plan."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 2:
+        return [f"simulate_world must be an integer >= 2 (GPUs in the world), got {world!r}."]
+    if plan is None:
+        return []
+    problems = []
+    if plan.num_gpus != world:
+        problems.append(
+            f"simulate_world {world} needs num_gpus {world} (the plan it measures), "
+            f"got num_gpus {plan.num_gpus}."
+        )
+    if plan.strategy not in SIMULATED_STRATEGIES:
+        problems.append(
+            f"simulate_world runs strategies {', '.join(SIMULATED_STRATEGIES)}, not "
+            f"{plan.strategy} (DeepSpeed needs a real process group)."
+        )
+    return problems
+
+
+def simulated(case: Case, world: int) -> Case:
+    """The case as rank 0 of a ``world``-GPU world (``--simulate-world``): num_gpus = world."""
+    import dataclasses
+
+    return dataclasses.replace(case, plan=case.plan.with_(num_gpus=world), simulate_world=world)
 
 
 def multi_gpu_problems(plan: TrainingPlan, recipe: str) -> list[str]:
@@ -282,6 +324,9 @@ def case_from_mapping(data: Mapping[str, Any], where: str) -> Case:
         )
         values["split"] = SPLITS[0]
     plan_values = {k: v for k, v in values.items() if k in PLAN_FIELDS}
+    world = values.get("simulate_world")
+    if isinstance(world, int) and not isinstance(world, bool) and "num_gpus" not in plan_values:
+        plan_values["num_gpus"] = world  # the world it simulates is the plan's
     case_values = {k: v for k, v in values.items() if k in CASE_FIELDS and v is not None}
     if "model" not in plan_values:
         problems.append(f"{where}: model is missing.")

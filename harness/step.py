@@ -25,7 +25,10 @@ micro-batches; ``loop`` prepares model and optimizer with accelerate's
 ``Accelerator`` (DDP and FSDP), skipping the gradient all-reduce on
 accumulation micro-batches as Trainer does. Under FSDP, adapter models get
 peft's auto-wrap policy (each trainable leaf its own unit, see
-``harness.distributed.fsdp_peft_wrap``).
+``harness.distributed.fsdp_peft_wrap``). A simulated world (``harness.simworld``)
+runs the same way as rank 0 of a fake group; on CPU its FSDP is FSDP2
+``fully_shard`` in the loop. It also records rank 0's parameter, gradient and
+optimizer-state bytes after each optimizer step (``RecipeResult.state_bytes``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class RecipeResult:
     step_seconds_all: tuple[float, ...]
     warmup_steps: int
     optimizer_class: str
+    # simulated world: this rank's parameter / gradient / optimizer-state bytes after the last step
+    state_bytes: dict[str, int] | None = None
 
     @property
     def step_seconds_measured(self) -> tuple[float, ...]:
@@ -232,6 +237,7 @@ def run_trainer(
 
     times: list[float] = []
     seen: dict[str, str] = {}
+    counted: dict[str, int] = {}
 
     class StepTimer(TrainerCallback):
         last = 0.0
@@ -249,6 +255,12 @@ def run_trainer(
             if state.global_step == 0:
                 synchronize(device)
                 self.last = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
+            if case.simulate_world is not None:  # gradients are still there (zero_grad follows)
+                from harness.simworld import state_bytes
+
+                counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             synchronize(device)
@@ -278,7 +290,7 @@ def run_trainer(
             fsdp_peft_wrap(trainer.model, _fsdp_plugin(trainer.accelerator))
         trainer.train()
         optimizer_class = seen.get("optimizer") or _optimizer_class(trainer.optimizer)
-    return RecipeResult(tuple(times), case.warmup_steps, optimizer_class)
+    return RecipeResult(tuple(times), case.warmup_steps, optimizer_class, counted or None)
 
 
 def rank_allocation(model: Any, case: Case) -> Any:
@@ -319,9 +331,15 @@ def run_loop(
     if plan.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    accelerator = _loop_accelerator(model, case, device, compute_dtype)
+    fsdp2 = case.simulate_world is not None and plan.strategy != "ddp" and not is_cuda(device)
+    accelerator = None if fsdp2 else _loop_accelerator(model, case, device, compute_dtype)
     fsdp = accelerator is not None and _fsdp_plugin(accelerator) is not None
-    if fsdp:
+    if fsdp2:  # simulated world on CPU: FSDP2 fully_shard stands in for accelerate's FSDP1
+        from harness.distributed import decoder_layer_classes
+        from harness.simworld import fully_shard_model
+
+        model = fully_shard_model(model, case, decoder_layer_classes(plan))
+    elif fsdp:
         model = accelerator.prepare(model)  # FSDP: the optimizer sees the sharded parameters
     elif not is_cuda(device):
         model.to(device)
@@ -346,6 +364,7 @@ def run_loop(
     rank, _, _ = rank_info()
     sample = rank * case.total_steps * plan.batch_size * plan.grad_accum  # this rank's share
     times: list[float] = []
+    counted: dict[str, int] = {}
     synchronize(device)
     last = time.perf_counter()
     for step in range(case.total_steps):
@@ -384,6 +403,10 @@ def run_loop(
                 optimizer.step()
         if allocate is not None:  # AdaLoRA: after the step, before zero_grad (peft's docs)
             allocate(step)
+        if case.simulate_world is not None:  # gradients are still there
+            from harness.simworld import state_bytes
+
+            counted = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         now = time.perf_counter()
@@ -393,7 +416,9 @@ def run_loop(
             on_step_end(len(times))
         if step >= case.warmup_steps and case.measured_enough(times[case.warmup_steps :]):
             break
-    return RecipeResult(tuple(times), case.warmup_steps, _optimizer_class(optimizer))
+    return RecipeResult(
+        tuple(times), case.warmup_steps, _optimizer_class(optimizer), counted or None
+    )
 
 
 def _loop_accelerator(model: Any, case: Case, device: str, compute_dtype: str) -> Any:

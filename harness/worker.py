@@ -14,6 +14,9 @@ Modes:
 
 SPEC is ``{"case": Case.to_dict(), "device": ..., "scratch_dir": ..., "checkpoint": ...}``.
 
+A simulated-world case (``simulate_world: N``) runs this worker once, as rank 0
+of a fake N-GPU process group (``harness.simworld``), and writes RESULT itself.
+
 A multi-GPU case runs this worker once per GPU under ``harness.agent``
 (torch.distributed.run): each rank joins the process group before touching
 CUDA, measures its own GPU, writes its record to ``RESULT.rank<r>.json``
@@ -102,7 +105,12 @@ def run_case(
     tracker = MemoryTracker(device)
     rank, local_rank, world_size = rank_info()
     try:
-        if is_distributed(case.plan):
+        if case.simulate_world is not None:  # rank 0 of a fake N-GPU world, before CUDA
+            from harness.simworld import start_fake_world, wrapper_name
+
+            start_fake_world(case.simulate_world, device)
+            measurement["simulated_world_wrapper"] = wrapper_name(case, device)
+        elif is_distributed(case.plan):
             start_process_group(device)  # before CUDA: this rank's GPU only
         provenance = collect_provenance(device)
         measurement.update(device_memory_facts(device))  # before anything is allocated
@@ -146,6 +154,7 @@ def run_case(
             if result.step_seconds
             else None,
             optimizer_class=result.optimizer_class,
+            **(result.state_bytes or {}),
         )
     except Exception as err:  # noqa: BLE001 - every failure of a case is a result
         status = "oom" if is_oom(err) else "error"
@@ -163,7 +172,7 @@ def run_case(
         case_seconds=time.perf_counter() - started,
     )
     record = make_record(case, device, status, measurement, provenance, error)
-    if is_distributed(case.plan):  # a rank's record, merged by the launcher
+    if is_distributed(case.plan) and case.simulate_world is None:  # merged by the launcher
         record.update(rank=rank, local_rank=local_rank, world_size=world_size)
     return record
 

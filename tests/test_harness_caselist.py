@@ -153,3 +153,46 @@ def test_round2_list_follows_the_same_split_rule_and_covers_what_issue_10_and_11
     seed0 = {c.plan for c in (*cases, *load_cases(CASE_LIST)) if c.seed == 0 and not c.record_trace}
     assert sum(c.seed == 1 and c.plan in seed0 for c in cases) >= 2
     assert check_models(cases) == []
+
+
+# -- the simulated-world list ---------------------------------------------------------------------
+WORLD = CASE_LIST.with_name("h200_world.yaml")
+HELD_OUT_OR_70B = HELD_OUT | {"meta-llama/Llama-3.1-70B", "meta-llama/Llama-2-70b-hf"}
+
+
+def world_rule_split(case) -> str:
+    """The split rule stated at the top of h200_world.yaml."""
+    plan = case.plan
+    if (
+        plan.model in HELD_OUT_OR_70B
+        or plan.cpu_offload
+        or plan.num_gpus == 8
+        or plan.seq_len >= 4096
+        or plan.batch_size >= 16
+    ):
+        return "validation"
+    return "calibration"
+
+
+def test_world_list_follows_its_split_rule_and_covers_what_issue_15_asks():
+    cases = load_cases(WORLD)
+    assert [c.case_id for c in cases if c.split != world_rule_split(c)] == []
+    assert Counter(c.split for c in cases) == {"calibration": 10, "validation": 18}
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
+    covered = {(c.plan.model, c.plan.method, c.plan.strategy, c.plan.num_gpus) for c in cases}
+    for model in ("meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1"):
+        for method in ("lora", "qlora"):
+            assert {(model, method, "fsdp", n) for n in (2, 4, 8)} <= covered
+    qwen = "Qwen/Qwen2.5-1.5B"
+    assert {
+        (qwen, "full", "fsdp", 2),
+        (qwen, "full", "fsdp", 4),
+        (qwen, "full", "ddp", 2),
+    } <= covered
+    assert ("meta-llama/Llama-3.1-70B", "qlora", "fsdp", 8) in covered
+    offload = {c.plan.cpu_offload for c in cases if c.plan.model == "meta-llama/Llama-3.1-70B"}
+    assert offload == {True, False}
+    # the 2-GPU plans of h200x2.yaml, simulated: the real and the simulated record compare directly
+    real = {c.plan for c in load_cases(TWO_GPU_LIST)}
+    assert sum(c.plan in real for c in cases) >= 5

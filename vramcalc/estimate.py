@@ -441,6 +441,14 @@ def _head_gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
     return head * DTYPE_BYTES[trainable_dtype(plan)]
 
 
+# what backs the multi-GPU figures: update when simulated-world (harness --simulate-world) or
+# real multi-GPU records are in data/measurements and the report compares them
+MULTI_GPU_EVIDENCE = (
+    "per-GPU memory not yet checked against a simulated-world or real multi-GPU measurement; "
+    "against HF's published FSDP-QLoRA table (rank 0, 2 GPUs) it is 6-22 % low"
+)
+
+
 def _assumptions(
     inventory: ModelInventory, plan: TrainingPlan, weights: WeightsEstimate
 ) -> tuple[str, ...]:
@@ -519,6 +527,7 @@ def _assumptions(
             + (" with CPU offload" if plan.cpu_offload else "")
             + "; memory is per GPU, each running the full micro-batch"
         )
+        out.append(MULTI_GPU_EVIDENCE)
     out.append(
         "driver reserve, CUDA context and kernel modules, cuBLAS workspaces from "
         "data/calibration.json (measured on an H200)"

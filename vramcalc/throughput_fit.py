@@ -105,6 +105,8 @@ def excluded_reason(record: Mapping[str, Any]) -> str | None:
     """Why a record does not measure what the planner predicts, or None."""
     if record.get("status") != "ok":
         return f"status {record.get('status')!r}"
+    if record.get("simulated_world_size"):
+        return "simulated world (rank 0 alone on a fake process group): not a speed measurement"
     if (record.get("recipe") or "trainer") != "trainer":
         return f"recipe {record.get('recipe')!r}: the planner models HF Trainer"
     if record.get("record_trace"):

@@ -37,6 +37,7 @@ from harness.distributed import require_strategy_dependencies, shards_weights
 from harness.errors import HarnessError, MissingDependencyError
 from vramcalc.catalog import resolve_model
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.serve_plan import ServePlan
 
 INIT_SEED = 0
 MARKER = "harness-checkpoint.json"
@@ -74,7 +75,7 @@ def require_dependencies(plan: TrainingPlan) -> None:
 
 
 # -- the random-init checkpoint ------------------------------------------------------------------
-def checkpoint_dir(plan: TrainingPlan, scratch_dir: str | Path) -> Path:
+def checkpoint_dir(plan: TrainingPlan | ServePlan, scratch_dir: str | Path) -> Path:
     """Where the random-init checkpoint of the plan's model and dtype lives."""
     spec = resolve_model(plan.model)
     digest = hashlib.sha256(
@@ -95,7 +96,9 @@ def touch_checkpoint(path: Path) -> None:
         os.utime(marker)
 
 
-def prepare_checkpoint(plan: TrainingPlan, scratch_dir: str | Path, device: str) -> Path:
+def prepare_checkpoint(
+    plan: TrainingPlan | ServePlan, scratch_dir: str | Path, device: str
+) -> Path:
     """Create (or reuse) the random-init checkpoint; returns its directory.
 
     Weights are initialized on ``device`` (fast on a GPU); an OOM there falls
@@ -172,18 +175,25 @@ def quantization_config(plan: TrainingPlan) -> Any:
     """The ``BitsAndBytesConfig`` for int8/nf4/fp4 plans, else None."""
     if not plan.is_kbit:
         return None
+    # FSDP / ZeRO-3 flatten 4-bit storage with the 16-bit params
+    return bnb_config(plan.quant, plan.dtype, plan.double_quant, storage=shards_weights(plan))
+
+
+def bnb_config(quant: str, dtype: str, double_quant: bool, storage: bool = False) -> Any:
+    """``BitsAndBytesConfig`` for quant int8/nf4/fp4; 4-bit weights stored as ``dtype``
+    with ``storage`` (else uint8). Training and serving cases load through it."""
     from transformers import BitsAndBytesConfig
 
-    if plan.quant == "int8":
+    if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     kwargs: dict[str, Any] = {}
-    if shards_weights(plan):  # FSDP / ZeRO-3 flatten 4-bit storage with the 16-bit params
-        kwargs["bnb_4bit_quant_storage"] = torch_dtype(plan.dtype)
+    if storage:
+        kwargs["bnb_4bit_quant_storage"] = torch_dtype(dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=plan.quant,
-        bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
-        bnb_4bit_use_double_quant=plan.double_quant,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+        bnb_4bit_use_double_quant=double_quant,
         **kwargs,
     )
 

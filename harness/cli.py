@@ -16,6 +16,7 @@ from harness.launcher import (
     run_cases,
 )
 from harness.scenario import SPLITS, Case, load_cases, select_split, simulated
+from harness.serve_case import ServeCase
 from vramcalc.errors import VramcalcError
 
 HELP = """Measure real fine-tuning steps of every case in CASES and append one JSON line
@@ -68,6 +69,14 @@ CUDA accelerate's FSDP, as the real path; on CPU FSDP2 fully_shard in
 recipe loop). Records carry simulated_world_size, simulated_world_limits
 and rank 0's parameter/gradient/optimizer-state bytes; their tokens/s are
 not a speed measurement.
+
+\b
+Serving cases (kind: serve, harness.serve_case) load the base the same way,
+add LoRA adapters with random A and B, apply them by mode (merged: one
+merged copy; unmerged: set_adapter; multi: adapter_names per sequence) and
+time generate: prefill (max_new_tokens=1) and decode of new_tokens, greedy,
+static or dynamic cache. Records: kind "serve", the peaks, prefill and
+decode tokens/s.
 
 An out-of-memory case is recorded as status "oom", a case over --timeout-s
 as "timeout", any other failure as "error" with the traceback's tail; the run
@@ -163,7 +172,12 @@ def measure(
     try:
         selected = select_split(load_cases(cases), only_split)
         if simulate_world is not None:
-            selected = tuple(simulated(case, simulate_world) for case in selected)
+            serving = [c.case_id for c in selected if isinstance(c, ServeCase)]
+            if serving:
+                raise CaseError(
+                    [f"--simulate-world runs training cases; {len(serving)} serving cases given."]
+                )
+            selected = tuple(simulated(case, simulate_world) for case in selected)  # type: ignore[arg-type]
         problems = check_models(selected)
         if dry_run:
             resolved = resolve_device(device)
@@ -203,8 +217,10 @@ def measure(
     )
 
 
-def describe(case: Case) -> str:
+def describe(case: Case | ServeCase) -> str:
     """One line of ``--dry-run``: id, split, recipe and the plan's key choices."""
+    if isinstance(case, ServeCase):
+        return case.describe()
     plan = case.plan
     if plan.uses_adapters:
         targets = ",".join(plan.targets) if plan.targets else "default"

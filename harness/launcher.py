@@ -17,6 +17,9 @@ are merged into one (``harness.record.merge_rank_records``). On a timeout the
 whole process tree is killed: the agent's group and every rank, which
 torch.distributed.run starts in sessions of their own. Every process the
 launcher starts has NVLink multicast off (``NVLS_OFF_ENV``).
+
+A serving case (``kind: serve``, ``harness.serve_case``) goes the same way on one device:
+the same checkpoint, a ``run`` worker that times ``generate`` (``harness.serve_step``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from harness.record import (
     utc_now,
 )
 from harness.scenario import Case, alloc_conf_for
+from harness.serve_case import ServeCase, make_serve_record
 from harness.simworld import check_simulated_machine, simulated_launch_env, uses_accelerate
 from vramcalc.errors import VramcalcError
 
@@ -62,7 +66,7 @@ DEVICES = ("auto", "cuda", "cpu")
 class PlannedCase:
     """A case of the run and whether the output file already has its result."""
 
-    case: Case
+    case: Case | ServeCase
     done: bool
 
 
@@ -133,14 +137,14 @@ def finished_case_ids(output: Path, device: str, retry_errors: bool = False) -> 
 
 
 def plan_run(
-    cases: Iterable[Case], output: Path, device: str, retry_errors: bool = False
+    cases: Iterable[Case | ServeCase], output: Path, device: str, retry_errors: bool = False
 ) -> list[PlannedCase]:
     """Every case with its done flag, in order (what ``--dry-run`` shows)."""
     done = finished_case_ids(output, device, retry_errors)
     return [PlannedCase(case, case.case_id in done) for case in cases]
 
 
-def check_models(cases: Iterable[Case]) -> list[str]:
+def check_models(cases: Iterable[Case | ServeCase]) -> list[str]:
     """A problem for each distinct model that does not resolve (catalog or local path)."""
     from vramcalc.catalog import resolve_model
 
@@ -249,7 +253,7 @@ def _failure(outcome: WorkerOutcome, what: str, timeout_s: float) -> tuple[str, 
 
 
 def measure_case(
-    case: Case,
+    case: Case | ServeCase,
     device: str,
     timeout_s: float,
     scratch_dir: Path,
@@ -269,7 +273,7 @@ def measure_case(
         "device": device,
         "scratch_dir": str(scratch_dir),
     }
-    if case.record_trace and trace_dir is not None:
+    if isinstance(case, Case) and case.record_trace and trace_dir is not None:
         spec["trace_path"] = str(trace_dir / f"{case.case_id}.json.gz")
     status, error = "error", None
     try:
@@ -278,7 +282,7 @@ def measure_case(
         return _fallback_record(case, device, "error", f"model: {err}", provenance)
     launch: dict[str, Any] | None = None
     simulated_env: dict[str, str] | None = None
-    if is_distributed(case.plan):
+    if isinstance(case, Case) and is_distributed(case.plan):
         try:
             if case.simulate_world is not None:
                 check_simulated_machine(case, device)
@@ -306,7 +310,7 @@ def measure_case(
     outcome = spawn_worker("run", spec, timeout_s, log_path, extra_env=simulated_env)
     if outcome.result is not None and outcome.result.get("case_id") == case.case_id:
         record = outcome.result
-        if launch is not None and uses_accelerate(case, device):  # a simulated world
+        if launch is not None and isinstance(case, Case) and uses_accelerate(case, device):
             record["distributed_config"] = {
                 "accelerate": launch["accelerate"],
                 "deepspeed": launch["deepspeed"],
@@ -320,8 +324,12 @@ def measure_case(
 
 
 def _fallback_record(
-    case: Case, device: str, status: str, error: str, provenance: dict[str, Any]
+    case: Case | ServeCase, device: str, status: str, error: str, provenance: dict[str, Any]
 ) -> dict[str, Any]:
+    if isinstance(case, ServeCase):
+        return make_serve_record(
+            case, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
+        )
     return make_record(
         case, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
     )
@@ -364,7 +372,7 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 def run_cases(
-    cases: Sequence[Case],
+    cases: Sequence[Case | ServeCase],
     output: str | Path,
     device: str = "auto",
     timeout_s: float = DEFAULT_TIMEOUT_S,

@@ -15,6 +15,9 @@ device as rank 0 of an N-GPU world (``harness.simworld``): the plan's
 ``num_gpus`` is N (set from it when the case leaves ``num_gpus`` out), the
 strategy one of ``ddp``, ``fsdp``, ``fsdp-grad-op``.
 
+A case with ``kind: serve`` measures serving (``generate`` with LoRA adapters) instead of
+training: a ``ServeCase`` of ``harness.serve_case``, with its own fields; one file may mix both.
+
 YAML files are either a list of cases or a mapping::
 
     defaults: {steps: 3, warmup_steps: 2}      # applied to every case below
@@ -41,13 +44,16 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from harness.errors import CaseError
 from vramcalc.errors import InvalidPlanError
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
+
+if TYPE_CHECKING:
+    from harness.serve_case import ServeCase
 
 SPLITS = ("calibration", "validation")
 RECIPES = ("trainer", "loop")
@@ -105,6 +111,12 @@ _INT_FIELDS = (
     "warmup_steps",
     "seed",
     "simulate_world",
+    # serving cases (harness.serve_case)
+    "adapters",
+    "batch",
+    "context",
+    "prompt_tokens",
+    "new_tokens",
 )
 _FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds", "orth_reg_weight")
 _BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
@@ -307,8 +319,15 @@ def multi_gpu_problems(plan: TrainingPlan, recipe: str) -> list[str]:
 
 
 def case_from_mapping(data: Mapping[str, Any], where: str) -> Case:
-    """Validate a flat mapping into a ``Case``; ``CaseError`` problems start with ``where``."""
+    """Validate a flat mapping into a ``Case``; ``CaseError`` problems start with ``where``.
+
+    A mapping with ``kind: serve`` is a serving case (``harness.serve_case``), not a ``Case``:
+    ``any_case_from_mapping`` reads both.
+    """
     problems = []
+    if data.get("kind") not in (None, "train"):
+        raise CaseError([f"{where}: kind {data.get('kind')!r} is not one of train, serve."])
+    data = {k: v for k, v in data.items() if k != "kind"}
     unknown = [k for k in data if str(k).replace("-", "_") not in ALL_FIELDS]
     for key in unknown:
         problems.append(f"{where}: unknown field {key!r}.{suggest(str(key), ALL_FIELDS)}")
@@ -353,8 +372,22 @@ def case_from_mapping(data: Mapping[str, Any], where: str) -> Case:
 CASE_DEFAULTS = {f.name: f.default for f in fields(Case) if f.name != "plan"}
 
 
+def any_case_from_mapping(data: Mapping[str, Any], where: str) -> Case | ServeCase:
+    """A training ``Case``, or a ``ServeCase`` when the mapping says ``kind: serve``."""
+    if data.get("kind") == "serve":
+        from harness.serve_case import serve_case_from_mapping
+
+        return serve_case_from_mapping(data, where)
+    return case_from_mapping(data, where)
+
+
+def case_from_dict(data: Mapping[str, Any]) -> Case | ServeCase:
+    """``to_dict`` output of either kind of case back into its case (the worker's spec)."""
+    return any_case_from_mapping(data, where="case")
+
+
 # -- files -----------------------------------------------------------------------------------
-def load_cases(path: str | Path) -> tuple[Case, ...]:
+def load_cases(path: str | Path) -> tuple[Case | ServeCase, ...]:
     """All cases of a ``.yaml``/``.yml`` or ``.csv`` file, in file order."""
     path = Path(path)
     if not path.is_file():
@@ -372,7 +405,7 @@ def load_cases(path: str | Path) -> tuple[Case, ...]:
     raise CaseError([f"cases file {path} must end in .yaml, .yml or .csv."])
 
 
-def cases_from_yaml_data(raw: Any, source: str = "input") -> tuple[Case, ...]:
+def cases_from_yaml_data(raw: Any, source: str = "input") -> tuple[Case | ServeCase, ...]:
     """Cases from parsed YAML: a list of cases, or ``defaults``/``cases``/``grids``."""
     if raw is None:
         raise CaseError([f"{source}: the file holds no cases."])
@@ -423,7 +456,9 @@ def expand_grid(
     return out
 
 
-def cases_from_csv_rows(rows: Iterable[dict[str, str]], source: str = "input") -> tuple[Case, ...]:
+def cases_from_csv_rows(
+    rows: Iterable[dict[str, str]], source: str = "input"
+) -> tuple[Case | ServeCase, ...]:
     """Cases from CSV rows (strings); empty cells mean the default."""
     problems: list[str] = []
     entries = []
@@ -467,13 +502,13 @@ def _parse_cell(key: str, text: str, where: str, problems: list[str]) -> Any:
 
 def _build_all(
     entries: list[tuple[str, dict[str, Any]]], problems: list[str], source: str
-) -> tuple[Case, ...]:
-    cases: list[Case] = []
+) -> tuple[Case | ServeCase, ...]:
+    cases: list[Case | ServeCase] = []
     seen: dict[str, str] = {}
     for where, values in entries:
         values = {k: v for k, v in values.items() if v is not None or k == "targets"}
         try:
-            case = case_from_mapping(values, where)
+            case = any_case_from_mapping(values, where)
         except CaseError as err:
             problems.extend(err.problems)
             continue
@@ -491,7 +526,9 @@ def _build_all(
     return tuple(cases)
 
 
-def select_split(cases: Iterable[Case], split: str | None) -> tuple[Case, ...]:
+def select_split(
+    cases: Iterable[Case | ServeCase], split: str | None
+) -> tuple[Case | ServeCase, ...]:
     """The cases of one split (all cases when ``split`` is None)."""
     return tuple(c for c in cases if split is None or c.split == split)
 

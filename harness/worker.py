@@ -5,7 +5,8 @@ CUDA context or compiled kernel of one case leaks into the next.
 
 Modes:
 
-``run``      build the model and run the recipe under the trackers; RESULT
+``run``      build the model and run the recipe under the trackers (a serving case:
+             ``harness.serve_step``, ``generate`` instead of training); RESULT
              holds the complete result record (``harness.record``). An OOM is a
              result (``status: "oom"``, memory peaks up to the failure kept),
              any other exception is ``status: "error"`` with the traceback's tail.
@@ -36,7 +37,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.scenario import Case
+from harness.scenario import Case, case_from_dict
+from harness.serve_case import ServeCase
 
 ERROR_TAIL_LINES = 12
 ERROR_TAIL_CHARS = 4000
@@ -177,7 +179,7 @@ def run_case(
     return record
 
 
-def prepare(case: Case, device: str, scratch_dir: str | Path) -> dict[str, Any]:
+def prepare(case: Case | ServeCase, device: str, scratch_dir: str | Path) -> dict[str, Any]:
     from harness.build import prepare_checkpoint
 
     path = prepare_checkpoint(case.plan, scratch_dir, device)
@@ -237,13 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "probe":
             result = probe(device, spec.get("check_instrument", True))
         else:
-            case = Case.from_dict(spec["case"])
+            case = case_from_dict(spec["case"])
             print(
                 f"[harness] {mode} case {case.case_id} on {device}: {case.canonical_key()}",
                 flush=True,
             )
             if mode == "prepare":
                 result = prepare(case, device, spec["scratch_dir"])
+            elif isinstance(case, ServeCase):
+                from harness.serve_step import run_serve_case
+
+                result = run_serve_case(case, device, spec["checkpoint"])
             else:
                 result = run_case(case, device, spec["checkpoint"], spec.get("trace_path"))
     except Exception as err:  # noqa: BLE001 - reported to the launcher, not raised

@@ -73,6 +73,12 @@ def _abs_error_desc(metric: str, row: ReportRow) -> float:
     return -abs(row.errors.get(metric, 0.0))
 
 
+SERVE_RECORD_REASON = (
+    "serving measurement (kind serve): the training estimate does not describe it; "
+    "vramcalc serve's estimate is not compared yet"
+)
+
+
 def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str, Any]], list[str]]:
     """All records of ``directory/*.jsonl`` (file name kept in ``source_file``).
 
@@ -127,6 +133,11 @@ def build_report(
 
     rows = []
     for record in records:
+        if record.get("kind") == "serve":  # not a training plan: left out, with the reason
+            rows.append(ReportRow(record, None, {}, SERVE_RECORD_REASON))
+            if progress is not None:
+                progress(1)
+            continue
         try:
             plan = plan_of(record)
             est = prepare(plan.model, plan).estimate(plan, allocator_model).to_dict()

@@ -103,6 +103,10 @@ def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
 
 def excluded_reason(record: Mapping[str, Any]) -> str | None:
     """Why a record does not measure what the planner predicts, or None."""
+    if record.get("kind") == "serve":
+        from vramcalc.report import SERVE_RECORD_REASON
+
+        return SERVE_RECORD_REASON
     if record.get("status") != "ok":
         return f"status {record.get('status')!r}"
     if record.get("simulated_world_size"):

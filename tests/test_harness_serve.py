@@ -1,0 +1,85 @@
+"""Serving cases end to end on CPU: a tiny llama through the real launcher and worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import CaseError
+from harness.record import PROVENANCE_FIELDS, read_records
+from harness.scenario import cases_from_yaml_data
+from harness.serve_case import ServeCase, serve_record_fields
+
+TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
+SMALL = {
+    "kind": "serve",
+    "model": TINY_LLAMA,
+    "adapters": 2,
+    "rank": 4,
+    "targets": "q_proj,v_proj",
+    "batch": 2,
+    "context": 32,
+    "new_tokens": 8,
+    "steps": 2,
+    "warmup_steps": 1,
+    "dtype": "fp32",
+    "split": "calibration",
+}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    from harness.launcher import run_cases
+
+    root = tmp_path_factory.mktemp("serve")
+    cases = cases_from_yaml_data({"cases": [{**SMALL, "mode": "unmerged"}, {**SMALL, "mode": "multi"}]})
+    output = root / "serve.jsonl"
+    run_cases(cases, output, device="cpu", scratch_dir=root / "scratch", progress=False)
+    return cases, read_records(output)
+
+
+def test_serve_case_reads_validates_and_round_trips():
+    case = ServeCase.from_dict({**SMALL, "mode": "merged"})
+    assert (case.plan.prompt_tokens, case.plan.new_tokens, case.plan.context) == (24, 8, 32)
+    assert case.measured_batch == 1  # two merged copies, each decodes half the batch
+    assert ServeCase.from_dict(case.to_dict()) == case
+    assert case.case_id != ServeCase.from_dict({**SMALL, "mode": "multi"}).case_id
+    with pytest.raises(CaseError) as err:
+        cases_from_yaml_data(
+            [{**SMALL, "mode": "mixed", "batch": 0, "seq_len": 9}, {**SMALL, "adapters": 0, "mode": "multi"}]
+        )
+    problems = "\n".join(err.value.problems)
+    assert "unknown field 'seq_len' for kind serve" in problems
+    assert "--mode 'mixed'" in problems and "--batch must be a positive integer" in problems
+    assert "mode multi needs adapters >= 1" in problems
+
+
+def test_records_are_serve_records_with_every_field(records):
+    cases, (unmerged, multi) = records
+    for case, record in zip(cases, (unmerged, multi), strict=True):
+        assert record["status"] == "ok", record["error"]
+        assert list(record) == list(serve_record_fields())
+        assert record["kind"] == "serve" and record["case_id"] == case.case_id
+        assert (record["batch"], record["context"], record["adapters"]) == (2, 32, 2)
+        assert record["prefill_tokens_per_second"] > 0 and record["decode_tokens_per_second"] > 0
+        assert len(record["generate_seconds_measured"]) == 2
+        assert record["generate_seconds"] > record["prefill_seconds"]
+        assert record["lora_targets_used"] == ["q_proj", "v_proj"]
+        assert record["peak_allocated_bytes"] is None  # no GPU memory figures on CPU
+        assert record["torch_version"] and all(k in record for k in PROVENANCE_FIELDS)
+    assert unmerged["adapter_names_used"] is None
+    assert multi["adapter_names_used"] == ["adapter-1", "adapter-2"]
+
+
+def test_report_and_speed_fit_skip_serve_records(records):
+    from vramcalc.report import SERVE_RECORD_REASON, build_report
+    from vramcalc.throughput_fit import cases_from_records, excluded_reason
+
+    _, serve_records = records
+    assert excluded_reason(serve_records[0]) == SERVE_RECORD_REASON
+    fit_cases, skipped = cases_from_records(serve_records, None)
+    assert fit_cases == [] and len(skipped) == 2
+    report = build_report(serve_records)
+    assert [r.estimate_error for r in report.rows] == [SERVE_RECORD_REASON] * 2
+    assert report.ok_rows == []

@@ -196,3 +196,34 @@ def test_world_list_follows_its_split_rule_and_covers_what_issue_15_asks():
     # the 2-GPU plans of h200x2.yaml, simulated: the real and the simulated record compare directly
     real = {c.plan for c in load_cases(TWO_GPU_LIST)}
     assert sum(c.plan in real for c in cases) >= 5
+
+
+SERVE = CASE_LIST.with_name("h200_serve.yaml")
+SERVE_HELD_OUT = {"meta-llama/Llama-2-13b-hf", "Qwen/Qwen2.5-7B"}
+
+
+def serve_rule_split(case) -> str:
+    """The split rule stated at the top of h200_serve.yaml."""
+    plan = case.plan
+    if plan.model in SERVE_HELD_OUT or plan.context >= 16384 or plan.batch >= 16:
+        return "validation"
+    return "calibration"
+
+
+def test_serve_case_list_loads_follows_its_rule_and_covers_serving():
+    from harness.serve_case import ServeCase
+
+    cases = load_cases(SERVE)
+    assert len(cases) >= 15 and all(isinstance(c, ServeCase) for c in cases)
+    assert check_models(cases) == []
+    assert [c.split for c in cases] == [serve_rule_split(c) for c in cases]
+    assert Counter(c.split for c in cases) == {"calibration": 10, "validation": 9}
+    plans = [c.plan for c in cases]
+    assert {p.mode for p in plans} == {"merged", "unmerged", "multi"}
+    assert {p.quant for p in plans} == {"none", "nf4"}
+    assert {p.cache for p in plans} == {"dynamic", "static"}
+    assert min(p.batch for p in plans) == 1 and max(p.batch for p in plans) == 32
+    assert min(p.context for p in plans) == 1024 and max(p.context for p in plans) == 32768
+    assert {len(p.adapters) for p in plans if p.mode == "multi"} >= {4, 8}
+    # Llama-2's 4k positions are not stretched
+    assert all(p.context <= 4096 for p in plans if p.model == "meta-llama/Llama-2-13b-hf")

@@ -237,7 +237,9 @@ def _plan(values: Mapping[str, Any]) -> ServePlan:
     }
     return ServePlan(
         model=str(values.get("model", "?")),
-        adapters=uniform_adapters(count, rank, float(alpha) if alpha is not None else None, targets),
+        adapters=uniform_adapters(
+            count, rank, float(alpha) if alpha is not None else None, targets
+        ),
         prompt_tokens=prompt,
         new_tokens=new,
         **plan_values,

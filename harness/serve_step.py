@@ -111,12 +111,18 @@ def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) ->
     peft_model.eval()
     targets = tuple(
         sorted(
-            {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in peft_model.named_modules()
+                if isinstance(m, LoraLayer)
+            }
         )
     )
     if plan.mode == "merged":
         merged = peft_model.merge_and_unload()
-        return ServingModel(merged, total_params=count_parameters(merged)[1], lora_targets_used=targets)
+        return ServingModel(
+            merged, total_params=count_parameters(merged)[1], lora_targets_used=targets
+        )
     peft_model.set_adapter(adapters[0].name)
     kwargs: dict[str, Any] = {}
     if plan.mode == "multi":
@@ -183,7 +189,9 @@ def time_generate(
     prefill_s, total_s = statistics.median(prefill), statistics.median(total)
     batch = case.measured_batch
     decode_s = total_s - prefill_s
-    decode = (plan.new_tokens - 1) * batch / decode_s if plan.new_tokens > 1 and decode_s > 0 else None
+    decode = (
+        (plan.new_tokens - 1) * batch / decode_s if plan.new_tokens > 1 and decode_s > 0 else None
+    )
     return {
         "prefill_seconds": prefill_s,
         "generate_seconds": total_s,

@@ -33,7 +33,9 @@ def records(tmp_path_factory):
     from harness.launcher import run_cases
 
     root = tmp_path_factory.mktemp("serve")
-    cases = cases_from_yaml_data({"cases": [{**SMALL, "mode": "unmerged"}, {**SMALL, "mode": "multi"}]})
+    cases = cases_from_yaml_data(
+        {"cases": [{**SMALL, "mode": "unmerged"}, {**SMALL, "mode": "multi"}]}
+    )
     output = root / "serve.jsonl"
     run_cases(cases, output, device="cpu", scratch_dir=root / "scratch", progress=False)
     return cases, read_records(output)
@@ -47,7 +49,10 @@ def test_serve_case_reads_validates_and_round_trips():
     assert case.case_id != ServeCase.from_dict({**SMALL, "mode": "multi"}).case_id
     with pytest.raises(CaseError) as err:
         cases_from_yaml_data(
-            [{**SMALL, "mode": "mixed", "batch": 0, "seq_len": 9}, {**SMALL, "adapters": 0, "mode": "multi"}]
+            [
+                {**SMALL, "mode": "mixed", "batch": 0, "seq_len": 9},
+                {**SMALL, "adapters": 0, "mode": "multi"},
+            ]
         )
     problems = "\n".join(err.value.problems)
     assert "unknown field 'seq_len' for kind serve" in problems

@@ -28,6 +28,7 @@ Sources: transformers ``modeling_utils.caching_allocator_warmup``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -185,8 +186,25 @@ class AllocatorSimulation:
         return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes
 
 
+_CONFIG_JSON: dict[int, tuple[dict, str]] = {}  # id -> (the config, kept alive; its JSON)
+
+
+def _config_json(config_dict: dict) -> str:
+    """``config_dict`` as sorted JSON, once per config object (a sweep's rows share one)."""
+    import json
+
+    held = _CONFIG_JSON.get(id(config_dict))
+    if held is None or held[0] is not config_dict:
+        held = (config_dict, json.dumps(config_dict, sort_keys=True, default=str))
+        _CONFIG_JSON[id(config_dict)] = held
+    return held[1]
+
+
 def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
-    """What changes a single-GPU step trace, hashed (the allocator mode is simulated apart)."""
+    """What changes a single-GPU step trace, hashed (the allocator mode is simulated apart).
+
+    The hash of ``json.dumps({"v", "config", "plan", "libs"}, sort_keys=True)``, written out
+    part by part so that a long sweep serializes each config once."""
     import hashlib
     import json
     from dataclasses import fields as dataclass_fields
@@ -197,21 +215,29 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
     # serialize as the lists to_dict makes of them, so the key is the same
     skip = ("num_gpus", "strategy", "cpu_offload", "allocator")
     fields = {f.name: getattr(plan, f.name) for f in dataclass_fields(plan) if f.name not in skip}
-    payload = {
-        "v": SIMULATION_VERSION,
-        "config": config_dict,
-        "plan": fields,
-        "libs": library_versions(),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :32
-    ]
+    dumps = functools.partial(json.dumps, sort_keys=True, default=str)
+    payload = (
+        f'{{"config": {_config_json(config_dict)}, "libs": {dumps(library_versions())}, '
+        f'"plan": {dumps(fields)}, "v": {dumps(SIMULATION_VERSION)}}}'
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=8)
+def _allocator_folder(cache_root: str | None, xdg: str | None) -> str:
+    from vramcalc.inventory import _cache_dir
+
+    return str(_cache_dir().parent / "allocator")
 
 
 def _cache_path(key: str):  # type: ignore[no-untyped-def]
-    from vramcalc.inventory import _cache_dir
+    import os
+    from pathlib import Path
 
-    return _cache_dir().parent / "allocator" / f"{key}.json"
+    folder = _allocator_folder(
+        os.environ.get("VRAMCALC_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME")
+    )
+    return Path(folder, f"{key}.json")
 
 
 _LISTINGS: dict[str, tuple[float, frozenset[str]]] = {}

@@ -11,17 +11,16 @@ them in ``memory/activations.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4, "bool": 1}
 ROUND_TO = 512  # CUDA caching allocator granularity (tests/memtrace.py CUDA_ALLOCATION_GRANULARITY)
 
 
 # -- the abstract autograd ------------------------------------------------------------------
-@dataclass(frozen=True)
-class T:
-    """A symbolic tensor: one storage of ``numel`` elements."""
+class T(NamedTuple):
+    """A symbolic tensor: one storage of ``numel`` elements (a named tuple: a layer makes
+    dozens, a sweep row hundreds; a frozen dataclass costs three times as much to make)."""
 
     key: int
     numel: int  # elements of this (possibly view) tensor

@@ -54,7 +54,10 @@ class ReportRow:
 
     @property
     def split(self) -> str:
-        return str(self.record.get("split") or "unsplit")
+        """The record's split; multi-GPU records (simulated worlds, real N-GPU runs) form
+        their own groups (``multi-gpu/validation``...), apart from the single-GPU figures."""
+        split = str(self.record.get("split") or "unsplit")
+        return f"{MULTI_GPU_PREFIX}{split}" if is_multi_gpu(self.record) else split
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,14 @@ class Report:
 def _abs_error_desc(metric: str, row: ReportRow) -> float:
     """Sort key: the largest |error| of ``metric`` first."""
     return -abs(row.errors.get(metric, 0.0))
+
+
+MULTI_GPU_PREFIX = "multi-gpu/"
+
+
+def is_multi_gpu(record: dict[str, Any]) -> bool:
+    """A record of a multi-GPU plan (rank 0 of a simulated world, or a real N-GPU run)."""
+    return bool(record.get("simulated_world_size")) or int(record.get("num_gpus") or 1) > 1
 
 
 SERVE_RECORD_REASON = (

@@ -155,6 +155,34 @@ class _Recorder:
         return out
 
 
+def canonical_frees(
+    events: list[tuple[int, int, int]], tags: list[int]
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...]]:
+    """Each batch of consecutive frees in the order its tensors were made.
+
+    Python releases some groups of tensors in an order that changes from run to run (a
+    dict or set of saved tensors dropped at once, weakref callbacks), and the order of
+    frees with no allocation between them does not change the allocator's state (free
+    blocks merge with their free neighbours whatever the order): one order makes traces of
+    the same recipe comparable event by event."""
+    made = {handle: i for i, (op, handle, _) in enumerate(events) if op == ALLOC}
+    out, out_tags = list(events), list(tags)
+    i, n = 0, len(out)
+    while i < n:
+        if out[i][0] != FREE:
+            i += 1
+            continue
+        j = i
+        while j < n and out[j][0] == FREE:
+            j += 1
+        if j - i > 1:
+            order = sorted(range(i, j), key=lambda k: made.get(events[k][1], -1))
+            out[i:j] = [events[k] for k in order]
+            out_tags[i:j] = [tags[k] for k in order]
+        i = j
+    return tuple(out), tuple(out_tags)
+
+
 def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
     import torch
 
@@ -415,9 +443,10 @@ def _trace(
         )
         for name, p in named
     )
+    events, tags = canonical_frees(recorder.events, recorder.tags)
     return StepTrace(
-        tuple(recorder.events),
-        tuple(recorder.tags),
+        events,
+        tags,
         tuple(recorder.markers),
         param_list,
         tuple(layer_of.get(id(p), -1) for _, p in named),

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramcalc.errors import VramcalcError
-from vramcalc.memory.allocator import ALLOC
+from vramcalc.memory.allocator import ALLOC, FREE
 
 TRACED_LAYERS = 5
 TEMPLATE = 2  # the interior layer repeated
@@ -92,6 +92,31 @@ def _runs(tags: list[int], events: tuple[tuple[int, int, int], ...]) -> list[_Ru
     return runs
 
 
+def release_sweeps(events: tuple[tuple[int, int, int], ...], tags: list[int]) -> list[bool]:
+    """Per event: True for the frees of a release sweep -- a batch of consecutive frees
+    whose tensors come from three or more decoder layers (what every layer left, released
+    at once); the batch's order does not change the allocator's state."""
+    made: dict[int, int] = {}
+    out = [False] * len(events)
+    i, n = 0, len(events)
+    for k, (op, handle, _) in enumerate(events):
+        if op == ALLOC:
+            made[handle] = tags[k]
+    while i < n:
+        if events[i][0] == ALLOC:
+            i += 1
+            continue
+        j = i
+        while j < n and events[j][0] != ALLOC:
+            j += 1
+        layers = {made.get(events[k][1], -1) for k in range(i, j)} - {-1}
+        if len(layers) >= 3:
+            for k in range(i, j):
+                out[k] = True
+        i = j
+    return out
+
+
 def unroll(
     events: tuple[tuple[int, int, int], ...], tags: tuple[int, ...], num_layers: int
 ) -> tuple[tuple[int, int, int], ...]:
@@ -99,7 +124,19 @@ def unroll(
     n = num_layers
     if n <= TRACED_LAYERS:
         raise UnrollError(f"{n} layers need no unrolling")
-    filled = fill_untagged(retag_distant_frees(events, list(tags)))
+    sweep_free = release_sweeps(events, list(tags))
+    base_tags = list(tags)
+    for k in range(len(events)):
+        if sweep_free[k]:
+            base_tags[k] = -2  # placeholder: takes its neighbours' tag below
+    retagged = retag_distant_frees(events, base_tags)
+    last = -1
+    for k in range(len(events)):
+        if sweep_free[k]:
+            retagged[k] = last
+        else:
+            last = retagged[k]
+    filled = fill_untagged(retagged)
     runs = _runs(filled, events)
     tagged = [r for r in runs if r.tag >= 0]
     # sweeps: each template run with its neighbouring runs of layers 1 and 3
@@ -170,8 +207,21 @@ def unroll(
             return r3.allocs[index]
         raise UnrollError(f"no layer {target} for a tensor of layer {run.tag}")
 
+    def release(handle: int, nbytes: int) -> list[tuple[int, int, int]]:
+        """A free of a release sweep: of the tensor itself, or of every interior copy."""
+        made = where.get(handle)
+        if made is None or made[0].tag != TEMPLATE:
+            return [(FREE, handle, nbytes)]
+        run, index = made
+        if run.sweep < 0:
+            raise UnrollError("a release sweep frees an interior tensor outside any sweep")
+        template = sweeps[run.sweep][1]
+        return [(FREE, copy(template.allocs[index], layer), nbytes) for layer in range(2, n - 2)]
+
     out: list[tuple[int, int, int]] = []
     for run in runs:
+        if any(sweep_free[run.start : run.stop]) and run.tag == TEMPLATE:
+            raise UnrollError("a release sweep inside an interior layer's run")
         if run.tag == TEMPLATE:
             layers = range(2, n - 2) if sweeps[run.sweep][3] else range(n - 3, 1, -1)
             for layer in layers:
@@ -182,7 +232,10 @@ def unroll(
                         out.append((op, resolve(handle, layer, TEMPLATE), nbytes))
             continue
         running = layer_of_tag.get(run.tag)
-        for op, handle, nbytes in events[run.start : run.stop]:
+        for k, (op, handle, nbytes) in enumerate(events[run.start : run.stop], run.start):
+            if sweep_free[k]:
+                out.extend(release(handle, nbytes))
+                continue
             if op == ALLOC:
                 out.append((op, handle, nbytes))
             else:

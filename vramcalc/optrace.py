@@ -92,26 +92,12 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 
 
 def _outlier_probability(config: Any, name: str) -> float:
-    """P(|x| >= 6) for one input element of an int8 linear at random init: MLP output
-    projections only (``memory.fakemodel._outlier_columns`` gives the same columns)."""
-    from vramcalc.memory.emulation import int8_outlier_probability
-    from vramcalc.memory.fakemodel import _MLP_OUTPUT
+    """P(|x| >= 6) for one input element of an int8 linear at random init (``memory/int8.py``,
+    the rule the step trace uses)."""
+    from vramcalc.memory.int8 import int8_outlier_probability, outlier_rule
 
-    parts = name.split(".")
-    leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
-    if leaf not in _MLP_OUTPUT:
-        return 0.0
-    act = str(
-        getattr(config, "hidden_activation", None)
-        or getattr(config, "hidden_act", None)
-        or getattr(config, "activation_function", None)
-        or "silu"
-    )
-    act = "gelu_tanh" if "gelu" in act else ("relu" if act == "relu" else "silu")
-    sigma = float(getattr(config, "initializer_range", 0.02) or 0.02) * math.sqrt(
-        int(config.hidden_size)
-    )
-    return int8_outlier_probability(act, sigma, _MLP_OUTPUT[leaf])
+    rule = outlier_rule(config, name, 0)
+    return int8_outlier_probability(rule.act, rule.sigma, rule.gated) if rule else 0.0
 
 
 def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:

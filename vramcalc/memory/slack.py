@@ -167,7 +167,7 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
 
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 5
+SIMULATION_VERSION = 6
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
@@ -286,14 +286,14 @@ def simulate_plan(
     import os
     import time
 
-    from vramcalc.memory.steptrace import trace_steps
+    from vramcalc.memory.recipe import plan_steps
 
     if use_cache:
         hit = cached_simulation(config_dict, plan)
         if hit is not None:
             return hit
     started = time.perf_counter()
-    trace = trace_steps(config_dict, plan, steps=SIMULATED_STEPS)
+    trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
     reserved, allocated = {}, 0
     for mode in ALLOCATOR_MODES:
         run = simulate_run(trace, plan, AllocatorConfig(expandable_segments=mode == "expandable"))

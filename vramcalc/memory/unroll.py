@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.memory.steptrace import StepTrace
 
 TRACED_LAYERS = 5
 TEMPLATE = 2  # the interior layer repeated
@@ -311,3 +312,124 @@ def repeat_last_step(
             out_tags.append(tags[i])
         previous = current
     return tuple(out), tuple(out_tags)
+
+
+def repeat_micro(
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    markers: tuple[tuple[str, int], ...],
+    times: int,
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]]:
+    """Each step's last traced micro-batch repeated ``times`` more times (gradient
+    accumulation over more micro-batches than were traced).
+
+    Micro-batches after the second run the same operations: each one frees what the one
+    before it left for it (the accumulated gradients it replaces) at the same position from
+    its start, so a copy frees the previous copy's tensors, and what follows the last
+    micro-batch (the optimizer step) frees the last copy's."""
+    at = dict(markers)
+    steps = sorted(
+        int(label[4:]) for label in at if label.startswith("step") and label[4:].isdigit()
+    )
+    last = max((int(label.rsplit("micro", 1)[1]) for label in at if "_micro" in label), default=0)
+    if last < 2 or times <= 0:
+        raise UnrollError("repeat the last of three or more traced micro-batches")
+    segments = []
+    for step in steps:
+        try:
+            prev, start = at[f"step{step}_micro{last - 1}"], at[f"step{step}_micro{last}"]
+            stop = at[f"step{step}_optimizer"]
+        except KeyError as err:
+            raise UnrollError(f"the trace has no marker {err}") from err
+        if stop - start != start - prev:
+            raise UnrollError("the last two micro-batches differ in length")
+        segments.append((prev, start, stop))
+    made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    top = max(made_at, default=0)
+    out: list[tuple[int, int, int]] = []
+    out_tags: list[int] = []
+    remap: dict[int, int] = {}  # a segment's tensor -> its counterpart in the last copy
+    shifts: list[tuple[int, int]] = []  # (event index, events inserted before it)
+    position = 0
+    for prev, start, stop in segments:
+        for i in range(position, stop):
+            op, handle, nbytes = events[i]
+            out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+            out_tags.append(tags[i])
+        position = stop
+        made_in = {h for h in (events[i][1] for i in range(start, stop) if events[i][0] == ALLOC)}
+        freed_in = {events[i][1] for i in range(start, stop) if events[i][0] != ALLOC}
+        for i in range(start, stop):  # a tensor the segment leaves must replace its twin
+            op, handle, _ = events[i]
+            if op == ALLOC and any(
+                events[k][1] == handle and events[k][0] != ALLOC for k in range(i + 1, stop)
+            ):
+                continue
+            if op == ALLOC:
+                twin = events[i - start + prev]
+                if twin[0] != ALLOC or twin[1] not in freed_in:
+                    raise UnrollError("a micro-batch leaves a tensor that the next does not free")
+        previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
+        for _ in range(times):
+            current: dict[int, int] = {}
+            for i in range(start, stop):
+                op, handle, nbytes = events[i]
+                if op == ALLOC:
+                    top += 1
+                    current[handle] = top
+                    out.append((op, top, nbytes))
+                else:
+                    made = made_at.get(handle, -1)
+                    if handle in made_in:
+                        out.append((op, current[handle], nbytes))
+                    elif prev <= made < start:
+                        twin = events[made - prev + start]
+                        if twin[0] != ALLOC or twin[2] != events[made][2]:
+                            raise UnrollError("a tensor crossing micro-batches has no twin")
+                        out.append((op, previous[twin[1]], nbytes))
+                    else:
+                        raise UnrollError("a micro-batch frees a tensor from before the last two")
+                out_tags.append(tags[i])
+            previous = current
+        remap.update({h: previous[h] for h in made_in})
+        shifts.append((stop, times * (stop - start)))
+    for i in range(position, len(events)):
+        op, handle, nbytes = events[i]
+        out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+        out_tags.append(tags[i])
+
+    # the copies stand just before each optimizer marker: later markers move by what came in,
+    # and each copy starts a micro-batch of its own
+    moved = [
+        (label, index + sum(n for where, n in shifts if where <= index)) for label, index in markers
+    ]
+    for step, (_, start, stop) in zip(steps, segments, strict=True):
+        base = stop + sum(n for where, n in shifts if where < stop)
+        moved += [
+            (f"step{step}_micro{last + k}", base + (k - 1) * (stop - start))
+            for k in range(1, times + 1)
+        ]
+    new_markers = tuple(sorted(moved, key=lambda m: (m[1], _marker_order(m[0]))))
+    return tuple(out), tuple(out_tags), new_markers
+
+
+def _marker_order(label: str) -> int:
+    """At one position: a step starts before its micro-batches, which come before its
+    optimizer step, which comes before the end."""
+    if label == "end":
+        return 3
+    if label.endswith("_optimizer"):
+        return 2
+    return 1 if "_micro" in label else 0
+
+
+def expand(small: StepTrace, steps: int, num_layers: int) -> StepTrace:
+    """A trace of two steps of at most ``TRACED_LAYERS`` layers as ``steps`` steps of
+    ``num_layers`` layers (``UnrollError`` when its shape does not allow it)."""
+    events, tags = repeat_last_step(small.events, small.tags, small.markers, steps - 2)
+    params = small.params
+    if num_layers > small.num_layers:
+        events = unroll(events, tags, num_layers)
+        params = unroll_params(small.params, small.param_layers, num_layers)
+        tags = ()
+    return StepTrace(events, tags, (), params, (), num_layers)

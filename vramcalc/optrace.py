@@ -119,10 +119,11 @@ def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
 
 
 def _bnb_params(
-    params: list[tuple[Any, int, bool]], plan: TrainingPlan
+    params: list[tuple[Any, int, bool]], plan: TrainingPlan, rank_prime: int
 ) -> tuple[BnbOptimizerParam, ...]:
     """(tensor, layer, embedding) -> what a bitsandbytes optimizer moves per element: its
-    states read and written, the parameter read and written, the gradient read."""
+    states read and written, the parameter read and written, the gradient read. A LoRA
+    tensor (its size a multiple of the traced prime rank) keeps its size per unit of rank."""
     from vramcalc.memory.optimizer import bnb_state_tensors
 
     out = []
@@ -130,12 +131,17 @@ def _bnb_params(
         n = int(p.numel())
         states = sum(b for b, _ in bnb_state_tensors(plan.optimizer, n, embedding))
         per_element = 2 * states / n + 3 * p.element_size()
-        out.append(BnbOptimizerParam(n, per_element, "layers" if layer == 1 else "once"))
+        repeat = "layers" if layer == 1 else "once"
+        per_rank = n // rank_prime if rank_prime and n % rank_prime == 0 else 0
+        out.append(
+            BnbOptimizerParam(
+                0 if per_rank else n, per_element, repeat, per_rank, p.element_size(), embedding
+            )
+        )
     return tuple(out)
 
 
-def trace_prime(config: Any, plan: TrainingPlan) -> int:
-    """The traced sequence length: the first of ``TRACE_PRIMES`` dividing no model dimension."""
+def _model_dims(config: Any) -> list[int]:
     names = (
         "hidden_size",
         "intermediate_size",
@@ -147,7 +153,12 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
         "num_local_experts",
         "moe_intermediate_size",
     )
-    dims = [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
+    return [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
+
+
+def trace_prime(config: Any, plan: TrainingPlan) -> int:
+    """The traced sequence length: the first of ``TRACE_PRIMES`` dividing no model dimension."""
+    dims = _model_dims(config)
     dims.append(plan.adapter_rank)
     for p in TRACE_PRIMES:
         if all(d % p for d in dims):
@@ -156,9 +167,12 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
 
 
 def trace_events(
-    config_dict: dict[str, Any], plan: TrainingPlan
+    config_dict: dict[str, Any], plan: TrainingPlan, rank_prime: int = 0
 ) -> tuple[list[_Event], list[_Event], Any]:
-    """The events of one micro-batch and of one optimizer step, and the parameter facts."""
+    """The events of one micro-batch and of one optimizer step, and the parameter facts.
+
+    ``rank_prime``: the plan's LoRA rank is this prime (``opprofile.traced_rank``), and every
+    amount is split into its parts in r^0, r^1 and r^2 (0: amounts at the plan's rank)."""
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -171,7 +185,9 @@ def trace_events(
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     prime = trace_prime(text_config, plan)
-    rec = Recorder(prime)
+    if rank_prime and (rank_prime != plan.adapter_rank or rank_prime == prime):
+        raise ProfileError(f"rank {plan.adapter_rank} is not the traced prime rank {rank_prime}")
+    rec = Recorder(prime, rank_prime)
     with _quiet():
         model = build_model(
             config_dict, plan.with_(batch_size=1, seq_len=prime, grad_accum=1), TRACED_LAYERS
@@ -218,7 +234,9 @@ def trace_events(
             F.scaled_dot_product_attention = original_sdpa
     bnb: tuple[BnbOptimizerParam, ...] = ()
     if optimizer is None:
-        bnb = _bnb_params([(p, layer_of.get(id(p), -1), id(p) in embeddings) for p in params], plan)
+        bnb = _bnb_params(
+            [(p, layer_of.get(id(p), -1), id(p) in embeddings) for p in params], plan, rank_prime
+        )
     return micro_batch, optimizer_events, (bnb, counts, len(layers), prime)
 
 

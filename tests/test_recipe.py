@@ -126,6 +126,8 @@ def test_instantiated_recipe_is_the_plans_own_trace(arch: str, variant: str) -> 
         {"seq_len": 130},  # above it
         {"seq_len": 99, "batch_size": 2},  # just past it
         {"seq_len": 1000, "rank": 64},
+        {"seq_len": 1024, "rank": 64},  # the position limit is no threshold
+        {"seq_len": 1500},  # nor is a length past it
     ],
     ids=str,
 )
@@ -171,7 +173,7 @@ def test_trace_points_avoid_the_configs_numbers_and_thresholds() -> None:
     above = recipe.trace_point(config, _plan("mistral", "lora", seq_len=500))
     assert below is not None and above is not None
     assert below.batch != 211 and below.seq < 96 - recipe.MAX_SHIFT
-    assert above.seq > 96 + recipe.MAX_SHIFT and above.seq < 1024 - recipe.MAX_SHIFT
+    assert above.seq > 96 + recipe.MAX_SHIFT
     for on_the_threshold in (95, 96, 97):  # traced for the plan itself
         assert (
             recipe.trace_point(config, _plan("mistral", "lora", seq_len=on_the_threshold)) is None

@@ -141,19 +141,26 @@ def _marker(n: int, numbers: set[int], taken: set[int]) -> bool:
 
 
 def length_thresholds(config_dict: dict[str, Any]) -> tuple[int, ...]:
-    """Sequence lengths at which the model's code may take another path: sliding windows,
-    chunked attention, the rope's original context, the position limit."""
+    """Sequence lengths at which the model's code takes another path: sliding windows and
+    chunked attention (transformers' masks), and the switch of a dynamic or long rope
+    (``modeling_rope_utils.dynamic_rope_update``). The position limit is none: rope is
+    computed from the positions, whatever their number."""
     found: set[int] = set()
 
     def take(value: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
             found.add(value)
 
-    for key in ("sliding_window", "attention_chunk_size", "max_position_embeddings"):
+    for key in ("sliding_window", "attention_chunk_size"):
         take(config_dict.get(key))
     rope = config_dict.get("rope_scaling") or config_dict.get("rope_parameters") or {}
-    if isinstance(rope, dict):
+    if isinstance(rope, dict) and str(rope.get("rope_type") or rope.get("type")) in (
+        "dynamic",
+        "longrope",
+    ):
         take(rope.get("original_max_position_embeddings"))
+        take(config_dict.get("original_max_position_embeddings"))
+        take(config_dict.get("max_position_embeddings"))
     for sub in ("text_config",):
         if isinstance(config_dict.get(sub), dict):
             found.update(length_thresholds(config_dict[sub]))

@@ -165,10 +165,58 @@ def cuda_functions() -> Iterator[None]:
 
     F.layer_norm, F.dropout = fp32_layer_norm, fused_dropout  # type: ignore[assignment]
     torch.is_autocast_enabled = lambda *a: is_enabled(*a) if a else is_enabled("cpu")  # type: ignore[assignment]
+    grouped = {
+        owner: getattr(owner, name)
+        for owner, name in ((torch, "_grouped_mm"), (F, "grouped_mm"))
+        if hasattr(owner, name)
+    }
+    for owner, original in grouped.items():
+        setattr(owner, original.__name__, grouped_mm_any_dtype(original))
     try:
         yield
     finally:
         F.layer_norm, F.dropout, torch.is_autocast_enabled = layer_norm, dropout, is_enabled  # type: ignore[assignment]
+        for owner, original in grouped.items():
+            setattr(owner, original.__name__, original)
+
+
+class _GroupedMMLike(torch.autograd.Function):
+    """``_grouped_mm`` of a 2-D input and 3-D expert weights in a dtype other than bf16.
+
+    CUDA runs it (``GroupedBlas.cpp``: no bf16 fast path, the per-group fallback writing one
+    output); its meta function accepts bf16 only, so fake tensors refuse what the GPU runs
+    (a QLoRA MoE: transformers 5.17 leaves the fused experts unquantized, and
+    ``prepare_model_for_kbit_training`` makes them fp32). Forward: the (tokens, out) result;
+    saves the weight for the input's gradient and the input for the weight's. Backward: the
+    gradients, one grouped product each."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.experts = b.shape[0]
+        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None)
+        return a.new_empty((a.shape[0], b.shape[-1]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = grad.new_empty((grad.shape[0], b.shape[-2])) if b is not None else None
+        grad_b = (
+            a.new_empty((ctx.experts, a.shape[-1], grad.shape[-1])) if a is not None else None
+        )
+        return grad_a, grad_b
+
+
+def grouped_mm_any_dtype(original: Any) -> Any:
+    """``torch._grouped_mm`` / ``F.grouped_mm`` that runs non-bf16 2-D x 3-D products as CUDA
+    does (``_GroupedMMLike``); everything else as ``original``."""
+
+    def grouped_mm(mat_a, mat_b, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if mat_a.dtype == torch.bfloat16 or mat_a.dim() != 2 or mat_b.dim() != 3:
+            return original(mat_a, mat_b, *args, **kwargs)
+        return _GroupedMMLike.apply(mat_a, mat_b)
+
+    grouped_mm.__name__ = original.__name__
+    return grouped_mm
 
 
 #: (dim, multiple) pairs for the allocation being made: a dim that is a length rounded up to a

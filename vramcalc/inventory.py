@@ -27,7 +27,6 @@ Building costs ~0.5 s after ~3 s of imports, so results are cached on disk
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
 from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.versions import installed_versions
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
 CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built
@@ -126,21 +126,7 @@ class ModelInventory:
 
 def library_versions() -> dict[str, str]:
     """Versions that change how models are built (part of the cache key)."""
-    return dict(_installed_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _installed_versions() -> tuple[tuple[str, str], ...]:
-    """Read once per process: installed packages do not change under a running sweep."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            out.append((name, version(name)))
-        except PackageNotFoundError:
-            out.append((name, "missing"))
-    return tuple(out)
+    return dict(installed_versions())
 
 
 def _cache_dir() -> Path:

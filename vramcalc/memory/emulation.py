@@ -200,9 +200,7 @@ class _GroupedMMLike(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a, b = ctx.saved_tensors
         grad_a = grad.new_empty((grad.shape[0], b.shape[-2])) if b is not None else None
-        grad_b = (
-            a.new_empty((ctx.experts, a.shape[-1], grad.shape[-1])) if a is not None else None
-        )
+        grad_b = a.new_empty((ctx.experts, a.shape[-1], grad.shape[-1])) if a is not None else None
         return grad_a, grad_b
 
 

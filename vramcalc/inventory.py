@@ -322,7 +322,12 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     # peft imports bitsandbytes when it is installed; its CPU backend logs a warning about an
     # optional kernel package that has nothing to do with counting parameters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from vramcalc import progress
 
+    progress.note(
+        f"building {progress.describe(where or plan.model, plan.method, plan.quant)} on the "
+        "meta device to count its parameters (torch, transformers and peft load first)"
+    )
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

@@ -365,6 +365,13 @@ def _cached(key: str, config_json: str, recipe: TrainingPlan, rank: int) -> OpPr
     if path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return OpProfile.from_json(json.loads(path.read_text()))
+    from vramcalc import progress
+
+    progress.note(
+        "tracing the op profile of "
+        + progress.describe(recipe.model, recipe.method, recipe.quant)
+        + " for its speed (once per recipe)"
+    )
     profile = trace_profile(json.loads(config_json), recipe, rank)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -473,8 +473,14 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
     """Trace the recipe of ``plan`` at ``point`` (torch; a second or more of CPU)."""
     import time
 
+    from vramcalc import progress
     from vramcalc.memory.steptrace import trace_at
 
+    progress.note(
+        "tracing the training step of "
+        + progress.describe(plan.model, plan.method, plan.quant)
+        + " on fake tensors (once per recipe)"
+    )
     started = time.perf_counter()
     micro = min(plan.grad_accum, MAX_TRACED_MICRO_BATCHES)
     layers, total = traced_layers(config_dict)

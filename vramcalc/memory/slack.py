@@ -294,6 +294,12 @@ def simulate_plan(
             return hit
     started = time.perf_counter()
     trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
+    from vramcalc import progress
+
+    progress.note(
+        f"replaying loading and {SIMULATED_STEPS} steps through the caching-allocator model "
+        f"(batch {plan.batch_size} x {plan.seq_len}, rank {plan.adapter_rank})"
+    )
     reserved, allocated = {}, 0
     for mode in ALLOCATOR_MODES:
         run = simulate_run(trace, plan, AllocatorConfig(expandable_segments=mode == "expandable"))

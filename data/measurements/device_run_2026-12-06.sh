@@ -23,7 +23,7 @@ for list in "$@"; do
     name=${name#h100_}
     out=data/measurements/${tag}_${name}_2026-12-06.jsonl
     left=$((deadline - ($(date +%s) - t0)))
-    if [ "$left" -lt 120 ]; then echo "[run] no time left for $list"; break; fi
+    if [ "$left" -lt 170 ]; then echo "[run] no time left for $list"; break; fi
     echo "[run] $list -> $out, $left s left"
     timeout --signal=TERM --kill-after=20 $((left - 25)) python3 -m harness "$list" -o "$out" \
         --device cuda --scratch /tmp/vramcalc-scratch --stop-after-s $((left - 140)) --no-progress

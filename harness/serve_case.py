@@ -296,6 +296,7 @@ SERVE_RESULT_FIELDS = (
     "context_device_bytes",
     "nvml_total_bytes",
     "driver_reserved_bytes",
+    "checkpoint_weights",  # "random" (random init) or "zeros" (a sparse checkpoint)
 )
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The device runs of 2026-12-06: case lists one after the other under one deadline (resumable).
 # Run from a copy of the checkout on the GPU machine (bitsandbytes wheel in $WHEELS):
-#   VRAMCALC_COMMIT=<sha> WHEELS=../.whl bash data/measurements/device_run_2026-12-06.sh DEADLINE_S LIST.yaml...
+#   [HARNESS_FLAGS=--sparse-checkpoints] VRAMCALC_COMMIT=<sha> WHEELS=../.whl bash data/measurements/device_run_2026-12-06.sh DEADLINE_S LIST.yaml...
 # Each list's records go to data/measurements/<gpu>_<list name without h100_/h200_>_2026-12-06.jsonl
 # and are copied to $OUT after each list. The harness resumes from those files on the next call.
 set -u
@@ -26,7 +26,7 @@ for list in "$@"; do
     if [ "$left" -lt 170 ]; then echo "[run] no time left for $list"; break; fi
     echo "[run] $list -> $out, $left s left"
     timeout --signal=TERM --kill-after=20 $((left - 25)) python3 -m harness "$list" -o "$out" \
-        --device cuda --scratch /tmp/vramcalc-scratch --stop-after-s $((left - 140)) --no-progress
+        --device cuda --scratch /tmp/vramcalc-scratch --stop-after-s $((left - 140)) --no-progress ${HARNESS_FLAGS:-}
     echo "[run] $list: rc $?"
     [ -f "$out" ] && cp "$out" "$OUT/"
 done

@@ -323,6 +323,12 @@ def measure_case(
             if record.get(key) is None and key != "measured_at":
                 record[key] = provenance.get(key)
         return record
+    if outcome.result is not None and outcome.result.get("case_id") not in (None, case.case_id):
+        error = (
+            f"measuring: the worker's record is for case {outcome.result['case_id']}, not "
+            f"{case.case_id} (the case changed on its way through to_dict / from_dict)"
+        )
+        return _fallback_record(case, device, "error", error, provenance)
     status, error = _failure(outcome, "measuring", timeout_s)
     return _fallback_record(case, device, status, error, provenance)
 

@@ -232,8 +232,8 @@ def _plan(values: Mapping[str, Any]) -> ServePlan:
     targets = values.get("targets")
     if isinstance(targets, str):
         targets = parse_targets(targets)
-    elif isinstance(targets, list):
-        targets = tuple(sorted(str(t) for t in targets))
+    elif isinstance(targets, list):  # in order, as a training case and the string form keep them
+        targets = tuple(str(t) for t in targets)
     elif targets is not None:
         problems.append(f"targets must be names or all-linear, got {targets!r}.")
     if problems:

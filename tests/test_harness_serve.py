@@ -119,3 +119,13 @@ def test_dora_adapters_are_built_with_peft_dora(tmp_path, records):
     # tiny-llama, 2 layers, q_proj 64 and v_proj 2 kv heads x 16 = 32 outputs
     _, (unmerged, _) = records
     assert record["total_params"] - unmerged["total_params"] == 2 * 2 * (64 + 32)
+
+
+def test_a_case_with_targets_in_any_order_keeps_its_id_through_the_worker_round_trip():
+    """The launcher sends case.to_dict() to the worker, which must rebuild the same case."""
+    from harness.worker import case_from_dict
+
+    for targets in ("q_proj,k_proj,v_proj,o_proj", ["v_proj", "q_proj"], "all-linear"):
+        case = ServeCase.from_dict({**SMALL, "mode": "unmerged", "targets": targets})
+        again = case_from_dict(case.to_dict())
+        assert again == case and again.case_id == case.case_id

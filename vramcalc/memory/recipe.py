@@ -49,7 +49,7 @@ from vramcalc.memory.steptrace import StepTrace
 from vramcalc.plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (unroll.repeat_last_step)
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (unroll.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
@@ -359,9 +359,7 @@ class RecipeTrace:
 
     def _with_bnb_states(
         self, params: tuple[Any, ...], events: tuple[tuple[int, int, int], ...]
-    ) -> tuple[
-        tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]
-    ]:
+    ) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]]:
         """Events (tags, markers) with each tensor's bitsandbytes states allocated at its slot
         as the rule gives them for the plan's tensor sizes (how many are on the device --
         paged states are not -- depends on the size; they are never freed)."""

@@ -231,7 +231,7 @@ def test_traced_run_holds_the_rank_allocator_and_matches_the_rules():
     traced run ends with the adapters' three fp32 rank-allocator copies still allocated."""
     from vramcalc.memory.allocator import AllocatorConfig
     from vramcalc.memory.slack import simulate_plan, simulate_run
-    from vramcalc.memory.steptrace import trace_steps
+    from vramcalc.trace.steptrace import trace_steps
 
     p = TrainingPlan(
         "tiny", method="adalora", init_rank=32, targets=("all-linear",), seq_len=64, batch_size=2

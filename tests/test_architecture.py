@@ -14,8 +14,8 @@ PACKAGES = ("vramcalc", "harness")
 #: cycles still to break (each a sorted tuple of module names); must only shrink
 KNOWN_CYCLES = {
     ("vramcalc.memory.allocator", "vramcalc.memory.allocator_trace"),
-    ("vramcalc.opprofile", "vramcalc.oprecorder", "vramcalc.optrace"),
-    ("vramcalc.render", "vramcalc.report", "vramcalc.throughput_fit"),
+    ("vramcalc.speed.opprofile", "vramcalc.trace.oprecorder", "vramcalc.trace.optrace"),
+    ("vramcalc.render.tables", "vramcalc.report", "vramcalc.speed.throughput_fit"),
     (
         "harness.distributed",
         "harness.record",

@@ -9,7 +9,11 @@ import pytest
 
 from tests.conftest import TINY_LLAMA
 from vramcalc.catalog import Gpu, find_gpu
-from vramcalc.cost import (
+from vramcalc.errors import InvalidPlanError
+from vramcalc.inventory import build_inventory
+from vramcalc.plan import TrainingPlan
+from vramcalc.render.tables import format_duration, render_cost
+from vramcalc.speed.cost import (
     COLUMN_PREFIXES,
     RunLength,
     check_price,
@@ -17,11 +21,7 @@ from vramcalc.cost import (
     estimate_cost,
     throughput_columns,
 )
-from vramcalc.errors import InvalidPlanError
-from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
-from vramcalc.render import format_duration, render_cost
-from vramcalc.throughput import ThroughputCalibration, estimate_throughput, plan_work
+from vramcalc.speed.throughput import ThroughputCalibration, estimate_throughput, plan_work
 
 GPU = Gpu(
     "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"

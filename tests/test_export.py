@@ -1,4 +1,4 @@
-"""vramcalc.export: every format written, read back with pandas, equal to the estimates."""
+"""vramcalc.render.export: every format written, read back with pandas, equal to the estimates."""
 
 import json
 
@@ -8,8 +8,8 @@ import pytest
 
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
-from vramcalc.export import ExportError, output_format, write_sweep
-from vramcalc.render import header, render_sweep, summary_columns
+from vramcalc.render.export import ExportError, output_format, write_sweep
+from vramcalc.render.tables import header, render_sweep, summary_columns
 from vramcalc.sweep import expand_cases, run_sweep
 
 DEFAULTS = {"model": None, "method": "lora", "seq_len": 256, "batch_size": 1}

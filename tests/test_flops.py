@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TINY_LLAMA
-from vramcalc.flops import estimate_flops, linear_input_grad_shares
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
+from vramcalc.speed.flops import estimate_flops, linear_input_grad_shares
 
 T = 2 * 32
 LINEAR = 73_728

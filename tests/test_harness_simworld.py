@@ -21,7 +21,7 @@ from harness.scenario import Case, load_cases, simulated
 from harness.simworld import SIMULATED_WORLD_LIMITS
 from vramcalc.plan import TrainingPlan
 from vramcalc.report import plan_of
-from vramcalc.throughput_fit import excluded_reason
+from vramcalc.speed.throughput_fit import excluded_reason
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 TINY_PARAMS = 106816  # tiny-llama, every weight trained

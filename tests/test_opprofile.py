@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TINY_LLAMA
-from vramcalc import optrace
-from vramcalc.flops import estimate_flops
 from vramcalc.inventory import build_inventory
-from vramcalc.opprofile import LAUNCH, OpProfile, op_profile, trace_profile
 from vramcalc.plan import TrainingPlan
-from vramcalc.stepwork import step_work
+from vramcalc.speed.flops import estimate_flops
+from vramcalc.speed.opprofile import LAUNCH, OpProfile, op_profile, trace_profile
+from vramcalc.speed.stepwork import step_work
+from vramcalc.trace import optrace
 
 LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj")}
 

@@ -160,7 +160,7 @@ def test_committed_measurements_do_not_regress_against_the_committed_report():
 
 
 def test_throughput_section_and_gate(tiny_llama_dir, monkeypatch):
-    from vramcalc.throughput_fit import compare_records
+    from vramcalc.speed.throughput_fit import compare_records
 
     rec = record(tiny_llama_dir, "validation", 1.0) | {
         "gpu_name": "H100-80GB",

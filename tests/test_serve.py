@@ -9,21 +9,21 @@ import pytest
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory import alloc_bytes
-from vramcalc.memory.kvcache import (
-    CacheLayout,
-    cache_layout,
-    kv_cache_bytes,
-    kv_prefill_bytes,
-    kv_update_transient_bytes,
-)
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.serve import estimate_serve_memory, prepare_serving
 from vramcalc.serve_plan import (
     ServePlan,
     context_split,
     read_adapter_dir,
     uniform_adapters,
 )
+from vramcalc.serving.kvcache import (
+    CacheLayout,
+    cache_layout,
+    kv_cache_bytes,
+    kv_prefill_bytes,
+    kv_update_transient_bytes,
+)
+from vramcalc.serving.serve import estimate_serve_memory, prepare_serving
 
 TINY = {
     "hidden_size": 64,
@@ -266,8 +266,8 @@ def test_disk_sizes(tiny_llama_dir):
 # -- speed -------------------------------------------------------------------------------------
 def test_decode_speed_shape(tiny_llama_dir):
     from vramcalc.catalog import find_gpu
-    from vramcalc.serve_speed import estimate_serve_speed
-    from vramcalc.throughput import load_throughput_calibration
+    from vramcalc.serving.serve_speed import estimate_serve_speed
+    from vramcalc.speed.throughput import load_throughput_calibration
 
     cal, gpu = load_throughput_calibration(), find_gpu("H200")
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from tests.test_readme import README, _keys, _section
 from vramcalc.cli import cli
-from vramcalc.cli_serve import NOTHING_FITS
+from vramcalc.cli.serve import NOTHING_FITS
 
 
 def _run(*args: str):

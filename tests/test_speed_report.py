@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from vramcalc.cli import cli
 from vramcalc.plan import TrainingPlan
-from vramcalc.speed_report import (
+from vramcalc.speed.speed_report import (
     TARGETS,
     dispersion,
     distances,
@@ -95,7 +95,7 @@ def test_split_figures_gate_and_distances():
 
 def _measurements(folder, tiny_llama_dir, scale):
     """Records of the tiny model measured as predicted x ``scale`` in step time."""
-    from vramcalc.throughput_fit import compare_records
+    from vramcalc.speed.throughput_fit import compare_records
 
     records = []
     for i, (seq, batch, split) in enumerate(

@@ -7,8 +7,8 @@ import pytest
 
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.slack import simulate_run
-from vramcalc.memory.steptrace import trace_steps
 from vramcalc.plan import TrainingPlan
+from vramcalc.trace.steptrace import trace_steps
 
 TINY = {
     "model_type": "llama",

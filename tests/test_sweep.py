@@ -233,8 +233,8 @@ def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):
 
 
 def test_speed_and_cost_columns_equal_the_cost_module(tiny_llama_dir):
-    from vramcalc.cost import RunLength
     from vramcalc.planner import plan_result
+    from vramcalc.speed.cost import RunLength
     from vramcalc.sweep import SpeedAndCost
 
     gpus = [find_gpu("T4"), find_gpu("A100-40GB"), find_gpu("H100-80GB")]
@@ -264,7 +264,7 @@ def test_speed_and_cost_columns_equal_the_cost_module(tiny_llama_dir):
 def test_cost_only_on_gpus_the_plan_fits(tiny_llama_dir):
     from dataclasses import replace
 
-    from vramcalc.cost import RunLength
+    from vramcalc.speed.cost import RunLength
     from vramcalc.sweep import SpeedAndCost
 
     cases = expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS)

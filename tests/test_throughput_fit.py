@@ -13,8 +13,8 @@ from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import CONSTANTS, Peaks, ThroughputCalibration, plan_work, price
-from vramcalc.throughput_fit import (
+from vramcalc.speed.throughput import CONSTANTS, Peaks, ThroughputCalibration, plan_work, price
+from vramcalc.speed.throughput_fit import (
     FITTED,
     compare_records,
     excluded_reason,

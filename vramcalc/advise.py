@@ -21,7 +21,7 @@ from vramcalc.errors import VramcalcError
 from vramcalc.estimate import MemoryEstimate, default_allocator_model, prepare
 from vramcalc.fit import budget_bytes
 from vramcalc.plan import KBIT_QUANTS, TrainingPlan
-from vramcalc.throughput import estimate_throughput, plan_work
+from vramcalc.speed.throughput import estimate_throughput, plan_work
 
 # the cost of a change beyond speed, cheapest first
 COSTS = ("none", "more GPUs", "quality", "tokens cut")

@@ -12,11 +12,11 @@ from typing import Any
 
 from vramcalc.catalog import Gpu, find_gpu, load_gpus
 from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.cost import CostTable, RunLength, check_price, cost_table, unpriced_table
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import MemoryEstimate, Prepared, prepare
 from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import ThroughputEstimate, Work, estimate_throughput, plan_work
+from vramcalc.speed.cost import CostTable, RunLength, check_price, cost_table, unpriced_table
+from vramcalc.speed.throughput import ThroughputEstimate, Work, estimate_throughput, plan_work
 
 
 @dataclass(frozen=True)

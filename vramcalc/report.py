@@ -169,7 +169,7 @@ def build_report(
                 if measured:
                     errors[metric] = (est[metric] - measured) / measured
         rows.append(ReportRow(record, est, errors))
-    from vramcalc.throughput_fit import compare_records
+    from vramcalc.speed.throughput_fit import compare_records
 
     return Report(tuple(rows), tuple(sources or ()), throughput=tuple(compare_records(records)))
 
@@ -365,7 +365,7 @@ def _fmt_pct(value: float) -> str:
 
 def render_markdown(report: Report, problems: list[str]) -> str:
     """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown)."""
-    from vramcalc.render import table
+    from vramcalc.render.tables import table
 
     lines = ["# vramcalc accuracy report", ""]
     lines.append(

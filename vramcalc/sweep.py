@@ -4,7 +4,7 @@ cases file with one plan per row), for capacity-planning sheets.
 ``expand_cases`` turns option values and/or rows into complete cases,
 ``run_sweep`` estimates each (an invalid case gets an ``error``, it does not
 stop the sweep) and ``SweepResult.records`` flattens the rows into one flat
-schema shared by every output format (``vramcalc.export``):
+schema shared by every output format (``vramcalc.render.export``):
 
 * plan columns, named like ``TrainingPlan`` fields / CLI options;
 * ``trainable_params``, ``total_params``, ``peak_phase``;
@@ -30,15 +30,6 @@ from typing import Any
 
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu
 from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.cost import (
-    COLUMN_PREFIXES,
-    SPEED_PREFIXES,
-    RunLength,
-    check_price,
-    cost_table,
-    throughput_columns,
-    unpriced_table,
-)
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import (
     COMPONENTS,
@@ -52,7 +43,16 @@ from vramcalc.fit import budget_bytes
 from vramcalc.inventory import lora_key
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan, parse_targets, suggest
-from vramcalc.throughput import plan_work
+from vramcalc.speed.cost import (
+    COLUMN_PREFIXES,
+    SPEED_PREFIXES,
+    RunLength,
+    check_price,
+    cost_table,
+    throughput_columns,
+    unpriced_table,
+)
+from vramcalc.speed.throughput import plan_work
 
 GIB_DECIMALS = 4
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
@@ -306,7 +306,7 @@ def _value_or_raise(value: Any) -> Any:
 class SpeedAndCost:
     """Optional per-GPU columns: speed (``tokens_per_second_<GPU>``, ``step_seconds_<GPU>``,
     ``mfu_<GPU>``) and, given a run length, ``optimizer_steps`` plus ``wall_hours_<GPU>``,
-    ``gpu_hours_<GPU>`` and ``cost_usd_<GPU>`` on each GPU the plan fits (``vramcalc.cost``)."""
+    ``gpu_hours_<GPU>`` and ``cost_usd_<GPU>`` on each GPU the plan fits (``vramcalc.speed.cost``)."""
 
     speed: bool = False
     run: RunLength | None = None

@@ -40,9 +40,9 @@ from vramcalc.memory.allocator import (
     AllocatorResult,
     simulate,
 )
-from vramcalc.memory.steptrace import StepTrace
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.plan import TrainingPlan
+from vramcalc.trace.steptrace import StepTrace
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
 LOAD_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -286,7 +286,7 @@ def simulate_plan(
     import os
     import time
 
-    from vramcalc.memory.steptrace import trace_steps
+    from vramcalc.trace.steptrace import trace_steps
 
     if use_cache:
         hit = cached_simulation(config_dict, plan)

@@ -40,11 +40,11 @@ from typing import Any
 from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
-from vramcalc.flops import StepFlops, estimate_flops
 from vramcalc.inventory import ModelInventory
-from vramcalc.opprofile import ATTENTION, INT8_MATMUL, MATMUL_FP32, OpProfile, op_profile
 from vramcalc.plan import TrainingPlan
-from vramcalc.stepwork import StepWork, step_work
+from vramcalc.speed.flops import StepFlops, estimate_flops
+from vramcalc.speed.opprofile import ATTENTION, INT8_MATMUL, MATMUL_FP32, OpProfile, op_profile
+from vramcalc.speed.stepwork import StepWork, step_work
 
 NO_MEASUREMENT = "prior, no measurement"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)

@@ -28,18 +28,18 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.inventory import LinearGroup, ModelInventory, build_inventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
-from vramcalc.memory.inference import ForwardShape, layer_transient_bytes, logits_bytes
-from vramcalc.memory.kvcache import (
+from vramcalc.memory.overhead import Calibration, allocator_reserve_bytes
+from vramcalc.memory.weights import four_bit_linear_bytes, int8_linear_bytes
+from vramcalc.plan import TrainingPlan
+from vramcalc.serve_plan import AdapterSpec, ServePlan
+from vramcalc.serving.inference import ForwardShape, layer_transient_bytes, logits_bytes
+from vramcalc.serving.kvcache import (
     CacheLayout,
     cache_layout,
     kv_cache_bytes,
     kv_prefill_bytes,
     kv_update_transient_bytes,
 )
-from vramcalc.memory.overhead import Calibration, allocator_reserve_bytes
-from vramcalc.memory.weights import four_bit_linear_bytes, int8_linear_bytes
-from vramcalc.plan import TrainingPlan
-from vramcalc.serve_plan import AdapterSpec, ServePlan
 
 #: safetensors: an 8-byte little-endian header length, then a JSON header; about this many
 #: bytes of header per tensor entry (name, dtype, shape, offsets; peft's names are long)

@@ -31,8 +31,8 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
     from transformers import AutoModelForCausalLM
 
     from vramcalc.catalog import config_from_dict
-    from vramcalc.memory import emulation
     from vramcalc.memory.distributed import skips_kbit_upcast
+    from vramcalc.trace import emulation
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     config = config_from_dict(config_dict)
@@ -101,7 +101,7 @@ def _outlier_columns(config: Any, name: str, in_features: int, plan: TrainingPla
     features instead: fewer columns, less memory)."""
     import math
 
-    from vramcalc.memory.emulation import int8_outlier_columns
+    from vramcalc.trace.emulation import int8_outlier_columns
 
     leaf = name.rsplit(".", 1)[-1]
     if leaf not in _MLP_OUTPUT:
@@ -130,7 +130,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
     from peft.tuners.lora import LoraLayer
 
     from vramcalc.inventory import adapter_config, default_target_modules
-    from vramcalc.memory import emulation
+    from vramcalc.trace import emulation
 
     for p in model.parameters():
         p.requires_grad_(False)

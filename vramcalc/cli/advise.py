@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vramcalc.cli_options import plan_and_source, plan_options
+from vramcalc.cli.options import plan_and_source, plan_options
 
 
 @click.command()
@@ -37,8 +37,8 @@ def advise(ctx: click.Context, gpu: str, headroom: str, as_json: bool, **options
     from vramcalc.advise import advise as advise_plan
     from vramcalc.catalog import find_gpu
     from vramcalc.fit import parse_headroom
-    from vramcalc.render_advise import render_advice
-    from vramcalc.render_files import render_file_plan
+    from vramcalc.render.advise import render_advice
+    from vramcalc.render.files import render_file_plan
 
     plan, source = plan_and_source(ctx, options)
     card, margin = find_gpu(gpu), parse_headroom(headroom)

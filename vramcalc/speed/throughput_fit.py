@@ -31,7 +31,7 @@ from vramcalc.catalog import ModelSpec, find_gpu, resolve_model
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import (
+from vramcalc.speed.throughput import (
     CONSTANTS,
     Peaks,
     ThroughputCalibration,
@@ -267,7 +267,7 @@ def _sourced(
     sources = dict(prior.sources)
     for name in names:
         sources[f"throughput_{name}"] = (
-            f"fitted {date.today().isoformat()} by vramcalc.throughput_fit (robust least squares "
+            f"fitted {date.today().isoformat()} by vramcalc.speed.throughput_fit (robust least squares "
             f"on log step time) on the {len(cases)} '{split}' cases measured on {', '.join(gpus)} "
             "listed in throughput_fitted_on"
         )

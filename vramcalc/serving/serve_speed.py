@@ -33,9 +33,9 @@ from typing import Any
 
 from vramcalc.catalog import Gpu
 from vramcalc.memory import DTYPE_BYTES
-from vramcalc.serve import ServeModel, base_weight_bytes
 from vramcalc.serve_plan import ServePlan
-from vramcalc.throughput import ThroughputCalibration, peak_tflops_for
+from vramcalc.serving.serve import ServeModel, base_weight_bytes
+from vramcalc.speed.throughput import ThroughputCalibration, peak_tflops_for
 
 # host work by rule: (dispatched ops, Python-level calls, kernels)
 BLOCK_HOST = (60, 25, 30)  # one decoder layer, bf16 weights

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramcalc.throughput import ThroughputCalibration, load_throughput_calibration
-from vramcalc.throughput_fit import (
+from vramcalc.speed.throughput import ThroughputCalibration, load_throughput_calibration
+from vramcalc.speed.throughput_fit import (
     WorkFor,
     compare_records,
     excluded_reason,
@@ -255,7 +255,7 @@ def write_speed_report(report: SpeedReport, out_dir: Path) -> list[Path]:
     matplotlib, ``.png`` (measured against predicted tokens/s)."""
     import csv
 
-    from vramcalc.render import render_speed_report
+    from vramcalc.render.tables import render_speed_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report.to_json()

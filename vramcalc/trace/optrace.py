@@ -18,16 +18,16 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from vramcalc.opprofile import TRACE_PRIMES, TRACED_LAYERS, BnbOptimizerParam, ProfileError
-from vramcalc.oprecorder import LAUNCH, Recorder, _Event
 from vramcalc.plan import TrainingPlan
+from vramcalc.speed.opprofile import TRACE_PRIMES, TRACED_LAYERS, BnbOptimizerParam, ProfileError
+from vramcalc.trace.oprecorder import LAUNCH, Recorder, _Event
 
 
 def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     """Forward hooks on each decoder layer: set the recorder's layer (and the recompute phase
     when a layer runs again inside backward); the autograd nodes each layer's forward made,
     for backward prehooks (``_hook_backward``)."""
-    from vramcalc.memory.steptrace import decoder_layers
+    from vramcalc.trace.steptrace import decoder_layers
 
     nodes: dict[Any, int] = {}
     stack: list[tuple[int, str]] = []
@@ -94,8 +94,8 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 def _outlier_probability(config: Any, name: str) -> float:
     """P(|x| >= 6) for one input element of an int8 linear at random init: MLP output
     projections only (``memory.fakemodel._outlier_columns`` gives the same columns)."""
-    from vramcalc.memory.emulation import int8_outlier_probability
-    from vramcalc.memory.fakemodel import _MLP_OUTPUT
+    from vramcalc.trace.emulation import int8_outlier_probability
+    from vramcalc.trace.fakemodel import _MLP_OUTPUT
 
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
@@ -177,11 +177,10 @@ def trace_events(
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc import kbit_ops
     from vramcalc.catalog import config_from_dict
-    from vramcalc.memory import emulation
-    from vramcalc.memory.fakemodel import build_model, to_fake
-    from vramcalc.memory.steptrace import decoder_layers
+    from vramcalc.trace import emulation, kbit_ops
+    from vramcalc.trace.fakemodel import build_model, to_fake
+    from vramcalc.trace.steptrace import decoder_layers
 
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
-from vramcalc.memory.fakemodel import build_model, to_fake
 from vramcalc.plan import TrainingPlan
+from vramcalc.trace.fakemodel import build_model, to_fake
 
 # torch CublasHandlePool: one workspace per (handle, stream), a handle per thread: the
 # forward (main thread) and the autograd engine's device thread each get one, allocated
@@ -303,7 +303,7 @@ def trace_steps(
     many and unrolled to all of them (``memory/unroll.py``); if its layers are not alike
     enough for that, all of them are traced.
     """
-    from vramcalc.memory import unroll as unrolling
+    from vramcalc.trace import unroll as unrolling
 
     total = num_layers or _config_layers(config_dict)
     if not unroll or steps < 2:
@@ -353,7 +353,7 @@ def _trace(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
+    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
 
     with _quiet():
         model = build_model(config_dict, plan, num_layers)

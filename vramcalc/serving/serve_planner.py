@@ -9,10 +9,10 @@ from typing import Any
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.memory.overhead import Calibration, load_calibration
-from vramcalc.serve import ServeMemory, ServeModel, estimate_serve_memory, prepare_serving
 from vramcalc.serve_plan import ServePlan
-from vramcalc.serve_speed import ServeSpeed, estimate_serve_speed
-from vramcalc.throughput import load_throughput_calibration
+from vramcalc.serving.serve import ServeMemory, ServeModel, estimate_serve_memory, prepare_serving
+from vramcalc.serving.serve_speed import ServeSpeed, estimate_serve_speed
+from vramcalc.speed.throughput import load_throughput_calibration
 
 FIT_TARGETS = ("batch", "context")
 MAX_BATCH = 4096

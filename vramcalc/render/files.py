@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vramcalc.configs import FilePlan
-from vramcalc.render import table
+from vramcalc.render.tables import table
 
 FORMAT_NAMES = {
     "axolotl": "axolotl",

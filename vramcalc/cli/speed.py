@@ -39,13 +39,13 @@ def speed_report(measurements: Path | None, out_dir: Path, no_gate: bool) -> Non
     (median <= 15 %, p90 <= 30 %, no over-prediction beyond 40 %).
     """
     from vramcalc.report import MEASUREMENTS_DIR, load_measurements
-    from vramcalc.speed_report import (
+    from vramcalc.speed.speed_report import (
         committed_splits,
         distances,
         regressions,
         write_speed_report,
     )
-    from vramcalc.speed_report import (
+    from vramcalc.speed.speed_report import (
         speed_report as build,
     )
 
@@ -82,10 +82,10 @@ def speed_fit(measurements: Path | None, write: bool) -> None:
     entries of data/calibration.json, leaving every other entry as it is.
     """
     from vramcalc.calibration import write_throughput_entries
-    from vramcalc.render import render_speed_fit
+    from vramcalc.render.tables import render_speed_fit
     from vramcalc.report import MEASUREMENTS_DIR, load_measurements
-    from vramcalc.throughput import load_throughput_calibration
-    from vramcalc.throughput_fit import fit_throughput
+    from vramcalc.speed.throughput import load_throughput_calibration
+    from vramcalc.speed.throughput_fit import fit_throughput
 
     records, _ = load_measurements(measurements or MEASUREMENTS_DIR)
     prior = load_throughput_calibration()

@@ -4,7 +4,7 @@ after it, and the cheapest combination that fits."""
 from __future__ import annotations
 
 from vramcalc.advise import Advice, Option
-from vramcalc.render import gib, table
+from vramcalc.render.tables import gib, table
 
 
 def _speed(option: Option) -> str:

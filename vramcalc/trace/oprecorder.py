@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.opprofile import LAUNCH, MATMUL, MATMUL_FP32, MEMORY, N_FEATURES, Vector
+from vramcalc.speed.opprofile import LAUNCH, MATMUL, MATMUL_FP32, MEMORY, N_FEATURES, Vector
 
 # aten ops that only allocate or describe memory: a host dispatch, no kernel, no bytes
 _NO_KERNEL = frozenset(

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from vramcalc.cli_options import given_options, plan_and_source, plan_options
+from vramcalc.cli.options import given_options, plan_and_source, plan_options
 from vramcalc.errors import VramcalcError
 
 
@@ -98,10 +98,10 @@ def plan(
                     --seq-len 2048 --batch-size 4 --gpu RTX-4090 --dataset-tokens 50000000
       vramcalc plan --from axolotl-qlora.yml --gpu RTX-4090    # flags override the file
     """
-    from vramcalc.cost import RunLength
     from vramcalc.planner import choose_gpus, plan_result
-    from vramcalc.render import render_plan_result
-    from vramcalc.render_files import render_file_plan
+    from vramcalc.render.files import render_file_plan
+    from vramcalc.render.tables import render_plan_result
+    from vramcalc.speed.cost import RunLength
 
     the_plan, source = plan_and_source(ctx, options)
     wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
@@ -128,7 +128,7 @@ def plan(
 def models(as_json: bool) -> None:
     """List the bundled model catalog (usable offline), with exact parameter counts."""
     from vramcalc.catalog import model_catalog
-    from vramcalc.render import render_models
+    from vramcalc.render.tables import render_models
 
     entries = model_catalog()
     if as_json:
@@ -148,7 +148,7 @@ def gpus(as_json: bool) -> None:
     """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
     (dense tensor) and fp32 TFLOP/s, bandwidth, price."""
     from vramcalc.catalog import load_gpus
-    from vramcalc.render import render_gpus
+    from vramcalc.render.tables import render_gpus
 
     table = load_gpus()
     if as_json:
@@ -162,11 +162,11 @@ def _register_commands() -> None:
     import importlib
 
     for module, names in (
-        ("vramcalc.cli_capacity", ("sweep", "fit")),
-        ("vramcalc.cli_advise", ("advise",)),
-        ("vramcalc.cli_serve", ("serve",)),
-        ("vramcalc.cli_report", ("report",)),
-        ("vramcalc.cli_speed", ("speed_report", "speed_fit")),
+        ("vramcalc.cli.capacity", ("sweep", "fit")),
+        ("vramcalc.cli.advise", ("advise",)),
+        ("vramcalc.cli.serve", ("serve",)),
+        ("vramcalc.cli.report", ("report",)),
+        ("vramcalc.cli.speed", ("speed_report", "speed_fit")),
         ("harness.cli", ("measure",)),
     ):
         try:

@@ -15,20 +15,20 @@ from typing import Any
 from tabulate import tabulate
 
 from vramcalc.catalog import CatalogModel, Gpu
-from vramcalc.cost import CostTable
 from vramcalc.estimate import MemoryEstimate
 from vramcalc.fit import FitResult, Probe
 from vramcalc.memory import GIB
 from vramcalc.plan import TrainingPlan
 from vramcalc.planner import GpuFit, Hint, PlanResult
-from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
-from vramcalc.throughput import (
+from vramcalc.speed.cost import CostTable
+from vramcalc.speed.throughput import (
     ThroughputCalibration,
     ThroughputEstimate,
     compute_dtype,
     transfer_note,
 )
-from vramcalc.throughput_fit import FITTED, ThroughputFit
+from vramcalc.speed.throughput_fit import FITTED, ThroughputFit
+from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
 
 COMPONENT_LABELS = {
     "weights": "base weights",

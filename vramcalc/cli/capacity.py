@@ -1,5 +1,5 @@
 """``vramcalc sweep`` and ``vramcalc fit``: parse, call ``vramcalc.sweep`` /
-``vramcalc.fit``, render with ``vramcalc.export``. Registered by ``cli.py``.
+``vramcalc.fit``, render with ``vramcalc.render.export``. Registered by ``cli.py``.
 
 The sweep's options are ``plan``'s own (``cli.plan_options``), each made to
 take several values; every value is checked by the plan option's own type, so
@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vramcalc.cli_options import given_options, plan_and_source, plan_options
+from vramcalc.cli.options import given_options, plan_and_source, plan_options
 from vramcalc.errors import VramcalcError
 
 
@@ -126,7 +126,7 @@ def speed_and_cost_options(func):
 
 def speed_and_cost(options: dict[str, Any]):
     """The ``SpeedAndCost`` the options ask for (pops them)."""
-    from vramcalc.cost import RunLength
+    from vramcalc.speed.cost import RunLength
     from vramcalc.sweep import SpeedAndCost
 
     length = [options.pop(name) for name in ("dataset_tokens", "epochs", "steps")]
@@ -228,11 +228,11 @@ def sweep(
         --method lora,qlora --rank 8,16,64 --seq-len 512,2048,4096 \\
         --batch-size 1,4,8 --gpu A100-40GB,H100-80GB,RTX-4090 -o plans.xlsx
     """
-    from vramcalc import export
     from vramcalc.errors import UnknownModelError
     from vramcalc.estimate import resolve
     from vramcalc.fit import parse_headroom
-    from vramcalc.render import render_sweep
+    from vramcalc.render import export
+    from vramcalc.render.tables import render_sweep
     from vramcalc.sweep import expand_cases, read_cases, run_sweep
 
     if output:
@@ -250,7 +250,7 @@ def sweep(
     defaults = plan_defaults()
     if from_file:
         from vramcalc.configs import read_plan_file
-        from vramcalc.render_files import render_file_plan
+        from vramcalc.render.files import render_file_plan
 
         source = read_plan_file(from_file, {name: values[0] for name, values in axes.items()})
         click.echo(render_file_plan(source), err=True)
@@ -331,8 +331,8 @@ def fit(
     from vramcalc.checks import plan_warnings
     from vramcalc.estimate import prepare
     from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
-    from vramcalc.render import render_fit
-    from vramcalc.render_files import render_file_plan
+    from vramcalc.render.files import render_file_plan
+    from vramcalc.render.tables import render_fit
 
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vramcalc.memory.emulation import INT8_THRESHOLD  # noqa: F401  (the outlier threshold)
+from vramcalc.trace.emulation import INT8_THRESHOLD  # noqa: F401  (the outlier threshold)
 
 BNB_BLOCKSIZE = 64  # NF4/FP4 weight blocks (BitsAndBytesConfig default)
 BNB_ABSMAX_BLOCKSIZE = 256  # double quantization of the absmax

@@ -25,7 +25,7 @@ from typing import Any
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import (
+from vramcalc.speed.throughput import (
     ThroughputCalibration,
     ThroughputEstimate,
     Work,

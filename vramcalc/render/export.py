@@ -23,7 +23,14 @@ from pathlib import Path
 from vramcalc.errors import VramcalcError
 from vramcalc.fit import budget_bytes
 from vramcalc.memory import GIB
-from vramcalc.render import PER_GPU, cell_text, header, per_gpu, render_sweep, summary_columns
+from vramcalc.render.tables import (
+    PER_GPU,
+    cell_text,
+    header,
+    per_gpu,
+    render_sweep,
+    summary_columns,
+)
 from vramcalc.sweep import SweepResult
 
 FORMATS = (".csv", ".xlsx", ".json", ".jsonl", ".md")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vramcalc.render import COMPONENT_LABELS, gib, table
-from vramcalc.serve import ServeMemory
-from vramcalc.serve_planner import FitAnswer, ServeFit, ServeResult
+from vramcalc.render.tables import COMPONENT_LABELS, gib, table
+from vramcalc.serving.serve import ServeMemory
+from vramcalc.serving.serve_planner import FitAnswer, ServeFit, ServeResult
 
 SERVE_LABELS = COMPONENT_LABELS | {
     "weights": "base weights",

@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from vramcalc.cli_options import SuggestingChoice
+from vramcalc.cli.options import SuggestingChoice
 from vramcalc.plan import ATTNS, DTYPES, QUANTS, parse_targets
 from vramcalc.serve_plan import CACHES, LOGITS, MODES
-from vramcalc.serve_planner import FIT_TARGETS
+from vramcalc.serving.serve_planner import FIT_TARGETS
 
 #: exit status when --fit finds nothing that fits (as ``vramcalc fit``)
 NOTHING_FITS = 3
@@ -148,14 +148,14 @@ def serve(
       vramcalc serve --adapter-dir ./adapters/ --mode merged --gpu RTX-4090 --fit batch
     """
     from vramcalc.planner import choose_gpus
-    from vramcalc.render_serve import render_serve_result
+    from vramcalc.render.serve import render_serve_result
     from vramcalc.serve_plan import (
         ServePlan,
         context_split,
         read_adapter_dir,
         uniform_adapters,
     )
-    from vramcalc.serve_planner import serve_result
+    from vramcalc.serving.serve_planner import serve_result
 
     if adapter_dir is not None and num_adapters is not None:
         raise click.UsageError("--adapters and --adapter-dir exclude each other.")

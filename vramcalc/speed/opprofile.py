@@ -45,7 +45,7 @@ N_FEATURES = 5
 Vector = tuple[float, ...]
 
 if TYPE_CHECKING:
-    from vramcalc.oprecorder import _Event
+    from vramcalc.trace.oprecorder import _Event
 
 
 class ProfileError(VramcalcError):
@@ -193,7 +193,7 @@ def _runs(ops: list[tuple[int, Op]]) -> tuple[Run, ...]:
 
 def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
     """Trace the recipe of ``plan`` (its sizes do not matter) into an ``OpProfile``."""
-    from vramcalc.optrace import trace_events
+    from vramcalc.trace.optrace import trace_events
 
     try:
         micro_batch, optimizer, (bnb, counts, layers, prime) = trace_events(config_dict, plan)

@@ -15,7 +15,6 @@ PACKAGES = ("vramcalc", "harness")
 KNOWN_CYCLES = {
     ("vramcalc.memory.allocator", "vramcalc.memory.allocator_trace"),
     ("vramcalc.speed.opprofile", "vramcalc.trace.oprecorder", "vramcalc.trace.optrace"),
-    ("vramcalc.render.tables", "vramcalc.report", "vramcalc.speed.throughput_fit"),
     (
         "harness.distributed",
         "harness.record",

@@ -12,7 +12,8 @@ from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.plan import TrainingPlan
-from vramcalc.render.tables import format_duration, render_cost
+from vramcalc.render.plan import render_cost
+from vramcalc.render.tables import format_duration
 from vramcalc.speed.cost import (
     COLUMN_PREFIXES,
     RunLength,

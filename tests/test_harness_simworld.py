@@ -19,8 +19,8 @@ from harness.errors import CaseError
 from harness.record import RECORD_FIELDS, read_records
 from harness.scenario import Case, load_cases, simulated
 from harness.simworld import SIMULATED_WORLD_LIMITS
+from vramcalc.measurements import plan_of
 from vramcalc.plan import TrainingPlan
-from vramcalc.report import plan_of
 from vramcalc.speed.throughput_fit import excluded_reason
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")

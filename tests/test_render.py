@@ -237,7 +237,8 @@ def test_the_library_does_not_import_the_text_module():
 
 def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
     from vramcalc.estimate import estimate
-    from vramcalc.report import build_report, render_markdown
+    from vramcalc.render.report import render_markdown
+    from vramcalc.report import build_report
 
     plan = TrainingPlan(str(tiny_llama_dir), seq_len=256)
     est = estimate(plan)

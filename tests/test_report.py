@@ -7,14 +7,13 @@ from click.testing import CliRunner
 
 from vramcalc.cli import cli
 from vramcalc.estimate import estimate
+from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.plan import TrainingPlan
 from vramcalc.report import (
-    MEASUREMENTS_DIR,
     build_report,
     check_regressions,
     check_targets,
     committed_figures,
-    load_measurements,
     summarize,
     summary_figures,
     target_distances,

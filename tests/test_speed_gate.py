@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vramcalc.report import MEASUREMENTS_DIR, load_measurements
+from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.speed.speed_report import TARGETS, distances, regressions, speed_report
 from vramcalc.speed.throughput import CONSTANTS, load_throughput_calibration
 from vramcalc.speed.throughput_fit import FITTED, cases_from_records, fit_cases

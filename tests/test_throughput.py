@@ -15,7 +15,7 @@ from vramcalc.errors import CatalogError, InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.plan import TrainingPlan
-from vramcalc.render.tables import render_throughput
+from vramcalc.render.plan import render_throughput
 from vramcalc.speed.opprofile import BnbOptimizerParam, Op, OpProfile, Run, op_profile
 from vramcalc.speed.stepwork import Kernel, StepWork, Stretch, step_work
 from vramcalc.speed.throughput import (
@@ -250,7 +250,7 @@ def test_writing_the_entries_keeps_every_other_entry(tmp_path):
 
 def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir):
     from vramcalc.planner import plan_result
-    from vramcalc.render.tables import render_gpu_fits
+    from vramcalc.render.plan import render_gpu_fits
 
     p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=64, batch_size=2)
     result = plan_result(p, [find_gpu("H200"), find_gpu("A100-80GB")])

@@ -17,6 +17,7 @@ as the common QLoRA recipes) and off otherwise, unless asked.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -307,26 +308,9 @@ class TrainingPlan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
-        """Build a plan from a mapping (JSON line, CSV row, YAML case).
-
-        Unknown keys raise ``InvalidPlanError``; ``targets`` may be a list or a
-        comma-separated string.
-        """
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in data if k.replace("-", "_") not in names)
-        if unknown:
-            raise InvalidPlanError(
-                [f"unknown plan field {k!r}.{suggest(k, sorted(names))}" for k in unknown]
-            )
-        kwargs = {k.replace("-", "_"): v for k, v in data.items()}
-        for key in ("targets", "modules_to_save"):
-            value = kwargs.get(key)
-            if isinstance(value, str):
-                kwargs[key] = parse_targets(value)
-            elif isinstance(value, list):
-                kwargs[key] = tuple(value)
-        return cls(**kwargs)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
+        """Build a plan from a mapping (JSON line, CSV row, YAML case): ``plan_from_values``."""
+        return plan_from_values(data)
 
 
 def parse_targets(text: str | None) -> tuple[str, ...] | None:
@@ -337,3 +321,82 @@ def parse_targets(text: str | None) -> tuple[str, ...] | None:
     if not text or text.lower() == "default":
         return None
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+_TRUE = {"1", "true", "yes", "y", "on", "t"}
+_FALSE = {"0", "false", "no", "n", "off", "f"}
+
+
+def _kind(annotation: object) -> str:
+    text = str(annotation)
+    for kind in ("tuple", "bool", "int", "float"):
+        if text.startswith(kind):
+            return kind
+    return "str"
+
+
+FIELD_KINDS = {f.name: _kind(f.type) for f in fields(TrainingPlan)}
+
+
+def flag(name: str) -> str:
+    """``seq_len`` → ``--seq-len``."""
+    return "--" + name.replace("_", "-")
+
+
+def plan_from_values(values: Mapping[str, Any]) -> TrainingPlan:
+    """The one way from named values to a ``TrainingPlan``: command-line options, CSV cells,
+    YAML and JSON values, measurement records.
+
+    Keys are field names (dashes or underscores); ``None`` means "not given" (the default);
+    text is read by the field's type: ``true``/``false`` (``yes``, ``y``, ``1``, ``on`` ...),
+    integers (``4`` or ``4.0``), numbers, comma-separated module lists (``default``: PEFT's).
+    Every problem, in reading or in the plan, is reported at once, each naming its flag.
+    """
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {"model": None}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELD_KINDS:
+            problems.append(f"unknown plan field {key!r}.{suggest(str(key), PLAN_FIELDS)}")
+            continue
+        if value is None:
+            continue
+        try:
+            kwargs[name] = _coerce(name, value)
+        except ValueError as err:
+            problems.append(str(err))
+    try:
+        plan = TrainingPlan(**kwargs)
+    except InvalidPlanError as err:
+        problems += err.problems
+    if problems:
+        raise InvalidPlanError(problems)
+    return plan
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELD_KINDS[name]
+    if not isinstance(value, str):
+        return tuple(value) if kind == "tuple" and isinstance(value, list) else value
+    text = value.strip()
+    if kind == "tuple":
+        return parse_targets(text)
+    if kind == "bool":
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{flag(name)} {text!r} is not true or false.")
+    if kind == "int":
+        try:
+            number = float(text)
+        except ValueError:
+            number = 0.5
+        if not number.is_integer():
+            raise ValueError(f"{flag(name)} {text!r} is not an integer.")
+        return int(number)
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{flag(name)} {text!r} is not a number.") from None
+    return text

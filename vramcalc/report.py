@@ -9,20 +9,17 @@ validation split; ``write_report`` writes Markdown, CSV and a PNG.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramcalc.catalog import DATA_DIR
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import TrainingPlan
+from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, is_multi_gpu, plan_of
+from vramcalc.plan import PLAN_FIELDS
 
-MEASUREMENTS_DIR = DATA_DIR / "measurements"
 METRICS = ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
-PLAN_FIELDS = tuple(TrainingPlan.__dataclass_fields__)
 STATS = ("median_abs_error", "p90_abs_error", "max_abs_error", "worst_underestimate")
 #: a committed figure may get worse by this much (absolute, as a fraction) before the
 #: regression gate fails: numerical noise, not a change of the estimator
@@ -74,58 +71,6 @@ class Report:
 def _abs_error_desc(metric: str, row: ReportRow) -> float:
     """Sort key: the largest |error| of ``metric`` first."""
     return -abs(row.errors.get(metric, 0.0))
-
-
-MULTI_GPU_PREFIX = "multi-gpu/"
-
-
-def is_multi_gpu(record: dict[str, Any]) -> bool:
-    """A record of a multi-GPU plan (rank 0 of a simulated world, or a real N-GPU run)."""
-    return bool(record.get("simulated_world_size")) or int(record.get("num_gpus") or 1) > 1
-
-
-SERVE_RECORD_REASON = (
-    "serving measurement (kind serve): the training estimate does not describe it; "
-    "vramcalc serve's estimate is not compared yet"
-)
-
-
-def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str, Any]], list[str]]:
-    """All records of ``directory/*.jsonl`` (file name kept in ``source_file``).
-
-    A ``NAME.meta.json`` beside ``NAME.jsonl`` may give ``defaults``: run conditions the
-    records of that file do not state (e.g. the allocator setting of a run made before the
-    harness recorded it). They fill only fields a record lacks.
-    """
-    records: list[dict[str, Any]] = []
-    files = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
-    for path in files:
-        meta_path = path.with_suffix(".meta.json")
-        defaults: dict[str, Any] = {}
-        if meta_path.is_file():
-            try:
-                defaults = dict(json.loads(meta_path.read_text()).get("defaults") or {})
-            except (ValueError, AttributeError, TypeError) as err:
-                raise VramcalcError(
-                    f"{meta_path}: not a JSON object with 'defaults' ({err})"
-                ) from err
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise VramcalcError(f"{path}:{number}: not a JSON line ({err})") from err
-            for key, value in defaults.items():
-                record.setdefault(key, value)
-            record["source_file"] = path.name
-            records.append(record)
-    return records, [p.name for p in files]
-
-
-def plan_of(record: dict[str, Any]) -> TrainingPlan:
-    """The plan a measurement record describes (its plan fields)."""
-    return TrainingPlan.from_dict({k: record[k] for k in PLAN_FIELDS if k in record})
 
 
 def build_report(
@@ -355,99 +300,6 @@ def report_table(report: Report) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt_pct(value: float) -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{100 * value + 0.0:.2f} %"  # + 0.0: no "-0.00 %"
-    )
-
-
-def render_markdown(report: Report, problems: list[str]) -> str:
-    """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown)."""
-    from vramcalc.render.tables import table
-
-    lines = ["# vramcalc accuracy report", ""]
-    lines.append(
-        f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}."
-    )
-    lines.append("Error = (estimate − measured) / measured; positive means over-estimate.")
-    lines.append("")
-    if not report.rows:
-        lines += [
-            "No GPU measurements are committed yet (`data/measurements/` is empty), so nothing is compared.",
-            "",
-        ]
-    ok = report.ok_rows
-    heads = ["metric", "n", "median abs", "p90 abs", "max abs", "worst under-estimate"]
-    for split in sorted({r.split for r in ok}):
-        for allocator in sorted({_allocator(r) for r in ok if r.split == split}):
-            group = [r for r in ok if r.split == split and _allocator(r) == allocator]
-            lines += [f"## {split} · {allocator} allocator ({len(group)} cases)", ""]
-            cells = []
-            for method in sorted({str(r.record.get("method")) for r in group}):
-                rows = [r for r in group if str(r.record.get("method")) == method]
-                for metric in METRICS:
-                    s = summarize(rows, metric)
-                    cells.append(
-                        [f"{method} · {metric}", str(s["n"]), *(_fmt_pct(s[k]) for k in STATS)]
-                    )
-            for metric in METRICS:
-                s = summarize(group, metric)
-                cells.append([f"all · {metric}", str(s["n"]), *(_fmt_pct(s[k]) for k in STATS)])
-            lines += [table(cells, heads, [False] + [True] * 5, markdown=True), ""]
-    for metric in ("device_total_bytes", "peak_reserved_bytes"):
-        worst = sorted(ok, key=functools.partial(_abs_error_desc, metric))[:5]
-        if worst:
-            lines += [f"## Worst cases ({metric})", ""]
-            for r in worst:
-                rec = r.record
-                lines.append(
-                    f"- {rec.get('case_id')} ({rec.get('split')}, {_allocator(r)} allocator): "
-                    f"{rec.get('model')} {rec.get('method')} {rec.get('quant')} "
-                    f"s{rec.get('seq_len')} b{rec.get('batch_size')} "
-                    f"ckpt={rec.get('gradient_checkpointing')} {rec.get('optimizer')}: "
-                    f"{100 * r.errors[metric]:+.2f} %"
-                )
-            lines.append("")
-    if report.throughput:
-        lines += ["## Throughput (tokens/s)", ""]
-        lines.append(f"Efficiencies: {report.throughput[0]['efficiency_measured_on']}.")
-        cells = []
-        for split in sorted({r["split"] for r in report.throughput}):
-            s = throughput_summary(report, split)
-            cells.append([split, str(s["n"]), _fmt_pct(s["median_abs_error"])])
-        heads = ["split", "n", "median abs error"]
-        lines += ["", table(cells, heads, [False, True, True], markdown=True), ""]
-    lines += ["## Gate", ""]
-    lines += [f"- FAIL: {p}" for p in problems] or ["- all targets met on the validation split"]
-    lines += ["", "## Cases", ""]
-    cases = report_table(report)
-    if cases:
-        cols = [
-            "case_id",
-            "split",
-            "allocator",
-            "model",
-            "method",
-            "seq_len",
-            "batch_size",
-            "status",
-            "measured_device_total_bytes",
-            "estimated_device_total_bytes",
-            "error_pct_device_total_bytes",
-            "measured_peak_reserved_bytes",
-            "estimated_peak_reserved_bytes",
-            "error_pct_peak_reserved_bytes",
-            "measured_peak_allocated_bytes",
-            "estimated_peak_allocated_bytes",
-            "error_pct_peak_allocated_bytes",
-        ]
-        cells = [["" if flat.get(c) is None else str(flat.get(c)) for c in cols] for flat in cases]
-        lines.append(table(cells, cols, markdown=True))
-    return "\n".join(lines) + "\n"
-
-
 FIGURES_FILE = "accuracy.json"
 
 
@@ -460,70 +312,3 @@ def committed_figures(out_dir: Path) -> dict[str, float] | None:
         return {k: float(v) for k, v in json.loads(path.read_text())["figures"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise VramcalcError(f"{path}: not a vramcalc accuracy summary ({err})") from err
-
-
-def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Path]:
-    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures) and accuracy.png."""
-    import csv
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    figures = out_dir / FIGURES_FILE
-    summary = {
-        "comment": "Summary figures of accuracy.md. The regression gate (tests/test_report.py, "
-        "vramcalc report) fails when a recomputed figure is worse than one of these by more "
-        f"than {REGRESSION_TOLERANCE} (errors are fractions), or a case count drops.",
-        "sources": list(report.sources),
-        "figures": summary_figures(report),
-        "target_problems": problems,
-    }
-    figures.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    written.append(figures)
-    md = out_dir / "accuracy.md"
-    md.write_text(render_markdown(report, problems))
-    written.append(md)
-    table = report_table(report)
-    csv_path = out_dir / "accuracy.csv"
-    with csv_path.open("w", newline="") as handle:
-        columns = list(table[0]) if table else ["case_id", "split", "status"]
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-    written.append(csv_path)
-    if report.ok_rows:
-        written.append(_plot(report, out_dir / "accuracy.png"))
-    return written
-
-
-def _plot(report: Report, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    from vramcalc.memory import GIB as gib
-
-    for split, marker in (("calibration", "o"), ("validation", "s")):
-        rows = [r for r in report.ok_rows if r.split == split]
-        xs = [r.record["device_total_bytes"] / gib for r in rows]
-        ys = [r.estimate["device_total_bytes"] / gib for r in rows if r.estimate]
-        left.scatter(xs, ys, marker=marker, label=split, alpha=0.8)
-    values = [r.record["device_total_bytes"] / gib for r in report.ok_rows]
-    lo, hi = min(values) * 0.8, max(values) * 1.25
-    left.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="y = x")
-    left.set(
-        xscale="log", yscale="log", xlabel="measured device total (GiB)", ylabel="estimated (GiB)"
-    )
-    left.legend()
-    errors = [
-        100 * r.errors["device_total_bytes"]
-        for r in report.ok_rows
-        if "device_total_bytes" in r.errors
-    ]
-    right.hist(errors, bins=20)
-    right.set(xlabel="error (%)", ylabel="cases", title="device_total_bytes error")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

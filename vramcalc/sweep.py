@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from vramcalc.estimate import (
 from vramcalc.fit import budget_bytes
 from vramcalc.inventory import lora_key
 from vramcalc.memory import GIB
-from vramcalc.plan import TrainingPlan, parse_targets, suggest
+from vramcalc.plan import PLAN_FIELDS, TrainingPlan, flag, plan_from_values, suggest
 from vramcalc.speed.cost import (
     COLUMN_PREFIXES,
     SPEED_PREFIXES,
@@ -55,7 +55,6 @@ from vramcalc.speed.cost import (
 from vramcalc.speed.throughput import plan_work
 
 GIB_DECIMALS = 4
-PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
 TOTALS = ("device_total", "peak_reserved", "peak_allocated")
 BYTE_COLUMNS = TOTALS + COMPONENTS
@@ -69,25 +68,6 @@ RESULT_COLUMNS = (
     "optimizer_steps",
 )
 COST_PREFIXES = COLUMN_PREFIXES[len(SPEED_PREFIXES) :]  # wall_hours, gpu_hours, cost_usd
-
-_TRUE = {"1", "true", "yes", "y", "on", "t"}
-_FALSE = {"0", "false", "no", "n", "off", "f"}
-
-
-def _kind(annotation: object) -> str:
-    text = str(annotation)
-    for kind in ("tuple", "bool", "int", "float"):
-        if text.startswith(kind):
-            return kind
-    return "str"
-
-
-FIELD_KINDS = {f.name: _kind(f.type) for f in fields(TrainingPlan)}
-
-
-def flag(name: str) -> str:
-    """``seq_len`` → ``--seq-len``."""
-    return "--" + name.replace("_", "-")
 
 
 # -- cases -----------------------------------------------------------------------------------
@@ -172,57 +152,9 @@ def expand_cases(
 
 
 def plan_from_case(case: Mapping[str, Any]) -> TrainingPlan:
-    """A ``TrainingPlan`` from a case whose values may be text (CSV cells).
-
-    Every problem, in parsing or in the plan, is reported at once.
-    """
-    problems: list[str] = []
-    unparsable: set[str] = set()
-    kwargs: dict[str, Any] = {"model": None}
-    for name, value in case.items():
-        if name == GPU_COLUMN:
-            continue
-        try:
-            kwargs[name] = _coerce(name, value)
-        except ValueError as err:
-            problems.append(str(err))
-            unparsable.add(name)
-    try:
-        plan = TrainingPlan(**{k: v for k, v in kwargs.items() if k not in unparsable})
-    except InvalidPlanError as err:
-        problems += err.problems
-    if problems:
-        raise InvalidPlanError(problems)
-    return plan
-
-
-def _coerce(name: str, value: Any) -> Any:
-    kind = FIELD_KINDS.get(name)
-    if kind is None:
-        raise ValueError(f"{flag(name)} is not a plan option.")
-    if not isinstance(value, str):
-        return tuple(value) if kind == "tuple" and isinstance(value, list) else value
-    text = value.strip()
-    if kind == "tuple":
-        return parse_targets(text)
-    if kind == "bool":
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        raise ValueError(f"{flag(name)} {text!r} is not true or false.")
-    if kind == "int":
-        try:
-            number = float(text)
-        except ValueError:
-            number = 0.5
-        if not number.is_integer():
-            raise ValueError(f"{flag(name)} {text!r} is not an integer.")
-        return int(number)
-    if kind == "float":
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{flag(name)} {text!r} is not a number.") from None
-    return text
+    """A ``TrainingPlan`` from a case whose values may be text (CSV cells): the plan fields
+    through ``plan_from_values`` (every problem at once), the ``gpu`` column aside."""
+    return plan_from_values({k: v for k, v in case.items() if k != GPU_COLUMN})
 
 
 # -- estimating --------------------------------------------------------------------------------

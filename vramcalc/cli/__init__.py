@@ -100,7 +100,7 @@ def plan(
     """
     from vramcalc.planner import choose_gpus, plan_result
     from vramcalc.render.files import render_file_plan
-    from vramcalc.render.tables import render_plan_result
+    from vramcalc.render.plan import render_plan_result
     from vramcalc.speed.cost import RunLength
 
     the_plan, source = plan_and_source(ctx, options)
@@ -128,7 +128,7 @@ def plan(
 def models(as_json: bool) -> None:
     """List the bundled model catalog (usable offline), with exact parameter counts."""
     from vramcalc.catalog import model_catalog
-    from vramcalc.render.tables import render_models
+    from vramcalc.render.catalog import render_models
 
     entries = model_catalog()
     if as_json:
@@ -148,7 +148,7 @@ def gpus(as_json: bool) -> None:
     """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
     (dense tensor) and fp32 TFLOP/s, bandwidth, price."""
     from vramcalc.catalog import load_gpus
-    from vramcalc.render.tables import render_gpus
+    from vramcalc.render.catalog import render_gpus
 
     table = load_gpus()
     if as_json:

@@ -232,7 +232,7 @@ def sweep(
     from vramcalc.estimate import resolve
     from vramcalc.fit import parse_headroom
     from vramcalc.render import export
-    from vramcalc.render.tables import render_sweep
+    from vramcalc.render.capacity import render_sweep
     from vramcalc.sweep import expand_cases, read_cases, run_sweep
 
     if output:
@@ -331,8 +331,8 @@ def fit(
     from vramcalc.checks import plan_warnings
     from vramcalc.estimate import prepare
     from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
+    from vramcalc.render.capacity import render_fit
     from vramcalc.render.files import render_file_plan
-    from vramcalc.render.tables import render_fit
 
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     by_seq_len = ctx.get_parameter_source("batch_size") in given

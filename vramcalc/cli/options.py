@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -14,6 +13,7 @@ from vramcalc.plan import (
     DTYPES,
     METHODS,
     OPTIMIZERS,
+    PLAN_FIELDS,
     QUANTS,
     STRATEGIES,
     TrainingPlan,
@@ -254,9 +254,6 @@ def given_options(ctx: click.Context) -> frozenset[str]:
     """The options the user set on the command line (or through the environment)."""
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
-
-
-PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 
 
 def given_plan_values(options: dict, given: frozenset[str]) -> dict[str, Any]:

@@ -58,16 +58,15 @@ def report(
     """
     from tqdm import tqdm
 
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.render.report import write_report
     from vramcalc.report import (
-        MEASUREMENTS_DIR,
         build_report,
         check_regressions,
         check_targets,
         committed_figures,
-        load_measurements,
         summary_figures,
         target_distances,
-        write_report,
     )
 
     baseline = committed_figures(out_dir)

@@ -38,13 +38,9 @@ def speed_report(measurements: Path | None, out_dir: Path, no_gate: bool) -> Non
     points; it prints how far the validation figures stand from the targets
     (median <= 15 %, p90 <= 30 %, no over-prediction beyond 40 %).
     """
-    from vramcalc.report import MEASUREMENTS_DIR, load_measurements
-    from vramcalc.speed.speed_report import (
-        committed_splits,
-        distances,
-        regressions,
-        write_speed_report,
-    )
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.render.speed import write_speed_report
+    from vramcalc.speed.speed_report import committed_splits, distances, regressions
     from vramcalc.speed.speed_report import (
         speed_report as build,
     )
@@ -82,8 +78,8 @@ def speed_fit(measurements: Path | None, write: bool) -> None:
     entries of data/calibration.json, leaving every other entry as it is.
     """
     from vramcalc.calibration import write_throughput_entries
-    from vramcalc.render.tables import render_speed_fit
-    from vramcalc.report import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.render.speed import render_speed_fit
     from vramcalc.speed.throughput import load_throughput_calibration
     from vramcalc.speed.throughput_fit import fit_throughput
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from vramcalc.errors import VramcalcError
 from vramcalc.fit import budget_bytes
 from vramcalc.memory import GIB
-from vramcalc.render.tables import (
+from vramcalc.render.capacity import (
     PER_GPU,
     cell_text,
     header,

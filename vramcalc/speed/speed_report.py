@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vramcalc.measurements import plan_of
 from vramcalc.speed.throughput import ThroughputCalibration, load_throughput_calibration
 from vramcalc.speed.throughput_fit import (
     WorkFor,
     compare_records,
     excluded_reason,
-    plan_from_record,
 )
 
 #: issue 11, on the validation split
@@ -73,7 +73,7 @@ def dispersion(record: Mapping[str, Any]) -> dict[str, float | int | None]:
 
 
 def _plan_key(record: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> str:
-    plan = plan_from_record(record).to_dict()
+    plan = plan_of(record).to_dict()
     for name in ignore:
         plan.pop(name, None)
     return json.dumps([plan, record.get("gpu_name")], sort_keys=True, default=str)
@@ -95,9 +95,9 @@ def repeat_pairs(
     pairs = []
     for group in groups.values():
         first = group[0]
-        first_plan = plan_from_record(first)
+        first_plan = plan_of(first)
         for other in group[1:]:
-            other_plan = plan_from_record(other)
+            other_plan = plan_of(other)
             if ignore and all(getattr(other_plan, k) == getattr(first_plan, k) for k in ignore):
                 continue  # the same plan exactly: listed by the call without ``ignore``
             a, b = _tokens_per_second(first), _tokens_per_second(other)
@@ -248,84 +248,3 @@ def committed_splits(out_dir: Path) -> dict[str, dict[str, float | int]] | None:
     if not path.is_file():
         return None
     return dict(json.loads(path.read_text())["splits"])
-
-
-def write_speed_report(report: SpeedReport, out_dir: Path) -> list[Path]:
-    """``throughput.json`` (every figure; the gate's baseline), ``.md``, ``.csv`` and, with
-    matplotlib, ``.png`` (measured against predicted tokens/s)."""
-    import csv
-
-    from vramcalc.render.tables import render_speed_report
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = report.to_json()
-    json_path = out_dir / REPORT_JSON
-    json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    md_path = out_dir / "throughput.md"
-    md_path.write_text(render_speed_report(data))
-    csv_path = out_dir / "throughput.csv"
-    with csv_path.open("w", newline="") as handle:
-        columns = list(report.rows[0]) if report.rows else ["case_id"]
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(report.rows)
-    written = [json_path, md_path, csv_path]
-    if report.rows:
-        written.append(_plot(report, out_dir / "throughput.png"))
-    return written
-
-
-def _plot(report: SpeedReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    markers = {"calibration": "o", "validation": "s"}
-    for split, marker in markers.items():
-        for bound, color in (("compute", "tab:blue"), ("memory", "tab:green"), ("host", "tab:red")):
-            rows = [r for r in report.rows if r["split"] == split and r["bound"] == bound]
-            if rows:
-                left.scatter(
-                    [r["measured_tokens_per_second"] for r in rows],
-                    [r["predicted_tokens_per_second"] for r in rows],
-                    marker=marker,
-                    color=color,
-                    alpha=0.75,
-                    label=f"{split}, {bound}-bound",
-                )
-    values = [r["measured_tokens_per_second"] for r in report.rows]
-    lo, hi = min(values) * 0.7, max(values) * 1.4
-    for factor, style in ((1.0, "k-"), (1.15, "k:"), (1 / 1.15, "k:"), (1.4, "r--")):
-        left.plot([lo, hi], [lo * factor, hi * factor], style, linewidth=0.8)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="measured tokens/s (H200)",
-        ylabel="predicted tokens/s",
-        title="tokens/s: y = x, +-15 % dotted, +40 % dashed",
-    )
-    left.legend(fontsize=7)
-    for split, marker in markers.items():
-        rows = [r for r in report.rows if r["split"] == split]
-        right.scatter(
-            [r["measured_step_seconds"] for r in rows],
-            [100 * r["tokens_per_second_error"] for r in rows],
-            marker=marker,
-            alpha=0.75,
-            label=split,
-        )
-    right.axhline(0, color="k", linewidth=0.8)
-    right.axhline(40, color="r", linestyle="--", linewidth=0.8)
-    right.set(
-        xscale="log",
-        xlabel="measured step time (s)",
-        ylabel="error (%), + = speed over-predicted",
-        title="error by step time",
-    )
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

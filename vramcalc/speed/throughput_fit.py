@@ -23,13 +23,14 @@ import functools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
 from vramcalc.catalog import ModelSpec, find_gpu, resolve_model
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import build_inventory
+from vramcalc.measurements import plan_of
 from vramcalc.plan import TrainingPlan
 from vramcalc.speed.throughput import (
     CONSTANTS,
@@ -43,7 +44,6 @@ from vramcalc.speed.throughput import (
 
 FITTED = tuple(c for c in CONSTANTS if c != "attention_efficiency")
 SOFT_L1_SCALE = 0.1  # on log(predicted / measured): errors beyond ~10 % count less than squared
-_PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
 
 WorkFor = Callable[[TrainingPlan], Work]
 
@@ -84,11 +84,6 @@ def default_work_for(plan: TrainingPlan) -> Work:
     return plan_work(config, build_inventory(config, plan), plan)
 
 
-def plan_from_record(record: Mapping[str, Any]) -> TrainingPlan:
-    """The ``TrainingPlan`` of a measurement record (plan fields at top level, blanks dropped)."""
-    return TrainingPlan.from_dict({k: record[k] for k in _PLAN_FIELDS if record.get(k) is not None})
-
-
 def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
     """The record's median step time (or the one its tokens/s implies), None without one."""
     step = record.get("step_seconds")
@@ -96,7 +91,7 @@ def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
         return float(step)
     tps = record.get("tokens_per_second")
     if isinstance(tps, (int, float)) and tps > 0:
-        plan = plan_from_record(record)
+        plan = plan_of(record)
         return plan.seq_len * plan.batch_size * plan.grad_accum / float(tps)
     return None
 
@@ -104,7 +99,7 @@ def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
 def excluded_reason(record: Mapping[str, Any]) -> str | None:
     """Why a record does not measure what the planner predicts, or None."""
     if record.get("kind") == "serve":
-        from vramcalc.report import SERVE_RECORD_REASON
+        from vramcalc.measurements import SERVE_RECORD_REASON
 
         return SERVE_RECORD_REASON
     if record.get("status") != "ok":
@@ -138,7 +133,7 @@ def cases_from_records(
             skipped.append(f"{case_id}: {reason}")
             continue
         try:
-            plan = plan_from_record(record)
+            plan = plan_of(record)
             gpu = find_gpu(str(record.get("gpu_name") or ""))
             work = work_for(plan)
             peaks = Peaks.of(gpu, plan, work.step)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from vramcalc.errors import AllocatorTraceError, InvalidPlanError
+from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import (
     ALLOC,
     EMPTY_CACHE,
@@ -243,7 +244,7 @@ def test_max_split_size_keeps_oversize_blocks_from_small_requests():
     # default: the 8 MiB request splits the cached 40 MiB block (remainder 32 MiB > 1 MiB)
     assert simulate(events).peak_reserved_bytes == 40 * MIB
     # get_free_block: size < max_split_size and block >= max_split_size -> not used
-    config = AllocatorConfig.from_env_string("max_split_size_mb:32")
+    config = allocator_config("max_split_size_mb:32")
     result = simulate(events, config)
     assert (result.peak_reserved_bytes, result.cuda_malloc_calls) == (60 * MIB, 2)
 
@@ -288,31 +289,31 @@ def test_release_available_cached_blocks_frees_the_largest_blocks_first():
 
 def test_roundup_power2_divisions():
     # roundup_power2_next_division: 5 MiB + 1 lies in [4, 8) MiB, 4 steps of 1 MiB -> 6 MiB
-    config = AllocatorConfig.from_env_string("roundup_power2_divisions:4")
+    config = allocator_config("roundup_power2_divisions:4")
     assert allocator(5 * MIB + 1, config=config).allocated_bytes == 6 * MIB
     assert allocator(5 * MIB + 1).allocated_bytes == 5 * MIB + 512
     assert allocator(1200, config=config).allocated_bytes == 1536  # 1200 <= 512 * 4: plain
-    table = AllocatorConfig.from_env_string("roundup_power2_divisions:[64:8,>:2]")
+    table = allocator_config("roundup_power2_divisions:[64:8,>:2]")
     assert table.roundup_power2_divisions == (8,) * 7 + (2,) * 9
 
 
 # ---- configuration ----------------------------------------------------------------------------
 
 
-def test_from_env_string_reads_the_settings():
-    config = AllocatorConfig.from_env_string(
+def test_allocator_config_reads_the_settings():
+    config = allocator_config(
         "expandable_segments:True, max_split_size_mb:128,pinned_use_cuda_host_register:True",
         capacity_bytes=80 * 2**30,
     )
     assert config == AllocatorConfig(
         expandable_segments=True, max_split_size_bytes=128 * MIB, capacity_bytes=80 * 2**30
     )
-    assert AllocatorConfig.from_env_string("") == AllocatorConfig()
+    assert allocator_config("") == AllocatorConfig()
 
 
-def test_from_env_string_names_every_bad_key():
+def test_allocator_config_names_every_bad_key():
     with pytest.raises(InvalidPlanError) as err:
-        AllocatorConfig.from_env_string(
+        allocator_config(
             "expandable_segments:true,max_split_size_mb:10,backend:cudaMallocAsync,foo:1"
         )
     assert err.value.problems == [
@@ -333,9 +334,9 @@ def test_from_env_string_names_every_bad_key():
         ("garbage_collection_threshold:1.5", "garbage_collection_threshold must be in (0, 1), got '1.5'"),
     ],
 )  # fmt: skip
-def test_from_env_string_rejects(env, problem):
+def test_allocator_config_rejects(env, problem):
     with pytest.raises(InvalidPlanError) as err:
-        AllocatorConfig.from_env_string(env)
+        allocator_config(env)
     assert err.value.problems == [problem]
 
 
@@ -493,7 +494,7 @@ def run_on_gpu(events, conf, fraction=None):
 def test_simulation_matches_the_cuda_allocator(conf, fraction):
     events = mixed_workload()
     stats, trace, oom_index, capacity = run_on_gpu(events, conf, fraction)
-    config = AllocatorConfig.from_env_string(conf, capacity_bytes=capacity)
+    config = allocator_config(conf, capacity_bytes=capacity)
     sim = CachingAllocator(config)
     sim_oom = next((i for i, (op, h, n) in enumerate(events) if not apply(sim, op, h, n)), None)
     assert {

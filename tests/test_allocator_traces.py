@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from harness.alloc_trace import load_trace
-from vramcalc.memory.allocator import AllocatorConfig, simulate
+from vramcalc.memory.alloc_conf import allocator_config
+from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace
 
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
@@ -41,7 +42,7 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)
     assert not trace["truncated"]
-    config = AllocatorConfig.from_env_string(trace["pytorch_cuda_alloc_conf"] or "")
+    config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
     result = simulate(events_from_snapshot_trace(trace["entries"]), config)
     assert result.peak_allocated_bytes == record["peak_allocated_bytes"]
     assert result.peak_reserved_bytes == record["peak_reserved_bytes"]

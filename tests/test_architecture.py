@@ -13,8 +13,6 @@ PACKAGES = ("vramcalc", "harness")
 
 #: cycles still to break (each a sorted tuple of module names); must only shrink
 KNOWN_CYCLES = {
-    ("vramcalc.memory.allocator", "vramcalc.memory.allocator_trace"),
-    ("vramcalc.speed.opprofile", "vramcalc.trace.oprecorder", "vramcalc.trace.optrace"),
     (
         "harness.distributed",
         "harness.record",

@@ -96,15 +96,6 @@ class AllocatorConfig:
         if problems:
             raise InvalidPlanError(problems)
 
-    @classmethod
-    def from_env_string(cls, env: str, capacity_bytes: int | None = None) -> AllocatorConfig:
-        """Settings from a ``PYTORCH_CUDA_ALLOC_CONF`` string, e.g.
-        ``"expandable_segments:True,max_split_size_mb:128"``; raises
-        ``InvalidPlanError`` naming every bad or unmodelled key."""
-        from vramcalc.memory.allocator_trace import parse_alloc_conf  # it imports this module
-
-        return cls(capacity_bytes=capacity_bytes, **parse_alloc_conf(env))
-
 
 DEFAULT_CONFIG = AllocatorConfig()
 

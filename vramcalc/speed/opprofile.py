@@ -27,29 +27,24 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vramcalc.errors import VramcalcError
 from vramcalc.plan import TrainingPlan
+from vramcalc.trace.oprecorder import (
+    OpEvent,
+    Vector,
+)
+from vramcalc.trace.optrace import (  # the tracer imports torch only when it runs
+    TRACE_PRIMES,
+    TRACED_LAYERS,
+    BnbOptimizerParam,
+    ProfileError,
+    trace_events,
+)
 
 PROFILE_VERSION = 7
-TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
-# divides no model dimension
-TRACED_LAYERS = 2
 PHASES = ("forward", "recompute", "backward", "optimizer")
-# kinds: what prices an op on the GPU (throughput.py)
-MATMUL, MATMUL_FP32, INT8_MATMUL = "matmul", "matmul_fp32", "int8_matmul"
-ATTENTION, MEMORY, LAUNCH = "attention", "memory", "launch"
-# an op's FLOPs and bytes are linear in: 1, T, T·S, c, T·c (c: int8 outlier columns)
-N_FEATURES = 5
-Vector = tuple[float, ...]
-
-if TYPE_CHECKING:
-    from vramcalc.trace.oprecorder import _Event
-
-
-class ProfileError(VramcalcError):
-    """The recipe's step could not be traced."""
 
 
 def int8_outlier_columns(in_features: int, p: float, tokens: int) -> float:
@@ -82,15 +77,6 @@ class Run:
 
     repeat: str  # "once" or "layers"
     ops: tuple[Op, ...]
-
-
-@dataclass(frozen=True)
-class BnbOptimizerParam:
-    """One trainable tensor stepped by a bitsandbytes optimizer (a launch and a sync each)."""
-
-    numel: int
-    bytes_per_element: float  # parameter, gradient and states, read and written
-    repeat: str  # "once" or "layers"
 
 
 @dataclass(frozen=True)
@@ -140,7 +126,7 @@ class OpProfile:
 
 
 # -- events -> runs ------------------------------------------------------------------------------
-def _ops(events: list[_Event]) -> list[tuple[int, Op]]:
+def _ops(events: list[OpEvent]) -> list[tuple[int, Op]]:
     return [
         (
             e.layer,
@@ -193,8 +179,6 @@ def _runs(ops: list[tuple[int, Op]]) -> tuple[Run, ...]:
 
 def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
     """Trace the recipe of ``plan`` (its sizes do not matter) into an ``OpProfile``."""
-    from vramcalc.trace.optrace import trace_events
-
     try:
         micro_batch, optimizer, (bnb, counts, layers, prime) = trace_events(config_dict, plan)
     except VramcalcError:

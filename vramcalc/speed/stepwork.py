@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.plan import TrainingPlan
-from vramcalc.speed.opprofile import LAUNCH, MEMORY, Op, OpProfile, Run, int8_outlier_columns
+from vramcalc.speed.opprofile import Op, OpProfile, Run, int8_outlier_columns
+from vramcalc.trace.oprecorder import LAUNCH, MEMORY
 
 SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
 

@@ -43,8 +43,9 @@ from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
 from vramcalc.inventory import ModelInventory
 from vramcalc.plan import TrainingPlan
 from vramcalc.speed.flops import StepFlops, estimate_flops
-from vramcalc.speed.opprofile import ATTENTION, INT8_MATMUL, MATMUL_FP32, OpProfile, op_profile
+from vramcalc.speed.opprofile import OpProfile, op_profile
 from vramcalc.speed.stepwork import StepWork, step_work
+from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32
 
 NO_MEASUREMENT = "prior, no measurement"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)

@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.speed.opprofile import LAUNCH, MATMUL, MATMUL_FP32, MEMORY, N_FEATURES, Vector
+# kinds: what prices an op on the GPU (throughput.py)
+MATMUL, MATMUL_FP32, INT8_MATMUL = "matmul", "matmul_fp32", "int8_matmul"
+ATTENTION, MEMORY, LAUNCH = "attention", "memory", "launch"
+# an op's FLOPs and bytes are linear in: 1, T, T·S, c, T·c (c: int8 outlier columns)
+N_FEATURES = 5
+Vector = tuple[float, ...]
 
 # aten ops that only allocate or describe memory: a host dispatch, no kernel, no bytes
 _NO_KERNEL = frozenset(
@@ -42,7 +47,9 @@ _WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "bern
 
 
 @dataclass
-class _Event:
+class OpEvent:
+    """One op of a traced step as the recorder saw it (``opprofile`` merges them into runs)."""
+
     name: str
     kind: str
     phase: str
@@ -145,7 +152,7 @@ class Recorder:
 
     def __init__(self, prime: int) -> None:
         self.prime = prime
-        self.events: list[_Event] = []
+        self.events: list[OpEvent] = []
         self.phase = "forward"
         self.layer = -1
         self.paused = 0
@@ -179,7 +186,7 @@ class Recorder:
         self._last_caller = None
         if not self.paused:
             pad = (0.0, 0.0, 0.0)
-            event = _Event(
+            event = OpEvent(
                 name,
                 kind,
                 self.phase,
@@ -211,7 +218,7 @@ class Recorder:
         self._last_caller = (caller[0], caller[1], name) if caller is not None else None
         if getattr(func, "is_view", False) or name in _NO_KERNEL or name.startswith("_record_"):
             self.events.append(
-                _Event(name, LAUNCH, self.phase, self.layer, zero, zero, python=python)
+                OpEvent(name, LAUNCH, self.phase, self.layer, zero, zero, python=python)
             )
             return out
         moved = _traffic(func, name, args, kwargs, out)
@@ -224,7 +231,7 @@ class Recorder:
         if not self.layer_of:
             nbytes = _vector([(t.numel(), b) for t, b in moved], self.prime)
             self.events.append(
-                _Event(name, kind, self.phase, self.layer, flops, nbytes, python=python)
+                OpEvent(name, kind, self.phase, self.layer, flops, nbytes, python=python)
             )
             return out
         # an op over lists of every parameter: its bytes belong to each tensor's layer, and it
@@ -235,7 +242,7 @@ class Recorder:
         for layer, amounts in sorted(by_layer.items()):
             outside = layer == -1
             self.events.append(
-                _Event(
+                OpEvent(
                     name,
                     kind,
                     self.phase,

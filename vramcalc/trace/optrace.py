@@ -16,11 +16,29 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.errors import VramcalcError
 from vramcalc.plan import TrainingPlan
-from vramcalc.speed.opprofile import TRACE_PRIMES, TRACED_LAYERS, BnbOptimizerParam, ProfileError
-from vramcalc.trace.oprecorder import LAUNCH, Recorder, _Event
+from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
+
+TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
+# divides no model dimension
+TRACED_LAYERS = 2
+
+
+class ProfileError(VramcalcError):
+    """The recipe's step could not be traced."""
+
+
+@dataclass(frozen=True)
+class BnbOptimizerParam:
+    """One trainable tensor stepped by a bitsandbytes optimizer (a launch and a sync each)."""
+
+    numel: int
+    bytes_per_element: float  # parameter, gradient and states, read and written
+    repeat: str  # "once" or "layers"
 
 
 def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
@@ -172,7 +190,7 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
 
 def trace_events(
     config_dict: dict[str, Any], plan: TrainingPlan
-) -> tuple[list[_Event], list[_Event], Any]:
+) -> tuple[list[OpEvent], list[OpEvent], Any]:
     """The events of one micro-batch and of one optimizer step, and the parameter facts."""
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -212,6 +212,25 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     return _resolve_from_hub(key)
 
 
+def resolve(name: str) -> ModelSpec:
+    """``--model`` resolved (``resolve_model``); catalog and hub answers are kept for the
+    process (local files are read again, so an edited config is seen)."""
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    spec = resolve_model(name)
+    if spec.source != "local":
+        _RESOLVED[name] = spec
+    return spec
+
+
+_RESOLVED: dict[str, ModelSpec] = {}
+
+
+def forget_resolved() -> None:
+    """Empty ``resolve``'s memo (tests; benchmarks of cold starts)."""
+    _RESOLVED.clear()
+
+
 #: a hub repository id: ``org/name`` or a legacy top-level name such as ``gpt2``
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramcalc.catalog import Gpu, ModelSpec, find_gpu
+from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve
 from vramcalc.checks import plan_warnings, recipe_blocker
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.estimate import (
@@ -37,7 +37,6 @@ from vramcalc.estimate import (
     Prepared,
     default_allocator_model,
     prepare,
-    resolve,
 )
 from vramcalc.fit import budget_bytes
 from vramcalc.inventory import lora_key

@@ -228,8 +228,8 @@ def sweep(
         --method lora,qlora --rank 8,16,64 --seq-len 512,2048,4096 \\
         --batch-size 1,4,8 --gpu A100-40GB,H100-80GB,RTX-4090 -o plans.xlsx
     """
+    from vramcalc.catalog import resolve
     from vramcalc.errors import UnknownModelError
-    from vramcalc.estimate import resolve
     from vramcalc.fit import parse_headroom
     from vramcalc.render import export
     from vramcalc.render.capacity import render_sweep

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vramcalc.catalog import resolve
 from vramcalc.configs import axolotl, llamafactory, trainer
 from vramcalc.configs.common import FLAG, OURS, Collector, FieldSource
 from vramcalc.errors import ConfigFileError, InvalidPlanError, UnknownModelError
@@ -144,8 +145,6 @@ MODEL_KEYS = {"axolotl": ("base_model",), "llama-factory": ("model_name_or_path"
 def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> FilePlan:
     """The plan ``path`` describes, with ``flags`` (plan field → value the user gave on the
     command line) taking precedence over the file."""
-    from vramcalc.estimate import resolve
-
     path = Path(path)
     flags = dict(flags or {})
     data = load_file(path)

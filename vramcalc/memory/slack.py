@@ -225,9 +225,9 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _allocator_folder(cache_root: str | None, xdg: str | None) -> str:
-    from vramcalc.inventory import _cache_dir
+    from vramcalc.cache import cache_dir
 
-    return str(_cache_dir().parent / "allocator")
+    return str(cache_dir("allocator"))
 
 
 def _cache_path(key: str):  # type: ignore[no-untyped-def]

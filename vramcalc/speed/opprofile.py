@@ -15,7 +15,7 @@ keeps it as an ``OpProfile``:
 * the parameter tensors per layer and, for bitsandbytes optimizers, every trainable tensor.
 
 Profiles do not depend on batch or sequence length: ``op_profile`` traces each recipe once
-and caches it in memory and on disk beside the inventory cache.
+and caches it in memory and on disk (``vramcalc.cache``, folder ``opprofile``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
 from vramcalc.plan import TrainingPlan
 from vramcalc.trace.oprecorder import (
@@ -226,15 +226,9 @@ def _recipe(plan: TrainingPlan) -> TrainingPlan:
     )
 
 
-def _cache_dir() -> Path:
-    from vramcalc.inventory import _cache_dir as inventory_dir
-
-    return inventory_dir().parent / "opprofile"
-
-
 @functools.lru_cache(maxsize=256)
 def _cached(key: str, config_json: str, recipe: TrainingPlan) -> OpProfile:
-    path = _cache_dir() / f"{key}.json"
+    path = cache_dir("opprofile") / f"{key}.json"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return OpProfile.from_json(json.loads(path.read_text()))
@@ -249,6 +243,6 @@ def _cached(key: str, config_json: str, recipe: TrainingPlan) -> OpProfile:
 
 def op_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
     """The ``OpProfile`` of ``plan``'s recipe: traced once, then cached in memory and on disk
-    (beside the inventory cache, same key rules)."""
+    (``vramcalc.cache``, same key rules as the inventory)."""
     config_json = json.dumps(config_dict, sort_keys=True)
     return _cached(profile_key(config_dict, plan), config_json, _recipe(plan))

@@ -401,7 +401,7 @@ class CachingAllocator:
         H200 traces (data/measurements/h200_round2_traces) most successive segments sit
         below the last one, and replaying those traces with decreasing addresses gives
         torch's peak reserved bytes exactly, where increasing ones fall up to 3.9 GiB
-        short (gemma-2-2b LoRA); tests/test_allocator_traces.py checks it.
+        short (gemma-2-2b LoRA); tests/memory/test_allocator_traces.py checks it.
         """
         self._next_addr -= -(-nbytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
         return self._next_addr

@@ -8,7 +8,7 @@ of the second step (optimizer states exist) is what
 ``torch.cuda.max_memory_allocated`` reports; the estimate's
 ``peak_allocated_bytes`` minus the cuBLAS workspaces (a GPU-only allocation)
 must match it. The activation rule's backward transient is an upper bound
-(tests/test_activations.py), so the estimate may exceed the trace, never
+(tests/memory/test_activations.py), so the estimate may exceed the trace, never
 fall below it.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.memtrace import MemoryTracer
-from tests.test_activations import build_cpu_recipe, cuda_recipe_on_cpu
+from tests.memory.memtrace import MemoryTracer
+from tests.memory.test_activations import build_cpu_recipe, cuda_recipe_on_cpu
 from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.overhead import load_calibration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.memtrace import MemoryTracer, fake_saved_bytes, round_bytes, saved_bytes
+from tests.memory.memtrace import MemoryTracer, fake_saved_bytes, round_bytes, saved_bytes
 
 
 def test_round_bytes_like_the_cuda_allocator():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_activations import (
+
+from tests.memory.memtrace import MemoryTracer
+from tests.memory.test_activations import (
     BATCH,
     CONFIGS,
     SEQ,
@@ -14,8 +16,6 @@ from test_activations import (
     measure_saved,
     plan_for,
 )
-
-from tests.memtrace import MemoryTracer
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.logits import estimate_logits
 

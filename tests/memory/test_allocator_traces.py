@@ -18,7 +18,7 @@ from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace
 
-MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
 TRACES = sorted(MEASUREMENTS.glob("*_traces/*.json.gz"))
 
 

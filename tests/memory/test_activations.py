@@ -3,7 +3,7 @@
 Each case builds a tiny model of the architecture under the project recipe
 (``build_cpu_recipe``), runs forward + loss under ``torch.autocast("cpu",
 bf16)`` and reads what autograd saved, per decoder layer, with
-``tests/memtrace.py``'s ``saved_bytes`` (storages rounded to 512 B like the CUDA
+``tests/memory/memtrace.py``'s ``saved_bytes`` (storages rounded to 512 B like the CUDA
 allocator). The rule in ``vramcalc.memory.activations`` must give the same
 bytes exactly.
 
@@ -38,7 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.memtrace import SavedReport, saved_bytes
+from tests.memory.memtrace import SavedReport, saved_bytes
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.activations import estimate_activations
 from vramcalc.plan import TrainingPlan
@@ -431,7 +431,7 @@ def step_memory(config: dict[str, Any], plan: TrainingPlan) -> tuple[int, int, i
     Parameters and the input ids are left out; the forward runs under autocast and ends
     before backward, as in Trainer.training_step.
     """
-    from tests.memtrace import MemoryTracer
+    from tests.memory.memtrace import MemoryTracer
 
     model = build_cpu_recipe(config, plan)
     torch.manual_seed(1)
@@ -515,7 +515,7 @@ def test_full_size_layer_matches_fake_tensor_measurement() -> None:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from tests.memtrace import fake_saved_bytes
+    from tests.memory.memtrace import fake_saved_bytes
 
     config = {
         "model_type": "llama",

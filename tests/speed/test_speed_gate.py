@@ -15,7 +15,7 @@ from vramcalc.speed.speed_report import TARGETS, distances, regressions, speed_r
 from vramcalc.speed.throughput import CONSTANTS, load_throughput_calibration
 from vramcalc.speed.throughput_fit import FITTED, cases_from_records, fit_cases
 
-REPORT = Path(__file__).resolve().parents[1] / "reports" / "throughput.json"
+REPORT = Path(__file__).resolve().parents[2] / "reports" / "throughput.json"
 
 pytestmark = pytest.mark.slow
 

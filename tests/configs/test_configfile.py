@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from vramcalc.cli import cli
 from vramcalc.configs import detect_format, read_plan_file
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).parent
 BYTES = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes", "components", "plan")
 
 EQUIVALENT = {

@@ -211,7 +211,7 @@ def test_one_table_helper_draws_text_and_markdown():
 
 
 def test_no_module_pads_tables_by_hand():
-    package = Path(__file__).resolve().parent.parent / "vramcalc"
+    package = Path(__file__).resolve().parents[2] / "vramcalc"
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert ".ljust(" not in text and ".rjust(" not in text, path

@@ -34,8 +34,8 @@ from typing import Any
 
 from harness.errors import CaseError
 from vramcalc.errors import InvalidPlanError
-from vramcalc.plan import parse_targets, suggest
 from vramcalc.serve_plan import ServePlan, context_split, uniform_adapters
+from vramcalc.training_plan import parse_targets, suggest
 
 KIND = "serve"
 PLAN_KEYS = (

@@ -78,8 +78,8 @@ def test_records_are_serve_records_with_every_field(records):
 
 
 def test_report_and_speed_fit_skip_serve_records(records):
+    from vramcalc.accuracy import build_report
     from vramcalc.measurements import SERVE_RECORD_REASON
-    from vramcalc.report import build_report
     from vramcalc.speed.throughput_fit import cases_from_records, excluded_reason
 
     _, serve_records = records

@@ -20,8 +20,8 @@ from harness.record import RECORD_FIELDS, read_records
 from harness.scenario import Case, load_cases, simulated
 from harness.simworld import SIMULATED_WORLD_LIMITS
 from vramcalc.measurements import plan_of
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.throughput_fit import excluded_reason
+from vramcalc.training_plan import TrainingPlan
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 TINY_PARAMS = 106816  # tiny-llama, every weight trained

@@ -48,7 +48,7 @@ from vramcalc.memory.overhead import (
 )
 from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 COMPONENTS = (
     "weights",

@@ -36,7 +36,7 @@ from typing import Any
 
 from vramcalc.cache import cache_dir
 from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
-from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
 CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built

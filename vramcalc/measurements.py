@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import DATA_DIR
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import PLAN_FIELDS, TrainingPlan, plan_from_values
+from vramcalc.training_plan import PLAN_FIELDS, TrainingPlan, plan_from_values
 
 MEASUREMENTS_DIR = DATA_DIR / "measurements"
 
@@ -65,3 +66,18 @@ def load_measurements(directory: Path = MEASUREMENTS_DIR) -> tuple[list[dict[str
 def plan_of(record: Mapping[str, Any]) -> TrainingPlan:
     """The plan a measurement record describes (its plan fields; null ones take the default)."""
     return plan_from_values({k: record[k] for k in PLAN_FIELDS if k in record})
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A report's figures held against the committed report's: what got worse (``None``: no
+    committed report to compare with, this run is the baseline), how far each validation
+    figure stands from its target, and the targets not met."""
+
+    regressions: tuple[str, ...] | None
+    distances: tuple[str, ...]
+    target_problems: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.regressions)

@@ -97,12 +97,12 @@ def test_an_unknown_model_type_is_short_and_points_to_the_catalog(tmp_path):
 
 
 def test_sweep_output_into_a_missing_folder_fails_before_computing(tmp_path, monkeypatch):
-    import vramcalc.sweep
+    import vramcalc.sweeps
 
     def never(*args, **kwargs):
         raise AssertionError("the sweep ran")
 
-    monkeypatch.setattr(vramcalc.sweep, "run_sweep", never)
+    monkeypatch.setattr(vramcalc.sweeps, "run_sweep", never)
     missing = tmp_path / "no" / "such" / "plans.csv"
     result = _invoke("sweep", "--model", "facebook/opt-125m", "-o", str(missing))
     assert result.exit_code == 1

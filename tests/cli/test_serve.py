@@ -95,8 +95,8 @@ def test_adapter_dir_supplies_the_model(tiny_llama_dir, tmp_path):
 
 def test_adapters_and_adapter_dir_exclude_each_other(tiny_llama_dir, tmp_path):
     result = _run("--model", str(tiny_llama_dir), "--adapters", "2", "--adapter-dir", str(tmp_path))
-    assert result.exit_code == 2
-    assert "--adapters and --adapter-dir exclude each other" in result.output
+    assert result.exit_code == 1
+    assert result.output == "Error: --adapters and --adapter-dir exclude each other.\n"
 
 
 def test_bad_targets_name_the_modules(tiny_llama_dir):

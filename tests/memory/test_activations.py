@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tests.memory.memtrace import SavedReport, saved_bytes
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.activations import estimate_activations
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 BASE = {
     "hidden_size": 64,

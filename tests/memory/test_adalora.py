@@ -18,7 +18,7 @@ from vramcalc.inventory import build_inventory, cache_key
 from vramcalc.memory import alloc_bytes
 from vramcalc.memory.adalora import estimate_adalora
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 H, KV, INTER, LAYERS = 64, 32, 128, 2  # TINY_LLAMA: 4 heads x 16, 2 kv heads
 

@@ -8,7 +8,7 @@ from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 def run(**kwargs):

@@ -13,7 +13,7 @@ from vramcalc.memory import alloc_bytes
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.memory.optimizer import estimate_optimizer
 from vramcalc.memory.weights import estimate_weights, four_bit_linear_bytes, int8_linear_bytes
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 LINEAR_PER_LAYER = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 128 * 64  # 36,864
 EMBED = 256 * 64

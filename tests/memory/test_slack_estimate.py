@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from vramcalc.cli import cli
 from vramcalc.estimate import forget_prepared, prepare
 from vramcalc.memory.slack import cached_simulation
-from vramcalc.plan import TrainingPlan
-from vramcalc.sweep import EstimateCache, run_sweep
+from vramcalc.sweeps import EstimateCache, run_sweep
+from vramcalc.training_plan import TrainingPlan
 
 
 @pytest.fixture(autouse=True)

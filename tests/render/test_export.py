@@ -10,7 +10,7 @@ from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
 from vramcalc.render.capacity import header, render_sweep, summary_columns
 from vramcalc.render.export import ExportError, output_format, write_sweep
-from vramcalc.sweep import expand_cases, run_sweep
+from vramcalc.sweeps import expand_cases, run_sweep
 
 DEFAULTS = {"model": None, "method": "lora", "seq_len": 256, "batch_size": 1}
 

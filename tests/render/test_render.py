@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from vramcalc.catalog import find_gpu, load_gpus
 from vramcalc.checks import recipe_blocker
 from vramcalc.cli import cli
-from vramcalc.plan import TrainingPlan
 from vramcalc.render.tables import table
-from vramcalc.sweep import expand_cases, run_sweep
+from vramcalc.sweeps import expand_cases, run_sweep
+from vramcalc.training_plan import TrainingPlan
 
 NO_BF16 = {"T4", "V100-16GB", "V100-32GB"}
 
@@ -225,7 +225,7 @@ def test_the_library_does_not_import_the_text_module():
     import sys
 
     code = (
-        "import sys, vramcalc.planner, vramcalc.sweep, vramcalc.fit, vramcalc.speed.cost, "
+        "import sys, vramcalc.planner, vramcalc.sweeps, vramcalc.fitting, vramcalc.speed.cost, "
         "vramcalc.render.export; print('vramcalc.render.tables' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -236,9 +236,9 @@ def test_the_library_does_not_import_the_text_module():
 
 
 def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
+    from vramcalc.accuracy import build_report
     from vramcalc.estimate import estimate
-    from vramcalc.render.report import render_markdown
-    from vramcalc.report import build_report
+    from vramcalc.render.accuracy import render_markdown
 
     plan = TrainingPlan(str(tiny_llama_dir), seq_len=256)
     est = estimate(plan)

@@ -11,7 +11,6 @@ from tests.conftest import TINY_LLAMA
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
 from vramcalc.render.plan import render_cost
 from vramcalc.render.tables import format_duration
 from vramcalc.speed.cost import (
@@ -22,7 +21,13 @@ from vramcalc.speed.cost import (
     estimate_cost,
     throughput_columns,
 )
-from vramcalc.speed.throughput import ThroughputCalibration, estimate_throughput, plan_work
+from vramcalc.speed.throughput import (
+    PlanSpeed,
+    ThroughputCalibration,
+    estimate_throughput,
+    plan_work,
+)
+from vramcalc.training_plan import TrainingPlan
 
 GPU = Gpu(
     "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"
@@ -191,7 +196,7 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
 
 def test_throughput_columns_without_a_run_length():
     work, _, throughput = tiny_throughput()
-    columns = throughput_columns(work, [GPU, find_gpu("A10G")], CAL)
+    columns = throughput_columns(PlanSpeed(work.plan, work, None), [GPU, find_gpu("A10G")], CAL)
     assert columns == {
         "tokens_per_second_Test": throughput.tokens_per_second,
         "step_seconds_Test": throughput.step_seconds,
@@ -204,7 +209,8 @@ def test_throughput_columns_without_a_run_length():
         "bound_A10G": None,
         "speed_measured_A10G": None,
     }
-    assert throughput_columns(None, [GPU], CAL) == dict.fromkeys(
+    untraced = PlanSpeed(work.plan, None, "the step could not be traced")
+    assert throughput_columns(untraced, [GPU], CAL) == dict.fromkeys(
         ("tokens_per_second_Test", "step_seconds_Test", "mfu_Test", "bound_Test")
         + ("speed_measured_Test",)
     )

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import TINY_LLAMA
 from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.flops import estimate_flops, linear_input_grad_shares
+from vramcalc.training_plan import TrainingPlan
 
 T = 2 * 32
 LINEAR = 73_728

@@ -7,12 +7,12 @@ import pytest
 
 from tests.conftest import TINY_LLAMA
 from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.flops import estimate_flops
 from vramcalc.speed.opprofile import OpProfile, op_profile, trace_profile
 from vramcalc.speed.stepwork import step_work
 from vramcalc.trace import optrace
 from vramcalc.trace.oprecorder import LAUNCH
+from vramcalc.training_plan import TrainingPlan
 
 LORA_QV = {"method": "lora", "rank": 4, "targets": ("q_proj", "v_proj")}
 

@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from vramcalc.cli import cli
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.speed_report import (
     TARGETS,
     dispersion,
@@ -19,6 +18,7 @@ from vramcalc.speed.speed_report import (
     repeat_pairs,
     summary,
 )
+from vramcalc.training_plan import TrainingPlan
 
 
 def test_dispersion_of_the_timed_steps():

@@ -14,7 +14,6 @@ from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
-from vramcalc.plan import TrainingPlan
 from vramcalc.render.plan import render_throughput
 from vramcalc.speed.opprofile import BnbOptimizerParam, Op, OpProfile, Run, op_profile
 from vramcalc.speed.stepwork import Kernel, StepWork, Stretch, step_work
@@ -27,6 +26,7 @@ from vramcalc.speed.throughput import (
     plan_work,
     price,
 )
+from vramcalc.training_plan import TrainingPlan
 
 CAL = ThroughputCalibration(
     compute_efficiency=0.5,
@@ -259,7 +259,7 @@ def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir
         "GPU",
         "memory",
         "fits",
-        "headroom",
+        "margin",
         "tokens/s",
         "step",
         "s",
@@ -269,6 +269,10 @@ def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir
     a100, h200 = lines[2].split(), lines[3].split()
     assert a100[0] == "A100-80GB" and a100[-1] == "host*"  # derived from the H200
     assert h200[0] == "H200" and h200[-1] == "host"  # measured there
+    assert lines[4] == (
+        "fits: the device total within each GPU's memory less 5% headroom (--headroom); "
+        "margin: what is left of that budget"
+    )
     assert lines[-1] == (
         "  * no measurement backs A100-80GB: speed derived from H200 (plan --verbose says how)"
     )

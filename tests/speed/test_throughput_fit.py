@@ -12,7 +12,6 @@ from tests.conftest import TINY_LLAMA
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.throughput import CONSTANTS, Peaks, ThroughputCalibration, plan_work, price
 from vramcalc.speed.throughput_fit import (
     FITTED,
@@ -20,6 +19,7 @@ from vramcalc.speed.throughput_fit import (
     excluded_reason,
     fit_throughput,
 )
+from vramcalc.training_plan import TrainingPlan
 
 SMALL_LLAMA = dict(
     TINY_LLAMA,

@@ -22,7 +22,7 @@ from tests.memory.test_activations import build_cpu_recipe, cuda_recipe_on_cpu
 from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 CONFIG = {
     "model_type": "llama",

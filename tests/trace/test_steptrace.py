@@ -7,8 +7,8 @@ import pytest
 
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.slack import simulate_run
-from vramcalc.plan import TrainingPlan
 from vramcalc.trace.steptrace import trace_steps
+from vramcalc.training_plan import TrainingPlan
 
 TINY = {
     "model_type": "llama",

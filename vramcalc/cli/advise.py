@@ -1,4 +1,4 @@
-"""``vramcalc advise``: parse, call ``vramcalc.advise.advise``, render. Registered by ``cli.py``."""
+"""``vramcalc advise``: parse, call ``vramcalc.api.advise``, render."""
 
 from __future__ import annotations
 
@@ -6,21 +6,23 @@ import json
 
 import click
 
-from vramcalc.cli.options import plan_and_source, plan_options
+from vramcalc import api
+from vramcalc.cli.options import (
+    gpu_option,
+    headroom_option,
+    json_option,
+    plan_and_source,
+    plan_options,
+)
+from vramcalc.render.advise import render_advice
+from vramcalc.render.files import render_file_plan
 
 
 @click.command()
 @plan_options
-@click.option(
-    "--gpu", required=True, help="The GPU the plan should fit (name or alias, see 'vramcalc gpus')."
-)
-@click.option(
-    "--headroom",
-    default="5%",
-    show_default=True,
-    help="Memory to leave free: 5% or 0.05. A plan fits when its device total <= GPU memory x (1 - headroom).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@gpu_option("The GPU the plan should fit (name or alias, see 'vramcalc gpus').")
+@headroom_option
+@json_option("Print one JSON object instead of the table.")
 @click.pass_context
 def advise(ctx: click.Context, gpu: str, headroom: str, as_json: bool, **options) -> None:
     """List the changes that make a plan fit a GPU, ranked by what they cost.
@@ -34,20 +36,10 @@ def advise(ctx: click.Context, gpu: str, headroom: str, as_json: bool, **options
     Example:
       vramcalc advise --model meta-llama/Llama-3.1-70B --method full --gpu H200
     """
-    from vramcalc.advise import advise as advise_plan
-    from vramcalc.catalog import find_gpu
-    from vramcalc.fit import parse_headroom
-    from vramcalc.render.advise import render_advice
-    from vramcalc.render.files import render_file_plan
-
-    plan, source = plan_and_source(ctx, options)
-    card, margin = find_gpu(gpu), parse_headroom(headroom)
-    if source and not as_json:
-        click.echo(render_file_plan(source) + "\n")
-    advice = advise_plan(plan, card, margin)
+    advice = api.advise(plan_and_source(ctx, options), gpu, headroom=headroom)
     if as_json:
-        data = advice.to_dict()
-        data["from_file"] = source.to_dict() if source else None
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo(render_advice(advice))
+        click.echo(json.dumps(advice.to_dict(), indent=2))
+        return
+    if advice.source:
+        click.echo(render_file_plan(advice.source) + "\n")
+    click.echo(render_advice(advice))

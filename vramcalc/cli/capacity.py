@@ -1,5 +1,5 @@
-"""``vramcalc sweep`` and ``vramcalc fit``: parse, call ``vramcalc.sweep`` /
-``vramcalc.fit``, render with ``vramcalc.render.export``. Registered by ``cli.py``.
+"""``vramcalc sweep`` and ``vramcalc fit``: parse, call ``vramcalc.api.sweep`` /
+``vramcalc.api.fit``, render (``vramcalc.render.capacity``, ``vramcalc.render.export``).
 
 The sweep's options are ``plan``'s own (``cli.plan_options``), each made to
 take several values; every value is checked by the plan option's own type, so
@@ -14,10 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
+from tqdm import tqdm
 
-from vramcalc.cli.options import given_options, plan_and_source, plan_options
-from vramcalc.errors import VramcalcError
+from vramcalc import api
+from vramcalc.cli.options import (
+    given_options,
+    gpu_option,
+    gpus_option,
+    headroom_option,
+    json_option,
+    plan_and_source,
+    plan_options,
+    run_length_options,
+)
+from vramcalc.render import export
+from vramcalc.render.capacity import render_fit, render_sweep
+from vramcalc.render.files import render_file_plan
 
 
 def _plan_params() -> list[click.Option]:
@@ -89,70 +101,27 @@ def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[An
     return axes
 
 
-def speed_and_cost_options(func):
-    """Opt-in speed and run-cost columns (the same run-length options as ``plan``)."""
-    options = [
-        click.option(
-            "--speed",
-            is_flag=True,
-            help="Add tokens/s, step seconds, MFU, what bounds the step and whether a measurement backs the GPU, per GPU.",
-        ),
-        click.option(
-            "--dataset-tokens",
-            type=int,
-            default=None,
-            help="Tokens in the training set: adds optimizer steps and, per GPU the plan fits, wall hours, GPU-hours and USD (with --epochs).",
-        ),
-        click.option(
-            "--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1)."
-        ),
-        click.option(
-            "--steps",
-            type=int,
-            default=None,
-            help="Optimizer steps of the run, instead of --dataset-tokens.",
-        ),
-        click.option(
-            "--price-per-hour",
-            type=float,
-            default=None,
-            help="USD per GPU-hour, overriding the catalog's price for every GPU.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def speed_and_cost(options: dict[str, Any]):
-    """The ``SpeedAndCost`` the options ask for (pops them)."""
-    from vramcalc.speed.cost import RunLength
-    from vramcalc.sweep import SpeedAndCost
-
-    length = [options.pop(name) for name in ("dataset_tokens", "epochs", "steps")]
-    run = RunLength(*length) if any(v is not None for v in length) else None
-    return SpeedAndCost(options.pop("speed"), run, options.pop("price_per_hour"))
-
-
-def _gpus(names: tuple[str, ...]):
-    from vramcalc.catalog import find_gpu, load_gpus
-
-    chosen = [n for g in names for n in g.split(",") if n.strip()]
-    return [find_gpu(n) for n in chosen] if chosen else list(load_gpus())
-
-
-def _progress(quiet: bool, total: int):
-    from tqdm import tqdm
-
+def _progress(quiet: bool):
+    """A tqdm bar on stderr around the sweep's plans (none when quiet or not a terminal)."""
     disable = quiet or not sys.stderr.isatty()
-    return lambda items: tqdm(
-        items, total=total, file=sys.stderr, disable=disable, unit="plan", desc="sweep"
-    )
+
+    def wrap(items):
+        return tqdm(items, file=sys.stderr, disable=disable, unit="plan", desc="sweep")
+
+    return wrap
 
 
 @click.command()
 @sweep_options
-@speed_and_cost_options
+@click.option(
+    "--speed",
+    is_flag=True,
+    help="Add tokens/s, step seconds, MFU, what bounds the step and whether a measurement backs the GPU, per GPU.",
+)
+@run_length_options(
+    "Tokens in the training set: adds optimizer steps and, per GPU the plan fits, wall hours, "
+    "GPU-hours and USD (with --epochs)."
+)
 @click.option(
     "--from",
     "from_file",
@@ -165,18 +134,10 @@ def _progress(quiet: bool, total: int):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CSV with one plan per row; columns are plan option names (model,method,rank,seq_len,... dashes or underscores) and optionally gpu. Blank cells take the command-line values (all of them: crossed) or plan's defaults.",
 )
-@click.option(
-    "--gpu",
-    "gpus",
-    multiple=True,
-    help="GPU(s) to get a fits column (repeat or comma-separate). Default: every GPU of the catalog.",
+@gpus_option(
+    "GPU(s) to get a fits column (repeat or comma-separate). Default: every GPU of the catalog."
 )
-@click.option(
-    "--headroom",
-    default="0",
-    show_default=True,
-    help="Memory to leave free when judging fits: 5% or 0.05 (0 matches 'plan').",
-)
+@headroom_option
 @click.option(
     "--output",
     "-o",
@@ -203,6 +164,11 @@ def _progress(quiet: bool, total: int):
 @click.pass_context
 def sweep(
     ctx: click.Context,
+    speed: bool,
+    dataset_tokens: int | None,
+    epochs: float | None,
+    steps: int | None,
+    price_per_hour: float | None,
     cases: Path | None,
     from_file: str | None,
     gpus: tuple[str, ...],
@@ -228,48 +194,24 @@ def sweep(
         --method lora,qlora --rank 8,16,64 --seq-len 512,2048,4096 \\
         --batch-size 1,4,8 --gpu A100-40GB,H100-80GB,RTX-4090 -o plans.xlsx
     """
-    from vramcalc.catalog import resolve
-    from vramcalc.errors import UnknownModelError
-    from vramcalc.fit import parse_headroom
-    from vramcalc.render import export
-    from vramcalc.render.capacity import render_sweep
-    from vramcalc.sweep import expand_cases, read_cases, run_sweep
-
     if output:
         export.check_output(output)  # fail before the work, not after
-    extras = speed_and_cost(options)
-    axes = sweep_axes(options, ctx)
-    for model in axes.get("model", ()):
-        try:  # a name that resolves nowhere is a typo: an error, not 100 error rows
-            resolve(model)
-        except UnknownModelError:
-            raise
-        except VramcalcError:
-            pass  # a broken config: its rows get the error column, the others are written
-    rows = read_cases(cases) if cases else None
-    defaults = plan_defaults()
-    if from_file:
-        from vramcalc.configs import read_plan_file
-        from vramcalc.render.files import render_file_plan
-
-        source = read_plan_file(from_file, {name: values[0] for name, values in axes.items()})
-        click.echo(render_file_plan(source), err=True)
-        defaults = source.plan.to_dict()
-        if "method" in axes and "quant" not in axes:
-            defaults["quant"] = None
-        axes.setdefault("model", [source.plan.model])
-    todo = expand_cases(axes, defaults, rows)
-    given = set(axes).union(*(row.keys() for row in rows or ()))
-    progress = _progress(quiet, len(todo))
-    result = run_sweep(
-        todo,
-        _gpus(gpus),
-        parse_headroom(headroom),
-        progress,
-        extras=extras,
-        given=given,
+    result = api.sweep(
+        sweep_axes(options, ctx),
+        cases=cases,
+        from_file=from_file,
+        gpus=gpus,
+        headroom=headroom,
+        speed=speed,
+        dataset_tokens=dataset_tokens,
+        epochs=epochs,
+        steps=steps,
+        price_per_hour=price_per_hour,
         allocator_model=allocator_model,
+        progress=_progress(quiet),
     )
+    if result.source:
+        click.echo(render_file_plan(result.source), err=True)
     if result.approximated:
         click.echo(
             f"Note: {result.approximated} of {len(result.rows)} plans use the approximate "
@@ -292,13 +234,8 @@ def sweep(
 
 @click.command()
 @plan_options
-@click.option("--gpu", required=True, help="The GPU to fill (name or alias, see 'vramcalc gpus').")
-@click.option(
-    "--headroom",
-    default="5%",
-    show_default=True,
-    help="Memory to leave free: 5% or 0.05. Fits means device total <= GPU memory x (1 - headroom).",
-)
+@gpu_option("The GPU to fill (name or alias, see 'vramcalc gpus').")
+@headroom_option
 @click.option(
     "--seq-multiple",
     type=int,
@@ -306,9 +243,7 @@ def sweep(
     show_default=True,
     help="With --batch-size: search sequence lengths that are multiples of this.",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON object instead of the report."
-)
+@json_option()
 @click.pass_context
 def fit(
     ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json: bool, **options
@@ -327,31 +262,23 @@ def fit(
     Example:
       vramcalc fit --model meta-llama/Llama-2-7b-hf --method qlora --gpu RTX-4090 --seq-len 2048
     """
-    from vramcalc.catalog import find_gpu
-    from vramcalc.checks import plan_warnings
-    from vramcalc.estimate import prepare
-    from vramcalc.fit import max_batch_size, max_seq_len, parse_headroom
-    from vramcalc.render.capacity import render_fit
-    from vramcalc.render.files import render_file_plan
-
-    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    by_seq_len = ctx.get_parameter_source("batch_size") in given
-    if by_seq_len and ctx.get_parameter_source("seq_len") in given:
+    given = given_options(ctx)
+    if "batch_size" in given and "seq_len" in given:
         raise click.UsageError(
             "give --seq-len (fit searches the batch size) or --batch-size (fit searches the sequence length), not both."
         )
-    plan, source = plan_and_source(ctx, options)
-    card, margin = find_gpu(gpu), parse_headroom(headroom)
-    if source:
-        click.echo(render_file_plan(source), err=True)
-    inventory = prepare(plan.model, plan).inventory
-    for warning in plan_warnings(plan, inventory, given_options(ctx)):
-        if not (by_seq_len and warning.startswith("--seq-len")):  # the search sets --seq-len
-            click.echo(f"Warning: {warning}", err=True)
-    if by_seq_len:
-        result = max_seq_len(plan, card, margin, multiple=seq_multiple)
-    else:
-        result = max_batch_size(plan, card, margin)
+    result = api.fit(
+        plan_and_source(ctx, options),
+        gpu,
+        headroom=headroom,
+        search="seq_len" if "batch_size" in given else "batch_size",
+        seq_multiple=seq_multiple,
+        given=given,
+    )
+    if result.source:
+        click.echo(render_file_plan(result.source), err=True)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_fit(result))
     if not result.found:
         ctx.exit(3)

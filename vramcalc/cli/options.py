@@ -1,13 +1,19 @@
-"""The click options that describe one training plan, shared by plan, sweep and fit."""
+"""The click options the commands share: one training plan's (plan, sweep, fit, advise), the
+GPU(s), the headroom, the run length, the report folders; ``plan_and_source`` reads them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
-from vramcalc.plan import (
+from vramcalc.api import read_config
+from vramcalc.budget import DEFAULT_HEADROOM
+from vramcalc.configs import FilePlan
+from vramcalc.training_plan import (
     ALLOCATORS,
     ATTNS,
     DTYPES,
@@ -17,12 +23,11 @@ from vramcalc.plan import (
     QUANTS,
     STRATEGIES,
     TrainingPlan,
-    parse_targets,
+    plan_from_values,
     suggest,
 )
 
-if TYPE_CHECKING:
-    from vramcalc.configs import FilePlan
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class SuggestingChoice(click.Choice):
@@ -256,64 +261,97 @@ def given_options(ctx: click.Context) -> frozenset[str]:
     return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
 
 
-def given_plan_values(options: dict, given: frozenset[str]) -> dict[str, Any]:
-    """The plan fields the user set on the command line, typed as ``TrainingPlan`` takes them."""
-    out = {}
-    for name in PLAN_FIELDS:
-        if name in given:
-            value = options[name]
-            out[name] = parse_targets(value) if name in ("targets", "modules_to_save") else value
-    return out
-
-
-def plan_and_source(ctx: click.Context, options: dict) -> tuple[TrainingPlan, FilePlan | None]:
-    """The plan the options describe: from ``--from FILE`` with the given flags on top, or from
-    the flags alone. Pops ``from_file`` from ``options``."""
+def plan_and_source(ctx: click.Context, options: dict) -> TrainingPlan | FilePlan:
+    """What the plan options describe: the config file of ``--from`` with the flags given on
+    top (``read_config``), or the plan of the flags alone. Pops the plan options."""
     path = options.pop("from_file", None)
-    if path is None:
-        if not options.get("model"):
-            raise click.UsageError("Missing option '-m' / '--model' (or give --from FILE).")
-        return plan_from_options(options), None
-    from vramcalc.configs import read_plan_file
+    values = {name: options.pop(name) for name in PLAN_FIELDS if name in options}
+    if path is not None:
+        given = given_options(ctx)
+        return read_config(path, **{name: values[name] for name in values if name in given})
+    if not values.get("model"):
+        raise click.UsageError("Missing option '-m' / '--model' (or give --from FILE).")
+    return plan_from_values(values)
 
-    source = read_plan_file(path, given_plan_values(options, given_options(ctx)))
-    return source.plan, source
+
+def option_group(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, in the order given."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
 
 
-def plan_from_options(options: dict) -> TrainingPlan:
-    """A validated ``TrainingPlan`` from parsed plan options."""
-    return TrainingPlan(
-        model=options["model"],
-        method=options["method"],
-        quant=options["quant"],
-        double_quant=options["double_quant"],
-        dtype=options["dtype"],
-        rank=options["rank"],
-        alpha=options["alpha"],
-        dropout=options["dropout"],
-        targets=parse_targets(options["targets"]),
-        dora=options["dora"],
-        modules_to_save=parse_targets(options["modules_to_save"]),
-        seq_len=options["seq_len"],
-        batch_size=options["batch_size"],
-        grad_accum=options["grad_accum"],
-        gradient_checkpointing=options["gradient_checkpointing"],
-        optimizer=options["optimizer"],
-        attn=options["attn"],
-        num_gpus=options["num_gpus"],
-        strategy=options["strategy"],
-        cpu_offload=options["cpu_offload"],
-        allocator=options["allocator"],
-        **{name: options[name] for name in ADALORA_FIELDS if name in options},
+def gpus_option(help: str) -> Callable[[F], F]:
+    """``--gpu`` taking several GPUs (repeat or comma-separate)."""
+    return click.option("--gpu", "gpus", multiple=True, help=help)
+
+
+def gpu_option(help: str) -> Callable[[F], F]:
+    """``--gpu`` naming the one GPU a command works on."""
+    return click.option("--gpu", required=True, help=help)
+
+
+headroom_option = click.option(
+    "--headroom",
+    default=f"{DEFAULT_HEADROOM:.0%}",
+    show_default=True,
+    help="Memory to leave free when judging fits, the same default in every command: 5% or "
+    "0.05. A plan fits a GPU when its device total <= GPU memory x (1 - headroom).",
+)
+
+
+def json_option(help: str = "Print one JSON object instead of the report.") -> Callable[[F], F]:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def run_length_options(dataset_help: str) -> Callable[[F], F]:
+    """The run's length and price: ``--dataset-tokens``, ``--epochs``, ``--steps``,
+    ``--price-per-hour``."""
+    return option_group(
+        click.option("--dataset-tokens", type=int, default=None, help=dataset_help),
+        click.option(
+            "--epochs", type=float, default=None, help="Passes over --dataset-tokens (default 1)."
+        ),
+        click.option(
+            "--steps",
+            type=int,
+            default=None,
+            help="Optimizer steps of the run, instead of --dataset-tokens.",
+        ),
+        click.option(
+            "--price-per-hour",
+            type=float,
+            default=None,
+            help="USD per GPU-hour, overriding the catalog's price for every GPU.",
+        ),
     )
 
 
-ADALORA_FIELDS = (
-    "init_rank",
-    "target_rank",
-    "tinit",
-    "tfinal",
-    "delta_t",
-    "total_step",
-    "orth_reg_weight",
+measurements_option = click.option(
+    "--measurements",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of harness JSONL files (default: data/measurements/).",
+)
+
+
+def out_option(files: str) -> Callable[[F], F]:
+    """``--out``: the report folder, whose committed report is the gate's baseline."""
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("reports"),
+        show_default=True,
+        help=f"Where {files} are written. The report already there is the baseline the "
+        "regression gate compares with.",
+    )
+
+
+no_gate_option = click.option(
+    "--no-gate", is_flag=True, help="Write the report but exit 0 even if a figure regressed."
 )

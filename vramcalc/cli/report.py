@@ -6,24 +6,17 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
+
+from vramcalc import api
+from vramcalc.cli.options import measurements_option, no_gate_option, out_option
+from vramcalc.measurements import Gate
+from vramcalc.render.accuracy import write_report
 
 
 @click.command()
-@click.option(
-    "--measurements",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder of harness JSONL files (default: data/measurements/).",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("reports"),
-    show_default=True,
-    help="Where accuracy.md / .csv / .json / .png are written. The accuracy.json already there "
-    "is the baseline the regression gate compares with.",
-)
+@measurements_option
+@out_option("accuracy.md / .csv / .json / .png")
 @click.option(
     "--allocator-model",
     type=click.Choice(["simulate", "cached", "approximate"]),
@@ -33,9 +26,7 @@ import click
     "estimator's default; seconds per plan the first time, then cached), cached simulations "
     "only, or the calibrated fallback fraction.",
 )
-@click.option(
-    "--no-gate", is_flag=True, help="Write the report but exit 0 even if a figure regressed."
-)
+@no_gate_option
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 def report(
     measurements: Path | None,
@@ -56,47 +47,33 @@ def report(
     never under by more than 3 %; allocated median <= 0.5 %, max <= 5 %; every
     OOM case estimated not to fit; tokens/s median <= 15 %.
     """
-    from tqdm import tqdm
-
-    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
-    from vramcalc.render.report import write_report
-    from vramcalc.report import (
-        build_report,
-        check_regressions,
-        check_targets,
-        committed_figures,
-        summary_figures,
-        target_distances,
-    )
-
-    baseline = committed_figures(out_dir)
-    records, sources = load_measurements(measurements or MEASUREMENTS_DIR)
-    with tqdm(
-        total=len(records),
-        unit="case",
-        desc="estimate",
-        disable=no_progress,
-        file=sys.stderr,
-    ) as bar:
-        result = build_report(records, sources, allocator_model, progress=bar.update)
-    figures = summary_figures(result)
-    regressions = check_regressions(figures, baseline) if baseline is not None else []
-    problems = check_targets(result)
-    write_report(result, problems, out_dir)
-    click.echo(
-        f"{len(records)} measurements from {len(sources)} files; wrote {out_dir}/accuracy.md"
-    )
-    for line in target_distances(figures):
-        click.echo(f"  {line}")
-    if baseline is None:
-        click.echo(
-            f"gate: no committed {out_dir}/accuracy.json to compare with; this run is the baseline"
+    with tqdm(unit="case", desc="estimate", disable=no_progress, file=sys.stderr) as bar:
+        result = api.report(
+            measurements,
+            baseline=out_dir,
+            allocator_model=allocator_model,
+            progress=bar.update,
         )
-    elif regressions:
+    write_report(result.report, list(result.gate.target_problems), out_dir)
+    rows = result.report.rows
+    click.echo(
+        f"{len(rows)} measurements from {len(result.report.sources)} files; "
+        f"wrote {out_dir}/accuracy.md"
+    )
+    echo_gate(result.gate, f"{out_dir}/accuracy.json", no_gate)
+
+
+def echo_gate(gate: Gate, baseline: str, no_gate: bool) -> None:
+    """The distances to the targets and the gate's verdict; exit 1 when it failed."""
+    for line in gate.distances:
+        click.echo(f"  {line}")
+    if gate.regressions is None:
+        click.echo(f"gate: no committed {baseline} to compare with; this run is the baseline")
+    elif gate.regressions:
         click.echo("gate: FAIL, worse than the committed report:")
-        for line in regressions:
+        for line in gate.regressions:
             click.echo(f"  {line}")
     else:
         click.echo("gate: PASS (no figure worse than the committed report)")
-    if regressions and not no_gate:
+    if gate.failed and not no_gate:
         raise SystemExit(1)

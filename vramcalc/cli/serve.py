@@ -1,4 +1,4 @@
-"""``vramcalc serve``: parse, call ``serve_planner.serve_result``, render."""
+"""``vramcalc serve``: parse, call ``vramcalc.api.serve``, render."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import sys
 
 import click
 
-from vramcalc.cli.options import SuggestingChoice
-from vramcalc.plan import ATTNS, DTYPES, QUANTS, parse_targets
+from vramcalc import api
+from vramcalc.cli.options import SuggestingChoice, gpus_option, headroom_option, json_option
+from vramcalc.render.serve import render_serve_result
 from vramcalc.serve_plan import CACHES, LOGITS, MODES
 from vramcalc.serving.serve_planner import FIT_TARGETS
+from vramcalc.training_plan import ATTNS, DTYPES, QUANTS
 
 #: exit status when --fit finds nothing that fits (as ``vramcalc fit``)
 NOTHING_FITS = 3
@@ -109,12 +111,7 @@ NOTHING_FITS = 3
     show_default=True,
     help="Attention implementation.",
 )
-@click.option(
-    "--gpu",
-    "gpus",
-    multiple=True,
-    help="GPU(s) to check (repeat or comma-separate). Default: every GPU of the catalog.",
-)
+@gpus_option("GPU(s) to check (repeat or comma-separate). Default: every GPU of the catalog.")
 @click.option(
     "--fit",
     "fit_target",
@@ -122,14 +119,8 @@ NOTHING_FITS = 3
     default=None,
     help="With one --gpu: find the largest batch (at --context) or context (at --batch and --new-tokens) that fits.",
 )
-@click.option(
-    "--headroom",
-    type=float,
-    default=0.05,
-    show_default=True,
-    help="With --fit: fraction of the GPU's memory left free.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
+@headroom_option
+@json_option("Print one JSON object (schema in README).")
 def serve(
     model, num_adapters, rank, alpha, targets, adapter_dir, context, prompt_tokens, new_tokens,
     gpus, fit_target, headroom, as_json, **options,
@@ -147,36 +138,21 @@ def serve(
                      --batch 16 --context 4096 --gpu L40S
       vramcalc serve --adapter-dir ./adapters/ --mode merged --gpu RTX-4090 --fit batch
     """
-    from vramcalc.planner import choose_gpus
-    from vramcalc.render.serve import render_serve_result
-    from vramcalc.serve_plan import (
-        ServePlan,
-        context_split,
-        read_adapter_dir,
-        uniform_adapters,
+    result = api.serve(
+        model,
+        adapters=num_adapters,
+        adapter_dir=adapter_dir,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        context=context,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        gpus=gpus,
+        fit=fit_target,
+        headroom=headroom,
+        **options,
     )
-    from vramcalc.serving.serve_planner import serve_result
-
-    if adapter_dir is not None and num_adapters is not None:
-        raise click.UsageError("--adapters and --adapter-dir exclude each other.")
-    if num_adapters is not None and num_adapters < 0:
-        raise click.BadParameter("must be 0 or more", param_hint="--adapters")
-    if adapter_dir is not None:
-        adapters = read_adapter_dir(adapter_dir)
-    else:
-        adapters = uniform_adapters(
-            1 if num_adapters is None else num_adapters, rank, alpha, parse_targets(targets)
-        )
-    if model is None:
-        bases = {a.base_model for a in adapters if a.base_model}
-        if len(bases) != 1:
-            raise click.UsageError("Missing option '-m' / '--model'.")
-        model = bases.pop()
-    prompt, new = context_split(context, prompt_tokens, new_tokens)
-    plan = ServePlan(
-        model=model, adapters=adapters, prompt_tokens=prompt, new_tokens=new, **options
-    )
-    result = serve_result(plan, choose_gpus(list(gpus)), fit_target, headroom)
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:

@@ -19,7 +19,7 @@ from vramcalc.catalog import resolve
 from vramcalc.configs import axolotl, llamafactory, trainer
 from vramcalc.configs.common import FLAG, OURS, Collector, FieldSource
 from vramcalc.errors import ConfigFileError, InvalidPlanError, UnknownModelError
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan, plan_from_values, plan_value
 
 FORMATS = ("axolotl", "llama-factory", "trl", "trainer")
 LLAMA_FACTORY_KEYS = (
@@ -146,7 +146,7 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
     """The plan ``path`` describes, with ``flags`` (plan field → value the user gave on the
     command line) taking precedence over the file."""
     path = Path(path)
-    flags = dict(flags or {})
+    flags = {name: plan_value(name, value) for name, value in (flags or {}).items()}
     data = load_file(path)
     fmt = detect_format(data, str(path))
     c = Collector(fmt, data)
@@ -204,7 +204,7 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
             )
     kwargs = {name: source.value for name, source in sources.items()}
     try:
-        plan = TrainingPlan(**kwargs)
+        plan = plan_from_values(kwargs)
     except InvalidPlanError as err:
         raise InvalidPlanError([f"from {path.name}: {p}" for p in err.problems]) from None
     sources = {f.name: sources[f.name] for f in fields(TrainingPlan)}

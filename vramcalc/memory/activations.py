@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
 from vramcalc.memory.layers import MODELLED, Layer, Recipe, recipe_for
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 __all__ = [
     "ITEMSIZE",

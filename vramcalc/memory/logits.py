@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.activations import ITEMSIZE, ROUND_TO, Graph, recipe_for
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 @dataclass(frozen=True)

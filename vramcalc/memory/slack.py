@@ -41,8 +41,8 @@ from vramcalc.memory.allocator import (
     simulate,
 )
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
-from vramcalc.plan import TrainingPlan
 from vramcalc.trace.steptrace import StepTrace
+from vramcalc.training_plan import TrainingPlan
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
 LOAD_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -3,7 +3,7 @@ after it, and the cheapest combination that fits."""
 
 from __future__ import annotations
 
-from vramcalc.advise import Advice, Option
+from vramcalc.advice import Advice, Option
 from vramcalc.render.tables import gib, table
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramcalc.fit import FitResult, Probe
+from vramcalc.fitting import FitResult, Probe
 from vramcalc.render.tables import (
     gib,
     plan_heading,
     table,
 )
-from vramcalc.sweep import GPU_COLUMN, PLAN_FIELDS, SweepResult
+from vramcalc.sweeps import GPU_COLUMN, PLAN_FIELDS, SweepResult
 
 
 # -- fit -------------------------------------------------------------------------------------

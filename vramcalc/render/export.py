@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from vramcalc.errors import VramcalcError
-from vramcalc.fit import budget_bytes
+from vramcalc.fitting import budget_bytes
 from vramcalc.memory import GIB
 from vramcalc.render.capacity import (
     PER_GPU,
@@ -31,7 +31,7 @@ from vramcalc.render.capacity import (
     render_sweep,
     summary_columns,
 )
-from vramcalc.sweep import SweepResult
+from vramcalc.sweeps import SweepResult
 
 FORMATS = (".csv", ".xlsx", ".json", ".jsonl", ".md")
 

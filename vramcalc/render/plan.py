@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vramcalc.budget import DEFAULT_HEADROOM
 from vramcalc.estimate import MemoryEstimate
 from vramcalc.memory import GIB
 from vramcalc.planner import GpuFit, Hint, PlanResult
+from vramcalc.render.files import render_file_plan
 from vramcalc.render.tables import (
     COMPONENT_LABELS,
     format_duration,
     gib,
+    headroom_note,
     key_values,
+    margin,
     plan_heading,
     table,
 )
@@ -29,9 +33,10 @@ def render_plan_result(result: PlanResult, all_gpus: bool = False, verbose: bool
     Without ``all_gpus`` only the fitting GPUs are listed (smallest memory first) with a
     count of the others; ``verbose`` adds each rule, price source and efficiency source.
     """
-    parts = [render_memory(result.memory, verbose)]
+    parts = [render_file_plan(result.source)] if result.source else []
+    parts.append(render_memory(result.memory, verbose))
     if result.fits:
-        parts.append(render_gpu_fits(result.fits, all_gpus, verbose))
+        parts.append(render_gpu_fits(result.fits, all_gpus, verbose, result.headroom))
     parts += [render_hint(hint) for hint in result.hints]
     if result.cost is not None:
         parts.append(render_cost(result.cost, verbose))
@@ -88,7 +93,12 @@ def _fits_cell(fit: GpuFit) -> str:
     return "no bf16" if fit.blocker else ("yes" if fit.fits else "no")
 
 
-def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: bool = False) -> str:
+def render_gpu_fits(
+    fits: Sequence[GpuFit],
+    all_gpus: bool = False,
+    verbose: bool = False,
+    headroom: float = DEFAULT_HEADROOM,
+) -> str:
     """GPUs by memory, smallest first: the fitting ones (every one with ``all_gpus``)."""
     ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
     shown = ordered if all_gpus else [f for f in ordered if f.fits]
@@ -100,7 +110,7 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
                 fit.gpu.name,
                 gib(fit.gpu.memory_bytes),
                 _fits_cell(fit),
-                gib(fit.headroom_bytes),
+                margin(fit.headroom_bytes),
                 f"{speed.tokens_per_second:,.0f}" if speed else "-",
                 f"{speed.step_seconds:.2f}" if speed else "-",
                 f"{100 * speed.mfu:.0f} %" if speed else "-",
@@ -113,15 +123,16 @@ def render_gpu_fits(fits: Sequence[GpuFit], all_gpus: bool = False, verbose: boo
             notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
     lines = []
     if rows:
-        heads = ["GPU", "memory", "fits", "headroom", "tokens/s", "step s", "MFU", "bound"]
+        heads = ["GPU", "memory", "fits", "margin", "tokens/s", "step s", "MFU", "bound"]
         lines.append(table(rows, heads, [False, True, False, True, True, True, True, False]))
+        lines.append(headroom_note(headroom))
     hidden = [f for f in ordered if f not in shown]
     if not any(f.fits for f in ordered):
         largest = ordered[-1]
         lines.append(
             f"fits no GPU of the {'list' if all_gpus else 'catalog'}: the largest, "
             f"{largest.gpu.name} ({gib(largest.gpu.memory_bytes)}), is "
-            f"{gib(-largest.headroom_bytes)} short"
+            f"{margin(-largest.headroom_bytes)} short of its budget"
             if largest.headroom_bytes < 0
             else f"fits no GPU of the {'list' if all_gpus else 'catalog'} (see the notes)"
         )

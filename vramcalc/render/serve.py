@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from vramcalc.render.tables import COMPONENT_LABELS, gib, table
+from vramcalc.budget import DEFAULT_HEADROOM
+from vramcalc.render.tables import COMPONENT_LABELS, gib, headroom_note, margin, table
 from vramcalc.serving.serve import ServeMemory
 from vramcalc.serving.serve_planner import FitAnswer, ServeFit, ServeResult
 
@@ -72,7 +73,9 @@ def render_serve_memory(memory: ServeMemory) -> str:
     return "\n".join(lines)
 
 
-def render_serve_fits(fits: tuple[ServeFit, ...], all_gpus: bool) -> str:
+def render_serve_fits(
+    fits: tuple[ServeFit, ...], all_gpus: bool, headroom: float = DEFAULT_HEADROOM
+) -> str:
     ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
     shown = ordered if all_gpus else [f for f in ordered if f.fits]
     rows, notes = [], []
@@ -83,7 +86,7 @@ def render_serve_fits(fits: tuple[ServeFit, ...], all_gpus: bool) -> str:
                 fit.gpu.name,
                 gib(fit.gpu.memory_bytes),
                 "yes" if fit.fits else "no",
-                gib(fit.headroom_bytes),
+                margin(fit.headroom_bytes),
                 f"{s.prefill_tokens_per_second:,.0f}" if s else "-",
                 f"{s.decode_tokens_per_second:,.1f}" if s else "-",
                 f"{s.decode_step.bound}*" if s else "-",
@@ -97,7 +100,7 @@ def render_serve_fits(fits: tuple[ServeFit, ...], all_gpus: bool) -> str:
         "GPU",
         "memory",
         "fits",
-        "headroom",
+        "margin",
         "prefill tok/s",
         "decode tok/s",
         "decode bound",
@@ -107,6 +110,7 @@ def render_serve_fits(fits: tuple[ServeFit, ...], all_gpus: bool) -> str:
     lines = []
     if rows:
         lines.append(table(rows, heads, [False, True, False, True, True, True, False, True, True]))
+        lines.append(headroom_note(headroom))
         lines.append(
             "speed: the training path's roofline constants (fitted on H200 training steps); "
             "* no serving measurement backs them yet. 'adapters': decode step time with the "
@@ -140,5 +144,8 @@ def render_serve_result(result: ServeResult, all_gpus: bool = False) -> str:
         parts.append(render_fit_answer(result.fit))
         if result.fit.value is None:
             return parts[0]
-    parts += [render_serve_memory(result.memory), render_serve_fits(result.fits, all_gpus)]
+    parts += [
+        render_serve_memory(result.memory),
+        render_serve_fits(result.fits, all_gpus, result.headroom),
+    ]
     return "\n\n".join(parts)

@@ -157,9 +157,10 @@ def render_speed_report(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_speed_fit(fit: ThroughputFit, prior: ThroughputCalibration) -> str:
-    """``vramcalc speed-fit``: each constant before and after, and how well the fit reproduces
-    the cases it was fitted on."""
+def render_speed_fit(fit: ThroughputFit, prior: ThroughputCalibration | None = None) -> str:
+    """``vramcalc speed-fit``: each constant before (``prior``, else the fit's own) and after,
+    and how well the fit reproduces the cases it was fitted on."""
+    prior = prior or fit.prior or fit.calibration
     new = fit.calibration.values()
     cells = [
         [

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
-from vramcalc.memory import GIB
-from vramcalc.plan import TrainingPlan
+from vramcalc.memory import GIB, MIB
+from vramcalc.training_plan import TrainingPlan
 
 COMPONENT_LABELS = {
     "weights": "base weights",
@@ -61,6 +61,22 @@ def key_values(rows: Sequence[Sequence[str]]) -> str:
 
 def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:,.2f} GiB"
+
+
+def margin(nbytes: float) -> str:
+    """Memory left (or short, negative): GiB, or MiB under 0.1 GiB so that a small margin never
+    reads ``-0.00 GiB``."""
+    if abs(nbytes) < 0.1 * GIB:
+        return f"{round(nbytes / MIB):,} MiB"
+    return gib(nbytes)
+
+
+def headroom_note(headroom: float) -> str:
+    """The line under a table of GPUs: what 'fits' and 'margin' measure."""
+    return (
+        f"fits: the device total within each GPU's memory less {headroom:.0%} headroom "
+        "(--headroom); margin: what is left of that budget"
+    )
 
 
 def format_duration(seconds: float) -> str:

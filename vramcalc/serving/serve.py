@@ -30,7 +30,6 @@ from vramcalc.inventory import LinearGroup, ModelInventory, build_inventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
 from vramcalc.memory.overhead import Calibration, allocator_reserve_bytes
 from vramcalc.memory.weights import four_bit_linear_bytes, int8_linear_bytes
-from vramcalc.plan import TrainingPlan
 from vramcalc.serve_plan import AdapterSpec, ServePlan
 from vramcalc.serving.inference import ForwardShape, layer_transient_bytes, logits_bytes
 from vramcalc.serving.kvcache import (
@@ -40,6 +39,7 @@ from vramcalc.serving.kvcache import (
     kv_prefill_bytes,
     kv_update_transient_bytes,
 )
+from vramcalc.training_plan import TrainingPlan
 
 #: safetensors: an 8-byte little-endian header length, then a JSON header; about this many
 #: bytes of header per tensor entry (name, dtype, shape, offsets; peft's names are long)

@@ -4,11 +4,13 @@ the largest batch or context that fits one GPU. One call, one frozen result; no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from vramcalc.budget import DEFAULT_HEADROOM, budget_bytes, judge
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
 from vramcalc.memory.overhead import Calibration, load_calibration
+from vramcalc.search import largest_fitting
 from vramcalc.serve_plan import ServePlan
 from vramcalc.serving.serve import ServeMemory, ServeModel, estimate_serve_memory, prepare_serving
 from vramcalc.serving.serve_speed import ServeSpeed, estimate_serve_speed
@@ -20,18 +22,20 @@ MAX_BATCH = 4096
 
 @dataclass(frozen=True)
 class ServeFit:
-    """Whether one GPU holds the plan, its headroom, and its predicted speed."""
+    """Whether one GPU holds the plan (``budget.judge``), and its predicted speed."""
 
     gpu: Gpu
     fits: bool
-    headroom_bytes: int
+    headroom_bytes: int  # the budget left beyond the device total (negative: short by)
     speed: ServeSpeed | None
     speed_error: str | None
+    budget_bytes: int | None = None  # GPU memory less the headroom
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "name": self.gpu.name,
             "memory_bytes": self.gpu.memory_bytes,
+            "budget_bytes": self.budget_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
             "speed_error": self.speed_error,
@@ -68,12 +72,14 @@ class ServeResult:
     fits: tuple[ServeFit, ...]
     fit: FitAnswer | None = None
     warnings: tuple[str, ...] = ()
+    headroom: float = DEFAULT_HEADROOM  # the fraction of each GPU's memory kept free
 
     def to_dict(self) -> dict[str, Any]:
         data = self.memory.to_dict()
         data["gpus"] = [f.to_dict() for f in self.fits]
         data["fit"] = self.fit.to_dict() if self.fit else None
         data["warnings"] = list(self.warnings)
+        data["headroom"] = self.headroom
         return data
 
 
@@ -103,19 +109,20 @@ def serve_warnings(model: ServeModel, plan: ServePlan) -> tuple[str, ...]:
 
 
 def _fits(
-    model: ServeModel, memory: ServeMemory, gpus: list[Gpu], with_speed: bool
+    model: ServeModel, memory: ServeMemory, gpus: list[Gpu], headroom: float
 ) -> tuple[ServeFit, ...]:
     cal = load_throughput_calibration()
     out = []
     for gpu in gpus:
         speed, problem = None, None
-        headroom = gpu.memory_bytes - memory.device_total_bytes
-        if with_speed:
-            try:
-                speed = estimate_serve_speed(model, memory.plan, gpu, cal)
-            except VramcalcError as err:
-                problem = str(err)
-        out.append(ServeFit(gpu, headroom >= 0, headroom, speed, problem))
+        verdict = judge(memory.device_total_bytes, gpu, headroom)
+        try:
+            speed = estimate_serve_speed(model, memory.plan, gpu, cal)
+        except VramcalcError as err:
+            problem = str(err)
+        out.append(
+            ServeFit(gpu, verdict.fits, verdict.margin_bytes, speed, problem, verdict.budget_bytes)
+        )
     return tuple(out)
 
 
@@ -123,7 +130,7 @@ def serve_result(
     plan: ServePlan,
     gpus: list[Gpu],
     fit_target: str | None = None,
-    headroom: float = 0.05,
+    headroom: float = DEFAULT_HEADROOM,
 ) -> ServeResult:
     """Memory of ``plan``, its fit and speed on ``gpus``; with ``fit_target`` (one GPU), the
     largest batch or context that fits, and the result for that plan."""
@@ -137,8 +144,8 @@ def serve_result(
         if answer.value is not None:
             plan = _with_value(plan, fit_target, answer.value)
     memory = estimate_serve_memory(model, plan, calibration)
-    fits = _fits(model, memory, gpus, with_speed=True)
-    return ServeResult(memory, fits, answer, serve_warnings(model, plan))
+    fits = _fits(model, memory, gpus, headroom)
+    return ServeResult(memory, fits, answer, serve_warnings(model, plan), headroom)
 
 
 def _with_value(plan: ServePlan, target: str, value: int) -> ServePlan:
@@ -155,31 +162,33 @@ def fit_serve(
     headroom: float,
     calibration: Calibration | None = None,
 ) -> FitAnswer:
-    """Binary search of the largest batch (1..4096) or context (new tokens + 1 .. the model's
-    context, else 1M) whose ``device_total_bytes`` stays within ``(1 - headroom)`` of ``gpu``."""
+    """The largest batch (1..4096) or context (new tokens + 1 .. the model's context, else 1M)
+    whose plan fits ``gpu`` with ``headroom`` free (``budget.judge``; the one search)."""
     problems = []
     if target not in FIT_TARGETS:
         problems.append(f"--fit {target!r} is not one of {', '.join(FIT_TARGETS)}")
-    if not 0 <= headroom < 1:
-        problems.append(f"--headroom must be in [0, 1), got {headroom!r}")
     if problems:
         raise InvalidPlanError(problems)
     cal = calibration or load_calibration()
-    budget = int(gpu.memory_bytes * (1 - headroom))
-
-    def total(value: int) -> int:
-        plan_at = _with_value(plan, target, value)
-        return estimate_serve_memory(model, plan_at, cal).device_total_bytes
-
     low = 1 if target == "batch" else plan.new_tokens + 1
     high = MAX_BATCH if target == "batch" else (model.base.context_length or 1 << 20)
     high = max(high, low)
-    if total(low) > budget:
+
+    def probe(units: int) -> _Probe:
+        value = low + units - 1
+        total = estimate_serve_memory(model, _with_value(plan, target, value), cal)
+        return _Probe(
+            value, total.device_total_bytes, judge(total.device_total_bytes, gpu, headroom).fits
+        )
+
+    best, _ = largest_fitting(probe, high - low + 1)
+    budget = budget_bytes(gpu, headroom)
+    if best is None:
         return FitAnswer(target, None, gpu.name, headroom, budget, None)
-    while low < high:  # invariant: low fits
-        mid = (low + high + 1) // 2
-        if total(mid) <= budget:
-            low = mid
-        else:
-            high = mid - 1
-    return FitAnswer(target, low, gpu.name, headroom, budget, total(low))
+    return FitAnswer(target, best.value, gpu.name, headroom, budget, best.device_total_bytes)
+
+
+class _Probe(NamedTuple):
+    value: int
+    device_total_bytes: int
+    fits: bool

@@ -24,13 +24,14 @@ from typing import Any
 
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.throughput import (
+    PlanSpeed,
     ThroughputCalibration,
     ThroughputEstimate,
     Work,
     estimate_throughput,
 )
+from vramcalc.training_plan import TrainingPlan
 
 #: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``): the
 #: speed ones (``SPEED_PREFIXES``), then the run's.
@@ -263,22 +264,31 @@ def speed_cells(e: ThroughputEstimate | None) -> tuple[Any, ...]:
     return (e.tokens_per_second, e.step_seconds, e.mfu, e.bound, e.measured)
 
 
-def throughput_columns(
-    work: Work | None,
+def run_cost(
+    speed: PlanSpeed,
     gpus: Iterable[Gpu],
-    calibration: ThroughputCalibration | None = None,
+    run: RunLength,
+    price_per_hour_usd: float | None = None,
+) -> CostTable:
+    """``run`` priced on each of ``gpus`` (those the plan fits), or listed unpriced with why
+    when the plan's speed cannot be predicted."""
+    if speed.work is None:
+        return unpriced_table(speed.plan, gpus, run, speed.problem or "")
+    return cost_table(speed.work, gpus, run, price_per_hour_usd)
+
+
+def throughput_columns(
+    speed: PlanSpeed, gpus: Iterable[Gpu], calibration: ThroughputCalibration | None = None
 ) -> dict[str, Any]:
     """Sweep cells without a run length: ``<prefix>_<GPU>`` for every ``SPEED_PREFIXES``
-    (None where the GPU cannot be priced, or ``work`` is None)."""
+    (None where the GPU cannot be priced, or the plan's step cannot be traced)."""
     out: dict[str, Any] = {}
     for gpu in gpus:
-        e = None
-        if work is not None:
-            try:
-                e = estimate_throughput(work, gpu, calibration)
-            except VramcalcError:
-                e = None
+        estimate, _ = speed.on(gpu, calibration)
         out.update(
-            {f"{p}_{gpu.name}": v for p, v in zip(SPEED_PREFIXES, speed_cells(e), strict=True)}
+            {
+                f"{p}_{gpu.name}": v
+                for p, v in zip(SPEED_PREFIXES, speed_cells(estimate), strict=True)
+            }
         )
     return out

@@ -50,7 +50,7 @@ from fractions import Fraction
 from typing import Any
 
 from vramcalc.inventory import LinearGroup, ModelInventory
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 FLOP_RULES = (
     "matmul FLOPs only, 2 per multiply-add; elementwise ops are priced as memory time, not FLOPs",

@@ -30,7 +30,6 @@ from typing import Any
 
 from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import TrainingPlan
 from vramcalc.trace.oprecorder import (
     OpEvent,
     Vector,
@@ -42,6 +41,7 @@ from vramcalc.trace.optrace import (  # the tracer imports torch only when it ru
     ProfileError,
     trace_events,
 )
+from vramcalc.training_plan import TrainingPlan
 
 PROFILE_VERSION = 7
 PHASES = ("forward", "recompute", "backward", "optimizer")

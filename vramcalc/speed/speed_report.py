@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramcalc.measurements import plan_of
+from vramcalc.measurements import Gate, plan_of
 from vramcalc.speed.throughput import ThroughputCalibration, load_throughput_calibration
 from vramcalc.speed.throughput_fit import (
     WorkFor,
@@ -248,3 +248,26 @@ def committed_splits(out_dir: Path) -> dict[str, dict[str, float | int]] | None:
     if not path.is_file():
         return None
     return dict(json.loads(path.read_text())["splits"])
+
+
+@dataclass(frozen=True)
+class GatedSpeedReport:
+    """``vramcalc speed-report``: the report and its gate against the committed splits."""
+
+    report: SpeedReport
+    gate: Gate
+
+
+def gated_speed_report(
+    records: Sequence[Mapping[str, Any]],
+    baseline: Mapping[str, Mapping[str, float | int]] | None,
+) -> GatedSpeedReport:
+    """Predictions against every usable record, and the gate against ``baseline``
+    (``committed_splits``; None: nothing to compare with)."""
+    report = speed_report(records)
+    problems = regressions(report.splits, baseline) if baseline is not None else None
+    gate = Gate(
+        None if problems is None else tuple(problems),
+        tuple(distances(report.splits.get("validation", {}))),
+    )
+    return GatedSpeedReport(report, gate)

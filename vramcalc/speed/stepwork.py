@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.gradients import gradient_bytes
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.opprofile import Op, OpProfile, Run, int8_outlier_columns
 from vramcalc.trace.oprecorder import LAUNCH, MEMORY
+from vramcalc.training_plan import TrainingPlan
 
 SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
 

@@ -41,11 +41,11 @@ from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
 from vramcalc.inventory import ModelInventory
-from vramcalc.plan import TrainingPlan
 from vramcalc.speed.flops import StepFlops, estimate_flops
 from vramcalc.speed.opprofile import OpProfile, op_profile
 from vramcalc.speed.stepwork import StepWork, step_work
 from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32
+from vramcalc.training_plan import TrainingPlan
 
 NO_MEASUREMENT = "prior, no measurement"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)
@@ -391,3 +391,35 @@ def estimate_throughput(
     peak = peak_tflops_for(gpu, dtype)
     time = price(work.step, Peaks.of(gpu, work.plan, work.step), cal)
     return ThroughputEstimate(work, gpu, peak, cal, time, _derivation(gpu, cal, dtype))
+
+
+@dataclass(frozen=True)
+class PlanSpeed:
+    """The speed model composed once for a plan (``plan``, ``sweep``, ``advise`` and the
+    constants' fit all start here): the step's work, or why it could not be traced, priced
+    on any GPU with ``on``."""
+
+    plan: TrainingPlan
+    work: Work | None  # None: the recipe's step could not be traced
+    problem: str | None  # why not
+
+    def on(
+        self, gpu: Gpu, calibration: ThroughputCalibration | None = None
+    ) -> tuple[ThroughputEstimate | None, str | None]:
+        """The speed on ``gpu``, or None and why it cannot be predicted there."""
+        if self.work is None:
+            return None, self.problem
+        try:
+            return estimate_throughput(self.work, gpu, calibration), None
+        except VramcalcError as err:
+            return None, str(err)
+
+
+def plan_speed(
+    config_dict: dict[str, Any], inventory: ModelInventory, plan: TrainingPlan
+) -> PlanSpeed:
+    """``plan``'s work (``plan_work``: traced once per recipe, cached), or why there is none."""
+    try:
+        return PlanSpeed(plan, plan_work(config_dict, inventory, plan), None)
+    except VramcalcError as err:  # the recipe's step could not be traced: no speed
+        return PlanSpeed(plan, None, str(err))

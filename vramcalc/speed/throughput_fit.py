@@ -19,7 +19,6 @@ the rest. Everything is pure Python (no SciPy).
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
@@ -27,20 +26,21 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
-from vramcalc.catalog import ModelSpec, find_gpu, resolve_model
+from vramcalc.catalog import find_gpu
 from vramcalc.errors import VramcalcError
-from vramcalc.inventory import build_inventory
-from vramcalc.measurements import plan_of
-from vramcalc.plan import TrainingPlan
+from vramcalc.estimate import prepare
+from vramcalc.measurements import SERVE_RECORD_REASON, plan_of
 from vramcalc.speed.throughput import (
     CONSTANTS,
     Peaks,
     ThroughputCalibration,
     Work,
     load_throughput_calibration,
-    plan_work,
+    plan_speed,
     price,
 )
+from vramcalc.trace.optrace import ProfileError
+from vramcalc.training_plan import TrainingPlan
 
 FITTED = tuple(c for c in CONSTANTS if c != "attention_efficiency")
 SOFT_L1_SCALE = 0.1  # on log(predicted / measured): errors beyond ~10 % count less than squared
@@ -73,15 +73,14 @@ class FitCase:
 
 
 # -- records -> cases ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _spec(model: str) -> ModelSpec:
-    return resolve_model(model)
-
-
 def default_work_for(plan: TrainingPlan) -> Work:
-    """The plan's model resolved (catalog, path, hub), counted and traced (both disk-cached)."""
-    config = _spec(plan.model).config_dict
-    return plan_work(config, build_inventory(config, plan), plan)
+    """The plan's work as every command composes it (``estimate.prepare``, ``plan_speed``):
+    the model resolved, counted and traced (both disk-cached)."""
+    prepared = prepare(plan.model, plan)
+    speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
+    if speed.work is None:
+        raise ProfileError(speed.problem or "the recipe's step could not be traced")
+    return speed.work
 
 
 def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
@@ -99,8 +98,6 @@ def measured_step_seconds(record: Mapping[str, Any]) -> float | None:
 def excluded_reason(record: Mapping[str, Any]) -> str | None:
     """Why a record does not measure what the planner predicts, or None."""
     if record.get("kind") == "serve":
-        from vramcalc.measurements import SERVE_RECORD_REASON
-
         return SERVE_RECORD_REASON
     if record.get("status") != "ok":
         return f"status {record.get('status')!r}"
@@ -157,6 +154,7 @@ class ThroughputFit:
     cases: tuple[FitCase, ...]
     skipped: tuple[str, ...]  # records not used, with the reason
     iterations: int
+    prior: ThroughputCalibration | None = None  # the constants the fit started from
 
     @property
     def relative_errors(self) -> tuple[float, ...]:
@@ -247,7 +245,9 @@ def fit_cases(
         if not improved:
             break
     fitted = _with(prior, names, x)
-    return ThroughputFit(_sourced(fitted, prior, names, cases, split), tuple(cases), (), iterations)
+    return ThroughputFit(
+        _sourced(fitted, prior, names, cases, split), tuple(cases), (), iterations, prior
+    )
 
 
 def _sourced(

@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 from vramcalc.memory.layers import NO_SDPA
-from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 
 
 def _torch_dtype(name: str) -> Any:

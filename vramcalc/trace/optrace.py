@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.errors import VramcalcError
-from vramcalc.plan import TrainingPlan
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
+from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
 # divides no model dimension

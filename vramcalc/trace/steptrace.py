@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
-from vramcalc.plan import TrainingPlan
 from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.training_plan import TrainingPlan
 
 # torch CublasHandlePool: one workspace per (handle, stream), a handle per thread: the
 # forward (main thread) and the autograd engine's device thread each get one, allocated

@@ -1,4 +1,4 @@
-"""vramcalc.sweep: case expansion, cases files, per-row errors, the inventory cache."""
+"""vramcalc.sweeps: case expansion, cases files, per-row errors, the inventory cache."""
 
 import pytest
 
@@ -6,14 +6,14 @@ import vramcalc.estimate as estimate_module
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate
-from vramcalc.plan import TrainingPlan
-from vramcalc.sweep import (
+from vramcalc.sweeps import (
     EstimateCache,
     expand_cases,
     plan_from_case,
     read_cases,
     run_sweep,
 )
+from vramcalc.training_plan import TrainingPlan
 
 DEFAULTS = {"model": None, "method": "lora", "rank": 8, "seq_len": 2048, "batch_size": 1}
 
@@ -235,7 +235,7 @@ def test_row_gpu_cells_add_fits_columns(tiny_llama_dir):
 def test_speed_and_cost_columns_equal_the_cost_module(tiny_llama_dir):
     from vramcalc.planner import plan_result
     from vramcalc.speed.cost import RunLength
-    from vramcalc.sweep import SpeedAndCost
+    from vramcalc.sweeps import SpeedAndCost
 
     gpus = [find_gpu("T4"), find_gpu("A100-40GB"), find_gpu("H100-80GB")]
     extras = SpeedAndCost(
@@ -265,7 +265,7 @@ def test_cost_only_on_gpus_the_plan_fits(tiny_llama_dir):
     from dataclasses import replace
 
     from vramcalc.speed.cost import RunLength
-    from vramcalc.sweep import SpeedAndCost
+    from vramcalc.sweeps import SpeedAndCost
 
     cases = expand_cases({"model": [str(tiny_llama_dir)]}, DEFAULTS)
     tiny_gpu = replace(find_gpu("A100-40GB"), name="tiny", memory_bytes=2**20)

@@ -363,9 +363,9 @@ def plan_from_values(values: Mapping[str, Any]) -> TrainingPlan:
         if value is None:
             continue
         try:
-            kwargs[name] = _coerce(name, value)
-        except ValueError as err:
-            problems.append(str(err))
+            kwargs[name] = plan_value(name, value)
+        except InvalidPlanError as err:
+            problems += err.problems
     try:
         plan = TrainingPlan(**kwargs)
     except InvalidPlanError as err:
@@ -373,6 +373,15 @@ def plan_from_values(values: Mapping[str, Any]) -> TrainingPlan:
     if problems:
         raise InvalidPlanError(problems)
     return plan
+
+
+def plan_value(name: str, value: Any) -> Any:
+    """One plan field's value as ``TrainingPlan`` takes it: text read by the field's type
+    (``plan_from_values``), lists as tuples; an ``InvalidPlanError`` naming the flag."""
+    try:
+        return _coerce(name, value)
+    except ValueError as err:
+        raise InvalidPlanError([str(err)]) from None
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -14,14 +14,17 @@ is confirmed with the default allocator model, like ``fit.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from vramcalc.budget import DEFAULT_HEADROOM, budget_bytes, judge
 from vramcalc.catalog import Gpu
+from vramcalc.checks import require_runnable
+from vramcalc.configs import FilePlan
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import MemoryEstimate, default_allocator_model, prepare
-from vramcalc.fit import budget_bytes
-from vramcalc.plan import KBIT_QUANTS, TrainingPlan
-from vramcalc.speed.throughput import estimate_throughput, plan_work
+from vramcalc.search import largest_fitting
+from vramcalc.speed.throughput import plan_speed
+from vramcalc.training_plan import KBIT_QUANTS, TrainingPlan
 
 # the cost of a change beyond speed, cheapest first
 COSTS = ("none", "more GPUs", "quality", "tokens cut")
@@ -73,6 +76,7 @@ class Advice:
     changes: tuple[Change, ...]  # ranked, cheapest first
     combination: tuple[Change, ...]  # applied in order; empty when the plan already fits
     combined: Option | None  # the plan with every change of ``combination``
+    source: FilePlan | None = None  # the config file the plan was read from (--from)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,14 +92,15 @@ class Advice:
                 if self.combined
                 else None
             ),
+            "from_file": self.source.to_dict() if self.source else None,
         }
 
 
 class _Judge:
-    """Estimates memory and speed of plans on one GPU, each plan once."""
+    """Estimates memory and speed of plans on one GPU (``budget.judge``), each plan once."""
 
-    def __init__(self, gpu: Gpu, budget: int, allocator_model: str):
-        self.gpu, self.budget, self.allocator_model = gpu, budget, allocator_model
+    def __init__(self, gpu: Gpu, headroom: float, allocator_model: str):
+        self.gpu, self.headroom, self.allocator_model = gpu, headroom, allocator_model
         self.memo: dict[TrainingPlan, Option] = {}
 
     def memory(self, plan: TrainingPlan) -> MemoryEstimate:
@@ -105,16 +110,17 @@ class _Judge:
         if plan not in self.memo:
             prepared = prepare(plan.model, plan)
             total = self.memory(plan).device_total_bytes
-            try:
-                work = plan_work(prepared.spec.config_dict, prepared.inventory, plan)
-                speed: float | None = estimate_throughput(work, self.gpu).tokens_per_second_all_gpus
-            except VramcalcError:
-                speed = None
-            self.memo[plan] = Option(plan, total, total <= self.budget, speed)
+            speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
+            estimate, _ = speed.on(self.gpu)
+            tokens = estimate.tokens_per_second_all_gpus if estimate else None
+            self.memo[plan] = Option(plan, total, self.fits_total(total, plan), tokens)
         return self.memo[plan]
 
+    def fits_total(self, total: int, plan: TrainingPlan) -> bool:
+        return judge(total, self.gpu, self.headroom, plan).fits
+
     def fits(self, plan: TrainingPlan) -> bool:
-        return self.memory(plan).device_total_bytes <= self.budget
+        return self.fits_total(self.memory(plan).device_total_bytes, plan)
 
 
 def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, TrainingPlan]]:
@@ -230,25 +236,33 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
 
 
 def _longest_fitting_seq(plan: TrainingPlan, judge: _Judge, multiple: int = 256) -> int | None:
-    low, high = 0, plan.seq_len // multiple  # units of `multiple`; high: known not to matter
-    if not judge.fits(plan.with_(seq_len=multiple)):
-        return None
-    low = 1
-    while high - low > 1:
-        middle = (low + high) // 2
-        if judge.fits(plan.with_(seq_len=middle * multiple)):
-            low = middle
-        else:
-            high = middle
-    return low * multiple if low * multiple < plan.seq_len else None
+    """The longest sequence, a multiple of ``multiple`` shorter than the plan's, that fits."""
+
+    def probe(units: int) -> _SeqProbe:
+        seq = units * multiple
+        return _SeqProbe(seq, judge.fits(plan.with_(seq_len=seq)))
+
+    best, _ = largest_fitting(probe, max(plan.seq_len // multiple - 1, 1))
+    return best.seq_len if best is not None and best.seq_len < plan.seq_len else None
 
 
-def advise(plan: TrainingPlan, gpu: Gpu, headroom: float = 0.05) -> Advice:
+class _SeqProbe(NamedTuple):
+    seq_len: int
+    fits: bool
+
+
+def advise(
+    plan: TrainingPlan,
+    gpu: Gpu,
+    headroom: float = DEFAULT_HEADROOM,
+    source: FilePlan | None = None,
+) -> Advice:
     """The changes that make ``plan`` fit ``gpu`` leaving ``headroom``, ranked, and the cheapest
     combination of them that fits (confirmed with the default allocator model)."""
+    require_runnable(plan, gpu)
     budget = budget_bytes(gpu, headroom)
-    quick = _Judge(gpu, budget, "approximate")
-    exact = _Judge(gpu, budget, default_allocator_model())
+    quick = _Judge(gpu, headroom, "approximate")
+    exact = _Judge(gpu, headroom, default_allocator_model())
     baseline = exact.option(plan)
     base_speed = quick.option(plan).tokens_per_second
     changes = []
@@ -267,7 +281,9 @@ def advise(plan: TrainingPlan, gpu: Gpu, headroom: float = 0.05) -> Advice:
     combined = None
     if not baseline.fits:
         combination, combined = _combine(plan, changes, quick, exact)
-    return Advice(gpu, headroom, budget, baseline, tuple(changes), tuple(combination), combined)
+    return Advice(
+        gpu, headroom, budget, baseline, tuple(changes), tuple(combination), combined, source
+    )
 
 
 def _rank(change: Change) -> tuple[int, float]:

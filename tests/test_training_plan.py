@@ -1,7 +1,7 @@
 import pytest
 
 from vramcalc.errors import InvalidPlanError
-from vramcalc.plan import TrainingPlan, parse_targets
+from vramcalc.training_plan import TrainingPlan, parse_targets
 
 
 def test_defaults_are_the_recipe():

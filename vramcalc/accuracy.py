@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import VramcalcError
-from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, is_multi_gpu, plan_of
-from vramcalc.plan import PLAN_FIELDS
+from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, Gate, is_multi_gpu, plan_of
+from vramcalc.training_plan import PLAN_FIELDS
 
 METRICS = ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
 STATS = ("median_abs_error", "p90_abs_error", "max_abs_error", "worst_underestimate")
@@ -312,3 +312,32 @@ def committed_figures(out_dir: Path) -> dict[str, float] | None:
         return {k: float(v) for k, v in json.loads(path.read_text())["figures"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise VramcalcError(f"{path}: not a vramcalc accuracy summary ({err})") from err
+
+
+@dataclass(frozen=True)
+class GatedReport:
+    """``vramcalc report``: the report and its gate against the committed figures."""
+
+    report: Report
+    figures: dict[str, float]
+    gate: Gate
+
+
+def gated_report(
+    records: list[dict[str, Any]],
+    sources: list[str],
+    baseline: dict[str, float] | None,
+    allocator_model: str | None = None,
+    progress: Any = None,
+) -> GatedReport:
+    """Every record estimated (``build_report``), its figures and the gate against
+    ``baseline`` (``committed_figures``; None: nothing to compare with)."""
+    report = build_report(records, sources, allocator_model, progress=progress)
+    figures = summary_figures(report)
+    regressions = check_regressions(figures, baseline) if baseline is not None else None
+    gate = Gate(
+        None if regressions is None else tuple(regressions),
+        tuple(target_distances(figures)),
+        tuple(check_targets(report)),
+    )
+    return GatedReport(report, figures, gate)

@@ -7,10 +7,10 @@ import json
 
 from click.testing import CliRunner
 
-from vramcalc.advise import COSTS, advise
+from vramcalc.advice import COSTS, advise
 from vramcalc.catalog import find_gpu
 from vramcalc.cli import cli
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 def test_the_readme_plan_that_fits_nothing_gets_a_fitting_combination():

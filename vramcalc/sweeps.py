@@ -11,7 +11,7 @@ schema shared by every output format (``vramcalc.render.export``):
 * every total and component in GiB (2**30 bytes, rounded to 0.0001) as
   ``<name>_gib`` and exactly as ``<name>_bytes``, equal to ``plan --json``;
 * ``fits_<GPU>`` per GPU (``device_total_bytes`` within the budget that the
-  headroom leaves, see ``vramcalc.fit``), ``smallest_fitting_gpu``;
+  headroom leaves, see ``vramcalc.fitting``), ``smallest_fitting_gpu``;
 * ``error``: why the case could not be estimated, else empty.
 
 The model inventory is the only expensive step, and it depends only on the
@@ -24,13 +24,15 @@ from __future__ import annotations
 import csv
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from vramcalc.budget import DEFAULT_HEADROOM, judge
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve
-from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.errors import InvalidPlanError, VramcalcError
+from vramcalc.checks import plan_warnings
+from vramcalc.configs import FilePlan, read_plan_file
+from vramcalc.errors import InvalidPlanError, UnknownModelError, VramcalcError
 from vramcalc.estimate import (
     COMPONENTS,
     MemoryEstimate,
@@ -38,20 +40,18 @@ from vramcalc.estimate import (
     default_allocator_model,
     prepare,
 )
-from vramcalc.fit import budget_bytes
 from vramcalc.inventory import lora_key
 from vramcalc.memory import GIB
-from vramcalc.plan import PLAN_FIELDS, TrainingPlan, flag, plan_from_values, suggest
 from vramcalc.speed.cost import (
     COLUMN_PREFIXES,
     SPEED_PREFIXES,
     RunLength,
     check_price,
-    cost_table,
+    run_cost,
     throughput_columns,
-    unpriced_table,
 )
-from vramcalc.speed.throughput import plan_work
+from vramcalc.speed.throughput import plan_speed
+from vramcalc.training_plan import PLAN_FIELDS, TrainingPlan, flag, plan_from_values, suggest
 
 GIB_DECIMALS = 4
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
@@ -260,24 +260,14 @@ class SpeedAndCost:
         headroom: float,
     ) -> dict[str, Any]:
         plan, out = estimate.plan, {}
-        try:
-            work, problem = plan_work(prepared.spec.config_dict, prepared.inventory, plan), ""
-        except VramcalcError as err:  # the recipe's step could not be traced
-            work, problem = None, str(err)
+        speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
         if self.speed:
-            out.update(throughput_columns(work, gpus))
+            out.update(throughput_columns(speed, gpus))
         if self.run is not None:
             fitting = [
-                g
-                for g in gpus
-                if estimate.device_total_bytes <= budget_bytes(g, headroom)
-                and recipe_blocker(plan, g) is None
+                g for g in gpus if judge(estimate.device_total_bytes, g, headroom, plan).fits
             ]
-            table = (
-                cost_table(work, fitting, self.run, self.price_per_hour_usd)
-                if work is not None
-                else unpriced_table(plan, fitting, self.run, problem)
-            )
+            table = run_cost(speed, fitting, self.run, self.price_per_hour_usd)
             priced = table.columns()
             out.update(
                 {
@@ -310,6 +300,7 @@ class SweepResult:
     extras: SpeedAndCost = SpeedAndCost()
     given: frozenset[str] = frozenset()  # plan options set explicitly: they define the rows
     approximated: int = 0  # rows whose allocator slack is the calibrated fallback
+    source: FilePlan | None = None  # the config file the plans vary around (--from)
 
     @property
     def errors(self) -> int:
@@ -340,14 +331,17 @@ class SweepResult:
 
     def records(self) -> list[dict[str, Any]]:
         """One flat dict per row, keys ``columns``; blanks are ``None``."""
-        budgets = [(gpu, budget_bytes(gpu, self.headroom)) for gpu in self.gpus]
-        by_memory = sorted(budgets, key=lambda pair: pair[0].memory_bytes)
+        by_memory = sorted(self.gpus, key=lambda gpu: gpu.memory_bytes)
         columns = self.columns
-        return [_record(row, columns, budgets, by_memory, self.headroom) for row in self.rows]
+        return [_record(row, columns, self.gpus, by_memory, self.headroom) for row in self.rows]
 
 
 def _record(
-    row: SweepRow, columns: list[str], budgets, by_memory, headroom: float
+    row: SweepRow,
+    columns: list[str],
+    gpus: Sequence[Gpu],
+    by_memory: Sequence[Gpu],
+    headroom: float,
 ) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(columns)
     for name in PLAN_FIELDS:
@@ -376,14 +370,12 @@ def _record(
         out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
     total, plan = est.device_total_bytes, est.plan
 
-    def fits(gpu: Gpu, budget: int) -> bool:
-        return total <= budget and recipe_blocker(plan, gpu) is None
-
-    for gpu, budget in budgets:
-        out[f"fits_{gpu.name}"] = fits(gpu, budget)
-    out["smallest_fitting_gpu"] = next((g.name for g, b in by_memory if fits(g, b)), None)
+    fits = {gpu.name: judge(total, gpu, headroom, plan).fits for gpu in {*gpus, *row.gpus}}
+    for gpu in gpus:
+        out[f"fits_{gpu.name}"] = fits[gpu.name]
+    out["smallest_fitting_gpu"] = next((g.name for g in by_memory if fits[g.name]), None)
     if row.gpus:
-        out["fits"] = all(fits(g, budget_bytes(g, headroom)) for g in row.gpus)
+        out["fits"] = all(fits[g.name] for g in row.gpus)
     out.update(row.cells)
     return out
 
@@ -397,7 +389,7 @@ def _targets_text(targets: Any) -> str:
 def run_sweep(
     cases: Sequence[Mapping[str, Any]],
     gpus: Sequence[Gpu],
-    headroom: float = 0.0,
+    headroom: float = DEFAULT_HEADROOM,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     cache: EstimateCache | None = None,
     extras: SpeedAndCost = SpeedAndCost(),
@@ -442,3 +434,59 @@ def run_sweep(
         frozenset(given),
         cache.approximated,
     )
+
+
+#: what a plan option is when neither the axes, a cases row nor a config file set it
+PLAN_DEFAULTS: dict[str, Any] = {
+    "model": None,
+    **{f.name: f.default for f in fields(TrainingPlan) if f.default is not MISSING},
+}
+
+
+def sweep_plans(
+    axes: Mapping[str, Sequence[Any]] | None = None,
+    gpus: Sequence[Gpu] = (),
+    headroom: float = DEFAULT_HEADROOM,
+    *,
+    cases: str | Path | Sequence[Mapping[str, Any]] | None = None,
+    source: FilePlan | str | Path | None = None,
+    extras: SpeedAndCost = SpeedAndCost(),
+    allocator_model: str | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> SweepResult:
+    """``vramcalc sweep``: every combination of the ``axes`` (plan option -> values), for each
+    row of ``cases`` (a CSV file or mappings; blank cells take the axes), around the plan of a
+    config file (``source``: its values are the defaults, the first value of each axis is a
+    flag on top of it), estimated on ``gpus``.
+
+    A model that resolves nowhere is a typo: an ``UnknownModelError`` before any row is made
+    (a broken config only fails its rows)."""
+    axes = {name: list(values) for name, values in (axes or {}).items()}
+    for model in axes.get("model", ()):
+        try:
+            resolve(model)
+        except UnknownModelError:
+            raise
+        except VramcalcError:
+            pass  # a broken config: its rows get the error column, the others are written
+    rows = read_cases(cases) if isinstance(cases, (str, Path)) else cases
+    defaults = dict(PLAN_DEFAULTS)
+    if source is not None:
+        if not isinstance(source, FilePlan):
+            source = read_plan_file(source, {name: values[0] for name, values in axes.items()})
+        defaults = source.plan.to_dict()
+        if "method" in axes and "quant" not in axes:
+            defaults["quant"] = None
+        axes.setdefault("model", [source.plan.model])
+    todo = expand_cases(axes, defaults, rows)
+    given = set(axes).union(*(row.keys() for row in rows or ()))
+    result = run_sweep(
+        todo,
+        list(gpus),
+        headroom,
+        progress,
+        extras=extras,
+        given=given,
+        allocator_model=allocator_model,
+    )
+    return replace(result, source=source)

@@ -1,79 +1,15 @@
-"""vramcalc.fit: the headroom rule and the monotone searches, checked against estimate()."""
+"""vramcalc.fitting: the largest batch and sequence that fit, checked against estimate()."""
 
 from dataclasses import replace
 
 import pytest
 
+from vramcalc.budget import budget_bytes, judge
 from vramcalc.catalog import find_gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate, prepare
-from vramcalc.fit import (
-    Probe,
-    budget_bytes,
-    fits,
-    largest_fitting,
-    max_batch_size,
-    max_seq_len,
-    parse_headroom,
-)
-from vramcalc.plan import TrainingPlan
-
-
-@pytest.mark.parametrize(
-    ("text", "fraction"), [("5%", 0.05), ("0.05", 0.05), ("0", 0.0), (" 12.5% ", 0.125), (0.1, 0.1)]
-)
-def test_parse_headroom(text, fraction):
-    assert parse_headroom(text) == pytest.approx(fraction)
-
-
-@pytest.mark.parametrize("text", ["5", "100%", "-1%", "abc", "1", "nan"])
-def test_parse_headroom_rejects_values_outside_zero_to_one(text):
-    with pytest.raises(InvalidPlanError, match="--headroom must be a fraction in \\[0, 1\\)"):
-        parse_headroom(text)
-
-
-def test_parse_headroom_hints_at_percent():
-    with pytest.raises(InvalidPlanError, match="did you mean 5%"):
-        parse_headroom("5")
-
-
-def test_budget_is_the_floor_of_memory_times_one_minus_headroom():
-    gpu = replace(find_gpu("L4"), memory_bytes=1000)
-    assert (
-        budget_bytes(gpu, 0.05) == 950
-        and budget_bytes(gpu, 0.0555) == 944
-        and budget_bytes(gpu, 0) == 1000
-    )
-
-
-def _probe_for(limit_value):
-    seen = []
-
-    def probe(units):
-        seen.append(units)
-        return Probe(units, None, units <= limit_value)
-
-    return probe, seen
-
-
-@pytest.mark.parametrize("answer", [1, 2, 3, 5, 8, 63, 64, 65, 1000])
-def test_largest_fitting_finds_the_exact_boundary_in_log_steps(answer):
-    probe, seen = _probe_for(answer)
-    best, too_large = largest_fitting(probe, 1 << 20)
-    assert best.value == answer and too_large.value == answer + 1
-    assert len(set(seen)) <= 2 * answer.bit_length() + 2
-
-
-def test_largest_fitting_when_nothing_fits_and_at_the_limit():
-    probe, _ = _probe_for(0)
-    best, too_large = largest_fitting(probe, 100)
-    assert best is None and too_large.value == 1
-    probe, _ = _probe_for(10**9)
-    best, too_large = largest_fitting(probe, 100)
-    assert best.value == 100 and too_large is None
-    probe, _ = _probe_for(99)
-    best, too_large = largest_fitting(probe, 100)
-    assert (best.value, too_large.value) == (99, 100)
+from vramcalc.fitting import max_batch_size, max_seq_len
+from vramcalc.training_plan import TrainingPlan
 
 
 def _gpu_holding(plan, headroom=0.05):
@@ -93,9 +29,8 @@ def test_max_batch_size_at_the_boundary(tiny_llama_dir):
     assert result.found and result.value == 37 and result.field == "batch_size"
     assert result.best.estimate == estimate(plan.with_(batch_size=37))
     assert result.first_too_large.estimate == estimate(plan.with_(batch_size=38))
-    assert fits(result.best.estimate, gpu, 0.05) and not fits(
-        result.first_too_large.estimate, gpu, 0.05
-    )
+    assert judge(result.best.estimate.device_total_bytes, gpu, 0.05).fits
+    assert not judge(result.first_too_large.estimate.device_total_bytes, gpu, 0.05).fits
     assert result.estimates_made <= 14
     data = result.to_dict()
     assert (

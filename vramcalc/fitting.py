@@ -1,59 +1,29 @@
-"""What fits on a GPU: the headroom rule, and the largest batch / sequence that fits.
+"""The largest batch / sequence that fits a GPU (``vramcalc fit``).
 
-A plan *fits* a GPU when its estimated device total leaves the headroom free::
-
-    device_total_bytes <= floor(gpu.memory_bytes * (1 - headroom))
-
-``max_batch_size`` and ``max_seq_len`` answer the inverse question with a
-monotone search on the estimator (memory never shrinks when the batch or the
-sequence grows): double until the plan no longer fits, then bisect. The
-answer fits and the next step (batch + 1, sequence + one multiple) does not;
+Whether one plan fits is ``budget.judge`` (device total within the GPU's memory less the
+headroom). ``max_batch_size`` and ``max_seq_len`` answer the inverse question with the one
+monotone search (``search.py``) on the estimator: double until the plan no longer fits, then
+bisect. The answer fits and the next step (batch + 1, sequence + one multiple) does not;
 both estimates are returned so the boundary can be shown and checked.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Set
+from dataclasses import dataclass, replace
 from typing import Any
 
+from vramcalc.budget import DEFAULT_HEADROOM, budget_bytes, judge
 from vramcalc.catalog import Gpu, ModelSpec
-from vramcalc.checks import recipe_blocker
+from vramcalc.checks import plan_warnings, require_runnable
+from vramcalc.configs import FilePlan
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import MemoryEstimate, default_allocator_model, prepare
-from vramcalc.plan import TrainingPlan
+from vramcalc.search import largest_fitting, largest_fitting_near
+from vramcalc.training_plan import TrainingPlan
 
-DEFAULT_HEADROOM = 0.05
 MAX_BATCH_SIZE = 1 << 20  # searched no further (a "limit reached" answer)
 MAX_SEQ_LEN = 1 << 20  # for configs that state no context length
-
-
-def parse_headroom(value: str | float) -> float:
-    """``"5%"`` or ``0.05`` → 0.05; anything outside [0, 1) is an ``InvalidPlanError``."""
-    text = str(value).strip()
-    try:
-        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        fraction = math.nan
-    if not 0.0 <= fraction < 1.0:  # also rejects nan
-        hint = f" (did you mean {text}%?)" if 1.0 <= fraction < 100.0 else ""
-        raise InvalidPlanError(
-            [
-                f"--headroom must be a fraction in [0, 1) or a percentage such as 5%, got {text!r}{hint}."
-            ]
-        )
-    return fraction
-
-
-def budget_bytes(gpu: Gpu, headroom: float) -> int:
-    """The most device memory a plan may use on ``gpu`` leaving ``headroom`` free."""
-    return math.floor(gpu.memory_bytes * (1.0 - headroom))
-
-
-def fits(estimate: MemoryEstimate, gpu: Gpu, headroom: float = 0.0) -> bool:
-    """Whether ``estimate`` fits ``gpu`` with ``headroom`` (a fraction) left free."""
-    return estimate.device_total_bytes <= budget_bytes(gpu, headroom)
 
 
 @dataclass(frozen=True)
@@ -95,6 +65,8 @@ class FitResult:
     best: Probe | None
     first_too_large: Probe | None
     estimates_made: int
+    warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings of the plan searched from
+    source: FilePlan | None = None  # the config file the plan was read from (--from)
 
     @property
     def found(self) -> bool:
@@ -128,6 +100,33 @@ class FitResult:
             "at_next_step": self.first_too_large.to_dict() if self.first_too_large else None,
             "estimates_made": self.estimates_made,
         }
+
+
+SEARCHED = ("batch_size", "seq_len")
+
+
+def fit_plan(
+    plan: TrainingPlan,
+    gpu: Gpu,
+    headroom: float = DEFAULT_HEADROOM,
+    *,
+    search: str = "batch_size",
+    seq_multiple: int = 64,
+    given: Set[str] = frozenset(),
+    source: FilePlan | None = None,
+) -> FitResult:
+    """``vramcalc fit``: the largest ``search`` (``batch_size`` at the plan's sequence length,
+    or ``seq_len`` at its batch size) that fits ``gpu``, with the plan's warnings (``given``:
+    the options set explicitly) and the config file it came from."""
+    if search not in SEARCHED:
+        raise InvalidPlanError([f"search {search!r} is not one of {', '.join(SEARCHED)}."])
+    inventory = prepare(plan.model, plan).inventory  # an unknown model fails before the GPU
+    warnings = plan_warnings(plan, inventory, given, searched=search)
+    if search == "seq_len":
+        result = max_seq_len(plan, gpu, headroom, multiple=seq_multiple)
+    else:
+        result = max_batch_size(plan, gpu, headroom)
+    return replace(result, warnings=warnings, source=source)
 
 
 def max_batch_size(
@@ -173,9 +172,7 @@ def _search(
     step: int,
     limit: int,
 ) -> FitResult:
-    blocker = recipe_blocker(plan, gpu)
-    if blocker:
-        raise InvalidPlanError([f"--gpu {gpu.name}: {blocker.removeprefix('no bf16: ')}."])
+    require_runnable(plan, gpu)
     prepared = prepare(spec or plan.model, plan)  # batch and sequence share the inventory
     budget = budget_bytes(gpu, headroom)
     model = default_allocator_model()
@@ -189,7 +186,8 @@ def _search(
             if units not in probes:
                 candidate = plan.with_(**{field: units * step})
                 est = prepared.estimate(candidate, allocator_model)
-                probes[units] = Probe(units * step, est, est.device_total_bytes <= budget)
+                verdict = judge(est.device_total_bytes, gpu, headroom)
+                probes[units] = Probe(units * step, est, verdict.fits)
                 made += 1
             return probes[units]
 
@@ -203,66 +201,3 @@ def _search(
         hint = best.value // step if best else 1
         best, too_large = largest_fitting_near(prober(model), limit // step, hint)
     return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, made)
-
-
-def largest_fitting_near(
-    probe: Callable[[int], Probe], max_units: int, hint: int
-) -> tuple[Probe | None, Probe | None]:
-    """``largest_fitting`` starting from a guess ``hint``: gallop away from it, then bisect."""
-    hint = min(max(hint, 1), max_units)
-    if probe(hint).fits:
-        low, distance = hint, 1
-        while True:  # up until it does not fit
-            if low >= max_units:
-                return probe(low), None
-            candidate = min(low + distance, max_units)
-            if not probe(candidate).fits:
-                high = candidate
-                break
-            low, distance = candidate, 2 * distance
-    else:
-        high, distance = hint, 1
-        while True:  # down until it fits
-            candidate = max(high - distance, 1)
-            if probe(candidate).fits:
-                low = candidate
-                break
-            if candidate == 1:
-                return None, probe(1)
-            high, distance = candidate, 2 * distance
-    while high - low > 1:
-        middle = (low + high) // 2
-        if probe(middle).fits:
-            low = middle
-        else:
-            high = middle
-    return probe(low), probe(high)
-
-
-def largest_fitting(
-    probe: Callable[[int], Probe], max_units: int
-) -> tuple[Probe | None, Probe | None]:
-    """Largest ``k`` in ``1..max_units`` with ``probe(k).fits``, for a monotone ``fits``.
-
-    Returns the probes at ``k`` and ``k + 1`` (the latter ``None`` when ``k`` is
-    ``max_units``); ``(None, probe(1))`` when nothing fits. O(log k) probes.
-    """
-    first = probe(1)
-    if not first.fits:
-        return None, first
-    low, high = 1, None
-    while high is None:  # double until it does not fit, or the limit
-        if low >= max_units:
-            return probe(low), None
-        candidate = min(2 * low, max_units)
-        if probe(candidate).fits:
-            low = candidate
-        else:
-            high = candidate
-    while high - low > 1:  # bisect: probe(low) fits, probe(high) does not
-        middle = (low + high) // 2
-        if probe(middle).fits:
-            low = middle
-        else:
-            high = middle
-    return probe(low), probe(high)

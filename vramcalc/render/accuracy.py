@@ -7,10 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from vramcalc.memory import GIB
-from vramcalc.render.output import two_panels, write_csv
-from vramcalc.render.tables import table
-from vramcalc.report import (
+from vramcalc.accuracy import (
     FIGURES_FILE,
     METRICS,
     REGRESSION_TOLERANCE,
@@ -23,6 +20,9 @@ from vramcalc.report import (
     summary_figures,
     throughput_summary,
 )
+from vramcalc.memory import GIB
+from vramcalc.render.output import two_panels, write_csv
+from vramcalc.render.tables import table
 
 
 def _fmt_pct(value: float) -> str:
@@ -122,7 +122,7 @@ def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Pat
     written = []
     figures = out_dir / FIGURES_FILE
     summary = {
-        "comment": "Summary figures of accuracy.md. The regression gate (tests/test_report.py, "
+        "comment": "Summary figures of accuracy.md. The regression gate (tests/test_accuracy.py, "
         "vramcalc report) fails when a recomputed figure is worse than one of these by more "
         f"than {REGRESSION_TOLERANCE} (errors are fractions), or a case count drops.",
         "sources": list(report.sources),

@@ -5,11 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from vramcalc.cli import cli
-from vramcalc.estimate import estimate
-from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
-from vramcalc.plan import TrainingPlan
-from vramcalc.report import (
+from vramcalc.accuracy import (
     build_report,
     check_regressions,
     check_targets,
@@ -18,6 +14,10 @@ from vramcalc.report import (
     summary_figures,
     target_distances,
 )
+from vramcalc.cli import cli
+from vramcalc.estimate import estimate
+from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+from vramcalc.training_plan import TrainingPlan
 
 REPORTS_DIR = MEASUREMENTS_DIR.parent.parent / "reports"
 

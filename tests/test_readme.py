@@ -4,6 +4,7 @@ lists every module, the set-up commands are the ones CI runs, no internal machin
 from __future__ import annotations
 
 import ast
+import doctest
 import json
 import re
 from pathlib import Path
@@ -131,3 +132,14 @@ def test_readme_fit_examples_say_what_fit_answers():
         assert result.exit_code == 0, result.output
         value = json.loads(result.stdout)["value"]
         assert comment.strip().endswith(f": {value:,}"), (line, value)
+
+
+def test_the_python_api_example_runs():
+    """The README's notebook example, run as a doctest: the outputs shown are the outputs."""
+    section = _section("## Python API")
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "the Python API section has no python example"
+    test = doctest.DocTestParser().get_doctest(code.group(1), {}, "README", "README.md", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.summarize(verbose=False) == (0, len(test.examples))

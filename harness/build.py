@@ -45,8 +45,8 @@ from typing import Any
 from harness.distributed import require_strategy_dependencies, shards_weights
 from harness.errors import HarnessError, MissingDependencyError
 from vramcalc.catalog import resolve_model
-from vramcalc.plan import ALL_LINEAR, TrainingPlan
 from vramcalc.serve_plan import ServePlan
+from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 
 INIT_SEED = 0
 MARKER = "harness-checkpoint.json"

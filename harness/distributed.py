@@ -33,7 +33,7 @@ import yaml
 
 from harness.errors import HarnessError, MissingDependencyError
 from harness.scenario import Case
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 FSDP_STRATEGIES = ("fsdp", "fsdp-grad-op")
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")

@@ -50,7 +50,7 @@ import yaml
 
 from harness.errors import CaseError
 from vramcalc.errors import InvalidPlanError
-from vramcalc.plan import TrainingPlan, parse_targets, suggest
+from vramcalc.training_plan import TrainingPlan, parse_targets, suggest
 
 if TYPE_CHECKING:
     from harness.serve_case import ServeCase

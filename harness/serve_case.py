@@ -16,7 +16,7 @@ serve`` plans it. Its fields, flat as in a training case::
     seed, split, timeout_s         # as in a training case
 
 ``merged`` with N > 1 adapters measures one merged copy decoding its share of the batch
-(``ceil(batch / N)``, as ``vramcalc.serve`` plans each copy); the record says so
+(``ceil(batch / N)``, as ``vramcalc.serving.serve`` plans each copy); the record says so
 (``measured_model_copies``, ``measured_batch``, ``serve_limits``).
 
 The record (``make_serve_record``) has the plan's fields, ``kind: "serve"``, the memory
@@ -35,8 +35,8 @@ from typing import Any
 
 from harness.errors import CaseError
 from vramcalc.errors import InvalidPlanError
-from vramcalc.plan import parse_targets, suggest
 from vramcalc.serve_plan import ServePlan, context_split, uniform_adapters
+from vramcalc.training_plan import parse_targets, suggest
 
 KIND = "serve"
 PLAN_KEYS = (

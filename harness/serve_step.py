@@ -69,7 +69,7 @@ def lora_config(adapter: AdapterSpec, model_type: str) -> Any:
     from peft import LoraConfig
 
     from vramcalc.inventory import default_target_modules
-    from vramcalc.plan import ALL_LINEAR
+    from vramcalc.training_plan import ALL_LINEAR
 
     targets: Any
     if adapter.targets is None:

@@ -23,10 +23,10 @@ import pytest
 
 from vramcalc.catalog import find_gpu
 from vramcalc.cli import cli  # noqa: F401 - registers cli_capacity before it is imported
-from vramcalc.cli_capacity import plan_defaults
+from vramcalc.cli.capacity import plan_defaults
 from vramcalc.estimate import forget_prepared
-from vramcalc.export import write_sweep
-from vramcalc.sweep import expand_cases, run_sweep
+from vramcalc.render.export import write_sweep
+from vramcalc.sweeps import expand_cases, run_sweep
 
 AXES = {
     "model": ["meta-llama/Llama-2-7b-hf", "mistralai/Mistral-7B-v0.1"],

@@ -44,7 +44,7 @@ def test_entry_is_complete(entry):
 def test_inventory_matches_catalog_params(entry):
     """vramcalc's own meta-device inventory (the estimator's path) gives the known count."""
     from vramcalc.inventory import build_inventory
-    from vramcalc.plan import TrainingPlan
+    from vramcalc.training_plan import TrainingPlan
 
     inventory = build_inventory(
         _config(entry), TrainingPlan(entry["name"], method="full"), use_cache=False

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from vramcalc.cli import cli
 from vramcalc.memory import GIB
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 @pytest.mark.parametrize(

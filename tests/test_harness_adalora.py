@@ -11,7 +11,7 @@ from harness.build import build_model, lora_target_modules, prepare_checkpoint
 from harness.errors import CaseError
 from harness.scenario import Case, load_cases
 from harness.step import compute_dtype_for, run_loop, run_trainer
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 CASES = Path(__file__).parent.parent / "harness" / "cases" / "h200_adalora.yaml"

@@ -22,7 +22,7 @@ from harness.build import (
     require_dependencies,
 )
 from harness.errors import HarnessError, MissingDependencyError
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 FIXTURES = Path(__file__).parent / "harness_cases"
 TINY_LLAMA = str(FIXTURES / "tiny-llama")

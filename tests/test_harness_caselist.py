@@ -10,7 +10,7 @@ import pytest
 from harness.launcher import check_models
 from harness.scenario import load_cases
 from vramcalc.catalog import resolve_model
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 CASE_LIST = Path(__file__).resolve().parent.parent / "harness" / "cases" / "h100.yaml"
 HELD_OUT = {"Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.1"}

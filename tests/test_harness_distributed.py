@@ -24,7 +24,7 @@ from harness.distributed import (
 from harness.errors import HarnessError, MissingDependencyError
 from harness.record import MISSING_RANK_ERROR, PER_RANK_FIELDS, RECORD_FIELDS, merge_rank_records
 from harness.scenario import Case
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 

@@ -14,7 +14,7 @@ from harness.record import (
     read_records,
 )
 from harness.scenario import PLAN_FIELDS, Case
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 def test_record_has_every_field_in_order_with_plan_fields_first():

@@ -14,7 +14,7 @@ from harness.scenario import (
     load_cases,
     select_split,
 )
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 FIXTURES = Path(__file__).parent / "harness_cases"
 

@@ -78,8 +78,9 @@ def test_records_are_serve_records_with_every_field(records):
 
 
 def test_report_and_speed_fit_skip_serve_records(records):
-    from vramcalc.report import SERVE_RECORD_REASON, build_report
-    from vramcalc.throughput_fit import cases_from_records, excluded_reason
+    from vramcalc.accuracy import build_report
+    from vramcalc.measurements import SERVE_RECORD_REASON
+    from vramcalc.speed.throughput_fit import cases_from_records, excluded_reason
 
     _, serve_records = records
     assert excluded_reason(serve_records[0]) == SERVE_RECORD_REASON

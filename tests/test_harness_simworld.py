@@ -19,9 +19,9 @@ from harness.errors import CaseError
 from harness.record import RECORD_FIELDS, read_records
 from harness.scenario import Case, load_cases, simulated
 from harness.simworld import SIMULATED_WORLD_LIMITS
-from vramcalc.plan import TrainingPlan
-from vramcalc.report import plan_of
-from vramcalc.throughput_fit import excluded_reason
+from vramcalc.measurements import plan_of
+from vramcalc.speed.throughput_fit import excluded_reason
+from vramcalc.training_plan import TrainingPlan
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 TINY_PARAMS = 106816  # tiny-llama, every weight trained

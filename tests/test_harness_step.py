@@ -20,7 +20,7 @@ from harness.step import (
     training_arguments,
 )
 from harness.worker import run_case
-from vramcalc.plan import OPTIMIZERS, TrainingPlan
+from vramcalc.training_plan import OPTIMIZERS, TrainingPlan
 
 TINY_LLAMA = str(Path(__file__).parent / "harness_cases" / "tiny-llama")
 

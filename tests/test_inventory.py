@@ -5,7 +5,7 @@ import pytest
 from vramcalc.catalog import resolve_model
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import build_inventory
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 def inventory(model, **kwargs):

@@ -3,6 +3,8 @@ lists every module, the set-up commands are the ones CI runs, no internal machin
 
 from __future__ import annotations
 
+import ast
+import doctest
 import json
 import re
 from pathlib import Path
@@ -56,12 +58,35 @@ def test_every_emitted_json_key_is_documented():
     assert set(re.findall(r"`([a-z_]+)`", row)) - {"peak_phase"} == phases
 
 
-def test_the_layout_lists_every_module():
-    layout = _section("## Layout")
-    for folder in ("vramcalc", "vramcalc/memory", "vramcalc/configs", "harness"):
-        for path in sorted((ROOT / folder).glob("*.py")):
-            assert path.name in layout, f"{folder}/{path.name} is missing from the README layout"
-    assert "memtrace.py" in layout
+def _layout_blocks() -> dict[str, str]:
+    """The Layout section's text per folder: ``vramcalc/`` and ``harness/`` start at the left
+    margin, their subfolders (``  cli/``) are indented by two."""
+    blocks: dict[str, str] = {}
+    top = current = ""
+    for line in _section("## Layout").splitlines():
+        if re.match(r"^[a-z_]+/ ", line):
+            top = current = line.split("/")[0]
+        elif re.match(r"^  [a-z_]+/ ", line):
+            current = f"{top}/{line.split('/')[0].strip()}"
+        blocks[current] = blocks.get(current, "") + line + "\n"
+    return blocks
+
+
+def test_the_layout_draws_the_package_tree():
+    """Every folder of the packages has its block in the layout, and every module is named in
+    its own folder's block."""
+    blocks = _layout_blocks()
+    for package in (ROOT / "vramcalc", ROOT / "harness"):
+        for folder in sorted({p.parent for p in package.rglob("__init__.py")}):
+            key = str(folder.relative_to(ROOT))
+            assert key in blocks, f"{key}/ has no block in the README layout"
+            for path in sorted(folder.glob("*.py")):
+                if path.name == "__init__.py" and len(ast.parse(path.read_text()).body) <= 1:
+                    continue  # a docstring: the folder's line says it
+                assert re.search(rf"\b{re.escape(path.name)}", blocks[key]), (
+                    f"{key}/{path.name} is missing from its block of the README layout"
+                )
+    assert "memory/memtrace.py" in blocks["tests"]
 
 
 def test_setup_commands_and_ci():
@@ -107,3 +132,14 @@ def test_readme_fit_examples_say_what_fit_answers():
         assert result.exit_code == 0, result.output
         value = json.loads(result.stdout)["value"]
         assert comment.strip().endswith(f": {value:,}"), (line, value)
+
+
+def test_the_python_api_example_runs():
+    """The README's notebook example, run as a doctest: the outputs shown are the outputs."""
+    section = _section("## Python API")
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "the Python API section has no python example"
+    test = doctest.DocTestParser().get_doctest(code.group(1), {}, "README", "README.md", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.summarize(verbose=False) == (0, len(test.examples))

@@ -17,7 +17,7 @@ from vramcalc.catalog import model_catalog, resolve_model
 from vramcalc.cli import cli
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate, prepare
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 TOTALS = ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
 GPU = "H200"

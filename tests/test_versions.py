@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from vramcalc import versions
-from vramcalc.report import MEASUREMENTS_DIR
+from vramcalc.measurements import MEASUREMENTS_DIR
 
 
 def test_calibration_lists_the_versions_every_committed_record_ran():

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from vramcalc.errors import CatalogError, ConfigError, UnknownGpuError, UnknownModelError
-from vramcalc.plan import suggest
+from vramcalc.training_plan import suggest
 
 DATA_DIR = Path(
     os.environ.get("VRAMCALC_DATA_DIR", Path(__file__).resolve().parent.parent / "data")
@@ -46,6 +46,10 @@ class CatalogModel:
     config_source: str
     params: int | None
     params_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """``vramcalc models --json``: name, aliases and the published parameter count."""
+        return {"name": self.name, "aliases": list(self.aliases), "params": self.params}
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,25 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     return _resolve_from_hub(key)
 
 
+def resolve(name: str) -> ModelSpec:
+    """``--model`` resolved (``resolve_model``); catalog and hub answers are kept for the
+    process (local files are read again, so an edited config is seen)."""
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    spec = resolve_model(name)
+    if spec.source != "local":
+        _RESOLVED[name] = spec
+    return spec
+
+
+_RESOLVED: dict[str, ModelSpec] = {}
+
+
+def forget_resolved() -> None:
+    """Empty ``resolve``'s memo (tests; benchmarks of cold starts)."""
+    _RESOLVED.clear()
+
+
 #: a hub repository id: ``org/name`` or a legacy top-level name such as ``gpt2``
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -281,6 +304,10 @@ class Gpu:
     # an fp16 peak and no bf16 peak has none (Turing T4, Volta V100: "bf16 left empty")
     has_bf16: bool = True
     fp32_tflops: float | None = None  # non-tensor FP32 peak (fp32 matmuls outside autocast)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``vramcalc gpus --json``: every field, aliases as a list."""
+        return self.__dict__ | {"aliases": list(self.aliases)}
 
 
 def _float(text: str | None) -> float | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Set
 
 from vramcalc.catalog import Gpu
+from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import ModelInventory
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 LORA_OPTIONS = ("rank", "alpha", "dropout", "targets")
 ADALORA_OPTIONS = (
@@ -25,13 +26,17 @@ ADALORA_OPTIONS = (
 
 
 def plan_warnings(
-    plan: TrainingPlan, inventory: ModelInventory, given: Set[str] = frozenset()
+    plan: TrainingPlan,
+    inventory: ModelInventory,
+    given: Set[str] = frozenset(),
+    searched: str | None = None,
 ) -> tuple[str, ...]:
     """What looks unintended in ``plan`` on this model; ``given`` names the plan options the
-    user set explicitly (field names), which tells a default rank from a chosen one."""
+    user set explicitly (field names), which tells a default rank from a chosen one;
+    ``searched``: the field ``fit`` searches (its value in ``plan`` is only the start)."""
     out = []
     context = inventory.context_length
-    if context and plan.seq_len > context:
+    if context and plan.seq_len > context and searched != "seq_len":
         out.append(
             f"--seq-len {plan.seq_len} is beyond the model's max_position_embeddings "
             f"({context:,}); the estimate assumes the run works at that length anyway "
@@ -82,3 +87,11 @@ def recipe_blocker(plan: TrainingPlan, gpu: Gpu) -> str | None:
             "cannot run there; plan it with --dtype fp16 (fp16 autocast with loss scaling)"
         )
     return None
+
+
+def require_runnable(plan: TrainingPlan, gpu: Gpu) -> None:
+    """An ``InvalidPlanError`` naming ``--gpu`` when ``gpu`` cannot run ``plan``'s recipe (what
+    ``fit`` and ``advise`` need before they search for what fits there)."""
+    blocker = recipe_blocker(plan, gpu)
+    if blocker:
+        raise InvalidPlanError([f"--gpu {gpu.name}: {blocker.removeprefix('no bf16: ')}."])

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramcalc.catalog import ModelSpec, resolve_model
+from vramcalc.catalog import ModelSpec, forget_resolved, resolve
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
@@ -48,7 +48,7 @@ from vramcalc.memory.overhead import (
 )
 from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 from vramcalc.versions import version_note
 
 COMPONENTS = (
@@ -193,20 +193,6 @@ _PREPARED: OrderedDict[tuple[str, str, str], Prepared] = OrderedDict()
 _PREPARED_MAX = 256
 
 
-def resolve(name: str) -> ModelSpec:
-    """``--model`` resolved; catalog and hub answers are kept for the process (local files are
-    read again, so an edited config is seen)."""
-    if name in _RESOLVED:
-        return _RESOLVED[name]
-    spec = resolve_model(name)
-    if spec.source != "local":
-        _RESOLVED[name] = spec
-    return spec
-
-
-_RESOLVED: dict[str, ModelSpec] = {}
-
-
 def prepare(model: ModelSpec | str, plan: TrainingPlan) -> Prepared:
     """The one step every command takes before estimating: resolve, build the inventory
     (disk-cached), attach the calibration. Memoized per model config and inventory key."""
@@ -226,7 +212,7 @@ def prepare(model: ModelSpec | str, plan: TrainingPlan) -> Prepared:
 def forget_prepared() -> None:
     """Empty ``prepare``'s memo (benchmarks that time cold starts; tests)."""
     _PREPARED.clear()
-    _RESOLVED.clear()
+    forget_resolved()
 
 
 def inventory_for(spec: ModelSpec, plan: TrainingPlan) -> ModelInventory:

@@ -22,7 +22,7 @@ exact parameter counts by *role*:
                   the initial rank.
 
 Building costs ~0.5 s after ~3 s of imports, so results are cached on disk
-(see ``inventory_cache``), keyed by config, targets, rank and library versions.
+(``vramcalc.cache``), keyed by config, targets, rank and library versions.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from vramcalc.cache import cache_dir
 from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
-from vramcalc.plan import ALL_LINEAR, TrainingPlan
+from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 from vramcalc.versions import installed_versions
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
@@ -130,13 +130,6 @@ def library_versions() -> dict[str, str]:
     return dict(installed_versions())
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("VRAMCALC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "vramcalc"
-    )
-    return Path(root) / "inventory"
-
-
 def cache_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     """Everything that changes an inventory, hashed."""
     payload = {
@@ -172,7 +165,7 @@ def build_inventory(
     A config that transformers or peft cannot build becomes a ``ConfigError`` naming
     ``where`` (the ``--model`` value); only configs that built are cached.
     """
-    path = _cache_dir() / f"{cache_key(config_dict, plan)}.json"
+    path = cache_dir("inventory") / f"{cache_key(config_dict, plan)}.json"
     if use_cache and path.is_file():
         try:
             return ModelInventory.from_json(json.loads(path.read_text()))

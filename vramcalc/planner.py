@@ -6,34 +6,37 @@ and ``PlanResult.to_dict`` into the ``--json`` object.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramcalc.budget import DEFAULT_HEADROOM, judge
 from vramcalc.catalog import Gpu, find_gpu, load_gpus
-from vramcalc.checks import plan_warnings, recipe_blocker
-from vramcalc.cost import CostTable, RunLength, check_price, cost_table, unpriced_table
-from vramcalc.errors import VramcalcError
+from vramcalc.checks import plan_warnings
+from vramcalc.configs import FilePlan
 from vramcalc.estimate import MemoryEstimate, Prepared, prepare
-from vramcalc.plan import TrainingPlan
-from vramcalc.throughput import ThroughputEstimate, Work, estimate_throughput, plan_work
+from vramcalc.speed.cost import CostTable, RunLength, check_price, run_cost
+from vramcalc.speed.throughput import ThroughputEstimate, plan_speed
+from vramcalc.training_plan import TrainingPlan
 
 
 @dataclass(frozen=True)
 class GpuFit:
-    """Whether one GPU holds the plan, with the headroom left (negative if not)."""
+    """Whether one GPU holds the plan (``budget.judge``), and its speed there."""
 
     gpu: Gpu
-    fits: bool  # memory holds the plan and the card can run the recipe
-    headroom_bytes: int
+    fits: bool  # the device total is within the budget and the card can run the recipe
+    headroom_bytes: int  # the budget left beyond the device total (negative: short by)
     throughput: ThroughputEstimate | None
     throughput_error: str | None
     blocker: str | None = None  # why the card cannot run the recipe at all (checks.recipe_blocker)
+    budget_bytes: int | None = None  # GPU memory less the headroom (None: the whole memory)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.gpu.name,
             "memory_bytes": self.gpu.memory_bytes,
+            "budget_bytes": self.budget_bytes,
             "fits": self.fits,
             "headroom_bytes": self.headroom_bytes,
             "blocked_by": self.blocker,
@@ -71,6 +74,8 @@ class PlanResult:
     cost: CostTable | None
     hints: tuple[Hint, ...] = ()
     warnings: tuple[str, ...] = ()  # vramcalc.checks.plan_warnings
+    headroom: float = DEFAULT_HEADROOM  # the fraction of each GPU's memory kept free
+    source: FilePlan | None = None  # the config file the plan was read from (--from)
 
     def with_assumption(self, old: str, new: str) -> PlanResult:
         """A copy whose memory estimate states ``new`` where it stated ``old``."""
@@ -84,13 +89,21 @@ class PlanResult:
         data["cost"] = self.cost.to_dict() if self.cost else None
         data["hints"] = [hint.to_dict() for hint in self.hints]
         data["warnings"] = list(self.warnings)
+        data["headroom"] = self.headroom
+        data["from_file"] = self.source.to_dict() if self.source else None
         return data
 
 
-def choose_gpus(names: list[str]) -> list[Gpu]:
-    """``--gpu`` values (comma-separated allowed), or the whole catalog when none is given."""
-    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
-    return [find_gpu(n) for n in split] if split else list(load_gpus())
+def choose_gpus(names: Iterable[str | Gpu] | None) -> list[Gpu]:
+    """``--gpu`` values (names, aliases or ``Gpu``; comma-separated names allowed), or the
+    whole catalog when none is given."""
+    chosen: list[Gpu] = []
+    for name in names or ():
+        if isinstance(name, Gpu):
+            chosen.append(name)
+        else:
+            chosen += [find_gpu(part.strip()) for part in name.split(",") if part.strip()]
+    return chosen or list(load_gpus())
 
 
 def plan_result(
@@ -99,40 +112,41 @@ def plan_result(
     run: RunLength | None = None,
     price_per_hour_usd: float | None = None,
     given: Set[str] = frozenset(),
+    headroom: float = DEFAULT_HEADROOM,
+    source: FilePlan | None = None,
 ) -> PlanResult:
-    """Memory of ``plan``, its fit and speed on each of ``gpus``, and the run's cost on those that fit."""
+    """Memory of ``plan``, its fit (``budget.judge``) and speed on each of ``gpus``, and the
+    run's cost on those that fit. ``source``: the config file the plan was read from (its
+    checkpointing note replaces the plan's own)."""
     check_price(price_per_hour_usd)
     prepared = prepare(plan.model, plan)
     inventory = prepared.inventory
     memory = prepared.estimate(plan)
-    work: Work | None = None
-    try:
-        work, untraced = plan_work(prepared.spec.config_dict, inventory, plan), None
-    except VramcalcError as err:  # the recipe's step could not be traced: no speed
-        untraced = str(err)
+    speed = plan_speed(prepared.spec.config_dict, inventory, plan)
     fits = []
     for gpu in gpus:
-        throughput, problem = None, recipe_blocker(plan, gpu) or untraced
-        if problem is None and work is not None:
-            try:
-                throughput = estimate_throughput(work, gpu)
-            except VramcalcError as err:
-                problem = str(err)
-        blocker = recipe_blocker(plan, gpu)
-        headroom = gpu.memory_bytes - memory.device_total_bytes
+        verdict = judge(memory.device_total_bytes, gpu, headroom, plan)
+        throughput, problem = (None, verdict.blocker) if verdict.blocker else speed.on(gpu)
         fits.append(
-            GpuFit(gpu, headroom >= 0 and not blocker, headroom, throughput, problem, blocker)
+            GpuFit(
+                gpu,
+                verdict.fits,
+                verdict.margin_bytes,
+                throughput,
+                problem,
+                verdict.blocker,
+                verdict.budget_bytes,
+            )
         )
     cost = None
     if run is not None:
-        fitting = [f.gpu for f in fits if f.fits]
-        cost = (
-            cost_table(work, fitting, run, price_per_hour_usd)
-            if work is not None
-            else unpriced_table(plan, fitting, run, untraced or "")
-        )
+        cost = run_cost(speed, [f.gpu for f in fits if f.fits], run, price_per_hour_usd)
     warnings = plan_warnings(plan, inventory, given)
-    return PlanResult(memory, tuple(fits), cost, tuple(_hints(memory, prepared)), warnings)
+    result = PlanResult(
+        memory, tuple(fits), cost, tuple(_hints(memory, prepared)), warnings, headroom, source
+    )
+    note = source.checkpointing_note(plan) if source else None
+    return result.with_assumption(plan.checkpointing_note, note) if note else result
 
 
 def _hints(memory: MemoryEstimate, prepared: Prepared) -> list[Hint]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
-from vramcalc.plan import ALL_LINEAR, ATTNS, DTYPES, QUANTS, _choice_problem
+from vramcalc.training_plan import ALL_LINEAR, ATTNS, DTYPES, QUANTS, _choice_problem, parse_targets
 
 MODES = ("merged", "unmerged", "multi")
 CACHES = ("dynamic", "static")
@@ -231,3 +231,45 @@ def context_split(
             [f"--context {context} must be larger than --new-tokens {new} (context = prompt + new)"]
         )
     return context - new, new
+
+
+def serve_plan(
+    model: str | None = None,
+    *,
+    adapters: int | None = None,
+    adapter_dir: str | Path | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: str | tuple[str, ...] | None = None,
+    context: int | None = None,
+    prompt_tokens: int | None = None,
+    new_tokens: int | None = None,
+    **options: Any,
+) -> ServePlan:
+    """The ``ServePlan`` that ``vramcalc serve``'s options describe: ``adapters`` uniform
+    adapters of ``rank`` and ``targets`` (default 1) or the ``adapter_config.json`` files of
+    ``adapter_dir``; ``model`` defaults to the adapters' one base model; ``context``,
+    ``prompt_tokens`` and ``new_tokens``: any two fix the third (``context_split``);
+    ``options``: the other ``ServePlan`` fields (quant, dtype, mode, batch, cache ...)."""
+    if adapter_dir is not None and adapters is not None:
+        raise InvalidPlanError(["--adapters and --adapter-dir exclude each other."])
+    if adapters is not None and adapters < 0:
+        raise InvalidPlanError([f"--adapters must be 0 or more, got {adapters}."])
+    if adapter_dir is not None:
+        specs = read_adapter_dir(adapter_dir)
+    else:
+        if isinstance(targets, str):
+            targets = parse_targets(targets)
+        specs = uniform_adapters(1 if adapters is None else adapters, rank, alpha, targets)
+    if model is None:
+        bases = {a.base_model for a in specs if a.base_model}
+        if len(bases) != 1:
+            raise InvalidPlanError(
+                [
+                    "--model is missing, and the adapters name no single base model "
+                    "(base_model_name_or_path) to take instead."
+                ]
+            )
+        model = bases.pop()
+    prompt, new = context_split(context, prompt_tokens, new_tokens)
+    return ServePlan(model=model, adapters=specs, prompt_tokens=prompt, new_tokens=new, **options)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vramcalc.catalog import resolve
 from vramcalc.configs import axolotl, llamafactory, trainer
 from vramcalc.configs.common import FLAG, OURS, Collector, FieldSource
 from vramcalc.errors import ConfigFileError, InvalidPlanError, UnknownModelError
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan, plan_from_values, plan_value
 
 FORMATS = ("axolotl", "llama-factory", "trl", "trainer")
 LLAMA_FACTORY_KEYS = (
@@ -144,10 +145,8 @@ MODEL_KEYS = {"axolotl": ("base_model",), "llama-factory": ("model_name_or_path"
 def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> FilePlan:
     """The plan ``path`` describes, with ``flags`` (plan field → value the user gave on the
     command line) taking precedence over the file."""
-    from vramcalc.estimate import resolve
-
     path = Path(path)
-    flags = dict(flags or {})
+    flags = {name: plan_value(name, value) for name, value in (flags or {}).items()}
     data = load_file(path)
     fmt = detect_format(data, str(path))
     c = Collector(fmt, data)
@@ -205,7 +204,7 @@ def read_plan_file(path: str | Path, flags: dict[str, Any] | None = None) -> Fil
             )
     kwargs = {name: source.value for name, source in sources.items()}
     try:
-        plan = TrainingPlan(**kwargs)
+        plan = plan_from_values(kwargs)
     except InvalidPlanError as err:
         raise InvalidPlanError([f"from {path.name}: {p}" for p in err.problems]) from None
     sources = {f.name: sources[f.name] for f in fields(TrainingPlan)}

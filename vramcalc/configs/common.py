@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.errors import ConfigFileError
-from vramcalc.plan import OPTIMIZERS
+from vramcalc.training_plan import OPTIMIZERS
 
 FILE, TOOL, OURS, FLAG = "file", "tool default", "ours", "flag"
 ORIGINS = (FILE, TOOL, OURS, FLAG)

@@ -12,6 +12,7 @@ ALLOCATOR_ROUND_BYTES = 512
 
 #: Bytes in a GiB: every size shown to users is in GiB (2**30), never "GB".
 GIB = 2**30
+MIB = 2**20
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1}
 

@@ -23,8 +23,8 @@ outputs (``Linear4bit`` returns ``.to(input dtype)``) fp32.
 Sources: transformers ``models/*/modeling_*.py`` (5.x), peft
 ``tuners/lora/layer.py`` and ``lora/bnb.py`` (0.21), bitsandbytes
 ``autograd/_functions.py`` (0.50), torch ``utils/checkpoint.py`` and
-``ATen/autocast_mode.cpp``. ``tests/test_activations.py`` checks every number
-against ``tests/memtrace.py`` (a test instrument) on real tiny models run on CPU.
+``ATen/autocast_mode.cpp``. ``tests/memory/test_activations.py`` checks every number
+against ``tests/memory/memtrace.py`` (a test instrument) on real tiny models run on CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
 from vramcalc.memory.layers import MODELLED, Layer, Recipe, recipe_for
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 __all__ = [
     "ITEMSIZE",

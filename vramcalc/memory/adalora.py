@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import alloc_bytes
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 FP32 = 4
 BF16 = 2

@@ -96,15 +96,6 @@ class AllocatorConfig:
         if problems:
             raise InvalidPlanError(problems)
 
-    @classmethod
-    def from_env_string(cls, env: str, capacity_bytes: int | None = None) -> AllocatorConfig:
-        """Settings from a ``PYTORCH_CUDA_ALLOC_CONF`` string, e.g.
-        ``"expandable_segments:True,max_split_size_mb:128"``; raises
-        ``InvalidPlanError`` naming every bad or unmodelled key."""
-        from vramcalc.memory.allocator_trace import parse_alloc_conf  # it imports this module
-
-        return cls(capacity_bytes=capacity_bytes, **parse_alloc_conf(env))
-
 
 DEFAULT_CONFIG = AllocatorConfig()
 
@@ -410,7 +401,7 @@ class CachingAllocator:
         H200 traces (data/measurements/h200_round2_traces) most successive segments sit
         below the last one, and replaying those traces with decreasing addresses gives
         torch's peak reserved bytes exactly, where increasing ones fall up to 3.9 GiB
-        short (gemma-2-2b LoRA); tests/test_allocator_traces.py checks it.
+        short (gemma-2-2b LoRA); tests/memory/test_allocator_traces.py checks it.
         """
         self._next_addr -= -(-nbytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
         return self._next_addr

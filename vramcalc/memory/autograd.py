@@ -14,7 +14,8 @@ import math
 from typing import Any, NamedTuple
 
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i64": 8, "i32": 4, "bool": 1}
-ROUND_TO = 512  # CUDA caching allocator granularity (tests/memtrace.py CUDA_ALLOCATION_GRANULARITY)
+# CUDA caching allocator granularity (tests/memory/memtrace.py CUDA_ALLOCATION_GRANULARITY)
+ROUND_TO = 512
 
 
 # -- the abstract autograd ------------------------------------------------------------------

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 SHARDED_PARAM_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero3")
 

@@ -14,7 +14,7 @@ import math
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 def trainable_dtype(plan: TrainingPlan) -> str:

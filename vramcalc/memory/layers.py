@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from vramcalc.inventory import LinearGroup, ModelInventory
 from vramcalc.memory.autograd import ITEMSIZE, Graph, T
 from vramcalc.memory.distributed import skips_kbit_upcast
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 # -- the recipe's facts ---------------------------------------------------------------------
 # transformers model types whose decoder layer is written out below

@@ -18,7 +18,7 @@ loss, so the bf16 logits, held by the model output, are freed before
 bf16 logits + fp32 copy + fp32 log-probabilities alive together. Backward
 peak: the saved fp32 log-probabilities + the gradient ``nll_loss`` hands back
 (fp32) + ``log_softmax``'s input gradient (fp32), then the fp32 gradient and
-its bf16 cast. ``tests/test_logits.py`` checks these against the tracer.
+its bf16 cast. ``tests/memory/test_logits.py`` checks these against the tracer.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.activations import ITEMSIZE, ROUND_TO, Graph, recipe_for
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 @dataclass(frozen=True)

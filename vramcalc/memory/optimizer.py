@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
 from vramcalc.memory.gradients import trainable_embedding_shapes, trainable_tensors
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 MIN_8BIT_SIZE = 4096
 BNB_BLOCKSIZE = 256

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.errors import CatalogError
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ from vramcalc.memory.allocator import (
     AllocatorResult,
     simulate,
 )
-from vramcalc.memory.steptrace import StepTrace
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
-from vramcalc.plan import TrainingPlan
+from vramcalc.trace.events import StepTrace
+from vramcalc.training_plan import TrainingPlan
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
 LOAD_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -225,9 +225,9 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _allocator_folder(cache_root: str | None, xdg: str | None) -> str:
-    from vramcalc.inventory import _cache_dir
+    from vramcalc.cache import cache_dir
 
-    return str(_cache_dir().parent / "allocator")
+    return str(cache_dir("allocator"))
 
 
 def _cache_path(key: str):  # type: ignore[no-untyped-def]
@@ -286,7 +286,7 @@ def simulate_plan(
     import os
     import time
 
-    from vramcalc.memory.recipe import plan_steps
+    from vramcalc.trace.recipe import plan_steps
 
     if use_cache:
         hit = cached_simulation(config_dict, plan)

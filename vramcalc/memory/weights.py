@@ -37,7 +37,7 @@ from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES, alloc_bytes
 from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.memory.gradients import saved_copy_dtype
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256

@@ -1,0 +1,48 @@
+"""The allocator simulation against the real CUDA caching allocator.
+
+Every allocator trace the harness recorded on a GPU (``record_trace`` cases,
+``data/measurements/*_traces/``) is replayed through
+``vramcalc.memory.allocator``; the replay must give the peak allocated and
+peak reserved bytes that torch reported for that run, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.alloc_trace import load_trace
+from vramcalc.memory.alloc_conf import allocator_config
+from vramcalc.memory.allocator import simulate
+from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
+TRACES = sorted(MEASUREMENTS.glob("*_traces/*.json.gz"))
+
+
+def _record(trace_path: Path) -> dict:
+    jsonl = trace_path.parent.with_name(trace_path.parent.name.removesuffix("_traces") + ".jsonl")
+    case_id = trace_path.name.removesuffix(".json.gz")
+    for line in jsonl.read_text().splitlines():
+        record = json.loads(line)
+        if record["case_id"] == case_id:
+            return record
+    raise AssertionError(f"no record of {case_id} in {jsonl}")
+
+
+def test_there_are_traces_of_both_allocator_modes():
+    modes = {load_trace(p)["pytorch_cuda_alloc_conf"] for p in TRACES}
+    assert len(TRACES) >= 7 and modes == {None, "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("trace_path", TRACES, ids=[p.name[:8] for p in TRACES])
+def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
+    trace = load_trace(trace_path)
+    record = _record(trace_path)
+    assert not trace["truncated"]
+    config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
+    result = simulate(events_from_snapshot_trace(trace["entries"]), config)
+    assert result.peak_allocated_bytes == record["peak_allocated_bytes"]
+    assert result.peak_reserved_bytes == record["peak_reserved_bytes"]

@@ -1,0 +1,141 @@
+"""The package's shape: no import cycles (function-local imports included), a function-local
+import of the project's own modules only where it keeps torch off the warm path (and says so),
+and modules of a readable size."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("vramcalc", "harness")
+
+#: cycles still to break (each a sorted tuple of module names); must only shrink
+KNOWN_CYCLES = {
+    (
+        "harness.distributed",
+        "harness.record",
+        "harness.scenario",
+        "harness.serve_case",
+        "harness.simworld",
+        "harness.step",
+    ),
+    ("harness.serve_step", "harness.worker"),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the shipped packages, by dotted name."""
+    return {
+        _module_name(path): path for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+    }
+
+
+def _imported(module: str, is_package: bool, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The dotted names an import statement loads (submodules as such, else the package)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:
+        base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+    else:
+        prefix = node.module or ""
+    return [f"{prefix}.{alias.name}" for alias in node.names] + [prefix]
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str]]]:
+    """Edges module -> project module it imports (anywhere in it, ``TYPE_CHECKING`` blocks
+    aside), and every function-local import of a project module: (module, line, source line)."""
+    modules = project_modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    deferred = []
+    for module, path in modules.items():
+        text = path.read_text()
+        tree = ast.parse(text)
+        skipped = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
+        local = {
+            id(node)
+            for func in ast.walk(tree)
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(func)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in skipped:
+                continue
+            targets = set()
+            for name in _imported(module, path.name == "__init__.py", node):
+                if name in modules:
+                    targets.add(name)
+                elif name.rpartition(".")[0] in modules and isinstance(node, ast.ImportFrom):
+                    targets.add(name.rpartition(".")[0])  # a name defined in that module
+            targets.discard(module)
+            graph[module] |= targets
+            if targets and id(node) in local:
+                lines = text.splitlines()
+                deferred.append((module, node.lineno, lines[node.lineno - 1].strip()))
+    return graph, deferred
+
+
+def cycles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: set[tuple[str, ...]] = set()
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph.get(nxt, ())))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        found.add(tuple(sorted(component)))
+    return found
+
+
+def test_the_walker_finds_a_cycle_hidden_in_a_function():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == {("a", "b", "c")}
+
+
+def test_no_new_import_cycle():
+    graph, _ = import_graph()
+    assert cycles(graph) <= KNOWN_CYCLES

@@ -1,0 +1,248 @@
+"""The Python API: each ``vramcalc`` command as one call that returns a typed, frozen result.
+
+The command line is a client of these functions: it parses its options, calls one of them and
+renders the result (``vramcalc.render``); ``to_dict()`` of a result is the command's
+``--json``. Defaults are the commands' defaults, and so are the errors (``VramcalcError``
+kinds, each naming the option it is about).
+
+A plan is given as a ``TrainingPlan``, a model name with plan fields as keywords, a mapping of
+plan fields, or a ``FilePlan`` read from a training config (``read_config``)::
+
+    import vramcalc
+
+    result = vramcalc.training_plan("meta-llama/Llama-2-13b", method="qlora", rank=16, gpus=["RTX-4090"])
+    result.memory.device_total_bytes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vramcalc.accuracy import GatedReport, committed_figures, gated_report
+from vramcalc.advice import Advice
+from vramcalc.advice import advise as _advise
+from vramcalc.budget import DEFAULT_HEADROOM, parse_headroom
+from vramcalc.catalog import CatalogModel, Gpu, find_gpu, load_gpus, model_catalog
+from vramcalc.configs import FilePlan, read_plan_file
+from vramcalc.fitting import FitResult, fit_plan
+from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+from vramcalc.planner import PlanResult, choose_gpus, plan_result
+from vramcalc.serve_plan import ServePlan, serve_plan
+from vramcalc.serving.serve_planner import ServeResult, serve_result
+from vramcalc.speed.cost import RunLength
+from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
+from vramcalc.speed.throughput import load_throughput_calibration
+from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
+from vramcalc.sweeps import SpeedAndCost, SweepResult, sweep_plans
+from vramcalc.training_plan import TrainingPlan, plan_from_values
+
+PlanInput = TrainingPlan | FilePlan | Mapping[str, Any] | str
+GpuInput = str | Gpu
+
+
+def read_config(path: str | Path, **flags: Any) -> FilePlan:
+    """The plan a training config describes (axolotl, LLaMA-Factory, TRL, HF Trainer), with
+    ``flags`` (plan fields) on top of the file, and where every field came from."""
+    return read_plan_file(path, flags)
+
+
+def plan(
+    plan: PlanInput,
+    /,
+    *,
+    gpus: Iterable[GpuInput] | None = None,
+    headroom: float | str = DEFAULT_HEADROOM,
+    dataset_tokens: int | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    price_per_hour: float | None = None,
+    given: Iterable[str] | None = None,
+    **fields: Any,
+) -> PlanResult:
+    """``vramcalc plan``: memory, the fit and speed on each of ``gpus`` (default: the whole
+    catalog) and, given a run length, its cost on each GPU that fits.
+
+    ``given``: the plan options set explicitly, which some warnings need (default: the
+    keyword ``fields``; a ``FilePlan``'s flags)."""
+    the_plan, source, named = _plan_and_source(plan, fields, given)
+    wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
+    return plan_result(
+        the_plan,
+        choose_gpus(gpus),
+        RunLength(dataset_tokens, epochs, steps) if wants_cost else None,
+        price_per_hour,
+        named,
+        _headroom(headroom),
+        source,
+    )
+
+
+def sweep(
+    axes: Mapping[str, Any] | None = None,
+    /,
+    *,
+    cases: str | Path | Sequence[Mapping[str, Any]] | None = None,
+    from_file: str | Path | FilePlan | None = None,
+    gpus: Iterable[GpuInput] | None = None,
+    headroom: float | str = DEFAULT_HEADROOM,
+    speed: bool = False,
+    dataset_tokens: int | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    price_per_hour: float | None = None,
+    allocator_model: str | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> SweepResult:
+    """``vramcalc sweep``: one row per plan of the cross product of ``axes`` (plan option ->
+    a value or a list of values), per row of ``cases`` (a CSV file or mappings), around the
+    plan of ``from_file``; ``fits_<GPU>`` per GPU, and with ``speed`` / a run length the
+    speed and cost columns. An invalid plan gets the reason in its ``error`` column."""
+    lists = {
+        name: list(value) if isinstance(value, (list, tuple)) else [value]
+        for name, value in (axes or {}).items()
+    }
+    length = (dataset_tokens, epochs, steps)
+    run = RunLength(*length) if any(v is not None for v in length) else None
+    return sweep_plans(
+        lists,
+        choose_gpus(gpus),
+        _headroom(headroom),
+        cases=cases,
+        source=from_file,
+        extras=SpeedAndCost(speed, run, price_per_hour),
+        allocator_model=allocator_model,
+        progress=progress,
+    )
+
+
+def fit(
+    plan: PlanInput,
+    /,
+    gpu: GpuInput,
+    *,
+    headroom: float | str = DEFAULT_HEADROOM,
+    search: str = "batch_size",
+    seq_multiple: int = 64,
+    given: Iterable[str] | None = None,
+    **fields: Any,
+) -> FitResult:
+    """``vramcalc fit``: the largest batch size (``search="seq_len"``: the longest sequence, a
+    multiple of ``seq_multiple``) whose plan fits ``gpu``, and the estimates either side."""
+    the_plan, source, named = _plan_and_source(plan, fields, given)
+    return fit_plan(
+        the_plan,
+        _gpu(gpu),
+        _headroom(headroom),
+        search=search,
+        seq_multiple=seq_multiple,
+        given=named,
+        source=source,
+    )
+
+
+def advise(
+    plan: PlanInput,
+    /,
+    gpu: GpuInput,
+    *,
+    headroom: float | str = DEFAULT_HEADROOM,
+    **fields: Any,
+) -> Advice:
+    """``vramcalc advise``: the changes that make the plan fit ``gpu``, ranked by what they
+    cost, and the cheapest combination of them that fits."""
+    the_plan, source, _ = _plan_and_source(plan, fields, None)
+    return _advise(the_plan, _gpu(gpu), _headroom(headroom), source)
+
+
+def serve(
+    plan: ServePlan | str | None = None,
+    /,
+    *,
+    gpus: Iterable[GpuInput] | None = None,
+    fit: str | None = None,
+    headroom: float | str = DEFAULT_HEADROOM,
+    **options: Any,
+) -> ServeResult:
+    """``vramcalc serve``: the memory of serving a base model with LoRA adapters, the GPUs it
+    fits with prefill and decode speed, and with ``fit`` (``batch`` or ``context``, one GPU)
+    the largest batch or context that fits. ``plan``: a ``ServePlan``, or the model with the
+    options of ``serve_plan.serve_plan`` as keywords (adapters, adapter_dir, rank, targets,
+    context, quant, mode, batch ...)."""
+    if not isinstance(plan, ServePlan):
+        plan = serve_plan(plan, **options)
+    elif options:
+        raise TypeError(f"serve() got a ServePlan and options {sorted(options)}")
+    return serve_result(plan, choose_gpus(gpus), fit, _headroom(headroom))
+
+
+def models() -> tuple[CatalogModel, ...]:
+    """``vramcalc models``: the bundled model catalog."""
+    return tuple(model_catalog())
+
+
+def gpus() -> tuple[Gpu, ...]:
+    """``vramcalc gpus``: the GPU catalog."""
+    return tuple(load_gpus())
+
+
+def report(
+    measurements: str | Path | None = None,
+    *,
+    baseline: str | Path | None = None,
+    allocator_model: str | None = "simulate",
+    progress: Callable[[int], Any] | None = None,
+) -> GatedReport:
+    """``vramcalc report``: every GPU measurement of ``measurements`` (default
+    ``data/measurements/``) joined with its estimate, the summary figures, and the gate
+    against the ``accuracy.json`` in ``baseline`` (a report folder; None: no comparison)."""
+    records, sources = load_measurements(Path(measurements or MEASUREMENTS_DIR))
+    committed = committed_figures(Path(baseline)) if baseline is not None else None
+    return gated_report(records, sources, committed, allocator_model, progress)
+
+
+def speed_report(
+    measurements: str | Path | None = None, *, baseline: str | Path | None = None
+) -> GatedSpeedReport:
+    """``vramcalc speed-report``: predicted against measured tokens/s, and the gate against
+    the ``throughput.json`` in ``baseline`` (a report folder; None: no comparison)."""
+    records, _ = load_measurements(Path(measurements or MEASUREMENTS_DIR))
+    committed = committed_splits(Path(baseline)) if baseline is not None else None
+    return gated_speed_report(records, committed)
+
+
+def speed_fit(measurements: str | Path | None = None) -> ThroughputFit:
+    """``vramcalc speed-fit``: the speed constants fitted on the calibration split (the
+    constants in use are ``ThroughputFit``'s prior: ``load_throughput_calibration()``)."""
+    records, _ = load_measurements(Path(measurements or MEASUREMENTS_DIR))
+    return fit_throughput(records, prior=load_throughput_calibration())
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def _plan_and_source(
+    plan: PlanInput, fields: Mapping[str, Any], given: Iterable[str] | None
+) -> tuple[TrainingPlan, FilePlan | None, frozenset[str]]:
+    """The plan, the config file it came from, and the options named explicitly."""
+    if isinstance(plan, FilePlan):
+        if fields:
+            raise TypeError(
+                f"plan fields {sorted(fields)} next to a FilePlan: give them to read_config"
+            )
+        flags = {name for name, source in plan.sources.items() if source.origin == "flag"}
+        return plan.plan, plan, frozenset(flags if given is None else given)
+    if isinstance(plan, TrainingPlan):
+        the_plan = plan.with_(**fields) if fields else plan
+    elif isinstance(plan, str):
+        the_plan = plan_from_values({"model": plan, **fields})
+    else:
+        the_plan = plan_from_values({**plan, **fields})
+    return the_plan, None, frozenset(fields if given is None else given)
+
+
+def _gpu(gpu: GpuInput) -> Gpu:
+    return gpu if isinstance(gpu, Gpu) else find_gpu(gpu)
+
+
+def _headroom(headroom: float | str) -> float:
+    return parse_headroom(headroom)

@@ -1,0 +1,87 @@
+"""``vramcalc plan``: parse, call ``vramcalc.api.plan``, render."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from vramcalc import api
+from vramcalc.cli.options import (
+    given_options,
+    gpus_option,
+    headroom_option,
+    json_option,
+    plan_and_source,
+    plan_options,
+    run_length_options,
+)
+from vramcalc.render.plan import render_plan_result
+
+
+@click.command()
+@click.pass_context
+@plan_options
+@gpus_option(
+    "GPU(s) to check the fit and speed on (repeat or comma-separate). Default: every GPU of "
+    "the catalog."
+)
+@headroom_option
+@run_length_options(
+    "Tokens in the training set: prices the run (with --epochs) on every GPU that fits."
+)
+@click.option(
+    "--all-gpus",
+    is_flag=True,
+    help="List every GPU of the catalog, not only those that fit (implied by --gpu).",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Add each rule, calibration source, price source and speed source.",
+)
+@json_option("Print one JSON object (schema in README) instead of the report.")
+def plan(
+    ctx: click.Context,
+    gpus: tuple[str, ...],
+    headroom: str,
+    dataset_tokens: int | None,
+    epochs: float | None,
+    steps: int | None,
+    price_per_hour: float | None,
+    all_gpus: bool,
+    verbose: bool,
+    as_json: bool,
+    **options,
+) -> None:
+    """Estimate the GPU memory, speed and cost of one fine-tuning run.
+
+    Counts every parameter exactly on the meta device (no weights, no GPU, no
+    network for catalog models), applies each memory component's rule, and
+    prints peak allocated / reserved / device-total memory, which GPUs it fits
+    with their predicted tokens/s, and — given --dataset-tokens or --steps —
+    the wall time and dollars on each GPU that fits.
+
+    \b
+    Example:
+      vramcalc plan --model meta-llama/Llama-2-13b --method qlora --rank 16 \\
+                    --seq-len 2048 --batch-size 4 --gpu RTX-4090 --dataset-tokens 50000000
+      vramcalc plan --from axolotl-qlora.yml --gpu RTX-4090    # flags override the file
+    """
+    result = api.plan(
+        plan_and_source(ctx, options),
+        gpus=gpus,
+        headroom=headroom,
+        dataset_tokens=dataset_tokens,
+        epochs=epochs,
+        steps=steps,
+        price_per_hour=price_per_hour,
+        given=given_options(ctx),
+    )
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose))

@@ -1,0 +1,1 @@
+"""Everything people read: text tables, files, reports and plots (no estimates made here)."""

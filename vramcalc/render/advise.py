@@ -1,0 +1,58 @@
+"""Text for ``vramcalc advise``: the plan on the GPU, each change with its memory and speed
+after it, and the cheapest combination that fits."""
+
+from __future__ import annotations
+
+from vramcalc.advice import Advice, Option
+from vramcalc.render.tables import gib, table
+
+
+def _speed(option: Option) -> str:
+    return f"{option.tokens_per_second:,.0f}" if option.tokens_per_second else "-"
+
+
+def render_advice(advice: Advice) -> str:
+    base = advice.baseline
+    verdict = "fits" if base.fits else "does not fit"
+    lines = [
+        f"{base.plan.model} on {advice.gpu.name} ({gib(advice.gpu.memory_bytes)}, "
+        f"{advice.headroom:.0%} headroom: budget {gib(advice.budget_bytes)}): the plan needs "
+        f"{gib(base.device_total_bytes)} and {verdict}; {_speed(base)} tokens/s",
+        "",
+    ]
+    if not advice.changes:
+        lines.append("no change of the list saves memory on this plan.")
+        return "\n".join(lines)
+    rows = [
+        [
+            str(i),
+            c.flags,
+            c.description,
+            c.cost,
+            gib(c.option.device_total_bytes),
+            "yes" if c.option.fits else "no",
+            _speed(c.option),
+            f"{c.speed_change:+.0%}" if c.speed_change is not None else "-",
+        ]
+        for i, c in enumerate(advice.changes, 1)
+    ]
+    headers = ["#", "change", "what it does", "costs", "memory after", "fits", "tokens/s", "speed"]
+    numeric = [True, False, False, False, True, False, True, True]
+    lines.append(
+        "changes, cheapest first (each alone; memory with the calibrated allocator slack):"
+    )
+    lines.append(table(rows, headers, numeric))
+    if base.fits:
+        lines += ["", "the plan fits with the headroom asked; the changes above only add room."]
+    elif advice.combined is None:
+        lines += ["", "nothing of the list makes it fit."]
+    else:
+        done = advice.combined
+        verdict = "fits" if done.fits else "still does not fit"
+        lines += [
+            "",
+            f"cheapest combination: {' '.join(c.flags for c in advice.combination)}",
+            f"  -> {gib(done.device_total_bytes)}, {verdict}, {_speed(done)} tokens/s "
+            "(confirmed with the default allocator model)",
+        ]
+    return "\n".join(lines)

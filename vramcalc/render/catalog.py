@@ -1,0 +1,65 @@
+"""``vramcalc models`` and ``vramcalc gpus``: the catalogs as tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vramcalc.catalog import CatalogModel, Gpu
+from vramcalc.render.tables import (
+    gib,
+    table,
+)
+
+
+# -- catalogs --------------------------------------------------------------------------------
+def render_models(entries: Sequence[CatalogModel]) -> str:
+    """``vramcalc models``: every bundled model with its exact parameter count."""
+    rows = [[e.name, f"{e.params:,}" if e.params else "-", ", ".join(e.aliases)] for e in entries]
+    text = table(rows, ["model", "parameters", "aliases"], [False, True, False])
+    if any(not e.params for e in entries):
+        text += "\nparameters '-': no published count for that model"
+    return text
+
+
+def render_gpus(gpus: Sequence[Gpu]) -> str:
+    """``vramcalc gpus``: by memory, with bf16 and fp16 peaks apart, and why any cell is '-'."""
+    rows, no_bf16, unpublished, unpriced = [], [], [], []
+    for g in sorted(gpus, key=lambda g: (g.memory_bytes, g.name)):
+        if not g.has_bf16:
+            no_bf16.append(g.name)
+        elif g.bf16_dense_tflops is None:
+            unpublished.append(g.name)
+        if g.price_per_hour_usd is None:
+            unpriced.append(g.name)
+        rows.append(
+            [
+                g.name,
+                gib(g.memory_bytes),
+                "none" if not g.has_bf16 else _number(g.bf16_dense_tflops),
+                _number(g.fp16_dense_tflops),
+                _number(g.fp32_tflops),
+                _number(g.memory_bandwidth_gbps),
+                "-" if g.price_per_hour_usd is None else f"{g.price_per_hour_usd:.2f}",
+                ", ".join(g.aliases),
+            ]
+        )
+    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "fp32", "GB/s", "$/hour", "aliases"]
+    lines = [table(rows, heads, [False, True, True, True, True, True, True, False])]
+    if no_bf16:
+        lines.append(
+            f"bf16 'none': {', '.join(no_bf16)} have no bf16 tensor cores; bf16 plans do not "
+            "run there (plan them with --dtype fp16)"
+        )
+    if unpublished:
+        lines.append(
+            f"TFLOP/s '-': {', '.join(unpublished)}: the vendor publishes no dense tensor "
+            "TFLOP/s, so speed is not predicted (memory fit is)"
+        )
+    if unpriced:
+        lines.append(f"$/hour '-': no price in data/gpus.csv for {', '.join(unpriced)}")
+    lines.append("memory: what nvidia-smi reports as total; TFLOP/s: dense tensor-core peaks")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"

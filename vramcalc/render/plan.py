@@ -1,0 +1,259 @@
+"""The ``vramcalc plan`` report: memory by component, the GPUs it fits with their speed, the run's cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vramcalc.budget import DEFAULT_HEADROOM
+from vramcalc.estimate import MemoryEstimate
+from vramcalc.memory import GIB
+from vramcalc.planner import GpuFit, Hint, PlanResult
+from vramcalc.render.files import render_file_plan
+from vramcalc.render.tables import (
+    COMPONENT_LABELS,
+    format_duration,
+    gib,
+    headroom_note,
+    key_values,
+    margin,
+    plan_heading,
+    table,
+)
+from vramcalc.speed.cost import CostTable
+from vramcalc.speed.throughput import (
+    ThroughputEstimate,
+    compute_dtype,
+    transfer_note,
+)
+
+
+def render_plan_result(result: PlanResult, all_gpus: bool = False, verbose: bool = False) -> str:
+    """The ``vramcalc plan`` report: memory, the GPUs it fits with their speed, run cost.
+
+    Without ``all_gpus`` only the fitting GPUs are listed (smallest memory first) with a
+    count of the others; ``verbose`` adds each rule, price source and efficiency source.
+    """
+    parts = [render_file_plan(result.source)] if result.source else []
+    parts.append(render_memory(result.memory, verbose))
+    if result.fits:
+        parts.append(render_gpu_fits(result.fits, all_gpus, verbose, result.headroom))
+    parts += [render_hint(hint) for hint in result.hints]
+    if result.cost is not None:
+        parts.append(render_cost(result.cost, verbose))
+    return "\n\n".join(parts)
+
+
+def render_hint(hint: Hint) -> str:
+    return (
+        f"hint: activations are {100 * hint.activations_share:.0f} % of the total; "
+        f"{hint.option} brings the device total from {gib(hint.device_total_bytes)} to "
+        f"{gib(hint.device_total_bytes_with_option)} (one more forward per step)"
+    )
+
+
+def render_memory(estimate: MemoryEstimate, verbose: bool = False) -> str:
+    """The memory part of the ``vramcalc plan`` report."""
+    plan, total = estimate.plan, estimate.device_total_bytes
+    rows = [
+        [COMPONENT_LABELS.get(name, name), gib(nbytes), f"{100 * nbytes / total:.1f} %"]
+        for name, nbytes in estimate.components.items()
+        if nbytes and (name != "trace_difference" or abs(nbytes) >= 0.005 * GIB)
+    ]
+    per_gpu = (
+        f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"
+        if plan.num_gpus > 1
+        else ""
+    )
+    totals = [
+        ["peak allocated", gib(estimate.peak_allocated_bytes), "torch max_memory_allocated"],
+        ["peak reserved", gib(estimate.peak_reserved_bytes), "torch max_memory_reserved"],
+        ["device total", gib(total), "nvidia-smi; what the GPU must hold" + per_gpu],
+    ]
+    lines = [
+        plan_heading(estimate.model_name, plan)
+        + f", seq {plan.seq_len} x batch {plan.batch_size}, gradient checkpointing "
+        + ("on" if plan.gradient_checkpointing else "off"),
+        f"parameters: {estimate.total_params:,} total, {estimate.trainable_params:,} trainable "
+        f"({100 * estimate.trainable_params / max(estimate.total_params, 1):.3f} %)",
+        "",
+        table(rows, ["component", "memory", "share"], [False, True, True]),
+        "",
+        table(totals, ["total", "memory", "compare with"], [False, True, False]),
+        f"peak falls at: {estimate.peak_phase.replace('_', ' ')}",
+        "",
+        "assumptions:",
+        *[f"  - {a}" for a in estimate.assumptions],
+    ]
+    if verbose:
+        lines += ["", "rules and sources:", *[f"  {k}: {v}" for k, v in estimate.rules.items()]]
+    return "\n".join(lines)
+
+
+def _fits_cell(fit: GpuFit) -> str:
+    return "no bf16" if fit.blocker else ("yes" if fit.fits else "no")
+
+
+def render_gpu_fits(
+    fits: Sequence[GpuFit],
+    all_gpus: bool = False,
+    verbose: bool = False,
+    headroom: float = DEFAULT_HEADROOM,
+) -> str:
+    """GPUs by memory, smallest first: the fitting ones (every one with ``all_gpus``)."""
+    ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
+    shown = ordered if all_gpus else [f for f in ordered if f.fits]
+    rows, notes = [], []
+    for fit in shown:
+        speed = fit.throughput
+        rows.append(
+            [
+                fit.gpu.name,
+                gib(fit.gpu.memory_bytes),
+                _fits_cell(fit),
+                margin(fit.headroom_bytes),
+                f"{speed.tokens_per_second:,.0f}" if speed else "-",
+                f"{speed.step_seconds:.2f}" if speed else "-",
+                f"{100 * speed.mfu:.0f} %" if speed else "-",
+                speed_basis(speed),
+            ]
+        )
+        if fit.blocker:
+            notes.append(f"  {fit.gpu.name}: {fit.blocker}")
+        elif speed is None:
+            notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
+    lines = []
+    if rows:
+        heads = ["GPU", "memory", "fits", "margin", "tokens/s", "step s", "MFU", "bound"]
+        lines.append(table(rows, heads, [False, True, False, True, True, True, True, False]))
+        lines.append(headroom_note(headroom))
+    hidden = [f for f in ordered if f not in shown]
+    if not any(f.fits for f in ordered):
+        largest = ordered[-1]
+        lines.append(
+            f"fits no GPU of the {'list' if all_gpus else 'catalog'}: the largest, "
+            f"{largest.gpu.name} ({gib(largest.gpu.memory_bytes)}), is "
+            f"{margin(-largest.headroom_bytes)} short of its budget"
+            if largest.headroom_bytes < 0
+            else f"fits no GPU of the {'list' if all_gpus else 'catalog'} (see the notes)"
+        )
+    too_small = [f for f in hidden if f.headroom_bytes < 0]
+    blocked = [f.gpu.name for f in hidden if f.blocker and f.headroom_bytes >= 0]
+    if too_small:
+        lines.append(
+            f"{len(too_small)} more GPU{'s' if len(too_small) > 1 else ''} of the catalog "
+            "do not fit (--all-gpus lists every GPU)"
+        )
+    if blocked:
+        lines.append(
+            f"{', '.join(blocked)} would hold it but {'have' if len(blocked) > 1 else 'has'} "
+            "no bf16 tensor cores for the recipe's Trainer(bf16=True); --dtype fp16 plans "
+            "fp16 autocast for them"
+        )
+    lines += notes
+    speeds = [f.throughput for f in shown if f.throughput]
+    lines += speed_note(speeds)
+    if speeds and verbose:
+        lines += ["", render_throughput(speeds[0])]
+    return "\n".join(lines)
+
+
+def speed_basis(e: ThroughputEstimate | None) -> str:
+    """What bounds the step, and ``*`` where no measurement backs the GPU (``speed_note``)."""
+    if e is None:
+        return "-"
+    return e.bound + ("" if e.measured else "*")
+
+
+def speed_note(estimates: Sequence[ThroughputEstimate]) -> list[str]:
+    """The lines under a speed table: where the constants were measured; ``*`` rows."""
+    if not estimates:
+        return []
+    lines = [f"speed: {transfer_note(estimates[0].calibration)}"]
+    unmeasured = [e.gpu.name for e in estimates if not e.measured]
+    if unmeasured and estimates[0].calibration.fitted:
+        lines.append(
+            "  * no measurement backs " + ", ".join(unmeasured) + ": speed derived from "
+            f"{estimates[0].calibration.measured_on_text} (plan --verbose says how)"
+        )
+    return lines
+
+
+def render_throughput(estimate: ThroughputEstimate) -> str:
+    """How one GPU's step time is made (``plan --verbose``, for the smallest fitting GPU)."""
+    e, s, w, c = estimate, estimate.seconds, estimate.work.step, estimate.calibration
+    all_gpus = (
+        f", {e.tokens_per_second_all_gpus:,.0f} on {e.plan.num_gpus} GPUs"
+        if e.plan.num_gpus > 1
+        else ""
+    )
+    rows = [
+        [
+            "step time",
+            f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es)), bound by {e.bound}: "
+            f"waits on compute {s['compute']:.3f} s, memory {s['memory']:.3f} s, "
+            f"host {s['host']:.3f} s",
+        ],
+        ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
+        ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
+        [
+            "work / step",
+            f"{w.matmul_flops:.3e} matmul FLOPs, {w.memory_bytes / 1e9:,.1f} GB moved, "
+            f"{w.kernels:,.0f} kernels, {w.total('dispatches'):,.0f} dispatches "
+            f"({w.total('python_calls'):,.0f} from Python), {w.syncs:,.0f} syncs",
+        ],
+        [
+            "all GPU / host",
+            f"{e.time.gpu_seconds:.3f} s / {e.time.host_seconds:.3f} s (overlapped between syncs)",
+        ],
+        [
+            "constants",
+            f"matmul {c.compute_efficiency:.2f} and attention {c.attention_efficiency:.2f} of peak, "
+            f"{c.bandwidth_efficiency:.2f} of bandwidth, {1e6 * c.kernel_seconds:.1f} us a kernel; "
+            f"host {1e6 * c.python_call_seconds:.1f} us a Python call + "
+            f"{1e6 * c.dispatch_seconds:.1f} us a dispatch, {1e3 * c.step_overhead_seconds:.1f} ms "
+            f"a step; measured on: {c.measured_on_text}",
+        ],
+        ["derived", e.derivation],
+    ]
+    head = (
+        f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, "
+        f"{e.gpu.memory_bandwidth_gbps:g} GB/s)"
+    )
+    body = key_values(rows)
+    return head + "\n" + "\n".join("  " + line for line in body.splitlines())
+
+
+def render_cost(cost: CostTable, verbose: bool = False) -> str:
+    """The run-cost block: one line per GPU type (sources with ``verbose``, always in JSON)."""
+    lines = [f"run: {cost.run.describe(cost.plan)}"]
+    if not cost.rows and not cost.skipped:
+        return lines[0] + "\nrun cost: no GPU of the list fits"
+    rows, notes = [], []
+    for row in sorted(cost.rows, key=lambda r: (r.throughput.gpu.memory_bytes, r.gpu_name)):
+        unpriced = row.price_per_hour_usd is None
+        rows.append(
+            [
+                row.gpu_name,
+                f"{row.throughput.tokens_per_second:,.0f}",
+                f"{row.throughput.step_seconds:.2f}",
+                f"{100 * row.throughput.mfu:.0f} %",
+                speed_basis(row.throughput),
+                format_duration(row.wall_seconds),
+                f"{row.gpu_hours:,.2f}",
+                "-" if unpriced else f"{row.price_per_hour_usd:.2f}",
+                "-" if row.cost_usd is None else f"{row.cost_usd:,.2f}",
+            ]
+        )
+        if unpriced:
+            notes.append(f"  {row.gpu_name}: cost '-': {row.price_source}")
+    for name, reason in cost.skipped:
+        rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-"])
+        notes.append(f"  {name}: not priced: {reason}")
+    heads = ["GPU", "tokens/s", "step s", "MFU", "bound", "wall time", "GPU-hours", "$/GPU-h"]
+    heads.append("cost $")
+    numeric = [False, True, True, True, False, True, True, True, True]
+    lines += [table(rows, heads, numeric), *notes]
+    if verbose:
+        lines += [f"  price {row.gpu_name}: {row.price_source}" for row in cost.rows]
+        lines += ["  " + line for line in speed_note([row.throughput for row in cost.rows])]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Serving adapters: KV cache, inference memory, prefill/decode speed, the serve planner."""

@@ -1,0 +1,1 @@
+"""A training step run on fake tensors: the model, GPU-only behaviour emulated, the recorders."""

@@ -681,14 +681,17 @@ def _simulate_observed(
         for index, (op, handle, nbytes) in enumerate(events):
             if op == FREE:
                 block = live.get(handle)
-                freed = block and (block.addr, block.requested, block.size, block.stream)
-                allocator.free(handle)  # merging may change the block: its fields read before
-                if freed:
-                    addr, requested, size, stream = freed
-                    allocated, reserved = allocator.allocated_bytes, allocator.reserved_bytes
-                    for action in ("free_requested", "free_completed"):
-                        observer(AllocatorAction(action, addr, requested, size, stream,
-                                                 allocated, reserved, index, handle))  # fmt: skip
+                if block is None:  # a size-0 tensor (or an unknown handle: free raises)
+                    allocator.free(handle)
+                    continue
+                # merging may change the block: its fields are read before
+                addr, requested, size = block.addr, block.requested, block.size
+                stream = block.stream
+                allocator.free(handle)
+                allocated, reserved = allocator.allocated_bytes, allocator.reserved_bytes
+                for action in ("free_requested", "free_completed"):
+                    observer(AllocatorAction(action, addr, requested, size, stream, allocated,
+                                             reserved, index, handle))  # fmt: skip
             elif op == ALLOC:
                 if not allocator.malloc(handle, nbytes):
                     observer(AllocatorAction("oom", 0, nbytes, allocator.block_bytes(nbytes), 0,

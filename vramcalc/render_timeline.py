@@ -35,10 +35,12 @@ def _gib(nbytes: float) -> str:
 
 
 def composition_lines(peak: PeakComposition, top: int = 7) -> list[str]:
-    """What is alive at a peak, one line per category (largest first): categories held per
-    decoder layer say how many layers and the largest one."""
+    """What is alive at a peak, one line per category (largest first, at most ``top``, none
+    under 0.1 % of the total): categories held per decoder layer say how many layers and
+    the largest one."""
     lines = []
-    for category, nbytes in peak.by_category[:top]:
+    shown = [(c, b) for c, b in peak.by_category[:top] if b * 1000 >= peak.allocated_bytes]
+    for category, nbytes in shown:
         layers = [(layer, b) for c, layer, b in peak.by_layer if c == category and layer >= 0]
         text = f"{category}: {_gib(nbytes)}"
         if layers:
@@ -46,7 +48,7 @@ def composition_lines(peak: PeakComposition, top: int = 7) -> list[str]:
             text += (f" ({len(layers)} layer{'s' if len(layers) > 1 else ''}, up to "
                      f"{_gib(largest)} in layer {layer})")  # fmt: skip
         lines.append(text)
-    rest = sum(nbytes for _, nbytes in peak.by_category[top:])
+    rest = peak.allocated_bytes - sum(nbytes for _, nbytes in shown)
     if rest:
         lines.append(f"other: {_gib(rest)}")
     return lines

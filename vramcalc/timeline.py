@@ -30,8 +30,9 @@ from vramcalc.plan import TrainingPlan
 
 TIMELINE_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 MEASUREMENTS = Path(__file__).resolve().parent.parent / "data" / "measurements"
-#: the committed trace the report shows (Qwen2.5-0.5B LoRA, batch 8 x 1024, default allocator)
-REPORT_CASE = "fc9b19592f9ad669"
+#: the committed trace the report shows: gemma-2-2b LoRA, batch 4 x 1024, eager attention,
+#: default allocator (6.5 GiB of slack, a third of it added in the second step)
+REPORT_CASE = "d2929c094726f99c"
 
 
 def _plan_of(plan: Any) -> TrainingPlan:
@@ -186,6 +187,6 @@ def report_timeline(case: str | Path = REPORT_CASE, out_dir: str | Path = "repor
     measured = from_trace_file(path)
     case_id = str(record["case_id"])
     gpu = record.get("gpu_name", "GPU")
-    title = f"{describe_plan(plan)}: predicted vs measured on {gpu} (case {case_id})"
+    title = f"{describe_plan(plan)}\npredicted vs measured on {gpu} (case {case_id})"
     return compare_timelines(to_snapshot(run), measured, Path(out_dir) / f"timeline_{case_id}.png",
                              title)  # fmt: skip

@@ -20,6 +20,9 @@ layer the trace tagged it with (``StepTrace.tags``):
   each), made outside the decoder layers or in the last one: ``LOGITS`` (the head's output,
   the loss's float copy and log-softmax, their gradients);
 - the rest is freed within the phase that made it: ``TEMPORARIES``.
+
+The tracer tags what runs after the last decoder layer (the final norm, the head) with that
+layer, so the last layer's activations include what the head keeps for backward.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from vramcalc.plan import ALL_LINEAR, TrainingPlan
 from vramcalc.versions import installed_versions
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built
+CACHE_VERSION = 6  # 4: config facts; 5: only causal-LM configs with positive sizes are built;
+# 6: AdaLoRA's ranknum is trainable
 
 
 @dataclass(frozen=True)
@@ -505,6 +506,8 @@ def _apply_lora(
         warnings.simplefilter("ignore")
         with init_empty_weights(), _no_init():
             peft_model = get_peft_model(model, lora_config)
+    if plan.method == "adalora":
+        make_ranknum_trainable(peft_model)
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in peft_model.named_modules()
@@ -516,7 +519,7 @@ def _apply_lora(
     for name, param in peft_model.named_parameters():
         if not param.requires_grad:
             continue
-        if "lora_" in name:
+        if "lora_" in name or ".ranknum." in name:  # AdaLoRA's ranknum: an adapter tensor
             adapter += param.numel()
             shapes[tuple(param.shape)] = shapes.get(tuple(param.shape), 0) + 1
         elif ".modules_to_save." in name:
@@ -583,3 +586,17 @@ def adalora_config(plan: TrainingPlan, targets: Any) -> Any:
         modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
         task_type="CAUSAL_LM",
     )
+
+
+def make_ranknum_trainable(model: Any) -> None:
+    """AdaLoRA's ``ranknum`` as a real run has it: trainable.
+
+    peft creates it with ``requires_grad=False``, then ``_move_adapter_to_device_of_base_layer``
+    re-wraps every adapter parameter as a new ``nn.Parameter`` (``requires_grad`` True) when
+    it casts or moves the adapter to the base layer's dtype or device; on the meta device
+    nothing moves. Every
+    measured AdaLoRA run (data/measurements/h100_adalora_*.jsonl) trained one more parameter
+    per adapted module than lora_A/E/B: this one."""
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(True)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from vramcalc.errors import VramcalcError
 from vramcalc.plan import TrainingPlan
 
-PROFILE_VERSION = 8
+PROFILE_VERSION = 9
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
 # divides no model dimension
 TRACED_LAYERS = 2

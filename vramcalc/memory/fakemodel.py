@@ -121,7 +121,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
-    from vramcalc.inventory import adapter_config, default_target_modules
+    from vramcalc.inventory import adapter_config, default_target_modules, make_ranknum_trainable
     from vramcalc.memory import emulation
 
     for p in model.parameters():
@@ -135,6 +135,8 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
         warnings.simplefilter("ignore")
         with init_empty_weights():
             model = get_peft_model(model, adapter_config(plan, targets))
+    if plan.method == "adalora":
+        make_ranknum_trainable(model)
     for module in model.modules():
         if (
             isinstance(module, LoraLayer)

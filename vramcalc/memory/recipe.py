@@ -49,7 +49,7 @@ from vramcalc.memory.steptrace import StepTrace
 from vramcalc.plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
-RECIPE_VERSION = 2  # 2: a marker where each backward pass starts
+RECIPE_VERSION = 4  # 4: a marker where each backward pass starts
 TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (unroll.repeat_last_step)
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (unroll.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
@@ -311,9 +311,10 @@ class RecipeTrace:
     trace_seconds: float
     # INT8: (act, sigma, gated, in_features) of the MLP output projections (memory/int8.py)
     outlier_rule: tuple[str, float, bool, int] | None = None
-    # bitsandbytes optimizer states: per group (trainable tensor index, embedding); an event
-    # whose size index is -1 - g is one of group g's states, which the rule sizes and counts
-    bnb_groups: tuple[tuple[int, bool], ...] = ()
+    # bitsandbytes optimizer states: (event position, trainable tensor index, embedding) where
+    # the states of each tensor are allocated; the rule (optimizer.bnb_state_tensors) gives
+    # how many are on the device and their sizes at the plan's tensor sizes
+    bnb_slots: tuple[tuple[int, int, bool], ...] = ()
     optimizer: str = ""
 
     def outliers(self, plan: TrainingPlan) -> int:
@@ -347,10 +348,9 @@ class RecipeTrace:
             for name, dims, dtype, trainable, kbit in self.params
         )
         tags, markers = self.tags, self.markers
-        if self.bnb_groups:
-            events, tags, markers = self._with_bnb_states(params, nbytes)
-        else:
-            events = tuple((op, handle, nbytes[index]) for op, handle, index in self.events)
+        events = tuple((op, handle, nbytes[index]) for op, handle, index in self.events)
+        if self.bnb_slots:
+            events, tags, markers = self._with_bnb_states(params, events)
         if plan.grad_accum > self.micro_batches:
             events, tags, markers = repeat_micro(
                 events, tags, markers, plan.grad_accum - self.micro_batches
@@ -358,10 +358,11 @@ class RecipeTrace:
         return StepTrace(events, tags, markers, params, self.param_layers, self.num_layers)
 
     def _with_bnb_states(
-        self, params: tuple[Any, ...], nbytes: list[int]
+        self, params: tuple[Any, ...], events: tuple[tuple[int, int, int], ...]
     ) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]]:
-        """Events (tags, markers) with each bitsandbytes state group replaced by the states the
-        rule gives the plan's tensor (never freed, so their number may change)."""
+        """Events (tags, markers) with each tensor's bitsandbytes states allocated at its slot
+        as the rule gives them for the plan's tensor sizes (how many are on the device --
+        paged states are not -- depends on the size; they are never freed)."""
         import math
 
         from vramcalc.memory.optimizer import bnb_state_tensors
@@ -370,33 +371,24 @@ class RecipeTrace:
         top = max((handle for _, handle, _ in self.events), default=0)
         out: list[tuple[int, int, int]] = []
         tags: list[int] = []
-        moved = [0] * (len(self.events) + 1)  # old index -> new index
-        i, n = 0, len(self.events)
-        while i < n:
-            moved[i] = len(out)
-            op, handle, index = self.events[i]
-            if index >= 0:
-                out.append((op, handle, nbytes[index]))
-                tags.append(self.tags[i])
-                i += 1
-                continue
-            j = i
-            while j < n and self.events[j][2] == index:
-                j += 1
-            tensor, embedding = self.bnb_groups[-1 - index]
-            states = bnb_state_tensors(self.optimizer, numels[tensor], embedding)
-            handles = [h for _, h, _ in self.events[i:j]]
-            for k, size in enumerate(b for b, on_device in states if on_device):
-                if k >= len(handles):
-                    top += 1
-                    handles.append(top)
-                out.append((ALLOC, handles[k], size))
-                tags.append(self.tags[i])
-            for k in range(i + 1, j):
-                moved[k] = moved[i]
-            i = j
-        moved[n] = len(out)
-        markers = tuple((label, moved[at]) for label, at in self.markers)
+        inserted_before: list[int] = []  # per position: states inserted up to it
+        slots = list(self.bnb_slots)
+        s = 0
+        for position in range(len(events) + 1):
+            while s < len(slots) and slots[s][0] == position:
+                _, tensor, embedding = slots[s]
+                tag = self.tags[position] if position < len(self.tags) else -1
+                for size, on_device in bnb_state_tensors(self.optimizer, numels[tensor], embedding):
+                    if on_device:
+                        top += 1
+                        out.append((ALLOC, top, size))
+                        tags.append(tag)
+                s += 1
+            inserted_before.append(len(out) - position)
+            if position < len(events):
+                out.append(events[position])
+                tags.append(self.tags[position] if position < len(self.tags) else -1)
+        markers = tuple((label, at + inserted_before[at]) for label, at in self.markers)
         return tuple(out), tuple(tags), markers
 
     def to_json(self) -> dict[str, Any]:
@@ -417,7 +409,7 @@ class RecipeTrace:
             "model_layers": self.model_layers,
             "trace_seconds": self.trace_seconds,
             "outlier_rule": list(self.outlier_rule) if self.outlier_rule else None,
-            "bnb_groups": [list(g) for g in self.bnb_groups],
+            "bnb_slots": [list(g) for g in self.bnb_slots],
             "optimizer": self.optimizer,
         }
 
@@ -448,7 +440,7 @@ class RecipeTrace:
             int(raw["model_layers"]),
             float(raw["trace_seconds"]),
             _rule(raw.get("outlier_rule")),
-            tuple((int(t), bool(e)) for t, e in raw.get("bnb_groups") or ()),
+            tuple((int(a), int(t), bool(e)) for a, t, e in raw.get("bnb_slots") or ()),
             str(raw.get("optimizer") or ""),
         )
 
@@ -489,15 +481,13 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
     index: dict[Size, int] = {}
     sizes: list[Size] = []
     by_handle: dict[int, int] = {}
-    events = []
-    bnb: list[tuple[int, bool]] = []
-    for (op, handle, nbytes), shape in zip(trace.events, trace.shapes, strict=True):
+    events: list[tuple[int, int, int]] = []
+    tags: list[int] = []
+    kept_before = [0] * (len(trace.events) + 1)  # event position -> position among the kept
+    for k, ((op, handle, nbytes), shape) in enumerate(zip(trace.events, trace.shapes, strict=True)):
+        kept_before[k] = len(events)
         if op == ALLOC and shape is not None and shape[0] == "bnb":
-            note = (int(shape[1]), bool(shape[2]))
-            if not bnb or bnb[-1] != note or events[-1][2] != -len(bnb):
-                bnb.append(note)
-            events.append((op, handle, -len(bnb)))  # group -1 - g: expanded by instantiate
-            continue
+            continue  # a bitsandbytes state: the rule makes them again at the slot
         if op == ALLOC:
             size = decode_size(shape, nbytes, point)
             if size not in index:
@@ -507,6 +497,10 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
             events.append((op, handle, index[size]))
         else:
             events.append((op, handle, by_handle.get(handle, _constant(index, sizes, nbytes))))
+        tags.append(trace.tags[k] if trace.tags else -1)
+    kept_before[len(trace.events)] = len(events)
+    markers = tuple((label, kept_before[at]) for label, at in trace.markers)
+    slots = tuple((kept_before[at], tensor, embedding) for at, tensor, embedding in trace.bnb_slots)
     params = tuple(
         (name, tuple(_param_dim(d, point) for d in shape), dtype, trainable, kbit)
         for name, shape, dtype, trainable, kbit in trace.params
@@ -516,15 +510,15 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
         micro,
         tuple(sizes),
         tuple(events),
-        trace.tags,
-        trace.markers,
+        tuple(tags),
+        markers,
         params,
         trace.param_layers,
         trace.num_layers,
         total,
         time.perf_counter() - started,
         tuple(trace.outlier_rule) if trace.outlier_rule else None,  # type: ignore[arg-type]
-        tuple(bnb),
+        slots,
         plan.optimizer,
     )
 

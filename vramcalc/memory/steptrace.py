@@ -61,6 +61,9 @@ class StepTrace:
     shapes: tuple[Shape | None, ...] = ()
     # INT8: what the MLP output projections' outlier columns depend on (memory/int8.py)
     outlier_rule: Any = None
+    # bitsandbytes optimizers: (position in events, trainable tensor index, embedding) where
+    # each tensor's states are allocated (its ALLOC events carry shape ("bnb", ...))
+    bnb_slots: tuple[tuple[int, int, bool], ...] = ()
 
 
 class _Recorder:
@@ -80,6 +83,7 @@ class _Recorder:
         self.shapes: list[Shape | None] = []  # per event, see StepTrace
         self.tags: list[int] = []  # per event: the decoder layer it belongs to, or -1
         self.markers: list[tuple[str, int]] = []
+        self.bnb_slots: list[tuple[int, int, bool]] = []  # (event position, tensor, embedding)
         self._handles: dict[int, tuple[int, int]] = {}  # storage -> (handle, layer tag)
         self.layer = -1  # the decoder layer running now (forward hooks, backward node hooks)
         self._next = 0
@@ -98,7 +102,14 @@ class _Recorder:
             self._handles[tensor.untyped_storage()._cdata] = (0, layer)
 
     def mark(self, label: str) -> None:
+        self.take_slots()
         self.markers.append((label, len(self.events)))
+
+    def take_slots(self) -> None:
+        """Give the bitsandbytes state slots opened since the last event their position."""
+        while BNB_SLOTS:
+            index, embedding = BNB_SLOTS.pop(0)
+            self.bnb_slots.append((len(self.events), index, embedding))
 
     def _alloc(self, nbytes: int, tag: int = -1, shape: Shape | None = None) -> int:
         self._next += 1
@@ -110,6 +121,7 @@ class _Recorder:
         return self._next
 
     def _free(self, handle: int, nbytes: int, tag: int) -> None:
+        self.take_slots()
         self.events.append((FREE, handle, nbytes))
         self.shapes.append(None)
         self.tags.append(self.layer if self.layer >= 0 else tag)
@@ -194,7 +206,7 @@ def canonical_frees(
     made = {handle: i for i, (op, handle, _) in enumerate(events) if op == ALLOC}
     out, out_tags = list(events), list(tags)
     position = list(range(len(events)))  # new index -> old index (frees move among frees)
-    cuts = {at for _, at in markers}  # batches do not cross a marker
+    cuts = {at for _, at in markers}  # batches do not cross a marker (or another cut)
     i, n = 0, len(out)
     while i < n:
         if out[i][0] != FREE:
@@ -231,6 +243,9 @@ def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
 #: (trainable tensor index, embedding) while a bitsandbytes state is allocated: the recorder
 #: notes it in place of a shape (the state's size is the rule's, ``optimizer.bnb_state_tensors``)
 BNB_STATE_NOTE: list[tuple[int, bool]] = []
+#: (trainable tensor index, embedding) appended as each tensor's bitsandbytes states are made
+#: (none on the device when paged): the recorder keeps the event position of each slot
+BNB_SLOTS: list[tuple[int, bool]] = []
 
 
 class _StatesOnly:
@@ -254,6 +269,7 @@ class _StatesOnly:
             for index, p in enumerate(self.params):
                 embedding = bool(getattr(p, "_vramcalc_embedding", False))
                 states = bnb_state_tensors(self.plan.optimizer, p.numel(), embedding)
+                BNB_SLOTS.append((index, embedding))  # where this tensor's states go (any)
                 for nbytes, on_device in states:
                     if on_device:
                         # how many and how large follow from the tensor's size by rule (32-bit
@@ -434,6 +450,7 @@ def _trace(
 
     from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
 
+    BNB_SLOTS.clear()
     with _quiet():
         model = build_model(config_dict, plan, num_layers, outlier_columns)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -497,7 +514,11 @@ def _trace(
         )
         for name, p in named
     )
-    events, tags, position = canonical_frees(recorder.events, recorder.tags, recorder.markers)
+    events, tags, position = canonical_frees(
+        recorder.events,
+        recorder.tags,
+        [*recorder.markers, *(("slot", at) for at, _, _ in recorder.bnb_slots)],
+    )
     return StepTrace(
         events,
         tags,
@@ -507,4 +528,5 @@ def _trace(
         len(layers),
         tuple(recorder.shapes[k] for k in position),
         getattr(model, "_vramcalc_outlier_rule", None),
+        tuple(recorder.bnb_slots),
     )

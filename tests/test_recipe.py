@@ -126,6 +126,7 @@ def _assert_same(config: dict[str, Any], plan: TrainingPlan) -> None:
     assert got.markers == want.markers
     assert len(got.events) == len(want.events)
     assert _numbered(got.events) == _numbered(want.events)
+    assert got.tags == want.tags  # the layer of every event: what unrolling repeats
 
 
 # every variant on llama; on each other architecture what differs by architecture (attention,

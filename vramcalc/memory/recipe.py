@@ -368,6 +368,12 @@ class RecipeTrace:
         from vramcalc.memory.optimizer import bnb_state_tensors
 
         numels = [math.prod(shape) for _, shape, _, trainable, _ in params if trainable]
+        # a state belongs to its tensor's decoder layer (what unrolling repeats per layer)
+        layers = [
+            layer
+            for (_, _, _, trainable, _), layer in zip(params, self.param_layers, strict=True)
+            if trainable
+        ]
         top = max((handle for _, handle, _ in self.events), default=0)
         out: list[tuple[int, int, int]] = []
         tags: list[int] = []
@@ -377,7 +383,7 @@ class RecipeTrace:
         for position in range(len(events) + 1):
             while s < len(slots) and slots[s][0] == position:
                 _, tensor, embedding = slots[s]
-                tag = self.tags[position] if position < len(self.tags) else -1
+                tag = layers[tensor] if self.param_layers else -1
                 for size, on_device in bnb_state_tensors(self.optimizer, numels[tensor], embedding):
                     if on_device:
                         top += 1

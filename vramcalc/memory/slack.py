@@ -182,7 +182,7 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
 
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 8
+SIMULATION_VERSION = 9
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3

@@ -32,6 +32,8 @@ events: a block is reusable once freed), ``garbage_collection_threshold`` and
 callbacks, ``cudaMallocAsync``. Segments get addresses from a bump pointer; real
 addresses only break ties between free blocks of equal size.
 ``allocator_trace`` turns a recorded ``torch.cuda.memory._snapshot()`` trace into events.
+``simulate(..., observer=...)`` reports every action as torch's ``record_trace`` does
+(``AllocatorAction``: what ``memory/snapshot.py`` writes as a snapshot's device trace).
 """
 
 from __future__ import annotations
@@ -113,6 +115,49 @@ class AllocatorResult:
     cuda_malloc_calls: int
     oom_event_index: int | None  # index of the ALLOC event that ran out of memory
     oom_request_bytes: int | None  # its requested (unrounded) size
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatorAction:
+    """One action of a replay, as ``record_trace`` reports it in a torch memory snapshot.
+
+    ``action`` is ``alloc``, ``free_requested``, ``free_completed`` (a FREE event gives
+    both), ``segment_alloc``, ``segment_free``, ``segment_map``, ``segment_unmap`` or
+    ``oom``. ``requested_bytes`` is the request (torch's trace ``size`` of alloc and
+    frees), ``block_bytes`` the block it got (rounded; the whole block when not split);
+    both are the segment or page range bytes for segment actions, and the rounded request
+    for ``oom``. ``allocated_bytes`` and ``reserved_bytes`` are the statistics after the
+    action; ``event_index`` and ``handle`` name the ``(op, handle, nbytes)`` event it
+    belongs to (handle 0 for segment actions).
+    """
+
+    action: str
+    addr: int
+    requested_bytes: int
+    block_bytes: int
+    stream: int
+    allocated_bytes: int
+    reserved_bytes: int
+    event_index: int
+    handle: int
+
+
+#: receives every action of an observed replay
+AllocatorObserver = Callable[[AllocatorAction], None]
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """A segment at the end of a replay, as a snapshot's ``segments`` lists it: a
+    cudaMalloc segment, or a contiguous mapped range of an expandable segment.
+    ``blocks`` are (address, bytes, requested bytes, allocated) in address order."""
+
+    address: int
+    total_bytes: int
+    stream: int
+    small: bool
+    expandable: bool
+    blocks: tuple[tuple[int, int, int, bool], ...]
 
 
 class _Block:
@@ -229,6 +274,8 @@ class CachingAllocator:
         self.cuda_malloc_calls = self.cuda_free_calls = 0  # num_device_alloc / _free
         self.alloc_retries = self.ooms = 0
         self.segment_log: list[tuple[str, int]] = []
+        # called with (action, address, bytes, stream) at each segment action (observed replays)
+        self.segment_hook: Callable[[str, int, int, int], None] | None = None
 
     def malloc(self, handle: int, nbytes: int, stream: int = 0) -> bool:
         """``DeviceCachingAllocator::malloc``; False when it runs out of memory
@@ -331,6 +378,31 @@ class CachingAllocator:
         heads = [b for b in blocks if b.segment and (b.prev is None or not b.prev.mapped)]
         return self.cuda_malloc_segments + len(heads)
 
+    def segment_states(self) -> list[SegmentState]:
+        """The segments now, as a snapshot lists them (by address): each cudaMalloc
+        segment, and each contiguous mapped range of an expandable segment."""
+        blocks = [b for pool in self._pools for b in pool.blocks]
+        blocks += [b for b in self._live.values() if b is not None]
+        out = []
+        for head in blocks:
+            if head.prev is not None and (head.segment is None or head.prev.mapped):
+                continue  # not the first block of its segment or mapped range
+            chain = []
+            b: _Block | None = head
+            while b is not None and b.mapped:
+                chain.append((b.addr, b.size, b.requested if b.allocated else 0, b.allocated))
+                b = b.next
+            total = sum(size for _, size, _, _ in chain)
+            out.append(SegmentState(head.addr, total, head.stream, head.small,
+                                    head.segment is not None, tuple(chain)))  # fmt: skip
+        return sorted(out, key=lambda seg: seg.address)
+
+    def block_bytes(self, nbytes: int) -> int:
+        """The rounded size of a request (``round_size``)."""
+        if self._divisions:
+            return self._round_size(nbytes)
+        return (nbytes + MIN_BLOCK_BYTES - 1) // MIN_BLOCK_BYTES * MIN_BLOCK_BYTES
+
     def result(self, oom_event_index: int | None = None, oom_request_bytes: int | None = None):
         return AllocatorResult(
             self.peak_allocated_bytes, self.peak_reserved_bytes, self.peak_requested_bytes,
@@ -389,8 +461,9 @@ class CachingAllocator:
         if self._capacity is not None and self.reserved_bytes + segment_bytes > self._capacity:
             return None
         self.cuda_malloc_segments += 1
-        self._reserve(segment_bytes, "segment_alloc")
-        return _Block(self._take_addresses(segment_bytes), segment_bytes, stream, pool.small)
+        addr = self._take_addresses(segment_bytes)
+        self._reserve(segment_bytes, "segment_alloc", addr, stream)
+        return _Block(addr, segment_bytes, stream, pool.small)
 
     def _take_addresses(self, nbytes: int) -> int:
         """cudaMalloc's address: fresh 2 MiB-aligned ranges in *decreasing* order.
@@ -406,8 +479,9 @@ class CachingAllocator:
         self._next_addr -= -(-nbytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
         return self._next_addr
 
-    def _reserve(self, nbytes: int, action: str) -> None:
-        """Count a cudaMalloc / cudaFree (or page map / unmap) of ``nbytes`` (< 0: freed)."""
+    def _reserve(self, nbytes: int, action: str, addr: int, stream: int) -> None:
+        """Count a cudaMalloc / cudaFree (or page map / unmap) of ``nbytes`` (< 0: freed)
+        at ``addr``."""
         self.reserved_bytes += nbytes
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
         if nbytes > 0:
@@ -415,6 +489,8 @@ class CachingAllocator:
         else:
             self.cuda_free_calls += 1
         self.segment_log.append((action, abs(nbytes)))
+        if self.segment_hook is not None:
+            self.segment_hook(action, addr, abs(nbytes), stream)
 
     def _try_allocate_expandable_block(self, pool: _Pool, size: int, stream: int):
         """``try_allocate_expandable_block``: map pages after the lowest free tail."""
@@ -462,6 +538,7 @@ class CachingAllocator:
         if self._capacity is not None and self.reserved_bytes + mapped_bytes > self._capacity:
             return False  # cuMemCreate ran out of memory; map() releases what it made
         pool.remove_unmapped(block)
+        mapped_at = base + offset // page * page
         block.mapped = True
         if mapped_bytes < block.size:
             rest = _Block(block.addr + mapped_bytes, block.size - mapped_bytes, block.stream,
@@ -471,7 +548,7 @@ class CachingAllocator:
             block.size = mapped_bytes
         _merge_neighbours(block, pool.remove)
         pool.insert(block)
-        self._reserve(mapped_bytes, "segment_map")
+        self._reserve(mapped_bytes, "segment_map", mapped_at, block.stream)
         return True
 
     def _unmap_block(self, pool: _Pool, block: _Block) -> None:
@@ -497,13 +574,13 @@ class CachingAllocator:
         block.addr, block.size, block.mapped = start, nbytes, False
         _merge_neighbours(block, pool.remove_unmapped)
         pool.insert_unmapped(block)
-        self._reserve(-nbytes, "segment_unmap")
+        self._reserve(-nbytes, "segment_unmap", start, stream)
 
     def _release_block(self, pool: _Pool, block: _Block) -> None:
         """``release_block``: cudaFree a whole free segment."""
         pool.remove(block)
         self.cuda_malloc_segments -= 1
-        self._reserve(-block.size, "segment_free")
+        self._reserve(-block.size, "segment_free", block.addr, block.stream)
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int, stream: int) -> bool:
         """``release_available_cached_blocks``: with ``max_split_size`` set, free the
@@ -546,7 +623,10 @@ class CachingAllocator:
 
 
 def simulate(
-    events: Iterable[tuple[int, int, int]], config: AllocatorConfig = DEFAULT_CONFIG
+    events: Iterable[tuple[int, int, int]],
+    config: AllocatorConfig = DEFAULT_CONFIG,
+    observer: AllocatorObserver | None = None,
+    allocator: CachingAllocator | None = None,
 ) -> AllocatorResult:
     """Replay ``(op, handle, nbytes)`` events from an empty allocator.
 
@@ -554,8 +634,14 @@ def simulate(
     handle's block; EMPTY_CACHE is ``torch.cuda.empty_cache()``. The replay stops
     at the first ALLOC that does not fit ``capacity_bytes``, as a training step
     stops at its OutOfMemoryError; the statistics are those at that moment.
+    ``observer`` receives every action (``AllocatorAction``); ``allocator`` is the
+    (fresh) allocator to replay into, to read its state afterwards.
     """
-    allocator = CachingAllocator(config)
+    if allocator is None:
+        allocator = CachingAllocator(config)
+    if observer is not None:
+        return _simulate_observed(events, allocator, observer)
+
     malloc, free = allocator.malloc, allocator.free
     for index, (op, handle, nbytes) in enumerate(events):
         if op == FREE:
@@ -567,4 +653,51 @@ def simulate(
             allocator.empty_cache()
         else:
             raise AllocatorTraceError(f"event {index}: unknown op {op!r}")
+    return allocator.result()
+
+
+def _simulate_observed(
+    events: Iterable[tuple[int, int, int]], allocator: CachingAllocator, observer: AllocatorObserver
+) -> AllocatorResult:
+    """``simulate`` reporting each action (kept apart: the plain replay stays as fast)."""
+    index = 0
+
+    def segment(action: str, addr: int, nbytes: int, stream: int) -> None:
+        observer(AllocatorAction(action, addr, nbytes, nbytes, stream, allocator.allocated_bytes,
+                                 allocator.reserved_bytes, index, 0))  # fmt: skip
+
+    allocator.segment_hook = segment
+    live = allocator._live
+    try:
+        for index, (op, handle, nbytes) in enumerate(events):
+            if op == FREE:
+                block = live.get(handle)
+                if block is None:  # a size-0 tensor (or an unknown handle: free raises)
+                    allocator.free(handle)
+                    continue
+                # merging may change the block: its fields are read before
+                addr, requested, size = block.addr, block.requested, block.size
+                stream = block.stream
+                allocator.free(handle)
+                allocated, reserved = allocator.allocated_bytes, allocator.reserved_bytes
+                for action in ("free_requested", "free_completed"):
+                    observer(AllocatorAction(action, addr, requested, size, stream, allocated,
+                                             reserved, index, handle))  # fmt: skip
+            elif op == ALLOC:
+                if not allocator.malloc(handle, nbytes):
+                    observer(AllocatorAction("oom", 0, nbytes, allocator.block_bytes(nbytes), 0,
+                                             allocator.allocated_bytes, allocator.reserved_bytes,
+                                             index, handle))  # fmt: skip
+                    return allocator.result(oom_event_index=index, oom_request_bytes=nbytes)
+                block = live[handle]
+                if block is not None:
+                    observer(AllocatorAction("alloc", block.addr, nbytes, block.size, block.stream,
+                                             allocator.allocated_bytes, allocator.reserved_bytes,
+                                             index, handle))  # fmt: skip
+            elif op == EMPTY_CACHE:
+                allocator.empty_cache()
+            else:
+                raise AllocatorTraceError(f"event {index}: unknown op {op!r}")
+    finally:
+        allocator.segment_hook = None
     return allocator.result()

@@ -62,22 +62,33 @@ class RunSimulation:
         return self.result.peak_reserved_bytes - self.result.peak_allocated_bytes
 
 
+#: what a loading allocation holds (``load_events``' labels)
+LOAD_BUFFER, WEIGHTS, ADAPTERS = "loading buffer", "weights", "adapters"
+
+
 class _Events:
-    def __init__(self) -> None:
+    def __init__(self, labels: list[str] | None = None) -> None:
         self.events: list[tuple[int, int, int]] = []
         self._next = -1
+        self.labels = labels  # per event, when kept: what an ALLOC holds ("" for the rest)
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, what: str = LOAD_BUFFER) -> int:
         handle = self._next
         self._next -= 1
         self.events.append((ALLOC, handle, nbytes))
+        if self.labels is not None:
+            self.labels.append(what)
         return handle
 
     def free(self, handle: int) -> None:
         self.events.append((FREE, handle, 0))
+        if self.labels is not None:
+            self.labels.append("")
 
     def empty_cache(self) -> None:
         self.events.append((EMPTY_CACHE, 0, 0))
+        if self.labels is not None:
+            self.labels.append("")
 
 
 def _checkpoint_key(name: str) -> str:
@@ -93,26 +104,30 @@ def _quantized_tensors(shape: tuple[int, ...], plan: TrainingPlan, ev: _Events) 
     staging = ev.alloc(n * LOAD_ITEMSIZE[plan.dtype])
     if plan.quant == "int8":
         fp16 = ev.alloc(2 * n)
-        ev.alloc(n)  # CB, int8
-        ev.alloc(4 * shape[0])  # SCB, fp32 per output row
+        ev.alloc(n, WEIGHTS)  # CB, int8
+        ev.alloc(4 * shape[0], WEIGHTS)  # SCB, fp32 per output row
         ev.free(fp16)
     else:
         blocks = -(-n // NF4_BLOCKSIZE)
-        ev.alloc((n + 1) // 2)  # packed
-        absmax = ev.alloc(4 * blocks)  # fp32 absmax
-        ev.alloc(16 * 4)  # the 4-bit code
+        ev.alloc((n + 1) // 2, WEIGHTS)  # packed
+        absmax = ev.alloc(4 * blocks, WEIGHTS)  # fp32 absmax
+        ev.alloc(16 * 4, WEIGHTS)  # the 4-bit code
         if plan.double_quant:
-            ev.alloc(blocks)  # absmax quantized to uint8
-            ev.alloc(4 * -(-blocks // NESTED_BLOCKSIZE))  # second-level absmax
-            ev.alloc(4 * DYNAMIC_MAP_ENTRIES)  # dynamic map copy
-            ev.alloc(4)  # offset
+            ev.alloc(blocks, WEIGHTS)  # absmax quantized to uint8
+            ev.alloc(4 * -(-blocks // NESTED_BLOCKSIZE), WEIGHTS)  # second-level absmax
+            ev.alloc(4 * DYNAMIC_MAP_ENTRIES, WEIGHTS)  # dynamic map copy
+            ev.alloc(4, WEIGHTS)  # offset
             ev.free(absmax)
     ev.free(staging)
 
 
-def load_events(trace: StepTrace, plan: TrainingPlan) -> list[tuple[int, int, int]]:
-    """Events of loading, k-bit preparation and adapter creation, up to the first step."""
-    ev = _Events()
+def load_events(
+    trace: StepTrace, plan: TrainingPlan, labels: list[str] | None = None
+) -> list[tuple[int, int, int]]:
+    """Events of loading, k-bit preparation and adapter creation, up to the first step;
+    ``labels``, when given, receives what each ALLOC holds (``WEIGHTS``, ``ADAPTERS``,
+    ``LOAD_BUFFER``; "" for the other events)."""
+    ev = _Events(labels)
     base = [p for p in trace.params if "lora_" not in p[0]]
     adapters = [p for p in trace.params if "lora_" in p[0]]
     load_size = LOAD_ITEMSIZE[plan.dtype]
@@ -133,16 +148,16 @@ def load_events(trace: StepTrace, plan: TrainingPlan) -> list[tuple[int, int, in
         if kbit:
             _quantized_tensors(shape, plan, ev)
         else:
-            loaded[name] = ev.alloc(numel(shape) * load_size)
+            loaded[name] = ev.alloc(numel(shape) * load_size, WEIGHTS)
     if plan.is_kbit:
         for name, shape, dtype, _, kbit in base:
             if not kbit and name in loaded and ITEMSIZE[dtype] != load_size:
-                upcast = ev.alloc(numel(shape) * ITEMSIZE[dtype])
+                upcast = ev.alloc(numel(shape) * ITEMSIZE[dtype], WEIGHTS)
                 ev.free(loaded[name])
                 loaded[name] = upcast
         ev.empty_cache()
     for _, shape, dtype, _, _ in adapters:
-        ev.alloc(numel(shape) * ITEMSIZE[dtype])
+        ev.alloc(numel(shape) * ITEMSIZE[dtype], ADAPTERS)
     ev.empty_cache()
     return ev.events
 

@@ -49,7 +49,7 @@ from vramcalc.trace.events import StepTrace
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4  # 4: a marker where each backward pass starts
 TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (unroll.repeat_last_step)
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (unroll.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
@@ -589,19 +589,24 @@ def _folder() -> Path:
     return cache_dir("recipes")
 
 
-def plan_steps(config_dict: dict[str, Any], plan: TrainingPlan, steps: int) -> StepTrace:
+def plan_steps(
+    config_dict: dict[str, Any], plan: TrainingPlan, steps: int, labelled: bool = False
+) -> StepTrace:
     """``steps`` optimizer steps of ``plan``, every layer: from its recipe's trace (traced
-    once per recipe) where the plan's regime has one, else traced for the plan itself."""
+    once per recipe) where the plan's regime has one, else traced for the plan itself.
+    ``labelled``: with every event's layer tag and the phase markers (``unroll.expand``)."""
     from vramcalc.trace import unroll
     from vramcalc.trace.steptrace import trace_steps
 
     trace = recipe_trace(config_dict, plan)
     if trace is not None and trace.answers(plan):
         try:
-            return unroll.expand(trace.instantiate(plan), steps, trace.model_layers)
+            return unroll.expand(
+                trace.instantiate(plan), steps, trace.model_layers, labelled=labelled
+            )
         except unroll.UnrollError:
             pass
-    return trace_steps(config_dict, plan, steps=steps)
+    return trace_steps(config_dict, plan, steps=steps, labelled=labelled)
 
 
 def recipe_trace(

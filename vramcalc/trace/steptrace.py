@@ -353,12 +353,14 @@ def trace_steps(
     steps: int = 3,
     num_layers: int | None = None,
     unroll: bool = True,
+    labelled: bool = False,
 ) -> StepTrace:
     """Record ``steps`` Trainer steps of ``plan`` (``num_layers`` decoder layers, default all).
 
     With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
     many and unrolled to all of them (``memory/unroll.py``); if its layers are not alike
-    enough for that, all of them are traced.
+    enough for that, all of them are traced. ``labelled``: an unrolled trace keeps its
+    layer tags and phase markers (``unroll.expand``), as a trace of every layer has them.
     """
     from vramcalc.trace import unroll as unrolling
 
@@ -367,7 +369,7 @@ def trace_steps(
         return _trace(config_dict, plan, steps, num_layers)
     small = _trace(config_dict, plan, 2, min(total, unrolling.TRACED_LAYERS))
     try:
-        return unrolling.expand(small, steps, total)
+        return unrolling.expand(small, steps, total, labelled=labelled)
     except unrolling.UnrollError:
         return _trace(config_dict, plan, steps, num_layers)
 
@@ -460,6 +462,7 @@ def _trace(
                     del ids, labels
                     recorder.layer = -1
                     _hook_backward(loss, nodes, recorder)
+                    recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()
                     recorder.in_backward = False

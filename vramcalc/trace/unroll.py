@@ -119,9 +119,16 @@ def release_sweeps(events: tuple[tuple[int, int, int], ...], tags: list[int]) ->
 
 
 def unroll(
-    events: tuple[tuple[int, int, int], ...], tags: tuple[int, ...], num_layers: int
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    num_layers: int,
+    out_tags: list[int] | None = None,
+    positions: list[int] | None = None,
 ) -> tuple[tuple[int, int, int], ...]:
-    """The events of the ``num_layers``-layer model from a ``TRACED_LAYERS``-layer trace."""
+    """The events of the ``num_layers``-layer model from a ``TRACED_LAYERS``-layer trace.
+
+    ``out_tags``, when given, receives each new event's decoder layer (-1: none);
+    ``positions`` the index of each traced event's first copy, then the new length."""
     n = num_layers
     if n <= TRACED_LAYERS:
         raise UnrollError(f"{n} layers need no unrolling")
@@ -219,11 +226,22 @@ def unroll(
         template = sweeps[run.sweep][1]
         return [(FREE, copy(template.allocs[index], layer), nbytes) for layer in range(2, n - 2)]
 
+    def layer_at(k: int, running: int | None) -> int:
+        """The new model's layer of traced event ``k`` outside the interior runs: the layer
+        it was traced in, or the running layer's for an interior tag (a retagged free)."""
+        tag = tags[k]
+        if tag < 0:
+            return -1
+        found = layer_of_tag.get(tag, running)
+        return -1 if found is None else found
+
     out: list[tuple[int, int, int]] = []
     for run in runs:
         if any(sweep_free[run.start : run.stop]) and run.tag == TEMPLATE:
             raise UnrollError("a release sweep inside an interior layer's run")
         if run.tag == TEMPLATE:
+            if positions is not None:
+                positions.extend(range(len(out), len(out) + run.stop - run.start))
             layers = range(2, n - 2) if sweeps[run.sweep][3] else range(n - 3, 1, -1)
             for layer in layers:
                 for op, handle, nbytes in events[run.start : run.stop]:
@@ -231,16 +249,27 @@ def unroll(
                         out.append((op, copy(handle, layer), nbytes))
                     else:
                         out.append((op, resolve(handle, layer, TEMPLATE), nbytes))
+                if out_tags is not None:  # untagged events stay untagged
+                    out_tags.extend(layer if t >= 0 else -1 for t in tags[run.start : run.stop])
             continue
         running = layer_of_tag.get(run.tag)
         for k, (op, handle, nbytes) in enumerate(events[run.start : run.stop], run.start):
+            if positions is not None:
+                positions.append(len(out))
             if sweep_free[k]:
-                out.extend(release(handle, nbytes))
+                freed = release(handle, nbytes)
+                out.extend(freed)
+                if out_tags is not None:  # one free, or one per interior copy
+                    out_tags.extend(range(2, n - 2) if len(freed) > 1 else [layer_at(k, running)])
                 continue
             if op == ALLOC:
                 out.append((op, handle, nbytes))
             else:
                 out.append((op, resolve(handle, running, run.tag), nbytes))
+            if out_tags is not None:
+                out_tags.append(layer_at(k, running))
+    if positions is not None:
+        positions.append(len(out))
     return tuple(out)
 
 
@@ -409,27 +438,65 @@ def repeat_micro(
             (f"step{step}_micro{last + k}", base + (k - 1) * (stop - start))
             for k in range(1, times + 1)
         ]
+        backward = at.get(f"step{step}_backward{last}")  # where backward starts in a copy
+        if backward is not None and start <= backward < stop:
+            moved += [
+                (
+                    f"step{step}_backward{last + k}",
+                    base + (k - 1) * (stop - start) + backward - start,
+                )
+                for k in range(1, times + 1)
+            ]
     new_markers = tuple(sorted(moved, key=lambda m: (m[1], _marker_order(m[0]))))
     return tuple(out), tuple(out_tags), new_markers
 
 
 def _marker_order(label: str) -> int:
-    """At one position: a step starts before its micro-batches, which come before its
-    optimizer step, which comes before the end."""
+    """At one position: a step starts before its micro-batches, whose backward passes come
+    before its optimizer step, which comes before the end."""
     if label == "end":
-        return 3
+        return 4
     if label.endswith("_optimizer"):
+        return 3
+    if "_backward" in label:
         return 2
     return 1 if "_micro" in label else 0
 
 
-def expand(small: StepTrace, steps: int, num_layers: int) -> StepTrace:
+def repeat_step_markers(
+    markers: tuple[tuple[str, int], ...], times: int
+) -> tuple[tuple[str, int], ...]:
+    """The markers of ``repeat_last_step``'s result: step 1's markers again for each copy
+    (``step2``, ``step2_backward0``, ...), and the end after the last."""
+    at = dict(markers)
+    b1 = at["step1"]
+    b2 = at.get("step2", at.get("end", b1))
+    length = b2 - b1
+    step1 = [(label[len("step1") :], i) for label, i in markers
+             if b1 <= i < b2 and (label == "step1" or label.startswith("step1_"))]  # fmt: skip
+    out = [(label, i) for label, i in markers if label != "end"]
+    for copy in range(1, times + 1):
+        out += [(f"step{1 + copy}{rest}", i + copy * length) for rest, i in step1]
+    return (*out, ("end", b2 + times * length))
+
+
+def expand(small: StepTrace, steps: int, num_layers: int, labelled: bool = False) -> StepTrace:
     """A trace of two steps of at most ``TRACED_LAYERS`` layers as ``steps`` steps of
-    ``num_layers`` layers (``UnrollError`` when its shape does not allow it)."""
+    ``num_layers`` layers (``UnrollError`` when its shape does not allow it).
+
+    With ``labelled``, the result keeps each event's decoder layer (``tags``) and the phase
+    markers of every step (``markers``: step starts, micro-batches, backward passes,
+    optimizer steps, the end), for timelines; without, it has neither (unrolled), as a
+    replay needs neither."""
     events, tags = repeat_last_step(small.events, small.tags, small.markers, steps - 2)
     params = small.params
+    markers = repeat_step_markers(small.markers, steps - 2) if labelled else ()
     if num_layers > small.num_layers:
-        events = unroll(events, tags, num_layers)
+        out_tags: list[int] | None = [] if labelled else None
+        positions: list[int] | None = [] if labelled else None
+        events = unroll(events, tags, num_layers, out_tags, positions)
         params = unroll_params(small.params, small.param_layers, num_layers)
-        tags = ()
-    return StepTrace(events, tags, (), params, (), num_layers)
+        tags = tuple(out_tags) if out_tags is not None else ()
+        if positions is not None:
+            markers = tuple((label, positions[i]) for label, i in markers)
+    return StepTrace(events, tags, markers, params, (), num_layers)

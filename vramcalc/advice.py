@@ -6,9 +6,9 @@ more accumulation, the expandable-segments allocator), more GPUs (FSDP), a littl
 (8-bit optimizer states, 4-bit base weights, fewer adapter parameters), then data (a shorter
 sequence: tokens cut). Within a rank, the smaller loss of tokens/s comes first.
 
-Every estimate goes through ``prepare(...).estimate``. Candidates are ranked with the
-calibrated allocator slack (``approximate``: no step trace per candidate); the combination
-is confirmed with the default allocator model, like ``fit.py``.
+Every estimate goes through ``prepare(...).estimate`` with the plan's allocator model (the
+run simulated: one trace per recipe, a replay per plan), so each row and the combination
+give the bytes ``vramcalc plan`` gives for the changed plan.
 """
 
 from __future__ import annotations
@@ -256,19 +256,20 @@ def advise(
     gpu: Gpu,
     headroom: float = DEFAULT_HEADROOM,
     source: FilePlan | None = None,
+    allocator_model: str | None = None,
 ) -> Advice:
     """The changes that make ``plan`` fit ``gpu`` leaving ``headroom``, ranked, and the cheapest
-    combination of them that fits (confirmed with the default allocator model)."""
+    combination of them that fits: every row the plan's own estimate (its run simulated, as
+    ``plan`` gives it)."""
     require_runnable(plan, gpu)
     budget = budget_bytes(gpu, headroom)
-    quick = _Judge(gpu, headroom, "approximate")
-    exact = _Judge(gpu, headroom, default_allocator_model())
-    baseline = exact.option(plan)
-    base_speed = quick.option(plan).tokens_per_second
+    judge_ = _Judge(gpu, headroom, allocator_model or default_allocator_model())
+    baseline = judge_.option(plan)
+    base_speed = baseline.tokens_per_second
     changes = []
-    for flags, description, cost, changed in _candidates(plan, quick):
-        option = quick.option(changed)
-        if option.device_total_bytes >= quick.option(plan).device_total_bytes:
+    for flags, description, cost, changed in _candidates(plan, judge_):
+        option = judge_.option(changed)
+        if option.device_total_bytes >= baseline.device_total_bytes:
             continue  # saves nothing here
         speed = (
             (option.tokens_per_second / base_speed - 1)
@@ -280,7 +281,7 @@ def advise(
     combination: list[Change] = []
     combined = None
     if not baseline.fits:
-        combination, combined = _combine(plan, changes, quick, exact)
+        combination, combined = _combine(plan, changes, judge_)
     return Advice(
         gpu, headroom, budget, baseline, tuple(changes), tuple(combination), combined, source
     )
@@ -297,11 +298,10 @@ def _delta(base: TrainingPlan, changed: TrainingPlan) -> dict[str, Any]:
 
 
 def _combine(
-    plan: TrainingPlan, changes: list[Change], quick: _Judge, exact: _Judge
+    plan: TrainingPlan, changes: list[Change], exact: _Judge
 ) -> tuple[list[Change], Option | None]:
     """The ranked changes applied one after another, cheapest first, until the plan fits;
-    then each dropped again, most expensive first, where the rest still fits. Fitting is judged
-    quick and confirmed exact."""
+    then each dropped again, most expensive first, where the rest still fits."""
     current, taken = plan, []
     seen_fields: set[str] = set()
     for change in changes:
@@ -314,7 +314,7 @@ def _combine(
         current = candidate
         taken.append(change)
         seen_fields |= set(delta)
-        if quick.fits(current) and exact.fits(current):
+        if exact.fits(current):
             return _prune(plan, taken, exact)
     return taken, exact.option(current) if taken else None
 

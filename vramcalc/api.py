@@ -59,13 +59,15 @@ def plan(
     steps: int | None = None,
     price_per_hour: float | None = None,
     given: Iterable[str] | None = None,
+    allocator_model: str | None = None,
     **fields: Any,
 ) -> PlanResult:
     """``vramcalc plan``: memory, the fit and speed on each of ``gpus`` (default: the whole
     catalog) and, given a run length, its cost on each GPU that fits.
 
     ``given``: the plan options set explicitly, which some warnings need (default: the
-    keyword ``fields``; a ``FilePlan``'s flags)."""
+    keyword ``fields``; a ``FilePlan``'s flags). ``allocator_model``: ``simulate`` (the
+    default: the run simulated) or ``approximate`` (a calibrated fraction, marked so)."""
     the_plan, source, named = _plan_and_source(plan, fields, given)
     wants_cost = dataset_tokens is not None or steps is not None or epochs is not None
     return plan_result(
@@ -76,6 +78,7 @@ def plan(
         named,
         _headroom(headroom),
         source,
+        allocator_model,
     )
 
 
@@ -126,6 +129,7 @@ def fit(
     search: str = "batch_size",
     seq_multiple: int = 64,
     given: Iterable[str] | None = None,
+    allocator_model: str | None = None,
     **fields: Any,
 ) -> FitResult:
     """``vramcalc fit``: the largest batch size (``search="seq_len"``: the longest sequence, a
@@ -139,6 +143,7 @@ def fit(
         seq_multiple=seq_multiple,
         given=named,
         source=source,
+        allocator_model=allocator_model,
     )
 
 
@@ -148,12 +153,13 @@ def advise(
     gpu: GpuInput,
     *,
     headroom: float | str = DEFAULT_HEADROOM,
+    allocator_model: str | None = None,
     **fields: Any,
 ) -> Advice:
     """``vramcalc advise``: the changes that make the plan fit ``gpu``, ranked by what they
     cost, and the cheapest combination of them that fits."""
     the_plan, source, _ = _plan_and_source(plan, fields, None)
-    return _advise(the_plan, _gpu(gpu), _headroom(headroom), source)
+    return _advise(the_plan, _gpu(gpu), _headroom(headroom), source, allocator_model)
 
 
 def serve(

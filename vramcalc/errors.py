@@ -53,3 +53,8 @@ class ConfigFileError(VramcalcError):
     """A training config given with ``--from`` (axolotl, LLaMA-Factory, TRL, Trainer) is of an
     unknown format, unreadable, contradictory, or names a model that cannot be resolved; the
     message names the key."""
+
+
+class SimulationError(VramcalcError):
+    """A recipe's training step could not be traced on fake tensors, so its run cannot be
+    simulated (the message names the way out: ``--allocator-model approximate``)."""

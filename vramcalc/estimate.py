@@ -29,8 +29,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramcalc.catalog import ModelSpec, forget_resolved, resolve
-from vramcalc.errors import VramcalcError
+from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
+from vramcalc.errors import SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
@@ -89,6 +89,10 @@ class MemoryEstimate:
     phase_allocated_bytes: dict[str, int]
     assumptions: tuple[str, ...]
     rules: dict[str, str] = field(default_factory=dict)
+    # which model gave peak reserved: "simulated" (the run traced and replayed through the
+    # caching-allocator model) or "approximate" (a calibrated fraction: --allocator-model
+    # approximate, or a multi-GPU plan, which is not simulated yet)
+    allocator_model: str = "simulated"
 
     @property
     def num_gpus(self) -> int:
@@ -111,6 +115,7 @@ class MemoryEstimate:
             "total_device_bytes_all_gpus": self.total_device_bytes_all_gpus,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
+            "allocator_model": self.allocator_model,
             "peak_phase": self.peak_phase,
             "phase_allocated_bytes": dict(self.phase_allocated_bytes),
             "components": dict(self.components),
@@ -138,11 +143,11 @@ class Prepared:
     def estimate(self, plan: TrainingPlan, allocator_model: str | None = None) -> MemoryEstimate:
         """The memory estimate of ``plan`` on this model.
 
-        ``allocator_model``: ``simulate`` (trace the run and replay it through the
-        caching-allocator model: seconds of CPU once per plan, then cached), ``cached`` (a
-        cached simulation if there is one, else the fallback), or ``approximate`` (the
-        calibrated fallback); default ``default_allocator_model()``. Multi-GPU plans always
-        take the fallback.
+        ``allocator_model``: ``simulate`` (the run traced once per recipe and replayed
+        through the caching-allocator model: a fraction of a second per plan, cached) or
+        ``approximate`` (the calibrated fraction, only when asked for); default
+        ``default_allocator_model()``. Multi-GPU plans are not simulated yet: approximate,
+        and marked so (``MemoryEstimate.allocator_model``).
         """
         if lora_key(plan) != self.lora:
             raise ValueError(
@@ -159,7 +164,11 @@ class Prepared:
         )
 
     def simulation(self, plan: TrainingPlan, allocator_model: str) -> AllocatorSimulation | None:
-        """The plan's allocator simulation as ``allocator_model`` asks (None: the fallback)."""
+        """The plan's allocator simulation as ``allocator_model`` asks (None: approximate).
+
+        A recipe whose training step cannot be traced raises ``SimulationError`` naming it
+        and the way out (``--allocator-model approximate``): no answer is silently
+        approximated."""
         from vramcalc.memory import slack
 
         if allocator_model not in ALLOCATOR_MODELS:
@@ -168,17 +177,25 @@ class Prepared:
             )
         if allocator_model == "approximate" or plan.num_gpus > 1:
             return None
-        if allocator_model == "cached":
-            return slack.cached_simulation(self.spec.config_dict, plan)
         try:
             return slack.simulate_plan(self.spec.config_dict, plan)
         except VramcalcError:
             raise
-        except Exception:  # noqa: BLE001 - an architecture the trace cannot run: the fallback
-            return None
+        except Exception as err:
+            raise SimulationError(
+                f"--model {self.spec.name}: the training step of this recipe could not be "
+                f"traced on fake tensors ({type(err).__name__}: {one_line(err)}); "
+                "--allocator-model approximate gives the calibrated estimate instead"
+            ) from err
+
+    def cached(self, plan: TrainingPlan) -> bool:
+        """Whether ``plan``'s simulation is on disk already (no trace, no replay to run)."""
+        from vramcalc.memory import slack
+
+        return plan.num_gpus > 1 or slack.cached_simulation(self.spec.config_dict, plan) is not None
 
 
-ALLOCATOR_MODELS = ("simulate", "cached", "approximate")
+ALLOCATOR_MODELS = ("simulate", "approximate")
 
 
 def default_allocator_model() -> str:
@@ -382,6 +399,7 @@ def estimate_from_inventory(
         assumptions=_assumptions(inventory, plan, weights)
         + (() if activations.exact else (f"APPROXIMATE activations: {activations.rule}",))
         + (_slack_assumption(plan, simulation),),
+        allocator_model="simulated" if simulation is not None else "approximate",
         rules={
             "weights": weights.rule,
             "optimizer_states": optimizer.rule,
@@ -411,10 +429,14 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
                 "checkpoints have fewer: less memory)"
             )
         return text
+    why = (
+        "multi-GPU plans are not simulated yet"
+        if plan.num_gpus > 1
+        else "--allocator-model approximate"
+    )
     return (
         f"APPROXIMATE allocator slack under {mode}: a calibrated fraction of peak allocated, "
-        "not a simulation of this run (multi-GPU plans, sweep rows past the simulation "
-        "budget, or a model whose training step could not be traced)"
+        f"not a simulation of this run ({why})"
     )
 
 

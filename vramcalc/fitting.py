@@ -19,7 +19,7 @@ from vramcalc.checks import plan_warnings, require_runnable
 from vramcalc.configs import FilePlan
 from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import MemoryEstimate, default_allocator_model, prepare
-from vramcalc.search import largest_fitting, largest_fitting_near
+from vramcalc.search import largest_fitting
 from vramcalc.training_plan import TrainingPlan
 
 MAX_BATCH_SIZE = 1 << 20  # searched no further (a "limit reached" answer)
@@ -114,6 +114,7 @@ def fit_plan(
     seq_multiple: int = 64,
     given: Set[str] = frozenset(),
     source: FilePlan | None = None,
+    allocator_model: str | None = None,
 ) -> FitResult:
     """``vramcalc fit``: the largest ``search`` (``batch_size`` at the plan's sequence length,
     or ``seq_len`` at its batch size) that fits ``gpu``, with the plan's warnings (``given``:
@@ -123,9 +124,11 @@ def fit_plan(
     inventory = prepare(plan.model, plan).inventory  # an unknown model fails before the GPU
     warnings = plan_warnings(plan, inventory, given, searched=search)
     if search == "seq_len":
-        result = max_seq_len(plan, gpu, headroom, multiple=seq_multiple)
+        result = max_seq_len(
+            plan, gpu, headroom, multiple=seq_multiple, allocator_model=allocator_model
+        )
     else:
-        result = max_batch_size(plan, gpu, headroom)
+        result = max_batch_size(plan, gpu, headroom, allocator_model=allocator_model)
     return replace(result, warnings=warnings, source=source)
 
 
@@ -135,9 +138,19 @@ def max_batch_size(
     headroom: float = DEFAULT_HEADROOM,
     spec: ModelSpec | None = None,
     limit: int = MAX_BATCH_SIZE,
+    allocator_model: str | None = None,
 ) -> FitResult:
     """The largest ``batch_size`` at ``plan.seq_len`` whose estimate fits ``gpu``."""
-    return _search(plan, gpu, headroom, spec, "batch_size", step=1, limit=limit)
+    return _search(
+        plan,
+        gpu,
+        headroom,
+        spec,
+        "batch_size",
+        step=1,
+        limit=limit,
+        allocator_model=allocator_model,
+    )
 
 
 def max_seq_len(
@@ -147,6 +160,7 @@ def max_seq_len(
     spec: ModelSpec | None = None,
     multiple: int = 64,
     limit: int | None = None,
+    allocator_model: str | None = None,
 ) -> FitResult:
     """The longest ``seq_len`` (a multiple of ``multiple``) at ``plan.batch_size`` that fits.
 
@@ -160,7 +174,10 @@ def max_seq_len(
         raise InvalidPlanError(
             [f"--seq-multiple {multiple} exceeds the model's context length {limit}."]
         )
-    return _search(plan, gpu, headroom, prepared.spec, "seq_len", step=multiple, limit=limit)
+    return _search(
+        plan, gpu, headroom, prepared.spec, "seq_len", step=multiple, limit=limit,
+        allocator_model=allocator_model,
+    )  # fmt: skip
 
 
 def _search(
@@ -171,6 +188,7 @@ def _search(
     field: str,
     step: int,
     limit: int,
+    allocator_model: str | None = None,
 ) -> FitResult:
     require_runnable(plan, gpu)
     prepared = prepare(spec or plan.model, plan)  # batch and sequence share the inventory
@@ -193,11 +211,7 @@ def _search(
 
         return probe
 
-    # the search runs on the calibrated slack (no step trace per probe); where the
-    # allocator is simulated, the boundary is then found again with simulations,
-    # starting from there (a few probes: the two models differ by a few per cent)
-    best, too_large = largest_fitting(prober("approximate"), limit // step)
-    if model != "approximate" and plan.num_gpus == 1:
-        hint = best.value // step if best else 1
-        best, too_large = largest_fitting_near(prober(model), limit // step, hint)
+    # every probe is the plan's own estimate (its run simulated: one trace per recipe, then a
+    # replay per probe), so the boundary is the one `plan` draws
+    best, too_large = largest_fitting(prober(allocator_model or model), limit // step)
     return FitResult(field, step, limit, gpu, headroom, budget, best, too_large, made)

@@ -114,6 +114,7 @@ def plan_result(
     given: Set[str] = frozenset(),
     headroom: float = DEFAULT_HEADROOM,
     source: FilePlan | None = None,
+    allocator_model: str | None = None,
 ) -> PlanResult:
     """Memory of ``plan``, its fit (``budget.judge``) and speed on each of ``gpus``, and the
     run's cost on those that fit. ``source``: the config file the plan was read from (its
@@ -121,7 +122,7 @@ def plan_result(
     check_price(price_per_hour_usd)
     prepared = prepare(plan.model, plan)
     inventory = prepared.inventory
-    memory = prepared.estimate(plan)
+    memory = prepared.estimate(plan, allocator_model)
     speed = plan_speed(prepared.spec.config_dict, inventory, plan)
     fits = []
     for gpu in gpus:

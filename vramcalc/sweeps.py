@@ -157,11 +157,6 @@ def plan_from_case(case: Mapping[str, Any]) -> TrainingPlan:
 
 
 # -- estimating --------------------------------------------------------------------------------
-#: the most plans a sweep simulates by default (``auto``); a longer sweep takes cached
-#: simulations and the calibrated slack, so that 1,000 plans stay at milliseconds each
-SIMULATION_BUDGET = 16
-
-
 class EstimateCache:
     """``prepare`` per model and inventory key for a whole sweep, failures included.
 
@@ -169,19 +164,12 @@ class EstimateCache:
     a broken config, a missing target), so a bad model fails fast on every row.
     """
 
-    def __init__(
-        self, allocator_model: str | None = None, simulation_budget: int = SIMULATION_BUDGET
-    ) -> None:
-        if allocator_model is None:  # plan's default (simulate) means auto for a sweep
-            default = default_allocator_model()
-            allocator_model = "auto" if default == "simulate" else default
+    def __init__(self, allocator_model: str | None = None) -> None:
         self._specs: dict[str, ModelSpec | VramcalcError] = {}
         self._prepared: dict[tuple[Any, ...], Prepared | VramcalcError] = {}
-        self.allocator_model = allocator_model
-        self.simulation_budget = simulation_budget
-        self.long_sweep = False  # more plans than simulation_budget: auto simulates none
-        self.simulated = 0  # step traces this sweep ran (not found in the cache)
-        self.approximated = 0  # plans that took the calibrated slack instead
+        self.allocator_model = allocator_model or default_allocator_model()
+        self.simulated = 0  # plans this sweep simulated (not found in the cache)
+        self.approximated = 0  # plans whose allocator slack is the calibrated fraction
 
     def spec(self, model: str) -> ModelSpec:
         if model not in self._specs:
@@ -202,27 +190,13 @@ class EstimateCache:
         return _value_or_raise(self._prepared[key])
 
     def estimate(self, plan: TrainingPlan) -> MemoryEstimate:
-        """Equal to ``vramcalc.estimate.estimate(plan)`` while the allocator is simulated.
-
-        ``auto``: a sweep of at most ``simulation_budget`` plans simulates each (as ``plan``
-        does: seconds of CPU once, then cached); a longer one (``run_sweep`` says so with
-        ``long_sweep``) takes cached simulations and, for plans without one, the calibrated
-        fallback slack, counted in ``approximated``.
-        """
+        """Equal to ``vramcalc.estimate.estimate(plan)``: every row simulated (one trace per
+        recipe, a replay per plan, both cached) unless ``approximate`` was asked for."""
         prepared = self.prepared(plan)
-        model = self.allocator_model
-        if model == "auto":
-            model = "cached" if self.long_sweep else "simulate"
-        if (
-            model == "simulate"
-            and plan.num_gpus == 1
-            and prepared.simulation(plan, "cached") is None
-        ):
+        if self.allocator_model == "simulate" and not prepared.cached(plan):
             self.simulated += 1
-        est = prepared.estimate(plan, model)
-        if plan.num_gpus == 1 and any(
-            a.startswith("APPROXIMATE allocator") for a in est.assumptions
-        ):
+        est = prepared.estimate(plan, self.allocator_model)
+        if est.allocator_model == "approximate":
             self.approximated += 1
         return est
 
@@ -403,7 +377,6 @@ def run_sweep(
     ``given`` names the plan options set explicitly (for ``vramcalc.checks.plan_warnings``).
     """
     cache = cache or EstimateCache(allocator_model)
-    cache.long_sweep = len(cases) > cache.simulation_budget
     wants_cells = extras.speed or extras.run is not None
     columns: dict[str, Gpu] = {gpu.name: gpu for gpu in gpus}
     rows = []

@@ -1,6 +1,6 @@
 """The estimator with the caching allocator simulated: plan, sweep and fit agree, the
-simulation is cached, sweeps fall back past their budget, multi-GPU plans take the
-fallback."""
+simulation is cached, every sweep row is simulated (the approximation only when asked for,
+and marked), multi-GPU plans take the marked approximation."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def test_the_simulation_is_cached_and_both_allocator_modes_come_from_one_trace(t
     default = prepared.estimate(p)
     sim = cached_simulation(config, p)
     assert sim is not None and set(sim.peak_reserved_bytes) == {"default", "expandable"}
-    expandable = prepared.estimate(p.with_(allocator="expandable"), "cached")
+    expandable = prepared.estimate(p.with_(allocator="expandable"))
+    assert cached_simulation(config, p.with_(allocator="expandable")) == sim  # one entry
     assert default.peak_reserved_bytes == sim.peak_reserved_bytes["default"]
     assert expandable.peak_reserved_bytes == sim.peak_reserved_bytes["expandable"]
     assert (
@@ -68,30 +69,47 @@ def test_the_simulation_is_cached_and_both_allocator_modes_come_from_one_trace(t
     )
 
 
-def test_a_short_sweep_simulates_every_plan_a_long_one_takes_cache_or_fallback(
-    tiny_llama_dir,
-):
+def test_every_sweep_row_is_simulated_unless_the_approximation_is_asked_for(tiny_llama_dir):
     cases = [
-        {"model": str(tiny_llama_dir), "method": "lora", "seq_len": s, "batch_size": 1}
+        {"model": str(tiny_llama_dir), "method": "lora", "seq_len": s, "batch_size": b}
         for s in (64, 128, 192)
+        for b in (2, 3)
     ]
-    # longer than the budget: nothing is traced, the calibrated slack for every row
-    cache = EstimateCache("auto", simulation_budget=2)
+    cache = EstimateCache()
     result = run_sweep(cases, [], cache=cache)
-    assert (cache.simulated, result.approximated) == (0, 3)
+    assert (cache.simulated, result.approximated) == (6, 0)
+    assert {row.estimate.allocator_model for row in result.rows} == {"simulated"}
+    for row in result.rows:  # each row is what plan gives
+        assert row.estimate == prepare(row.plan.model, row.plan).estimate(row.plan)
+    again = EstimateCache()
+    run_sweep(cases, [], cache=again)
+    assert again.simulated == 0  # cached
+    rough = run_sweep(cases, [], allocator_model="approximate")
+    assert rough.approximated == 6
+    assert {row.estimate.allocator_model for row in rough.rows} == {"approximate"}
     assert all(
         any(a.startswith("APPROXIMATE allocator slack") for a in row.estimate.assumptions)
-        for row in result.rows
+        for row in rough.rows
     )
-    # within the budget: every plan simulated, as plan does
-    short = EstimateCache("auto", simulation_budget=2)
-    result = run_sweep(cases[:2], [], cache=short)
-    assert (short.simulated, result.approximated) == (2, 0)
-    # the long sweep then finds those two cached, and the third once plan has traced it
-    third = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=192, batch_size=1)
-    prepare(third.model, third).estimate(third)
-    again = run_sweep(cases, [], cache=EstimateCache("auto", simulation_budget=2))
-    assert again.approximated == 0
+
+
+def test_a_recipe_that_cannot_be_traced_is_an_error_naming_the_way_out(tiny_llama_dir, monkeypatch):
+    from vramcalc.errors import SimulationError
+    from vramcalc.memory import slack
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an op fake tensors cannot run")
+
+    monkeypatch.setattr(slack, "plan_steps", broken, raising=False)
+    monkeypatch.setattr("vramcalc.trace.recipe.plan_steps", broken)
+    p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=96, batch_size=5)
+    with pytest.raises(SimulationError) as err:
+        prepare(p.model, p).estimate(p)
+    assert str(err.value).endswith(
+        "could not be traced on fake tensors (RuntimeError: an op fake tensors cannot run); "
+        "--allocator-model approximate gives the calibrated estimate instead"
+    )
+    assert prepare(p.model, p).estimate(p, "approximate").allocator_model == "approximate"
 
 
 def test_multi_gpu_plans_take_the_fallback_slack(tiny_llama_dir):
@@ -101,3 +119,5 @@ def test_multi_gpu_plans_take_the_fallback_slack(tiny_llama_dir):
         int(est.peak_allocated_bytes * 0.0863), 41943040
     )
     assert cached_simulation(prepare(p.model, p).spec.config_dict, p) is None
+    assert est.allocator_model == "approximate"
+    assert "multi-GPU plans are not simulated yet" in est.assumptions[-1]

@@ -51,10 +51,17 @@ class _Group(click.Group):
         return command
 
     def invoke(self, ctx: click.Context):
+        from vramcalc.cli.options import status_line
+        from vramcalc.progress import reporting
+
+        line = status_line()
         try:
-            return super().invoke(ctx)
+            with reporting(line):
+                return super().invoke(ctx)
         except VramcalcError as err:
             raise click.ClickException(str(err)) from err
+        finally:
+            line.clear()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

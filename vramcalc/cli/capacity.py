@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vramcalc import api
 from vramcalc.cli.options import (
+    allocator_model_option,
     given_options,
     gpu_option,
     gpus_option,
@@ -25,6 +26,7 @@ from vramcalc.cli.options import (
     json_option,
     plan_and_source,
     plan_options,
+    quiet_option,
     run_length_options,
 )
 from vramcalc.render import export
@@ -102,11 +104,22 @@ def sweep_axes(options: dict[str, Any], ctx: click.Context) -> dict[str, list[An
 
 
 def _progress(quiet: bool):
-    """A tqdm bar on stderr around the sweep's plans (none when quiet or not a terminal)."""
+    """A tqdm bar on stderr around the sweep's plans (none when quiet or not a terminal), with
+    the step under way (tracing a recipe, replaying a run) beside it in place of the status
+    line."""
+    from vramcalc.cli.options import hide_status_line
+    from vramcalc.progress import reporting
+
     disable = quiet or not sys.stderr.isatty()
 
     def wrap(items):
-        return tqdm(items, file=sys.stderr, disable=disable, unit="plan", desc="sweep")
+        bar = tqdm(items, file=sys.stderr, disable=disable, unit="plan", desc="sweep")
+        if disable:
+            yield from bar
+            return
+        hide_status_line()
+        with reporting(lambda message: bar.set_postfix_str(message[:70], refresh=True)):
+            yield from bar
 
     return wrap
 
@@ -150,17 +163,7 @@ def _progress(quiet: bool):
     is_flag=True,
     help="No progress bar (it is off anyway when stderr is not a terminal).",
 )
-@click.option(
-    "--allocator-model",
-    type=click.Choice(["auto", "simulate", "cached", "approximate"]),
-    default=None,
-    show_default="auto",
-    help="How each row gets the caching allocator's slack. simulate: trace the plan's steps "
-    "and replay them through the allocator model, as 'plan' does (seconds per plan, once; "
-    "then cached). auto: simulate every plan of a sweep of up to 16 plans; a longer sweep "
-    "takes cached simulations, else the calibrated fallback (a fraction of peak allocated). "
-    "approximate: the fallback for every row.",
-)
+@allocator_model_option
 @click.pass_context
 def sweep(
     ctx: click.Context,
@@ -215,7 +218,7 @@ def sweep(
     if result.approximated:
         click.echo(
             f"Note: {result.approximated} of {len(result.rows)} plans use the approximate "
-            "allocator slack (no cached simulation; --allocator-model simulate traces them all).",
+            "allocator slack (their allocator_model column says which).",
             err=True,
         )
     for warning, count in result.warnings.items():
@@ -243,10 +246,18 @@ def sweep(
     show_default=True,
     help="With --batch-size: search sequence lengths that are multiples of this.",
 )
+@allocator_model_option
+@quiet_option
 @json_option()
 @click.pass_context
 def fit(
-    ctx: click.Context, gpu: str, headroom: str, seq_multiple: int, as_json: bool, **options
+    ctx: click.Context,
+    gpu: str,
+    headroom: str,
+    seq_multiple: int,
+    allocator_model: str | None,
+    as_json: bool,
+    **options,
 ) -> None:
     """Find the largest batch size that fits a GPU (with --batch-size: the longest sequence).
 
@@ -274,6 +285,7 @@ def fit(
         search="seq_len" if "batch_size" in given else "batch_size",
         seq_multiple=seq_multiple,
         given=given,
+        allocator_model=allocator_model,
     )
     if result.source:
         click.echo(render_file_plan(result.source), err=True)

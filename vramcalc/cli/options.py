@@ -304,6 +304,74 @@ headroom_option = click.option(
 )
 
 
+allocator_model_option = click.option(
+    "--allocator-model",
+    type=click.Choice(["simulate", "approximate"]),
+    default=None,
+    show_default="simulate",
+    help="How peak reserved memory is found. simulate: the recipe's training step traced once "
+    "on fake tensors and the run (loading, 3 steps) replayed through a model of PyTorch's "
+    "caching allocator, for every plan (cached). approximate: a calibrated fraction of peak "
+    "allocated instead, faster and a few per cent off; every output marks it.",
+)
+
+_QUIET: list[bool] = []
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _QUIET.append(True)
+    return value
+
+
+quiet_option = click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_quiet,
+    help="No progress line on stderr (it shows only on a terminal, while the recipe is "
+    "traced, the model built or runs replayed).",
+)
+
+
+def hide_status_line() -> None:
+    """The command shows its own progress (sweep's bar): no status line."""
+    _QUIET.append(True)
+
+
+class status_line:  # noqa: N801 - used as a function: status_line()
+    """Progress notes as one line on stderr, rewritten in place (a terminal only, and not
+    under ``--quiet``); ``clear`` removes it before the command's own output ends."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.stream = sys.stderr
+        self.shown = False
+
+    def __call__(self, message: str) -> None:
+        if _QUIET or not getattr(self.stream, "isatty", lambda: False)():
+            return
+        import shutil
+
+        width = max(shutil.get_terminal_size((100, 20)).columns - 1, 20)
+        text = f"vramcalc: {message}"
+        if len(text) > width:
+            text = text[: width - 1] + "…"
+        self.stream.write(f"\r\033[K{text}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+        _QUIET.clear()
+
+
 def json_option(help: str = "Print one JSON object instead of the report.") -> Callable[[F], F]:
     return click.option("--json", "as_json", is_flag=True, help=help)
 

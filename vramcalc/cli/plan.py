@@ -8,12 +8,14 @@ import click
 
 from vramcalc import api
 from vramcalc.cli.options import (
+    allocator_model_option,
     given_options,
     gpus_option,
     headroom_option,
     json_option,
     plan_and_source,
     plan_options,
+    quiet_option,
     run_length_options,
 )
 from vramcalc.render.plan import render_plan_result
@@ -41,6 +43,8 @@ from vramcalc.render.plan import render_plan_result
     is_flag=True,
     help="Add each rule, calibration source, price source and speed source.",
 )
+@allocator_model_option
+@quiet_option
 @json_option("Print one JSON object (schema in README) instead of the report.")
 def plan(
     ctx: click.Context,
@@ -52,6 +56,7 @@ def plan(
     price_per_hour: float | None,
     all_gpus: bool,
     verbose: bool,
+    allocator_model: str | None,
     as_json: bool,
     **options,
 ) -> None:
@@ -78,6 +83,7 @@ def plan(
         steps=steps,
         price_per_hour=price_per_hour,
         given=given_options(ctx),
+        allocator_model=allocator_model,
     )
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)

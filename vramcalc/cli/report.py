@@ -19,12 +19,12 @@ from vramcalc.render.accuracy import write_report
 @out_option("accuracy.md / .csv / .json / .png")
 @click.option(
     "--allocator-model",
-    type=click.Choice(["simulate", "cached", "approximate"]),
+    type=click.Choice(["simulate", "approximate"]),
     default="simulate",
     show_default=True,
     help="How each estimate gets the caching allocator's slack: simulate the run (the "
-    "estimator's default; seconds per plan the first time, then cached), cached simulations "
-    "only, or the calibrated fallback fraction.",
+    "estimator's default: one trace per recipe, a replay per plan, both cached), or the "
+    "calibrated fallback fraction (every row marks which).",
 )
 @no_gate_option
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")

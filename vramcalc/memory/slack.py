@@ -275,7 +275,13 @@ def _cached_names(folder: str) -> frozenset[str]:
 
 
 def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
-    """The cached simulation of ``plan``, or None (no torch import)."""
+    """The cached simulation of ``plan`` under its allocator mode, or None (no torch
+    import); the entry holds each mode simulated so far."""
+    hit = _read_cached(config_dict, plan)
+    return hit if hit is not None and plan.allocator in hit.peak_reserved_bytes else None
+
+
+def _read_cached(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
     import json
 
     path = _cache_path(simulation_key(config_dict, plan))
@@ -295,18 +301,18 @@ def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulat
 def simulate_plan(
     config_dict: dict, plan: TrainingPlan, use_cache: bool = True
 ) -> AllocatorSimulation:
-    """Trace ``plan``'s steps (seconds to a minute of CPU, once) and replay the run under
-    both allocator modes; cached on disk beside the inventories."""
+    """The plan's run replayed through the allocator model in the plan's allocator mode (its
+    recipe traced once, the run instantiated and unrolled, a fraction of a second); cached on
+    disk, one entry per plan holding each mode replayed so far."""
     import json
     import os
     import time
 
     from vramcalc.trace.recipe import plan_steps
 
-    if use_cache:
-        hit = cached_simulation(config_dict, plan)
-        if hit is not None:
-            return hit
+    known = _read_cached(config_dict, plan) if use_cache else None
+    if known is not None and plan.allocator in known.peak_reserved_bytes:
+        return known
     started = time.perf_counter()
     trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
     from vramcalc import progress
@@ -315,12 +321,12 @@ def simulate_plan(
         f"replaying loading and {SIMULATED_STEPS} steps through the caching-allocator model "
         f"(batch {plan.batch_size} x {plan.seq_len}, rank {plan.adapter_rank})"
     )
-    reserved, allocated = {}, 0
-    for mode in ALLOCATOR_MODES:
-        run = simulate_run(trace, plan, AllocatorConfig(expandable_segments=mode == "expandable"))
-        reserved[mode] = run.result.peak_reserved_bytes
-        allocated = run.result.peak_allocated_bytes
-    result = AllocatorSimulation(allocated, reserved, time.perf_counter() - started)
+    run = simulate_run(trace, plan, _config(plan))
+    reserved = dict(known.peak_reserved_bytes) if known is not None else {}
+    reserved[plan.allocator] = run.result.peak_reserved_bytes
+    result = AllocatorSimulation(
+        run.result.peak_allocated_bytes, reserved, time.perf_counter() - started
+    )
     if use_cache:
         path = _cache_path(simulation_key(config_dict, plan))
         try:

@@ -1,0 +1,140 @@
+"""Run torch's own FSDP1 (``FullyShardedDataParallel``) on CPU fake tensors as it runs on a GPU.
+
+FSDP1 refuses a CPU module only in two checks, and otherwise runs its real code
+(flat parameters, sharding, the all-gather / reduce-scatter buffers, prefetch,
+resharding, gradient accumulation, CPU offload) on any device it gets a handle
+for. ``fsdp1_on_fake_device`` patches, for the duration of a trace, exactly the
+places where a CPU run would do something else than the CUDA run:
+
+* the device handle (``_FSDPDeviceHandle.from_device``): ``FakeDeviceHandle``,
+  whose streams tag allocations (``memory/worldrecorder.py``);
+* ``_check_module_states_for_sync_module_states`` (refuses CPU states with
+  ``sync_module_states``; the real run has them on the GPU by then);
+* ``_move_states_to_device``: on a GPU, a CPU-loaded unit is copied to the device
+  (``param.data = param.to(device)``); on CPU that is a no-op, so host storages
+  get a device copy instead;
+* storage resizes (``UntypedStorage.resize_``): FSDP's allocation / free of the
+  unsharded flat parameter, told to the recorder;
+* ``data_ptr`` of fake storages (0 for all of them): FSDP compares data pointers
+  to know whether a flat parameter already points at its shard
+  (``_catch_all_reshard``, ``_same_storage``); a fake storage gets a pointer unique
+  to it (0 once freed, as CUDA's);
+* CPU offload: ``pin_memory`` (host copies), ``FlatParamHandle.flat_param_to``
+  (the shard moved to the host at init; the H2D copy of ``pre_unshard``, a device
+  copy here) and the H2D copy inside ``_use_low_precision_shard``.
+
+Sources: torch 2.13 ``torch/distributed/fsdp/_init_utils.py``, ``_flat_param.py``,
+``_runtime_utils.py``, ``torch/distributed/utils.py`` (the measurements ran torch
+2.11; FSDP1 is in maintenance and these functions are the same there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from vramcalc.memory.worldrecorder import FakeDeviceHandle, WorldRecorder
+
+_POINTER_STRIDE = 1 << 40  # fake data pointers: storage key * stride + byte offset
+
+
+@contextlib.contextmanager
+def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
+    original = target.__dict__[name] if isinstance(target, type) else getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
+def _storage_pointer(storage: Any) -> int:
+    return storage._cdata * _POINTER_STRIDE if storage.nbytes() else 0
+
+
+@contextlib.contextmanager
+def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
+    """Patch FSDP1 and torch for a fake-device trace (module docstring); yields the handle."""
+    import torch
+    import torch.distributed.fsdp._flat_param as flat_param_module
+    import torch.distributed.fsdp._init_utils as init_utils
+    import torch.nn.parallel.distributed as ddp_module
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.distributed.fsdp._common_utils import _FSDPDeviceHandle
+    from torch.distributed.fsdp._flat_param import FlatParamHandle
+
+    handle = FakeDeviceHandle(recorder)
+    resize = torch.UntypedStorage.resize_
+
+    def resize_(storage: Any, size: int) -> Any:
+        before = storage.nbytes()
+        out = resize(storage, size)
+        if storage.nbytes() != before:
+            recorder.resized(storage, int(storage.nbytes()))
+        return out
+
+    def tensor_pointer(tensor: Any) -> int:
+        storage = tensor.untyped_storage()
+        if not storage.nbytes():
+            return 0
+        return _storage_pointer(storage) + tensor.storage_offset() * tensor.element_size()
+
+    def move_states_to_device(params: list, buffers: list, device: Any) -> None:
+        with torch.no_grad(), recorder.scope("device"):
+            for tensor in (*params, *buffers):
+                if recorder.is_host(tensor):
+                    tensor.data = tensor.detach().clone()
+
+    def pin_memory(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        with recorder.scope("host"):
+            return tensor.detach().clone()
+
+    def flat_param_to(self: Any, *args: Any, **kwargs: Any) -> None:
+        flat_param = self.flat_param
+        if kwargs.get("non_blocking"):  # pre_unshard: the offloaded shard copied to the GPU
+            with recorder.scope("device"):
+                flat_param.data = flat_param.detach().clone()
+        else:  # the handle's init: the sharded flat parameter goes to the CPU
+            recorder.to_host(flat_param)
+        if self._use_orig_params:
+            if self.is_sharded(flat_param):
+                self._use_sharded_views()
+            else:
+                self._use_unsharded_views(as_params=True)
+
+    def use_low_precision_shard(self: Any) -> None:
+        self._check_low_precision_shard()
+        flat_param = self.flat_param
+        flat_param_module._alloc_storage(flat_param._mp_shard, flat_param._local_shard.size())
+        source = flat_param._local_shard
+        if self._offload_params:  # ``_local_shard.to(self.device)``: an H2D copy first
+            with recorder.scope("device"):
+                source = source.detach().clone()
+        flat_param._mp_shard.copy_(source)
+        del source
+        flat_param.data = flat_param._mp_shard
+
+    def from_device(cls: Any, device: Any) -> FakeDeviceHandle:
+        return handle
+
+    with contextlib.ExitStack() as stack:
+        for target, name, value in (
+            (_FSDPDeviceHandle, "from_device", classmethod(from_device)),
+            (init_utils, "_check_module_states_for_sync_module_states", lambda states: None),
+            (init_utils, "_move_states_to_device", move_states_to_device),
+            # DDP's check that every rank has the same shapes reads values (one small tensor)
+            (ddp_module, "_verify_param_shape_across_processes", lambda group, params: None),
+            (torch.UntypedStorage, "resize_", resize_),
+            (torch.UntypedStorage, "data_ptr", _storage_pointer),
+            (FakeTensor, "data_ptr", tensor_pointer),
+            (FakeTensor, "pin_memory", pin_memory),
+            (FlatParamHandle, "flat_param_to", flat_param_to),
+            (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
+        ):
+            if isinstance(target, type) and name not in target.__dict__:
+                setattr(target, name, value)
+                stack.callback(delattr, target, name)
+            else:
+                stack.enter_context(_patched(target, name, value))
+        yield handle

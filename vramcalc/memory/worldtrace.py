@@ -1,0 +1,385 @@
+"""Per-GPU memory of a multi-GPU plan: rank 0 of the real recipe, traced on fake tensors.
+
+What is traced
+--------------
+``trace_world`` does for one rank of an N-GPU FSDP / DDP run what
+``memory/steptrace.py`` does for one GPU, and the records of
+``data/measurements/h100_world_*.jsonl`` were measured the same way (rank 0 of an
+N-rank world on torch's fake process group, ``harness/simworld.py``):
+
+1. the model the harness loads (``fakemodel.build_model``: transformers + peft on the
+   meta device, k-bit layers emulated; under FSDP 4-bit weights are stored as the
+   plan's dtype, ``bnb_4bit_quant_storage``, and nothing is upcast), as fake tensors;
+2. loading laid out as events (``load_world``): a ``device_map`` load onto the GPU
+   (DDP, and FSDP with k-bit weights) as ``memory/slack.py`` lays it out, or FSDP's
+   CPU-RAM-efficient loading (rank 0 loads on the CPU: nothing on the GPU yet);
+   k-bit quantization state (absmax, codes) stays on the GPU, unsharded;
+3. the wrap, traced: torch's own FSDP1 ``FullyShardedDataParallel`` with accelerate's
+   arguments (``fsdp_kwargs``: transformer-layer auto wrap or peft's, ``use_orig_params``,
+   ``sync_module_states``, bf16 ``MixedPrecision``, ``BACKWARD_PRE`` prefetch,
+   ``limit_all_gathers``, ``CPUOffload``), then accelerate's fp32 upcast of trainable
+   flat parameters; or torch's ``DistributedDataParallel`` with Trainer's arguments and
+   the harness's pass-through comm hook;
+4. HF Trainer's steps on it (autocast forward, backward, FSDP's / torch's gradient
+   clipping, the optimizer, ``model.zero_grad()``).
+
+FSDP1 runs its real code on CPU fake tensors (``memory/fsdpfake.py`` patches the few
+places where a CPU run differs from a CUDA one); ``memory/worldrecorder.py`` records
+device allocations with their stream (FSDP1's unshard / pre-unshard / post-backward
+streams), storage resizes (how FSDP frees and re-allocates unsharded flat parameters)
+and keeps host memory (CPU offload, CPU loading) out. The events replay through the
+caching-allocator model per stream (``replay``).
+
+Why FSDP1 and not FSDP2 / ``torch.distributed._tools``
+-----------------------------------------------------
+The measured recipe is accelerate's FSDP1 (``fsdp_version: 1``). FSDP2 allocates
+differently: per-parameter DTensor shards instead of one flat parameter per unit,
+all-gather into a flat buffer that is then split and copied into per-parameter
+unsharded tensors, reduce-scatter through a copy-in buffer, no ``use_orig_params``
+views, no rate limiter but explicit prefetch; and its mixed precision keeps no
+``_mp_shard``. ``fsdp2_mem_tracker.FSDPMemTracker`` only hooks FSDP2 (``FSDPParamGroup``),
+so it cannot see FSDP1's buffers; ``MemTracker`` / ``ModTracker`` categorise
+storages per module but do not keep the order of allocations and frees that the
+caching allocator depends on, nor streams or storage resizes. The trace above
+uses their idea (fake tensors + fake collectives, ``fake_collectives`` registers the
+collectives' fake kernels) on the recipe that was measured.
+``memory/worldcompare.py`` runs ``FSDPMemTracker`` on FSDP2 for comparison.
+
+Modelled by rule, not traced
+----------------------------
+* NCCL's own buffers (``memory/nccl.py``, from NCCL's documented defaults; no
+  measurement backs them yet: the fake world has none).
+* Pinned host memory of CPU offload is host memory: not on the GPU, not counted.
+* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world here: they stay rule-based
+  (``memory/distributed.py``).
+
+Not modelled
+------------
+* Timing: a freed block is reusable as soon as the host frees it. On a GPU, a block
+  FSDP frees after ``record_stream`` returns to its pool only when the GPU has passed
+  that point (the caching allocator's events); FSDP's rate limiter bounds this to two
+  units in flight. ``replay(..., delay_cross_stream=True)`` holds such blocks until
+  the next host wait instead (an upper bound).
+* Other ranks (their uneven last shards), real collectives' overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vramcalc.errors import InvalidPlanError
+from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, AllocatorResult
+from vramcalc.plan import TrainingPlan
+
+SHARDED = ("fsdp", "fsdp-grad-op")
+WORLD_STRATEGIES = (*SHARDED, "ddp")
+BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
+
+
+@dataclass(frozen=True)
+class WorldTrace:
+    """What rank 0 allocates over loading, the wrap and ``steps`` optimizer steps, in order."""
+
+    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE|EMPTY_CACHE, handle, nbytes)
+    streams: tuple[int, ...]  # per event: the stream its block belongs to
+    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
+    sync_points: tuple[int, ...]  # events before each host wait on the GPU
+    num_layers: int
+    wrapper: str
+
+
+def _world(world_size: int) -> Any:
+    """Join torch's fake process group as rank 0 of ``world_size`` (left as it was after)."""
+    import torch.distributed as dist
+    import torch.distributed._tools.fake_collectives  # noqa: F401 - collectives' fake kernels
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() == "fake" and dist.get_world_size() == world_size:
+            return contextlib.nullcontext()
+        raise InvalidPlanError(
+            ["a process group is already initialized: trace a world in a process of its own"]
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    return contextlib.closing(_Destroy())
+
+
+class _Destroy:
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def check_world_plan(plan: TrainingPlan) -> None:
+    """``InvalidPlanError`` for a plan the fake world cannot trace."""
+    problems = []
+    if plan.num_gpus < 2:
+        problems.append("num_gpus: a world needs 2 or more GPUs")
+    if plan.strategy not in WORLD_STRATEGIES:
+        problems.append(
+            f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)} "
+            "(ZeRO stays rule-based, memory/distributed.py)"
+        )
+    if plan.strategy in SHARDED and plan.quant == "int8":
+        problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
+    if plan.cpu_offload and plan.strategy != "fsdp":
+        problems.append("cpu_offload is traced for strategy fsdp (FSDP1 CPUOffload) only")
+    if problems:
+        raise InvalidPlanError(problems)
+
+
+# -- the model ---------------------------------------------------------------------------------
+def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None):  # type: ignore[no-untyped-def]
+    """The harness's model on the meta device; FSDP QLoRA: 4-bit weights packed as the
+    plan's dtype (``bnb_4bit_quant_storage``: ``(numel + 1) // (2 * itemsize)`` rows of 1)."""
+    import torch
+
+    from vramcalc.memory.fakemodel import build_model
+    from vramcalc.memory.worldlayers import pack_4bit
+
+    model = build_model(config_dict, plan, num_layers)
+    if plan.is_kbit and plan.strategy in SHARDED:
+        pack_4bit(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype])
+    return model
+
+
+# -- the wrappers ------------------------------------------------------------------------------
+def layer_classes(model: Any) -> set[type]:
+    """The decoder layer classes to wrap: the model's ``_no_split_modules`` that it has
+    (accelerate ``set_auto_wrap_policy``; peft ``fsdp_auto_wrap_policy``)."""
+    names: list[str] = []
+    for module in model.modules():
+        names.extend(getattr(module, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in set(names)}
+
+
+def fsdp_kwargs(model: Any, plan: TrainingPlan) -> dict[str, Any]:
+    """``FullyShardedDataParallel`` arguments as accelerate 1.15 builds them from the
+    harness's config (``harness/distributed.py``: FULL_SHARD / SHARD_GRAD_OP, transformer
+    layer wrap, use_orig_params, cpu_ram_efficient_loading + sync_module_states,
+    BACKWARD_PRE, no forward prefetch) and transformers' Trainer (peft's wrap policy;
+    QLoRA: mixed precision in the quant storage dtype)."""
+    import torch
+    from torch.distributed.fsdp import (
+        BackwardPrefetch,
+        CPUOffload,
+        MixedPrecision,
+        ShardingStrategy,
+    )
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plan.uses_adapters:
+        policy = _peft_policy(model)
+    else:
+        policy = functools.partial(
+            transformer_auto_wrap_policy, transformer_layer_cls=layer_classes(model)
+        )
+    dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+    return {
+        "sharding_strategy": ShardingStrategy.FULL_SHARD
+        if plan.strategy == "fsdp"
+        else ShardingStrategy.SHARD_GRAD_OP,
+        "cpu_offload": CPUOffload(offload_params=plan.cpu_offload),
+        "auto_wrap_policy": policy,
+        "mixed_precision": MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype),
+        "sync_module_states": True,
+        "backward_prefetch": BackwardPrefetch.BACKWARD_PRE,
+        "forward_prefetch": False,
+        "use_orig_params": True,
+        "limit_all_gathers": True,
+        "device_id": torch.device("cpu"),  # the fake device (memory/fsdpfake.py)
+    }
+
+
+def _peft_policy(model: Any) -> Any:
+    import os
+
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    names = ",".join(sorted(c.__name__ for c in layer_classes(model)))
+    previous = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = names  # what accelerate's launch env sets
+    try:
+        return fsdp_auto_wrap_policy(model)
+    finally:
+        if previous is None:
+            os.environ.pop("FSDP_TRANSFORMER_CLS_TO_WRAP", None)
+        else:
+            os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = previous
+
+
+def wrap_fsdp(model: Any, plan: TrainingPlan) -> Any:
+    """FSDP1 as accelerate's ``prepare_model``: wrap, then upcast every trainable flat
+    parameter that is not fp32 (mixed precision on: "follow DeepSpeed's strategy")."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = FSDP(model, **fsdp_kwargs(model, plan))
+    for module in FSDP.fsdp_modules(wrapped):
+        if not module._has_params:
+            continue
+        param = module._flat_param
+        if param.dtype != torch.float32 and param.requires_grad:
+            param.data = param.data.to(torch.float32)
+            module._handle._orig_param_dtype = torch.float32
+    return wrapped
+
+
+def passthrough_hook(state, bucket):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    """The harness's DDP comm hook in a fake world (``harness.simworld.passthrough_hook``)."""
+    import torch
+
+    future = torch.futures.Future()  # type: ignore[var-annotated]
+    future.set_result(bucket.buffer())
+    return future
+
+
+def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
+    """``DistributedDataParallel`` as accelerate builds it from Trainer's kwargs handler:
+    ``find_unused_parameters`` True unless a ``PreTrainedModel`` with checkpointing,
+    broadcast buffers, 25 MB buckets, gradients not bucket views."""
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import PreTrainedModel
+
+    find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
+    wrapped = DistributedDataParallel(
+        model,
+        find_unused_parameters=find_unused,
+        broadcast_buffers=True,
+        bucket_cap_mb=BUCKET_CAP_MB,
+        gradient_as_bucket_view=False,
+    )
+    wrapped.register_comm_hook(None, passthrough_hook)
+    return wrapped
+
+
+# -- the trace ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import logging
+    import warnings
+
+    level = logging.getLogger("torch.distributed").level
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.distributed").setLevel(level)
+
+
+def trace_world(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int = 3,
+    num_layers: int | None = None,
+) -> WorldTrace:
+    """Rank 0's allocations over loading, the wrap and ``steps`` Trainer steps of ``plan``."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
+    from vramcalc.memory.fakemodel import to_fake
+    from vramcalc.memory.fsdpfake import fsdp1_on_fake_device
+    from vramcalc.memory.steptrace import _optimizer, decoder_layers
+    from vramcalc.memory.worldload import load_world
+    from vramcalc.memory.worldrecorder import WorldRecorder
+
+    check_world_plan(plan)
+    sharded = plan.strategy in SHARDED
+    with _quiet():
+        model = build_world_model(config_dict, plan, num_layers)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    named = to_fake(model, mode)
+    config = model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
+    recorder = WorldRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    vocab = int(config.vocab_size)
+    num_decoder_layers = len(decoder_layers(model))
+    recorder.mark("load")
+    load_world(recorder, model, named, plan)
+    with (
+        _world(plan.num_gpus),
+        mode,
+        _quiet(),
+        gpu_code_paths(),
+        cuda_functions(),
+        fsdp1_on_fake_device(recorder),
+    ):
+        with recorder.mode:
+            recorder.mark("wrap")
+            if sharded:
+                wrapped = wrap_fsdp(model, plan)
+                wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
+            else:
+                wrapped = wrap_ddp(model, plan)
+                wrapper = "DDP (torch DistributedDataParallel) + pass-through comm hook"
+            params = [p for p in wrapped.parameters() if p.requires_grad]
+            optimizer = _optimizer(params, plan)
+            wrapped.zero_grad()
+            for step in range(steps):
+                recorder.mark(f"step{step}")
+                for micro in range(plan.grad_accum):
+                    last = micro == plan.grad_accum - 1
+                    with contextlib.nullcontext() if last else wrapped.no_sync():
+                        ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+                        labels = ids.clone()
+                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                            loss = wrapped(input_ids=ids, labels=labels).loss
+                        del ids, labels
+                        if plan.grad_accum > 1:
+                            loss = loss / plan.grad_accum
+                        recorder.in_backward = True
+                        loss.backward()
+                        recorder.in_backward = False
+                        del loss
+                recorder.mark(f"step{step}_optimizer")
+                with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():
+                    if sharded:
+                        wrapped.clip_grad_norm_(1.0)
+                    elif params:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                    optimizer.step()
+                wrapped.zero_grad()
+            recorder.mark("end")
+            del optimizer, params, wrapped
+    return WorldTrace(
+        tuple(recorder.events),
+        tuple(recorder.streams),
+        tuple(recorder.markers),
+        tuple(recorder.sync_points),
+        num_decoder_layers,
+        wrapper,
+    )
+
+
+# -- the replay --------------------------------------------------------------------------------
+def replay(
+    trace: WorldTrace,
+    config: AllocatorConfig | None = None,
+    until: str | None = None,
+) -> AllocatorResult:
+    """Replay ``trace`` through the caching-allocator model, each block in its stream's pool
+    (``CachingAllocator.malloc(..., stream)``); ``until`` a marker (default: the end)."""
+    from vramcalc.memory.allocator import CachingAllocator
+
+    allocator = CachingAllocator(config or AllocatorConfig())
+    stop = dict(trace.markers).get(until, len(trace.events)) if until else len(trace.events)
+    malloc, free = allocator.malloc, allocator.free
+    for index in range(stop):
+        op, handle, nbytes = trace.events[index]
+        if op == ALLOC:
+            if not malloc(handle, nbytes, trace.streams[index]):
+                return allocator.result(oom_event_index=index, oom_request_bytes=nbytes)
+        elif op == FREE:
+            free(handle)
+        elif op == EMPTY_CACHE:
+            allocator.empty_cache()
+    return allocator.result()

@@ -19,9 +19,11 @@ places where a CPU run would do something else than the CUDA run:
   to know whether a flat parameter already points at its shard
   (``_catch_all_reshard``, ``_same_storage``); a fake storage gets a pointer unique
   to it (0 once freed, as CUDA's);
-* CPU offload: ``pin_memory`` (host copies), ``FlatParamHandle.flat_param_to``
-  (the shard moved to the host at init; the H2D copy of ``pre_unshard``, a device
-  copy here) and the H2D copy inside ``_use_low_precision_shard``.
+* CPU offload, where FSDP1 tells host from device by ``tensor.device``: ``pin_memory``
+  (host copies), the shard moved to the host at the handle's init
+  (``_init_param_handle_from_params``, ``FlatParamHandle.flat_param_to``), the H2D
+  copy of the shard in ``pre_unshard`` (a device copy here, when the recorder has the
+  shard on the host) and inside ``_use_low_precision_shard``.
 
 Sources: torch 2.13 ``torch/distributed/fsdp/_init_utils.py``, ``_flat_param.py``,
 ``_runtime_utils.py``, ``torch/distributed/utils.py`` (the measurements ran torch
@@ -115,6 +117,37 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
         del source
         flat_param.data = flat_param._mp_shard
 
+    def pre_unshard(self: Any) -> bool:
+        # FlatParamHandle.pre_unshard with "flat_param.device != self.device" (CPU offload:
+        # the shard is on the host) told by the recorder, not by the device type
+        from torch.distributed.fsdp._flat_param import HandleTrainingState
+
+        if (
+            self._training_state == HandleTrainingState.SUMMON_FULL_PARAMS
+            and self._skipped_use_sharded_views
+        ):
+            self._use_sharded_views()
+        ret = False
+        if self._use_orig_params and not self._skip_writeback_check:
+            ret = self._writeback_orig_params()
+        if self.uses_sharded_strategy and not self._offload_params and not self.needs_unshard():
+            pass
+        elif self._uses_param_mixed_precision and not self._force_full_precision:
+            self._use_low_precision_shard()
+            ret = True
+        elif self._offload_params and recorder.is_host(self.flat_param):
+            self.flat_param_to(self.device, non_blocking=True)
+            ret = True
+        return ret
+
+    init_handle = init_utils._init_param_handle_from_params
+
+    def init_param_handle_from_params(state: Any, params: list, module: Any) -> None:
+        # ends with "if offload_params and flat_param.device != cpu: flat_param_to(cpu)"
+        init_handle(state, params, module)
+        if state._handle is not None and state.cpu_offload.offload_params:
+            state._handle.flat_param_to(torch.device("cpu"))
+
     def from_device(cls: Any, device: Any) -> FakeDeviceHandle:
         return handle
 
@@ -131,6 +164,8 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
             (FakeTensor, "pin_memory", pin_memory),
             (FlatParamHandle, "flat_param_to", flat_param_to),
             (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
+            (FlatParamHandle, "pre_unshard", pre_unshard),
+            (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),
         ):
             if isinstance(target, type) and name not in target.__dict__:
                 setattr(target, name, value)

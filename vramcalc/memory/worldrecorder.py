@@ -45,6 +45,8 @@ class WorldRecorder(_Recorder):
         super().__init__(plan, attn_shape)
         self.stream = DEFAULT_STREAM  # the stream allocations go to now (FakeDeviceHandle)
         self.streams: list[int] = []  # per event: its stream (FREE: the block's stream)
+        self.labels: dict[int, str] = {}  # handle -> what allocated it (the aten op, ...)
+        self.label = "load"
         self.sync_points: list[int] = []  # events before each host wait on the GPU
         self._host: set[int] = set()  # storage keys on the host
         self._live: dict[int, tuple[int, int]] = {}  # storage key -> (handle, nbytes) now
@@ -56,6 +58,7 @@ class WorldRecorder(_Recorder):
     def _alloc(self, nbytes: int, tag: int = -1) -> int:
         handle = super()._alloc(nbytes, tag)
         self.streams.append(self.stream)
+        self.labels[handle] = self.label
         self._made_on[handle] = self.stream
         return handle
 
@@ -162,6 +165,7 @@ class WorldRecorder(_Recorder):
         key = storage._cdata
         if key in self._host:
             return
+        self.label = "resize"
         if key not in self._handles:
             self._watch(storage, key, self.layer)
         old = self._live.pop(key, None)
@@ -175,6 +179,7 @@ class WorldRecorder(_Recorder):
         self.sync_points.append(len(self.events))
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
+        self.label = func.overloadpacket.__name__
         if self._host and self._scope is None:
             from torch.utils._pytree import tree_leaves
 

@@ -90,6 +90,7 @@ class WorldTrace:
     sync_points: tuple[int, ...]  # events before each host wait on the GPU
     num_layers: int
     wrapper: str
+    labels: tuple[str, ...] = ()  # per event: what allocated it (aten op, "resize", "load")
 
 
 def _world(world_size: int) -> Any:
@@ -357,6 +358,9 @@ def trace_world(
         tuple(recorder.sync_points),
         num_decoder_layers,
         wrapper,
+        tuple(
+            recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events
+        ),
     )
 
 

@@ -15,6 +15,8 @@ places where a CPU run would do something else than the CUDA run:
   get a device copy instead;
 * storage resizes (``UntypedStorage.resize_``): FSDP's allocation / free of the
   unsharded flat parameter, told to the recorder;
+* ``_no_dispatch_record_stream`` (a no-op off CUDA): told to the recorder, which
+  marks blocks used on a stream other than their own;
 * ``data_ptr`` of fake storages (0 for all of them): FSDP compares data pointers
   to know whether a flat parameter already points at its shard
   (``_catch_all_reshard``, ``_same_storage``); a fake storage gets a pointer unique
@@ -61,6 +63,7 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
     import torch
     import torch.distributed.fsdp._flat_param as flat_param_module
     import torch.distributed.fsdp._init_utils as init_utils
+    import torch.distributed.fsdp._runtime_utils as runtime_utils
     import torch.nn.parallel.distributed as ddp_module
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.distributed.fsdp._common_utils import _FSDPDeviceHandle
@@ -165,6 +168,8 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
             (FlatParamHandle, "flat_param_to", flat_param_to),
             (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
             (FlatParamHandle, "pre_unshard", pre_unshard),
+            (flat_param_module, "_no_dispatch_record_stream", recorder.record_stream),
+            (runtime_utils, "_no_dispatch_record_stream", recorder.record_stream),
             (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),
         ):
             if isinstance(target, type) and name not in target.__dict__:

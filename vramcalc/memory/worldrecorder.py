@@ -47,7 +47,9 @@ class WorldRecorder(_Recorder):
         self.streams: list[int] = []  # per event: its stream (FREE: the block's stream)
         self.labels: dict[int, str] = {}  # handle -> what allocated it (the aten op, ...)
         self.label = "load"
-        self.sync_points: list[int] = []  # events before each host wait on the GPU
+        # host waits on the GPU: (events before the wait, events before the awaited point)
+        self.sync_points: list[tuple[int, int]] = []
+        self.cross_stream: set[int] = set()  # handles used on a stream not their own
         self._host: set[int] = set()  # storage keys on the host
         self._live: dict[int, tuple[int, int]] = {}  # storage key -> (handle, nbytes) now
         self._made_on: dict[int, int] = {}  # handle -> stream
@@ -174,9 +176,18 @@ class WorldRecorder(_Recorder):
         if old is not None:
             self._free(old[0], old[1], self.layer)
 
-    def sync(self) -> None:
-        """The host waits for the GPU (FSDP's rate limiter, an offload synchronize)."""
-        self.sync_points.append(len(self.events))
+    def sync(self, upto: int | None = None) -> None:
+        """The host waits until the GPU has done the work issued before event ``upto``
+        (default: everything so far): FSDP's rate limiter, a stream synchronize."""
+        now = len(self.events)
+        self.sync_points.append((now, now if upto is None else upto))
+
+    def record_stream(self, tensor: Any, stream: Any) -> None:
+        """``tensor.record_stream(stream)``: its block, if of another stream, is reused only
+        once that stream's work issued so far is done (the caching allocator's events)."""
+        handle, _ = self._live.get(self._key(tensor), (0, 0))
+        if handle and self._made_on.get(handle, DEFAULT_STREAM) != getattr(stream, "index", 0):
+            self.cross_stream.add(handle)
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         self.label = func.overloadpacket.__name__
@@ -204,12 +215,13 @@ class FakeEvent:
 
     def __init__(self, recorder: WorldRecorder) -> None:
         self._recorder = recorder
+        self._at = len(recorder.events)
 
     def record(self, stream: Any = None) -> None:
-        pass
+        self._at = len(self._recorder.events)
 
     def synchronize(self) -> None:
-        self._recorder.sync()
+        self._recorder.sync(self._at)
 
     def wait(self, stream: Any = None) -> None:
         pass

@@ -87,10 +87,12 @@ class WorldTrace:
     events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE|EMPTY_CACHE, handle, nbytes)
     streams: tuple[int, ...]  # per event: the stream its block belongs to
     markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
-    sync_points: tuple[int, ...]  # events before each host wait on the GPU
+    # host waits on the GPU: (events before the wait, events before the point awaited)
+    sync_points: tuple[tuple[int, int], ...]
     num_layers: int
     wrapper: str
     labels: tuple[str, ...] = ()  # per event: what allocated it (aten op, "resize", "load")
+    cross_stream: frozenset[int] = frozenset()  # handles record_stream'ed on another stream
 
 
 def _world(world_size: int) -> Any:
@@ -136,16 +138,21 @@ def check_world_plan(plan: TrainingPlan) -> None:
 
 # -- the model ---------------------------------------------------------------------------------
 def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None):  # type: ignore[no-untyped-def]
-    """The harness's model on the meta device; FSDP QLoRA: 4-bit weights packed as the
-    plan's dtype (``bnb_4bit_quant_storage``: ``(numel + 1) // (2 * itemsize)`` rows of 1)."""
+    """The harness's model on the meta device, 4-bit weights packed as bitsandbytes stores
+    them (``(numel + 1) // (2 * itemsize)`` rows of 1): in the plan's dtype under FSDP
+    (``bnb_4bit_quant_storage``), uint8 otherwise."""
     import torch
 
     from vramcalc.memory.fakemodel import build_model
     from vramcalc.memory.worldlayers import pack_4bit
 
     model = build_model(config_dict, plan, num_layers)
-    if plan.is_kbit and plan.strategy in SHARDED:
-        pack_4bit(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype])
+    if plan.is_kbit and plan.quant != "int8":
+        if plan.strategy in SHARDED:  # bnb_4bit_quant_storage = the plan's dtype
+            storage = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+        else:
+            storage = torch.uint8
+        pack_4bit(model, storage)
     return model
 
 
@@ -231,32 +238,16 @@ def wrap_fsdp(model: Any, plan: TrainingPlan) -> Any:
     return wrapped
 
 
-def passthrough_hook(state, bucket):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
-    """The harness's DDP comm hook in a fake world (``harness.simworld.passthrough_hook``)."""
-    import torch
-
-    future = torch.futures.Future()  # type: ignore[var-annotated]
-    future.set_result(bucket.buffer())
-    return future
-
-
 def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
-    """``DistributedDataParallel`` as accelerate builds it from Trainer's kwargs handler:
-    ``find_unused_parameters`` True unless a ``PreTrainedModel`` with checkpointing,
-    broadcast buffers, 25 MB buckets, gradients not bucket views."""
-    from torch.nn.parallel import DistributedDataParallel
+    """DDP as accelerate builds it from Trainer's kwargs handler (``find_unused_parameters``
+    unless a ``PreTrainedModel`` with checkpointing; 25 MB buckets; gradients not bucket
+    views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``)."""
     from transformers import PreTrainedModel
 
+    from vramcalc.memory.ddpreducer import DDPLike
+
     find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
-    wrapped = DistributedDataParallel(
-        model,
-        find_unused_parameters=find_unused,
-        broadcast_buffers=True,
-        bucket_cap_mb=BUCKET_CAP_MB,
-        gradient_as_bucket_view=False,
-    )
-    wrapped.register_comm_hook(None, passthrough_hook)
-    return wrapped
+    return DDPLike(model, find_unused_parameters=find_unused, bucket_cap_mb=BUCKET_CAP_MB)
 
 
 # -- the trace ---------------------------------------------------------------------------------
@@ -321,7 +312,7 @@ def trace_world(
                 wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
             else:
                 wrapped = wrap_ddp(model, plan)
-                wrapper = "DDP (torch DistributedDataParallel) + pass-through comm hook"
+                wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
             params = [p for p in wrapped.parameters() if p.requires_grad]
             optimizer = _optimizer(params, plan)
             wrapped.zero_grad()
@@ -349,6 +340,7 @@ def trace_world(
                         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
                     optimizer.step()
                 wrapped.zero_grad()
+                recorder.sync()  # the harness synchronizes at every step end (on_step_end)
             recorder.mark("end")
             del optimizer, params, wrapped
     return WorldTrace(
@@ -361,6 +353,7 @@ def trace_world(
         tuple(
             recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events
         ),
+        frozenset(recorder.cross_stream),
     )
 
 
@@ -369,21 +362,61 @@ def replay(
     trace: WorldTrace,
     config: AllocatorConfig | None = None,
     until: str | None = None,
+    gpu_bound: bool = False,
 ) -> AllocatorResult:
     """Replay ``trace`` through the caching-allocator model, each block in its stream's pool
-    (``CachingAllocator.malloc(..., stream)``); ``until`` a marker (default: the end)."""
+    (``CachingAllocator.malloc(..., stream)``); ``until`` a marker (default: the end).
+
+    A block freed after ``record_stream`` on another stream is reused, on a GPU, only once
+    that stream has done the work issued before the free (``process_events`` at each
+    ``malloc``). By default the GPU keeps up with the host (the block is free at once);
+    ``gpu_bound`` has the GPU as far behind as the host's waits allow: the block returns
+    to its pool at the first ``malloc`` after a host wait on a point past its free
+    (FSDP's rate limiter, a synchronize). Allocated bytes drop at the free either way.
+    """
     from vramcalc.memory.allocator import CachingAllocator
 
     allocator = CachingAllocator(config or AllocatorConfig())
     stop = dict(trace.markers).get(until, len(trace.events)) if until else len(trace.events)
-    malloc, free = allocator.malloc, allocator.free
+    malloc, free, live = allocator.malloc, allocator.free, allocator._live
+    cross = trace.cross_stream if gpu_bound else frozenset()
+    syncs = sorted(trace.sync_points)
+    next_sync, done_upto = 0, 0
+    pending: list[tuple[int, int]] = []  # (event index of the free, handle)
+
+    def release(upto: int) -> None:
+        keep = []
+        for freed_at, handle in pending:
+            if freed_at < upto:
+                block = live.get(handle)
+                if block is not None:  # free() counts it out again
+                    allocator.allocated_bytes += block.size
+                    allocator.requested_bytes += block.requested
+                free(handle)
+            else:
+                keep.append((freed_at, handle))
+        pending[:] = keep
+
     for index in range(stop):
         op, handle, nbytes = trace.events[index]
         if op == ALLOC:
+            if pending:
+                while next_sync < len(syncs) and syncs[next_sync][0] <= index:
+                    done_upto = max(done_upto, syncs[next_sync][1])
+                    next_sync += 1
+                release(done_upto)
             if not malloc(handle, nbytes, trace.streams[index]):
                 return allocator.result(oom_event_index=index, oom_request_bytes=nbytes)
         elif op == FREE:
-            free(handle)
+            if handle in cross:
+                block = live.get(handle)
+                if block is not None:
+                    allocator.allocated_bytes -= block.size
+                    allocator.requested_bytes -= block.requested
+                pending.append((index, handle))
+            else:
+                free(handle)
         elif op == EMPTY_CACHE:
+            release(index + 1)  # synchronize_and_free_events
             allocator.empty_cache()
     return allocator.result()

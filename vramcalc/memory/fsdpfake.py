@@ -22,7 +22,9 @@ places where a CPU run would do something else than the CUDA run:
   (``_catch_all_reshard``, ``_same_storage``); a fake storage gets a pointer unique
   to it (0 once freed, as CUDA's);
 * CPU offload, where FSDP1 tells host from device by ``tensor.device``: ``pin_memory``
-  (host copies), the shard moved to the host at the handle's init
+  (host copies), ``init_flat_param_attributes`` (pinned shard and gradient on the host,
+  low-precision shard and all-gather buffers on the device), the shard moved to the host
+  at the handle's init
   (``_init_param_handle_from_params``, ``FlatParamHandle.flat_param_to``), the H2D
   copy of the shard in ``pre_unshard`` (a device copy here, when the recorder has the
   shard on the host) and inside ``_use_low_precision_shard``.
@@ -143,6 +145,44 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
             ret = True
         return ret
 
+    def init_flat_param_attributes(self: Any) -> None:
+        # FlatParamHandle.init_flat_param_attributes with each new tensor on its side: with
+        # CPU offload the pinned shard and gradient on the host, the low-precision shard and
+        # the all-gather destinations on the device (all made from the CPU shard here)
+        flat_param = self.flat_param
+        if flat_param.dtype != self._orig_param_dtype:
+            if not self._low_prec_param_dtype_specified:
+                self._fwd_bwd_param_dtype = flat_param.dtype
+            if not self._low_prec_reduce_dtype_specified and not self._low_prec_param_dtype_specified:
+                self._reduce_dtype = flat_param.dtype
+            self._orig_param_dtype = flat_param.dtype
+        flat_param._local_shard = flat_param.data
+        if self._offload_params:
+            with recorder.scope("host"):
+                flat_param._local_shard = flat_param._local_shard.detach().clone()  # pin_memory
+                flat_param._cpu_grad = torch.zeros_like(flat_param._local_shard)
+        with recorder.scope("device"):
+            if self._uses_param_mixed_precision:
+                flat_param._mp_shard = torch.empty_like(
+                    flat_param._local_shard, dtype=self._fwd_bwd_param_dtype
+                )
+                flat_param_module._free_storage(flat_param._mp_shard)
+            if self.uses_sharded_strategy:
+                unsharded_dtype = (
+                    self._fwd_bwd_param_dtype
+                    if self._uses_param_mixed_precision
+                    else flat_param.dtype
+                )
+                numel = flat_param.numel() * self.world_size
+                flat_param._full_param_padded = torch.empty(numel, dtype=unsharded_dtype)
+                flat_param._padded_unsharded_size = flat_param._full_param_padded.size()
+                flat_param_module._free_storage(flat_param._full_param_padded)
+                if self._uses_param_mixed_precision:
+                    flat_param._full_prec_full_param_padded = torch.empty(
+                        numel, dtype=flat_param.dtype
+                    )
+                    flat_param_module._free_storage(flat_param._full_prec_full_param_padded)
+
     init_handle = init_utils._init_param_handle_from_params
 
     def init_param_handle_from_params(state: Any, params: list, module: Any) -> None:
@@ -168,6 +208,7 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
             (FlatParamHandle, "flat_param_to", flat_param_to),
             (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
             (FlatParamHandle, "pre_unshard", pre_unshard),
+            (FlatParamHandle, "init_flat_param_attributes", init_flat_param_attributes),
             (flat_param_module, "_no_dispatch_record_stream", recorder.record_stream),
             (runtime_utils, "_no_dispatch_record_stream", recorder.record_stream),
             (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),

@@ -130,8 +130,6 @@ def check_world_plan(plan: TrainingPlan) -> None:
         )
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
-    if plan.cpu_offload and plan.strategy != "fsdp":
-        problems.append("cpu_offload is traced for strategy fsdp (FSDP1 CPUOffload) only")
     if problems:
         raise InvalidPlanError(problems)
 

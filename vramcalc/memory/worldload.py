@@ -8,8 +8,11 @@ What the harness's ``build_model`` does on rank 0 (``harness/build.py``), laid o
   adapters too; nothing is on the GPU before FSDP moves each unit there
   (traced, ``memory/fsdpfake.py``). Every storage is host memory here.
 * Otherwise a ``device_map`` load onto the GPU: transformers'
-  ``caching_allocator_warmup`` (one tensor of the loaded size, freed), parameters in
-  checkpoint-key order, k-bit weights staged in the load dtype and quantized
+  ``caching_allocator_warmup`` (one tensor of the loaded size, freed; the weights of
+  the model's tensor-parallel plan counted 1/N once ``torch.distributed`` is up:
+  ``warmup_bytes``), parameters in
+  the order ``convert_and_load_state_dict_in_model`` materializes them (checkpoint keys
+  sorted by ``dot_natural_key``: layer indices numerically), k-bit weights staged in the load dtype and quantized
   (4-bit: packed data, absmax, code; double quantization: uint8 absmax, nested
   absmax, map copy, offset), adapters in fp32, then ``empty_cache`` (Trainer's
   ``accelerator.free_memory()`` at the start of its training loop).
@@ -43,9 +46,17 @@ def _nbytes(tensor: Any) -> int:
 
 
 def _quantize(
-    recorder: WorldRecorder, param: Any, numel: int, plan: TrainingPlan
+    recorder: WorldRecorder, param: Any, numel: int, plan: TrainingPlan, first: bool
 ) -> None:
-    """Allocate one quantized weight (``param``, bound) and its state; staging freed."""
+    """Allocate one quantized weight (``param``, bound) and its state; staging freed.
+
+    bitsandbytes 0.50.2 in the order it allocates (``Params4bit._quantize`` ->
+    ``functional.quantize_4bit`` -> the CUDA ``quantize_4bit`` op: fp32 absmax, then the
+    packed weight; ``get_4bit_type``: a new 16-entry code; with double quantization
+    ``offset = absmax.mean()``, ``quantize_blockwise(absmax - offset, 256)``: the
+    difference (a temporary), its fp32 absmax and uint8 output, a copy of the dynamic
+    map (the map itself once per process); int8: ``Int8Params._quantize``).
+    """
     staging = recorder.alloc_bytes(numel * LOAD_ITEMSIZE[plan.dtype])
     if plan.quant == "int8":
         fp16 = recorder.alloc_bytes(2 * numel)
@@ -55,17 +66,51 @@ def _quantize(
         recorder.free_handle(fp16)
     else:
         blocks = -(-numel // NF4_BLOCKSIZE)
+        absmax = recorder.alloc_bytes(4 * blocks)
         packed = _nbytes(param)
         recorder.bind(param, recorder.alloc_bytes(packed), packed)
-        absmax = recorder.alloc_bytes(4 * blocks)
         recorder.alloc_bytes(16 * 4)  # the 4-bit code
         if plan.double_quant:
-            recorder.alloc_bytes(blocks)  # absmax quantized to uint8
+            recorder.alloc_bytes(4)  # offset = absmax.mean()
+            centred = recorder.alloc_bytes(4 * blocks)  # absmax - offset
+            if first:
+                recorder.alloc_bytes(4 * DYNAMIC_MAP_ENTRIES)  # name2qmap["dynamic"]
             recorder.alloc_bytes(4 * -(-blocks // NESTED_BLOCKSIZE))  # second-level absmax
-            recorder.alloc_bytes(4 * DYNAMIC_MAP_ENTRIES)  # dynamic map copy
-            recorder.alloc_bytes(4)  # offset
+            recorder.alloc_bytes(blocks)  # absmax quantized to uint8
+            recorder.alloc_bytes(4 * DYNAMIC_MAP_ENTRIES)  # code.to(copy=True)
+            recorder.free_handle(centred)
             recorder.free_handle(absmax)
     recorder.free_handle(staging)
+
+
+def warmup_bytes(
+    model: Any, base: list[tuple[str, Any]], kbit_numel: dict[int, int], plan: TrainingPlan
+) -> int:
+    """The tensor ``caching_allocator_warmup`` allocates (and frees) before loading.
+
+    transformers' ``get_total_byte_count``: every weight at its loaded size (4-bit: 0.5
+    byte per parameter, int8: 1), and, once ``torch.distributed`` is initialized (every
+    multi-GPU rank), the weights its tensor-parallel plan names (``model.tp_plan``, from
+    ``config.base_model_tp_plan``: attention and MLP projections, the head, on some models
+    the embedding) divided by the world size, even though nothing is tensor parallel;
+    then ``torch.empty(byte_count // 2, dtype=float16)``.
+    """
+    from transformers.distributed.tensor_parallel import _get_parameter_tp_plan
+
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tp_plan = getattr(base_model, "tp_plan", None) or {}
+    load_size = LOAD_ITEMSIZE[plan.dtype]
+    total = 0.0
+    for name, p in base:
+        if id(p) in kbit_numel:
+            count: float = kbit_numel[id(p)] * (1 if plan.quant == "int8" else 0.5)
+        else:
+            count = p.numel() * load_size
+        key = _checkpoint_key(name)
+        if tp_plan and _get_parameter_tp_plan(key, tp_plan, is_weight=True) is not None:
+            count //= plan.num_gpus
+        total += count
+    return int(total // 2) * 2
 
 
 def load_world(
@@ -86,18 +131,16 @@ def load_world(
     }
     base = [(n, p) for n, p in named if "lora_" not in n]
     adapters = [(n, p) for n, p in named if "lora_" in n]
+    from transformers.core_model_loading import dot_natural_key
+
     load_size = LOAD_ITEMSIZE[plan.dtype]
-    warmup = 0
-    for _, p in base:
-        if id(p) in kbit_numel:
-            warmup += int(kbit_numel[id(p)] * (1 if plan.quant == "int8" else 0.5))
-        else:
-            warmup += p.numel() * load_size
-    recorder.free_handle(recorder.alloc_bytes(warmup // 2 * 2))
+    recorder.free_handle(recorder.alloc_bytes(warmup_bytes(model, base, kbit_numel, plan)))
     loaded: list[tuple[Any, int, int]] = []  # (param, handle, bytes as loaded)
-    for _, p in sorted(base, key=lambda item: _checkpoint_key(item[0])):
+    first = True
+    for _, p in sorted(base, key=lambda item: dot_natural_key(_checkpoint_key(item[0]))):
         if id(p) in kbit_numel:
-            _quantize(recorder, p, kbit_numel[id(p)], plan)
+            _quantize(recorder, p, kbit_numel[id(p)], plan, first)
+            first = False
         else:
             size = p.numel() * load_size
             loaded.append((p, recorder.alloc_bytes(size), size))

@@ -186,3 +186,49 @@ def test_nccl_buffers_from_nccls_defaults():
     assert nccl_buffer_bytes(1) == 0
     # 32 channels x 2 connections x (512 KiB LL + 4,915,200 B LL128 + 4 MiB Simple)
     assert nccl_buffer_bytes(8) == 32 * 2 * (524_288 + 4_915_200 + 4_194_304) == 616_562_688
+
+
+def test_load_warmup_counts_tensor_parallel_weights_per_rank():
+    """transformers' caching_allocator_warmup divides the weights of the model's tp plan by the
+    world size once torch.distributed is up (every rank of a multi-GPU run)."""
+    trace = traced(method="qlora", strategy="fsdp", targets=("q_proj",))
+    linear = 4096 + 2048 + 2048 + 4096 + 3 * 8192  # 4-bit: half a byte each, in the tp plan
+    norms = 2 * 64 * BF16
+    embedding = head = 256 * 64 * BF16  # the head is in the plan (colwise_gather_output)
+    warmup = embedding + 2 * (linear // 2 // 2 + norms) + 64 * BF16 + head // 2
+    assert trace.events[0] == (ALLOC, trace.events[0][1], warmup)
+    assert trace.events[1] == (FREE, trace.events[0][1], 0)
+
+
+def test_simulate_world_is_cached_and_composes_the_device_total():
+    from vramcalc.memory.nccl import nccl_buffer_bytes
+    from vramcalc.memory.overhead import load_calibration
+    from vramcalc.memory.worldsim import (
+        cached_world_simulation,
+        simulate_world,
+        world_device_total_bytes,
+    )
+
+    p = plan(method="lora", strategy="fsdp")
+    first = simulate_world(TINY_LLAMA, p)
+    assert set(first.peak_reserved_bytes) == {"default", "expandable"}
+    assert cached_world_simulation(TINY_LLAMA, p) == first
+    assert cached_world_simulation(TINY_LLAMA, p.with_(num_gpus=4)) is None
+    calibration = load_calibration()
+    real = world_device_total_bytes(first, p, calibration)
+    fake = world_device_total_bytes(first, p, calibration, simulated_world=True)
+    assert real["device_total"] - fake["device_total"] == nccl_buffer_bytes(2)
+    assert fake["device_total"] == sum(v for k, v in fake.items() if k != "device_total")
+
+
+def test_compare_groups_and_summaries():
+    from vramcalc.memory.worldcompare import group_of, summarize
+
+    base = {"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "strategy": "fsdp"}
+    assert group_of(base) == "8B QLoRA, FSDP"
+    assert group_of({**base, "cpu_offload": True}) == "FSDP + CPU offload"
+    assert group_of({**base, "strategy": "ddp"}) == "DDP"
+    rows = [{"e": e} for e in (0.01, -0.05, 0.02, 0.0)]
+    s = summarize(rows, "e")
+    assert (s["n"], s["max_abs"], s["worst_under"]) == (4, 0.05, 0.05)
+    assert s["median_abs"] == pytest.approx(0.015)

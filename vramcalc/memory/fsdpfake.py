@@ -27,7 +27,9 @@ places where a CPU run would do something else than the CUDA run:
   at the handle's init
   (``_init_param_handle_from_params``, ``FlatParamHandle.flat_param_to``), the H2D
   copy of the shard in ``pre_unshard`` (a device copy here, when the recorder has the
-  shard on the host) and inside ``_use_low_precision_shard``.
+  shard on the host) and inside ``_use_low_precision_shard``, and
+  ``prepare_gradient_for_backward`` (a CPU gradient is not kept as the sharded
+  gradient to accumulate into).
 
 Sources: torch 2.13 ``torch/distributed/fsdp/_init_utils.py``, ``_flat_param.py``,
 ``_runtime_utils.py``, ``torch/distributed/utils.py`` (the measurements ran torch
@@ -183,6 +185,29 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
                     )
                     flat_param_module._free_storage(flat_param._full_prec_full_param_padded)
 
+    def prepare_gradient_for_backward(self: Any) -> None:
+        # FlatParamHandle.prepare_gradient_for_backward with "the gradient is on the CPU"
+        # (``grad.device != flat_param.device``, ``!= self.device``) told by the recorder:
+        # on a GPU the CPU gradient of an offloaded handle is not kept as ``_saved_grad_shard``
+        flat_param = self.flat_param
+        grad = flat_param.grad
+        if grad is None:
+            return
+        offloaded = recorder.is_host(grad)
+        if grad.size() != flat_param._unpadded_unsharded_size or offloaded != recorder.is_host(
+            flat_param
+        ):
+            if grad.size() == flat_param._local_shard.size():  # previous iteration synced
+                if not offloaded:
+                    flat_param._saved_grad_shard = grad.data
+                    sharded_grad = flat_param._saved_grad_shard
+                else:
+                    sharded_grad = flat_param._cpu_grad
+                local_dtype = flat_param._local_shard.dtype
+                if self._keep_low_precision_grads and sharded_grad.dtype != local_dtype:
+                    sharded_grad.data = sharded_grad.to(local_dtype)
+            flat_param.grad = None
+
     init_handle = init_utils._init_param_handle_from_params
 
     def init_param_handle_from_params(state: Any, params: list, module: Any) -> None:
@@ -209,6 +234,7 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
             (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
             (FlatParamHandle, "pre_unshard", pre_unshard),
             (FlatParamHandle, "init_flat_param_attributes", init_flat_param_attributes),
+            (FlatParamHandle, "prepare_gradient_for_backward", prepare_gradient_for_backward),
             (flat_param_module, "_no_dispatch_record_stream", recorder.record_stream),
             (runtime_utils, "_no_dispatch_record_stream", recorder.record_stream),
             (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),

@@ -26,7 +26,7 @@ from vramcalc.memory.slack import (
 from vramcalc.plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
-WORLD_SIMULATION_VERSION = 1
+WORLD_SIMULATION_VERSION = 2
 
 
 def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:

@@ -155,7 +155,10 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
         if flat_param.dtype != self._orig_param_dtype:
             if not self._low_prec_param_dtype_specified:
                 self._fwd_bwd_param_dtype = flat_param.dtype
-            if not self._low_prec_reduce_dtype_specified and not self._low_prec_param_dtype_specified:
+            if (
+                not self._low_prec_reduce_dtype_specified
+                and not self._low_prec_param_dtype_specified
+            ):
                 self._reduce_dtype = flat_param.dtype
             self._orig_param_dtype = flat_param.dtype
         flat_param._local_shard = flat_param.data

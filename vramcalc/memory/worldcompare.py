@@ -22,7 +22,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RECORDS = Path(__file__).resolve().parents[2] / "data/measurements/h100_world_2026-12-06.jsonl"
+DEFAULT_RECORDS = (
+    Path(__file__).resolve().parents[2] / "data/measurements/h100_world_2026-12-06.jsonl"
+)
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
     "meta-llama/Llama-3.1-8B": "8B",
@@ -35,7 +37,9 @@ SHORT = {
 def group_of(record: dict[str, Any]) -> str:
     """The issue's groups: model and method under FSDP, offload, grad-op, full FSDP, DDP."""
     model = SHORT.get(record["model"], record["model"])
-    method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}.get(record["method"], record["method"])
+    method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}.get(
+        record["method"], record["method"]
+    )
     if record["strategy"] == "ddp":
         return "DDP"
     if record.get("cpu_offload"):
@@ -139,7 +143,8 @@ def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = N
                 s = summarize(part, f"{who}_error_{metric}")
                 cells.append(
                     " / ".join(
-                        f"{100 * s[k]:.2f} %" for k in ("median_abs", "p90_abs", "max_abs", "worst_under")
+                        f"{100 * s[k]:.2f} %"
+                        for k in ("median_abs", "p90_abs", "max_abs", "worst_under")
                     )
                     if s["n"]
                     else "–"
@@ -161,7 +166,13 @@ def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = N
             f"| {r['split'][:3]} | {r['group']} | {SHORT.get(r['model'], r['model'])} | "
             f"{r['num_gpus']} | " + " | ".join(cells) + " |"
         )
-    lines += ["", "## By group (device total, world)", "", "| group | n | errors |", "|---|---|---|"]
+    lines += [
+        "",
+        "## By group (device total, world)",
+        "",
+        "| group | n | errors |",
+        "|---|---|---|",
+    ]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -211,8 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for record in records:
         rows.append(compare_record(record))
-        print(f"{record['case_id']} {rows[-1]['group']}: device total "
-              f"{_pct(rows[-1]['world_error_device_total_bytes'])}", flush=True)
+        print(
+            f"{record['case_id']} {rows[-1]['group']}: device total "
+            f"{_pct(rows[-1]['world_error_device_total_bytes'])}",
+            flush=True,
+        )
     fsdp2 = None
     if args.fsdp2:
         fsdp2 = _fsdp2_peaks([r for r in records if r["strategy"] != "ddp" and r["num_gpus"] == 2])

@@ -26,7 +26,9 @@ from vramcalc.memory.emulation import Emulated4bit
 
 class _DequantizeMatMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]
+    ) -> torch.Tensor:
         ctx.packed, ctx.shape = packed, shape  # bnb: ctx.tensors = (None, B)
         weight = packed.new_empty(shape, dtype=torch.bfloat16)  # dequantize_4bit
         return F.linear(x, weight)

@@ -192,9 +192,8 @@ class WorldRecorder(_Recorder):
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         self.label = func.overloadpacket.__name__
         if self._host and self._scope is None:
-            from torch.utils._pytree import tree_leaves
-
             import torch
+            from torch.utils._pytree import tree_leaves
 
             keys = [
                 t.untyped_storage()._cdata

@@ -67,7 +67,8 @@ def simulate_world(
     import time
 
     from vramcalc.memory.slack import _cache_path
-    from vramcalc.memory.worldtrace import replay, trace_world
+    from vramcalc.memory.worldreplay import replay
+    from vramcalc.memory.worldtrace import trace_world
 
     if use_cache:
         hit = cached_world_simulation(config_dict, plan)

@@ -2,65 +2,75 @@
 
 What is traced
 --------------
-``trace_world`` does for one rank of an N-GPU FSDP / DDP run what
-``memory/steptrace.py`` does for one GPU, and the records of
-``data/measurements/h100_world_*.jsonl`` were measured the same way (rank 0 of an
-N-rank world on torch's fake process group, ``harness/simworld.py``):
+``trace_world`` does for one rank of an N-GPU FSDP / DDP run what ``memory/steptrace.py``
+does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
+were measured the same way: rank 0 of an N-rank world on torch's fake process group
+(``harness/simworld.py``). In order:
 
 1. the model the harness loads (``fakemodel.build_model``: transformers + peft on the
-   meta device, k-bit layers emulated; under FSDP 4-bit weights are stored as the
-   plan's dtype, ``bnb_4bit_quant_storage``, and nothing is upcast), as fake tensors;
-2. loading laid out as events (``load_world``): a ``device_map`` load onto the GPU
-   (DDP, and FSDP with k-bit weights) as ``memory/slack.py`` lays it out, or FSDP's
-   CPU-RAM-efficient loading (rank 0 loads on the CPU: nothing on the GPU yet);
-   k-bit quantization state (absmax, codes) stays on the GPU, unsharded;
+   meta device, k-bit layers emulated), 4-bit weights packed as bitsandbytes stores them
+   (``memory/worldlayers.py``: in the plan's dtype under FSDP, ``bnb_4bit_quant_storage``,
+   and no fp32 upcast), as fake tensors;
+2. loading (``memory/worldload.py``), laid out as rank 0 really does it: FSDP with 16-bit
+   weights loads on the CPU (accelerate's ``cpu_ram_efficient_loading``: nothing on the
+   GPU); otherwise a ``device_map`` load whose ``caching_allocator_warmup`` counts the
+   weights of the model's tensor-parallel plan 1/N once ``torch.distributed`` is up,
+   parameters in transformers' ``dot_natural_key`` order, 4-bit quantization in
+   bitsandbytes' own allocation order; the quantization state stays whole on every GPU;
 3. the wrap, traced: torch's own FSDP1 ``FullyShardedDataParallel`` with accelerate's
-   arguments (``fsdp_kwargs``: transformer-layer auto wrap or peft's, ``use_orig_params``,
-   ``sync_module_states``, bf16 ``MixedPrecision``, ``BACKWARD_PRE`` prefetch,
-   ``limit_all_gathers``, ``CPUOffload``), then accelerate's fp32 upcast of trainable
-   flat parameters; or torch's ``DistributedDataParallel`` with Trainer's arguments and
-   the harness's pass-through comm hook;
-4. HF Trainer's steps on it (autocast forward, backward, FSDP's / torch's gradient
-   clipping, the optimizer, ``model.zero_grad()``).
+   arguments (``fsdp_kwargs``) and accelerate's fp32 upcast of trainable flat
+   parameters; or DDP, whose C++ Reducer cannot run on fake tensors and is re-expressed
+   in Python allocation for allocation (``memory/ddpreducer.py``);
+4. HF Trainer's steps (autocast forward, backward, FSDP's / torch's gradient clipping,
+   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end).
 
-FSDP1 runs its real code on CPU fake tensors (``memory/fsdpfake.py`` patches the few
-places where a CPU run differs from a CUDA one); ``memory/worldrecorder.py`` records
-device allocations with their stream (FSDP1's unshard / pre-unshard / post-backward
-streams), storage resizes (how FSDP frees and re-allocates unsharded flat parameters)
-and keeps host memory (CPU offload, CPU loading) out. The events replay through the
-caching-allocator model per stream (``replay``).
+FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
+places where a CPU run differs from a CUDA one (device handle and streams, storage
+resizes, data pointers, and where FSDP tells host from device by ``tensor.device`` under
+CPU offload). ``memory/worldrecorder.py`` records device allocations with their stream
+(FSDP1's unshard / pre-unshard / post-backward streams), storage resizes (how FSDP frees
+and re-allocates unsharded flat parameters), ``record_stream`` uses and host waits, and
+keeps host memory (CPU loading, offloaded shards, pinned gradients, the optimizer on
+them) out. ``memory/worldreplay.py`` replays the events through the caching-allocator
+model with one pool per stream.
 
-Why FSDP1 and not FSDP2 / ``torch.distributed._tools``
------------------------------------------------------
+Why FSDP1 itself and not FSDP2 / ``torch.distributed._tools``
+-------------------------------------------------------------
 The measured recipe is accelerate's FSDP1 (``fsdp_version: 1``). FSDP2 allocates
-differently: per-parameter DTensor shards instead of one flat parameter per unit,
-all-gather into a flat buffer that is then split and copied into per-parameter
-unsharded tensors, reduce-scatter through a copy-in buffer, no ``use_orig_params``
-views, no rate limiter but explicit prefetch; and its mixed precision keeps no
-``_mp_shard``. ``fsdp2_mem_tracker.FSDPMemTracker`` only hooks FSDP2 (``FSDPParamGroup``),
-so it cannot see FSDP1's buffers; ``MemTracker`` / ``ModTracker`` categorise
-storages per module but do not keep the order of allocations and frees that the
-caching allocator depends on, nor streams or storage resizes. The trace above
-uses their idea (fake tensors + fake collectives, ``fake_collectives`` registers the
-collectives' fake kernels) on the recipe that was measured.
-``memory/worldcompare.py`` runs ``FSDPMemTracker`` on FSDP2 for comparison.
+differently: per-parameter DTensor shards instead of one flat parameter per unit, an
+all-gather into one buffer then copied out per parameter, a copy-in buffer for
+reduce-scatter, no ``use_orig_params`` views, no ``_mp_shard``, no rate limiter. Its
+tracker (``fsdp2_mem_tracker.FSDPMemTracker``) hooks ``FSDPParamGroup`` only, so it
+cannot see FSDP1; ``MemTracker`` / ``ModTracker`` categorise live storages per module
+but keep neither the order of allocations and frees the caching allocator depends on
+nor streams or storage resizes; ``RuntimeEstimator`` is about time. The trace uses their
+machinery where it fits (``FakeTensorMode``, the fake process group,
+``fake_collectives``' fake kernels for c10d ops) on the recipe that was measured;
+``memory/fsdp2check.py`` runs ``FSDPMemTracker`` on an FSDP2 stand-in for comparison.
 
 Modelled by rule, not traced
 ----------------------------
-* NCCL's own buffers (``memory/nccl.py``, from NCCL's documented defaults; no
-  measurement backs them yet: the fake world has none).
-* Pinned host memory of CPU offload is host memory: not on the GPU, not counted.
-* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world here: they stay rule-based
-  (``memory/distributed.py``).
+* NCCL's own buffers (``memory/nccl.py``, from NCCL's defaults; no measurement backs
+  them yet: the fake world has none).
+* DDP's Reducer (re-expressed from ``reducer.cpp``, above).
+* Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
+* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world: they stay rule-based
+  (``memory/distributed.py``); ``check_world_plan`` refuses them.
 
 Not modelled
 ------------
-* Timing: a freed block is reusable as soon as the host frees it. On a GPU, a block
-  FSDP frees after ``record_stream`` returns to its pool only when the GPU has passed
-  that point (the caching allocator's events); FSDP's rate limiter bounds this to two
-  units in flight. ``replay(..., delay_cross_stream=True)`` holds such blocks until
-  the next host wait instead (an upper bound).
-* Other ranks (their uneven last shards), real collectives' overlap.
+* GPU timing: by default a block freed after ``record_stream`` on another stream is
+  reusable at once (the GPU keeps up with the host); ``replay(..., gpu_bound=True)``
+  holds it until a host wait passes it (FSDP's rate limiter, a synchronize).
+* The other ranks (uneven last shards), real collectives' overlap, NVLink SHARP.
+
+Sources: torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
+``_runtime_utils``), ``torch/csrc/distributed/c10d/reducer.cpp``, accelerate 1.16
+``accelerator.py::prepare_model`` and ``FullyShardedDataParallelPlugin`` (1.15's are the
+same for these paths), transformers 5.17 ``trainer.py``, ``modeling_utils.py``
+(``caching_allocator_warmup``), ``core_model_loading.py``, peft 0.21
+``utils/other.py::fsdp_auto_wrap_policy``, bitsandbytes 0.50.2 ``functional.py``,
+``backends/cuda/ops.py``.
 """
 
 from __future__ import annotations
@@ -72,7 +82,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
-from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, AllocatorResult
+from vramcalc.memory.allocator import ALLOC
 from vramcalc.plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
@@ -192,7 +202,9 @@ def fsdp_kwargs(model: Any, plan: TrainingPlan) -> dict[str, Any]:
         else ShardingStrategy.SHARD_GRAD_OP,
         "cpu_offload": CPUOffload(offload_params=plan.cpu_offload),
         "auto_wrap_policy": policy,
-        "mixed_precision": MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype),
+        "mixed_precision": MixedPrecision(
+            param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype
+        ),
         "sync_module_states": True,
         "backward_prefetch": BackwardPrefetch.BACKWARD_PRE,
         "forward_prefetch": False,
@@ -302,45 +314,45 @@ def trace_world(
         gpu_code_paths(),
         cuda_functions(),
         fsdp1_on_fake_device(recorder),
+        recorder.mode,
     ):
-        with recorder.mode:
-            recorder.mark("wrap")
-            if sharded:
-                wrapped = wrap_fsdp(model, plan)
-                wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
-            else:
-                wrapped = wrap_ddp(model, plan)
-                wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-            optimizer = _optimizer(params, plan)
+        recorder.mark("wrap")
+        if sharded:
+            wrapped = wrap_fsdp(model, plan)
+            wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
+        else:
+            wrapped = wrap_ddp(model, plan)
+            wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, plan)
+        wrapped.zero_grad()
+        for step in range(steps):
+            recorder.mark(f"step{step}")
+            for micro in range(plan.grad_accum):
+                last = micro == plan.grad_accum - 1
+                with contextlib.nullcontext() if last else wrapped.no_sync():
+                    ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+                    labels = ids.clone()
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = wrapped(input_ids=ids, labels=labels).loss
+                    del ids, labels
+                    if plan.grad_accum > 1:
+                        loss = loss / plan.grad_accum
+                    recorder.in_backward = True
+                    loss.backward()
+                    recorder.in_backward = False
+                    del loss
+            recorder.mark(f"step{step}_optimizer")
+            with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():
+                if sharded:
+                    wrapped.clip_grad_norm_(1.0)
+                elif params:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                optimizer.step()
             wrapped.zero_grad()
-            for step in range(steps):
-                recorder.mark(f"step{step}")
-                for micro in range(plan.grad_accum):
-                    last = micro == plan.grad_accum - 1
-                    with contextlib.nullcontext() if last else wrapped.no_sync():
-                        ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
-                        labels = ids.clone()
-                        with torch.autocast("cpu", dtype=torch.bfloat16):
-                            loss = wrapped(input_ids=ids, labels=labels).loss
-                        del ids, labels
-                        if plan.grad_accum > 1:
-                            loss = loss / plan.grad_accum
-                        recorder.in_backward = True
-                        loss.backward()
-                        recorder.in_backward = False
-                        del loss
-                recorder.mark(f"step{step}_optimizer")
-                with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():
-                    if sharded:
-                        wrapped.clip_grad_norm_(1.0)
-                    elif params:
-                        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                    optimizer.step()
-                wrapped.zero_grad()
-                recorder.sync()  # the harness synchronizes at every step end (on_step_end)
-            recorder.mark("end")
-            del optimizer, params, wrapped
+            recorder.sync()  # the harness synchronizes at every step end (on_step_end)
+        recorder.mark("end")
+        del optimizer, params, wrapped
     return WorldTrace(
         tuple(recorder.events),
         tuple(recorder.streams),
@@ -348,73 +360,6 @@ def trace_world(
         tuple(recorder.sync_points),
         num_decoder_layers,
         wrapper,
-        tuple(
-            recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events
-        ),
+        tuple(recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events),
         frozenset(recorder.cross_stream),
     )
-
-
-# -- the replay --------------------------------------------------------------------------------
-def replay(
-    trace: WorldTrace,
-    config: AllocatorConfig | None = None,
-    until: str | None = None,
-    gpu_bound: bool = False,
-) -> AllocatorResult:
-    """Replay ``trace`` through the caching-allocator model, each block in its stream's pool
-    (``CachingAllocator.malloc(..., stream)``); ``until`` a marker (default: the end).
-
-    A block freed after ``record_stream`` on another stream is reused, on a GPU, only once
-    that stream has done the work issued before the free (``process_events`` at each
-    ``malloc``). By default the GPU keeps up with the host (the block is free at once);
-    ``gpu_bound`` has the GPU as far behind as the host's waits allow: the block returns
-    to its pool at the first ``malloc`` after a host wait on a point past its free
-    (FSDP's rate limiter, a synchronize). Allocated bytes drop at the free either way.
-    """
-    from vramcalc.memory.allocator import CachingAllocator
-
-    allocator = CachingAllocator(config or AllocatorConfig())
-    stop = dict(trace.markers).get(until, len(trace.events)) if until else len(trace.events)
-    malloc, free, live = allocator.malloc, allocator.free, allocator._live
-    cross = trace.cross_stream if gpu_bound else frozenset()
-    syncs = sorted(trace.sync_points)
-    next_sync, done_upto = 0, 0
-    pending: list[tuple[int, int]] = []  # (event index of the free, handle)
-
-    def release(upto: int) -> None:
-        keep = []
-        for freed_at, handle in pending:
-            if freed_at < upto:
-                block = live.get(handle)
-                if block is not None:  # free() counts it out again
-                    allocator.allocated_bytes += block.size
-                    allocator.requested_bytes += block.requested
-                free(handle)
-            else:
-                keep.append((freed_at, handle))
-        pending[:] = keep
-
-    for index in range(stop):
-        op, handle, nbytes = trace.events[index]
-        if op == ALLOC:
-            if pending:
-                while next_sync < len(syncs) and syncs[next_sync][0] <= index:
-                    done_upto = max(done_upto, syncs[next_sync][1])
-                    next_sync += 1
-                release(done_upto)
-            if not malloc(handle, nbytes, trace.streams[index]):
-                return allocator.result(oom_event_index=index, oom_request_bytes=nbytes)
-        elif op == FREE:
-            if handle in cross:
-                block = live.get(handle)
-                if block is not None:
-                    allocator.allocated_bytes -= block.size
-                    allocator.requested_bytes -= block.requested
-                pending.append((index, handle))
-            else:
-                free(handle)
-        elif op == EMPTY_CACHE:
-            release(index + 1)  # synchronize_and_free_events
-            allocator.empty_cache()
-    return allocator.result()

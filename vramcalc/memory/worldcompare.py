@@ -188,7 +188,9 @@ def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = N
             "## torch's FSDPMemTracker on an FSDP2 stand-in (N = 2 FSDP records)",
             "",
             "Live-tensor peak of `fully_shard` per decoder layer + root (no loading, no caching "
-            "allocator, no cuBLAS workspace); a different wrapper from the measured FSDP1.",
+            "allocator, no cuBLAS workspace); a different wrapper from the measured FSDP1. On "
+            "CPU fake tensors the tracker cannot tell host from device, so with CPU offload it "
+            "counts the offloaded shards, gradients and optimizer states as well.",
             "",
             "| case | group | measured peak allocated | world (FSDP1 trace) | FSDP2 tracker |",
             "|---|---|---|---|---|",

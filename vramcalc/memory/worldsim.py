@@ -1,0 +1,125 @@
+"""A multi-GPU plan's per-GPU peaks, from the world trace, per allocator mode; cached on disk.
+
+``simulate_world`` is ``memory/slack.py::simulate_plan`` for ``num_gpus > 1`` plans that
+``memory/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
+offload, and DDP): it returns the same ``AllocatorSimulation`` (peak allocated, peak
+reserved per allocator mode), so ``estimate_from_inventory(simulation=...)`` takes it as
+it takes a single-GPU one. ``world_device_total_bytes`` composes nvidia-smi's figure as
+the estimator does, with NCCL's buffers by rule (``memory/nccl.py``) unless the plan ran
+in a simulated (fake) world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from vramcalc.memory.allocator import AllocatorConfig
+from vramcalc.memory.nccl import nccl_buffer_bytes
+from vramcalc.memory.slack import (
+    ALLOCATOR_MODES,
+    SIMULATED_STEPS,
+    AllocatorSimulation,
+    simulation_key,
+)
+from vramcalc.plan import TrainingPlan
+
+#: bump when the world trace or its replay changes what a simulation returns
+WORLD_SIMULATION_VERSION = 2
+
+
+def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
+    """The single-GPU key (model, plan, libraries) + the world's fields, hashed."""
+    world = {
+        "single": simulation_key(config_dict, plan),
+        "num_gpus": plan.num_gpus,
+        "strategy": plan.strategy,
+        "cpu_offload": plan.cpu_offload,
+        "v": WORLD_SIMULATION_VERSION,
+    }
+    return "world-" + hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_world_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
+    """The cached world simulation of ``plan``, or None (no torch import)."""
+    from vramcalc.memory.slack import _cache_path
+
+    path = _cache_path(world_simulation_key(config_dict, plan))
+    try:
+        raw = json.loads(path.read_text())
+        return AllocatorSimulation(
+            int(raw["peak_allocated_bytes"]),
+            {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
+            float(raw["trace_seconds"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def simulate_world(
+    config_dict: dict, plan: TrainingPlan, use_cache: bool = True
+) -> AllocatorSimulation:
+    """Trace rank 0 of ``plan``'s world (``worldtrace.trace_world``: loading, the wrap,
+    ``SIMULATED_STEPS`` steps) and replay it under each allocator mode; cached on disk.
+    Raises ``InvalidPlanError`` for plans the world trace does not run (ZeRO, 1 GPU)."""
+    import os
+    import time
+
+    from vramcalc.memory.slack import _cache_path
+    from vramcalc.memory.worldreplay import replay
+    from vramcalc.memory.worldtrace import trace_world
+
+    if use_cache:
+        hit = cached_world_simulation(config_dict, plan)
+        if hit is not None:
+            return hit
+    started = time.perf_counter()
+    trace = trace_world(config_dict, plan, steps=SIMULATED_STEPS)
+    reserved: dict[str, int] = {}
+    allocated = 0
+    for mode in ALLOCATOR_MODES:
+        result = replay(trace, AllocatorConfig(expandable_segments=mode == "expandable"))
+        reserved[mode] = result.peak_reserved_bytes
+        allocated = result.peak_allocated_bytes
+    simulation = AllocatorSimulation(allocated, reserved, time.perf_counter() - started)
+    if use_cache:
+        path = _cache_path(world_simulation_key(config_dict, plan))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "peak_allocated_bytes": simulation.peak_allocated_bytes,
+                        "peak_reserved_bytes": simulation.peak_reserved_bytes,
+                        "trace_seconds": simulation.trace_seconds,
+                    }
+                )
+            )
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs time
+    return simulation
+
+
+def world_device_total_bytes(
+    simulation: AllocatorSimulation,
+    plan: TrainingPlan,
+    calibration: Any,
+    eager_attention: bool = False,
+    simulated_world: bool = False,
+) -> dict[str, int]:
+    """Per-GPU device total as ``estimate_from_inventory`` composes it: peak reserved +
+    CUDA context and kernels + the driver's reserve + NCCL's buffers (by rule; 0 in a
+    simulated world, which has no NCCL communicator). Returns the parts and the total."""
+    from vramcalc.memory.overhead import runtime_bytes
+
+    parts = {
+        "peak_reserved": simulation.peak_reserved_bytes[plan.allocator],
+        "cuda_context": runtime_bytes(plan, eager_attention, calibration),
+        "driver_reserved": calibration.driver_reserved_bytes,
+        "nccl": 0 if simulated_world else nccl_buffer_bytes(plan.num_gpus),
+    }
+    parts["device_total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,365 @@
+"""Per-GPU memory of a multi-GPU plan: rank 0 of the real recipe, traced on fake tensors.
+
+What is traced
+--------------
+``trace_world`` does for one rank of an N-GPU FSDP / DDP run what ``memory/steptrace.py``
+does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
+were measured the same way: rank 0 of an N-rank world on torch's fake process group
+(``harness/simworld.py``). In order:
+
+1. the model the harness loads (``fakemodel.build_model``: transformers + peft on the
+   meta device, k-bit layers emulated), 4-bit weights packed as bitsandbytes stores them
+   (``memory/worldlayers.py``: in the plan's dtype under FSDP, ``bnb_4bit_quant_storage``,
+   and no fp32 upcast), as fake tensors;
+2. loading (``memory/worldload.py``), laid out as rank 0 really does it: FSDP with 16-bit
+   weights loads on the CPU (accelerate's ``cpu_ram_efficient_loading``: nothing on the
+   GPU); otherwise a ``device_map`` load whose ``caching_allocator_warmup`` counts the
+   weights of the model's tensor-parallel plan 1/N once ``torch.distributed`` is up,
+   parameters in transformers' ``dot_natural_key`` order, 4-bit quantization in
+   bitsandbytes' own allocation order; the quantization state stays whole on every GPU;
+3. the wrap, traced: torch's own FSDP1 ``FullyShardedDataParallel`` with accelerate's
+   arguments (``fsdp_kwargs``) and accelerate's fp32 upcast of trainable flat
+   parameters; or DDP, whose C++ Reducer cannot run on fake tensors and is re-expressed
+   in Python allocation for allocation (``memory/ddpreducer.py``);
+4. HF Trainer's steps (autocast forward, backward, FSDP's / torch's gradient clipping,
+   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end).
+
+FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
+places where a CPU run differs from a CUDA one (device handle and streams, storage
+resizes, data pointers, and where FSDP tells host from device by ``tensor.device`` under
+CPU offload). ``memory/worldrecorder.py`` records device allocations with their stream
+(FSDP1's unshard / pre-unshard / post-backward streams), storage resizes (how FSDP frees
+and re-allocates unsharded flat parameters), ``record_stream`` uses and host waits, and
+keeps host memory (CPU loading, offloaded shards, pinned gradients, the optimizer on
+them) out. ``memory/worldreplay.py`` replays the events through the caching-allocator
+model with one pool per stream.
+
+Why FSDP1 itself and not FSDP2 / ``torch.distributed._tools``
+-------------------------------------------------------------
+The measured recipe is accelerate's FSDP1 (``fsdp_version: 1``). FSDP2 allocates
+differently: per-parameter DTensor shards instead of one flat parameter per unit, an
+all-gather into one buffer then copied out per parameter, a copy-in buffer for
+reduce-scatter, no ``use_orig_params`` views, no ``_mp_shard``, no rate limiter. Its
+tracker (``fsdp2_mem_tracker.FSDPMemTracker``) hooks ``FSDPParamGroup`` only, so it
+cannot see FSDP1; ``MemTracker`` / ``ModTracker`` categorise live storages per module
+but keep neither the order of allocations and frees the caching allocator depends on
+nor streams or storage resizes; ``RuntimeEstimator`` is about time. The trace uses their
+machinery where it fits (``FakeTensorMode``, the fake process group,
+``fake_collectives``' fake kernels for c10d ops) on the recipe that was measured;
+``memory/fsdp2check.py`` runs ``FSDPMemTracker`` on an FSDP2 stand-in for comparison.
+
+Modelled by rule, not traced
+----------------------------
+* NCCL's own buffers (``memory/nccl.py``, from NCCL's defaults; no measurement backs
+  them yet: the fake world has none).
+* DDP's Reducer (re-expressed from ``reducer.cpp``, above).
+* Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
+* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world: they stay rule-based
+  (``memory/distributed.py``); ``check_world_plan`` refuses them.
+
+Not modelled
+------------
+* GPU timing: by default a block freed after ``record_stream`` on another stream is
+  reusable at once (the GPU keeps up with the host); ``replay(..., gpu_bound=True)``
+  holds it until a host wait passes it (FSDP's rate limiter, a synchronize).
+* The other ranks (uneven last shards), real collectives' overlap, NVLink SHARP.
+
+Sources: torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
+``_runtime_utils``), ``torch/csrc/distributed/c10d/reducer.cpp``, accelerate 1.16
+``accelerator.py::prepare_model`` and ``FullyShardedDataParallelPlugin`` (1.15's are the
+same for these paths), transformers 5.17 ``trainer.py``, ``modeling_utils.py``
+(``caching_allocator_warmup``), ``core_model_loading.py``, peft 0.21
+``utils/other.py::fsdp_auto_wrap_policy``, bitsandbytes 0.50.2 ``functional.py``,
+``backends/cuda/ops.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vramcalc.errors import InvalidPlanError
+from vramcalc.memory.allocator import ALLOC
+from vramcalc.plan import TrainingPlan
+
+SHARDED = ("fsdp", "fsdp-grad-op")
+WORLD_STRATEGIES = (*SHARDED, "ddp")
+BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
+
+
+@dataclass(frozen=True)
+class WorldTrace:
+    """What rank 0 allocates over loading, the wrap and ``steps`` optimizer steps, in order."""
+
+    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE|EMPTY_CACHE, handle, nbytes)
+    streams: tuple[int, ...]  # per event: the stream its block belongs to
+    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
+    # host waits on the GPU: (events before the wait, events before the point awaited)
+    sync_points: tuple[tuple[int, int], ...]
+    num_layers: int
+    wrapper: str
+    labels: tuple[str, ...] = ()  # per event: what allocated it (aten op, "resize", "load")
+    cross_stream: frozenset[int] = frozenset()  # handles record_stream'ed on another stream
+
+
+def _world(world_size: int) -> Any:
+    """Join torch's fake process group as rank 0 of ``world_size`` (left as it was after)."""
+    import torch.distributed as dist
+    import torch.distributed._tools.fake_collectives  # noqa: F401 - collectives' fake kernels
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() == "fake" and dist.get_world_size() == world_size:
+            return contextlib.nullcontext()
+        raise InvalidPlanError(
+            ["a process group is already initialized: trace a world in a process of its own"]
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    return contextlib.closing(_Destroy())
+
+
+class _Destroy:
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def check_world_plan(plan: TrainingPlan) -> None:
+    """``InvalidPlanError`` for a plan the fake world cannot trace."""
+    problems = []
+    if plan.num_gpus < 2:
+        problems.append("num_gpus: a world needs 2 or more GPUs")
+    if plan.strategy not in WORLD_STRATEGIES:
+        problems.append(
+            f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)} "
+            "(ZeRO stays rule-based, memory/distributed.py)"
+        )
+    if plan.strategy in SHARDED and plan.quant == "int8":
+        problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
+    if problems:
+        raise InvalidPlanError(problems)
+
+
+# -- the model ---------------------------------------------------------------------------------
+def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None):  # type: ignore[no-untyped-def]
+    """The harness's model on the meta device, 4-bit weights packed as bitsandbytes stores
+    them (``(numel + 1) // (2 * itemsize)`` rows of 1): in the plan's dtype under FSDP
+    (``bnb_4bit_quant_storage``), uint8 otherwise."""
+    import torch
+
+    from vramcalc.memory.fakemodel import build_model
+    from vramcalc.memory.worldlayers import pack_4bit
+
+    model = build_model(config_dict, plan, num_layers)
+    if plan.is_kbit and plan.quant != "int8":
+        if plan.strategy in SHARDED:  # bnb_4bit_quant_storage = the plan's dtype
+            storage = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+        else:
+            storage = torch.uint8
+        pack_4bit(model, storage)
+    return model
+
+
+# -- the wrappers ------------------------------------------------------------------------------
+def layer_classes(model: Any) -> set[type]:
+    """The decoder layer classes to wrap: the model's ``_no_split_modules`` that it has
+    (accelerate ``set_auto_wrap_policy``; peft ``fsdp_auto_wrap_policy``)."""
+    names: list[str] = []
+    for module in model.modules():
+        names.extend(getattr(module, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in set(names)}
+
+
+def fsdp_kwargs(model: Any, plan: TrainingPlan) -> dict[str, Any]:
+    """``FullyShardedDataParallel`` arguments as accelerate 1.15 builds them from the
+    harness's config (``harness/distributed.py``: FULL_SHARD / SHARD_GRAD_OP, transformer
+    layer wrap, use_orig_params, cpu_ram_efficient_loading + sync_module_states,
+    BACKWARD_PRE, no forward prefetch) and transformers' Trainer (peft's wrap policy;
+    QLoRA: mixed precision in the quant storage dtype)."""
+    import torch
+    from torch.distributed.fsdp import (
+        BackwardPrefetch,
+        CPUOffload,
+        MixedPrecision,
+        ShardingStrategy,
+    )
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plan.uses_adapters:
+        policy = _peft_policy(model)
+    else:
+        policy = functools.partial(
+            transformer_auto_wrap_policy, transformer_layer_cls=layer_classes(model)
+        )
+    dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+    return {
+        "sharding_strategy": ShardingStrategy.FULL_SHARD
+        if plan.strategy == "fsdp"
+        else ShardingStrategy.SHARD_GRAD_OP,
+        "cpu_offload": CPUOffload(offload_params=plan.cpu_offload),
+        "auto_wrap_policy": policy,
+        "mixed_precision": MixedPrecision(
+            param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype
+        ),
+        "sync_module_states": True,
+        "backward_prefetch": BackwardPrefetch.BACKWARD_PRE,
+        "forward_prefetch": False,
+        "use_orig_params": True,
+        "limit_all_gathers": True,
+        "device_id": torch.device("cpu"),  # the fake device (memory/fsdpfake.py)
+    }
+
+
+def _peft_policy(model: Any) -> Any:
+    import os
+
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    names = ",".join(sorted(c.__name__ for c in layer_classes(model)))
+    previous = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = names  # what accelerate's launch env sets
+    try:
+        return fsdp_auto_wrap_policy(model)
+    finally:
+        if previous is None:
+            os.environ.pop("FSDP_TRANSFORMER_CLS_TO_WRAP", None)
+        else:
+            os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = previous
+
+
+def wrap_fsdp(model: Any, plan: TrainingPlan) -> Any:
+    """FSDP1 as accelerate's ``prepare_model``: wrap, then upcast every trainable flat
+    parameter that is not fp32 (mixed precision on: "follow DeepSpeed's strategy")."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = FSDP(model, **fsdp_kwargs(model, plan))
+    for module in FSDP.fsdp_modules(wrapped):
+        if not module._has_params:
+            continue
+        param = module._flat_param
+        if param.dtype != torch.float32 and param.requires_grad:
+            param.data = param.data.to(torch.float32)
+            module._handle._orig_param_dtype = torch.float32
+    return wrapped
+
+
+def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
+    """DDP as accelerate builds it from Trainer's kwargs handler (``find_unused_parameters``
+    unless a ``PreTrainedModel`` with checkpointing; 25 MB buckets; gradients not bucket
+    views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``)."""
+    from transformers import PreTrainedModel
+
+    from vramcalc.memory.ddpreducer import DDPLike
+
+    find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
+    return DDPLike(model, find_unused_parameters=find_unused, bucket_cap_mb=BUCKET_CAP_MB)
+
+
+# -- the trace ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import logging
+    import warnings
+
+    level = logging.getLogger("torch.distributed").level
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.distributed").setLevel(level)
+
+
+def trace_world(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int = 3,
+    num_layers: int | None = None,
+) -> WorldTrace:
+    """Rank 0's allocations over loading, the wrap and ``steps`` Trainer steps of ``plan``."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
+    from vramcalc.memory.fakemodel import to_fake
+    from vramcalc.memory.fsdpfake import fsdp1_on_fake_device
+    from vramcalc.memory.steptrace import _optimizer, decoder_layers
+    from vramcalc.memory.worldload import load_world
+    from vramcalc.memory.worldrecorder import WorldRecorder
+
+    check_world_plan(plan)
+    sharded = plan.strategy in SHARDED
+    with _quiet():
+        model = build_world_model(config_dict, plan, num_layers)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    named = to_fake(model, mode)
+    config = model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
+    recorder = WorldRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    vocab = int(config.vocab_size)
+    num_decoder_layers = len(decoder_layers(model))
+    recorder.mark("load")
+    load_world(recorder, model, named, plan)
+    with (
+        _world(plan.num_gpus),
+        mode,
+        _quiet(),
+        gpu_code_paths(),
+        cuda_functions(),
+        fsdp1_on_fake_device(recorder),
+        recorder.mode,
+    ):
+        recorder.mark("wrap")
+        if sharded:
+            wrapped = wrap_fsdp(model, plan)
+            wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
+        else:
+            wrapped = wrap_ddp(model, plan)
+            wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, plan)
+        wrapped.zero_grad()
+        for step in range(steps):
+            recorder.mark(f"step{step}")
+            for micro in range(plan.grad_accum):
+                last = micro == plan.grad_accum - 1
+                with contextlib.nullcontext() if last else wrapped.no_sync():
+                    ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+                    labels = ids.clone()
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = wrapped(input_ids=ids, labels=labels).loss
+                    del ids, labels
+                    if plan.grad_accum > 1:
+                        loss = loss / plan.grad_accum
+                    recorder.in_backward = True
+                    loss.backward()
+                    recorder.in_backward = False
+                    del loss
+            recorder.mark(f"step{step}_optimizer")
+            with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():
+                if sharded:
+                    wrapped.clip_grad_norm_(1.0)
+                elif params:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                optimizer.step()
+            wrapped.zero_grad()
+            recorder.sync()  # the harness synchronizes at every step end (on_step_end)
+        recorder.mark("end")
+        del optimizer, params, wrapped
+    return WorldTrace(
+        tuple(recorder.events),
+        tuple(recorder.streams),
+        tuple(recorder.markers),
+        tuple(recorder.sync_points),
+        num_decoder_layers,
+        wrapper,
+        tuple(recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events),
+        frozenset(recorder.cross_stream),
+    )

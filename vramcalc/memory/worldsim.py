@@ -23,7 +23,7 @@ from vramcalc.memory.slack import (
     AllocatorSimulation,
     simulation_key,
 )
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
 WORLD_SIMULATION_VERSION = 2
@@ -68,7 +68,7 @@ def simulate_world(
 
     from vramcalc.memory.slack import _cache_path
     from vramcalc.memory.worldreplay import replay
-    from vramcalc.memory.worldtrace import trace_world
+    from vramcalc.trace.worldtrace import trace_world
 
     if use_cache:
         hit = cached_world_simulation(config_dict, plan)

@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from vramcalc.memory.allocator import EMPTY_CACHE
-from vramcalc.memory.steptrace import _Recorder
-from vramcalc.plan import TrainingPlan
+from vramcalc.trace.steptrace import _Recorder
+from vramcalc.training_plan import TrainingPlan
 
 DEFAULT_STREAM = 0
 

@@ -83,7 +83,7 @@ from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
 WORLD_STRATEGIES = (*SHARDED, "ddp")
@@ -151,8 +151,8 @@ def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layer
     (``bnb_4bit_quant_storage``), uint8 otherwise."""
     import torch
 
-    from vramcalc.memory.fakemodel import build_model
-    from vramcalc.memory.worldlayers import pack_4bit
+    from vramcalc.trace.fakemodel import build_model
+    from vramcalc.trace.worldlayers import pack_4bit
 
     model = build_model(config_dict, plan, num_layers)
     if plan.is_kbit and plan.quant != "int8":
@@ -254,7 +254,7 @@ def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
     views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``)."""
     from transformers import PreTrainedModel
 
-    from vramcalc.memory.ddpreducer import DDPLike
+    from vramcalc.trace.ddpreducer import DDPLike
 
     find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
     return DDPLike(model, find_unused_parameters=find_unused, bucket_cap_mb=BUCKET_CAP_MB)
@@ -286,12 +286,12 @@ def trace_world(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
-    from vramcalc.memory.fakemodel import to_fake
-    from vramcalc.memory.fsdpfake import fsdp1_on_fake_device
-    from vramcalc.memory.steptrace import _optimizer, decoder_layers
-    from vramcalc.memory.worldload import load_world
-    from vramcalc.memory.worldrecorder import WorldRecorder
+    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
+    from vramcalc.trace.fakemodel import to_fake
+    from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
+    from vramcalc.trace.steptrace import _optimizer, decoder_layers
+    from vramcalc.trace.worldload import load_world
+    from vramcalc.trace.worldrecorder import WorldRecorder
 
     check_world_plan(plan)
     sharded = plan.strategy in SHARDED

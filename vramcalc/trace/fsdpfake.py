@@ -42,7 +42,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from vramcalc.memory.worldrecorder import FakeDeviceHandle, WorldRecorder
+from vramcalc.trace.worldrecorder import FakeDeviceHandle, WorldRecorder
 
 _POINTER_STRIDE = 1 << 40  # fake data pointers: storage key * stride + byte offset
 

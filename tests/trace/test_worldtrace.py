@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import TINY_LLAMA
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC, FREE, AllocatorConfig
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 LAYER, ROOT = 36_992, 32_832
 SHARDS = LAYER // 2 * 2 + ROOT // 2  # rank 0's elements of the 3 units (2 layers + root)
@@ -33,7 +33,7 @@ def plan(**fields) -> TrainingPlan:  # type: ignore[no-untyped-def]
 
 @functools.cache
 def traced(**fields):  # type: ignore[no-untyped-def]
-    from vramcalc.memory.worldtrace import trace_world
+    from vramcalc.trace.worldtrace import trace_world
 
     return trace_world(TINY_LLAMA, plan(**fields))
 
@@ -107,7 +107,7 @@ def test_ddp_buckets_are_a_second_copy_of_the_gradients_rebuilt_once():
 
 
 def test_qlora_fsdp_shards_the_packed_weights_and_keeps_the_quant_state():
-    from vramcalc.memory.worldload import loads_on_gpu
+    from vramcalc.trace.worldload import loads_on_gpu
 
     p = plan(method="qlora", strategy="fsdp", targets=("q_proj",))
     assert loads_on_gpu(p)
@@ -125,7 +125,7 @@ def test_qlora_fsdp_shards_the_packed_weights_and_keeps_the_quant_state():
 
 def test_replay_gpu_bound_holds_cross_stream_blocks_until_a_host_wait():
     from vramcalc.memory.worldreplay import replay
-    from vramcalc.memory.worldtrace import WorldTrace
+    from vramcalc.trace.worldtrace import WorldTrace
 
     mib = 1 << 20
     events = ((ALLOC, 1, 64 * mib), (FREE, 1, 0), (ALLOC, 2, 64 * mib), (FREE, 2, 0))
@@ -158,7 +158,7 @@ def test_world_peaks_replay_under_both_allocator_modes():
     ],
 )
 def test_plans_the_world_cannot_trace_are_refused(fields, problem):
-    from vramcalc.memory.worldtrace import check_world_plan
+    from vramcalc.trace.worldtrace import check_world_plan
 
     with pytest.raises(InvalidPlanError, match=problem):
         check_world_plan(plan(**fields))
@@ -169,7 +169,7 @@ def test_fsdp_arguments_are_the_harness_accelerate_config():
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
 
     from harness.distributed import FSDP_SHARDING
-    from vramcalc.memory.worldtrace import build_world_model, fsdp_kwargs
+    from vramcalc.trace.worldtrace import build_world_model, fsdp_kwargs
 
     for strategy, offload in (("fsdp", False), ("fsdp-grad-op", False), ("fsdp", True)):
         p = plan(method="full", strategy=strategy, cpu_offload=offload)
@@ -223,7 +223,7 @@ def test_simulate_world_is_cached_and_composes_the_device_total():
 
 
 def test_compare_groups_and_summaries():
-    from vramcalc.memory.worldcompare import group_of, summarize
+    from vramcalc.worldcompare import group_of, summarize
 
     base = {"model": "meta-llama/Llama-3.1-8B", "method": "qlora", "strategy": "fsdp"}
     assert group_of(base) == "8B QLoRA, FSDP"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ def fsdp2_tracker_peak(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
 
-    from vramcalc.memory.emulation import cuda_functions, gpu_code_paths
-    from vramcalc.memory.fakemodel import to_fake
-    from vramcalc.memory.worldtrace import _quiet, _world, build_world_model, check_world_plan
+    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
+    from vramcalc.trace.fakemodel import to_fake
+    from vramcalc.trace.worldtrace import _quiet, _world, build_world_model, check_world_plan
 
     check_world_plan(plan)
     with _quiet():
@@ -52,7 +52,7 @@ def _track(model: Any, plan: TrainingPlan, mesh: Any, vocab: int) -> TrackerPeak
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    from vramcalc.memory.steptrace import _optimizer, decoder_layers
+    from vramcalc.trace.steptrace import _optimizer, decoder_layers
 
     dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
     kwargs: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Simulated-world records against the world trace and today's rules: ``python -m vramcalc.memory.worldcompare``.
+"""Simulated-world records against the world trace and today's rules: ``python -m vramcalc.worldcompare``.
 
 For every ok record of a simulated world (``simulated_world_size``; by default
 ``data/measurements/h100_world_2026-12-06.jsonl``): the measured peak allocated, peak
@@ -55,11 +55,11 @@ def compare_record(record: dict[str, Any]) -> dict[str, Any]:
     """One record: measured, rules (today's estimator) and world trace figures."""
     from vramcalc.catalog import resolve_model
     from vramcalc.estimate import prepare
+    from vramcalc.measurements import plan_of
     from vramcalc.memory.layers import NO_SDPA
     from vramcalc.memory.nccl import nccl_buffer_bytes
     from vramcalc.memory.overhead import load_calibration
     from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
-    from vramcalc.report import plan_of
 
     plan = plan_of(record)
     spec = resolve_model(plan.model)
@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fsdp2_peaks(records: list[dict[str, Any]]) -> dict[str, Any]:
     from vramcalc.catalog import resolve_model
-    from vramcalc.memory.fsdp2check import fsdp2_tracker_peak
-    from vramcalc.report import plan_of
+    from vramcalc.measurements import plan_of
+    from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
     peaks: dict[str, Any] = {}
     for record in records:

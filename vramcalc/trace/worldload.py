@@ -30,8 +30,8 @@ from typing import Any
 
 from vramcalc.memory.slack import LOAD_ITEMSIZE, _checkpoint_key
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
-from vramcalc.memory.worldrecorder import WorldRecorder
-from vramcalc.plan import TrainingPlan
+from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
 
@@ -117,7 +117,7 @@ def load_world(
     recorder: WorldRecorder, model: Any, named: list[tuple[str, Any]], plan: TrainingPlan
 ) -> None:
     """Rank 0's loading, k-bit preparation and adapters on ``recorder`` (module docstring)."""
-    from vramcalc.memory.emulation import Emulated4bit, Emulated8bit
+    from vramcalc.trace.emulation import Emulated4bit, Emulated8bit
 
     if not loads_on_gpu(plan):
         recorder.on_host([p for _, p in named])

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vramcalc.memory.emulation import Emulated4bit
+from vramcalc.trace.emulation import Emulated4bit
 
 
 class _DequantizeMatMul(torch.autograd.Function):

@@ -50,6 +50,11 @@ class ReportRow:
     estimate_error: str | None = None
 
     @property
+    def allocator(self) -> str:
+        """The caching allocator's setting the record ran under (``default`` unless stated)."""
+        return str(self.record.get("allocator") or "default")
+
+    @property
     def split(self) -> str:
         """The record's split; multi-GPU records (simulated worlds, real N-GPU runs) form
         their own groups (``multi-gpu/validation``...), apart from the single-GPU figures."""
@@ -66,11 +71,6 @@ class Report:
     @property
     def ok_rows(self) -> list[ReportRow]:
         return [r for r in self.rows if r.record.get("status") == "ok" and r.errors]
-
-
-def _abs_error_desc(metric: str, row: ReportRow) -> float:
-    """Sort key: the largest |error| of ``metric`` first."""
-    return -abs(row.errors.get(metric, 0.0))
 
 
 def build_report(
@@ -160,10 +160,6 @@ def summarize(rows: list[ReportRow], metric: str) -> dict[str, float]:
     }
 
 
-def _allocator(row: ReportRow) -> str:
-    return str(row.record.get("allocator") or "default")
-
-
 def summary_figures(report: Report) -> dict[str, float]:
     """Every figure the report states, by a stable name: ``SPLIT/METRIC/STAT`` over both
     allocators, ``SPLIT[ALLOCATOR]/METRIC/STAT`` per allocator, ``SPLIT/METRIC/n``, and
@@ -172,10 +168,8 @@ def summary_figures(report: Report) -> dict[str, float]:
     good = report.ok_rows
     for split in sorted({r.split for r in good}):
         groups = {split: [r for r in good if r.split == split]}
-        for allocator in sorted({_allocator(r) for r in groups[split]}):
-            groups[f"{split}[{allocator}]"] = [
-                r for r in groups[split] if _allocator(r) == allocator
-            ]
+        for allocator in sorted({r.allocator for r in groups[split]}):
+            groups[f"{split}[{allocator}]"] = [r for r in groups[split] if r.allocator == allocator]
         for name, rows in groups.items():
             for metric in METRICS:
                 stats = summarize(rows, metric)

@@ -44,6 +44,16 @@ STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
 # "default" (no setting) or "expandable" (expandable_segments:True)
 ALLOCATORS = ("default", "expandable")
 ALL_LINEAR = "all-linear"
+# the fields only --method adalora reads (peft AdaLoraConfig; TrainingPlan's last fields)
+ADALORA_FIELDS = (
+    "init_rank",
+    "target_rank",
+    "tinit",
+    "tfinal",
+    "delta_t",
+    "total_step",
+    "orth_reg_weight",
+)
 
 
 def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -69,7 +79,7 @@ def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str
     return " Did you mean " + ", ".join(repr(c) for c in found) + "?"
 
 
-def _choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
+def choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
     if value in choices:
         return None
     return f"{flag} {value!r} is not one of {', '.join(choices)}." + suggest(value, choices)
@@ -129,12 +139,12 @@ class TrainingPlan:
             ("--strategy", self.strategy, STRATEGIES),
             ("--allocator", self.allocator, ALLOCATORS),
         ):
-            problem = _choice_problem(flag, value, choices)
+            problem = choice_problem(flag, value, choices)
             if problem:
                 problems.append(problem)
         quant = self.quant
         if quant is not None:
-            problem = _choice_problem("--quant", quant, QUANTS)
+            problem = choice_problem("--quant", quant, QUANTS)
             if problem:
                 problems.append(problem)
                 quant = None

@@ -205,7 +205,7 @@ def lora_target_modules(plan: TrainingPlan, model_type: str) -> list[str] | str:
     Like the estimator (``vramcalc.inventory``), an architecture without a peft
     default gets all-linear instead of an error.
     """
-    from vramcalc.inventory import default_target_modules
+    from vramcalc.adapters import default_target_modules
 
     if plan.targets is None:
         return default_target_modules(model_type, plan.method)
@@ -240,7 +240,7 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
         from peft import get_peft_model
         from peft.tuners.lora import LoraLayer  # AdaLoRA's SVD layers are LoraLayers too
 
-        from vramcalc.inventory import adapter_config
+        from vramcalc.adapters import adapter_config
 
         # LoraConfig, or AdaLoraConfig for method adalora (the step then calls
         # update_and_allocate, harness.step.rank_allocation)

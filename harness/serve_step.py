@@ -68,7 +68,7 @@ def lora_config(adapter: AdapterSpec, model_type: str) -> Any:
     """peft ``LoraConfig`` of one adapter, with random A and B (merging changes weights)."""
     from peft import LoraConfig
 
-    from vramcalc.inventory import default_target_modules
+    from vramcalc.adapters import default_target_modules
     from vramcalc.training_plan import ALL_LINEAR
 
     targets: Any

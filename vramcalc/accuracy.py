@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import VramcalcError
+from vramcalc.estimate import prepare
 from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, Gate, is_multi_gpu, plan_of
+from vramcalc.speed.throughput_fit import compare_records
 from vramcalc.training_plan import PLAN_FIELDS
 
 METRICS = ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
@@ -85,8 +87,6 @@ def build_report(
     allocator for every single-GPU plan; cached after the first run). ``progress`` is
     called once per record (a progress bar's ``update``).
     """
-    from vramcalc.estimate import prepare
-
     rows = []
     for record in records:
         if record.get("kind") == "serve":  # not a training plan: left out, with the reason
@@ -114,8 +114,6 @@ def build_report(
                 if measured:
                     errors[metric] = (est[metric] - measured) / measured
         rows.append(ReportRow(record, est, errors))
-    from vramcalc.speed.throughput_fit import compare_records
-
     return Report(tuple(rows), tuple(sources or ()), throughput=tuple(compare_records(records)))
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
+from vramcalc.inventory import library_versions
 from vramcalc.trace.oprecorder import (
     OpEvent,
     Vector,
@@ -198,8 +199,6 @@ def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
 
 def profile_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     """Everything that changes a profile: the config, the recipe (not its sizes), versions."""
-    from vramcalc.inventory import library_versions
-
     recipe = _recipe(plan).to_dict()
     recipe.pop("model", None)
     payload = {

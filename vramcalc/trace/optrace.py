@@ -19,8 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.catalog import config_from_dict
 from vramcalc.errors import VramcalcError
+from vramcalc.memory.optimizer import bnb_state_tensors
+from vramcalc.trace.fakemodel import _MLP_OUTPUT, build_model, to_fake
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
+from vramcalc.trace.steptrace import decoder_layers
 from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
@@ -45,8 +49,6 @@ def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     """Forward hooks on each decoder layer: set the recorder's layer (and the recompute phase
     when a layer runs again inside backward); the autograd nodes each layer's forward made,
     for backward prehooks (``_hook_backward``)."""
-    from vramcalc.trace.steptrace import decoder_layers
-
     nodes: dict[Any, int] = {}
     stack: list[tuple[int, str]] = []
 
@@ -112,8 +114,7 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 def _outlier_probability(config: Any, name: str) -> float:
     """P(|x| >= 6) for one input element of an int8 linear at random init: MLP output
     projections only (``memory.fakemodel._outlier_columns`` gives the same columns)."""
-    from vramcalc.trace.emulation import int8_outlier_probability
-    from vramcalc.trace.fakemodel import _MLP_OUTPUT
+    from vramcalc.trace.emulation import int8_outlier_probability  # imports torch
 
     parts = name.split(".")
     leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
@@ -156,8 +157,6 @@ def _bnb_params(
 ) -> tuple[BnbOptimizerParam, ...]:
     """(tensor, layer, embedding) -> what a bitsandbytes optimizer moves per element: its
     states read and written, the parameter read and written, the gradient read."""
-    from vramcalc.memory.optimizer import bnb_state_tensors
-
     out = []
     for p, layer, embedding in params:
         n = int(p.numel())
@@ -195,10 +194,7 @@ def trace_events(
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.catalog import config_from_dict
-    from vramcalc.trace import emulation, kbit_ops
-    from vramcalc.trace.fakemodel import build_model, to_fake
-    from vramcalc.trace.steptrace import decoder_layers
+    from vramcalc.trace import emulation, kbit_ops  # they import torch
 
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -6,6 +6,15 @@
    Reused when present; other checkpoints are evicted (least recently used
    first) when the disk is short. The launcher runs this in its own process
    so that initializing the weights never shows in a case's memory figures.
+   With ``sparse_when_short`` (``vramcalc measure --sparse-checkpoints``) a model
+   whose checkpoint cannot fit the scratch disk even after eviction (a 70B model
+   is ~140 GB in bf16) gets a *sparse all-zero* checkpoint instead
+   (``write_sparse_checkpoint``): the same safetensors files, names, shapes and
+   dtypes that ``save_pretrained`` writes, but every tensor's bytes are a hole
+   in the file, which reads back as zeros and takes no disk. Loading it is the
+   normal ``from_pretrained`` path (the same reads, the same quantization, the
+   same bytes on the GPU); only the weight values differ (zeros, not random),
+   and records say so (``checkpoint_weights``: ``zeros``, else ``random``).
 2. ``build_model``: ``from_pretrained`` with the plan's dtype, attention kernel
    and, for int8/nf4/fp4, a ``BitsAndBytesConfig``; k-bit models go through
    ``prepare_model_for_kbit_training``; LoRA plans get peft adapters; full
@@ -96,13 +105,27 @@ def touch_checkpoint(path: Path) -> None:
         os.utime(marker)
 
 
+def checkpoint_weights(path: str | Path) -> str:
+    """What the checkpoint's weights are: ``random`` (random init) or ``zeros`` (sparse)."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return "random"
+    return str(marker.get("weights", "random"))
+
+
 def prepare_checkpoint(
-    plan: TrainingPlan | ServePlan, scratch_dir: str | Path, device: str
+    plan: TrainingPlan | ServePlan,
+    scratch_dir: str | Path,
+    device: str,
+    sparse_when_short: bool = False,
 ) -> Path:
     """Create (or reuse) the random-init checkpoint; returns its directory.
 
     Weights are initialized on ``device`` (fast on a GPU); an OOM there falls
-    back to the CPU.
+    back to the CPU. With ``sparse_when_short``, a checkpoint that cannot fit
+    the disk even after evicting every other one is written sparse, all zeros
+    (``write_sparse_checkpoint``).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,6 +138,11 @@ def prepare_checkpoint(
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # a pre-quantized hub config: we quantize ourselves
     dtype = torch_dtype(plan.dtype)
+    if sparse_when_short:
+        checkpoints = Path(scratch_dir) / "checkpoints"
+        need = _meta_state_bytes(config, dtype)
+        if disk_bytes_available(checkpoints, keep=target) < need + DISK_MARGIN_BYTES:
+            return write_sparse_checkpoint(plan, config, dtype, target)
     torch.manual_seed(INIT_SEED)
     try:
         with torch.device(device):
@@ -140,12 +168,123 @@ def prepare_checkpoint(
     return target
 
 
+def _evictable(checkpoints: Path, keep: Path) -> list[Path]:
+    return [m.parent for m in checkpoints.glob(f"*/*/{MARKER}") if m.parent != keep]
+
+
+def disk_bytes_available(checkpoints: Path, keep: Path) -> int:
+    """Free bytes under ``checkpoints`` once every other checkpoint is evicted."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    held = sum(
+        f.stat().st_blocks * 512 for d in _evictable(checkpoints, keep) for f in d.rglob("*")
+    )
+    return shutil.disk_usage(checkpoints).free + held
+
+
+# -- the sparse all-zero checkpoint (models too large for the scratch disk) ---------------------
+SAFETENSORS_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+SPARSE_SHARD_BYTES = 10 << 30
+
+
+def _meta_model(config: Any, dtype: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def saved_tensors(model: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor ``save_pretrained`` writes: parameters (a tied one once)
+    and persistent buffers."""
+    out = [(n, tuple(p.shape)) for n, p in model.named_parameters()]  # tied: once
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, tuple(buf.shape)))
+    return out
+
+
+def _meta_state_bytes(config: Any, dtype: Any) -> int:
+    model = _meta_model(config, dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def write_sparse_checkpoint(
+    plan: TrainingPlan | ServePlan, config: Any, dtype: Any, target: Path
+) -> Path:
+    """Write ``target`` as ``save_pretrained`` would, with every tensor's bytes a file hole.
+
+    safetensors shards of at most ``SPARSE_SHARD_BYTES`` plus their index, ``config.json``
+    and ``generation_config.json``; each shard is its header followed by ``truncate`` to the
+    full length, so the data reads back as zeros and uses no disk blocks.
+    """
+    import math
+
+    model = _meta_model(config, dtype)
+    width = {"bf16": 2, "fp16": 2, "fp32": 4}[plan.dtype]
+    tensors = saved_tensors(model)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for name, shape in tensors:
+        size = math.prod(shape) * width
+        if shards[-1] and used + size > SPARSE_SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += size
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape in shard:
+            size = math.prod(shape) * width
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[plan.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+            weight_map[name] = file
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with (partial / file).open("wb") as handle:
+            handle.write(len(raw).to_bytes(8, "little") + raw)
+            handle.truncate(8 + len(raw) + offset)  # the data: one hole, zeros when read
+        total += offset
+    (partial / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    model.config.save_pretrained(partial)
+    if model.can_generate():
+        model.generation_config.save_pretrained(partial)
+    (partial / MARKER).write_text(
+        json.dumps(
+            {
+                "model": plan.model,
+                "dtype": plan.dtype,
+                "bytes": total,
+                "seed": None,
+                "weights": "zeros",
+            }
+        )
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
+
+
 def make_room(checkpoints: Path, need_bytes: int, keep: Path) -> list[Path]:
     """Delete least recently used checkpoints until ``need_bytes`` (+2 GiB) fit on disk."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     removed = []
     candidates = sorted(
-        (m.parent for m in checkpoints.glob(f"*/*/{MARKER}") if m.parent != keep),
+        _evictable(checkpoints, keep),
         key=lambda p: (p / MARKER).stat().st_mtime,
     )
     while shutil.disk_usage(checkpoints).free < need_bytes + DISK_MARGIN_BYTES and candidates:

@@ -152,6 +152,14 @@ checked first: a known 1 GiB allocation must read back within 1 %.
     "no speed, no NCCL buffers.",
 )
 @click.option(
+    "--sparse-checkpoints",
+    is_flag=True,
+    help="When a model's random-init checkpoint cannot fit the scratch disk (a 70B model is "
+    "~140 GB in bf16), write a sparse all-zero one instead: save_pretrained's files, names, "
+    "shapes and dtypes, every tensor a file hole; loaded by the normal path. Records say "
+    "checkpoint_weights: zeros.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="List the cases and whether each is done; run nothing."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -166,6 +174,7 @@ def measure(
     stop_after_s: float | None,
     skip_instrument_check: bool,
     simulate_world: int | None,
+    sparse_checkpoints: bool,
     dry_run: bool,
     no_progress: bool,
 ) -> None:
@@ -202,6 +211,7 @@ def measure(
             stop_after_s=stop_after_s,
             progress=not no_progress,
             check_instrument=not skip_instrument_check,
+            sparse_checkpoints=sparse_checkpoints,
         )
     except CaseError as err:
         raise click.ClickException(

@@ -259,10 +259,13 @@ def measure_case(
     scratch_dir: Path,
     provenance: dict[str, Any],
     trace_dir: Path | None = None,
+    sparse_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Prepare (if needed) and measure one case in fresh processes; always returns a record.
 
     A case with ``record_trace`` writes its allocator trace to ``trace_dir/<case_id>.json.gz``.
+    ``sparse_checkpoints``: a checkpoint too large for the scratch disk is written sparse,
+    all zeros (``harness.build.write_sparse_checkpoint``).
     """
     from harness.build import checkpoint_dir, checkpoint_ready, touch_checkpoint
 
@@ -272,6 +275,7 @@ def measure_case(
         "case": case.to_dict(),
         "device": device,
         "scratch_dir": str(scratch_dir),
+        "sparse_checkpoints": sparse_checkpoints,
     }
     if isinstance(case, Case) and case.record_trace and trace_dir is not None:
         spec["trace_path"] = str(trace_dir / f"{case.case_id}.json.gz")
@@ -319,6 +323,12 @@ def measure_case(
             if record.get(key) is None and key != "measured_at":
                 record[key] = provenance.get(key)
         return record
+    if outcome.result is not None and outcome.result.get("case_id") not in (None, case.case_id):
+        error = (
+            f"measuring: the worker's record is for case {outcome.result['case_id']}, not "
+            f"{case.case_id} (the case changed on its way through to_dict / from_dict)"
+        )
+        return _fallback_record(case, device, "error", error, provenance)
     status, error = _failure(outcome, "measuring", timeout_s)
     return _fallback_record(case, device, status, error, provenance)
 
@@ -381,6 +391,7 @@ def run_cases(
     stop_after_s: float | None = None,
     progress: bool = True,
     check_instrument: bool = True,
+    sparse_checkpoints: bool = False,
 ) -> RunSummary:
     """Measure every case not yet in ``output``, appending one JSON line per case."""
     from tqdm import tqdm
@@ -414,7 +425,13 @@ def run_cases(
                     break
                 case_started = time.perf_counter()
                 record = measure_case(
-                    case, device, timeout_s, scratch, provenance, trace_dir_for(output)
+                    case,
+                    device,
+                    timeout_s,
+                    scratch,
+                    provenance,
+                    trace_dir_for(output),
+                    sparse_checkpoints,
                 )
                 append_record(output, record)
                 statuses[record["status"]] += 1

@@ -91,6 +91,7 @@ EXTRA_FIELDS = (
     "rank_parameter_bytes",  # simulated world: this rank's parameter bytes (local shards)
     "rank_gradient_bytes",  # ... its gradient bytes after the last optimizer step
     "rank_optimizer_state_bytes",  # ... its optimizer-state bytes
+    "checkpoint_weights",  # "random" (random init) or "zeros" (sparse checkpoint, too large a model)
 )
 PER_RANK_FIELDS = (
     "rank",

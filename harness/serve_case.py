@@ -7,6 +7,7 @@ serve`` plans it. Its fields, flat as in a training case::
     model, quant, double_quant, dtype, attn     # the base, loaded as a training case loads it
     adapters: 2                    # LoRA adapters of one shape (0: the base alone, mode unmerged)
     rank, alpha, targets           # their shape (targets: names, all-linear, or peft's default)
+    dora: false                    # DoRA adapters (peft use_dora; not with mode multi)
     mode: merged|unmerged|multi    # how they are applied (vramcalc.serve_plan)
     batch: 4                       # concurrent sequences
     context / prompt_tokens / new_tokens        # any two fix the third (``context_split``)
@@ -29,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from harness.errors import CaseError
@@ -48,6 +49,7 @@ PLAN_KEYS = (
     "rank",
     "alpha",
     "targets",
+    "dora",
     "mode",
     "batch",
     "context",
@@ -126,6 +128,7 @@ class ServeCase:
             "rank": first.rank if first else None,
             "alpha": first.alpha if first else None,
             "targets": list(first.targets) if first and first.targets else None,
+            "dora": first.dora if first else None,
             "mode": plan.mode,
             "batch": plan.batch,
             "context": plan.context,
@@ -145,7 +148,7 @@ class ServeCase:
         """One line of ``--dry-run``."""
         plan = self.plan
         first = plan.adapters[0] if plan.adapters else None
-        shape = f" r{first.rank}" if first else ""
+        shape = (f" r{first.rank}" + (" dora" if first.dora else "")) if first else ""
         return (
             f"{self.split:<11} {self.case_id} serve   {plan.model} {plan.quant} "
             f"{plan.mode} x{len(plan.adapters)}{shape} batch {plan.batch} "
@@ -160,6 +163,11 @@ def serve_case_problems(plan: ServePlan | None, values: Mapping[str, Any]) -> li
     problems = case_problems({**CASE_DEFAULTS, **values}, None)
     if plan is not None and not plan.adapters and plan.mode != "unmerged":
         problems.append(f"mode {plan.mode} needs adapters >= 1 (adapters 0: the base alone).")
+    if plan is not None and plan.mode == "multi" and any(a.dora for a in plan.adapters):
+        problems.append(
+            "dora with mode multi: peft mixes adapters in one batch only without DoRA "
+            "(Cannot pass `adapter_names` when DoRA is enabled)."
+        )
     return problems
 
 
@@ -215,14 +223,17 @@ def _plan(values: Mapping[str, Any]) -> ServePlan:
     for name, value in (("adapters", count), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             problems.append(f"{name} must be an integer >= 0, got {value!r}.")
+    dora = values.get("dora", False)
+    if not isinstance(dora, bool):
+        problems.append(f"dora must be true or false, got {dora!r}.")
     alpha = values.get("alpha")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         problems.append(f"alpha must be a number, got {alpha!r}.")
     targets = values.get("targets")
     if isinstance(targets, str):
         targets = parse_targets(targets)
-    elif isinstance(targets, list):
-        targets = tuple(sorted(str(t) for t in targets))
+    elif isinstance(targets, list):  # in order, as a training case and the string form keep them
+        targets = tuple(str(t) for t in targets)
     elif targets is not None:
         problems.append(f"targets must be names or all-linear, got {targets!r}.")
     if problems:
@@ -235,11 +246,12 @@ def _plan(values: Mapping[str, Any]) -> ServePlan:
         for k in ("quant", "double_quant", "dtype", "attn", "mode", "batch", "cache")
         if k in values
     }
+    adapters = uniform_adapters(count, rank, float(alpha) if alpha is not None else None, targets)
+    if dora:
+        adapters = tuple(replace(a, dora=True) for a in adapters)
     return ServePlan(
         model=str(values.get("model", "?")),
-        adapters=uniform_adapters(
-            count, rank, float(alpha) if alpha is not None else None, targets
-        ),
+        adapters=adapters,
         prompt_tokens=prompt,
         new_tokens=new,
         **plan_values,
@@ -284,6 +296,7 @@ SERVE_RESULT_FIELDS = (
     "context_device_bytes",
     "nvml_total_bytes",
     "driver_reserved_bytes",
+    "checkpoint_weights",  # "random" (random init) or "zeros" (a sparse checkpoint)
 )
 
 

@@ -204,6 +204,7 @@ def time_generate(
 
 def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict[str, Any]:
     """Measure one serving case in this process; returns its full record (OOM is a result)."""
+    from harness.build import checkpoint_weights
     from harness.record import collect_provenance
     from harness.trackers import (
         MemoryTracker,
@@ -216,7 +217,7 @@ def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict
     from harness.worker import error_text, is_oom
 
     started = time.perf_counter()
-    measurement: dict[str, Any] = {}
+    measurement: dict[str, Any] = {"checkpoint_weights": checkpoint_weights(checkpoint)}
     if is_cuda(device):
         measurement["device_baseline_bytes"] = device_baseline_bytes()
     provenance: dict[str, Any] = {}

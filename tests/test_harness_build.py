@@ -164,3 +164,51 @@ def test_make_room_evicts_least_recently_used_checkpoints(tmp_path, monkeypatch)
     assert not dirs[0].exists() and dirs[1].exists() and dirs[2].exists()
     with pytest.raises(HarnessError, match="not enough disk"):
         make_room(root, need_bytes=100 * 2**30, keep=dirs[2])
+
+
+def test_sparse_checkpoint_is_save_pretrained_shaped_all_zero_and_takes_no_disk(tmp_path, scratch):
+    """A model too large for the disk: the same files and tensors, every byte a hole."""
+    from safetensors import safe_open
+
+    plan = TrainingPlan(model=TINY_LLAMA)
+    usage = namedtuple("usage", "total used free")
+    real = build.shutil.disk_usage
+    calls = {"n": 0}
+
+    def short_disk(path):  # only the sparse decision sees a full disk
+        calls["n"] += 1
+        return usage(100, 100, 0) if calls["n"] == 1 else real(path)
+
+    build_sparse = tmp_path / "sparse"
+    build.shutil.disk_usage = short_disk
+    try:
+        path = prepare_checkpoint(plan, build_sparse, "cpu", sparse_when_short=True)
+    finally:
+        build.shutil.disk_usage = real
+    assert build.checkpoint_weights(path) == "zeros"
+    normal = prepare_checkpoint(plan, scratch, "cpu")
+    assert build.checkpoint_weights(normal) == "random"
+
+    def tensors(folder):
+        out = {}
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is no dict
+                    out[key] = handle.get_tensor(key)
+        return out
+
+    sparse, saved = tensors(path), tensors(normal)
+    assert {k: (v.shape, v.dtype) for k, v in sparse.items()} == {
+        k: (v.shape, v.dtype) for k, v in saved.items()
+    }
+    assert all(not v.any() for v in sparse.values())
+    shard = next(path.glob("*.safetensors"))
+    assert shard.stat().st_blocks * 512 < shard.stat().st_size / 4  # a hole, not zeros written
+    # the normal loading path reads it: same parameters, all zero
+    built = build_model(plan.with_(method="full"), path, "cpu")
+    assert built.total_params == TINY_LLAMA_PARAMS
+    assert all(not p.any() for p in built.model.parameters())
+    # with room on the disk the flag changes nothing
+    assert build.checkpoint_weights(prepare_checkpoint(plan, tmp_path / "roomy", "cpu", True)) == (
+        "random"
+    )

@@ -227,3 +227,52 @@ def test_serve_case_list_loads_follows_its_rule_and_covers_serving():
     assert {len(p.adapters) for p in plans if p.mode == "multi"} >= {4, 8}
     # Llama-2's 4k positions are not stretched
     assert all(p.context <= 4096 for p in plans if p.model == "meta-llama/Llama-2-13b-hf")
+
+
+# -- the second simulated-world list (same rule as h200_world.yaml) --------------------------------
+WORLD2 = CASE_LIST.with_name("h100_world2.yaml")
+
+
+def test_world2_list_follows_the_world_rule_and_covers_where_the_estimate_was_worst():
+    cases = load_cases(WORLD2)
+    assert [c.case_id for c in cases if c.split != world_rule_split(c)] == []
+    assert Counter(c.split for c in cases) == {"calibration": 10, "validation": 14}
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
+    plans = [c.plan for c in cases]
+    qlora_fsdp = {(p.model, p.num_gpus) for p in plans if p.method == "qlora" and not p.cpu_offload}
+    for model in ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B"):
+        assert {(model, n) for n in (2, 4, 8)} <= qlora_fsdp
+    assert sum(p.cpu_offload for p in plans) >= 5
+    assert sum(p.strategy == "fsdp-grad-op" for p in plans) >= 4
+    assert sum(p.allocator == "expandable" for p in plans) >= 4
+    # expandable twins of plans measured with the default allocator in h200_world.yaml
+    world = {c.plan for c in load_cases(WORLD)}
+    assert (
+        sum(p.with_(allocator="default") in world for p in plans if p.allocator == "expandable")
+        >= 3
+    )
+    # nothing measured already is repeated
+    assert not {p for p in plans} & world
+
+
+SERVE2 = CASE_LIST.with_name("h100_serve2.yaml")
+
+
+def test_serve2_list_follows_the_serve_rule_and_covers_what_the_serving_issue_asks():
+    from harness.serve_case import ServeCase
+
+    cases = load_cases(SERVE2)
+    assert all(isinstance(c, ServeCase) for c in cases)
+    assert check_models(cases) == []
+    assert [c.split for c in cases] == [serve_rule_split(c) for c in cases]
+    assert Counter(c.split for c in cases) == {"calibration": 7, "validation": 6}
+    plans = [c.plan for c in cases]
+    assert {p.quant for p in plans} == {"none", "int8", "nf4"}
+    assert any(p.batch >= 16 and p.context >= 16384 for p in plans)  # large batch x long prompt
+    assert sum(p.cache == "static" for p in plans) >= 3
+    assert max(len(p.adapters) for p in plans if p.mode == "multi") >= 16
+    dora = [p for p in plans if p.adapters and p.adapters[0].dora]
+    assert {p.mode for p in dora} == {"unmerged", "merged"}
+    # nothing of h200_serve.yaml repeated
+    assert not {c.case_id for c in cases} & {c.case_id for c in load_cases(SERVE)}

@@ -89,3 +89,44 @@ def test_report_and_speed_fit_skip_serve_records(records):
     report = build_report(serve_records)
     assert [r.estimate_error for r in report.rows] == [SERVE_RECORD_REASON] * 2
     assert report.ok_rows == []
+
+
+def test_dora_serve_case_reads_round_trips_and_refuses_mixed_batches():
+    case = ServeCase.from_dict({**SMALL, "mode": "unmerged", "dora": True})
+    assert all(a.dora for a in case.plan.adapters)
+    assert case.to_dict()["dora"] is True and ServeCase.from_dict(case.to_dict()) == case
+    plain = ServeCase.from_dict({**SMALL, "mode": "unmerged"})
+    assert plain.to_dict()["dora"] is False and plain.case_id != case.case_id
+    with pytest.raises(CaseError) as err:
+        cases_from_yaml_data(
+            [{**SMALL, "mode": "multi", "dora": True}, {**SMALL, "mode": "merged", "dora": "yes"}]
+        )
+    problems = "\n".join(err.value.problems)
+    assert "dora with mode multi" in problems and "dora must be true or false" in problems
+
+
+def test_dora_adapters_are_built_with_peft_dora(tmp_path, records):
+    from harness.launcher import run_cases
+
+    cases = cases_from_yaml_data(
+        {"cases": [{**SMALL, "mode": "unmerged", "dora": True, "steps": 1, "new_tokens": 4}]}
+    )
+    output = tmp_path / "dora.jsonl"
+    run_cases(cases, output, device="cpu", scratch_dir=tmp_path / "scratch", progress=False)
+    (record,) = read_records(output)
+    assert record["status"] == "ok", record["error"]
+    assert record["dora"] is True and record["lora_targets_used"] == ["q_proj", "v_proj"]
+    # DoRA adds one magnitude vector per targeted layer (out_features) to each of the 2 adapters:
+    # tiny-llama, 2 layers, q_proj 64 and v_proj 2 kv heads x 16 = 32 outputs
+    _, (unmerged, _) = records
+    assert record["total_params"] - unmerged["total_params"] == 2 * 2 * (64 + 32)
+
+
+def test_a_case_with_targets_in_any_order_keeps_its_id_through_the_worker_round_trip():
+    """The launcher sends case.to_dict() to the worker, which must rebuild the same case."""
+    from harness.worker import case_from_dict
+
+    for targets in ("q_proj,k_proj,v_proj,o_proj", ["v_proj", "q_proj"], "all-linear"):
+        case = ServeCase.from_dict({**SMALL, "mode": "unmerged", "targets": targets})
+        again = case_from_dict(case.to_dict())
+        assert again == case and again.case_id == case.case_id

@@ -49,7 +49,7 @@ def test_every_emitted_json_key_is_documented():
     result = CliRunner().invoke(cli, [*args, "--strategy", "fsdp", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["hints"] and data["warnings"] and data["cost"]["skipped"]  # every part present
+    assert data["hints"] and data["warnings"] and data["cost"]["gpus"]  # every part present
     keys = _keys({k: v for k, v in data.items() if k != "rules"})
     missing = sorted(keys - _documented())
     assert missing == []
@@ -94,7 +94,7 @@ def test_setup_commands_and_ci():
         'pip install torch==2.13.0 && pip install -e ".[export]" && vramcalc plan --model '
         "meta-llama/Llama-2-13b --method qlora --rank 16" in README
     )
-    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" -c constraints.txt && python -m pytest'
     assert test_command in README
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == test_command

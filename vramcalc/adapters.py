@@ -66,3 +66,17 @@ def adalora_config(plan: TrainingPlan, targets: Any) -> Any:
         modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
         task_type="CAUSAL_LM",
     )
+
+
+def make_ranknum_trainable(model: Any) -> None:
+    """AdaLoRA's ``ranknum`` as a real run has it: trainable.
+
+    peft creates it with ``requires_grad=False``, then ``_move_adapter_to_device_of_base_layer``
+    re-wraps every adapter parameter as a new ``nn.Parameter`` (``requires_grad`` True) when
+    it casts or moves the adapter to the base layer's dtype or device; on the meta device
+    nothing moves. Every
+    measured AdaLoRA run (data/measurements/h100_adalora_*.jsonl) trained one more parameter
+    per adapted module than lora_A/E/B: this one."""
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS = ("inventory", "opprofile", "allocator")
+KINDS = ("inventory", "opprofile", "allocator", "recipes")
 
 
 def cache_root() -> Path:

@@ -125,10 +125,14 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> Any:
     ``model_type`` (with close matches), a value transformers' own validation
     rejects (a wrong type, heads that do not divide the hidden size).
     """
+    import copy
+
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    data = dict(data)
+    # a deep copy: transformers edits nested values in place (rope_scaling gains rope_theta),
+    # and the mapping as read is what every cache key is computed from
+    data = copy.deepcopy(data)
     model_type = data.pop("model_type", None)
     if model_type not in CONFIG_MAPPING_NAMES:
         raise ConfigError(

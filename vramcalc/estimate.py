@@ -50,6 +50,7 @@ from vramcalc.memory.overhead import (
 from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
 from vramcalc.training_plan import TrainingPlan
+from vramcalc.versions import version_note
 
 COMPONENTS = (
     "weights",
@@ -517,4 +518,5 @@ def _assumptions(
         "driver reserve, CUDA context and kernel modules, cuBLAS workspaces from "
         "data/calibration.json (measured on an H200)"
     )
+    out.append(version_note())
     return tuple(out)

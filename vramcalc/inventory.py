@@ -27,21 +27,23 @@ Building costs ~0.5 s after ~3 s of imports, so results are cached on disk
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from vramcalc.adapters import adapter_config, default_target_modules
+from vramcalc import progress
+from vramcalc.adapters import adapter_config, default_target_modules, make_ranknum_trainable
 from vramcalc.cache import cache_dir
 from vramcalc.catalog import causal_lm_config, config_facts, config_int, one_line
 from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
 from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
+from vramcalc.versions import installed_versions
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 5  # 4: config facts; 5: only causal-LM configs with positive sizes are built
+CACHE_VERSION = 6  # 4: config facts; 5: only causal-LM configs with positive sizes are built;
+# 6: AdaLoRA's ranknum is trainable
 
 
 @dataclass(frozen=True)
@@ -128,21 +130,7 @@ class ModelInventory:
 
 def library_versions() -> dict[str, str]:
     """Versions that change how models are built (part of the cache key)."""
-    return dict(_installed_versions())
-
-
-@functools.lru_cache(maxsize=1)
-def _installed_versions() -> tuple[tuple[str, str], ...]:
-    """Read once per process: installed packages do not change under a running sweep."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        try:
-            out.append((name, version(name)))
-        except PackageNotFoundError:
-            out.append((name, "missing"))
-    return tuple(out)
+    return dict(installed_versions())
 
 
 def cache_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
@@ -281,7 +269,10 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     # peft imports bitsandbytes when it is installed; its CPU backend logs a warning about an
     # optional kernel package that has nothing to do with counting parameters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
+    progress.note(
+        f"building {progress.describe(where or plan.model, plan.method, plan.quant)} on the "
+        "meta device to count its parameters (torch, transformers and peft load first)"
+    )
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -455,6 +446,8 @@ def _apply_lora(
         warnings.simplefilter("ignore")
         with init_empty_weights(), _no_init():
             peft_model = get_peft_model(model, lora_config)
+    if plan.method == "adalora":
+        make_ranknum_trainable(peft_model)
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in peft_model.named_modules()
@@ -466,7 +459,7 @@ def _apply_lora(
     for name, param in peft_model.named_parameters():
         if not param.requires_grad:
             continue
-        if "lora_" in name:
+        if "lora_" in name or ".ranknum." in name:  # AdaLoRA's ranknum: an adapter tensor
             adapter += param.numel()
             shapes[tuple(param.shape)] = shapes.get(tuple(param.shape), 0) + 1
         elif ".modules_to_save." in name:

@@ -33,6 +33,10 @@ GPU = Gpu(
     "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"
 )
 UNPRICED = replace(GPU, name="Unpriced", price_per_hour_usd=None, price_source="", price_date="")
+# a card the catalog could list without a published dense TFLOP/s: its speed cannot be predicted
+NO_SPEED = replace(
+    GPU, name="NoSpeed", memory_bytes=24 * 2**30, bf16_dense_tflops=None, fp16_dense_tflops=None
+)
 CAL = ThroughputCalibration(
     compute_efficiency=0.5,
     fp32_efficiency=0.3,
@@ -142,18 +146,18 @@ def test_bad_price_names_the_flag(price):
 
 def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     work, plan, _ = tiny_throughput()
-    gpus = [GPU, UNPRICED, find_gpu("A10G"), find_gpu("H100")]
+    gpus = [GPU, UNPRICED, NO_SPEED, find_gpu("H100")]
     table = cost_table(work, gpus, RunLength(steps=100), calibration=CAL)
     assert [row.gpu_name for row in table.rows] == ["Test", "Unpriced", "H100-80GB"]
-    assert table.skipped[0][0] == "A10G" and "no dense bf16" in table.skipped[0][1]
+    assert table.skipped[0][0] == "NoSpeed" and "no dense bf16" in table.skipped[0][1]
     columns = table.columns()
     assert columns["optimizer_steps"] == 100
     for prefix in COLUMN_PREFIXES:
-        assert f"{prefix}_Test" in columns and columns[f"{prefix}_A10G"] is None
+        assert f"{prefix}_Test" in columns and columns[f"{prefix}_NoSpeed"] is None
     assert columns["cost_usd_Unpriced"] is None
     assert columns["cost_usd_Test"] == pytest.approx(table.rows[0].cost_usd)
     data = table.to_dict()
-    assert data["run"]["optimizer_steps"] == 100 and data["skipped"][0]["gpu"] == "A10G"
+    assert data["run"]["optimizer_steps"] == 100 and data["skipped"][0]["gpu"] == "NoSpeed"
     text = render_cost(table)
     lines = text.splitlines()
     assert lines[0] == "run: 100 optimizer steps of 64 tokens (--steps)"
@@ -172,8 +176,8 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
         "$",
     ]
     # one line per GPU, smallest memory first; every '-' is explained under the table
-    assert [line.split()[0] for line in lines[3:7]] == ["H100-80GB", "Test", "Unpriced", "A10G"]
-    assert lines[6].split() == ["A10G", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert [line.split()[0] for line in lines[3:7]] == ["H100-80GB", "Test", "Unpriced", "NoSpeed"]
+    assert lines[6].split() == ["NoSpeed", "-", "-", "-", "-", "-", "-", "-", "-"]
     h100 = table.rows[2].throughput
     assert lines[3].split()[1:5] == [
         f"{h100.tokens_per_second:,.0f}",
@@ -185,7 +189,7 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
     assert lines[5].split()[-2:] == ["-", "-"]
     assert lines[7:] == [
         "  Unpriced: cost '-': no price for Unpriced in data/gpus.csv; pass --price-per-hour",
-        "  A10G: not priced: data/gpus.csv lists no dense bf16 TFLOP/s for A10G; its speed "
+        "  NoSpeed: not priced: data/gpus.csv lists no dense bf16 TFLOP/s for NoSpeed; its speed "
         "cannot be predicted.",
     ]
     verbose = render_cost(table, verbose=True)
@@ -196,18 +200,18 @@ def test_cost_table_across_gpus_with_skipped_rows_and_sweep_columns():
 
 def test_throughput_columns_without_a_run_length():
     work, _, throughput = tiny_throughput()
-    columns = throughput_columns(PlanSpeed(work.plan, work, None), [GPU, find_gpu("A10G")], CAL)
+    columns = throughput_columns(PlanSpeed(work.plan, work, None), [GPU, NO_SPEED], CAL)
     assert columns == {
         "tokens_per_second_Test": throughput.tokens_per_second,
         "step_seconds_Test": throughput.step_seconds,
         "mfu_Test": throughput.mfu,
         "bound_Test": throughput.bound,
         "speed_measured_Test": False,
-        "tokens_per_second_A10G": None,
-        "step_seconds_A10G": None,
-        "mfu_A10G": None,
-        "bound_A10G": None,
-        "speed_measured_A10G": None,
+        "tokens_per_second_NoSpeed": None,
+        "step_seconds_NoSpeed": None,
+        "mfu_NoSpeed": None,
+        "bound_NoSpeed": None,
+        "speed_measured_NoSpeed": None,
     }
     untraced = PlanSpeed(work.plan, None, "the step could not be traced")
     assert throughput_columns(untraced, [GPU], CAL) == dict.fromkeys(

@@ -135,3 +135,37 @@ def test_tracing_twice_gives_the_same_profile():
     new frame cannot take its id), not by an id that the next call may reuse."""
     p = plan(method="qlora", rank=4)
     assert trace_profile(TINY_LLAMA, p) == trace_profile(TINY_LLAMA, p)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 24])
+def test_one_profile_answers_every_rank(rank):
+    """A profile traced at a prime rank, folded to ``rank``, is the profile traced at it."""
+    from vramcalc.speed.opprofile import _recipe, trace_profile, traced_rank
+
+    for fields in (
+        {"method": "lora", "targets": ("all-linear",)},
+        {"method": "qlora", "optimizer": "paged_adamw_8bit"},
+        {"method": "adalora", "target_rank": 1, "total_step": 10},
+    ):
+        sized = {"init_rank": rank} if fields["method"] == "adalora" else {"rank": rank}
+        plan = TrainingPlan(model="tiny", **sized, **fields)
+        q = traced_rank(TINY_LLAMA, plan)
+        assert q in (223, 211)
+        folded = trace_profile(TINY_LLAMA, _recipe(plan, q), q).at_rank(rank, plan.optimizer)
+        direct = trace_profile(TINY_LLAMA, _recipe(plan))
+        # ops that coincide at this rank are merged in the direct profile and not in the folded
+        # one (1 + 16 = 17 of them): the same work
+        assert _census(folded.micro_batch) == _census(direct.micro_batch)
+        assert _census(folded.optimizer) == _census(direct.optimizer)
+        assert folded.bnb_params == direct.bnb_params
+
+
+def _census(runs):
+    from collections import Counter
+    from dataclasses import replace
+
+    total: Counter = Counter()
+    for run in runs:
+        for op in run.ops:
+            total[(run.repeat, replace(op, count=1))] += op.count
+    return total

@@ -52,7 +52,7 @@ class AdaLoraEstimate:
     rank_allocator_bytes: int  # ipt + exp_avg_ipt + exp_avg_unc, live from the first step
     update_transient_bytes: int  # update_ipt's temporaries (gradients still live)
     orth_reg_bytes: int  # saved by the orthogonal regulariser from forward's end to backward
-    ranknum_bytes: int  # the fp32 (1,) ranknum of every adapted module
+    ranknum_bytes: int  # 0: ranknum is trainable, so the inventory counts it with the adapters
     # gradients of every lora_A/B, which the regulariser's backward makes before the layers'
     early_gradient_bytes: int
     rule: str
@@ -62,8 +62,10 @@ NONE = AdaLoraEstimate(0, 0, 0, 0, 0, "")
 
 
 def adapter_tensors(inventory: ModelInventory) -> list[tuple[tuple[int, ...], int]]:
-    """AdaLoRA's trainable tensors as (shape, how many): A, E and B of every adapted module."""
-    return list(inventory.trainable_shapes)
+    """AdaLoRA's lora_A, lora_E and lora_B tensors as (shape, how many): the trainable ones but
+    ``ranknum`` (one (1,) per module), which the rank allocator does not track (its
+    ``update_ipt`` takes the parameters named ``lora_``)."""
+    return [(shape, count) for shape, count in inventory.trainable_shapes if shape != (1,)]
 
 
 def adapted_modules(inventory: ModelInventory, init_rank: int) -> int:
@@ -92,7 +94,7 @@ def estimate_adalora(inventory: ModelInventory, plan: TrainingPlan) -> AdaLoraEs
         early_grads += alloc_bytes(math.prod(shape) * FP32, count)
     if orth:  # the last P Pᵀ and I, the running sum and its scaled copy
         orth += 2 * alloc_bytes(r * r * BF16) + 2 * alloc_bytes(FP32)
-    ranknum = alloc_bytes(FP32, adapted_modules(inventory, r))
+    ranknum = 0  # a trainable fp32 (1,) per module: counted with the adapters (inventory)
     rule = (
         f"AdaLoRA at init_r={r} (pruned ranks are masked, tensors keep their shape): rank "
         "allocator ipt/exp_avg_ipt/exp_avg_unc = 3 fp32 copies of every lora_A/E/B, live from "

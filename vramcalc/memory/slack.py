@@ -41,7 +41,7 @@ from vramcalc.memory.allocator import (
     simulate,
 )
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
-from vramcalc.trace.steptrace import StepTrace
+from vramcalc.trace.events import StepTrace
 from vramcalc.training_plan import TrainingPlan
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
@@ -167,7 +167,7 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
 
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 5
+SIMULATION_VERSION = 9
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
@@ -286,14 +286,20 @@ def simulate_plan(
     import os
     import time
 
-    from vramcalc.trace.steptrace import trace_steps
+    from vramcalc.trace.recipe import plan_steps
 
     if use_cache:
         hit = cached_simulation(config_dict, plan)
         if hit is not None:
             return hit
     started = time.perf_counter()
-    trace = trace_steps(config_dict, plan, steps=SIMULATED_STEPS)
+    trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
+    from vramcalc import progress
+
+    progress.note(
+        f"replaying loading and {SIMULATED_STEPS} steps through the caching-allocator model "
+        f"(batch {plan.batch_size} x {plan.seq_len}, rank {plan.adapter_rank})"
+    )
     reserved, allocated = {}, 0
     for mode in ALLOCATOR_MODES:
         run = simulate_run(trace, plan, AllocatorConfig(expandable_segments=mode == "expandable"))

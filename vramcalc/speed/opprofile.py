@@ -28,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import library_versions
@@ -44,7 +45,7 @@ from vramcalc.trace.optrace import (  # the tracer imports torch only when it ru
 )
 from vramcalc.training_plan import TrainingPlan
 
-PROFILE_VERSION = 7
+PROFILE_VERSION = 9
 PHASES = ("forward", "recompute", "backward", "optimizer")
 
 
@@ -70,6 +71,30 @@ class Op:
     outlier_p: float = 0.0  # int8: chance that one input element is an |x| >= 6 outlier
     outlier_in: int = 0  # int8: input columns; c = in·(1 - (1 - p)^T)
     sync: bool = False  # the host waits for the GPU after this op
+    # coefficients per unit of LoRA rank r and of r^2, the same features (empty: none);
+    # ``at_rank`` folds them into ``flops`` / ``bytes``
+    rank_flops: tuple[Vector, ...] = ()
+    rank_bytes: tuple[Vector, ...] = ()
+
+    def at_rank(self, rank: int) -> Op:
+        """This op at LoRA rank ``rank`` (its rank terms folded into flops and bytes)."""
+        if not self.rank_flops and not self.rank_bytes:
+            return self
+
+        def fold(base: Vector, terms: tuple[Vector, ...]) -> Vector:
+            out = list(base)
+            for power, term in enumerate(terms, 1):
+                for i, value in enumerate(term):
+                    out[i] += value * rank**power
+            return tuple(out)
+
+        return replace(
+            self,
+            flops=fold(self.flops, self.rank_flops),
+            bytes=fold(self.bytes, self.rank_bytes),
+            rank_flops=(),
+            rank_bytes=(),
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,20 @@ class OpProfile:
     params_trainable: tuple[int, int, int]
     trace_seq: int = TRACE_PRIMES[0]
 
+    def at_rank(self, rank: int, optimizer: str) -> OpProfile:
+        """The profile at LoRA rank ``rank`` (a profile traced at a prime rank holds every
+        rank's FLOPs and bytes as coefficients of r and r^2)."""
+
+        def runs(items: tuple[Run, ...]) -> tuple[Run, ...]:
+            return tuple(Run(r.repeat, tuple(op.at_rank(rank) for op in r.ops)) for r in items)
+
+        return replace(
+            self,
+            micro_batch=runs(self.micro_batch),
+            optimizer=runs(self.optimizer),
+            bnb_params=tuple(p.at_rank(rank, optimizer) for p in self.bnb_params),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -101,7 +140,15 @@ class OpProfile:
                 Run(
                     r["repeat"],
                     tuple(
-                        Op(**{**o, "flops": tuple(o["flops"]), "bytes": tuple(o["bytes"])})
+                        Op(
+                            **{
+                                **o,
+                                "flops": tuple(o["flops"]),
+                                "bytes": tuple(o["bytes"]),
+                                "rank_flops": tuple(tuple(v) for v in o.get("rank_flops", ())),
+                                "rank_bytes": tuple(tuple(v) for v in o.get("rank_bytes", ())),
+                            }
+                        )
                         for o in r["ops"]
                     ),
                 )
@@ -128,6 +175,9 @@ class OpProfile:
 
 # -- events -> runs ------------------------------------------------------------------------------
 def _ops(events: list[OpEvent]) -> list[tuple[int, Op]]:
+    def terms(vectors: tuple[Vector, ...]) -> tuple[Vector, ...]:
+        return vectors if any(any(v) for v in vectors) else ()
+
     return [
         (
             e.layer,
@@ -143,6 +193,8 @@ def _ops(events: list[OpEvent]) -> list[tuple[int, Op]]:
                 e.outlier[0],
                 e.outlier[1],
                 e.sync,
+                terms(e.rank_flops),
+                terms(e.rank_bytes),
             ),
         )
         for e in events
@@ -178,10 +230,15 @@ def _runs(ops: list[tuple[int, Op]]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
-def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
-    """Trace the recipe of ``plan`` (its sizes do not matter) into an ``OpProfile``."""
+def trace_profile(
+    config_dict: dict[str, Any], plan: TrainingPlan, rank_prime: int = 0
+) -> OpProfile:
+    """Trace the recipe of ``plan`` (its sizes do not matter) into an ``OpProfile``; with
+    ``rank_prime`` (the plan's rank, a prime) one that answers every rank (``at_rank``)."""
     try:
-        micro_batch, optimizer, (bnb, counts, layers, prime) = trace_events(config_dict, plan)
+        micro_batch, optimizer, (bnb, counts, layers, prime) = trace_events(
+            config_dict, plan, rank_prime
+        )
     except VramcalcError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the model code: no profile
@@ -198,8 +255,9 @@ def trace_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
 
 
 def profile_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
-    """Everything that changes a profile: the config, the recipe (not its sizes), versions."""
-    recipe = _recipe(plan).to_dict()
+    """Everything that changes a profile: the config, the recipe (not its sizes, nor the rank
+    where a prime rank traces them all), versions."""
+    recipe = _recipe(plan, traced_rank(config_dict, plan)).to_dict()
     recipe.pop("model", None)
     payload = {
         "v": PROFILE_VERSION,
@@ -212,8 +270,43 @@ def profile_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     ]
 
 
-def _recipe(plan: TrainingPlan) -> TrainingPlan:
-    """The plan with what does not change the ops per micro-batch set to one value."""
+# the LoRA rank profiles are traced at: primes, the first that divides no number of the config
+# (and none of TRACE_PRIMES); every other rank is read from its powers (OpProfile.at_rank)
+TRACE_RANKS = (223, 211, 199, 197, 193, 191, 181)
+
+
+def traced_rank(config_dict: dict[str, Any], plan: TrainingPlan) -> int:
+    """The rank ``plan``'s recipe is profiled at (0: no adapters, or no prime fits)."""
+    if not plan.uses_adapters:
+        return 0
+    numbers = _config_numbers(config_dict)
+    for q in TRACE_RANKS:
+        if q >= plan.target_rank and all(n % q for n in numbers):
+            return q
+    return 0
+
+
+def _config_numbers(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [abs(value)] if value else []
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _config_numbers(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _config_numbers(v)]
+    return []
+
+
+def _recipe(plan: TrainingPlan, rank: int = 0) -> TrainingPlan:
+    """The plan with what does not change the ops per micro-batch set to one value (and the
+    adapters' rank to ``rank``, the traced prime, when given)."""
+    changes: dict[str, Any] = {}
+    if rank and plan.method == "adalora":
+        changes["init_rank"] = rank
+    elif rank:
+        changes["rank"] = rank
+        changes["alpha"] = None
     return plan.with_(
         seq_len=TRACE_PRIMES[0],
         batch_size=1,
@@ -222,16 +315,22 @@ def _recipe(plan: TrainingPlan) -> TrainingPlan:
         strategy="ddp",
         cpu_offload=False,
         allocator="default",
+        **changes,
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _cached(key: str, config_json: str, recipe: TrainingPlan) -> OpProfile:
+def _cached(key: str, config_json: str, recipe: TrainingPlan, rank: int) -> OpProfile:
     path = cache_dir("opprofile") / f"{key}.json"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return OpProfile.from_json(json.loads(path.read_text()))
-    profile = trace_profile(json.loads(config_json), recipe)
+    progress.note(
+        "tracing the op profile of "
+        + progress.describe(recipe.model, recipe.method, recipe.quant)
+        + " for its speed (once per recipe)"
+    )
+    profile = trace_profile(json.loads(config_json), recipe, rank)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -241,7 +340,9 @@ def _cached(key: str, config_json: str, recipe: TrainingPlan) -> OpProfile:
 
 
 def op_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
-    """The ``OpProfile`` of ``plan``'s recipe: traced once, then cached in memory and on disk
-    (``vramcalc.cache``, same key rules as the inventory)."""
+    """The ``OpProfile`` of ``plan``'s recipe at its rank: traced once per recipe (any rank),
+    then cached in memory and on disk (``vramcalc.cache``, same key rules as the inventory)."""
     config_json = json.dumps(config_dict, sort_keys=True)
-    return _cached(profile_key(config_dict, plan), config_json, _recipe(plan))
+    rank = traced_rank(config_dict, plan)
+    profile = _cached(profile_key(config_dict, plan), config_json, _recipe(plan, rank), rank)
+    return profile.at_rank(plan.adapter_rank, plan.optimizer) if rank else profile

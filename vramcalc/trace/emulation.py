@@ -35,8 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# bitsandbytes' LLM.int8 outlier threshold (BitsAndBytesConfig.llm_int8_threshold default)
-INT8_THRESHOLD = 6.0
+from vramcalc.trace.int8 import INT8_THRESHOLD
 
 
 class _MatMul4BitLike(torch.autograd.Function):
@@ -166,10 +165,72 @@ def cuda_functions() -> Iterator[None]:
 
     F.layer_norm, F.dropout = fp32_layer_norm, fused_dropout  # type: ignore[assignment]
     torch.is_autocast_enabled = lambda *a: is_enabled(*a) if a else is_enabled("cpu")  # type: ignore[assignment]
+    grouped = {
+        owner: getattr(owner, name)
+        for owner, name in ((torch, "_grouped_mm"), (F, "grouped_mm"))
+        if hasattr(owner, name)
+    }
+    for owner, original in grouped.items():
+        setattr(owner, original.__name__, grouped_mm_any_dtype(original))
     try:
         yield
     finally:
         F.layer_norm, F.dropout, torch.is_autocast_enabled = layer_norm, dropout, is_enabled  # type: ignore[assignment]
+        for owner, original in grouped.items():
+            setattr(owner, original.__name__, original)
+
+
+class _GroupedMMLike(torch.autograd.Function):
+    """``_grouped_mm`` of a 2-D input and 3-D expert weights in a dtype other than bf16.
+
+    CUDA runs it (``GroupedBlas.cpp``: no bf16 fast path, the per-group fallback writing one
+    output); its meta function accepts bf16 only, so fake tensors refuse what the GPU runs
+    (a QLoRA MoE: transformers 5.17 leaves the fused experts unquantized, and
+    ``prepare_model_for_kbit_training`` makes them fp32). Forward: the (tokens, out) result;
+    saves the weight for the input's gradient and the input for the weight's. Backward: the
+    gradients, one grouped product each."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.experts = b.shape[0]
+        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None)
+        return a.new_empty((a.shape[0], b.shape[-1]))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = grad.new_empty((grad.shape[0], b.shape[-2])) if b is not None else None
+        grad_b = a.new_empty((ctx.experts, a.shape[-1], grad.shape[-1])) if a is not None else None
+        return grad_a, grad_b
+
+
+def grouped_mm_any_dtype(original: Any) -> Any:
+    """``torch._grouped_mm`` / ``F.grouped_mm`` that runs non-bf16 2-D x 3-D products as CUDA
+    does (``_GroupedMMLike``); everything else as ``original``."""
+
+    def grouped_mm(mat_a, mat_b, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if mat_a.dtype == torch.bfloat16 or mat_a.dim() != 2 or mat_b.dim() != 3:
+            return original(mat_a, mat_b, *args, **kwargs)
+        return _GroupedMMLike.apply(mat_a, mat_b)
+
+    grouped_mm.__name__ = original.__name__
+    return grouped_mm
+
+
+#: (dim, multiple) pairs for the allocation being made: a dim that is a length rounded up to a
+#: multiple (FlashAttention-2's workspaces), which the step recorder notes beside the shape so
+#: that a trace at one sequence length tells the size at another (``trace/recipe.py``)
+ROUNDED_DIMS: list[tuple[tuple[int, int], ...]] = []
+
+
+@contextlib.contextmanager
+def rounded_dims(*dims: tuple[int, int]) -> Iterator[None]:
+    """Allocations made inside have these (dim, multiple) dims rounded up (see ROUNDED_DIMS)."""
+    ROUNDED_DIMS.append(dims)
+    try:
+        yield
+    finally:
+        ROUNDED_DIMS.pop()
 
 
 def flash_backward_workspaces(batch: int, seq_q: int, heads: int, head_dim: int) -> tuple[int, ...]:
@@ -212,10 +273,14 @@ class _FlashAttentionLike(torch.autograd.Function):
         if expanded:
             dk_expanded = k.new_empty((batch, seq_k, heads, dim))
             dv_expanded = v.new_empty((batch, seq_k, heads, dim))
-        softmax_d, dq_accum = (
-            q.new_empty((n // 4,), dtype=torch.float32)
-            for n in flash_backward_workspaces(batch, seq, heads, dim)
-        )
+        # mha_bwd: softmax_d (batch, heads, seq rounded to 128) and dq_accum (batch, seq
+        # rounded to 128, heads, head dim rounded to 32), fp32 (flash_backward_workspaces)
+        seq_rounded = -(-seq // 128) * 128
+        dim_rounded = -(-dim // 32) * 32
+        with rounded_dims((2, 128)):
+            softmax_d = q.new_empty((batch, heads, seq_rounded), dtype=torch.float32)
+        with rounded_dims((1, 128)):
+            dq_accum = q.new_empty((batch, seq_rounded, heads, dim_rounded), dtype=torch.float32)
         del dq_accum
         if expanded:
             del dk_expanded, dv_expanded
@@ -287,50 +352,3 @@ def gpu_code_paths() -> Iterator[None]:
         if fast_all is not None:
             masking_utils.fast_all = fast_all  # type: ignore[attr-defined]
         F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
-
-
-def _act(name: str, x: float) -> float:
-    import math
-
-    if name == "relu":
-        return max(x, 0.0)
-    if name in ("gelu_tanh", "gelu"):
-        return 0.5 * x * (1.0 + math.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
-    return x / (1.0 + math.exp(-x))  # silu
-
-
-def int8_outlier_probability(act: str, sigma: float, gated: bool) -> float:
-    """P(|x| >= 6) for one element of an MLP output projection's input at random init.
-
-    The input of ``down_proj`` is ``act(g) * u`` (``act(g)`` without a gate), with g and u
-    the gate / up outputs: sums over ``hidden`` normalized inputs (~N(0, 1) after RMSNorm)
-    times weights drawn N(0, initializer_range^2), so ~N(0, sigma^2) with
-    sigma = initializer_range * sqrt(hidden), independent of each other. Integrated
-    numerically over g (Simpson, +-12 sigma).
-    """
-    import math
-
-    def tail(z: float) -> float:  # P(|N(0,1)| >= z)
-        return math.erfc(z / math.sqrt(2.0))
-
-    steps = 2400
-    lo, hi = -12 * sigma, 12 * sigma
-    h = (hi - lo) / steps
-    total = 0.0
-    for i in range(steps + 1):
-        g = lo + i * h
-        a = abs(_act(act, g))
-        if gated:
-            p = tail(INT8_THRESHOLD / (sigma * a)) if a > 0 else 0.0
-        else:
-            p = 1.0 if a >= INT8_THRESHOLD else 0.0
-        weight = 1 if i in (0, steps) else (4 if i % 2 else 2)
-        total += weight * p * math.exp(-0.5 * (g / sigma) ** 2)
-    return total * h / 3 / (sigma * math.sqrt(2 * math.pi))
-
-
-def int8_outlier_columns(act: str, sigma: float, gated: bool, in_features: int, tokens: int) -> int:
-    """Columns of the ``tokens`` x ``in_features`` input with at least one |x| >= 6: the
-    ``subA`` copy ``MatMul8bitLt`` keeps (rows treated as independent)."""
-    p = int8_outlier_probability(act, sigma, gated)
-    return round(in_features * (1.0 - (1.0 - p) ** tokens))

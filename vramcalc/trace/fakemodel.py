@@ -24,9 +24,15 @@ def _torch_dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None) -> Any:
+def build_model(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    num_layers: int | None,
+    outlier_columns: int | None = None,
+) -> Any:
     """The recipe's model on the meta device: load dtype, k-bit layers emulated and the
-    rest upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA, checkpointing."""
+    rest upcast to fp32 (``prepare_model_for_kbit_training``), peft LoRA, checkpointing.
+    ``outlier_columns`` overrides INT8's outlier columns of the MLP output projections."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +58,8 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
     if plan.is_kbit:
         from transformers.quantizers.base import get_keys_to_not_convert
 
+        from vramcalc.trace.int8 import outlier_rule
+
         kind = emulation.Emulated8bit if plan.quant == "int8" else emulation.Emulated4bit
         skip = set(get_keys_to_not_convert(model))
         for name, module in list(model.named_modules()):
@@ -64,7 +72,13 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
             new.weight = torch.nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
             new.weight._vramcalc_kbit = True  # type: ignore[attr-defined]
             if plan.quant == "int8":
-                new.outlier_columns = _outlier_columns(config, name, module.in_features, plan)
+                rule = outlier_rule(config, name, module.in_features)
+                columns = rule.columns(plan.batch_size * plan.seq_len) if rule else 0
+                if rule is not None:
+                    model._vramcalc_outlier_rule = rule  # the trace keeps it (trace/recipe)
+                if columns and outlier_columns is not None:
+                    columns = outlier_columns
+                new.outlier_columns = columns
             if module.bias is not None:
                 new.bias = module.bias
             parent, _, leaf = name.rpartition(".")
@@ -90,35 +104,13 @@ def build_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int
     return model
 
 
-# MLP output projections whose input is act(gate) * up (gated) or act(x): where random-init
-# models put |x| >= 6 entries (the LLM.int8 outlier threshold)
-_MLP_OUTPUT = {"down_proj": True, "fc2": False}
-
-
 def _outlier_columns(config: Any, name: str, in_features: int, plan: TrainingPlan) -> int:
-    """Outlier columns of an int8 linear's input, by the random-init statistics of
-    ``emulation.int8_outlier_columns`` (pretrained checkpoints have a few fixed outlier
-    features instead: fewer columns, less memory)."""
-    import math
+    """Outlier columns of an int8 linear's input at the plan's tokens (``memory/int8.py``;
+    pretrained checkpoints have a few fixed outlier features instead: less memory)."""
+    from vramcalc.trace.int8 import outlier_rule
 
-    from vramcalc.trace.emulation import int8_outlier_columns
-
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf not in _MLP_OUTPUT:
-        return 0
-    act = str(
-        getattr(config, "hidden_activation", None)
-        or getattr(config, "hidden_act", None)
-        or getattr(config, "activation_function", None)
-        or "silu"
-    )
-    act = "gelu_tanh" if "gelu" in act else ("relu" if act == "relu" else "silu")
-    sigma = float(getattr(config, "initializer_range", 0.02) or 0.02) * math.sqrt(
-        int(config.hidden_size)
-    )
-    return int8_outlier_columns(
-        act, sigma, _MLP_OUTPUT[leaf], in_features, plan.batch_size * plan.seq_len
-    )
+    rule = outlier_rule(config, name, in_features)
+    return rule.columns(plan.batch_size * plan.seq_len) if rule else 0
 
 
 def _with_lora(model: Any, plan: TrainingPlan) -> Any:
@@ -129,7 +121,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
-    from vramcalc.adapters import adapter_config, default_target_modules
+    from vramcalc.adapters import adapter_config, default_target_modules, make_ranknum_trainable
     from vramcalc.trace import emulation
 
     for p in model.parameters():
@@ -143,6 +135,8 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
         warnings.simplefilter("ignore")
         with init_empty_weights():
             model = get_peft_model(model, adapter_config(plan, targets))
+    if plan.method == "adalora":
+        make_ranknum_trainable(model)
     for module in model.modules():
         if (
             isinstance(module, LoraLayer)

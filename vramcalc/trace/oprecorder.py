@@ -60,6 +60,10 @@ class OpEvent:
     sync: bool = False
     outlier: tuple[float, int] = (0.0, 0)  # int8: (p, input columns)
     python: float = 1.0
+    # per unit of LoRA rank r and of r^2 (adapter matmuls, states; AdaLoRA's A A^T): the same
+    # features, so that one trace answers every rank (opprofile.OpProfile.at_rank)
+    rank_flops: tuple[Vector, Vector] = ((0.0,) * 5, (0.0,) * 5)
+    rank_bytes: tuple[Vector, Vector] = ((0.0,) * 5, (0.0,) * 5)
 
 
 def _leaves(tree: Any) -> list[Any]:
@@ -81,10 +85,22 @@ def _power(n: int, p: int) -> int:
 def _vector(amounts: list[tuple[int, float]], p: int) -> Vector:
     """Amounts keyed by the element count they scale with -> coefficients of (1, T, T·S),
     exact (integers divided by the power of ``p`` they carry)."""
-    sums = [0, 0, 0]
+    return _vectors(amounts, p, 0)[0]
+
+
+def _vectors(
+    amounts: list[tuple[int, float]], p: int, q: int
+) -> tuple[Vector, tuple[Vector, Vector]]:
+    """Amounts keyed by their element counts -> coefficients of (1, T, T·S) for r^0, and for
+    r^1 and r^2, where the traced rank ``q`` (a prime, 0: no rank) carries r."""
+    sums = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
     for elements, amount in amounts:
-        sums[_power(elements, p)] += int(amount)
-    return tuple(float(total // p**e) for e, total in enumerate(sums)) + (0.0, 0.0)
+        sums[_power(elements, q) if q else 0][_power(elements, p)] += int(amount)
+    vectors = [
+        tuple(float(total // (p**e * (q or 1) ** f)) for e, total in enumerate(row)) + (0.0, 0.0)
+        for f, row in enumerate(sums)
+    ]
+    return vectors[0], (vectors[1], vectors[2])
 
 
 def _matmul_shape(name: str, args: tuple[Any, ...]) -> tuple[int, int, int, int]:
@@ -150,8 +166,9 @@ def _caller() -> tuple[Any, int] | None:
 class Recorder:
     """Where the step is (phase, decoder layer) and every op seen there."""
 
-    def __init__(self, prime: int) -> None:
+    def __init__(self, prime: int, rank_prime: int = 0) -> None:
         self.prime = prime
+        self.rank_prime = rank_prime  # the traced LoRA rank (a prime), 0 without adapters
         self.events: list[OpEvent] = []
         self.phase = "forward"
         self.layer = -1
@@ -222,16 +239,30 @@ class Recorder:
             )
             return out
         moved = _traffic(func, name, args, kwargs, out)
-        kind, flops = MEMORY, zero
+        kind, flops, rank_flops = MEMORY, zero, (zero, zero)
         if name in _MATMULS:
             batch, m, k, n = _matmul_shape(name, args)
-            flops = _vector([(batch * m * k * n, 2.0 * batch * m * k * n)], self.prime)
+            flops, rank_flops = _vectors(
+                [(batch * m * k * n, 2.0 * batch * m * k * n)], self.prime, self.rank_prime
+            )
             operand = args[1] if name in ("addmm", "baddbmm") else args[0]
             kind = MATMUL_FP32 if operand.element_size() == 4 else MATMUL
         if not self.layer_of:
-            nbytes = _vector([(t.numel(), b) for t, b in moved], self.prime)
+            nbytes, rank_bytes = _vectors(
+                [(t.numel(), b) for t, b in moved], self.prime, self.rank_prime
+            )
             self.events.append(
-                OpEvent(name, kind, self.phase, self.layer, flops, nbytes, python=python)
+                OpEvent(
+                    name,
+                    kind,
+                    self.phase,
+                    self.layer,
+                    flops,
+                    nbytes,
+                    python=python,
+                    rank_flops=rank_flops,
+                    rank_bytes=rank_bytes,
+                )  # fmt: skip
             )
             return out
         # an op over lists of every parameter: its bytes belong to each tensor's layer, and it
@@ -241,6 +272,7 @@ class Recorder:
             by_layer.setdefault(self.layer_of.get(id(tensor), -1), []).append((tensor.numel(), b))
         for layer, amounts in sorted(by_layer.items()):
             outside = layer == -1
+            nbytes, rank_bytes = _vectors(amounts, self.prime, self.rank_prime)
             self.events.append(
                 OpEvent(
                     name,
@@ -248,9 +280,11 @@ class Recorder:
                     self.phase,
                     layer,
                     flops if outside else zero,
-                    _vector(amounts, self.prime),
+                    nbytes,
                     1.0 if outside else 0.0,
                     python=python if outside else 0.0,
+                    rank_flops=rank_flops if outside else (zero, zero),
+                    rank_bytes=rank_bytes,
                 )
             )
         return out

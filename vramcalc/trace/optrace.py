@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vramcalc.catalog import config_from_dict
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.optimizer import bnb_state_tensors
-from vramcalc.trace.fakemodel import _MLP_OUTPUT, build_model, to_fake
+from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
 from vramcalc.trace.steptrace import decoder_layers
 from vramcalc.training_plan import TrainingPlan
@@ -43,6 +43,22 @@ class BnbOptimizerParam:
     numel: int
     bytes_per_element: float  # parameter, gradient and states, read and written
     repeat: str  # "once" or "layers"
+    # a LoRA tensor: numel + numel_per_rank * r elements, its states by the rule at that size
+    numel_per_rank: int = 0
+    itemsize: int = 0
+    embedding: bool = False
+
+    def at_rank(self, rank: int, optimizer: str) -> BnbOptimizerParam:
+        if not self.numel_per_rank:
+            return self
+        n = self.numel + self.numel_per_rank * rank
+        states = sum(b for b, _ in bnb_state_tensors(optimizer, n, self.embedding))
+        return replace(
+            self,
+            numel=n,
+            bytes_per_element=2 * states / n + 3 * self.itemsize,
+            numel_per_rank=0,
+        )
 
 
 def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
@@ -112,25 +128,10 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 
 
 def _outlier_probability(config: Any, name: str) -> float:
-    """P(|x| >= 6) for one input element of an int8 linear at random init: MLP output
-    projections only (``memory.fakemodel._outlier_columns`` gives the same columns)."""
-    from vramcalc.trace.emulation import int8_outlier_probability  # imports torch
-
-    parts = name.split(".")
-    leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
-    if leaf not in _MLP_OUTPUT:
-        return 0.0
-    act = str(
-        getattr(config, "hidden_activation", None)
-        or getattr(config, "hidden_act", None)
-        or getattr(config, "activation_function", None)
-        or "silu"
-    )
-    act = "gelu_tanh" if "gelu" in act else ("relu" if act == "relu" else "silu")
-    sigma = float(getattr(config, "initializer_range", 0.02) or 0.02) * math.sqrt(
-        int(config.hidden_size)
-    )
-    return int8_outlier_probability(act, sigma, _MLP_OUTPUT[leaf])
+    """P(|x| >= 6) for one input element of an int8 linear at random init (``trace/int8.py``,
+    the rule the step trace uses)."""
+    rule = outlier_rule(config, name, 0)
+    return int8_outlier_probability(rule.act, rule.sigma, rule.gated) if rule else 0.0
 
 
 def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
@@ -153,21 +154,27 @@ def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
 
 
 def _bnb_params(
-    params: list[tuple[Any, int, bool]], plan: TrainingPlan
+    params: list[tuple[Any, int, bool]], plan: TrainingPlan, rank_prime: int
 ) -> tuple[BnbOptimizerParam, ...]:
     """(tensor, layer, embedding) -> what a bitsandbytes optimizer moves per element: its
-    states read and written, the parameter read and written, the gradient read."""
+    states read and written, the parameter read and written, the gradient read. A LoRA
+    tensor (its size a multiple of the traced prime rank) keeps its size per unit of rank."""
     out = []
     for p, layer, embedding in params:
         n = int(p.numel())
         states = sum(b for b, _ in bnb_state_tensors(plan.optimizer, n, embedding))
         per_element = 2 * states / n + 3 * p.element_size()
-        out.append(BnbOptimizerParam(n, per_element, "layers" if layer == 1 else "once"))
+        repeat = "layers" if layer == 1 else "once"
+        per_rank = n // rank_prime if rank_prime and n % rank_prime == 0 else 0
+        out.append(
+            BnbOptimizerParam(
+                0 if per_rank else n, per_element, repeat, per_rank, p.element_size(), embedding
+            )
+        )
     return tuple(out)
 
 
-def trace_prime(config: Any, plan: TrainingPlan) -> int:
-    """The traced sequence length: the first of ``TRACE_PRIMES`` dividing no model dimension."""
+def _model_dims(config: Any) -> list[int]:
     names = (
         "hidden_size",
         "intermediate_size",
@@ -179,7 +186,12 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
         "num_local_experts",
         "moe_intermediate_size",
     )
-    dims = [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
+    return [int(v) for v in (getattr(config, n, None) for n in names) if isinstance(v, int) and v]
+
+
+def trace_prime(config: Any, plan: TrainingPlan) -> int:
+    """The traced sequence length: the first of ``TRACE_PRIMES`` dividing no model dimension."""
+    dims = _model_dims(config)
     dims.append(plan.adapter_rank)
     for p in TRACE_PRIMES:
         if all(d % p for d in dims):
@@ -188,9 +200,12 @@ def trace_prime(config: Any, plan: TrainingPlan) -> int:
 
 
 def trace_events(
-    config_dict: dict[str, Any], plan: TrainingPlan
+    config_dict: dict[str, Any], plan: TrainingPlan, rank_prime: int = 0
 ) -> tuple[list[OpEvent], list[OpEvent], Any]:
-    """The events of one micro-batch and of one optimizer step, and the parameter facts."""
+    """The events of one micro-batch and of one optimizer step, and the parameter facts.
+
+    ``rank_prime``: the plan's LoRA rank is this prime (``opprofile.traced_rank``), and every
+    amount is split into its parts in r^0, r^1 and r^2 (0: amounts at the plan's rank)."""
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -199,7 +214,9 @@ def trace_events(
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     prime = trace_prime(text_config, plan)
-    rec = Recorder(prime)
+    if rank_prime and (rank_prime != plan.adapter_rank or rank_prime == prime):
+        raise ProfileError(f"rank {plan.adapter_rank} is not the traced prime rank {rank_prime}")
+    rec = Recorder(prime, rank_prime)
     with _quiet():
         model = build_model(
             config_dict, plan.with_(batch_size=1, seq_len=prime, grad_accum=1), TRACED_LAYERS
@@ -246,7 +263,9 @@ def trace_events(
             F.scaled_dot_product_attention = original_sdpa
     bnb: tuple[BnbOptimizerParam, ...] = ()
     if optimizer is None:
-        bnb = _bnb_params([(p, layer_of.get(id(p), -1), id(p) in embeddings) for p in params], plan)
+        bnb = _bnb_params(
+            [(p, layer_of.get(id(p), -1), id(p) in embeddings) for p in params], plan, rank_prime
+        )
     return micro_batch, optimizer_events, (bnb, counts, len(layers), prime)
 
 

@@ -24,10 +24,10 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.trace.events import Shape, StepTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.training_plan import TrainingPlan
 
@@ -37,19 +37,6 @@ from vramcalc.training_plan import TrainingPlan
 # (getChosenWorkspaceSize: 4096 KiB * 8); never freed during training.
 CUBLAS_WORKSPACE_BYTES = 32 << 20
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """What a run of ``steps`` optimizer steps allocates, in order."""
-
-    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE, handle, nbytes)
-    tags: tuple[int, ...]  # per event: the decoder layer it belongs to, -1 for none
-    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
-    # per parameter tensor: (name, shape, dtype, trainable, k-bit quantized)
-    params: tuple[tuple[str, tuple[int, ...], str, bool, bool], ...]
-    param_layers: tuple[int, ...]  # per parameter: its decoder layer, -1 for none
-    num_layers: int  # decoder layers of the traced model
 
 
 class _Recorder:
@@ -66,14 +53,19 @@ class _Recorder:
 
         self.mode = Mode()
         self.events: list[tuple[int, int, int]] = []
+        self.shapes: list[Shape | None] = []  # per event, see StepTrace
         self.tags: list[int] = []  # per event: the decoder layer it belongs to, or -1
         self.markers: list[tuple[str, int]] = []
+        self.bnb_slots: list[tuple[int, int, bool]] = []  # (event position, tensor, embedding)
         self._handles: dict[int, tuple[int, int]] = {}  # storage -> (handle, layer tag)
         self.layer = -1  # the decoder layer running now (forward hooks, backward node hooks)
         self._next = 0
         self.live = self.peak = 0
         self.in_backward = False
         self._workspaces: set[str] = set()
+        from vramcalc.trace.emulation import ROUNDED_DIMS  # torch: only once a trace runs
+
+        self._rounded = ROUNDED_DIMS
         self._attn_shape = attn_shape  # batch, seq, heads, head_dim
 
     def known(self, tensors: Any, layer: int = -1) -> None:
@@ -83,18 +75,28 @@ class _Recorder:
             self._handles[tensor.untyped_storage()._cdata] = (0, layer)
 
     def mark(self, label: str) -> None:
+        self.take_slots()
         self.markers.append((label, len(self.events)))
 
-    def _alloc(self, nbytes: int, tag: int = -1) -> int:
+    def take_slots(self) -> None:
+        """Give the bitsandbytes state slots opened since the last event their position."""
+        while BNB_SLOTS:
+            index, embedding = BNB_SLOTS.pop(0)
+            self.bnb_slots.append((len(self.events), index, embedding))
+
+    def _alloc(self, nbytes: int, tag: int = -1, shape: Shape | None = None) -> int:
         self._next += 1
         self.events.append((ALLOC, self._next, nbytes))
+        self.shapes.append(shape)
         self.tags.append(tag)
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         return self._next
 
     def _free(self, handle: int, nbytes: int, tag: int) -> None:
+        self.take_slots()
         self.events.append((FREE, handle, nbytes))
+        self.shapes.append(None)
         self.tags.append(self.layer if self.layer >= 0 else tag)
         self.live -= nbytes
 
@@ -116,7 +118,16 @@ class _Recorder:
         if key in self._handles:
             return
         nbytes = int(storage.nbytes())
-        handle = self._alloc(nbytes, tag)
+        itemsize = tensor.element_size()
+        rounded = self._rounded
+        shape: Shape | None = (
+            (itemsize, tuple(int(d) for d in tensor.shape), rounded[-1] if rounded else ())
+            if tensor.numel() * itemsize == nbytes and tensor.storage_offset() == 0
+            else None
+        )
+        if BNB_STATE_NOTE:
+            shape = ("bnb", *BNB_STATE_NOTE[-1])  # type: ignore[assignment]
+        handle = self._alloc(nbytes, tag, shape)
         self._handles[key] = (handle, tag)
 
         def freed(key: int = key, handle: int = handle, nbytes: int = nbytes) -> None:
@@ -155,6 +166,37 @@ class _Recorder:
         return out
 
 
+def canonical_frees(
+    events: list[tuple[int, int, int]], tags: list[int], markers: list[tuple[str, int]] = ()
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], list[int]]:
+    """Each batch of consecutive frees in the order its tensors were made.
+
+    Python releases some groups of tensors in an order that changes from run to run (a
+    dict or set of saved tensors dropped at once, weakref callbacks), and the order of
+    frees with no allocation between them does not change the allocator's state (free
+    blocks merge with their free neighbours whatever the order): one order makes traces of
+    the same recipe comparable event by event."""
+    made = {handle: i for i, (op, handle, _) in enumerate(events) if op == ALLOC}
+    out, out_tags = list(events), list(tags)
+    position = list(range(len(events)))  # new index -> old index (frees move among frees)
+    cuts = {at for _, at in markers}  # batches do not cross a marker (or another cut)
+    i, n = 0, len(out)
+    while i < n:
+        if out[i][0] != FREE:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and out[j][0] == FREE and j not in cuts:
+            j += 1
+        if j - i > 1:
+            order = sorted(range(i, j), key=lambda k: made.get(events[k][1], -1))
+            out[i:j] = [events[k] for k in order]
+            out_tags[i:j] = [tags[k] for k in order]
+            position[i:j] = order
+        i = j
+    return tuple(out), tuple(out_tags), position
+
+
 def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
     import torch
 
@@ -169,6 +211,14 @@ def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
     if name == "sgd_momentum":
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
     return _StatesOnly(params, plan)
+
+
+#: (trainable tensor index, embedding) while a bitsandbytes state is allocated: the recorder
+#: notes it in place of a shape (the state's size is the rule's, ``optimizer.bnb_state_tensors``)
+BNB_STATE_NOTE: list[tuple[int, bool]] = []
+#: (trainable tensor index, embedding) appended as each tensor's bitsandbytes states are made
+#: (none on the device when paged): the recorder keeps the event position of each slot
+BNB_SLOTS: list[tuple[int, bool]] = []
 
 
 class _StatesOnly:
@@ -189,12 +239,19 @@ class _StatesOnly:
             return
         self.state = []
         if self.plan.optimizer in BNB_OPTIMIZERS:
-            for p in self.params:
-                for nbytes, on_device in bnb_state_tensors(
-                    self.plan.optimizer, p.numel(), getattr(p, "_vramcalc_embedding", False)
-                ):
+            for index, p in enumerate(self.params):
+                embedding = bool(getattr(p, "_vramcalc_embedding", False))
+                states = bnb_state_tensors(self.plan.optimizer, p.numel(), embedding)
+                BNB_SLOTS.append((index, embedding))  # where this tensor's states go (any)
+                for nbytes, on_device in states:
                     if on_device:
-                        self.state.append(p.new_empty((nbytes,), dtype=torch.uint8))
+                        # how many and how large follow from the tensor's size by rule (32-bit
+                        # below 4096 elements, paged above 1e5): noted for trace/recipe.py
+                        BNB_STATE_NOTE.append((index, embedding))
+                        try:
+                            self.state.append(p.new_empty((nbytes,), dtype=torch.uint8))
+                        finally:
+                            BNB_STATE_NOTE.pop()
             return
         for p in self.params:  # adafactor: factored second moment (optimizer.py's rule)
             if p.dim() >= 2:
@@ -305,23 +362,14 @@ def trace_steps(
     """
     from vramcalc.trace import unroll as unrolling
 
-    total = num_layers or _config_layers(config_dict)
+    total = num_layers or config_layers(config_dict)
     if not unroll or steps < 2:
         return _trace(config_dict, plan, steps, num_layers)
-    layers = min(total, unrolling.TRACED_LAYERS)
-    small = _trace(config_dict, plan, 2, layers)
+    small = _trace(config_dict, plan, 2, min(total, unrolling.TRACED_LAYERS))
     try:
-        events, tags = unrolling.repeat_last_step(
-            small.events, small.tags, small.markers, steps - 2
-        )
-        params = small.params
-        if total > layers:
-            events = unrolling.unroll(events, tags, total)
-            params = unrolling.unroll_params(small.params, small.param_layers, total)
-            tags = ()
+        return unrolling.expand(small, steps, total)
     except unrolling.UnrollError:
         return _trace(config_dict, plan, steps, num_layers)
-    return StepTrace(events, tags, (), params, (), total)
 
 
 def _rank_allocator(model: Any, plan: TrainingPlan) -> Any:
@@ -339,15 +387,33 @@ def _rank_allocator(model: Any, plan: TrainingPlan) -> Any:
     return model.base_model.rankallocator
 
 
-def _config_layers(config_dict: dict[str, Any]) -> int:
+def config_layers(config_dict: dict[str, Any]) -> int:
+    """Decoder layers of the config's model."""
     from vramcalc.catalog import config_from_dict
 
     config = config_from_dict(config_dict)
     return int(getattr(config, "num_hidden_layers", 0) or 0)
 
 
+def trace_at(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int,
+    num_layers: int | None,
+    outlier_columns: int | None = None,
+) -> StepTrace:
+    """``steps`` optimizer steps of ``plan`` with ``num_layers`` decoder layers, every layer
+    traced; ``outlier_columns`` sets INT8's outlier columns (default: as the plan's tokens
+    make them)."""
+    return _trace(config_dict, plan, steps, num_layers, outlier_columns)
+
+
 def _trace(
-    config_dict: dict[str, Any], plan: TrainingPlan, steps: int, num_layers: int | None
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int,
+    num_layers: int | None,
+    outlier_columns: int | None = None,
 ) -> StepTrace:
     """Trace every layer of a model of ``num_layers`` (default: the config's) layers."""
     import torch
@@ -355,8 +421,9 @@ def _trace(
 
     from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
 
+    BNB_SLOTS.clear()
     with _quiet():
-        model = build_model(config_dict, plan, num_layers)
+        model = build_model(config_dict, plan, num_layers, outlier_columns)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     named = to_fake(model, mode)
     embedding = model.get_input_embeddings()
@@ -383,7 +450,9 @@ def _trace(
         with recorder.mode:
             for step in range(steps):
                 recorder.mark(f"step{step}")
-                for _micro in range(plan.grad_accum):
+                for micro in range(plan.grad_accum):
+                    if micro:
+                        recorder.mark(f"step{step}_micro{micro}")
                     ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
                     labels = ids.clone()
                     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -415,11 +484,19 @@ def _trace(
         )
         for name, p in named
     )
+    events, tags, position = canonical_frees(
+        recorder.events,
+        recorder.tags,
+        [*recorder.markers, *(("slot", at) for at, _, _ in recorder.bnb_slots)],
+    )
     return StepTrace(
-        tuple(recorder.events),
-        tuple(recorder.tags),
+        events,
+        tags,
         tuple(recorder.markers),
         param_list,
         tuple(layer_of.get(id(p), -1) for _, p in named),
         len(layers),
+        tuple(recorder.shapes[k] for k in position),
+        getattr(model, "_vramcalc_outlier_rule", None),
+        tuple(recorder.bnb_slots),
     )

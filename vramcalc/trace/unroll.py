@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramcalc.errors import VramcalcError
-from vramcalc.memory.allocator import ALLOC
+from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.trace.events import StepTrace
 
 TRACED_LAYERS = 5
 TEMPLATE = 2  # the interior layer repeated
@@ -92,6 +93,31 @@ def _runs(tags: list[int], events: tuple[tuple[int, int, int], ...]) -> list[_Ru
     return runs
 
 
+def release_sweeps(events: tuple[tuple[int, int, int], ...], tags: list[int]) -> list[bool]:
+    """Per event: True for the frees of a release sweep -- a batch of consecutive frees
+    whose tensors come from three or more decoder layers (what every layer left, released
+    at once); the batch's order does not change the allocator's state."""
+    made: dict[int, int] = {}
+    out = [False] * len(events)
+    i, n = 0, len(events)
+    for k, (op, handle, _) in enumerate(events):
+        if op == ALLOC:
+            made[handle] = tags[k]
+    while i < n:
+        if events[i][0] == ALLOC:
+            i += 1
+            continue
+        j = i
+        while j < n and events[j][0] != ALLOC:
+            j += 1
+        layers = {made.get(events[k][1], -1) for k in range(i, j)} - {-1}
+        if len(layers) >= 3:
+            for k in range(i, j):
+                out[k] = True
+        i = j
+    return out
+
+
 def unroll(
     events: tuple[tuple[int, int, int], ...], tags: tuple[int, ...], num_layers: int
 ) -> tuple[tuple[int, int, int], ...]:
@@ -99,7 +125,19 @@ def unroll(
     n = num_layers
     if n <= TRACED_LAYERS:
         raise UnrollError(f"{n} layers need no unrolling")
-    filled = fill_untagged(retag_distant_frees(events, list(tags)))
+    sweep_free = release_sweeps(events, list(tags))
+    base_tags = list(tags)
+    for k in range(len(events)):
+        if sweep_free[k]:
+            base_tags[k] = -2  # placeholder: takes its neighbours' tag below
+    retagged = retag_distant_frees(events, base_tags)
+    last = -1
+    for k in range(len(events)):
+        if sweep_free[k]:
+            retagged[k] = last
+        else:
+            last = retagged[k]
+    filled = fill_untagged(retagged)
     runs = _runs(filled, events)
     tagged = [r for r in runs if r.tag >= 0]
     # sweeps: each template run with its neighbouring runs of layers 1 and 3
@@ -170,8 +208,21 @@ def unroll(
             return r3.allocs[index]
         raise UnrollError(f"no layer {target} for a tensor of layer {run.tag}")
 
+    def release(handle: int, nbytes: int) -> list[tuple[int, int, int]]:
+        """A free of a release sweep: of the tensor itself, or of every interior copy."""
+        made = where.get(handle)
+        if made is None or made[0].tag != TEMPLATE:
+            return [(FREE, handle, nbytes)]
+        run, index = made
+        if run.sweep < 0:
+            raise UnrollError("a release sweep frees an interior tensor outside any sweep")
+        template = sweeps[run.sweep][1]
+        return [(FREE, copy(template.allocs[index], layer), nbytes) for layer in range(2, n - 2)]
+
     out: list[tuple[int, int, int]] = []
     for run in runs:
+        if any(sweep_free[run.start : run.stop]) and run.tag == TEMPLATE:
+            raise UnrollError("a release sweep inside an interior layer's run")
         if run.tag == TEMPLATE:
             layers = range(2, n - 2) if sweeps[run.sweep][3] else range(n - 3, 1, -1)
             for layer in layers:
@@ -182,7 +233,10 @@ def unroll(
                         out.append((op, resolve(handle, layer, TEMPLATE), nbytes))
             continue
         running = layer_of_tag.get(run.tag)
-        for op, handle, nbytes in events[run.start : run.stop]:
+        for k, (op, handle, nbytes) in enumerate(events[run.start : run.stop], run.start):
+            if sweep_free[k]:
+                out.extend(release(handle, nbytes))
+                continue
             if op == ALLOC:
                 out.append((op, handle, nbytes))
             else:
@@ -258,3 +312,124 @@ def repeat_last_step(
             out_tags.append(tags[i])
         previous = current
     return tuple(out), tuple(out_tags)
+
+
+def repeat_micro(
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    markers: tuple[tuple[str, int], ...],
+    times: int,
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]]:
+    """Each step's last traced micro-batch repeated ``times`` more times (gradient
+    accumulation over more micro-batches than were traced).
+
+    Micro-batches after the second run the same operations: each one frees what the one
+    before it left for it (the accumulated gradients it replaces) at the same position from
+    its start, so a copy frees the previous copy's tensors, and what follows the last
+    micro-batch (the optimizer step) frees the last copy's."""
+    at = dict(markers)
+    steps = sorted(
+        int(label[4:]) for label in at if label.startswith("step") and label[4:].isdigit()
+    )
+    last = max((int(label.rsplit("micro", 1)[1]) for label in at if "_micro" in label), default=0)
+    if last < 2 or times <= 0:
+        raise UnrollError("repeat the last of three or more traced micro-batches")
+    segments = []
+    for step in steps:
+        try:
+            prev, start = at[f"step{step}_micro{last - 1}"], at[f"step{step}_micro{last}"]
+            stop = at[f"step{step}_optimizer"]
+        except KeyError as err:
+            raise UnrollError(f"the trace has no marker {err}") from err
+        if stop - start != start - prev:
+            raise UnrollError("the last two micro-batches differ in length")
+        segments.append((prev, start, stop))
+    made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    top = max(made_at, default=0)
+    out: list[tuple[int, int, int]] = []
+    out_tags: list[int] = []
+    remap: dict[int, int] = {}  # a segment's tensor -> its counterpart in the last copy
+    shifts: list[tuple[int, int]] = []  # (event index, events inserted before it)
+    position = 0
+    for prev, start, stop in segments:
+        for i in range(position, stop):
+            op, handle, nbytes = events[i]
+            out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+            out_tags.append(tags[i])
+        position = stop
+        made_in = {h for h in (events[i][1] for i in range(start, stop) if events[i][0] == ALLOC)}
+        freed_in = {events[i][1] for i in range(start, stop) if events[i][0] != ALLOC}
+        for i in range(start, stop):  # a tensor the segment leaves must replace its twin
+            op, handle, _ = events[i]
+            if op == ALLOC and any(
+                events[k][1] == handle and events[k][0] != ALLOC for k in range(i + 1, stop)
+            ):
+                continue
+            if op == ALLOC:
+                twin = events[i - start + prev]
+                if twin[0] != ALLOC or twin[1] not in freed_in:
+                    raise UnrollError("a micro-batch leaves a tensor that the next does not free")
+        previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
+        for _ in range(times):
+            current: dict[int, int] = {}
+            for i in range(start, stop):
+                op, handle, nbytes = events[i]
+                if op == ALLOC:
+                    top += 1
+                    current[handle] = top
+                    out.append((op, top, nbytes))
+                else:
+                    made = made_at.get(handle, -1)
+                    if handle in made_in:
+                        out.append((op, current[handle], nbytes))
+                    elif prev <= made < start:
+                        twin = events[made - prev + start]
+                        if twin[0] != ALLOC or twin[2] != events[made][2]:
+                            raise UnrollError("a tensor crossing micro-batches has no twin")
+                        out.append((op, previous[twin[1]], nbytes))
+                    else:
+                        raise UnrollError("a micro-batch frees a tensor from before the last two")
+                out_tags.append(tags[i])
+            previous = current
+        remap.update({h: previous[h] for h in made_in})
+        shifts.append((stop, times * (stop - start)))
+    for i in range(position, len(events)):
+        op, handle, nbytes = events[i]
+        out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+        out_tags.append(tags[i])
+
+    # the copies stand just before each optimizer marker: later markers move by what came in,
+    # and each copy starts a micro-batch of its own
+    moved = [
+        (label, index + sum(n for where, n in shifts if where <= index)) for label, index in markers
+    ]
+    for step, (_, start, stop) in zip(steps, segments, strict=True):
+        base = stop + sum(n for where, n in shifts if where < stop)
+        moved += [
+            (f"step{step}_micro{last + k}", base + (k - 1) * (stop - start))
+            for k in range(1, times + 1)
+        ]
+    new_markers = tuple(sorted(moved, key=lambda m: (m[1], _marker_order(m[0]))))
+    return tuple(out), tuple(out_tags), new_markers
+
+
+def _marker_order(label: str) -> int:
+    """At one position: a step starts before its micro-batches, which come before its
+    optimizer step, which comes before the end."""
+    if label == "end":
+        return 3
+    if label.endswith("_optimizer"):
+        return 2
+    return 1 if "_micro" in label else 0
+
+
+def expand(small: StepTrace, steps: int, num_layers: int) -> StepTrace:
+    """A trace of two steps of at most ``TRACED_LAYERS`` layers as ``steps`` steps of
+    ``num_layers`` layers (``UnrollError`` when its shape does not allow it)."""
+    events, tags = repeat_last_step(small.events, small.tags, small.markers, steps - 2)
+    params = small.params
+    if num_layers > small.num_layers:
+        events = unroll(events, tags, num_layers)
+        params = unroll_params(small.params, small.param_layers, num_layers)
+        tags = ()
+    return StepTrace(events, tags, (), params, (), num_layers)

@@ -9,19 +9,19 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("vramcalc", "harness")
+PACKAGES = ("vramcalc", "vramcalc_harness")
 
 #: cycles still to break (each a sorted tuple of module names); must only shrink
 KNOWN_CYCLES = {
     (
-        "harness.distributed",
-        "harness.record",
-        "harness.scenario",
-        "harness.serve_case",
-        "harness.simworld",
-        "harness.step",
+        "vramcalc_harness.distributed",
+        "vramcalc_harness.record",
+        "vramcalc_harness.scenario",
+        "vramcalc_harness.serve_case",
+        "vramcalc_harness.simworld",
+        "vramcalc_harness.step",
     ),
-    ("harness.serve_step", "harness.worker"),
+    ("vramcalc_harness.serve_step", "vramcalc_harness.worker"),
 }
 
 
@@ -175,6 +175,7 @@ LONG_MODULES = {
     "vramcalc.estimate",
     "vramcalc.trace.recipe",
     "vramcalc.trace.steptrace",
+    "vramcalc_harness.scenario",  # until the case files get their own module
 }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from vramcalc_harness.distributed import launch_env
+from vramcalc_harness.worker import die_with_launcher
 
 USAGE = "usage: python -m vramcalc_harness.agent ACCELERATE.yaml run|prepare SPEC.json RESULT.json"
 
@@ -48,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 4:
         print(USAGE, file=sys.stderr)
         return 2
-    from vramcalc_harness.worker import die_with_launcher
 
     die_with_launcher()
     config_file, *worker_args = argv

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vramcalc.adapters import adapter_config, default_target_modules
 from vramcalc.catalog import resolve_model
 from vramcalc.serve_plan import ServePlan
 from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
@@ -344,7 +345,6 @@ def lora_target_modules(plan: TrainingPlan, model_type: str) -> list[str] | str:
     Like the estimator (``vramcalc.inventory``), an architecture without a peft
     default gets all-linear instead of an error.
     """
-    from vramcalc.adapters import default_target_modules
 
     if plan.targets is None:
         return default_target_modules(model_type, plan.method)
@@ -378,8 +378,6 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
     if plan.uses_adapters:
         from peft import get_peft_model
         from peft.tuners.lora import LoraLayer  # AdaLoRA's SVD layers are LoraLayers too
-
-        from vramcalc.adapters import adapter_config
 
         # LoraConfig, or AdaLoraConfig for method adalora (the step then calls
         # update_and_allocate, vramcalc_harness.step.rank_allocation)

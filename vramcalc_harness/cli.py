@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vramcalc.errors import VramcalcError
+from vramcalc_harness.caselist import load_cases, select_split
 from vramcalc_harness.errors import CaseError
 from vramcalc_harness.launcher import (
     DEFAULT_TIMEOUT_S,
@@ -16,7 +17,7 @@ from vramcalc_harness.launcher import (
     resolve_device,
     run_cases,
 )
-from vramcalc_harness.scenario import SPLITS, Case, load_cases, select_split, simulated
+from vramcalc_harness.scenario import SPLITS, Case, simulated
 from vramcalc_harness.serve_case import ServeCase
 
 HELP = """Measure real fine-tuning steps of every case in CASES and append one JSON line

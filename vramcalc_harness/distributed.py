@@ -31,9 +31,10 @@ from typing import Any
 
 import yaml
 
+from vramcalc.catalog import resolve_model
 from vramcalc.training_plan import TrainingPlan
 from vramcalc_harness.errors import HarnessError, MissingDependencyError
-from vramcalc_harness.scenario import Case
+from vramcalc_harness.scenario import MAX_GRAD_NORM, Case
 
 FSDP_STRATEGIES = ("fsdp", "fsdp-grad-op")
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
@@ -98,8 +99,6 @@ def check_machine(plan: TrainingPlan, device: str) -> None:
 def decoder_layer_classes(plan: TrainingPlan) -> list[str]:
     """The model class's ``_no_split_modules`` (its decoder layer), for FSDP's auto wrap."""
     from transformers import AutoModelForCausalLM
-
-    from vramcalc.catalog import resolve_model
 
     config = resolve_model(plan.model).config
     try:
@@ -173,8 +172,6 @@ def accelerate_config(
 
 
 def hidden_size(plan: TrainingPlan) -> int:
-    from vramcalc.catalog import resolve_model
-
     config = resolve_model(plan.model).config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.hidden_size)
@@ -206,7 +203,6 @@ def deepspeed_config(case: Case) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    from vramcalc_harness.step import MAX_GRAD_NORM
 
     precision = mixed_precision(plan, "cuda")  # DeepSpeed runs on GPUs only
     return {

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vramcalc.catalog import resolve_model
 from vramcalc.errors import VramcalcError
+from vramcalc_harness.build import checkpoint_dir, checkpoint_ready, touch_checkpoint
 from vramcalc_harness.distributed import (
     NVLS_OFF_ENV,
     check_machine,
@@ -151,7 +153,6 @@ def plan_run(
 
 def check_models(cases: Iterable[Case | ServeCase]) -> list[str]:
     """A problem for each distinct model that does not resolve (catalog or local path)."""
-    from vramcalc.catalog import resolve_model
 
     problems = []
     for name in dict.fromkeys(case.plan.model for case in cases):
@@ -278,7 +279,6 @@ def measure_case(
     ``sparse_checkpoints``: a checkpoint too large for the scratch disk is written sparse,
     all zeros (``vramcalc_harness.build.write_sparse_checkpoint``).
     """
-    from vramcalc_harness.build import checkpoint_dir, checkpoint_ready, touch_checkpoint
 
     timeout_s = case.timeout_s or timeout_s
     log_path = scratch_dir / "logs" / f"{case.case_id}.log"

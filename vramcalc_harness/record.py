@@ -30,13 +30,14 @@ import platform
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vramcalc_harness.scenario import PLAN_FIELDS, Case
+from vramcalc_harness.scenario import PLAN_FIELDS, SIMULATED_WORLD_LIMITS, Case
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("ok", "oom", "timeout", "error")
@@ -211,6 +212,71 @@ def collect_provenance(device: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RecordKind:
+    """What a kind of case (training, serving) puts in its record: every field in order, the
+    fields a measurement fills, the case's own values, and the fields derived at the end."""
+
+    fields: tuple[str, ...]
+    measured: frozenset[str]
+    values: Mapping[str, Any]
+    finish: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+def build_record(
+    kind: RecordKind,
+    device: str,
+    status: str,
+    measurement: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The one record builder: every field of ``kind`` present (None: not measured), the
+    case's values, what was measured, the provenance, the status."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    record: dict[str, Any] = dict.fromkeys(kind.fields)
+    record.update(kind.values)
+    for key, value in (measurement or {}).items():
+        if key in kind.measured:
+            record[key] = value
+    for key, value in (provenance or {}).items():
+        if key in PROVENANCE_FIELDS:
+            record[key] = value
+    record.update(device=device, status=status, error=error)
+    if record["measured_at"] is None:
+        record["measured_at"] = utc_now()
+    kind.finish(record)
+    return record
+
+
+def training_kind(case: Case) -> RecordKind:
+    """A training case's record: ``RECORD_FIELDS``; the all-GPU totals of one GPU are its
+    own figures; simulated runs say so."""
+
+    def finish(record: dict[str, Any]) -> None:
+        if case.plan.num_gpus == 1:
+            record["tokens_per_second_all_gpus"] = record["tokens_per_second"]
+            record["total_device_bytes_all_gpus"] = record["device_total_bytes"]
+        if case.simulate is not None:
+            record["simulate"] = case.simulate
+        if case.simulate_world is not None:
+            record["simulated_world_size"] = case.simulate_world
+            record["simulated_world_limits"] = list(SIMULATED_WORLD_LIMITS)
+
+    values = case.plan.to_dict() | {
+        "case_id": case.case_id,
+        "split": case.split,
+        "recipe": case.recipe,
+        "steps": case.steps,
+        "warmup_steps": case.warmup_steps,
+        "seed": case.seed,
+        "min_seconds": case.min_seconds,
+        "record_trace": case.record_trace,
+    }
+    return RecordKind(RECORD_FIELDS, frozenset(RECORD_FIELDS), values, finish)
+
+
 def make_record(
     case: Case,
     device: str,
@@ -219,41 +285,9 @@ def make_record(
     provenance: Mapping[str, Any] | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """The full result record of one case, every field present, in ``RECORD_FIELDS`` order."""
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
-    record.update(case.plan.to_dict())
-    record.update(
-        case_id=case.case_id,
-        split=case.split,
-        recipe=case.recipe,
-        steps=case.steps,
-        warmup_steps=case.warmup_steps,
-        seed=case.seed,
-        min_seconds=case.min_seconds,
-        record_trace=case.record_trace,
-    )
-    for key, value in (measurement or {}).items():
-        if key in RECORD_FIELDS:
-            record[key] = value
-    for key, value in (provenance or {}).items():
-        if key in PROVENANCE_FIELDS:
-            record[key] = value
-    record.update(device=device, status=status, error=error)
-    if record["measured_at"] is None:
-        record["measured_at"] = utc_now()
-    if case.plan.num_gpus == 1:  # the all-GPU totals of one GPU are its own figures
-        record["tokens_per_second_all_gpus"] = record["tokens_per_second"]
-        record["total_device_bytes_all_gpus"] = record["device_total_bytes"]
-    if case.simulate is not None:
-        record["simulate"] = case.simulate
-    if case.simulate_world is not None:
-        from vramcalc_harness.simworld import SIMULATED_WORLD_LIMITS
-
-        record["simulated_world_size"] = case.simulate_world
-        record["simulated_world_limits"] = list(SIMULATED_WORLD_LIMITS)
-    return record
+    """The full result record of one training case, every field present, in
+    ``RECORD_FIELDS`` order."""
+    return build_record(training_kind(case), device, status, measurement, provenance, error)
 
 
 # -- multi-GPU: one record from the ranks' records -------------------------------------------------

@@ -37,40 +37,32 @@ Every problem of a file is reported at once, each naming its case and field.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from vramcalc.errors import InvalidPlanError
-from vramcalc.training_plan import TrainingPlan, parse_targets, suggest
+from vramcalc.training_plan import (
+    ADALORA_FIELDS,
+    PLAN_DEFAULTS,
+    PLAN_FIELDS,
+    TrainingPlan,
+    parse_targets,
+    suggest,
+)
 from vramcalc_harness.errors import CaseError
-
-if TYPE_CHECKING:
-    from vramcalc_harness.serve_case import ServeCase
 
 SPLITS = ("calibration", "validation")
 RECIPES = ("trainer", "loop")
 SIMULATIONS = ("oom", "error", "hang")
 SIMULATED_STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op")
 
-PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+#: plan fields added after the first measurements (--allocator, then AdaLoRA's options): a
+#: case key leaves them out at their default, so the ids of earlier cases stay the same
 KEY_FIELDS_ADDED_LATER: dict[str, Any] = {
-    "allocator": "default",
-    # AdaLoRA's options (peft's defaults), added with --method adalora
-    "init_rank": 12,
-    "target_rank": 8,
-    "tinit": 0,
-    "tfinal": 0,
-    "delta_t": 1,
-    "total_step": None,
-    "orth_reg_weight": 0.5,
+    name: PLAN_DEFAULTS[name] for name in ("allocator", *ADALORA_FIELDS)
 }
 # the plan's --allocator as PYTORCH_CUDA_ALLOC_CONF (None: the variable is unset)
 ALLOC_CONF = {"default": None, "expandable": "expandable_segments:True"}
@@ -95,33 +87,7 @@ CASE_FIELDS = (
 # measured steps never exceed this many, whatever ``min_seconds`` asks
 MAX_MEASURED_STEPS = 200
 ALL_FIELDS = PLAN_FIELDS + CASE_FIELDS
-_INT_FIELDS = (
-    "rank",
-    "seq_len",
-    "batch_size",
-    "grad_accum",
-    "num_gpus",
-    "init_rank",
-    "target_rank",
-    "tinit",
-    "tfinal",
-    "delta_t",
-    "total_step",
-    "steps",
-    "warmup_steps",
-    "seed",
-    "simulate_world",
-    # serving cases (vramcalc_harness.serve_case)
-    "adapters",
-    "batch",
-    "context",
-    "prompt_tokens",
-    "new_tokens",
-)
-_FLOAT_FIELDS = ("alpha", "dropout", "timeout_s", "min_seconds", "orth_reg_weight")
-_BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
-_TRUE = ("true", "yes", "1", "on")
-_FALSE = ("false", "no", "0", "off")
+BOOL_FIELDS = ("double_quant", "gradient_checkpointing", "cpu_offload", "record_trace")
 
 
 @dataclass(frozen=True)
@@ -332,7 +298,7 @@ def case_from_mapping(data: Mapping[str, Any], where: str) -> Case:
     for key in unknown:
         problems.append(f"{where}: unknown field {key!r}.{suggest(str(key), ALL_FIELDS)}")
     values = {str(k).replace("-", "_"): v for k, v in data.items() if k not in unknown}
-    for name in _BOOL_FIELDS:
+    for name in BOOL_FIELDS:
         if name in values and not isinstance(values[name], bool):
             problems.append(f"{where}: {name} must be true or false, got {values[name]!r}.")
             values.pop(name)
@@ -372,177 +338,12 @@ def case_from_mapping(data: Mapping[str, Any], where: str) -> Case:
 CASE_DEFAULTS = {f.name: f.default for f in fields(Case) if f.name != "plan"}
 
 
-def any_case_from_mapping(data: Mapping[str, Any], where: str) -> Case | ServeCase:
-    """A training ``Case``, or a ``ServeCase`` when the mapping says ``kind: serve``."""
-    if data.get("kind") == "serve":
-        from vramcalc_harness.serve_case import serve_case_from_mapping
-
-        return serve_case_from_mapping(data, where)
-    return case_from_mapping(data, where)
-
-
-def case_from_dict(data: Mapping[str, Any]) -> Case | ServeCase:
-    """``to_dict`` output of either kind of case back into its case (the worker's spec)."""
-    return any_case_from_mapping(data, where="case")
+SIMULATED_WORLD_LIMITS = (
+    "NCCL communicator and its buffers (no real process group: collectives move no data)",
+    "communication/computation overlap and stream waits of real collectives",
+    "speed: tokens/s and step time are rank 0 alone, not a multi-GPU measurement",
+    "the other ranks' imbalance (rank 0's shards only; uneven last shards not seen)",
+)
 
 
-# -- files -----------------------------------------------------------------------------------
-def load_cases(path: str | Path) -> tuple[Case | ServeCase, ...]:
-    """All cases of a ``.yaml``/``.yml`` or ``.csv`` file, in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaseError([f"cases file {path} does not exist."])
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise CaseError([f"{path}: not valid YAML ({err})"]) from err
-        return cases_from_yaml_data(raw, source=path.name)
-    if suffix == ".csv":
-        with path.open(newline="") as handle:
-            return cases_from_csv_rows(csv.DictReader(handle), source=path.name)
-    raise CaseError([f"cases file {path} must end in .yaml, .yml or .csv."])
-
-
-def cases_from_yaml_data(raw: Any, source: str = "input") -> tuple[Case | ServeCase, ...]:
-    """Cases from parsed YAML: a list of cases, or ``defaults``/``cases``/``grids``."""
-    if raw is None:
-        raise CaseError([f"{source}: the file holds no cases."])
-    if isinstance(raw, list):
-        raw = {"cases": raw}
-    if not isinstance(raw, dict):
-        raise CaseError([f"{source}: expected a list of cases or a mapping with cases/grids."])
-    problems = []
-    unknown = sorted(set(raw) - {"defaults", "cases", "grids", "rule", "notes"})
-    problems += [
-        f"{source}: unknown top-level key {k!r} (use defaults, cases, grids)." for k in unknown
-    ]
-    defaults = raw.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        problems.append(f"{source}: defaults must be a mapping of field: value.")
-        defaults = {}
-    entries: list[tuple[str, dict[str, Any]]] = []
-    for i, item in enumerate(_as_list(raw.get("cases"), f"{source}: cases", problems)):
-        if isinstance(item, dict):
-            entries.append((f"{source} cases[{i}]", {**defaults, **item}))
-        else:
-            problems.append(f"{source} cases[{i}]: a case must be a mapping, got {item!r}.")
-    for i, grid in enumerate(_as_list(raw.get("grids"), f"{source}: grids", problems)):
-        if not isinstance(grid, dict):
-            problems.append(f"{source} grids[{i}]: a grid must be a mapping, got {grid!r}.")
-            continue
-        expanded = expand_grid({**defaults, **grid}, f"{source} grids[{i}]", problems)
-        entries.extend(expanded)
-    return _build_all(entries, problems, source)
-
-
-def expand_grid(
-    grid: Mapping[str, Any], where: str, problems: list[str]
-) -> list[tuple[str, dict[str, Any]]]:
-    """Cross product of the grid's list values (scalars fixed), each with its label."""
-    varying = {k: v for k, v in grid.items() if isinstance(v, list)}
-    for key, options in varying.items():
-        if not options:
-            problems.append(f"{where}: {key} has an empty list of options.")
-    if any(not options for options in varying.values()):
-        return []
-    fixed = {k: v for k, v in grid.items() if k not in varying}
-    out = []
-    for combo in itertools.product(*varying.values()):
-        chosen = dict(zip(varying, combo, strict=True))
-        label = ", ".join(f"{k}={_short(v)}" for k, v in chosen.items())
-        out.append((f"{where} ({label})", {**fixed, **chosen}))
-    return out
-
-
-def cases_from_csv_rows(
-    rows: Iterable[dict[str, str]], source: str = "input"
-) -> tuple[Case | ServeCase, ...]:
-    """Cases from CSV rows (strings); empty cells mean the default."""
-    problems: list[str] = []
-    entries = []
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        where = f"{source} line {number}"
-        values: dict[str, Any] = {}
-        for key, text in row.items():
-            if key is None:
-                problems.append(f"{where}: more cells than header columns.")
-                continue
-            text = (text or "").strip()
-            if text:
-                values[key.strip()] = _parse_cell(key.strip(), text, where, problems)
-        if values:
-            entries.append((where, values))
-    return _build_all(entries, problems, source)
-
-
-def _parse_cell(key: str, text: str, where: str, problems: list[str]) -> Any:
-    name = key.replace("-", "_")
-    try:
-        if name in _INT_FIELDS:
-            return int(text)
-        if name in _FLOAT_FIELDS:
-            return float(text)
-    except ValueError:
-        kind = "an integer" if name in _INT_FIELDS else "a number"
-        problems.append(f"{where}: {name} must be {kind}, got {text!r}.")
-        return None
-    if name in _BOOL_FIELDS:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        problems.append(f"{where}: {name} must be true or false, got {text!r}.")
-        return None
-    if name == "quant" and text.lower() == "default":
-        return None
-    return text
-
-
-def _build_all(
-    entries: list[tuple[str, dict[str, Any]]], problems: list[str], source: str
-) -> tuple[Case | ServeCase, ...]:
-    cases: list[Case | ServeCase] = []
-    seen: dict[str, str] = {}
-    for where, values in entries:
-        values = {k: v for k, v in values.items() if v is not None or k == "targets"}
-        try:
-            case = any_case_from_mapping(values, where)
-        except CaseError as err:
-            problems.extend(err.problems)
-            continue
-        if case.case_id in seen:
-            problems.append(
-                f"{where}: repeats {seen[case.case_id]} (same plan, steps, seed, recipe)."
-            )
-            continue
-        seen[case.case_id] = where
-        cases.append(case)
-    if not cases and not problems:
-        problems.append(f"{source}: the file holds no cases.")
-    if problems:
-        raise CaseError(problems)
-    return tuple(cases)
-
-
-def select_split(
-    cases: Iterable[Case | ServeCase], split: str | None
-) -> tuple[Case | ServeCase, ...]:
-    """The cases of one split (all cases when ``split`` is None)."""
-    return tuple(c for c in cases if split is None or c.split == split)
-
-
-def _as_list(value: Any, where: str, problems: list[str]) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        problems.append(f"{where} must be a list.")
-        return []
-    return value
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+MAX_GRAD_NORM = 1.0

@@ -37,6 +37,8 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.serve_plan import ServePlan, context_split, uniform_adapters
 from vramcalc.training_plan import parse_targets, suggest
 from vramcalc_harness.errors import CaseError
+from vramcalc_harness.record import PROVENANCE_FIELDS, RecordKind, build_record
+from vramcalc_harness.scenario import CASE_DEFAULTS, case_problems
 
 KIND = "serve"
 PLAN_KEYS = (
@@ -158,8 +160,6 @@ class ServeCase:
 
 def serve_case_problems(plan: ServePlan | None, values: Mapping[str, Any]) -> list[str]:
     """Every problem of a serving case's own fields and of what the harness can run."""
-    from vramcalc_harness.scenario import CASE_DEFAULTS, case_problems
-
     problems = case_problems({**CASE_DEFAULTS, **values}, None)
     if plan is not None and not plan.adapters and plan.mode != "unmerged":
         problems.append(f"mode {plan.mode} needs adapters >= 1 (adapters 0: the base alone).")
@@ -301,9 +301,23 @@ SERVE_RESULT_FIELDS = (
 
 
 def serve_record_fields() -> tuple[str, ...]:
-    from vramcalc_harness.record import PROVENANCE_FIELDS
-
     return PLAN_KEYS + ("kind",) + SERVE_RESULT_FIELDS + PROVENANCE_FIELDS
+
+
+def serve_kind(case: ServeCase) -> RecordKind:
+    """A serving case's record: its plan's fields, ``kind: serve``, what ``generate``
+    measured (``SERVE_RESULT_FIELDS``) and the provenance."""
+    values = case.plan_fields() | {
+        "case_id": case.case_id,
+        "split": case.split,
+        "steps": case.steps,
+        "warmup_steps": case.warmup_steps,
+        "seed": case.seed,
+        "measured_model_copies": 1,
+        "measured_batch": case.measured_batch,
+        "serve_limits": serve_limits(case),
+    }
+    return RecordKind(serve_record_fields(), frozenset(SERVE_RESULT_FIELDS), values)
 
 
 def make_serve_record(
@@ -315,33 +329,7 @@ def make_serve_record(
     error: str | None = None,
 ) -> dict[str, Any]:
     """The full record of one serving case, every field present (None: not measured)."""
-    from vramcalc_harness.record import PROVENANCE_FIELDS, STATUSES, utc_now
-
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    names = serve_record_fields()
-    record: dict[str, Any] = dict.fromkeys(names)
-    record.update(case.plan_fields())
-    record.update(
-        case_id=case.case_id,
-        split=case.split,
-        steps=case.steps,
-        warmup_steps=case.warmup_steps,
-        seed=case.seed,
-        measured_model_copies=1,
-        measured_batch=case.measured_batch,
-        serve_limits=serve_limits(case),
-    )
-    for key, value in (measurement or {}).items():
-        if key in SERVE_RESULT_FIELDS:
-            record[key] = value
-    for key, value in (provenance or {}).items():
-        if key in PROVENANCE_FIELDS:
-            record[key] = value
-    record.update(device=device, status=status, error=error)
-    if record["measured_at"] is None:
-        record["measured_at"] = utc_now()
-    return record
+    return build_record(serve_kind(case), device, status, measurement, provenance, error)
 
 
 def serve_limits(case: ServeCase) -> list[str]:

@@ -20,16 +20,25 @@
 from __future__ import annotations
 
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vramcalc.adapters import default_target_modules
 from vramcalc.serve_plan import AdapterSpec
+from vramcalc.training_plan import ALL_LINEAR
+from vramcalc_harness.build import (
+    BNB_INSTALL_HINT,
+    bnb_config,
+    count_parameters,
+    has_bitsandbytes,
+    torch_dtype,
+)
 from vramcalc_harness.errors import HarnessError, MissingDependencyError
-from vramcalc_harness.serve_case import ServeCase, make_serve_record
+from vramcalc_harness.measure import measure_case
+from vramcalc_harness.serve_case import ServeCase, serve_kind
+from vramcalc_harness.trackers import MemoryTracker, Timer, allocated_bytes
 
 
 @dataclass
@@ -44,7 +53,6 @@ class ServingModel:
 
 def load_base(case: ServeCase, checkpoint: str | Path, device: str) -> Any:
     """The base model from the random-init checkpoint, quantized as the plan says."""
-    from vramcalc_harness.build import BNB_INSTALL_HINT, bnb_config, has_bitsandbytes, torch_dtype
 
     plan = case.plan
     if plan.is_kbit and not has_bitsandbytes():
@@ -68,9 +76,6 @@ def lora_config(adapter: AdapterSpec, model_type: str) -> Any:
     """peft ``LoraConfig`` of one adapter, with random A and B (merging changes weights)."""
     from peft import LoraConfig
 
-    from vramcalc.adapters import default_target_modules
-    from vramcalc.training_plan import ALL_LINEAR
-
     targets: Any
     if adapter.targets is None:
         targets = default_target_modules(model_type, "lora")
@@ -92,8 +97,6 @@ def lora_config(adapter: AdapterSpec, model_type: str) -> Any:
 def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) -> ServingModel:
     """Load the base and apply the adapters by the plan's mode."""
     import torch
-
-    from vramcalc_harness.build import count_parameters
 
     plan = case.plan
     model = load_base(case, checkpoint, device)
@@ -151,8 +154,6 @@ def time_generate(
     on_warmup_end: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Warm-up rounds, then timed prefill + full ``generate`` rounds; speeds from the medians."""
-    from vramcalc_harness.trackers import Timer
-
     plan = case.plan
     inputs = prompt_inputs(case, serving.model, device)
     pad = serving.model.generation_config.pad_token_id
@@ -203,29 +204,10 @@ def time_generate(
 
 
 def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict[str, Any]:
-    """Measure one serving case in this process; returns its full record (OOM is a result)."""
-    from vramcalc_harness.build import checkpoint_weights
-    from vramcalc_harness.record import collect_provenance
-    from vramcalc_harness.trackers import (
-        MemoryTracker,
-        allocated_bytes,
-        device_baseline_bytes,
-        device_memory_facts,
-        host_peak_rss_bytes,
-        is_cuda,
-    )
-    from vramcalc_harness.worker import error_text, is_oom
+    """Measure one serving case in this process (``measure.measure_case``); returns its full
+    record (an OOM is a result)."""
 
-    started = time.perf_counter()
-    measurement: dict[str, Any] = {"checkpoint_weights": checkpoint_weights(checkpoint)}
-    if is_cuda(device):
-        measurement["device_baseline_bytes"] = device_baseline_bytes()
-    provenance: dict[str, Any] = {}
-    status, error = "ok", None
-    tracker = MemoryTracker(device)
-    try:
-        provenance = collect_provenance(device)
-        measurement.update(device_memory_facts(device))  # before anything is allocated
+    def serve(tracker: MemoryTracker, measurement: dict[str, Any]) -> None:
         with tracker:
             serving = build_serving_model(case, checkpoint, device)
             measurement.update(
@@ -240,19 +222,5 @@ def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict
             measurement.update(
                 time_generate(serving, case, device, on_warmup_end=tracker.mark_steady)
             )
-    except Exception as err:  # noqa: BLE001 - every failure of a case is a result
-        status = "oom" if is_oom(err) else "error"
-        error = error_text(err)
-        print(error, file=sys.stderr, flush=True)
-    measurement.update(
-        peak_allocated_bytes=tracker.peak_allocated_bytes,
-        peak_reserved_bytes=tracker.peak_reserved_bytes,
-        device_total_bytes=tracker.device_total_bytes,
-        steady_peak_allocated_bytes=tracker.steady_peak_allocated_bytes,
-        steady_peak_reserved_bytes=tracker.steady_peak_reserved_bytes,
-        steady_device_total_bytes=tracker.steady_device_total_bytes,
-        device_total_source=tracker.device_total_source,
-        host_peak_rss_bytes=host_peak_rss_bytes(),
-        case_seconds=time.perf_counter() - started,
-    )
-    return make_serve_record(case, device, status, measurement, provenance, error)
+
+    return measure_case(serve_kind(case), device, checkpoint, serve)

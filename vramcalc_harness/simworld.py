@@ -31,15 +31,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vramcalc_harness.distributed import launch_env, start_process_group
 from vramcalc_harness.errors import HarnessError
 from vramcalc_harness.scenario import SIMULATED_STRATEGIES, Case
 
-SIMULATED_WORLD_LIMITS = (
-    "NCCL communicator and its buffers (no real process group: collectives move no data)",
-    "communication/computation overlap and stream waits of real collectives",
-    "speed: tokens/s and step time are rank 0 alone, not a multi-GPU measurement",
-    "the other ranks' imbalance (rank 0's shards only; uneven last shards not seen)",
-)
 ENV_FLAG = "VRAMCALC_SIMULATED_WORLD"
 
 
@@ -100,8 +95,6 @@ def start_fake_world(world_size: int, device: str) -> None:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     install_ddp_passthrough()
     if device.startswith("cuda") or os.environ.get("ACCELERATE_USE_CPU"):
-        from vramcalc_harness.distributed import start_process_group
-
         start_process_group(device)
 
 
@@ -183,8 +176,6 @@ def simulated_launch_env(
     the loop shards with FSDP2 itself."""
     env: dict[str, str] = {}
     if accelerate_config_file is not None and uses_accelerate(case, device):
-        from vramcalc_harness.distributed import launch_env
-
         env.update(launch_env(accelerate_config_file, ["run", "SPEC.json", "RESULT.json"]))
     env[ENV_FLAG] = str(case.plan.num_gpus)  # rank 0's env is set by the worker itself
     return env

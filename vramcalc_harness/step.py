@@ -41,8 +41,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc_harness.distributed import fsdp_peft_wrap, is_distributed, rank_info
-from vramcalc_harness.scenario import Case
+from vramcalc_harness.distributed import (
+    decoder_layer_classes,
+    fsdp_peft_wrap,
+    is_distributed,
+    rank_info,
+)
+from vramcalc_harness.errors import HarnessError
+from vramcalc_harness.scenario import MAX_GRAD_NORM, Case
+from vramcalc_harness.simworld import fully_shard_model, state_bytes
 from vramcalc_harness.trackers import is_cuda, synchronize
 
 # our optimizer name -> (Trainer ``optim``, ``optim_args``)
@@ -57,7 +64,6 @@ OPTIM_NAMES: dict[str, tuple[str, str | None]] = {
     "adafactor": ("adafactor", None),
 }
 SGD_MOMENTUM = 0.9
-MAX_GRAD_NORM = 1.0
 
 
 @dataclass(frozen=True)
@@ -211,8 +217,6 @@ def _check_optimizer(case: Case, optimizer: Any) -> None:
     if case.plan.optimizer == "sgd_momentum":
         momentum = optimizer.param_groups[0].get("momentum")
         if momentum != SGD_MOMENTUM:
-            from vramcalc_harness.errors import HarnessError
-
             raise HarnessError(
                 f"Trainer built SGD with momentum {momentum!r}, not {SGD_MOMENTUM}: this transformers "
                 "version ignores optim_args for sgd."
@@ -258,8 +262,6 @@ def run_trainer(
 
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
             if case.simulate_world is not None:  # gradients are still there (zero_grad follows)
-                from vramcalc_harness.simworld import state_bytes
-
                 counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -335,9 +337,6 @@ def run_loop(
     accelerator = None if fsdp2 else _loop_accelerator(model, case, device, compute_dtype)
     fsdp = accelerator is not None and _fsdp_plugin(accelerator) is not None
     if fsdp2:  # simulated world on CPU: FSDP2 fully_shard stands in for accelerate's FSDP1
-        from vramcalc_harness.distributed import decoder_layer_classes
-        from vramcalc_harness.simworld import fully_shard_model
-
         model = fully_shard_model(model, case, decoder_layer_classes(plan))
     elif fsdp:
         model = accelerator.prepare(model)  # FSDP: the optimizer sees the sharded parameters
@@ -404,8 +403,6 @@ def run_loop(
         if allocate is not None:  # AdaLoRA: after the step, before zero_grad (peft's docs)
             allocate(step)
         if case.simulate_world is not None:  # gradients are still there
-            from vramcalc_harness.simworld import state_bytes
-
             counted = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)

@@ -28,94 +28,58 @@ launcher merges the ranks' records (``vramcalc_harness.record.merge_rank_records
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-import time
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vramcalc_harness.scenario import Case, case_from_dict
+from vramcalc_harness.alloc_trace import AllocationTrace
+from vramcalc_harness.build import build_model, prepare_checkpoint
+from vramcalc_harness.caselist import case_from_dict
+from vramcalc_harness.distributed import (
+    is_distributed,
+    rank_info,
+    rank_result_path,
+    start_process_group,
+    zero3_loading_context,
+)
+from vramcalc_harness.measure import error_text, is_oom, measure_case
+from vramcalc_harness.record import collect_provenance, training_kind
+from vramcalc_harness.scenario import Case
 from vramcalc_harness.serve_case import ServeCase
-
-ERROR_TAIL_LINES = 12
-ERROR_TAIL_CHARS = 4000
-
-
-def is_oom(err: BaseException) -> bool:
-    """A CUDA out-of-memory failure (torch's, or bitsandbytes' CUDA error text)."""
-    try:
-        import torch
-
-        if isinstance(err, torch.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
-    text = str(err)
-    return "CUDA out of memory" in text or "CUDA error: out of memory" in text
-
-
-def error_text(err: BaseException) -> str:
-    """``Type: message`` first, then the last lines of the traceback (none for our own errors)."""
-    from vramcalc.errors import VramcalcError
-
-    message = f"{type(err).__name__}: {err}"
-    if isinstance(err, VramcalcError):
-        return message[:ERROR_TAIL_CHARS]
-    frames = traceback.format_tb(err.__traceback__)
-    tail = "".join(frames).rstrip().splitlines()[-ERROR_TAIL_LINES:]
-    return (message + "\ntraceback (last lines):\n" + "\n".join(tail))[:ERROR_TAIL_CHARS]
+from vramcalc_harness.serve_step import run_serve_case
+from vramcalc_harness.simworld import start_fake_world, wrapper_name
+from vramcalc_harness.step import RECIPES, compute_dtype_for
+from vramcalc_harness.trackers import (
+    MemoryTracker,
+    allocated_bytes,
+    check_memory_instrument,
+    is_cuda,
+)
 
 
 def run_case(
     case: Case, device: str, checkpoint: str | Path, trace_path: str | Path | None = None
 ) -> dict[str, Any]:
-    """Measure one case in this process; returns its full result record.
+    """Measure one training case in this process (``measure.measure_case``); returns its full
+    result record.
 
     With ``case.record_trace`` on CUDA, the allocator's trace of the whole case is
     written to ``trace_path`` (``vramcalc_harness.alloc_trace``).
     """
-    import contextlib
-
-    from vramcalc_harness.alloc_trace import AllocationTrace
-    from vramcalc_harness.build import build_model, checkpoint_weights
-    from vramcalc_harness.distributed import (
-        is_distributed,
-        rank_info,
-        start_process_group,
-        zero3_loading_context,
-    )
-    from vramcalc_harness.record import collect_provenance, make_record
-    from vramcalc_harness.step import RECIPES, compute_dtype_for
-    from vramcalc_harness.trackers import (
-        MemoryTracker,
-        allocated_bytes,
-        device_baseline_bytes,
-        device_memory_facts,
-        host_peak_rss_bytes,
-        is_cuda,
-    )
-
-    started = time.perf_counter()
-    measurement: dict[str, Any] = {"checkpoint_weights": checkpoint_weights(checkpoint)}
-    if is_cuda(device):
-        measurement["device_baseline_bytes"] = device_baseline_bytes()
-    provenance: dict[str, Any] = {}
-    status, error = "ok", None
-    tracker = MemoryTracker(device)
     rank, local_rank, world_size = rank_info()
-    try:
-        if case.simulate_world is not None:  # rank 0 of a fake N-GPU world, before CUDA
-            from vramcalc_harness.simworld import start_fake_world, wrapper_name
 
+    def before_cuda(measurement: dict[str, Any]) -> None:
+        if case.simulate_world is not None:  # rank 0 of a fake N-GPU world, before CUDA
             start_fake_world(case.simulate_world, device)
             measurement["simulated_world_wrapper"] = wrapper_name(case, device)
         elif is_distributed(case.plan):
             start_process_group(device)  # before CUDA: this rank's GPU only
-        provenance = collect_provenance(device)
-        measurement.update(device_memory_facts(device))  # before anything is allocated
+
+    def train(tracker: MemoryTracker, measurement: dict[str, Any]) -> None:
         compute_dtype = compute_dtype_for(case, device)
         measurement["compute_dtype_used"] = compute_dtype
         _zero3_config = zero3_loading_context(case.plan)  # kept alive: ZeRO-3 loading
@@ -158,22 +122,8 @@ def run_case(
             optimizer_class=result.optimizer_class,
             **(result.state_bytes or {}),
         )
-    except Exception as err:  # noqa: BLE001 - every failure of a case is a result
-        status = "oom" if is_oom(err) else "error"
-        error = error_text(err)
-        print(error, file=sys.stderr, flush=True)
-    measurement.update(
-        peak_allocated_bytes=tracker.peak_allocated_bytes,
-        steady_peak_allocated_bytes=tracker.steady_peak_allocated_bytes,
-        steady_peak_reserved_bytes=tracker.steady_peak_reserved_bytes,
-        steady_device_total_bytes=tracker.steady_device_total_bytes,
-        peak_reserved_bytes=tracker.peak_reserved_bytes,
-        device_total_bytes=tracker.device_total_bytes,
-        device_total_source=tracker.device_total_source,
-        host_peak_rss_bytes=host_peak_rss_bytes(),
-        case_seconds=time.perf_counter() - started,
-    )
-    record = make_record(case, device, status, measurement, provenance, error)
+
+    record = measure_case(training_kind(case), device, checkpoint, train, before_cuda)
     if is_distributed(case.plan) and case.simulate_world is None:  # merged by the launcher
         record.update(rank=rank, local_rank=local_rank, world_size=world_size)
     return record
@@ -182,16 +132,11 @@ def run_case(
 def prepare(
     case: Case | ServeCase, device: str, scratch_dir: str | Path, sparse_when_short: bool = False
 ) -> dict[str, Any]:
-    from vramcalc_harness.build import prepare_checkpoint
-
     path = prepare_checkpoint(case.plan, scratch_dir, device, sparse_when_short)
     return {"status": "ok", "checkpoint": str(path)}
 
 
 def probe(device: str, check_instrument: bool = True) -> dict[str, Any]:
-    from vramcalc_harness.record import collect_provenance
-    from vramcalc_harness.trackers import check_memory_instrument, is_cuda
-
     out: dict[str, Any] = {"provenance": collect_provenance(device), "instrument": None}
     if is_cuda(device) and check_instrument:
         out["instrument"] = asdict(check_memory_instrument(device))
@@ -229,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     mode, spec_path, result_path = argv
     die_with_launcher()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from vramcalc_harness.distributed import rank_info, rank_result_path
-
     rank, _, world_size = rank_info()
     if world_size > 1:
         result_path = str(rank_result_path(result_path, rank))
@@ -251,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
                     case, device, spec["scratch_dir"], spec.get("sparse_checkpoints", False)
                 )
             elif isinstance(case, ServeCase):
-                from vramcalc_harness.serve_step import run_serve_case
-
                 result = run_serve_case(case, device, spec["checkpoint"])
             else:
                 result = run_case(case, device, spec["checkpoint"], spec.get("trace_path"))

@@ -187,8 +187,7 @@ def test_the_plan_options_default_to_the_plans_own_defaults():
     """One place for the defaults: the options of plan (and sweep, fit, advise) default to
     TrainingPlan's, which the library (vramcalc.sweep) uses without the CLI."""
     from vramcalc.cli.capacity import plan_defaults
-    from vramcalc.sweeps import PLAN_DEFAULTS
-    from vramcalc.training_plan import ADALORA_FIELDS, PLAN_FIELDS
+    from vramcalc.training_plan import ADALORA_FIELDS, PLAN_DEFAULTS, PLAN_FIELDS
 
     assert plan_defaults() == PLAN_DEFAULTS
     assert list(PLAN_DEFAULTS) == list(PLAN_FIELDS)

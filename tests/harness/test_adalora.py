@@ -9,8 +9,9 @@ import pytest
 
 from vramcalc.training_plan import TrainingPlan
 from vramcalc_harness.build import build_model, lora_target_modules, prepare_checkpoint
+from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.errors import CaseError
-from vramcalc_harness.scenario import Case, load_cases
+from vramcalc_harness.scenario import Case
 from vramcalc_harness.step import compute_dtype_for, run_loop, run_trainer
 
 TINY_LLAMA = str(Path(__file__).parent / "cases" / "tiny-llama")

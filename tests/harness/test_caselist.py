@@ -9,8 +9,8 @@ import pytest
 
 from vramcalc.catalog import resolve_model
 from vramcalc.training_plan import TrainingPlan
+from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.launcher import check_models
-from vramcalc_harness.scenario import load_cases
 
 CASE_LIST = Path(__file__).resolve().parents[2] / "vramcalc_harness" / "cases" / "h100.yaml"
 HELD_OUT = {"Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.1"}

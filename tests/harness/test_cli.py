@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.cli import measure
 from vramcalc_harness.record import append_record, make_record
-from vramcalc_harness.scenario import load_cases
 
 FIXTURES = Path(__file__).parent / "cases"
 TINY_LLAMA = str(FIXTURES / "tiny-llama")

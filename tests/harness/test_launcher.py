@@ -9,9 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.cli import measure
 from vramcalc_harness.record import PROVENANCE_FIELDS, RECORD_FIELDS, read_records
-from vramcalc_harness.scenario import load_cases
 
 TINY_LLAMA = str(Path(__file__).parent / "cases" / "tiny-llama")
 GPU_FIELDS = (

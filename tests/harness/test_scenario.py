@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from vramcalc.training_plan import TrainingPlan
-from vramcalc_harness.errors import CaseError
-from vramcalc_harness.scenario import (
-    Case,
+from vramcalc_harness.caselist import (
     cases_from_csv_rows,
     cases_from_yaml_data,
     load_cases,
     select_split,
 )
+from vramcalc_harness.errors import CaseError
+from vramcalc_harness.scenario import Case
 
 FIXTURES = Path(__file__).parent / "cases"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from vramcalc_harness.caselist import cases_from_yaml_data
 from vramcalc_harness.errors import CaseError
 from vramcalc_harness.record import PROVENANCE_FIELDS, read_records
-from vramcalc_harness.scenario import cases_from_yaml_data
 from vramcalc_harness.serve_case import ServeCase, serve_record_fields
 
 TINY_LLAMA = str(Path(__file__).parent / "cases" / "tiny-llama")

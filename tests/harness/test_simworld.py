@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from vramcalc.measurements import plan_of
 from vramcalc.speed.throughput_fit import excluded_reason
 from vramcalc.training_plan import TrainingPlan
+from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.cli import measure
 from vramcalc_harness.errors import CaseError
 from vramcalc_harness.record import RECORD_FIELDS, read_records
-from vramcalc_harness.scenario import Case, load_cases, simulated
-from vramcalc_harness.simworld import SIMULATED_WORLD_LIMITS
+from vramcalc_harness.scenario import SIMULATED_WORLD_LIMITS, Case, simulated
 
 TINY_LLAMA = str(Path(__file__).parent / "cases" / "tiny-llama")
 TINY_PARAMS = 106816  # tiny-llama, every weight trained

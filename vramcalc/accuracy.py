@@ -17,7 +17,14 @@ from typing import Any
 
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import prepare
-from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, Gate, is_multi_gpu, plan_of
+from vramcalc.measurements import (
+    MULTI_GPU_PREFIX,
+    SERVE_RECORD_REASON,
+    Gate,
+    is_multi_gpu,
+    percentile,
+    plan_of,
+)
 from vramcalc.speed.throughput_fit import compare_records
 from vramcalc.training_plan import PLAN_FIELDS
 
@@ -133,16 +140,7 @@ def _plan_mismatch(record: dict[str, Any], est: dict[str, Any]) -> str | None:
 def throughput_summary(report: Report, split: str) -> dict[str, float]:
     """n and median |error| of predicted vs measured tokens/s on ``split``."""
     errors = [abs(r["tokens_per_second_error"]) for r in report.throughput if r["split"] == split]
-    return {"n": len(errors), "median_abs_error": _percentile(errors, 0.5)}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    return {"n": len(errors), "median_abs_error": percentile(errors, 0.5)}
 
 
 def summarize(rows: list[ReportRow], metric: str) -> dict[str, float]:
@@ -151,8 +149,8 @@ def summarize(rows: list[ReportRow], metric: str) -> dict[str, float]:
     absolute = [abs(e) for e in errors]
     return {
         "n": len(errors),
-        "median_abs_error": _percentile(absolute, 0.5),
-        "p90_abs_error": _percentile(absolute, 0.9),
+        "median_abs_error": percentile(absolute, 0.5),
+        "p90_abs_error": percentile(absolute, 0.9),
         "max_abs_error": max(absolute, default=math.nan),
         "worst_underestimate": -min(min(errors, default=0.0), 0.0),
     }

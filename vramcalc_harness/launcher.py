@@ -49,6 +49,7 @@ from vramcalc_harness.distributed import (
     write_launch_configs,
 )
 from vramcalc_harness.errors import HarnessError
+from vramcalc_harness.measure import record_kind
 from vramcalc_harness.processes import kill_process_tree
 from vramcalc_harness.record import (
     PROVENANCE_FIELDS,
@@ -61,7 +62,7 @@ from vramcalc_harness.record import (
     utc_now,
 )
 from vramcalc_harness.scenario import Case, alloc_conf_for
-from vramcalc_harness.serve_case import ServeCase, make_serve_record
+from vramcalc_harness.serve_case import ServeCase
 from vramcalc_harness.simworld import check_simulated_machine, simulated_launch_env, uses_accelerate
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -347,12 +348,9 @@ def measure_case(
 def _fallback_record(
     case: Case | ServeCase, device: str, status: str, error: str, provenance: dict[str, Any]
 ) -> dict[str, Any]:
-    if isinstance(case, ServeCase):
-        return make_serve_record(
-            case, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
-        )
+    kind = record_kind(case)
     return make_record(
-        case, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
+        kind, device, status, provenance={**provenance, "measured_at": utc_now()}, error=error
     )
 
 

@@ -3,7 +3,7 @@
 ``measure_case`` reads the device before the case touches it, collects the provenance, runs
 the case's work under the memory tracker, turns any failure into a result (an OOM is
 ``status: "oom"`` with the peaks up to the failure kept, anything else ``error`` with the
-traceback's tail) and builds the record (``record.build_record``) from the case's
+traceback's tail) and builds the record (``record.make_record``) from the case's
 ``RecordKind``.
 """
 
@@ -18,7 +18,9 @@ from typing import Any
 
 from vramcalc.errors import VramcalcError
 from vramcalc_harness.build import checkpoint_weights
-from vramcalc_harness.record import RecordKind, build_record, collect_provenance
+from vramcalc_harness.record import RecordKind, collect_provenance, make_record, training_kind
+from vramcalc_harness.scenario import Case
+from vramcalc_harness.serve_case import ServeCase, serve_kind
 from vramcalc_harness.trackers import (
     MemoryTracker,
     device_baseline_bytes,
@@ -55,6 +57,11 @@ def error_text(err: BaseException) -> str:
     frames = traceback.format_tb(err.__traceback__)
     tail = "".join(frames).rstrip().splitlines()[-ERROR_TAIL_LINES:]
     return (message + "\ntraceback (last lines):\n" + "\n".join(tail))[:ERROR_TAIL_CHARS]
+
+
+def record_kind(case: Case | ServeCase) -> RecordKind:
+    """What the record of ``case`` holds, by its kind."""
+    return serve_kind(case) if isinstance(case, ServeCase) else training_kind(case)
 
 
 def measure_case(
@@ -96,4 +103,4 @@ def measure_case(
         host_peak_rss_bytes=host_peak_rss_bytes(),
         case_seconds=time.perf_counter() - started,
     )
-    return build_record(kind, device, status, measurement, provenance, error)
+    return make_record(kind, device, status, measurement, provenance, error)

@@ -223,16 +223,18 @@ class RecordKind:
     finish: Callable[[dict[str, Any]], None] = lambda record: None
 
 
-def build_record(
-    kind: RecordKind,
+def make_record(
+    case: Case | RecordKind,
     device: str,
     status: str,
     measurement: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """The one record builder: every field of ``kind`` present (None: not measured), the
-    case's values, what was measured, the provenance, the status."""
+    """The one record builder, for a training ``Case`` or any ``RecordKind`` (a serving case:
+    ``serve_case.serve_kind``): every field present (None: not measured), in the kind's order,
+    the case's values, what was measured, the provenance, the status."""
+    kind = training_kind(case) if isinstance(case, Case) else case
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     record: dict[str, Any] = dict.fromkeys(kind.fields)
@@ -275,19 +277,6 @@ def training_kind(case: Case) -> RecordKind:
         "record_trace": case.record_trace,
     }
     return RecordKind(RECORD_FIELDS, frozenset(RECORD_FIELDS), values, finish)
-
-
-def make_record(
-    case: Case,
-    device: str,
-    status: str,
-    measurement: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """The full result record of one training case, every field present, in
-    ``RECORD_FIELDS`` order."""
-    return build_record(training_kind(case), device, status, measurement, provenance, error)
 
 
 # -- multi-GPU: one record from the ranks' records -------------------------------------------------

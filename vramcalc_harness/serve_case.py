@@ -19,7 +19,7 @@ serve`` plans it. Its fields, flat as in a training case::
 (``ceil(batch / N)``, as ``vramcalc.serving.serve`` plans each copy); the record says so
 (``measured_model_copies``, ``measured_batch``, ``serve_limits``).
 
-The record (``make_serve_record``) has the plan's fields, ``kind: "serve"``, the memory
+The record (``serve_kind``, built by ``record.make_record``) has the plan's fields, ``kind: "serve"``, the memory
 figures under the training record's names (``peak_allocated_bytes``, ``peak_reserved_bytes``,
 ``device_total_bytes``), ``prefill_tokens_per_second``, ``decode_tokens_per_second`` and the
 training record's provenance.
@@ -37,7 +37,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.serve_plan import ServePlan, context_split, uniform_adapters
 from vramcalc.training_plan import parse_targets, suggest
 from vramcalc_harness.errors import CaseError
-from vramcalc_harness.record import PROVENANCE_FIELDS, RecordKind, build_record
+from vramcalc_harness.record import PROVENANCE_FIELDS, RecordKind
 from vramcalc_harness.scenario import CASE_DEFAULTS, case_problems
 
 KIND = "serve"
@@ -318,18 +318,6 @@ def serve_kind(case: ServeCase) -> RecordKind:
         "serve_limits": serve_limits(case),
     }
     return RecordKind(serve_record_fields(), frozenset(SERVE_RESULT_FIELDS), values)
-
-
-def make_serve_record(
-    case: ServeCase,
-    device: str,
-    status: str,
-    measurement: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """The full record of one serving case, every field present (None: not measured)."""
-    return build_record(serve_kind(case), device, status, measurement, provenance, error)
 
 
 def serve_limits(case: ServeCase) -> list[str]:

@@ -312,7 +312,10 @@ def generate_on_fake_tensors(stop: StopAt, on_step: Any) -> Iterator[None]:
     (``_has_unfinished_sequences``): before every decoding step and once at the end."""
     import transformers.generation.utils as gen_utils
 
-    check, unfinished = gen_utils.StopCheck.__call__, gen_utils.GenerationMixin._has_unfinished_sequences
+    check, unfinished = (
+        gen_utils.StopCheck.__call__,
+        gen_utils.GenerationMixin._has_unfinished_sequences,
+    )
 
     def stop_check(self, unfinished_sequences, tokens, length):  # type: ignore[no-untyped-def]
         if self.streamer is not None:

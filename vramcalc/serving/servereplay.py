@@ -59,7 +59,8 @@ def replay(
 ) -> dict[str, Any]:
     """Replay ``events`` (loading first) and observe peaks by phase."""
     allocator = CachingAllocator(config or AllocatorConfig())
-    phases_at = sorted((i + load_events, _phase(m)) for m, i in markers)
+    # markers in their order (several may share an index: the last one's phase holds)
+    phases_at = sorted(((i + load_events, _phase(m)) for m, i in markers), key=lambda p: p[0])
     labels_at = {i + load_events: m for m, i in markers}
     phase_alloc = dict.fromkeys(PHASES, 0)
     phase_reserved = dict.fromkeys(PHASES, 0)
@@ -102,14 +103,23 @@ def replay(
 
 
 def whole_run(
-    config_dict: dict[str, Any], plan: ServePlan
+    config_dict: dict[str, Any],
+    plan: ServePlan,
+    traced_layers: int | None = None,
+    traced_steps: int | None = None,
+    traced_timed_rounds: int = 2,
 ) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]], int]:
     """The plan's whole run as events (loading first), its markers (indices after the
-    loading events) and the number of loading events."""
+    loading events) and the number of loading events. What is traced: ``traced_layers``
+    decoder layers (default ``unroll.TRACED_LAYERS``), each full generate's first
+    ``traced_steps`` loop steps (default ``servetrace.TRACED_STEPS``) and
+    ``traced_timed_rounds`` timed rounds (at least 2 when there are more); the rest is
+    expanded (module docstring of ``servesim``). Tracing everything gives the same run."""
     from vramcalc.memory.slack import from_pretrained_events
     from vramcalc.serving.servesim import expand_steps, repeat_last_round
     from vramcalc.serving.servetrace import (
         TIMED_ROUNDS,
+        TRACED_STEPS,
         WARMUP_ROUNDS,
         trace_serving,
     )
@@ -117,27 +127,33 @@ def whole_run(
     from vramcalc.trace.steptrace import config_layers
 
     layers = config_layers(config_dict)
-    traced_layers = min(layers, unrolling.TRACED_LAYERS)
-    trace = trace_serving(config_dict, plan, num_layers=traced_layers)
-    events, tags, markers, outputs = expand_steps(
-        trace.events, trace.tags, trace.markers, trace.generates
+    traced_layers = min(layers, traced_layers or unrolling.TRACED_LAYERS)
+    rounds = (WARMUP_ROUNDS, min(TIMED_ROUNDS, max(traced_timed_rounds, 2)))
+    trace = trace_serving(
+        config_dict,
+        plan,
+        rounds=rounds,
+        traced_steps=traced_steps or TRACED_STEPS,
+        num_layers=traced_layers,
     )
-    events, tags, markers = repeat_last_round(
-        events, tags, markers, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
-    )
-    if layers > traced_layers:
+    events, tags, markers = trace.events, trace.tags, trace.markers
+    if layers > traced_layers:  # layers first: the traced run is the short one
         out_tags: list[int] = []
         positions: list[int] = []
-        unrolled = unrolling.unroll(tuple(events), tuple(tags), layers, out_tags, positions)
-        markers = [(m, positions[i]) for m, i in markers]
-        events, tags = list(unrolled), out_tags
+        events = unrolling.unroll(events, tags, layers, out_tags, positions)
+        markers = tuple((m, positions[i]) for m, i in markers)
+        tags = tuple(out_tags)
+    stand_ins = dict(markers)["loaded"]
+    stand_in_tags = list(tags[:stand_ins])
+    run, tags_run, marks, outputs = expand_steps(events, tags, markers, trace.generates)
+    run, tags_run, marks = repeat_last_round(
+        run, tags_run, marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
+    )
     params = _full_params(trace, layers)
     loading, handles = from_pretrained_events(params, plan)
-    events = _with_loading_handles(events, tags, markers, trace, layers, handles)
-    cut = dict(markers)["loaded"]
-    shift = cut  # the stand-ins before "loaded" are gone
-    markers = [(m, max(i - shift, 0)) for m, i in markers]
-    return list(loading) + events, markers, len(loading)
+    body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
+    marks = [(m, max(i - stand_ins, 0)) for m, i in marks]  # the stand-ins are gone
+    return list(loading) + body, marks, len(loading)
 
 
 def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], str, bool, bool]]:
@@ -152,18 +168,17 @@ def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], st
 def _with_loading_handles(
     events: list[tuple[int, int, int]],
     tags: list[int],
-    markers: list[tuple[str, int]],
+    cut: int,
     trace: Any,
     layers: int,
     handles: dict[str, int],
 ) -> list[tuple[int, int, int]]:
-    """The run without the recorder's stand-ins for loaded parameters (the events before
-    ``loaded``), each FREE of one pointed at its loading handle."""
+    """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
+    events, ``tags`` their layers), each FREE of one pointed at its loading handle."""
     from vramcalc.trace.unroll import TEMPLATE
 
-    cut = dict(markers)["loaded"]
     by_tag: dict[int, list[str]] = {}
-    for handle, name in trace.loaded.items():
+    for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
     traced = trace.num_layers
     source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.errors import VramcalcError
-from vramcalc.memory.allocator import ALLOC, FREE, AllocatorConfig, CachingAllocator
-from vramcalc.serving.servetrace import GenerateSpan, ServeTrace
+from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.serving.servetrace import GenerateSpan
 
 Event = tuple[int, int, int]
 

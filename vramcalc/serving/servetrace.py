@@ -38,9 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.serve_plan import AdapterSpec, ServePlan
-from vramcalc.trace.steptrace import _Recorder
+from vramcalc.trace.steptrace import StepRecorder
 
 #: loop steps traced per full generate (the first takes the prefill's token); more repeat
 #: the last one
@@ -78,7 +77,7 @@ class ServeTrace:
         return {p[0]: i for i, p in enumerate(self.params)}
 
 
-class ServeRecorder(_Recorder):
+class ServeRecorder(StepRecorder):
     """The step tracer's recorder, with host-side work left out (``paused``), loaded
     parameters freed by their loading handles, and ``generate``'s reads of values
     answered (``gpu_paths`` module docstring)."""
@@ -157,7 +156,7 @@ def _host_built_adapters(recorder: ServeRecorder) -> Iterator[None]:
             holder = getattr(self, name, None)
             if isinstance(holder, dict) or not hasattr(holder, "keys"):
                 continue
-            if adapter_name in holder.keys():
+            if adapter_name in holder:
                 item = holder[adapter_name]
                 layer = recorder.module_layers.get(id(self.get_base_layer()), -1)
                 for tensor in item.parameters() if hasattr(item, "parameters") else [item]:
@@ -170,6 +169,53 @@ def _host_built_adapters(recorder: ServeRecorder) -> Iterator[None]:
     finally:
         LoraLayer.update_layer = update  # type: ignore[method-assign]
         LoraLayer._move_adapter_to_device_of_base_layer = move  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _host_built_caches(recorder: ServeRecorder) -> Iterator[None]:
+    """transformers' cache layers make small tensors on the host in ``__init__`` (a static
+    layer's ``cumulative_length``, a sliding one's ``_sliding_window_tensor``) and copy them
+    to the device in ``lazy_initialization``, inside the first layer forward: on fake CPU
+    tensors the copy is the tensor itself, so record none at ``__init__`` and each at the
+    copy, in the layer that runs."""
+    import torch
+    import transformers.cache_utils as cache_utils
+
+    classes = [
+        c for c in vars(cache_utils).values()
+        if isinstance(c, type) and issubclass(c, cache_utils.CacheLayerMixin)
+    ]  # fmt: skip
+    saved: list[tuple[type, str, Any]] = []
+
+    def paused_init(original: Any) -> Any:
+        def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            before, recorder.paused = recorder.paused, True
+            try:
+                original(self, *args, **kwargs)
+            finally:
+                recorder.paused = before
+
+        return init
+
+    def copied_to_device(original: Any) -> Any:
+        def lazy_initialization(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            original(self, *args, **kwargs)
+            for value in list(vars(self).values()):
+                if isinstance(value, torch.Tensor):
+                    recorder.track(value, recorder.layer)
+
+        return lazy_initialization
+
+    for cls in classes:
+        for name, wrap in (("__init__", paused_init), ("lazy_initialization", copied_to_device)):
+            if name in vars(cls):
+                saved.append((cls, name, vars(cls)[name]))
+                setattr(cls, name, wrap(vars(cls)[name]))
+    try:
+        yield
+    finally:
+        for cls, name, original in reversed(saved):
+            setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -306,9 +352,9 @@ def trace_serving(
     num_layers: int | None = None,
 ) -> ServeTrace:
     """Record the adapters and the generate rounds of one model copy of ``plan`` with
-    ``num_layers`` decoder layers (module docstring): every warm-up round, at most two
-    timed rounds (``servesim`` repeats the second), each full generate's first
-    ``traced_steps`` loop steps."""
+    ``num_layers`` decoder layers (module docstring): ``rounds`` (warm-up, timed; the
+    simulation traces two timed rounds and ``servesim`` repeats the second), each full
+    generate's first ``traced_steps`` loop steps."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -320,6 +366,8 @@ def trace_serving(
     from vramcalc.trace.fakemodel import to_fake
     from vramcalc.trace.steptrace import _quiet, decoder_layers
 
+    if plan.adapters:  # a first import makes small tensors: not under the recorder
+        import peft.tuners.lora  # noqa: F401
     model = build_base(config_dict, plan, num_layers)
     params = loaded_params(model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -346,46 +394,52 @@ def trace_serving(
         recorder.mark(f"g{state['generate']}.s{state['step']}")
 
     batch, prompt, new = measured_batch(plan), plan.prompt_tokens, plan.new_tokens
-    with mode, _quiet(), inference_code_paths(), generate_on_fake_tensors(stop, on_step):
-        with recorder.mode:
-            serving, kwargs = _apply_adapters(model, plan, recorder, batch)
-            recorder.mark("inputs")
-            recorder.label = "inputs"
-            ids = torch.zeros((batch, prompt), dtype=torch.long)
-            mask = torch.ones_like(ids)
-            recorder.label = ""
-            common = {
-                **kwargs,
-                "input_ids": ids,
-                "attention_mask": mask,
-                "do_sample": False,
-                "pad_token_id": _pad(serving),
-                "cache_implementation": "static" if plan.cache == "static" else None,
-            }
+    with (
+        mode,
+        _quiet(),
+        inference_code_paths(),
+        generate_on_fake_tensors(stop, on_step),
+        _host_built_caches(recorder),
+        recorder.mode,
+    ):
+        serving, kwargs = _apply_adapters(model, plan, recorder, batch)
+        recorder.mark("inputs")
+        recorder.label = "inputs"
+        ids = torch.zeros((batch, prompt), dtype=torch.long)
+        mask = torch.ones_like(ids)
+        recorder.label = ""
+        common = {
+            **kwargs,
+            "input_ids": ids,
+            "attention_mask": mask,
+            "do_sample": False,
+            "pad_token_id": _pad(serving),
+            "cache_implementation": "static" if plan.cache == "static" else None,
+        }
 
-            def generate(tokens: int, steps: int) -> Any:
-                state["generate"] += 1
-                state["step"] = 0
-                marker = f"g{state['generate']}"
-                recorder.mark(marker)
-                stop.length = prompt + steps
-                out = serving.generate(**common, max_new_tokens=tokens, min_new_tokens=tokens)
-                handle = recorder._handles[out.untyped_storage()._cdata][0]
-                spans.append(GenerateSpan(marker, tokens, steps, handle))
-                return out
+        def generate(tokens: int, steps: int) -> Any:
+            state["generate"] += 1
+            state["step"] = 0
+            marker = f"g{state['generate']}"
+            recorder.mark(marker)
+            stop.length = prompt + steps
+            out = serving.generate(**common, max_new_tokens=tokens, min_new_tokens=tokens)
+            handle = recorder._handles[out.untyped_storage()._cdata][0]
+            spans.append(GenerateSpan(marker, tokens, steps, handle))
+            return out
 
-            kept = None
-            warmup, timed = rounds[0], min(rounds[1], 2)
-            for r in range(warmup + timed):
-                recorder.mark(f"round{r}")
-                generate(1, 1)
-                out = generate(new, min(new, traced_steps))
-                if r >= warmup:
-                    kept = out  # the harness keeps the last full output until the next returns
-                del out
-            recorder.mark("after")
-            del kept
-            recorder.mark("end")
+        kept = None
+        warmup, timed = rounds
+        for r in range(warmup + timed):
+            recorder.mark(f"round{r}")
+            generate(1, 1)
+            out = generate(new, min(new, traced_steps))
+            if r >= warmup:
+                kept = out  # the harness keeps the last full output until the next returns
+            del out
+        recorder.mark("after")
+        del kept
+        recorder.mark("end")
     return ServeTrace(
         tuple(recorder.events),
         tuple(recorder.tags),

@@ -16,6 +16,8 @@ bitsandbytes 0.50.2):
   a short query, the RNG state) when there is no mask, else memory-efficient attention with
   the boolean mask made additive (``convert_boolean_attn_mask``) and padded to a multiple of
   8 (``preprocess_mask``).
+* ``host_built_caches``: transformers' cache layers' small host tensors, recorded where
+  the GPU run copies them to the device.
 * ``value_reads``: the few places ``generate`` reads a value on the host (padding and
   special-token checks: answered False; the stop check: stops at the length asked).
 
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vramcalc.trace.emulation import gpu_code_paths
 from vramcalc.trace.int8 import INT8_THRESHOLD, OutlierRule
 
 #: (SMs, compute capability major, minor) of the GPU whose kernels are emulated
@@ -337,12 +340,56 @@ def generate_on_fake_tensors(stop: StopAt, on_step: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def host_built_caches(recorder: Any) -> Iterator[None]:
+    """transformers' cache layers make small tensors on the host in ``__init__`` (a static
+    layer's ``cumulative_length``, a sliding one's ``_sliding_window_tensor``) and copy them
+    to the device in ``lazy_initialization``, inside the first layer forward: on fake CPU
+    tensors the copy is the tensor itself, so ``recorder`` (``servetrace.ServeRecorder``)
+    records none at ``__init__`` and each at the copy, in the layer that runs."""
+    import transformers.cache_utils as cache_utils
+
+    classes = [
+        c for c in vars(cache_utils).values()
+        if isinstance(c, type) and issubclass(c, cache_utils.CacheLayerMixin)
+    ]  # fmt: skip
+    saved: list[tuple[type, str, Any]] = []
+
+    def paused_init(original: Any) -> Any:
+        def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            before, recorder.paused = recorder.paused, True
+            try:
+                original(self, *args, **kwargs)
+            finally:
+                recorder.paused = before
+
+        return init
+
+    def copied_to_device(original: Any) -> Any:
+        def lazy_initialization(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            original(self, *args, **kwargs)
+            for value in list(vars(self).values()):
+                if isinstance(value, torch.Tensor):
+                    recorder.track(value, recorder.layer)
+
+        return lazy_initialization
+
+    for cls in classes:
+        for name, wrap in (("__init__", paused_init), ("lazy_initialization", copied_to_device)):
+            if name in vars(cls):
+                saved.append((cls, name, vars(cls)[name]))
+                setattr(cls, name, wrap(vars(cls)[name]))
+    try:
+        yield
+    finally:
+        for cls, name, original in reversed(saved):
+            setattr(cls, name, original)
+
+
+@contextlib.contextmanager
 def inference_code_paths() -> Iterator[None]:
     """The training tracer's GPU code paths (``trace/emulation.gpu_code_paths``: no
     padding or packed sequences found, transformers not ``is_tracing``), with SDPA as the
     CUDA build dispatches it at inference (``cuda_sdpa``)."""
-    from vramcalc.trace.emulation import gpu_code_paths
-
     original = F.scaled_dot_product_attention
     with gpu_code_paths():
         flash_like = F.scaled_dot_product_attention

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from vramcalc.budget import DEFAULT_HEADROOM, budget_bytes, judge
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
+from vramcalc.estimate import ALLOCATOR_MODELS, default_allocator_model
 from vramcalc.memory.overhead import Calibration, load_calibration
 from vramcalc.search import largest_fitting
 from vramcalc.serve_plan import ServePlan
@@ -135,8 +136,6 @@ def serve_simulation(
     copies of the base (``--mode merged`` with several adapters) are not simulated yet:
     None, and the estimate says so. A run that cannot be traced raises
     ``SimulationError`` naming the way out."""
-    from vramcalc.estimate import ALLOCATOR_MODELS, default_allocator_model
-
     allocator_model = allocator_model or default_allocator_model()
     if allocator_model not in ALLOCATOR_MODELS:
         raise InvalidPlanError(

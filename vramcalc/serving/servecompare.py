@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.serve_plan import ServePlan, context_split, uniform_adapters
+from vramcalc.serving.serve import prepare_serving
+from vramcalc.serving.serve_planner import serve_memory
 
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 ALLOCATOR_MODELS = ("approximate", "simulate")
@@ -59,9 +61,6 @@ def compare_serve_records(
     records: list[dict[str, Any]], allocator_models: tuple[str, ...] = ALLOCATOR_MODELS
 ) -> list[ServeRow]:
     """Every ok serving record estimated with each of ``allocator_models``."""
-    from vramcalc.serving.serve import prepare_serving
-    from vramcalc.serving.serve_planner import serve_memory
-
     rows = []
     for record in records:
         if record.get("kind") != "serve" or record.get("status") != "ok":

@@ -17,8 +17,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vramcalc import progress
+from vramcalc.cache import cache_dir
+from vramcalc.inventory import library_versions
 from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
+from vramcalc.memory.slack import from_pretrained_events
 from vramcalc.serve_plan import ServePlan
+from vramcalc.serving.servesim import expand_steps, repeat_last_round
+from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
+from vramcalc.trace import unroll as unrolling
+from vramcalc.trace.steptrace import config_layers
 
 #: bump when the trace, its expansion or the replay changes what a simulation returns
 SERVING_SIMULATION_VERSION = 1
@@ -115,17 +123,6 @@ def whole_run(
     ``traced_steps`` loop steps (default ``servetrace.TRACED_STEPS``) and
     ``traced_timed_rounds`` timed rounds (at least 2 when there are more); the rest is
     expanded (module docstring of ``servesim``). Tracing everything gives the same run."""
-    from vramcalc.memory.slack import from_pretrained_events
-    from vramcalc.serving.servesim import expand_steps, repeat_last_round
-    from vramcalc.serving.servetrace import (
-        TIMED_ROUNDS,
-        TRACED_STEPS,
-        WARMUP_ROUNDS,
-        trace_serving,
-    )
-    from vramcalc.trace import unroll as unrolling
-    from vramcalc.trace.steptrace import config_layers
-
     layers = config_layers(config_dict)
     traced_layers = min(layers, traced_layers or unrolling.TRACED_LAYERS)
     rounds = (WARMUP_ROUNDS, min(TIMED_ROUNDS, max(traced_timed_rounds, 2)))
@@ -160,9 +157,7 @@ def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], st
     """The loaded parameters of the ``layers``-layer model (names renumbered)."""
     if layers <= trace.num_layers:
         return list(trace.params)
-    from vramcalc.trace.unroll import unroll_params
-
-    return list(unroll_params(trace.params, trace.param_layers, layers))
+    return list(unrolling.unroll_params(trace.params, trace.param_layers, layers))
 
 
 def _with_loading_handles(
@@ -175,8 +170,6 @@ def _with_loading_handles(
 ) -> list[tuple[int, int, int]]:
     """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
     events, ``tags`` their layers), each FREE of one pointed at its loading handle."""
-    from vramcalc.trace.unroll import TEMPLATE
-
     by_tag: dict[int, list[str]] = {}
     for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
@@ -189,7 +182,7 @@ def _with_loading_handles(
         if op != ALLOC:
             continue
         layer = tags[k]
-        tag = layer if layer < 0 or not source else source.get(layer, TEMPLATE)
+        tag = layer if layer < 0 or not source else source.get(layer, unrolling.TEMPLATE)
         names = by_tag[tag]
         name = names[seen.get(layer, 0)]
         seen[layer] = seen.get(layer, 0) + 1
@@ -208,8 +201,6 @@ def _with_loading_handles(
 # -- one plan, cached ------------------------------------------------------------------------
 def serving_key(config_dict: dict[str, Any], plan: ServePlan) -> str:
     """What changes a serving simulation, hashed."""
-    from vramcalc.inventory import library_versions
-
     plan_fields = plan.to_dict()
     for adapter in plan_fields["adapters"]:
         adapter.pop("path", None)
@@ -226,8 +217,6 @@ def serving_key(config_dict: dict[str, Any], plan: ServePlan) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _memo(key: str) -> ServeSimulation | None:
-    from vramcalc.cache import cache_dir
-
     path = cache_dir("serving") / f"{key}.json"
     try:
         return ServeSimulation(**json.loads(path.read_text()))
@@ -244,8 +233,6 @@ def simulate_serving(
         known = _memo(key)
         if known is not None:
             return known
-    from vramcalc import progress
-
     progress.note(
         f"tracing generate on fake tensors and replaying it through the caching-allocator "
         f"model (batch {plan.batch} x {plan.prompt_tokens} + {plan.new_tokens} tokens, "
@@ -258,8 +245,6 @@ def simulate_serving(
         **observed, events=len(events), trace_seconds=time.perf_counter() - started
     )
     if use_cache:
-        from vramcalc.cache import cache_dir
-
         folder = cache_dir("serving")
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -38,14 +38,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.catalog import config_from_dict
+from vramcalc.inventory import default_target_modules
+from vramcalc.memory.layers import NO_SDPA
 from vramcalc.serve_plan import AdapterSpec, ServePlan
-from vramcalc.trace.steptrace import StepRecorder
+from vramcalc.trace.fakemodel import to_fake
+from vramcalc.trace.int8 import outlier_rule
+from vramcalc.trace.steptrace import StepRecorder, decoder_layers
+from vramcalc.training_plan import ALL_LINEAR
 
 #: loop steps traced per full generate (the first takes the prefill's token); more repeat
 #: the last one
 TRACED_STEPS = 5
 #: generate rounds of the harness: one untimed, three timed
 WARMUP_ROUNDS, TIMED_ROUNDS = 1, 3
+#: a plan's dtype as torch names it
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -172,50 +180,10 @@ def _host_built_adapters(recorder: ServeRecorder) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _host_built_caches(recorder: ServeRecorder) -> Iterator[None]:
-    """transformers' cache layers make small tensors on the host in ``__init__`` (a static
-    layer's ``cumulative_length``, a sliding one's ``_sliding_window_tensor``) and copy them
-    to the device in ``lazy_initialization``, inside the first layer forward: on fake CPU
-    tensors the copy is the tensor itself, so record none at ``__init__`` and each at the
-    copy, in the layer that runs."""
-    import torch
-    import transformers.cache_utils as cache_utils
-
-    classes = [
-        c for c in vars(cache_utils).values()
-        if isinstance(c, type) and issubclass(c, cache_utils.CacheLayerMixin)
-    ]  # fmt: skip
-    saved: list[tuple[type, str, Any]] = []
-
-    def paused_init(original: Any) -> Any:
-        def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            before, recorder.paused = recorder.paused, True
-            try:
-                original(self, *args, **kwargs)
-            finally:
-                recorder.paused = before
-
-        return init
-
-    def copied_to_device(original: Any) -> Any:
-        def lazy_initialization(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            original(self, *args, **kwargs)
-            for value in list(vars(self).values()):
-                if isinstance(value, torch.Tensor):
-                    recorder.track(value, recorder.layer)
-
-        return lazy_initialization
-
-    for cls in classes:
-        for name, wrap in (("__init__", paused_init), ("lazy_initialization", copied_to_device)):
-            if name in vars(cls):
-                saved.append((cls, name, vars(cls)[name]))
-                setattr(cls, name, wrap(vars(cls)[name]))
-    try:
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         yield
-    finally:
-        for cls, name, original in reversed(saved):
-            setattr(cls, name, original)
 
 
 @contextlib.contextmanager
@@ -254,11 +222,8 @@ def build_base(config_dict: dict[str, Any], plan: ServePlan, num_layers: int | N
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vramcalc.catalog import config_from_dict
-    from vramcalc.memory.layers import NO_SDPA
+    # gpu_paths imports torch and bitsandbytes at its top
     from vramcalc.serving import gpu_paths
-    from vramcalc.trace.fakemodel import _torch_dtype
-    from vramcalc.trace.int8 import outlier_rule
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     config = config_from_dict(config_dict)
@@ -270,7 +235,7 @@ def build_base(config_dict: dict[str, Any], plan: ServePlan, num_layers: int | N
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(
-            config, dtype=_torch_dtype(plan.dtype), attn_implementation=attn
+            config, dtype=getattr(torch, DTYPES[plan.dtype]), attn_implementation=attn
         )
     model.tie_weights()
     if plan.is_kbit:
@@ -319,9 +284,6 @@ def loaded_params(model: Any) -> list[tuple[str, tuple[int, ...], str, bool, boo
 def _lora_config(adapter: AdapterSpec, model_type: str) -> Any:
     from peft import LoraConfig
 
-    from vramcalc.inventory import default_target_modules
-    from vramcalc.training_plan import ALL_LINEAR
-
     targets: Any = list(adapter.targets) if adapter.targets else None
     if adapter.targets is None:
         targets = default_target_modules(model_type, "lora")
@@ -358,13 +320,12 @@ def trace_serving(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.serving.gpu_paths import (
+    from vramcalc.serving.gpu_paths import (  # imports torch and bitsandbytes
         StopAt,
         generate_on_fake_tensors,
+        host_built_caches,
         inference_code_paths,
     )
-    from vramcalc.trace.fakemodel import to_fake
-    from vramcalc.trace.steptrace import _quiet, decoder_layers
 
     if plan.adapters:  # a first import makes small tensors: not under the recorder
         import peft.tuners.lora  # noqa: F401
@@ -399,7 +360,7 @@ def trace_serving(
         _quiet(),
         inference_code_paths(),
         generate_on_fake_tensors(stop, on_step),
-        _host_built_caches(recorder),
+        host_built_caches(recorder),
         recorder.mode,
     ):
         serving, kwargs = _apply_adapters(model, plan, recorder, batch)

@@ -13,6 +13,7 @@ SERVE_LABELS = COMPONENT_LABELS | {
     "kv_cache": "KV cache",
     "activations": "forward temporaries",
     "logits": "logits",
+    "trace_difference": "simulated run beyond the rules",
 }
 PHASES = {
     "prefill": "prefill (the prompt's forward)",

@@ -31,6 +31,8 @@ from typing import Any
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.serving.servetrace import GenerateSpan
+from vramcalc.trace.events import UnrollError
+from vramcalc.trace.repeat import copy_segment
 
 Event = tuple[int, int, int]
 
@@ -207,33 +209,17 @@ def repeat_last_round(
     out, out_tags = events[:end], tags[:end]
     out_markers = [(m, i) for m, i in markers if i < end]
     inner = [(m, i - last) for m, i in markers if last <= i < end]
-    previous = {h: h for h in made}
-    remap: dict[int, int] = {}
-    for copy in range(traced, rounds):
-        current: dict[int, int] = {}
-        base = len(out)
-        for m, offset in inner:
-            out_markers.append((_renumber(m, copy, traced), base + offset))
-        for i in range(last, end):
-            op, handle, nbytes = events[i]
-            if op == ALLOC:
-                top += 1
-                current[handle] = top
-                out.append((op, top, nbytes))
-            else:
-                origin = made.get(handle, -1)
-                if origin >= last:
-                    out.append((op, current[handle], nbytes))
-                elif origin >= first:
-                    twin = events[origin - first + last]
-                    if twin[0] != ALLOC or twin[2] != events[origin][2]:
-                        raise ServeSimulationError("a tensor crossing rounds has no twin")
-                    out.append((op, previous[twin[1]], nbytes))
-                else:
-                    out.append((op, handle, nbytes))
-            out_tags.append(tags[i])
-        previous = current
-        remap = {h: current[h] for h in current}
+    length = end - last
+    for k, copy in enumerate(range(traced, rounds)):
+        base = len(out) + k * length
+        out_markers += [(_renumber(m, copy, traced), base + offset) for m, offset in inner]
+    try:
+        remap, top = copy_segment(
+            events, tags, made, (first, last, end), rounds - traced, top, out, out_tags,
+            "round", older="keep",
+        )  # fmt: skip
+    except UnrollError as err:
+        raise ServeSimulationError(str(err)) from err
     base = len(out)
     for m, i in markers:
         if i >= end:

@@ -2,7 +2,8 @@
 ranked by what it costs, and the cheapest combination that fits.
 
 Costs, in rank order: nothing but speed (gradient checkpointing, a smaller micro-batch with
-more accumulation, the expandable-segments allocator), more GPUs (FSDP), a little quality
+more accumulation, the expandable-segments allocator), more GPUs (FSDP, else ZeRO-3: the
+fewest that fit, and only for a plan that does not fit as it is), a little quality
 (8-bit optimizer states, 4-bit base weights, fewer adapter parameters), then data (a shorter
 sequence: tokens cut). Within a rank, the smaller loss of tokens/s comes first.
 
@@ -37,13 +38,19 @@ class Option:
     plan: TrainingPlan
     device_total_bytes: int
     fits: bool
-    tokens_per_second: float | None  # over all GPUs of the plan
+    tokens_per_second: float | None  # over all GPUs of the plan (communication included)
+    tokens_per_second_per_gpu: float | None = None
+    mfu: float | None = None
+    speed_measured: bool | None = None  # False for every multi-GPU plan (none measured yet)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device_total_bytes": self.device_total_bytes,
             "fits": self.fits,
             "tokens_per_second": self.tokens_per_second,
+            "tokens_per_second_per_gpu": self.tokens_per_second_per_gpu,
+            "mfu": self.mfu,
+            "speed_measured": self.speed_measured,
         }
 
 
@@ -111,9 +118,16 @@ class _Judge:
             prepared = prepare(plan.model, plan)
             total = self.memory(plan).device_total_bytes
             speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
-            estimate, _ = speed.on(self.gpu)
-            tokens = estimate.tokens_per_second_all_gpus if estimate else None
-            self.memo[plan] = Option(plan, total, self.fits_total(total, plan), tokens)
+            e, _ = speed.on(self.gpu)
+            self.memo[plan] = Option(
+                plan,
+                total,
+                self.fits_total(total, plan),
+                e.tokens_per_second_all_gpus if e else None,
+                e.tokens_per_second if e else None,
+                e.mfu if e else None,
+                e.measured if e else None,
+            )
         return self.memo[plan]
 
     def fits_total(self, total: int, plan: TrainingPlan) -> bool:
@@ -160,7 +174,9 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
                 plan.with_(allocator="expandable"),
             )
         )
-    for gpus in (2, 4, 8, 16):  # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything
+    # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything; none for a plan that
+    # fits as it is (its own count is then the fewest that fits)
+    for gpus in (2, 4, 8, 16) if not judge.fits(plan) else ():
         if gpus <= plan.num_gpus:
             continue
         fitting = [

@@ -260,3 +260,40 @@ def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
     ]
     cases = text[text.index("| case_id") :].splitlines()
     assert cases[1].startswith("|:----") and cases[2].startswith("| c1 ")
+
+
+# -- several GPUs: tokens/s per GPU and for all, MFU, marked unmeasured ---------------------------
+def test_multi_gpu_plan_and_cost_show_per_gpu_and_all_gpu_speed(tiny_llama_dir):
+    args = ("--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H200,H100")
+    args += ("--num-gpus", "4")
+    args += ("--strategy", "fsdp", "--steps", "100")
+    result = _run("plan", *args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("GPU "))
+    assert lines[head].split() == (
+        ["GPU", "memory", "fits", "margin", "tokens/s/GPU", "tokens/s", "x4", "step", "s", "MFU", "bound"]
+    )
+    data = _plan(*args)
+    for row in lines[head + 2 : head + 4]:
+        gpu = next(g for g in data["gpus"] if g["name"] == row.split()[0])
+        cells = row.split()
+        assert cells[6:8] == [
+            f"{gpu['tokens_per_second']:,.0f}",
+            f"{gpu['tokens_per_second_all_gpus']:,.0f}",
+        ]
+        assert cells[-1].endswith("*") and gpu["speed_measured"] is False
+    note = (
+        "  * 4 GPUs: each GPU's step plus the collectives between them (over each GPU's link "
+        "in data/gpus.csv) that its compute cannot hide; no multi-GPU speed is measured yet "
+        "(harness/cases/h200x2.yaml will measure it)"
+    )
+    assert lines.count(note) == 2  # under the GPU table and under the cost table
+    cost = lines.index(next(line for line in lines if line.startswith("run: ")))
+    assert lines[cost + 1].split()[:4] == ["GPU", "tokens/s/GPU", "tokens/s", "x4"]
+    throughput = data["throughput"][0]
+    assert throughput["communication"]["link"] == "NVLink (NVSwitch)"
+    assert throughput["tokens_per_second_all_gpus"] == 4 * throughput["tokens_per_second"]
+    verbose = _run("plan", *args, "--verbose").output
+    assert "link            NVLink (NVSwitch): 900 GB/s bidirectional / 2 x 0.82" in verbose
+    assert "measured        no: no multi-GPU speed measurement yet" in verbose

@@ -11,13 +11,35 @@ def _speed(option: Option) -> str:
     return f"{option.tokens_per_second:,.0f}" if option.tokens_per_second else "-"
 
 
+def _speed_line(option: Option) -> str:
+    """tokens/s over all GPUs, per GPU and MFU for several GPUs; ``*`` unmeasured."""
+    if not option.tokens_per_second:
+        return "- tokens/s"
+    mfu = f"MFU {100 * option.mfu:.0f} %" if option.mfu is not None else ""
+    if option.plan.num_gpus == 1:
+        return f"{_speed(option)} tokens/s, {mfu}"
+    return (
+        f"{_speed(option)} tokens/s on {option.plan.num_gpus} GPUs* "
+        f"({option.tokens_per_second_per_gpu:,.0f} per GPU, {mfu})"
+    )
+
+
+def _cells(option: Option) -> list[str]:
+    """tokens/s per GPU, over all GPUs (``*``: a multi-GPU estimate, unmeasured), MFU."""
+    if not option.tokens_per_second or option.tokens_per_second_per_gpu is None:
+        return ["-", "-", "-"]
+    star = "*" if option.plan.num_gpus > 1 else ""
+    mfu = f"{100 * option.mfu:.0f} %" if option.mfu is not None else "-"
+    return [f"{option.tokens_per_second_per_gpu:,.0f}", _speed(option) + star, mfu]
+
+
 def render_advice(advice: Advice) -> str:
     base = advice.baseline
     verdict = "fits" if base.fits else "does not fit"
     lines = [
         f"{base.plan.model} on {advice.gpu.name} ({gib(advice.gpu.memory_bytes)}, "
         f"{advice.headroom:.0%} headroom: budget {gib(advice.budget_bytes)}): the plan needs "
-        f"{gib(base.device_total_bytes)} and {verdict}; {_speed(base)} tokens/s",
+        f"{gib(base.device_total_bytes)} and {verdict}; {_speed_line(base)}",
         "",
     ]
     if not advice.changes:
@@ -31,17 +53,24 @@ def render_advice(advice: Advice) -> str:
             c.cost,
             gib(c.option.device_total_bytes),
             "yes" if c.option.fits else "no",
-            _speed(c.option),
+            *_cells(c.option),
             f"{c.speed_change:+.0%}" if c.speed_change is not None else "-",
         ]
         for i, c in enumerate(advice.changes, 1)
     ]
-    headers = ["#", "change", "what it does", "costs", "memory after", "fits", "tokens/s", "speed"]
-    numeric = [True, False, False, False, True, False, True, True]
+    headers = ["#", "change", "what it does", "costs", "memory after", "fits"]
+    headers += ["tokens/s/GPU", "tokens/s all", "MFU", "speed"]
+    numeric = [True, False, False, False, True, False, True, True, True, True]
     lines.append(
         "changes, cheapest first (each alone; memory with the calibrated allocator slack):"
     )
     lines.append(table(rows, headers, numeric))
+    options = [base, *(c.option for c in advice.changes)]
+    if any(o.plan.num_gpus > 1 and o.tokens_per_second for o in options):
+        lines.append(
+            "* several GPUs: each GPU's step plus what the collectives between them leave "
+            "exposed (communication modeled, not measured); speed: tokens/s over all GPUs"
+        )
     if base.fits:
         lines += ["", "the plan fits with the headroom asked; the changes above only add room."]
     elif advice.combined is None:
@@ -52,7 +81,7 @@ def render_advice(advice: Advice) -> str:
         lines += [
             "",
             f"cheapest combination: {' '.join(c.flags for c in advice.combination)}",
-            f"  -> {gib(done.device_total_bytes)}, {verdict}, {_speed(done)} tokens/s "
+            f"  -> {gib(done.device_total_bytes)}, {verdict}, {_speed_line(done)} "
             "(confirmed with the default allocator model)",
         ]
     return "\n".join(lines)

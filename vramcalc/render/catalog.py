@@ -39,12 +39,14 @@ def render_gpus(gpus: Sequence[Gpu]) -> str:
                 _number(g.fp16_dense_tflops),
                 _number(g.fp32_tflops),
                 _number(g.memory_bandwidth_gbps),
+                _link(g),
                 "-" if g.price_per_hour_usd is None else f"{g.price_per_hour_usd:.2f}",
                 ", ".join(g.aliases),
             ]
         )
-    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "fp32", "GB/s", "$/hour", "aliases"]
-    lines = [table(rows, heads, [False, True, True, True, True, True, True, False])]
+    heads = ["GPU", "memory", "bf16 TFLOP/s", "fp16 TFLOP/s", "fp32", "GB/s", "link GB/s"]
+    heads += ["$/hour", "aliases"]
+    lines = [table(rows, heads, [False, True, True, True, True, True, False, True, False])]
     if no_bf16:
         lines.append(
             f"bf16 'none': {', '.join(no_bf16)} have no bf16 tensor cores; bf16 plans do not "
@@ -58,7 +60,23 @@ def render_gpus(gpus: Sequence[Gpu]) -> str:
     if unpriced:
         lines.append(f"$/hour '-': no price in data/gpus.csv for {', '.join(unpriced)}")
     lines.append("memory: what nvidia-smi reports as total; TFLOP/s: dense tensor-core peaks")
+    lines.append(
+        "link: how several of them talk (multi-GPU speed), bidirectional GB/s per GPU as "
+        "datasheets state it"
+    )
     return "\n".join(lines)
+
+
+_LINK_NAMES = {"nvswitch": "NVSwitch", "nvlink": "NVLink", "infinity-fabric": "Infinity Fabric"}
+
+
+def _link(g: Gpu) -> str:
+    """``NVSwitch 900`` / ``PCIe 64``: the fabric a multi-GPU plan of this card uses."""
+    if g.interconnect in _LINK_NAMES and g.link_bidir_gbps:
+        return f"{_LINK_NAMES[g.interconnect]} {g.link_bidir_gbps:g}"
+    if g.pcie_bidir_gbps:
+        return f"PCIe {g.pcie_bidir_gbps:g}"
+    return "-"
 
 
 def _number(value: float | None) -> str:

@@ -45,13 +45,8 @@ DeepSpeed configs in ``harness/distributed.py``, HF Trainer):
   3Ψ for ZeRO-3). DeepSpeed's ``stage3_max_reuse_distance`` can keep the last layer or two
   gathered across the turn of the step: not modelled.
 
-Time (``collective_seconds``). NCCL's ring: an all-gather or reduce-scatter of ``S`` bytes
-(the whole gathered buffer) moves ``S (n-1)/n`` per GPU, an all-reduce ``2 S (n-1)/n``
-(nccl-tests ``doc/PERFORMANCE.md``, "Bus bandwidth"); divided by the link's bus bandwidth
-(``Link``: NCCL's busbw, per GPU and direction), plus NCCL's own latency model
-(``src/graph/tuning.cc``: a base latency per protocol plus one hardware latency per ring
-step, network steps priced as such), the fastest of the protocols NCCL may pick (LL at half
-the bandwidth, LL128 at 0.92 on NVLink only, Simple).
+Time: each collective's on the plan's link (``links.py``: NCCL's ring at the link's bus
+bandwidth, after NCCL's latency).
 
 Overlap (``communication_time``), per micro-batch and phase: FSDP's and ZeRO-3's all-gathers
 run on their own stream ahead of the compute that needs them (the host issues the next
@@ -80,26 +75,26 @@ from typing import Any
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory import DTYPE_BYTES
 from vramcalc.memory.gradients import trainable_tensors
+from vramcalc.speed.links import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Link, collective_seconds
 from vramcalc.training_plan import TrainingPlan
 
-ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE = "all_gather", "reduce_scatter", "all_reduce"
+__all__ = [
+    "ALL_GATHER",
+    "ALL_REDUCE",
+    "REDUCE_SCATTER",
+    "Collective",
+    "CommunicationTime",
+    "CommunicationVolume",
+    "communication_time",
+    "communication_volume",
+]
+
 PHASES = ("forward", "backward", "step")  # step: after the last backward, before the next
 EVERY, FIRST, LAST = "every", "first", "last"  # the micro-batches a collective runs in
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 DDP_BUCKET_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25)
 ZERO_ALLGATHER_BUCKET = 500_000_000  # DeepSpeed allgather_bucket_size default (elements)
 ZERO_PERSISTENCE_HIDDEN = 10  # stage3_param_persistence_threshold = 10 x hidden (harness)
-
-# NCCL src/graph/tuning.cc (ncclTunerConstantsDefaults), ring algorithm, microseconds
-PROTOCOLS = ("LL", "LL128", "Simple")
-NCCL_BASE_LATENCY_US = {"LL": 6.6, "LL128": 14.0, "Simple": 8.4}
-NCCL_HW_LATENCY_US = {
-    "nvlink": {"LL": 0.6, "LL128": 1.9, "Simple": 3.4},
-    "pcie": {"LL": 1.0, "LL128": 2.5, "Simple": 5.7},
-    "net": {"LL": 2.7, "LL128": 4.0, "Simple": 14.0},
-}
-# bandwidth share of each protocol (tuning.cc: ring LL busBw * .5, LL128 * 0.92)
-PROTOCOL_BANDWIDTH = {"LL": 0.5, "LL128": 0.92, "Simple": 1.0}
 
 
 # -- bytes ---------------------------------------------------------------------------------------
@@ -431,114 +426,6 @@ def communication_volume(
 
 
 # -- time ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LinkConstants:
-    """Priors that turn a datasheet link bandwidth into NCCL's bus bandwidth
-    (``data/calibration.json``, ``communication_*``, each with its source)."""
-
-    fabric_efficiency: float  # NVLink / Infinity Fabric: of the per-direction line rate
-    pcie_efficiency: float  # PCIe: of the per-direction x16 rate
-    network_gbps_per_gpu: float  # assumed effective network bandwidth per GPU (GB/s)
-    gpus_per_node: int
-    sources: Mapping[str, str]
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> LinkConstants:
-        def value(name: str) -> Any:
-            return raw[f"communication_{name}"]["value"]
-
-        return cls(
-            float(value("fabric_efficiency")),
-            float(value("pcie_efficiency")),
-            float(value("network_gbps_per_gpu")),
-            int(value("gpus_per_node")),
-            {k: str(v["source"]) for k, v in raw.items() if k.startswith("communication_")},
-        )
-
-
-@dataclass(frozen=True)
-class Link:
-    """What carries the collectives between a plan's GPUs."""
-
-    name: str
-    bus_gbps: float  # NCCL bus bandwidth, GB/s per GPU and direction
-    hardware: str  # NCCL latency class of the intra-node steps: nvlink or pcie
-    nodes: int
-    derivation: str
-
-    @property
-    def protocols(self) -> tuple[str, ...]:
-        """LL128 is on by default only where GPUs talk over NVLink (tuning.cc)."""
-        return PROTOCOLS if self.hardware == "nvlink" else ("LL", "Simple")
-
-
-class NoLinkError(ValueError):
-    """The catalog says nothing of how a GPU talks to the others."""
-
-
-def link_for(
-    interconnect: str,
-    link_bidir_gbps: float | None,
-    pcie_bidir_gbps: float | None,
-    num_gpus: int,
-    constants: LinkConstants,
-) -> Link:
-    """The link of ``num_gpus`` GPUs with this catalog row's interconnect (``data/gpus.csv``):
-    half the bidirectional datasheet rate (one direction) times an efficiency; a mesh (AMD
-    Infinity Fabric: one link to each of 7 peers) uses only the links to the plan's peers;
-    beyond one node the network per GPU caps the nodes' share (NCCL's rings cross each node
-    boundary once per NIC: the bus bandwidth is at most the node's NICs together)."""
-    nodes = -(num_gpus // -constants.gpus_per_node)
-    if interconnect in ("nvswitch", "nvlink", "infinity-fabric") and link_bidir_gbps:
-        per_direction = link_bidir_gbps / 2
-        peers = min(num_gpus, constants.gpus_per_node) - 1
-        share = min(peers, 7) / 7 if interconnect == "infinity-fabric" else 1.0
-        bus = per_direction * share * constants.fabric_efficiency
-        name = {
-            "nvswitch": "NVLink (NVSwitch)",
-            "nvlink": "NVLink",
-            "infinity-fabric": "Infinity Fabric",
-        }[interconnect]
-        how = (
-            f"{link_bidir_gbps:g} GB/s bidirectional / 2"
-            + (f" x {min(peers, 7)}/7 links" if share < 1 else "")
-            + f" x {constants.fabric_efficiency:g}"
-        )
-        hardware = "nvlink"
-    elif interconnect == "pcie" and pcie_bidir_gbps:
-        bus = pcie_bidir_gbps / 2 * constants.pcie_efficiency
-        name, hardware = "PCIe", "pcie"
-        how = f"{pcie_bidir_gbps:g} GB/s bidirectional / 2 x {constants.pcie_efficiency:g}"
-    else:
-        raise NoLinkError(interconnect or "none")
-    if nodes > 1:
-        network = constants.network_gbps_per_gpu * constants.gpus_per_node
-        if network < bus:
-            bus = network
-            how += f", capped by the network: {constants.gpus_per_node} x {constants.network_gbps_per_gpu:g} GB/s per node"
-        name += f" + network ({nodes} nodes)"
-    return Link(name, bus, hardware, nodes, f"{how} = {bus:,.0f} GB/s bus bandwidth")
-
-
-def collective_seconds(kind: str, nbytes: int, num_gpus: int, link: Link) -> float:
-    """One ring collective of ``nbytes`` (NCCL's S) over ``num_gpus`` GPUs (module docstring)."""
-    if num_gpus <= 1 or nbytes <= 0:
-        return 0.0
-    steps = (2 if kind == ALL_REDUCE else 1) * (num_gpus - 1)
-    network_steps = (2 if kind == ALL_REDUCE else 1) * (link.nodes - 1)
-    moved = nbytes * steps / num_gpus
-    best = math.inf
-    for p in link.protocols:
-        latency_us = (
-            NCCL_BASE_LATENCY_US[p]
-            + (steps - network_steps) * NCCL_HW_LATENCY_US[link.hardware][p]
-            + network_steps * NCCL_HW_LATENCY_US["net"][p]
-        )
-        seconds = latency_us * 1e-6 + moved / (link.bus_gbps * 1e9 * PROTOCOL_BANDWIDTH[p])
-        best = min(best, seconds)
-    return best
-
-
 @dataclass(frozen=True)
 class CommunicationTime:
     """A step's collectives on a link: their seconds and what of them the compute hides."""

@@ -49,13 +49,11 @@ from vramcalc.inventory import ModelInventory
 from vramcalc.speed.communication import (
     CommunicationTime,
     CommunicationVolume,
-    LinkConstants,
-    NoLinkError,
     communication_time,
     communication_volume,
-    link_for,
 )
 from vramcalc.speed.flops import StepFlops, estimate_flops
+from vramcalc.speed.links import LinkConstants, NoLinkError, link_for
 from vramcalc.speed.opprofile import OpProfile, op_profile
 from vramcalc.speed.stepwork import StepWork, phase_work, step_work
 from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32

@@ -18,8 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramcalc.catalog import config_from_dict
 from vramcalc.errors import VramcalcError
+from vramcalc.memory.optimizer import bnb_state_tensors
+from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
+from vramcalc.trace.steptrace import claim_nodes, decoder_layers, torch_optimizer
 from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
@@ -46,8 +51,6 @@ class BnbOptimizerParam:
     def at_rank(self, rank: int, optimizer: str) -> BnbOptimizerParam:
         if not self.numel_per_rank:
             return self
-        from vramcalc.memory.optimizer import bnb_state_tensors
-
         n = self.numel + self.numel_per_rank * rank
         states = sum(b for b, _ in bnb_state_tensors(optimizer, n, self.embedding))
         return replace(
@@ -62,19 +65,11 @@ def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     """Forward hooks on each decoder layer: set the recorder's layer (and the recompute phase
     when a layer runs again inside backward); the autograd nodes each layer's forward made,
     for backward prehooks (``_hook_backward``)."""
-    from vramcalc.trace.steptrace import decoder_layers
-
     nodes: dict[Any, int] = {}
     stack: list[tuple[int, str]] = []
 
     def walk(root: Any, stop: Any, layer: int) -> None:
-        todo = [root]
-        while todo:
-            node = todo.pop()
-            if node is None or node is stop or node in nodes:
-                continue
-            nodes[node] = layer
-            todo.extend(fn for fn, _ in node.next_functions)
+        claim_nodes(root, stop, layer, nodes)
 
     for index, layer in enumerate(decoder_layers(model)):
 
@@ -127,27 +122,19 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 
 
 def _outlier_probability(config: Any, name: str) -> float:
-    """P(|x| >= 6) for one input element of an int8 linear at random init (``memory/int8.py``,
+    """P(|x| >= 6) for one input element of an int8 linear at random init (``trace/int8.py``,
     the rule the step trace uses)."""
-    from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
-
     rule = outlier_rule(config, name, 0)
     return int8_outlier_probability(rule.act, rule.sigma, rule.gated) if rule else 0.0
 
 
 def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
-    """The optimizer Trainer builds, as CUDA runs it (fused, or foreach by default on CUDA)."""
-    import torch
-
-    name = plan.optimizer
-    if name in ("adamw_torch", "adamw_torch_fused"):
-        fused = name == "adamw_torch_fused"
-        return torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-4, foreach=True)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
-    if name == "adafactor":
+    """The optimizer Trainer builds, as CUDA runs it (``steptrace.torch_optimizer``; Adafactor's
+    own ops too)."""
+    optimizer = torch_optimizer(params, plan)
+    if optimizer is not None:
+        return optimizer
+    if plan.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
@@ -160,8 +147,6 @@ def _bnb_params(
     """(tensor, layer, embedding) -> what a bitsandbytes optimizer moves per element: its
     states read and written, the parameter read and written, the gradient read. A LoRA
     tensor (its size a multiple of the traced prime rank) keeps its size per unit of rank."""
-    from vramcalc.memory.optimizer import bnb_state_tensors
-
     out = []
     for p, layer, embedding in params:
         n = int(p.numel())
@@ -212,10 +197,7 @@ def trace_events(
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.catalog import config_from_dict
-    from vramcalc.trace import emulation, kbit_ops
-    from vramcalc.trace.fakemodel import build_model, to_fake
-    from vramcalc.trace.steptrace import decoder_layers
+    from vramcalc.trace import emulation, kbit_ops  # they import torch
 
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

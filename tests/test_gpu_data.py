@@ -176,3 +176,19 @@ def test_the_loader_reads_the_interconnect():
         128.0,
     )
     assert "NVLink" in h100.interconnect_source
+
+
+def test_the_loader_refuses_an_unknown_interconnect(tmp_path, monkeypatch):
+    from vramcalc import catalog
+    from vramcalc.errors import CatalogError
+
+    text = CSV_PATH.read_text(encoding="utf-8").replace(",nvswitch,900,", ",nvlinc,900,", 1)
+    path = tmp_path / "gpus.csv"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(catalog, "GPUS_CSV", path)
+    catalog.load_gpus.cache_clear()
+    try:
+        with pytest.raises(CatalogError, match="interconnect must be one of"):
+            catalog.load_gpus()
+    finally:
+        catalog.load_gpus.cache_clear()

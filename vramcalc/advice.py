@@ -210,7 +210,7 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
         )
     # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything; none for a plan that
     # fits as it is (its own count is then the fewest that fits)
-    for gpus in (2, 4, 8, 16) if not judge.fits(plan) else ():
+    for gpus in (2, 4, 8, 16) if not judge.option(plan).fits else ():
         if gpus <= plan.num_gpus:
             continue
         fitting = [

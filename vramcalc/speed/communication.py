@@ -367,6 +367,8 @@ def _zero(inventory: ModelInventory, plan: TrainingPlan) -> tuple[list[Collectiv
         modules += [
             ("embedding", roles["embedding"], 1, False),
             ("lm_head", roles["lm_head"], 1, False),
+            # 3-D MoE expert tensors, routers: one module's worth per layer
+            ("other parameters", roles["other"] // layers, layers, True),
         ]
         if plan.uses_adapters:
             modules += [

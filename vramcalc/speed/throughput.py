@@ -394,6 +394,11 @@ class ThroughputEstimate:
                 "collectives per step left exposed by the compute; UNMEASURED: no multi-GPU "
                 f"speed measurement yet ({MULTI_GPU_CASES} measures it)"
             )
+            if self.plan.cpu_offload:
+                notes.append(
+                    "--cpu-offload: the host transfers and the optimizer step on the CPU are "
+                    "not in the step time"
+                )
         return (*notes, *self.flops.notes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from vramcalc.serve_plan import ServePlan, serve_plan
 from vramcalc.serving.serve_planner import ServeResult, serve_result
 from vramcalc.speed.cost import RunLength
 from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
-from vramcalc.speed.throughput import load_throughput_calibration
+from vramcalc.speed.links import Link
+from vramcalc.speed.throughput import gpu_link, load_throughput_calibration
 from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
 from vramcalc.sweeps import SpeedAndCost, SweepResult, sweep_plans
 from vramcalc.training_plan import TrainingPlan, plan_from_values
@@ -222,6 +223,18 @@ def models() -> tuple[CatalogModel, ...]:
 def gpus() -> tuple[Gpu, ...]:
     """``vramcalc gpus``: the GPU catalog."""
     return tuple(load_gpus())
+
+
+def gpu_links(gpus: Iterable[Gpu], num_gpus: int = 8) -> dict[str, Link | None]:
+    """``vramcalc gpus``: what carries the collectives of ``num_gpus`` cards of each kind (the
+    NCCL bus bandwidth the speed model assumes), None where ``data/gpus.csv`` gives no link."""
+    links: dict[str, Link | None] = {}
+    for gpu in gpus:
+        try:
+            links[gpu.name] = gpu_link(gpu, num_gpus)
+        except CatalogError:
+            links[gpu.name] = None
+    return links
 
 
 def report(

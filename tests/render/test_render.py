@@ -80,13 +80,42 @@ def test_gpus_table_keeps_bf16_and_fp16_apart_and_explains_every_dash():
         expected = "none" if not gpu.has_bf16 else _number(gpu.bf16_dense_tflops)
         assert (bf16, fp16) == (expected, _number(gpu.fp16_dense_tflops))
     assert rows["T4"][3:5] == ["none", "65"]
-    assert lines[-2:] == [
+    assert lines[-4:-2] == [
         "bf16 'none': T4, V100-16GB, V100-32GB have no bf16 tensor cores; bf16 plans do not run "
         "there (plan them with --dtype fp16)",
         "memory: what nvidia-smi reports as total; TFLOP/s: dense tensor-core peaks",
     ]
     memory = [g.memory_bytes for g in sorted(load_gpus(), key=lambda g: g.memory_bytes)]
     assert [find_gpu(name).memory_bytes for name in rows] == memory
+
+
+def test_gpus_table_shows_each_cards_link_and_the_bus_bandwidth_assumed_over_it():
+    """link GB/s: the datasheet's bidirectional rate; bus GB/s: 8 cards of one machine, one
+    direction x the prior efficiency (NVLink 900 / 2 x 0.82 = 369, PCIe 64 / 2 x 0.5 = 16)."""
+    result = _run("gpus")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[7:12] == ["GB/s", "link", "GB/s", "bus", "GB/s"]
+    rows = {line.split()[0]: line.split() for line in lines[2:] if line.split()[0] in _names()}
+    assert rows["H100-80GB"][7:10] == ["NVSwitch", "900", "369"]
+    assert rows["L40S"][7:10] == ["PCIe", "64", "16"]
+    assert rows["MI300X"][7:11] == ["Infinity", "Fabric", "896", "367"]
+    assert lines[-2] == (
+        "link GB/s: how the cards of one machine talk (multi-GPU speed), bidirectional GB/s per "
+        "GPU as datasheets state it (data/gpus.csv, interconnect_source)"
+    )
+    assert lines[-1] == (
+        "bus GB/s: NCCL bus bandwidth the speed model assumes for 8 of them in one machine (one "
+        "direction x a prior efficiency, not measured): communication_fabric_efficiency 0.82 "
+        "(prior: github.com/NVIDIA/nccl-tests issue #212); communication_pcie_efficiency 0.5 "
+        "(prior: github.com/NVIDIA/nccl issue #1639)"
+    )
+    data = {g["name"]: g for g in json.loads(_run("gpus", "--json").output)}
+    assert data["H100-80GB"]["interconnect"] == "nvswitch"
+    assert data["H100-80GB"]["link"]["bus_gbps"] == 900 / 2 * 0.82
+    assert data["T4"]["link"]["derivation"] == (
+        "32 GB/s bidirectional / 2 x 0.5 = 8 GB/s bus bandwidth"
+    )
 
 
 def _names() -> set[str]:
@@ -286,7 +315,7 @@ def test_multi_gpu_plan_and_cost_show_per_gpu_and_all_gpu_speed(tiny_llama_dir):
     note = (
         "  * 4 GPUs: each GPU's step plus the collectives between them (over each GPU's link "
         "in data/gpus.csv) that its compute cannot hide; no multi-GPU speed is measured yet "
-        "(harness/cases/h200x2.yaml will measure it)"
+        "(vramcalc_harness/cases/h200x2.yaml will measure it)"
     )
     assert lines.count(note) == 2  # under the GPU table and under the cost table
     cost = lines.index(next(line for line in lines if line.startswith("run: ")))

@@ -8,7 +8,7 @@ import click
 
 from vramcalc import api
 from vramcalc.cli.options import json_option
-from vramcalc.render.catalog import render_gpus, render_models
+from vramcalc.render.catalog import LINK_GPUS, gpu_json, render_gpus, render_models
 
 
 @click.command()
@@ -26,9 +26,11 @@ def models(as_json: bool) -> None:
 @json_option("Print JSON instead of a table.")
 def gpus(as_json: bool) -> None:
     """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
-    (dense tensor) and fp32 TFLOP/s, bandwidth, price."""
+    (dense tensor) and fp32 TFLOP/s, bandwidth, the link between cards (NVLink, PCIe) with the
+    NCCL bus bandwidth multi-GPU speed assumes over it, price."""
     table = api.gpus()
+    links = api.gpu_links(table, LINK_GPUS)
     if as_json:
-        click.echo(json.dumps([gpu.to_dict() for gpu in table], indent=2))
+        click.echo(json.dumps([gpu_json(gpu, links[gpu.name]) for gpu in table], indent=2))
     else:
-        click.echo(render_gpus(table))
+        click.echo(render_gpus(table, links, LINK_GPUS))

@@ -156,6 +156,7 @@ def render_gpu_fits(
     lines += notes
     speeds = [f.throughput for f in shown if f.throughput]
     lines += speed_note(speeds)
+    lines += communication_table(speeds)
     if speeds and verbose:
         lines += ["", render_throughput(speeds[0])]
     return "\n".join(lines)
@@ -200,6 +201,42 @@ def speed_note(estimates: Sequence[ThroughputEstimate]) -> list[str]:
             f"{first.calibration.measured_on_text} (plan --verbose says how)"
         )
     return lines
+
+
+def communication_table(estimates: Sequence[ThroughputEstimate]) -> list[str]:
+    """A multi-GPU plan's collectives on each GPU's link: their seconds per step, what the
+    compute leaves exposed and its share of the step, with the link, where its bus bandwidth
+    comes from and the rule that counted the bytes."""
+    priced = [(e, e.communication) for e in estimates if e.communication is not None]
+    if not priced:
+        return []
+    rows = [
+        [
+            e.gpu.name,
+            c.link.name,
+            f"{c.link.bus_gbps:,.0f}",
+            f"{c.total_seconds:.3f}",
+            f"{c.exposed_seconds:.3f}",
+            f"{100 * c.exposed_share(e.step_seconds):.1f} %",
+        ]
+        for e, c in priced
+    ]
+    derivations: dict[str, list[str]] = {}
+    for e, c in priced:
+        derivations.setdefault(c.link.derivation, []).append(e.gpu.name)
+    priors = sorted({f"{k} ({cite})" for _, c in priced for k, cite in c.link.priors})
+    first, comm = priced[0]
+    heads = ["GPU", "link", "bus GB/s", "collectives s", "exposed s", "of step"]
+    return [
+        "",
+        f"communication per optimizer step, {first.plan.num_gpus} GPUs (modeled, not measured):",
+        table(rows, heads, [False, False, True, True, True, True]),
+        f"  collectives: {comm.volume.rule}; seconds: NCCL's ring at the bus bandwidth after "
+        "NCCL's latency; exposed: what one micro-batch's forward and backward cannot hide",
+        "  bus GB/s: "
+        + "; ".join(f"{', '.join(names)}: {how}" for how, names in derivations.items()),
+        "  priors (data/calibration.json): " + "; ".join(priors),
+    ]
 
 
 def render_throughput(estimate: ThroughputEstimate) -> str:

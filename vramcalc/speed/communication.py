@@ -446,11 +446,16 @@ class CommunicationTime:
     def exposed_seconds(self) -> float:
         return sum(self.exposed.values())
 
+    def exposed_share(self, step_seconds: float) -> float:
+        """What the step waits for the collectives, as a share of the step."""
+        return self.exposed_seconds / step_seconds if step_seconds > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "link": self.link.name,
             "bus_gbps": self.link.bus_gbps,
             "link_derivation": self.link.derivation,
+            "bus_bandwidth_source": self.link.bus_bandwidth_source,
             "seconds": dict(self.seconds),
             "exposed_seconds": dict(self.exposed),
             "total_seconds": self.total_seconds,

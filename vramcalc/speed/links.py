@@ -17,6 +17,7 @@ only over NVLink, Simple). A pure module.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,18 @@ class LinkConstants:
     gpus_per_node: int
     sources: Mapping[str, str]
 
+    def prior(self, name: str) -> tuple[str, str]:
+        """(``communication_<name> <value>``, its source cited short: ``prior``/``ASSUMPTION``
+        and the first GitHub thread it quotes, else the source's first clause)."""
+        key = f"communication_{name}"
+        value = getattr(self, name)
+        source = self.sources.get(key, "")
+        thread = re.search(r"github\.com/\S+ issue #\d+", source)
+        if thread is None:
+            return f"{key} {value:g}", source.split(";")[0].strip() or "source unstated"
+        kind = source.split(":", 1)[0].strip()
+        return f"{key} {value:g}", f"{kind}: {thread.group(0)}"
+
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> LinkConstants:
         def value(name: str) -> Any:
@@ -70,6 +83,14 @@ class Link:
     hardware: str  # NCCL latency class of the intra-node steps: nvlink or pcie
     nodes: int
     derivation: str
+    # the priors of data/calibration.json the bus bandwidth rests on: (key, its cited source)
+    priors: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def bus_bandwidth_source(self) -> str:
+        """``communication_fabric_efficiency 0.82 (prior: github.com/NVIDIA/nccl-tests issue
+        #212)``: each prior the bus bandwidth uses and where its value comes from."""
+        return "; ".join(f"{key} ({cite})" for key, cite in self.priors) or "-"
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -110,10 +131,12 @@ def link_for(
             + f" x {constants.fabric_efficiency:g}"
         )
         hardware = "nvlink"
+        priors = [constants.prior("fabric_efficiency")]
     elif interconnect == "pcie" and pcie_bidir_gbps:
         bus = pcie_bidir_gbps / 2 * constants.pcie_efficiency
         name, hardware = "PCIe", "pcie"
         how = f"{pcie_bidir_gbps:g} GB/s bidirectional / 2 x {constants.pcie_efficiency:g}"
+        priors = [constants.prior("pcie_efficiency")]
     else:
         raise NoLinkError(interconnect or "none")
     if nodes > 1:
@@ -122,7 +145,9 @@ def link_for(
             bus = network
             how += f", capped by the network: {constants.gpus_per_node} x {constants.network_gbps_per_gpu:g} GB/s per node"
         name += f" + network ({nodes} nodes)"
-    return Link(name, bus, hardware, nodes, f"{how} = {bus:,.0f} GB/s bus bandwidth")
+        priors += [constants.prior("gpus_per_node"), constants.prior("network_gbps_per_gpu")]
+    derivation = f"{how} = {bus:,.0f} GB/s bus bandwidth"
+    return Link(name, bus, hardware, nodes, derivation, tuple(priors))
 
 
 def collective_seconds(kind: str, nbytes: int, num_gpus: int, link: Link) -> float:

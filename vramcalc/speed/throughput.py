@@ -53,7 +53,7 @@ from vramcalc.speed.communication import (
     communication_volume,
 )
 from vramcalc.speed.flops import StepFlops, estimate_flops
-from vramcalc.speed.links import LinkConstants, NoLinkError, link_for
+from vramcalc.speed.links import Link, LinkConstants, NoLinkError, link_for
 from vramcalc.speed.opprofile import OpProfile, op_profile
 from vramcalc.speed.stepwork import StepWork, phase_work, step_work
 from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32
@@ -61,7 +61,7 @@ from vramcalc.training_plan import TrainingPlan
 
 NO_MEASUREMENT = "prior, no measurement"
 #: the case list that will measure multi-GPU speed once a multi-GPU machine is lent
-MULTI_GPU_CASES = "harness/cases/h200x2.yaml"
+MULTI_GPU_CASES = "vramcalc_harness/cases/h200x2.yaml"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)
 CONSTANTS = (
     "compute_efficiency",
@@ -282,6 +282,24 @@ def plan_work(config_dict: dict[str, Any], inventory: ModelInventory, plan: Trai
     )
 
 
+def gpu_link(gpu: Gpu, num_gpus: int) -> Link:
+    """What carries the collectives of ``num_gpus`` GPUs of this kind (``links.link_for`` on
+    its ``data/gpus.csv`` row and the ``communication_*`` priors)."""
+    try:
+        return link_for(
+            gpu.interconnect,
+            gpu.link_bidir_gbps,
+            gpu.pcie_bidir_gbps,
+            num_gpus,
+            load_link_constants(),
+        )
+    except NoLinkError as err:
+        raise CatalogError(
+            f"data/gpus.csv lists no link bandwidth for {gpu.name} ({err}); the speed of "
+            f"{num_gpus} of them cannot be predicted."
+        ) from err
+
+
 def price_communication(
     work: Work, gpu: Gpu, peaks: Peaks, cal: ThroughputCalibration
 ) -> CommunicationTime | None:
@@ -289,19 +307,7 @@ def price_communication(
     forward and backward priced as the step is (``communication.py``); None for one GPU."""
     if work.communication is None or work.phases is None:
         return None
-    try:
-        link = link_for(
-            gpu.interconnect,
-            gpu.link_bidir_gbps,
-            gpu.pcie_bidir_gbps,
-            work.plan.num_gpus,
-            load_link_constants(),
-        )
-    except NoLinkError as err:
-        raise CatalogError(
-            f"data/gpus.csv lists no link bandwidth for {gpu.name} ({err}); the speed of "
-            f"{work.plan.num_gpus} of them cannot be predicted."
-        ) from err
+    link = gpu_link(gpu, work.plan.num_gpus)
     alone = replace(cal, step_overhead_seconds=0.0)
     phases = {name: price(w, peaks, alone).step_seconds for name, w in work.phases.items()}
     return communication_time(work.communication, link, phases)

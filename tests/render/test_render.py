@@ -326,3 +326,51 @@ def test_multi_gpu_plan_and_cost_show_per_gpu_and_all_gpu_speed(tiny_llama_dir):
     verbose = _run("plan", *args, "--verbose").output
     assert "link            NVLink (NVSwitch): 900 GB/s bidirectional / 2 x 0.82" in verbose
     assert "measured        no: no multi-GPU speed measurement yet" in verbose
+
+
+def test_multi_gpu_plan_shows_communication_seconds_exposed_share_and_its_assumptions(
+    tiny_llama_dir,
+):
+    """One row per GPU: its link, the bus bandwidth, the collectives' seconds per step, what
+    the compute leaves exposed and its share of the step (the JSON's own numbers); then the
+    rule that counted the bytes, how each bus bandwidth is derived and the priors it uses."""
+    args = ("--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H100,L40S")
+    args += ("--num-gpus", "2", "--strategy", "ddp", "--all-gpus")
+    result = _run("plan", *args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = lines.index("communication per optimizer step, 2 GPUs (modeled, not measured):")
+    assert lines[head + 1].split() == [
+        "GPU", "link", "bus", "GB/s", "collectives", "s", "exposed", "s", "of", "step"
+    ]
+    by_gpu = {t["gpu"]: t for t in _plan(*args)["throughput"]}
+    for row in lines[head + 3 : head + 5]:
+        name = row.split()[0]
+        comm, step = by_gpu[name]["communication"], by_gpu[name]["step_seconds"]
+        share = 100 * comm["exposed_total_seconds"] / step
+        assert row.split()[-5:] == [
+            f"{comm['bus_gbps']:,.0f}",
+            f"{comm['total_seconds']:.3f}",
+            f"{comm['exposed_total_seconds']:.3f}",
+            f"{share:.1f}",
+            "%",
+        ]
+    assert lines[head + 3].split()[:3] == ["L40S", "PCIe", "16"]
+    assert lines[head + 4].split()[:4] == ["H100-80GB", "NVLink", "(NVSwitch)", "369"]
+    assert by_gpu["H100-80GB"]["communication"]["bus_bandwidth_source"] == (
+        "communication_fabric_efficiency 0.82 (prior: github.com/NVIDIA/nccl-tests issue #212)"
+    )
+    assert lines[head + 5].startswith(
+        "  collectives: DDP: every trainable gradient all-reduced in 25 MiB buckets"
+    )
+    assert lines[head + 6] == (
+        "  bus GB/s: L40S: 64 GB/s bidirectional / 2 x 0.5 = 16 GB/s bus bandwidth; H100-80GB: "
+        "900 GB/s bidirectional / 2 x 0.82 = 369 GB/s bus bandwidth"
+    )
+    assert lines[head + 7] == (
+        "  priors (data/calibration.json): communication_fabric_efficiency 0.82 (prior: "
+        "github.com/NVIDIA/nccl-tests issue #212); communication_pcie_efficiency 0.5 (prior: "
+        "github.com/NVIDIA/nccl issue #1639)"
+    )
+    one = _run("plan", "--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H100")
+    assert "communication per optimizer step" not in one.output

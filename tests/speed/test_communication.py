@@ -207,3 +207,68 @@ def test_overlap_is_per_micro_batch_and_step_collectives_are_exposed():
     assert result.seconds["backward"] == pytest.approx(2 * t)  # once per step
     assert result.exposed["backward"] == pytest.approx(2 * t - 0.004)
     assert result.exposed["step"] == pytest.approx(collective_seconds(ALL_REDUCE, 4, 2, PCIE))
+
+
+# -- against the real model class and torch's own bucket rule ------------------------------------
+MEDIUM_LLAMA = {  # big enough for several DDP buckets: 4 layers of 1024 / 2816, vocab 8192
+    **TINY_LLAMA,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 8192,
+}
+
+
+def _meta_model(config: dict):
+    """The model class built empty on the meta device, in bf16 (the recipe's load dtype)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(**config), dtype=torch.bfloat16
+        )
+
+
+@pytest.mark.parametrize("num_gpus", [2, 4, 8])
+def test_fsdp_unit_bytes_are_the_model_classes_parameter_bytes(num_gpus):
+    """Each FSDP1 unit's all-gather and reduce-scatter is its modules' parameters, counted on
+    the real model class, padded to the world size, in bf16: decoder layers and the root."""
+    model = _meta_model(TINY_LLAMA)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - layer * len(model.model.layers)
+    v = volume(method="full", strategy="fsdp", num_gpus=num_gpus)
+    units = {(c.kind, c.what): c.nbytes for c in v.collectives if c.kind != ALL_REDUCE}
+    pad = -num_gpus
+    assert units == {
+        (ALL_GATHER, "decoder layer"): 2 * (-(layer // pad) * num_gpus),
+        (REDUCE_SCATTER, "decoder layer"): 2 * (-(layer // pad) * num_gpus),
+        (ALL_GATHER, "root unit (embedding, head, final norm)"): 2 * (-(root // pad) * num_gpus),
+        (REDUCE_SCATTER, "root unit (embedding, head, final norm)"): 2
+        * (-(root // pad) * num_gpus),
+    }
+    per_pass = sum(c.count for c in v.collectives if c.kind == ALL_GATHER and c.phase == "forward")
+    assert per_pass == len(model.model.layers) + 1
+
+
+def test_ddp_buckets_against_torchs_own_bucket_assignment():
+    """torch's ``_compute_bucket_assignment_by_size`` (what DDP's Reducer runs) on the real
+    model's trainable parameters, reverse order, 1 MiB then 25 MiB: the bytes all-reduced per
+    step are exactly the gradients'; the rule counts buckets by bytes, torch closes one at a
+    tensor boundary past the cap, so the count may differ by one (module docstring)."""
+    import torch.distributed as dist
+
+    model = _meta_model(MEDIUM_LLAMA)
+    params = [p for p in model.parameters() if p.requires_grad][::-1]
+    limits = [dist._DEFAULT_FIRST_BUCKET_BYTES, 25 * 2**20]
+    buckets, _ = dist._compute_bucket_assignment_by_size(params, limits, [False] * len(params))
+    torch_bytes = [sum(params[i].numel() * params[i].element_size() for i in b) for b in buckets]
+    p = plan(method="full", strategy="ddp")
+    v = communication_volume(build_inventory(MEDIUM_LLAMA, p, use_cache=False), p)
+    assert v is not None
+    assert v.bytes_per_step(ALL_REDUCE) == sum(torch_bytes)  # 2 x 63,972,352 parameters, bf16
+    assert sum(torch_bytes) == 2 * sum(x.numel() for x in params)
+    assert abs(sum(c.count for c in v.collectives) - len(torch_bytes)) <= 1
+    assert {c.kind for c in v.collectives} == {ALL_REDUCE}

@@ -72,3 +72,26 @@ def test_beyond_a_node_the_network_caps_the_bus_bandwidth():
     assert link_for("nvswitch", 900.0, 128.0, 16, CONSTANTS).bus_gbps == 360.0  # 400 > 360
     with pytest.raises(NoLinkError):
         link_for("", None, None, 2, CONSTANTS)
+
+
+def test_a_link_names_the_priors_its_bus_bandwidth_rests_on():
+    sources = {
+        "communication_fabric_efficiency": "prior: ... github.com/NVIDIA/nccl-tests issue #212: '450GB/s'",
+        "communication_pcie_efficiency": "prior: ... github.com/NVIDIA/nccl issue #1639: 8 x RTX 5090",
+        "communication_gpus_per_node": "ASSUMPTION: HGX boards carry 8; more",
+        "communication_network_gbps_per_gpu": "ASSUMPTION for plans beyond one node: github.com/NVIDIA/nccl-tests issue #267",
+    }
+    constants = replace(CONSTANTS, sources=sources)
+    assert link_for("nvswitch", 900.0, 128.0, 8, constants).bus_bandwidth_source == (
+        "communication_fabric_efficiency 0.8 (prior: github.com/NVIDIA/nccl-tests issue #212)"
+    )
+    assert link_for("pcie", None, 64.0, 2, constants).priors == (
+        ("communication_pcie_efficiency 0.5", "prior: github.com/NVIDIA/nccl issue #1639"),
+    )
+    assert link_for("nvswitch", 900.0, 128.0, 16, constants).priors[1:] == (
+        ("communication_gpus_per_node 8", "ASSUMPTION: HGX boards carry 8"),
+        (
+            "communication_network_gbps_per_gpu 50",
+            "ASSUMPTION for plans beyond one node: github.com/NVIDIA/nccl-tests issue #267",
+        ),
+    )

@@ -27,14 +27,15 @@ from vramcalc.budget import DEFAULT_HEADROOM, parse_headroom
 from vramcalc.catalog import CatalogModel, Gpu, find_gpu, load_gpus, model_catalog
 from vramcalc.checking import CheckResult, check_plans, read_baseline
 from vramcalc.configs import FilePlan, read_plan_file
+from vramcalc.errors import CatalogError
 from vramcalc.fitting import FitResult, fit_plan
 from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.planner import PlanResult, choose_gpus, plan_result
 from vramcalc.serve_plan import ServePlan, serve_plan
 from vramcalc.serving.serve_planner import ServeResult, serve_result
 from vramcalc.speed.cost import RunLength
-from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
 from vramcalc.speed.links import Link
+from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
 from vramcalc.speed.throughput import gpu_link, load_throughput_calibration
 from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
 from vramcalc.sweeps import SpeedAndCost, SweepResult, sweep_plans

@@ -8,7 +8,7 @@ import click
 
 from vramcalc import api
 from vramcalc.cli.options import json_option
-from vramcalc.render.catalog import LINK_GPUS, gpu_json, render_gpus, render_models
+from vramcalc.render.catalog import LINK_GPUS, render_gpus, render_models
 
 
 @click.command()
@@ -29,8 +29,7 @@ def gpus(as_json: bool) -> None:
     (dense tensor) and fp32 TFLOP/s, bandwidth, the link between cards (NVLink, PCIe) with the
     NCCL bus bandwidth multi-GPU speed assumes over it, price."""
     table = api.gpus()
-    links = api.gpu_links(table, LINK_GPUS)
-    if as_json:
-        click.echo(json.dumps([gpu_json(gpu, links[gpu.name]) for gpu in table], indent=2))
+    if as_json:  # the catalog rows: interconnect columns with their sources
+        click.echo(json.dumps([gpu.to_dict() for gpu in table], indent=2))
     else:
-        click.echo(render_gpus(table, links, LINK_GPUS))
+        click.echo(render_gpus(table, api.gpu_links(table, LINK_GPUS), LINK_GPUS))

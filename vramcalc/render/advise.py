@@ -6,7 +6,6 @@ from __future__ import annotations
 from vramcalc.advice import Advice, Option
 from vramcalc.render.tables import gib, table
 
-
 # marks a multi-GPU speed: communication modeled, no multi-GPU measurement yet ("*" marks an
 # approximate memory figure)
 UNMEASURED = "~"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from vramcalc.catalog import CatalogModel, Gpu
-from vramcalc.speed.links import Link
 from vramcalc.render.tables import (
     gib,
     table,
 )
+from vramcalc.speed.links import Link
 
 
 # -- catalogs --------------------------------------------------------------------------------
@@ -85,21 +84,6 @@ def render_gpus(
             "machine (one direction x a prior efficiency, not measured): " + "; ".join(priors)
         )
     return "\n".join(lines)
-
-
-def gpu_json(gpu: Gpu, link: Link | None) -> dict[str, Any]:
-    """``vramcalc gpus --json``: the catalog row and the link ``render_gpus`` shows."""
-    return gpu.to_dict() | {
-        "link": None
-        if link is None
-        else {
-            "name": link.name,
-            "num_gpus": LINK_GPUS,
-            "bus_gbps": link.bus_gbps,
-            "derivation": link.derivation,
-            "bus_bandwidth_source": link.bus_bandwidth_source,
-        }
-    }
 
 
 _LINK_NAMES = {"nvswitch": "NVSwitch", "nvlink": "NVLink", "infinity-fabric": "Infinity Fabric"}

@@ -34,9 +34,9 @@ from vramcalc.planner import PlanResult, choose_gpus, plan_result
 from vramcalc.serve_plan import ServePlan, serve_plan
 from vramcalc.serving.serve_planner import ServeResult, serve_result
 from vramcalc.speed.cost import RunLength
-from vramcalc.speed.links import Link
+from vramcalc.speed.links import Link, gpu_link
 from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
-from vramcalc.speed.throughput import gpu_link, load_throughput_calibration
+from vramcalc.speed.throughput import load_throughput_calibration
 from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
 from vramcalc.sweeps import SpeedAndCost, SweepResult, sweep_plans
 from vramcalc.training_plan import TrainingPlan, plan_from_values

@@ -15,6 +15,7 @@ from vramcalc.errors import CatalogError, InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.render.plan import render_throughput
+from vramcalc.speed.links import load_link_constants
 from vramcalc.speed.opprofile import BnbOptimizerParam, Op, OpProfile, Run, op_profile
 from vramcalc.speed.stepwork import Kernel, StepWork, Stretch, step_work
 from vramcalc.speed.throughput import (
@@ -23,7 +24,6 @@ from vramcalc.speed.throughput import (
     PlanSpeed,
     ThroughputCalibration,
     estimate_throughput,
-    load_link_constants,
     load_throughput_calibration,
     plan_work,
     price,

@@ -11,16 +11,22 @@ all-gather or reduce-scatter and ``2 S (n-1)/n`` for an all-reduce (PERFORMANCE.
 bandwidth") at that bandwidth, after NCCL's own latency (``src/graph/tuning.cc``: a base
 latency per protocol plus a hardware latency per ring step, network steps at the network's),
 the fastest of the protocols NCCL may choose (LL at half the bandwidth, LL128 at 0.92 and
-only over NVLink, Simple). A pure module.
+only over NVLink, Simple). Pure functions, but for ``gpu_link``: a catalog GPU's link with
+the priors read from ``data/calibration.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from vramcalc.calibration import CALIBRATION_JSON, calibration_json
+from vramcalc.catalog import Gpu
+from vramcalc.errors import CatalogError
 
 ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE = "all_gather", "reduce_scatter", "all_reduce"
 
@@ -167,3 +173,33 @@ def collective_seconds(kind: str, nbytes: int, num_gpus: int, link: Link) -> flo
         seconds = latency_us * 1e-6 + moved / (link.bus_gbps * 1e9 * PROTOCOL_BANDWIDTH[p])
         best = min(best, seconds)
     return best
+
+
+# -- the catalog's GPUs ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def load_link_constants() -> LinkConstants:
+    """The ``communication_*`` priors of ``data/calibration.json``."""
+    try:
+        return LinkConstants.from_json(calibration_json())
+    except (ValueError, KeyError, TypeError) as err:
+        raise CatalogError(
+            f"calibration file {CALIBRATION_JSON}: communication entries unreadable ({err})"
+        ) from err
+
+
+def gpu_link(gpu: Gpu, num_gpus: int) -> Link:
+    """What carries the collectives of ``num_gpus`` GPUs of this kind (``links.link_for`` on
+    its ``data/gpus.csv`` row and the ``communication_*`` priors)."""
+    try:
+        return link_for(
+            gpu.interconnect,
+            gpu.link_bidir_gbps,
+            gpu.pcie_bidir_gbps,
+            num_gpus,
+            load_link_constants(),
+        )
+    except NoLinkError as err:
+        raise CatalogError(
+            f"data/gpus.csv lists no link bandwidth for {gpu.name} ({err}); the speed of "
+            f"{num_gpus} of them cannot be predicted."
+        ) from err

@@ -53,7 +53,7 @@ from vramcalc.speed.communication import (
     communication_volume,
 )
 from vramcalc.speed.flops import StepFlops, estimate_flops
-from vramcalc.speed.links import Link, LinkConstants, NoLinkError, link_for
+from vramcalc.speed.links import gpu_link
 from vramcalc.speed.opprofile import OpProfile, op_profile
 from vramcalc.speed.stepwork import StepWork, phase_work, step_work
 from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32
@@ -144,17 +144,6 @@ def load_throughput_calibration() -> ThroughputCalibration:
     except (ValueError, KeyError, TypeError) as err:
         raise CatalogError(
             f"calibration file {CALIBRATION_JSON}: throughput entries unreadable ({err})"
-        ) from err
-
-
-@functools.lru_cache(maxsize=1)
-def load_link_constants() -> LinkConstants:
-    """The ``communication_*`` priors of ``data/calibration.json``."""
-    try:
-        return LinkConstants.from_json(calibration_json())
-    except (ValueError, KeyError, TypeError) as err:
-        raise CatalogError(
-            f"calibration file {CALIBRATION_JSON}: communication entries unreadable ({err})"
         ) from err
 
 
@@ -280,24 +269,6 @@ def plan_work(config_dict: dict[str, Any], inventory: ModelInventory, plan: Trai
         communication_volume(inventory, plan) if multi else None,
         phase_work(profile, inventory, plan) if multi else None,
     )
-
-
-def gpu_link(gpu: Gpu, num_gpus: int) -> Link:
-    """What carries the collectives of ``num_gpus`` GPUs of this kind (``links.link_for`` on
-    its ``data/gpus.csv`` row and the ``communication_*`` priors)."""
-    try:
-        return link_for(
-            gpu.interconnect,
-            gpu.link_bidir_gbps,
-            gpu.pcie_bidir_gbps,
-            num_gpus,
-            load_link_constants(),
-        )
-    except NoLinkError as err:
-        raise CatalogError(
-            f"data/gpus.csv lists no link bandwidth for {gpu.name} ({err}); the speed of "
-            f"{num_gpus} of them cannot be predicted."
-        ) from err
 
 
 def price_communication(

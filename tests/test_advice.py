@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from vramcalc.advice import COSTS, advise
@@ -69,6 +70,20 @@ def test_advise_unknown_gpu_suggests():
 def test_advise_has_help():
     result = CliRunner().invoke(cli, ["advise", "--help"])
     assert result.exit_code == 0 and "cheapest combination" in result.output
+
+
+def test_more_gpus_are_the_fewest_that_fit_and_never_offered_to_a_plan_that_fits():
+    gpu = find_gpu("H200")
+    single = advise(TrainingPlan(model="meta-llama/Llama-3.1-70B", method="full"), gpu)
+    more = [c for c in single.changes if c.cost == "more GPUs"]
+    assert [c.option.plan.num_gpus for c in more] == [8] and more[0].option.fits
+    assert not advise(more[0].option.plan.with_(num_gpus=4), gpu).baseline.fits
+    option = more[0].option  # its speed: all GPUs, per GPU, MFU; never measured
+    assert option.tokens_per_second == pytest.approx(8 * option.tokens_per_second_per_gpu)
+    assert option.speed_measured is False and 0 < option.mfu < 1
+    fitting = advise(option.plan, gpu)
+    assert fitting.baseline.fits
+    assert not [c for c in fitting.changes if c.cost == "more GPUs"]
 
 
 def test_a_practitioners_answer_comes_before_sixteen_gpus():

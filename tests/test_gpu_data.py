@@ -25,6 +25,10 @@ HEADER = [
     "price_per_hour_usd",
     "price_source",
     "price_date",
+    "interconnect",
+    "link_bidir_gbps",
+    "pcie_bidir_gbps",
+    "interconnect_source",
     "notes",
 ]
 
@@ -99,6 +103,8 @@ def test_memory_bytes_whole_mib_and_in_range(rows):
         "fp32_tflops",
         "memory_bandwidth_gbps",
         "price_per_hour_usd",
+        "link_bidir_gbps",
+        "pcie_bidir_gbps",
     ],
 )
 def test_numbers_positive_where_present(rows, column):
@@ -130,3 +136,59 @@ def test_anchor_readings(rows):
     by = _by_name(rows)
     assert int(by["H100-80GB"]["memory_bytes"]) == 81559 * 2**20
     assert int(by["H200"]["memory_bytes"]) == 143771 * 2**20
+
+
+INTERCONNECTS = ("nvswitch", "nvlink", "infinity-fabric", "pcie")
+# PCIe x16 bidirectional rates as datasheets state them: Gen3 32, Gen4 64, Gen5 128 GB/s
+PCIE_X16 = {32.0, 64.0, 128.0}
+
+
+def test_every_row_says_how_its_gpus_talk_with_a_source(rows):
+    for r in rows:
+        assert r["interconnect"] in INTERCONNECTS, r["name"]
+        assert float(r["pcie_bidir_gbps"]) in PCIE_X16, r["name"]
+        assert len(r["interconnect_source"].strip()) > 40, r["name"]
+        if r["interconnect"] == "pcie":
+            assert r["link_bidir_gbps"] == "", r["name"]  # bridges join pairs: not assumed
+        else:
+            assert float(r["link_bidir_gbps"]) >= 300, r["name"]
+            assert r["link_bidir_gbps"] in r["interconnect_source"].replace("GB/s", " "), r["name"]
+
+
+def test_interconnect_anchor_readings(rows):
+    by = _by_name(rows)
+    assert (by["H100-80GB"]["interconnect"], by["H100-80GB"]["link_bidir_gbps"]) == (
+        "nvswitch",
+        "900",
+    )
+    assert by["H200"]["link_bidir_gbps"] == "900" and by["A100-80GB"]["link_bidir_gbps"] == "600"
+    assert (by["H100-PCIe"]["interconnect"], by["H100-PCIe"]["pcie_bidir_gbps"]) == ("pcie", "128")
+    assert by["RTX-4090"]["interconnect"] == "pcie" and by["T4"]["pcie_bidir_gbps"] == "32"
+
+
+def test_the_loader_reads_the_interconnect():
+    from vramcalc.catalog import find_gpu
+
+    h100 = find_gpu("H100")
+    assert (h100.interconnect, h100.link_bidir_gbps, h100.pcie_bidir_gbps) == (
+        "nvswitch",
+        900.0,
+        128.0,
+    )
+    assert "NVLink" in h100.interconnect_source
+
+
+def test_the_loader_refuses_an_unknown_interconnect(tmp_path, monkeypatch):
+    from vramcalc import catalog
+    from vramcalc.errors import CatalogError
+
+    text = CSV_PATH.read_text(encoding="utf-8").replace(",nvswitch,900,", ",nvlinc,900,", 1)
+    path = tmp_path / "gpus.csv"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(catalog, "GPUS_CSV", path)
+    catalog.load_gpus.cache_clear()
+    try:
+        with pytest.raises(CatalogError, match="interconnect must be one of"):
+            catalog.load_gpus()
+    finally:
+        catalog.load_gpus.cache_clear()

@@ -4,8 +4,9 @@ ranked by what it costs, and the cheapest combination that fits.
 Costs, in rank order: nothing but speed (gradient checkpointing, a smaller micro-batch with
 more accumulation, the expandable-segments allocator), a little quality (8-bit optimizer
 states, a 4-bit or 8-bit base, a lower rank, fewer target modules: what a practitioner
-reaches for first on one card), more GPUs (FSDP or ZeRO-3, the fewest that fit), then data
-(a shorter sequence: tokens cut). Within a rank, the smaller loss of tokens/s comes first.
+reaches for first on one card), more GPUs (FSDP, else ZeRO-3: the fewest that fit, and only
+for a plan that does not fit as it is), then data (a shorter sequence: tokens cut). Within a
+rank, the smaller loss of tokens/s comes first.
 
 Combinations: for each cost, the free changes and those of that cost applied cheapest first
 until the plan fits, then pruned (each dropped again where the rest still fits): one answer
@@ -43,7 +44,10 @@ class Option:
     plan: TrainingPlan
     device_total_bytes: int
     fits: bool
-    tokens_per_second: float | None  # over all GPUs of the plan
+    tokens_per_second: float | None  # over all GPUs of the plan (communication included)
+    tokens_per_second_per_gpu: float | None = None
+    mfu: float | None = None
+    speed_measured: bool | None = None  # False for every multi-GPU plan (none measured yet)
     allocator_model: str = "simulated"  # the estimate's (MemoryEstimate.allocator_model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +55,9 @@ class Option:
             "device_total_bytes": self.device_total_bytes,
             "fits": self.fits,
             "tokens_per_second": self.tokens_per_second,
+            "tokens_per_second_per_gpu": self.tokens_per_second_per_gpu,
+            "mfu": self.mfu,
+            "speed_measured": self.speed_measured,
             "allocator_model": self.allocator_model,
         }
 
@@ -144,10 +151,16 @@ class _Judge:
             memory = self.memory(plan)
             total = memory.device_total_bytes
             speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
-            estimate, _ = speed.on(self.gpu)
-            tokens = estimate.tokens_per_second_all_gpus if estimate else None
+            e, _ = speed.on(self.gpu)
             self.memo[plan] = Option(
-                plan, total, self.fits_total(total, plan), tokens, memory.allocator_model
+                plan,
+                total,
+                self.fits_total(total, plan),
+                e.tokens_per_second_all_gpus if e else None,
+                tokens_per_second_per_gpu=e.tokens_per_second if e else None,
+                mfu=e.mfu if e else None,
+                speed_measured=e.measured if e else None,
+                allocator_model=memory.allocator_model,
             )
         return self.memo[plan]
 
@@ -195,7 +208,9 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
                 plan.with_(allocator="expandable"),
             )
         )
-    for gpus in (2, 4, 8, 16):  # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything
+    # the fewest GPUs that fit, FSDP (else ZeRO-3) sharding everything; none for a plan that
+    # fits as it is (its own count is then the fewest that fits)
+    for gpus in (2, 4, 8, 16) if not judge.option(plan).fits else ():
         if gpus <= plan.num_gpus:
             continue
         fitting = [

@@ -27,12 +27,14 @@ from vramcalc.budget import DEFAULT_HEADROOM, parse_headroom
 from vramcalc.catalog import CatalogModel, Gpu, find_gpu, load_gpus, model_catalog
 from vramcalc.checking import CheckResult, check_plans, read_baseline
 from vramcalc.configs import FilePlan, read_plan_file
+from vramcalc.errors import CatalogError
 from vramcalc.fitting import FitResult, fit_plan
 from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.planner import PlanResult, choose_gpus, plan_result
 from vramcalc.serve_plan import ServePlan, serve_plan
 from vramcalc.serving.serve_planner import ServeResult, serve_result
 from vramcalc.speed.cost import RunLength
+from vramcalc.speed.links import Link, gpu_link
 from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
 from vramcalc.speed.throughput import load_throughput_calibration
 from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
@@ -233,6 +235,18 @@ def models() -> tuple[CatalogModel, ...]:
 def gpus() -> tuple[Gpu, ...]:
     """``vramcalc gpus``: the GPU catalog."""
     return tuple(load_gpus())
+
+
+def gpu_links(gpus: Iterable[Gpu], num_gpus: int = 8) -> dict[str, Link | None]:
+    """``vramcalc gpus``: what carries the collectives of ``num_gpus`` cards of each kind (the
+    NCCL bus bandwidth the speed model assumes), None where ``data/gpus.csv`` gives no link."""
+    links: dict[str, Link | None] = {}
+    for gpu in gpus:
+        try:
+            links[gpu.name] = gpu_link(gpu, num_gpus)
+        except CatalogError:
+            links[gpu.name] = None
+    return links
 
 
 def report(

@@ -309,6 +309,13 @@ class Gpu:
     # an fp16 peak and no bf16 peak has none (Turing T4, Volta V100: "bf16 left empty")
     has_bf16: bool = True
     fp32_tflops: float | None = None  # non-tensor FP32 peak (fp32 matmuls outside autocast)
+    # how GPUs of this kind talk to each other in a multi-GPU machine: "nvswitch" (NVLink
+    # through NVSwitch), "nvlink" (direct NVLink mesh), "infinity-fabric" (AMD's mesh) or
+    # "pcie"; the datasheet's bidirectional GB/s of that fabric and of the PCIe link
+    interconnect: str = ""
+    link_bidir_gbps: float | None = None
+    pcie_bidir_gbps: float | None = None
+    interconnect_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """``vramcalc gpus --json``: every field, aliases as a list."""
@@ -318,6 +325,17 @@ class Gpu:
 def _float(text: str | None) -> float | None:
     text = (text or "").strip()
     return float(text) if text else None
+
+
+#: ``interconnect`` values of ``data/gpus.csv`` (``Gpu.interconnect``)
+INTERCONNECTS = ("nvswitch", "nvlink", "infinity-fabric", "pcie")
+
+
+def _interconnect(row: dict[str, str]) -> str:
+    value = (row.get("interconnect") or "").strip()
+    if value and value not in INTERCONNECTS:
+        raise ValueError(f"interconnect must be one of {', '.join(INTERCONNECTS)}, got {value!r}")
+    return value
 
 
 def _has_bf16(row: dict[str, str]) -> bool:
@@ -358,6 +376,10 @@ def load_gpus() -> tuple[Gpu, ...]:
                     price_date=(row.get("price_date") or "").strip(),
                     has_bf16=_has_bf16(row),
                     fp32_tflops=_float(row.get("fp32_tflops")),
+                    interconnect=_interconnect(row),
+                    link_bidir_gbps=_float(row.get("link_bidir_gbps")),
+                    pcie_bidir_gbps=_float(row.get("pcie_bidir_gbps")),
+                    interconnect_source=(row.get("interconnect_source") or "").strip(),
                 )
             )
         except (KeyError, ValueError) as err:

@@ -42,8 +42,8 @@ from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 from vramcalc.versions import installed_versions
 
 ROLES = ("linear", "linear_bias", "lm_head", "embedding", "norm", "other", "adapter")
-CACHE_VERSION = 6  # 4: config facts; 5: only causal-LM configs with positive sizes are built;
-# 6: AdaLoRA's ranknum is trainable
+CACHE_VERSION = 7  # 4: config facts; 5: only causal-LM configs with positive sizes are built;
+# 6: AdaLoRA's ranknum is trainable; 7: decoder_layer_params
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,10 @@ class ModelInventory:
     final_logit_softcapping: float | None = None  # gemma2
     context_length: int | None = None  # max_position_embeddings (or the architecture's name for it)
     output_head: str = ""  # leaf name of the output projection ("lm_head"): a valid LoRA target
+    # base parameters inside the decoder layers (the model's ``_no_split_modules`` classes, the
+    # units FSDP wraps), all layers together; 0 where the model names none. The rest (embedding,
+    # head, final norm) is what FSDP's root unit holds.
+    decoder_layer_params: int = 0
 
     @property
     def total_params_with_adapters(self) -> int:
@@ -338,6 +342,7 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
             groups[key] = groups.get(key, 0) + 1
     total = sum(roles.values())
     linear_names = tuple(sorted({k[0] for k in groups}))
+    decoder_layer_params = _decoder_layer_params(model)
 
     lora_names: tuple[str, ...] = ()
     adapter_params = copy_params = 0
@@ -384,8 +389,25 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
         saved_copy_shapes=tuple(sorted(copy_shapes.items())),
         library_versions=library_versions(),
         output_head=head_name,
+        decoder_layer_params=decoder_layer_params,
         **config_facts(config),
     )
+
+
+def _decoder_layer_params(model: Any) -> int:
+    """Parameters of every decoder layer (outermost modules of a ``_no_split_modules`` class,
+    as FSDP's transformer auto wrap and peft's wrap policy pick them), shared ones once."""
+    names: set[str] = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    seen: set[int] = set()
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in names or any(name.startswith(p + ".") for p in inside):
+            continue
+        inside.append(name)
+        seen |= {id(p) for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) in seen)
 
 
 def _role(module, module_name, param_name, is_linear, output_head, convertible) -> str:

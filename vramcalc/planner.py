@@ -41,6 +41,9 @@ class GpuFit:
             "headroom_bytes": self.headroom_bytes,
             "blocked_by": self.blocker,
             "tokens_per_second": self.throughput.tokens_per_second if self.throughput else None,
+            "tokens_per_second_all_gpus": (
+                self.throughput.tokens_per_second_all_gpus if self.throughput else None
+            ),
             "step_seconds": self.throughput.step_seconds if self.throughput else None,
             "mfu": self.throughput.mfu if self.throughput else None,
             "bound": self.throughput.bound if self.throughput else None,

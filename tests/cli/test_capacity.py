@@ -357,3 +357,23 @@ def test_sweep_run_length_errors(run, tiny_llama_dir):
     result = run("sweep", "-m", tiny_llama_dir, "--dataset-tokens", "100", "--steps", "5")
     assert result.exit_code == 1
     assert result.output.startswith("Error: --dataset-tokens and --steps both set the run length")
+
+
+def test_sweep_over_gpu_counts_shows_speed_per_gpu_and_for_all(run, tiny_llama_dir, tmp_path):
+    out = tmp_path / "gpus.csv"
+    args = ["--gpu", "H100", "--strategy", "fsdp", "--seq-len", "256"]
+    result = run("sweep", "-m", tiny_llama_dir, "--num-gpus", "1,4", "--speed", *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    for _, row in frame.iterrows():
+        n = int(row["num_gpus"])
+        expected = plan_json(run, "-m", tiny_llama_dir, "--num-gpus", n, *args)["gpus"][0]
+        per_gpu = row["tokens_per_second_H100-80GB"]
+        assert per_gpu == pytest.approx(expected["tokens_per_second"])
+        assert row["tokens_per_second_all_gpus_H100-80GB"] == pytest.approx(n * per_gpu)
+        assert row["mfu_H100-80GB"] == pytest.approx(expected["mfu"])
+        measured = bool(row["speed_measured_H100-80GB"])
+        assert measured is bool(expected["speed_measured"])  # as plan says
+        assert measured is (n == 1)  # the constants were fitted on H100 too, but never 4 GPUs
+    shown = run("sweep", "-m", tiny_llama_dir, "--num-gpus", "1,4", "--speed", *args).output
+    assert "tokens/s all GPUs H100-80GB" in shown and "tokens/s H100-80GB" in shown

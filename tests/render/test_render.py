@@ -80,13 +80,42 @@ def test_gpus_table_keeps_bf16_and_fp16_apart_and_explains_every_dash():
         expected = "none" if not gpu.has_bf16 else _number(gpu.bf16_dense_tflops)
         assert (bf16, fp16) == (expected, _number(gpu.fp16_dense_tflops))
     assert rows["T4"][3:5] == ["none", "65"]
-    assert lines[-2:] == [
+    assert lines[-4:-2] == [
         "bf16 'none': T4, V100-16GB, V100-32GB have no bf16 tensor cores; bf16 plans do not run "
         "there (plan them with --dtype fp16)",
         "memory: what nvidia-smi reports as total; TFLOP/s: dense tensor-core peaks",
     ]
     memory = [g.memory_bytes for g in sorted(load_gpus(), key=lambda g: g.memory_bytes)]
     assert [find_gpu(name).memory_bytes for name in rows] == memory
+
+
+def test_gpus_table_shows_each_cards_link_and_the_bus_bandwidth_assumed_over_it():
+    """link GB/s: the datasheet's bidirectional rate; bus GB/s: 8 cards of one machine, one
+    direction x the prior efficiency (NVLink 900 / 2 x 0.82 = 369, PCIe 64 / 2 x 0.5 = 16)."""
+    result = _run("gpus")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[7:12] == ["GB/s", "link", "GB/s", "bus", "GB/s"]
+    rows = {line.split()[0]: line.split() for line in lines[2:] if line.split()[0] in _names()}
+    assert rows["H100-80GB"][7:10] == ["NVSwitch", "900", "369"]
+    assert rows["L40S"][7:10] == ["PCIe", "64", "16"]
+    assert rows["MI300X"][7:11] == ["Infinity", "Fabric", "896", "367"]
+    assert lines[-2] == (
+        "link GB/s: how the cards of one machine talk (multi-GPU speed), bidirectional GB/s per "
+        "GPU as datasheets state it (data/gpus.csv, interconnect_source)"
+    )
+    assert lines[-1] == (
+        "bus GB/s: NCCL bus bandwidth the speed model assumes for 8 of them in one machine (one "
+        "direction x a prior efficiency, not measured): communication_fabric_efficiency 0.82 "
+        "(prior: github.com/NVIDIA/nccl-tests issue #212); communication_pcie_efficiency 0.5 "
+        "(prior: github.com/NVIDIA/nccl issue #1639)"
+    )
+    data = {g["name"]: g for g in json.loads(_run("gpus", "--json").output)}
+    assert (data["H100-80GB"]["interconnect"], data["H100-80GB"]["link_bidir_gbps"]) == (
+        "nvswitch",
+        900.0,
+    )
+    assert "NVLink" in data["H100-80GB"]["interconnect_source"]
 
 
 def _names() -> set[str]:
@@ -271,3 +300,109 @@ def test_the_accuracy_report_shows_the_timeline_picture_it_is_given():
     text = render_markdown(report, [], "timeline_abc.png")
     assert "## Predicted vs measured memory timeline" in text
     assert text.rstrip().endswith("![predicted vs measured memory timeline](timeline_abc.png)")
+
+
+# -- several GPUs: tokens/s per GPU and for all, MFU, marked unmeasured ---------------------------
+def test_multi_gpu_plan_and_cost_show_per_gpu_and_all_gpu_speed(tiny_llama_dir):
+    args = ("--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H200,H100")
+    args += ("--num-gpus", "4")
+    args += ("--strategy", "fsdp", "--steps", "100")
+    result = _run("plan", *args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("GPU "))
+    assert lines[head].split() == (
+        [
+            "GPU",
+            "memory",
+            "fits",
+            "margin",
+            "tokens/s/GPU",
+            "tokens/s",
+            "x4",
+            "step",
+            "s",
+            "MFU",
+            "bound",
+        ]
+    )
+    data = _plan(*args)
+    for row in lines[head + 2 : head + 4]:
+        gpu = next(g for g in data["gpus"] if g["name"] == row.split()[0])
+        cells = row.split()
+        assert cells[6:8] == [
+            f"{gpu['tokens_per_second']:,.0f}",
+            f"{gpu['tokens_per_second_all_gpus']:,.0f}",
+        ]
+        assert cells[-1].endswith("*") and gpu["speed_measured"] is False
+    note = (
+        "  * 4 GPUs: each GPU's step plus the collectives between them (over each GPU's link "
+        "in data/gpus.csv) that its compute cannot hide; no multi-GPU speed is measured yet "
+        "(vramcalc_harness/cases/h200x2.yaml will measure it)"
+    )
+    assert lines.count(note) == 2  # under the GPU table and under the cost table
+    cost = lines.index(next(line for line in lines if line.startswith("run: ")))
+    assert lines[cost + 1].split()[:4] == ["GPU", "tokens/s/GPU", "tokens/s", "x4"]
+    throughput = data["throughput"][0]
+    assert throughput["communication"]["link"] == "NVLink (NVSwitch)"
+    assert throughput["tokens_per_second_all_gpus"] == 4 * throughput["tokens_per_second"]
+    verbose = _run("plan", *args, "--verbose").output
+    assert "link            NVLink (NVSwitch): 900 GB/s bidirectional / 2 x 0.82" in verbose
+    assert "measured        no: no multi-GPU speed measurement yet" in verbose
+
+
+def test_multi_gpu_plan_shows_communication_seconds_exposed_share_and_its_assumptions(
+    tiny_llama_dir,
+):
+    """One row per GPU: its link, the bus bandwidth, the collectives' seconds per step, what
+    the compute leaves exposed and its share of the step (the JSON's own numbers); then the
+    rule that counted the bytes, how each bus bandwidth is derived and the priors it uses."""
+    args = ("--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H100,L40S")
+    args += ("--num-gpus", "2", "--strategy", "ddp", "--all-gpus")
+    result = _run("plan", *args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = lines.index("communication per optimizer step, 2 GPUs (modeled, not measured):")
+    assert lines[head + 1].split() == [
+        "GPU",
+        "link",
+        "bus",
+        "GB/s",
+        "collectives",
+        "s",
+        "exposed",
+        "s",
+        "of",
+        "step",
+    ]
+    by_gpu = {t["gpu"]: t for t in _plan(*args)["throughput"]}
+    for row in lines[head + 3 : head + 5]:
+        name = row.split()[0]
+        comm, step = by_gpu[name]["communication"], by_gpu[name]["step_seconds"]
+        share = 100 * comm["exposed_total_seconds"] / step
+        assert row.split()[-5:] == [
+            f"{comm['bus_gbps']:,.0f}",
+            f"{comm['total_seconds']:.3f}",
+            f"{comm['exposed_total_seconds']:.3f}",
+            f"{share:.1f}",
+            "%",
+        ]
+    assert lines[head + 3].split()[:3] == ["L40S", "PCIe", "16"]
+    assert lines[head + 4].split()[:4] == ["H100-80GB", "NVLink", "(NVSwitch)", "369"]
+    assert by_gpu["H100-80GB"]["communication"]["bus_bandwidth_source"] == (
+        "communication_fabric_efficiency 0.82 (prior: github.com/NVIDIA/nccl-tests issue #212)"
+    )
+    assert lines[head + 5].startswith(
+        "  collectives: DDP: every trainable gradient all-reduced in 25 MiB buckets"
+    )
+    assert lines[head + 6] == (
+        "  bus GB/s: L40S: 64 GB/s bidirectional / 2 x 0.5 = 16 GB/s bus bandwidth; H100-80GB: "
+        "900 GB/s bidirectional / 2 x 0.82 = 369 GB/s bus bandwidth"
+    )
+    assert lines[head + 7] == (
+        "  priors (data/calibration.json): communication_fabric_efficiency 0.82 (prior: "
+        "github.com/NVIDIA/nccl-tests issue #212); communication_pcie_efficiency 0.5 (prior: "
+        "github.com/NVIDIA/nccl issue #1639)"
+    )
+    one = _run("plan", "--model", str(tiny_llama_dir), "--seq-len", "256", "--gpu", "H100")
+    assert "communication per optimizer step" not in one.output

@@ -32,6 +32,7 @@ from vramcalc.training_plan import TrainingPlan
 GPU = Gpu(
     "Test", (), "test", 80 * 2**30, 100.0, 100.0, 1000.0, 2.5, "test cloud on-demand", "2026-01-01"
 )
+GPU = replace(GPU, interconnect="pcie", pcie_bidir_gbps=64.0)  # multi-GPU plans need a link
 UNPRICED = replace(GPU, name="Unpriced", price_per_hour_usd=None, price_source="", price_date="")
 # a card the catalog could list without a published dense TFLOP/s: its speed cannot be predicted
 NO_SPEED = replace(
@@ -203,11 +204,13 @@ def test_throughput_columns_without_a_run_length():
     columns = throughput_columns(PlanSpeed(work.plan, work, None), [GPU, NO_SPEED], CAL)
     assert columns == {
         "tokens_per_second_Test": throughput.tokens_per_second,
+        "tokens_per_second_all_gpus_Test": throughput.tokens_per_second,
         "step_seconds_Test": throughput.step_seconds,
         "mfu_Test": throughput.mfu,
         "bound_Test": throughput.bound,
         "speed_measured_Test": False,
         "tokens_per_second_NoSpeed": None,
+        "tokens_per_second_all_gpus_NoSpeed": None,
         "step_seconds_NoSpeed": None,
         "mfu_NoSpeed": None,
         "bound_NoSpeed": None,
@@ -215,8 +218,8 @@ def test_throughput_columns_without_a_run_length():
     }
     untraced = PlanSpeed(work.plan, None, "the step could not be traced")
     assert throughput_columns(untraced, [GPU], CAL) == dict.fromkeys(
-        ("tokens_per_second_Test", "step_seconds_Test", "mfu_Test", "bound_Test")
-        + ("speed_measured_Test",)
+        ("tokens_per_second_Test", "tokens_per_second_all_gpus_Test", "step_seconds_Test")
+        + ("mfu_Test", "bound_Test", "speed_measured_Test")
     )
 
 

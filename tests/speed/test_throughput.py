@@ -15,11 +15,13 @@ from vramcalc.errors import CatalogError, InvalidPlanError
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
 from vramcalc.render.plan import render_throughput
+from vramcalc.speed.links import load_link_constants
 from vramcalc.speed.opprofile import BnbOptimizerParam, Op, OpProfile, Run, op_profile
 from vramcalc.speed.stepwork import Kernel, StepWork, Stretch, step_work
 from vramcalc.speed.throughput import (
     CONSTANTS,
     Peaks,
+    PlanSpeed,
     ThroughputCalibration,
     estimate_throughput,
     load_throughput_calibration,
@@ -283,3 +285,47 @@ def test_plan_table_shows_speed_columns_and_marks_unmeasured_gpus(tiny_llama_dir
     gpus = {g["name"]: g for g in result.to_dict()["gpus"]}
     assert gpus["H200"]["speed_measured"] is True and gpus["A100-80GB"]["speed_measured"] is False
     assert gpus["H200"]["bound"] == "host"
+
+
+# -- several GPUs -----------------------------------------------------------------------------------
+LINKED = replace(GPU, interconnect="pcie", pcie_bidir_gbps=64.0)
+
+
+def test_several_gpus_add_the_exposed_communication_to_each_gpus_step():
+    """DDP leaves each GPU's own work as on one GPU; the step adds what the collectives leave
+    exposed, tokens/s over all GPUs is N x per GPU, and no measurement backs the estimate."""
+    one = estimate_throughput(tiny_work(**LORA_QV), LINKED, CAL)
+    work = tiny_work(num_gpus=4, strategy="ddp", **LORA_QV)
+    four = estimate_throughput(work, LINKED, CAL)
+    assert one.communication is None and one.seconds == one.time.seconds
+    assert four.time.step_seconds == pytest.approx(one.step_seconds)
+    comm = four.communication
+    assert comm is not None and comm.exposed_seconds > 0
+    assert four.step_seconds == pytest.approx(one.step_seconds + comm.exposed_seconds)
+    assert four.seconds["communication"] == comm.exposed_seconds
+    assert four.step_seconds == pytest.approx(sum(four.seconds.values()))
+    assert four.tokens_per_second_all_gpus == pytest.approx(4 * four.tokens_per_second)
+    assert four.mfu < one.mfu
+    assert comm.link.bus_gbps == pytest.approx(32 * load_link_constants().pcie_efficiency)
+    # what hides them: one micro-batch's forward and backward, priced alone
+    assert 0 < comm.phase_seconds["forward"] + comm.phase_seconds["backward"] < one.step_seconds
+    data = four.to_dict()
+    adapters = 2 * (2 * 4 * 64 + 64 * 4 + 32 * 4)  # 2 layers: A of q and v, B of q, B of v
+    assert data["communication"]["bytes_per_step"]["all_reduce"] == 4 * adapters  # fp32
+    assert data["multi_gpu_measured"] is False and data["num_gpus"] == 4
+    assert any("UNMEASURED" in a for a in four.assumptions)
+    json.dumps(data)
+
+
+def test_several_measured_gpus_are_not_measured_and_a_gpu_without_a_link_has_no_speed():
+    work = tiny_work(num_gpus=2, strategy="fsdp", **LORA_QV)
+    h200 = estimate_throughput(work, find_gpu("H200"))
+    assert h200.communication is not None and not h200.measured
+    assert h200.communication.link.name == "NVLink (NVSwitch)"
+    speed = PlanSpeed(work.plan, work, None)
+    estimate, problem = speed.on(GPU, CAL)  # the test row lists no interconnect
+    assert estimate is None
+    assert problem == (
+        "data/gpus.csv lists no link bandwidth for Test (none); the speed of 2 of them "
+        "cannot be predicted."
+    )

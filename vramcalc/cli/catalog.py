@@ -8,7 +8,7 @@ import click
 
 from vramcalc import api
 from vramcalc.cli.options import json_option
-from vramcalc.render.catalog import render_gpus, render_models
+from vramcalc.render.catalog import LINK_GPUS, render_gpus, render_models
 
 
 @click.command()
@@ -26,9 +26,10 @@ def models(as_json: bool) -> None:
 @json_option("Print JSON instead of a table.")
 def gpus(as_json: bool) -> None:
     """List the GPU catalog by memory: memory as the card reports it, peak bf16 and fp16
-    (dense tensor) and fp32 TFLOP/s, bandwidth, price."""
+    (dense tensor) and fp32 TFLOP/s, bandwidth, the link between cards (NVLink, PCIe) with the
+    NCCL bus bandwidth multi-GPU speed assumes over it, price."""
     table = api.gpus()
-    if as_json:
+    if as_json:  # the catalog rows: interconnect columns with their sources
         click.echo(json.dumps([gpu.to_dict() for gpu in table], indent=2))
     else:
-        click.echo(render_gpus(table))
+        click.echo(render_gpus(table, api.gpu_links(table, LINK_GPUS), LINK_GPUS))

@@ -6,9 +6,35 @@ from __future__ import annotations
 from vramcalc.advice import Advice, Option
 from vramcalc.render.tables import gib, table
 
+# marks a multi-GPU speed: communication modeled, no multi-GPU measurement yet ("*" marks an
+# approximate memory figure)
+UNMEASURED = "~"
+
 
 def _speed(option: Option) -> str:
     return f"{option.tokens_per_second:,.0f}" if option.tokens_per_second else "-"
+
+
+def _speed_line(option: Option) -> str:
+    """tokens/s over all GPUs, per GPU and MFU for several GPUs; ``~`` unmeasured."""
+    if not option.tokens_per_second:
+        return "- tokens/s"
+    mfu = f"MFU {100 * option.mfu:.0f} %" if option.mfu is not None else ""
+    if option.plan.num_gpus == 1:
+        return f"{_speed(option)} tokens/s, {mfu}"
+    return (
+        f"{_speed(option)} tokens/s on {option.plan.num_gpus} GPUs{UNMEASURED} "
+        f"({option.tokens_per_second_per_gpu:,.0f} per GPU, {mfu})"
+    )
+
+
+def _cells(option: Option) -> list[str]:
+    """tokens/s per GPU, over all GPUs (``~``: a multi-GPU estimate, unmeasured), MFU."""
+    if not option.tokens_per_second or option.tokens_per_second_per_gpu is None:
+        return ["-", "-", "-"]
+    star = UNMEASURED if option.plan.num_gpus > 1 else ""
+    mfu = f"{100 * option.mfu:.0f} %" if option.mfu is not None else "-"
+    return [f"{option.tokens_per_second_per_gpu:,.0f}", _speed(option) + star, mfu]
 
 
 def render_advice(advice: Advice) -> str:
@@ -17,7 +43,7 @@ def render_advice(advice: Advice) -> str:
     lines = [
         f"{base.plan.model} on {advice.gpu.name} ({gib(advice.gpu.memory_bytes)}, "
         f"{advice.headroom:.0%} headroom: budget {gib(advice.budget_bytes)}): the plan needs "
-        f"{gib(base.device_total_bytes)} and {verdict}; {_speed(base)} tokens/s",
+        f"{gib(base.device_total_bytes)} and {verdict}; {_speed_line(base)}",
         "",
     ]
     if not advice.changes:
@@ -32,13 +58,14 @@ def render_advice(advice: Advice) -> str:
             gib(c.option.device_total_bytes)
             + ("*" if c.option.allocator_model != "simulated" else ""),
             "yes" if c.option.fits else "no",
-            _speed(c.option),
+            *_cells(c.option),
             f"{c.speed_change:+.0%}" if c.speed_change is not None else "-",
         ]
         for i, c in enumerate(advice.changes, 1)
     ]
-    headers = ["#", "change", "what it does", "costs", "memory after", "fits", "tokens/s", "speed"]
-    numeric = [True, False, False, False, True, False, True, True]
+    headers = ["#", "change", "what it does", "costs", "memory after", "fits"]
+    headers += ["tokens/s/GPU", "tokens/s all", "MFU", "speed"]
+    numeric = [True, False, False, False, True, False, True, True, True, True]
     approximate = base.allocator_model != "simulated" or any(
         c.option.allocator_model != "simulated" for c in advice.changes
     )
@@ -48,6 +75,12 @@ def render_advice(advice: Advice) -> str:
         lines.append(
             "  * approximate: a calibrated fraction for the allocator's slack, not a simulated "
             "run (multi-GPU plans are not simulated yet, or --allocator-model approximate)"
+        )
+    options = [base, *(c.option for c in advice.changes), *(c.option for c in advice.combinations)]
+    if any(o.plan.num_gpus > 1 and o.tokens_per_second for o in options):
+        lines.append(
+            f"  {UNMEASURED} several GPUs: each GPU's step plus what the collectives between them "
+            "leave exposed (communication modeled, not measured); speed: tokens/s over all GPUs"
         )
     if base.fits:
         lines += ["", "the plan fits with the headroom asked; the changes above only add room."]
@@ -60,7 +93,7 @@ def render_advice(advice: Advice) -> str:
                 " ".join(c.flags for c in combo.changes),
                 combo.cost,
                 gib(combo.option.device_total_bytes),
-                _speed(combo.option),
+                *_cells(combo.option),
             ]
             for i, combo in enumerate(advice.combinations, 1)
         ]
@@ -69,8 +102,8 @@ def render_advice(advice: Advice) -> str:
             "combinations that fit, cheapest first (ranked by their dearest change):",
             table(
                 rows,
-                ["#", "changes", "costs", "memory", "tokens/s"],
-                [True, False, False, True, True],
+                ["#", "changes", "costs", "memory", "tokens/s/GPU", "tokens/s all", "MFU"],
+                [True, False, False, True, True, True, True],
             ),
         ]
     return "\n".join(lines)

@@ -83,6 +83,7 @@ KEY_RESULTS = ("trainable_params", "device_total_gib", "peak_reserved_gib", "pea
 #: ``<prefix>_<GPU>`` columns: label, unit, XLSX number format, text format.
 PER_GPU = {
     "fits": ("fits", "", "General", "{}"),
+    "tokens_per_second_all_gpus": ("tokens/s all GPUs", "", "#,##0", "{:,.0f}"),
     "tokens_per_second": ("tokens/s", "", "#,##0", "{:,.0f}"),
     "step_seconds": ("step", "s", "0.000", "{:.3f}"),
     "mfu": ("MFU", "", "0.0%", "{:.1%}"),
@@ -95,6 +96,8 @@ PER_GPU = {
 
 
 SUMMARY_PER_GPU = ("fits", "tokens_per_second", "cost_usd")
+#: shown too where a row runs on several GPUs
+SUMMARY_PER_GPU_MULTI = ("tokens_per_second_all_gpus",)
 
 
 def summary_columns(
@@ -111,7 +114,10 @@ def summary_columns(
     columns = plan_columns + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
     columns += list(KEY_RESULTS)
     if max_gpu_columns is None or len(result.gpus) <= max_gpu_columns:
-        columns += [c for c in result.columns if (per_gpu(c) or ("",))[0] in SUMMARY_PER_GPU]
+        shown = SUMMARY_PER_GPU
+        if any((r.get("num_gpus") or 1) > 1 for r in valid):
+            shown += SUMMARY_PER_GPU_MULTI
+        columns += [c for c in result.columns if (per_gpu(c) or ("",))[0] in shown]
     columns.append("smallest_fitting_gpu")
     if result.errors:
         columns.append("error")
@@ -119,8 +125,9 @@ def summary_columns(
 
 
 def per_gpu(column: str) -> tuple[str, str] | None:
-    """``cost_usd_RTX-4090`` → ``("cost_usd", "RTX-4090")``; None for other columns."""
-    for prefix in PER_GPU:
+    """``cost_usd_RTX-4090`` → ``("cost_usd", "RTX-4090")``; None for other columns (the
+    longest prefix first: ``tokens_per_second_all_gpus`` before ``tokens_per_second``)."""
+    for prefix in sorted(PER_GPU, key=len, reverse=True):
         if column.startswith(prefix + "_"):
             return prefix, column[len(prefix) + 1 :]
     return None

@@ -20,7 +20,9 @@ from vramcalc.render.tables import (
     table,
 )
 from vramcalc.speed.cost import CostTable
+from vramcalc.speed.links import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from vramcalc.speed.throughput import (
+    MULTI_GPU_CASES,
     ThroughputEstimate,
     compute_dtype,
     transfer_note,
@@ -102,6 +104,7 @@ def render_gpu_fits(
     """GPUs by memory, smallest first: the fitting ones (every one with ``all_gpus``)."""
     ordered = sorted(fits, key=lambda f: (f.gpu.memory_bytes, f.gpu.name))
     shown = ordered if all_gpus else [f for f in ordered if f.fits]
+    num_gpus = max((f.throughput.plan.num_gpus for f in fits if f.throughput), default=1)
     rows, notes = [], []
     for fit in shown:
         speed = fit.throughput
@@ -111,7 +114,7 @@ def render_gpu_fits(
                 gib(fit.gpu.memory_bytes),
                 _fits_cell(fit),
                 margin(fit.headroom_bytes),
-                f"{speed.tokens_per_second:,.0f}" if speed else "-",
+                *tokens_cells(speed, num_gpus),
                 f"{speed.step_seconds:.2f}" if speed else "-",
                 f"{100 * speed.mfu:.0f} %" if speed else "-",
                 speed_basis(speed),
@@ -123,8 +126,9 @@ def render_gpu_fits(
             notes.append(f"  {fit.gpu.name}: speed '-': {fit.throughput_error}")
     lines = []
     if rows:
-        heads = ["GPU", "memory", "fits", "margin", "tokens/s", "step s", "MFU", "bound"]
-        lines.append(table(rows, heads, [False, True, False, True, True, True, True, False]))
+        heads = ["GPU", "memory", "fits", "margin", *tokens_heads(num_gpus), "step s", "MFU"]
+        numeric = [False, True, False, True] + [True] * (len(heads) - 4)
+        lines.append(table(rows, [*heads, "bound"], [*numeric, False]))
         lines.append(headroom_note(headroom))
     hidden = [f for f in ordered if f not in shown]
     if not any(f.fits for f in ordered):
@@ -152,9 +156,22 @@ def render_gpu_fits(
     lines += notes
     speeds = [f.throughput for f in shown if f.throughput]
     lines += speed_note(speeds)
+    lines += communication_table(speeds)
     if speeds and verbose:
         lines += ["", render_throughput(speeds[0])]
     return "\n".join(lines)
+
+
+def tokens_heads(num_gpus: int) -> list[str]:
+    """tokens/s column heads: per GPU, and for all GPUs of a multi-GPU plan."""
+    return ["tokens/s"] if num_gpus == 1 else ["tokens/s/GPU", f"tokens/s x{num_gpus}"]
+
+
+def tokens_cells(e: ThroughputEstimate | None, num_gpus: int) -> list[str]:
+    if e is None:
+        return ["-"] * len(tokens_heads(num_gpus))
+    cells = [f"{e.tokens_per_second:,.0f}"]
+    return cells if num_gpus == 1 else [*cells, f"{e.tokens_per_second_all_gpus:,.0f}"]
 
 
 def speed_basis(e: ThroughputEstimate | None) -> str:
@@ -169,13 +186,57 @@ def speed_note(estimates: Sequence[ThroughputEstimate]) -> list[str]:
     if not estimates:
         return []
     lines = [f"speed: {transfer_note(estimates[0].calibration)}"]
+    first = estimates[0]
+    if first.multi_gpu:
+        lines.append(
+            f"  * {first.plan.num_gpus} GPUs: each GPU's step plus the collectives between them "
+            "(over each GPU's link in data/gpus.csv) that its compute cannot hide; no "
+            f"multi-GPU speed is measured yet ({MULTI_GPU_CASES} will measure it)"
+        )
+        return lines
     unmeasured = [e.gpu.name for e in estimates if not e.measured]
-    if unmeasured and estimates[0].calibration.fitted:
+    if unmeasured and first.calibration.fitted:
         lines.append(
             "  * no measurement backs " + ", ".join(unmeasured) + ": speed derived from "
-            f"{estimates[0].calibration.measured_on_text} (plan --verbose says how)"
+            f"{first.calibration.measured_on_text} (plan --verbose says how)"
         )
     return lines
+
+
+def communication_table(estimates: Sequence[ThroughputEstimate]) -> list[str]:
+    """A multi-GPU plan's collectives on each GPU's link: their seconds per step, what the
+    compute leaves exposed and its share of the step, with the link, where its bus bandwidth
+    comes from and the rule that counted the bytes."""
+    priced = [(e, e.communication) for e in estimates if e.communication is not None]
+    if not priced:
+        return []
+    rows = [
+        [
+            e.gpu.name,
+            c.link.name,
+            f"{c.link.bus_gbps:,.0f}",
+            f"{c.total_seconds:.3f}",
+            f"{c.exposed_seconds:.3f}",
+            f"{100 * c.exposed_share(e.step_seconds):.1f} %",
+        ]
+        for e, c in priced
+    ]
+    derivations: dict[str, list[str]] = {}
+    for e, c in priced:
+        derivations.setdefault(c.link.derivation, []).append(e.gpu.name)
+    priors = sorted({f"{k} ({cite})" for _, c in priced for k, cite in c.link.priors})
+    first, comm = priced[0]
+    heads = ["GPU", "link", "bus GB/s", "collectives s", "exposed s", "of step"]
+    return [
+        "",
+        f"communication per optimizer step, {first.plan.num_gpus} GPUs (modeled, not measured):",
+        table(rows, heads, [False, False, True, True, True, True]),
+        f"  collectives: {comm.volume.rule}; seconds: NCCL's ring at the bus bandwidth after "
+        "NCCL's latency; exposed: what one micro-batch's forward and backward cannot hide",
+        "  bus GB/s: "
+        + "; ".join(f"{', '.join(names)}: {how}" for how, names in derivations.items()),
+        "  priors (data/calibration.json): " + "; ".join(priors),
+    ]
 
 
 def render_throughput(estimate: ThroughputEstimate) -> str:
@@ -186,12 +247,12 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
         if e.plan.num_gpus > 1
         else ""
     )
+    waits = ", ".join(f"{k} {v:.3f} s" for k, v in s.items())
     rows = [
         [
             "step time",
             f"{e.step_seconds:.3f} s ({e.plan.grad_accum} micro-batch(es)), bound by {e.bound}: "
-            f"waits on compute {s['compute']:.3f} s, memory {s['memory']:.3f} s, "
-            f"host {s['host']:.3f} s",
+            f"waits on {waits}",
         ],
         ["tokens/s", f"{e.tokens_per_second:,.0f} per GPU{all_gpus}"],
         ["MFU", f"{100 * e.mfu:.1f} % (model FLOPs, no recompute; HFU {100 * e.hfu:.1f} %)"],
@@ -214,6 +275,7 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
             f"a step; measured on: {c.measured_on_text}",
         ],
         ["derived", e.derivation],
+        *communication_rows(e),
     ]
     head = (
         f"throughput on {e.gpu.name} ({e.peak_tflops:g} {compute_dtype(e.plan)} TFLOP/s, "
@@ -223,18 +285,50 @@ def render_throughput(estimate: ThroughputEstimate) -> str:
     return head + "\n" + "\n".join("  " + line for line in body.splitlines())
 
 
+def communication_rows(e: ThroughputEstimate) -> list[list[str]]:
+    """How a multi-GPU step's collectives are counted and priced (``plan --verbose``)."""
+    c = e.communication
+    if c is None:
+        return []
+    v, gb = c.volume, 1e9
+    moved = ", ".join(
+        (
+            f"{v.bytes_per_step(kind) / gb:,.2f} GB"
+            if v.bytes_per_step(kind) >= gb / 100
+            else f"{v.bytes_per_step(kind):,} B"
+        )
+        + f" {kind.replace('_', '-')}"
+        for kind in (ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE)
+        if v.bytes_per_step(kind)
+    )
+    count = sum(x.per_step(e.plan.grad_accum) for x in v.collectives)
+    return [
+        ["link", f"{c.link.name}: {c.link.derivation}"],
+        ["collectives", f"{v.rule}; per step {count:,} collectives, {moved}"],
+        [
+            "communication",
+            f"{c.total_seconds:.3f} s per step, {c.exposed_seconds:.3f} s of it exposed "
+            f"(forward {c.exposed['forward']:.3f}, backward {c.exposed['backward']:.3f}, after "
+            f"backward {c.exposed['step']:.3f}); hidden behind one micro-batch's forward "
+            f"{c.phase_seconds['forward']:.3f} s and backward {c.phase_seconds['backward']:.3f} s",
+        ],
+        ["measured", f"no: no multi-GPU speed measurement yet ({MULTI_GPU_CASES})"],
+    ]
+
+
 def render_cost(cost: CostTable, verbose: bool = False) -> str:
     """The run-cost block: one line per GPU type (sources with ``verbose``, always in JSON)."""
     lines = [f"run: {cost.run.describe(cost.plan)}"]
     if not cost.rows and not cost.skipped:
         return lines[0] + "\nrun cost: no GPU of the list fits"
     rows, notes = [], []
+    num_gpus = cost.plan.num_gpus
     for row in sorted(cost.rows, key=lambda r: (r.throughput.gpu.memory_bytes, r.gpu_name)):
         unpriced = row.price_per_hour_usd is None
         rows.append(
             [
                 row.gpu_name,
-                f"{row.throughput.tokens_per_second:,.0f}",
+                *tokens_cells(row.throughput, num_gpus),
                 f"{row.throughput.step_seconds:.2f}",
                 f"{100 * row.throughput.mfu:.0f} %",
                 speed_basis(row.throughput),
@@ -246,14 +340,17 @@ def render_cost(cost: CostTable, verbose: bool = False) -> str:
         )
         if unpriced:
             notes.append(f"  {row.gpu_name}: cost '-': {row.price_source}")
+    heads = ["GPU", *tokens_heads(num_gpus), "step s", "MFU", "bound", "wall time"]
+    heads += ["GPU-hours", "$/GPU-h", "cost $"]
     for name, reason in cost.skipped:
-        rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-"])
+        rows.append([name] + ["-"] * (len(heads) - 1))
         notes.append(f"  {name}: not priced: {reason}")
-    heads = ["GPU", "tokens/s", "step s", "MFU", "bound", "wall time", "GPU-hours", "$/GPU-h"]
-    heads.append("cost $")
-    numeric = [False, True, True, True, False, True, True, True, True]
+    numeric = [h not in ("GPU", "bound") for h in heads]
     lines += [table(rows, heads, numeric), *notes]
+    speeds = [row.throughput for row in cost.rows]
     if verbose:
         lines += [f"  price {row.gpu_name}: {row.price_source}" for row in cost.rows]
-        lines += ["  " + line for line in speed_note([row.throughput for row in cost.rows])]
+        lines += ["  " + line for line in speed_note(speeds)]
+    elif num_gpus > 1 and speeds:
+        lines += speed_note(speeds)[1:]  # the multi-GPU line
     return "\n".join(lines)

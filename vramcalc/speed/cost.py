@@ -35,7 +35,14 @@ from vramcalc.training_plan import TrainingPlan
 
 #: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``): the
 #: speed ones (``SPEED_PREFIXES``), then the run's.
-SPEED_PREFIXES = ("tokens_per_second", "step_seconds", "mfu", "bound", "speed_measured")
+SPEED_PREFIXES = (
+    "tokens_per_second",
+    "tokens_per_second_all_gpus",
+    "step_seconds",
+    "mfu",
+    "bound",
+    "speed_measured",
+)
 COLUMN_PREFIXES = (*SPEED_PREFIXES, "wall_hours", "gpu_hours", "cost_usd")
 
 
@@ -158,6 +165,8 @@ class CostEstimate:
             "tokens_processed": self.tokens_processed,
             "step_seconds": self.throughput.step_seconds,
             "tokens_per_second": self.throughput.tokens_per_second,
+            "tokens_per_second_all_gpus": self.throughput.tokens_per_second_all_gpus,
+            "mfu": self.throughput.mfu,
             "wall_seconds": self.wall_seconds,
             "wall_hours": self.wall_hours,
             "gpu_hours": self.gpu_hours,
@@ -261,7 +270,14 @@ def speed_cells(e: ThroughputEstimate | None) -> tuple[Any, ...]:
     """The ``SPEED_PREFIXES`` cells of one GPU (None where its speed cannot be predicted)."""
     if e is None:
         return (None,) * len(SPEED_PREFIXES)
-    return (e.tokens_per_second, e.step_seconds, e.mfu, e.bound, e.measured)
+    return (
+        e.tokens_per_second,
+        e.tokens_per_second_all_gpus,
+        e.step_seconds,
+        e.mfu,
+        e.bound,
+        e.measured,
+    )
 
 
 def run_cost(

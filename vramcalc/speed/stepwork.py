@@ -14,8 +14,11 @@ bitsandbytes' int8 outlier check, a bitsandbytes optimizer after each tensor):
   tensor, read 2 and write 1 gradient);
 * the optimizer step (clipping + the torch optimizer as traced; a bitsandbytes
   optimizer as one launch and sync per tensor); under a sharded strategy each GPU
-  steps ``1/num_gpus`` of the states (the gathers and reductions between GPUs are
-  not modeled).
+  steps ``1/num_gpus`` of the states (the collectives between GPUs are
+  ``communication.py``'s).
+
+``phase_work`` lays out one micro-batch's forward and backward (recompute included) on
+their own: the compute a multi-GPU plan's collectives can hide behind.
 
 Nothing here depends on the GPU: ``throughput.py`` prices the work.
 """
@@ -31,6 +34,8 @@ from vramcalc.trace.oprecorder import LAUNCH, MEMORY
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
+#: the micro-batch phases collectives overlap with, and the traced phases each holds
+MICRO_BATCH_PHASES = {"forward": ("forward",), "backward": ("recompute", "backward")}
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,21 @@ def step_work(profile: OpProfile, inventory: ModelInventory, plan: TrainingPlan)
     return StepWork(
         plan, tuple(builder.closed), bnb_tensors, bnb_bytes, builder.syncs + bnb_tensors
     )
+
+
+def phase_work(
+    profile: OpProfile, inventory: ModelInventory, plan: TrainingPlan
+) -> dict[str, StepWork]:
+    """One micro-batch's ops of each of ``MICRO_BATCH_PHASES``, laid out alone (syncs of the
+    phase kept, the step's fixed parts left out)."""
+    layers, tokens, seq = inventory.num_layers, plan.batch_size * plan.seq_len, plan.seq_len
+    out = {}
+    for name, phases in MICRO_BATCH_PHASES.items():
+        runs = tuple(
+            Run(r.repeat, tuple(o for o in r.ops if o.phase in phases)) for r in profile.micro_batch
+        )
+        builder = _Builder()
+        _lay_out(builder, runs, layers, tokens, seq)
+        builder.close()
+        out[name] = StepWork(plan, tuple(builder.closed), 0.0, 0.0, builder.syncs)
+    return out

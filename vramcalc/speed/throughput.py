@@ -28,26 +28,40 @@ calibration split of the H200 measurements (``throughput_fit.py``). For another 
 the efficiencies are kept as fractions of that GPU's own peak TFLOP/s and bandwidth
 (``data/gpus.csv``); the host constants (the CPU side) and the kernel launch term are
 carried over unchanged, and the output says that no measurement backs that GPU.
+
+A multi-GPU plan's step adds what its collectives leave exposed (``communication.py``: the
+bytes of each, their time on the GPU's link from ``data/gpus.csv``, hidden behind one
+micro-batch's forward and backward as priced here). No multi-GPU measurement backs it yet:
+such estimates are never ``measured``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vramcalc.calibration import CALIBRATION_JSON, calibration_json
 from vramcalc.catalog import Gpu, find_gpu
 from vramcalc.errors import CatalogError, InvalidPlanError, VramcalcError
 from vramcalc.inventory import ModelInventory
+from vramcalc.speed.communication import (
+    CommunicationTime,
+    CommunicationVolume,
+    communication_time,
+    communication_volume,
+)
 from vramcalc.speed.flops import StepFlops, estimate_flops
+from vramcalc.speed.links import gpu_link
 from vramcalc.speed.opprofile import OpProfile, op_profile
-from vramcalc.speed.stepwork import StepWork, step_work
+from vramcalc.speed.stepwork import StepWork, phase_work, step_work
 from vramcalc.trace.oprecorder import ATTENTION, INT8_MATMUL, MATMUL_FP32
 from vramcalc.training_plan import TrainingPlan
 
 NO_MEASUREMENT = "prior, no measurement"
+#: the case list that will measure multi-GPU speed once a multi-GPU machine is lent
+MULTI_GPU_CASES = "vramcalc_harness/cases/h200x2.yaml"
 # the constants, in the order the fit solves them (calibration.json: "throughput_" + name)
 CONSTANTS = (
     "compute_efficiency",
@@ -238,17 +252,36 @@ class Work:
     flops: StepFlops  # flops.py: model FLOPs for MFU
     step: StepWork
     num_layers: int
+    # multi-GPU plans: the collectives of a step, and one micro-batch's forward and backward
+    communication: CommunicationVolume | None = None
+    phases: dict[str, StepWork] | None = None
 
 
 def plan_work(config_dict: dict[str, Any], inventory: ModelInventory, plan: TrainingPlan) -> Work:
     """The work of ``plan``: its recipe traced (``op_profile``, cached) and laid out."""
     profile: OpProfile = op_profile(config_dict, plan)
+    multi = plan.num_gpus > 1
     return Work(
         plan,
         estimate_flops(inventory, plan),
         step_work(profile, inventory, plan),
         inventory.num_layers,
+        communication_volume(inventory, plan) if multi else None,
+        phase_work(profile, inventory, plan) if multi else None,
     )
+
+
+def price_communication(
+    work: Work, gpu: Gpu, peaks: Peaks, cal: ThroughputCalibration
+) -> CommunicationTime | None:
+    """The collectives of a multi-GPU plan on ``gpu``'s link, hidden behind one micro-batch's
+    forward and backward priced as the step is (``communication.py``); None for one GPU."""
+    if work.communication is None or work.phases is None:
+        return None
+    link = gpu_link(gpu, work.plan.num_gpus)
+    alone = replace(cal, step_overhead_seconds=0.0)
+    phases = {name: price(w, peaks, alone).step_seconds for name, w in work.phases.items()}
+    return communication_time(work.communication, link, phases)
 
 
 @dataclass(frozen=True)
@@ -259,8 +292,9 @@ class ThroughputEstimate:
     gpu: Gpu
     peak_tflops: float
     calibration: ThroughputCalibration
-    time: StepTime
+    time: StepTime  # one GPU's own work
     derivation: str
+    communication: CommunicationTime | None = None  # multi-GPU plans
 
     @property
     def plan(self) -> TrainingPlan:
@@ -271,22 +305,35 @@ class ThroughputEstimate:
         return self.work.flops
 
     @property
+    def communication_seconds(self) -> float:
+        """What the step waits for the collectives between GPUs (0 on one GPU)."""
+        return self.communication.exposed_seconds if self.communication else 0.0
+
+    @property
     def step_seconds(self) -> float:
-        return self.time.step_seconds
+        return self.time.step_seconds + self.communication_seconds
 
     @property
     def seconds(self) -> dict[str, float]:
-        return self.time.seconds
+        """What the step waits on: ``BOUNDS`` (+ ``communication`` for several GPUs)."""
+        if self.communication is None:
+            return self.time.seconds
+        return {**self.time.seconds, "communication": self.communication_seconds}
 
     @property
     def bound(self) -> str:
-        """``compute``, ``memory`` or ``host``: what the step waits on most."""
-        return self.time.bound
+        """``compute``, ``memory``, ``host`` or ``communication``: what the step waits on most."""
+        return max(self.seconds, key=lambda k: self.seconds[k])
+
+    @property
+    def multi_gpu(self) -> bool:
+        return self.plan.num_gpus > 1
 
     @property
     def measured(self) -> bool:
-        """Whether a measurement on this GPU backs the constants."""
-        return self.gpu.name in self.calibration.measured_on
+        """Whether measurements back this estimate: the constants measured on this GPU, and
+        one GPU (no multi-GPU speed has been measured yet)."""
+        return self.gpu.name in self.calibration.measured_on and not self.multi_gpu
 
     @property
     def tokens_per_second(self) -> float:
@@ -295,7 +342,7 @@ class ThroughputEstimate:
 
     @property
     def tokens_per_second_all_gpus(self) -> float:
-        """Every GPU together (communication between GPUs not modeled)."""
+        """Every GPU together (each runs its own micro-batches; communication included)."""
         return self.tokens_per_second * self.plan.num_gpus
 
     @property
@@ -316,10 +363,19 @@ class ThroughputEstimate:
             f"{compute_dtype(self.plan)} tensor-core peak {self.peak_tflops:g} TFLOP/s, "
             f"{self.gpu.memory_bandwidth_gbps:g} GB/s (data/gpus.csv)",
         ]
-        if self.plan.num_gpus > 1:
+        if self.communication is not None:
+            c = self.communication
             notes.append(
-                "per-GPU work only: all-reduce / all-gather time between GPUs is not modeled"
+                f"{self.plan.num_gpus} GPUs over {c.link.name} ({c.link.derivation}); "
+                f"{c.volume.rule}; {c.exposed_seconds:.3f} of {c.total_seconds:.3f} s of "
+                "collectives per step left exposed by the compute; UNMEASURED: no multi-GPU "
+                f"speed measurement yet ({MULTI_GPU_CASES} measures it)"
             )
+            if self.plan.cpu_offload:
+                notes.append(
+                    "--cpu-offload: the host transfers and the optimizer step on the CPU are "
+                    "not in the step time"
+                )
         return (*notes, *self.flops.notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,6 +386,7 @@ class ThroughputEstimate:
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
             "tokens_per_second_all_gpus": self.tokens_per_second_all_gpus,
+            "num_gpus": self.plan.num_gpus,
             "mfu": self.mfu,
             "hfu": self.hfu,
             "bound": self.bound,
@@ -342,6 +399,8 @@ class ThroughputEstimate:
             "measured": self.measured,
             "efficiency_measured_on": self.calibration.measured_on_text,
             "derivation": self.derivation,
+            "communication": self.communication.to_dict() if self.communication else None,
+            "multi_gpu_measured": False if self.multi_gpu else None,
             "assumptions": list(self.assumptions),
         }
 
@@ -389,8 +448,12 @@ def estimate_throughput(
     cal = calibration or load_throughput_calibration()
     dtype = compute_dtype(work.plan)
     peak = peak_tflops_for(gpu, dtype)
-    time = price(work.step, Peaks.of(gpu, work.plan, work.step), cal)
-    return ThroughputEstimate(work, gpu, peak, cal, time, _derivation(gpu, cal, dtype))
+    peaks = Peaks.of(gpu, work.plan, work.step)
+    time = price(work.step, peaks, cal)
+    communication = price_communication(work, gpu, peaks, cal)
+    return ThroughputEstimate(
+        work, gpu, peak, cal, time, _derivation(gpu, cal, dtype), communication
+    )
 
 
 @dataclass(frozen=True)

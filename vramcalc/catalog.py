@@ -31,6 +31,7 @@ from vramcalc.errors import (
     UnknownGpuError,
     UnknownModelError,
 )
+from vramcalc.textfiles import TextFileError, read_text
 from vramcalc.training_plan import suggest
 
 DATA_DIR = Path(
@@ -108,10 +109,12 @@ def _catalog_lookup() -> dict[str, CatalogModel]:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except FileNotFoundError as err:
         raise ConfigError(f"--model: config file {path} does not exist") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except TextFileError as err:
+        raise ConfigError(f"--model: {path} is {err}") from None
+    except json.JSONDecodeError as err:
         raise ConfigError(f"--model: {path} is not valid JSON ({err})") from err
     if not isinstance(data, dict) or "model_type" not in data:
         raise ConfigError(f"--model: {path} is not a transformers config (no 'model_type' field)")

@@ -51,6 +51,7 @@ from vramcalc.speed.cost import (
     throughput_columns,
 )
 from vramcalc.speed.throughput import plan_speed
+from vramcalc.textfiles import TextFileError
 from vramcalc.training_plan import (
     PLAN_DEFAULTS,
     PLAN_FIELDS,
@@ -87,8 +88,10 @@ def read_cases(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     try:
         table = read_csv(path)
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise InvalidPlanError([f"--cases {path}: cannot read it ({err})."]) from err
+    except TextFileError as err:
+        raise InvalidPlanError([f"--cases {path}: {err}."]) from None
     if not table.headers:
         raise InvalidPlanError(
             [f"--cases {path}: the file is empty; its first row must name plan options."]

@@ -63,7 +63,7 @@ def record_plan(plan: Any) -> RecordedRun:
     every allocator action of it: traced once per recipe (seconds to a minute of CPU; cached),
     replayed in well under a second."""
     from vramcalc.catalog import resolve
-    from vramcalc.memory.slack import SIMULATED_STEPS
+    from vramcalc.memory.slack import SIMULATED_STEPS, vocab_size
     from vramcalc.memory.timeline import record_run
     from vramcalc.trace.recipe import plan_steps
 
@@ -74,15 +74,8 @@ def record_plan(plan: Any) -> RecordedRun:
         )
     config_dict = resolve(plan.model).config_dict
     trace = plan_steps(config_dict, plan, SIMULATED_STEPS, labelled=True)
-    return record_run(trace, plan, vocab_size=_vocab_size(config_dict),
+    return record_run(trace, plan, vocab_size=vocab_size(config_dict),
                       title=f"{describe_plan(plan)}: predicted")  # fmt: skip
-
-
-def _vocab_size(config_dict: dict[str, Any]) -> int | None:
-    for config in (config_dict, config_dict.get("text_config") or {}):
-        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
-            return int(config["vocab_size"])
-    return None
 
 
 def _run(plan_or_run: Any) -> RecordedRun:

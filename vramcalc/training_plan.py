@@ -54,6 +54,8 @@ ADALORA_FIELDS = (
     "total_step",
     "orth_reg_weight",
 )
+# the fields only adapter methods read (AdaLoRA: all but rank and dora)
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "dora", "modules_to_save")
 
 
 def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -316,6 +318,29 @@ class TrainingPlan:
         data["targets"] = list(self.targets) if self.targets is not None else None
         data["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
         return data
+
+    def shown_fields(self) -> tuple[str, ...]:
+        """The fields that mean something for this plan, as outputs show it: LoRA's only with
+        adapters, AdaLoRA's only with --method adalora (and LoRA's rank and DoRA not then),
+        double quantization only with 4-bit base weights."""
+        hidden = set()
+        if not self.uses_adapters:
+            hidden |= set(LORA_FIELDS)
+        if self.method == "adalora":
+            hidden |= {"rank", "dora"}
+        else:
+            hidden |= set(ADALORA_FIELDS)
+        if self.quant not in ("nf4", "fp4"):
+            hidden.add("double_quant")
+        return tuple(name for name in PLAN_FIELDS if name not in hidden)
+
+    def shown_dict(self, targets: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``to_dict()`` of ``shown_fields``, with ``targets`` (the modules the adapters
+        were resolved to) where the plan left them to peft's default."""
+        data = self.to_dict()
+        if targets and "targets" in data and data["targets"] is None:
+            data["targets"] = list(targets)
+        return {name: data[name] for name in self.shown_fields()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:

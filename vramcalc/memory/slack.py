@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vramcalc.memory.allocator import (
     ALLOC,
@@ -39,6 +39,14 @@ from vramcalc.memory.allocator import (
     AllocatorConfig,
     AllocatorResult,
     simulate,
+)
+from vramcalc.memory.provenance import (
+    ADAPTERS,
+    LOAD_BUFFER,
+    WEIGHTS,
+    live_at_peak,
+    provenance,
+    run_phases,
 )
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.events import StepTrace
@@ -60,10 +68,6 @@ class RunSimulation:
     def slack_bytes(self) -> int:
         """Reserved beyond allocated at the reserved peak (over load and steps)."""
         return self.result.peak_reserved_bytes - self.result.peak_allocated_bytes
-
-
-#: what a loading allocation holds (``load_events``' labels)
-LOAD_BUFFER, WEIGHTS, ADAPTERS = "loading buffer", "weights", "adapters"
 
 
 class _Events:
@@ -180,9 +184,32 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
         yield from part
 
 
+def peak_account(
+    trace: StepTrace, plan: TrainingPlan, config_dict: dict, peak_allocated_bytes: int
+) -> tuple[str, dict[str, int]]:
+    """What is alive at the run's allocated peak, by category, and the phase it falls in
+    (``trace`` labelled: its markers and layer tags tell the phases and what each
+    allocation holds)."""
+    labels: list[str] = []
+    loading = load_events(trace, plan, labels)
+    events = (*loading, *trace.events)
+    phases = run_phases(len(loading), len(events), trace.markers)
+    holds = provenance(events, len(loading), labels, trace.tags, phases, plan,
+                       vocab_size(config_dict), trace.num_layers)  # fmt: skip
+    return live_at_peak(events, _config(plan), holds, phases, peak_allocated_bytes)
+
+
+def vocab_size(config_dict: dict) -> int | None:
+    """The vocabulary of a ``config.json`` (a multimodal one's ``text_config``), if it says."""
+    for config in (config_dict, config_dict.get("text_config") or {}):
+        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
+            return int(config["vocab_size"])
+    return None
+
+
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 9
+SIMULATION_VERSION = 10
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
@@ -196,6 +223,11 @@ class AllocatorSimulation:
     peak_allocated_bytes: int
     peak_reserved_bytes: dict[str, int]  # allocator mode -> bytes
     trace_seconds: float
+    # what is alive at the allocated peak: bytes by category (``memory/provenance.py``),
+    # summing to peak_allocated_bytes, and the phase of the run it falls in ("step 2
+    # backward"); empty where a run was not observed category by category
+    peak_categories: dict[str, int] = field(default_factory=dict)
+    peak_phase: str = ""
 
     def slack_bytes(self, allocator: str) -> int:
         return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes
@@ -293,6 +325,8 @@ def _read_cached(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation |
             int(raw["peak_allocated_bytes"]),
             {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
             float(raw["trace_seconds"]),
+            {k: int(v) for k, v in raw["peak_categories"].items()},
+            str(raw["peak_phase"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -314,7 +348,7 @@ def simulate_plan(
     if known is not None and plan.allocator in known.peak_reserved_bytes:
         return known
     started = time.perf_counter()
-    trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
+    trace = plan_steps(config_dict, plan, SIMULATED_STEPS, labelled=True)
     from vramcalc import progress
 
     progress.note(
@@ -324,8 +358,16 @@ def simulate_plan(
     run = simulate_run(trace, plan, _config(plan))
     reserved = dict(known.peak_reserved_bytes) if known is not None else {}
     reserved[plan.allocator] = run.result.peak_reserved_bytes
+    if known is not None and known.peak_categories:
+        phase, categories = known.peak_phase, known.peak_categories
+    else:
+        phase, categories = peak_account(trace, plan, config_dict, run.result.peak_allocated_bytes)
     result = AllocatorSimulation(
-        run.result.peak_allocated_bytes, reserved, time.perf_counter() - started
+        run.result.peak_allocated_bytes,
+        reserved,
+        time.perf_counter() - started,
+        categories,
+        phase,
     )
     if use_cache:
         path = _cache_path(simulation_key(config_dict, plan))
@@ -338,6 +380,8 @@ def simulate_plan(
                         "peak_allocated_bytes": result.peak_allocated_bytes,
                         "peak_reserved_bytes": result.peak_reserved_bytes,
                         "trace_seconds": result.trace_seconds,
+                        "peak_categories": result.peak_categories,
+                        "peak_phase": result.peak_phase,
                     }
                 )
             )

@@ -39,7 +39,7 @@ CUBLAS_WORKSPACE_BYTES = 32 << 20
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
 
 
-class _Recorder:
+class StepRecorder:
     """A ``TorchDispatchMode`` that turns new storages into ALLOC and their death into FREE."""
 
     def __init__(self, plan: TrainingPlan, attn_shape: tuple[int, int, int, int]) -> None:
@@ -197,7 +197,9 @@ def canonical_frees(
     return tuple(out), tuple(out_tags), position
 
 
-def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+def torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+    """The torch optimizer HF Trainer builds for ``plan.optimizer``, as CUDA runs it (None for
+    the bitsandbytes and Adafactor optimizers): the step and the op traces both run it."""
     import torch
 
     name = plan.optimizer
@@ -210,7 +212,12 @@ def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
         return torch.optim.SGD(params, lr=1e-4, foreach=True)
     if name == "sgd_momentum":
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
-    return _StatesOnly(params, plan)
+    return None
+
+
+def trainer_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+    """The step trace's optimizer: torch's, else the states the rules give (``_StatesOnly``)."""
+    return torch_optimizer(params, plan) or _StatesOnly(params, plan)
 
 
 #: (trainable tensor index, embedding) while a bitsandbytes state is allocated: the recorder
@@ -283,7 +290,20 @@ def decoder_layers(model: Any) -> list[Any]:
     return longest
 
 
-def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
+def claim_nodes(root: Any, stop: Any, layer: int, nodes: dict[Any, int]) -> None:
+    """The autograd nodes a decoder layer's forward made: from its output's node back to its
+    input's (``stop``), each not claimed yet given ``layer`` in ``nodes`` (the step and the op
+    traces tag backward by them)."""
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node is stop or node in nodes:
+            continue
+        nodes[node] = layer
+        todo.extend(fn for fn, _ in node.next_functions)
+
+
+def _tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
     and, for backward, the autograd nodes each layer's forward created (found from its
     output back to its input) in ``nodes``, for prehooks set before backward."""
@@ -292,13 +312,7 @@ def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
     inputs: list[Any] = []
 
     def walk(root: Any, stop: Any, layer: int) -> None:
-        todo = [root]
-        while todo:
-            node = todo.pop()
-            if node is None or node is stop or node in nodes:
-                continue
-            nodes[node] = layer
-            todo.extend(fn for fn, _ in node.next_functions)
+        claim_nodes(root, stop, layer, nodes)
 
     for index, layer in enumerate(decoder_layers(model)):
 
@@ -329,7 +343,7 @@ def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
     return nodes
 
 
-def _hook_backward(loss: Any, nodes: dict[Any, int], recorder: _Recorder) -> None:
+def _hook_backward(loss: Any, nodes: dict[Any, int], recorder: StepRecorder) -> None:
     """Before backward: every node of the graph tells the recorder its layer when it runs."""
     seen: set[Any] = set()
     todo = [loss.grad_fn]
@@ -435,7 +449,7 @@ def _trace(
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
-    recorder = _Recorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    recorder = StepRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
     vocab = int(config.vocab_size)
     layer_of: dict[int, int] = {}
     layers = decoder_layers(model)
@@ -448,7 +462,7 @@ def _trace(
     nodes = _tag_layers(model, recorder)
     allocator = _rank_allocator(model, plan)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
-        optimizer = _optimizer(params, plan)
+        optimizer = trainer_optimizer(params, plan)
         with recorder.mode:
             for step in range(steps):
                 recorder.mark(f"step{step}")

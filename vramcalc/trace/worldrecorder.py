@@ -32,13 +32,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from vramcalc.memory.allocator import EMPTY_CACHE
-from vramcalc.trace.steptrace import _Recorder
+from vramcalc.trace.steptrace import StepRecorder
 from vramcalc.training_plan import TrainingPlan
 
 DEFAULT_STREAM = 0
 
 
-class WorldRecorder(_Recorder):
+class WorldRecorder(StepRecorder):
     """``steptrace``'s recorder with streams, storage resizes and host storages."""
 
     def __init__(self, plan: TrainingPlan, attn_shape: tuple[int, int, int, int]) -> None:

@@ -83,6 +83,11 @@ from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
+from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
+from vramcalc.trace.steptrace import decoder_layers, trainer_optimizer
+from vramcalc.trace.worldload import load_world
+from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
@@ -105,7 +110,7 @@ class WorldTrace:
     cross_stream: frozenset[int] = frozenset()  # handles record_stream'ed on another stream
 
 
-def _world(world_size: int) -> Any:
+def fake_world(world_size: int) -> Any:
     """Join torch's fake process group as rank 0 of ``world_size`` (left as it was after)."""
     import torch.distributed as dist
     import torch.distributed._tools.fake_collectives  # noqa: F401 - collectives' fake kernels
@@ -151,8 +156,7 @@ def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layer
     (``bnb_4bit_quant_storage``), uint8 otherwise."""
     import torch
 
-    from vramcalc.trace.fakemodel import build_model
-    from vramcalc.trace.worldlayers import pack_4bit
+    from vramcalc.trace.worldlayers import pack_4bit  # torch: only when a trace runs
 
     model = build_model(config_dict, plan, num_layers)
     if plan.is_kbit and plan.quant != "int8":
@@ -254,7 +258,7 @@ def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
     views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``)."""
     from transformers import PreTrainedModel
 
-    from vramcalc.trace.ddpreducer import DDPLike
+    from vramcalc.trace.ddpreducer import DDPLike  # torch: only when a trace runs
 
     find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
     return DDPLike(model, find_unused_parameters=find_unused, bucket_cap_mb=BUCKET_CAP_MB)
@@ -262,7 +266,7 @@ def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
 
 # -- the trace ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     import logging
     import warnings
 
@@ -286,16 +290,14 @@ def trace_world(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
-    from vramcalc.trace.fakemodel import to_fake
-    from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
-    from vramcalc.trace.steptrace import _optimizer, decoder_layers
-    from vramcalc.trace.worldload import load_world
-    from vramcalc.trace.worldrecorder import WorldRecorder
+    from vramcalc.trace.emulation import (  # torch: only when a trace runs
+        cuda_functions,
+        gpu_code_paths,
+    )
 
     check_world_plan(plan)
     sharded = plan.strategy in SHARDED
-    with _quiet():
+    with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     named = to_fake(model, mode)
@@ -308,9 +310,9 @@ def trace_world(
     recorder.mark("load")
     load_world(recorder, model, named, plan)
     with (
-        _world(plan.num_gpus),
+        fake_world(plan.num_gpus),
         mode,
-        _quiet(),
+        quiet(),
         gpu_code_paths(),
         cuda_functions(),
         fsdp1_on_fake_device(recorder),
@@ -324,7 +326,7 @@ def trace_world(
             wrapped = wrap_ddp(model, plan)
             wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        optimizer = _optimizer(params, plan)
+        optimizer = trainer_optimizer(params, plan)
         wrapped.zero_grad()
         for step in range(steps):
             recorder.mark(f"step{step}")

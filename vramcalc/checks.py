@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 
-from vramcalc.catalog import Gpu
+from vramcalc.catalog import Gpu, defaulted_sizes, resolve
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import ModelInventory
 from vramcalc.training_plan import ADALORA_FIELDS, TrainingPlan
@@ -26,6 +26,14 @@ def plan_warnings(
     user set explicitly (field names), which tells a default rank from a chosen one;
     ``searched``: the field ``fit`` searches (its value in ``plan`` is only the start)."""
     out = []
+    config_dict = resolve(plan.model).config_dict
+    if defaulted := defaulted_sizes(config_dict):
+        values = ", ".join(f"{name}={value:,}" for name, value in defaulted)
+        out.append(
+            f"--model {plan.model}: its config has no {', '.join(n for n, _ in defaulted)}; "
+            f"transformers' {config_dict['model_type']} defaults fill them in ({values}), so "
+            "this is the plan of that model. Add the model's own values to its config.json."
+        )
     context = inventory.context_length
     if context and plan.seq_len > context and searched != "seq_len":
         out.append(

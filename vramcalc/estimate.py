@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
-from vramcalc.errors import SimulationError, VramcalcError
+from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
 from vramcalc.memory import DTYPE_BYTES, slack
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
@@ -50,7 +50,7 @@ from vramcalc.memory.overhead import (
 )
 from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
-from vramcalc.training_plan import TrainingPlan
+from vramcalc.training_plan import TrainingPlan, bytes_problem
 from vramcalc.versions import version_note
 
 COMPONENTS = (
@@ -71,6 +71,26 @@ COMPONENTS = (
     "nccl",
     "paged_optimizer_states",
 )
+
+#: components only some plans have (0 by construction for the others), and which
+_SETTING_COMPONENTS = {
+    "rank_allocator": lambda plan: plan.method == "adalora",
+    "gathered_weights": lambda plan: plan.num_gpus > 1,
+    "comm_buffers": lambda plan: plan.num_gpus > 1,
+    "nccl": lambda plan: plan.num_gpus > 1,
+    "paged_optimizer_states": lambda plan: plan.optimizer.startswith("paged_"),
+}
+
+
+def plan_components(plan: TrainingPlan) -> tuple[str, ...]:
+    """The components ``plan`` can have, in ``COMPONENTS`` order: AdaLoRA's rank allocator
+    only with --method adalora, sharding's and NCCL's only on several GPUs, paged optimizer
+    states only with a paged optimizer (outputs leave the others out)."""
+    return tuple(
+        name
+        for name in COMPONENTS
+        if name not in _SETTING_COMPONENTS or _SETTING_COMPONENTS[name](plan)
+    )
 
 
 @dataclass(frozen=True)
@@ -131,7 +151,7 @@ class MemoryEstimate:
             "peak_phase": self.peak_phase,
             "simulated_peak_phase": self.simulated_peak_phase,
             "phase_allocated_bytes": dict(self.phase_allocated_bytes),
-            "components": dict(self.components),
+            "components": {name: self.components[name] for name in plan_components(self.plan)},
             "rules_components": dict(self.rules_components),
             "plan": self.plan_dict(),
             "assumptions": list(self.assumptions),
@@ -168,6 +188,9 @@ class Prepared:
                 f"plan {plan.method} r={plan.rank} targets={plan.targets} needs another inventory "
                 f"than the one prepared for {self.spec.name}; call prepare(spec, plan) for it"
             )
+        by_rules = estimate_from_inventory(self.inventory, plan, self.calibration)
+        if too_large := bytes_problem(by_rules.device_total_bytes, _size_flags(plan)):
+            raise InvalidPlanError([too_large])  # before a simulation of it is tried
         return estimate_from_inventory(
             self.inventory,
             plan,
@@ -206,6 +229,14 @@ class Prepared:
 
 
 ALLOCATOR_MODELS = ("simulate", "approximate")
+
+
+def _size_flags(plan: TrainingPlan) -> str:
+    """The options that make a plan's bytes grow, as given: for an error about its size."""
+    rank = f"--init-rank {plan.init_rank}" if plan.method == "adalora" else f"--rank {plan.rank}"
+    return f"--seq-len {plan.seq_len}, --batch-size {plan.batch_size}" + (
+        f" and {rank}" if plan.uses_adapters else ""
+    )
 
 
 def default_allocator_model() -> str:

@@ -17,6 +17,7 @@ as the common QLoRA recipes) and off otherwise, unless asked.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
@@ -54,6 +55,36 @@ ADALORA_FIELDS = (
     "total_step",
     "orth_reg_weight",
 )
+#: past any physical meaning: a count beyond int64 (what torch and numpy count sizes in), and
+#: a plan needing more than 1 PiB per GPU (over 5,000 times the largest GPU's memory)
+MAX_COUNT = 2**63 - 1
+MAX_DEVICE_BYTES = 2**50
+
+
+def count_problem(flag: str, number: object) -> str | None:
+    """Why ``number`` (of ``flag``) is past any physical meaning, or None."""
+    if isinstance(number, int) and not isinstance(number, bool) and number > MAX_COUNT:
+        return (
+            f"{flag} {number} is past any physical meaning: more than int64 counts ({MAX_COUNT:,})."
+        )
+    return None
+
+
+def bytes_problem(device_total_bytes: int, flags: str) -> str | None:
+    """Why a plan that needs ``device_total_bytes`` per GPU is past any physical meaning (it
+    names ``flags``, the options that made it so large), or None."""
+    if device_total_bytes <= MAX_DEVICE_BYTES:
+        return None
+    units = [(2**70, "ZiB"), (2**60, "EiB"), (2**50, "PiB")]
+    size = next(
+        f"{device_total_bytes / u:,.1f} {name}" for u, name in units if device_total_bytes >= u
+    )
+    return (
+        f"the plan needs {size} per GPU, past any physical meaning (more than 1 PiB, over "
+        f"5,000 times the largest GPU's memory); check {flags}."
+    )
+
+
 # the fields only adapter methods read (AdaLoRA: all but rank and dora)
 LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "dora", "modules_to_save")
 
@@ -176,7 +207,20 @@ class TrainingPlan:
         for flag, number in numbers:
             if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
                 problems.append(f"{flag} must be a positive integer, got {number!r}.")
-        if self.alpha is not None and not self.alpha > 0:
+            elif too_large := count_problem(flag, number):
+                problems.append(too_large)
+        # the product only where each count is sane (a flag over int64 is reported alone)
+        counted = all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_COUNT
+            for _, n in numbers
+        )
+        tokens = self.seq_len * self.batch_size * self.grad_accum * self.num_gpus if counted else 0
+        if tokens > MAX_COUNT:
+            problems.append(
+                f"--seq-len x --batch-size x --grad-accum x --num-gpus = {tokens:,} tokens per "
+                "optimizer step, past any physical meaning: more than int64 counts."
+            )
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
             problems.append(f"--alpha must be positive, got {self.alpha!r}.")
         elif self.alpha is None and isinstance(self.rank, int):
             object.__setattr__(self, "alpha", float(self.rank))  # PEFT scaling alpha/r = 1
@@ -224,6 +268,8 @@ class TrainingPlan:
             if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
                 kind = "a positive integer" if minimum else "an integer >= 0"
                 problems.append(f"{flag} must be {kind}, got {number!r}.")
+            elif too_large := count_problem(flag, number):
+                problems.append(too_large)
         if problems:
             return problems
         if self.target_rank > self.init_rank:
@@ -236,7 +282,7 @@ class TrainingPlan:
                 f"--tinit {self.tinit} + --tfinal {self.tfinal} must be below --total-step "
                 f"{self.total_step}: the schedule leaves no budgeting phase (peft AdaLoraConfig)."
             )
-        if not self.orth_reg_weight >= 0:
+        if not 0 <= self.orth_reg_weight < math.inf:
             problems.append(f"--orth-reg-weight must be >= 0, got {self.orth_reg_weight!r}.")
         if self.rank != 8:
             problems.append(

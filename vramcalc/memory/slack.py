@@ -214,6 +214,18 @@ SIMULATION_VERSION = 10
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
 ALLOCATOR_MODES = ("default", "expandable")
+#: micro-batches of a step simulated: the later ones allocate and free as these do, and the
+#: allocator's state repeats with them (the peaks of 2 to 40 micro-batches are equal, byte
+#: for byte): a plan of more is simulated with this many (its run would be as long)
+MAX_SIMULATED_MICRO_BATCHES = 8
+
+
+def simulated_plan(plan: TrainingPlan) -> TrainingPlan:
+    """The plan whose run is simulated for ``plan``: at most ``MAX_SIMULATED_MICRO_BATCHES``
+    micro-batches per step."""
+    if plan.grad_accum <= MAX_SIMULATED_MICRO_BATCHES:
+        return plan
+    return plan.with_(grad_accum=MAX_SIMULATED_MICRO_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,7 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
     # a shallow copy (plan.to_dict deep-copies: a third of a cached sweep row); tuples
     # serialize as the lists to_dict makes of them, so the key is the same
     skip = ("num_gpus", "strategy", "cpu_offload", "allocator")
+    plan = simulated_plan(plan)
     fields = {f.name: getattr(plan, f.name) for f in dataclass_fields(plan) if f.name not in skip}
     dumps = functools.partial(json.dumps, sort_keys=True, default=str)
     payload = (
@@ -347,6 +360,7 @@ def simulate_plan(
     known = _read_cached(config_dict, plan) if use_cache else None
     if known is not None and plan.allocator in known.peak_reserved_bytes:
         return known
+    plan = simulated_plan(plan)
     started = time.perf_counter()
     trace = plan_steps(config_dict, plan, SIMULATED_STEPS, labelled=True)
     from vramcalc import progress

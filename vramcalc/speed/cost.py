@@ -31,7 +31,7 @@ from vramcalc.speed.throughput import (
     Work,
     estimate_throughput,
 )
-from vramcalc.training_plan import TrainingPlan
+from vramcalc.training_plan import MAX_COUNT, TrainingPlan, count_problem
 
 #: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``): the
 #: speed ones (``SPEED_PREFIXES``), then the run's.
@@ -83,6 +83,14 @@ class RunLength:
                 )
         if self.steps is not None and not _is_positive_int(self.steps):
             problems.append(f"--steps must be a positive whole number, got {self.steps!r}.")
+        for flag, count in (("--dataset-tokens", self.dataset_tokens), ("--steps", self.steps)):
+            if too_large := count_problem(flag, count):
+                problems.append(too_large)
+        if not problems and (self.dataset_tokens or 0) * (self.epochs or 1.0) > MAX_COUNT:
+            problems.append(
+                f"--dataset-tokens x --epochs = {self.dataset_tokens * (self.epochs or 1.0):.3g} "
+                "tokens, past any physical meaning: more than int64 counts."
+            )
         if problems:
             raise InvalidPlanError(problems)
 

@@ -32,6 +32,7 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
 from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
+from vramcalc.limits import bytes_problem
 from vramcalc.memory import DTYPE_BYTES, slack
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
@@ -50,7 +51,7 @@ from vramcalc.memory.overhead import (
 )
 from vramcalc.memory.slack import AllocatorSimulation
 from vramcalc.memory.weights import WeightsEstimate, estimate_weights
-from vramcalc.training_plan import TrainingPlan, bytes_problem
+from vramcalc.training_plan import TrainingPlan
 from vramcalc.versions import version_note
 
 COMPONENTS = (

@@ -23,6 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
+from vramcalc.limits import MAX_COUNT, count_problem
 
 METHODS = ("full", "lora", "qlora", "adalora")
 ADAPTER_METHODS = ("lora", "qlora", "adalora")
@@ -55,36 +56,6 @@ ADALORA_FIELDS = (
     "total_step",
     "orth_reg_weight",
 )
-#: past any physical meaning: a count beyond int64 (what torch and numpy count sizes in), and
-#: a plan needing more than 1 PiB per GPU (over 5,000 times the largest GPU's memory)
-MAX_COUNT = 2**63 - 1
-MAX_DEVICE_BYTES = 2**50
-
-
-def count_problem(flag: str, number: object) -> str | None:
-    """Why ``number`` (of ``flag``) is past any physical meaning, or None."""
-    if isinstance(number, int) and not isinstance(number, bool) and number > MAX_COUNT:
-        return (
-            f"{flag} {number} is past any physical meaning: more than int64 counts ({MAX_COUNT:,})."
-        )
-    return None
-
-
-def bytes_problem(device_total_bytes: int, flags: str) -> str | None:
-    """Why a plan that needs ``device_total_bytes`` per GPU is past any physical meaning (it
-    names ``flags``, the options that made it so large), or None."""
-    if device_total_bytes <= MAX_DEVICE_BYTES:
-        return None
-    units = [(2**70, "ZiB"), (2**60, "EiB"), (2**50, "PiB")]
-    size = next(
-        f"{device_total_bytes / u:,.1f} {name}" for u, name in units if device_total_bytes >= u
-    )
-    return (
-        f"the plan needs {size} per GPU, past any physical meaning (more than 1 PiB, over "
-        f"5,000 times the largest GPU's memory); check {flags}."
-    )
-
-
 # the fields only adapter methods read (AdaLoRA: all but rank and dora)
 LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "dora", "modules_to_save")
 

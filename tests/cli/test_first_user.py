@@ -153,6 +153,45 @@ def test_no_catalog_model_has_defaulted_sizes():
     }
 
 
+# -- 2. one headroom, one parser ---------------------------------------------------------------
+HEADROOM_COMMANDS = {
+    "plan": ["plan"],
+    "fit": ["fit", "--gpu", "L4"],
+    "advise": ["advise", "--gpu", "L4"],
+    "serve": ["serve"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HEADROOM_COMMANDS))
+def test_every_command_has_one_headroom_and_one_parser(tiny_llama_dir, command):
+    base = [*HEADROOM_COMMANDS[command], "--model", str(tiny_llama_dir)]
+    base += ["--seq-len", "256"] if command != "serve" else []
+
+    def headroom(*flags: str):
+        result = _invoke(*base, *flags, "--json")
+        return result.exit_code, (
+            json.loads(result.stdout)["headroom"] if not result.exit_code else result.output
+        )
+
+    assert headroom() == headroom("--headroom", "5%") == headroom("--headroom", "0.05") == (0, 0.05)
+    assert headroom("--headroom", "150%") == (
+        1,
+        "Error: --headroom must be a fraction in [0, 1) or a percentage such as 5%, got '150%'.\n",
+    )
+    assert headroom("--headroom", "5") == (
+        1,
+        "Error: --headroom must be a fraction in [0, 1) or a percentage such as 5%, got '5' "
+        "(did you mean 5%?).\n",
+    )
+
+
+def test_a_small_margin_is_in_mib_never_minus_zero():
+    from vramcalc.render.tables import margin
+
+    assert margin(-1.4 * 2**20) == "-1 MiB" and margin(-0.3 * 2**20) == "0 MiB"
+    assert margin(1.4 * 2**20) == "1 MiB" and margin(0.2 * 2**30) == "0.20 GiB"
+
+
 # -- 3. components a reader can trust ----------------------------------------------------------
 def test_no_trace_difference_row_anywhere(tiny_llama_dir, tmp_path):
     text = _invoke("plan", "--model", str(tiny_llama_dir), "--seq-len", "256", "-v").output
@@ -168,8 +207,12 @@ def test_no_trace_difference_row_anywhere(tiny_llama_dir, tmp_path):
     assert not [c for c in next(csv.reader(out.open())) if "trace_difference" in c]
 
 
-def test_momentary_components_are_explained_where_they_appear(tiny_llama_dir):
-    text = _invoke("plan", "--model", str(tiny_llama_dir), "--seq-len", "256").output
+@pytest.mark.parametrize("batch", ["1", "8"])
+def test_momentary_components_are_explained_where_they_appear(tiny_llama_dir, batch):
+    model = ["--model", str(tiny_llama_dir), "--seq-len", "256", "--batch-size", batch]
+    text = _invoke("plan", *model).output
+    rows = [line.split("  ")[0] for line in text.splitlines()]
+    assert "logits + loss" in rows and "step temporaries" in rows  # at any batch, 0 or not
     assert "logits + loss (the head's output, the loss, their gradients) live from the head" in text
     assert "step temporaries (a layer's intermediate results" in text
 

@@ -54,7 +54,7 @@ def report(
             allocator_model=allocator_model,
             progress=bar.update,
         )
-    write_report(result.report, list(result.gate.target_problems), out_dir)
+    write_report(result.report, list(result.gate.target_problems), out_dir, result.inputs)
     rows = result.report.rows
     click.echo(
         f"{len(rows)} measurements from {len(result.report.sources)} files; "

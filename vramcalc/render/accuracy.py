@@ -120,8 +120,11 @@ def render_markdown(report: Report, problems: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Path]:
-    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures) and accuracy.png."""
+def write_report(
+    report: Report, problems: list[str], out_dir: Path, inputs: dict | None = None
+) -> list[Path]:
+    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures and, given, the
+    ``inputs`` it was computed from: ``freshness.report_inputs``) and accuracy.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     figures = out_dir / FIGURES_FILE
@@ -133,6 +136,8 @@ def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Pat
         "figures": summary_figures(report),
         "target_problems": problems,
     }
+    if inputs is not None:
+        summary["inputs"] = inputs
     figures.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     written.append(figures)
     md = out_dir / "accuracy.md"

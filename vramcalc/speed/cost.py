@@ -24,6 +24,7 @@ from typing import Any
 
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
+from vramcalc.limits import MAX_COUNT, count_problem
 from vramcalc.speed.throughput import (
     PlanSpeed,
     ThroughputCalibration,
@@ -31,7 +32,7 @@ from vramcalc.speed.throughput import (
     Work,
     estimate_throughput,
 )
-from vramcalc.training_plan import MAX_COUNT, TrainingPlan, count_problem
+from vramcalc.training_plan import TrainingPlan
 
 #: Per-GPU sweep columns, each followed by ``_<GPU name>`` (see ``CostTable.columns``): the
 #: speed ones (``SPEED_PREFIXES``), then the run's.

@@ -315,3 +315,31 @@ def test_plan_prints_library_chatter_only_with_verbose(
 
 
 # -- 6. the reports are what the code writes ----------------------------------------------------
+
+
+# -- a step of many micro-batches is simulated as one of MAX_SIMULATED_MICRO_BATCHES ------------
+def test_many_micro_batches_share_the_simulation_of_the_cap(tiny_llama_dir):
+    from vramcalc.memory import slack
+    from vramcalc.training_plan import TrainingPlan
+
+    plan = TrainingPlan(model=str(tiny_llama_dir), method="lora", grad_accum=10**9)
+    capped = plan.with_(grad_accum=slack.MAX_SIMULATED_MICRO_BATCHES)
+    assert slack.simulated_plan(plan) == capped
+    assert slack.simulation_key(TINY_LLAMA, plan) == slack.simulation_key(TINY_LLAMA, capped)
+    assert slack.simulated_plan(plan.with_(grad_accum=3)).grad_accum == 3
+
+
+@pytest.mark.slow
+def test_the_peak_of_more_micro_batches_than_the_cap_is_the_caps(tiny_llama_dir, monkeypatch):
+    """What the cap rests on: 12 micro-batches simulated in full peak as 8 do, byte for byte."""
+    from vramcalc.memory import slack
+    from vramcalc.training_plan import TrainingPlan
+
+    monkeypatch.setattr(slack, "MAX_SIMULATED_MICRO_BATCHES", 100)
+    plan = TrainingPlan(model=str(tiny_llama_dir), method="lora", seq_len=64, batch_size=2)
+    peaks = {
+        n: slack.simulate_plan(TINY_LLAMA, plan.with_(grad_accum=n), use_cache=False)
+        for n in (8, 12)
+    }
+    assert peaks[8].peak_allocated_bytes == peaks[12].peak_allocated_bytes
+    assert peaks[8].peak_reserved_bytes == peaks[12].peak_reserved_bytes

@@ -120,7 +120,7 @@ NOTHING_FITS = 3
     help="With one --gpu: find the largest batch (at --context) or context (at --batch and --new-tokens) that fits.",
 )
 @headroom_option
-@json_option("Print one JSON object (schema in README).")
+@json_option("Print one JSON object (schema in docs/json-schema.md).")
 def serve(
     model, num_adapters, rank, alpha, targets, adapter_dir, context, prompt_tokens, new_tokens,
     gpus, fit_target, headroom, as_json, **options,

@@ -60,7 +60,9 @@ class _Group(click.Group):
 
         line = status_line()
         # third-party logging and warnings off the terminal unless the command asks --verbose
-        quiet = not asks_verbose([*ctx._protected_args[1:], *ctx.args])
+        # (the command line after the command's name: click 8.2+ keeps it in _protected_args)
+        protected = getattr(ctx, "_protected_args", None) or ctx.protected_args
+        quiet = not asks_verbose([*protected[1:], *ctx.args])
         try:
             with reporting(line), libraries_quiet(quiet):
                 return super().invoke(ctx)

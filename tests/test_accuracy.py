@@ -99,9 +99,10 @@ def test_report_command_writes_files_and_gates_on_regressions(tmp_path, tiny_lla
         "accuracy.png",
     }
     assert "validation · default allocator" in (out / "accuracy.md").read_text()
-    assert "  device_total_bytes median_abs_error: 0.00 % (target 2.0 %, met, -2.00 pp)" in (
-        result.output
-    )
+    assert (
+        "  device_total_bytes median_abs_error (validation split, 1 case, default allocator): "
+        "0.00 % (target 2.0 %, met, -2.00 pp)" in result.output
+    )  # each figure names the subset it is over
     # the same data again: no figure worse than the committed one
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0 and "gate: PASS" in result.output

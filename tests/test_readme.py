@@ -1,5 +1,7 @@
-"""The README matches the code: every key ``plan --json`` emits is documented, the layout
-lists every module, the set-up commands are the ones CI runs, no internal machine details."""
+"""The README (and the reference in ``docs/`` it links) matches the code: every key
+``plan --json`` emits is documented, the layout lists every module, the set-up commands are
+the ones CI runs, the first screen says what the tool answers, how to install it and three
+examples, no internal machine details."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from click.testing import CliRunner
 from vramcalc.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+FIRST_SCREEN = (ROOT / "README.md").read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+#: the documentation as a whole: the README, then each reference page of docs/
+README = "\n".join([FIRST_SCREEN, *(path.read_text() for path in DOCS)])
 
 
 def _section(title: str) -> str:
@@ -89,11 +94,43 @@ def test_the_layout_draws_the_package_tree():
     assert "memory/memtrace.py" in blocks["tests"]
 
 
-def test_setup_commands_and_ci():
+def test_the_first_screen_answers_what_how_to_install_and_three_examples():
+    screen = FIRST_SCREEN.split("\n## Usage")[0].split("A sample run")[0]
+    assert len(screen.splitlines()) <= 45
     assert (
-        'pip install torch==2.13.0 && pip install -e ".[export]" && vramcalc plan --model '
-        "meta-llama/Llama-2-13b --method qlora --rank 16" in README
+        "Will this fine-tuning run fit my GPU, how fast will it go, and what will it cost?"
+        in screen
     )
+    install = re.search(r"## Install \(CPU only\)\n\n```bash\n(.*?)```", screen, re.S)
+    assert install and install.group(1).splitlines()[0] == (
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    )
+    examples = re.search(r"## Three examples\n\n```bash\n(.*?)```", screen, re.S)
+    assert examples
+    commands = [line for line in examples.group(1).splitlines() if line.startswith("vramcalc ")]
+    assert len(commands) == 3
+    for link in re.findall(r"\]\((docs/[a-z-]+\.md)\)", screen):
+        assert (ROOT / link).is_file(), link
+    assert {f"docs/{p.name}" for p in DOCS} <= set(re.findall(r"\]\((docs/[a-z-]+\.md)\)", screen))
+    assert len(FIRST_SCREEN.splitlines()) < 450  # the reference lives in docs/
+
+
+def test_the_first_screen_examples_run():
+    plan, fit, _ = [
+        line
+        for line in FIRST_SCREEN.split("## Three examples")[1].split("```")[1].splitlines()
+        if line.startswith("vramcalc ")
+    ]
+    result = CliRunner().invoke(cli, [*plan.split()[1:], "--json"])
+    assert result.exit_code == 0, result.output
+    assert [g["fits"] for g in json.loads(result.stdout)["gpus"]] == [True]
+    command, _, comment = fit.partition("#")
+    result = CliRunner().invoke(cli, [*command.split()[1:], "--json"])
+    assert result.exit_code == 0, result.output
+    assert comment.strip() == f"largest batch: {json.loads(result.stdout)['value']:,}"
+
+
+def test_setup_commands_and_ci():
     test_command = 'pip install torch==2.13.0 && pip install -e ".[test]" -c constraints.txt && python -m pytest'
     assert test_command in README
     ci = (ROOT / ".ci" / "run").read_text().splitlines()

@@ -204,8 +204,25 @@ def check_regressions(
     return problems
 
 
+def subset_name(figures: dict[str, float], metric: str, split: str = "validation") -> str:
+    """The cases a ``split/metric/...`` figure is over, in words: "validation split, 35 cases,
+    default and expandable allocators" (the figures pool every allocator mode measured)."""
+    n = figures.get(f"{split}/{metric}/n")
+    modes = sorted(
+        {key[len(split) + 1 : key.index("]")] for key in figures if key.startswith(f"{split}[")}
+    )
+    allocators = (
+        f", {' and '.join(modes)} allocator{'s' if len(modes) > 1 else ''}"
+        if modes and metric != "tokens_per_second"
+        else ""
+    )
+    cases = f", {n:g} case{'' if n == 1 else 's'}" if n is not None else ""
+    return f"{split} split{cases}{allocators}"
+
+
 def target_distances(figures: dict[str, float], targets: Targets | None = None) -> list[str]:
-    """How far each validation figure stands from its target, one line each."""
+    """How far each validation figure stands from its target, one line each, naming the
+    subset it is over (``subset_name``)."""
     targets = targets or Targets()
     out = []
     for metric, _ in targets.by_metric:
@@ -215,16 +232,17 @@ def target_distances(figures: dict[str, float], targets: Targets | None = None) 
                 continue
             verdict = "met" if value <= limit else "NOT met"
             out.append(
-                f"{metric} {stat}: {100 * value:.2f} % (target {100 * limit:.1f} %, {verdict}, "
-                f"{100 * (value - limit):+.2f} pp)"
+                f"{metric} {stat} ({subset_name(figures, metric)}): {100 * value:.2f} % "
+                f"(target {100 * limit:.1f} %, {verdict}, {100 * (value - limit):+.2f} pp)"
             )
     value = figures.get("validation/tokens_per_second/median_abs_error")
     if value is not None:
         limit = targets.tokens_per_second_median_abs_error
         verdict = "met" if value <= limit else "NOT met"
         out.append(
-            f"tokens_per_second median_abs_error: {100 * value:.2f} % (target "
-            f"{100 * limit:.0f} %, {verdict}, {100 * (value - limit):+.2f} pp)"
+            f"tokens_per_second median_abs_error ({subset_name(figures, 'tokens_per_second')}): "
+            f"{100 * value:.2f} % (target {100 * limit:.0f} %, {verdict}, "
+            f"{100 * (value - limit):+.2f} pp)"
         )
     return out
 
@@ -311,6 +329,7 @@ class GatedReport:
     report: Report
     figures: dict[str, float]
     gate: Gate
+    inputs: dict[str, Any] | None = None  # freshness.report_inputs: what it was computed from
 
 
 def gated_report(

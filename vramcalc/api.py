@@ -16,6 +16,7 @@ plan fields, or a ``FilePlan`` read from a training config (``read_config``)::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from vramcalc.checking import CheckResult, check_plans, read_baseline
 from vramcalc.configs import FilePlan, read_plan_file
 from vramcalc.errors import CatalogError
 from vramcalc.fitting import FitResult, fit_plan
+from vramcalc.freshness import REPORTS_DIR, report_inputs, stale_report_problems
 from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.planner import PlanResult, choose_gpus, plan_result
 from vramcalc.serve_plan import ServePlan, serve_plan
@@ -259,9 +261,19 @@ def report(
     """``vramcalc report``: every GPU measurement of ``measurements`` (default
     ``data/measurements/``) joined with its estimate, the summary figures, and the gate
     against the ``accuracy.json`` in ``baseline`` (a report folder; None: no comparison)."""
-    records, sources = load_measurements(Path(measurements or MEASUREMENTS_DIR))
+    directory = Path(measurements or MEASUREMENTS_DIR)
+    records, sources = load_measurements(directory)
     committed = committed_figures(Path(baseline)) if baseline is not None else None
-    return gated_report(records, sources, committed, allocator_model, progress)
+    result = gated_report(records, sources, committed, allocator_model, progress)
+    return dataclasses.replace(result, inputs=report_inputs(directory))
+
+
+def stale_reports(
+    reports: str | Path = REPORTS_DIR, measurements: str | Path | None = None
+) -> list[str]:
+    """How the accuracy report in ``reports`` differs from what ``report`` writes on today's
+    code and data (an older estimator, other data, other columns), one sentence each."""
+    return stale_report_problems(Path(reports), Path(measurements or MEASUREMENTS_DIR))
 
 
 def speed_report(

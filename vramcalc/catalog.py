@@ -31,6 +31,7 @@ from vramcalc.errors import (
     UnknownGpuError,
     UnknownModelError,
 )
+from vramcalc.textfiles import TextFileError, read_text
 from vramcalc.training_plan import suggest
 
 DATA_DIR = Path(
@@ -108,10 +109,12 @@ def _catalog_lookup() -> dict[str, CatalogModel]:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except FileNotFoundError as err:
         raise ConfigError(f"--model: config file {path} does not exist") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except TextFileError as err:
+        raise ConfigError(f"--model: {path} is {err}") from None
+    except json.JSONDecodeError as err:
         raise ConfigError(f"--model: {path} is not valid JSON ({err})") from err
     if not isinstance(data, dict) or "model_type" not in data:
         raise ConfigError(f"--model: {path} is not a transformers config (no 'model_type' field)")
@@ -207,6 +210,36 @@ def causal_lm_config(data: dict[str, Any], where: str = "config") -> Any:
     if problems:
         raise ConfigError(f"--model {where}: " + "; ".join(problems) + ".")
     return config
+
+
+def defaulted_sizes(config_dict: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The ``SIZE_FIELDS`` a ``config.json`` leaves out that transformers' config class fills
+    from its own defaults, each with the default (``(("num_hidden_layers", 32), ...)``).
+
+    A size the class derives from others (falcon's ``ffn_hidden_size``, gpt2's ``n_inner``:
+    defaults of None) is not a default; nor is one under another name the class accepts, or
+    in a ``text_config``."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config_class = CONFIG_MAPPING[config_dict.get("model_type")]
+    except KeyError:
+        return ()
+    parameters = inspect.signature(config_class.__init__).parameters
+    text_config = config_dict.get("text_config")
+    given = set(config_dict) | (set(text_config) if isinstance(text_config, dict) else set())
+    out = []
+    for _, names in SIZE_FIELDS:
+        if given & set(names):
+            continue
+        for name in names:
+            default = parameters[name].default if name in parameters else None
+            if isinstance(default, int) and not isinstance(default, bool):
+                out.append((name, default))
+                break
+    return tuple(out)
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 
-from vramcalc.catalog import Gpu
+from vramcalc.catalog import Gpu, defaulted_sizes, resolve
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import ModelInventory
 from vramcalc.training_plan import ADALORA_FIELDS, TrainingPlan
@@ -26,6 +26,18 @@ def plan_warnings(
     user set explicitly (field names), which tells a default rank from a chosen one;
     ``searched``: the field ``fit`` searches (its value in ``plan`` is only the start)."""
     out = []
+    spec = resolve(plan.model)
+    config_dict = spec.config_dict
+    # catalog configs are published ones, none with a size left to defaults
+    # (tests/cli/test_first_user.py): only a local or hub config is checked, which keeps a
+    # warm catalog plan from importing transformers
+    if spec.source != "catalog" and (defaulted := defaulted_sizes(config_dict)):
+        values = ", ".join(f"{name}={value:,}" for name, value in defaulted)
+        out.append(
+            f"--model {plan.model}: its config has no {', '.join(n for n, _ in defaulted)}; "
+            f"transformers' {config_dict['model_type']} defaults fill them in ({values}), so "
+            "this is the plan of that model. Add the model's own values to its config.json."
+        )
     context = inventory.context_length
     if context and plan.seq_len > context and searched != "seq_len":
         out.append(

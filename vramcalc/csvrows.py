@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vramcalc.textfiles import read_text
+
 
 def column_name(header: str) -> str:
     """``--Seq-Len`` → ``seq_len``."""
@@ -38,8 +40,8 @@ class CsvTable:
 
 
 def read_csv(path: str | Path) -> CsvTable:
-    """The table of ``path``; ``OSError`` / ``UnicodeDecodeError`` when it cannot be read."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    """The table of ``path``; ``OSError`` / ``TextFileError`` when it cannot be read."""
+    text = read_text(path)
     try:
         dialect: Any = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
     except csv.Error:

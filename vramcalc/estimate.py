@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
-from vramcalc.errors import SimulationError, VramcalcError
+from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
+from vramcalc.limits import bytes_problem
 from vramcalc.memory import DTYPE_BYTES, slack
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
+from vramcalc.memory.attribution import ALLOCATED, attribute
 from vramcalc.memory.distributed import effective_plan, shard_static
 from vramcalc.memory.gradients import gradient_bytes, trainable_dtype
 from vramcalc.memory.layers import NO_SDPA
@@ -64,13 +66,32 @@ COMPONENTS = (
     "gathered_weights",
     "comm_buffers",
     "cublas_workspace",
-    "trace_difference",
     "allocator_reserve",
     "cuda_context",
     "driver_reserved",
     "nccl",
     "paged_optimizer_states",
 )
+
+#: components only some plans have (0 by construction for the others), and which
+_SETTING_COMPONENTS = {
+    "rank_allocator": lambda plan: plan.method == "adalora",
+    "gathered_weights": lambda plan: plan.num_gpus > 1,
+    "comm_buffers": lambda plan: plan.num_gpus > 1,
+    "nccl": lambda plan: plan.num_gpus > 1,
+    "paged_optimizer_states": lambda plan: plan.optimizer.startswith("paged_"),
+}
+
+
+def plan_components(plan: TrainingPlan) -> tuple[str, ...]:
+    """The components ``plan`` can have, in ``COMPONENTS`` order: AdaLoRA's rank allocator
+    only with --method adalora, sharding's and NCCL's only on several GPUs, paged optimizer
+    states only with a paged optimizer (outputs leave the others out)."""
+    return tuple(
+        name
+        for name in COMPONENTS
+        if name not in _SETTING_COMPONENTS or _SETTING_COMPONENTS[name](plan)
+    )
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,12 @@ class MemoryEstimate:
     # caching-allocator model) or "approximate" (a calibrated fraction: --allocator-model
     # approximate, or a multi-GPU plan, which is not simulated yet)
     allocator_model: str = "simulated"
+    # the allocated components as the per-component rules count them at peak_phase (the
+    # comparison plan --verbose shows); ``components`` are the simulated run's bytes
+    rules_components: dict[str, int] = field(default_factory=dict)
+    # where the simulated run's peak falls ("step 2 backward"); None when not simulated
+    simulated_peak_phase: str | None = None
+    lora_targets: tuple[str, ...] = ()  # the modules the adapters wrap, resolved
 
     @property
     def num_gpus(self) -> int:
@@ -103,6 +130,11 @@ class MemoryEstimate:
     def total_device_bytes_all_gpus(self) -> int:
         """Device memory summed over every GPU of the plan."""
         return self.device_total_bytes * self.plan.num_gpus
+
+    def plan_dict(self) -> dict[str, Any]:
+        """The plan as outputs show it: the fields that mean something for its method, the
+        adapters' targets resolved (``TrainingPlan.shown_dict``)."""
+        return self.plan.shown_dict(self.lora_targets)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; field names match the harness's measurement records."""
@@ -118,9 +150,11 @@ class MemoryEstimate:
             "total_params": self.total_params,
             "allocator_model": self.allocator_model,
             "peak_phase": self.peak_phase,
+            "simulated_peak_phase": self.simulated_peak_phase,
             "phase_allocated_bytes": dict(self.phase_allocated_bytes),
-            "components": dict(self.components),
-            "plan": self.plan.to_dict(),
+            "components": {name: self.components[name] for name in plan_components(self.plan)},
+            "rules_components": dict(self.rules_components),
+            "plan": self.plan_dict(),
             "assumptions": list(self.assumptions),
             "rules": dict(self.rules),
         }
@@ -155,6 +189,9 @@ class Prepared:
                 f"plan {plan.method} r={plan.rank} targets={plan.targets} needs another inventory "
                 f"than the one prepared for {self.spec.name}; call prepare(spec, plan) for it"
             )
+        by_rules = estimate_from_inventory(self.inventory, plan, self.calibration)
+        if too_large := bytes_problem(by_rules.device_total_bytes, _size_flags(plan)):
+            raise InvalidPlanError([too_large])  # before a simulation of it is tried
         return estimate_from_inventory(
             self.inventory,
             plan,
@@ -193,6 +230,14 @@ class Prepared:
 
 
 ALLOCATOR_MODELS = ("simulate", "approximate")
+
+
+def _size_flags(plan: TrainingPlan) -> str:
+    """The options that make a plan's bytes grow, as given: for an error about its size."""
+    rank = f"--init-rank {plan.init_rank}" if plan.method == "adalora" else f"--rank {plan.rank}"
+    return f"--seq-len {plan.seq_len}, --batch-size {plan.batch_size}" + (
+        f" and {rank}" if plan.uses_adapters else ""
+    )
 
 
 def default_allocator_model() -> str:
@@ -254,10 +299,10 @@ def estimate_from_inventory(
     the result. Commands go through ``prepare``, which supplies all three arguments.
 
     ``simulation``: the plan's run replayed through the caching-allocator model
-    (``memory/slack.py``). Its peaks are the estimate's peak allocated and reserved bytes;
-    the per-component breakdown still comes from the rules, ``trace_difference`` holding
-    what the traced step allocates at its peak beyond them (negative: the rules count
-    more). Without it (multi-GPU plans, large sweeps) the slack is the calibrated fraction.
+    (``memory/slack.py``). Its peaks are the estimate's peak allocated and reserved bytes,
+    and what is alive at its peak is the breakdown (``memory/attribution.py``: the rules'
+    own count at their peak phase is ``rules_components``). Without it (multi-GPU plans,
+    large sweeps) the slack is the calibrated fraction and the breakdown the rules'.
     """
     static_plan = effective_plan(plan)  # FSDP full fine-tuning: fp32 master shards
     weights: WeightsEstimate = estimate_weights(inventory, static_plan)
@@ -364,7 +409,7 @@ def estimate_from_inventory(
     device_total = (
         peak_reserved + runtime + calibration.driver_reserved_bytes + sharded.nccl_bytes + paged
     )
-    components = {
+    by_rules = {
         "weights": sharded.weights_bytes,
         "adapters": adapters,
         "optimizer_states": sharded.optimizer_state_bytes,
@@ -373,7 +418,11 @@ def estimate_from_inventory(
         "gathered_weights": sharded.gathered_weights_bytes,
         "comm_buffers": sharded.comm_buffer_bytes,
         "cublas_workspace": calibration.cublas_workspace_bytes,
-        "trace_difference": peak_allocated - rules_allocated,
+    }
+    by_rules = {name: int(by_rules[name]) for name in ALLOCATED}
+    categories = simulation.peak_categories.get(plan.allocator, {}) if simulation is not None else {}
+    components = {
+        **attribute(by_rules, int(peak_allocated), categories),
         "allocator_reserve": reserve,
         "cuda_context": runtime,
         "driver_reserved": calibration.driver_reserved_bytes,
@@ -397,6 +446,9 @@ def estimate_from_inventory(
         + (() if activations.exact else (f"APPROXIMATE activations: {activations.rule}",))
         + (_slack_assumption(plan, simulation),),
         allocator_model="simulated" if simulation is not None else "approximate",
+        rules_components=by_rules,
+        lora_targets=tuple(inventory.lora_targets) if plan.uses_adapters else (),
+        simulated_peak_phase=simulation.peak_phase.get(plan.allocator) if simulation is not None else None,
         rules={
             "weights": weights.rule,
             "optimizer_states": optimizer.rule,

@@ -95,7 +95,7 @@ class FitResult:
             "headroom": self.headroom,
             "budget_bytes": self.budget_bytes,
             "model": shown.estimate.model_name if shown else None,
-            "plan": shown.estimate.plan.to_dict() if shown else None,
+            "plan": shown.estimate.plan_dict() if shown else None,
             "at_value": self.best.to_dict() if self.best else None,
             "at_next_step": self.first_too_large.to_dict() if self.first_too_large else None,
             "estimates_made": self.estimates_made,

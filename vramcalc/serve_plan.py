@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
+from vramcalc.textfiles import read_text
 from vramcalc.training_plan import ALL_LINEAR, ATTNS, DTYPES, QUANTS, choice_problem, parse_targets
 
 MODES = ("merged", "unmerged", "multi")
@@ -74,7 +75,7 @@ def adapter_from_config(path: Path) -> AdapterSpec:
     """An ``AdapterSpec`` from one peft ``adapter_config.json``."""
     where = str(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path))
     except (OSError, ValueError) as err:
         raise InvalidPlanError([f"--adapter-dir {where}: not readable JSON ({err})."]) from err
     if not isinstance(raw, dict):

@@ -6,10 +6,13 @@ cases file with one plan per row), for capacity-planning sheets.
 stop the sweep) and ``SweepResult.records`` flattens the rows into one flat
 schema shared by every output format (``vramcalc.render.export``):
 
-* plan columns, named like ``TrainingPlan`` fields / CLI options;
-* ``trainable_params``, ``total_params``, ``peak_phase``;
+* plan columns, named like ``TrainingPlan`` fields / CLI options: those of the rows'
+  methods and settings only (``TrainingPlan.shown_fields``: AdaLoRA's only when a row is
+  AdaLoRA's), blank in a row whose plan has no such field;
+* ``trainable_params``, ``total_params``, ``peak_phase``, ``allocator_model``;
 * every total and component in GiB (2**30 bytes, rounded to 0.0001) as
-  ``<name>_gib`` and exactly as ``<name>_bytes``, equal to ``plan --json``;
+  ``<name>_gib`` and exactly as ``<name>_bytes``, equal to ``plan --json`` (components
+  only some plans have, ``estimate.plan_components``, only when a row has them);
 * ``fits_<GPU>`` per GPU (``device_total_bytes`` within the budget that the
   headroom leaves, see ``vramcalc.fitting``), ``smallest_fitting_gpu``;
 * ``error``: why the case could not be estimated, else empty.
@@ -38,6 +41,7 @@ from vramcalc.estimate import (
     MemoryEstimate,
     Prepared,
     default_allocator_model,
+    plan_components,
     prepare,
 )
 from vramcalc.inventory import lora_key
@@ -51,6 +55,7 @@ from vramcalc.speed.cost import (
     throughput_columns,
 )
 from vramcalc.speed.throughput import plan_speed
+from vramcalc.textfiles import TextFileError
 from vramcalc.training_plan import (
     PLAN_DEFAULTS,
     PLAN_FIELDS,
@@ -64,10 +69,13 @@ GIB_DECIMALS = 4
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
 TOTALS = ("device_total", "peak_reserved", "peak_allocated")
 BYTE_COLUMNS = TOTALS + COMPONENTS
+#: plan columns every sweep has, whatever its rows' methods
+PLAN_COLUMNS = ("model", "method", "seq_len", "batch_size")
 RESULT_COLUMNS = (
     "trainable_params",
     "total_params",
     "peak_phase",
+    "allocator_model",
     "smallest_fitting_gpu",
     "fits",
     "error",
@@ -87,8 +95,10 @@ def read_cases(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     try:
         table = read_csv(path)
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise InvalidPlanError([f"--cases {path}: cannot read it ({err})."]) from err
+    except TextFileError as err:
+        raise InvalidPlanError([f"--cases {path}: {err}."]) from None
     if not table.headers:
         raise InvalidPlanError(
             [f"--cases {path}: the file is empty; its first row must name plan options."]
@@ -289,12 +299,21 @@ class SweepResult:
     @property
     def columns(self) -> list[str]:
         with_gpu = any(row.case.get(GPU_COLUMN) for row in self.rows)
+        # a plan field or component only where some row's method or setting has it
+        shown = {
+            name
+            for row in self.rows
+            for name in (
+                (*row.plan.shown_fields(), *plan_components(row.plan)) if row.plan else row.case
+            )
+        }
+        byte_columns = [name for name in BYTE_COLUMNS if name in TOTALS or name in shown]
         return (
-            list(PLAN_FIELDS)
+            [name for name in PLAN_FIELDS if name in shown or name in PLAN_COLUMNS]
             + ([GPU_COLUMN, "fits"] if with_gpu else [])
-            + ["trainable_params", "total_params", "peak_phase"]
-            + [f"{name}_gib" for name in BYTE_COLUMNS]
-            + [f"{name}_bytes" for name in BYTE_COLUMNS]
+            + ["trainable_params", "total_params", "peak_phase", "allocator_model"]
+            + [f"{name}_gib" for name in byte_columns]
+            + [f"{name}_bytes" for name in byte_columns]
             + [f"fits_{gpu.name}" for gpu in self.gpus]
             + self.extras.columns(self.gpus)
             + ["smallest_fitting_gpu", "error"]
@@ -315,14 +334,21 @@ def _record(
     headroom: float,
 ) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(columns)
+    est = row.estimate
+    if row.plan is not None:  # the fields of its method and settings; blank for the others
+        values = est.plan_dict() if est is not None else row.plan.shown_dict()
+    else:
+        values = {name: row.case.get(name) for name in PLAN_FIELDS}
     for name in PLAN_FIELDS:
-        out[name] = getattr(row.plan, name) if row.plan else row.case.get(name)
-    out["targets"] = _targets_text(out["targets"])
+        if name in out:
+            out[name] = values.get(name)
+    if "targets" in out and (row.plan is None or row.plan.uses_adapters):
+        out["targets"] = _targets_text(out["targets"])
     saved = out.get("modules_to_save")
-    out["modules_to_save"] = saved if isinstance(saved, str) or not saved else ",".join(saved)
+    if "modules_to_save" in out:
+        out["modules_to_save"] = saved if isinstance(saved, str) or not saved else ",".join(saved)
     if GPU_COLUMN in out:
         out[GPU_COLUMN] = row.case.get(GPU_COLUMN)
-    est = row.estimate
     if est is None:
         out["error"] = row.error
         return out
@@ -330,15 +356,17 @@ def _record(
     out["trainable_params"] = est.trainable_params
     out["total_params"] = est.total_params
     out["peak_phase"] = est.peak_phase
-    values = {
+    out["allocator_model"] = est.allocator_model
+    totals = {
         "device_total": est.device_total_bytes,
         "peak_reserved": est.peak_reserved_bytes,
         "peak_allocated": est.peak_allocated_bytes,
         **est.components,
     }
-    for name, nbytes in values.items():
-        out[f"{name}_bytes"] = nbytes
-        out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
+    for name, nbytes in totals.items():
+        if f"{name}_bytes" in out:
+            out[f"{name}_bytes"] = nbytes
+            out[f"{name}_gib"] = round(nbytes / GIB, GIB_DECIMALS)
     total, plan = est.device_total_bytes, est.plan
 
     fits = {gpu.name: judge(total, gpu, headroom, plan).fits for gpu in {*gpus, *row.gpus}}

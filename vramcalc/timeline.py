@@ -27,7 +27,7 @@ from typing import Any
 from vramcalc.catalog import resolve
 from vramcalc.errors import AllocatorTraceError, InvalidPlanError
 from vramcalc.measurements import plan_of
-from vramcalc.memory.slack import SIMULATED_STEPS
+from vramcalc.memory.slack import SIMULATED_STEPS, vocab_size
 from vramcalc.memory.snapshot import (
     from_trace_file,
     read_snapshot,
@@ -82,15 +82,8 @@ def record_plan(plan: Any) -> RecordedRun:
         )
     config_dict = resolve(plan.model).config_dict
     trace = plan_steps(config_dict, plan, SIMULATED_STEPS, labelled=True)
-    return record_run(trace, plan, vocab_size=_vocab_size(config_dict),
+    return record_run(trace, plan, vocab_size=vocab_size(config_dict),
                       title=f"{describe_plan(plan)}: predicted")  # fmt: skip
-
-
-def _vocab_size(config_dict: dict[str, Any]) -> int | None:
-    for config in (config_dict, config_dict.get("text_config") or {}):
-        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
-            return int(config["vocab_size"])
-    return None
 
 
 def _run(plan_or_run: Any) -> RecordedRun:

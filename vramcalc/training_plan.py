@@ -17,11 +17,13 @@ as the common QLoRA recipes) and off otherwise, unless asked.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
+from vramcalc.limits import MAX_COUNT, count_problem
 
 METHODS = ("full", "lora", "qlora", "adalora")
 ADAPTER_METHODS = ("lora", "qlora", "adalora")
@@ -54,6 +56,8 @@ ADALORA_FIELDS = (
     "total_step",
     "orth_reg_weight",
 )
+# the fields only adapter methods read (AdaLoRA: all but rank and dora)
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "dora", "modules_to_save")
 
 
 def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -174,7 +178,20 @@ class TrainingPlan:
         for flag, number in numbers:
             if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
                 problems.append(f"{flag} must be a positive integer, got {number!r}.")
-        if self.alpha is not None and not self.alpha > 0:
+            elif too_large := count_problem(flag, number):
+                problems.append(too_large)
+        # the product only where each count is sane (a flag over int64 is reported alone)
+        counted = all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_COUNT
+            for _, n in numbers
+        )
+        tokens = self.seq_len * self.batch_size * self.grad_accum * self.num_gpus if counted else 0
+        if tokens > MAX_COUNT:
+            problems.append(
+                f"--seq-len x --batch-size x --grad-accum x --num-gpus = {tokens:,} tokens per "
+                "optimizer step, past any physical meaning: more than int64 counts."
+            )
+        if self.alpha is not None and not 0 < self.alpha < math.inf:
             problems.append(f"--alpha must be positive, got {self.alpha!r}.")
         elif self.alpha is None and isinstance(self.rank, int):
             object.__setattr__(self, "alpha", float(self.rank))  # PEFT scaling alpha/r = 1
@@ -222,6 +239,8 @@ class TrainingPlan:
             if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
                 kind = "a positive integer" if minimum else "an integer >= 0"
                 problems.append(f"{flag} must be {kind}, got {number!r}.")
+            elif too_large := count_problem(flag, number):
+                problems.append(too_large)
         if problems:
             return problems
         if self.target_rank > self.init_rank:
@@ -234,7 +253,7 @@ class TrainingPlan:
                 f"--tinit {self.tinit} + --tfinal {self.tfinal} must be below --total-step "
                 f"{self.total_step}: the schedule leaves no budgeting phase (peft AdaLoraConfig)."
             )
-        if not self.orth_reg_weight >= 0:
+        if not 0 <= self.orth_reg_weight < math.inf:
             problems.append(f"--orth-reg-weight must be >= 0, got {self.orth_reg_weight!r}.")
         if self.rank != 8:
             problems.append(
@@ -316,6 +335,29 @@ class TrainingPlan:
         data["targets"] = list(self.targets) if self.targets is not None else None
         data["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
         return data
+
+    def shown_fields(self) -> tuple[str, ...]:
+        """The fields that mean something for this plan, as outputs show it: LoRA's only with
+        adapters, AdaLoRA's only with --method adalora (and LoRA's rank and DoRA not then),
+        double quantization only with 4-bit base weights."""
+        hidden = set()
+        if not self.uses_adapters:
+            hidden |= set(LORA_FIELDS)
+        if self.method == "adalora":
+            hidden |= {"rank", "dora"}
+        else:
+            hidden |= set(ADALORA_FIELDS)
+        if self.quant not in ("nf4", "fp4"):
+            hidden.add("double_quant")
+        return tuple(name for name in PLAN_FIELDS if name not in hidden)
+
+    def shown_dict(self, targets: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``to_dict()`` of ``shown_fields``, with ``targets`` (the modules the adapters
+        were resolved to) where the plan left them to peft's default."""
+        data = self.to_dict()
+        if targets and "targets" in data and data["targets"] is None:
+            data["targets"] = list(targets)
+        return {name: data[name] for name in self.shown_fields()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:

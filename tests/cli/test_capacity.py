@@ -148,7 +148,7 @@ def test_sweep_cases_file(run, tiny_llama_dir, tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["method"], r["rank"], r["seq_len"], r["batch_size"]) for r in rows[:2]] == [
         ("qlora", 16, 256, 2),
-        ("full", 8, 512, 4),
+        ("full", None, 512, 4),  # full fine-tuning has no rank: blank, not the default 8
     ]
     expected = plan_json(
         run, "--model", tiny_llama_dir, "--method", "full", "--seq-len", "512", "-b", "4"

@@ -134,7 +134,7 @@ def _report(model: Path, tmp: Path):
 
     def through_the_api() -> dict[str, bytes]:
         result = vramcalc.report(data, baseline=api_out)
-        write_report(result.report, list(result.gate.target_problems), api_out)
+        write_report(result.report, list(result.gate.target_problems), api_out, result.inputs)
         return _files(api_out, ACCURACY_FILES)
 
     args = ["report", "--measurements", str(data), "--out", str(cli_out), "--no-progress"]

@@ -20,6 +20,15 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import ALLOC, simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+from vramcalc.memory.provenance import (
+    ACTIVATIONS,
+    ADAPTERS,
+    LOGITS,
+    OPTIMIZER_STATES,
+    TEMPORARIES,
+    WEIGHTS,
+    WORKSPACES,
+)
 from vramcalc.memory.slack import simulate_run
 from vramcalc.memory.snapshot import (
     from_trace_file,
@@ -28,18 +37,7 @@ from vramcalc.memory.snapshot import (
     to_snapshot,
     write_snapshot_file,
 )
-from vramcalc.memory.timeline import (
-    ACTIVATIONS,
-    ADAPTERS,
-    LOGITS,
-    OPTIMIZER_STATES,
-    TEMPORARIES,
-    WEIGHTS,
-    WORKSPACES,
-    peak_composition,
-    record_run,
-    timeline,
-)
+from vramcalc.memory.timeline import peak_composition, record_run, timeline
 from vramcalc.render.timeline import aligned_positions, composition_lines
 from vramcalc.timeline import (
     committed_traces,

@@ -69,7 +69,7 @@ def test_csv_round_trip(result, tmp_path):
         est = row.estimate
         assert int(got["device_total_bytes"]) == est.device_total_bytes
         assert int(got["peak_allocated_bytes"]) == est.peak_allocated_bytes
-        for name, nbytes in est.components.items():
+        for name, nbytes in est.to_dict()["components"].items():
             assert int(got[f"{name}_bytes"]) == nbytes
         assert got["device_total_gib"] == pytest.approx(est.device_total_bytes / 2**30, abs=5e-5)
         assert int(got["trainable_params"]) == est.trainable_params

@@ -1,7 +1,8 @@
 """The ``vramcalc`` command line: each command parses its options, calls one function of
 ``vramcalc.api`` and renders the result (``vramcalc.render``). Nothing else.
 
-Library errors (``VramcalcError``) become one ``Error: ...`` line here (exit 1). Each command
+Library errors (``VramcalcError``) become one ``Error: ...`` line here (exit 1); third-party
+logging and warnings stay quiet unless ``--verbose`` (``cli/quiet.py``). Each command
 lives in the module of its family and is imported when it runs (``vramcalc plan`` loads
 neither the sweep nor the harness); ``measure`` comes from the harness when it is installed.
 """
@@ -13,6 +14,7 @@ import importlib
 import click
 
 from vramcalc.cli.options import status_line
+from vramcalc.cli.quiet import asks_verbose, libraries_quiet
 from vramcalc.errors import VramcalcError
 from vramcalc.progress import reporting
 
@@ -57,8 +59,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
 
         line = status_line()
+        # third-party logging and warnings off the terminal unless the command asks --verbose
+        # (the command line after the command's name: click 8.2+ keeps it in _protected_args)
+        protected = getattr(ctx, "_protected_args", None) or ctx.protected_args
+        quiet = not asks_verbose([*protected[1:], *ctx.args])
         try:
-            with reporting(line):
+            with reporting(line), libraries_quiet(quiet):
                 return super().invoke(ctx)
         except VramcalcError as err:
             raise click.ClickException(str(err)) from err

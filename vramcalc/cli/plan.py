@@ -58,7 +58,7 @@ from vramcalc.render.plan import render_plan_result
 )
 @allocator_model_option
 @quiet_option
-@json_option("Print one JSON object (schema in README) instead of the report.")
+@json_option("Print one JSON object (schema in docs/json-schema.md) instead of the report.")
 def plan(
     ctx: click.Context,
     gpus: tuple[str, ...],

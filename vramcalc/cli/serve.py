@@ -136,7 +136,7 @@ NOTHING_FITS = 3
     "minute the first time). approximate: rules for the forward's temporaries and a calibrated "
     "fraction for the allocator's slack; every output marks it.",
 )
-@json_option("Print one JSON object (schema in README).")
+@json_option("Print one JSON object (schema in docs/json-schema.md).")
 def serve(
     model, num_adapters, rank, alpha, targets, adapter_dir, context, prompt_tokens, new_tokens,
     gpus, fit_target, headroom, allocator_model, as_json, **options,

@@ -19,6 +19,7 @@ from vramcalc.catalog import resolve
 from vramcalc.configs import axolotl, llamafactory, trainer
 from vramcalc.configs.common import FLAG, OURS, Collector, FieldSource
 from vramcalc.errors import ConfigFileError, InvalidPlanError, UnknownModelError
+from vramcalc.textfiles import TextFileError, read_text
 from vramcalc.training_plan import TrainingPlan, plan_from_values, plan_value
 
 FORMATS = ("axolotl", "llama-factory", "trl", "trainer")
@@ -90,9 +91,11 @@ def load_file(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        text = path.read_text()
+        text = read_text(path)
     except OSError as err:
         raise ConfigFileError(f"--from {str(path)!r}: cannot read it ({err.strerror}).") from None
+    except TextFileError as err:
+        raise ConfigFileError(f"--from {str(path)!r}: {err}.") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:

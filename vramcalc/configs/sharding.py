@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.configs.common import Collector
+from vramcalc.textfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def deepspeed_sharding(
         if found is None:
             return _deepspeed_from_name(c, key, str(value))
         try:
-            config = json.loads(found.read_text())
+            config = json.loads(read_text(found))
         except (OSError, ValueError) as err:
             raise c.error(key, f"cannot read the DeepSpeed config {found}: {err}.") from None
         origin = f"read from {found.name}"

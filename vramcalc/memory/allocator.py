@@ -277,6 +277,10 @@ class CachingAllocator:
         # called with (action, address, bytes, stream) at each segment action (observed replays)
         self.segment_hook: Callable[[str, int, int, int], None] | None = None
 
+    def live_block_bytes(self) -> dict[int, int]:
+        """Each allocated handle's block bytes (what ``allocated_bytes`` sums)."""
+        return {h: b.size for h, b in self._live.items() if b is not None}
+
     def malloc(self, handle: int, nbytes: int, stream: int = 0) -> bool:
         """``DeviceCachingAllocator::malloc``; False when it runs out of memory
         (the state is then as torch leaves it, the cache released)."""

@@ -32,7 +32,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +43,14 @@ from vramcalc.memory.allocator import (
     AllocatorConfig,
     AllocatorResult,
     simulate,
+)
+from vramcalc.memory.provenance import (
+    ADAPTERS,
+    LOAD_BUFFER,
+    WEIGHTS,
+    live_at_peak,
+    provenance,
+    run_phases,
 )
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.events import StepTrace
@@ -64,10 +72,6 @@ class RunSimulation:
     def slack_bytes(self) -> int:
         """Reserved beyond allocated at the reserved peak (over load and steps)."""
         return self.result.peak_reserved_bytes - self.result.peak_allocated_bytes
-
-
-#: what a loading allocation holds (``load_events``' labels)
-LOAD_BUFFER, WEIGHTS, ADAPTERS = "loading buffer", "weights", "adapters"
 
 
 class _Events:
@@ -215,13 +219,48 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
         yield from part
 
 
+def peak_account(
+    trace: StepTrace, plan: TrainingPlan, config_dict: dict, peak_allocated_bytes: int
+) -> tuple[str, dict[str, int]]:
+    """What is alive at the run's allocated peak, by category, and the phase it falls in
+    (``trace`` labelled: its markers and layer tags tell the phases and what each
+    allocation holds)."""
+    labels: list[str] = []
+    loading = load_events(trace, plan, labels)
+    events = (*loading, *trace.events)
+    phases = run_phases(len(loading), len(events), trace.markers)
+    holds = provenance(events, len(loading), labels, trace.tags, phases, plan,
+                       vocab_size(config_dict), trace.num_layers)  # fmt: skip
+    return live_at_peak(events, _config(plan), holds, phases, peak_allocated_bytes)
+
+
+def vocab_size(config_dict: dict) -> int | None:
+    """The vocabulary of a ``config.json`` (a multimodal one's ``text_config``), if it says."""
+    for config in (config_dict, config_dict.get("text_config") or {}):
+        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
+            return int(config["vocab_size"])
+    return None
+
+
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 10
+SIMULATION_VERSION = 11
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
 ALLOCATOR_MODES = ("default", "expandable")
+#: micro-batches of a step simulated: the later ones allocate and free as these do, and the
+#: allocator's state repeats with them (the peaks of 2 to 40 micro-batches are equal, byte
+#: for byte): a plan of more is simulated with this many (its run would be as long)
+MAX_SIMULATED_MICRO_BATCHES = 8
+
+
+def simulated_plan(plan: TrainingPlan) -> TrainingPlan:
+    """The plan whose run is simulated for ``plan``: at most ``MAX_SIMULATED_MICRO_BATCHES``
+    micro-batches per step."""
+    if plan.grad_accum <= MAX_SIMULATED_MICRO_BATCHES:
+        return plan
+    return plan.with_(grad_accum=MAX_SIMULATED_MICRO_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -236,16 +275,32 @@ class AllocatorSimulation:
     peak_allocated_bytes: dict[str, int]  # allocator mode -> bytes
     peak_reserved_bytes: dict[str, int]  # allocator mode -> bytes
     trace_seconds: float
+    # per mode, what is alive at the allocated peak: bytes by category
+    # (``memory/provenance.py``), summing to that mode's peak_allocated_bytes, and the phase
+    # of the run it falls in ("step 2 backward"); no entry where a run was not observed
+    # category by category (the world simulation)
+    peak_categories: dict[str, dict[str, int]] = field(default_factory=dict)
+    peak_phase: dict[str, str] = field(default_factory=dict)
 
     def slack_bytes(self, allocator: str) -> int:
         return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes[allocator]
 
-    def with_mode(self, allocator: str, allocated: int, reserved: int) -> AllocatorSimulation:
-        """This simulation with ``allocator``'s peaks added (or replaced)."""
+    def with_mode(
+        self,
+        allocator: str,
+        allocated: int,
+        reserved: int,
+        categories: dict[str, int] | None = None,
+        phase: str = "",
+    ) -> AllocatorSimulation:
+        """This simulation with ``allocator``'s peaks (and what is alive at the allocated
+        one) added or replaced."""
         return AllocatorSimulation(
             {**self.peak_allocated_bytes, allocator: allocated},
             {**self.peak_reserved_bytes, allocator: reserved},
             self.trace_seconds,
+            {**self.peak_categories, **({allocator: categories} if categories else {})},
+            {**self.peak_phase, **({allocator: phase} if phase else {})},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -253,6 +308,8 @@ class AllocatorSimulation:
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "trace_seconds": self.trace_seconds,
+            "peak_categories": self.peak_categories,
+            "peak_phase": self.peak_phase,
         }
 
 
@@ -265,6 +322,8 @@ def read_simulation(path: Path) -> AllocatorSimulation | None:
             {k: int(v) for k, v in raw["peak_allocated_bytes"].items()},
             {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
             float(raw["trace_seconds"]),
+            {m: {k: int(v) for k, v in c.items()} for m, c in raw["peak_categories"].items()},
+            {m: str(p) for m, p in raw["peak_phase"].items()},
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -310,6 +369,7 @@ def simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
     # a shallow copy (plan.to_dict deep-copies: a third of a cached sweep row); tuples
     # serialize as the lists to_dict makes of them, so the key is the same
     skip = ("num_gpus", "strategy", "cpu_offload", "allocator")
+    plan = simulated_plan(plan)
     fields = {f.name: getattr(plan, f.name) for f in dataclass_fields(plan) if f.name not in skip}
     dumps = functools.partial(json.dumps, sort_keys=True, default=str)
     payload = (
@@ -382,8 +442,9 @@ def simulate_plan(
     known = _read_cached(config_dict, plan) if use_cache else None
     if known is not None and plan.allocator in known.peak_reserved_bytes:
         return known
+    plan = simulated_plan(plan)
     started = time.perf_counter()
-    trace = plan_steps(config_dict, plan, SIMULATED_STEPS)
+    trace = plan_steps(config_dict, plan, SIMULATED_STEPS, labelled=True)
     from vramcalc import progress
 
     progress.note(
@@ -391,8 +452,13 @@ def simulate_plan(
         f"(batch {plan.batch_size} x {plan.seq_len}, rank {plan.adapter_rank})"
     )
     run = simulate_run(trace, plan, _config(plan))
+    phase, categories = peak_account(trace, plan, config_dict, run.result.peak_allocated_bytes)
     result = (known or AllocatorSimulation({}, {}, 0.0)).with_mode(
-        plan.allocator, run.result.peak_allocated_bytes, run.result.peak_reserved_bytes
+        plan.allocator,
+        run.result.peak_allocated_bytes,
+        run.result.peak_reserved_bytes,
+        categories,
+        phase,
     )
     result = replace(result, trace_seconds=time.perf_counter() - started)
     if use_cache:

@@ -33,7 +33,8 @@ from typing import Any
 
 from vramcalc.errors import AllocatorTraceError
 from vramcalc.memory.allocator import ADDRESS_TOP, MIN_BLOCK_BYTES
-from vramcalc.memory.timeline import UNKNOWN, Provenance, RecordedRun
+from vramcalc.memory.provenance import UNKNOWN, Provenance
+from vramcalc.memory.timeline import RecordedRun
 
 ADDRESS_BASE = 0x7F00_0000_0000  # where simulated segments end, as CUDA addresses look
 PICKLE_PROTOCOL = 4  # the highest MemoryViz.js reads

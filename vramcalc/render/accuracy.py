@@ -133,9 +133,14 @@ def render_markdown(report: Report, problems: list[str], timeline: str | None = 
 
 
 def write_report(
-    report: Report, problems: list[str], out_dir: Path, timeline: Path | None = None
+    report: Report,
+    problems: list[str],
+    out_dir: Path,
+    inputs: dict | None = None,
+    timeline: Path | None = None,
 ) -> list[Path]:
-    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures) and accuracy.png;
+    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures and, given, the
+    ``inputs`` it was computed from: ``freshness.report_inputs``) and accuracy.png;
     accuracy.md shows ``timeline`` (a picture in ``out_dir``) when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -148,6 +153,8 @@ def write_report(
         "figures": summary_figures(report),
         "target_problems": problems,
     }
+    if inputs is not None:
+        summary["inputs"] = inputs
     figures.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     written.append(figures)
     md = out_dir / "accuracy.md"

@@ -104,12 +104,14 @@ def summary_columns(
     result: SweepResult, records: list[dict[str, Any]], max_gpu_columns: int | None = None
 ) -> list[str]:
     """The columns people read first: the plan columns that define a row (``DEFINING``, the
-    options given, and any that vary), key totals, fits, errors."""
+    options given, and any that vary among the rows that have them), key totals, fits,
+    errors."""
     valid = [r for r in records if not r["error"]] or records  # error rows hold raw inputs
     plan_columns = [
         name
         for name in PLAN_FIELDS
-        if name in DEFINING or name in result.given or len({repr(r[name]) for r in valid}) > 1
+        if name in result.columns
+        and (name in DEFINING or name in result.given or _varies(name, valid))
     ]
     columns = plan_columns + ([GPU_COLUMN, "fits"] if GPU_COLUMN in result.columns else [])
     columns += list(KEY_RESULTS)
@@ -122,6 +124,12 @@ def summary_columns(
     if result.errors:
         columns.append("error")
     return columns
+
+
+def _varies(name: str, records: list[dict[str, Any]]) -> bool:
+    """Whether a plan column takes several values among the rows that have it (a row whose
+    method or settings lack the field leaves it blank: that is no variation)."""
+    return len({repr(r[name]) for r in records if r[name] is not None}) > 1
 
 
 def per_gpu(column: str) -> tuple[str, str] | None:

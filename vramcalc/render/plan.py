@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from vramcalc.budget import DEFAULT_HEADROOM
 from vramcalc.estimate import MemoryEstimate
-from vramcalc.memory import GIB
 from vramcalc.planner import GpuFit, Hint, PlanResult
 from vramcalc.render.files import render_file_plan
 from vramcalc.render.tables import (
@@ -53,13 +52,23 @@ def render_hint(hint: Hint) -> str:
     )
 
 
+#: rows the memory table always shows: what lives only for a moment of the step, so that a
+#: reader sees them at 0 rather than wonders where they went (``MOMENT_NOTE`` says why)
+MOMENTARY = ("logits", "transient")
+MOMENT_NOTE = (
+    "components: what is alive at that moment; logits + loss (the head's output, the loss, "
+    "their gradients) live from the head to the loss's backward, step temporaries (a layer's "
+    "intermediate results, dequantized weights, the optimizer's scratch) inside one pass"
+)
+
+
 def render_memory(estimate: MemoryEstimate, verbose: bool = False) -> str:
     """The memory part of the ``vramcalc plan`` report."""
     plan, total = estimate.plan, estimate.device_total_bytes
     rows = [
         [COMPONENT_LABELS.get(name, name), gib(nbytes), f"{100 * nbytes / total:.1f} %"]
         for name, nbytes in estimate.components.items()
-        if nbytes and (name != "trace_difference" or abs(nbytes) >= 0.005 * GIB)
+        if nbytes or name in MOMENTARY
     ]
     per_gpu = (
         f", per GPU; {gib(estimate.total_device_bytes_all_gpus)} on {plan.num_gpus} GPUs"
@@ -81,14 +90,67 @@ def render_memory(estimate: MemoryEstimate, verbose: bool = False) -> str:
         table(rows, ["component", "memory", "share"], [False, True, True]),
         "",
         table(totals, ["total", "memory", "compare with"], [False, True, False]),
-        f"peak falls at: {estimate.peak_phase.replace('_', ' ')}",
+        f"peak falls at: {peak_moment(estimate)}",
+        MOMENT_NOTE,
         "",
         "assumptions:",
         *[f"  - {a}" for a in estimate.assumptions],
     ]
     if verbose:
+        lines += ["", render_rules_comparison(estimate)]
         lines += ["", "rules and sources:", *[f"  {k}: {v}" for k, v in estimate.rules.items()]]
     return "\n".join(lines)
+
+
+def peak_moment(estimate: MemoryEstimate) -> str:
+    """Where the peak falls: in the simulated run, else where the rules put it."""
+    if estimate.simulated_peak_phase:
+        return f"{estimate.simulated_peak_phase} of the simulated run (loading, 3 steps)"
+    return f"{estimate.peak_phase.replace('_', ' ')} (by the rules)"
+
+
+def render_rules_comparison(estimate: MemoryEstimate) -> str:
+    """``plan --verbose``: the allocated components as the per-component rules count them at
+    their peak phase, beside the breakdown shown (the simulated run's, where simulated)."""
+    rules, shown = estimate.rules_components, estimate.components
+    where = estimate.peak_phase.replace("_", " ")
+    if estimate.peak_allocated_bytes == sum(rules.values()) and not estimate.simulated_peak_phase:
+        return f"components: the per-component rules at their peak ({where}); no simulation"
+    names = [n for n in rules if rules[n] or shown.get(n) or n in MOMENTARY]
+    rows = [
+        [
+            COMPONENT_LABELS.get(name, name),
+            gib(rules[name]),
+            gib(shown.get(name, 0)),
+            margin(shown.get(name, 0) - rules[name]),
+        ]
+        for name in names
+    ]
+    rules_total = sum(rules.values())
+    rows.append(
+        [
+            "peak allocated",
+            gib(rules_total),
+            gib(estimate.peak_allocated_bytes),
+            margin(estimate.peak_allocated_bytes - rules_total),
+        ]
+    )
+    if estimate.simulated_peak_phase:
+        heads = ["component", f"rules ({where})", "simulated", "difference"]
+        note = (
+            f"the per-component rules at their peak ({where}) against the simulated run at "
+            f"its peak ({estimate.simulated_peak_phase}), whose bytes the report shows"
+        )
+    else:
+        heads = ["component", f"rules ({where})", "shown", "difference"]
+        note = (
+            "the per-component rules against the breakdown shown: the simulated peak, its "
+            "difference to the rules spread over what they approximate (activations, logits, "
+            "temporaries, gathered weights, communication buffers)"
+        )
+    return "\n".join(
+        ["rules against the simulation:", table(rows, heads, [False, True, True, True]), note]
+    )
 
 
 def _fits_cell(fit: GpuFit) -> str:

@@ -29,7 +29,6 @@ COMPONENT_LABELS = {
     "gathered_weights": "gathered (unsharded) weights",
     "comm_buffers": "communication buffers",
     "cublas_workspace": "cuBLAS workspace",
-    "trace_difference": "traced step beyond the rules",
     "allocator_reserve": "allocator reserve (slack)",
     "cuda_context": "CUDA context + kernels",
     "driver_reserved": "driver reserve",

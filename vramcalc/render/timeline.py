@@ -12,15 +12,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
+from vramcalc.memory.provenance import BACKWARD, FORWARD, LOAD, OPTIMIZER
 from vramcalc.memory.snapshot import SnapshotSeries
-from vramcalc.memory.timeline import (
-    BACKWARD,
-    FORWARD,
-    LOAD,
-    OPTIMIZER,
-    PeakComposition,
-    Timeline,
-)
+from vramcalc.memory.timeline import PeakComposition, Timeline
 
 GIB = 2**30
 PHASE_COLOURS = {LOAD: "#d9d9d9", FORWARD: "#d8ecd3", BACKWARD: "#f6d5d5", OPTIMIZER: "#e2d9f0"}

@@ -24,6 +24,7 @@ from typing import Any
 
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError, VramcalcError
+from vramcalc.limits import MAX_COUNT, count_problem
 from vramcalc.speed.throughput import (
     PlanSpeed,
     ThroughputCalibration,
@@ -90,6 +91,14 @@ class RunLength:
                 )
         if self.steps is not None and not _is_positive_int(self.steps):
             problems.append(f"--steps must be a positive whole number, got {self.steps!r}.")
+        for flag, count in (("--dataset-tokens", self.dataset_tokens), ("--steps", self.steps)):
+            if too_large := count_problem(flag, count):
+                problems.append(too_large)
+        if not problems and (self.dataset_tokens or 0) * (self.epochs or 1.0) > MAX_COUNT:
+            problems.append(
+                f"--dataset-tokens x --epochs = {self.dataset_tokens * (self.epochs or 1.0):.3g} "
+                "tokens, past any physical meaning: more than int64 counts."
+            )
         if problems:
             raise InvalidPlanError(problems)
 

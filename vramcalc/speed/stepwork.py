@@ -25,7 +25,7 @@ Nothing here depends on the GPU: ``throughput.py`` prices the work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vramcalc.inventory import ModelInventory
 from vramcalc.memory.gradients import gradient_bytes
@@ -126,6 +126,10 @@ class _Builder:
                 key = (op.kind, flops, nbytes)
                 self.compute[key] = self.compute.get(key, 0.0) + n
 
+    def state(self) -> tuple:
+        """What the open stretch holds so far."""
+        return (self.python, self.dispatches, self.mem_bytes, self.mem_kernels, dict(self.compute))
+
     def close(self, times: float = 1.0) -> None:
         compute = tuple(
             Kernel(kind, n, flops * n, nbytes * n)
@@ -181,18 +185,42 @@ def _lay_out(builder: _Builder, runs: tuple[Run, ...], layers: int, tokens: int,
         builder.add(tail, 1)
 
 
+#: micro-batches laid out one by one; from the third on each repeats the one before (the
+#: same stretches, the same open state after it), so a longer step repeats the last one's
+#: stretches for the rest instead of laying out, say, a million micro-batches one by one
+LAID_OUT_MICRO_BATCHES = 64
+
+
+def _repeat_rest(builder: _Builder, laid_out: list[tuple[int, float, tuple]], total: int) -> bool:
+    """Add micro-batches ``len(laid_out)`` to ``total - 1`` as copies of the last one laid
+    out, when it repeated the one before it exactly; False (nothing added) otherwise."""
+    (start_1, syncs_1, state_1), (start_2, syncs_2, state_2) = laid_out[-2:]
+    before, last = builder.closed[start_1:start_2], builder.closed[start_2:]
+    if before != last or syncs_1 != syncs_2 or state_1 != state_2:
+        return False
+    rest = total - len(laid_out)
+    builder.closed += [replace(stretch, times=stretch.times * rest) for stretch in last]
+    builder.syncs += syncs_2 * rest
+    return True
+
+
 def step_work(profile: OpProfile, inventory: ModelInventory, plan: TrainingPlan) -> StepWork:
     """The stretches of one optimizer step of ``plan`` (module docstring)."""
     layers, tokens, seq = inventory.num_layers, plan.batch_size * plan.seq_len, plan.seq_len
     builder = _Builder()
     trainable = profile.tensor_count(layers, trainable=True)
     grads = gradient_bytes(inventory, plan)
+    laid_out: list[tuple[int, float, tuple]] = []  # per micro-batch: stretches, syncs, state
     for micro in range(plan.grad_accum):
+        if micro == LAID_OUT_MICRO_BATCHES and _repeat_rest(builder, laid_out, plan.grad_accum):
+            break
+        closed, syncs = len(builder.closed), builder.syncs
         _lay_out(builder, profile.micro_batch, layers, tokens, seq)
         if micro:  # AccumulateGrad: .grad += new gradient, one add per trainable tensor
             builder.dispatches += trainable
             builder.mem_kernels += trainable
             builder.mem_bytes += 3 * grads
+        laid_out.append((closed, builder.syncs - syncs, builder.state()))
     shard = plan.num_gpus if plan.strategy in SHARDED_STRATEGIES and plan.num_gpus > 1 else 1
     optimizer = _Builder()
     _lay_out(optimizer, profile.optimizer, layers, 0, 0)

@@ -89,7 +89,7 @@ def test_each_allocator_mode_keeps_its_own_peak_allocated_in_the_cache(tiny_llam
 
     monkeypatch.setattr(slack, "simulate_run", fake_run)
     monkeypatch.setattr(slack, "peak_account", lambda trace, plan, config, peak: ("", {}))
-    monkeypatch.setattr("vramcalc.trace.recipe.plan_steps", lambda *a: None)
+    monkeypatch.setattr("vramcalc.trace.recipe.plan_steps", lambda *a, **k: None)
     config = {"model_type": "llama", "hidden_size": 64}
     p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=96, batch_size=3)
     slack.simulate_plan(config, p)

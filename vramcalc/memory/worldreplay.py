@@ -11,7 +11,7 @@ free (``gpu_bound``), as the allocator's CUDA events do when the GPU lags.
 from __future__ import annotations
 
 from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, AllocatorResult
-from vramcalc.trace.worldtrace import WorldTrace
+from vramcalc.trace.events import WorldTrace
 
 
 def replay(

@@ -52,7 +52,7 @@ def _track(model: Any, plan: TrainingPlan, mesh: Any, vocab: int) -> TrackerPeak
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    from vramcalc.trace.steptrace import _optimizer, decoder_layers
+    from vramcalc.trace.steptrace import decoder_layers, trace_optimizer
 
     dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
     kwargs: dict[str, Any] = {
@@ -69,7 +69,7 @@ def _track(model: Any, plan: TrainingPlan, mesh: Any, vocab: int) -> TrackerPeak
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, plan)
+    optimizer = trace_optimizer(params, plan)
     tracker = FSDPMemTracker(model, optimizer)
     ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
     tracker.track_inputs((ids,))

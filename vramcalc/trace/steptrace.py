@@ -39,7 +39,7 @@ CUBLAS_WORKSPACE_BYTES = 32 << 20
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"}
 
 
-class _Recorder:
+class StepRecorder:
     """A ``TorchDispatchMode`` that turns new storages into ALLOC and their death into FREE."""
 
     def __init__(self, plan: TrainingPlan, attn_shape: tuple[int, int, int, int]) -> None:
@@ -197,7 +197,7 @@ def canonical_frees(
     return tuple(out), tuple(out_tags), position
 
 
-def _optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+def trace_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
     import torch
 
     name = plan.optimizer
@@ -283,7 +283,7 @@ def decoder_layers(model: Any) -> list[Any]:
     return longest
 
 
-def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
+def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
     and, for backward, the autograd nodes each layer's forward created (found from its
     output back to its input) in ``nodes``, for prehooks set before backward."""
@@ -329,7 +329,7 @@ def _tag_layers(model: Any, recorder: _Recorder) -> dict[Any, int]:
     return nodes
 
 
-def _hook_backward(loss: Any, nodes: dict[Any, int], recorder: _Recorder) -> None:
+def hook_backward(loss: Any, nodes: dict[Any, int], recorder: StepRecorder) -> None:
     """Before backward: every node of the graph tells the recorder its layer when it runs."""
     seen: set[Any] = set()
     todo = [loss.grad_fn]
@@ -435,7 +435,7 @@ def _trace(
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
-    recorder = _Recorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    recorder = StepRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
     vocab = int(config.vocab_size)
     layer_of: dict[int, int] = {}
     layers = decoder_layers(model)
@@ -445,10 +445,10 @@ def _trace(
     for _, p in named:
         recorder.known([p], layer_of.get(id(p), -1))
     recorder.known(model.buffers())
-    nodes = _tag_layers(model, recorder)
+    nodes = tag_layers(model, recorder)
     allocator = _rank_allocator(model, plan)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
-        optimizer = _optimizer(params, plan)
+        optimizer = trace_optimizer(params, plan)
         with recorder.mode:
             for step in range(steps):
                 recorder.mark(f"step{step}")
@@ -461,7 +461,7 @@ def _trace(
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
                     recorder.layer = -1
-                    _hook_backward(loss, nodes, recorder)
+                    hook_backward(loss, nodes, recorder)
                     recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()

@@ -9,20 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("vramcalc", "harness")
-
-#: cycles still to break (each a sorted tuple of module names); must only shrink
-KNOWN_CYCLES = {
-    (
-        "harness.distributed",
-        "harness.record",
-        "harness.scenario",
-        "harness.serve_case",
-        "harness.simworld",
-        "harness.step",
-    ),
-    ("harness.serve_step", "harness.worker"),
-}
+PACKAGES = ("vramcalc", "vramcalc_harness")
 
 
 def _module_name(path: Path) -> str:
@@ -136,6 +123,106 @@ def test_the_walker_finds_a_cycle_hidden_in_a_function():
     assert cycles(graph) == {("a", "b", "c")}
 
 
-def test_no_new_import_cycle():
+def test_no_import_cycle():
     graph, _ = import_graph()
-    assert cycles(graph) <= KNOWN_CYCLES
+    assert cycles(graph) == set()
+
+
+def test_no_private_name_crosses_a_module():
+    """``from module import _name`` between the project's modules: a private helper that
+    another module needs is public (or lives where both can reach it)."""
+    modules = project_modules()
+    crossing = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                crossing += [f"{module}: from {node.module} import {name}" for name in private]
+    assert crossing == KNOWN_PRIVATE_IMPORTS
+
+
+KNOWN_PRIVATE_IMPORTS: list[str] = []
+
+
+HEAVY = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed")
+#: function-local imports in the trace and run-simulation internals being rewritten (the step
+#: driver and the recorders are merged there); each module's count, which may only shrink
+KNOWN_DEFERRED = {
+    "vramcalc.trace.recipe": 11,
+    "vramcalc.trace.fakemodel": 7,
+    "vramcalc.trace.steptrace": 5,
+    "vramcalc.memory.slack": 4,
+    "vramcalc.estimate": 1,  # Prepared.simulation
+}
+MAX_LINES = 500
+#: one faithful port (torch's CUDACachingAllocator); the memory seam and the step driver and
+#: recipe traces being rewritten (the recorders' merge)
+LONG_MODULES = {
+    "vramcalc.memory.allocator",
+    "vramcalc.estimate",
+    "vramcalc.trace.recipe",
+    "vramcalc.trace.steptrace",
+}
+
+
+def heavy_modules() -> set[str]:
+    """Project modules whose import (at module level, transitively) imports torch or another
+    library that takes seconds to import."""
+    modules = project_modules()
+    direct: dict[str, set[str]] = {}
+    heavy = set()
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        names: set[str] = set()
+        for node in tree.body:
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    break
+                if isinstance(sub, ast.Import):
+                    names |= {a.name for a in sub.names}
+                elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
+                    names |= {sub.module} | {f"{sub.module}.{a.name}" for a in sub.names}
+        if any(name.split(".")[0] in HEAVY for name in names):
+            heavy.add(module)
+        direct[module] = {name for name in names if name in modules}
+    grew = True
+    while grew:
+        grew = False
+        for module, targets in direct.items():
+            if module not in heavy and targets & heavy:
+                heavy.add(module)
+                grew = True
+    return heavy
+
+
+def test_a_function_local_import_keeps_torch_off_the_import_and_says_so():
+    """A project module is imported inside a function only when it imports torch (or the like)
+    at its top, and the import line (or the line above it) says so in a comment."""
+    _, deferred = import_graph()
+    heavy = heavy_modules()
+    modules = project_modules()
+    counts: dict[str, int] = {}
+    wrong = []
+    for module, line, source in deferred:
+        if module in KNOWN_DEFERRED:
+            counts[module] = counts.get(module, 0) + 1
+            continue
+        text = modules[module].read_text().splitlines()
+        said = "torch" in text[line - 1] or "torch" in text[line - 2]
+        target = source.split()[1]
+        targets = {target} | {
+            f"{target}.{n.strip(' ,()')}" for n in source.split("import")[1].split(",")
+        }
+        if not (targets & heavy) or not said:
+            wrong.append(f"{module}:{line}: {source}")
+    assert wrong == []
+    assert all(counts.get(m, 0) <= n for m, n in KNOWN_DEFERRED.items()), counts
+
+
+def test_modules_are_of_a_readable_size():
+    long = {
+        module: len(path.read_text().splitlines())
+        for module, path in project_modules().items()
+        if module.startswith("vramcalc") and len(path.read_text().splitlines()) > MAX_LINES
+    }
+    assert set(long) <= LONG_MODULES, long

@@ -59,7 +59,7 @@ def test_every_emitted_json_key_is_documented():
 
 
 def _layout_blocks() -> dict[str, str]:
-    """The Layout section's text per folder: ``vramcalc/`` and ``harness/`` start at the left
+    """The Layout section's text per folder: ``vramcalc/`` and ``vramcalc_harness/`` start at the left
     margin, their subfolders (``  cli/``) are indented by two."""
     blocks: dict[str, str] = {}
     top = current = ""
@@ -76,7 +76,7 @@ def test_the_layout_draws_the_package_tree():
     """Every folder of the packages has its block in the layout, and every module is named in
     its own folder's block."""
     blocks = _layout_blocks()
-    for package in (ROOT / "vramcalc", ROOT / "harness"):
+    for package in (ROOT / "vramcalc", ROOT / "vramcalc_harness"):
         for folder in sorted({p.parent for p in package.rglob("__init__.py")}):
             key = str(folder.relative_to(ROOT))
             assert key in blocks, f"{key}/ has no block in the README layout"

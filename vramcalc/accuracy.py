@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import VramcalcError
-from vramcalc.measurements import MULTI_GPU_PREFIX, SERVE_RECORD_REASON, Gate, is_multi_gpu, plan_of
+from vramcalc.estimate import prepare
+from vramcalc.measurements import (
+    MULTI_GPU_PREFIX,
+    SERVE_RECORD_REASON,
+    Gate,
+    is_multi_gpu,
+    percentile,
+    plan_of,
+)
+from vramcalc.speed.throughput_fit import compare_records
 from vramcalc.training_plan import PLAN_FIELDS
 
 METRICS = ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
@@ -50,6 +59,11 @@ class ReportRow:
     estimate_error: str | None = None
 
     @property
+    def allocator(self) -> str:
+        """The caching allocator's setting the record ran under (``default`` unless stated)."""
+        return str(self.record.get("allocator") or "default")
+
+    @property
     def split(self) -> str:
         """The record's split; multi-GPU records (simulated worlds, real N-GPU runs) form
         their own groups (``multi-gpu/validation``...), apart from the single-GPU figures."""
@@ -68,11 +82,6 @@ class Report:
         return [r for r in self.rows if r.record.get("status") == "ok" and r.errors]
 
 
-def _abs_error_desc(metric: str, row: ReportRow) -> float:
-    """Sort key: the largest |error| of ``metric`` first."""
-    return -abs(row.errors.get(metric, 0.0))
-
-
 def build_report(
     records: list[dict[str, Any]],
     sources: list[str] | None = None,
@@ -85,8 +94,6 @@ def build_report(
     allocator for every single-GPU plan; cached after the first run). ``progress`` is
     called once per record (a progress bar's ``update``).
     """
-    from vramcalc.estimate import prepare
-
     rows = []
     for record in records:
         if record.get("kind") == "serve":  # not a training plan: left out, with the reason
@@ -114,8 +121,6 @@ def build_report(
                 if measured:
                     errors[metric] = (est[metric] - measured) / measured
         rows.append(ReportRow(record, est, errors))
-    from vramcalc.speed.throughput_fit import compare_records
-
     return Report(tuple(rows), tuple(sources or ()), throughput=tuple(compare_records(records)))
 
 
@@ -135,16 +140,7 @@ def _plan_mismatch(record: dict[str, Any], est: dict[str, Any]) -> str | None:
 def throughput_summary(report: Report, split: str) -> dict[str, float]:
     """n and median |error| of predicted vs measured tokens/s on ``split``."""
     errors = [abs(r["tokens_per_second_error"]) for r in report.throughput if r["split"] == split]
-    return {"n": len(errors), "median_abs_error": _percentile(errors, 0.5)}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    return {"n": len(errors), "median_abs_error": percentile(errors, 0.5)}
 
 
 def summarize(rows: list[ReportRow], metric: str) -> dict[str, float]:
@@ -153,15 +149,11 @@ def summarize(rows: list[ReportRow], metric: str) -> dict[str, float]:
     absolute = [abs(e) for e in errors]
     return {
         "n": len(errors),
-        "median_abs_error": _percentile(absolute, 0.5),
-        "p90_abs_error": _percentile(absolute, 0.9),
+        "median_abs_error": percentile(absolute, 0.5),
+        "p90_abs_error": percentile(absolute, 0.9),
         "max_abs_error": max(absolute, default=math.nan),
         "worst_underestimate": -min(min(errors, default=0.0), 0.0),
     }
-
-
-def _allocator(row: ReportRow) -> str:
-    return str(row.record.get("allocator") or "default")
 
 
 def summary_figures(report: Report) -> dict[str, float]:
@@ -172,10 +164,8 @@ def summary_figures(report: Report) -> dict[str, float]:
     good = report.ok_rows
     for split in sorted({r.split for r in good}):
         groups = {split: [r for r in good if r.split == split]}
-        for allocator in sorted({_allocator(r) for r in groups[split]}):
-            groups[f"{split}[{allocator}]"] = [
-                r for r in groups[split] if _allocator(r) == allocator
-            ]
+        for allocator in sorted({r.allocator for r in groups[split]}):
+            groups[f"{split}[{allocator}]"] = [r for r in groups[split] if r.allocator == allocator]
         for name, rows in groups.items():
             for metric in METRICS:
                 stats = summarize(rows, metric)

@@ -25,7 +25,12 @@ from typing import Any
 
 import yaml
 
-from vramcalc.errors import CatalogError, ConfigError, UnknownGpuError, UnknownModelError
+from vramcalc.errors import (
+    CatalogError,
+    ConfigError,
+    UnknownGpuError,
+    UnknownModelError,
+)
 from vramcalc.training_plan import suggest
 
 DATA_DIR = Path(
@@ -386,3 +391,51 @@ def find_gpu(name: str) -> Gpu:
     raise UnknownGpuError(
         f"--gpu {name!r} is not in the GPU catalog." + hint + " Run 'vramcalc gpus' for the list."
     )
+
+
+def config_int(config: Any, *names: str, default: int = 0) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return default
+
+
+def config_float(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+#: config keys that state the longest sequence, in the order they are looked up
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_facts(config: Any) -> dict[str, Any]:
+    """The non-shape facts of a built ``PretrainedConfig`` that the memory rules read."""
+    act = next(
+        (
+            str(getattr(config, name))
+            for name in ("hidden_activation", "hidden_act", "activation_function")
+            if getattr(config, name, None)
+        ),
+        "",
+    )
+    context = None
+    for source in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None) if source is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                context = value
+                break
+        if context:
+            break
+    return {
+        "hidden_act": act,
+        "dropout": config_float(config, "dropout") or 0.0,
+        "attention_dropout": config_float(config, "attention_dropout") or 0.0,
+        "attn_logit_softcapping": config_float(config, "attn_logit_softcapping"),
+        "final_logit_softcapping": config_float(config, "final_logit_softcapping"),
+        "context_length": context,
+    }

@@ -11,18 +11,9 @@ from collections.abc import Set
 from vramcalc.catalog import Gpu
 from vramcalc.errors import InvalidPlanError
 from vramcalc.inventory import ModelInventory
-from vramcalc.training_plan import TrainingPlan
+from vramcalc.training_plan import ADALORA_FIELDS, TrainingPlan
 
 LORA_OPTIONS = ("rank", "alpha", "dropout", "targets")
-ADALORA_OPTIONS = (
-    "init_rank",
-    "target_rank",
-    "tinit",
-    "tfinal",
-    "delta_t",
-    "total_step",
-    "orth_reg_weight",
-)
 
 
 def plan_warnings(
@@ -60,7 +51,7 @@ def plan_warnings(
             "to LoRA; --method full trains every weight and ignores "
             + ("it." if len(lora_flags) == 1 else "them.")
         )
-    adalora_flags = [f"--{name.replace('_', '-')}" for name in ADALORA_OPTIONS if name in given]
+    adalora_flags = [f"--{name.replace('_', '-')}" for name in ADALORA_FIELDS if name in given]
     if plan.method != "adalora" and adalora_flags:
         out.append(
             f"{', '.join(adalora_flags)} {'only applies' if len(adalora_flags) == 1 else 'only apply'} "

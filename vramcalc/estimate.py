@@ -32,6 +32,7 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
 from vramcalc.errors import SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
+from vramcalc.memory import DTYPE_BYTES
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
 from vramcalc.memory.distributed import effective_plan, shard_static
@@ -444,8 +445,6 @@ def _head_gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
     """Full fine-tuning: the output head's gradient appears while the logits' gradient is live."""
     if plan.method != "full":
         return 0
-    from vramcalc.memory import DTYPE_BYTES
-
     head = inventory.params_by_role["lm_head"] or inventory.params_by_role["embedding"]
     return head * DTYPE_BYTES[trainable_dtype(plan)]
 

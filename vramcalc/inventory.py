@@ -33,7 +33,10 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from vramcalc import progress
+from vramcalc.adapters import adapter_config, default_target_modules, make_ranknum_trainable
 from vramcalc.cache import cache_dir
+from vramcalc.catalog import causal_lm_config, config_facts, config_int, one_line
 from vramcalc.errors import ConfigError, InvalidPlanError, VramcalcError
 from vramcalc.training_plan import ALL_LINEAR, TrainingPlan
 from vramcalc.versions import installed_versions
@@ -178,8 +181,6 @@ def build_inventory(
     except VramcalcError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure inside transformers/peft is the config's
-        from vramcalc.catalog import one_line
-
         raise ConfigError(
             f"--model {where}: transformers cannot build the model from this config "
             f"({type(err).__name__}: {one_line(err)})"
@@ -250,54 +251,6 @@ def _from_structure(
     )
 
 
-def _config_int(config: Any, *names: str, default: int = 0) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return default
-
-
-def _config_float(config: Any, name: str) -> float | None:
-    value = getattr(config, name, None)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-#: config keys that state the longest sequence, in the order they are looked up
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def config_facts(config: Any) -> dict[str, Any]:
-    """The non-shape facts of a built ``PretrainedConfig`` that the memory rules read."""
-    act = next(
-        (
-            str(getattr(config, name))
-            for name in ("hidden_activation", "hidden_act", "activation_function")
-            if getattr(config, name, None)
-        ),
-        "",
-    )
-    context = None
-    for source in (config, getattr(config, "text_config", None)):
-        for key in CONTEXT_KEYS:
-            value = getattr(source, key, None) if source is not None else None
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                context = value
-                break
-        if context:
-            break
-    return {
-        "hidden_act": act,
-        "dropout": _config_float(config, "dropout") or 0.0,
-        "attention_dropout": _config_float(config, "attention_dropout") or 0.0,
-        "attn_logit_softcapping": _config_float(config, "attn_logit_softcapping"),
-        "final_logit_softcapping": _config_float(config, "final_logit_softcapping"),
-        "context_length": context,
-    }
-
-
 def _no_init():
     """transformers' switch that turns torch's and its own initializers into no-ops."""
     try:
@@ -316,8 +269,6 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     # peft imports bitsandbytes when it is installed; its CPU backend logs a warning about an
     # optional kernel package that has nothing to do with counting parameters.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from vramcalc import progress
-
     progress.note(
         f"building {progress.describe(where or plan.model, plan.method, plan.quant)} on the "
         "meta device to count its parameters (torch, transformers and peft load first)"
@@ -326,8 +277,6 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
-
-    from vramcalc.catalog import causal_lm_config
 
     config = causal_lm_config(config_dict, where)
     with warnings.catch_warnings():
@@ -404,8 +353,8 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
         for (name, fin, fout, bias, quantizable), count in sorted(groups.items())
     )
     trainable = adapter_params + copy_params if plan.uses_adapters else total
-    heads = _config_int(config, "num_attention_heads", "n_head")
-    hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
+    heads = config_int(config, "num_attention_heads", "n_head")
+    hidden = config_int(config, "hidden_size", "n_embd", "d_model")
     return ModelInventory(
         model_type=config.model_type,
         architecture=type(model).__name__,
@@ -416,21 +365,19 @@ def _build_on_meta(config_dict: dict[str, Any], plan: TrainingPlan, where: str) 
         linears=linears,
         lora_targets=lora_names,
         tied_embeddings=tied,
-        num_layers=_config_int(config, "num_hidden_layers", "n_layer"),
+        num_layers=config_int(config, "num_hidden_layers", "n_layer"),
         hidden_size=hidden,
-        intermediate_size=_config_int(config, "intermediate_size", "ffn_dim", "ffn_hidden_size")
+        intermediate_size=config_int(config, "intermediate_size", "ffn_dim", "ffn_hidden_size")
         or 4 * hidden,
         num_attention_heads=heads,
-        num_key_value_heads=_config_int(
-            config, "num_key_value_heads", "num_kv_heads", default=heads
-        )
+        num_key_value_heads=config_int(config, "num_key_value_heads", "num_kv_heads", default=heads)
         if not getattr(config, "multi_query", False)
         or getattr(config, "new_decoder_architecture", False)
         else 1,
-        head_dim=_config_int(config, "head_dim") or (hidden // heads if heads else 0),
-        vocab_size=_config_int(config, "vocab_size"),
-        num_experts=_config_int(config, "num_local_experts", "num_experts"),
-        experts_per_token=_config_int(config, "num_experts_per_tok"),
+        head_dim=config_int(config, "head_dim") or (hidden // heads if heads else 0),
+        vocab_size=config_int(config, "vocab_size"),
+        num_experts=config_int(config, "num_local_experts", "num_experts"),
+        experts_per_token=config_int(config, "num_experts_per_tok"),
         linear_module_names=linear_names,
         trainable_shapes=tuple(sorted(trainable_shapes.items())),
         saved_copy_params=copy_params,
@@ -519,77 +466,3 @@ def _apply_lora(
             copied += param.numel()
             copies[tuple(param.shape)] = copies.get(tuple(param.shape), 0) + 1
     return tuple(sorted(names)), adapter, shapes, copied, copies
-
-
-def default_target_modules(model_type: str, method: str) -> list[str] | str:
-    """peft's default ``target_modules`` for ``model_type`` under ``method`` (AdaLoRA has its
-    own table), or ``"all-linear"`` where peft has none (peft would raise instead)."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
-        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    )
-
-    table = (
-        TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
-        if method == "adalora"
-        else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    )
-    found = table.get(model_type)
-    return list(found) if found is not None else ALL_LINEAR
-
-
-def adapter_config(plan: TrainingPlan, targets: Any) -> Any:
-    """The peft config of an adapter plan on ``targets``: ``LoraConfig``, or
-    ``AdaLoraConfig`` for ``--method adalora``."""
-    from peft import LoraConfig
-
-    if plan.method == "adalora":
-        return adalora_config(plan, targets)
-    return LoraConfig(
-        r=plan.rank,
-        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
-        lora_dropout=plan.dropout,
-        target_modules=targets,
-        use_dora=plan.dora,
-        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-        task_type="CAUSAL_LM",
-    )
-
-
-def adalora_config(plan: TrainingPlan, targets: Any) -> Any:
-    """peft's ``AdaLoraConfig`` for ``plan`` (``--method adalora``) on ``targets``.
-
-    ``r`` is left at LoRA's default (AdaLoRA ignores it and warns otherwise); the adapters
-    are built at ``init_r``. ``total_step`` defaults to the smallest the schedule allows
-    (``TrainingPlan.adalora_total_step``): shapes do not depend on it.
-    """
-    from peft import AdaLoraConfig
-
-    return AdaLoraConfig(
-        init_r=plan.init_rank,
-        target_r=plan.target_rank,
-        tinit=plan.tinit,
-        tfinal=plan.tfinal,
-        deltaT=plan.delta_t,
-        total_step=plan.adalora_total_step,
-        orth_reg_weight=plan.orth_reg_weight,
-        lora_alpha=int(plan.lora_alpha) if plan.lora_alpha.is_integer() else plan.lora_alpha,  # type: ignore[arg-type]
-        lora_dropout=plan.dropout,
-        target_modules=targets,
-        modules_to_save=list(plan.modules_to_save) if plan.modules_to_save else None,
-        task_type="CAUSAL_LM",
-    )
-
-
-def make_ranknum_trainable(model: Any) -> None:
-    """AdaLoRA's ``ranknum`` as a real run has it: trainable.
-
-    peft creates it with ``requires_grad=False``, then ``_move_adapter_to_device_of_base_layer``
-    re-wraps every adapter parameter as a new ``nn.Parameter`` (``requires_grad`` True) when
-    it casts or moves the adapter to the base layer's dtype or device; on the meta device
-    nothing moves. Every
-    measured AdaLoRA run (data/measurements/h100_adalora_*.jsonl) trained one more parameter
-    per adapted module than lora_A/E/B: this one."""
-    for name, param in model.named_parameters():
-        if ".ranknum." in name:
-            param.requires_grad_(True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
-from vramcalc.training_plan import ALL_LINEAR, ATTNS, DTYPES, QUANTS, _choice_problem, parse_targets
+from vramcalc.training_plan import ALL_LINEAR, ATTNS, DTYPES, QUANTS, choice_problem, parse_targets
 
 MODES = ("merged", "unmerged", "multi")
 CACHES = ("dynamic", "static")
@@ -150,12 +150,12 @@ class ServePlan:
         problems = [
             p
             for p in (
-                _choice_problem("--quant", self.quant, QUANTS),
-                _choice_problem("--dtype", self.dtype, DTYPES),
-                _choice_problem("--mode", self.mode, MODES),
-                _choice_problem("--cache", self.cache, CACHES),
-                _choice_problem("--logits", self.logits, LOGITS),
-                _choice_problem("--attn", self.attn, ATTNS),
+                choice_problem("--quant", self.quant, QUANTS),
+                choice_problem("--dtype", self.dtype, DTYPES),
+                choice_problem("--mode", self.mode, MODES),
+                choice_problem("--cache", self.cache, CACHES),
+                choice_problem("--logits", self.logits, LOGITS),
+                choice_problem("--attn", self.attn, ATTNS),
             )
             if p
         ]

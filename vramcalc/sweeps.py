@@ -21,10 +21,9 @@ builds it once per such key; each row is then arithmetic.
 
 from __future__ import annotations
 
-import csv
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from vramcalc.budget import DEFAULT_HEADROOM, judge
 from vramcalc.catalog import Gpu, ModelSpec, find_gpu, resolve
 from vramcalc.checks import plan_warnings
 from vramcalc.configs import FilePlan, read_plan_file
+from vramcalc.csvrows import read_csv
 from vramcalc.errors import InvalidPlanError, UnknownModelError, VramcalcError
 from vramcalc.estimate import (
     COMPONENTS,
@@ -51,7 +51,14 @@ from vramcalc.speed.cost import (
     throughput_columns,
 )
 from vramcalc.speed.throughput import plan_speed
-from vramcalc.training_plan import PLAN_FIELDS, TrainingPlan, flag, plan_from_values, suggest
+from vramcalc.training_plan import (
+    PLAN_DEFAULTS,
+    PLAN_FIELDS,
+    TrainingPlan,
+    flag,
+    plan_from_values,
+    suggest,
+)
 
 GIB_DECIMALS = 4
 GPU_COLUMN = "gpu"  # optional cases column: GPU(s) the row is meant for
@@ -79,35 +86,25 @@ def read_cases(path: str | Path) -> list[dict[str, str]]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        table = read_csv(path)
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidPlanError([f"--cases {path}: cannot read it ({err})."]) from err
-    try:
-        dialect: Any = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(text.splitlines(), dialect)
-    header = next(reader, None)
-    if not header:
+    if not table.headers:
         raise InvalidPlanError(
             [f"--cases {path}: the file is empty; its first row must name plan options."]
         )
-    names = [h.strip().lstrip("-").lower().replace("-", "_").replace(" ", "_") for h in header]
     known = set(PLAN_FIELDS) | {GPU_COLUMN}
     unknown = [
-        h for h, n in zip(header, names, strict=True) if n not in known and not _is_result_column(n)
+        h
+        for h, n in zip(table.headers, table.names, strict=True)
+        if n not in known and not _is_result_column(n)
     ]
     if unknown:
         raise InvalidPlanError(
             [f"--cases {path}: unknown column {h!r}.{suggest(h, sorted(known))}" for h in unknown]
             + [f"Columns are plan options: {', '.join(PLAN_FIELDS)} (and {GPU_COLUMN})."]
         )
-    keep = [(i, n) for i, n in enumerate(names) if n in known]
-    rows = []
-    for cells in reader:
-        row = {n: cells[i].strip() for i, n in keep if i < len(cells) and cells[i].strip()}
-        if any(c.strip() for c in cells):
-            rows.append(row)
+    rows = [{n: v for n, v in row.cells.items() if n in known} for row in table.rows]
     if not rows:
         raise InvalidPlanError([f"--cases {path}: no plan rows below the header."])
     return rows
@@ -409,13 +406,6 @@ def run_sweep(
     )
 
 
-#: what a plan option is when neither the axes, a cases row nor a config file set it
-PLAN_DEFAULTS: dict[str, Any] = {
-    "model": None,
-    **{f.name: f.default for f in fields(TrainingPlan) if f.default is not MISSING},
-}
-
-
 def sweep_plans(
     axes: Mapping[str, Sequence[Any]] | None = None,
     gpus: Sequence[Gpu] = (),
@@ -443,7 +433,7 @@ def sweep_plans(
         except VramcalcError:
             pass  # a broken config: its rows get the error column, the others are written
     rows = read_cases(cases) if isinstance(cases, (str, Path)) else cases
-    defaults = dict(PLAN_DEFAULTS)
+    defaults = dict(PLAN_DEFAULTS)  # the plan's own defaults: what the CLI's options are
     if source is not None:
         if not isinstance(source, FilePlan):
             source = read_plan_file(source, {name: values[0] for name, values in axes.items()})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
@@ -44,6 +44,16 @@ STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")
 # "default" (no setting) or "expandable" (expandable_segments:True)
 ALLOCATORS = ("default", "expandable")
 ALL_LINEAR = "all-linear"
+# the fields only --method adalora reads (peft AdaLoraConfig; TrainingPlan's last fields)
+ADALORA_FIELDS = (
+    "init_rank",
+    "target_rank",
+    "tinit",
+    "tfinal",
+    "delta_t",
+    "total_step",
+    "orth_reg_weight",
+)
 
 
 def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -69,7 +79,7 @@ def suggest(value: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str
     return " Did you mean " + ", ".join(repr(c) for c in found) + "?"
 
 
-def _choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
+def choice_problem(flag: str, value: str, choices: tuple[str, ...]) -> str | None:
     if value in choices:
         return None
     return f"{flag} {value!r} is not one of {', '.join(choices)}." + suggest(value, choices)
@@ -129,12 +139,12 @@ class TrainingPlan:
             ("--strategy", self.strategy, STRATEGIES),
             ("--allocator", self.allocator, ALLOCATORS),
         ):
-            problem = _choice_problem(flag, value, choices)
+            problem = choice_problem(flag, value, choices)
             if problem:
                 problems.append(problem)
         quant = self.quant
         if quant is not None:
-            problem = _choice_problem("--quant", quant, QUANTS)
+            problem = choice_problem("--quant", quant, QUANTS)
             if problem:
                 problems.append(problem)
                 quant = None
@@ -324,6 +334,10 @@ def parse_targets(text: str | None) -> tuple[str, ...] | None:
 
 
 PLAN_FIELDS = tuple(f.name for f in fields(TrainingPlan))
+#: what each field is when not given (``model`` has no default: None)
+PLAN_DEFAULTS: dict[str, Any] = {
+    f.name: None if f.default is MISSING else f.default for f in fields(TrainingPlan)
+}
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
 
@@ -388,24 +402,34 @@ def _coerce(name: str, value: Any) -> Any:
     kind = FIELD_KINDS[name]
     if not isinstance(value, str):
         return tuple(value) if kind == "tuple" and isinstance(value, list) else value
-    text = value.strip()
+    try:
+        return text_value(kind, value)
+    except ValueError as err:
+        raise ValueError(f"{flag(name)} {value.strip()!r} {err}.") from None
+
+
+def text_value(kind: str, text: str) -> Any:
+    """One cell of text read as ``kind``: ``bool`` (true/false, yes/no, y/n, on/off, t/f, 1/0,
+    any case), ``int`` (``4`` or ``4.0``), ``float``, ``tuple`` (a comma list of module names;
+    blank or ``default``: None), else the text; a ``ValueError`` saying what it is not."""
+    text = text.strip()
     if kind == "tuple":
         return parse_targets(text)
     if kind == "bool":
         if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
-        raise ValueError(f"{flag(name)} {text!r} is not true or false.")
+        raise ValueError("is not true or false")
     if kind == "int":
         try:
             number = float(text)
         except ValueError:
             number = 0.5
         if not number.is_integer():
-            raise ValueError(f"{flag(name)} {text!r} is not an integer.")
+            raise ValueError("is not an integer")
         return int(number)
     if kind == "float":
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"{flag(name)} {text!r} is not a number.") from None
+            raise ValueError("is not a number") from None
     return text

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from vramcalc.calibration import calibration_json
+
 #: the libraries whose code the trace runs (torch runs on the CPU here and on the GPU there:
 #: its allocator is modelled, so its CPU version is not compared)
 TRACED_LIBRARIES = ("transformers", "peft")
@@ -33,8 +35,6 @@ def installed_versions() -> tuple[tuple[str, str], ...]:
 @functools.lru_cache(maxsize=1)
 def measured_versions() -> dict[str, str]:
     """The library versions of the committed GPU measurements (``data/calibration.json``)."""
-    from vramcalc.calibration import calibration_json
-
     entry = calibration_json().get("measured_libraries") or {}
     return {str(k): str(v) for k, v in (entry.get("value") or {}).items()}
 

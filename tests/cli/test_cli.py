@@ -181,3 +181,14 @@ def test_malformed_config_file(run, tmp_path):
 def test_missing_config_path(run, tmp_path):
     result = run("plan", "--model", str(tmp_path / "nope" / "config.json"))
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_the_plan_options_default_to_the_plans_own_defaults():
+    """One place for the defaults: the options of plan (and sweep, fit, advise) default to
+    TrainingPlan's, which the library (vramcalc.sweep) uses without the CLI."""
+    from vramcalc.cli.capacity import plan_defaults
+    from vramcalc.training_plan import ADALORA_FIELDS, PLAN_DEFAULTS, PLAN_FIELDS
+
+    assert plan_defaults() == PLAN_DEFAULTS
+    assert list(PLAN_DEFAULTS) == list(PLAN_FIELDS)
+    assert PLAN_FIELDS[-len(ADALORA_FIELDS) :] == ADALORA_FIELDS

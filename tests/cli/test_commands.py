@@ -139,9 +139,9 @@ def _speed_fit(model: Path, tmp: Path):
 
 
 def _measure(model: Path, tmp: Path):
-    from harness.cli import describe
-    from harness.launcher import plan_run, resolve_device
-    from harness.scenario import load_cases
+    from vramcalc_harness.caselist import load_cases
+    from vramcalc_harness.cli import describe
+    from vramcalc_harness.launcher import plan_run, resolve_device
 
     cases = tmp / "cases.yaml"
     cases.write_text(

@@ -101,7 +101,7 @@ def test_counts_match_peft_on_all_linear():
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from vramcalc.inventory import adalora_config
+    from vramcalc.adapters import adalora_config
 
     p = plan(init_rank=6, target_rank=4, targets=("all-linear",))
     inv = build_inventory(TINY_LLAMA, p, use_cache=False)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.alloc_trace import load_trace
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
 TRACES = sorted(MEASUREMENTS.glob("*_traces/*.json.gz"))

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from vramcalc.cli import cli
+from vramcalc.measurements import percentile
 from vramcalc.speed.speed_report import (
     TARGETS,
     dispersion,
     distances,
-    percentile,
     regressions,
     repeat_pairs,
     summary,

@@ -168,8 +168,8 @@ def test_fsdp_arguments_are_the_harness_accelerate_config():
     """What the trace wraps with is what harness/distributed.py tells accelerate to use."""
     from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
 
-    from harness.distributed import FSDP_SHARDING
     from vramcalc.trace.worldtrace import build_world_model, fsdp_kwargs
+    from vramcalc_harness.distributed import FSDP_SHARDING
 
     for strategy, offload in (("fsdp", False), ("fsdp-grad-op", False), ("fsdp", True)):
         p = plan(method="full", strategy=strategy, cpu_offload=offload)

@@ -26,9 +26,9 @@ COMMANDS = {
     "report": ("vramcalc.cli.report", "report"),
     "speed-report": ("vramcalc.cli.speed", "speed_report"),
     "speed-fit": ("vramcalc.cli.speed", "speed_fit"),
-    "measure": ("harness.cli", "measure"),
+    "measure": ("vramcalc_harness.cli", "measure"),
 }
-OPTIONAL = ("harness.cli",)
+OPTIONAL = ("vramcalc_harness.cli",)
 
 
 class _Group(click.Group):

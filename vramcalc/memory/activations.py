@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramcalc.inventory import ModelInventory
-from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, _round
+from vramcalc.memory.autograd import ITEMSIZE, ROUND_TO, Graph, T, round_up
 from vramcalc.memory.layers import MODELLED, Layer, Recipe, recipe_for
 from vramcalc.training_plan import TrainingPlan
 
@@ -133,14 +133,14 @@ def estimate_activations(
     first_layer = first.saved_bytes
     shared = max(steady.shared_bytes, first.shared_bytes)
     final_bytes = final.saved_bytes
-    input_bytes = _round(steady.input.nbytes, round_to)
+    input_bytes = round_up(steady.input.nbytes, round_to)
     if plan.gradient_checkpointing:
         # non-reentrant checkpoint keeps each layer's inputs (hidden states, cos, sin) and
         # in backward re-creates one layer's saved tensors, held until that layer is done
         rope_bytes = steady.graph.bytes(
             t for t in (steady.layer.cos, steady.layer.sin) if t is not None
         )
-        position_ids = _round(
+        position_ids = round_up(
             r.seq * ITEMSIZE["i64"], round_to
         )  # passed to (and kept by) every layer
         layers_saved = layers * input_bytes + rope_bytes + position_ids + final_bytes
@@ -153,7 +153,7 @@ def estimate_activations(
     mask = 0
     if r.attn == "eager":
         windows = 2 if inventory.model_type == "gemma2" else 1
-        mask = windows * _round(r.batch * r.seq * r.seq * ITEMSIZE[r.res], round_to)
+        mask = windows * round_up(r.batch * r.seq * r.seq * ITEMSIZE[r.res], round_to)
     forward_transient, backward_transient = _transients(steady, r, inventory)
     head_lora = bool(inventory.output_head) and inventory.output_head in inventory.lora_targets
     linear_adapters = sum(

@@ -71,7 +71,7 @@ class Graph:
 
     def bytes(self, ts: Any = None) -> int:
         ts = self.saved.values() if ts is None else ts
-        return sum(_round(t.nbytes, self.round_to) for t in ts)
+        return sum(round_up(t.nbytes, self.round_to) for t in ts)
 
     def note_transient(self, nbytes: int) -> None:
         self.transient = max(self.transient, nbytes)
@@ -138,7 +138,7 @@ class Graph:
         return self.new(out_numel, self.low, a.rg or b.rg)
 
 
-def _round(nbytes: int, granularity: int) -> int:
+def round_up(nbytes: int, granularity: int) -> int:
     if nbytes <= 0 or granularity <= 1:
         return max(nbytes, 0)
     return math.ceil(nbytes / granularity) * granularity

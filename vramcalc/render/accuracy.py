@@ -13,8 +13,7 @@ from vramcalc.accuracy import (
     REGRESSION_TOLERANCE,
     STATS,
     Report,
-    _abs_error_desc,
-    _allocator,
+    ReportRow,
     report_table,
     summarize,
     summary_figures,
@@ -33,6 +32,11 @@ def _fmt_pct(value: float) -> str:
     )
 
 
+def _abs_error_desc(metric: str, row: ReportRow) -> float:
+    """Sort key: the largest |error| of ``metric`` first."""
+    return -abs(row.errors.get(metric, 0.0))
+
+
 def render_markdown(report: Report, problems: list[str]) -> str:
     """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown)."""
     lines = ["# vramcalc accuracy report", ""]
@@ -49,8 +53,8 @@ def render_markdown(report: Report, problems: list[str]) -> str:
     ok = report.ok_rows
     heads = ["metric", "n", "median abs", "p90 abs", "max abs", "worst under-estimate"]
     for split in sorted({r.split for r in ok}):
-        for allocator in sorted({_allocator(r) for r in ok if r.split == split}):
-            group = [r for r in ok if r.split == split and _allocator(r) == allocator]
+        for allocator in sorted({r.allocator for r in ok if r.split == split}):
+            group = [r for r in ok if r.split == split and r.allocator == allocator]
             lines += [f"## {split} · {allocator} allocator ({len(group)} cases)", ""]
             cells = []
             for method in sorted({str(r.record.get("method")) for r in group}):
@@ -71,7 +75,7 @@ def render_markdown(report: Report, problems: list[str]) -> str:
             for r in worst:
                 rec = r.record
                 lines.append(
-                    f"- {rec.get('case_id')} ({rec.get('split')}, {_allocator(r)} allocator): "
+                    f"- {rec.get('case_id')} ({rec.get('split')}, {r.allocator} allocator): "
                     f"{rec.get('model')} {rec.get('method')} {rec.get('quant')} "
                     f"s{rec.get('seq_len')} b{rec.get('batch_size')} "
                     f"ckpt={rec.get('gradient_checkpointing')} {rec.get('optimizer')}: "

@@ -28,8 +28,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
+from vramcalc.inventory import library_versions
 from vramcalc.trace.oprecorder import (
     OpEvent,
     Vector,
@@ -255,8 +257,6 @@ def trace_profile(
 def profile_key(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
     """Everything that changes a profile: the config, the recipe (not its sizes, nor the rank
     where a prime rank traces them all), versions."""
-    from vramcalc.inventory import library_versions
-
     recipe = _recipe(plan, traced_rank(config_dict, plan)).to_dict()
     recipe.pop("model", None)
     payload = {
@@ -325,8 +325,6 @@ def _cached(key: str, config_json: str, recipe: TrainingPlan, rank: int) -> OpPr
     if path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return OpProfile.from_json(json.loads(path.read_text()))
-    from vramcalc import progress
-
     progress.note(
         "tracing the op profile of "
         + progress.describe(recipe.model, recipe.method, recipe.quant)

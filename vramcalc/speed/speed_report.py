@@ -20,14 +20,13 @@ compares a summary with the committed one (``reports/throughput.json``) and
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vramcalc.measurements import Gate, plan_of
+from vramcalc.measurements import Gate, percentile, plan_of
 from vramcalc.speed.throughput import ThroughputCalibration, load_throughput_calibration
 from vramcalc.speed.throughput_fit import (
     WorkFor,
@@ -40,16 +39,6 @@ TARGETS = {"median_abs_error": 0.15, "p90_abs_error": 0.30, "max_overprediction"
 FIGURES = ("median_abs_error", "p90_abs_error", "max_overprediction", "max_underprediction")
 TOLERANCE = 0.005  # a recomputed figure may be this much worse (fraction) before the gate fails
 REPORT_JSON = "throughput.json"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def dispersion(record: Mapping[str, Any]) -> dict[str, float | int | None]:

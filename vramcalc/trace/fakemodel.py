@@ -121,7 +121,7 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
-    from vramcalc.inventory import adapter_config, default_target_modules, make_ranknum_trainable
+    from vramcalc.adapters import adapter_config, default_target_modules, make_ranknum_trainable
     from vramcalc.trace import emulation
 
     for p in model.parameters():

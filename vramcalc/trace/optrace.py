@@ -18,8 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramcalc.catalog import config_from_dict
 from vramcalc.errors import VramcalcError
+from vramcalc.memory.optimizer import bnb_state_tensors
+from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
+from vramcalc.trace.steptrace import decoder_layers
 from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
@@ -46,8 +51,6 @@ class BnbOptimizerParam:
     def at_rank(self, rank: int, optimizer: str) -> BnbOptimizerParam:
         if not self.numel_per_rank:
             return self
-        from vramcalc.memory.optimizer import bnb_state_tensors
-
         n = self.numel + self.numel_per_rank * rank
         states = sum(b for b, _ in bnb_state_tensors(optimizer, n, self.embedding))
         return replace(
@@ -62,8 +65,6 @@ def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     """Forward hooks on each decoder layer: set the recorder's layer (and the recompute phase
     when a layer runs again inside backward); the autograd nodes each layer's forward made,
     for backward prehooks (``_hook_backward``)."""
-    from vramcalc.trace.steptrace import decoder_layers
-
     nodes: dict[Any, int] = {}
     stack: list[tuple[int, str]] = []
 
@@ -127,10 +128,8 @@ def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
 
 
 def _outlier_probability(config: Any, name: str) -> float:
-    """P(|x| >= 6) for one input element of an int8 linear at random init (``memory/int8.py``,
+    """P(|x| >= 6) for one input element of an int8 linear at random init (``trace/int8.py``,
     the rule the step trace uses)."""
-    from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
-
     rule = outlier_rule(config, name, 0)
     return int8_outlier_probability(rule.act, rule.sigma, rule.gated) if rule else 0.0
 
@@ -160,8 +159,6 @@ def _bnb_params(
     """(tensor, layer, embedding) -> what a bitsandbytes optimizer moves per element: its
     states read and written, the parameter read and written, the gradient read. A LoRA
     tensor (its size a multiple of the traced prime rank) keeps its size per unit of rank."""
-    from vramcalc.memory.optimizer import bnb_state_tensors
-
     out = []
     for p, layer, embedding in params:
         n = int(p.numel())
@@ -212,10 +209,7 @@ def trace_events(
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.catalog import config_from_dict
-    from vramcalc.trace import emulation, kbit_ops
-    from vramcalc.trace.fakemodel import build_model, to_fake
-    from vramcalc.trace.steptrace import decoder_layers
+    from vramcalc.trace import emulation, kbit_ops  # they import torch
 
     config = config_from_dict(config_dict)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -22,6 +22,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from vramcalc.catalog import resolve_model
+from vramcalc.estimate import prepare
+from vramcalc.measurements import plan_of
+from vramcalc.memory.layers import NO_SDPA
+from vramcalc.memory.nccl import nccl_buffer_bytes
+from vramcalc.memory.overhead import load_calibration
+from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
+from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
+
 DEFAULT_RECORDS = (
     Path(__file__).resolve().parents[2] / "data/measurements/h100_world_2026-12-06.jsonl"
 )
@@ -53,13 +62,6 @@ def group_of(record: dict[str, Any]) -> str:
 
 def compare_record(record: dict[str, Any]) -> dict[str, Any]:
     """One record: measured, rules (today's estimator) and world trace figures."""
-    from vramcalc.catalog import resolve_model
-    from vramcalc.estimate import prepare
-    from vramcalc.measurements import plan_of
-    from vramcalc.memory.layers import NO_SDPA
-    from vramcalc.memory.nccl import nccl_buffer_bytes
-    from vramcalc.memory.overhead import load_calibration
-    from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
 
     plan = plan_of(record)
     spec = resolve_model(plan.model)
@@ -242,9 +244,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fsdp2_peaks(records: list[dict[str, Any]]) -> dict[str, Any]:
-    from vramcalc.catalog import resolve_model
-    from vramcalc.measurements import plan_of
-    from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
     peaks: dict[str, Any] = {}
     for record in records:

@@ -50,7 +50,7 @@ from vramcalc.timeline import (
     write_snapshot,
     write_timeline,
 )
-from vramcalc.trace import unroll
+from vramcalc.trace import repeat
 from vramcalc.trace.steptrace import CUBLAS_WORKSPACE_BYTES, trace_steps
 from vramcalc.training_plan import TrainingPlan
 
@@ -110,7 +110,7 @@ def test_an_unrolled_trace_keeps_the_phases_and_layers_of_a_trace_of_every_layer
 def test_repeated_steps_repeat_the_markers_of_step_one():
     markers = (("step0", 0), ("step0_backward0", 3), ("step0_optimizer", 5), ("step1", 6),
                ("step1_backward0", 9), ("step1_optimizer", 11), ("end", 12))  # fmt: skip
-    assert unroll.repeat_step_markers(markers, 1) == (*markers[:-1], ("step2", 12),
+    assert repeat.repeat_step_markers(markers, 1) == (*markers[:-1], ("step2", 12),
         ("step2_backward0", 15), ("step2_optimizer", 17), ("end", 18))  # fmt: skip
 
 

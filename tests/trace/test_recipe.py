@@ -18,7 +18,7 @@ import pytest
 
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.slack import simulate_run
-from vramcalc.trace import recipe, steptrace, unroll
+from vramcalc.trace import recipe, repeat, steptrace, unroll
 from vramcalc.training_plan import TrainingPlan
 
 BASE = {
@@ -228,7 +228,7 @@ def test_whole_runs_replay_like_every_layer_and_step_traced(variant: str) -> Non
 def test_repeat_micro_refuses_a_trace_without_three_micro_batches() -> None:
     events = ((0, 1, 8), (1, 1, 8))
     with pytest.raises(unroll.UnrollError):
-        unroll.repeat_micro(events, (0, 0), (("step0", 0), ("step0_optimizer", 2)), 2)
+        repeat.repeat_micro(events, (0, 0), (("step0", 0), ("step0_optimizer", 2)), 2)
 
 
 def test_int8_without_outlier_columns_is_traced_for_the_plan_itself() -> None:

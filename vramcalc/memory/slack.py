@@ -91,7 +91,7 @@ class _Events:
             self.labels.append("")
 
 
-def _checkpoint_key(name: str) -> str:
+def checkpoint_key(name: str) -> str:
     """peft's parameter name -> the base model's state-dict key."""
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
@@ -144,7 +144,7 @@ def load_events(
         warmup += int(numel(shape) * per)
     ev.free(ev.alloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
     loaded: dict[str, int] = {}
-    for name, shape, _, _, kbit in sorted(base, key=lambda p: _checkpoint_key(p[0])):
+    for name, shape, _, _, kbit in sorted(base, key=lambda p: checkpoint_key(p[0])):
         if kbit:
             _quantized_tensors(shape, plan, ev)
         else:
@@ -245,7 +245,7 @@ def _allocator_folder(cache_root: str | None, xdg: str | None) -> str:
     return str(cache_dir("allocator"))
 
 
-def _cache_path(key: str):  # type: ignore[no-untyped-def]
+def simulation_path(key: str):  # type: ignore[no-untyped-def]
     import os
     from pathlib import Path
 
@@ -284,7 +284,7 @@ def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulat
 def _read_cached(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
     import json
 
-    path = _cache_path(simulation_key(config_dict, plan))
+    path = simulation_path(simulation_key(config_dict, plan))
     if path.name not in _cached_names(str(path.parent)):
         return None
     try:
@@ -328,7 +328,7 @@ def simulate_plan(
         run.result.peak_allocated_bytes, reserved, time.perf_counter() - started
     )
     if use_cache:
-        path = _cache_path(simulation_key(config_dict, plan))
+        path = simulation_path(simulation_key(config_dict, plan))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

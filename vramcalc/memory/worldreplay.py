@@ -10,7 +10,14 @@ free (``gpu_bound``), as the allocator's CUDA events do when the GPU lags.
 
 from __future__ import annotations
 
-from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, AllocatorResult
+from vramcalc.memory.allocator import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    AllocatorConfig,
+    AllocatorResult,
+    CachingAllocator,
+)
 from vramcalc.trace.events import WorldTrace
 
 
@@ -30,7 +37,6 @@ def replay(
     to its pool at the first ``malloc`` after a host wait on a point past its free
     (FSDP's rate limiter, a synchronize). Allocated bytes drop at the free either way.
     """
-    from vramcalc.memory.allocator import CachingAllocator
 
     allocator = CachingAllocator(config or AllocatorConfig())
     stop = dict(trace.markers).get(until, len(trace.events)) if until else len(trace.events)

@@ -17,12 +17,16 @@ from typing import Any
 
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.nccl import nccl_buffer_bytes
+from vramcalc.memory.overhead import runtime_bytes
 from vramcalc.memory.slack import (
     ALLOCATOR_MODES,
     SIMULATED_STEPS,
     AllocatorSimulation,
     simulation_key,
+    simulation_path,
 )
+from vramcalc.memory.worldreplay import replay
+from vramcalc.trace.worldtrace import trace_world
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
@@ -43,9 +47,8 @@ def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
 
 def cached_world_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
     """The cached world simulation of ``plan``, or None (no torch import)."""
-    from vramcalc.memory.slack import _cache_path
 
-    path = _cache_path(world_simulation_key(config_dict, plan))
+    path = simulation_path(world_simulation_key(config_dict, plan))
     try:
         raw = json.loads(path.read_text())
         return AllocatorSimulation(
@@ -66,10 +69,6 @@ def simulate_world(
     import os
     import time
 
-    from vramcalc.memory.slack import _cache_path
-    from vramcalc.memory.worldreplay import replay
-    from vramcalc.trace.worldtrace import trace_world
-
     if use_cache:
         hit = cached_world_simulation(config_dict, plan)
         if hit is not None:
@@ -84,7 +83,7 @@ def simulate_world(
         allocated = result.peak_allocated_bytes
     simulation = AllocatorSimulation(allocated, reserved, time.perf_counter() - started)
     if use_cache:
-        path = _cache_path(world_simulation_key(config_dict, plan))
+        path = simulation_path(world_simulation_key(config_dict, plan))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -113,7 +112,6 @@ def world_device_total_bytes(
     """Per-GPU device total as ``estimate_from_inventory`` composes it: peak reserved +
     CUDA context and kernels + the driver's reserve + NCCL's buffers (by rule; 0 in a
     simulated world, which has no NCCL communicator). Returns the parts and the total."""
-    from vramcalc.memory.overhead import runtime_bytes
 
     parts = {
         "peak_reserved": simulation.peak_reserved_bytes[plan.allocator],

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.errors import VramcalcError
+
 #: an allocation's tensor: itemsize, shape, and (dim, multiple) for dims rounded up to a
 #: multiple; or ("bnb", trainable tensor index, embedding) for a bitsandbytes optimizer state
 Shape = tuple[Any, ...]
@@ -37,6 +39,11 @@ class StepTrace:
     # bitsandbytes optimizers: (position in events, trainable tensor index, embedding) where
     # each tensor's states are allocated (its ALLOC events carry shape ("bnb", ...))
     bnb_slots: tuple[tuple[int, int, bool], ...] = ()
+
+
+class UnrollError(VramcalcError):
+    """A trace cannot be expanded: its layers are not alike, or its steps or micro-batches do
+    not repeat (``unroll.py``, ``repeat.py``)."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.trace.fakemodel import to_fake
+from vramcalc.trace.steptrace import decoder_layers, trainer_optimizer
+from vramcalc.trace.worldtrace import build_world_model, check_world_plan, fake_world, quiet
 from vramcalc.training_plan import TrainingPlan
 
 
@@ -31,17 +34,18 @@ def fsdp2_tracker_peak(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
 
-    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
-    from vramcalc.trace.fakemodel import to_fake
-    from vramcalc.trace.worldtrace import _quiet, _world, build_world_model, check_world_plan
+    from vramcalc.trace.emulation import (  # torch: only when a trace runs
+        cuda_functions,
+        gpu_code_paths,
+    )
 
     check_world_plan(plan)
-    with _quiet():
+    with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     to_fake(model, mode)
     vocab = int(model.config.vocab_size)
-    with _world(plan.num_gpus), _quiet():
+    with fake_world(plan.num_gpus), quiet():
         mesh = init_device_mesh("cpu", (plan.num_gpus,))  # reads its ranks: outside fake mode
         with mode, gpu_code_paths(), cuda_functions():
             return _track(model, plan, mesh, vocab)
@@ -51,8 +55,6 @@ def _track(model: Any, plan: TrainingPlan, mesh: Any, vocab: int) -> TrackerPeak
     import torch
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from vramcalc.trace.steptrace import decoder_layers, trace_optimizer
 
     dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
     kwargs: dict[str, Any] = {
@@ -69,7 +71,7 @@ def _track(model: Any, plan: TrainingPlan, mesh: Any, vocab: int) -> TrackerPeak
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = trace_optimizer(params, plan)
+    optimizer = trainer_optimizer(params, plan)
     tracker = FSDPMemTracker(model, optimizer)
     ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
     tracker.track_inputs((ids,))

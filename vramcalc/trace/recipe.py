@@ -27,7 +27,7 @@ chunked attention, the rope's original context -- the sequence length lies on;
 INT8 with or without outlier columns); the trace point is taken inside the
 plan's regime, and a plan whose regime has no room for one (a sequence length
 on a threshold) is traced directly. Gradient accumulation is traced with 1, 2
-or 3 micro-batches; more repeat the third (``unroll.repeat_micro``).
+or 3 micro-batches; more repeat the third (``repeat.repeat_micro``).
 
 ``tests/test_recipe.py`` checks that instantiated traces equal direct traces of
 the same plans event for event.
@@ -50,8 +50,8 @@ from vramcalc.training_plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
 RECIPE_VERSION = 4  # 4: a marker where each backward pass starts
-TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (unroll.repeat_last_step)
-MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (unroll.repeat_micro)
+TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (repeat.repeat_last_step)
+MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (repeat.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
 VARIABLES = ("B", "S", "r", "c")
 # where each variable's trace value starts: well above the small counts a trace also holds
@@ -332,7 +332,7 @@ class RecipeTrace:
 
     def instantiate(self, plan: TrainingPlan) -> StepTrace:
         """The traced steps with ``plan``'s sizes (its micro-batches repeated as needed)."""
-        from vramcalc.trace.unroll import repeat_micro
+        from vramcalc.trace.repeat import repeat_micro
 
         if not self.answers(plan):
             raise RecipeTraceError("INT8 with no outlier column: trace the plan itself")

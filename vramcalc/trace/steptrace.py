@@ -197,7 +197,7 @@ def canonical_frees(
     return tuple(out), tuple(out_tags), position
 
 
-def trace_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+def trainer_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
     import torch
 
     name = plan.optimizer
@@ -448,7 +448,7 @@ def _trace(
     nodes = tag_layers(model, recorder)
     allocator = _rank_allocator(model, plan)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
-        optimizer = trace_optimizer(params, plan)
+        optimizer = trainer_optimizer(params, plan)
         with recorder.mode:
             for step in range(steps):
                 recorder.mark(f"step{step}")

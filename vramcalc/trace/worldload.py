@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramcalc.memory.slack import LOAD_ITEMSIZE, _checkpoint_key
+from vramcalc.memory.slack import LOAD_ITEMSIZE, checkpoint_key
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.training_plan import TrainingPlan
@@ -112,7 +112,7 @@ def warmup_bytes(
             count: float = kbit_numel[id(p)] * (1 if plan.quant == "int8" else 0.5)
         else:
             count = p.numel() * load_size
-        key = _checkpoint_key(name)
+        key = checkpoint_key(name)
         if tp_plan and _get_parameter_tp_plan(key, tp_plan, is_weight=True) is not None:
             count //= plan.num_gpus
         total += count * (copies or {}).get(id(p), 1)
@@ -130,7 +130,7 @@ def load_world(
     """Rank 0's loading, k-bit preparation and adapters on ``recorder`` (module docstring);
     each parameter's events in its decoder layer (``layers``: ``id`` -> layer), the warmup
     sized for ``copies`` of each (``warmup_bytes``)."""
-    from vramcalc.trace.emulation import Emulated4bit, Emulated8bit
+    from vramcalc.trace.emulation import Emulated4bit, Emulated8bit  # torch: only when a trace runs
 
     if not loads_on_gpu(plan):
         recorder.on_host([p for _, p in named])
@@ -152,7 +152,7 @@ def load_world(
     recorder.free_handle(recorder.alloc_bytes(warmup))
     loaded: list[tuple[Any, int, int]] = []  # (param, handle, bytes as loaded)
     first = True
-    for _, p in sorted(base, key=lambda item: dot_natural_key(_checkpoint_key(item[0]))):
+    for _, p in sorted(base, key=lambda item: dot_natural_key(checkpoint_key(item[0]))):
         with recorder.in_layer(layer_of.get(id(p), -1)):
             if id(p) in kbit_numel:
                 _quantize(recorder, p, kbit_numel[id(p)], plan, first)

@@ -82,7 +82,26 @@ from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
-from vramcalc.trace.events import WorldTrace
+from vramcalc.trace.events import UnrollError, WorldTrace
+from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
+from vramcalc.trace.steptrace import (
+    config_layers,
+    decoder_layers,
+    hook_backward,
+    tag_layers,
+    trainer_optimizer,
+)
+from vramcalc.trace.unroll import TRACED_LAYERS
+from vramcalc.trace.worldload import load_world
+from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldunroll import (
+    ModelCopies,
+    add_modules,
+    fsdp_layer_tags,
+    layer_maps,
+    unroll_world,
+)
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
@@ -90,7 +109,7 @@ WORLD_STRATEGIES = (*SHARDED, "ddp")
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
 
 
-def _world(world_size: int) -> Any:
+def fake_world(world_size: int) -> Any:
     """Join torch's fake process group as rank 0 of ``world_size`` (left as it was after)."""
     import torch.distributed as dist
     import torch.distributed._tools.fake_collectives  # noqa: F401 - collectives' fake kernels
@@ -136,8 +155,7 @@ def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layer
     (``bnb_4bit_quant_storage``), uint8 otherwise."""
     import torch
 
-    from vramcalc.trace.fakemodel import build_model
-    from vramcalc.trace.worldlayers import pack_4bit
+    from vramcalc.trace.worldlayers import pack_4bit  # torch: only when a trace runs
 
     model = build_model(config_dict, plan, num_layers)
     if plan.is_kbit and plan.quant != "int8":
@@ -243,7 +261,7 @@ def wrap_ddp(model: Any, plan: TrainingPlan, model_tensors: Any = None) -> Any:
     sized for the tensors ``model_tensors`` says the model's stand for (default: themselves)."""
     from transformers import PreTrainedModel
 
-    from vramcalc.trace.ddpreducer import DDPLike, as_described
+    from vramcalc.trace.ddpreducer import DDPLike, as_described  # torch: only when a trace runs
 
     find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
     return DDPLike(
@@ -256,7 +274,7 @@ def wrap_ddp(model: Any, plan: TrainingPlan, model_tensors: Any = None) -> Any:
 
 # -- the trace ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     import logging
     import warnings
 
@@ -283,17 +301,13 @@ def trace_world(
     With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
     many and unrolled to all of them (``trace/worldunroll.py``); if its layers are not alike
     enough for that, all of them are traced."""
-    from vramcalc.trace import unroll as unrolling
-    from vramcalc.trace.steptrace import config_layers
-    from vramcalc.trace.worldunroll import unroll_world
-
     check_world_plan(plan)
     total = num_layers or config_layers(config_dict)
-    if unroll and total > unrolling.TRACED_LAYERS:
-        small = _trace(config_dict, plan, steps, unrolling.TRACED_LAYERS, total)
+    if unroll and total > TRACED_LAYERS:
+        small = _trace(config_dict, plan, steps, TRACED_LAYERS, total)
         try:
             return unroll_world(small, total)
-        except unrolling.UnrollError:
+        except UnrollError:
             pass
     return _trace(config_dict, plan, steps, num_layers, None)
 
@@ -310,16 +324,13 @@ def _trace(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.trace.emulation import cuda_functions, gpu_code_paths
-    from vramcalc.trace.fakemodel import to_fake
-    from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
-    from vramcalc.trace.steptrace import decoder_layers, hook_backward, tag_layers, trace_optimizer
-    from vramcalc.trace.worldload import load_world
-    from vramcalc.trace.worldrecorder import WorldRecorder
-    from vramcalc.trace.worldunroll import ModelCopies, add_modules, fsdp_layer_tags, layer_maps
+    from vramcalc.trace.emulation import (  # torch: only when a trace runs
+        cuda_functions,
+        gpu_code_paths,
+    )
 
     sharded = plan.strategy in SHARDED
-    with _quiet():
+    with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     named = to_fake(model, mode)
@@ -335,9 +346,9 @@ def _trace(
     recorder.mark("load")
     load_world(recorder, model, named, plan, tensor_layers, copies.copies())
     with (
-        _world(plan.num_gpus),
+        fake_world(plan.num_gpus),
         mode,
-        _quiet(),
+        quiet(),
         gpu_code_paths(),
         cuda_functions(),
         fsdp1_on_fake_device(recorder),
@@ -355,7 +366,7 @@ def _trace(
         nodes = tag_layers(wrapped, recorder)  # forward hooks on each layer's unit
         wrapped.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        optimizer = trace_optimizer(params, plan)
+        optimizer = trainer_optimizer(params, plan)
         wrapped.zero_grad()
         for step in range(steps):
             recorder.mark(f"step{step}")

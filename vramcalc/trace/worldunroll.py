@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC
+from vramcalc.trace.events import WorldTrace
+from vramcalc.trace.steptrace import decoder_layers
 from vramcalc.trace.unroll import TEMPLATE, TRACED_LAYERS, unroll
 from vramcalc.trace.worldrecorder import WorldRecorder
-from vramcalc.trace.events import WorldTrace
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ class ModelCopies:
 
 def layer_maps(model: Any) -> tuple[dict[int, int], dict[int, int]]:
     """(``id(parameter or buffer)`` -> decoder layer, ``id(module)`` -> decoder layer)."""
-    from vramcalc.trace.steptrace import decoder_layers
-
     tensors: dict[int, int] = {}
     modules: dict[int, int] = {}
     for index, layer in enumerate(decoder_layers(model)):
@@ -100,8 +99,6 @@ def layer_maps(model: Any) -> tuple[dict[int, int], dict[int, int]]:
 
 def add_modules(recorder: WorldRecorder, wrapped: Any) -> None:
     """The wrapped model's modules (FSDP's unit wrappers) in the recorder's layer map."""
-    from vramcalc.trace.steptrace import decoder_layers
-
     for index, layer in enumerate(decoder_layers(wrapped)):
         for module in layer.modules():
             recorder.module_layers[id(module)] = index
@@ -147,7 +144,11 @@ def fsdp_layer_tags(recorder: WorldRecorder) -> Iterator[None]:
 
     patches = (
         (FSDP, "__init__", unit_init),
-        (flat_param_module.FlatParamHandle, "init_flat_param_attributes", init_flat_param_attributes),
+        (
+            flat_param_module.FlatParamHandle,
+            "init_flat_param_attributes",
+            init_flat_param_attributes,
+        ),
         (runtime_utils, "_pre_backward_hook", running(runtime_utils._pre_backward_hook, 2)),
         (runtime_utils, "_post_backward_hook", running(runtime_utils._post_backward_hook, 1)),
         (

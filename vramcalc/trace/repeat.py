@@ -1,0 +1,198 @@
+"""The steps and micro-batches a trace repeats: a two-step trace made three steps long, and
+the last traced micro-batch repeated for more gradient accumulation.
+
+Steps after the first run the same operations (the first also creates the optimizer
+states), and so do micro-batches after the second: a repeated one frees what the one before
+it left for it at the same position from its start (``UnrollError`` where a trace does not
+have that shape). ``unroll.py`` then expands the decoder layers.
+"""
+
+from __future__ import annotations
+
+from vramcalc.memory.allocator import ALLOC
+from vramcalc.trace.events import UnrollError
+
+
+def repeat_last_step(
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    markers: tuple[tuple[str, int], ...],
+    times: int,
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...]]:
+    """A trace of steps 0 and 1 with step 1 repeated ``times`` more times.
+
+    Steps after the first run the same operations (the first also creates the optimizer
+    states), so a later step's events are step 1's with new handles. A tensor one step
+    leaves to the next (freed early in the next step) is found at the same position from
+    the start of the step it was made in.
+    """
+    at = dict(markers)
+    if "step0" not in at or "step1" not in at:
+        raise UnrollError("the trace has no step markers")
+    b0, b1 = at["step0"], at["step1"]
+    b2 = at.get("step2", at.get("end", len(events)))
+    if b2 != len(events):
+        raise UnrollError("repeat the last of exactly two traced steps")
+    made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    top = max(made_at, default=0)
+    out, out_tags = list(events), list(tags)
+    previous: dict[int, int] = {h: h for h in made_at}  # step 1's handles as last written
+    for _ in range(times):
+        current: dict[int, int] = {}
+        for i in range(b1, b2):
+            op, handle, nbytes = events[i]
+            if op == ALLOC:
+                top += 1
+                current[handle] = top
+                out.append((op, top, nbytes))
+            else:
+                made = made_at.get(handle, -1)
+                if made >= b1:
+                    out.append((op, current[handle], nbytes))
+                elif made >= b0:  # made by the step before: its counterpart in the last copy
+                    twin = events[made - b0 + b1]
+                    if twin[0] != ALLOC or twin[2] != events[made][2]:
+                        raise UnrollError("a tensor crossing steps has no twin in the next step")
+                    out.append((op, previous[twin[1]], nbytes))
+                else:
+                    raise UnrollError("a later step frees a tensor from before the first step")
+            out_tags.append(tags[i])
+        previous = current
+    return tuple(out), tuple(out_tags)
+
+
+def repeat_micro(
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    markers: tuple[tuple[str, int], ...],
+    times: int,
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], tuple[tuple[str, int], ...]]:
+    """Each step's last traced micro-batch repeated ``times`` more times (gradient
+    accumulation over more micro-batches than were traced).
+
+    Micro-batches after the second run the same operations: each one frees what the one
+    before it left for it (the accumulated gradients it replaces) at the same position from
+    its start, so a copy frees the previous copy's tensors, and what follows the last
+    micro-batch (the optimizer step) frees the last copy's."""
+    at = dict(markers)
+    steps = sorted(
+        int(label[4:]) for label in at if label.startswith("step") and label[4:].isdigit()
+    )
+    last = max((int(label.rsplit("micro", 1)[1]) for label in at if "_micro" in label), default=0)
+    if last < 2 or times <= 0:
+        raise UnrollError("repeat the last of three or more traced micro-batches")
+    segments = []
+    for step in steps:
+        try:
+            prev, start = at[f"step{step}_micro{last - 1}"], at[f"step{step}_micro{last}"]
+            stop = at[f"step{step}_optimizer"]
+        except KeyError as err:
+            raise UnrollError(f"the trace has no marker {err}") from err
+        if stop - start != start - prev:
+            raise UnrollError("the last two micro-batches differ in length")
+        segments.append((prev, start, stop))
+    made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    top = max(made_at, default=0)
+    out: list[tuple[int, int, int]] = []
+    out_tags: list[int] = []
+    remap: dict[int, int] = {}  # a segment's tensor -> its counterpart in the last copy
+    shifts: list[tuple[int, int]] = []  # (event index, events inserted before it)
+    position = 0
+    for prev, start, stop in segments:
+        for i in range(position, stop):
+            op, handle, nbytes = events[i]
+            out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+            out_tags.append(tags[i])
+        position = stop
+        made_in = {h for h in (events[i][1] for i in range(start, stop) if events[i][0] == ALLOC)}
+        freed_in = {events[i][1] for i in range(start, stop) if events[i][0] != ALLOC}
+        for i in range(start, stop):  # a tensor the segment leaves must replace its twin
+            op, handle, _ = events[i]
+            if op == ALLOC and any(
+                events[k][1] == handle and events[k][0] != ALLOC for k in range(i + 1, stop)
+            ):
+                continue
+            if op == ALLOC:
+                twin = events[i - start + prev]
+                if twin[0] != ALLOC or twin[1] not in freed_in:
+                    raise UnrollError("a micro-batch leaves a tensor that the next does not free")
+        previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
+        for _ in range(times):
+            current: dict[int, int] = {}
+            for i in range(start, stop):
+                op, handle, nbytes = events[i]
+                if op == ALLOC:
+                    top += 1
+                    current[handle] = top
+                    out.append((op, top, nbytes))
+                else:
+                    made = made_at.get(handle, -1)
+                    if handle in made_in:
+                        out.append((op, current[handle], nbytes))
+                    elif prev <= made < start:
+                        twin = events[made - prev + start]
+                        if twin[0] != ALLOC or twin[2] != events[made][2]:
+                            raise UnrollError("a tensor crossing micro-batches has no twin")
+                        out.append((op, previous[twin[1]], nbytes))
+                    else:
+                        raise UnrollError("a micro-batch frees a tensor from before the last two")
+                out_tags.append(tags[i])
+            previous = current
+        remap.update({h: previous[h] for h in made_in})
+        shifts.append((stop, times * (stop - start)))
+    for i in range(position, len(events)):
+        op, handle, nbytes = events[i]
+        out.append((op, remap.get(handle, handle) if op != ALLOC else handle, nbytes))
+        out_tags.append(tags[i])
+
+    # the copies stand just before each optimizer marker: later markers move by what came in,
+    # and each copy starts a micro-batch of its own
+    moved = [
+        (label, index + sum(n for where, n in shifts if where <= index)) for label, index in markers
+    ]
+    for step, (_, start, stop) in zip(steps, segments, strict=True):
+        base = stop + sum(n for where, n in shifts if where < stop)
+        moved += [
+            (f"step{step}_micro{last + k}", base + (k - 1) * (stop - start))
+            for k in range(1, times + 1)
+        ]
+        backward = at.get(f"step{step}_backward{last}")  # where backward starts in a copy
+        if backward is not None and start <= backward < stop:
+            moved += [
+                (
+                    f"step{step}_backward{last + k}",
+                    base + (k - 1) * (stop - start) + backward - start,
+                )
+                for k in range(1, times + 1)
+            ]
+    new_markers = tuple(sorted(moved, key=lambda m: (m[1], _marker_order(m[0]))))
+    return tuple(out), tuple(out_tags), new_markers
+
+
+def _marker_order(label: str) -> int:
+    """At one position: a step starts before its micro-batches, whose backward passes come
+    before its optimizer step, which comes before the end."""
+    if label == "end":
+        return 4
+    if label.endswith("_optimizer"):
+        return 3
+    if "_backward" in label:
+        return 2
+    return 1 if "_micro" in label else 0
+
+
+def repeat_step_markers(
+    markers: tuple[tuple[str, int], ...], times: int
+) -> tuple[tuple[str, int], ...]:
+    """The markers of ``repeat_last_step``'s result: step 1's markers again for each copy
+    (``step2``, ``step2_backward0``, ...), and the end after the last."""
+    at = dict(markers)
+    b1 = at["step1"]
+    b2 = at.get("step2", at.get("end", b1))
+    length = b2 - b1
+    step1 = [(label[len("step1") :], i) for label, i in markers
+             if b1 <= i < b2 and (label == "step1" or label.startswith("step1_"))]  # fmt: skip
+    out = [(label, i) for label, i in markers if label != "end"]
+    for copy in range(1, times + 1):
+        out += [(f"step{1 + copy}{rest}", i + copy * length) for rest, i in step1]
+    return (*out, ("end", b2 + times * length))

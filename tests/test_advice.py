@@ -43,9 +43,15 @@ def test_advise_cli_table_json_and_from_file(tmp_path):
     args = ["advise", "--model", "meta-llama/Llama-3.1-70B", "--method", "full", "--gpu", "H200"]
     text = CliRunner().invoke(cli, args)
     assert text.exit_code == 0, text.output
-    assert "cheapest combination:" in text.output and "tokens/s" in text.output
+    assert "combinations that fit, cheapest first" in text.output and "tokens/s" in text.output
     data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
     assert data["combined"]["fits"] and data["combination"]
+    # one combination per kind of cost, the quality one (adapters on a 4-bit base, one card)
+    # before the one with more GPUs
+    costs = [c["cost"] for c in data["combinations"]]
+    assert costs[0] == "quality" and costs == sorted(costs, key=COSTS.index)
+    assert data["combinations"][0]["plan"]["num_gpus"] == 1
+    assert data["combination"] == data["combinations"][0]["flags"]
     path = tmp_path / "a.yml"
     path.write_text(
         "base_model: Qwen/Qwen2.5-7B\nadapter: lora\nsequence_len: 4096\nmicro_batch_size: 8\n"
@@ -63,3 +69,21 @@ def test_advise_unknown_gpu_suggests():
 def test_advise_has_help():
     result = CliRunner().invoke(cli, ["advise", "--help"])
     assert result.exit_code == 0 and "cheapest combination" in result.output
+
+
+def test_a_practitioners_answer_comes_before_sixteen_gpus():
+    """Llama-2-13b LoRA at 2048 x 4 on an RTX 4090: QLoRA (with checkpointing, as the QLoRA
+    recipes run it) on the one card is the first combination; an 8-bit base and checkpointing
+    with micro-batch 1 are offered; more GPUs only after the quality changes."""
+    plan = TrainingPlan("meta-llama/Llama-2-13b", method="lora", seq_len=2048, batch_size=4)
+    advice = advise(plan, find_gpu("RTX-4090"))
+    flags = [c.flags for c in advice.changes]
+    assert "--method qlora --gradient-checkpointing" in flags
+    assert "--quant int8 --gradient-checkpointing" in flags
+    assert "--gradient-checkpointing" in flags and "--batch-size 1 --grad-accum 4" in flags
+    first = advice.combinations[0]
+    assert first.cost == "quality" and first.option.plan.num_gpus == 1
+    assert first.option.plan.method == "qlora" and first.option.plan.gradient_checkpointing
+    assert [c.cost for c in advice.combinations] == sorted(
+        (c.cost for c in advice.combinations), key=COSTS.index
+    )

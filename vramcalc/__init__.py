@@ -22,6 +22,8 @@ _HOMES = {
     "advise": "vramcalc.api",
     "serve": "vramcalc.api",
     "read_config": "vramcalc.api",
+    "check": "vramcalc.api",
+    "compare": "vramcalc.api",
     "report": "vramcalc.api",
     "speed_report": "vramcalc.api",
     "speed_fit": "vramcalc.api",
@@ -39,6 +41,7 @@ _HOMES = {
     "SweepResult": "vramcalc.sweeps",
     "FitResult": "vramcalc.fitting",
     "Advice": "vramcalc.advice",
+    "CheckResult": "vramcalc.checking",
     "ServeResult": "vramcalc.serving.serve_planner",
     "GatedReport": "vramcalc.accuracy",
     "GatedSpeedReport": "vramcalc.speed.speed_report",
@@ -50,6 +53,7 @@ _HOMES = {
     "UnknownGpuError": "vramcalc.errors",
     "ConfigError": "vramcalc.errors",
     "ConfigFileError": "vramcalc.errors",
+    "SimulationError": "vramcalc.errors",
 }
 
 __all__ = [
@@ -59,6 +63,8 @@ __all__ = [
     "advise",
     "serve",
     "read_config",
+    "check",
+    "compare",
     "report",
     "speed_report",
     "speed_fit",
@@ -74,6 +80,7 @@ __all__ = [
     "SweepResult",
     "FitResult",
     "Advice",
+    "CheckResult",
     "ServeResult",
     "GatedReport",
     "GatedSpeedReport",
@@ -84,6 +91,7 @@ __all__ = [
     "UnknownGpuError",
     "ConfigError",
     "ConfigFileError",
+    "SimulationError",
 ]
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -91,6 +99,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from vramcalc.advice import Advice
     from vramcalc.api import (
         advise,
+        check,
+        compare,
         fit,
         gpus,
         models,
@@ -104,11 +114,13 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     )
     from vramcalc.budget import DEFAULT_HEADROOM
     from vramcalc.catalog import Gpu
+    from vramcalc.checking import CheckResult
     from vramcalc.configs import FilePlan
     from vramcalc.errors import (
         ConfigError,
         ConfigFileError,
         InvalidPlanError,
+        SimulationError,
         UnknownGpuError,
         UnknownModelError,
         VramcalcError,

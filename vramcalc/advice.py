@@ -2,9 +2,15 @@
 ranked by what it costs, and the cheapest combination that fits.
 
 Costs, in rank order: nothing but speed (gradient checkpointing, a smaller micro-batch with
-more accumulation, the expandable-segments allocator), more GPUs (FSDP), a little quality
-(8-bit optimizer states, 4-bit base weights, fewer adapter parameters), then data (a shorter
-sequence: tokens cut). Within a rank, the smaller loss of tokens/s comes first.
+more accumulation, the expandable-segments allocator), a little quality (8-bit optimizer
+states, a 4-bit or 8-bit base, a lower rank, fewer target modules: what a practitioner
+reaches for first on one card), more GPUs (FSDP or ZeRO-3, the fewest that fit), then data
+(a shorter sequence: tokens cut). Within a rank, the smaller loss of tokens/s comes first.
+
+Combinations: for each cost, the free changes and those of that cost applied cheapest first
+until the plan fits, then pruned (each dropped again where the rest still fits): one answer
+per kind of cost, ranked by it, so "QLoRA with checkpointing on one card" comes before
+"16 GPUs", which comes before "a shorter sequence".
 
 Every estimate goes through ``prepare(...).estimate`` with the plan's allocator model (the
 run simulated: one trace per recipe, a replay per plan), so each row and the combination
@@ -27,7 +33,7 @@ from vramcalc.speed.throughput import plan_speed
 from vramcalc.training_plan import KBIT_QUANTS, TrainingPlan
 
 # the cost of a change beyond speed, cheapest first
-COSTS = ("none", "more GPUs", "quality", "tokens cut")
+COSTS = ("none", "quality", "more GPUs", "tokens cut")
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,14 @@ class Option:
     device_total_bytes: int
     fits: bool
     tokens_per_second: float | None  # over all GPUs of the plan
+    allocator_model: str = "simulated"  # the estimate's (MemoryEstimate.allocator_model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device_total_bytes": self.device_total_bytes,
             "fits": self.fits,
             "tokens_per_second": self.tokens_per_second,
+            "allocator_model": self.allocator_model,
         }
 
 
@@ -68,6 +76,27 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Combination:
+    """Changes that together make the plan fit, and what the changed plan needs."""
+
+    changes: tuple[Change, ...]
+    option: Option
+
+    @property
+    def cost(self) -> str:
+        """The dearest change's cost."""
+        return max((c.cost for c in self.changes), key=COSTS.index, default="none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flags": [c.flags for c in self.changes],
+            "cost": self.cost,
+            **self.option.to_dict(),
+            "plan": self.option.plan.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
 class Advice:
     gpu: Gpu
     headroom: float
@@ -77,6 +106,8 @@ class Advice:
     combination: tuple[Change, ...]  # applied in order; empty when the plan already fits
     combined: Option | None  # the plan with every change of ``combination``
     source: FilePlan | None = None  # the config file the plan was read from (--from)
+    # every combination that fits, cheapest first (``combination`` is the first one's)
+    combinations: tuple[Combination, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +123,7 @@ class Advice:
                 if self.combined
                 else None
             ),
+            "combinations": [c.to_dict() for c in self.combinations],
             "from_file": self.source.to_dict() if self.source else None,
         }
 
@@ -109,11 +141,14 @@ class _Judge:
     def option(self, plan: TrainingPlan) -> Option:
         if plan not in self.memo:
             prepared = prepare(plan.model, plan)
-            total = self.memory(plan).device_total_bytes
+            memory = self.memory(plan)
+            total = memory.device_total_bytes
             speed = plan_speed(prepared.spec.config_dict, prepared.inventory, plan)
             estimate, _ = speed.on(self.gpu)
             tokens = estimate.tokens_per_second_all_gpus if estimate else None
-            self.memo[plan] = Option(plan, total, self.fits_total(total, plan), tokens)
+            self.memo[plan] = Option(
+                plan, total, self.fits_total(total, plan), tokens, memory.allocator_model
+            )
         return self.memo[plan]
 
     def fits_total(self, total: int, plan: TrainingPlan) -> bool:
@@ -188,26 +223,50 @@ def _candidates(plan: TrainingPlan, judge: _Judge) -> list[tuple[str, str, str, 
                 plan.with_(optimizer="paged_adamw_8bit"),
             )
         )
+    # a k-bit base as the recipes run it: with gradient checkpointing (peft's
+    # prepare_model_for_kbit_training turns it on)
+    ckpt = "" if plan.gradient_checkpointing else " --gradient-checkpointing"
     if plan.method == "lora" and plan.quant not in KBIT_QUANTS:
         out.append(
-            ("--method qlora", "4-bit NF4 base weights", "quality", plan.with_(method="qlora"))
+            (
+                f"--method qlora{ckpt}",
+                "4-bit NF4 base weights (QLoRA)",
+                "quality",
+                plan.with_(method="qlora", gradient_checkpointing=True),
+            )
+        )
+        out.append(
+            (
+                f"--quant int8{ckpt}",
+                "8-bit base weights (LLM.int8)",
+                "quality",
+                plan.with_(quant="int8", gradient_checkpointing=True),
+            )
         )
     if plan.method == "lora" and plan.quant == "int8":
         out.append(
             (
-                "--method qlora",
+                f"--method qlora{ckpt}",
                 "4-bit NF4 base weights instead of INT8",
                 "quality",
-                plan.with_(method="qlora"),
+                plan.with_(method="qlora", gradient_checkpointing=True),
             )
         )
     if plan.method == "full":
         out.append(
             (
-                "--method qlora",
+                "--method lora",
+                "LoRA adapters on the 16-bit base instead of full fine-tuning",
+                "quality",
+                plan.with_(method="lora"),
+            )
+        )
+        out.append(
+            (
+                f"--method qlora{ckpt}",
                 "4-bit base weights + LoRA adapters instead of full fine-tuning",
                 "quality",
-                plan.with_(method="qlora", gradient_checkpointing=plan.gradient_checkpointing),
+                plan.with_(method="qlora", gradient_checkpointing=True),
             )
         )
     if plan.uses_adapters and plan.targets is not None:
@@ -278,12 +337,29 @@ def advise(
         )
         changes.append(Change(flags, description, cost, option, speed))
     changes.sort(key=_rank)
-    combination: list[Change] = []
-    combined = None
+    combinations: list[Combination] = []
     if not baseline.fits:
-        combination, combined = _combine(plan, changes, judge_)
+        for tier in COSTS:  # the free changes and those of one cost, applied cheapest first
+            allowed = [c for c in changes if c.cost in ("none", tier)]
+            taken, combined = _combine(plan, allowed, judge_)
+            if combined is None or not combined.fits:
+                continue
+            found = Combination(tuple(taken), combined)
+            if all(
+                _delta(plan, found.option.plan) != _delta(plan, c.option.plan) for c in combinations
+            ):
+                combinations.append(found)
+    first = combinations[0] if combinations else None
     return Advice(
-        gpu, headroom, budget, baseline, tuple(changes), tuple(combination), combined, source
+        gpu,
+        headroom,
+        budget,
+        baseline,
+        tuple(changes),
+        first.changes if first else (),
+        first.option if first else None,
+        source,
+        tuple(combinations),
     )
 
 
@@ -300,20 +376,16 @@ def _delta(base: TrainingPlan, changed: TrainingPlan) -> dict[str, Any]:
 def _combine(
     plan: TrainingPlan, changes: list[Change], exact: _Judge
 ) -> tuple[list[Change], Option | None]:
-    """The ranked changes applied one after another, cheapest first, until the plan fits;
-    then each dropped again, most expensive first, where the rest still fits."""
+    """The ranked changes applied one after another, cheapest first (a later alternative for a
+    field replacing an earlier one), until the plan fits; then each dropped again, most
+    expensive first, where the rest still fits (a replaced one always can be)."""
     current, taken = plan, []
-    seen_fields: set[str] = set()
-    for change in changes:
-        delta = _delta(plan, change.option.plan)
-        if set(delta) & seen_fields:
-            continue  # an alternative for a field already changed
-        candidate = _apply(current, delta)
+    for change in changes:  # a later alternative for a field overrides an earlier one
+        candidate = _apply(current, _delta(plan, change.option.plan))
         if candidate is None:
             continue
         current = candidate
         taken.append(change)
-        seen_fields |= set(delta)
         if exact.fits(current):
             return _prune(plan, taken, exact)
     return taken, exact.option(current) if taken else None

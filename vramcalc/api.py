@@ -25,6 +25,7 @@ from vramcalc.advice import Advice
 from vramcalc.advice import advise as _advise
 from vramcalc.budget import DEFAULT_HEADROOM, parse_headroom
 from vramcalc.catalog import CatalogModel, Gpu, find_gpu, load_gpus, model_catalog
+from vramcalc.checking import CheckResult, check_plans, read_baseline
 from vramcalc.configs import FilePlan, read_plan_file
 from vramcalc.fitting import FitResult, fit_plan
 from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
@@ -181,6 +182,36 @@ def serve(
     elif options:
         raise TypeError(f"serve() got a ServePlan and options {sorted(options)}")
     return serve_result(plan, choose_gpus(gpus), fit, _headroom(headroom))
+
+
+def check(
+    configs: str | Path | Iterable[str | Path],
+    /,
+    gpu: GpuInput,
+    *,
+    headroom: float | str = DEFAULT_HEADROOM,
+    baseline: str | Path | Mapping[str, Any] | None = None,
+    allocator_model: str | None = None,
+    **flags: Any,
+) -> CheckResult:
+    """``vramcalc check``: each training config (paths or globs) read as ``--from`` reads it,
+    ``flags`` (plan fields) on top, estimated and judged on ``gpu``; ``result.fits`` says
+    whether every one fits. ``baseline``: an earlier ``to_dict()`` (or the file ``--json``
+    wrote) to report each config's change against."""
+    patterns = [str(configs)] if isinstance(configs, (str, Path)) else [str(c) for c in configs]
+    if isinstance(baseline, (str, Path)):
+        baseline = read_baseline(baseline)
+    return check_plans(patterns, _gpu(gpu), _headroom(headroom), flags, baseline, allocator_model)
+
+
+def compare(
+    predicted: str | Path, measured: str | Path, output: str | Path, *, title: str = ""
+) -> Path:
+    """``vramcalc compare``: a predicted memory timeline (``plan --snapshot``) over a measured
+    one (a torch memory snapshot or a harness allocator trace), written to ``output``."""
+    from vramcalc.timeline import compare_timelines  # matplotlib: only when a picture is drawn
+
+    return compare_timelines(predicted, measured, output, title)
 
 
 def models() -> tuple[CatalogModel, ...]:

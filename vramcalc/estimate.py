@@ -32,7 +32,7 @@ from typing import Any
 from vramcalc.catalog import ModelSpec, forget_resolved, one_line, resolve
 from vramcalc.errors import SimulationError, VramcalcError
 from vramcalc.inventory import ModelInventory, build_inventory, cache_key, lora_key
-from vramcalc.memory import DTYPE_BYTES
+from vramcalc.memory import DTYPE_BYTES, slack
 from vramcalc.memory.activations import ActivationEstimate, estimate_activations
 from vramcalc.memory.adalora import AdaLoraEstimate, estimate_adalora
 from vramcalc.memory.distributed import effective_plan, shard_static
@@ -170,8 +170,6 @@ class Prepared:
         A recipe whose training step cannot be traced raises ``SimulationError`` naming it
         and the way out (``--allocator-model approximate``): no answer is silently
         approximated."""
-        from vramcalc.memory import slack
-
         if allocator_model not in ALLOCATOR_MODELS:
             raise ValueError(
                 f"allocator_model {allocator_model!r} is not one of {ALLOCATOR_MODELS}"
@@ -191,8 +189,6 @@ class Prepared:
 
     def cached(self, plan: TrainingPlan) -> bool:
         """Whether ``plan``'s simulation is on disk already (no trace, no replay to run)."""
-        from vramcalc.memory import slack
-
         return plan.num_gpus > 1 or slack.cached_simulation(self.spec.config_dict, plan) is not None
 
 

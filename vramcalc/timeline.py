@@ -24,8 +24,21 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from vramcalc.catalog import resolve
 from vramcalc.errors import AllocatorTraceError, InvalidPlanError
-from vramcalc.memory.timeline import RecordedRun
+from vramcalc.measurements import plan_of
+from vramcalc.memory.slack import SIMULATED_STEPS
+from vramcalc.memory.snapshot import (
+    from_trace_file,
+    read_snapshot,
+    snapshot_series,
+    to_snapshot,
+    write_snapshot_file,
+)
+from vramcalc.memory.timeline import RecordedRun, record_run, timeline
+from vramcalc.progress import describe
+from vramcalc.render.timeline import render_comparison, render_timeline, trace_html
+from vramcalc.trace.recipe import plan_steps
 from vramcalc.training_plan import TrainingPlan
 
 TIMELINE_SUFFIXES = (".png", ".svg", ".pdf", ".html")
@@ -45,7 +58,6 @@ def _plan_of(plan: Any) -> TrainingPlan:
 
 def describe_plan(plan: TrainingPlan) -> str:
     """A plan's recipe and sizes in one line, for titles."""
-    from vramcalc.progress import describe
 
     parts = [describe(plan.model, plan.method, plan.quant)]
     if plan.uses_adapters:
@@ -62,10 +74,6 @@ def record_plan(plan: Any) -> RecordedRun:
     """The simulated run of a single-GPU ``plan`` (a ``TrainingPlan`` or an estimate of one),
     every allocator action of it: traced once per recipe (seconds to a minute of CPU; cached),
     replayed in well under a second."""
-    from vramcalc.catalog import resolve
-    from vramcalc.memory.slack import SIMULATED_STEPS
-    from vramcalc.memory.timeline import record_run
-    from vramcalc.trace.recipe import plan_steps
 
     plan = _plan_of(plan)
     if plan.num_gpus > 1:
@@ -100,14 +108,9 @@ def write_timeline(plan_or_run: Any, path: str | Path) -> Path:
         )
     run = _run(plan_or_run)
     if path.suffix.lower() == ".html":
-        from vramcalc.memory.snapshot import to_snapshot
-        from vramcalc.render.timeline import trace_html
-
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(trace_html(to_snapshot(run)))
         return path
-    from vramcalc.memory.timeline import timeline
-    from vramcalc.render.timeline import render_timeline
 
     return render_timeline(timeline(run), path)
 
@@ -115,14 +118,12 @@ def write_timeline(plan_or_run: Any, path: str | Path) -> Path:
 def write_snapshot(plan_or_run: Any, path: str | Path) -> Path:
     """Write a plan's (or a recorded run's) simulated run as a torch memory snapshot pickle:
     it opens in https://pytorch.org/memory_viz and ``python -m torch.cuda._memory_viz``."""
-    from vramcalc.memory.snapshot import to_snapshot, write_snapshot_file
 
     return write_snapshot_file(to_snapshot(_run(plan_or_run)), path)
 
 
 def load_snapshot(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     """A snapshot dict, or one read from a pickle or a harness trace (``.json.gz``)."""
-    from vramcalc.memory.snapshot import read_snapshot
 
     if isinstance(source, dict):
         return source
@@ -141,8 +142,6 @@ def compare_timelines(
 ) -> Path:
     """Overlay two snapshots' in-use and reserved bytes (each a path or a snapshot dict),
     aligned on loading and each step where both carry the markers, and write a PNG."""
-    from vramcalc.memory.snapshot import snapshot_series
-    from vramcalc.render.timeline import render_comparison
 
     ours, theirs = (
         snapshot_series(load_snapshot(predicted)),
@@ -172,8 +171,6 @@ def report_timeline(case: str | Path = REPORT_CASE, out_dir: str | Path = "repor
     """The report's picture: the predicted timeline of a committed trace's plan against the
     measured one, written to ``out_dir/timeline_<case>.png`` (``case``: a case id of
     ``committed_traces()`` or a trace path)."""
-    from vramcalc.measurements import plan_of
-    from vramcalc.memory.snapshot import from_trace_file, to_snapshot
 
     path = Path(case)
     if not path.name.endswith(".json.gz"):

@@ -94,6 +94,34 @@ def _serve(model: Path, tmp: Path):
     )
 
 
+def _check(model: Path, tmp: Path):
+    config = tmp / "train.yml"
+    config.write_text(
+        f"base_model: {model}\nadapter: qlora\nload_in_4bit: true\nsequence_len: 256\n"
+    )
+    return (
+        ["check", "--from", str(config), "--gpu", "L4", "--json"],
+        lambda: _json(vramcalc.check(str(config), "L4")),
+        lambda out: out.stdout,
+    )
+
+
+def _compare(model: Path, tmp: Path):
+    from vramcalc.timeline import write_snapshot
+
+    plan = vramcalc.TrainingPlan(str(model), method="lora", seq_len=64)
+    predicted, measured = (
+        write_snapshot(plan, tmp / "p.pickle"),
+        Path("data/measurements/h200_round2_traces/07145b4d3b9f0836.json.gz"),
+    )
+
+    def through_the_api() -> bytes:
+        return vramcalc.compare(predicted, measured, tmp / "api.png").read_bytes()
+
+    args = ["compare", str(predicted), str(measured), "-o", str(tmp / "cli.png")]
+    return args, through_the_api, lambda out: (tmp / "cli.png").read_bytes()
+
+
 ACCURACY_FILES = ("accuracy.md", "accuracy.csv", "accuracy.json")
 
 
@@ -168,6 +196,8 @@ CASES: dict[str, Case] = {
     "sweep": _sweep,
     "fit": _fit,
     "advise": _advise,
+    "check": _check,
+    "compare": _compare,
     "serve": _serve,
     "report": _report,
     "speed-report": _speed_report,

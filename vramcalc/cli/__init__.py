@@ -12,7 +12,9 @@ import importlib
 
 import click
 
+from vramcalc.cli.options import status_line
 from vramcalc.errors import VramcalcError
+from vramcalc.progress import reporting
 
 #: command name -> (module, attribute); optional modules may be missing (the harness)
 COMMANDS = {
@@ -22,6 +24,8 @@ COMMANDS = {
     "sweep": ("vramcalc.cli.capacity", "sweep"),
     "fit": ("vramcalc.cli.capacity", "fit"),
     "advise": ("vramcalc.cli.advise", "advise"),
+    "check": ("vramcalc.cli.check", "check"),
+    "compare": ("vramcalc.cli.compare", "compare"),
     "serve": ("vramcalc.cli.serve", "serve"),
     "report": ("vramcalc.cli.report", "report"),
     "speed-report": ("vramcalc.cli.speed", "speed_report"),
@@ -51,8 +55,6 @@ class _Group(click.Group):
         return command
 
     def invoke(self, ctx: click.Context):
-        from vramcalc.cli.options import status_line
-        from vramcalc.progress import reporting
 
         line = status_line()
         try:

@@ -23,12 +23,14 @@ from vramcalc.cli.options import (
     gpu_option,
     gpus_option,
     headroom_option,
+    hide_status_line,
     json_option,
     plan_and_source,
     plan_options,
     quiet_option,
     run_length_options,
 )
+from vramcalc.progress import reporting
 from vramcalc.render import export
 from vramcalc.render.capacity import render_fit, render_sweep
 from vramcalc.render.files import render_file_plan
@@ -107,8 +109,6 @@ def _progress(quiet: bool):
     """A tqdm bar on stderr around the sweep's plans (none when quiet or not a terminal), with
     the step under way (tracing a recipe, replaying a run) beside it in place of the status
     line."""
-    from vramcalc.cli.options import hide_status_line
-    from vramcalc.progress import reporting
 
     disable = quiet or not sys.stderr.isatty()
 

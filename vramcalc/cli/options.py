@@ -45,6 +45,40 @@ class SuggestingChoice(click.Choice):
 
 def plan_options(func):
     """The options that describe one training plan (shared by plan and friends)."""
+    for option in reversed(_plan_option_list()):
+        func = option(func)
+    return func
+
+
+def check_plan_options(func):
+    """``check``'s plan options: ``--from`` takes several files or globs, and the other plan
+    options, given, override every file."""
+    for option in reversed(_plan_option_list(several_files=True)):
+        func = option(func)
+    return func
+
+
+def _plan_option_list(several_files: bool = False) -> list:
+    from_file = (
+        click.option(
+            "--from",
+            "from_files",
+            multiple=True,
+            required=True,
+            help="Training config(s) to check: axolotl, LLaMA-Factory, TRL or HF Trainer "
+            "(YAML/JSON); repeat it, or give a glob such as 'configs/*.yaml' (quoted).",
+        )
+        if several_files
+        else click.option(
+            "--from",
+            "from_file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Read the plan from a training config: axolotl, LLaMA-Factory, TRL or HF "
+            "Trainer (YAML/JSON). Keys the file leaves out take that tool's defaults; flags "
+            "given on the command line override the file.",
+        )
+    )
     options = [
         click.option(
             "--model",
@@ -53,15 +87,7 @@ def plan_options(func):
             help="Catalog name or alias (see 'vramcalc models'), a local dir/config.json, or a hub id "
             "(online). Required unless --from names a config file.",
         ),
-        click.option(
-            "--from",
-            "from_file",
-            type=click.Path(exists=True, dir_okay=False),
-            default=None,
-            help="Read the plan from a training config: axolotl, LLaMA-Factory, TRL or HF Trainer "
-            "(YAML/JSON). Keys the file leaves out take that tool's defaults; flags given on the "
-            "command line override the file.",
-        ),
+        from_file,
         click.option(
             "--method",
             type=SuggestingChoice(METHODS),
@@ -195,9 +221,7 @@ def plan_options(func):
             "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, less fragmentation slack).",
         ),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return options
 
 
 def adalora_options() -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -43,6 +44,18 @@ from vramcalc.render.plan import render_plan_result
     is_flag=True,
     help="Add each rule, calibration source, price source and speed source.",
 )
+@click.option(
+    "--timeline",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the simulated run (loading, 3 steps: allocated and reserved bytes, the "
+    "phases, what is alive at the peak) to FILE.png / .svg / .pdf, or .html (torch's viewer).",
+)
+@click.option(
+    "--snapshot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the simulated run as a PyTorch memory snapshot (FILE.pickle): open it in "
+    "https://pytorch.org/memory_viz beside one of your real run, or 'vramcalc compare'.",
+)
 @allocator_model_option
 @quiet_option
 @json_option("Print one JSON object (schema in README) instead of the report.")
@@ -56,6 +69,8 @@ def plan(
     price_per_hour: float | None,
     all_gpus: bool,
     verbose: bool,
+    timeline: Path | None,
+    snapshot: Path | None,
     allocator_model: str | None,
     as_json: bool,
     **options,
@@ -91,3 +106,13 @@ def plan(
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose))
+    if timeline is not None or snapshot is not None:
+        import vramcalc.timeline as timelines  # matplotlib: only when a picture is asked
+
+        run = timelines.record_plan(result.memory)
+        for path, write in (
+            (timeline, timelines.write_timeline),
+            (snapshot, timelines.write_snapshot),
+        ):
+            if path is not None:
+                click.echo(f"wrote {write(run, path)}", err=True)

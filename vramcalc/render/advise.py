@@ -29,7 +29,8 @@ def render_advice(advice: Advice) -> str:
             c.flags,
             c.description,
             c.cost,
-            gib(c.option.device_total_bytes),
+            gib(c.option.device_total_bytes)
+            + ("*" if c.option.allocator_model != "simulated" else ""),
             "yes" if c.option.fits else "no",
             _speed(c.option),
             f"{c.speed_change:+.0%}" if c.speed_change is not None else "-",
@@ -38,21 +39,38 @@ def render_advice(advice: Advice) -> str:
     ]
     headers = ["#", "change", "what it does", "costs", "memory after", "fits", "tokens/s", "speed"]
     numeric = [True, False, False, False, True, False, True, True]
-    lines.append(
-        "changes, cheapest first (each alone; memory with the calibrated allocator slack):"
+    approximate = base.allocator_model != "simulated" or any(
+        c.option.allocator_model != "simulated" for c in advice.changes
     )
+    lines.append("changes, cheapest first (each alone; memory: each run simulated):")
     lines.append(table(rows, headers, numeric))
+    if approximate:
+        lines.append(
+            "  * approximate: a calibrated fraction for the allocator's slack, not a simulated "
+            "run (multi-GPU plans are not simulated yet, or --allocator-model approximate)"
+        )
     if base.fits:
         lines += ["", "the plan fits with the headroom asked; the changes above only add room."]
-    elif advice.combined is None:
+    elif not advice.combinations:
         lines += ["", "nothing of the list makes it fit."]
     else:
-        done = advice.combined
-        verdict = "fits" if done.fits else "still does not fit"
+        rows = [
+            [
+                str(i),
+                " ".join(c.flags for c in combo.changes),
+                combo.cost,
+                gib(combo.option.device_total_bytes),
+                _speed(combo.option),
+            ]
+            for i, combo in enumerate(advice.combinations, 1)
+        ]
         lines += [
             "",
-            f"cheapest combination: {' '.join(c.flags for c in advice.combination)}",
-            f"  -> {gib(done.device_total_bytes)}, {verdict}, {_speed(done)} tokens/s "
-            "(confirmed with the default allocator model)",
+            "combinations that fit, cheapest first (ranked by their dearest change):",
+            table(
+                rows,
+                ["#", "changes", "costs", "memory", "tokens/s"],
+                [True, False, False, True, True],
+            ),
         ]
     return "\n".join(lines)

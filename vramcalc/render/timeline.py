@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
+
 from vramcalc.memory.snapshot import SnapshotSeries
 from vramcalc.memory.timeline import (
     BACKWARD,
@@ -55,17 +59,12 @@ def composition_lines(peak: PeakComposition, top: int = 7) -> list[str]:
 
 
 def _figure(width: float = 13.0, height: float = 6.5):  # type: ignore[no-untyped-def]
-    import matplotlib
-
     matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-
     return plt.subplots(figsize=(width, height), dpi=110)
 
 
 def render_timeline(timeline: Timeline, path: str | Path) -> Path:
     """Draw ``timeline`` to a PNG (or any format matplotlib writes by suffix)."""
-    from matplotlib.patches import Patch
 
     fig, ax = _figure()
     xs = range(len(timeline.allocated_bytes))
@@ -117,7 +116,6 @@ def render_timeline(timeline: Timeline, path: str | Path) -> Path:
 
 
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
-    import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -288,9 +288,12 @@ class _FlashAttentionLike(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def flash_like_sdpa(original: Any) -> Any:
-    """``F.scaled_dot_product_attention`` that takes the FlashAttention-2 path where CUDA
-    would (no mask, fp16/bf16, head dim <= 256, no dropout); anything else as ``original``."""
+def cuda_sdpa(original: Any, flash: Any) -> Any:
+    """``F.scaled_dot_product_attention`` routed as CUDA routes it: fp32 inputs cast to the
+    autocast dtype first (SDPA is on CUDA autocast's lower-precision list; CPU autocast's is
+    not), then ``flash(query, key, value)`` where CUDA takes FlashAttention-2 (no mask, no
+    dropout, fp16/bf16, one head dim <= 256), anything else as ``original``. The step trace
+    (``flash_like_sdpa``) and the op trace (``kbit_ops.flash_sdpa``) both route through it."""
 
     def sdpa(
         query,
@@ -303,25 +306,27 @@ def flash_like_sdpa(original: Any) -> Any:
         enable_gqa=False,
     ):  # type: ignore[no-untyped-def]  # noqa: E501
         if torch.is_autocast_enabled("cpu") and query.dtype == torch.float32:
-            # scaled_dot_product_attention is on CUDA autocast's lower-precision list: fp32
-            # inputs (int8 layers return their input's fp32) are cast before the kernel
             low = torch.get_autocast_dtype("cpu")
             query, key, value = query.to(low), key.to(low), value.to(low)
-        flash = (
+        if (
             attn_mask is None
             and dropout_p == 0.0
             and query.dtype in (torch.bfloat16, torch.float16)
             and query.shape[-1] <= 256
             and query.shape[-1] == key.shape[-1] == value.shape[-1]
-        )
-        if flash:
-            return _FlashAttentionLike.apply(query, key, value)
+        ):
+            return flash(query, key, value)
         return original(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
 
     return sdpa
+
+
+def flash_like_sdpa(original: Any) -> Any:
+    """SDPA as CUDA runs it, FlashAttention-2 allocating what it allocates there."""
+    return cuda_sdpa(original, _FlashAttentionLike.apply)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vramcalc.trace.emulation import INT8_THRESHOLD  # noqa: F401  (the outlier threshold)
+from vramcalc.trace.emulation import INT8_THRESHOLD, cuda_sdpa  # noqa: F401  (INT8_THRESHOLD: the outlier threshold)
 
 BNB_BLOCKSIZE = 64  # NF4/FP4 weight blocks (BitsAndBytesConfig default)
 BNB_ABSMAX_BLOCKSIZE = 256  # double quantization of the absmax
@@ -238,30 +238,5 @@ class _Flash(torch.autograd.Function):
 
 
 def flash_sdpa(original: Any, rec: Any) -> Any:
-    """``F.scaled_dot_product_attention`` taking CUDA's FlashAttention-2 path where CUDA would
-    (no mask, no dropout, fp16/bf16, head dim <= 256); anything else as ``original``."""
-
-    def sdpa(
-        query,
-        key,
-        value,
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        scale=None,
-        enable_gqa=False,
-    ):  # type: ignore[no-untyped-def]  # noqa: E501
-        if torch.is_autocast_enabled("cpu") and query.dtype == torch.float32:
-            # CUDA autocast runs SDPA in bf16 (its lower-precision list; CPU autocast's is not)
-            dtype = torch.get_autocast_dtype("cpu")
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        if (
-            attn_mask is None
-            and dropout_p == 0.0
-            and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-1] <= 256
-        ):
-            return _Flash.apply(query, key, value, rec)
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)  # fmt: skip
-
-    return sdpa
+    """SDPA as CUDA routes it (``emulation.cuda_sdpa``), FlashAttention-2's work recorded."""
+    return cuda_sdpa(original, lambda query, key, value: _Flash.apply(query, key, value, rec))

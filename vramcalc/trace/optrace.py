@@ -24,7 +24,7 @@ from vramcalc.memory.optimizer import bnb_state_tensors
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
-from vramcalc.trace.steptrace import decoder_layers
+from vramcalc.trace.steptrace import claim_nodes, decoder_layers, torch_optimizer
 from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
@@ -69,13 +69,7 @@ def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     stack: list[tuple[int, str]] = []
 
     def walk(root: Any, stop: Any, layer: int) -> None:
-        todo = [root]
-        while todo:
-            node = todo.pop()
-            if node is None or node is stop or node in nodes:
-                continue
-            nodes[node] = layer
-            todo.extend(fn for fn, _ in node.next_functions)
+        claim_nodes(root, stop, layer, nodes)
 
     for index, layer in enumerate(decoder_layers(model)):
 
@@ -135,18 +129,12 @@ def _outlier_probability(config: Any, name: str) -> float:
 
 
 def _torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
-    """The optimizer Trainer builds, as CUDA runs it (fused, or foreach by default on CUDA)."""
-    import torch
-
-    name = plan.optimizer
-    if name in ("adamw_torch", "adamw_torch_fused"):
-        fused = name == "adamw_torch_fused"
-        return torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-4, foreach=True)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
-    if name == "adafactor":
+    """The optimizer Trainer builds, as CUDA runs it (``steptrace.torch_optimizer``; Adafactor's
+    own ops too)."""
+    optimizer = torch_optimizer(params, plan)
+    if optimizer is not None:
+        return optimizer
+    if plan.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)

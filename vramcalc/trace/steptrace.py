@@ -197,7 +197,9 @@ def canonical_frees(
     return tuple(out), tuple(out_tags), position
 
 
-def trainer_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+def torch_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+    """The torch optimizer HF Trainer builds for ``plan.optimizer``, as CUDA runs it (None for
+    the bitsandbytes and Adafactor optimizers): the step and the op traces both run it."""
     import torch
 
     name = plan.optimizer
@@ -210,7 +212,12 @@ def trainer_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
         return torch.optim.SGD(params, lr=1e-4, foreach=True)
     if name == "sgd_momentum":
         return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
-    return _StatesOnly(params, plan)
+    return None
+
+
+def trainer_optimizer(params: list[Any], plan: TrainingPlan) -> Any:
+    """The step trace's optimizer: torch's, else the states the rules give (``_StatesOnly``)."""
+    return torch_optimizer(params, plan) or _StatesOnly(params, plan)
 
 
 #: (trainable tensor index, embedding) while a bitsandbytes state is allocated: the recorder
@@ -283,6 +290,19 @@ def decoder_layers(model: Any) -> list[Any]:
     return longest
 
 
+def claim_nodes(root: Any, stop: Any, layer: int, nodes: dict[Any, int]) -> None:
+    """The autograd nodes a decoder layer's forward made: from its output's node back to its
+    input's (``stop``), each not claimed yet given ``layer`` in ``nodes`` (the step and the op
+    traces tag backward by them)."""
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node is stop or node in nodes:
+            continue
+        nodes[node] = layer
+        todo.extend(fn for fn, _ in node.next_functions)
+
+
 def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
     and, for backward, the autograd nodes each layer's forward created (found from its
@@ -292,13 +312,7 @@ def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     inputs: list[Any] = []
 
     def walk(root: Any, stop: Any, layer: int) -> None:
-        todo = [root]
-        while todo:
-            node = todo.pop()
-            if node is None or node is stop or node in nodes:
-                continue
-            nodes[node] = layer
-            todo.extend(fn for fn, _ in node.next_functions)
+        claim_nodes(root, stop, layer, nodes)
 
     for index, layer in enumerate(decoder_layers(model)):
 

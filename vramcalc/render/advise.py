@@ -47,7 +47,8 @@ def render_advice(advice: Advice) -> str:
     if approximate:
         lines.append(
             "  * approximate: a calibrated fraction for the allocator's slack, not a simulated "
-            "run (multi-GPU plans are not simulated yet, or --allocator-model approximate)"
+            "run (a ZeRO plan, which the simulated world does not run, or --allocator-model "
+            "approximate)"
         )
     if base.fits:
         lines += ["", "the plan fits with the headroom asked; the changes above only add room."]

@@ -56,6 +56,8 @@ class WorldRecorder(StepRecorder):
         self._scope: str | None = None
         self._inputs_on_host = False
         self.module_layers: dict[int, int] = {}  # id(module) -> its decoder layer (tags)
+        self.layer_modules: set[int] = set()  # id of each decoder layer module
+        self.stopped = False  # True: nothing more is recorded (the run is over)
         # decoder layer -> how many layers of the model simulated it stands for, where that is
         # not 1 (a model traced with fewer layers than it has: trace/worldunroll.py)
         self.layer_repeats: dict[int, int] = {}
@@ -84,6 +86,8 @@ class WorldRecorder(StepRecorder):
         return handle
 
     def _free(self, handle: int, nbytes: int, tag: int) -> None:
+        if self.stopped:
+            return
         super()._free(handle, nbytes, tag)
         self.streams.append(self._made_on.pop(handle, DEFAULT_STREAM))
 
@@ -187,7 +191,7 @@ class WorldRecorder(StepRecorder):
     def resized(self, storage: Any, nbytes: int) -> None:
         """``storage.resize_(nbytes)`` ran: 0 frees its block, from 0 allocates one."""
         key = storage._cdata
-        if key in self._host:
+        if key in self._host or self.stopped:
             return
         self.label = "resize"
         if key not in self._handles:
@@ -228,6 +232,8 @@ class WorldRecorder(StepRecorder):
         )
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
+        if self.stopped:
+            return func(*args, **kwargs)
         self.label = func.overloadpacket.__name__
         if self.label in ("stack", "cat") and args:
             self._whole_model_bytes = self._gathered_bytes(args[0])

@@ -95,6 +95,7 @@ from vramcalc.trace.steptrace import (
 from vramcalc.trace.unroll import TRACED_LAYERS
 from vramcalc.trace.worldload import load_world
 from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrepeat import canonical_world, repeat_world_step
 from vramcalc.trace.worldunroll import (
     ModelCopies,
     add_modules,
@@ -299,17 +300,39 @@ def trace_world(
     (``num_layers`` decoder layers, default all).
 
     With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
-    many and unrolled to all of them (``trace/worldunroll.py``); if its layers are not alike
-    enough for that, all of them are traced."""
+    many and unrolled to all of them, and under FSDP two steps are traced and the second
+    repeated (``trace/worldunroll.py``; DDP rebuilds its buckets in the second step, so its
+    steps are traced); where the trace does not have that shape, all of it is traced."""
     check_world_plan(plan)
+    return canonical_world(_unrolled(config_dict, plan, steps, num_layers, unroll))
+
+
+def _unrolled(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int,
+    num_layers: int | None,
+    unroll: bool,
+) -> WorldTrace:
     total = num_layers or config_layers(config_dict)
-    if unroll and total > TRACED_LAYERS:
-        small = _trace(config_dict, plan, steps, TRACED_LAYERS, total)
+    if not unroll:
+        return _trace(config_dict, plan, steps, num_layers, None)
+    layers = min(total, TRACED_LAYERS)
+    if plan.strategy in SHARDED and steps > 2:
+        small = _trace(config_dict, plan, 2, layers, total)
         try:
-            return unroll_world(small, total)
+            return _all_layers(repeat_world_step(small, steps - 2), total)
         except UnrollError:
             pass
-    return _trace(config_dict, plan, steps, num_layers, None)
+    small = _trace(config_dict, plan, steps, layers, total)
+    try:
+        return _all_layers(small, total)
+    except UnrollError:
+        return _trace(config_dict, plan, steps, num_layers, None)
+
+
+def _all_layers(trace: WorldTrace, num_layers: int) -> WorldTrace:
+    return unroll_world(trace, num_layers) if num_layers > trace.num_layers else trace
 
 
 def _trace(
@@ -341,6 +364,7 @@ def _trace(
     vocab = int(config.vocab_size)
     num_decoder_layers = len(decoder_layers(model))
     tensor_layers, recorder.module_layers = layer_maps(model)
+    recorder.layer_modules = {id(layer) for layer in decoder_layers(model)}
     copies = ModelCopies(tensor_layers, model_layers or num_decoder_layers, num_decoder_layers)
     recorder.layer_repeats = copies.layer_repeats()
     recorder.mark("load")
@@ -382,6 +406,7 @@ def _trace(
                         loss = loss / plan.grad_accum
                     recorder.layer = -1
                     hook_backward(loss, nodes, recorder)
+                    recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()
                     recorder.in_backward = False
@@ -398,6 +423,7 @@ def _trace(
             wrapped.zero_grad()
             recorder.sync()  # the harness synchronizes at every step end (on_step_end)
         recorder.mark("end")
+        recorder.stopped = True  # what is freed after the last step cannot raise a peak
         del optimizer, params, wrapped
     return WorldTrace(
         tuple(recorder.events),

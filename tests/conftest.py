@@ -43,6 +43,27 @@ TINY_OPT = {
 }
 
 
+def pytest_terminal_summary(terminalreporter):  # noqa: ANN001, ANN201
+    """The speed benchmarks' figures and targets (``speed_figures``), where CI logs keep them."""
+    figures = getattr(terminalreporter.config, "speed_figures", [])
+    if figures:
+        terminalreporter.section("speed figures (targets in each line)")
+        for line in figures:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def speed_figure(request):  # noqa: ANN001, ANN201
+    """``speed_figure(name, extra_info)``: a benchmark's figures, printed in the run's summary."""
+
+    def show(name: str, extra: dict) -> None:
+        figures = getattr(request.config, "speed_figures", [])
+        figures.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        request.config.speed_figures = figures
+
+    return show
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _inventory_cache(tmp_path_factory):
     os.environ["VRAMCALC_CACHE_DIR"] = str(tmp_path_factory.mktemp("vramcalc-cache"))

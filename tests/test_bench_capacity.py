@@ -71,16 +71,22 @@ def _timed_sweep(cases, path, seconds):
     return result
 
 
+@pytest.fixture(scope="module")
+def sweep_cache(tmp_path_factory):
+    """The disk cache the cold sweep fills and the warm sweep reads (one cold sweep a run)."""
+    return tmp_path_factory.mktemp("sweep-cache")
+
+
 @pytest.mark.benchmark(group="sweep-1000-simulated")
-def test_thousand_rows_cold(benchmark, cases, tmp_path, monkeypatch):
+def test_thousand_rows_cold(benchmark, cases, tmp_path, monkeypatch, sweep_cache, speed_figure):
     monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / "warmup"))
     run_sweep(cases[:10], [])  # the one-off imports, outside the timing
     seconds: list[float] = []
-    rounds = iter(range(100))
 
     def fresh():
         _forget_everything()
-        monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / f"cache{next(rounds)}"))
+        assert not any(sweep_cache.iterdir())  # one round, from an empty cache
+        monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(sweep_cache))
         return (cases, tmp_path / "sweep.csv", seconds), {}
 
     result = benchmark.pedantic(_timed_sweep, setup=fresh, rounds=1, warmup_rounds=0)
@@ -88,12 +94,13 @@ def test_thousand_rows_cold(benchmark, cases, tmp_path, monkeypatch):
     assert {row.estimate.allocator_model for row in result.rows} == {"simulated"}
     benchmark.extra_info["seconds"] = round(seconds[-1], 2)
     benchmark.extra_info["target_seconds"] = 60
+    speed_figure("1,000-row sweep, cold", benchmark.extra_info)
 
 
 @pytest.mark.benchmark(group="sweep-1000-simulated")
-def test_thousand_rows_warm(benchmark, cases, tmp_path, monkeypatch):
-    monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / "cache"))
-    run_sweep(cases, [])  # fill the disk cache
+def test_thousand_rows_warm(benchmark, cases, tmp_path, monkeypatch, sweep_cache, speed_figure):
+    monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(sweep_cache))
+    run_sweep(cases, [])  # the disk cache full (the cold benchmark filled it when it ran)
     seconds: list[float] = []
     result = benchmark.pedantic(
         _timed_sweep, args=(cases, tmp_path / "sweep.csv", seconds), rounds=3
@@ -101,3 +108,4 @@ def test_thousand_rows_warm(benchmark, cases, tmp_path, monkeypatch):
     assert len(result.rows) == 1000 and result.errors == 0 and result.approximated == 0
     benchmark.extra_info["seconds"] = round(statistics.median(seconds), 2)
     benchmark.extra_info["target_seconds"] = 3
+    speed_figure("1,000-row sweep, warm", benchmark.extra_info)

@@ -37,13 +37,21 @@ def _seconds(command: list[str], env: dict[str, str] | None = None) -> float:
 
 
 @pytest.fixture(scope="module")
+def warm_env(tmp_path_factory) -> dict[str, str]:
+    """One cache holding the mission plan (and so its recipe), shared by the warm benchmarks."""
+    env = _env(str(tmp_path_factory.mktemp("warm-cache")))
+    subprocess.run(MISSION, check=True, capture_output=True, env=env)
+    return env
+
+
+@pytest.fixture(scope="module")
 def import_seconds() -> float:
     _seconds(IMPORT)  # the files in the page cache, as for the plans
     return statistics.median(_seconds(IMPORT) for _ in range(3))
 
 
 @pytest.mark.benchmark(group="plan-process")
-def test_cold_plan(benchmark, tmp_path, import_seconds):
+def test_cold_plan(benchmark, tmp_path, import_seconds, speed_figure):
     rounds = iter(range(100))
 
     def fresh():
@@ -56,6 +64,7 @@ def test_cold_plan(benchmark, tmp_path, import_seconds):
         ratio_to_import=round(seconds / import_seconds, 2),
         target_ratio=1.5,
     )
+    speed_figure("cold plan", benchmark.extra_info)
 
 
 @pytest.mark.benchmark(group="plan-process")
@@ -64,9 +73,8 @@ def test_cold_plan(benchmark, tmp_path, import_seconds):
     [["--batch-size", "8"], ["--seq-len", "4096"], ["--rank", "32"]],
     ids=["batch", "seq", "rank"],
 )
-def test_same_recipe_other_sizes(benchmark, tmp_path, import_seconds, change):
-    env = _env(str(tmp_path / "cache"))
-    subprocess.run(MISSION, check=True, capture_output=True, env=env)  # the recipe, cached
+def test_same_recipe_other_sizes(benchmark, warm_env, import_seconds, change, speed_figure):
+    env = warm_env  # the recipe, cached
     values = iter(range(100))
 
     def another():  # a plan not simulated yet: the value moves each round
@@ -80,21 +88,20 @@ def test_same_recipe_other_sizes(benchmark, tmp_path, import_seconds, change):
         ratio_to_import=round(seconds / import_seconds, 2),
         target_ratio=0.35,
     )
+    speed_figure(f"same recipe, other {change[0]}", benchmark.extra_info)
 
 
 @pytest.mark.benchmark(group="plan-process")
-def test_warm_repeat(benchmark, tmp_path):
-    env = _env(str(tmp_path / "cache"))
-    subprocess.run(MISSION, check=True, capture_output=True, env=env)
-    seconds = benchmark.pedantic(_seconds, args=(MISSION, env), rounds=5, warmup_rounds=1)
+def test_warm_repeat(benchmark, warm_env, speed_figure):
+    seconds = benchmark.pedantic(_seconds, args=(MISSION, warm_env), rounds=5, warmup_rounds=1)
     benchmark.extra_info.update(seconds=round(seconds, 3), target_seconds=0.3)
+    speed_figure("warm repeat", benchmark.extra_info)
 
 
-def test_a_warm_plan_imports_no_torch(tmp_path):
+def test_a_warm_plan_imports_no_torch(warm_env):
     """The sub-second path must not import torch/transformers (they cost seconds): the same
     recipe at another size is answered from the cached recipe trace."""
-    env = _env(str(tmp_path / "cache"))
-    subprocess.run(MISSION, check=True, capture_output=True, env=env)
+    env = warm_env
     code = (
         "import sys, runpy; sys.argv = "
         + repr(["vramcalc", *MISSION[3:], "--batch-size", "6", "--rank", "24"])

@@ -214,6 +214,14 @@ def compare(
     return compare_timelines(predicted, measured, output, title)
 
 
+def report_timeline(out_dir: str | Path = "reports") -> Path:
+    """The report's picture: a committed allocator trace against the simulated run of its plan,
+    written to ``out_dir/timeline_<case>.png``."""
+    from vramcalc.timeline import report_timeline as draw  # matplotlib: only when drawn
+
+    return draw(out_dir=out_dir)
+
+
 def models() -> tuple[CatalogModel, ...]:
     """``vramcalc models``: the bundled model catalog."""
     return tuple(model_catalog())

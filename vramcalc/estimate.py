@@ -361,7 +361,7 @@ def estimate_from_inventory(
     peak_phase = max(phase_totals, key=lambda name: phase_totals[name])
     rules_allocated = phase_totals[peak_phase]
     if simulation is not None:
-        peak_allocated = simulation.peak_allocated_bytes
+        peak_allocated = simulation.peak_allocated_bytes[plan.allocator]
         peak_reserved = max(simulation.peak_reserved_bytes[plan.allocator], peak_allocated)
     else:
         peak_allocated = rules_allocated

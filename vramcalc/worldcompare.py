@@ -86,7 +86,7 @@ def compare_record(record: dict[str, Any]) -> dict[str, Any]:
         "nccl_rule_bytes": nccl_buffer_bytes(plan.num_gpus),
     }
     world = {
-        "peak_allocated_bytes": simulation.peak_allocated_bytes,
+        "peak_allocated_bytes": simulation.peak_allocated_bytes[plan.allocator],
         "peak_reserved_bytes": simulation.peak_reserved_bytes[plan.allocator],
         "device_total_bytes": total["device_total"],
     }

@@ -247,7 +247,7 @@ def test_traced_run_holds_the_rank_allocator_and_matches_the_rules():
     inv = build_inventory(TRACED, p)
     sim = simulate_plan(TRACED, p, use_cache=False)
     est = estimate_from_inventory(inv, p, load_calibration(), simulation=sim)
-    assert abs(est.components["trace_difference"]) < 0.02 * sim.peak_allocated_bytes
+    assert abs(est.components["trace_difference"]) < 0.02 * sim.peak_allocated_bytes["default"]
 
     def final(q):  # noqa: ANN001, ANN202
         trace = trace_steps(TRACED, q, steps=2, unroll=False)

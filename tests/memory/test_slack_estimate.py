@@ -67,9 +67,38 @@ def test_the_simulation_is_cached_one_entry_per_plan_each_mode_when_asked(tiny_l
     assert cached_simulation(config, p) == sim  # one entry for the plan
     assert default.peak_reserved_bytes == sim.peak_reserved_bytes["default"]
     assert expandable.peak_reserved_bytes == sim.peak_reserved_bytes["expandable"]
-    assert (
-        default.peak_allocated_bytes == expandable.peak_allocated_bytes == sim.peak_allocated_bytes
-    )
+    assert default.peak_allocated_bytes == sim.peak_allocated_bytes["default"]
+    assert expandable.peak_allocated_bytes == sim.peak_allocated_bytes["expandable"]
+
+
+def test_each_allocator_mode_keeps_its_own_peak_allocated_in_the_cache(tiny_llama_dir, monkeypatch):
+    """torch counts an unsplit block's whole size as allocated, so the peak differs by mode
+    (one H200 plan: 11,786,248,704 B default, 11,707,081,216 B expandable); a mode replayed
+    later must not overwrite the other's."""
+    from types import SimpleNamespace
+
+    from vramcalc.memory import slack
+
+    peaks = {"default": (1000, 3000), "expandable": (900, 2000)}
+
+    def fake_run(trace, plan, config):  # noqa: ANN001, ANN202
+        allocated, reserved = peaks[plan.allocator]
+        return SimpleNamespace(
+            result=SimpleNamespace(peak_allocated_bytes=allocated, peak_reserved_bytes=reserved)
+        )
+
+    monkeypatch.setattr(slack, "simulate_run", fake_run)
+    monkeypatch.setattr("vramcalc.trace.recipe.plan_steps", lambda *a: None)
+    config = {"model_type": "llama", "hidden_size": 64}
+    p = TrainingPlan(str(tiny_llama_dir), method="lora", seq_len=96, batch_size=3)
+    slack.simulate_plan(config, p)
+    slack.simulate_plan(config, p.with_(allocator="expandable"))
+    sim = cached_simulation(config, p)
+    assert sim is not None
+    assert sim.peak_allocated_bytes == {"default": 1000, "expandable": 900}
+    assert sim.peak_reserved_bytes == {"default": 3000, "expandable": 2000}
+    assert slack.simulate_plan(config, p).slack_bytes("default") == 2000
+    assert slack.simulate_plan(config, p).slack_bytes("expandable") == 1100
 
 
 def test_every_sweep_row_is_simulated_unless_the_approximation_is_asked_for(tiny_llama_dir):
@@ -127,7 +156,7 @@ def test_multi_gpu_fsdp_and_ddp_plans_simulate_rank_0_of_the_world(tiny_llama_di
         world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
         assert prepared.cached(p)
         assert est.allocator_model == "simulated"
-        assert est.peak_allocated_bytes == world.peak_allocated_bytes
+        assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
         assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
         assert est.components["nccl"] == nccl_buffer_bytes(2)
         total = world_device_total_bytes(world, p, load_calibration())["device_total"]

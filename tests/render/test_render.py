@@ -260,3 +260,14 @@ def test_the_accuracy_report_tables_are_github_markdown(tiny_llama_dir):
     ]
     cases = text[text.index("| case_id") :].splitlines()
     assert cases[1].startswith("|:----") and cases[2].startswith("| c1 ")
+
+
+def test_the_accuracy_report_shows_the_timeline_picture_it_is_given():
+    from vramcalc.accuracy import build_report
+    from vramcalc.render.accuracy import render_markdown
+
+    report = build_report([], [])
+    assert "timeline" not in render_markdown(report, [])
+    text = render_markdown(report, [], "timeline_abc.png")
+    assert "## Predicted vs measured memory timeline" in text
+    assert text.rstrip().endswith("![predicted vs measured memory timeline](timeline_abc.png)")

@@ -28,12 +28,19 @@ from vramcalc.render.accuracy import write_report
 )
 @no_gate_option
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option(
+    "--no-timeline",
+    is_flag=True,
+    help="Skip the predicted-vs-measured timeline picture of a committed allocator trace "
+    "(drawn only for the committed measurements; needs matplotlib).",
+)
 def report(
     measurements: Path | None,
     out_dir: Path,
     allocator_model: str,
     no_gate: bool,
     no_progress: bool,
+    no_timeline: bool,
 ) -> None:
     """Join every GPU measurement with its estimate and gate on regressions.
 
@@ -54,7 +61,11 @@ def report(
             allocator_model=allocator_model,
             progress=bar.update,
         )
-    write_report(result.report, list(result.gate.target_problems), out_dir)
+    timeline = None
+    if measurements is None and not no_timeline:  # a committed trace, simulated again
+        click.echo("drawing the predicted vs measured timeline of a committed trace", err=True)
+        timeline = api.report_timeline(out_dir)
+    write_report(result.report, list(result.gate.target_problems), out_dir, timeline)
     rows = result.report.rows
     click.echo(
         f"{len(rows)} measurements from {len(result.report.sources)} files; "

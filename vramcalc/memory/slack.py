@@ -29,8 +29,12 @@ Sources: transformers ``modeling_utils.caching_allocator_warmup``,
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from vramcalc.memory.allocator import (
     ALLOC,
@@ -182,7 +186,7 @@ def _chain(*parts: Iterable[tuple[int, int, int]]) -> Iterable[tuple[int, int, i
 
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-SIMULATION_VERSION = 9
+SIMULATION_VERSION = 10
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3
@@ -191,14 +195,60 @@ ALLOCATOR_MODES = ("default", "expandable")
 
 @dataclass(frozen=True)
 class AllocatorSimulation:
-    """Peaks of a plan's whole run under each allocator mode, from one step trace."""
+    """Peaks of a plan's whole run under each allocator mode, from one step trace.
 
-    peak_allocated_bytes: int
+    Both peaks are per mode: torch counts a block's whole size as allocated, and a block
+    left unsplit (a remainder too small to keep) is larger in one mode than the other, so
+    ``max_memory_allocated`` differs between modes by up to a few blocks (H200 records of one
+    plan in both modes: 11,786,248,704 vs 11,707,081,216 B)."""
+
+    peak_allocated_bytes: dict[str, int]  # allocator mode -> bytes
     peak_reserved_bytes: dict[str, int]  # allocator mode -> bytes
     trace_seconds: float
 
     def slack_bytes(self, allocator: str) -> int:
-        return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes
+        return self.peak_reserved_bytes[allocator] - self.peak_allocated_bytes[allocator]
+
+    def with_mode(self, allocator: str, allocated: int, reserved: int) -> AllocatorSimulation:
+        """This simulation with ``allocator``'s peaks added (or replaced)."""
+        return AllocatorSimulation(
+            {**self.peak_allocated_bytes, allocator: allocated},
+            {**self.peak_reserved_bytes, allocator: reserved},
+            self.trace_seconds,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "trace_seconds": self.trace_seconds,
+        }
+
+
+def read_simulation(path: Path) -> AllocatorSimulation | None:
+    """A cached simulation (``AllocatorSimulation.to_json``), or None where it is missing or
+    unreadable (a cache entry of another version is never read: the version is in its key)."""
+    try:
+        raw = json.loads(path.read_text())
+        return AllocatorSimulation(
+            {k: int(v) for k, v in raw["peak_allocated_bytes"].items()},
+            {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
+            float(raw["trace_seconds"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_simulation(path: Path, simulation: AllocatorSimulation) -> None:
+    """Store ``simulation`` at ``path`` atomically; a read-only cache only costs time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(simulation.to_json()))
+        tmp.replace(path)
+        _LISTINGS.pop(str(path.parent), None)
+    except OSError:
+        pass
 
 
 _CONFIG_JSON: dict[int, tuple[dict, str]] = {}  # id -> (the config, kept alive; its JSON)
@@ -282,20 +332,10 @@ def cached_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulat
 
 
 def _read_cached(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
-    import json
-
     path = simulation_path(simulation_key(config_dict, plan))
     if path.name not in _cached_names(str(path.parent)):
         return None
-    try:
-        raw = json.loads(path.read_text())
-        return AllocatorSimulation(
-            int(raw["peak_allocated_bytes"]),
-            {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
-            float(raw["trace_seconds"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_simulation(path)
 
 
 def simulate_plan(
@@ -304,8 +344,6 @@ def simulate_plan(
     """The plan's run replayed through the allocator model in the plan's allocator mode (its
     recipe traced once, the run instantiated and unrolled, a fraction of a second); cached on
     disk, one entry per plan holding each mode replayed so far."""
-    import json
-    import os
     import time
 
     from vramcalc.trace.recipe import plan_steps
@@ -322,27 +360,10 @@ def simulate_plan(
         f"(batch {plan.batch_size} x {plan.seq_len}, rank {plan.adapter_rank})"
     )
     run = simulate_run(trace, plan, _config(plan))
-    reserved = dict(known.peak_reserved_bytes) if known is not None else {}
-    reserved[plan.allocator] = run.result.peak_reserved_bytes
-    result = AllocatorSimulation(
-        run.result.peak_allocated_bytes, reserved, time.perf_counter() - started
+    result = (known or AllocatorSimulation({}, {}, 0.0)).with_mode(
+        plan.allocator, run.result.peak_allocated_bytes, run.result.peak_reserved_bytes
     )
+    result = replace(result, trace_seconds=time.perf_counter() - started)
     if use_cache:
-        path = simulation_path(simulation_key(config_dict, plan))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "peak_allocated_bytes": result.peak_allocated_bytes,
-                        "peak_reserved_bytes": result.peak_reserved_bytes,
-                        "trace_seconds": result.trace_seconds,
-                    }
-                )
-            )
-            tmp.replace(path)
-            _LISTINGS.pop(str(path.parent), None)
-        except OSError:
-            pass  # a read-only cache only costs time
+        write_simulation(simulation_path(simulation_key(config_dict, plan)), result)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 from vramcalc.catalog import one_line
@@ -26,15 +27,17 @@ from vramcalc.memory.slack import (
     ALLOCATOR_MODES,
     SIMULATED_STEPS,
     AllocatorSimulation,
+    read_simulation,
     simulation_key,
     simulation_path,
+    write_simulation,
 )
 from vramcalc.memory.worldreplay import replay
 from vramcalc.trace.worldtrace import WORLD_STRATEGIES, check_world_plan, trace_world
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
-WORLD_SIMULATION_VERSION = 3
+WORLD_SIMULATION_VERSION = 4
 #: why a ZeRO plan's peaks are the rules' (``MemoryEstimate`` assumptions)
 ZERO_REASON = (
     "ZeRO (DeepSpeed) is not simulated: the world trace runs FSDP1 and DDP only, so its "
@@ -57,16 +60,7 @@ def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
 def cached_world_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
     """The cached world simulation of ``plan``, or None (no torch import)."""
 
-    path = simulation_path(world_simulation_key(config_dict, plan))
-    try:
-        raw = json.loads(path.read_text())
-        return AllocatorSimulation(
-            int(raw["peak_allocated_bytes"]),
-            {k: int(v) for k, v in raw["peak_reserved_bytes"].items()},
-            float(raw["trace_seconds"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return read_simulation(simulation_path(world_simulation_key(config_dict, plan)))
 
 
 def simulate_world(
@@ -75,7 +69,6 @@ def simulate_world(
     """Trace rank 0 of ``plan``'s world (``worldtrace.trace_world``: loading, the wrap,
     ``SIMULATED_STEPS`` steps) and replay it under each allocator mode; cached on disk.
     Raises ``InvalidPlanError`` for plans the world trace does not run (ZeRO, 1 GPU)."""
-    import os
     import time
 
     if use_cache:
@@ -84,30 +77,15 @@ def simulate_world(
             return hit
     started = time.perf_counter()
     trace = trace_world(config_dict, plan, steps=SIMULATED_STEPS)
-    reserved: dict[str, int] = {}
-    allocated = 0
+    simulation = AllocatorSimulation({}, {}, 0.0)
     for mode in ALLOCATOR_MODES:
         result = replay(trace, AllocatorConfig(expandable_segments=mode == "expandable"))
-        reserved[mode] = result.peak_reserved_bytes
-        allocated = result.peak_allocated_bytes
-    simulation = AllocatorSimulation(allocated, reserved, time.perf_counter() - started)
+        simulation = simulation.with_mode(
+            mode, result.peak_allocated_bytes, result.peak_reserved_bytes
+        )
+    simulation = replace(simulation, trace_seconds=time.perf_counter() - started)
     if use_cache:
-        path = simulation_path(world_simulation_key(config_dict, plan))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "peak_allocated_bytes": simulation.peak_allocated_bytes,
-                        "peak_reserved_bytes": simulation.peak_reserved_bytes,
-                        "trace_seconds": simulation.trace_seconds,
-                    }
-                )
-            )
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache only costs time
+        write_simulation(simulation_path(world_simulation_key(config_dict, plan)), simulation)
     return simulation
 
 

@@ -37,8 +37,9 @@ def _abs_error_desc(metric: str, row: ReportRow) -> float:
     return -abs(row.errors.get(metric, 0.0))
 
 
-def render_markdown(report: Report, problems: list[str]) -> str:
-    """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown)."""
+def render_markdown(report: Report, problems: list[str], timeline: str | None = None) -> str:
+    """``reports/accuracy.md`` (tables through ``render.table``, GitHub Markdown); ``timeline``:
+    the file name of the predicted-vs-measured timeline picture beside it, if one was drawn."""
     lines = ["# vramcalc accuracy report", ""]
     lines.append(
         f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}."
@@ -123,11 +124,25 @@ def render_markdown(report: Report, problems: list[str]) -> str:
         ]
         cells = [["" if flat.get(c) is None else str(flat.get(c)) for c in cols] for flat in cases]
         lines.append(table(cells, cols, markdown=True))
+    if timeline:
+        lines += [
+            "",
+            "## Predicted vs measured memory timeline",
+            "",
+            "One committed allocator trace (`data/measurements/*_traces/`) against the simulated "
+            "run of the same plan: allocated and reserved bytes over loading and three optimizer "
+            "steps (`vramcalc compare`, `plan --snapshot`).",
+            "",
+            f"![predicted vs measured memory timeline]({timeline})",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Path]:
-    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures) and accuracy.png."""
+def write_report(
+    report: Report, problems: list[str], out_dir: Path, timeline: Path | None = None
+) -> list[Path]:
+    """Write accuracy.md, accuracy.csv, accuracy.json (the gate's figures) and accuracy.png;
+    accuracy.md shows ``timeline`` (a picture in ``out_dir``) when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     figures = out_dir / FIGURES_FILE
@@ -142,7 +157,7 @@ def write_report(report: Report, problems: list[str], out_dir: Path) -> list[Pat
     figures.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     written.append(figures)
     md = out_dir / "accuracy.md"
-    md.write_text(render_markdown(report, problems))
+    md.write_text(render_markdown(report, problems, timeline.name if timeline else None))
     written.append(md)
     csv_path = out_dir / "accuracy.csv"
     written.append(write_csv(csv_path, report_table(report), ["case_id", "split", "status"]))

@@ -24,7 +24,7 @@ from vramcalc.memory.optimizer import bnb_state_tensors
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.int8 import int8_outlier_probability, outlier_rule
 from vramcalc.trace.oprecorder import LAUNCH, OpEvent, Recorder
-from vramcalc.trace.steptrace import claim_nodes, decoder_layers, torch_optimizer
+from vramcalc.trace.steptrace import claim_nodes, decoder_layers, hook_backward, torch_optimizer
 from vramcalc.training_plan import TrainingPlan
 
 TRACE_PRIMES = (251, 241, 239, 233, 229, 227)  # the traced sequence length: the first that
@@ -64,7 +64,7 @@ class BnbOptimizerParam:
 def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
     """Forward hooks on each decoder layer: set the recorder's layer (and the recompute phase
     when a layer runs again inside backward); the autograd nodes each layer's forward made,
-    for backward prehooks (``_hook_backward``)."""
+    for backward prehooks (``steptrace.hook_backward``)."""
     nodes: dict[Any, int] = {}
     stack: list[tuple[int, str]] = []
 
@@ -103,22 +103,6 @@ def _decoder_hooks(model: Any, rec: Recorder) -> dict[Any, int]:
             child.register_forward_pre_hook(child_pre)
             child.register_forward_hook(child_post)
     return nodes
-
-
-def _hook_backward(loss: Any, nodes: dict[Any, int], rec: Recorder) -> None:
-    seen: set[Any] = set()
-    todo = [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-
-        def enter(grads: Any, layer: int = nodes.get(node, -1)) -> None:
-            rec.layer, rec.phase = layer, "backward"
-
-        node.register_prehook(enter)
-        todo.extend(fn for fn, _ in node.next_functions)
 
 
 def _outlier_probability(config: Any, name: str) -> float:
@@ -325,7 +309,11 @@ def _micro_batch(model: Any, rec: Recorder, nodes: dict[Any, int], vocab: int, s
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=labels, num_items_in_batch=num_items).loss
     rec.layer = -1
-    _hook_backward(loss, nodes, rec)
+
+    def enter(layer: int) -> None:
+        rec.layer, rec.phase = layer, "backward"
+
+    hook_backward(loss, nodes, enter)
     nodes.clear()
     rec.phase = "backward"
     loss.backward()

@@ -34,12 +34,33 @@ def repeat_last_step(
     if b2 != len(events):
         raise UnrollError("repeat the last of exactly two traced steps")
     made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
-    top = max(made_at, default=0)
     out, out_tags = list(events), list(tags)
-    previous: dict[int, int] = {h: h for h in made_at}  # step 1's handles as last written
+    top = max(made_at, default=0)
+    _copy_segment(events, tags, made_at, (b0, b1, b2), times, top, out, out_tags, "step")
+    return tuple(out), tuple(out_tags)
+
+
+def _copy_segment(
+    events: tuple[tuple[int, int, int], ...],
+    tags: tuple[int, ...],
+    made_at: dict[int, int],
+    bounds: tuple[int, int, int],
+    times: int,
+    top: int,
+    out: list[tuple[int, int, int]],
+    out_tags: list[int],
+    unit: str,
+) -> tuple[dict[int, int], int]:
+    """Append ``times`` copies of the segment ``[start, stop)`` with fresh handles (above
+    ``top``) to ``out``. A copy frees its own tensors as the segment does, and a tensor the
+    segment frees from the one before it (``[prev, start)``, of the same length) is the
+    previous copy's twin: the one at the same position from its start. Returns the last copy's
+    handles (the segment's handle -> the copy's) and the new top handle."""
+    prev, start, stop = bounds
+    previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
     for _ in range(times):
         current: dict[int, int] = {}
-        for i in range(b1, b2):
+        for i in range(start, stop):
             op, handle, nbytes = events[i]
             if op == ALLOC:
                 top += 1
@@ -47,18 +68,20 @@ def repeat_last_step(
                 out.append((op, top, nbytes))
             else:
                 made = made_at.get(handle, -1)
-                if made >= b1:
+                if start <= made < stop:
                     out.append((op, current[handle], nbytes))
-                elif made >= b0:  # made by the step before: its counterpart in the last copy
-                    twin = events[made - b0 + b1]
+                elif prev <= made < start:  # made by the segment before: its twin's last copy
+                    twin = events[made - prev + start]
                     if twin[0] != ALLOC or twin[2] != events[made][2]:
-                        raise UnrollError("a tensor crossing steps has no twin in the next step")
+                        raise UnrollError(
+                            f"a tensor crossing {unit}s has no twin in the next {unit}"
+                        )
                     out.append((op, previous[twin[1]], nbytes))
                 else:
-                    raise UnrollError("a later step frees a tensor from before the first step")
+                    raise UnrollError(f"a later {unit} frees a tensor from before the last two")
             out_tags.append(tags[i])
         previous = current
-    return tuple(out), tuple(out_tags)
+    return previous, top
 
 
 def repeat_micro(
@@ -116,28 +139,9 @@ def repeat_micro(
                 twin = events[i - start + prev]
                 if twin[0] != ALLOC or twin[1] not in freed_in:
                     raise UnrollError("a micro-batch leaves a tensor that the next does not free")
-        previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
-        for _ in range(times):
-            current: dict[int, int] = {}
-            for i in range(start, stop):
-                op, handle, nbytes = events[i]
-                if op == ALLOC:
-                    top += 1
-                    current[handle] = top
-                    out.append((op, top, nbytes))
-                else:
-                    made = made_at.get(handle, -1)
-                    if handle in made_in:
-                        out.append((op, current[handle], nbytes))
-                    elif prev <= made < start:
-                        twin = events[made - prev + start]
-                        if twin[0] != ALLOC or twin[2] != events[made][2]:
-                            raise UnrollError("a tensor crossing micro-batches has no twin")
-                        out.append((op, previous[twin[1]], nbytes))
-                    else:
-                        raise UnrollError("a micro-batch frees a tensor from before the last two")
-                out_tags.append(tags[i])
-            previous = current
+        previous, top = _copy_segment(
+            events, tags, made_at, (prev, start, stop), times, top, out, out_tags, "micro-batch"
+        )
         remap.update({h: previous[h] for h in made_in})
         shifts.append((stop, times * (stop - start)))
     for i in range(position, len(events)):

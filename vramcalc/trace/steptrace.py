@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
@@ -343,8 +343,9 @@ def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     return nodes
 
 
-def hook_backward(loss: Any, nodes: dict[Any, int], recorder: StepRecorder) -> None:
-    """Before backward: every node of the graph tells the recorder its layer when it runs."""
+def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]) -> None:
+    """Before backward: every node of ``loss``'s graph calls ``enter`` with its decoder layer
+    (``nodes``; -1 outside the layers) when it runs."""
     seen: set[Any] = set()
     todo = [loss.grad_fn]
     while todo:
@@ -352,12 +353,11 @@ def hook_backward(loss: Any, nodes: dict[Any, int], recorder: StepRecorder) -> N
         if node is None or node in seen:
             continue
         seen.add(node)
-        layer = nodes.get(node, -1)
 
-        def enter(grads: Any, layer: int = layer) -> None:
-            recorder.layer = layer
+        def prehook(grads: Any, layer: int = nodes.get(node, -1)) -> None:
+            enter(layer)
 
-        node.register_prehook(enter)
+        node.register_prehook(prehook)
         todo.extend(fn for fn, _ in node.next_functions)
 
 
@@ -380,12 +380,12 @@ def trace_steps(
 
     total = num_layers or config_layers(config_dict)
     if not unroll or steps < 2:
-        return _trace(config_dict, plan, steps, num_layers)
-    small = _trace(config_dict, plan, 2, min(total, unrolling.TRACED_LAYERS))
+        return trace_at(config_dict, plan, steps, num_layers)
+    small = trace_at(config_dict, plan, 2, min(total, unrolling.TRACED_LAYERS))
     try:
         return unrolling.expand(small, steps, total, labelled=labelled)
     except unrolling.UnrollError:
-        return _trace(config_dict, plan, steps, num_layers)
+        return trace_at(config_dict, plan, steps, num_layers)
 
 
 def _rank_allocator(model: Any, plan: TrainingPlan) -> Any:
@@ -418,20 +418,9 @@ def trace_at(
     num_layers: int | None,
     outlier_columns: int | None = None,
 ) -> StepTrace:
-    """``steps`` optimizer steps of ``plan`` with ``num_layers`` decoder layers, every layer
-    traced; ``outlier_columns`` sets INT8's outlier columns (default: as the plan's tokens
-    make them)."""
-    return _trace(config_dict, plan, steps, num_layers, outlier_columns)
-
-
-def _trace(
-    config_dict: dict[str, Any],
-    plan: TrainingPlan,
-    steps: int,
-    num_layers: int | None,
-    outlier_columns: int | None = None,
-) -> StepTrace:
-    """Trace every layer of a model of ``num_layers`` (default: the config's) layers."""
+    """``steps`` optimizer steps of ``plan`` with ``num_layers`` decoder layers (default: the
+    config's), every layer traced; ``outlier_columns`` sets INT8's outlier columns (default:
+    as the plan's tokens make them)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -475,7 +464,7 @@ def _trace(
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
                     recorder.layer = -1
-                    hook_backward(loss, nodes, recorder)
+                    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
                     recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()

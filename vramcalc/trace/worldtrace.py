@@ -405,7 +405,7 @@ def _trace(
                     if plan.grad_accum > 1:
                         loss = loss / plan.grad_accum
                     recorder.layer = -1
-                    hook_backward(loss, nodes, recorder)
+                    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
                     recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()

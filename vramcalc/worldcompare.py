@@ -1,4 +1,4 @@
-"""Simulated-world records against the world trace and today's rules: ``python -m vramcalc.worldcompare``.
+"""Simulated-world records against the world trace (the estimator) and the rules (its fallback): ``python -m vramcalc.worldcompare``.
 
 For every ok record of a simulated world (``simulated_world_size``; by default
 ``data/measurements/h100_world_2026-12-06.jsonl``): the measured peak allocated, peak
@@ -26,16 +26,14 @@ from typing import Any
 
 from vramcalc.catalog import resolve_model
 from vramcalc.estimate import prepare
-from vramcalc.measurements import plan_of
+from vramcalc.measurements import MEASUREMENTS_DIR, plan_of
 from vramcalc.memory.layers import NO_SDPA
 from vramcalc.memory.nccl import nccl_buffer_bytes
 from vramcalc.memory.overhead import load_calibration
 from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
 from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
-DEFAULT_RECORDS = (
-    Path(__file__).resolve().parents[2] / "data/measurements/h100_world_2026-12-06.jsonl"
-)
+DEFAULT_RECORDS = MEASUREMENTS_DIR / "h100_world_2026-12-06.jsonl"
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
     "meta-llama/Llama-3.1-8B": "8B",
@@ -124,7 +122,7 @@ def _pct(value: float) -> str:
 
 def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = None) -> str:
     lines = [
-        "# Multi-GPU per-GPU memory: world trace vs today's rules",
+        "# Multi-GPU per-GPU memory: the simulated world (the estimator) vs the rules (its fallback)",
         "",
         "Records: rank 0 of an N-GPU world on torch's fake process group, measured on one "
         "H100 (`data/measurements/h100_world_2026-12-06.jsonl`). Error = (estimate − measured) "

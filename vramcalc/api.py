@@ -170,18 +170,21 @@ def serve(
     gpus: Iterable[GpuInput] | None = None,
     fit: str | None = None,
     headroom: float | str = DEFAULT_HEADROOM,
+    allocator_model: str | None = None,
     **options: Any,
 ) -> ServeResult:
     """``vramcalc serve``: the memory of serving a base model with LoRA adapters, the GPUs it
     fits with prefill and decode speed, and with ``fit`` (``batch`` or ``context``, one GPU)
     the largest batch or context that fits. ``plan``: a ``ServePlan``, or the model with the
     options of ``serve_plan.serve_plan`` as keywords (adapters, adapter_dir, rank, targets,
-    context, quant, mode, batch ...)."""
+    context, quant, mode, batch ...). ``allocator_model``: ``simulate`` (generate traced on
+    fake tensors and replayed through the caching-allocator model; the default) or
+    ``approximate`` (the rules); ``ServeResult.memory.allocator_model`` says which answered."""
     if not isinstance(plan, ServePlan):
         plan = serve_plan(plan, **options)
     elif options:
         raise TypeError(f"serve() got a ServePlan and options {sorted(options)}")
-    return serve_result(plan, choose_gpus(gpus), fit, _headroom(headroom))
+    return serve_result(plan, choose_gpus(gpus), fit, _headroom(headroom), allocator_model)
 
 
 def check(

@@ -1,15 +1,16 @@
 """The one folder of vramcalc's disk caches: ``$VRAMCALC_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/vramcalc`` (``~/.cache/vramcalc``), one subfolder per kind of entry:
 ``inventory`` (parameter counts), ``opprofile`` (a recipe's ops), ``allocator`` (simulated
-runs). Every entry is keyed by what changes it, library versions included; a read-only or
-missing folder only costs speed."""
+runs), ``recipes`` (recipe traces), ``serving`` (simulated serving runs). Every entry is
+keyed by what changes it, library versions included; a read-only or missing folder only
+costs speed."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-KINDS = ("inventory", "opprofile", "allocator", "recipes")
+KINDS = ("inventory", "opprofile", "allocator", "recipes", "serving")
 
 
 def cache_root() -> Path:

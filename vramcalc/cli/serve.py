@@ -8,7 +8,12 @@ import sys
 import click
 
 from vramcalc import api
-from vramcalc.cli.options import SuggestingChoice, gpus_option, headroom_option, json_option
+from vramcalc.cli.options import (
+    SuggestingChoice,
+    gpus_option,
+    headroom_option,
+    json_option,
+)
 from vramcalc.render.serve import render_serve_result
 from vramcalc.serve_plan import CACHES, LOGITS, MODES
 from vramcalc.serving.serve_planner import FIT_TARGETS
@@ -120,10 +125,21 @@ NOTHING_FITS = 3
     help="With one --gpu: find the largest batch (at --context) or context (at --batch and --new-tokens) that fits.",
 )
 @headroom_option
+@click.option(
+    "--allocator-model",
+    type=click.Choice(["simulate", "approximate"]),
+    default=None,
+    show_default="simulate",
+    help="How peak allocated and reserved memory are found. simulate: the run the harness "
+    "measures (loading, the adapters, 1 warm-up and 3 timed rounds of generate) traced on fake "
+    "tensors and replayed through a model of PyTorch's caching allocator (cached; seconds to a "
+    "minute the first time). approximate: rules for the forward's temporaries and a calibrated "
+    "fraction for the allocator's slack; every output marks it.",
+)
 @json_option("Print one JSON object (schema in README).")
 def serve(
     model, num_adapters, rank, alpha, targets, adapter_dir, context, prompt_tokens, new_tokens,
-    gpus, fit_target, headroom, as_json, **options,
+    gpus, fit_target, headroom, allocator_model, as_json, **options,
 ) -> None:  # fmt: skip
     """Estimate the GPU memory and speed of serving a base model with LoRA adapters.
 
@@ -151,6 +167,7 @@ def serve(
         gpus=gpus,
         fit=fit_target,
         headroom=headroom,
+        allocator_model=allocator_model,
         **options,
     )
     for warning in result.warnings:

@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vramcalc.memory.allocator import (
     ALLOC,
@@ -100,7 +100,15 @@ def checkpoint_key(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
-def _quantized_tensors(shape: tuple[int, ...], plan: TrainingPlan, ev: _Events) -> None:
+class QuantizedLoad(Protocol):
+    """What loading needs of a plan (a ``TrainingPlan`` or a serving plan)."""
+
+    quant: str
+    dtype: str
+    double_quant: bool
+
+
+def _quantized_tensors(shape: tuple[int, ...], plan: QuantizedLoad, ev: _Events) -> None:
     """Allocate what bitsandbytes keeps for one quantized weight (staging freed)."""
     n = 1
     for d in shape:
@@ -135,35 +143,58 @@ def load_events(
     base = [p for p in trace.params if "lora_" not in p[0]]
     adapters = [p for p in trace.params if "lora_" in p[0]]
     load_size = LOAD_ITEMSIZE[plan.dtype]
+    loaded = _from_pretrained(ev, base, plan)
+    if plan.is_kbit:
+        for name, shape, dtype, _, kbit in base:
+            if not kbit and name in loaded and ITEMSIZE[dtype] != load_size:
+                upcast = ev.alloc(_numel(shape) * ITEMSIZE[dtype], WEIGHTS)
+                ev.free(loaded[name])
+                loaded[name] = upcast
+        ev.empty_cache()
+    for _, shape, dtype, _, _ in adapters:
+        ev.alloc(_numel(shape) * ITEMSIZE[dtype], ADAPTERS)
+    ev.empty_cache()
+    return ev.events
 
-    def numel(shape: tuple[int, ...]) -> int:
-        n = 1
-        for d in shape:
-            n *= d
-        return n
 
+def from_pretrained_events(
+    params: Iterable[tuple[str, tuple[int, ...], str, bool, bool]],
+    plan: QuantizedLoad,
+    labels: list[str] | None = None,
+) -> tuple[list[tuple[int, int, int]], dict[str, int]]:
+    """Events of ``from_pretrained`` alone (the warm-up segment, then each parameter in
+    checkpoint key order, k-bit weights quantized on the GPU), as a serving process loads
+    its base; and the handle of each non-quantized parameter's allocation, by name."""
+    ev = _Events(labels)
+    loaded = _from_pretrained(ev, list(params), plan)
+    return ev.events, loaded
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _from_pretrained(
+    ev: _Events, base: list[tuple[str, tuple[int, ...], str, bool, bool]], plan: QuantizedLoad
+) -> dict[str, int]:
+    """``caching_allocator_warmup``'s segment, then every parameter in checkpoint key order;
+    returns the handles of the non-quantized ones."""
+    load_size = LOAD_ITEMSIZE[plan.dtype]
     warmup = 0
     for _, shape, _, _, kbit in base:
         per = (1 if plan.quant == "int8" else 0.5) if kbit else load_size
-        warmup += int(numel(shape) * per)
+        warmup += int(_numel(shape) * per)
     ev.free(ev.alloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
     loaded: dict[str, int] = {}
     for name, shape, _, _, kbit in sorted(base, key=lambda p: checkpoint_key(p[0])):
         if kbit:
             _quantized_tensors(shape, plan, ev)
         else:
-            loaded[name] = ev.alloc(numel(shape) * load_size, WEIGHTS)
-    if plan.is_kbit:
-        for name, shape, dtype, _, kbit in base:
-            if not kbit and name in loaded and ITEMSIZE[dtype] != load_size:
-                upcast = ev.alloc(numel(shape) * ITEMSIZE[dtype], WEIGHTS)
-                ev.free(loaded[name])
-                loaded[name] = upcast
-        ev.empty_cache()
-    for _, shape, dtype, _, _ in adapters:
-        ev.alloc(numel(shape) * ITEMSIZE[dtype], ADAPTERS)
-    ev.empty_cache()
-    return ev.events
+            loaded[name] = ev.alloc(_numel(shape) * load_size, WEIGHTS)
+    return loaded
 
 
 def simulate_run(

@@ -13,6 +13,7 @@ SERVE_LABELS = COMPONENT_LABELS | {
     "kv_cache": "KV cache",
     "activations": "forward temporaries",
     "logits": "logits",
+    "trace_difference": "simulated run beyond the rules",
 }
 PHASES = {
     "prefill": "prefill (the prompt's forward)",
@@ -55,6 +56,12 @@ def render_serve_memory(memory: ServeMemory) -> str:
         "",
         table(totals, ["total", "memory", "compare with"], [False, True, False]),
         f"peak falls at: {PHASES[memory.peak_phase]}",
+        "allocator model: "
+        + (
+            "simulated (generate traced on fake tensors, replayed through the caching allocator)"
+            if memory.allocator_model == "simulated"
+            else "APPROXIMATE (rules and a calibrated slack fraction, not simulated)"
+        ),
         f"KV cache: {memory.kv_cache_bytes_per_token / 2**20:,.3f} MiB per token of one "
         f"sequence (all layers); {gib(memory.kv_cache_bytes)} at the end of the request",
         "",

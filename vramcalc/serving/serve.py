@@ -23,7 +23,7 @@ onto the base loaded in 16 bit (``--quant none``); its checkpoint size is in ``d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramcalc.catalog import ModelSpec, resolve_model
 from vramcalc.inventory import LinearGroup, ModelInventory, build_inventory
@@ -41,6 +41,9 @@ from vramcalc.serving.kvcache import (
 )
 from vramcalc.training_plan import TrainingPlan
 
+if TYPE_CHECKING:
+    from vramcalc.serving.servereplay import ServeSimulation
+
 #: safetensors: an 8-byte little-endian header length, then a JSON header; about this many
 #: bytes of header per tensor entry (name, dtype, shape, offsets; peft's names are long)
 SAFETENSORS_HEADER_BYTES_PER_TENSOR = 160
@@ -52,6 +55,7 @@ COMPONENTS = (
     "activations",
     "logits",
     "cublas_workspace",
+    "trace_difference",
     "allocator_reserve",
     "cuda_context",
     "driver_reserved",
@@ -231,6 +235,10 @@ class ServeMemory:
     adapter_params: tuple[int, ...]
     disk: DiskSizes
     assumptions: tuple[str, ...] = field(default=())
+    # which model gave peak allocated and reserved: "simulated" (generate traced on fake
+    # tensors and replayed through the caching-allocator model, servereplay.py) or
+    # "approximate" (the rules below and the calibrated fraction for the allocator's slack)
+    allocator_model: str = "approximate"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +246,7 @@ class ServeMemory:
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "device_total_bytes": self.device_total_bytes,
+            "allocator_model": self.allocator_model,
             "peak_phase": self.peak_phase,
             "phase_allocated_bytes": dict(self.phase_allocated_bytes),
             "components": dict(self.components),
@@ -258,9 +267,15 @@ def _lora_rank(model: ServeModel, plan: ServePlan) -> int:
 
 
 def estimate_serve_memory(
-    model: ServeModel, plan: ServePlan, calibration: Calibration
+    model: ServeModel,
+    plan: ServePlan,
+    calibration: Calibration,
+    simulation: ServeSimulation | None = None,
 ) -> ServeMemory:
-    """The memory of ``plan`` on one GPU (a pure function of the counts)."""
+    """The memory of ``plan`` on one GPU: with ``simulation`` (the run traced and replayed,
+    ``servereplay.simulate_serving``), its peaks; without, the rules below (a pure function
+    of the counts) and the calibrated slack. The components are the rules' either way, the
+    difference to the simulated peak as ``trace_difference``."""
     base, layout, dtype = model.base, model.layout, plan.dtype
     weights = base_weight_bytes(base, plan) * plan.model_copies
     adapters = (
@@ -299,6 +314,8 @@ def estimate_serve_memory(
         "merge": weights + merge,
     }
     peak_phase = max(phases, key=lambda k: phases[k])
+    if simulation is not None and simulation.allocated_peak_phase in phases:
+        peak_phase = simulation.allocated_peak_phase
     parts = {
         "prefill": (prefill_kv, prefill_act, 0),
         "decode": (decode_kv, decode_act, decode_logits),
@@ -306,6 +323,9 @@ def estimate_serve_memory(
     }[peak_phase]
     peak = phases[peak_phase]
     reserve = allocator_reserve_bytes(peak, calibration)
+    if simulation is not None:
+        peak = simulation.peak_allocated_bytes
+        reserve = max(simulation.peak_reserved_bytes - peak, 0)
     context = calibration.cuda_runtime_bytes + (
         calibration.eager_attention_runtime_delta_bytes if eager else 0
     )
@@ -317,12 +337,18 @@ def estimate_serve_memory(
         "activations": parts[1],
         "logits": parts[2],
         "cublas_workspace": workspace if peak_phase != "merge" else 0,
+        "trace_difference": 0,
         "allocator_reserve": reserve,
         "cuda_context": context,
         "driver_reserved": calibration.driver_reserved_bytes,
     }
     if peak_phase == "merge":
         components["activations"] += resident - weights - adapters
+    if simulation is not None:  # what the rules' components miss of the simulated peak
+        by_rule = sum(
+            components[name] for name in COMPONENTS[: COMPONENTS.index("trace_difference")]
+        )
+        components["trace_difference"] = peak - by_rule
     total = sum(components.values())
     return ServeMemory(
         plan=plan,
@@ -332,17 +358,22 @@ def estimate_serve_memory(
         peak_reserved_bytes=peak + reserve,
         device_total_bytes=total,
         peak_phase=peak_phase,
-        phase_allocated_bytes=phases,
+        phase_allocated_bytes=phases
+        if simulation is None
+        else {k: v for k, v in simulation.phase_allocated_bytes.items() if v},
         kv_cache_bytes=decode_kv,
         kv_cache_bytes_per_token=layout.token_bytes(dtype) * layout.num_layers,
         base_params=base.total_params,
         adapter_params=tuple(a.params + a.saved_copy_params for a in model.adapters),
         disk=disk_sizes(model, plan),
-        assumptions=serve_assumptions(model, plan),
+        assumptions=serve_assumptions(model, plan, simulation),
+        allocator_model="simulated" if simulation is not None else "approximate",
     )
 
 
-def serve_assumptions(model: ServeModel, plan: ServePlan) -> tuple[str, ...]:
+def serve_assumptions(
+    model: ServeModel, plan: ServePlan, simulation: ServeSimulation | None = None
+) -> tuple[str, ...]:
     """The facts the serving numbers rest on, in words."""
     notes = [
         f"transformers generate: batch {plan.batch} prefilled at once "
@@ -358,10 +389,28 @@ def serve_assumptions(model: ServeModel, plan: ServePlan) -> tuple[str, ...]:
             if model.layout.sliding_layers
             else "every layer attends to the full context"
         ),
-        "activations: the largest moment inside one decoder layer without autograd "
-        "(memory/inference.py), by rule, not traced",
-        "allocator slack: the training path's calibrated fallback fraction of peak allocated "
-        "(data/calibration.json allocator_reserved_fraction), not simulated for serving",
+        *(
+            (
+                "peak allocated and reserved bytes from the whole run the harness measures "
+                "(from_pretrained, the adapters, 1 warm-up and 3 timed rounds of generate) "
+                "traced on fake tensors and replayed through the caching-allocator model "
+                f"(peak in {simulation.allocated_peak_phase}); the components are the rules', "
+                "the rest is trace_difference",
+            )
+            if simulation is not None
+            else (
+                "APPROXIMATE: activations by rule, the largest moment inside one decoder layer "
+                "without autograd (memory/inference.py), not traced",
+                "APPROXIMATE allocator slack: the training path's calibrated fallback fraction "
+                "of peak allocated (data/calibration.json allocator_reserved_fraction), not "
+                "simulated"
+                + (
+                    f" ({plan.model_copies} merged copies of the base are not simulated yet)"
+                    if plan.model_copies > 1
+                    else ""
+                ),
+            )
+        ),
         "CUDA context, kernel modules and driver reserve as measured on the H200 for training; "
         "one cuBLAS workspace (the forward thread; no autograd thread)",
     ]

@@ -8,12 +8,14 @@ from typing import Any, NamedTuple
 
 from vramcalc.budget import DEFAULT_HEADROOM, budget_bytes, judge
 from vramcalc.catalog import Gpu
-from vramcalc.errors import InvalidPlanError, VramcalcError
+from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
+from vramcalc.estimate import ALLOCATOR_MODELS, default_allocator_model
 from vramcalc.memory.overhead import Calibration, load_calibration
 from vramcalc.search import largest_fitting
 from vramcalc.serve_plan import ServePlan
 from vramcalc.serving.serve import ServeMemory, ServeModel, estimate_serve_memory, prepare_serving
 from vramcalc.serving.serve_speed import ServeSpeed, estimate_serve_speed
+from vramcalc.serving.servereplay import ServeSimulation, simulate_serving
 from vramcalc.speed.throughput import load_throughput_calibration
 
 FIT_TARGETS = ("batch", "context")
@@ -126,24 +128,64 @@ def _fits(
     return tuple(out)
 
 
+def serve_simulation(
+    model: ServeModel, plan: ServePlan, allocator_model: str | None = None
+) -> ServeSimulation | None:
+    """The plan's serving run simulated, as ``allocator_model`` asks (``simulate``, the
+    default of ``estimate.default_allocator_model``, or ``approximate``: None). Merged
+    copies of the base (``--mode merged`` with several adapters) are not simulated yet:
+    None, and the estimate says so. A run that cannot be traced raises
+    ``SimulationError`` naming the way out."""
+    allocator_model = allocator_model or default_allocator_model()
+    if allocator_model not in ALLOCATOR_MODELS:
+        raise InvalidPlanError(
+            [f"--allocator-model {allocator_model!r} is not one of {', '.join(ALLOCATOR_MODELS)}"]
+        )
+    if allocator_model == "approximate" or plan.model_copies > 1:
+        return None
+    try:
+        return simulate_serving(model.spec.config_dict, plan)
+    except VramcalcError:
+        raise
+    except Exception as err:
+        raise SimulationError(
+            f"--model {model.spec.name}: generate could not be traced on fake tensors "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "--allocator-model approximate gives the rules' estimate instead"
+        ) from err
+
+
+def serve_memory(
+    model: ServeModel,
+    plan: ServePlan,
+    calibration: Calibration | None = None,
+    allocator_model: str | None = None,
+) -> ServeMemory:
+    """The one way from a counted model and a plan to its serving memory."""
+    simulation = serve_simulation(model, plan, allocator_model)
+    return estimate_serve_memory(model, plan, calibration or load_calibration(), simulation)
+
+
 def serve_result(
     plan: ServePlan,
     gpus: list[Gpu],
     fit_target: str | None = None,
     headroom: float = DEFAULT_HEADROOM,
+    allocator_model: str | None = None,
 ) -> ServeResult:
     """Memory of ``plan``, its fit and speed on ``gpus``; with ``fit_target`` (one GPU), the
-    largest batch or context that fits, and the result for that plan."""
+    largest batch or context that fits, and the result for that plan. ``allocator_model``
+    as ``serve_simulation`` takes it."""
     model = prepare_serving(plan)
     calibration = load_calibration()
     answer = None
     if fit_target is not None:
         if len(gpus) != 1:
             raise InvalidPlanError([f"--fit {fit_target} needs exactly one --gpu"])
-        answer = fit_serve(model, plan, gpus[0], fit_target, headroom, calibration)
+        answer = fit_serve(model, plan, gpus[0], fit_target, headroom, calibration, allocator_model)
         if answer.value is not None:
             plan = _with_value(plan, fit_target, answer.value)
-    memory = estimate_serve_memory(model, plan, calibration)
+    memory = serve_memory(model, plan, calibration, allocator_model)
     fits = _fits(model, memory, gpus, headroom)
     return ServeResult(memory, fits, answer, serve_warnings(model, plan), headroom)
 
@@ -161,6 +203,7 @@ def fit_serve(
     target: str,
     headroom: float,
     calibration: Calibration | None = None,
+    allocator_model: str | None = None,
 ) -> FitAnswer:
     """The largest batch (1..4096) or context (new tokens + 1 .. the model's context, else 1M)
     whose plan fits ``gpu`` with ``headroom`` free (``budget.judge``; the one search)."""
@@ -176,7 +219,7 @@ def fit_serve(
 
     def probe(units: int) -> _Probe:
         value = low + units - 1
-        total = estimate_serve_memory(model, _with_value(plan, target, value), cal)
+        total = serve_memory(model, _with_value(plan, target, value), cal, allocator_model)
         return _Probe(
             value, total.device_total_bytes, judge(total.device_total_bytes, gpu, headroom).fits
         )

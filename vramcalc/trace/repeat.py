@@ -36,11 +36,11 @@ def repeat_last_step(
     made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
     out, out_tags = list(events), list(tags)
     top = max(made_at, default=0)
-    _copy_segment(events, tags, made_at, (b0, b1, b2), times, top, out, out_tags, "step")
+    copy_segment(events, tags, made_at, (b0, b1, b2), times, top, out, out_tags, "step")
     return tuple(out), tuple(out_tags)
 
 
-def _copy_segment(
+def copy_segment(
     events: tuple[tuple[int, int, int], ...],
     tags: tuple[int, ...],
     made_at: dict[int, int],
@@ -50,12 +50,15 @@ def _copy_segment(
     out: list[tuple[int, int, int]],
     out_tags: list[int],
     unit: str,
+    older: str = "raise",
 ) -> tuple[dict[int, int], int]:
     """Append ``times`` copies of the segment ``[start, stop)`` with fresh handles (above
     ``top``) to ``out``. A copy frees its own tensors as the segment does, and a tensor the
     segment frees from the one before it (``[prev, start)``, of the same length) is the
-    previous copy's twin: the one at the same position from its start. Returns the last copy's
-    handles (the segment's handle -> the copy's) and the new top handle."""
+    previous copy's twin: the one at the same position from its start. A tensor from before
+    both is an ``UnrollError``, or freed as it is with ``older="keep"`` (a serving round frees
+    what loading made). Returns the last copy's handles (the segment's handle -> the copy's)
+    and the new top handle."""
     prev, start, stop = bounds
     previous = {events[i][1]: events[i][1] for i in range(start, stop) if events[i][0] == ALLOC}
     for _ in range(times):
@@ -77,6 +80,8 @@ def _copy_segment(
                             f"a tensor crossing {unit}s has no twin in the next {unit}"
                         )
                     out.append((op, previous[twin[1]], nbytes))
+                elif older == "keep":
+                    out.append((op, handle, nbytes))
                 else:
                     raise UnrollError(f"a later {unit} frees a tensor from before the last two")
             out_tags.append(tags[i])
@@ -139,7 +144,7 @@ def repeat_micro(
                 twin = events[i - start + prev]
                 if twin[0] != ALLOC or twin[1] not in freed_in:
                     raise UnrollError("a micro-batch leaves a tensor that the next does not free")
-        previous, top = _copy_segment(
+        previous, top = copy_segment(
             events, tags, made_at, (prev, start, stop), times, top, out, out_tags, "micro-batch"
         )
         remap.update({h: previous[h] for h in made_in})

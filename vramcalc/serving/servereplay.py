@@ -1,0 +1,257 @@
+"""One serving plan simulated: traced, made whole (``servesim``), replayed, cached.
+
+``simulate_serving`` returns a ``ServeSimulation``: peak allocated and reserved bytes of
+the run the harness measures (``from_pretrained``, the adapters by mode, one warm-up and
+three timed rounds of a prefill-only and a full ``generate``), the phase of each peak and
+the peaks per phase. The entry is cached on disk (``cache.py``, kind ``serving``), keyed by
+the model's config, the plan and the library versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vramcalc import progress
+from vramcalc.cache import cache_dir
+from vramcalc.inventory import library_versions
+from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
+from vramcalc.memory.slack import from_pretrained_events
+from vramcalc.serve_plan import ServePlan
+from vramcalc.serving.servesim import expand_steps, repeat_last_round
+from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
+from vramcalc.trace import unroll as unrolling
+from vramcalc.trace.steptrace import config_layers
+
+#: bump when the trace, its expansion or the replay changes what a simulation returns
+SERVING_SIMULATION_VERSION = 1
+PHASES = ("load", "adapters", "merge", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ServeSimulation:
+    """The allocator's view of a serving run of one model copy."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    allocated_peak_phase: str  # where peak allocated was first reached
+    reserved_peak_phase: str
+    phase_allocated_bytes: dict[str, int]  # PHASES -> peak allocated within it
+    phase_reserved_bytes: dict[str, int]
+    loaded_allocated_bytes: int  # allocated once the adapters are ready (before the inputs)
+    events: int
+    trace_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _phase(label: str) -> str:
+    if label in ("loaded", "adapters", "merge"):
+        return {"loaded": "load"}.get(label, label)
+    if label.startswith("g") and ".s" in label or label in ("after", "end"):
+        return "decode"
+    return "prefill"
+
+
+def replay(
+    events: list[tuple[int, int, int]],
+    markers: list[tuple[str, int]],
+    load_events: int,
+    config: AllocatorConfig | None = None,
+) -> dict[str, Any]:
+    """Replay ``events`` (loading first) and observe peaks by phase."""
+    allocator = CachingAllocator(config or AllocatorConfig())
+    # markers in their order (several may share an index: the last one's phase holds)
+    phases_at = sorted(((i + load_events, _phase(m)) for m, i in markers), key=lambda p: p[0])
+    labels_at = {i + load_events: m for m, i in markers}
+    phase_alloc = dict.fromkeys(PHASES, 0)
+    phase_reserved = dict.fromkeys(PHASES, 0)
+    peak_alloc = peak_reserved = 0
+    alloc_phase = reserved_phase = "load"
+    loaded = 0
+    phase, nxt = "load", 0
+    malloc, free = allocator.malloc, allocator.free
+    for index, (op, handle, nbytes) in enumerate(events):
+        while nxt < len(phases_at) and phases_at[nxt][0] <= index:
+            phase = phases_at[nxt][1]
+            if labels_at.get(phases_at[nxt][0]) == "inputs" and not loaded:
+                loaded = allocator.allocated_bytes
+            nxt += 1
+        if op == FREE:
+            free(handle)
+            continue
+        if op == EMPTY_CACHE:
+            allocator.empty_cache()
+            continue
+        malloc(handle, nbytes)
+        allocated, reserved = allocator.allocated_bytes, allocator.reserved_bytes
+        if allocated > phase_alloc[phase]:
+            phase_alloc[phase] = allocated
+            if allocated > peak_alloc:
+                peak_alloc, alloc_phase = allocated, phase
+        if reserved > phase_reserved[phase]:
+            phase_reserved[phase] = reserved
+            if reserved > peak_reserved:
+                peak_reserved, reserved_phase = reserved, phase
+    return {
+        "peak_allocated_bytes": peak_alloc,
+        "peak_reserved_bytes": peak_reserved,
+        "allocated_peak_phase": alloc_phase,
+        "reserved_peak_phase": reserved_phase,
+        "phase_allocated_bytes": phase_alloc,
+        "phase_reserved_bytes": phase_reserved,
+        "loaded_allocated_bytes": loaded or allocator.allocated_bytes,
+    }
+
+
+def whole_run(
+    config_dict: dict[str, Any],
+    plan: ServePlan,
+    traced_layers: int | None = None,
+    traced_steps: int | None = None,
+    traced_timed_rounds: int = 2,
+) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]], int]:
+    """The plan's whole run as events (loading first), its markers (indices after the
+    loading events) and the number of loading events. What is traced: ``traced_layers``
+    decoder layers (default ``unroll.TRACED_LAYERS``), each full generate's first
+    ``traced_steps`` loop steps (default ``servetrace.TRACED_STEPS``) and
+    ``traced_timed_rounds`` timed rounds (at least 2 when there are more); the rest is
+    expanded (module docstring of ``servesim``). Tracing everything gives the same run."""
+    layers = config_layers(config_dict)
+    traced_layers = min(layers, traced_layers or unrolling.TRACED_LAYERS)
+    rounds = (WARMUP_ROUNDS, min(TIMED_ROUNDS, max(traced_timed_rounds, 2)))
+    trace = trace_serving(
+        config_dict,
+        plan,
+        rounds=rounds,
+        traced_steps=traced_steps or TRACED_STEPS,
+        num_layers=traced_layers,
+    )
+    events, tags, markers = trace.events, trace.tags, trace.markers
+    if layers > traced_layers:  # layers first: the traced run is the short one
+        out_tags: list[int] = []
+        positions: list[int] = []
+        events = unrolling.unroll(events, tags, layers, out_tags, positions)
+        markers = tuple((m, positions[i]) for m, i in markers)
+        tags = tuple(out_tags)
+    stand_ins = dict(markers)["loaded"]
+    stand_in_tags = list(tags[:stand_ins])
+    run, tags_run, marks, outputs = expand_steps(events, tags, markers, trace.generates)
+    run, tags_run, marks = repeat_last_round(
+        run, tags_run, marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
+    )
+    params = _full_params(trace, layers)
+    loading, handles = from_pretrained_events(params, plan)
+    body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
+    marks = [(m, max(i - stand_ins, 0)) for m, i in marks]  # the stand-ins are gone
+    return list(loading) + body, marks, len(loading)
+
+
+def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], str, bool, bool]]:
+    """The loaded parameters of the ``layers``-layer model (names renumbered)."""
+    if layers <= trace.num_layers:
+        return list(trace.params)
+    return list(unrolling.unroll_params(trace.params, trace.param_layers, layers))
+
+
+def _with_loading_handles(
+    events: list[tuple[int, int, int]],
+    tags: list[int],
+    cut: int,
+    trace: Any,
+    layers: int,
+    handles: dict[str, int],
+) -> list[tuple[int, int, int]]:
+    """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
+    events, ``tags`` their layers), each FREE of one pointed at its loading handle."""
+    by_tag: dict[int, list[str]] = {}
+    for name in trace.loaded.values():
+        by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
+    traced = trace.num_layers
+    source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}
+    seen: dict[int, int] = {}
+    stand_in: dict[int, int] = {}
+    for k in range(cut):
+        op, handle, _ = events[k]
+        if op != ALLOC:
+            continue
+        layer = tags[k]
+        tag = layer if layer < 0 or not source else source.get(layer, unrolling.TEMPLATE)
+        names = by_tag[tag]
+        name = names[seen.get(layer, 0)]
+        seen[layer] = seen.get(layer, 0) + 1
+        if layer >= 0 and layer != tag:
+            name = name.replace(f".{tag}.", f".{layer}.", 1)
+        stand_in[handle] = handles[name]
+    out = []
+    for op, handle, nbytes in events[cut:]:
+        if op == FREE and handle in stand_in:
+            out.append((FREE, stand_in[handle], 0))
+        else:
+            out.append((op, handle, nbytes))
+    return out
+
+
+# -- one plan, cached ------------------------------------------------------------------------
+def serving_key(config_dict: dict[str, Any], plan: ServePlan) -> str:
+    """What changes a serving simulation, hashed."""
+    plan_fields = plan.to_dict()
+    for adapter in plan_fields["adapters"]:
+        adapter.pop("path", None)
+        adapter.pop("base_model", None)
+    payload = {
+        "v": SERVING_SIMULATION_VERSION,
+        "config": config_dict,
+        "plan": plan_fields,
+        "libs": library_versions(),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=64)
+def _memo(key: str) -> ServeSimulation | None:
+    path = cache_dir("serving") / f"{key}.json"
+    try:
+        return ServeSimulation(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def simulate_serving(
+    config_dict: dict[str, Any], plan: ServePlan, use_cache: bool = True
+) -> ServeSimulation:
+    """The plan's serving run, simulated (module docstring); cached on disk."""
+    key = serving_key(config_dict, plan)
+    if use_cache:
+        known = _memo(key)
+        if known is not None:
+            return known
+    progress.note(
+        f"tracing generate on fake tensors and replaying it through the caching-allocator "
+        f"model (batch {plan.batch} x {plan.prompt_tokens} + {plan.new_tokens} tokens, "
+        f"{plan.mode} adapters)"
+    )
+    started = time.perf_counter()
+    events, markers, loading = whole_run(config_dict, plan)
+    observed = replay(events, markers, loading)
+    result = ServeSimulation(
+        **observed, events=len(events), trace_seconds=time.perf_counter() - started
+    )
+    if use_cache:
+        folder = cache_dir("serving")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{key}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(result.to_dict()))
+            tmp.replace(folder / f"{key}.json")
+            _memo.cache_clear()
+        except OSError:
+            pass  # a read-only cache only costs time
+    return result

@@ -1,0 +1,242 @@
+"""A serving run replayed through the caching-allocator model: peak allocated and reserved.
+
+``simulate_serving`` takes the recorded run of ``servetrace.trace_serving`` (five decoder
+layers, each full generate's first loop steps, two timed rounds) and makes it the plan's
+whole run, exactly:
+
+1. **decoding steps**: a generate of N new tokens traced for K < N loop steps gets steps
+   K+1..N as copies of step K: the same operations, new handles, each allocation's size
+   continued along the line of the last traced steps (the KV cache and the attention mask
+   grow by one position per step: sizes are affine in the step; checked on steps K-2, K-1,
+   K, which must be alike); a tensor one step leaves to a later one is found at the same
+   position of the step it was made in, and what the end of the loop frees is taken from
+   step N instead of K (``expand_steps``);
+2. **rounds**: the harness's timed rounds after the second repeat it
+   (``repeat_last_round``, as ``trace/unroll.repeat_last_step`` repeats a training step);
+3. **layers**: ``trace/unroll.unroll`` turns the five traced layers into all of them;
+4. **loading**: ``memory/slack.from_pretrained_events`` lays out ``from_pretrained`` of the
+   whole model; the recorder's stand-ins for the loaded parameters take their handles (a
+   merge that replaces a weight frees its loading allocation).
+
+The replay (``memory/allocator.py``) gives peak allocated and reserved bytes, the phase at
+each peak and per phase (``load``, ``adapters``, ``merge``, ``prefill``, ``decode``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramcalc.errors import VramcalcError
+from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.serving.servetrace import GenerateSpan
+from vramcalc.trace.events import UnrollError
+from vramcalc.trace.repeat import copy_segment
+
+Event = tuple[int, int, int]
+
+
+class ServeSimulationError(VramcalcError):
+    """A serving trace whose shape the expansion does not allow."""
+
+
+@dataclass
+class _Run:
+    """Events being built, with their layer tags and markers."""
+
+    events: list[Event] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)
+    markers: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, event: Event, tag: int) -> None:
+        self.events.append(event)
+        self.tags.append(tag)
+
+    def mark(self, label: str) -> None:
+        self.markers.append((label, len(self.events)))
+
+
+def _remapped(event: Event, remap: dict[int, int]) -> Event:
+    op, handle, nbytes = event
+    return (op, remap.get(handle, handle), nbytes) if op == FREE else event
+
+
+def expand_steps(
+    events: tuple[Event, ...],
+    tags: tuple[int, ...],
+    markers: tuple[tuple[str, int], ...],
+    spans: Iterable[GenerateSpan],
+) -> tuple[list[Event], list[int], list[tuple[str, int]], dict[str, int]]:
+    """Every generate's loop steps K+1..N from its traced steps (module docstring); returns
+    events, tags, markers and the output handle of each generate by its marker."""
+    at = dict(markers)
+    todo = {s.marker: s for s in spans if s.new_tokens > s.traced_steps}
+    outputs = {s.marker: s.output_handle for s in spans}
+    out = _Run()
+    remap: dict[int, int] = {}
+    top = max((h for _, h, _ in events), default=0)
+    order = sorted(markers, key=lambda m: m[1])
+    cursor = 0
+    for label, index in order:
+        while cursor < index:
+            out.add(_remapped(events[cursor], remap), tags[cursor])
+            cursor += 1
+        span = todo.get(label.rpartition(".s")[0]) if ".s" in label else None
+        step = int(label.rpartition(".s")[2]) if span is not None else 0
+        if span is None or step != span.traced_steps + 1:
+            out.mark(label)
+            continue
+        # the loop's final test of a generate traced short: add steps K+1..N, then go on
+        bounds = [at[f"{span.marker}.s{k}"] for k in range(1, span.traced_steps + 2)]
+        top = _add_steps(events, tags, bounds, span, out, remap, top)
+        out.mark(f"{span.marker}.s{span.new_tokens + 1}")
+        outputs[span.marker] = remap.get(span.output_handle, span.output_handle)
+    while cursor < len(events):
+        out.add(_remapped(events[cursor], remap), tags[cursor])
+        cursor += 1
+    return out.events, out.tags, out.markers, outputs
+
+
+def _step_shape(
+    events: tuple[Event, ...], bounds: list[int], k: int, made: dict[int, tuple[int, int]]
+) -> list[tuple[int, Any]]:
+    """Step ``k``'s events as (op, size or (steps back, allocation number in that step) of
+    what a FREE frees)."""
+    shape: list[tuple[int, Any]] = []
+    for i in range(bounds[k - 1], bounds[k]):
+        op, handle, nbytes = events[i]
+        if op == ALLOC:
+            shape.append((op, nbytes))
+        else:
+            origin = made.get(handle)
+            shape.append((op, None if origin is None else (k - origin[0], origin[1])))
+    return shape
+
+
+def _add_steps(
+    events: tuple[Event, ...],
+    tags: tuple[int, ...],
+    bounds: list[int],
+    span: GenerateSpan,
+    out: _Run,
+    remap: dict[int, int],
+    top: int,
+) -> int:
+    """Append steps K+1..N of ``span`` (template: traced step K) and point ``remap`` at
+    step N - d for what the rest of the run frees of traced step K - d."""
+    traced, wanted = span.traced_steps, span.new_tokens
+    if traced < 5:  # steps 3, 4, 5: the first decoding step still frees the prefill's
+        raise ServeSimulationError(f"{span.marker}: {traced} traced steps, at least 5 needed")
+    made: dict[int, tuple[int, int]] = {}  # handle -> (step, its allocations before it)
+    allocs: dict[int, list[int]] = {}  # step -> its ALLOC handles in order
+    for k in range(1, traced + 1):
+        allocs[k] = [events[i][1] for i in range(bounds[k - 1], bounds[k]) if events[i][0] == ALLOC]
+        for ordinal, handle in enumerate(allocs[k]):
+            made[handle] = (k, ordinal)
+    shapes = {k: _step_shape(events, bounds, k, made) for k in (traced - 2, traced - 1, traced)}
+    last, before, first = shapes[traced], shapes[traced - 1], shapes[traced - 2]
+    if not len(first) == len(before) == len(last):
+        raise ServeSimulationError(f"{span.marker}: decoding steps differ in length")
+    slopes: list[int] = []
+    for a, b, c in zip(first, before, last, strict=True):
+        if not a[0] == b[0] == c[0]:
+            raise ServeSimulationError(f"{span.marker}: decoding steps differ in their ops")
+        if c[0] == ALLOC:
+            if c[1] - b[1] != b[1] - a[1]:
+                raise ServeSimulationError(f"{span.marker}: sizes do not grow by steps alike")
+            slopes.append(c[1] - b[1])
+        else:  # the same tensor of a step before (the first steps free the prefill's)
+            if c[1] is None or b[1] != c[1]:
+                raise ServeSimulationError(f"{span.marker}: decoding steps free differently")
+            slopes.append(0)
+    sizes = [c[1] for c in last if c[0] == ALLOC]
+    slope_of = [sl for c, sl in zip(last, slopes, strict=True) if c[0] == ALLOC]
+    for back, ordinal in {c[1] for c in last if c[0] == FREE and c[1][0] > 0}:
+        step = traced + 1 - back  # the traced step the first copy refers to
+        if step < 1 or len(allocs[step]) != len(sizes):
+            raise ServeSimulationError(f"{span.marker}: a step refers to an irregular one")
+        size = next(events[i][2] for i in range(bounds[step - 1], bounds[step])
+                    if events[i][1] == allocs[step][ordinal])  # fmt: skip
+        if size != sizes[ordinal] - (traced - step) * slope_of[ordinal]:
+            raise ServeSimulationError(f"{span.marker}: a step refers to another tensor")
+    start = bounds[traced - 1]
+    handles: dict[tuple[int, int], int] = {}  # (step, position) -> handle, steps > K
+
+    def handle_of(step: int, ordinal: int) -> int:
+        if step > traced:
+            return handles[(step, ordinal)]
+        return allocs[step][ordinal]
+
+    for step in range(traced + 1, wanted + 1):
+        out.mark(f"{span.marker}.s{step}")
+        ordinal = 0
+        for pos, (op, what) in enumerate(last):
+            i = start + pos
+            if op == ALLOC:
+                top += 1
+                handles[(step, ordinal)] = top
+                ordinal += 1
+                size = events[i][2] + (step - traced) * slopes[pos]
+                out.add((ALLOC, top, size), tags[i])
+            else:
+                back, origin = what
+                out.add((FREE, handle_of(step - back, origin), 0), tags[i])
+    for handle, (step, ordinal) in made.items():
+        target = wanted - (traced - step)
+        if target > traced:
+            remap[handle] = handle_of(target, ordinal)
+    return top
+
+
+def repeat_last_round(
+    events: list[Event],
+    tags: list[int],
+    markers: list[tuple[str, int]],
+    rounds: int,
+    outputs: dict[str, int],
+) -> tuple[list[Event], list[int], list[tuple[str, int]]]:
+    """The run with its last traced round repeated up to ``rounds`` rounds: a round's
+    events with new handles, a tensor the round before left (the kept output, a static
+    cache) found at the same position of the round it was made in."""
+    at = dict(markers)
+    traced = sum(1 for label, _ in markers if label.startswith("round"))
+    if rounds <= traced:
+        return events, tags, markers
+    first, last, end = at[f"round{traced - 2}"], at[f"round{traced - 1}"], at["after"]
+    made = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    top = max(made, default=0)
+    out, out_tags = events[:end], tags[:end]
+    out_markers = [(m, i) for m, i in markers if i < end]
+    inner = [(m, i - last) for m, i in markers if last <= i < end]
+    length = end - last
+    for k, copy in enumerate(range(traced, rounds)):
+        base = len(out) + k * length
+        out_markers += [(_renumber(m, copy, traced), base + offset) for m, offset in inner]
+    try:
+        remap, top = copy_segment(
+            events, tags, made, (first, last, end), rounds - traced, top, out, out_tags,
+            "round", older="keep",
+        )  # fmt: skip
+    except UnrollError as err:
+        raise ServeSimulationError(str(err)) from err
+    base = len(out)
+    for m, i in markers:
+        if i >= end:
+            out_markers.append((m, base + i - end))
+    out.extend(_remapped(e, remap) for e in events[end:])
+    out_tags.extend(tags[end:])
+    for marker, handle in list(outputs.items()):
+        outputs[marker] = remap.get(handle, handle)
+    return out, out_tags, out_markers
+
+
+def _renumber(label: str, copy: int, traced: int) -> str:
+    """A marker of the last traced round, as the same marker of round ``copy``."""
+    if label.startswith("round"):
+        return f"round{copy}"
+    if label.startswith("g"):
+        number, _, rest = label[1:].partition(".")
+        generate = int(number) + 2 * (copy - traced + 1)
+        return f"g{generate}" + (f".{rest}" if rest else "")
+    return label

@@ -236,7 +236,7 @@ def _unrolled_syncs(
     an all-gather with two in flight, waits for the oldest (a FIFO queue): the points
     awaited in ``small`` are copied with the free they follow, and the waits of the
     unrolled trace take them in order. Where ``small``'s waits are not in that order, each
-    wait awaits the copy of its awaited event in the layer at the same distance (``_anchor``)."""
+    wait awaits the copy of its awaited event in the layer at the same distance (``anchor``)."""
     copies: dict[int, list[int]] = {}
     for index, origin in enumerate(origins):
         copies.setdefault(origin, []).append(index)
@@ -292,15 +292,14 @@ def _unrolled_syncs(
     out = [(at, at) for now, upto in small.sync_points if upto == now for at in copies[now]]
     awaited = sorted({upto for _, upto in waits})
     if [upto for _, upto in waits] == awaited:  # each point awaited once, in order: FIFO
-        points = sorted(c + 1 for p in awaited for c in copies[p - 1]) if awaited else []
-        times = sorted((at, now) for now, _ in waits for at in copies[now])
-        if any(p > t for p, (t, _) in zip(points, times, strict=False)):
+        points = sorted(c + 1 if p else 0 for p in awaited for c in copies[max(p - 1, 0)])
+        times = sorted((at, now, upto) for now, upto in waits for at in copies[now])
+        if any(p > t for p, (t, _, _) in zip(points, times, strict=False)):
             raise UnrollError("the unrolled rate limiter waits for points not yet recorded")
-        out += [(t, p) for p, (t, _) in zip(points, times, strict=False)]
+        out += [(t, p) for p, (t, _, _) in zip(points, times, strict=False)]
         # the last waits await points ``small`` never awaits (its run ends first: a copy of
         # an interior layer's last reshard): the awaited event's copy by layer distance
-        awaited_by = dict(waits)
-        out += [(t, _anchor_of(awaited_by[now], t, now)) for t, now in times[len(points) :]]
+        out += [(t, _anchor_of(upto, t, now)) for t, now, upto in times[len(points) :]]
     else:
         out += [(at, _anchor_of(upto, at, now)) for now, upto in waits for at in copies[now]]
     return tuple(sorted(set(out)))

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from vramcalc.accuracy import (
+    as_measured,
     build_report,
     check_regressions,
     check_targets,
@@ -193,3 +194,13 @@ def test_a_record_that_trained_another_parameter_count_is_not_compared(tiny_llam
     assert row.estimate_error.startswith(f"the run trained {lora.trainable_params:,} parameters")
     (same,) = build_report([rec | {"trainable_params": row.estimate["trainable_params"]}]).rows
     assert set(same.errors) == {"device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes"}
+
+
+def test_a_simulated_world_is_compared_without_nccl_buffers():
+    """Rank 0 on torch's fake process group has no NCCL communicator: its device total is the
+    estimate's less the NCCL rule's bytes; a real run's (or one GPU's) is the estimate's."""
+    est = {"device_total_bytes": 10_000, "peak_reserved_bytes": 8_000, "components": {"nccl": 600}}
+    world = {"simulated_world_size": 2}
+    assert as_measured(world, est) == {**est, "device_total_bytes": 9_400}
+    assert as_measured({"num_gpus": 2}, est) == est
+    assert as_measured(world, {**est, "components": {"nccl": 0}})["device_total_bytes"] == 10_000

@@ -1,14 +1,16 @@
-"""Simulated-world records against the world trace and today's rules: ``python -m vramcalc.worldcompare``.
+"""Simulated-world records against the world trace (the estimator) and the rules (its fallback): ``python -m vramcalc.worldcompare``.
 
 For every ok record of a simulated world (``simulated_world_size``; by default
 ``data/measurements/h100_world_2026-12-06.jsonl``): the measured peak allocated, peak
-reserved and device total; the rules' estimate as the estimator gives it today
-(``prepare(...).estimate(plan)``: ``memory/distributed.py`` + the calibrated slack + the
-NCCL prior); and the world trace (``memory/worldsim.py``): its peaks, and the device total
-composed as the estimator composes it (peak reserved + CUDA context + driver reserve) with
+reserved and device total; the rules' estimate (``prepare(...).estimate(plan,
+"approximate")``: ``memory/distributed.py`` + the calibrated slack, without NCCL's
+buffers); and the world trace (``memory/worldsim.py``, what the estimator answers a
+multi-GPU FSDP1 / DDP plan with): its peaks, and the device total composed as the
+estimator composes it (peak reserved + CUDA context + driver reserve) with
 no NCCL term, since a fake world has no NCCL communicator. Summaries per split and per
 group; writes ``reports/world_memory.md`` and ``.csv``. The world simulations are cached,
-so a second run takes seconds; the first traces every plan (minutes each for 7-8B models).
+so a second run takes seconds; the first traces every plan (5 layers, unrolled: under a
+minute each for 7-8B models on 2 CPU cores).
 ``--fsdp2`` adds torch's FSDPMemTracker on an FSDP2 stand-in (``memory/fsdp2check.py``)
 for the N = 2 FSDP records.
 """
@@ -24,16 +26,14 @@ from typing import Any
 
 from vramcalc.catalog import resolve_model
 from vramcalc.estimate import prepare
-from vramcalc.measurements import plan_of
+from vramcalc.measurements import MEASUREMENTS_DIR, plan_of
 from vramcalc.memory.layers import NO_SDPA
 from vramcalc.memory.nccl import nccl_buffer_bytes
 from vramcalc.memory.overhead import load_calibration
 from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
 from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
-DEFAULT_RECORDS = (
-    Path(__file__).resolve().parents[2] / "data/measurements/h100_world_2026-12-06.jsonl"
-)
+DEFAULT_RECORDS = MEASUREMENTS_DIR / "h100_world_2026-12-06.jsonl"
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
     "meta-llama/Llama-3.1-8B": "8B",
@@ -91,9 +91,11 @@ def compare_record(record: dict[str, Any]) -> dict[str, Any]:
     for metric in METRICS:
         measured = int(record[metric])
         row[f"measured_{metric}"] = measured
-        row[f"rules_{metric}"] = int(getattr(rules, metric))
+        # a simulated world has no NCCL communicator: the rules' device total without it
+        ruled = getattr(rules, metric) - (rules.components["nccl"] if metric == METRICS[2] else 0)
+        row[f"rules_{metric}"] = int(ruled)
         row[f"world_{metric}"] = int(world[metric])
-        row[f"rules_error_{metric}"] = getattr(rules, metric) / measured - 1
+        row[f"rules_error_{metric}"] = ruled / measured - 1
         row[f"world_error_{metric}"] = world[metric] / measured - 1
     return row
 
@@ -120,12 +122,13 @@ def _pct(value: float) -> str:
 
 def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = None) -> str:
     lines = [
-        "# Multi-GPU per-GPU memory: world trace vs today's rules",
+        "# Multi-GPU per-GPU memory: the simulated world (the estimator) vs the rules (its fallback)",
         "",
         "Records: rank 0 of an N-GPU world on torch's fake process group, measured on one "
         "H100 (`data/measurements/h100_world_2026-12-06.jsonl`). Error = (estimate − measured) "
-        "/ measured. *rules*: today's estimator (`memory/distributed.py`, calibrated slack, "
-        "NCCL prior of 512 MiB in device total). *world*: `memory/worldsim.simulate_world` "
+        "/ measured. *rules*: the estimator's fallback (`--allocator-model approximate`: "
+        "`memory/distributed.py`, calibrated slack), its device total without NCCL's buffers. "
+        "*world*: `memory/worldsim.simulate_world` (what the estimator now answers with) "
         "(rank 0 traced through FSDP1 / DDP on fake tensors, replayed through the caching "
         "allocator model); its device total = peak reserved + CUDA context + driver reserve "
         "(calibration), **without NCCL** (a fake world has none; for a real N-GPU run "

@@ -7,6 +7,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.estimate import estimate_from_inventory
 from vramcalc.inventory import build_inventory
 from vramcalc.memory.gradients import gradient_bytes
+from vramcalc.memory.nccl import nccl_buffer_bytes
 from vramcalc.memory.overhead import load_calibration
 from vramcalc.training_plan import TrainingPlan
 
@@ -34,7 +35,7 @@ def test_ddp_replicates_and_adds_gradient_buckets():
     c1, c2 = one.components, ddp.components
     assert c2["weights"] == c1["weights"] and c2["optimizer_states"] == c1["optimizer_states"]
     assert c2["comm_buffers"] == gradient_bytes(inventory, plan)
-    assert c2["nccl"] == load_calibration().nccl_communicator_bytes
+    assert c2["nccl"] == nccl_buffer_bytes(2)  # memory/nccl.py's rule
     assert ddp.total_device_bytes_all_gpus == 2 * ddp.device_total_bytes
 
 

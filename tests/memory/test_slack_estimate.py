@@ -145,12 +145,34 @@ def test_a_recipe_that_cannot_be_traced_is_an_error_naming_the_way_out(tiny_llam
     assert prepare(p.model, p).estimate(p, "approximate").allocator_model == "approximate"
 
 
-def test_multi_gpu_plans_take_the_fallback_slack(tiny_llama_dir):
-    p = TrainingPlan(str(tiny_llama_dir), method="lora", num_gpus=2, strategy="fsdp")
+def test_multi_gpu_fsdp_and_ddp_plans_simulate_rank_0_of_the_world(tiny_llama_dir):
+    from vramcalc.memory.nccl import nccl_buffer_bytes
+    from vramcalc.memory.overhead import load_calibration
+    from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
+
+    for strategy in ("fsdp", "ddp"):
+        p = TrainingPlan(str(tiny_llama_dir), method="lora", num_gpus=2, strategy=strategy)
+        prepared = prepare(p.model, p)
+        est = prepared.estimate(p)
+        world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
+        assert prepared.cached(p)
+        assert est.allocator_model == "simulated"
+        assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
+        assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
+        assert est.components["nccl"] == nccl_buffer_bytes(2)
+        total = world_device_total_bytes(world, p, load_calibration())["device_total"]
+        assert est.device_total_bytes == total
+        assert any("rank 0's whole run" in line for line in est.assumptions)
+
+
+def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
+    from vramcalc.memory.worldsim import ZERO_REASON
+
+    p = TrainingPlan(str(tiny_llama_dir), method="lora", num_gpus=2, strategy="zero3")
     est = prepare(p.model, p).estimate(p)
     assert est.components["allocator_reserve"] == max(
         int(est.peak_allocated_bytes * 0.0863), 41943040
     )
-    assert cached_simulation(prepare(p.model, p).spec.config_dict, p) is None
     assert est.allocator_model == "approximate"
-    assert "multi-GPU plans are not simulated yet" in est.assumptions[-1]
+    assert ZERO_REASON in est.assumptions[-1]
+    assert prepare(p.model, p).cached(p)  # nothing to simulate

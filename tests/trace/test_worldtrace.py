@@ -125,7 +125,7 @@ def test_qlora_fsdp_shards_the_packed_weights_and_keeps_the_quant_state():
 
 def test_replay_gpu_bound_holds_cross_stream_blocks_until_a_host_wait():
     from vramcalc.memory.worldreplay import replay
-    from vramcalc.trace.worldtrace import WorldTrace
+    from vramcalc.trace.events import WorldTrace
 
     mib = 1 << 20
     events = ((ALLOC, 1, 64 * mib), (FREE, 1, 0), (ALLOC, 2, 64 * mib), (FREE, 2, 0))

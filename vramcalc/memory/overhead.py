@@ -32,7 +32,6 @@ class Calibration:
     allocator_reserved_fraction: float
     allocator_reserved_fraction_expandable: float
     allocator_reserved_floor_bytes: int
-    nccl_communicator_bytes: int
     sources: dict[str, str]
 
 
@@ -44,7 +43,6 @@ _INT_KEYS = (
     "managed_memory_granularity_bytes",
     "cublas_workspace_bytes",
     "allocator_reserved_floor_bytes",
-    "nccl_communicator_bytes",
 )
 _FLOAT_KEYS = ("allocator_reserved_fraction", "allocator_reserved_fraction_expandable")
 

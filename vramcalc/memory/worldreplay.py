@@ -18,7 +18,7 @@ from vramcalc.memory.allocator import (
     AllocatorResult,
     CachingAllocator,
 )
-from vramcalc.trace.worldtrace import WorldTrace
+from vramcalc.trace.events import WorldTrace
 
 
 def replay(

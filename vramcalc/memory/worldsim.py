@@ -4,9 +4,11 @@
 ``memory/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
 offload, and DDP): it returns the same ``AllocatorSimulation`` (peak allocated, peak
 reserved per allocator mode), so ``estimate_from_inventory(simulation=...)`` takes it as
-it takes a single-GPU one. ``world_device_total_bytes`` composes nvidia-smi's figure as
-the estimator does, with NCCL's buffers by rule (``memory/nccl.py``) unless the plan ran
-in a simulated (fake) world.
+it takes a single-GPU one; ``seam_simulation`` is what the estimator's seam
+(``estimate.Prepared.simulation``) asks for a multi-GPU plan: the world simulation, None
+for ZeRO (rule-based, ``ZERO_REASON``), ``SimulationError`` for a plan the world trace cannot
+run. ``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with
+NCCL's buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
+from vramcalc.catalog import one_line
+from vramcalc.errors import InvalidPlanError, SimulationError, VramcalcError
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.nccl import nccl_buffer_bytes
 from vramcalc.memory.overhead import runtime_bytes
@@ -29,11 +33,16 @@ from vramcalc.memory.slack import (
     write_simulation,
 )
 from vramcalc.memory.worldreplay import replay
-from vramcalc.trace.worldtrace import trace_world
+from vramcalc.trace.worldtrace import WORLD_STRATEGIES, check_world_plan, trace_world
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
-WORLD_SIMULATION_VERSION = 3
+WORLD_SIMULATION_VERSION = 4
+#: why a ZeRO plan's peaks are the rules' (``MemoryEstimate`` assumptions)
+ZERO_REASON = (
+    "ZeRO (DeepSpeed) is not simulated: the world trace runs FSDP1 and DDP only, so its "
+    "per-GPU bytes are memory/distributed.py's rules"
+)
 
 
 def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
@@ -78,6 +87,36 @@ def simulate_world(
     if use_cache:
         write_simulation(simulation_path(world_simulation_key(config_dict, plan)), simulation)
     return simulation
+
+
+def seam_simulation(
+    model_name: str, config_dict: dict, plan: TrainingPlan
+) -> AllocatorSimulation | None:
+    """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``) and
+    DDP plans simulated (``simulate_world``); ZeRO plans None (the rules, ``ZERO_REASON``); a
+    plan the world trace refuses (FSDP cannot shard bitsandbytes' int8 weights) or fails on
+    is a ``SimulationError`` naming ``--allocator-model approximate``: no answer is silently
+    approximated."""
+    if plan.strategy not in WORLD_STRATEGIES:
+        return None
+    way_out = "--allocator-model approximate gives the rule-based estimate instead"
+    try:
+        check_world_plan(plan)
+    except InvalidPlanError as err:
+        raise SimulationError(
+            f"--model {model_name}: this {plan.num_gpus}-GPU {plan.strategy} plan cannot be "
+            f"simulated ({'; '.join(err.problems)}); {way_out}"
+        ) from err
+    try:
+        return simulate_world(config_dict, plan)
+    except VramcalcError:
+        raise
+    except Exception as err:
+        raise SimulationError(
+            f"--model {model_name}: rank 0 of this {plan.num_gpus}-GPU {plan.strategy} run "
+            f"could not be traced on fake tensors ({type(err).__name__}: {one_line(err)}); "
+            f"{way_out}"
+        ) from err
 
 
 def world_device_total_bytes(

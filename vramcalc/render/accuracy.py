@@ -45,6 +45,12 @@ def render_markdown(report: Report, problems: list[str], timeline: str | None = 
         f"Measurements: {len(report.rows)} records from {', '.join(report.sources) or 'no files'}."
     )
     lines.append("Error = (estimate − measured) / measured; positive means over-estimate.")
+    if any(r.record.get("simulated_world_size") for r in report.rows):
+        lines.append(
+            "multi-gpu rows are rank 0 of a simulated world (torch's fake process group): it "
+            "has no NCCL communicator, so their device total is compared with the estimate's "
+            "without NCCL's buffers (`memory/nccl.py`'s rule, not measured yet)."
+        )
     lines.append("")
     if not report.rows:
         lines += [

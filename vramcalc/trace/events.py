@@ -44,3 +44,20 @@ class StepTrace:
 class UnrollError(VramcalcError):
     """A trace cannot be expanded: its layers are not alike, or its steps or micro-batches do
     not repeat (``unroll.py``, ``repeat.py``)."""
+
+
+@dataclass(frozen=True)
+class WorldTrace:
+    """What rank 0 of an N-GPU world allocates over loading, the wrap and its optimizer steps,
+    in order (``worldtrace.trace_world``)."""
+
+    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE|EMPTY_CACHE, handle, nbytes)
+    streams: tuple[int, ...]  # per event: the stream its block belongs to
+    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
+    # host waits on the GPU: (events before the wait, events before the point awaited)
+    sync_points: tuple[tuple[int, int], ...]
+    num_layers: int
+    wrapper: str
+    labels: tuple[str, ...] = ()  # per event: what allocated it (aten op, "resize", "load")
+    cross_stream: frozenset[int] = frozenset()  # handles record_stream'ed on another stream
+    tags: tuple[int, ...] = ()  # per event: its decoder layer (-1: none), when traced to unroll

@@ -222,6 +222,10 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
     def from_device(cls: Any, device: Any) -> FakeDeviceHandle:
         return handle
 
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int8):
+        # FlatParamHandle's itemsize lookup makes a host scalar the first time (lru_cache):
+        # made here, before the recorder runs, so that no trace depends on what ran before
+        flat_param_module._get_dtype_size(dtype)
     with contextlib.ExitStack() as stack:
         for target, name, value in (
             (_FSDPDeviceHandle, "from_device", classmethod(from_device)),

@@ -303,7 +303,7 @@ def claim_nodes(root: Any, stop: Any, layer: int, nodes: dict[Any, int]) -> None
         todo.extend(fn for fn, _ in node.next_functions)
 
 
-def _tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
+def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
     and, for backward, the autograd nodes each layer's forward created (found from its
     output back to its input) in ``nodes``, for prehooks set before backward."""
@@ -448,7 +448,7 @@ def trace_at(
     for _, p in named:
         recorder.known([p], layer_of.get(id(p), -1))
     recorder.known(model.buffers())
-    nodes = _tag_layers(model, recorder)
+    nodes = tag_layers(model, recorder)
     allocator = _rank_allocator(model, plan)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
         optimizer = trainer_optimizer(params, plan)

@@ -120,11 +120,14 @@ def unroll(
     num_layers: int,
     out_tags: list[int] | None = None,
     positions: list[int] | None = None,
+    origins: list[int] | None = None,
 ) -> tuple[tuple[int, int, int], ...]:
     """The events of the ``num_layers``-layer model from a ``TRACED_LAYERS``-layer trace.
 
     ``out_tags``, when given, receives each new event's decoder layer (-1: none);
-    ``positions`` the index of each traced event's first copy, then the new length."""
+    ``positions`` the index of each traced event's first copy, then the new length;
+    ``origins`` the traced event each new event copies (what else a caller keeps per
+    event follows from it: a world trace's streams)."""
     n = num_layers
     if n <= TRACED_LAYERS:
         raise UnrollError(f"{n} layers need no unrolling")
@@ -245,6 +248,8 @@ def unroll(
                         out.append((op, copy(handle, layer), nbytes))
                     else:
                         out.append((op, resolve(handle, layer, TEMPLATE), nbytes))
+                if origins is not None:
+                    origins.extend(range(run.start, run.stop))
                 if out_tags is not None:  # untagged events stay untagged
                     out_tags.extend(layer if t >= 0 else -1 for t in tags[run.start : run.stop])
             continue
@@ -255,6 +260,8 @@ def unroll(
             if sweep_free[k]:
                 freed = release(handle, nbytes)
                 out.extend(freed)
+                if origins is not None:
+                    origins.extend([k] * len(freed))
                 if out_tags is not None:  # one free, or one per interior copy
                     out_tags.extend(range(2, n - 2) if len(freed) > 1 else [layer_at(k, running)])
                 continue
@@ -262,6 +269,8 @@ def unroll(
                 out.append((op, handle, nbytes))
             else:
                 out.append((op, resolve(handle, running, run.tag), nbytes))
+            if origins is not None:
+                origins.append(k)
             if out_tags is not None:
                 out_tags.append(layer_at(k, running))
     if positions is not None:

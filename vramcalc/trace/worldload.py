@@ -60,7 +60,7 @@ def _quantize(
     staging = recorder.alloc_bytes(numel * LOAD_ITEMSIZE[plan.dtype])
     if plan.quant == "int8":
         fp16 = recorder.alloc_bytes(2 * numel)
-        recorder.bind(param, recorder.alloc_bytes(numel), numel)  # CB, int8
+        recorder.bind(param, recorder.alloc_bytes(numel), numel, recorder.layer)  # CB, int8
         rows = int(param.shape[0]) if param.dim() == 2 else 1
         recorder.alloc_bytes(4 * rows)  # SCB, fp32 per output row
         recorder.free_handle(fp16)
@@ -68,7 +68,7 @@ def _quantize(
         blocks = -(-numel // NF4_BLOCKSIZE)
         absmax = recorder.alloc_bytes(4 * blocks)
         packed = _nbytes(param)
-        recorder.bind(param, recorder.alloc_bytes(packed), packed)
+        recorder.bind(param, recorder.alloc_bytes(packed), packed, recorder.layer)
         recorder.alloc_bytes(16 * 4)  # the 4-bit code
         if plan.double_quant:
             recorder.alloc_bytes(4)  # offset = absmax.mean()
@@ -84,7 +84,11 @@ def _quantize(
 
 
 def warmup_bytes(
-    model: Any, base: list[tuple[str, Any]], kbit_numel: dict[int, int], plan: TrainingPlan
+    model: Any,
+    base: list[tuple[str, Any]],
+    kbit_numel: dict[int, int],
+    plan: TrainingPlan,
+    copies: dict[int, int] | None = None,
 ) -> int:
     """The tensor ``caching_allocator_warmup`` allocates (and frees) before loading.
 
@@ -93,7 +97,9 @@ def warmup_bytes(
     multi-GPU rank), the weights its tensor-parallel plan names (``model.tp_plan``, from
     ``config.base_model_tp_plan``: attention and MLP projections, the head, on some models
     the embedding) divided by the world size, even though nothing is tensor parallel;
-    then ``torch.empty(byte_count // 2, dtype=float16)``.
+    then ``torch.empty(byte_count // 2, dtype=float16)``. ``copies``: how many parameters of
+    the model to load each traced parameter stands for (``id`` -> count; default 1: a model
+    traced with fewer decoder layers than it has, ``trace/worldunroll.py``).
     """
     from transformers.distributed.tensor_parallel import _get_parameter_tp_plan
 
@@ -109,14 +115,21 @@ def warmup_bytes(
         key = checkpoint_key(name)
         if tp_plan and _get_parameter_tp_plan(key, tp_plan, is_weight=True) is not None:
             count //= plan.num_gpus
-        total += count
+        total += count * (copies or {}).get(id(p), 1)
     return int(total // 2) * 2
 
 
 def load_world(
-    recorder: WorldRecorder, model: Any, named: list[tuple[str, Any]], plan: TrainingPlan
+    recorder: WorldRecorder,
+    model: Any,
+    named: list[tuple[str, Any]],
+    plan: TrainingPlan,
+    layers: dict[int, int] | None = None,
+    copies: dict[int, int] | None = None,
 ) -> None:
-    """Rank 0's loading, k-bit preparation and adapters on ``recorder`` (module docstring)."""
+    """Rank 0's loading, k-bit preparation and adapters on ``recorder`` (module docstring);
+    each parameter's events in its decoder layer (``layers``: ``id`` -> layer), the warmup
+    sized for ``copies`` of each (``warmup_bytes``)."""
     from vramcalc.trace.emulation import Emulated4bit, Emulated8bit  # torch: only when a trace runs
 
     if not loads_on_gpu(plan):
@@ -134,28 +147,33 @@ def load_world(
     from transformers.core_model_loading import dot_natural_key
 
     load_size = LOAD_ITEMSIZE[plan.dtype]
-    recorder.free_handle(recorder.alloc_bytes(warmup_bytes(model, base, kbit_numel, plan)))
+    layer_of = layers or {}
+    warmup = warmup_bytes(model, base, kbit_numel, plan, copies)
+    recorder.free_handle(recorder.alloc_bytes(warmup))
     loaded: list[tuple[Any, int, int]] = []  # (param, handle, bytes as loaded)
     first = True
     for _, p in sorted(base, key=lambda item: dot_natural_key(checkpoint_key(item[0]))):
-        if id(p) in kbit_numel:
-            _quantize(recorder, p, kbit_numel[id(p)], plan, first)
-            first = False
-        else:
-            size = p.numel() * load_size
-            loaded.append((p, recorder.alloc_bytes(size), size))
+        with recorder.in_layer(layer_of.get(id(p), -1)):
+            if id(p) in kbit_numel:
+                _quantize(recorder, p, kbit_numel[id(p)], plan, first)
+                first = False
+            else:
+                size = p.numel() * load_size
+                loaded.append((p, recorder.alloc_bytes(size), size))
     if plan.is_kbit and plan.strategy not in SHARDED:  # prepare_model_for_kbit_training
         upcast = []
         for p, handle, size in loaded:
             if _nbytes(p) != size:
-                new = recorder.alloc_bytes(_nbytes(p))
-                recorder.free_handle(handle)
+                with recorder.in_layer(layer_of.get(id(p), -1)):
+                    new = recorder.alloc_bytes(_nbytes(p))
+                    recorder.free_handle(handle)
                 handle, size = new, _nbytes(p)
             upcast.append((p, handle, size))
         loaded = upcast
         recorder.empty_cache()
     for p, handle, size in loaded:
-        recorder.bind(p, handle, size)
+        recorder.bind(p, handle, size, layer_of.get(id(p), -1))
     for _, p in adapters:
-        recorder.bind(p, recorder.alloc_bytes(_nbytes(p)), _nbytes(p))
+        with recorder.in_layer(layer_of.get(id(p), -1)):
+            recorder.bind(p, recorder.alloc_bytes(_nbytes(p)), _nbytes(p), recorder.layer)
     recorder.empty_cache()

@@ -55,6 +55,27 @@ class WorldRecorder(StepRecorder):
         self._made_on: dict[int, int] = {}  # handle -> stream
         self._scope: str | None = None
         self._inputs_on_host = False
+        self.module_layers: dict[int, int] = {}  # id(module) -> its decoder layer (tags)
+        self.layer_modules: set[int] = set()  # id of each decoder layer module
+        self.stopped = False  # True: nothing more is recorded (the run is over)
+        # decoder layer -> how many layers of the model simulated it stands for, where that is
+        # not 1 (a model traced with fewer layers than it has: trace/worldunroll.py)
+        self.layer_repeats: dict[int, int] = {}
+        self._whole_model_bytes: int | None = None  # the next output's bytes, sized so
+
+    # -- layers -------------------------------------------------------------------------------
+    def layer_of(self, module: Any) -> int:
+        """The decoder layer ``module`` belongs to (-1: none, the root unit's)."""
+        return self.module_layers.get(id(module), -1)
+
+    @contextlib.contextmanager
+    def in_layer(self, layer: int) -> Iterator[None]:
+        """Events in here belong to decoder layer ``layer`` (-1: none); the layer before after."""
+        previous, self.layer = self.layer, layer
+        try:
+            yield
+        finally:
+            self.layer = previous
 
     # -- events -------------------------------------------------------------------------------
     def _alloc(self, nbytes: int, tag: int = -1) -> int:
@@ -65,12 +86,15 @@ class WorldRecorder(StepRecorder):
         return handle
 
     def _free(self, handle: int, nbytes: int, tag: int) -> None:
+        if self.stopped:
+            return
         super()._free(handle, nbytes, tag)
         self.streams.append(self._made_on.pop(handle, DEFAULT_STREAM))
 
     def alloc_bytes(self, nbytes: int) -> int:
-        """An allocation no tensor stands for (loading staging, quantization state)."""
-        return self._alloc(nbytes)
+        """An allocation no tensor stands for (loading staging, quantization state), in the
+        running layer."""
+        return self._alloc(nbytes, self.layer)
 
     def free_handle(self, handle: int) -> None:
         self._free(handle, 0, -1)
@@ -159,13 +183,15 @@ class WorldRecorder(StepRecorder):
             self._host.add(key)
             return
         nbytes = int(storage.nbytes())
+        if self._whole_model_bytes is not None:
+            nbytes, self._whole_model_bytes = self._whole_model_bytes, None
         if nbytes:
             self._live[key] = (self._alloc(nbytes, tag), nbytes)
 
     def resized(self, storage: Any, nbytes: int) -> None:
         """``storage.resize_(nbytes)`` ran: 0 frees its block, from 0 allocates one."""
         key = storage._cdata
-        if key in self._host:
+        if key in self._host or self.stopped:
             return
         self.label = "resize"
         if key not in self._handles:
@@ -189,8 +215,35 @@ class WorldRecorder(StepRecorder):
         if handle and self._made_on.get(handle, DEFAULT_STREAM) != getattr(stream, "index", 0):
             self.cross_stream.add(handle)
 
+    def _gathered_bytes(self, tensors: Any) -> int | None:
+        """Bytes of a ``stack`` / ``cat`` of tensors from three or more decoder layers, run
+        outside any layer (the gradient norms FSDP's and torch's clipping stack), as the
+        model simulated makes it: each input as many times as its layer stands for."""
+        import torch
+
+        if self.layer >= 0 or not self.layer_repeats or not isinstance(tensors, (list, tuple)):
+            return None
+        layers = [self._tag_of(t) for t in tensors]
+        if len(set(layers) - {-1}) < 3 or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return None
+        return sum(
+            t.numel() * t.element_size() * self.layer_repeats.get(layer, 1)
+            for t, layer in zip(tensors, layers, strict=True)
+        )
+
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
+        if self.stopped:
+            return func(*args, **kwargs)
         self.label = func.overloadpacket.__name__
+        if self.label in ("stack", "cat") and args:
+            self._whole_model_bytes = self._gathered_bytes(args[0])
+            try:
+                return self._dispatch(func, args, kwargs)
+            finally:
+                self._whole_model_bytes = None
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         if self._host and self._scope is None:
             import torch
             from torch.utils._pytree import tree_leaves

@@ -78,36 +78,36 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
+from vramcalc.trace.events import UnrollError, WorldTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
-from vramcalc.trace.steptrace import decoder_layers, trainer_optimizer
+from vramcalc.trace.steptrace import (
+    config_layers,
+    decoder_layers,
+    hook_backward,
+    tag_layers,
+    trainer_optimizer,
+)
+from vramcalc.trace.unroll import TRACED_LAYERS
 from vramcalc.trace.worldload import load_world
 from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrepeat import canonical_world, repeat_world_step
+from vramcalc.trace.worldunroll import (
+    ModelCopies,
+    add_modules,
+    fsdp_layer_tags,
+    layer_maps,
+    unroll_world,
+)
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
 WORLD_STRATEGIES = (*SHARDED, "ddp")
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
-
-
-@dataclass(frozen=True)
-class WorldTrace:
-    """What rank 0 allocates over loading, the wrap and ``steps`` optimizer steps, in order."""
-
-    events: tuple[tuple[int, int, int], ...]  # (ALLOC|FREE|EMPTY_CACHE, handle, nbytes)
-    streams: tuple[int, ...]  # per event: the stream its block belongs to
-    markers: tuple[tuple[str, int], ...]  # (label, number of events before it)
-    # host waits on the GPU: (events before the wait, events before the point awaited)
-    sync_points: tuple[tuple[int, int], ...]
-    num_layers: int
-    wrapper: str
-    labels: tuple[str, ...] = ()  # per event: what allocated it (aten op, "resize", "load")
-    cross_stream: frozenset[int] = frozenset()  # handles record_stream'ed on another stream
 
 
 def fake_world(world_size: int) -> Any:
@@ -235,9 +235,10 @@ def _peft_policy(model: Any) -> Any:
             os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = previous
 
 
-def wrap_fsdp(model: Any, plan: TrainingPlan) -> Any:
+def wrap_fsdp(model: Any, plan: TrainingPlan, recorder: Any = None) -> Any:
     """FSDP1 as accelerate's ``prepare_model``: wrap, then upcast every trainable flat
-    parameter that is not fp32 (mixed precision on: "follow DeepSpeed's strategy")."""
+    parameter that is not fp32 (mixed precision on: "follow DeepSpeed's strategy"), each
+    unit's in its decoder layer on ``recorder`` (a ``WorldRecorder``; None: untagged)."""
     import torch
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -247,21 +248,29 @@ def wrap_fsdp(model: Any, plan: TrainingPlan) -> Any:
             continue
         param = module._flat_param
         if param.dtype != torch.float32 and param.requires_grad:
-            param.data = param.data.to(torch.float32)
+            layer = recorder.layer_of(module._fsdp_wrapped_module) if recorder else -1
+            with recorder.in_layer(layer) if recorder else contextlib.nullcontext():
+                param.data = param.data.to(torch.float32)
             module._handle._orig_param_dtype = torch.float32
     return wrapped
 
 
-def wrap_ddp(model: Any, plan: TrainingPlan) -> Any:
+def wrap_ddp(model: Any, plan: TrainingPlan, model_tensors: Any = None) -> Any:
     """DDP as accelerate builds it from Trainer's kwargs handler (``find_unused_parameters``
     unless a ``PreTrainedModel`` with checkpointing; 25 MB buckets; gradients not bucket
-    views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``)."""
+    views; buffers broadcast), its Reducer re-expressed in Python (``memory/ddpreducer.py``),
+    sized for the tensors ``model_tensors`` says the model's stand for (default: themselves)."""
     from transformers import PreTrainedModel
 
-    from vramcalc.trace.ddpreducer import DDPLike  # torch: only when a trace runs
+    from vramcalc.trace.ddpreducer import DDPLike, as_described  # torch: only when a trace runs
 
     find_unused = not (isinstance(model, PreTrainedModel) and plan.gradient_checkpointing)
-    return DDPLike(model, find_unused_parameters=find_unused, bucket_cap_mb=BUCKET_CAP_MB)
+    return DDPLike(
+        model,
+        find_unused_parameters=find_unused,
+        bucket_cap_mb=BUCKET_CAP_MB,
+        model_tensors=model_tensors or as_described,
+    )
 
 
 # -- the trace ---------------------------------------------------------------------------------
@@ -285,8 +294,56 @@ def trace_world(
     plan: TrainingPlan,
     steps: int = 3,
     num_layers: int | None = None,
+    unroll: bool = True,
 ) -> WorldTrace:
-    """Rank 0's allocations over loading, the wrap and ``steps`` Trainer steps of ``plan``."""
+    """Rank 0's allocations over loading, the wrap and ``steps`` Trainer steps of ``plan``
+    (``num_layers`` decoder layers, default all).
+
+    With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
+    many and unrolled to all of them, and under FSDP two steps are traced and the second
+    repeated (``trace/worldunroll.py``; DDP rebuilds its buckets in the second step, so its
+    steps are traced); where the trace does not have that shape, all of it is traced."""
+    check_world_plan(plan)
+    return canonical_world(_unrolled(config_dict, plan, steps, num_layers, unroll))
+
+
+def _unrolled(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int,
+    num_layers: int | None,
+    unroll: bool,
+) -> WorldTrace:
+    total = num_layers or config_layers(config_dict)
+    if not unroll:
+        return _trace(config_dict, plan, steps, num_layers, None)
+    layers = min(total, TRACED_LAYERS)
+    if plan.strategy in SHARDED and steps > 2:
+        small = _trace(config_dict, plan, 2, layers, total)
+        try:
+            return _all_layers(repeat_world_step(small, steps - 2), total)
+        except UnrollError:
+            pass
+    small = _trace(config_dict, plan, steps, layers, total)
+    try:
+        return _all_layers(small, total)
+    except UnrollError:
+        return _trace(config_dict, plan, steps, num_layers, None)
+
+
+def _all_layers(trace: WorldTrace, num_layers: int) -> WorldTrace:
+    return unroll_world(trace, num_layers) if num_layers > trace.num_layers else trace
+
+
+def _trace(
+    config_dict: dict[str, Any],
+    plan: TrainingPlan,
+    steps: int,
+    num_layers: int | None,
+    model_layers: int | None,
+) -> WorldTrace:
+    """Trace a model of ``num_layers`` decoder layers (default: the config's), every event
+    tagged with its layer; sized for ``model_layers`` where a size is the whole model's."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -295,7 +352,6 @@ def trace_world(
         gpu_code_paths,
     )
 
-    check_world_plan(plan)
     sharded = plan.strategy in SHARDED
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
@@ -307,8 +363,12 @@ def trace_world(
     recorder = WorldRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
     vocab = int(config.vocab_size)
     num_decoder_layers = len(decoder_layers(model))
+    tensor_layers, recorder.module_layers = layer_maps(model)
+    recorder.layer_modules = {id(layer) for layer in decoder_layers(model)}
+    copies = ModelCopies(tensor_layers, model_layers or num_decoder_layers, num_decoder_layers)
+    recorder.layer_repeats = copies.layer_repeats()
     recorder.mark("load")
-    load_world(recorder, model, named, plan)
+    load_world(recorder, model, named, plan, tensor_layers, copies.copies())
     with (
         fake_world(plan.num_gpus),
         mode,
@@ -316,15 +376,19 @@ def trace_world(
         gpu_code_paths(),
         cuda_functions(),
         fsdp1_on_fake_device(recorder),
+        fsdp_layer_tags(recorder) if sharded else contextlib.nullcontext(),
         recorder.mode,
     ):
         recorder.mark("wrap")
         if sharded:
-            wrapped = wrap_fsdp(model, plan)
+            wrapped = wrap_fsdp(model, plan, recorder)
             wrapper = "FSDP1 (torch FullyShardedDataParallel, accelerate's arguments)"
         else:
-            wrapped = wrap_ddp(model, plan)
+            wrapped = wrap_ddp(model, plan, copies.describe)
             wrapper = "DDP (torch Reducer re-expressed in Python) + pass-through comm hook"
+        add_modules(recorder, wrapped)
+        nodes = tag_layers(wrapped, recorder)  # forward hooks on each layer's unit
+        wrapped.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = trainer_optimizer(params, plan)
         wrapped.zero_grad()
@@ -340,9 +404,14 @@ def trace_world(
                     del ids, labels
                     if plan.grad_accum > 1:
                         loss = loss / plan.grad_accum
+                    recorder.layer = -1
+                    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
+                    recorder.mark(f"step{step}_backward{micro}")
                     recorder.in_backward = True
                     loss.backward()
                     recorder.in_backward = False
+                    recorder.layer = -1
+                    nodes.clear()
                     del loss
             recorder.mark(f"step{step}_optimizer")
             with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():
@@ -354,6 +423,7 @@ def trace_world(
             wrapped.zero_grad()
             recorder.sync()  # the harness synchronizes at every step end (on_step_end)
         recorder.mark("end")
+        recorder.stopped = True  # what is freed after the last step cannot raise a peak
         del optimizer, params, wrapped
     return WorldTrace(
         tuple(recorder.events),
@@ -364,4 +434,5 @@ def trace_world(
         wrapper,
         tuple(recorder.labels.get(h, "") if op == ALLOC else "" for op, h, _ in recorder.events),
         frozenset(recorder.cross_stream),
+        tuple(recorder.tags),
     )

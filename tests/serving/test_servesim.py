@@ -160,6 +160,18 @@ def test_merged_copies_are_approximate_and_say_so(tiny_llama_dir):
     assert any("merged copies of the base are not simulated" in a for a in memory.assumptions)
 
 
+def test_an_nf4_base_is_approximate_and_says_so(tiny_llama_dir):
+    from vramcalc.serving.serve import prepare_serving
+    from vramcalc.serving.serve_planner import serve_memory
+
+    plan = serve_plan(
+        str(tiny_llama_dir), quant="nf4", adapters=1, batch=2, prompt_tokens=16, new_tokens=8
+    )
+    memory = serve_memory(prepare_serving(plan), plan, None, "simulate")
+    assert memory.allocator_model == "approximate"
+    assert any("4-bit (NF4) serving is not simulated yet" in a for a in memory.assumptions)
+
+
 def _serve(*args: str):
     return CliRunner().invoke(cli, ["serve", *args])
 

@@ -217,6 +217,18 @@ def disk_sizes(model: ServeModel, plan: ServePlan) -> DiskSizes:
 
 
 # -- the estimate ------------------------------------------------------------------------------
+def not_simulated_reason(plan: ServePlan) -> str | None:
+    """Why a serving plan is not simulated yet (the estimate says it), or None."""
+    if plan.model_copies > 1:
+        return f"{plan.model_copies} merged copies of the base are not simulated yet"
+    if plan.quant == "nf4":
+        return (
+            "4-bit (NF4) serving is not simulated yet: bitsandbytes' Params4bit does not keep "
+            "its quantization state on fake tensors through from_pretrained"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ServeMemory:
     """Bytes of one serving set-up at its peak; names shared with the training result."""
@@ -403,12 +415,7 @@ def serve_assumptions(
                 "without autograd (memory/inference.py), not traced",
                 "APPROXIMATE allocator slack: the training path's calibrated fallback fraction "
                 "of peak allocated (data/calibration.json allocator_reserved_fraction), not "
-                "simulated"
-                + (
-                    f" ({plan.model_copies} merged copies of the base are not simulated yet)"
-                    if plan.model_copies > 1
-                    else ""
-                ),
+                "simulated" + (f" ({reason})" if (reason := not_simulated_reason(plan)) else ""),
             )
         ),
         "CUDA context, kernel modules and driver reserve as measured on the H200 for training; "

@@ -13,7 +13,13 @@ from vramcalc.estimate import ALLOCATOR_MODELS, default_allocator_model
 from vramcalc.memory.overhead import Calibration, load_calibration
 from vramcalc.search import largest_fitting
 from vramcalc.serve_plan import ServePlan
-from vramcalc.serving.serve import ServeMemory, ServeModel, estimate_serve_memory, prepare_serving
+from vramcalc.serving.serve import (
+    ServeMemory,
+    ServeModel,
+    estimate_serve_memory,
+    not_simulated_reason,
+    prepare_serving,
+)
 from vramcalc.serving.serve_speed import ServeSpeed, estimate_serve_speed
 from vramcalc.serving.servereplay import ServeSimulation, simulate_serving
 from vramcalc.speed.throughput import load_throughput_calibration
@@ -133,15 +139,15 @@ def serve_simulation(
 ) -> ServeSimulation | None:
     """The plan's serving run simulated, as ``allocator_model`` asks (``simulate``, the
     default of ``estimate.default_allocator_model``, or ``approximate``: None). Merged
-    copies of the base (``--mode merged`` with several adapters) are not simulated yet:
-    None, and the estimate says so. A run that cannot be traced raises
+    copies of the base (``--mode merged`` with several adapters) and NF4 bases are not
+    simulated yet (``not_simulated_reason``): None, and the estimate says so. A run that cannot be traced raises
     ``SimulationError`` naming the way out."""
     allocator_model = allocator_model or default_allocator_model()
     if allocator_model not in ALLOCATOR_MODELS:
         raise InvalidPlanError(
             [f"--allocator-model {allocator_model!r} is not one of {', '.join(ALLOCATOR_MODELS)}"]
         )
-    if allocator_model == "approximate" or plan.model_copies > 1:
+    if allocator_model == "approximate" or not_simulated_reason(plan):
         return None
     try:
         return simulate_serving(model.spec.config_dict, plan)

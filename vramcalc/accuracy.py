@@ -25,6 +25,7 @@ from vramcalc.measurements import (
     percentile,
     plan_of,
 )
+from vramcalc.parallel import warm_caches
 from vramcalc.speed.throughput_fit import compare_records
 from vramcalc.training_plan import PLAN_FIELDS
 
@@ -87,13 +88,17 @@ def build_report(
     sources: list[str] | None = None,
     allocator_model: str | None = None,
     progress: Any = None,
+    workers: int | None = None,
 ) -> Report:
     """Estimate every record's plan and compute the errors.
 
     ``allocator_model`` as ``Prepared.estimate`` takes it (default: simulate the caching
-    allocator for every single-GPU plan; cached after the first run). ``progress`` is
-    called once per record (a progress bar's ``update``).
+    allocator for every plan; cached after the first run). The simulations run first in
+    ``workers`` processes (``parallel.warm_caches``, default one per core up to 4), the
+    estimates then read them from the cache. ``progress`` is called once per record (a
+    progress bar's ``update``).
     """
+    warm_caches(records, allocator_model, workers)
     rows = []
     for record in records:
         if record.get("kind") == "serve":  # not a training plan: left out, with the reason

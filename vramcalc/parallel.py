@@ -1,0 +1,81 @@
+"""Simulations of many records at once, in several processes (``vramcalc report``).
+
+Each recipe (a plan less its batch, sequence, accumulation and allocator mode) goes to one
+worker, which traces it once and simulates its records; every answer lands in the disk
+caches (``cache.py``). The caller then estimates the records in one pass that reads them
+back: the same bytes as a serial run, in the time of the longest worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from vramcalc import progress
+from vramcalc.errors import VramcalcError
+from vramcalc.estimate import prepare
+from vramcalc.measurements import plan_of
+from vramcalc.speed.throughput_fit import compare_records
+
+
+def default_workers() -> int:
+    """``$VRAMCALC_WORKERS``, else one per CPU core up to 4 (each holds a model's trace)."""
+    value = os.environ.get("VRAMCALC_WORKERS")
+    if value and value.isdigit():
+        return max(1, int(value))
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def recipe_groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The training records grouped by recipe, largest group first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get("kind") == "serve":
+            continue
+        try:
+            plan = plan_of(record)
+        except VramcalcError:
+            continue
+        sizes = ("batch_size", "seq_len", "grad_accum", "allocator")
+        recipe = {k: v for k, v in plan.to_dict().items() if k not in sizes}
+        groups.setdefault(repr(sorted(recipe.items())), []).append(record)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
+def warm_caches(
+    records: list[dict[str, Any]], allocator_model: str | None, workers: int | None = None
+) -> int:
+    """Simulate ``records`` (and profile their steps' ops) in ``workers`` processes, each
+    recipe in one of them; returns how many processes ran (0: not worth it, fewer than two
+    recipes or one worker)."""
+    workers = default_workers() if workers is None else workers
+    groups = recipe_groups(records)
+    if workers < 2 or len(groups) < 2:
+        return 0
+    buckets: list[list[dict[str, Any]]] = [[] for _ in range(min(workers, len(groups)))]
+    for group in groups:  # largest first, each to the emptiest bucket
+        min(buckets, key=len).extend(group)
+    progress.note(
+        f"simulating {len(groups)} recipes of {sum(map(len, buckets))} records "
+        f"in {len(buckets)} processes"
+    )
+    context = multiprocessing.get_context("spawn")  # torch is not fork-safe
+    with ProcessPoolExecutor(len(buckets), mp_context=context) as pool:
+        list(pool.map(_warm, buckets, [allocator_model] * len(buckets)))
+    return len(buckets)
+
+
+def _warm(records: list[dict[str, Any]], allocator_model: str | None) -> None:
+    for record in records:
+        try:
+            plan = plan_of(record)
+            prepare(plan.model, plan).estimate(plan, allocator_model)
+        except Exception:  # noqa: BLE001 - the serial pass reports every failure itself
+            continue
+    try:
+        compare_records(records)
+    except Exception:  # noqa: BLE001 - as above
+        return

@@ -46,11 +46,14 @@ def recipe_groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]
 
 
 def warm_caches(
-    records: list[dict[str, Any]], allocator_model: str | None, workers: int | None = None
+    records: list[dict[str, Any]],
+    allocator_model: str | None,
+    workers: int | None = None,
+    memory: bool = True,
 ) -> int:
-    """Simulate ``records`` (and profile their steps' ops) in ``workers`` processes, each
-    recipe in one of them; returns how many processes ran (0: not worth it, fewer than two
-    recipes or one worker)."""
+    """Simulate ``records`` (with ``memory``) and profile their steps' ops in ``workers``
+    processes, each recipe in one of them; returns how many processes ran (0: not worth it,
+    fewer than two recipes or one worker)."""
     workers = default_workers() if workers is None else workers
     groups = recipe_groups(records)
     if workers < 2 or len(groups) < 2:
@@ -59,17 +62,18 @@ def warm_caches(
     for group in groups:  # largest first, each to the emptiest bucket
         min(buckets, key=len).extend(group)
     progress.note(
-        f"simulating {len(groups)} recipes of {sum(map(len, buckets))} records "
+        f"{'simulating' if memory else 'profiling'} {len(groups)} recipes of {sum(map(len, buckets))} records "
         f"in {len(buckets)} processes"
     )
     context = multiprocessing.get_context("spawn")  # torch is not fork-safe
     with ProcessPoolExecutor(len(buckets), mp_context=context) as pool:
-        list(pool.map(_warm, buckets, [allocator_model] * len(buckets)))
+        list(pool.map(_warm, buckets, [allocator_model if memory else None] * len(buckets)))
     return len(buckets)
 
 
 def _warm(records: list[dict[str, Any]], allocator_model: str | None) -> None:
-    for record in records:
+    """One worker: its records' simulations (``allocator_model`` None: none), then their ops."""
+    for record in records if allocator_model is not None else ():
         try:
             plan = plan_of(record)
             prepare(plan.model, plan).estimate(plan, allocator_model)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.measurements import Gate, percentile, plan_of
+from vramcalc.parallel import warm_caches
 from vramcalc.speed.throughput import ThroughputCalibration, load_throughput_calibration
 from vramcalc.speed.throughput_fit import (
     WorkFor,
@@ -206,6 +207,8 @@ def speed_report(
 ) -> SpeedReport:
     """Predictions against every usable record, with the measurement-quality figures."""
     cal = calibration or load_throughput_calibration()
+    if work_for is None:  # the steps' ops profiled in parallel first (parallel.warm_caches)
+        warm_caches(list(records), None, memory=False)
     # the same case id may be in two files (a plan measured again under another allocator)
     by_id = {(r.get("case_id"), r.get("source_file")): r for r in records}
     rows = []

@@ -76,11 +76,6 @@ def test_a_report_with_other_columns_is_stale(tmp_path):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reports/ predates the inputs record: regenerate with `vramcalc report` (hours of "
-    "CPU for the simulated cases) and delete this marker (strict: it fails once current)",
-)
 def test_the_committed_reports_are_current():
     """The CI check: the committed reports were written by this estimator on this data."""
     assert api.stale_reports(REPORTS_DIR) == []
@@ -167,7 +162,12 @@ def test_vramcalc_report_rewrites_the_committed_report_unchanged(tmp_path):
     """The full check: the report written now equals the committed one, file by file."""
     result = api.report(MEASUREMENTS_DIR, allocator_model="simulate")
     from vramcalc.render.accuracy import write_report
+    from vramcalc.timeline import REPORT_CASE  # matplotlib
 
-    write_report(result.report, list(result.gate.target_problems), tmp_path, result.inputs)
+    timeline = REPORTS_DIR / f"timeline_{REPORT_CASE}.png"  # the picture the command draws
+    assert timeline.is_file()
+    write_report(
+        result.report, list(result.gate.target_problems), tmp_path, result.inputs, timeline
+    )
     for name in ("accuracy.json", "accuracy.csv", "accuracy.md"):
         assert (tmp_path / name).read_text() == (REPORTS_DIR / name).read_text(), name

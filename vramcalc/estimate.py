@@ -56,17 +56,7 @@ from vramcalc.training_plan import TrainingPlan
 from vramcalc.versions import version_note
 
 COMPONENTS = (
-    "weights",
-    "adapters",
-    "gradients",
-    "optimizer_states",
-    "rank_allocator",
-    "activations",
-    "logits",
-    "transient",
-    "gathered_weights",
-    "comm_buffers",
-    "cublas_workspace",
+    *ALLOCATED,  # the allocated ones, in attribution's order
     "allocator_reserve",
     "cuda_context",
     "driver_reserved",
@@ -432,7 +422,9 @@ def estimate_from_inventory(
         "cublas_workspace": calibration.cublas_workspace_bytes,
     }
     by_rules = {name: int(by_rules[name]) for name in ALLOCATED}
-    categories = simulation.peak_categories.get(plan.allocator, {}) if simulation is not None else {}
+    categories = (
+        simulation.peak_categories.get(plan.allocator, {}) if simulation is not None else {}
+    )
     components = {
         **attribute(by_rules, int(peak_allocated), categories),
         "allocator_reserve": reserve,
@@ -460,7 +452,9 @@ def estimate_from_inventory(
         allocator_model="simulated" if simulation is not None else "approximate",
         rules_components=by_rules,
         lora_targets=tuple(inventory.lora_targets) if plan.uses_adapters else (),
-        simulated_peak_phase=simulation.peak_phase.get(plan.allocator) if simulation is not None else None,
+        simulated_peak_phase=simulation.peak_phase.get(plan.allocator)
+        if simulation is not None
+        else None,
         rules={
             "weights": weights.rule,
             "optimizer_states": optimizer.rule,

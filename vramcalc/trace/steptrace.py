@@ -361,6 +361,20 @@ def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]
         todo.extend(fn for fn, _ in node.next_functions)
 
 
+def backward(recorder: Any, loss: Any, nodes: dict[Any, int], label: str) -> None:
+    """A micro-batch's backward as both step traces record it: each graph node tells
+    ``recorder`` its decoder layer (``hook_backward``), ``label`` marks where it starts, and
+    ``recorder.in_backward`` holds while it runs."""
+    recorder.layer = -1
+    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
+    recorder.mark(label)
+    recorder.in_backward = True
+    loss.backward()
+    recorder.in_backward = False
+    recorder.layer = -1
+    nodes.clear()
+
+
 def trace_steps(
     config_dict: dict[str, Any],
     plan: TrainingPlan,
@@ -463,14 +477,7 @@ def trace_at(
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
-                    recorder.layer = -1
-                    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
-                    recorder.mark(f"step{step}_backward{micro}")
-                    recorder.in_backward = True
-                    loss.backward()
-                    recorder.in_backward = False
-                    recorder.layer = -1
-                    nodes.clear()
+                    backward(recorder, loss, nodes, f"step{step}_backward{micro}")
                     del loss
                 recorder.mark(f"step{step}_optimizer")
                 if params:

@@ -86,9 +86,9 @@ from vramcalc.trace.events import UnrollError, WorldTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
 from vramcalc.trace.steptrace import (
+    backward,
     config_layers,
     decoder_layers,
-    hook_backward,
     tag_layers,
     trainer_optimizer,
 )
@@ -404,14 +404,7 @@ def _trace(
                     del ids, labels
                     if plan.grad_accum > 1:
                         loss = loss / plan.grad_accum
-                    recorder.layer = -1
-                    hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
-                    recorder.mark(f"step{step}_backward{micro}")
-                    recorder.in_backward = True
-                    loss.backward()
-                    recorder.in_backward = False
-                    recorder.layer = -1
-                    nodes.clear()
+                    backward(recorder, loss, nodes, f"step{step}_backward{micro}")
                     del loss
             recorder.mark(f"step{step}_optimizer")
             with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():

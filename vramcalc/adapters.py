@@ -68,6 +68,29 @@ def adalora_config(plan: TrainingPlan, targets: Any) -> Any:
     )
 
 
+def serving_lora_config(adapter: Any, model_type: str) -> Any:
+    """peft ``LoraConfig`` of one served adapter (a ``serve_plan.AdapterSpec``), with random
+    A and B (merging changes weights): what the serving harness loads and the serving trace
+    replays."""
+    from peft import LoraConfig
+
+    targets: Any = list(adapter.targets) if adapter.targets else None
+    if adapter.targets is None:
+        targets = default_target_modules(model_type, "lora")
+    elif adapter.targets == (ALL_LINEAR,):
+        targets = ALL_LINEAR
+    kwargs: dict[str, Any] = {} if adapter.alpha is None else {"lora_alpha": adapter.alpha}
+    return LoraConfig(
+        r=adapter.rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        use_dora=adapter.dora,
+        modules_to_save=list(adapter.modules_to_save) if adapter.modules_to_save else None,
+        **kwargs,
+    )
+
+
 def make_ranknum_trainable(model: Any) -> None:
     """AdaLoRA's ``ranknum`` as a real run has it: trainable.
 

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramcalc.adapters import default_target_modules
-from vramcalc.serve_plan import AdapterSpec
-from vramcalc.training_plan import ALL_LINEAR
+from vramcalc.adapters import serving_lora_config
 from vramcalc_harness.build import (
     BNB_INSTALL_HINT,
     bnb_config,
@@ -72,28 +70,6 @@ def load_base(case: ServeCase, checkpoint: str | Path, device: str) -> Any:
     return model
 
 
-def lora_config(adapter: AdapterSpec, model_type: str) -> Any:
-    """peft ``LoraConfig`` of one adapter, with random A and B (merging changes weights)."""
-    from peft import LoraConfig
-
-    targets: Any
-    if adapter.targets is None:
-        targets = default_target_modules(model_type, "lora")
-    elif adapter.targets == (ALL_LINEAR,):
-        targets = ALL_LINEAR
-    else:
-        targets = list(adapter.targets)
-    kwargs: dict[str, Any] = {} if adapter.alpha is None else {"lora_alpha": adapter.alpha}
-    return LoraConfig(
-        r=adapter.rank,
-        target_modules=targets,
-        lora_dropout=0.0,
-        init_lora_weights=False,
-        use_dora=adapter.dora,
-        **kwargs,
-    )
-
-
 def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) -> ServingModel:
     """Load the base and apply the adapters by the plan's mode."""
     import torch
@@ -108,9 +84,11 @@ def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) ->
     torch.manual_seed(case.seed)
     adapters = plan.adapters[:1] if plan.mode == "merged" else plan.adapters
     model_type = model.config.model_type
-    peft_model = get_peft_model(model, lora_config(adapters[0], model_type), adapters[0].name)
+    peft_model = get_peft_model(
+        model, serving_lora_config(adapters[0], model_type), adapters[0].name
+    )
     for adapter in adapters[1:]:
-        peft_model.add_adapter(adapter.name, lora_config(adapter, model_type))
+        peft_model.add_adapter(adapter.name, serving_lora_config(adapter, model_type))
     peft_model.eval()
     targets = tuple(
         sorted(

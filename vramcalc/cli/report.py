@@ -65,9 +65,7 @@ def report(
     if measurements is None and not no_timeline:  # a committed trace, simulated again
         click.echo("drawing the predicted vs measured timeline of a committed trace", err=True)
         timeline = api.report_timeline(out_dir)
-    write_report(
-        result.report, list(result.gate.target_problems), out_dir, result.inputs, timeline
-    )
+    write_report(result.report, list(result.gate.target_problems), out_dir, result.inputs, timeline)
     rows = result.report.rows
     click.echo(
         f"{len(rows)} measurements from {len(result.report.sources)} files; "

@@ -38,14 +38,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vramcalc.catalog import config_from_dict
-from vramcalc.inventory import default_target_modules
+from vramcalc.adapters import serving_lora_config
 from vramcalc.memory.layers import NO_SDPA
-from vramcalc.serve_plan import AdapterSpec, ServePlan
-from vramcalc.trace.fakemodel import to_fake
+from vramcalc.serve_plan import ServePlan
+from vramcalc.trace.fakemodel import layered_config, to_fake
 from vramcalc.trace.int8 import outlier_rule
 from vramcalc.trace.steptrace import StepRecorder, decoder_layers
-from vramcalc.training_plan import ALL_LINEAR
 
 #: loop steps traced per full generate (the first takes the prefill's token); more repeat
 #: the last one
@@ -226,11 +224,7 @@ def build_base(config_dict: dict[str, Any], plan: ServePlan, num_layers: int | N
     from vramcalc.serving import gpu_paths
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    config = config_from_dict(config_dict)
-    if num_layers is not None:
-        config.num_hidden_layers = num_layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:num_layers]
+    config = layered_config(config_dict, num_layers)
     attn = "eager" if plan.attn == "eager" or config.model_type in NO_SDPA else "sdpa"
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
@@ -279,26 +273,6 @@ def loaded_params(model: Any) -> list[tuple[str, tuple[int, ...], str, bool, boo
         out.append((name, tuple(int(d) for d in shape), str(p.dtype).removeprefix("torch."),
                     False, kbit))  # fmt: skip
     return out
-
-
-def _lora_config(adapter: AdapterSpec, model_type: str) -> Any:
-    from peft import LoraConfig
-
-    targets: Any = list(adapter.targets) if adapter.targets else None
-    if adapter.targets is None:
-        targets = default_target_modules(model_type, "lora")
-    elif adapter.targets == (ALL_LINEAR,):
-        targets = ALL_LINEAR
-    kwargs: dict[str, Any] = {} if adapter.alpha is None else {"lora_alpha": adapter.alpha}
-    return LoraConfig(
-        r=adapter.rank,
-        target_modules=targets,
-        lora_dropout=0.0,
-        init_lora_weights=False,
-        use_dora=adapter.dora,
-        modules_to_save=list(adapter.modules_to_save) if adapter.modules_to_save else None,
-        **kwargs,
-    )
 
 
 def measured_batch(plan: ServePlan) -> int:
@@ -452,9 +426,11 @@ def _apply_adapters(
     recorder.inherit = True
     with _host_built_adapters(recorder), _modules_converted_in_place(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, _lora_config(adapters[0], model_type), adapters[0].name)
+        peft_model = get_peft_model(
+            model, serving_lora_config(adapters[0], model_type), adapters[0].name
+        )
         for adapter in adapters[1:]:
-            peft_model.add_adapter(adapter.name, _lora_config(adapter, model_type))
+            peft_model.add_adapter(adapter.name, serving_lora_config(adapter, model_type))
     recorder.label = ""
     peft_model.eval()
     if plan.mode == "merged":

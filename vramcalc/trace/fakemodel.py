@@ -24,6 +24,19 @@ def _torch_dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def layered_config(config_dict: dict[str, Any], num_layers: int | None) -> Any:
+    """The transformers config of ``config_dict`` with ``num_layers`` decoder layers (default:
+    its own), per-layer ``layer_types`` cut to match."""
+    from vramcalc.catalog import config_from_dict
+
+    config = config_from_dict(config_dict)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
 def build_model(
     config_dict: dict[str, Any],
     plan: TrainingPlan,
@@ -36,16 +49,11 @@ def build_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vramcalc.catalog import config_from_dict
     from vramcalc.memory.distributed import skips_kbit_upcast
     from vramcalc.trace import emulation
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    config = config_from_dict(config_dict)
-    if num_layers is not None:
-        config.num_hidden_layers = num_layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:num_layers]
+    config = layered_config(config_dict, num_layers)
     config.use_cache = False  # Trainer sets config.use_cache = args.use_cache (False)
     attn = "eager" if plan.attn == "eager" or config.model_type in NO_SDPA else "sdpa"
     with warnings.catch_warnings():

@@ -8,7 +8,6 @@ a typo fails with the same message as in ``plan``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
+    echo_result,
     given_options,
     gpu_option,
     gpus_option,
@@ -289,8 +289,6 @@ def fit(
     )
     if result.source:
         click.echo(render_file_plan(result.source), err=True)
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render_fit(result))
+    echo_result(result, as_json, lambda: render_fit(result))
     if not result.found:
         ctx.exit(3)

@@ -3,6 +3,7 @@ GPU(s), the headroom, the run length, the report folders; ``plan_and_source`` re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -394,6 +395,14 @@ class status_line:  # noqa: N801 - used as a function: status_line()
             self.stream.flush()
             self.shown = False
         _QUIET.clear()
+
+
+def echo_result(result: Any, as_json: bool, render: Callable[[], str]) -> None:
+    """A command's answer: its warnings on stderr (``Warning: ...``), then ``result.to_dict()``
+    as JSON with ``--json``, else ``render()``."""
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render())
 
 
 def json_option(help: str = "Print one JSON object instead of the report.") -> Callable[[F], F]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
+    echo_result,
     given_options,
     gpus_option,
     headroom_option,
@@ -100,12 +100,11 @@ def plan(
         given=given_options(ctx),
         allocator_model=allocator_model,
     )
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose))
+    echo_result(
+        result,
+        as_json,
+        lambda: render_plan_result(result, all_gpus=all_gpus or bool(gpus), verbose=verbose),
+    )
     if timeline is not None or snapshot is not None:
         import vramcalc.timeline as timelines  # matplotlib: only when a picture is asked
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -10,6 +9,7 @@ import click
 from vramcalc import api
 from vramcalc.cli.options import (
     SuggestingChoice,
+    echo_result,
     gpus_option,
     headroom_option,
     json_option,
@@ -170,11 +170,6 @@ def serve(
         allocator_model=allocator_model,
         **options,
     )
-    for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(render_serve_result(result, all_gpus=bool(gpus)))
+    echo_result(result, as_json, lambda: render_serve_result(result, all_gpus=bool(gpus)))
     if result.fit is not None and result.fit.value is None:
         sys.exit(NOTHING_FITS)

@@ -41,6 +41,7 @@ def test_a_report_warmed_in_two_processes_has_the_bytes_of_one(
     forget_prepared()
     monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / "parallel"))
     assert warm_caches(records, "simulate", workers=2) == 2
+    assert warm_caches(records, "simulate", workers=2) == 0  # all cached: no process starts
     parallel = build_report(records, allocator_model="simulate", workers=1)
     assert [r.estimate for r in parallel.rows] == [r.estimate for r in serial.rows]
     assert all(r.estimate["allocator_model"] == "simulated" for r in parallel.rows)

@@ -15,10 +15,14 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from vramcalc import progress
+from vramcalc.catalog import resolve
 from vramcalc.errors import VramcalcError
-from vramcalc.estimate import prepare
+from vramcalc.estimate import default_allocator_model, prepare
 from vramcalc.measurements import plan_of
-from vramcalc.speed.throughput_fit import compare_records
+from vramcalc.memory.slack import cached_simulation
+from vramcalc.memory.worldsim import WORLD_STRATEGIES, cached_world_simulation
+from vramcalc.speed.opprofile import profile_cached
+from vramcalc.speed.throughput_fit import compare_records, excluded_reason
 
 
 def default_workers() -> int:
@@ -27,6 +31,24 @@ def default_workers() -> int:
     if value and value.isdigit():
         return max(1, int(value))
     return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pending(record: dict[str, Any], allocator_model: str | None, memory: bool) -> bool:
+    """Whether estimating ``record`` would trace: its simulation (with ``memory``) or its op
+    profile (a speed case) is not in the disk caches yet."""
+    try:
+        plan = plan_of(record)
+        config = resolve(plan.model).config_dict  # the config as read: no model is built
+    except VramcalcError:
+        return False
+    if excluded_reason(record) is None and not profile_cached(config, plan):
+        return True
+    if not memory or allocator_model == "approximate":
+        return False
+    if plan.num_gpus > 1:
+        world = plan.strategy in WORLD_STRATEGIES
+        return world and cached_world_simulation(config, plan) is None
+    return cached_simulation(config, plan) is None
 
 
 def recipe_groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -55,8 +77,11 @@ def warm_caches(
     processes, each recipe in one of them; returns how many processes ran (0: not worth it,
     fewer than two recipes or one worker)."""
     workers = default_workers() if workers is None else workers
-    groups = recipe_groups(records)
-    if workers < 2 or len(groups) < 2:
+    if workers < 2:
+        return 0
+    model = allocator_model or default_allocator_model()
+    groups = [g for g in recipe_groups(records) if any(pending(r, model, memory) for r in g)]
+    if len(groups) < 2:
         return 0
     buckets: list[list[dict[str, Any]]] = [[] for _ in range(min(workers, len(groups)))]
     for group in groups:  # largest first, each to the emptiest bucket

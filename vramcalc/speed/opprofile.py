@@ -339,6 +339,11 @@ def _cached(key: str, config_json: str, recipe: TrainingPlan, rank: int) -> OpPr
     return profile
 
 
+def profile_cached(config_dict: dict[str, Any], plan: TrainingPlan) -> bool:
+    """Whether ``plan``'s recipe has its profile on disk (no trace needed, no torch import)."""
+    return (cache_dir("opprofile") / f"{profile_key(config_dict, plan)}.json").is_file()
+
+
 def op_profile(config_dict: dict[str, Any], plan: TrainingPlan) -> OpProfile:
     """The ``OpProfile`` of ``plan``'s recipe at its rank: traced once per recipe (any rank),
     then cached in memory and on disk (``vramcalc.cache``, same key rules as the inventory)."""

@@ -3,7 +3,7 @@
 # Run from a copy of the checkout on the GPU machine (bitsandbytes wheel in $WHEELS):
 #   [HARNESS_FLAGS=--sparse-checkpoints] VRAMCALC_COMMIT=<sha> WHEELS=../.whl bash data/measurements/device_run_2026-12-06.sh DEADLINE_S LIST.yaml[@SECONDS]...
 # Each list's records go to data/measurements/<gpu>_<list name without h100_/h200_>_2026-12-06.jsonl
-# and are copied to $OUT after each list. The harness resumes from those files on the next call.
+# and are copied to $OUT after each list (with its allocator traces, NAME_traces/, if any). The harness resumes from those files on the next call.
 set -u
 t0=$(date +%s)
 deadline=$1
@@ -34,5 +34,6 @@ for item in "$@"; do
         --device cuda --scratch /tmp/vramcalc-scratch --stop-after-s $stop --no-progress ${HARNESS_FLAGS:-}
     echo "[run] $list: rc $?"
     [ -f "$out" ] && cp "$out" "$OUT/"
+    [ -d "${out%.jsonl}_traces" ] && cp -r "${out%.jsonl}_traces" "$OUT/"
 done
 df -h /tmp | tail -1

@@ -5,6 +5,7 @@
 # Each list's records go to data/measurements/<gpu>_<list name without h100_/h200_>_2026-12-06.jsonl
 # and are copied to $OUT after each list (with its allocator traces, NAME_traces/, if any). The harness resumes from those files on the next call.
 set -u
+failed=0
 t0=$(date +%s)
 deadline=$1
 shift
@@ -30,10 +31,13 @@ for item in "$@"; do
     stop=$((left - 140))
     [ "$cap" -lt "$stop" ] && stop=$cap
     echo "[run] $list -> $out, $left s left, no new case after $stop s"
-    timeout --signal=TERM --kill-after=20 $((left - 25)) python3 -m harness "$list" -o "$out" \
+    timeout --signal=TERM --kill-after=20 $((left - 25)) python3 -m vramcalc_harness "$list" -o "$out" \
         --device cuda --scratch /tmp/vramcalc-scratch --stop-after-s $stop --no-progress ${HARNESS_FLAGS:-}
-    echo "[run] $list: rc $?"
+    rc=$?
+    echo "[run] $list: rc $rc"
+    [ "$rc" -ne 0 ] && failed=1
     [ -f "$out" ] && cp "$out" "$OUT/"
     [ -d "${out%.jsonl}_traces" ] && cp -r "${out%.jsonl}_traces" "$OUT/"
 done
 df -h /tmp | tail -1
+exit $failed

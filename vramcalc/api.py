@@ -19,29 +19,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vramcalc.accuracy import GatedReport, committed_figures, gated_report
-from vramcalc.advice import Advice
-from vramcalc.advice import advise as _advise
+# What ``plan`` needs is imported here; every other command imports its own modules when called
+# (a warm plan, issue 18's 0.3 s, loads neither the accuracy report, the speed fit, serving nor
+# the other commands).
 from vramcalc.budget import DEFAULT_HEADROOM, parse_headroom
 from vramcalc.catalog import CatalogModel, Gpu, find_gpu, load_gpus, model_catalog
-from vramcalc.checking import CheckResult, check_plans, read_baseline
 from vramcalc.configs import FilePlan, read_plan_file
 from vramcalc.errors import CatalogError
-from vramcalc.fitting import FitResult, fit_plan
-from vramcalc.freshness import REPORTS_DIR, report_inputs, stale_report_problems
-from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
 from vramcalc.planner import PlanResult, choose_gpus, plan_result
-from vramcalc.serve_plan import ServePlan, serve_plan
-from vramcalc.serving.serve_planner import ServeResult, serve_result
 from vramcalc.speed.cost import RunLength
-from vramcalc.speed.links import Link, gpu_link
-from vramcalc.speed.speed_report import GatedSpeedReport, committed_splits, gated_speed_report
-from vramcalc.speed.throughput import load_throughput_calibration
-from vramcalc.speed.throughput_fit import ThroughputFit, fit_throughput
-from vramcalc.sweeps import SpeedAndCost, SweepResult, sweep_plans
 from vramcalc.training_plan import TrainingPlan, plan_from_values
+
+if TYPE_CHECKING:
+    from vramcalc.accuracy import GatedReport
+    from vramcalc.advice import Advice
+    from vramcalc.checking import CheckResult
+    from vramcalc.fitting import FitResult
+    from vramcalc.serve_plan import ServePlan
+    from vramcalc.serving.serve_planner import ServeResult
+    from vramcalc.speed.links import Link
+    from vramcalc.speed.speed_report import GatedSpeedReport
+    from vramcalc.speed.throughput_fit import ThroughputFit
+    from vramcalc.sweeps import SweepResult
 
 PlanInput = TrainingPlan | FilePlan | Mapping[str, Any] | str
 GpuInput = str | Gpu
@@ -107,6 +108,8 @@ def sweep(
     a value or a list of values), per row of ``cases`` (a CSV file or mappings), around the
     plan of ``from_file``; ``fits_<GPU>`` per GPU, and with ``speed`` / a run length the
     speed and cost columns. An invalid plan gets the reason in its ``error`` column."""
+    from vramcalc.sweeps import SpeedAndCost, sweep_plans
+
     lists = {
         name: list(value) if isinstance(value, (list, tuple)) else [value]
         for name, value in (axes or {}).items()
@@ -139,6 +142,8 @@ def fit(
 ) -> FitResult:
     """``vramcalc fit``: the largest batch size (``search="seq_len"``: the longest sequence, a
     multiple of ``seq_multiple``) whose plan fits ``gpu``, and the estimates either side."""
+    from vramcalc.fitting import fit_plan
+
     the_plan, source, named = _plan_and_source(plan, fields, given)
     return fit_plan(
         the_plan,
@@ -163,6 +168,8 @@ def advise(
 ) -> Advice:
     """``vramcalc advise``: the changes that make the plan fit ``gpu``, ranked by what they
     cost, and the cheapest combination of them that fits."""
+    from vramcalc.advice import advise as _advise
+
     the_plan, source, _ = _plan_and_source(plan, fields, None)
     return _advise(the_plan, _gpu(gpu), _headroom(headroom), source, allocator_model)
 
@@ -184,6 +191,9 @@ def serve(
     context, quant, mode, batch ...). ``allocator_model``: ``simulate`` (generate traced on
     fake tensors and replayed through the caching-allocator model; the default) or
     ``approximate`` (the rules); ``ServeResult.memory.allocator_model`` says which answered."""
+    from vramcalc.serve_plan import ServePlan, serve_plan
+    from vramcalc.serving.serve_planner import serve_result
+
     if not isinstance(plan, ServePlan):
         plan = serve_plan(plan, **options)
     elif options:
@@ -205,6 +215,8 @@ def check(
     ``flags`` (plan fields) on top, estimated and judged on ``gpu``; ``result.fits`` says
     whether every one fits. ``baseline``: an earlier ``to_dict()`` (or the file ``--json``
     wrote) to report each config's change against."""
+    from vramcalc.checking import check_plans, read_baseline
+
     patterns = [str(configs)] if isinstance(configs, (str, Path)) else [str(c) for c in configs]
     if isinstance(baseline, (str, Path)):
         baseline = read_baseline(baseline)
@@ -242,6 +254,8 @@ def gpus() -> tuple[Gpu, ...]:
 def gpu_links(gpus: Iterable[Gpu], num_gpus: int = 8) -> dict[str, Link | None]:
     """``vramcalc gpus``: what carries the collectives of ``num_gpus`` cards of each kind (the
     NCCL bus bandwidth the speed model assumes), None where ``data/gpus.csv`` gives no link."""
+    from vramcalc.speed.links import gpu_link
+
     links: dict[str, Link | None] = {}
     for gpu in gpus:
         try:
@@ -261,6 +275,10 @@ def report(
     """``vramcalc report``: every GPU measurement of ``measurements`` (default
     ``data/measurements/``) joined with its estimate, the summary figures, and the gate
     against the ``accuracy.json`` in ``baseline`` (a report folder; None: no comparison)."""
+    from vramcalc.accuracy import committed_figures, gated_report
+    from vramcalc.freshness import report_inputs
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+
     directory = Path(measurements or MEASUREMENTS_DIR)
     records, sources = load_measurements(directory)
     committed = committed_figures(Path(baseline)) if baseline is not None else None
@@ -269,11 +287,16 @@ def report(
 
 
 def stale_reports(
-    reports: str | Path = REPORTS_DIR, measurements: str | Path | None = None
+    reports: str | Path | None = None, measurements: str | Path | None = None
 ) -> list[str]:
     """How the accuracy report in ``reports`` differs from what ``report`` writes on today's
     code and data (an older estimator, other data, other columns), one sentence each."""
-    return stale_report_problems(Path(reports), Path(measurements or MEASUREMENTS_DIR))
+    from vramcalc.freshness import REPORTS_DIR, stale_report_problems
+    from vramcalc.measurements import MEASUREMENTS_DIR
+
+    return stale_report_problems(
+        Path(reports or REPORTS_DIR), Path(measurements or MEASUREMENTS_DIR)
+    )
 
 
 def speed_report(
@@ -281,6 +304,9 @@ def speed_report(
 ) -> GatedSpeedReport:
     """``vramcalc speed-report``: predicted against measured tokens/s, and the gate against
     the ``throughput.json`` in ``baseline`` (a report folder; None: no comparison)."""
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.speed.speed_report import committed_splits, gated_speed_report
+
     records, _ = load_measurements(Path(measurements or MEASUREMENTS_DIR))
     committed = committed_splits(Path(baseline)) if baseline is not None else None
     return gated_speed_report(records, committed)
@@ -289,6 +315,10 @@ def speed_report(
 def speed_fit(measurements: str | Path | None = None) -> ThroughputFit:
     """``vramcalc speed-fit``: the speed constants fitted on the calibration split (the
     constants in use are ``ThroughputFit``'s prior: ``load_throughput_calibration()``)."""
+    from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+    from vramcalc.speed.throughput import load_throughput_calibration
+    from vramcalc.speed.throughput_fit import fit_throughput
+
     records, _ = load_measurements(Path(measurements or MEASUREMENTS_DIR))
     return fit_throughput(records, prior=load_throughput_calibration())
 

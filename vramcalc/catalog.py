@@ -78,7 +78,10 @@ def model_catalog() -> tuple[CatalogModel, ...]:
     """Every entry of ``data/models/catalog.yaml``."""
     index = MODELS_DIR / "catalog.yaml"
     try:
-        raw = yaml.safe_load(index.read_text()) or []
+        # libyaml's safe loader where PyYAML has it: the same objects, ten times faster (a warm
+        # plan reads the catalog on every run)
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        raw = yaml.load(index.read_text(), Loader=loader) or []  # noqa: S506 (a safe loader)
     except FileNotFoundError as err:
         raise CatalogError(f"model catalog {index} is missing") from err
     entries = []

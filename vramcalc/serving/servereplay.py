@@ -21,7 +21,7 @@ from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.inventory import library_versions
 from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
-from vramcalc.memory.slack import from_pretrained_events
+from vramcalc.memory.loading import from_pretrained_events
 from vramcalc.serve_plan import ServePlan
 from vramcalc.serving.servesim import expand_steps, repeat_last_round
 from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
@@ -148,8 +148,9 @@ def whole_run(
     )
     params = _full_params(trace, layers)
     loading, handles = from_pretrained_events(params, plan)
-    body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
-    marks = [(m, max(i - stand_ins, 0)) for m, i in marks]  # the stand-ins are gone
+    body, marks = _with_loading_handles(
+        run, stand_in_tags, stand_ins, trace, layers, handles, marks
+    )
     return list(loading) + body, marks, len(loading)
 
 
@@ -166,17 +167,19 @@ def _with_loading_handles(
     cut: int,
     trace: Any,
     layers: int,
-    handles: dict[str, int],
-) -> list[tuple[int, int, int]]:
+    handles: dict[str, tuple[int, ...]],
+    marks: list[tuple[str, int]],
+) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
     """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
-    events, ``tags`` their layers), each FREE of one pointed at its loading handle."""
+    events, ``tags`` their layers), each FREE of one made the FREEs of what its loading
+    keeps (a k-bit weight: its data and quantization state); and ``marks`` moved along."""
     by_tag: dict[int, list[str]] = {}
     for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
     traced = trace.num_layers
     source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}
     seen: dict[int, int] = {}
-    stand_in: dict[int, int] = {}
+    stand_in: dict[int, tuple[int, ...]] = {}
     for k in range(cut):
         op, handle, _ = events[k]
         if op != ALLOC:
@@ -189,13 +192,16 @@ def _with_loading_handles(
         if layer >= 0 and layer != tag:
             name = name.replace(f".{tag}.", f".{layer}.", 1)
         stand_in[handle] = handles[name]
-    out = []
+    out: list[tuple[int, int, int]] = []
+    position = []  # an event after the stand-ins -> its index in the run without them
     for op, handle, nbytes in events[cut:]:
+        position.append(len(out))
         if op == FREE and handle in stand_in:
-            out.append((FREE, stand_in[handle], 0))
+            out.extend((FREE, kept, 0) for kept in stand_in[handle])
         else:
             out.append((op, handle, nbytes))
-    return out
+    position.append(len(out))
+    return out, [(m, position[max(i - cut, 0)]) for m, i in marks]
 
 
 # -- one plan, cached ------------------------------------------------------------------------

@@ -24,9 +24,10 @@ SEVEN_LAYERS = dict(TINY_LLAMA, num_hidden_layers=7)  # more than the 5 traced o
 NEW_TOKENS = 7  # more than the 5 traced steps
 
 
-def _plan(mode: str, adapters: int = 1, cache: str = "dynamic"):
+def _plan(mode: str, adapters: int = 1, cache: str = "dynamic", quant: str = "none"):
     return serve_plan(
         "tiny",
+        quant=quant,
         adapters=adapters,
         rank=4,
         batch=2,
@@ -64,9 +65,12 @@ def _traced_whole(config, plan):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "adapters"), [("unmerged", 1), ("merged", 1), ("none", 0)])
-def test_expanded_run_is_the_run_traced_whole(mode, adapters):
-    plan = _plan("unmerged" if mode == "none" else mode, adapters)
+@pytest.mark.parametrize(
+    ("mode", "adapters", "quant"),
+    [("unmerged", 1, "none"), ("merged", 1, "none"), ("none", 0, "none"), ("merged", 1, "nf4")],
+)
+def test_expanded_run_is_the_run_traced_whole(mode, adapters, quant):
+    plan = _plan("unmerged" if mode == "none" else mode, adapters, quant=quant)
     fast = whole_run(SEVEN_LAYERS, plan)
     whole = _traced_whole(SEVEN_LAYERS, plan)
     assert _allocs(fast) == _allocs(whole)
@@ -160,16 +164,17 @@ def test_merged_copies_are_approximate_and_say_so(tiny_llama_dir):
     assert any("merged copies of the base are not simulated" in a for a in memory.assumptions)
 
 
-def test_an_nf4_base_is_approximate_and_says_so(tiny_llama_dir):
+def test_a_merge_onto_int8_weights_is_approximate_and_says_so(tiny_llama_dir):
     from vramcalc.serving.serve import prepare_serving
     from vramcalc.serving.serve_planner import serve_memory
 
     plan = serve_plan(
-        str(tiny_llama_dir), quant="nf4", adapters=1, batch=2, prompt_tokens=16, new_tokens=8
-    )
+        str(tiny_llama_dir), quant="int8", adapters=1, mode="merged", batch=2,
+        prompt_tokens=16, new_tokens=8,
+    )  # fmt: skip
     memory = serve_memory(prepare_serving(plan), plan, None, "simulate")
     assert memory.allocator_model == "approximate"
-    assert any("4-bit (NF4) serving is not simulated yet" in a for a in memory.assumptions)
+    assert any("merging onto int8 weights is not simulated yet" in a for a in memory.assumptions)
 
 
 def _serve(*args: str):

@@ -221,10 +221,10 @@ def not_simulated_reason(plan: ServePlan) -> str | None:
     """Why a serving plan is not simulated yet (the estimate says it), or None."""
     if plan.model_copies > 1:
         return f"{plan.model_copies} merged copies of the base are not simulated yet"
-    if plan.quant == "nf4":
+    if plan.quant == "int8" and plan.mode == "merged" and plan.adapters:
         return (
-            "4-bit (NF4) serving is not simulated yet: bitsandbytes' Params4bit does not keep "
-            "its quantization state on fake tensors through from_pretrained"
+            "merging onto int8 weights is not simulated yet: peft's Linear8bitLt.merge makes "
+            "a new bitsandbytes Int8Params, which is not stood in for on fake tensors"
         )
     return None
 

@@ -29,7 +29,8 @@ from vramcalc.trace import unroll as unrolling
 from vramcalc.trace.steptrace import config_layers
 
 #: bump when the trace, its expansion or the replay changes what a simulation returns
-SERVING_SIMULATION_VERSION = 1
+#: (2: a parameter a merge replaces is freed, 4-bit bases simulated)
+SERVING_SIMULATION_VERSION = 2
 PHASES = ("load", "adapters", "merge", "prefill", "decode")
 
 

@@ -81,6 +81,7 @@ class ServeTrace:
     loaded: dict[int, str]  # stand-in handle -> parameter name
     num_layers: int  # decoder layers traced
     param_layers: tuple[int, ...]  # per parameter: its decoder layer, -1 for none
+    workspaces: tuple[int, ...] = ()  # the cuBLAS workspace's ALLOC handle (one thread)
 
     @property
     def param_index(self) -> dict[str, int]:
@@ -284,11 +285,6 @@ def loaded_params(model: Any) -> list[tuple[str, tuple[int, ...], str, bool, boo
     return out
 
 
-def measured_batch(plan: ServePlan) -> int:
-    """Sequences one model copy decodes (merged copies split the batch)."""
-    return -(-plan.batch // plan.model_copies)
-
-
 def trace_serving(
     config_dict: dict[str, Any],
     plan: ServePlan,
@@ -296,7 +292,8 @@ def trace_serving(
     traced_steps: int = TRACED_STEPS,
     num_layers: int | None = None,
 ) -> ServeTrace:
-    """Record the adapters and the generate rounds of one model copy of ``plan`` with
+    """Record the adapters and the generate rounds of one model copy of ``plan`` (its
+    first adapter and share of the batch, ``ServePlan.one_copy``) with
     ``num_layers`` decoder layers (module docstring): ``rounds`` (warm-up, timed; the
     simulation traces two timed rounds and ``servesim`` repeats the second), each full
     generate's first ``traced_steps`` loop steps."""
@@ -337,7 +334,7 @@ def trace_serving(
         state["step"] += 1
         recorder.mark(f"g{state['generate']}.s{state['step']}")
 
-    batch, prompt, new = measured_batch(plan), plan.prompt_tokens, plan.new_tokens
+    batch, prompt, new = plan.copy_batch, plan.prompt_tokens, plan.new_tokens
     with (
         mode,
         _quiet(),
@@ -395,6 +392,7 @@ def trace_serving(
         loaded,
         len(layers),
         param_layers,
+        tuple(recorder.workspace_handles),
     )
 
 

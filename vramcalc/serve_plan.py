@@ -198,6 +198,19 @@ class ServePlan:
         """Base models on the card: one per merged adapter, else one."""
         return max(len(self.adapters), 1) if self.mode == "merged" else 1
 
+    @property
+    def copy_batch(self) -> int:
+        """Sequences one model copy decodes (merged copies split the batch)."""
+        return -(-self.batch // self.model_copies)
+
+    def one_copy(self) -> ServePlan:
+        """One merged copy as the harness measures a merged plan of several adapters
+        (``vramcalc_harness/serve_case.py``): the first adapter, the copy's share of the
+        batch; the plan itself when it holds one copy."""
+        if self.model_copies == 1:
+            return self
+        return replace(self, adapters=self.adapters[:1], batch=self.copy_batch)
+
     def with_(self, **changes: Any) -> ServePlan:
         return replace(self, **changes)
 

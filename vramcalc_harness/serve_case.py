@@ -113,7 +113,7 @@ class ServeCase:
     @property
     def measured_batch(self) -> int:
         """Sequences the measured model decodes: a merged copy decodes its share of the batch."""
-        return -(-self.plan.batch // self.plan.model_copies)
+        return self.plan.copy_batch
 
     def plan_fields(self) -> dict[str, Any]:
         """The plan as flat case fields (what ``from_dict`` reads back)."""

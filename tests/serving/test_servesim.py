@@ -24,9 +24,10 @@ SEVEN_LAYERS = dict(TINY_LLAMA, num_hidden_layers=7)  # more than the 5 traced o
 NEW_TOKENS = 7  # more than the 5 traced steps
 
 
-def _plan(mode: str, adapters: int = 1, cache: str = "dynamic"):
+def _plan(mode: str, adapters: int = 1, cache: str = "dynamic", quant: str = "none"):
     return serve_plan(
         "tiny",
+        quant=quant,
         adapters=adapters,
         rank=4,
         batch=2,
@@ -64,9 +65,12 @@ def _traced_whole(config, plan):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "adapters"), [("unmerged", 1), ("merged", 1), ("none", 0)])
-def test_expanded_run_is_the_run_traced_whole(mode, adapters):
-    plan = _plan("unmerged" if mode == "none" else mode, adapters)
+@pytest.mark.parametrize(
+    ("mode", "adapters", "quant"),
+    [("unmerged", 1, "none"), ("merged", 1, "none"), ("none", 0, "none"), ("merged", 1, "nf4")],
+)
+def test_expanded_run_is_the_run_traced_whole(mode, adapters, quant):
+    plan = _plan("unmerged" if mode == "none" else mode, adapters, quant=quant)
     fast = whole_run(SEVEN_LAYERS, plan)
     whole = _traced_whole(SEVEN_LAYERS, plan)
     assert _allocs(fast) == _allocs(whole)
@@ -148,7 +152,37 @@ def test_estimate_answers_from_the_simulation(tiny_llama_dir):
     assert not any(a.startswith("APPROXIMATE") for a in simulated.assumptions)
 
 
-def test_merged_copies_are_approximate_and_say_so(tiny_llama_dir):
+def _after_inputs(run):
+    """The run from the inputs on, as sizes and where each FREE's allocation was made
+    (handles renumbered in order of allocation)."""
+    events, markers, loading = run
+    start = loading + dict(markers)["inputs"]
+    return _allocs((events[start:], None, None))
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_merged_copies_are_loaded_before_one_decodes(quant):
+    """Three adapters merged: three copies of the base, each loaded and merged as the harness
+    makes its one (the dynamic map of a double-quantized 4-bit base is made once per process,
+    the cuBLAS workspace shared), then the harness's run of one copy decoding its share of
+    the batch: after the inputs, the one-copy plan's run allocation for allocation."""
+    from vramcalc.serving.servereplay import replay
+
+    plan = serve_plan(
+        "tiny", quant=quant, adapters=3, rank=4, batch=6, prompt_tokens=16, new_tokens=7,
+        mode="merged",
+    )  # fmt: skip
+    one = plan.one_copy()
+    assert (len(one.adapters), one.batch, one.model_copies, plan.copy_batch) == (1, 2, 1, 2)
+    copies, single = whole_run(TINY_LLAMA, plan), whole_run(TINY_LLAMA, one)
+    loaded = replay(*single)["loaded_allocated_bytes"]
+    dynamic_map = 1024 if quant == "nf4" else 0
+    per_copy = loaded - CUBLAS_WORKSPACE_BYTES - dynamic_map
+    assert replay(*copies)["loaded_allocated_bytes"] == loaded + 2 * per_copy
+    assert _after_inputs(copies) == _after_inputs(single)
+
+
+def test_merged_copies_are_simulated_and_say_how(tiny_llama_dir):
     from vramcalc.serving.serve import prepare_serving
     from vramcalc.serving.serve_planner import serve_memory
 
@@ -156,20 +190,36 @@ def test_merged_copies_are_approximate_and_say_so(tiny_llama_dir):
         str(tiny_llama_dir), adapters=2, mode="merged", batch=2, prompt_tokens=16, new_tokens=8
     )
     memory = serve_memory(prepare_serving(plan), plan, None, "simulate")
-    assert memory.allocator_model == "approximate"
-    assert any("merged copies of the base are not simulated" in a for a in memory.assumptions)
+    assert memory.allocator_model == "simulated"
+    assert any("2 merged copies in one process" in a for a in memory.assumptions)
 
 
-def test_an_nf4_base_is_approximate_and_says_so(tiny_llama_dir):
+def test_a_merge_onto_int8_weights_is_approximate_and_says_so(tiny_llama_dir):
     from vramcalc.serving.serve import prepare_serving
     from vramcalc.serving.serve_planner import serve_memory
 
     plan = serve_plan(
-        str(tiny_llama_dir), quant="nf4", adapters=1, batch=2, prompt_tokens=16, new_tokens=8
-    )
+        str(tiny_llama_dir), quant="int8", adapters=1, mode="merged", batch=2,
+        prompt_tokens=16, new_tokens=8,
+    )  # fmt: skip
     memory = serve_memory(prepare_serving(plan), plan, None, "simulate")
     assert memory.allocator_model == "approximate"
-    assert any("4-bit (NF4) serving is not simulated yet" in a for a in memory.assumptions)
+    assert any("merging onto int8 weights is not simulated yet" in a for a in memory.assumptions)
+
+
+def test_a_record_of_one_merged_copy_compares_with_that_copy(tiny_llama_dir):
+    """The harness measures one merged copy of a plan of several (``serve_limits``): the
+    comparison estimates that copy, its adapter and share of the batch."""
+    from vramcalc.serving.servecompare import compare_serve_records
+
+    record = {
+        "kind": "serve", "status": "ok", "model": str(tiny_llama_dir), "adapters": 3,
+        "rank": 4, "mode": "merged", "batch": 6, "prompt_tokens": 16, "new_tokens": 8,
+        "measured_model_copies": 1,
+    }  # fmt: skip
+    (row,) = compare_serve_records([record], ("approximate",))
+    plan = row.estimates["approximate"]["serve_plan"]
+    assert (len(plan["adapters"]), plan["batch"]) == (1, 2)
 
 
 def _serve(*args: str):

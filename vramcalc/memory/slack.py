@@ -5,14 +5,9 @@ in order, as ``(op, handle, nbytes)`` events, and replays them through
 ``memory/allocator.py``, whose replay of recorded H200 traces gives torch's
 peak reserved bytes exactly (``tests/test_allocator_traces.py``):
 
-1. loading (transformers ``from_pretrained`` with a ``device_map``):
-   ``caching_allocator_warmup`` allocates one tensor of the model's loaded size
-   and frees it (bitsandbytes weights counted at 0.5 / 1 byte per parameter), so
-   one cached segment takes the weights; parameters then arrive one by one in
-   checkpoint key order, k-bit weights staged in the load dtype and quantized on
-   the GPU (4-bit: packed data, fp32 absmax, with double quantization a uint8
-   absmax and its second-level constants; int8: an fp16 copy, then int8 data and
-   one fp32 scale per row);
+1. loading (transformers ``from_pretrained`` with a ``device_map``,
+   ``memory/loading.py``): ``caching_allocator_warmup``'s segment, then the
+   parameters one by one in checkpoint key order, k-bit weights quantized on the GPU;
 2. ``prepare_model_for_kbit_training``: every non-quantized parameter gets an
    fp32 copy and loses its 16-bit original, then ``torch.cuda.empty_cache()``;
 3. peft creates the adapters (fp32), then ``Trainer.train()`` empties the cache
@@ -20,10 +15,7 @@ peak reserved bytes exactly (``tests/test_allocator_traces.py``):
 4. the training steps, recorded from the real model code on fake tensors
    (``memory/steptrace.py``).
 
-Sources: transformers ``modeling_utils.caching_allocator_warmup``,
-``integrations/bitsandbytes.py``; peft ``utils/other.py``; accelerate
-``utils/memory.py``; bitsandbytes ``functional.quantize_4bit`` /
-``int8_vectorwise_quant``.
+Sources: peft ``utils/other.py``; accelerate ``utils/memory.py``.
 """
 
 from __future__ import annotations
@@ -34,30 +26,29 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vramcalc.memory.allocator import (
-    ALLOC,
-    EMPTY_CACHE,
-    FREE,
     AllocatorConfig,
     AllocatorResult,
     simulate,
 )
+from vramcalc.memory.loading import (
+    ITEMSIZE,
+    LOAD_ITEMSIZE,
+    LoadEvents,
+    from_pretrained_layout,
+    numel,
+)
 from vramcalc.memory.provenance import (
     ADAPTERS,
-    LOAD_BUFFER,
     WEIGHTS,
     live_at_peak,
     provenance,
     run_phases,
 )
-from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.events import StepTrace
 from vramcalc.training_plan import TrainingPlan
-
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1, "int64": 8}
-LOAD_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -74,131 +65,28 @@ class RunSimulation:
         return self.result.peak_reserved_bytes - self.result.peak_allocated_bytes
 
 
-class _Events:
-    def __init__(self, labels: list[str] | None = None) -> None:
-        self.events: list[tuple[int, int, int]] = []
-        self._next = -1
-        self.labels = labels  # per event, when kept: what an ALLOC holds ("" for the rest)
-
-    def alloc(self, nbytes: int, what: str = LOAD_BUFFER) -> int:
-        handle = self._next
-        self._next -= 1
-        self.events.append((ALLOC, handle, nbytes))
-        if self.labels is not None:
-            self.labels.append(what)
-        return handle
-
-    def free(self, handle: int) -> None:
-        self.events.append((FREE, handle, 0))
-        if self.labels is not None:
-            self.labels.append("")
-
-    def empty_cache(self) -> None:
-        self.events.append((EMPTY_CACHE, 0, 0))
-        if self.labels is not None:
-            self.labels.append("")
-
-
-def checkpoint_key(name: str) -> str:
-    """peft's parameter name -> the base model's state-dict key."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
-class QuantizedLoad(Protocol):
-    """What loading needs of a plan (a ``TrainingPlan`` or a serving plan)."""
-
-    quant: str
-    dtype: str
-    double_quant: bool
-
-
-def _quantized_tensors(shape: tuple[int, ...], plan: QuantizedLoad, ev: _Events) -> None:
-    """Allocate what bitsandbytes keeps for one quantized weight (staging freed)."""
-    n = 1
-    for d in shape:
-        n *= d
-    staging = ev.alloc(n * LOAD_ITEMSIZE[plan.dtype])
-    if plan.quant == "int8":
-        fp16 = ev.alloc(2 * n)
-        ev.alloc(n, WEIGHTS)  # CB, int8
-        ev.alloc(4 * shape[0], WEIGHTS)  # SCB, fp32 per output row
-        ev.free(fp16)
-    else:
-        blocks = -(-n // NF4_BLOCKSIZE)
-        ev.alloc((n + 1) // 2, WEIGHTS)  # packed
-        absmax = ev.alloc(4 * blocks, WEIGHTS)  # fp32 absmax
-        ev.alloc(16 * 4, WEIGHTS)  # the 4-bit code
-        if plan.double_quant:
-            ev.alloc(blocks, WEIGHTS)  # absmax quantized to uint8
-            ev.alloc(4 * -(-blocks // NESTED_BLOCKSIZE), WEIGHTS)  # second-level absmax
-            ev.alloc(4 * DYNAMIC_MAP_ENTRIES, WEIGHTS)  # dynamic map copy
-            ev.alloc(4, WEIGHTS)  # offset
-            ev.free(absmax)
-    ev.free(staging)
-
-
 def load_events(
     trace: StepTrace, plan: TrainingPlan, labels: list[str] | None = None
 ) -> list[tuple[int, int, int]]:
     """Events of loading, k-bit preparation and adapter creation, up to the first step;
     ``labels``, when given, receives what each ALLOC holds (``WEIGHTS``, ``ADAPTERS``,
     ``LOAD_BUFFER``; "" for the other events)."""
-    ev = _Events(labels)
+    ev = LoadEvents(labels)
     base = [p for p in trace.params if "lora_" not in p[0]]
     adapters = [p for p in trace.params if "lora_" in p[0]]
     load_size = LOAD_ITEMSIZE[plan.dtype]
-    loaded = _from_pretrained(ev, base, plan)
+    loaded = from_pretrained_layout(ev, base, plan)
     if plan.is_kbit:
         for name, shape, dtype, _, kbit in base:
             if not kbit and name in loaded and ITEMSIZE[dtype] != load_size:
-                upcast = ev.alloc(_numel(shape) * ITEMSIZE[dtype], WEIGHTS)
-                ev.free(loaded[name])
-                loaded[name] = upcast
+                upcast = ev.alloc(numel(shape) * ITEMSIZE[dtype], WEIGHTS)
+                ev.free(loaded[name][0])
+                loaded[name] = (upcast,)
         ev.empty_cache()
     for _, shape, dtype, _, _ in adapters:
-        ev.alloc(_numel(shape) * ITEMSIZE[dtype], ADAPTERS)
+        ev.alloc(numel(shape) * ITEMSIZE[dtype], ADAPTERS)
     ev.empty_cache()
     return ev.events
-
-
-def from_pretrained_events(
-    params: Iterable[tuple[str, tuple[int, ...], str, bool, bool]],
-    plan: QuantizedLoad,
-    labels: list[str] | None = None,
-) -> tuple[list[tuple[int, int, int]], dict[str, int]]:
-    """Events of ``from_pretrained`` alone (the warm-up segment, then each parameter in
-    checkpoint key order, k-bit weights quantized on the GPU), as a serving process loads
-    its base; and the handle of each non-quantized parameter's allocation, by name."""
-    ev = _Events(labels)
-    loaded = _from_pretrained(ev, list(params), plan)
-    return ev.events, loaded
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _from_pretrained(
-    ev: _Events, base: list[tuple[str, tuple[int, ...], str, bool, bool]], plan: QuantizedLoad
-) -> dict[str, int]:
-    """``caching_allocator_warmup``'s segment, then every parameter in checkpoint key order;
-    returns the handles of the non-quantized ones."""
-    load_size = LOAD_ITEMSIZE[plan.dtype]
-    warmup = 0
-    for _, shape, _, _, kbit in base:
-        per = (1 if plan.quant == "int8" else 0.5) if kbit else load_size
-        warmup += int(_numel(shape) * per)
-    ev.free(ev.alloc(warmup // 2 * 2))  # torch.empty(byte_count // 2, dtype=float16)
-    loaded: dict[str, int] = {}
-    for name, shape, _, _, kbit in sorted(base, key=lambda p: checkpoint_key(p[0])):
-        if kbit:
-            _quantized_tensors(shape, plan, ev)
-        else:
-            loaded[name] = ev.alloc(_numel(shape) * load_size, WEIGHTS)
-    return loaded
 
 
 def simulate_run(

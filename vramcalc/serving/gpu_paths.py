@@ -36,13 +36,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vramcalc.memory.weights import NF4_BLOCKSIZE
+from vramcalc.serving import fourbit
 from vramcalc.trace.emulation import gpu_code_paths
 from vramcalc.trace.int8 import INT8_THRESHOLD, OutlierRule
 
 #: (SMs, compute capability major, minor) of the GPU whose kernels are emulated
 DEVICE_PROPERTIES = (132, 9, 0)
-NF4_BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256
 
 
 # -- bitsandbytes at inference ---------------------------------------------------------------
@@ -135,39 +135,55 @@ def _classes() -> list[type]:
             return out.view(*x.shape[:-1], n)
 
     class Serve4bitLinear(bnb.nn.Linear4bit):  # type: ignore[misc,name-defined]
-        """Packed 4-bit weight ((out * in + 1) // 2, 1) uint8, its quantization state
-        loaded apart."""
+        """Packed 4-bit weight ((out * in + 1) // 2, 1) uint8 with what ``Params4bit``
+        keeps on it, its quantization state loaded apart (``fourbit``)."""
 
         def __init__(
-            self, in_features: int, out_features: int, bias: bool, quant_type: str, nested: bool
+            self,
+            in_features: int,
+            out_features: int,
+            bias: bool,
+            quant_type: str,
+            nested: bool,
+            compute_dtype: torch.dtype,
         ) -> None:
             torch.nn.Linear.__init__(self, in_features, out_features, bias, device="meta")
             packed = (in_features * out_features + 1) // 2
             self.weight = torch.nn.Parameter(
                 torch.empty((packed, 1), dtype=torch.uint8, device="meta"), requires_grad=False
             )
-            self.weight.quant_type = quant_type  # type: ignore[attr-defined]
-            self.weight.compress_statistics = nested  # type: ignore[attr-defined]
-            self.compute_dtype = None
+            # BitsAndBytesConfig(bnb_4bit_compute_dtype=--dtype): peft moves the adapters
+            # to the base layer in this dtype (then upcasts them), as on the GPU
+            self.compute_dtype = compute_dtype
+            self.quant_storage = torch.uint8
+            # quantized from the weight staged in --dtype (Params4bit._quantize)
+            self.quant_state = fourbit.QuantState(
+                (out_features, in_features), compute_dtype, quant_type, nested
+            )
+            fourbit.mark(self.weight, self.quant_state, self)
             self.nested = nested
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             k, n = self.in_features, self.out_features
             rows = x.numel() // k
             blocks = -(-n * k // NF4_BLOCKSIZE)
-            if use_fused_4bit_kernel(x.dtype, rows, n, k):
-                out = x.new_empty((*x.shape[:-1], n))
-            else:  # _dequant_linear_fallback
-                absmax = None
-                if self.nested:
-                    absmax_dq = x.new_empty((blocks,), dtype=torch.float32)
-                    absmax = absmax_dq + 0.0  # absmax_dq + absmax_offset
-                weight = x.new_empty((n, k))
-                out = F.linear(x, weight)
-                del weight, absmax
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
+            if use_fused_4bit_kernel(x.dtype, rows, n, k):  # the bias fused
+                return x.new_empty((*x.shape[:-1], n))
+            absmax = None  # _dequant_linear_fallback
+            if self.nested:
+                absmax_dq = x.new_empty((blocks,), dtype=torch.float32)
+                absmax = absmax_dq + 0.0  # absmax_dq + absmax_offset
+            weight = x.new_empty((n, k))
+            out = F.linear(x, weight, self.bias)
+            del weight, absmax
             return out
+
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            return fourbit.copied(self, memo)
+
+    # peft tells a 4-bit layer by its class name (DoRA copies a ``Linear4bit`` before
+    # dequantizing it)
+    Serve4bitLinear.__name__ = "Linear4bit"
 
     _CLASSES.extend([ServeInt8Linear, Serve4bitLinear])
     return _CLASSES

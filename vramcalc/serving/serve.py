@@ -219,12 +219,10 @@ def disk_sizes(model: ServeModel, plan: ServePlan) -> DiskSizes:
 # -- the estimate ------------------------------------------------------------------------------
 def not_simulated_reason(plan: ServePlan) -> str | None:
     """Why a serving plan is not simulated yet (the estimate says it), or None."""
-    if plan.model_copies > 1:
-        return f"{plan.model_copies} merged copies of the base are not simulated yet"
-    if plan.quant == "nf4":
+    if plan.quant == "int8" and plan.mode == "merged" and plan.adapters:
         return (
-            "4-bit (NF4) serving is not simulated yet: bitsandbytes' Params4bit does not keep "
-            "its quantization state on fake tensors through from_pretrained"
+            "merging onto int8 weights is not simulated yet: peft's Linear8bitLt.merge makes "
+            "a new bitsandbytes Int8Params, which is not stood in for on fake tensors"
         )
     return None
 
@@ -296,7 +294,7 @@ def estimate_serve_memory(
     workspace = calibration.cublas_workspace_bytes // 2  # forward thread only: no autograd
     resident = weights + adapters + workspace
     eager, rank = plan.attn == "eager", _lora_rank(model, plan)
-    per_copy = -(-plan.batch // plan.model_copies)  # merged copies split the batch
+    per_copy = plan.copy_batch  # merged copies split the batch
 
     def shape(tokens: int, attended: int) -> ForwardShape:
         return ForwardShape(per_copy, tokens, attended, dtype, eager, plan.is_kbit, rank)
@@ -408,6 +406,17 @@ def serve_assumptions(
                 "traced on fake tensors and replayed through the caching-allocator model "
                 f"(peak in {simulation.allocated_peak_phase}); the components are the rules', "
                 "the rest is trace_difference",
+                *(
+                    (
+                        f"{plan.model_copies} merged copies in one process: the harness "
+                        "measures one (serve_limits); the others are loaded, given their "
+                        "adapter and merged before it as it is (each with the first adapter's "
+                        "shape) and hold no cache while it decodes its "
+                        f"{plan.copy_batch} sequences (the copies decode in turn)",
+                    )
+                    if plan.model_copies > 1
+                    else ()
+                ),
             )
             if simulation is not None
             else (

@@ -138,10 +138,10 @@ def serve_simulation(
     model: ServeModel, plan: ServePlan, allocator_model: str | None = None
 ) -> ServeSimulation | None:
     """The plan's serving run simulated, as ``allocator_model`` asks (``simulate``, the
-    default of ``estimate.default_allocator_model``, or ``approximate``: None). Merged
-    copies of the base (``--mode merged`` with several adapters) and NF4 bases are not
-    simulated yet (``not_simulated_reason``): None, and the estimate says so. A run that cannot be traced raises
-    ``SimulationError`` naming the way out."""
+    default of ``estimate.default_allocator_model``, or ``approximate``: None). A merge
+    onto int8 weights is not simulated yet (``not_simulated_reason``): None, and the
+    estimate says so. A run that cannot be traced raises ``SimulationError`` naming the
+    way out."""
     allocator_model = allocator_model or default_allocator_model()
     if allocator_model not in ALLOCATOR_MODELS:
         raise InvalidPlanError(

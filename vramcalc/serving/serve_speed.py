@@ -228,7 +228,7 @@ def estimate_serve_speed(
     peak = fp32 if plan.dtype == "fp32" else dense
     bandwidth = float(gpu.memory_bandwidth_gbps or 0) * 1e9 * cal.bandwidth_efficiency
     copies = plan.model_copies
-    per_copy = -(-plan.batch // copies)
+    per_copy = plan.copy_batch
     positions = 1 if plan.logits == "last" else plan.prompt_tokens
     mean_cache = plan.prompt_tokens + plan.new_tokens / 2
 

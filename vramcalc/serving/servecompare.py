@@ -66,6 +66,8 @@ def compare_serve_records(
         if record.get("kind") != "serve" or record.get("status") != "ok":
             continue
         plan = serve_plan_of(record)
+        if record.get("measured_model_copies", 1) < plan.model_copies:
+            plan = plan.one_copy()  # the record is one merged copy of the plan's (serve_limits)
         model = prepare_serving(plan)
         estimates = {m: serve_memory(model, plan, None, m).to_dict() for m in allocator_models}
         rows.append(ServeRow(record, estimates))

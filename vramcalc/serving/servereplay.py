@@ -5,6 +5,13 @@ the run the harness measures (``from_pretrained``, the adapters by mode, one war
 three timed rounds of a prefill-only and a full ``generate``), the phase of each peak and
 the peaks per phase. The entry is cached on disk (``cache.py``, kind ``serving``), keyed by
 the model's config, the plan and the library versions.
+
+A merged plan of N adapters holds N copies of the base; the harness measures one of them
+decoding its share of the batch (``vramcalc_harness/serve_case.py``, ``serve_limits``).
+The simulation is that run with the other copies made first in the same process, each as
+the harness makes its one (``from_pretrained`` without the dynamic map bitsandbytes makes
+once per process, the adapter, the merge; the cuBLAS workspace shared), and idle while
+the measured copy decodes (``_with_other_copies``).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,15 +29,18 @@ from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.inventory import library_versions
 from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
-from vramcalc.memory.slack import from_pretrained_events
+from vramcalc.memory.loading import from_pretrained_events
 from vramcalc.serve_plan import ServePlan
-from vramcalc.serving.servesim import expand_steps, repeat_last_round
+from vramcalc.serving.servesim import ServeSimulationError, expand_steps, repeat_last_round
 from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
 from vramcalc.trace import unroll as unrolling
 from vramcalc.trace.steptrace import config_layers
 
+Event = tuple[int, int, int]
+
 #: bump when the trace, its expansion or the replay changes what a simulation returns
-SERVING_SIMULATION_VERSION = 1
+#: (2: a parameter a merge replaces is freed, 4-bit bases and merged copies simulated)
+SERVING_SIMULATION_VERSION = 2
 PHASES = ("load", "adapters", "merge", "prefill", "decode")
 
 
@@ -52,6 +63,8 @@ class ServeSimulation:
 
 
 def _phase(label: str) -> str:
+    if label.startswith("copy"):  # another merged copy: its loading, adapters and merge
+        label = label.partition(".")[2] or "loaded"
     if label in ("loaded", "adapters", "merge"):
         return {"loaded": "load"}.get(label, label)
     if label.startswith("g") and ".s" in label or label in ("after", "end"):
@@ -142,15 +155,78 @@ def whole_run(
         tags = tuple(out_tags)
     stand_ins = dict(markers)["loaded"]
     stand_in_tags = list(tags[:stand_ins])
-    run, tags_run, marks, outputs = expand_steps(events, tags, markers, trace.generates)
-    run, tags_run, marks = repeat_last_round(
-        run, tags_run, marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
+    run, tags_run, run_marks, outputs = expand_steps(events, tags, markers, trace.generates)
+    run, tags_run, run_marks = repeat_last_round(
+        run, tags_run, run_marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
     )
     params = _full_params(trace, layers)
-    loading, handles = from_pretrained_events(params, plan)
-    body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
-    marks = [(m, max(i - stand_ins, 0)) for m, i in marks]  # the stand-ins are gone
+
+    def loaded(first: bool) -> tuple[list[Event], list[Event], list[tuple[str, int]]]:
+        """One copy's loading, and the run with the stand-ins made its handles."""
+        loading, handles = from_pretrained_events(params, plan, first_in_process=first)
+        body, body_marks = _with_loading_handles(
+            run, stand_in_tags, stand_ins, trace, layers, handles, run_marks
+        )
+        return loading, body, body_marks
+
+    loading, body, marks = loaded(first=True)
+
+    def copy_made(copy: int) -> tuple[list[Event], list[tuple[str, int]]]:
+        """Copy ``copy``'s loading, adapters and merge (handles as the first copy's)."""
+        again, made, made_marks = loaded(first=False)
+        ready = dict(made_marks)["inputs"]
+        return again + made[:ready], [
+            (f"copy{copy}.{m}", len(again) + i) for m, i in made_marks if i < ready
+        ]
+
+    if plan.model_copies > 1:
+        span = 1 + max(abs(h) for _, h, _ in (*loading, *body))
+        body, marks = _with_other_copies(body, marks, plan.model_copies, copy_made, trace, span)
     return list(loading) + body, marks, len(loading)
+
+
+def _with_other_copies(
+    body: list[tuple[int, int, int]],
+    marks: list[tuple[str, int]],
+    copies: int,
+    copy_made: Callable[[int], tuple[list[Event], list[tuple[str, int]]]],
+    trace: Any,
+    span: int,
+) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
+    """The run of ``copies`` merged copies of the base in one process: before the inputs,
+    copies 2.. loaded, given their adapter and merged as the first one was
+    (``copy_made(k)``: its events and markers, handles as the first copy's, below ``span``
+    in size: copy k's moved ``(k - 1) * span`` away), the cuBLAS workspace the first
+    copy's merge made shared by all; then the first copy's generate rounds."""
+    ready = dict(marks)["inputs"]
+    first = body[:ready]
+    made_at = {h: i for i, (op, h, _) in enumerate(first) if op == ALLOC}
+    for op, handle, _ in body[ready:]:
+        if op == FREE and handle in made_at:
+            raise ServeSimulationError(
+                "a merged copy frees after the inputs what was made with it (loaded, "
+                "adapters, merge): its other copies would keep it"
+            )
+    workspaces = set(trace.workspaces)
+    block: list[tuple[int, int, int]] = []
+    block_marks: list[tuple[str, int]] = []
+    for copy in range(2, copies + 1):
+        events, markers = copy_made(copy)
+        shift = (copy - 1) * span
+        block_marks.append((f"copy{copy}", len(block)))
+        position = []  # a copy's event -> its index in the block
+        for op, handle, nbytes in events:
+            position.append(len(block))
+            if op == ALLOC and handle in workspaces:
+                continue
+            moved = handle + shift if handle > 0 else handle - shift if handle < 0 else 0
+            block.append((op, moved, nbytes))
+        position.append(len(block))
+        block_marks.extend((m, position[i]) for m, i in markers)
+    out_marks = [(m, i) for m, i in marks if i < ready]
+    out_marks += [(m, ready + i) for m, i in block_marks]
+    out_marks += [(m, i + len(block)) for m, i in marks if i >= ready]
+    return first + block + body[ready:], out_marks
 
 
 def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], str, bool, bool]]:
@@ -166,17 +242,19 @@ def _with_loading_handles(
     cut: int,
     trace: Any,
     layers: int,
-    handles: dict[str, int],
-) -> list[tuple[int, int, int]]:
+    handles: dict[str, tuple[int, ...]],
+    marks: list[tuple[str, int]],
+) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
     """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
-    events, ``tags`` their layers), each FREE of one pointed at its loading handle."""
+    events, ``tags`` their layers), each FREE of one made the FREEs of what its loading
+    keeps (a k-bit weight: its data and quantization state); and ``marks`` moved along."""
     by_tag: dict[int, list[str]] = {}
     for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
     traced = trace.num_layers
     source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}
     seen: dict[int, int] = {}
-    stand_in: dict[int, int] = {}
+    stand_in: dict[int, tuple[int, ...]] = {}
     for k in range(cut):
         op, handle, _ = events[k]
         if op != ALLOC:
@@ -189,13 +267,16 @@ def _with_loading_handles(
         if layer >= 0 and layer != tag:
             name = name.replace(f".{tag}.", f".{layer}.", 1)
         stand_in[handle] = handles[name]
-    out = []
+    out: list[tuple[int, int, int]] = []
+    position = []  # an event after the stand-ins -> its index in the run without them
     for op, handle, nbytes in events[cut:]:
+        position.append(len(out))
         if op == FREE and handle in stand_in:
-            out.append((FREE, stand_in[handle], 0))
+            out.extend((FREE, kept, 0) for kept in stand_in[handle])
         else:
             out.append((op, handle, nbytes))
-    return out
+    position.append(len(out))
+    return out, [(m, position[max(i - cut, 0)]) for m, i in marks]
 
 
 # -- one plan, cached ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ whole run, exactly:
 2. **rounds**: the harness's timed rounds after the second repeat it
    (``repeat_last_round``, as ``trace/unroll.repeat_last_step`` repeats a training step);
 3. **layers**: ``trace/unroll.unroll`` turns the five traced layers into all of them;
-4. **loading**: ``memory/slack.from_pretrained_events`` lays out ``from_pretrained`` of the
+4. **loading**: ``memory/loading.from_pretrained_events`` lays out ``from_pretrained`` of the
    whole model; the recorder's stand-ins for the loaded parameters take their handles (a
    merge that replaces a weight frees its loading allocation).
 

@@ -6,14 +6,18 @@ compute), under the step tracer's recorder: every new storage an ALLOC, its deat
 (``trace/events.py``):
 
 1. the base model as ``from_pretrained`` leaves it: the plan's dtype, k-bit linears as
-   bitsandbytes stores them (``gpu_paths.ServeInt8Linear`` / ``Serve4bitLinear``), eval mode;
-   its loading is laid out by ``memory/slack.from_pretrained_events`` (the parameters are
-   known storages, freed with their loading handles when merging replaces them);
+   bitsandbytes stores them (``gpu_paths.ServeInt8Linear`` / ``Serve4bitLinear``, a 4-bit
+   weight with what ``Params4bit`` keeps on it: ``serving/fourbit.py``), eval mode; its
+   loading is laid out by ``memory/loading.from_pretrained_events`` (the parameters are
+   stand-ins, freed with their loading handles, a k-bit weight's data and quantization
+   state, when merging replaces them);
 2. the adapters with peft (``get_peft_model``, then ``add_adapter``; random A and B,
    ``init_lora_weights=False``): peft builds each adapter on the host and copies it to the
    base layer's device and dtype (``_move_adapter_to_device_of_base_layer``): only that copy
    is a GPU allocation, then the fp32 upcast (``autocast_adapter_dtype``) and DoRA's
-   magnitude; ``merged``: ``merge_and_unload`` of the first; else ``set_adapter``;
+   magnitude; ``merged``: ``merge_and_unload`` of the first (onto a 4-bit weight:
+   dequantized, the delta added, quantized again, ``fourbit.four_bit_paths``); else
+   ``set_adapter``;
 3. the prompt (``input_ids`` and ``attention_mask`` on the device), then ``rounds`` rounds
    of a prefill-only ``generate`` (``max_new_tokens=1``) and a full one, greedy, with the
    plan's cache (and ``adapter_names=`` in ``multi`` mode); a round's outputs live as the
@@ -74,9 +78,10 @@ class ServeTrace:
     labels: tuple[str, ...]  # per event: what an ALLOC holds ("adapters", "inputs", "")
     generates: tuple[GenerateSpan, ...]
     params: tuple[tuple[str, tuple[int, ...], str, bool, bool], ...]  # the base as loaded
-    loaded: dict[int, str]  # stand-in handle -> parameter name (non-quantized parameters)
+    loaded: dict[int, str]  # stand-in handle -> parameter name
     num_layers: int  # decoder layers traced
     param_layers: tuple[int, ...]  # per parameter: its decoder layer, -1 for none
+    workspaces: tuple[int, ...] = ()  # the cuBLAS workspace's ALLOC handle (one thread)
 
     @property
     def param_index(self) -> dict[str, int]:
@@ -247,7 +252,12 @@ def build_base(config_dict: dict[str, Any], plan: ServePlan, num_layers: int | N
                 new.outlier_rule = outlier_rule(config, name, module.in_features)
             else:
                 new = gpu_paths.four_bit_linear_class()(
-                    module.in_features, module.out_features, bias, plan.quant, plan.double_quant
+                    module.in_features,
+                    module.out_features,
+                    bias,
+                    plan.quant,
+                    plan.double_quant,
+                    getattr(torch, DTYPES[plan.dtype]),
                 )
             new.weight._vramcalc_kbit = True  # type: ignore[attr-defined]
             if bias:
@@ -275,11 +285,6 @@ def loaded_params(model: Any) -> list[tuple[str, tuple[int, ...], str, bool, boo
     return out
 
 
-def measured_batch(plan: ServePlan) -> int:
-    """Sequences one model copy decodes (merged copies split the batch)."""
-    return -(-plan.batch // plan.model_copies)
-
-
 def trace_serving(
     config_dict: dict[str, Any],
     plan: ServePlan,
@@ -287,13 +292,15 @@ def trace_serving(
     traced_steps: int = TRACED_STEPS,
     num_layers: int | None = None,
 ) -> ServeTrace:
-    """Record the adapters and the generate rounds of one model copy of ``plan`` with
+    """Record the adapters and the generate rounds of one model copy of ``plan`` (its
+    first adapter and share of the batch, ``ServePlan.one_copy``) with
     ``num_layers`` decoder layers (module docstring): ``rounds`` (warm-up, timed; the
     simulation traces two timed rounds and ``servesim`` repeats the second), each full
     generate's first ``traced_steps`` loop steps."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from vramcalc.serving.fourbit import FOUR_BIT_QUANTS, four_bit_paths  # imports torch
     from vramcalc.serving.gpu_paths import (  # imports torch and bitsandbytes
         StopAt,
         generate_on_fake_tensors,
@@ -311,11 +318,10 @@ def trace_serving(
     layers = decoder_layers(model)
     layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
     loaded: dict[int, str] = {}
-    for (name, p), (_, _, _, _, kbit) in zip(named, params, strict=True):
-        if kbit:
-            recorder.known([p])  # bitsandbytes storage: not replaced here (no k-bit merge)
-        else:
-            loaded[recorder.loaded(p, layer_of.get(id(p), -1))] = name
+    for name, p in named:  # a k-bit weight stands for its data and quantization state
+        loaded[recorder.loaded(p, layer_of.get(id(p), -1))] = name
+    param_layers = tuple(layer_of.get(id(p), -1) for _, p in named)
+    del named, p  # a parameter a merge replaces dies with its last reference
     recorder.known(model.buffers())
     recorder.module_layers = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
     recorder.mark("loaded")
@@ -328,13 +334,14 @@ def trace_serving(
         state["step"] += 1
         recorder.mark(f"g{state['generate']}.s{state['step']}")
 
-    batch, prompt, new = measured_batch(plan), plan.prompt_tokens, plan.new_tokens
+    batch, prompt, new = plan.copy_batch, plan.prompt_tokens, plan.new_tokens
     with (
         mode,
         _quiet(),
         inference_code_paths(),
         generate_on_fake_tensors(stop, on_step),
         host_built_caches(recorder),
+        four_bit_paths() if plan.quant in FOUR_BIT_QUANTS else contextlib.nullcontext(),
         recorder.mode,
     ):
         serving, kwargs = _apply_adapters(model, plan, recorder, batch)
@@ -384,7 +391,8 @@ def trace_serving(
         tuple(params),
         loaded,
         len(layers),
-        tuple(layer_of.get(id(p), -1) for _, p in named),
+        param_layers,
+        tuple(recorder.workspace_handles),
     )
 
 

@@ -156,8 +156,9 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
 
 
 def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
-    """Replace every meta parameter / buffer by a fake CPU tensor (ties kept); returns the
-    parameters by name."""
+    """Replace every meta parameter / buffer by a fake CPU tensor (ties kept; a k-bit
+    weight keeps its attributes: a 4-bit one's ``quant_type``, ``quant_state``, ...); returns
+    the parameters by name."""
     import torch
 
     made: dict[int, Any] = {}
@@ -170,8 +171,8 @@ def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
                     fake = torch.nn.Parameter(
                         torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
                     )
-                    if getattr(p, "_vramcalc_kbit", False):
-                        fake._vramcalc_kbit = True  # type: ignore[attr-defined]
+                    if getattr(p, "_vramcalc_kbit", False):  # with what bitsandbytes keeps on it
+                        fake.__dict__.update(p.__dict__)
                     made[id(p)] = fake
                 module._parameters[name] = made[id(p)]
             for name, b in list(module._buffers.items()):

@@ -63,6 +63,7 @@ class StepRecorder:
         self.live = self.peak = 0
         self.in_backward = False
         self._workspaces: set[str] = set()
+        self.workspace_handles: list[int] = []  # the cuBLAS workspaces' ALLOCs
         from vramcalc.trace.emulation import ROUNDED_DIMS  # torch: only once a trace runs
 
         self._rounded = ROUNDED_DIMS
@@ -158,7 +159,8 @@ class StepRecorder:
             thread = "backward" if self.in_backward else "forward"
             if thread not in self._workspaces:
                 self._workspaces.add(thread)
-                self._alloc(CUBLAS_WORKSPACE_BYTES)  # kept for the whole run
+                # kept for the whole run
+                self.workspace_handles.append(self._alloc(CUBLAS_WORKSPACE_BYTES))
         out = func(*args, **kwargs)
         outputs = tree_leaves(out)
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramcalc.memory.slack import LOAD_ITEMSIZE, checkpoint_key
+from vramcalc.memory.loading import LOAD_ITEMSIZE, checkpoint_key
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.training_plan import TrainingPlan

@@ -3,7 +3,9 @@
 Every allocator trace the harness recorded on a GPU (``record_trace`` cases,
 ``data/measurements/*_traces/``) is replayed through
 ``vramcalc.memory.allocator``; the replay must give the peak allocated and
-peak reserved bytes that torch reported for that run, exactly.
+peak reserved bytes that torch reported for that run, exactly: each block in its
+stream's pool, a block used on another stream given back when torch did
+(``allocator_trace.world_trace_from_snapshot``, ``memory/worldreplay.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
-from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
+from vramcalc.memory.worldreplay import replay
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -37,12 +40,44 @@ def test_there_are_traces_of_both_allocator_modes():
     assert len(TRACES) >= 7 and modes == {None, "expandable_segments:True"}
 
 
+def _streams(trace_path: Path) -> set[int]:
+    return {entry[3] for entry in load_trace(trace_path)["entries"]}
+
+
+ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
+#: rank 0 of an FSDP world: compute, unshard, pre-unshard and post-backward streams
+MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1]
+
+
+def test_there_are_traces_of_several_streams():
+    assert len(MULTI_STREAM) >= 3 and {len(_streams(p)) for p in MULTI_STREAM} == {4}
+
+
 @pytest.mark.parametrize("trace_path", TRACES, ids=[p.name[:8] for p in TRACES])
 def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)
     assert not trace["truncated"]
     config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
+    result = replay(world_trace_from_snapshot(trace["entries"]), config, gpu_bound=True)
+    assert result.peak_allocated_bytes == record["peak_allocated_bytes"]
+    assert result.peak_reserved_bytes == record["peak_reserved_bytes"]
+
+
+@pytest.mark.parametrize("trace_path", ONE_STREAM, ids=[p.name[:8] for p in ONE_STREAM])
+def test_a_trace_of_one_stream_replays_alike_as_plain_events(trace_path):
+    trace = load_trace(trace_path)
+    record = _record(trace_path)
+    config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
     result = simulate(events_from_snapshot_trace(trace["entries"]), config)
     assert result.peak_allocated_bytes == record["peak_allocated_bytes"]
     assert result.peak_reserved_bytes == record["peak_reserved_bytes"]
+
+
+@pytest.mark.parametrize("trace_path", MULTI_STREAM, ids=[p.name[:8] for p in MULTI_STREAM])
+def test_a_world_trace_on_one_pool_falls_short_of_the_measured_reserve(trace_path):
+    """Blocks freed on one stream are not reused on another: one pool for all of them
+    reuses more, and reserves less than the run did."""
+    trace = load_trace(trace_path)
+    result = simulate(events_from_snapshot_trace(trace["entries"]))
+    assert result.peak_reserved_bytes < _record(trace_path)["peak_reserved_bytes"]

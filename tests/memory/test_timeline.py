@@ -19,7 +19,7 @@ import pytest
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import ALLOC, simulate
-from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
 from vramcalc.memory.provenance import (
     ACTIVATIONS,
     ADAPTERS,
@@ -38,6 +38,7 @@ from vramcalc.memory.snapshot import (
     write_snapshot_file,
 )
 from vramcalc.memory.timeline import peak_composition, record_run, timeline
+from vramcalc.memory.worldreplay import replay
 from vramcalc.render.timeline import aligned_positions, composition_lines
 from vramcalc.timeline import (
     committed_traces,
@@ -213,7 +214,8 @@ def test_a_measured_trace_reads_as_a_snapshot(path):
     snapshot = from_trace_file(path)
     record = measured_record(path)
     config = allocator_config(record.get("pytorch_cuda_alloc_conf") or "")
-    replayed = simulate(events_from_snapshot_trace(snapshot["device_traces"][0]), config)
+    measured = world_trace_from_snapshot(snapshot["device_traces"][0])  # per stream
+    replayed = replay(measured, config, gpu_bound=True)
     assert replayed.peak_reserved_bytes == record["peak_reserved_bytes"]
     series = snapshot_series(snapshot)
     assert series.peak_reserved_bytes == record["peak_reserved_bytes"]

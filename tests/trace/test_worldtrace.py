@@ -59,6 +59,16 @@ def allocations(trace, start: str, stop: str) -> collections.Counter:  # type: i
     )
 
 
+def labelled(trace, start: str, stop: str) -> collections.Counter:  # type: ignore[no-untyped-def]
+    """(aten op, stream, bytes) -> count of the allocations between two markers."""
+    at = dict(trace.markers)
+    return collections.Counter(
+        (trace.labels[i], trace.streams[i], trace.events[i][2])
+        for i in range(at[start], at[stop])
+        if trace.events[i][0] == ALLOC
+    )
+
+
 def test_fsdp_full_rank0_holds_half_of_every_flat_parameter_in_fp32():
     trace = traced(method="full", strategy="fsdp")
     # after the wrap: fp32 shards (accelerate upcasts trainable flat parameters) and the bf16
@@ -69,10 +79,14 @@ def test_fsdp_full_rank0_holds_half_of_every_flat_parameter_in_fp32():
 def test_fsdp_full_all_gathers_each_unit_on_the_unshard_stream_and_frees_it():
     trace = traced(method="full", strategy="fsdp")
     made = allocations(trace, "step1", "step2")
+    gathered = labelled(trace, "step1", "step2")  # FSDP allocates by resizing a storage
     # bf16 unsharded layers: forward and backward (FULL_SHARD reshards after forward); the
     # root stays gathered from forward to backward
-    assert made[(UNSHARD, LAYER * BF16)] == 2 * 2
-    assert made[(UNSHARD, ROOT * BF16)] == 1
+    assert gathered[("resize", UNSHARD, LAYER * BF16)] == 2 * 2
+    assert gathered[("resize", UNSHARD, ROOT * BF16)] == 1
+    # each unit's flat gradient, concatenated where its parameter views were made
+    assert gathered[("cat", UNSHARD, LAYER * BF16)] == 2
+    assert gathered[("cat", UNSHARD, ROOT * BF16)] == 1
     # the bf16 copy of each fp32 shard to all-gather (mixed precision), on pre_unshard
     assert made[(PRE_UNSHARD, LAYER // 2 * BF16)] == 2 * 2
     # reduce-scatter output (bf16 half) and its fp32 cast, on post_backward
@@ -82,9 +96,49 @@ def test_fsdp_full_all_gathers_each_unit_on_the_unshard_stream_and_frees_it():
     assert live_bytes(trace, "step2") == live_bytes(trace, "step1")
 
 
+#: the tiny Llama with its head tied to the embedding, and a vocabulary whose embedding
+#: (81,920 x 64 in bf16: 10 MiB) takes segments of its own (>= kMinLargeAlloc)
+TIED_VOCAB = 81_920
+TIED_EMBEDDING = TIED_VOCAB * 64  # the root unit: embedding (= head) + final norm (64)
+
+
+def test_fsdp_backward_runs_on_the_unshard_stream_where_the_parameter_views_were_made():
+    """FSDP1 makes each unit's parameter views (split + view of the unsharded flat parameter)
+    on its unshard stream; autograd runs their backward there: the cat of a unit's gradients
+    into its flat gradient, and the add of a tied parameter's two gradients (embedding and
+    head), as the allocator traces of real runs show (data/measurements/
+    h100_fsdptrace_2026-12-06_traces: every unit's cat and the tied embedding's add on the
+    unshard stream)."""
+    from vramcalc.memory.worldreplay import replay
+    from vramcalc.trace.worldtrace import trace_world
+
+    config = {**TINY_LLAMA, "tie_word_embeddings": True, "vocab_size": TIED_VOCAB}
+    trace = trace_world(config, plan(method="full", strategy="fsdp"))
+    made = labelled(trace, "step1_backward0", "step1_optimizer")
+    root = TIED_EMBEDDING + 64
+    flat_gradients = {k: n for k, n in made.items() if k[0] == "cat" and k[2] >= LAYER * BF16}
+    assert flat_gradients == {("cat", UNSHARD, LAYER * BF16): 2, ("cat", UNSHARD, root * BF16): 1}
+    assert {k: n for k, n in made.items() if k[0] == "add" and k[1] != 0} == {
+        ("add", UNSHARD, TIED_EMBEDDING * BF16): 1
+    }
+    # the two gradients added were made on the compute stream and used on the unshard one
+    at = dict(trace.markers)
+    summed = [
+        trace.events[i][1]
+        for i in range(at["step1_backward0"], at["step1_optimizer"])
+        if trace.labels[i] in ("mm", "embedding_dense_backward")
+        and trace.events[i][2] == TIED_EMBEDDING * BF16
+    ]
+    assert len(summed) == 2 and set(summed) <= trace.cross_stream
+    # the unshard stream, which still holds the root's gathered parameter (12 MiB segment),
+    # takes a 10 MiB segment for the add and a 12 MiB one for the cat in the first backward:
+    # 220 MiB at the peak where the compute stream's cached blocks held both (210 MiB)
+    assert replay(trace).peak_reserved_bytes == 220 << 20
+
+
 def test_shard_grad_op_keeps_layers_gathered_into_backward():
-    made = allocations(traced(method="full", strategy="fsdp-grad-op"), "step1", "step2")
-    assert made[(UNSHARD, LAYER * BF16)] == 2  # forward only
+    made = labelled(traced(method="full", strategy="fsdp-grad-op"), "step1", "step2")
+    assert made[("resize", UNSHARD, LAYER * BF16)] == 2  # forward only
 
 
 def test_cpu_offload_keeps_shards_on_the_host_and_copies_them_in():
@@ -93,7 +147,7 @@ def test_cpu_offload_keeps_shards_on_the_host_and_copies_them_in():
     assert live_bytes(trace, "step0") == 64
     made = allocations(trace, "step1", "step2")
     assert made[(PRE_UNSHARD, LAYER // 2 * FP32)] == 2 * 2  # the H2D copy of each shard
-    assert made[(UNSHARD, LAYER * BF16)] == 2 * 2
+    assert labelled(trace, "step1", "step2")[("resize", UNSHARD, LAYER * BF16)] == 2 * 2
     assert allocations(trace, "step1_optimizer", "step2") == collections.Counter()
 
 

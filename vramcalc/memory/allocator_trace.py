@@ -12,6 +12,11 @@ A block becomes reusable at ``free_completed`` (``free_block`` puts it back in
 its pool); ``free_requested`` (``free``) only lowers ``allocated_bytes``, and
 the two are adjacent unless the block was used on another stream
 (``recordStream``), so FREE is placed at ``free_completed``.
+
+A rank of an FSDP world allocates on several streams, each with its own pool, and frees
+blocks used on another stream late: ``world_trace_from_snapshot`` keeps each entry's
+``stream`` and both moments of such a free, as a ``WorldTrace`` that
+``memory/worldreplay.replay(..., gpu_bound=True)`` replays.
 """
 
 from __future__ import annotations
@@ -25,18 +30,19 @@ from vramcalc.memory.allocator import (
     EMPTY_CACHE,
     FREE,
 )
+from vramcalc.trace.events import WorldTrace
 
 SEGMENT_ACTIONS = ("segment_alloc", "segment_free", "segment_map", "segment_unmap")
 _RELEASES = ("segment_free", "segment_unmap")
 _IGNORED_ACTIONS = ("free_requested", "segment_alloc", "segment_map", "snapshot", "user_defined")
 
 
-def _row(entry: Mapping[str, Any] | Sequence[Any]) -> tuple[str, int, int]:
-    """(action, addr, size) of a snapshot entry dict or a compact row."""
+def _row(entry: Mapping[str, Any] | Sequence[Any]) -> tuple[str, int, int, int]:
+    """(action, addr, size, stream) of a snapshot entry dict or a compact row."""
     if isinstance(entry, Mapping):
-        return entry["action"], entry.get("addr", 0), entry.get("size", 0)
+        return entry["action"], entry.get("addr", 0), entry.get("size", 0), entry.get("stream", 0)
     action, addr, size = entry[:3]
-    return action, addr, size
+    return action, addr, size, entry[3] if len(entry) > 3 else 0
 
 
 def events_from_snapshot_trace(
@@ -58,7 +64,7 @@ def events_from_snapshot_trace(
     events: list[tuple[int, int, int]] = []
     releasing = False
     for index, entry in enumerate(entries):
-        action, addr, size = _row(entry)
+        action, addr, size, _ = _row(entry)
         if action in _RELEASES:
             if not releasing:
                 events.append((EMPTY_CACHE, 0, 0))
@@ -76,8 +82,58 @@ def events_from_snapshot_trace(
     return events
 
 
+def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any]]) -> WorldTrace:
+    """A measured trace (dicts, or ``[action, addr, size, stream]`` rows) as a ``WorldTrace``:
+    each ALLOC in its ``stream``'s pool (handles numbered afresh: addresses are reused).
+
+    A free whose ``free_completed`` does not follow its ``free_requested`` at once (the block
+    was used on another stream) is a FREE at ``free_requested``, where torch lowers
+    ``allocated_bytes``, of a handle in ``cross_stream``, with a host wait (``sync_points``)
+    at its ``free_completed``, where the block returns to its pool: ``replay(trace,
+    gpu_bound=True)`` gives it back at the next ``malloc``, as ``process_events`` does.
+    Segment releases and ``oom`` are read as ``events_from_snapshot_trace`` reads them."""
+    rows = [_row(entry) for entry in entries]
+    events: list[tuple[int, int, int]] = []
+    streams: list[int] = []
+    syncs: list[tuple[int, int]] = []
+    cross: set[int] = set()
+    handle_at: dict[int, int] = {}  # address -> handle of the block allocated there now
+    freed_at: dict[int, int] = {}  # handle -> position of its late FREE
+    releasing = False
+    for index, (action, addr, size, stream) in enumerate(rows):
+        if action in _RELEASES:
+            if not releasing:
+                events.append((EMPTY_CACHE, 0, 0))
+                streams.append(0)
+            releasing = True
+            continue
+        releasing = False
+        if action in ("alloc", "oom"):
+            handle = len(events) + 1
+            if action == "alloc":
+                handle_at[addr] = handle
+            events.append((ALLOC, handle, size))
+            streams.append(stream)
+        elif action == "free_requested":
+            handle = handle_at[addr]
+            following = rows[index + 1] if index + 1 < len(rows) else None
+            if following is None or following[:2] != ("free_completed", addr):
+                cross.add(handle)
+                freed_at[handle] = len(events)
+            events.append((FREE, handle, 0))
+            streams.append(stream)
+        elif action == "free_completed":
+            handle = handle_at.pop(addr)
+            if handle in freed_at:
+                syncs.append((len(events), freed_at.pop(handle) + 1))
+        elif action not in _IGNORED_ACTIONS:
+            raise AllocatorTraceError(f"trace entry {index}: unknown action {action!r}")
+    return WorldTrace(tuple(events), tuple(streams), (), tuple(syncs), 0, "measured",
+                      cross_stream=frozenset(cross))  # fmt: skip
+
+
 def segment_events(entries: Iterable[Mapping[str, Any] | Sequence[Any]]) -> list[tuple[str, int]]:
     """(action, bytes) of every segment action of a trace, in order: compare with
     ``CachingAllocator.segment_log`` of its replay (addresses differ, sizes must not)."""
     rows = (_row(entry) for entry in entries)
-    return [(action, size) for action, _, size in rows if action in SEGMENT_ACTIONS]
+    return [(action, size) for action, _, size, _ in rows if action in SEGMENT_ACTIONS]

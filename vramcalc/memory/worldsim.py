@@ -37,7 +37,7 @@ from vramcalc.trace.worldtrace import WORLD_STRATEGIES, check_world_plan, trace_
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns
-WORLD_SIMULATION_VERSION = 4
+WORLD_SIMULATION_VERSION = 5
 #: why a ZeRO plan's peaks are the rules' (``MemoryEstimate`` assumptions)
 ZERO_REASON = (
     "ZeRO (DeepSpeed) is not simulated: the world trace runs FSDP1 and DDP only, so its "

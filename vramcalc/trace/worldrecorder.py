@@ -10,7 +10,10 @@ things more, all added here:
   block in the pool of the stream it was allocated on, so each event carries the
   stream it was allocated on (``WorldRecorder.streams``); ``FakeDeviceHandle`` is
   the ``torch.cuda``-like object FSDP1 gets as its device handle, and tells the
-  recorder which stream is current.
+  recorder which stream is current. In backward each autograd node runs on the stream
+  its forward op ran on (``trace/nodestreams.py``): FSDP1 makes its flat parameters'
+  views on the unshard stream, so their gradients are concatenated there (and a tied
+  parameter's two gradients added there).
 * **storage resizes**: FSDP1 and FSDP2 free and re-allocate the unsharded flat
   parameter by resizing its storage (``_free_storage``/``_alloc_storage``,
   ``storage.resize_``), which no aten op shows: ``resized`` turns a resize to 0
@@ -32,10 +35,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from vramcalc.memory.allocator import EMPTY_CACHE
+from vramcalc.trace.nodestreams import DEFAULT_STREAM, NodeStreams
 from vramcalc.trace.steptrace import StepRecorder
 from vramcalc.training_plan import TrainingPlan
-
-DEFAULT_STREAM = 0
 
 
 class WorldRecorder(StepRecorder):
@@ -62,6 +64,11 @@ class WorldRecorder(StepRecorder):
         # not 1 (a model traced with fewer layers than it has: trace/worldunroll.py)
         self.layer_repeats: dict[int, int] = {}
         self._whole_model_bytes: int | None = None  # the next output's bytes, sized so
+        # autograd nodes made on a side stream, run there in backward (trace/nodestreams.py)
+        self.node_streams = NodeStreams(self._set_stream, self.used_on, self._key)
+
+    def _set_stream(self, index: int) -> None:
+        self.stream = index
 
     # -- layers -------------------------------------------------------------------------------
     def layer_of(self, module: Any) -> int:
@@ -211,8 +218,12 @@ class WorldRecorder(StepRecorder):
     def record_stream(self, tensor: Any, stream: Any) -> None:
         """``tensor.record_stream(stream)``: its block, if of another stream, is reused only
         once that stream's work issued so far is done (the caching allocator's events)."""
+        self.used_on(tensor, getattr(stream, "index", DEFAULT_STREAM))
+
+    def used_on(self, tensor: Any, stream: int) -> None:
+        """``record_stream`` onto the stream of index ``stream``."""
         handle, _ = self._live.get(self._key(tensor), (0, 0))
-        if handle and self._made_on.get(handle, DEFAULT_STREAM) != getattr(stream, "index", 0):
+        if handle and self._made_on.get(handle, DEFAULT_STREAM) != stream:
             self.cross_stream.add(handle)
 
     def _gathered_bytes(self, tensors: Any) -> int | None:
@@ -235,6 +246,16 @@ class WorldRecorder(StepRecorder):
         if self.stopped:
             return func(*args, **kwargs)
         self.label = func.overloadpacket.__name__
+        if self.in_backward and self.label == "add":
+            stream = self.node_streams.accumulation_stream(args)
+            if stream is not None:  # the engine accumulating gradients on their consumer's stream
+                previous, self.stream = self.stream, stream
+                try:
+                    out = self._dispatch(func, args, kwargs)
+                finally:
+                    self.stream = previous
+                self.node_streams.bind(out, stream)
+                return out
         if self.label in ("stack", "cat") and args:
             self._whole_model_bytes = self._gathered_bytes(args[0])
             try:
@@ -349,7 +370,8 @@ class FakeDeviceHandle:
             return
         previous, self._recorder.stream = self._recorder.stream, stream.index
         try:
-            yield
+            with self._recorder.node_streams.made_under(stream.index):
+                yield
         finally:
             self._recorder.stream = previous
 

@@ -404,7 +404,9 @@ def _trace(
                     del ids, labels
                     if plan.grad_accum > 1:
                         loss = loss / plan.grad_accum
+                    recorder.node_streams.hook(loss)  # nodes made on a side stream run there
                     backward(recorder, loss, nodes, f"step{step}_backward{micro}")
+                    recorder.node_streams.clear()
                     del loss
             recorder.mark(f"step{step}_optimizer")
             with recorder.scope("host") if plan.cpu_offload else contextlib.nullcontext():

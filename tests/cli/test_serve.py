@@ -110,8 +110,8 @@ def test_readme_serve_examples_say_what_they_answer():
     lines = [line for line in block.splitlines() if line.startswith("vramcalc serve --model")]
     prose = " ".join(block.split())
     results = []
-    for line in lines:
-        result = _run(*line.split()[2:], "--json")
+    for line in lines:  # the README shows what a user gets: the simulated run
+        result = _run(*line.split()[2:], "--allocator-model", "simulate", "--json")
         assert result.exit_code == 0, (line, result.output)
         results.append(json.loads(result.stdout))
     first, fitted, merged = results

@@ -44,12 +44,31 @@ TINY_OPT = {
 
 
 def pytest_terminal_summary(terminalreporter):  # noqa: ANN001, ANN201
-    """The speed benchmarks' figures and targets (``speed_figures``), where CI logs keep them."""
-    figures = getattr(terminalreporter.config, "speed_figures", [])
+    """The speed benchmarks' figures and targets (``speed_figure``), where CI logs keep them.
+    They travel as each test report's ``user_properties``, so they reach this summary from
+    pytest-xdist's workers too."""
+    figures = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "speed_figure"
+    ]
     if figures:
         terminalreporter.section("speed figures (targets in each line)")
-        for line in figures:
+        for line in sorted(figures):
             terminalreporter.write_line(line)
+        if os.environ.get("PYTEST_XDIST_WORKER") is None and _parallel(terminalreporter.config):
+            terminalreporter.write_line(
+                "(measured beside the other tests' processes: for quiet figures run "
+                "`python -m pytest -n 0 tests/test_bench_plan.py tests/test_bench_capacity.py`)"
+            )
+
+
+def _parallel(config) -> bool:  # noqa: ANN001
+    """Whether pytest-xdist runs the tests in several processes."""
+    return bool(getattr(config.option, "numprocesses", None))
 
 
 @pytest.fixture
@@ -57,16 +76,22 @@ def speed_figure(request):  # noqa: ANN001, ANN201
     """``speed_figure(name, extra_info)``: a benchmark's figures, printed in the run's summary."""
 
     def show(name: str, extra: dict) -> None:
-        figures = getattr(request.config, "speed_figures", [])
-        figures.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
-        request.config.speed_figures = figures
+        line = f"{name}: " + ", ".join(f"{k}={v}" for k, v in extra.items())
+        request.node.user_properties.append(("speed_figure", line))
 
     return show
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _inventory_cache(tmp_path_factory):
-    os.environ["VRAMCALC_CACHE_DIR"] = str(tmp_path_factory.mktemp("vramcalc-cache"))
+def _inventory_cache(tmp_path_factory):  # noqa: ANN001
+    """One cache folder for the run, shared by pytest-xdist's workers (entries are written
+    whole, then renamed into place), so that no recipe is traced twice."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        path = tmp_path_factory.mktemp("vramcalc-cache")
+    else:  # every worker's base temp is a folder of the run's own
+        path = tmp_path_factory.getbasetemp().parent / "vramcalc-cache"
+        path.mkdir(exist_ok=True)
+    os.environ["VRAMCALC_CACHE_DIR"] = str(path)
 
 
 @pytest.fixture

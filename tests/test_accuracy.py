@@ -12,12 +12,10 @@ from vramcalc.accuracy import (
     check_targets,
     committed_figures,
     summarize,
-    summary_figures,
-    target_distances,
 )
 from vramcalc.cli import cli
 from vramcalc.estimate import estimate
-from vramcalc.measurements import MEASUREMENTS_DIR, load_measurements
+from vramcalc.measurements import MEASUREMENTS_DIR
 from vramcalc.training_plan import TrainingPlan
 
 REPORTS_DIR = MEASUREMENTS_DIR.parent.parent / "reports"
@@ -144,20 +142,46 @@ def test_regressions_name_each_worse_figure_and_lost_cases():
     ]
 
 
+@pytest.fixture(scope="module")
+def committed_run():
+    """``vramcalc report`` on every committed measurement, from cold (each recipe traced, each
+    plan replayed): computed once for the gate and the byte-for-byte check below."""
+    from vramcalc import api
+
+    return api.report(MEASUREMENTS_DIR, baseline=REPORTS_DIR, allocator_model="simulate")
+
+
 @pytest.mark.slow
-def test_committed_measurements_do_not_regress_against_the_committed_report():
+def test_committed_measurements_do_not_regress_against_the_committed_report(committed_run):
     """The CI gate: every committed GPU measurement against today's estimator (the caching
     allocator simulated for each plan, as ``vramcalc plan`` does) must not be worse than
     ``reports/accuracy.json``; prints the distance to the targets."""
-    records, sources = load_measurements(MEASUREMENTS_DIR)
-    committed = committed_figures(REPORTS_DIR)
-    assert committed is not None, "reports/accuracy.json is missing: run `vramcalc report`"
-    report = build_report(records, sources, allocator_model="simulate")
-    figures = summary_figures(report)
-    print(
-        "\n".join(["", "distance to the targets (validation split):", *target_distances(figures)])
+    assert committed_figures(REPORTS_DIR) is not None, (
+        "reports/accuracy.json is missing: run `vramcalc report`"
     )
-    assert check_regressions(figures, committed) == []
+    print(
+        "\n".join(
+            ["", "distance to the targets (validation split):", *committed_run.gate.distances]
+        )
+    )
+    assert list(committed_run.gate.regressions) == []
+
+
+@pytest.mark.slow
+def test_vramcalc_report_rewrites_the_committed_report_unchanged(committed_run, tmp_path):
+    """The full freshness check: the report written now equals the committed one, file by file
+    (``tests/test_freshness.py`` checks the cheap signs of a stale report)."""
+    from vramcalc.render.accuracy import write_report
+    from vramcalc.timeline import REPORT_CASE  # matplotlib
+
+    timeline = REPORTS_DIR / f"timeline_{REPORT_CASE}.png"  # the picture the command draws
+    assert timeline.is_file()
+    gate = committed_run.gate
+    write_report(
+        committed_run.report, list(gate.target_problems), tmp_path, committed_run.inputs, timeline
+    )
+    for name in ("accuracy.json", "accuracy.csv", "accuracy.md"):
+        assert (tmp_path / name).read_text() == (REPORTS_DIR / name).read_text(), name
 
 
 def test_throughput_section_and_gate(tiny_llama_dir, monkeypatch):

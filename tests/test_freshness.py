@@ -10,7 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from vramcalc import api
@@ -155,19 +154,3 @@ def test_report_prints_the_subset_of_each_figure(tmp_path, tiny_llama_dir):
     inputs = json.loads((out / "accuracy.json").read_text())["inputs"]
     assert inputs == report_inputs(data)
     assert api.stale_reports(out, data) == []
-
-
-@pytest.mark.slow
-def test_vramcalc_report_rewrites_the_committed_report_unchanged(tmp_path):
-    """The full check: the report written now equals the committed one, file by file."""
-    result = api.report(MEASUREMENTS_DIR, allocator_model="simulate")
-    from vramcalc.render.accuracy import write_report
-    from vramcalc.timeline import REPORT_CASE  # matplotlib
-
-    timeline = REPORTS_DIR / f"timeline_{REPORT_CASE}.png"  # the picture the command draws
-    assert timeline.is_file()
-    write_report(
-        result.report, list(result.gate.target_problems), tmp_path, result.inputs, timeline
-    )
-    for name in ("accuracy.json", "accuracy.csv", "accuracy.md"):
-        assert (tmp_path / name).read_text() == (REPORTS_DIR / name).read_text(), name

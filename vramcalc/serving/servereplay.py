@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -78,7 +79,8 @@ def replay(
     load_events: int,
     config: AllocatorConfig | None = None,
 ) -> dict[str, Any]:
-    """Replay ``events`` (loading first) and observe peaks by phase."""
+    """Replay ``events`` (loading first) and observe peaks by phase: after each ALLOC, the
+    allocated and reserved bytes count towards the peaks of the phase it is in."""
     allocator = CachingAllocator(config or AllocatorConfig())
     # markers in their order (several may share an index: the last one's phase holds)
     phases_at = sorted(((i + load_events, _phase(m)) for m, i in markers), key=lambda p: p[0])
@@ -88,22 +90,16 @@ def replay(
     peak_alloc = peak_reserved = 0
     alloc_phase = reserved_phase = "load"
     loaded = 0
-    phase, nxt = "load", 0
-    malloc, free = allocator.malloc, allocator.free
-    for index, (op, handle, nbytes) in enumerate(events):
-        while nxt < len(phases_at) and phases_at[nxt][0] <= index:
+    # stretches of one phase: [start, stop), each a plain replay from peaks reset
+    cuts = sorted({0, len(events), *(min(max(i, 0), len(events)) for i, _ in phases_at)})
+    nxt, phase = 0, "load"
+    for begin, stop in zip(cuts, cuts[1:], strict=False):
+        while nxt < len(phases_at) and phases_at[nxt][0] <= begin:
             phase = phases_at[nxt][1]
             if labels_at.get(phases_at[nxt][0]) == "inputs" and not loaded:
                 loaded = allocator.allocated_bytes
             nxt += 1
-        if op == FREE:
-            free(handle)
-            continue
-        if op == EMPTY_CACHE:
-            allocator.empty_cache()
-            continue
-        malloc(handle, nbytes)
-        allocated, reserved = allocator.allocated_bytes, allocator.reserved_bytes
+        allocated, reserved = _replay_stretch(allocator, events, begin, stop)
         if allocated > phase_alloc[phase]:
             phase_alloc[phase] = allocated
             if allocated > peak_alloc:
@@ -121,6 +117,60 @@ def replay(
         "phase_reserved_bytes": phase_reserved,
         "loaded_allocated_bytes": loaded or allocator.allocated_bytes,
     }
+
+
+def _replay_stretch(
+    allocator: CachingAllocator, events: list[Event], begin: int, stop: int
+) -> tuple[int, int]:
+    """Replay ``events[begin:stop]``; the most allocated and reserved bytes seen right after
+    one of its ALLOCs (0 without one). Between two cache releases reserved bytes only grow
+    when nothing caps memory (a FREE keeps them, an ALLOC adds): the most after an ALLOC is
+    the last; the allocator's peak allocated, from -1, keeps the most allocated and says
+    whether there was an ALLOC (a size-0 one, which malloc does not count, counted here)."""
+    config = allocator.config
+    if config.capacity_bytes is not None or config.max_split_size_bytes is not None:
+        return _replay_stretch_checked(allocator, events, begin, stop)
+    most_allocated = most_reserved = 0
+    allocator.peak_allocated_bytes = -1
+    malloc, free = allocator.malloc, allocator.free
+    for op, handle, nbytes in itertools.islice(events, begin, stop):
+        if op == FREE:
+            free(handle)
+        elif op == ALLOC and nbytes > 0:
+            malloc(handle, nbytes)
+        elif op == ALLOC:
+            malloc(handle, nbytes)
+            allocator.peak_allocated_bytes = max(
+                allocator.peak_allocated_bytes, allocator.allocated_bytes
+            )
+        else:  # EMPTY_CACHE
+            if allocator.peak_allocated_bytes >= 0:
+                most_allocated = max(most_allocated, allocator.peak_allocated_bytes)
+                most_reserved = max(most_reserved, allocator.reserved_bytes)
+                allocator.peak_allocated_bytes = -1
+            allocator.empty_cache()
+    if allocator.peak_allocated_bytes >= 0:
+        most_allocated = max(most_allocated, allocator.peak_allocated_bytes)
+        most_reserved = max(most_reserved, allocator.reserved_bytes)
+    allocator.peak_allocated_bytes = max(allocator.peak_allocated_bytes, 0)
+    return most_allocated, most_reserved
+
+
+def _replay_stretch_checked(
+    allocator: CachingAllocator, events: list[Event], begin: int, stop: int
+) -> tuple[int, int]:
+    """``_replay_stretch`` reading the statistics after every ALLOC (any allocator settings)."""
+    most_allocated = most_reserved = 0
+    for op, handle, nbytes in itertools.islice(events, begin, stop):
+        if op == FREE:
+            allocator.free(handle)
+        elif op == EMPTY_CACHE:
+            allocator.empty_cache()
+        else:
+            allocator.malloc(handle, nbytes)
+            most_allocated = max(most_allocated, allocator.allocated_bytes)
+            most_reserved = max(most_reserved, allocator.reserved_bytes)
+    return most_allocated, most_reserved
 
 
 def whole_run(

@@ -161,27 +161,29 @@ def _add_steps(
         if size != sizes[ordinal] - (traced - step) * slope_of[ordinal]:
             raise ServeSimulationError(f"{span.marker}: a step refers to another tensor")
     start = bounds[traced - 1]
-    handles: dict[tuple[int, int], int] = {}  # (step, position) -> handle, steps > K
+    # a copy's handles are numbered in order: step s > K's allocation o is base(s) + o + 1
+    count, first_top = len(sizes), top
 
     def handle_of(step: int, ordinal: int) -> int:
         if step > traced:
-            return handles[(step, ordinal)]
+            return first_top + (step - traced - 1) * count + ordinal + 1
         return allocs[step][ordinal]
 
+    # the template, by position: (1, first size, slope) for an ALLOC, (0, back, ordinal) else
+    template = [(1, events[start + pos][2], slopes[pos]) if op == ALLOC else (0, *what)
+                for pos, (op, what) in enumerate(last)]  # fmt: skip
+    step_tags = tags[start : start + len(last)]
+    append, extend_tags, markers = out.events.append, out.tags.extend, out.markers
     for step in range(traced + 1, wanted + 1):
-        out.mark(f"{span.marker}.s{step}")
-        ordinal = 0
-        for pos, (op, what) in enumerate(last):
-            i = start + pos
-            if op == ALLOC:
+        markers.append((f"{span.marker}.s{step}", len(out.events)))
+        grown = step - traced
+        for is_alloc, a, b in template:
+            if is_alloc:
                 top += 1
-                handles[(step, ordinal)] = top
-                ordinal += 1
-                size = events[i][2] + (step - traced) * slopes[pos]
-                out.add((ALLOC, top, size), tags[i])
+                append((ALLOC, top, a + grown * b))
             else:
-                back, origin = what
-                out.add((FREE, handle_of(step - back, origin), 0), tags[i])
+                append((FREE, handle_of(step - a, b), 0))
+        extend_tags(step_tags)
     for handle, (step, ordinal) in made.items():
         target = wanted - (traced - step)
         if target > traced:

@@ -16,6 +16,7 @@ the measured copy decodes (``_with_other_copies``).
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -24,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from typing import Any
 
 from vramcalc import progress
@@ -317,16 +319,32 @@ def _with_loading_handles(
         if layer >= 0 and layer != tag:
             name = name.replace(f".{tag}.", f".{layer}.", 1)
         stand_in[handle] = handles[name]
+    # events naming a stand-in, counted at C speed: past the last one the run is a copy
+    named = collections.Counter(
+        filter(stand_in.__contains__, map(itemgetter(1), itertools.islice(events, cut, None)))
+    )
+    left = sum(named.values())
     out: list[tuple[int, int, int]] = []
     position = []  # an event after the stand-ins -> its index in the run without them
-    for op, handle, nbytes in events[cut:]:
+    stop = cut
+    for op, handle, nbytes in itertools.islice(events, cut, None):
+        if not left:
+            break
+        stop += 1
         position.append(len(out))
-        if op == FREE and handle in stand_in:
-            out.extend((FREE, kept, 0) for kept in stand_in[handle])
-        else:
-            out.append((op, handle, nbytes))
-    position.append(len(out))
-    return out, [(m, position[max(i - cut, 0)]) for m, i in marks]
+        if handle in stand_in:
+            left -= 1
+            if op == FREE:
+                out.extend((FREE, kept, 0) for kept in stand_in[handle])
+                continue
+        out.append((op, handle, nbytes))
+    shift = len(out) - (stop - cut)  # events past the scan keep their order
+    out += events[stop:]
+
+    def moved(k: int) -> int:
+        return position[k] if k < len(position) else k + shift
+
+    return out, [(m, moved(max(i - cut, 0))) for m, i in marks]
 
 
 # -- one plan, cached ------------------------------------------------------------------------

@@ -24,8 +24,10 @@ each peak and per phase (``load``, ``adapters``, ``merge``, ``prefill``, ``decod
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from vramcalc.errors import VramcalcError
@@ -35,6 +37,7 @@ from vramcalc.trace.events import UnrollError
 from vramcalc.trace.repeat import copy_segment
 
 Event = tuple[int, int, int]
+_OP, _HANDLE = itemgetter(0), itemgetter(1)
 
 
 class ServeSimulationError(VramcalcError):
@@ -206,8 +209,7 @@ def repeat_last_round(
     if rounds <= traced:
         return events, tags, markers
     first, last, end = at[f"round{traced - 2}"], at[f"round{traced - 1}"], at["after"]
-    made = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
-    top = max(made, default=0)
+    made, top = _allocations(events, first, end)
     out, out_tags = events[:end], tags[:end]
     out_markers = [(m, i) for m, i in markers if i < end]
     inner = [(m, i - last) for m, i in markers if last <= i < end]
@@ -231,6 +233,29 @@ def repeat_last_round(
     for marker, handle in list(outputs.items()):
         outputs[marker] = remap.get(handle, handle)
     return out, out_tags, out_markers
+
+
+def _allocations(events: list[Event], first: int, end: int) -> tuple[dict[int, int], int]:
+    """Where each handle allocated in ``events[first:end]`` is, and the top handle
+    allocated anywhere (at C speed): for ``copy_segment``, which reads where a tensor freed
+    from ``end - 1`` back was made when that is from ``first`` on (else it keeps it), this
+    is where all of ``events`` say, unless a handle is allocated again after ``end``."""
+
+    def allocated(start: int, stop: int | None) -> Iterator[tuple[int, int]]:
+        part = itertools.islice(events, start, stop)
+        ops, handles = itertools.tee(part)
+        is_alloc = list(map(ALLOC.__eq__, map(_OP, ops)))
+        return zip(
+            itertools.compress(map(_HANDLE, handles), is_alloc),
+            itertools.compress(itertools.count(start), is_alloc),
+            strict=True,
+        )
+
+    made = dict(allocated(first, end))
+    outside = [h for h, _ in allocated(0, first)] + [h for h, _ in allocated(end, None)]
+    if not made.keys().isdisjoint(h for h, _ in allocated(end, None)):
+        made = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
+    return made, max((*made, *outside), default=0)
 
 
 def _renumber(label: str, copy: int, traced: int) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from tests.test_readme import README, _keys, _section
@@ -105,20 +107,44 @@ def test_bad_targets_name_the_modules(tiny_llama_dir):
     assert "--targets qkv_proj: the model has no linear module of that name" in result.output
 
 
-def test_readme_serve_examples_say_what_they_answer():
+def _readme_serve_lines() -> tuple[str, list[str]]:
     block = _section("### Serving with adapters (`vramcalc serve`)")
     lines = [line for line in block.splitlines() if line.startswith("vramcalc serve --model")]
-    prose = " ".join(block.split())
-    results = []
-    for line in lines:  # the README shows what a user gets: the simulated run
-        result = _run(*line.split()[2:], "--allocator-model", "simulate", "--json")
-        assert result.exit_code == 0, (line, result.output)
-        results.append(json.loads(result.stdout))
-    first, fitted, merged = results
+    return " ".join(block.split()), lines
+
+
+def _simulated(line: str) -> dict:
+    """A README serving example's answer as a user gets it: the simulated run."""
+    result = _run(*line.split()[2:], "--allocator-model", "simulate", "--json")
+    assert result.exit_code == 0, (line, result.output)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_readme_serve_examples_say_what_they_answer():
+    """The first and third examples (about 3.5 CPU-minutes: each replays a 13B serving run of
+    14 M allocator events); the ``--fit batch`` one is the next test."""
+    prose, lines = _readme_serve_lines()
+    first, merged = _simulated(lines[0]), _simulated(lines[2])
     assert not first["gpus"][0]["fits"]
     assert f"{first['device_total_bytes'] / 2**30:.1f} GiB in all" in prose
-    assert f"says {fitted['fit']['value']} requests fit" in prose
     overhead = first["gpus"][0]["speed"]["adapter_overhead_fraction"]
     assert f"+{100 * overhead:.0f} % with" in prose
     assert merged["gpus"][0]["speed"]["adapter_overhead_fraction"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("VRAMCALC_SLOW_TESTS"),
+    reason="the README's --fit batch example simulates several 13B serving runs (about 10 "
+    "CPU-minutes): VRAMCALC_SLOW_TESTS=1 runs it",
+)
+def test_readme_serve_fit_example_says_what_it_answers():
+    prose, lines = _readme_serve_lines()
+    fitted = _simulated(lines[1])
+    assert f"says {fitted['fit']['value']} requests fit" in prose
+    assert f"({fitted['fit']['device_total_bytes'] / 2**30:.1f} GiB)" in prose
+
+
+def test_the_readme_names_the_serve_command():
     assert "vramcalc serve" in README

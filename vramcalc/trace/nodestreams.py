@@ -35,6 +35,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from vramcalc.trace.steptrace import graph_nodes
+
 DEFAULT_STREAM = 0
 
 
@@ -79,20 +81,13 @@ class NodeStreams:
         each producer of a gradient for one binds that gradient to the node's stream."""
         if not self.made_on:
             return
-        seen: set[Any] = set()
-        todo = [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        for node in graph_nodes(loss):
             consumers = [self.made_on.get(fn) for fn, _ in node.next_functions]
             if any(stream is not None for stream in consumers):
                 self._hooks.append(node.register_hook(self._binder(consumers)))
             if (stream := self.made_on.get(node)) is not None:
                 self._hooks.append(node.register_prehook(self._entry(stream)))
                 self._hooks.append(node.register_hook(self._exit))
-            todo.extend(fn for fn, _ in node.next_functions)
 
     def _entry(self, stream: int) -> Callable[..., None]:
         def prehook(grad_outputs: Any) -> None:

@@ -345,9 +345,8 @@ def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     return nodes
 
 
-def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]) -> None:
-    """Before backward: every node of ``loss``'s graph calls ``enter`` with its decoder layer
-    (``nodes``; -1 outside the layers) when it runs."""
+def graph_nodes(loss: Any) -> Iterator[Any]:
+    """Every node of ``loss``'s autograd graph, once each, depth first from ``loss.grad_fn``."""
     seen: set[Any] = set()
     todo = [loss.grad_fn]
     while todo:
@@ -355,12 +354,19 @@ def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]
         if node is None or node in seen:
             continue
         seen.add(node)
+        yield node
+        todo.extend(fn for fn, _ in node.next_functions)
+
+
+def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]) -> None:
+    """Before backward: every node of ``loss``'s graph calls ``enter`` with its decoder layer
+    (``nodes``; -1 outside the layers) when it runs."""
+    for node in graph_nodes(loss):
 
         def prehook(grads: Any, layer: int = nodes.get(node, -1)) -> None:
             enter(layer)
 
         node.register_prehook(prehook)
-        todo.extend(fn for fn, _ in node.next_functions)
 
 
 def backward(recorder: Any, loss: Any, nodes: dict[Any, int], label: str) -> None:

@@ -121,7 +121,7 @@ def _assert_same(config: dict[str, Any], plan: TrainingPlan) -> None:
     assert trace is not None and trace.answers(plan)
     got = trace.instantiate(plan)
     layers, _ = recipe.traced_layers(config)
-    want = steptrace.trace_at(config, plan, 2, layers)
+    want = steptrace.trace_at(config, plan, recipe.steps_to_trace(plan), layers)
     assert got.params == want.params
     assert got.markers == want.markers
     assert len(got.events) == len(want.events)
@@ -208,13 +208,21 @@ def test_trace_points_avoid_the_configs_numbers_and_thresholds() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["qlora-ckpt-all", "ga4-paged"])
-def test_whole_runs_replay_like_every_layer_and_step_traced(variant: str) -> None:
-    """Instantiated, step-repeated and unrolled to 7 layers = all 7 layers and 3 steps."""
+@pytest.mark.parametrize("variant", ["qlora-ckpt-all", "ga4-paged", "adalora"])
+def test_whole_runs_replay_like_every_layer_and_step_traced(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instantiated, step-repeated and unrolled to 7 layers = all 7 layers and 3 steps (from
+    the recipe's trace: the plan is not traced for itself)."""
     config = CONFIGS["llama"]
     plan = _plan("llama", variant, seq_len=64, batch_size=2)
-    fast = recipe.plan_steps(config, plan, 3)
     full = steptrace.trace_steps(config, plan, steps=3, unroll=False)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the plan was traced for itself")
+
+    monkeypatch.setattr(steptrace, "trace_steps", refuse)
+    fast = recipe.plan_steps(config, plan, 3)
     for expandable in (False, True):
         allocator = AllocatorConfig(expandable_segments=expandable)
         want = simulate_run(full, plan, allocator).result

@@ -42,8 +42,9 @@ from vramcalc.trace.steptrace import config_layers
 Event = tuple[int, int, int]
 
 #: bump when the trace, its expansion or the replay changes what a simulation returns
-#: (2: a parameter a merge replaces is freed, 4-bit bases and merged copies simulated)
-SERVING_SIMULATION_VERSION = 2
+#: (2: a parameter a merge replaces is freed, 4-bit bases and merged copies simulated;
+#: 3: an unrolled model's parameters loaded layer by layer, as the model lists them)
+SERVING_SIMULATION_VERSION = 3
 PHASES = ("load", "adapters", "merge", "prefill", "decode")
 
 

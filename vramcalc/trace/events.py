@@ -39,6 +39,11 @@ class StepTrace:
     # bitsandbytes optimizers: (position in events, trainable tensor index, embedding) where
     # each tensor's states are allocated (its ALLOC events carry shape ("bnb", ...))
     bnb_slots: tuple[tuple[int, int, bool], ...] = ()
+    # allocations of one element per trainable tensor (gradient clipping's stack of the
+    # per-tensor norms): their handles, and how many trainable tensors the traced model has
+    # (``unroll.expand`` gives them the element count of the model it unrolls to)
+    per_tensor: tuple[int, ...] = ()
+    traced_tensors: int = 0
 
 
 class UnrollError(VramcalcError):

@@ -49,8 +49,15 @@ from vramcalc.trace.events import StepTrace
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
-RECIPE_VERSION = 4  # 4: a marker where each backward pass starts
+RECIPE_VERSION = 5  # 4: a marker where each backward pass starts; 5: AdaLoRA traced 3 steps
 TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (repeat.repeat_last_step)
+
+
+def steps_to_trace(plan: TrainingPlan) -> int:
+    """Steps a recipe's trace holds: ``TRACED_STEPS``, and one more for AdaLoRA, whose rank
+    allocator makes its moving averages in step 0 and replaces them from step 1 on (its
+    steps are alike from step 1)."""
+    return TRACED_STEPS + (plan.method == "adalora")
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (repeat.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
 VARIABLES = ("B", "S", "r", "c")
@@ -316,6 +323,10 @@ class RecipeTrace:
     # how many are on the device and their sizes at the plan's tensor sizes
     bnb_slots: tuple[tuple[int, int, bool], ...] = ()
     optimizer: str = ""
+    # allocations of one element per trainable tensor, and the traced model's count of them
+    # (``StepTrace.per_tensor``): constant here, sized by ``unroll.expand``
+    per_tensor: tuple[int, ...] = ()
+    traced_tensors: int = 0
 
     def outliers(self, plan: TrainingPlan) -> int:
         """The plan's INT8 outlier columns (0: none, or not INT8)."""
@@ -355,7 +366,16 @@ class RecipeTrace:
             events, tags, markers = repeat_micro(
                 events, tags, markers, plan.grad_accum - self.micro_batches
             )
-        return StepTrace(events, tags, markers, params, self.param_layers, self.num_layers)
+        return StepTrace(
+            events,
+            tags,
+            markers,
+            params,
+            self.param_layers,
+            self.num_layers,
+            per_tensor=self.per_tensor,
+            traced_tensors=self.traced_tensors,
+        )
 
     def _with_bnb_states(
         self, params: tuple[Any, ...], events: tuple[tuple[int, int, int], ...]
@@ -417,6 +437,8 @@ class RecipeTrace:
             "outlier_rule": list(self.outlier_rule) if self.outlier_rule else None,
             "bnb_slots": [list(g) for g in self.bnb_slots],
             "optimizer": self.optimizer,
+            "per_tensor": list(self.per_tensor),
+            "traced_tensors": self.traced_tensors,
         }
 
     @classmethod
@@ -448,6 +470,8 @@ class RecipeTrace:
             _rule(raw.get("outlier_rule")),
             tuple((int(a), int(t), bool(e)) for a, t, e in raw.get("bnb_slots") or ()),
             str(raw.get("optimizer") or ""),
+            tuple(int(h) for h in raw.get("per_tensor") or ()),
+            int(raw.get("traced_tensors") or 0),
         )
 
 
@@ -483,18 +507,24 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
     micro = min(plan.grad_accum, MAX_TRACED_MICRO_BATCHES)
     layers, total = traced_layers(config_dict)
     traced = _at_point(plan, point).with_(grad_accum=micro)
-    trace = trace_at(config_dict, traced, TRACED_STEPS, layers, outlier_columns=point.outliers)
+    trace = trace_at(
+        config_dict, traced, steps_to_trace(plan), layers, outlier_columns=point.outliers
+    )
     index: dict[Size, int] = {}
     sizes: list[Size] = []
     by_handle: dict[int, int] = {}
     events: list[tuple[int, int, int]] = []
     tags: list[int] = []
+    per_tensor = set(trace.per_tensor)
     kept_before = [0] * (len(trace.events) + 1)  # event position -> position among the kept
     for k, ((op, handle, nbytes), shape) in enumerate(zip(trace.events, trace.shapes, strict=True)):
         kept_before[k] = len(events)
         if op == ALLOC and shape is not None and shape[0] == "bnb":
             continue  # a bitsandbytes state: the rule makes them again at the slot
-        if op == ALLOC:
+        if op == ALLOC and handle in per_tensor:  # constant at every size of the recipe
+            by_handle[handle] = _constant(index, sizes, nbytes)
+            events.append((op, handle, by_handle[handle]))
+        elif op == ALLOC:
             size = decode_size(shape, nbytes, point)
             if size not in index:
                 index[size] = len(sizes)
@@ -526,6 +556,8 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
         tuple(trace.outlier_rule) if trace.outlier_rule else None,  # type: ignore[arg-type]
         slots,
         plan.optimizer,
+        trace.per_tensor,
+        trace.traced_tensors,
     )
 
 

@@ -1,10 +1,12 @@
-"""The steps and micro-batches a trace repeats: a two-step trace made three steps long, and
+"""The steps and micro-batches a trace repeats: a trace of its first steps made longer, and
 the last traced micro-batch repeated for more gradient accumulation.
 
 Steps after the first run the same operations (the first also creates the optimizer
-states), and so do micro-batches after the second: a repeated one frees what the one before
-it left for it at the same position from its start (``UnrollError`` where a trace does not
-have that shape). ``unroll.py`` then expands the decoder layers.
+states; AdaLoRA's rank allocator makes its moving averages in step 0 and replaces them from
+step 1 on, so its steps are alike from step 1), and so do micro-batches after the second: a
+repeated one frees what the one before it left for it at the same position from its start
+(``UnrollError`` where a trace does not have that shape). ``unroll.py`` then expands the
+decoder layers.
 """
 
 from __future__ import annotations
@@ -13,26 +15,31 @@ from vramcalc.memory.allocator import ALLOC
 from vramcalc.trace.events import UnrollError
 
 
+def traced_steps(markers: tuple[tuple[str, int], ...]) -> int:
+    """How many steps a trace's markers hold (``step0``, ``step1``, ...)."""
+    return sum(1 for label, _ in markers if label[:4] == "step" and label[4:].isdigit())
+
+
 def repeat_last_step(
     events: tuple[tuple[int, int, int], ...],
     tags: tuple[int, ...],
     markers: tuple[tuple[str, int], ...],
     times: int,
 ) -> tuple[tuple[tuple[int, int, int], ...], tuple[int, ...]]:
-    """A trace of steps 0 and 1 with step 1 repeated ``times`` more times.
+    """A trace of steps 0..K-1 (K >= 2) with its last step repeated ``times`` more times.
 
-    Steps after the first run the same operations (the first also creates the optimizer
-    states), so a later step's events are step 1's with new handles. A tensor one step
-    leaves to the next (freed early in the next step) is found at the same position from
-    the start of the step it was made in.
+    The last two traced steps run the same operations, so a later step's events are the
+    last one's with new handles. A tensor one step leaves to the next (freed early in the
+    next step) is found at the same position from the start of the step it was made in.
     """
     at = dict(markers)
-    if "step0" not in at or "step1" not in at:
+    count = traced_steps(markers)
+    if count < 2 or any(f"step{k}" not in at for k in range(count)):
         raise UnrollError("the trace has no step markers")
-    b0, b1 = at["step0"], at["step1"]
-    b2 = at.get("step2", at.get("end", len(events)))
+    b0, b1 = at[f"step{count - 2}"], at[f"step{count - 1}"]
+    b2 = at.get("end", len(events))
     if b2 != len(events):
-        raise UnrollError("repeat the last of exactly two traced steps")
+        raise UnrollError("the trace goes on after its last step")
     made_at = {h: i for i, (op, h, _) in enumerate(events) if op == ALLOC}
     out, out_tags = list(events), list(tags)
     top = max(made_at, default=0)
@@ -193,15 +200,17 @@ def _marker_order(label: str) -> int:
 def repeat_step_markers(
     markers: tuple[tuple[str, int], ...], times: int
 ) -> tuple[tuple[str, int], ...]:
-    """The markers of ``repeat_last_step``'s result: step 1's markers again for each copy
-    (``step2``, ``step2_backward0``, ...), and the end after the last."""
+    """The markers of ``repeat_last_step``'s result: the last traced step's markers again
+    for each copy (``step2``, ``step2_backward0``, ...), and the end after the last."""
     at = dict(markers)
-    b1 = at["step1"]
-    b2 = at.get("step2", at.get("end", b1))
+    last = traced_steps(markers) - 1
+    b1 = at[f"step{last}"]
+    b2 = at.get("end", b1)
     length = b2 - b1
-    step1 = [(label[len("step1") :], i) for label, i in markers
-             if b1 <= i < b2 and (label == "step1" or label.startswith("step1_"))]  # fmt: skip
+    name = f"step{last}"
+    steps = [(label[len(name) :], i) for label, i in markers
+             if b1 <= i < b2 and (label == name or label.startswith(name + "_"))]  # fmt: skip
     out = [(label, i) for label, i in markers if label != "end"]
     for copy in range(1, times + 1):
-        out += [(f"step{1 + copy}{rest}", i + copy * length) for rest, i in step1]
+        out += [(f"step{last + copy}{rest}", i + copy * length) for rest, i in steps]
     return (*out, ("end", b2 + times * length))

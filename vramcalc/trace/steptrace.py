@@ -64,6 +64,10 @@ class StepRecorder:
         self.in_backward = False
         self._workspaces: set[str] = set()
         self.workspace_handles: list[int] = []  # the cuBLAS workspaces' ALLOCs
+        # while gradient clipping runs: how many trainable tensors there are, and the handles
+        # of what it stacks one element per tensor into (StepTrace.per_tensor)
+        self.clipping = 0
+        self.per_tensor: list[int] = []
         from vramcalc.trace.emulation import ROUNDED_DIMS  # torch: only once a trace runs
 
         self._rounded = ROUNDED_DIMS
@@ -165,6 +169,12 @@ class StepRecorder:
         outputs = tree_leaves(out)
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
             self.track(tensor, tag)
+        if self.clipping and name == "stack" and outputs:
+            stacked = outputs[0]
+            if stacked.dim() == 1 and int(stacked.shape[0]) == self.clipping:
+                known = self._handles.get(stacked.untyped_storage()._cdata)
+                if known is not None and known[0]:
+                    self.per_tensor.append(known[0])
         return out
 
 
@@ -305,6 +315,67 @@ def claim_nodes(root: Any, stop: Any, layer: int, nodes: dict[Any, int]) -> None
         todo.extend(fn for fn, _ in node.next_functions)
 
 
+def claim_parameter_nodes(loss: Any, nodes: dict[Any, int], layer_of: dict[int, int]) -> None:
+    """The autograd nodes of ``loss``'s graph outside the decoder layers' forwards (not in
+    ``nodes``) that reach the parameters of one decoder layer alone (``layer_of``: id of a
+    parameter -> its layer) and no node of a layer, given that layer in ``nodes``: AdaLoRA's
+    orthogonal regularisation of each adapter, computed after the model's forward. The
+    nodes on the way to the layers (the head, the loss) and those that sum over several
+    layers stay outside."""
+    reach: dict[Any, frozenset[int] | None] = {}  # None: reaches a node of a layer
+    todo: list[tuple[Any, bool]] = [(loss.grad_fn, False)]
+    while todo:
+        node, expanded = todo.pop()
+        if node is None or (node in reach and not expanded):
+            continue
+        variable = getattr(node, "variable", None)  # a parameter's AccumulateGrad
+        if variable is not None:
+            layer = layer_of.get(id(variable), -1)
+            reach[node] = frozenset((layer,)) if layer >= 0 else frozenset()
+            continue
+        if node in nodes:
+            reach[node] = None
+            continue
+        children = [fn for fn, _ in node.next_functions if fn is not None]
+        if not expanded:
+            reach[node] = frozenset()  # a placeholder until its children are done
+            todo.append((node, True))
+            todo.extend((fn, False) for fn in children if fn not in reach)
+            continue
+        layers: set[int] = set()
+        blocked = False
+        for fn in children:
+            below = reach.get(fn, frozenset())
+            if below is None:
+                blocked = True
+            else:
+                layers |= below
+        reach[node] = None if blocked else frozenset(layers)
+    for node, layers in reach.items():
+        if layers is not None and len(layers) == 1 and node not in nodes:
+            nodes[node] = next(iter(layers))
+
+
+def parameters_tagged(model: Any, recorder: StepRecorder, layer_of: dict[int, int]) -> None:
+    """While a loop over ``model.named_parameters()`` runs, the recorder's layer is that of
+    the parameter it is at (outside the layers: the layer before the loop). AdaLoRA computes
+    its orthogonal regularisation, and its rank allocator's moving averages, in such loops
+    over every adapter: each adapter's terms belong to its decoder layer."""
+    original = model.named_parameters
+
+    def named_parameters(*args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        before = recorder.layer
+        try:
+            for name, param in original(*args, **kwargs):
+                layer = layer_of.get(id(param), -1)
+                recorder.layer = layer if layer >= 0 else before
+                yield name, param
+        finally:
+            recorder.layer = before
+
+    model.named_parameters = named_parameters
+
+
 def tag_layers(model: Any, recorder: StepRecorder) -> dict[Any, int]:
     """Hooks that tell the recorder which decoder layer runs: forward hooks on each layer,
     and, for backward, the autograd nodes each layer's forward created (found from its
@@ -403,7 +474,10 @@ def trace_steps(
     total = num_layers or config_layers(config_dict)
     if not unroll or steps < 2:
         return trace_at(config_dict, plan, steps, num_layers)
-    small = trace_at(config_dict, plan, 2, min(total, unrolling.TRACED_LAYERS))
+    from vramcalc.trace.recipe import steps_to_trace
+
+    traced = min(steps, steps_to_trace(plan))
+    small = trace_at(config_dict, plan, traced, min(total, unrolling.TRACED_LAYERS))
     try:
         return unrolling.expand(small, steps, total, labelled=labelled)
     except unrolling.UnrollError:
@@ -472,6 +546,8 @@ def trace_at(
     recorder.known(model.buffers())
     nodes = tag_layers(model, recorder)
     allocator = _rank_allocator(model, plan)
+    if allocator is not None:
+        parameters_tagged(model.base_model.model, recorder, layer_of)
     with mode, _quiet(), gpu_code_paths(), cuda_functions():
         optimizer = trainer_optimizer(params, plan)
         with recorder.mode:
@@ -485,11 +561,15 @@ def trace_at(
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = model(input_ids=ids, labels=labels).loss
                     del ids, labels
+                    if allocator is not None:
+                        claim_parameter_nodes(loss, nodes, layer_of)
                     backward(recorder, loss, nodes, f"step{step}_backward{micro}")
                     del loss
                 recorder.mark(f"step{step}_optimizer")
                 if params:
+                    recorder.clipping = len(params)
                     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                    recorder.clipping = 0
                 optimizer.step()
                 if allocator is not None:  # AdaLoRA: update_and_allocate, before zero_grad
                     allocator.update_ipt(model.base_model.model)
@@ -520,4 +600,6 @@ def trace_at(
         tuple(recorder.shapes[k] for k in position),
         getattr(model, "_vramcalc_outlier_rule", None),
         tuple(recorder.bnb_slots),
+        tuple(recorder.per_tensor),
+        len(params),
     )

@@ -20,11 +20,11 @@ the caller then traces all N layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE
 from vramcalc.trace.events import StepTrace, UnrollError
-from vramcalc.trace.repeat import repeat_last_step, repeat_step_markers
+from vramcalc.trace.repeat import repeat_last_step, repeat_step_markers, traced_steps
 
 TRACED_LAYERS = 5
 TEMPLATE = 2  # the interior layer repeated
@@ -283,34 +283,59 @@ def unroll_params(
     param_layers: tuple[int, ...],
     num_layers: int,
 ) -> tuple[tuple[str, tuple[int, ...], str, bool, bool], ...]:
-    """The parameter list of the ``num_layers``-layer model, names renumbered."""
+    """The parameter list of the ``num_layers``-layer model, names renumbered, in the model's
+    order: layer by layer (the interior layer's parameters, contiguous in the traced model,
+    repeated as a block for layers 2..N-3)."""
     n = num_layers
+    template = [param for param, layer in zip(params, param_layers, strict=True)
+                if layer == TEMPLATE]  # fmt: skip
+    marker = f".{TEMPLATE}."
     out = []
     for param, layer in zip(params, param_layers, strict=True):
-        name = param[0]
         if layer < 0 or layer < TEMPLATE:
             out.append(param)
         elif layer == TEMPLATE:
-            marker = f".{TEMPLATE}."
-            for k in range(2, n - 2):
-                out.append((name.replace(marker, f".{k}.", 1), *param[1:]))
+            if param is template[0]:
+                for k in range(2, n - 2):
+                    out.extend((p[0].replace(marker, f".{k}.", 1), *p[1:]) for p in template)
         else:
             new = {3: n - 2, 4: n - 1}[layer]
-            out.append((name.replace(f".{layer}.", f".{new}.", 1), *param[1:]))
+            out.append((param[0].replace(f".{layer}.", f".{new}.", 1), *param[1:]))
     return tuple(out)
 
 
+def with_tensor_count(small: StepTrace, num_layers: int) -> StepTrace:
+    """``small`` with its allocations of one element per trainable tensor
+    (``StepTrace.per_tensor``) sized for the ``num_layers``-layer model."""
+    if not small.per_tensor or num_layers <= small.num_layers:
+        return small
+    params = unroll_params(small.params, small.param_layers, num_layers)
+    count = sum(1 for p in params if p[3])
+    traced = small.traced_tensors
+    resized = set(small.per_tensor)
+    events = tuple(
+        (op, handle, nbytes // traced * count) if op != EMPTY_CACHE and handle in resized else
+        (op, handle, nbytes)
+        for op, handle, nbytes in small.events
+    )  # fmt: skip
+    return replace(small, events=events)
+
+
 def expand(small: StepTrace, steps: int, num_layers: int, labelled: bool = False) -> StepTrace:
-    """A trace of two steps of at most ``TRACED_LAYERS`` layers as ``steps`` steps of
-    ``num_layers`` layers (``UnrollError`` when its shape does not allow it).
+    """A trace of two or more steps of at most ``TRACED_LAYERS`` layers as ``steps`` steps
+    of ``num_layers`` layers (``UnrollError`` when its shape does not allow it).
 
     With ``labelled``, the result keeps each event's decoder layer (``tags``) and the phase
     markers of every step (``markers``: step starts, micro-batches, backward passes,
     optimizer steps, the end), for timelines; without, it has neither (unrolled), as a
     replay needs neither."""
-    events, tags = repeat_last_step(small.events, small.tags, small.markers, steps - 2)
+    small = with_tensor_count(small, num_layers)
+    more = steps - traced_steps(small.markers)
+    if more < 0:
+        raise UnrollError(f"{steps} steps asked of a trace of more")
+    events, tags = repeat_last_step(small.events, small.tags, small.markers, more)
     params = small.params
-    markers = repeat_step_markers(small.markers, steps - 2) if labelled else ()
+    markers = repeat_step_markers(small.markers, more) if labelled else ()
     if num_layers > small.num_layers:
         out_tags: list[int] | None = [] if labelled else None
         positions: list[int] | None = [] if labelled else None

@@ -58,6 +58,8 @@ def steps_to_trace(plan: TrainingPlan) -> int:
     allocator makes its moving averages in step 0 and replaces them from step 1 on (its
     steps are alike from step 1)."""
     return TRACED_STEPS + (plan.method == "adalora")
+
+
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (repeat.repeat_micro)
 MAX_SHIFT = 1  # S + d with |d| <= MAX_SHIFT is read as a shifted sequence length
 VARIABLES = ("B", "S", "r", "c")

@@ -8,7 +8,7 @@ import pytest
 from vramcalc.memory.allocator import AllocatorConfig
 from vramcalc.memory.slack import simulate_run
 from vramcalc.trace import unroll
-from vramcalc.trace.recipe import steps_to_trace
+from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.trace.steptrace import trace_at, trace_steps
 from vramcalc.training_plan import TrainingPlan
 

@@ -46,18 +46,11 @@ from typing import Any
 from vramcalc.errors import VramcalcError
 from vramcalc.memory.allocator import ALLOC
 from vramcalc.trace.events import StepTrace
+from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
 RECIPE_VERSION = 5  # 4: a marker where each backward pass starts; 5: AdaLoRA traced 3 steps
-TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (repeat.repeat_last_step)
-
-
-def steps_to_trace(plan: TrainingPlan) -> int:
-    """Steps a recipe's trace holds: ``TRACED_STEPS``, and one more for AdaLoRA, whose rank
-    allocator makes its moving averages in step 0 and replaces them from step 1 on (its
-    steps are alike from step 1)."""
-    return TRACED_STEPS + (plan.method == "adalora")
 
 
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (repeat.repeat_micro)

@@ -11,8 +11,22 @@ decoder layers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vramcalc.memory.allocator import ALLOC
 from vramcalc.trace.events import UnrollError
+
+if TYPE_CHECKING:
+    from vramcalc.training_plan import TrainingPlan
+
+TRACED_STEPS = 2  # steps 0 and 1: the rest repeat step 1 (repeat_last_step)
+
+
+def steps_to_trace(plan: TrainingPlan) -> int:
+    """Steps a recipe's trace holds: ``TRACED_STEPS``, and one more for AdaLoRA, whose rank
+    allocator makes its moving averages in step 0 and replaces them from step 1 on (its
+    steps are alike from step 1)."""
+    return TRACED_STEPS + (plan.method == "adalora")
 
 
 def traced_steps(markers: tuple[tuple[str, int], ...]) -> int:

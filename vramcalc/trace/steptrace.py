@@ -29,6 +29,7 @@ from typing import Any
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.trace.events import Shape, StepTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
 
 # torch CublasHandlePool: one workspace per (handle, stream), a handle per thread: the
@@ -474,8 +475,6 @@ def trace_steps(
     total = num_layers or config_layers(config_dict)
     if not unroll or steps < 2:
         return trace_at(config_dict, plan, steps, num_layers)
-    from vramcalc.trace.recipe import steps_to_trace
-
     traced = min(steps, steps_to_trace(plan))
     small = trace_at(config_dict, plan, traced, min(total, unrolling.TRACED_LAYERS))
     try:

@@ -514,11 +514,12 @@ def _head_gradient_bytes(inventory: ModelInventory, plan: TrainingPlan) -> int:
 # multi-GPU records are in data/measurements
 MULTI_GPU_EVIDENCE = (
     "per-GPU memory of FSDP1 and DDP plans simulated (rank 0 traced under torch's fake process "
-    "group) and checked against 25 simulated-world measurements on an H100 (rank 0 of 2 to 8 "
-    "ranks on the fake process group: data/measurements/h100_world_2026-12-06.jsonl; "
-    "reports/world_memory.md): peak allocated within 0.02 %, peak reserved within 1.3 % for "
-    "LoRA, QLoRA, DDP and CPU offload, full fine-tuning under FSDP 4.5-8.1 % under; not yet "
-    "against a real multi-GPU run (NCCL's buffers and real collectives are not in a fake world)"
+    "group) and checked against 49 simulated-world measurements on an H100 (rank 0 of 2 to 8 "
+    "ranks on the fake process group: data/measurements/h100_world*_2026-12-06.jsonl; "
+    "reports/world_memory.md): LoRA, QLoRA, full fine-tuning, DDP, fsdp-grad-op and CPU "
+    "offload, both allocator modes, device total within +2.1 / -0.5 %, peak allocated within "
+    "0.02 %; not yet against a real multi-GPU run (NCCL's buffers and real collectives are not "
+    "in a fake world)"
 )
 
 

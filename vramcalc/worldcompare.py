@@ -1,7 +1,8 @@
 """Simulated-world records against the world trace (the estimator) and the rules (its fallback): ``python -m vramcalc.worldcompare``.
 
 For every ok record of a simulated world (``simulated_world_size``; by default
-``data/measurements/h100_world_2026-12-06.jsonl``): the measured peak allocated, peak
+``data/measurements/h100_world_2026-12-06.jsonl`` and ``h100_world2_2026-12-06.jsonl``): the
+measured peak allocated, peak
 reserved and device total; the rules' estimate (``prepare(...).estimate(plan,
 "approximate")``: ``memory/distributed.py`` + the calibrated slack, without NCCL's
 buffers); and the world trace (``memory/worldsim.py``, what the estimator answers a
@@ -33,7 +34,10 @@ from vramcalc.memory.overhead import load_calibration
 from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
 from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
-DEFAULT_RECORDS = MEASUREMENTS_DIR / "h100_world_2026-12-06.jsonl"
+DEFAULT_RECORDS = (
+    MEASUREMENTS_DIR / "h100_world_2026-12-06.jsonl",
+    MEASUREMENTS_DIR / "h100_world2_2026-12-06.jsonl",
+)
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
     "meta-llama/Llama-3.1-8B": "8B",
@@ -120,12 +124,17 @@ def _pct(value: float) -> str:
     return f"{100 * value:+.1f} %"
 
 
-def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = None) -> str:
+def render_markdown(
+    rows: list[dict[str, Any]],
+    fsdp2: dict[str, Any] | None = None,
+    sources: tuple[str, ...] = tuple(str(p) for p in DEFAULT_RECORDS),
+) -> str:
+    named = ", ".join(f"`data/measurements/{Path(source).name}`" for source in sources)
     lines = [
         "# Multi-GPU per-GPU memory: the simulated world (the estimator) vs the rules (its fallback)",
         "",
         "Records: rank 0 of an N-GPU world on torch's fake process group, measured on one "
-        "H100 (`data/measurements/h100_world_2026-12-06.jsonl`). Error = (estimate − measured) "
+        f"H100 ({named}). Error = (estimate − measured) "
         "/ measured. *rules*: the estimator's fallback (`--allocator-model approximate`: "
         "`memory/distributed.py`, calibrated slack), its device total without NCCL's buffers. "
         "*world*: `memory/worldsim.simulate_world` (what the estimator now answers with) "
@@ -215,7 +224,7 @@ def render_markdown(rows: list[dict[str, Any]], fsdp2: dict[str, Any] | None = N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("records", nargs="*", default=[str(DEFAULT_RECORDS)])
+    parser.add_argument("records", nargs="*", default=[str(p) for p in DEFAULT_RECORDS])
     parser.add_argument("--out", default="reports/world_memory")
     parser.add_argument("--fsdp2", action="store_true", help="also run FSDPMemTracker (slow)")
     args = parser.parse_args(argv)
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         fsdp2 = _fsdp2_peaks([r for r in records if r["strategy"] != "ddp" and r["num_gpus"] == 2])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render_markdown(rows, fsdp2))
+    out.with_suffix(".md").write_text(render_markdown(rows, fsdp2, tuple(args.records)))
     with out.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -16,7 +16,7 @@ the measured copy decodes (``_with_other_copies``).
 
 from __future__ import annotations
 
-import collections
+import bisect
 import functools
 import hashlib
 import itertools
@@ -25,8 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 from vramcalc import progress
 from vramcalc.cache import cache_dir
@@ -34,6 +33,8 @@ from vramcalc.inventory import library_versions
 from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
 from vramcalc.memory.loading import from_pretrained_events
 from vramcalc.serve_plan import ServePlan
+from vramcalc.serving import splitreplay
+from vramcalc.serving.compactrun import DecodeSteps, Run
 from vramcalc.serving.servesim import ServeSimulationError, expand_steps, repeat_last_round
 from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
 from vramcalc.trace import unroll as unrolling
@@ -84,7 +85,51 @@ def replay(
 ) -> dict[str, Any]:
     """Replay ``events`` (loading first) and observe peaks by phase: after each ALLOC, the
     allocated and reserved bytes count towards the peaks of the phase it is in."""
-    allocator = CachingAllocator(config or AllocatorConfig())
+    return observe_phases(_Plain(CachingAllocator(config or AllocatorConfig()), events),
+                          len(events), markers, load_events)  # fmt: skip
+
+
+def replay_run(run: Run, load_events: int, config: AllocatorConfig | None = None) -> dict[str, Any]:
+    """``replay`` of a run held as pieces (``compact_run``), its pools replayed apart
+    (``splitreplay``, exact where nothing caps memory); with a capacity, the run laid out
+    and replayed whole."""
+    config = config or AllocatorConfig()
+    if not splitreplay.splits(config):
+        return replay(run.events(), run.markers, load_events, config)
+    return observe_phases(splitreplay.SplitReplay(run, config), len(run), run.markers,
+                          load_events)  # fmt: skip
+
+
+class Stretches(Protocol):
+    """A replay that ``observe_phases`` drives, stretch by stretch, in order."""
+
+    @property
+    def allocated_bytes(self) -> int: ...
+
+    def replay(self, begin: int, stop: int) -> tuple[int, int]:
+        """Events ``[begin, stop)``; the most allocated and reserved bytes seen right after
+        one of its ALLOCs (0 without one)."""
+        ...
+
+
+class _Plain:
+    """A list of events replayed through one ``CachingAllocator``."""
+
+    def __init__(self, allocator: CachingAllocator, events: list[Event]):
+        self.allocator, self.events = allocator, events
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.allocator.allocated_bytes
+
+    def replay(self, begin: int, stop: int) -> tuple[int, int]:
+        return _replay_stretch(self.allocator, self.events, begin, stop)
+
+
+def observe_phases(
+    stretches: Stretches, total: int, markers: list[tuple[str, int]], load_events: int
+) -> dict[str, Any]:
+    """The peaks of a replay of ``total`` events by phase (``replay``)."""
     # markers in their order (several may share an index: the last one's phase holds)
     phases_at = sorted(((i + load_events, _phase(m)) for m, i in markers), key=lambda p: p[0])
     labels_at = {i + load_events: m for m, i in markers}
@@ -94,15 +139,15 @@ def replay(
     alloc_phase = reserved_phase = "load"
     loaded = 0
     # stretches of one phase: [start, stop), each a plain replay from peaks reset
-    cuts = sorted({0, len(events), *(min(max(i, 0), len(events)) for i, _ in phases_at)})
+    cuts = sorted({0, total, *(min(max(i, 0), total) for i, _ in phases_at)})
     nxt, phase = 0, "load"
     for begin, stop in zip(cuts, cuts[1:], strict=False):
         while nxt < len(phases_at) and phases_at[nxt][0] <= begin:
             phase = phases_at[nxt][1]
             if labels_at.get(phases_at[nxt][0]) == "inputs" and not loaded:
-                loaded = allocator.allocated_bytes
+                loaded = stretches.allocated_bytes
             nxt += 1
-        allocated, reserved = _replay_stretch(allocator, events, begin, stop)
+        allocated, reserved = stretches.replay(begin, stop)
         if allocated > phase_alloc[phase]:
             phase_alloc[phase] = allocated
             if allocated > peak_alloc:
@@ -118,7 +163,7 @@ def replay(
         "reserved_peak_phase": reserved_phase,
         "phase_allocated_bytes": phase_alloc,
         "phase_reserved_bytes": phase_reserved,
-        "loaded_allocated_bytes": loaded or allocator.allocated_bytes,
+        "loaded_allocated_bytes": loaded or stretches.allocated_bytes,
     }
 
 
@@ -189,6 +234,20 @@ def whole_run(
     ``traced_steps`` loop steps (default ``servetrace.TRACED_STEPS``) and
     ``traced_timed_rounds`` timed rounds (at least 2 when there are more); the rest is
     expanded (module docstring of ``servesim``). Tracing everything gives the same run."""
+    run, loading = compact_run(config_dict, plan, traced_layers, traced_steps, traced_timed_rounds)
+    return run.events(), run.markers, loading
+
+
+def compact_run(
+    config_dict: dict[str, Any],
+    plan: ServePlan,
+    traced_layers: int | None = None,
+    traced_steps: int | None = None,
+    traced_timed_rounds: int = 2,
+) -> tuple[Run, int]:
+    """``whole_run`` held as pieces (``compactrun``): the run (loading first; its markers
+    indices after the loading events, as ``whole_run``'s) and the number of loading
+    events. ``Run.events()`` is ``whole_run``'s list."""
     layers = config_layers(config_dict)
     traced_layers = min(layers, traced_layers or unrolling.TRACED_LAYERS)
     rounds = (WARMUP_ROUNDS, min(TIMED_ROUNDS, max(traced_timed_rounds, 2)))
@@ -208,53 +267,62 @@ def whole_run(
         tags = tuple(out_tags)
     stand_ins = dict(markers)["loaded"]
     stand_in_tags = list(tags[:stand_ins])
-    run, tags_run, run_marks, outputs = expand_steps(events, tags, markers, trace.generates)
-    run, tags_run, run_marks = repeat_last_round(
-        run, tags_run, run_marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
-    )
+    run, outputs = expand_steps(events, tags, markers, trace.generates)
+    run = repeat_last_round(run, WARMUP_ROUNDS + TIMED_ROUNDS, outputs)
     params = _full_params(trace, layers)
 
-    def loaded(first: bool) -> tuple[list[Event], list[Event], list[tuple[str, int]]]:
+    def loaded(first: bool) -> tuple[list[Event], Run]:
         """One copy's loading, and the run with the stand-ins made its handles."""
         loading, handles = from_pretrained_events(params, plan, first_in_process=first)
-        body, body_marks = _with_loading_handles(
-            run, stand_in_tags, stand_ins, trace, layers, handles, run_marks
-        )
-        return loading, body, body_marks
+        body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
+        return loading, body
 
-    loading, body, marks = loaded(first=True)
+    loading, body = loaded(first=True)
 
     def copy_made(copy: int) -> tuple[list[Event], list[tuple[str, int]]]:
         """Copy ``copy``'s loading, adapters and merge (handles as the first copy's)."""
-        again, made, made_marks = loaded(first=False)
-        ready = dict(made_marks)["inputs"]
-        return again + made[:ready], [
-            (f"copy{copy}.{m}", len(again) + i) for m, i in made_marks if i < ready
+        again, made = loaded(first=False)
+        ready = dict(made.markers)["inputs"]
+        return again + made.events_before(ready), [
+            (f"copy{copy}.{m}", len(again) + i) for m, i in made.markers if i < ready
         ]
 
     if plan.model_copies > 1:
-        span = 1 + max(abs(h) for _, h, _ in (*loading, *body))
-        body, marks = _with_other_copies(body, marks, plan.model_copies, copy_made, trace, span)
-    return list(loading) + body, marks, len(loading)
+        span = 1 + max(
+            max((abs(h) for _, h, _ in loading), default=0),
+            max((abs(h) for _, (_, h, _) in body.literal_events()), default=0),
+            max((p.top for p in body.pieces_of_steps()), default=0),
+        )
+        body = _with_other_copies(body, plan.model_copies, copy_made, trace, span)
+    whole = Run()
+    whole.extend([list(loading)])
+    whole.extend(body.pieces)
+    whole.markers = body.markers
+    return whole, len(loading)
 
 
 def _with_other_copies(
-    body: list[tuple[int, int, int]],
-    marks: list[tuple[str, int]],
+    body: Run,
     copies: int,
     copy_made: Callable[[int], tuple[list[Event], list[tuple[str, int]]]],
     trace: Any,
     span: int,
-) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
+) -> Run:
     """The run of ``copies`` merged copies of the base in one process: before the inputs,
     copies 2.. loaded, given their adapter and merged as the first one was
     (``copy_made(k)``: its events and markers, handles as the first copy's, below ``span``
     in size: copy k's moved ``(k - 1) * span`` away), the cuBLAS workspace the first
     copy's merge made shared by all; then the first copy's generate rounds."""
+    marks = body.markers
     ready = dict(marks)["inputs"]
-    first = body[:ready]
+    first = body.events_before(ready)
     made_at = {h: i for i, (op, h, _) in enumerate(first) if op == ALLOC}
-    for op, handle, _ in body[ready:]:
+    later = itertools.chain(
+        (event for _, event in body.literal_events(ready)),
+        ((FREE, h, 0) for p in body.pieces_of_steps() for hs in p.traced_allocs.values()
+         for h in hs),
+    )  # fmt: skip
+    for op, handle, _ in later:
         if op == FREE and handle in made_at:
             raise ServeSimulationError(
                 "a merged copy frees after the inputs what was made with it (loaded, "
@@ -276,10 +344,13 @@ def _with_other_copies(
             block.append((op, moved, nbytes))
         position.append(len(block))
         block_marks.extend((m, position[i]) for m, i in markers)
-    out_marks = [(m, i) for m, i in marks if i < ready]
-    out_marks += [(m, ready + i) for m, i in block_marks]
-    out_marks += [(m, i + len(block)) for m, i in marks if i >= ready]
-    return first + block + body[ready:], out_marks
+    out = Run()
+    out.extend([first, block])
+    out.extend(body.slice(ready))
+    out.markers = [(m, i) for m, i in marks if i < ready]
+    out.markers += [(m, ready + i) for m, i in block_marks]
+    out.markers += [(m, i + len(block)) for m, i in marks if i >= ready]
+    return out
 
 
 def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], str, bool, bool]]:
@@ -290,17 +361,17 @@ def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], st
 
 
 def _with_loading_handles(
-    events: list[tuple[int, int, int]],
+    run: Run,
     tags: list[int],
     cut: int,
     trace: Any,
     layers: int,
     handles: dict[str, tuple[int, ...]],
-    marks: list[tuple[str, int]],
-) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
+) -> Run:
     """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
     events, ``tags`` their layers), each FREE of one made the FREEs of what its loading
-    keeps (a k-bit weight: its data and quantization state); and ``marks`` moved along."""
+    keeps (a k-bit weight: its data and quantization state); and its markers moved along.
+    A ``DecodeSteps`` piece frees loop steps' tensors only: no stand-in (else laid out)."""
     by_tag: dict[int, list[str]] = {}
     for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
@@ -308,8 +379,7 @@ def _with_loading_handles(
     source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}
     seen: dict[int, int] = {}
     stand_in: dict[int, tuple[int, ...]] = {}
-    for k in range(cut):
-        op, handle, _ = events[k]
+    for k, (op, handle, _) in enumerate(run.events_before(cut)):
         if op != ALLOC:
             continue
         layer = tags[k]
@@ -320,32 +390,32 @@ def _with_loading_handles(
         if layer >= 0 and layer != tag:
             name = name.replace(f".{tag}.", f".{layer}.", 1)
         stand_in[handle] = handles[name]
-    # events naming a stand-in, counted at C speed: past the last one the run is a copy
-    named = collections.Counter(
-        filter(stand_in.__contains__, map(itemgetter(1), itertools.islice(events, cut, None)))
-    )
-    left = sum(named.values())
-    out: list[tuple[int, int, int]] = []
-    position = []  # an event after the stand-ins -> its index in the run without them
-    stop = cut
-    for op, handle, nbytes in itertools.islice(events, cut, None):
-        if not left:
-            break
-        stop += 1
-        position.append(len(out))
-        if handle in stand_in:
-            left -= 1
-            if op == FREE:
-                out.extend((FREE, kept, 0) for kept in stand_in[handle])
+    out = Run()
+    extra_at: list[int] = []  # where (from ``cut``) a FREE of a stand-in became more FREEs
+    extra: list[int] = []  # the events added up to and with it
+    for piece in run.slice(cut):
+        if isinstance(piece, DecodeSteps):
+            if stand_in.keys().isdisjoint(h for hs in piece.traced_allocs.values() for h in hs):
+                out.extend([piece])
                 continue
-        out.append((op, handle, nbytes))
-    shift = len(out) - (stop - cut)  # events past the scan keep their order
-    out += events[stop:]
+            piece = piece.events()
+        events: list[Event] = []
+        for op, handle, nbytes in piece:
+            kept = stand_in.get(handle) if op == FREE else None
+            if kept is None:
+                events.append((op, handle, nbytes))
+                continue
+            extra_at.append(len(out) + len(events) - (extra[-1] if extra else 0))
+            events.extend((FREE, h, 0) for h in kept)
+            extra.append((extra[-1] if extra else 0) + len(kept) - 1)
+        out.extend([events])
 
     def moved(k: int) -> int:
-        return position[k] if k < len(position) else k + shift
+        before = bisect.bisect_left(extra_at, k)
+        return k + (extra[before - 1] if before else 0)
 
-    return out, [(m, moved(max(i - cut, 0))) for m, i in marks]
+    out.markers = [(m, moved(max(i - cut, 0))) for m, i in run.markers]
+    return out
 
 
 # -- one plan, cached ------------------------------------------------------------------------
@@ -389,10 +459,10 @@ def simulate_serving(
         f"{plan.mode} adapters)"
     )
     started = time.perf_counter()
-    events, markers, loading = whole_run(config_dict, plan)
-    observed = replay(events, markers, loading)
+    run, loading = compact_run(config_dict, plan)
+    observed = replay_run(run, loading)
     result = ServeSimulation(
-        **observed, events=len(events), trace_seconds=time.perf_counter() - started
+        **observed, events=len(run), trace_seconds=time.perf_counter() - started
     )
     if use_cache:
         folder = cache_dir("serving")

@@ -73,16 +73,13 @@ class SplitReplay:
             lo, hi = max(begin, start) - start, min(stop, end) - start
             if isinstance(piece, DecodeSteps):
                 width = len(piece.template)
-                first, last = -(-lo // width), hi // width  # whole steps
-                if first >= last:
-                    self._events(piece.events()[lo:hi], 0, hi - lo)
-                    continue
-                if lo < first * width:
-                    self._events(piece.events()[lo : first * width], 0, first * width - lo)
-                for index in range(first, last):
-                    self._step(piece, piece.traced + 1 + index)
-                if last * width < hi:
-                    self._events(piece.events()[last * width : hi], 0, hi - last * width)
+                for index in range(lo // width, -(-hi // width)):
+                    step_lo, step_hi = max(lo - index * width, 0), min(hi - index * width, width)
+                    step = piece.traced + 1 + index
+                    if step_hi - step_lo == width:
+                        self._step(piece, step)
+                    else:  # part of a step (no stretch ends inside one now): laid out
+                        self._events(piece.step_events(step), step_lo, step_hi)
             else:
                 self._events(piece, lo, hi)
         self._flush()

@@ -201,7 +201,9 @@ class Plans:
 
     def __init__(self) -> None:
         self.by_pattern: dict[tuple[int, ...], StepPlan] = {}
-        self.by_pools: dict[tuple[bool, ...], tuple[tuple[int, ...], StepPlan]] = {}
+        # the first plan of each choice of pools for the events that may change, and where
+        # each of its small-pool events is among them (template position -> op index)
+        self.by_pools: dict[tuple[bool, ...], tuple[StepPlan, dict[int, int]]] = {}
 
 
 class Skipper:
@@ -253,10 +255,10 @@ class Skipper:
             for (position, _, _, _), size in zip(self.variable, pattern, strict=True):
                 classes[position] = size
             plan = _full_plan(piece, classes, self.checkpoints)
-            plans.by_pools[pools] = (pattern, plan)
+            index = {p: i for i, p in enumerate(plan.small_positions)}
+            plans.by_pools[pools] = (plan, index)
         else:
-            base = found[1]
-            index = {p: i for i, p in enumerate(base.small_positions)}
+            base, index = found
             plan = _resized(base, {index[p]: size for (p, _, _, _), size
                                    in zip(self.variable, pattern, strict=True) if size > 0})  # fmt: skip
         plans.by_pattern[pattern] = plan

@@ -11,8 +11,14 @@ import random
 import pytest
 
 from tests.conftest import TINY_LLAMA
-from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, MIB, AllocatorConfig
-from vramcalc.memory.allocator import CachingAllocator
+from vramcalc.memory.allocator import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    MIB,
+    AllocatorConfig,
+    CachingAllocator,
+)
 from vramcalc.memory.smallpool import SLOT_SHIFT, SmallPool
 from vramcalc.serve_plan import serve_plan
 from vramcalc.serving import splitreplay, stepskip

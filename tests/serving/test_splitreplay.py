@@ -237,17 +237,18 @@ def test_a_skip_is_taken_and_changes_nothing():
 
 
 def test_no_skip_where_the_pool_does_not_repeat():
-    """Each layer keeps a small block to the end of the step, so the pool grows from layer
-    to layer and never repeats: nothing is left out, and the peaks are the plain replay's."""
+    """Each layer keeps a small block to the end of the step, and each step one to the end
+    of the run, so the pool grows from layer to layer and from step to step and never
+    repeats: nothing is left out, and the peaks are the plain replay's."""
     template = [(1, 1000, 0), (1, 4096, 0), (0, 0, 1)]  # layer 0: one kept, one freed
     tags = [0, 0, 0]
     for layer in range(1, 12):
         ordinal = 2 * layer
         template += [(1, 1000, 0), (1, 4096, 0), (0, 0, ordinal + 1)]
         tags += [layer] * 3
-    template += [(0, 0, 2 * layer) for layer in range(12)]
-    tags += [-1] * 12
-    run = _run_of(random.Random(0), template, tags, 24, steps=10, traced=5)
+    template += [(0, 0, 2 * layer) for layer in range(12)] + [(1, 2048, 0)]
+    tags += [-1] * 13
+    run = _run_of(random.Random(0), template, tags, 25, steps=10, traced=5)
     split, skipped = _split(run)
     assert skipped == 0
     assert split == _plain(run)

@@ -16,7 +16,7 @@ allocator hands out segments top-down: here segment k sits at the bottom of the 
 slot below ``ADDRESS_TOP``, so the order is the allocator's and two segments never touch
 (a merge cannot cross one).
 
-A replay may skip events it proves would repeat (``serving/splitreplay.py``); for that the
+A replay may skip events it proves would repeat (``serving/stepskip.py``); for that the
 pool keeps a journal: with ``journal`` set to a dict, the first change to a segment records
 the segment as it was (``segment_blocks``) under its number.
 """
@@ -131,6 +131,11 @@ class SmallPool:
                 raise AllocatorTraceError(f"handle {new} allocated twice without a free")
             live[new] = addr
             owner[addr] = (new, owner[addr][1])
+
+    def has_segment(self, segment: int) -> bool:
+        """Whether segment ``segment`` is allocated (its first block starts at its base)."""
+        base = segment << SLOT_SHIFT
+        return base in self.free_at or base in self.owner
 
     def segment_blocks(self, segment: int) -> Blocks:
         """Segment ``segment``'s blocks now, in address order."""

@@ -16,10 +16,10 @@ whole):
 A ``DecodeSteps`` piece (``compactrun``) is replayed step by step without laying it out: its
 large-pool events one by one (the KV cache grows), the allocated peak of the step from its
 large-pool replay and, between two of its large-pool events, the running sum of its
-small-pool events (``_StepPlan``, one per pattern of rounded sizes). Its small-pool events are
-replayed up to where their state provably repeats (``_Skipper``), the rest of a decoder
-layer sweep left out: a decoding step runs every decoder layer alike, and the pool is back
-where it was a few layers before.
+small-pool events (``stepskip.StepPlan``, one per pattern of rounded sizes). Its small-pool
+events are replayed up to where the pool provably repeats (``stepskip.Skipper``), the rest of
+a sweep over the decoder layers left out: a decoding step runs every decoder layer alike,
+and the pool is back where it was a few layers before.
 """
 
 from __future__ import annotations

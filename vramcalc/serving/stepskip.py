@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramcalc.memory.allocator import SMALL_REQUEST_BYTES
-from vramcalc.memory.smallpool import SLOT_SHIFT, Blocks, SmallPool
+from vramcalc.memory.smallpool import Blocks, SmallPool
 from vramcalc.serving.compactrun import DecodeSteps
 
 #: checkpoints back a step's pool is compared with: a pool may repeat every few layers
@@ -325,8 +325,7 @@ class Skipper:
                     changed.setdefault(segment, blocks)
             for segment, blocks in changed.items():
                 if segment not in now:
-                    base = segment << SLOT_SHIFT
-                    alive = base in pool.free_at or base in pool.owner
+                    alive = pool.has_segment(segment)
                     now[segment] = pool.segment_blocks(segment) if alive else None
                 if self._labelled(blocks, c1, cap, step) != self._labelled(
                     now[segment], c2, cap, step
@@ -403,6 +402,7 @@ class Skipper:
                 return _NOT_BEFORE_HORIZON
             made, ordinal = origin
         freed = self.freed_by.get(ordinal)
-        if freed is None or made + freed[0] != step or freed[1] - checkpoint >= cap:
+        # (a traced step's block the step ``freed`` names did not free: no step frees it)
+        if freed is None or made + freed[0] != step or not 0 <= freed[1] - checkpoint < cap:
             return _NOT_BEFORE_HORIZON
         return freed[1] - checkpoint

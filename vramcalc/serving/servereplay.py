@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 from vramcalc import progress
@@ -399,6 +400,9 @@ def _with_loading_handles(
                 out.extend([piece])
                 continue
             piece = piece.events()
+        if stand_in.keys().isdisjoint(map(itemgetter(1), piece)):  # at C speed
+            out.extend([piece])
+            continue
         events: list[Event] = []
         for op, handle, nbytes in piece:
             kept = stand_in.get(handle) if op == FREE else None

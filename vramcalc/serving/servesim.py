@@ -65,9 +65,9 @@ def expand_steps(
     order = sorted(markers, key=lambda m: m[1])
     cursor = 0
     for label, index in order:
-        while cursor < index:
-            out.add(_remapped(events[cursor], remap))
-            cursor += 1
+        if cursor < index:
+            out.extend([[_remapped(e, remap) for e in events[cursor:index]]])
+            cursor = index
         span = todo.get(label.rpartition(".s")[0]) if ".s" in label else None
         step = int(label.rpartition(".s")[2]) if span is not None else 0
         if span is None or step != span.traced_steps + 1:
@@ -78,9 +78,7 @@ def expand_steps(
         top = _add_steps(events, tags, bounds, span, out, remap, top)
         out.mark(f"{span.marker}.s{span.new_tokens + 1}")
         outputs[span.marker] = remap.get(span.output_handle, span.output_handle)
-    while cursor < len(events):
-        out.add(_remapped(events[cursor], remap))
-        cursor += 1
+    out.extend([[_remapped(e, remap) for e in events[cursor:]]])
     return out, outputs
 
 
@@ -117,8 +115,11 @@ def _add_steps(
         raise ServeSimulationError(f"{span.marker}: {traced} traced steps, at least 5 needed")
     made: dict[int, tuple[int, int]] = {}  # handle -> (step, its allocations before it)
     allocs: dict[int, list[int]] = {}  # step -> its ALLOC handles in order
+    traced_sizes: dict[int, tuple[int, ...]] = {}  # step -> their bytes
     for k in range(1, traced + 1):
-        allocs[k] = [events[i][1] for i in range(bounds[k - 1], bounds[k]) if events[i][0] == ALLOC]
+        made_here = [e for e in events[bounds[k - 1] : bounds[k]] if e[0] == ALLOC]
+        allocs[k] = [handle for _, handle, _ in made_here]
+        traced_sizes[k] = tuple(nbytes for _, _, nbytes in made_here)
         for ordinal, handle in enumerate(allocs[k]):
             made[handle] = (k, ordinal)
     shapes = {k: _step_shape(events, bounds, k, made) for k in (traced - 2, traced - 1, traced)}
@@ -143,8 +144,7 @@ def _add_steps(
         step = traced + 1 - back  # the traced step the first copy refers to
         if step < 1 or len(allocs[step]) != len(sizes):
             raise ServeSimulationError(f"{span.marker}: a step refers to an irregular one")
-        size = next(events[i][2] for i in range(bounds[step - 1], bounds[step])
-                    if events[i][1] == allocs[step][ordinal])  # fmt: skip
+        size = traced_sizes[step][ordinal]
         if size != sizes[ordinal] - (traced - step) * slope_of[ordinal]:
             raise ServeSimulationError(f"{span.marker}: a step refers to another tensor")
     start = bounds[traced - 1]
@@ -152,10 +152,6 @@ def _add_steps(
     template = tuple((1, events[start + pos][2], slopes[pos]) if op == ALLOC else (0, *what)
                      for pos, (op, what) in enumerate(last))  # fmt: skip
     # a copy's handles are numbered in order: step s > K's allocation o is top + ... + o + 1
-    traced_sizes = {
-        k: tuple(events[i][2] for i in range(bounds[k - 1], bounds[k]) if events[i][0] == ALLOC)
-        for k in allocs
-    }
     piece = DecodeSteps(template, tuple(tags[start : start + len(last)]), traced, wanted, top,
                         len(sizes), {k: tuple(v) for k, v in allocs.items()}, traced_sizes)  # fmt: skip
     out.markers.extend(

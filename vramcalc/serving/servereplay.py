@@ -12,6 +12,10 @@ The simulation is that run with the other copies made first in the same process,
 the harness makes its one (``from_pretrained`` without the dynamic map bitsandbytes makes
 once per process, the adapter, the merge; the cuBLAS workspace shared), and idle while
 the measured copy decodes (``_with_other_copies``).
+
+The run is held compactly (``compact_run``: each generate's decoding steps one piece) and
+replayed with the allocator's two pools apart (``replay_run``, ``splitreplay``): the peaks
+of ``replay`` of the laid-out run (``whole_run``), to the byte, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -92,8 +96,8 @@ def replay(
 
 def replay_run(run: Run, load_events: int, config: AllocatorConfig | None = None) -> dict[str, Any]:
     """``replay`` of a run held as pieces (``compact_run``), its pools replayed apart
-    (``splitreplay``, exact where nothing caps memory); with a capacity, the run laid out
-    and replayed whole."""
+    (``splitreplay``, exact where nothing caps memory and segments are not expandable);
+    else the run laid out and replayed whole."""
     config = config or AllocatorConfig()
     if not splitreplay.splits(config):
         return replay(run.events(), run.markers, load_events, config)

@@ -10,7 +10,8 @@ whole run, exactly:
    grow by one position per step: sizes are affine in the step; checked on steps K-2, K-1,
    K, which must be alike); a tensor one step leaves to a later one is found at the same
    position of the step it was made in, and what the end of the loop frees is taken from
-   step N instead of K (``expand_steps``);
+   step N instead of K (``expand_steps``); a generate's steps K+1..N are held as one
+   ``compactrun.DecodeSteps`` piece (step K and that rule), laid out only when asked;
 2. **rounds**: the harness's timed rounds after the second repeat it
    (``repeat_last_round``, as ``trace/unroll.repeat_last_step`` repeats a training step);
 3. **layers**: ``trace/unroll.unroll`` turns the five traced layers into all of them;
@@ -18,8 +19,9 @@ whole run, exactly:
    whole model; the recorder's stand-ins for the loaded parameters take their handles (a
    merge that replaces a weight frees its loading allocation).
 
-The replay (``memory/allocator.py``) gives peak allocated and reserved bytes, the phase at
-each peak and per phase (``load``, ``adapters``, ``merge``, ``prefill``, ``decode``).
+The replay (``memory/allocator.py``; ``splitreplay``, which needs no laid-out steps) gives
+peak allocated and reserved bytes, the phase at each peak and per phase (``load``,
+``adapters``, ``merge``, ``prefill``, ``decode``).
 """
 
 from __future__ import annotations

@@ -5,30 +5,33 @@ events left out where they provably repeat.
 and which to the large one, and, for the allocated peak, the running sum of the small-pool
 blocks (``splitreplay`` fact 2) at each large-pool event and its most between two of them.
 A step's plan depends only on the class of each event's size (``size_class``), which changes
-with the step only where a size grows across a multiple of 512 bytes or across 1 MiB; steps
-alike share one plan.
+with the step only where a size grows past a rounding step (512 bytes) or past 1 MiB: steps
+alike share one plan (``Skipper.pattern``), and a plan that only resizes small blocks of
+another is made from it (``_resized``: the running sums moved by the size changes).
 
 **Skipping** (``Skipper``). A decoding step runs the decoder layers one after the other,
-alike; in the small pool each layer's tensors mostly live and die within a few layers. Say
-checkpoints c1 < c2 = c1 + P of a step (starts of decoder layers' runs, ``DecodeSteps.tags``)
-are such that the step's small-pool events repeat with period P from c1 to h = c1 + mP
-(m >= 2): the same ops, the same rounded sizes, each FREE freeing the block allocated the same
-number of events before it (``_shape``), and from c2 on no FREE of a block allocated before
-c1. Label each live block by when it is freed, counted from the checkpoint (-1: not before h,
-or not in this step; ``Skipper._label``). If the pool at c2 is the pool at c1 -- the same
-segments, in each the same blocks (offset, size, free or allocated with the same label) --
-then, by induction over the events, the pool does from c2 what it did from c1: best fit
-compares sizes and addresses, which are the same; a FREE frees the block of the same label
-or, allocated since the checkpoint, the twin of the block its counterpart frees. So at every
-c1 + kP the pool is the pool at c1, with the blocks allocated in [c1, c2) being those
-allocated (k - 1) periods later; no segment is made in between (they are as many at c1 and
-c2, and a FREE makes none). The replay jumps from c2 to h, renaming those live blocks: the
-reserved bytes, the blocks and what the rest of the run frees are those of a plain replay.
+alike, and a layer's small tensors live a few layers at most: the small pool comes back to
+where it was a few layers before. Take checkpoints c1 < c2 = c1 + P of a step (starts of
+decoder layers' runs of events, ``DecodeSteps.tags``; positions count the step's events)
+such that the step's small-pool events from c1 to h = c1 + mP (m >= 2) repeat with period P
+(``_shape``: the same ops and rounded sizes, each FREE of a block allocated the same number
+of events before it, or of an older step's) and no FREE from c2 on frees a block allocated
+before c1. Label each live block with the distance from the checkpoint to its FREE, -1 when
+that is h - c2 or more or no step frees it (``Skipper._label``). Say the pool at c2 is the
+pool at c1: the same segments, each with the same blocks (offset, bytes, free or allocated
+with the same label). Then, event by event, the pool does from c2 what it did from c1: best
+fit compares sizes and addresses, the same; a split or a merge depends on the neighbours,
+the same; a FREE frees either a block allocated since the checkpoint, the twin of its
+counterpart's, or one of the same label. So at every c1 + kP up to h the pool is the pool at
+c1 (the blocks allocated in [c1, c2) are those allocated (k - 1)P events later), and its
+reserved bytes stay (the segments are those at c1: a step releases none). The replay jumps
+from c2 to h and renames those blocks: reserved bytes, blocks and what the rest of the run
+frees are a plain replay's.
 
-Comparing two pools whole would cost more than it saves; only the segments changed between
-c1 and c2 can differ (the pool's journal keeps them as they were at c1), as a block that
-is freed by h but allocated before c1 may not be in another segment: none is, since no FREE
-from c2 on frees one allocated before c1 (a block freed before c2 is in a changed segment).
+Only the segments changed between c1 and c2 can differ, and only they are compared (the
+pool's journal keeps them as they were at c1): an unchanged segment holds the same blocks,
+with the same labels unless one of them, allocated before c1, is freed between c2 and h,
+which no FREE from c2 on does.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from vramcalc.serve_plan import serve_plan
 from vramcalc.serving import splitreplay, stepskip
 from vramcalc.serving.compactrun import DecodeSteps, Run
 from vramcalc.serving.servereplay import (
+    _Plain,
     compact_run,
     observe_phases,
     replay,
@@ -43,6 +44,18 @@ def _split(run: Run, config: AllocatorConfig | None = None):
 
 def _plain(run: Run, config: AllocatorConfig | None = None):
     return replay(run.events(), run.markers, 0, config)
+
+
+def _in_lockstep(run: Run, config: AllocatorConfig | None = None) -> None:
+    """Every stretch (between two markers) of ``run`` replayed split and plain in turn: the
+    same most allocated and reserved bytes, and the same allocated bytes after it."""
+    config = config or AllocatorConfig()
+    split = splitreplay.SplitReplay(run, config)
+    plain = _Plain(CachingAllocator(config), run.events())
+    cuts = sorted({0, len(run), *(i for _, i in run.markers)})
+    for begin, stop in zip(cuts, cuts[1:], strict=False):
+        assert split.replay(begin, stop) == plain.replay(begin, stop), (begin, stop)
+        assert split.allocated_bytes == plain.allocated_bytes
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -126,9 +139,11 @@ def _decode_run(seed: int, layers: int = 9, steps: int = 14, traced: int = 5) ->
     large = rng.choice((0.0, 0.1, 0.3))
     keep_to_end = rng.choice((0.0, 0.0, 0.05))
     layer_ops, fates = _layer(rng, rng.randint(3, 9), large, keep_to_end)
-    grows = rng.choice((128, 16, 0, 4096))
+    grows = rng.choice((128, 16, 0, 4096, -128))
     # the template: (1, size at step K, slope) / (0, back, ordinal); ordinals by layer
     entries: list[tuple] = [(1, 40000 + rng.randrange(0, 600), grows), (0, 1, 0)]
+    if rng.random() < 0.5:  # the step frees first (its small bytes fall below its start's)
+        entries.reverse()
     tags = [-1, -1]  # a growing block, and the previous step's freed
     ordinal_of: dict[tuple[int, int], int] = {}
     for layer in range(layers):
@@ -160,7 +175,7 @@ def _run_of(rng, template, tags, count, steps, traced) -> Run:
     run = Run()
     handle = 0
     weights = []
-    for _ in range(rng.randint(20, 200)):
+    for _ in range(rng.randint(20, 200) if rng.random() < 0.8 else 0):
         handle += 1
         run.add((ALLOC, handle, rng.choice((*SMALL_SIZES, 5 * MIB, 40 * MIB))))
         weights.append(handle)
@@ -218,6 +233,7 @@ def test_random_decoding_runs_replay_as_laid_out():
         run = _decode_run(seed)
         split, skipped = _split(run)
         assert split == _plain(run), seed
+        _in_lockstep(run)
         skipped_runs += skipped > 0
     assert skipped_runs >= 10
 
@@ -252,6 +268,21 @@ def test_no_skip_where_the_pool_does_not_repeat():
     split, skipped = _split(run)
     assert skipped == 0
     assert split == _plain(run)
+
+
+def test_a_step_that_frees_more_than_it_allocates():
+    """A step that first frees the block of the step before, then allocates a smaller one:
+    its most allocated is below the bytes at its start, and still counts (nothing in the
+    large pool to lift it), stretch by stretch as in the plain replay."""
+    template = [(0, 1, 1), (1, 4096, 0), (0, 0, 0), (1, 65536, -1024)]
+    run = Run()
+    run.extend([[(ALLOC, 1, 65536 + 5 * 1024)]])  # stands for traced step 1..K's
+    piece = DecodeSteps(tuple(template), (-1,) * 4, 1, 12, 1, 2, {1: (0, 1)}, {1: (0, 70656)})
+    run.markers = [(f"g1.s{s}", 1 + (s - 2) * 4) for s in range(2, 13)]
+    run.extend([piece, [(FREE, piece.handle(12, 1), 0)]])
+    run.mark("after")
+    _in_lockstep(run)
+    assert _split(run)[0] == _plain(run)
 
 
 def test_a_resized_plan_is_the_plan_made_whole():

@@ -28,7 +28,6 @@ import itertools
 
 from vramcalc.memory.allocator import (
     ALLOC,
-    EMPTY_CACHE,
     FREE,
     SMALL_REQUEST_BYTES,
     AllocatorConfig,
@@ -115,14 +114,12 @@ class SplitReplay:
                 allocated = small.allocated_bytes + large.allocated_bytes
                 if allocated > peak:
                     peak = allocated
-            elif op == EMPTY_CACHE:
+            else:  # EMPTY_CACHE (as _replay_stretch reads any other op)
                 self._peak = peak
                 self._flush()
                 peak = -1
                 large.empty_cache()  # release_cached_blocks: the large pool, then the small
                 small.empty_cache()
-            else:
-                raise ValueError(f"unknown op {op!r}")
         self._peak = peak
 
     def _step(self, piece: DecodeSteps, step: int) -> None:
@@ -135,19 +132,23 @@ class SplitReplay:
         first = piece.base + (step - piece.traced - 1) * piece.count + 1
         grown = step - piece.traced
         gaps, sums = plan.gap_peaks, plan.large_sums
-        best = -1
+        # the most allocated after an ALLOC of the step, less the small pool's at its start
+        # (None: no ALLOC yet; the difference may be below 0, the step freeing first)
+        best: int | None = None
         if gaps[0] is not None:
             best = gaps[0] + large.allocated_bytes
         for index, (is_alloc, a, b, c) in enumerate(plan.large_ops):
             if is_alloc:  # (1, ordinal, bytes at step K, slope)
                 malloc(first + a, b + grown * c)
-                best = max(best, sums[index] + large.allocated_bytes)
+                seen = sums[index] + large.allocated_bytes
+                best = seen if best is None or seen > best else best
             else:  # (0, back, ordinal, 0)
                 free(handle(step - a, b))
             gap = gaps[index + 1]
             if gap is not None:
-                best = max(best, gap + large.allocated_bytes)
-        if best >= 0:
+                seen = gap + large.allocated_bytes
+                best = seen if best is None or seen > best else best
+        if best is not None:
             self._peak = max(self._peak, start + best)
         self.skipped_events += skipper.replay(self.small, plan, step)
 

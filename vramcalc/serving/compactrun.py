@@ -2,9 +2,9 @@
 traced ones as one ``DecodeSteps`` piece (its template step and the rule that makes step s).
 
 A 13B run of 256 new tokens is 28.7 M events, 98 % of them copies of a traced step
-(``servesim`` module docstring, 1); building them takes longer than tracing, and
-``splitreplay`` replays the pieces without building them. ``Run.events()`` lays the whole
-run out: the events ``servesim`` made before it held pieces, event for event.
+(``servesim`` module docstring, 1): laying them out took as long as the tracing, and
+``splitreplay`` replays the pieces without. ``Run.events()`` lays the whole run out: the
+events ``servesim`` made before it held pieces, event for event.
 """
 
 from __future__ import annotations

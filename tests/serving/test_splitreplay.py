@@ -23,15 +23,8 @@ from vramcalc.memory.smallpool import SLOT_SHIFT, SmallPool
 from vramcalc.serve_plan import serve_plan
 from vramcalc.serving import splitreplay, stepskip
 from vramcalc.serving.compactrun import DecodeSteps, Run
-from vramcalc.serving.servereplay import (
-    _Plain,
-    compact_run,
-    observe_phases,
-    replay,
-    replay_run,
-    simulate_serving,
-    whole_run,
-)
+from vramcalc.serving.phasereplay import PlainReplay, observe_phases, replay, replay_run
+from vramcalc.serving.servereplay import compact_run, simulate_serving, whole_run
 
 SMALL_SIZES = (1, 512, 700, 4096, 65536, 163840, 492160, MIB - 100, MIB)
 
@@ -51,7 +44,7 @@ def _in_lockstep(run: Run, config: AllocatorConfig | None = None) -> None:
     same most allocated and reserved bytes, and the same allocated bytes after it."""
     config = config or AllocatorConfig()
     split = splitreplay.SplitReplay(run, config)
-    plain = _Plain(CachingAllocator(config), run.events())
+    plain = PlainReplay(CachingAllocator(config), run.events())
     cuts = sorted({0, len(run), *(i for _, i in run.markers)})
     for begin, stop in zip(cuts, cuts[1:], strict=False):
         assert split.replay(begin, stop) == plain.replay(begin, stop), (begin, stop)

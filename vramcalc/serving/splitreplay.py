@@ -1,4 +1,4 @@
-"""A serving run replayed as ``servereplay.replay`` replays it, with the same peaks, fast.
+"""A serving run replayed as ``phasereplay.replay`` replays it, with the same peaks, fast.
 
 Three facts of the caching allocator (``memory/allocator.py``), each exact where nothing caps
 memory and segments are not expandable (``splits``; else the run is laid out and replayed
@@ -44,7 +44,7 @@ def splits(config: AllocatorConfig) -> bool:
 
 
 class SplitReplay:
-    """``servereplay.Stretches`` of a ``Run``: its stretches in order, pools apart."""
+    """``phasereplay.Stretches`` of a ``Run``: its stretches in order, pools apart."""
 
     def __init__(self, run: Run, config: AllocatorConfig):
         if not splits(config):
@@ -63,7 +63,7 @@ class SplitReplay:
         return self.small.allocated_bytes + self.large.allocated_bytes
 
     def replay(self, begin: int, stop: int) -> tuple[int, int]:
-        """``servereplay._replay_stretch`` of events ``[begin, stop)``."""
+        """``phasereplay._replay_stretch`` of events ``[begin, stop)``."""
         self._peak, self._most = -1, (0, 0)
         for start, piece in self.spans:
             end = start + len(piece)

@@ -12,11 +12,16 @@ The simulation is that run with the other copies made first in the same process,
 the harness makes its one (``from_pretrained`` without the dynamic map bitsandbytes makes
 once per process, the adapter, the merge; the cuBLAS workspace shared), and idle while
 the measured copy decodes (``_with_other_copies``).
+
+The run is held compactly (``compact_run``: each generate's decoding steps one piece) and
+replayed with the allocator's two pools apart (``phasereplay.replay_run``, ``splitreplay``):
+the peaks of ``replay`` of the laid-out run (``whole_run``), to the byte, in a fraction of
+the time.
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import functools
 import hashlib
 import itertools
@@ -31,9 +36,13 @@ from typing import Any
 from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.inventory import library_versions
-from vramcalc.memory.allocator import ALLOC, EMPTY_CACHE, FREE, AllocatorConfig, CachingAllocator
+from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.memory.loading import from_pretrained_events
 from vramcalc.serve_plan import ServePlan
+from vramcalc.serving.compactrun import DecodeSteps, Run
+from vramcalc.serving.phasereplay import PHASES as PHASES  # (both were defined here)
+from vramcalc.serving.phasereplay import replay as replay
+from vramcalc.serving.phasereplay import replay_run
 from vramcalc.serving.servesim import ServeSimulationError, expand_steps, repeat_last_round
 from vramcalc.serving.servetrace import TIMED_ROUNDS, TRACED_STEPS, WARMUP_ROUNDS, trace_serving
 from vramcalc.trace import unroll as unrolling
@@ -45,7 +54,6 @@ Event = tuple[int, int, int]
 #: (2: a parameter a merge replaces is freed, 4-bit bases and merged copies simulated;
 #: 3: an unrolled model's parameters loaded layer by layer, as the model lists them)
 SERVING_SIMULATION_VERSION = 3
-PHASES = ("load", "adapters", "merge", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class ServeSimulation:
     peak_reserved_bytes: int
     allocated_peak_phase: str  # where peak allocated was first reached
     reserved_peak_phase: str
-    phase_allocated_bytes: dict[str, int]  # PHASES -> peak allocated within it
+    phase_allocated_bytes: dict[str, int]  # phasereplay.PHASES -> peak allocated within it
     phase_reserved_bytes: dict[str, int]
     loaded_allocated_bytes: int  # allocated once the adapters are ready (before the inputs)
     events: int
@@ -64,116 +72,6 @@ class ServeSimulation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _phase(label: str) -> str:
-    if label.startswith("copy"):  # another merged copy: its loading, adapters and merge
-        label = label.partition(".")[2] or "loaded"
-    if label in ("loaded", "adapters", "merge"):
-        return {"loaded": "load"}.get(label, label)
-    if label.startswith("g") and ".s" in label or label in ("after", "end"):
-        return "decode"
-    return "prefill"
-
-
-def replay(
-    events: list[tuple[int, int, int]],
-    markers: list[tuple[str, int]],
-    load_events: int,
-    config: AllocatorConfig | None = None,
-) -> dict[str, Any]:
-    """Replay ``events`` (loading first) and observe peaks by phase: after each ALLOC, the
-    allocated and reserved bytes count towards the peaks of the phase it is in."""
-    allocator = CachingAllocator(config or AllocatorConfig())
-    # markers in their order (several may share an index: the last one's phase holds)
-    phases_at = sorted(((i + load_events, _phase(m)) for m, i in markers), key=lambda p: p[0])
-    labels_at = {i + load_events: m for m, i in markers}
-    phase_alloc = dict.fromkeys(PHASES, 0)
-    phase_reserved = dict.fromkeys(PHASES, 0)
-    peak_alloc = peak_reserved = 0
-    alloc_phase = reserved_phase = "load"
-    loaded = 0
-    # stretches of one phase: [start, stop), each a plain replay from peaks reset
-    cuts = sorted({0, len(events), *(min(max(i, 0), len(events)) for i, _ in phases_at)})
-    nxt, phase = 0, "load"
-    for begin, stop in zip(cuts, cuts[1:], strict=False):
-        while nxt < len(phases_at) and phases_at[nxt][0] <= begin:
-            phase = phases_at[nxt][1]
-            if labels_at.get(phases_at[nxt][0]) == "inputs" and not loaded:
-                loaded = allocator.allocated_bytes
-            nxt += 1
-        allocated, reserved = _replay_stretch(allocator, events, begin, stop)
-        if allocated > phase_alloc[phase]:
-            phase_alloc[phase] = allocated
-            if allocated > peak_alloc:
-                peak_alloc, alloc_phase = allocated, phase
-        if reserved > phase_reserved[phase]:
-            phase_reserved[phase] = reserved
-            if reserved > peak_reserved:
-                peak_reserved, reserved_phase = reserved, phase
-    return {
-        "peak_allocated_bytes": peak_alloc,
-        "peak_reserved_bytes": peak_reserved,
-        "allocated_peak_phase": alloc_phase,
-        "reserved_peak_phase": reserved_phase,
-        "phase_allocated_bytes": phase_alloc,
-        "phase_reserved_bytes": phase_reserved,
-        "loaded_allocated_bytes": loaded or allocator.allocated_bytes,
-    }
-
-
-def _replay_stretch(
-    allocator: CachingAllocator, events: list[Event], begin: int, stop: int
-) -> tuple[int, int]:
-    """Replay ``events[begin:stop]``; the most allocated and reserved bytes seen right after
-    one of its ALLOCs (0 without one). Between two cache releases reserved bytes only grow
-    when nothing caps memory (a FREE keeps them, an ALLOC adds): the most after an ALLOC is
-    the last; the allocator's peak allocated, from -1, keeps the most allocated and says
-    whether there was an ALLOC (a size-0 one, which malloc does not count, counted here)."""
-    config = allocator.config
-    if config.capacity_bytes is not None or config.max_split_size_bytes is not None:
-        return _replay_stretch_checked(allocator, events, begin, stop)
-    most_allocated = most_reserved = 0
-    allocator.peak_allocated_bytes = -1
-    malloc, free = allocator.malloc, allocator.free
-    for op, handle, nbytes in itertools.islice(events, begin, stop):
-        if op == FREE:
-            free(handle)
-        elif op == ALLOC and nbytes > 0:
-            malloc(handle, nbytes)
-        elif op == ALLOC:
-            malloc(handle, nbytes)
-            allocator.peak_allocated_bytes = max(
-                allocator.peak_allocated_bytes, allocator.allocated_bytes
-            )
-        else:  # EMPTY_CACHE
-            if allocator.peak_allocated_bytes >= 0:
-                most_allocated = max(most_allocated, allocator.peak_allocated_bytes)
-                most_reserved = max(most_reserved, allocator.reserved_bytes)
-                allocator.peak_allocated_bytes = -1
-            allocator.empty_cache()
-    if allocator.peak_allocated_bytes >= 0:
-        most_allocated = max(most_allocated, allocator.peak_allocated_bytes)
-        most_reserved = max(most_reserved, allocator.reserved_bytes)
-    allocator.peak_allocated_bytes = max(allocator.peak_allocated_bytes, 0)
-    return most_allocated, most_reserved
-
-
-def _replay_stretch_checked(
-    allocator: CachingAllocator, events: list[Event], begin: int, stop: int
-) -> tuple[int, int]:
-    """``_replay_stretch`` reading the statistics after every ALLOC (any allocator settings)."""
-    most_allocated = most_reserved = 0
-    for op, handle, nbytes in itertools.islice(events, begin, stop):
-        if op == FREE:
-            allocator.free(handle)
-        elif op == EMPTY_CACHE:
-            allocator.empty_cache()
-        else:
-            allocator.malloc(handle, nbytes)
-            most_allocated = max(most_allocated, allocator.allocated_bytes)
-            most_reserved = max(most_reserved, allocator.reserved_bytes)
-    return most_allocated, most_reserved
 
 
 def whole_run(
@@ -189,6 +87,20 @@ def whole_run(
     ``traced_steps`` loop steps (default ``servetrace.TRACED_STEPS``) and
     ``traced_timed_rounds`` timed rounds (at least 2 when there are more); the rest is
     expanded (module docstring of ``servesim``). Tracing everything gives the same run."""
+    run, loading = compact_run(config_dict, plan, traced_layers, traced_steps, traced_timed_rounds)
+    return run.events(), run.markers, loading
+
+
+def compact_run(
+    config_dict: dict[str, Any],
+    plan: ServePlan,
+    traced_layers: int | None = None,
+    traced_steps: int | None = None,
+    traced_timed_rounds: int = 2,
+) -> tuple[Run, int]:
+    """``whole_run`` held as pieces (``compactrun``): the run (loading first; its markers
+    indices after the loading events, as ``whole_run``'s) and the number of loading
+    events. ``Run.events()`` is ``whole_run``'s list."""
     layers = config_layers(config_dict)
     traced_layers = min(layers, traced_layers or unrolling.TRACED_LAYERS)
     rounds = (WARMUP_ROUNDS, min(TIMED_ROUNDS, max(traced_timed_rounds, 2)))
@@ -208,53 +120,62 @@ def whole_run(
         tags = tuple(out_tags)
     stand_ins = dict(markers)["loaded"]
     stand_in_tags = list(tags[:stand_ins])
-    run, tags_run, run_marks, outputs = expand_steps(events, tags, markers, trace.generates)
-    run, tags_run, run_marks = repeat_last_round(
-        run, tags_run, run_marks, WARMUP_ROUNDS + TIMED_ROUNDS, outputs
-    )
+    run, outputs = expand_steps(events, tags, markers, trace.generates)
+    run = repeat_last_round(run, WARMUP_ROUNDS + TIMED_ROUNDS, outputs)
     params = _full_params(trace, layers)
 
-    def loaded(first: bool) -> tuple[list[Event], list[Event], list[tuple[str, int]]]:
+    def loaded(first: bool) -> tuple[list[Event], Run]:
         """One copy's loading, and the run with the stand-ins made its handles."""
         loading, handles = from_pretrained_events(params, plan, first_in_process=first)
-        body, body_marks = _with_loading_handles(
-            run, stand_in_tags, stand_ins, trace, layers, handles, run_marks
-        )
-        return loading, body, body_marks
+        body = _with_loading_handles(run, stand_in_tags, stand_ins, trace, layers, handles)
+        return loading, body
 
-    loading, body, marks = loaded(first=True)
+    loading, body = loaded(first=True)
 
     def copy_made(copy: int) -> tuple[list[Event], list[tuple[str, int]]]:
         """Copy ``copy``'s loading, adapters and merge (handles as the first copy's)."""
-        again, made, made_marks = loaded(first=False)
-        ready = dict(made_marks)["inputs"]
-        return again + made[:ready], [
-            (f"copy{copy}.{m}", len(again) + i) for m, i in made_marks if i < ready
+        again, made = loaded(first=False)
+        ready = dict(made.markers)["inputs"]
+        return again + made.events_before(ready), [
+            (f"copy{copy}.{m}", len(again) + i) for m, i in made.markers if i < ready
         ]
 
     if plan.model_copies > 1:
-        span = 1 + max(abs(h) for _, h, _ in (*loading, *body))
-        body, marks = _with_other_copies(body, marks, plan.model_copies, copy_made, trace, span)
-    return list(loading) + body, marks, len(loading)
+        span = 1 + max(
+            max((abs(h) for _, h, _ in loading), default=0),
+            max((abs(h) for _, (_, h, _) in body.literal_events()), default=0),
+            max((p.top for p in body.pieces_of_steps()), default=0),
+        )
+        body = _with_other_copies(body, plan.model_copies, copy_made, trace, span)
+    whole = Run()
+    whole.extend([list(loading)])
+    whole.extend(body.pieces)
+    whole.markers = body.markers
+    return whole, len(loading)
 
 
 def _with_other_copies(
-    body: list[tuple[int, int, int]],
-    marks: list[tuple[str, int]],
+    body: Run,
     copies: int,
     copy_made: Callable[[int], tuple[list[Event], list[tuple[str, int]]]],
     trace: Any,
     span: int,
-) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
+) -> Run:
     """The run of ``copies`` merged copies of the base in one process: before the inputs,
     copies 2.. loaded, given their adapter and merged as the first one was
     (``copy_made(k)``: its events and markers, handles as the first copy's, below ``span``
     in size: copy k's moved ``(k - 1) * span`` away), the cuBLAS workspace the first
     copy's merge made shared by all; then the first copy's generate rounds."""
+    marks = body.markers
     ready = dict(marks)["inputs"]
-    first = body[:ready]
+    first = body.events_before(ready)
     made_at = {h: i for i, (op, h, _) in enumerate(first) if op == ALLOC}
-    for op, handle, _ in body[ready:]:
+    later = itertools.chain(
+        (event for _, event in body.literal_events(ready)),
+        ((FREE, h, 0) for p in body.pieces_of_steps() for hs in p.traced_allocs.values()
+         for h in hs),
+    )  # fmt: skip
+    for op, handle, _ in later:
         if op == FREE and handle in made_at:
             raise ServeSimulationError(
                 "a merged copy frees after the inputs what was made with it (loaded, "
@@ -276,10 +197,13 @@ def _with_other_copies(
             block.append((op, moved, nbytes))
         position.append(len(block))
         block_marks.extend((m, position[i]) for m, i in markers)
-    out_marks = [(m, i) for m, i in marks if i < ready]
-    out_marks += [(m, ready + i) for m, i in block_marks]
-    out_marks += [(m, i + len(block)) for m, i in marks if i >= ready]
-    return first + block + body[ready:], out_marks
+    out = Run()
+    out.extend([first, block])
+    out.extend(body.slice(ready))
+    out.markers = [(m, i) for m, i in marks if i < ready]
+    out.markers += [(m, ready + i) for m, i in block_marks]
+    out.markers += [(m, i + len(block)) for m, i in marks if i >= ready]
+    return out
 
 
 def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], str, bool, bool]]:
@@ -290,17 +214,17 @@ def _full_params(trace: Any, layers: int) -> list[tuple[str, tuple[int, ...], st
 
 
 def _with_loading_handles(
-    events: list[tuple[int, int, int]],
+    run: Run,
     tags: list[int],
     cut: int,
     trace: Any,
     layers: int,
     handles: dict[str, tuple[int, ...]],
-    marks: list[tuple[str, int]],
-) -> tuple[list[tuple[int, int, int]], list[tuple[str, int]]]:
+) -> Run:
     """The run without the recorder's stand-ins for loaded parameters (its first ``cut``
     events, ``tags`` their layers), each FREE of one made the FREEs of what its loading
-    keeps (a k-bit weight: its data and quantization state); and ``marks`` moved along."""
+    keeps (a k-bit weight: its data and quantization state); and its markers moved along.
+    A ``DecodeSteps`` piece frees loop steps' tensors only: no stand-in (else laid out)."""
     by_tag: dict[int, list[str]] = {}
     for name in trace.loaded.values():
         by_tag.setdefault(trace.param_layers[trace.param_index[name]], []).append(name)
@@ -308,8 +232,7 @@ def _with_loading_handles(
     source = {0: 0, 1: 1, layers - 2: traced - 2, layers - 1: traced - 1} if layers > traced else {}
     seen: dict[int, int] = {}
     stand_in: dict[int, tuple[int, ...]] = {}
-    for k in range(cut):
-        op, handle, _ = events[k]
+    for k, (op, handle, _) in enumerate(run.events_before(cut)):
         if op != ALLOC:
             continue
         layer = tags[k]
@@ -320,32 +243,35 @@ def _with_loading_handles(
         if layer >= 0 and layer != tag:
             name = name.replace(f".{tag}.", f".{layer}.", 1)
         stand_in[handle] = handles[name]
-    # events naming a stand-in, counted at C speed: past the last one the run is a copy
-    named = collections.Counter(
-        filter(stand_in.__contains__, map(itemgetter(1), itertools.islice(events, cut, None)))
-    )
-    left = sum(named.values())
-    out: list[tuple[int, int, int]] = []
-    position = []  # an event after the stand-ins -> its index in the run without them
-    stop = cut
-    for op, handle, nbytes in itertools.islice(events, cut, None):
-        if not left:
-            break
-        stop += 1
-        position.append(len(out))
-        if handle in stand_in:
-            left -= 1
-            if op == FREE:
-                out.extend((FREE, kept, 0) for kept in stand_in[handle])
+    out = Run()
+    extra_at: list[int] = []  # where (from ``cut``) a FREE of a stand-in became more FREEs
+    extra: list[int] = []  # the events added up to and with it
+    for piece in run.slice(cut):
+        if isinstance(piece, DecodeSteps):
+            if stand_in.keys().isdisjoint(h for hs in piece.traced_allocs.values() for h in hs):
+                out.extend([piece])
                 continue
-        out.append((op, handle, nbytes))
-    shift = len(out) - (stop - cut)  # events past the scan keep their order
-    out += events[stop:]
+            piece = piece.events()
+        if stand_in.keys().isdisjoint(map(itemgetter(1), piece)):  # at C speed
+            out.extend([piece])
+            continue
+        events: list[Event] = []
+        for op, handle, nbytes in piece:
+            kept = stand_in.get(handle) if op == FREE else None
+            if kept is None:
+                events.append((op, handle, nbytes))
+                continue
+            extra_at.append(len(out) + len(events) - (extra[-1] if extra else 0))
+            events.extend((FREE, h, 0) for h in kept)
+            extra.append((extra[-1] if extra else 0) + len(kept) - 1)
+        out.extend([events])
 
     def moved(k: int) -> int:
-        return position[k] if k < len(position) else k + shift
+        before = bisect.bisect_left(extra_at, k)
+        return k + (extra[before - 1] if before else 0)
 
-    return out, [(m, moved(max(i - cut, 0))) for m, i in marks]
+    out.markers = [(m, moved(max(i - cut, 0))) for m, i in run.markers]
+    return out
 
 
 # -- one plan, cached ------------------------------------------------------------------------
@@ -389,10 +315,10 @@ def simulate_serving(
         f"{plan.mode} adapters)"
     )
     started = time.perf_counter()
-    events, markers, loading = whole_run(config_dict, plan)
-    observed = replay(events, markers, loading)
+    run, loading = compact_run(config_dict, plan)
+    observed = replay_run(run, loading)
     result = ServeSimulation(
-        **observed, events=len(events), trace_seconds=time.perf_counter() - started
+        **observed, events=len(run), trace_seconds=time.perf_counter() - started
     )
     if use_cache:
         folder = cache_dir("serving")

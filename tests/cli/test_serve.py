@@ -122,8 +122,9 @@ def _simulated(line: str) -> dict:
 
 @pytest.mark.slow
 def test_readme_serve_examples_say_what_they_answer():
-    """The first and third examples (about 3.5 CPU-minutes: each replays a 13B serving run of
-    14 M allocator events); the ``--fit batch`` one is the next test."""
+    """The first and third examples (about a CPU-minute: each traces a 13B serving run and
+    replays its 28.7 M allocator events, most of the small pool's left out where they repeat);
+    the ``--fit batch`` one is the next test."""
     prose, lines = _readme_serve_lines()
     first, merged = _simulated(lines[0]), _simulated(lines[2])
     assert not first["gpus"][0]["fits"]

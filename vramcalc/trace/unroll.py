@@ -304,13 +304,11 @@ def unroll_params(
     return tuple(out)
 
 
-def with_tensor_count(small: StepTrace, num_layers: int) -> StepTrace:
+def with_tensor_count(small: StepTrace, count: int) -> StepTrace:
     """``small`` with its allocations of one element per trainable tensor
-    (``StepTrace.per_tensor``) sized for the ``num_layers``-layer model."""
-    if not small.per_tensor or num_layers <= small.num_layers:
+    (``StepTrace.per_tensor``) sized for ``count`` trainable tensors."""
+    if not small.per_tensor or count == small.traced_tensors:
         return small
-    params = unroll_params(small.params, small.param_layers, num_layers)
-    count = sum(1 for p in params if p[3])
     traced = small.traced_tensors
     resized = set(small.per_tensor)
     events = tuple(
@@ -329,18 +327,20 @@ def expand(small: StepTrace, steps: int, num_layers: int, labelled: bool = False
     markers of every step (``markers``: step starts, micro-batches, backward passes,
     optimizer steps, the end), for timelines; without, it has neither (unrolled), as a
     replay needs neither."""
-    small = with_tensor_count(small, num_layers)
+    unrolled = num_layers > small.num_layers
+    params = (
+        unroll_params(small.params, small.param_layers, num_layers) if unrolled else small.params
+    )
+    small = with_tensor_count(small, sum(1 for p in params if p[3]))
     more = steps - traced_steps(small.markers)
     if more < 0:
         raise UnrollError(f"{steps} steps asked of a trace of more")
     events, tags = repeat_last_step(small.events, small.tags, small.markers, more)
-    params = small.params
     markers = repeat_step_markers(small.markers, more) if labelled else ()
-    if num_layers > small.num_layers:
+    if unrolled:
         out_tags: list[int] | None = [] if labelled else None
         positions: list[int] | None = [] if labelled else None
         events = unroll(events, tags, num_layers, out_tags, positions)
-        params = unroll_params(small.params, small.param_layers, num_layers)
         tags = tuple(out_tags) if out_tags is not None else ()
         if positions is not None:
             markers = tuple((label, positions[i]) for label, i in markers)

@@ -276,3 +276,26 @@ def test_serve2_list_follows_the_serve_rule_and_covers_what_the_serving_issue_as
     assert {p.mode for p in dora} == {"unmerged", "merged"}
     # nothing of h200_serve.yaml repeated
     assert not {c.case_id for c in cases} & {c.case_id for c in load_cases(SERVE)}
+
+
+SERVE3 = CASE_LIST.with_name("h100_serve3.yaml")
+
+
+def test_serve3_list_follows_the_serve_rule_and_covers_the_int8_merge_and_dora():
+    from vramcalc_harness.serve_case import ServeCase
+
+    cases = load_cases(SERVE3)
+    assert all(isinstance(c, ServeCase) for c in cases)
+    assert check_models(cases) == []
+    assert [c.split for c in cases] == [serve_rule_split(c) for c in cases]
+    assert Counter(c.split for c in cases) == {"calibration": 4, "validation": 3}
+    plans = [c.plan for c in cases]
+    assert {p.quant for p in plans} == {"int8"}
+    merged = [p for p in plans if p.mode == "merged"]
+    assert {p.model for p in merged} >= {"meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B"}
+    assert any(len(p.adapters) > 1 for p in merged)  # merged copies of an int8 base
+    dora = [p for p in plans if p.adapters[0].dora]
+    assert {p.mode for p in dora} == {"unmerged", "merged"}
+    # nothing measured already is repeated
+    before = {c.case_id for c in load_cases(SERVE) + load_cases(SERVE2)}
+    assert not {c.case_id for c in cases} & before

@@ -194,19 +194,6 @@ def test_merged_copies_are_simulated_and_say_how(tiny_llama_dir):
     assert any("2 merged copies in one process" in a for a in memory.assumptions)
 
 
-def test_a_merge_onto_int8_weights_is_approximate_and_says_so(tiny_llama_dir):
-    from vramcalc.serving.serve import prepare_serving
-    from vramcalc.serving.serve_planner import serve_memory
-
-    plan = serve_plan(
-        str(tiny_llama_dir), quant="int8", adapters=1, mode="merged", batch=2,
-        prompt_tokens=16, new_tokens=8,
-    )  # fmt: skip
-    memory = serve_memory(prepare_serving(plan), plan, None, "simulate")
-    assert memory.allocator_model == "approximate"
-    assert any("merging onto int8 weights is not simulated yet" in a for a in memory.assumptions)
-
-
 def test_a_record_of_one_merged_copy_compares_with_that_copy(tiny_llama_dir):
     """The harness measures one merged copy of a plan of several (``serve_limits``): the
     comparison estimates that copy, its adapter and share of the batch."""

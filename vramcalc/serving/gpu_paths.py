@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vramcalc.memory.weights import NF4_BLOCKSIZE
-from vramcalc.serving import fourbit
+from vramcalc.serving import eightbit, fourbit
 from vramcalc.trace.emulation import gpu_code_paths
 from vramcalc.trace.int8 import INT8_THRESHOLD, OutlierRule
 
@@ -77,7 +77,8 @@ def _classes() -> list[type]:
     bnb = _bnb()
 
     class ServeInt8Linear(bnb.nn.Linear8bitLt):  # type: ignore[misc,name-defined]
-        """int8 weight (out, in) and one fp32 scale per row (SCB, loaded apart)."""
+        """int8 weight (out, in) and one fp32 scale per row (SCB, loaded apart; merged and
+        dequantized by ``eightbit``)."""
 
         outlier_rule: OutlierRule | None = None
 
@@ -87,6 +88,7 @@ def _classes() -> list[type]:
                 torch.empty((out_features, in_features), dtype=torch.int8, device="meta"),
                 requires_grad=False,
             )
+            eightbit.mark(self.weight)  # what peft reads of an Int8Params (eightbit)
             self.state = bnb.MatmulLtState()
             self.state.threshold = INT8_THRESHOLD
             self.state.has_fp16_weights = False

@@ -217,16 +217,6 @@ def disk_sizes(model: ServeModel, plan: ServePlan) -> DiskSizes:
 
 
 # -- the estimate ------------------------------------------------------------------------------
-def not_simulated_reason(plan: ServePlan) -> str | None:
-    """Why a serving plan is not simulated yet (the estimate says it), or None."""
-    if plan.quant == "int8" and plan.mode == "merged" and plan.adapters:
-        return (
-            "merging onto int8 weights is not simulated yet: peft's Linear8bitLt.merge makes "
-            "a new bitsandbytes Int8Params, which is not stood in for on fake tensors"
-        )
-    return None
-
-
 @dataclass(frozen=True)
 class ServeMemory:
     """Bytes of one serving set-up at its peak; names shared with the training result."""
@@ -424,7 +414,7 @@ def serve_assumptions(
                 "without autograd (memory/inference.py), not traced",
                 "APPROXIMATE allocator slack: the training path's calibrated fallback fraction "
                 "of peak allocated (data/calibration.json allocator_reserved_fraction), not "
-                "simulated" + (f" ({reason})" if (reason := not_simulated_reason(plan)) else ""),
+                "simulated (--allocator-model approximate)",
             )
         ),
         "CUDA context, kernel modules and driver reserve as measured on the H200 for training; "

@@ -17,7 +17,6 @@ from vramcalc.serving.serve import (
     ServeMemory,
     ServeModel,
     estimate_serve_memory,
-    not_simulated_reason,
     prepare_serving,
 )
 from vramcalc.serving.serve_speed import ServeSpeed, estimate_serve_speed
@@ -138,16 +137,14 @@ def serve_simulation(
     model: ServeModel, plan: ServePlan, allocator_model: str | None = None
 ) -> ServeSimulation | None:
     """The plan's serving run simulated, as ``allocator_model`` asks (``simulate``, the
-    default of ``estimate.default_allocator_model``, or ``approximate``: None). A merge
-    onto int8 weights is not simulated yet (``not_simulated_reason``): None, and the
-    estimate says so. A run that cannot be traced raises ``SimulationError`` naming the
-    way out."""
+    default of ``estimate.default_allocator_model``, or ``approximate``: None). A run that
+    cannot be traced raises ``SimulationError`` naming the way out."""
     allocator_model = allocator_model or default_allocator_model()
     if allocator_model not in ALLOCATOR_MODELS:
         raise InvalidPlanError(
             [f"--allocator-model {allocator_model!r} is not one of {', '.join(ALLOCATOR_MODELS)}"]
         )
-    if allocator_model == "approximate" or not_simulated_reason(plan):
+    if allocator_model == "approximate":
         return None
     try:
         return simulate_serving(model.spec.config_dict, plan)

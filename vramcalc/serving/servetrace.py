@@ -15,8 +15,9 @@ compute), under the step tracer's recorder: every new storage an ALLOC, its deat
    ``init_lora_weights=False``): peft builds each adapter on the host and copies it to the
    base layer's device and dtype (``_move_adapter_to_device_of_base_layer``): only that copy
    is a GPU allocation, then the fp32 upcast (``autocast_adapter_dtype``) and DoRA's
-   magnitude; ``merged``: ``merge_and_unload`` of the first (onto a 4-bit weight:
-   dequantized, the delta added, quantized again, ``fourbit.four_bit_paths``); else
+   magnitude; ``merged``: ``merge_and_unload`` of the first (onto a k-bit weight:
+   dequantized, the delta added, quantized again, ``fourbit.four_bit_paths``,
+   ``eightbit.eight_bit_paths``); else
    ``set_adapter``;
 3. the prompt (``input_ids`` and ``attention_mask`` on the device), then ``rounds`` rounds
    of a prefill-only ``generate`` (``max_new_tokens=1``) and a full one, greedy, with the
@@ -300,7 +301,8 @@ def trace_serving(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from vramcalc.serving.fourbit import FOUR_BIT_QUANTS, four_bit_paths  # imports torch
+    from vramcalc.serving.eightbit import eight_bit_paths  # imports torch
+    from vramcalc.serving.fourbit import FOUR_BIT_QUANTS, four_bit_paths
     from vramcalc.serving.gpu_paths import (  # imports torch and bitsandbytes
         StopAt,
         generate_on_fake_tensors,
@@ -342,6 +344,7 @@ def trace_serving(
         generate_on_fake_tensors(stop, on_step),
         host_built_caches(recorder),
         four_bit_paths() if plan.quant in FOUR_BIT_QUANTS else contextlib.nullcontext(),
+        eight_bit_paths() if plan.quant == "int8" else contextlib.nullcontext(),
         recorder.mode,
     ):
         serving, kwargs = _apply_adapters(model, plan, recorder, batch)

@@ -23,7 +23,13 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from vramcalc_harness.trackers import is_cuda
+
+if TYPE_CHECKING:
+    from vramcalc_harness.scenario import Case
+    from vramcalc_harness.serve_case import ServeCase
 
 TRACE_FORMAT = "vramcalc-alloc-trace/1"
 MAX_ENTRIES = 3_000_000
@@ -102,6 +108,16 @@ class AllocationTrace:
         with gzip.open(tmp, "wt") as f:
             json.dump(data, f, separators=(",", ":"))
         os.replace(tmp, self.path)
+
+
+def case_trace(
+    case: Case | ServeCase, device: str, path: str | Path | None
+) -> AllocationTrace | None:
+    """The trace of ``case``'s work into ``path`` when the case asks for one (``record_trace``)
+    on CUDA; else None (no trace on CPU, never a fake one)."""
+    if not case.record_trace or not is_cuda(device) or path is None:
+        return None
+    return AllocationTrace(path, case.case_id)
 
 
 def load_trace(path: str | Path) -> dict[str, Any]:

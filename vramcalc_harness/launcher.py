@@ -289,7 +289,7 @@ def measure_case(
         "scratch_dir": str(scratch_dir),
         "sparse_checkpoints": sparse_checkpoints,
     }
-    if isinstance(case, Case) and case.record_trace and trace_dir is not None:
+    if case.record_trace and trace_dir is not None:
         spec["trace_path"] = str(trace_dir / f"{case.case_id}.json.gz")
     status, error = "error", None
     try:

@@ -14,6 +14,7 @@ serve`` plans it. Its fields, flat as in a training case::
     cache: dynamic|static          # generate's cache_implementation
     steps: 3, warmup_steps: 1      # timed and untimed generate rounds
     seed, split, timeout_s         # as in a training case
+    record_trace: false            # the caching allocator's own trace, as in a training case
 
 ``merged`` with N > 1 adapters measures one merged copy decoding its share of the batch
 (``ceil(batch / N)``, as ``vramcalc.serving.serve`` plans each copy); the record says so
@@ -21,8 +22,9 @@ serve`` plans it. Its fields, flat as in a training case::
 
 The record (``serve_kind``, built by ``record.make_record``) has the plan's fields, ``kind: "serve"``, the memory
 figures under the training record's names (``peak_allocated_bytes``, ``peak_reserved_bytes``,
-``device_total_bytes``), ``prefill_tokens_per_second``, ``decode_tokens_per_second`` and the
-training record's provenance.
+``device_total_bytes``), ``prefill_tokens_per_second``, ``decode_tokens_per_second``,
+``record_trace`` and ``trace_file`` as a training record has them, and the training record's
+provenance.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ PLAN_KEYS = (
     "new_tokens",
     "cache",
 )
-CASE_KEYS = ("kind", "steps", "warmup_steps", "seed", "split", "timeout_s")
+CASE_KEYS = ("kind", "steps", "warmup_steps", "seed", "split", "timeout_s", "record_trace")
 SERVE_FIELDS = PLAN_KEYS + CASE_KEYS
 DEFAULT_STEPS = 3
 DEFAULT_WARMUP_STEPS = 1
@@ -75,6 +77,8 @@ class ServeCase:
     seed: int = 0
     split: str = "calibration"
     timeout_s: float | None = None
+    # record the caching allocator's alloc/free trace (vramcalc_harness.alloc_trace)
+    record_trace: bool = False
 
     def __post_init__(self) -> None:
         problems = serve_case_problems(self.plan, self._case_values())
@@ -88,6 +92,7 @@ class ServeCase:
             "seed": self.seed,
             "split": self.split,
             "timeout_s": self.timeout_s,
+            "record_trace": self.record_trace,
         }
 
     @property
@@ -100,14 +105,19 @@ class ServeCase:
         return hashlib.sha256(self.canonical_key().encode()).hexdigest()[:16]
 
     def canonical_key(self) -> str:
-        """Canonical JSON of what determines the measurement (kind, plan, rounds, seed)."""
-        key = {
+        """Canonical JSON of what determines the measurement (kind, plan, rounds, seed).
+
+        ``record_trace`` enters only when true, so the ids of untraced cases stay the same.
+        """
+        key: dict[str, Any] = {
             "kind": KIND,
             "plan": self.plan.to_dict(),
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
             "seed": self.seed,
         }
+        if self.record_trace:
+            key["record_trace"] = True
         return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -161,6 +171,9 @@ class ServeCase:
 def serve_case_problems(plan: ServePlan | None, values: Mapping[str, Any]) -> list[str]:
     """Every problem of a serving case's own fields and of what the harness can run."""
     problems = case_problems({**CASE_DEFAULTS, **values}, None)
+    record_trace = values.get("record_trace", False)
+    if not isinstance(record_trace, bool):
+        problems.append(f"record_trace must be true or false, got {record_trace!r}.")
     if plan is not None and not plan.adapters and plan.mode != "unmerged":
         problems.append(f"mode {plan.mode} needs adapters >= 1 (adapters 0: the base alone).")
     if plan is not None and plan.mode == "multi" and any(a.dora for a in plan.adapters):
@@ -197,7 +210,9 @@ def serve_case_from_mapping(data: Mapping[str, Any], where: str) -> ServeCase:
     except (TypeError, ValueError) as err:  # a field of the wrong shape
         problems.append(f"{where}: {err}")
     case_values = {
-        k: values[k] for k in ("steps", "warmup_steps", "seed", "split", "timeout_s") if k in values
+        k: values[k]
+        for k in ("steps", "warmup_steps", "seed", "split", "timeout_s", "record_trace")
+        if k in values
     }
     case_values.setdefault("split", "calibration")
     problems.extend(f"{where}: {p}" for p in serve_case_problems(plan, _with_defaults(case_values)))
@@ -297,6 +312,8 @@ SERVE_RESULT_FIELDS = (
     "nvml_total_bytes",
     "driver_reserved_bytes",
     "checkpoint_weights",  # "random" (random init) or "zeros" (a sparse checkpoint)
+    "record_trace",  # whether the allocator trace was recorded (timing slightly perturbed)
+    "trace_file",  # the trace's file name beside the JSONL (NAME_traces/), if recorded
 )
 
 
@@ -313,6 +330,7 @@ def serve_kind(case: ServeCase) -> RecordKind:
         "steps": case.steps,
         "warmup_steps": case.warmup_steps,
         "seed": case.seed,
+        "record_trace": case.record_trace,
         "measured_model_copies": 1,
         "measured_batch": case.measured_batch,
         "serve_limits": serve_limits(case),

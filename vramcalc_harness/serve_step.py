@@ -15,10 +15,17 @@
    (``cache_implementation="static"`` or the dynamic default; with a static cache on CUDA
    transformers compiles the decoding forward, which the warm-up rounds absorb). Decode
    speed is ``(new_tokens - 1) * batch / (generate - prefill)`` of the medians.
+
+With ``record_trace`` on CUDA all of it runs inside the caching allocator's trace
+(``vramcalc_harness.alloc_trace``), marked as ``vramcalc.serving.servetrace`` marks its simulated
+run: ``loaded`` (the base loaded), ``adapters`` (peft's adapters start), ``merge`` (mode merged:
+``merge_and_unload`` starts), ``inputs`` (the model ready, the prompts next) and ``round<r>``
+before each generate round, warm-up rounds first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.adapters import serving_lora_config
+from vramcalc_harness.alloc_trace import case_trace
 from vramcalc_harness.build import (
     BNB_INSTALL_HINT,
     bnb_config,
@@ -49,6 +57,14 @@ class ServingModel:
     lora_targets_used: tuple[str, ...] | None = None
 
 
+#: notes a point of the work in the allocator's trace (``AllocationTrace.mark``)
+Mark = Callable[[str], None]
+
+
+def _no_mark(label: str) -> None:
+    pass
+
+
 def load_base(case: ServeCase, checkpoint: str | Path, device: str) -> Any:
     """The base model from the random-init checkpoint, quantized as the plan says."""
 
@@ -70,12 +86,15 @@ def load_base(case: ServeCase, checkpoint: str | Path, device: str) -> Any:
     return model
 
 
-def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) -> ServingModel:
+def build_serving_model(
+    case: ServeCase, checkpoint: str | Path, device: str, mark: Mark = _no_mark
+) -> ServingModel:
     """Load the base and apply the adapters by the plan's mode."""
     import torch
 
     plan = case.plan
     model = load_base(case, checkpoint, device)
+    mark("loaded")
     if not plan.adapters:
         return ServingModel(model, total_params=count_parameters(model)[1])
     from peft import get_peft_model
@@ -84,6 +103,7 @@ def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) ->
     torch.manual_seed(case.seed)
     adapters = plan.adapters[:1] if plan.mode == "merged" else plan.adapters
     model_type = model.config.model_type
+    mark("adapters")
     peft_model = get_peft_model(
         model, serving_lora_config(adapters[0], model_type), adapters[0].name
     )
@@ -100,6 +120,7 @@ def build_serving_model(case: ServeCase, checkpoint: str | Path, device: str) ->
         )
     )
     if plan.mode == "merged":
+        mark("merge")
         merged = peft_model.merge_and_unload()
         return ServingModel(
             merged, total_params=count_parameters(merged)[1], lora_targets_used=targets
@@ -130,9 +151,11 @@ def time_generate(
     case: ServeCase,
     device: str,
     on_warmup_end: Callable[[], None] | None = None,
+    mark: Mark = _no_mark,
 ) -> dict[str, Any]:
     """Warm-up rounds, then timed prefill + full ``generate`` rounds; speeds from the medians."""
     plan = case.plan
+    mark("inputs")
     inputs = prompt_inputs(case, serving.model, device)
     pad = serving.model.generation_config.pad_token_id
     common = {
@@ -148,14 +171,16 @@ def time_generate(
             **common, max_new_tokens=new_tokens, min_new_tokens=new_tokens
         )
 
-    for _ in range(case.warmup_steps):
+    for r in range(case.warmup_steps):
+        mark(f"round{r}")
         generate(1)
         generate(plan.new_tokens)
     if on_warmup_end is not None:
         on_warmup_end()
     prefill: list[float] = []
     total: list[float] = []
-    for _ in range(case.steps):
+    for r in range(case.warmup_steps, case.warmup_steps + case.steps):
+        mark(f"round{r}")
         with Timer(device) as timer:
             generate(1)
         prefill.append(float(timer.seconds or 0.0))
@@ -181,13 +206,23 @@ def time_generate(
     }
 
 
-def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict[str, Any]:
+def run_serve_case(
+    case: ServeCase, device: str, checkpoint: str | Path, trace_path: str | Path | None = None
+) -> dict[str, Any]:
     """Measure one serving case in this process (``measure.measure_case``); returns its full
-    record (an OOM is a result)."""
+    record (an OOM is a result).
+
+    With ``case.record_trace`` on CUDA, the allocator's trace of the whole case is
+    written to ``trace_path`` (``vramcalc_harness.alloc_trace``).
+    """
 
     def serve(tracker: MemoryTracker, measurement: dict[str, Any]) -> None:
-        with tracker:
-            serving = build_serving_model(case, checkpoint, device)
+        trace = case_trace(case, device, trace_path)
+        mark = trace.mark if trace is not None else _no_mark
+        if trace is not None:
+            measurement["trace_file"] = trace.path.name
+        with tracker, trace or contextlib.nullcontext():
+            serving = build_serving_model(case, checkpoint, device, mark)
             measurement.update(
                 loaded_allocated_bytes=allocated_bytes(device),
                 total_params=serving.total_params,
@@ -198,7 +233,7 @@ def run_serve_case(case: ServeCase, device: str, checkpoint: str | Path) -> dict
             )
             print(f"[harness] serving model built: {serving.total_params} params", flush=True)
             measurement.update(
-                time_generate(serving, case, device, on_warmup_end=tracker.mark_steady)
+                time_generate(serving, case, device, on_warmup_end=tracker.mark_steady, mark=mark)
             )
 
     return measure_case(serve_kind(case), device, checkpoint, serve)

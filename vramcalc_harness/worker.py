@@ -6,14 +6,16 @@ CUDA context or compiled kernel of one case leaks into the next.
 Modes:
 
 ``run``      build the model and run the recipe under the trackers (a serving case:
-             ``vramcalc_harness.serve_step``, ``generate`` instead of training); RESULT
+             ``vramcalc_harness.serve_step``, ``generate`` instead of training), with
+             ``record_trace`` on CUDA inside the allocator's trace; RESULT
              holds the complete result record (``vramcalc_harness.record``). An OOM is a
              result (``status: "oom"``, memory peaks up to the failure kept),
              any other exception is ``status: "error"`` with the traceback's tail.
 ``prepare``  create the random-init checkpoint of the case's model and dtype.
 ``probe``    provenance of the machine and, on CUDA, the memory instrument check.
 
-SPEC is ``{"case": Case.to_dict(), "device": ..., "scratch_dir": ..., "checkpoint": ...}``.
+SPEC is ``{"case": Case.to_dict(), "device": ..., "scratch_dir": ..., "checkpoint": ...}``,
+with ``"trace_path"`` for a case with ``record_trace``.
 
 A simulated-world case (``simulate_world: N``) runs this worker once, as rank 0
 of a fake N-GPU process group (``vramcalc_harness.simworld``), and writes RESULT itself.
@@ -36,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vramcalc_harness.alloc_trace import AllocationTrace
+from vramcalc_harness.alloc_trace import case_trace
 from vramcalc_harness.build import build_model, prepare_checkpoint
 from vramcalc_harness.caselist import case_from_dict
 from vramcalc_harness.distributed import (
@@ -83,10 +85,9 @@ def run_case(
         compute_dtype = compute_dtype_for(case, device)
         measurement["compute_dtype_used"] = compute_dtype
         _zero3_config = zero3_loading_context(case.plan)  # kept alive: ZeRO-3 loading
-        tracing = case.record_trace and is_cuda(device) and trace_path is not None
-        trace = AllocationTrace(trace_path, case.case_id) if tracing else None  # type: ignore[arg-type]
+        trace = case_trace(case, device, trace_path)
         if trace is not None:
-            measurement["trace_file"] = Path(trace_path).name  # type: ignore[arg-type]
+            measurement["trace_file"] = trace.path.name
         with tracker, trace or contextlib.nullcontext():
             built = build_model(case.plan, checkpoint, device)
             if trace is not None:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     case, device, spec["scratch_dir"], spec.get("sparse_checkpoints", False)
                 )
             elif isinstance(case, ServeCase):
-                result = run_serve_case(case, device, spec["checkpoint"])
+                result = run_serve_case(case, device, spec["checkpoint"], spec.get("trace_path"))
             else:
                 result = run_case(case, device, spec["checkpoint"], spec.get("trace_path"))
     except Exception as err:  # noqa: BLE001 - reported to the launcher, not raised

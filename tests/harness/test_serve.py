@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,152 @@ def test_a_case_with_targets_in_any_order_keeps_its_id_through_the_worker_round_
         case = ServeCase.from_dict({**SMALL, "mode": "unmerged", "targets": targets})
         again = case_from_dict(case.to_dict())
         assert again == case and again.case_id == case.case_id
+
+
+# -- record_trace: the caching allocator's own trace of a serving case ------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_record_trace_reads_and_enters_the_case_key_only_when_true():
+    from vramcalc_harness.caselist import case_from_dict, cases_from_csv_rows
+
+    plain = ServeCase.from_dict({**SMALL, "mode": "unmerged"})
+    traced = ServeCase.from_dict({**SMALL, "mode": "unmerged", "record_trace": True})
+    assert (plain.record_trace, traced.record_trace) == (False, True)
+    assert ServeCase.from_dict({**SMALL, "mode": "unmerged", "record_trace": False}) == plain
+    assert "record_trace" not in plain.canonical_key()
+    assert '"record_trace":true' in traced.canonical_key() and traced.case_id != plain.case_id
+    again = case_from_dict(traced.to_dict())  # what the worker rebuilds from its spec
+    assert again == traced and again.case_id == traced.case_id
+    row = {k: str(v) for k, v in SMALL.items()}  # CSV cells are text
+    (from_csv,) = cases_from_csv_rows([{**row, "mode": "unmerged", "record_trace": "true"}])
+    assert from_csv == traced
+    with pytest.raises(CaseError) as err:
+        cases_from_yaml_data(
+            [
+                {**SMALL, "mode": "unmerged", "record_traces": True},
+                {**SMALL, "mode": "merged", "record_trace": "yes"},
+            ]
+        )
+    assert err.value.problems == [
+        "input cases[0]: unknown field 'record_traces' for kind serve. Did you mean "
+        "'record_trace'?",
+        "input cases[1]: record_trace must be true or false, got 'yes'.",
+    ]
+
+
+def test_measured_serve_case_ids_are_unchanged():
+    """Untraced cases keep their ids: the committed list against the ids its records carry."""
+    from vramcalc_harness.caselist import load_cases
+
+    cases = load_cases(REPO / "vramcalc_harness" / "cases" / "h100_serve2.yaml")
+    records = read_records(REPO / "data" / "measurements" / "h100_serve2_2026-12-06.jsonl")
+    assert cases[0].case_id == "5c7b8c792fdde8de" == records[0]["case_id"]
+    by_plan = {json.dumps(c.plan_fields(), sort_keys=True): c for c in cases}
+    for record in records:  # each record's case found by its plan, not by its id
+        case = by_plan[json.dumps({k: record[k] for k in cases[0].plan_fields()}, sort_keys=True)]
+        assert not case.record_trace and record["case_id"] == case.case_id
+    assert {r["case_id"] for r in records} == {c.case_id for c in cases}
+
+
+def test_the_launcher_sends_a_traced_serve_case_its_trace_path(tmp_path, monkeypatch):
+    """The worker's spec, without spawning one: a trace path beside the output for the traced
+    case only, and the case itself (``record_trace`` included) back from ``to_dict``."""
+    from vramcalc_harness import launcher
+    from vramcalc_harness.caselist import case_from_dict
+    from vramcalc_harness.record import make_record
+    from vramcalc_harness.serve_case import serve_kind
+
+    specs: list[tuple[str, dict]] = []
+
+    def spawn_worker(mode, spec, timeout_s, log_path, accelerate_config_file=None, extra_env=None):
+        specs.append((mode, spec))
+        if mode == "prepare":
+            return launcher.WorkerOutcome({"status": "ok"}, False, 0, "", 0.0)
+        case = case_from_dict(spec["case"])
+        return launcher.WorkerOutcome(
+            make_record(serve_kind(case), spec["device"], "ok"), False, 0, "", 0.0
+        )
+
+    monkeypatch.setattr(launcher, "spawn_worker", spawn_worker)
+    plain = ServeCase.from_dict({**SMALL, "mode": "unmerged"})
+    traced = ServeCase.from_dict({**SMALL, "mode": "merged", "record_trace": True})
+    output = tmp_path / "serve.jsonl"
+    launcher.run_cases(
+        [plain, traced], output, device="cpu", scratch_dir=tmp_path / "scratch", progress=False
+    )
+    runs = [spec for mode, spec in specs if mode == "run"]
+    assert [case_from_dict(spec["case"]) for spec in runs] == [plain, traced]
+    assert "trace_path" not in runs[0]
+    assert runs[1]["trace_path"] == str(tmp_path / "serve_traces" / f"{traced.case_id}.json.gz")
+    assert [r["record_trace"] for r in read_records(output)] == [False, True]
+
+
+def test_case_trace_only_for_a_traced_case_on_cuda(tmp_path):
+    from vramcalc_harness.alloc_trace import AllocationTrace, case_trace
+
+    plain = ServeCase.from_dict({**SMALL, "mode": "unmerged"})
+    traced = ServeCase.from_dict({**SMALL, "mode": "unmerged", "record_trace": True})
+    path = tmp_path / "t.json.gz"
+    assert case_trace(traced, "cpu", path) is None  # no trace on CPU, never a fake one
+    assert case_trace(plain, "cuda", path) is None
+    assert case_trace(traced, "cuda", None) is None
+    trace = case_trace(traced, "cuda", path)
+    assert isinstance(trace, AllocationTrace)
+    assert (trace.path, trace.case_id) == (path, traced.case_id)
+
+
+class FakeTrace:
+    """Stands in for ``AllocationTrace`` (CUDA only): the labels it is given, in order."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.labels: list[str] = []
+
+    def mark(self, label: str) -> None:
+        self.labels.append(label)
+
+    def __enter__(self):
+        self.labels.append("enter")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.labels.append("exit")
+
+
+def test_the_serve_worker_wraps_loading_adapters_and_rounds_in_the_trace(tmp_path, monkeypatch):
+    """``worker run`` of a traced merged case on CPU, the trace faked: markers where the
+    simulated serving trace has them (``vramcalc.serving.servetrace``), the file in the record."""
+    from vramcalc_harness import serve_step, worker
+    from vramcalc_harness.build import prepare_checkpoint
+
+    case = ServeCase.from_dict(
+        {**SMALL, "mode": "merged", "record_trace": True, "new_tokens": 4, "steps": 2}
+    )
+    traces: list[FakeTrace] = []
+
+    def case_trace(traced_case, device, path):
+        assert traced_case == case and device == "cpu"
+        traces.append(FakeTrace(path))
+        return traces[-1]
+
+    monkeypatch.setattr(serve_step, "case_trace", case_trace)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    checkpoint = prepare_checkpoint(case.plan, tmp_path / "scratch", "cpu")
+    spec = {
+        "case": case.to_dict(),
+        "device": "cpu",
+        "scratch_dir": str(tmp_path / "scratch"),
+        "checkpoint": str(checkpoint),
+        "trace_path": str(tmp_path / "out_traces" / f"{case.case_id}.json.gz"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert worker.main(["run", str(tmp_path / "spec.json"), str(tmp_path / "result.json")]) == 0
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["status"] == "ok", record["error"]
+    (trace,) = traces
+    assert str(trace.path) == spec["trace_path"]
+    # warm-up round 0, timed rounds 1 and 2
+    labels = ["enter", "loaded", "adapters", "merge", "inputs", "round0", "round1", "round2"]
+    assert trace.labels == labels + ["exit"]
+    assert record["record_trace"] is True and record["trace_file"] == f"{case.case_id}.json.gz"

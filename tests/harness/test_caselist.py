@@ -299,3 +299,16 @@ def test_serve3_list_follows_the_serve_rule_and_covers_the_int8_merge_and_dora()
     # nothing measured already is repeated
     before = {c.case_id for c in load_cases(SERVE) + load_cases(SERVE2)}
     assert not {c.case_id for c in cases} & before
+
+
+def test_the_serve_trace_list_is_the_missed_case_again_with_its_trace():
+    """h100_servetrace.yaml measures h100_serve2.yaml's static-cache 16 x 16k case again with
+    the allocator's trace: the same plan and rounds, only the trace flag (and so the id)
+    differ."""
+    from dataclasses import replace
+
+    (case,) = load_cases(CASE_LIST.with_name("h100_servetrace.yaml"))
+    assert case.record_trace and case.split == serve_rule_split(case)
+    untraced = replace(case, record_trace=False)
+    assert untraced.case_id == "e0bc87cb1591fc04" != case.case_id
+    assert untraced.case_id in {c.case_id for c in load_cases(SERVE2)}

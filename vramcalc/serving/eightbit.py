@@ -66,9 +66,7 @@ def quantized(data: Any) -> Any:
     out_row = staged.new_empty(tuple(staged.shape), dtype=torch.int8)
     del staged
     weight = torch.nn.Parameter(out_row, requires_grad=False)
-    weight.__dict__.update(
-        _vramcalc_int8=True, CB=out_row, SCB=row_stats, has_fp16_weights=False
-    )
+    weight.__dict__.update(_vramcalc_int8=True, CB=out_row, SCB=row_stats, has_fp16_weights=False)
     return weight
 
 

@@ -301,14 +301,15 @@ def test_serve3_list_follows_the_serve_rule_and_covers_the_int8_merge_and_dora()
     assert not {c.case_id for c in cases} & before
 
 
-def test_the_serve_trace_list_is_the_missed_case_again_with_its_trace():
-    """h100_servetrace.yaml measures h100_serve2.yaml's static-cache 16 x 16k case again with
-    the allocator's trace: the same plan and rounds, only the trace flag (and so the id)
-    differ."""
+def test_the_serve_trace_list_is_the_missed_cases_again_with_their_traces():
+    """h100_servetrace.yaml measures serving cases measured before again with the allocator's
+    trace: the same plans and rounds, only the trace flag (and so the ids) differ."""
     from dataclasses import replace
 
-    (case,) = load_cases(CASE_LIST.with_name("h100_servetrace.yaml"))
-    assert case.record_trace and case.split == serve_rule_split(case)
-    untraced = replace(case, record_trace=False)
-    assert untraced.case_id == "e0bc87cb1591fc04" != case.case_id
-    assert untraced.case_id in {c.case_id for c in load_cases(SERVE2)}
+    cases = load_cases(CASE_LIST.with_name("h100_servetrace.yaml"))
+    assert all(c.record_trace and c.split == serve_rule_split(c) for c in cases)
+    untraced = [replace(c, record_trace=False).case_id for c in cases]
+    assert untraced == ["e0bc87cb1591fc04", "35e32377aab5cb6e"]
+    assert not set(untraced) & {c.case_id for c in cases}
+    measured = {c.case_id for c in load_cases(SERVE2) + load_cases(SERVE3)}
+    assert set(untraced) <= measured

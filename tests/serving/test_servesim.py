@@ -258,3 +258,25 @@ def test_serve_plan_of_a_record():
     assert (plan.quant, plan.mode, plan.batch, plan.cache) == ("int8", "multi", 8, "static")
     assert (plan.prompt_tokens, plan.new_tokens, len(plan.adapters)) == (3968, 128, 4)
     assert all(a.dora and a.rank == 16 and a.targets == ("q_proj", "v_proj") for a in plan.adapters)
+
+
+@pytest.mark.parametrize(
+    ("cache", "quant", "warned"),
+    [("static", "none", True), ("static", "nf4", False), ("static", "int8", False),
+     ("dynamic", "none", False)],
+)  # fmt: skip
+def test_a_compiled_static_cache_run_is_said_to_be_outside_the_simulation(
+    tiny_llama_dir, cache, quant, warned
+):
+    """transformers compiles a static-cache decoding step (CUDA graphs) unless a bitsandbytes
+    quantizer forbids it: the plan's warnings say the simulation does not model it."""
+    from vramcalc.serving.serve import prepare_serving
+    from vramcalc.serving.serve_planner import compiled_decoding, serve_warnings
+
+    plan = serve_plan(
+        str(tiny_llama_dir), quant=quant, cache=cache, adapters=1, batch=2, prompt_tokens=16,
+        new_tokens=8,
+    )  # fmt: skip
+    said = [w for w in serve_warnings(prepare_serving(plan), plan) if "CUDA graphs" in w]
+    assert compiled_decoding(plan) is warned
+    assert len(said) == int(warned)

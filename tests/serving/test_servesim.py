@@ -280,3 +280,12 @@ def test_a_compiled_static_cache_run_is_said_to_be_outside_the_simulation(
     said = [w for w in serve_warnings(prepare_serving(plan), plan) if "CUDA graphs" in w]
     assert compiled_decoding(plan) is warned
     assert len(said) == int(warned)
+
+
+def test_servecompare_names_a_missing_file_and_exits_2(tmp_path, capsys):
+    from vramcalc.serving.servecompare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nothere.jsonl")])
+    assert exit_info.value.code == 2
+    assert "no such file: " + str(tmp_path / "nothere.jsonl") in capsys.readouterr().err

@@ -126,7 +126,19 @@ def markdown(rows: list[ServeRow], sources: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(paths: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vramcalc.serving.servecompare",
+        description="Serving records (JSONL from the harness) against vramcalc serve's "
+        "estimates, approximate and simulated, as the Markdown of reports/serve_memory.md.",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="harness serving records")
+    paths = parser.parse_args(argv).files
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
     records = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line]
     rows = compare_serve_records(records)
     print(markdown(rows, [Path(p).name for p in paths]), end="")

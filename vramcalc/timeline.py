@@ -160,6 +160,22 @@ def measured_record(trace_path: str | Path) -> dict[str, Any]:
     raise AllocatorTraceError(f"no record of {case_id} in {jsonl}")
 
 
+def captures_cuda_graphs(record: dict[str, Any]) -> bool:
+    """Whether the measured run captured CUDA graphs: a serving run whose decoding
+    transformers compiles (``serve_planner.compiled_decoding``: a static cache on a 16-bit
+    base). Allocations made while capturing go to a private pool that emptying the cache
+    (``torch.cuda.graph`` does it before each capture) does not release; the allocator model
+    has no private pools, so replaying such a trace is not exact (2 MiB short of
+    ``h100_servetrace``'s 41.27 GB peak reserved when the capture stream's segments are kept,
+    322 MiB short when they are released like any other)."""
+    if record.get("kind") != "serve":
+        return False
+    from vramcalc.serving.servecompare import serve_plan_of  # torch-free, but not needed above
+    from vramcalc.serving.serve_planner import compiled_decoding
+
+    return compiled_decoding(serve_plan_of(record))
+
+
 def report_timeline(case: str | Path = REPORT_CASE, out_dir: str | Path = "reports") -> Path:
     """The report's picture: the predicted timeline of a committed trace's plan against the
     measured one, written to ``out_dir/timeline_<case>.png`` (``case``: a case id of

@@ -10,7 +10,9 @@ stream's pool, a block used on another stream given back when torch did
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
 from vramcalc.memory.worldreplay import replay
+from vramcalc.timeline import captures_cuda_graphs, measured_record
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -40,20 +43,70 @@ def test_there_are_traces_of_both_allocator_modes():
     assert len(TRACES) >= 7 and modes == {None, "expandable_segments:True"}
 
 
-def _streams(trace_path: Path) -> set[int]:
-    return {entry[3] for entry in load_trace(trace_path)["entries"]}
+@functools.lru_cache(maxsize=None)
+def _shape(trace_path: Path) -> tuple[frozenset[int], int]:
+    """The streams of a trace and its number of entries (the trace read once)."""
+    entries = load_trace(trace_path)["entries"]
+    return frozenset(entry[3] for entry in entries), len(entries)
+
+
+def _streams(trace_path: Path) -> frozenset[int]:
+    return _shape(trace_path)[0]
+
+
+#: a trace of more entries (a serving run's: every decoding step of 4 rounds) is replayed once
+#: by default; its second replay (plain events) and its snapshot only with VRAMCALC_SLOW_TESTS
+LARGE_TRACE_ENTRIES = 1_000_000
+SLOW = bool(os.environ.get("VRAMCALC_SLOW_TESTS"))
+
+
+def _unless_large(paths):
+    reason = "a large trace's second replay: VRAMCALC_SLOW_TESTS=1 runs it"
+    return [
+        pytest.param(p, marks=pytest.mark.skip(reason=reason))
+        if _shape(p)[1] > LARGE_TRACE_ENTRIES and not SLOW
+        else p
+        for p in paths
+    ]
 
 
 ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
+#: runs that captured CUDA graphs: a serving run's compiled decoding, on a capture stream
+GRAPHS = [p for p in TRACES if captures_cuda_graphs(measured_record(p))]
 #: rank 0 of an FSDP world: compute, unshard, pre-unshard and post-backward streams
-MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1]
+MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS]
 
 
 def test_there_are_traces_of_several_streams():
     assert len(MULTI_STREAM) >= 3 and {len(_streams(p)) for p in MULTI_STREAM} == {4}
 
 
-@pytest.mark.parametrize("trace_path", TRACES, ids=[p.name[:8] for p in TRACES])
+def _graphs_marked(paths):
+    """A replay of a run that captured CUDA graphs must miss its reserved peak (a strict
+    xfail: it fails the day the model gets private pools, ``timeline.captures_cuda_graphs``)."""
+    reason = "CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
+    return [
+        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)) if p in GRAPHS else p
+        for p in paths
+    ]
+
+
+def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():
+    """The one such trace: two streams (the capture stream's), and segments released only
+    from the default stream's pools, in every generate round (torch.cuda.graph empties the
+    cache before each capture): the capture stream's private pool keeps its segments."""
+    assert [p.name for p in GRAPHS] == ["723570056fdc361a.json.gz"]
+    trace = load_trace(GRAPHS[0])
+    entries = trace["entries"]
+    assert len({e[3] for e in entries}) == 2
+    assert {e[3] for e in entries if e[0] == "segment_free"} == {0}
+    bounds = [at for label, at in trace["markers"] if label.startswith("round")]
+    bounds.append(len(entries))
+    for lo, hi in zip(bounds, bounds[1:]):
+        assert any(e[0] == "segment_free" for e in entries[lo:hi])
+
+
+@pytest.mark.parametrize("trace_path", _graphs_marked(TRACES), ids=[p.name[:8] for p in TRACES])
 def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)
@@ -64,7 +117,9 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     assert result.peak_reserved_bytes == record["peak_reserved_bytes"]
 
 
-@pytest.mark.parametrize("trace_path", ONE_STREAM, ids=[p.name[:8] for p in ONE_STREAM])
+@pytest.mark.parametrize(
+    "trace_path", _unless_large(ONE_STREAM), ids=[p.name[:8] for p in ONE_STREAM]
+)
 def test_a_trace_of_one_stream_replays_alike_as_plain_events(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import pickle
 import pickletools
 import re
@@ -41,6 +42,7 @@ from vramcalc.memory.timeline import peak_composition, record_run, timeline
 from vramcalc.memory.worldreplay import replay
 from vramcalc.render.timeline import aligned_positions, composition_lines
 from vramcalc.timeline import (
+    captures_cuda_graphs,
     committed_traces,
     compare_timelines,
     measured_record,
@@ -207,7 +209,31 @@ def test_the_pickle_is_what_the_viewer_page_unpickles(run, tmp_path):
     assert "unknown" in categories  # MemoryViz.js fails on categories without it
 
 
-@pytest.mark.parametrize("path", committed_traces(), ids=[p.name[:8] for p in committed_traces()])
+#: a committed trace file larger than this (a serving run's: every decoding step of 4 rounds,
+#: about 3 M entries in 3.2 MB) is read as a snapshot only with VRAMCALC_SLOW_TESTS (15 s);
+#: test_allocator_traces replays it
+LARGE_TRACE_FILE_BYTES = 1 << 20
+
+
+def _graph_marked(paths):
+    """Traces of runs that captured CUDA graphs (``timeline.captures_cuda_graphs``): their
+    replay must miss (a strict xfail fails the day the model gets private pools)."""
+    reason = "CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
+    slow = bool(os.environ.get("VRAMCALC_SLOW_TESTS"))
+    out = []
+    for p in paths:
+        if captures_cuda_graphs(measured_record(p)):
+            out.append(pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)))
+        elif p.stat().st_size > LARGE_TRACE_FILE_BYTES and not slow:
+            out.append(pytest.param(p, marks=pytest.mark.skip(reason="VRAMCALC_SLOW_TESTS=1")))
+        else:
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize(
+    "path", _graph_marked(committed_traces()), ids=[p.name[:8] for p in committed_traces()]
+)
 def test_a_measured_trace_reads_as_a_snapshot(path):
     from torch.cuda import _memory_viz as viz
 
@@ -220,7 +246,9 @@ def test_a_measured_trace_reads_as_a_snapshot(path):
     series = snapshot_series(snapshot)
     assert series.peak_reserved_bytes == record["peak_reserved_bytes"]
     assert series.reserved_bytes[-1] == sum(s["total_size"] for s in snapshot["segments"])
-    assert aligned_positions(series) is not None
+    # training runs align on loading and each step; a serving run has rounds, no steps, and
+    # is drawn on the run's fraction
+    assert (aligned_positions(series) is None) == (record.get("kind") == "serve")
     viz.segsum(snapshot)
 
 

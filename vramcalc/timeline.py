@@ -38,6 +38,8 @@ from vramcalc.memory.snapshot import (
 from vramcalc.memory.timeline import RecordedRun, record_run, timeline
 from vramcalc.progress import describe
 from vramcalc.render.timeline import render_comparison, render_timeline, trace_html
+from vramcalc.serving.serve_planner import compiled_decoding
+from vramcalc.serving.servecompare import serve_plan_of
 from vramcalc.trace.recipe import plan_steps
 from vramcalc.training_plan import TrainingPlan
 
@@ -170,9 +172,6 @@ def captures_cuda_graphs(record: dict[str, Any]) -> bool:
     322 MiB short when they are released like any other)."""
     if record.get("kind") != "serve":
         return False
-    from vramcalc.serving.servecompare import serve_plan_of  # torch-free, but not needed above
-    from vramcalc.serving.serve_planner import compiled_decoding
-
     return compiled_decoding(serve_plan_of(record))
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.memory.large_traces import unless_large
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
@@ -39,35 +39,19 @@ def _record(trace_path: Path) -> dict:
 
 
 def test_there_are_traces_of_both_allocator_modes():
-    modes = {load_trace(p)["pytorch_cuda_alloc_conf"] for p in TRACES}
+    modes = {_shape(p)[1] for p in TRACES}
     assert len(TRACES) >= 7 and modes == {None, "expandable_segments:True"}
 
 
-@functools.lru_cache(maxsize=None)
-def _shape(trace_path: Path) -> tuple[frozenset[int], int]:
-    """The streams of a trace and its number of entries (the trace read once)."""
-    entries = load_trace(trace_path)["entries"]
-    return frozenset(entry[3] for entry in entries), len(entries)
+@functools.cache
+def _shape(trace_path: Path) -> tuple[frozenset[int], str | None]:
+    """The streams of a trace and its allocator settings (the trace read once)."""
+    trace = load_trace(trace_path)
+    return frozenset(entry[3] for entry in trace["entries"]), trace["pytorch_cuda_alloc_conf"]
 
 
 def _streams(trace_path: Path) -> frozenset[int]:
     return _shape(trace_path)[0]
-
-
-#: a trace of more entries (a serving run's: every decoding step of 4 rounds) is replayed once
-#: by default; its second replay (plain events) and its snapshot only with VRAMCALC_SLOW_TESTS
-LARGE_TRACE_ENTRIES = 1_000_000
-SLOW = bool(os.environ.get("VRAMCALC_SLOW_TESTS"))
-
-
-def _unless_large(paths):
-    reason = "a large trace's second replay: VRAMCALC_SLOW_TESTS=1 runs it"
-    return [
-        pytest.param(p, marks=pytest.mark.skip(reason=reason))
-        if _shape(p)[1] > LARGE_TRACE_ENTRIES and not SLOW
-        else p
-        for p in paths
-    ]
 
 
 ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
@@ -102,7 +86,7 @@ def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():
     assert {e[3] for e in entries if e[0] == "segment_free"} == {0}
     bounds = [at for label, at in trace["markers"] if label.startswith("round")]
     bounds.append(len(entries))
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
         assert any(e[0] == "segment_free" for e in entries[lo:hi])
 
 
@@ -118,7 +102,7 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
 
 
 @pytest.mark.parametrize(
-    "trace_path", _unless_large(ONE_STREAM), ids=[p.name[:8] for p in ONE_STREAM]
+    "trace_path", unless_large(ONE_STREAM), ids=[p.name[:8] for p in ONE_STREAM]
 )
 def test_a_trace_of_one_stream_replays_alike_as_plain_events(trace_path):
     trace = load_trace(trace_path)

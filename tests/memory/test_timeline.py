@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import math
-import os
 import pickle
 import pickletools
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.memory.large_traces import unless_large
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import ALLOC, simulate
@@ -209,25 +209,16 @@ def test_the_pickle_is_what_the_viewer_page_unpickles(run, tmp_path):
     assert "unknown" in categories  # MemoryViz.js fails on categories without it
 
 
-#: a committed trace file larger than this (a serving run's: every decoding step of 4 rounds,
-#: about 3 M entries in 3.2 MB) is read as a snapshot only with VRAMCALC_SLOW_TESTS (15 s);
-#: test_allocator_traces replays it
-LARGE_TRACE_FILE_BYTES = 1 << 20
-
-
 def _graph_marked(paths):
     """Traces of runs that captured CUDA graphs (``timeline.captures_cuda_graphs``): their
     replay must miss (a strict xfail fails the day the model gets private pools)."""
     reason = "CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
-    slow = bool(os.environ.get("VRAMCALC_SLOW_TESTS"))
     out = []
     for p in paths:
         if captures_cuda_graphs(measured_record(p)):
             out.append(pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)))
-        elif p.stat().st_size > LARGE_TRACE_FILE_BYTES and not slow:
-            out.append(pytest.param(p, marks=pytest.mark.skip(reason="VRAMCALC_SLOW_TESTS=1")))
         else:
-            out.append(p)
+            out.extend(unless_large([p]))
     return out
 
 

@@ -76,18 +76,18 @@ def test_merging_dequantizes_adds_the_delta_and_quantizes_again():
     """peft's ``Linear4bit.merge`` on the first targeted linear (q_proj, 64 x 64: 64 blocks
     of 64), from the sources of peft 0.21 and bitsandbytes 0.50.2: ``dequantize_4bit`` (the
     absmax back in fp32, the bf16 weight), the fp32 delta ``B @ A * scaling`` (the first
-    matmul: the cuBLAS workspace), their sum, ``Params4bit(...).to(device)`` (the host copy
-    back on the device, ``quantize_4bit``'s absmax and packed weight, the code and its
-    ``abs().max()``, the offset, the centred absmax, the nested absmax, the uint8 absmax, the
-    nested code), then the old weight (a stand-in of 0 bytes for its loaded tensors), the
-    transients and the adapter freed."""
+    matmul: its output, then the cuBLAS workspace), their sum, ``Params4bit(...).to(device)``
+    (the host copy back on the device, ``quantize_4bit``'s absmax and packed weight, the code
+    and its ``abs().max()``, the offset, the centred absmax, the nested absmax, the uint8
+    absmax, the nested code), then the old weight (a stand-in of 0 bytes for its loaded
+    tensors), the transients and the adapter freed."""
     n, blocks = HIDDEN * HIDDEN, HIDDEN * HIDDEN // 64
     plan = _plan(adapters=1, mode="merged", targets=("q_proj",))
     trace = trace_serving(TINY_LLAMA, plan, rounds=(1, 1))
     start = dict(trace.markers)["merge"]
     assert _sizes(trace.events, start, 30) == [
         ("+", 4 * blocks), ("+", 2 * n), ("-", 4 * blocks),  # dequantize_4bit
-        ("+", CUBLAS_WORKSPACE_BYTES), ("+", 4 * n), ("+", 4 * n), ("-", 4 * n),  # the delta
+        ("+", 4 * n), ("+", CUBLAS_WORKSPACE_BYTES), ("+", 4 * n), ("-", 4 * n),  # the delta
         ("+", 4 * n), ("+", 4 * n),  # output + delta; .to(device)
         ("+", 4 * blocks), ("+", n // 2), ("+", 64), ("+", 64), ("+", 4), ("-", 64), ("-", 4),
         ("+", 4), ("+", 4 * blocks), ("+", 4), ("+", blocks), ("+", 1024),

@@ -132,8 +132,9 @@ def vocab_size(config_dict: dict) -> int | None:
 
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
-#: (12: an unrolled model's parameters loaded layer by layer, as the model lists them)
-SIMULATION_VERSION = 12
+#: (12: an unrolled model's parameters loaded layer by layer, as the model lists them;
+#: 13: the cuBLAS workspace after its first matmul's output)
+SIMULATION_VERSION = 13
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3

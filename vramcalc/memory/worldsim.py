@@ -36,8 +36,9 @@ from vramcalc.memory.worldreplay import replay
 from vramcalc.trace.worldtrace import WORLD_STRATEGIES, check_world_plan, trace_world
 from vramcalc.training_plan import TrainingPlan
 
-#: bump when the world trace or its replay changes what a simulation returns
-WORLD_SIMULATION_VERSION = 5
+#: bump when the world trace or its replay changes what a simulation returns (6: the cuBLAS
+#: workspace after its first matmul's output)
+WORLD_SIMULATION_VERSION = 6
 #: why a ZeRO plan's peaks are the rules' (``MemoryEstimate`` assumptions)
 ZERO_REASON = (
     "ZeRO (DeepSpeed) is not simulated: the world trace runs FSDP1 and DDP only, so its "

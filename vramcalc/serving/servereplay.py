@@ -53,8 +53,9 @@ Event = tuple[int, int, int]
 #: bump when the trace, its expansion or the replay changes what a simulation returns
 #: (2: a parameter a merge replaces is freed, 4-bit bases and merged copies simulated;
 #: 3: an unrolled model's parameters loaded layer by layer, as the model lists them;
-#: 4: merges onto int8 weights and int8 DoRA's dequantization, serving/eightbit.py)
-SERVING_SIMULATION_VERSION = 4
+#: 4: merges onto int8 weights and int8 DoRA's dequantization, serving/eightbit.py; 5:
+#: the cuBLAS workspace after its first matmul's output)
+SERVING_SIMULATION_VERSION = 5
 
 
 @dataclass(frozen=True)

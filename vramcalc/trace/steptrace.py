@@ -160,16 +160,18 @@ class StepRecorder:
         from torch.utils._pytree import tree_leaves
 
         name = func.overloadpacket.__name__
-        if name in _MATMULS:
-            thread = "backward" if self.in_backward else "forward"
-            if thread not in self._workspaces:
-                self._workspaces.add(thread)
-                # kept for the whole run
-                self.workspace_handles.append(self._alloc(CUBLAS_WORKSPACE_BYTES))
         out = func(*args, **kwargs)
         outputs = tree_leaves(out)
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
             self.track(tensor, tag)
+        if name in _MATMULS:
+            thread = "backward" if self.in_backward else "forward"
+            if thread not in self._workspaces:
+                self._workspaces.add(thread)
+                # after the output: the op allocates it, then the cuBLAS call gets its
+                # thread's handle and workspace (kept for the whole run); the allocator trace
+                # of h100_servetrace's int8 merge shows this order
+                self.workspace_handles.append(self._alloc(CUBLAS_WORKSPACE_BYTES))
         if self.clipping and name == "stack" and outputs:
             stacked = outputs[0]
             if stacked.dim() == 1 and int(stacked.shape[0]) == self.clipping:

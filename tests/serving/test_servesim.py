@@ -289,3 +289,52 @@ def test_servecompare_names_a_missing_file_and_exits_2(tmp_path, capsys):
         main([str(tmp_path / "nothere.jsonl")])
     assert exit_info.value.code == 2
     assert "no such file: " + str(tmp_path / "nothere.jsonl") in capsys.readouterr().err
+
+
+def test_the_speed_evidence_every_serve_table_prints_is_the_committed_reports():
+    """``SPEED_EVIDENCE`` quotes reports/serve_speed.md: its record count and the median
+    errors of prefill and decode tokens/s."""
+    import re
+    from pathlib import Path
+
+    from vramcalc.serving.serve_speed import SPEED_EVIDENCE
+
+    report = (Path(__file__).resolve().parents[2] / "reports" / "serve_speed.md").read_text()
+    count = re.search(r"Measurements: (\d+) ok serving records", report).group(1)
+    medians = {
+        m: re.search(rf"\| {m} \| ([\d.]+) % \|", report).group(1)
+        for m in ("prefill_tokens_per_second", "decode_tokens_per_second")
+    }
+    assert f"on {count} H100 serving runs" in SPEED_EVIDENCE
+    assert f"median {medians['prefill_tokens_per_second']} % (prefill)" in SPEED_EVIDENCE
+    assert f"and {medians['decode_tokens_per_second']} % (decode)" in SPEED_EVIDENCE
+
+
+def test_speed_comparison_estimates_each_record_on_its_gpu():
+    """A record's prefill and decode tokens/s against ``estimate_serve_speed`` for the plan it
+    measured on the catalog GPU it names; a record without a speed is left out."""
+    from vramcalc.catalog import find_gpu
+    from vramcalc.serving.serve import prepare_serving
+    from vramcalc.serving.serve_speed import estimate_serve_speed
+    from vramcalc.serving.servecompare import compare_serve_speed, speed_markdown
+    from vramcalc.speed.throughput import load_throughput_calibration
+
+    record = {
+        "kind": "serve", "status": "ok", "case_id": "c", "model": "meta-llama/Llama-3.2-1B",
+        "gpu_name": "NVIDIA H100 80GB HBM3", "quant": "none", "mode": "unmerged",
+        "adapters": 1, "rank": 16, "targets": ["q_proj", "v_proj"], "batch": 4, "cache": "dynamic",
+        "prompt_tokens": 1920, "new_tokens": 128, "context": 2048,
+        "prefill_tokens_per_second": 100_000.0, "decode_tokens_per_second": 80.0,
+    }  # fmt: skip
+    (row,) = compare_serve_speed([record, {**record, "decode_tokens_per_second": None}])
+    plan = serve_plan_of(record)
+    expected = estimate_serve_speed(
+        prepare_serving(plan), plan, find_gpu(record["gpu_name"]), load_throughput_calibration()
+    )
+    assert row["estimate"]["decode_tokens_per_second"] == expected.decode_tokens_per_second
+    assert row["prefill_tokens_per_second_error"] == pytest.approx(
+        expected.prefill_tokens_per_second / 100_000.0 - 1
+    )
+    text = speed_markdown([row], ["x.jsonl"])
+    assert "Measurements: 1 ok serving records from x.jsonl" in text
+    assert "| c | meta-llama/Llama-3.2-1B | none | unmerged x1 | dynamic | 4 x 1920+128 |" in text

@@ -6,6 +6,7 @@ from vramcalc.budget import DEFAULT_HEADROOM
 from vramcalc.render.tables import COMPONENT_LABELS, gib, headroom_note, margin, table
 from vramcalc.serving.serve import ServeMemory
 from vramcalc.serving.serve_planner import FitAnswer, ServeFit, ServeResult
+from vramcalc.serving.serve_speed import SPEED_EVIDENCE
 
 SERVE_LABELS = COMPONENT_LABELS | {
     "weights": "base weights",
@@ -120,8 +121,8 @@ def render_serve_fits(
         lines.append(headroom_note(headroom))
         lines.append(
             "speed: the training path's roofline constants (fitted on H200 training steps); "
-            "* no serving measurement backs them yet. 'adapters': decode step time with the "
-            "adapters unmerged vs without; 'request s': prefill + every decoding step"
+            f"* {SPEED_EVIDENCE}. 'adapters': decode step time with the adapters unmerged vs "
+            "without; 'request s': prefill + every decoding step"
         )
     hidden = len(ordered) - len(shown)
     if hidden:

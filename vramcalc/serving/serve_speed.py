@@ -48,6 +48,17 @@ ELEMENTWISE_HIDDEN_WIDTHS = 24  # norms (fp32 upcast), residual adds, RoPE over 
 ELEMENTWISE_INTERMEDIATE_WIDTHS = 4  # activation and gate * up
 
 
+#: what the committed serving records say of these predictions (``reports/serve_speed.md``:
+#: ``python -m vramcalc.serving.servecompare --speed data/measurements/h100_serve*.jsonl``);
+#: every ``serve`` table prints it. ``tests/serving/test_servesim.py`` checks it against the
+#: report's medians.
+SPEED_EVIDENCE = (
+    "on 22 H100 serving runs these speeds were above the measured ones by a median 124.0 % "
+    "(prefill) and 76.3 % (decode), int8 bases the most: read them as upper bounds "
+    "(reports/serve_speed.md)"
+)
+
+
 @dataclass(frozen=True)
 class ForwardTime:
     seconds: float

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from vramcalc.serving.fourbit import peft_bnb_paths
+
 #: what marks a loaded int8 weight's scales: they were laid out while loading, not made here
 LOADED_SCB = "loaded with the weight (memory/loading.py)"
 
@@ -92,37 +94,5 @@ class _Int8Params:
 def eight_bit_paths() -> Iterator[None]:
     """peft's calls into bitsandbytes on an int8 stand-in weight answered as on the GPU
     (module docstring); any other weight goes to the originals."""
-    import bitsandbytes.nn
-    import peft.tuners.lora.bnb as lora_bnb
-    import peft.tuners.lora.dora as dora
-    import peft.tuners.lora.layer as layer
-    import peft.tuners.lora.variants as variants
-    import peft.utils.integrations as integrations
-
-    bnb_weight, module_weight = (
-        integrations.dequantize_bnb_weight,
-        integrations.dequantize_module_weight,
-    )
-
-    def dequantize_bnb_weight(weight, state=None):  # type: ignore[no-untyped-def]
-        return dequantized(weight) if _is_ours(weight) else bnb_weight(weight, state=state)
-
-    def dequantize_module_weight(module):  # type: ignore[no-untyped-def]
-        weight = getattr(module, "weight", None)
-        return dequantized(weight) if _is_ours(weight) else module_weight(module)
-
-    saved = [
-        (bitsandbytes.nn, "Int8Params", _Int8Params),
-        (lora_bnb, "dequantize_bnb_weight", dequantize_bnb_weight),
-        (integrations, "dequantize_bnb_weight", dequantize_bnb_weight),
-        *((m, "dequantize_module_weight", dequantize_module_weight)
-          for m in (integrations, dora, layer, variants)),
-    ]  # fmt: skip
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
-    for owner, name, replacement in saved:
-        setattr(owner, name, replacement)
-    try:
+    with peft_bnb_paths("Int8Params", _Int8Params, _is_ours, dequantized):
         yield
-    finally:
-        for owner, name, original in reversed(originals):
-            setattr(owner, name, original)

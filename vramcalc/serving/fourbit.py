@@ -199,6 +199,16 @@ def _is_ours(weight: Any) -> bool:
 def four_bit_paths() -> Iterator[None]:
     """peft's calls into bitsandbytes on a 4-bit stand-in weight answered as on the GPU
     (module docstring); any other weight goes to the originals."""
+    with peft_bnb_paths("Params4bit", _Params4bit, _is_ours, dequantized):
+        yield
+
+
+@contextlib.contextmanager
+def peft_bnb_paths(params_name: str, params: type, is_ours: Any, dequantize: Any) -> Iterator[None]:
+    """While entered, ``bitsandbytes.nn.<params_name>`` is ``params``, and peft's
+    ``dequantize_bnb_weight`` / ``dequantize_module_weight`` (where each module of peft 0.21
+    that calls them looks them up) answer ``dequantize(weight)`` for a weight ``is_ours``
+    accepts; any other weight goes to the originals."""
     import bitsandbytes.nn
     import peft.tuners.lora.bnb as lora_bnb
     import peft.tuners.lora.dora as dora
@@ -212,14 +222,14 @@ def four_bit_paths() -> Iterator[None]:
     )
 
     def dequantize_bnb_weight(weight, state=None):  # type: ignore[no-untyped-def]
-        return dequantized(weight) if _is_ours(weight) else bnb_weight(weight, state=state)
+        return dequantize(weight) if is_ours(weight) else bnb_weight(weight, state=state)
 
     def dequantize_module_weight(module):  # type: ignore[no-untyped-def]
         weight = getattr(module, "weight", None)
-        return dequantized(weight) if _is_ours(weight) else module_weight(module)
+        return dequantize(weight) if is_ours(weight) else module_weight(module)
 
     saved = [
-        (bitsandbytes.nn, "Params4bit", _Params4bit),
+        (bitsandbytes.nn, params_name, params),
         (lora_bnb, "dequantize_bnb_weight", dequantize_bnb_weight),
         (integrations, "dequantize_bnb_weight", dequantize_bnb_weight),
         *((m, "dequantize_module_weight", dequantize_module_weight)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.memory.large_traces import SLOW, is_large, unless_large
+from tests.memory.trace_marks import SLOW, is_large, marked
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import (
     ALLOC,
@@ -30,7 +30,7 @@ from vramcalc_harness.alloc_trace import load_trace
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
 #: traces of one stream (the observed replay has no streams: ``test_allocator_traces.py``
 #: replays the others per stream); a large one is not read unless slow tests are asked for
-#: (it is then listed, and skipped: ``large_traces``)
+#: (it is then listed, and skipped: ``trace_marks``)
 TRACES = [
     p
     for p in sorted(MEASUREMENTS.glob("*_traces/*.json.gz"))
@@ -98,7 +98,7 @@ def test_an_out_of_memory_request_is_reported():
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("trace_path", unless_large(TRACES), ids=[p.name[:8] for p in TRACES])
+@pytest.mark.parametrize("trace_path", marked(TRACES), ids=[p.name[:8] for p in TRACES])
 def test_observing_a_measured_trace_reports_what_torch_recorded(trace_path):
     trace = load_trace(trace_path)
     config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.memory.large_traces import unless_large
+from tests.memory.trace_marks import captured_graphs, marked
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
 from vramcalc.memory.worldreplay import replay
-from vramcalc.timeline import captures_cuda_graphs, measured_record
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -56,23 +55,13 @@ def _streams(trace_path: Path) -> frozenset[int]:
 
 ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
 #: runs that captured CUDA graphs: a serving run's compiled decoding, on a capture stream
-GRAPHS = [p for p in TRACES if captures_cuda_graphs(measured_record(p))]
+GRAPHS = [p for p in TRACES if captured_graphs(p)]
 #: rank 0 of an FSDP world: compute, unshard, pre-unshard and post-backward streams
 MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS]
 
 
 def test_there_are_traces_of_several_streams():
     assert len(MULTI_STREAM) >= 3 and {len(_streams(p)) for p in MULTI_STREAM} == {4}
-
-
-def _graphs_marked(paths):
-    """A replay of a run that captured CUDA graphs must miss its reserved peak (a strict
-    xfail: it fails the day the model gets private pools, ``timeline.captures_cuda_graphs``)."""
-    reason = "CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
-    return [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)) if p in GRAPHS else p
-        for p in paths
-    ]
 
 
 def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():
@@ -90,7 +79,9 @@ def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():
         assert any(e[0] == "segment_free" for e in entries[lo:hi])
 
 
-@pytest.mark.parametrize("trace_path", _graphs_marked(TRACES), ids=[p.name[:8] for p in TRACES])
+@pytest.mark.parametrize(
+    "trace_path", marked(TRACES, skip_large=False), ids=[p.name[:8] for p in TRACES]
+)
 def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)
@@ -101,9 +92,7 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     assert result.peak_reserved_bytes == record["peak_reserved_bytes"]
 
 
-@pytest.mark.parametrize(
-    "trace_path", unless_large(ONE_STREAM), ids=[p.name[:8] for p in ONE_STREAM]
-)
+@pytest.mark.parametrize("trace_path", marked(ONE_STREAM), ids=[p.name[:8] for p in ONE_STREAM])
 def test_a_trace_of_one_stream_replays_alike_as_plain_events(trace_path):
     trace = load_trace(trace_path)
     record = _record(trace_path)

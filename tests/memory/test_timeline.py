@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.memory.large_traces import unless_large
+from tests.memory.trace_marks import marked
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import ALLOC, simulate
@@ -42,7 +42,6 @@ from vramcalc.memory.timeline import peak_composition, record_run, timeline
 from vramcalc.memory.worldreplay import replay
 from vramcalc.render.timeline import aligned_positions, composition_lines
 from vramcalc.timeline import (
-    captures_cuda_graphs,
     committed_traces,
     compare_timelines,
     measured_record,
@@ -209,21 +208,8 @@ def test_the_pickle_is_what_the_viewer_page_unpickles(run, tmp_path):
     assert "unknown" in categories  # MemoryViz.js fails on categories without it
 
 
-def _graph_marked(paths):
-    """Traces of runs that captured CUDA graphs (``timeline.captures_cuda_graphs``): their
-    replay must miss (a strict xfail fails the day the model gets private pools)."""
-    reason = "CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
-    out = []
-    for p in paths:
-        if captures_cuda_graphs(measured_record(p)):
-            out.append(pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=reason)))
-        else:
-            out.extend(unless_large([p]))
-    return out
-
-
 @pytest.mark.parametrize(
-    "path", _graph_marked(committed_traces()), ids=[p.name[:8] for p in committed_traces()]
+    "path", marked(committed_traces()), ids=[p.name[:8] for p in committed_traces()]
 )
 def test_a_measured_trace_reads_as_a_snapshot(path):
     from torch.cuda import _memory_viz as viz

@@ -92,6 +92,7 @@ EXTRA_FIELDS = (
     "rank_parameter_bytes",  # simulated world: this rank's parameter bytes (local shards)
     "rank_gradient_bytes",  # ... its gradient bytes after the last optimizer step
     "rank_optimizer_state_bytes",  # ... its optimizer-state bytes
+    "deepspeed_skipped_steps",  # ZeRO: optimizer steps DeepSpeed skipped (overflow), None otherwise
     "checkpoint_weights",  # "random" (random init) or "zeros" (sparse checkpoint, too large a model)
 )
 PER_RANK_FIELDS = (
@@ -120,6 +121,7 @@ PROVENANCE_FIELDS = (
     "peft_version",
     "bitsandbytes_version",
     "accelerate_version",
+    "deepspeed_version",
     "python_version",
     "measured_at",
     "vramcalc_commit",
@@ -205,6 +207,7 @@ def collect_provenance(device: str) -> dict[str, Any]:
         "peft_version": package_version("peft"),
         "bitsandbytes_version": package_version("bitsandbytes"),
         "accelerate_version": package_version("accelerate"),
+        "deepspeed_version": package_version("deepspeed"),
         "python_version": platform.python_version(),
         "measured_at": utc_now(),
         "vramcalc_commit": git_commit(),

@@ -1,4 +1,4 @@
-"""A simulated world: rank 0 of an N-GPU FSDP / DDP run, alone on one device.
+"""A simulated world: rank 0 of an N-GPU FSDP / DDP / DeepSpeed ZeRO run, alone on one device.
 
 Per-GPU memory of a multi-GPU plan needs one rank that allocates exactly
 what it would among N. ``torch.distributed``'s ``fake`` backend
@@ -14,6 +14,13 @@ while the other N-1 ranks never exist.
   so Trainer (or the loop) wraps the model with accelerate's FSDP1
   (``FULL_SHARD`` / ``SHARD_GRAD_OP``, CPU offload, peft's auto wrap, 4-bit
   storage in the plan's dtype) or DDP, on the fake group.
+* ZeRO-1/2/3 (CUDA only): accelerate's DeepSpeed launch env and the case's
+  ``deepspeed.json`` (``distributed.deepspeed_config``), so Trainer hands the model
+  to ``deepspeed.initialize``; DeepSpeed finds the fake group initialized and runs
+  its collectives on it (ZeRO-3 loads under ``zero.Init``, each parameter
+  partitioned to 1/N). The record keeps DeepSpeed's skipped steps
+  (``deepspeed_skipped_steps``): a fake collective leaves its output as it was,
+  and a step DeepSpeed skips for a non-finite gradient would not be the real one.
 * On CPU (the tests) accelerate runs no FSDP (only DDP), and FSDP1 refuses a
   device without an accelerator; FSDP there is FSDP2's ``fully_shard`` on each
   decoder layer and the root, in the ``loop`` recipe.
@@ -31,9 +38,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vramcalc_harness.distributed import launch_env, start_process_group
+from vramcalc_harness.distributed import (
+    DEEPSPEED_STRATEGIES,
+    ZERO_STAGE,
+    launch_env,
+    require_strategy_dependencies,
+    start_process_group,
+)
 from vramcalc_harness.errors import HarnessError
-from vramcalc_harness.scenario import SIMULATED_STRATEGIES, Case
+from vramcalc_harness.scenario import Case
 
 ENV_FLAG = "VRAMCALC_SIMULATED_WORLD"
 
@@ -42,6 +55,9 @@ def wrapper_name(case: Case, device: str) -> str:
     """What wraps the model in this simulated world (recorded as ``simulated_world_wrapper``)."""
     if case.plan.strategy == "ddp":
         return "DDP (accelerate) + pass-through comm hook"
+    if case.plan.strategy in DEEPSPEED_STRATEGIES:
+        stage = ZERO_STAGE[case.plan.strategy]
+        return f"DeepSpeed ZeRO-{stage} (accelerate DeepSpeedPlugin, Trainer)"
     if device.startswith("cuda"):
         return "FSDP1 (accelerate FullyShardedDataParallel)"
     return "FSDP2 (torch fully_shard, CPU)"
@@ -50,8 +66,13 @@ def wrapper_name(case: Case, device: str) -> str:
 def check_simulated_machine(case: Case, device: str) -> None:
     """``HarnessError`` when this machine cannot run the simulated-world case."""
     plan = case.plan
-    if plan.strategy not in SIMULATED_STRATEGIES:  # also refused by the case itself
-        raise HarnessError(f"simulate_world runs {', '.join(SIMULATED_STRATEGIES)}.")
+    if plan.strategy in DEEPSPEED_STRATEGIES:
+        require_strategy_dependencies(plan)
+        if not device.startswith("cuda"):
+            raise HarnessError(
+                f"simulate_world with strategy {plan.strategy} needs a CUDA GPU (DeepSpeed "
+                "refuses the CPU through accelerate)."
+            )
     if device == "cpu":
         if plan.cpu_offload:
             raise HarnessError("simulate_world with cpu_offload needs a CUDA GPU.")

@@ -262,7 +262,10 @@ def run_trainer(
 
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
             if case.simulate_world is not None:  # gradients are still there (zero_grad follows)
-                counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
+                try:
+                    counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
+                except (AttributeError, TypeError, KeyError) as err:  # DeepSpeed's own wrappers
+                    print(f"[harness] state bytes not counted: {err!r}", flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             synchronize(device)
@@ -292,6 +295,9 @@ def run_trainer(
             fsdp_peft_wrap(trainer.model, _fsdp_plugin(trainer.accelerator))
         trainer.train()
         optimizer_class = seen.get("optimizer") or _optimizer_class(trainer.optimizer)
+        engine = getattr(trainer, "deepspeed", None)  # DeepSpeedEngine under ZeRO, else None
+        if engine is not None and hasattr(engine, "skipped_steps"):
+            counted["deepspeed_skipped_steps"] = int(engine.skipped_steps)
     return RecipeResult(tuple(times), case.warmup_steps, optimizer_class, counted or None)
 
 

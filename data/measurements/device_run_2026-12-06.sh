@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 VRAMCALC_CO
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$gpu" in *H200*) tag=h200 ;; *H100*) tag=h100 ;; *) tag=gpu ;; esac
 { nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv; df -h /tmp;
-  python3 -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, b.__version__)"; } \
+  python3 -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, accelerate.__version__, b.__version__)"; python3 -c "import deepspeed; print(\"deepspeed\", deepspeed.__version__)" 2>&1 | tail -1; } \
     > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 for item in "$@"; do

@@ -313,3 +313,23 @@ def test_the_serve_trace_list_is_the_missed_cases_again_with_their_traces():
     assert not set(untraced) & {c.case_id for c in cases}
     measured = {c.case_id for c in load_cases(SERVE2) + load_cases(SERVE3)}
     assert set(untraced) <= measured
+
+
+ZERO = CASE_LIST.with_name("h100_zero.yaml")
+
+
+def test_zero_list_is_all_validation_and_covers_every_stage_and_method():
+    cases = load_cases(ZERO)
+    assert Counter(c.split for c in cases) == {"validation": 14}  # rule (b) of h200x2.yaml
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
+    covered = {(c.plan.strategy, c.plan.method) for c in cases}
+    assert {("zero1", "lora"), ("zero2", "lora"), ("zero3", "lora")} <= covered
+    assert {("zero2", "qlora"), ("zero3", "qlora"), ("zero2", "full"), ("zero3", "full")} <= covered
+    # the 8B ZeRO plans of h200x2.yaml, simulated: their real 2-GPU twins compare directly
+    real = {c.plan for c in load_cases(TWO_GPU_LIST)}
+    assert {c.plan.strategy for c in cases if c.plan in real} == {"zero2", "zero3"}
+    # each traced case repeats an untraced one (same plan, so the peaks compare)
+    traced = [c.plan for c in cases if c.record_trace]
+    untraced = {c.plan for c in cases if not c.record_trace}
+    assert len(traced) == 2 and set(traced) <= untraced

@@ -17,11 +17,13 @@ from click.testing import CliRunner
 from vramcalc.measurements import plan_of
 from vramcalc.speed.throughput_fit import excluded_reason
 from vramcalc.training_plan import TrainingPlan
+from vramcalc_harness import distributed
 from vramcalc_harness.caselist import load_cases
 from vramcalc_harness.cli import measure
-from vramcalc_harness.errors import CaseError
+from vramcalc_harness.errors import CaseError, HarnessError, MissingDependencyError
 from vramcalc_harness.record import RECORD_FIELDS, read_records
 from vramcalc_harness.scenario import SIMULATED_WORLD_LIMITS, Case, simulated
+from vramcalc_harness.simworld import check_simulated_machine, wrapper_name
 
 TINY_LLAMA = str(Path(__file__).parent / "cases" / "tiny-llama")
 TINY_PARAMS = 106816  # tiny-llama, every weight trained
@@ -56,13 +58,20 @@ def test_simulate_world_sets_num_gpus_and_is_part_of_the_case_id():
     )
 
 
+def test_a_zero_case_runs_in_a_simulated_world_on_cuda_only(monkeypatch):
+    case = Case.from_dict({**SMALL, "strategy": "zero3", "simulate_world": 2})
+    assert (case.plan.strategy, case.plan.num_gpus, case.simulate_world) == ("zero3", 2, 2)
+    assert wrapper_name(case, "cuda") == "DeepSpeed ZeRO-3 (accelerate DeepSpeedPlugin, Trainer)"
+    monkeypatch.setattr(distributed, "has_deepspeed", lambda: True)
+    with pytest.raises(HarnessError, match=r"^simulate_world with strategy zero3 needs a CUDA GPU"):
+        check_simulated_machine(case, "cpu")
+    check_simulated_machine(case, "cuda")  # no error: DeepSpeed is there
+    monkeypatch.setattr(distributed, "has_deepspeed", lambda: False)
+    with pytest.raises(MissingDependencyError, match=r"^--strategy zero3 needs deepspeed"):
+        check_simulated_machine(case, "cuda")
+
+
 def test_simulate_world_problems_name_the_field():
-    with pytest.raises(CaseError) as err:
-        Case.from_dict({**SMALL, "strategy": "zero3", "simulate_world": 2})
-    assert err.value.problems == [
-        "case: simulate_world runs strategies ddp, fsdp, fsdp-grad-op, not zero3 "
-        "(DeepSpeed needs a real process group)."
-    ]
     with pytest.raises(CaseError) as err:
         Case.from_dict({**SMALL, "num_gpus": 2, "simulate_world": 4})
     assert err.value.problems == [

@@ -362,7 +362,11 @@ def build_model(plan: TrainingPlan, checkpoint: str | Path, device: str) -> Buil
     kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.dtype), "attn_implementation": plan.attn}
     if plan.is_kbit:
         kwargs["quantization_config"] = quantization_config(plan)
-    if device.startswith("cuda") and not (shards_weights(plan) and not plan.is_kbit):
+    # FSDP loads 16-bit weights on the CPU (cpu_ram_efficient_loading), 4-bit ones on this
+    # GPU; ZeRO-3 loads everything under zero.Init, which refuses a device_map (peft's
+    # DeepSpeed ZeRO-3 QLoRA recipe passes none)
+    zero3 = shards_weights(plan) and plan.strategy == "zero3"
+    if device.startswith("cuda") and not (shards_weights(plan) and not plan.is_kbit) and not zero3:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), **kwargs)
     model.config.use_cache = False

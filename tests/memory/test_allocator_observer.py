@@ -24,7 +24,7 @@ from vramcalc.memory.allocator import (
     CachingAllocator,
     simulate,
 )
-from vramcalc.memory.allocator_trace import events_from_snapshot_trace
+from vramcalc.memory.allocator_trace import events_from_snapshot_trace, segment_addresses
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -104,9 +104,10 @@ def test_observing_a_measured_trace_reports_what_torch_recorded(trace_path):
     config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
     events = events_from_snapshot_trace(trace["entries"])
     actions = []
-    allocator = CachingAllocator(config)
+    addresses = segment_addresses(trace["entries"])  # the driver's: best fit ties as in the run
+    allocator = CachingAllocator(config, addresses)
     result = simulate(events, config, actions.append, allocator)
-    assert result == simulate(events, config)
+    assert result == simulate(events, allocator=CachingAllocator(config, addresses))
     recorded = [(e[0], e[2]) for e in trace["entries"] if e[0] != "snapshot"]
     observed = [(a.action, a.requested_bytes) for a in actions]
 

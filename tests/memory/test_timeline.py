@@ -20,7 +20,11 @@ from tests.memory.trace_marks import marked
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import ALLOC, simulate
-from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
+from vramcalc.memory.allocator_trace import (
+    events_from_snapshot_trace,
+    segment_addresses,
+    world_trace_from_snapshot,
+)
 from vramcalc.memory.provenance import (
     ACTIVATIONS,
     ADAPTERS,
@@ -217,8 +221,11 @@ def test_a_measured_trace_reads_as_a_snapshot(path):
     snapshot = from_trace_file(path)
     record = measured_record(path)
     config = allocator_config(record.get("pytorch_cuda_alloc_conf") or "")
-    measured = world_trace_from_snapshot(snapshot["device_traces"][0])  # per stream
-    replayed = replay(measured, config, gpu_bound=True)
+    entries = snapshot["device_traces"][0]
+    measured = world_trace_from_snapshot(entries)  # per stream
+    replayed = replay(
+        measured, config, gpu_bound=True, segment_addresses=segment_addresses(entries)
+    )
     assert replayed.peak_reserved_bytes == record["peak_reserved_bytes"]
     series = snapshot_series(snapshot)
     assert series.peak_reserved_bytes == record["peak_reserved_bytes"]

@@ -137,3 +137,10 @@ def segment_events(entries: Iterable[Mapping[str, Any] | Sequence[Any]]) -> list
     ``CachingAllocator.segment_log`` of its replay (addresses differ, sizes must not)."""
     rows = (_row(entry) for entry in entries)
     return [(action, size) for action, _, size, _ in rows if action in SEGMENT_ACTIONS]
+
+
+def segment_addresses(entries: Iterable[Mapping[str, Any] | Sequence[Any]]) -> list[int]:
+    """The driver's address of every ``segment_alloc`` of a trace, in order: a replay given
+    them (``CachingAllocator(segment_addresses=...)``) breaks best fit's ties as the run did."""
+    rows = (_row(entry) for entry in entries)
+    return [addr for action, addr, _, _ in rows if action == "segment_alloc"]

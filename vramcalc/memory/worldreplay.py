@@ -10,6 +10,8 @@ free (``gpu_bound``), as the allocator's CUDA events do when the GPU lags.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from vramcalc.memory.allocator import (
     ALLOC,
     EMPTY_CACHE,
@@ -26,6 +28,7 @@ def replay(
     config: AllocatorConfig | None = None,
     until: str | None = None,
     gpu_bound: bool = False,
+    segment_addresses: Iterable[int] = (),
 ) -> AllocatorResult:
     """Replay ``trace`` through the caching-allocator model, each block in its stream's pool
     (``CachingAllocator.malloc(..., stream)``); ``until`` a marker (default: the end).
@@ -36,9 +39,11 @@ def replay(
     ``gpu_bound`` has the GPU as far behind as the host's waits allow: the block returns
     to its pool at the first ``malloc`` after a host wait on a point past its free
     (FSDP's rate limiter, a synchronize). Allocated bytes drop at the free either way.
+    ``segment_addresses``: the driver's address of each cudaMalloc, in order (a measured
+    trace's, ``allocator_trace.segment_addresses``); default the model's own.
     """
 
-    allocator = CachingAllocator(config or AllocatorConfig())
+    allocator = CachingAllocator(config or AllocatorConfig(), segment_addresses)
     stop = dict(trace.markers).get(until, len(trace.events)) if until else len(trace.events)
     malloc, free, live = allocator.malloc, allocator.free, allocator._live
     cross = trace.cross_stream if gpu_bound else frozenset()

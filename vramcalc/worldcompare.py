@@ -37,6 +37,7 @@ from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 DEFAULT_RECORDS = (
     MEASUREMENTS_DIR / "h100_world_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_world2_2026-12-06.jsonl",
+    MEASUREMENTS_DIR / "h100_zero_2026-12-06.jsonl",
 )
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
@@ -48,13 +49,17 @@ SHORT = {
 
 
 def group_of(record: dict[str, Any]) -> str:
-    """The issue's groups: model and method under FSDP, offload, grad-op, full FSDP, DDP."""
+    """The issue's groups: model and method under FSDP, offload, grad-op, full FSDP, DDP;
+    ZeRO by stage and method."""
     model = SHORT.get(record["model"], record["model"])
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}.get(
         record["method"], record["method"]
     )
     if record["strategy"] == "ddp":
         return "DDP"
+    if record["strategy"].startswith("zero"):
+        stage = record["strategy"].removeprefix("zero")
+        return f"ZeRO-{stage} {method}" + (" + CPU offload" if record.get("cpu_offload") else "")
     if record.get("cpu_offload"):
         return "FSDP + CPU offload"
     if record["strategy"] == "fsdp-grad-op":

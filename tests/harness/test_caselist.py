@@ -320,7 +320,7 @@ ZERO = CASE_LIST.with_name("h100_zero.yaml")
 
 def test_zero_list_is_all_validation_and_covers_every_stage_and_method():
     cases = load_cases(ZERO)
-    assert Counter(c.split for c in cases) == {"validation": 19}  # rule (b) of h200x2.yaml
+    assert Counter(c.split for c in cases) == {"validation": 21}  # rule (b) of h200x2.yaml
     assert check_models(cases) == []
     assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
     covered = {(c.plan.strategy, c.plan.method) for c in cases}
@@ -332,4 +332,4 @@ def test_zero_list_is_all_validation_and_covers_every_stage_and_method():
     # each traced case repeats an untraced one (same plan, so the peaks compare)
     traced = [c.plan for c in cases if c.record_trace]
     untraced = {c.plan for c in cases if not c.record_trace}
-    assert len(traced) == 2 and set(traced) <= untraced
+    assert len(traced) == 4 and set(traced) <= untraced

@@ -223,7 +223,7 @@ class Prepared:
         """Whether ``plan``'s simulation is on disk already (no trace, no replay to run)."""
         if plan.num_gpus > 1:
             return (
-                plan.strategy not in worldsim.WORLD_STRATEGIES
+                not worldsim.simulates_world(plan)
                 or worldsim.cached_world_simulation(self.spec.config_dict, plan) is not None
             )
         return slack.cached_simulation(self.spec.config_dict, plan) is not None
@@ -493,7 +493,7 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
         return text
     why = (
         worldsim.ZERO_REASON
-        if plan.num_gpus > 1 and plan.strategy not in worldsim.WORLD_STRATEGIES
+        if plan.num_gpus > 1 and not worldsim.simulates_world(plan)
         else "--allocator-model approximate"
     )
     return (

@@ -103,10 +103,13 @@ from vramcalc.trace.worldunroll import (
     layer_maps,
     unroll_world,
 )
+from vramcalc.trace.zerofake import has_deepspeed
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
-WORLD_STRATEGIES = (*SHARDED, "ddp")
+ZERO = ("zero1", "zero2")  # DeepSpeed's own code (trace/zerotrace.py), deepspeed installed
+WORLD_STRATEGIES = (*SHARDED, "ddp", *ZERO)
+DEEPSPEED_HINT = "pip install deepspeed (vramcalc's zero extra: pip install 'vramcalc[zero]')"
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
 
 
@@ -141,7 +144,16 @@ def check_world_plan(plan: TrainingPlan) -> None:
     if plan.strategy not in WORLD_STRATEGIES:
         problems.append(
             f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)} "
-            "(ZeRO stays rule-based, memory/distributed.py)"
+            "(ZeRO-3 stays rule-based, memory/distributed.py)"
+        )
+    if plan.strategy in ZERO and not has_deepspeed():
+        problems.append(
+            f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
+            f"installed: {DEEPSPEED_HINT}"
+        )
+    if plan.strategy in ZERO and plan.cpu_offload:
+        problems.append(
+            f"cpu_offload under {plan.strategy}: ZeRO-Offload (host partitions) is not traced"
         )
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
@@ -315,7 +327,7 @@ def _unrolled(
     unroll: bool,
 ) -> WorldTrace:
     total = num_layers or config_layers(config_dict)
-    if not unroll:
+    if not unroll or plan.strategy in ZERO:  # ZeRO's flat buffers are the whole model's
         return _trace(config_dict, plan, steps, num_layers, None)
     layers = min(total, TRACED_LAYERS)
     if plan.strategy in SHARDED and steps > 2:
@@ -352,7 +364,10 @@ def _trace(
         gpu_code_paths,
     )
 
-    sharded = plan.strategy in SHARDED
+    sharded, zero = plan.strategy in SHARDED, plan.strategy in ZERO
+    if zero:
+        from vramcalc.trace.zerofake import zero_on_fake_device  # deepspeed: only for ZeRO
+        from vramcalc.trace.zerotrace import zero_steps
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -375,10 +390,13 @@ def _trace(
         quiet(),
         gpu_code_paths(),
         cuda_functions(),
-        fsdp1_on_fake_device(recorder),
+        zero_on_fake_device(recorder, plan.num_gpus) if zero else fsdp1_on_fake_device(recorder),
         fsdp_layer_tags(recorder) if sharded else contextlib.nullcontext(),
         recorder.mode,
     ):
+        if zero:
+            wrapper = zero_steps(model, plan, recorder, steps)
+            return _world_trace(recorder, num_decoder_layers, wrapper)
         recorder.mark("wrap")
         if sharded:
             wrapped = wrap_fsdp(model, plan, recorder)
@@ -420,6 +438,10 @@ def _trace(
         recorder.mark("end")
         recorder.stopped = True  # what is freed after the last step cannot raise a peak
         del optimizer, params, wrapped
+    return _world_trace(recorder, num_decoder_layers, wrapper)
+
+
+def _world_trace(recorder: WorldRecorder, num_decoder_layers: int, wrapper: str) -> WorldTrace:
     return WorldTrace(
         tuple(recorder.events),
         tuple(recorder.streams),

@@ -1,0 +1,125 @@
+"""Rank 0 of a DeepSpeed ZeRO world: ``deepspeed.initialize`` and Trainer's steps, on fake tensors.
+
+What runs is DeepSpeed's own code (``DeepSpeedEngine``; ZeRO-1 and ZeRO-2:
+``DeepSpeedZeroOptimizer``, ``runtime/zero/stage_1_and_2.py``) with the JSON the harness
+writes (``harness/distributed.py::deepspeed_config``, mirrored by ``zero_config``), on the
+fake accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate:
+
+1. Trainer builds its optimizer on the trainable parameters (``deepspeed_init`` ->
+   ``create_optimizer``: torch's AdamW, ``steptrace.trainer_optimizer``) and accelerate's
+   ``_prepare_deepspeed`` hands model and optimizer to ``deepspeed.initialize``. The engine
+   casts every floating parameter to the 16-bit dtype (``_cast_module_mixed_precision``:
+   peft's fp32 adapters too), and ZeRO flattens the trainable ones into one aligned bf16
+   buffer, keeps an fp32 master copy of rank 0's partition and points the optimizer at it.
+2. Per micro-batch: the forward with no autocast (accelerate turns ``native_amp`` off under
+   DeepSpeed: the model is bf16 throughout), ``engine.backward(loss)`` (ZeRO's gradient
+   hooks copy gradients into its reduce bucket, reduce-scatter / all-reduce them, and keep
+   rank 0's partition), ``set_gradient_accumulation_boundary`` as accelerate's
+   ``DeepSpeedEngineWrapper`` sets it, ``engine.step()`` after the last one (ZeRO's own
+   clipping at ``gradient_clipping`` 1.0, the optimizer on the fp32 partition, the bf16
+   partition updated and all-gathered), Trainer's ``model.zero_grad()`` and the harness's
+   synchronize at each step end.
+
+A ZeRO trace is not unrolled (``trace/worldunroll.py``): ZeRO's flat buffers, partitions and
+bucket boundaries follow from the sizes of all the trainable parameters together, so every
+decoder layer is traced (the cost: a trace of the whole model, about as long as
+``trace_world(..., unroll=False)`` of DDP).
+
+Not traced: ZeRO-3 (``stage3.py``: ``zero.Init`` partitioning at load and the parameter
+coordinator's prefetching) stays rule-based (``memory/distributed.py``).
+
+Sources: DeepSpeed 0.19.8 ``runtime/engine.py``, ``runtime/zero/stage_1_and_2.py``;
+accelerate 1.15 ``accelerator.py::_prepare_deepspeed``, ``utils/deepspeed.py``; transformers
+5.17 ``integrations/deepspeed.py::deepspeed_init``, ``trainer.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vramcalc.trace.steptrace import backward, tag_layers, trainer_optimizer
+from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.training_plan import TrainingPlan
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2}
+MAX_GRAD_NORM = 1.0  # Trainer's default, the harness's gradient_clipping
+
+
+def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON the harness writes for ``plan`` (``harness/distributed.py::
+    deepspeed_config``): bucket sizes from ``hidden_size`` as accelerate fills ``auto``."""
+    stage = ZERO_STAGES[plan.strategy]
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": hidden_size * hidden_size,
+    }
+    if plan.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": plan.batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
+        "gradient_clipping": MAX_GRAD_NORM,
+        "bf16": {"enabled": plan.dtype != "fp16"},
+        "fp16": {"enabled": plan.dtype == "fp16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: Any, plan: TrainingPlan) -> Any:
+    """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer; the engine."""
+    import logging
+
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = trainer_optimizer(params, plan)
+    config = zero_config(plan, int(model.config.hidden_size))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
+    """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
+    ``recorder`` inside the fake world; returns the wrapper's description."""
+    import torch
+
+    recorder.mark("wrap")
+    engine = initialize(model, plan)
+    nodes = tag_layers(engine.module, recorder)
+    engine.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
+    vocab = int(model.config.vocab_size)
+    for step in range(steps):
+        recorder.mark(f"step{step}")
+        for micro in range(plan.grad_accum):
+            last = micro == plan.grad_accum - 1
+            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+            labels = ids.clone()
+            loss = engine(input_ids=ids, labels=labels).loss
+            del ids, labels
+            if plan.grad_accum > 1:
+                loss = loss / plan.grad_accum
+            engine.set_gradient_accumulation_boundary(is_boundary=last)
+            backward(
+                recorder,
+                loss,
+                nodes,
+                f"step{step}_backward{micro}",
+                lambda loss: engine.backward(loss, scale_wrt_gas=False),
+            )
+            del loss
+            if last:
+                recorder.mark(f"step{step}_optimizer")
+                engine.step()
+        engine.zero_grad()
+        recorder.sync()  # the harness synchronizes at every step end (on_step_end)
+    recorder.mark("end")
+    recorder.stopped = True  # what is freed after the last step cannot raise a peak
+    engine.destroy()
+    return f"DeepSpeed ZeRO-{ZERO_STAGES[plan.strategy]} (DeepSpeedEngine, the harness's config)"

@@ -44,6 +44,22 @@ def has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+def import_deepspeed() -> Any:
+    """``import deepspeed``, quietly: on a machine without a GPU its accelerator detection
+    warns on stdout at import (which would land in ``--json`` output); the accelerator is
+    left undetected (``get_accelerator`` detects it when asked)."""
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    with unittest.mock.patch.dict(os.environ, {"DS_ACCELERATOR": "cpu"}):
+        import deepspeed
+        import deepspeed.accelerator.real_accelerator as real_accelerator
+
+    real_accelerator.ds_accelerator = None
+    return deepspeed
+
+
 def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> Any:
     """A ``DeepSpeedAccelerator``: the CPU one, answering as CUDA's where memory differs."""
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
@@ -130,9 +146,13 @@ def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> 
 def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[Any]:
     """DeepSpeed's accelerator and torch patched for a fake-device trace (module docstring);
     yields the accelerator."""
-    import deepspeed.accelerator.real_accelerator as real_accelerator
+    import logging
+
     import torch
     from torch._subclasses.fake_tensor import FakeTensor
+
+    import_deepspeed()
+    import deepspeed.accelerator.real_accelerator as real_accelerator
 
     from vramcalc.trace.fsdpfake import patch_all, storage_pointer, tensor_pointer
 
@@ -165,6 +185,9 @@ def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[An
     # what a launcher sets for rank 0 (DeepSpeedEngine asserts LOCAL_RANK)
     world = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": str(world_size)}
     world["LOCAL_WORLD_SIZE"] = world["WORLD_SIZE"]
+    logger = logging.getLogger("DeepSpeed")  # its INFO lines go to stdout
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(unittest.mock.patch.dict(os.environ, world))
@@ -183,6 +206,7 @@ def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[An
     finally:
         real_accelerator.ds_accelerator = previous
         fresh()
+        logger.setLevel(level)
 
 
 def _fresh_deepspeed_groups() -> Any:

@@ -73,11 +73,9 @@ def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
 
 def initialize(model: Any, plan: TrainingPlan) -> Any:
     """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer; the engine."""
-    import logging
+    from vramcalc.trace.zerofake import import_deepspeed
 
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    deepspeed = import_deepspeed()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer_optimizer(params, plan)
     config = zero_config(plan, int(model.config.hidden_size))

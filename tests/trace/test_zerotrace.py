@@ -158,7 +158,9 @@ def test_seam_simulates_zero_plans():
     simulation = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2"))
     assert simulation is not None
     assert simulation.peak_allocated_bytes["default"] > 0
-    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3")) is None  # the rules
+    # the rules: ZeRO-Offload, k-bit weights under ZeRO-3
+    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True)) is None
+    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="nf4")) is None
 
 
 def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(monkeypatch):

@@ -2,15 +2,16 @@
 
 ``simulate_world`` is ``memory/slack.py::simulate_plan`` for ``num_gpus > 1`` plans that
 ``trace/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
-offload; DDP; DeepSpeed ZeRO-1 / ZeRO-2 without CPU offload, DeepSpeed's own code,
-``trace/zerotrace.py``): it returns the same ``AllocatorSimulation`` (peak allocated, peak
-reserved per allocator mode), so ``estimate_from_inventory(simulation=...)`` takes it as
-it takes a single-GPU one; ``seam_simulation`` is what the estimator's seam
-(``estimate.Prepared.simulation``) asks for a multi-GPU plan: the world simulation, None
-for ZeRO-3 and ZeRO-Offload (rule-based, ``ZERO_REASON``; ``simulates_world``),
-``SimulationError`` for a plan the world trace cannot run (a ZeRO-1/2 plan without deepspeed
-installed among them: ``pip install deepspeed``). ``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with
-NCCL's buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
+offload; DDP; DeepSpeed ZeRO-1/2/3 without CPU offload, ZeRO-3 with 16-bit weights:
+DeepSpeed's own code, ``trace/zerotrace.py``): it returns the same ``AllocatorSimulation``
+(peak allocated, peak reserved per allocator mode), so
+``estimate_from_inventory(simulation=...)`` takes it as it takes a single-GPU one;
+``seam_simulation`` is what the estimator's seam (``estimate.Prepared.simulation``) asks for
+a multi-GPU plan: the world simulation, None for ZeRO-Offload and k-bit ZeRO-3 (rule-based,
+``ZERO_REASON``; ``simulates_world``), ``SimulationError`` for a plan the world trace cannot
+run (a ZeRO plan without deepspeed installed among them: ``pip install deepspeed``).
+``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with NCCL's
+buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
 """
 
 from __future__ import annotations
@@ -46,19 +47,22 @@ from vramcalc.training_plan import TrainingPlan
 #: bump when the world trace or its replay changes what a simulation returns (6: the cuBLAS
 #: workspace after its first matmul's output)
 WORLD_SIMULATION_VERSION = 6
-#: why a ZeRO-3 or ZeRO-Offload plan's peaks are the rules' (``MemoryEstimate`` assumptions)
+#: why a ZeRO-Offload or k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate``
+#: assumptions)
 ZERO_REASON = (
-    "ZeRO-3 and ZeRO-Offload (DeepSpeed) are not simulated: the world trace runs FSDP1, DDP "
-    "and ZeRO-1/2 on the GPU only, so its per-GPU bytes are memory/distributed.py's rules"
+    "ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) are not simulated: the world trace runs "
+    "DeepSpeed's ZeRO with every partition on the GPU and 16-bit weights under ZeRO-3 only, "
+    "so its per-GPU bytes are memory/distributed.py's rules"
 )
 
 
 def simulates_world(plan: TrainingPlan) -> bool:
     """Whether the world trace answers this multi-GPU plan (else the rules, ``ZERO_REASON``):
-    FSDP1, DDP, and ZeRO-1/2 without CPU offload (``offload_optimizer`` puts ZeRO's
-    partitions in host memory the fake device cannot tell from its own)."""
+    FSDP1, DDP, and ZeRO-1/2/3 without CPU offload (``offload_optimizer`` puts ZeRO's
+    partitions in host memory the fake device cannot tell from its own), ZeRO-3 with 16-bit
+    weights only (4-bit ones load without ``zero.Init``: not traced)."""
     if plan.strategy in ZERO:
-        return not plan.cpu_offload
+        return not plan.cpu_offload and not (plan.strategy == "zero3" and plan.is_kbit)
     return plan.strategy in WORLD_STRATEGIES
 
 
@@ -121,8 +125,8 @@ def seam_simulation(
     model_name: str, config_dict: dict, plan: TrainingPlan
 ) -> AllocatorSimulation | None:
     """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``), DDP
-    and ZeRO-1/2 plans simulated (``simulate_world``); ZeRO-3 and ZeRO-Offload plans None (the
-    rules, ``ZERO_REASON``); a plan the world trace refuses (FSDP cannot shard bitsandbytes'
+    and ZeRO plans simulated (``simulate_world``); ZeRO-Offload and k-bit ZeRO-3 plans None
+    (the rules, ``ZERO_REASON``); a plan the world trace refuses (FSDP cannot shard bitsandbytes'
     int8 weights; ZeRO without deepspeed installed) or fails on is a ``SimulationError``
     naming ``--allocator-model approximate``: no answer is silently approximated."""
     if not simulates_world(plan):

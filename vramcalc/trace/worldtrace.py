@@ -107,7 +107,7 @@ from vramcalc.trace.zerofake import has_deepspeed
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
-ZERO = ("zero1", "zero2")  # DeepSpeed's own code (trace/zerotrace.py), deepspeed installed
+ZERO = ("zero1", "zero2", "zero3")  # DeepSpeed's own code (trace/zerotrace.py)
 WORLD_STRATEGIES = (*SHARDED, "ddp", *ZERO)
 DEEPSPEED_HINT = "pip install deepspeed (vramcalc's zero extra: pip install 'vramcalc[zero]')"
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
@@ -154,6 +154,10 @@ def check_world_plan(plan: TrainingPlan) -> None:
     if plan.strategy in ZERO and plan.cpu_offload:
         problems.append(
             f"cpu_offload under {plan.strategy}: ZeRO-Offload (host partitions) is not traced"
+        )
+    if plan.strategy == "zero3" and plan.is_kbit:
+        problems.append(
+            f"quant {plan.quant} under zero3: k-bit weights under ZeRO-3 are not traced"
         )
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")

@@ -202,11 +202,33 @@ def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[An
                 (FakeTensor, "__int__", lambda tensor: int(item(tensor))),
             )
             patch_all(stack, patches)
+            patch_all(stack, _rank_checks())
+            # DeepSpeed's communication backend on torch's (fake) group, as accelerate sets it
+            # up before the model is loaded (ZeRO-3's zero.Init reads the world size)
+            import deepspeed.comm
+
+            deepspeed.comm.init_distributed(auto_mpi_discovery=False, verbose=False)
             yield accelerator
     finally:
         real_accelerator.ds_accelerator = previous
         fresh()
         logger.setLevel(level)
+
+
+def _rank_checks() -> list[tuple[Any, str, Any]]:
+    """ZeRO-3's checks that every rank holds the same ids (``assert_ints_same_as_other_ranks``:
+    a broadcast of values, which fake tensors do not have), as no-ops, where they are bound."""
+    import deepspeed.runtime.zero.partition_parameters as partition_parameters
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.utils as zero_utils
+
+    modules = (zero_utils, partition_parameters, coordinator, stage3)
+    return [
+        (module, "assert_ints_same_as_other_ranks", lambda ints: None)
+        for module in modules
+        if hasattr(module, "assert_ints_same_as_other_ranks")
+    ]
 
 
 def _fresh_deepspeed_groups() -> Any:

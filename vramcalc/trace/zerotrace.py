@@ -39,9 +39,10 @@ from typing import Any
 
 from vramcalc.trace.steptrace import backward, tag_layers, trainer_optimizer
 from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.zerofake import import_deepspeed
 from vramcalc.training_plan import TrainingPlan
 
-ZERO_STAGES = {"zero1": 1, "zero2": 2}
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 MAX_GRAD_NORM = 1.0  # Trainer's default, the harness's gradient_clipping
 
 
@@ -54,8 +55,16 @@ def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
         "contiguous_gradients": True,
         "reduce_bucket_size": hidden_size * hidden_size,
     }
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
     if plan.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": plan.batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
@@ -73,8 +82,6 @@ def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
 
 def initialize(model: Any, plan: TrainingPlan) -> Any:
     """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer; the engine."""
-    from vramcalc.trace.zerofake import import_deepspeed
-
     deepspeed = import_deepspeed()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = trainer_optimizer(params, plan)
@@ -83,11 +90,68 @@ def initialize(model: Any, plan: TrainingPlan) -> Any:
     return engine
 
 
+def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
+    """Rank 0's load under ZeRO-3 (transformers' ``from_pretrained`` inside
+    ``deepspeed.zero.Init``): each module's parameters made on the GPU as it is built and
+    partitioned at once (children before their parent), then, module by module, gathered
+    whole to load the checkpoint into and partitioned again
+    (``_load_state_dict_into_zero3_model``: ``GatheredParameters(modifier_rank=0)``);
+    buffers on the GPU; peft's adapters made whole on the GPU afterwards (partitioned by
+    ``deepspeed.initialize``). The model arrives with every storage on the host."""
+    import torch
+
+    deepspeed = import_deepspeed()
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    config = zero_config(plan, int(model.config.hidden_size))
+    init = deepspeed.zero.Init(config_dict_or_path=config)  # not entered: nothing patched
+    adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+
+    def build(module: Any) -> None:
+        for child in module.children():
+            build(child)
+        params = [
+            p
+            for p in module.parameters(recurse=False)
+            if id(p) not in adapters and not is_zero_param(p)
+        ]
+        if params:
+            with recorder.in_layer(recorder.layer_of(module)), recorder.scope("device"):
+                for param in params:
+                    param.data = param.detach().clone()  # made on the GPU
+                init._convert_to_zero_parameters(params)
+
+    def load(module: Any) -> None:
+        params = [p for p in module.parameters(recurse=False) if id(p) not in adapters]
+        if params:
+            with (
+                recorder.in_layer(recorder.layer_of(module)),
+                deepspeed.zero.GatheredParameters(params, modifier_rank=0),
+            ):
+                pass  # module._load_from_state_dict: a copy into the gathered weights
+        for child in module.children():
+            load(child)
+
+    with torch.no_grad():
+        build(model)
+        with recorder.scope("device"):
+            for buffer in model.buffers():
+                buffer.data = buffer.detach().clone()
+        load(model)
+        with recorder.scope("device"):
+            for param in model.parameters():
+                if id(param) in adapters:
+                    param.data = param.detach().clone()
+
+
 def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
     ``recorder`` inside the fake world; returns the wrapper's description."""
     import torch
 
+    if plan.strategy == "zero3":
+        load_zero3(model, plan, recorder)
+        recorder.empty_cache()  # Trainer's accelerator.free_memory() before its loop
     recorder.mark("wrap")
     engine = initialize(model, plan)
     nodes = tag_layers(engine.module, recorder)

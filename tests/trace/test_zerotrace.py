@@ -174,3 +174,40 @@ def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(m
         seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", seq_len=8))
     assert "pip install deepspeed" in str(err.value)
     assert "--allocator-model approximate" in str(err.value)
+
+
+# -- ZeRO-3 ------------------------------------------------------------------------------------
+#: base elements: 2 layers of 36,992 (q 64x64, k, v 64x32, o 64x64, gate, up, down 64x128,
+#: 2 norms of 64) + embedding, head 256x64 and the final norm (tests/trace/test_worldtrace.py)
+BASE = 2 * 36_992 + 32_832
+ROTARY = 64  # the rotary embedding's buffers
+
+
+def test_zero3_lora_load_leaves_rank0_its_partition_of_every_weight_and_whole_adapters():
+    """zero.Init partitions each weight as it is made (every size here is even: halves, no
+    padding); peft's fp32 adapters come after, whole, until deepspeed.initialize."""
+    trace = traced(strategy="zero3")
+    at, live = dict(trace.markers), {}
+    for op, handle, nbytes in trace.events[: at["wrap"]]:
+        if op == ALLOC:
+            live[handle] = nbytes
+        elif op == FREE:
+            live.pop(handle, None)
+    assert sum(live.values()) == BASE // 2 * BF16 + N * FP32 + ROTARY
+    # loading gathers each module's weights whole (the embedding's 256x64 the largest)
+    assert max(trace.events[i][2] for i in range(at["load"], at["wrap"])) == 256 * 64 * BF16
+
+
+def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():
+    trace = traced(strategy="zero3")
+    at = dict(trace.markers)
+    side = collections.Counter(
+        trace.events[i][2]
+        for i in range(at["step0"], at["step0_backward0"])
+        if trace.events[i][0] == ALLOC and trace.streams[i] != 0
+    )
+    assert side[256 * 64 * BF16] == 2  # embedding, head
+    assert side[64 * 128 * BF16] == 2 * 3  # gate, up, down
+    assert side[64 * 64 * BF16] == 2 * 2  # q, o
+    assert side[64 * 32 * BF16] == 2 * 2  # k, v
+    assert side[64 * BF16] == 2 * 2 + 1  # the norms (persistent: gathered once)

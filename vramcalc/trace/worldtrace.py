@@ -2,8 +2,8 @@
 
 What is traced
 --------------
-``trace_world`` does for one rank of an N-GPU FSDP / DDP run what ``memory/steptrace.py``
-does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
+``trace_world`` does for one rank of an N-GPU FSDP / DDP / DeepSpeed ZeRO run what
+``memory/steptrace.py`` does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
 were measured the same way: rank 0 of an N-rank world on torch's fake process group
 (``harness/simworld.py``). In order:
 
@@ -20,9 +20,20 @@ were measured the same way: rank 0 of an N-rank world on torch's fake process gr
 3. the wrap, traced: torch's own FSDP1 ``FullyShardedDataParallel`` with accelerate's
    arguments (``fsdp_kwargs``) and accelerate's fp32 upcast of trainable flat
    parameters; or DDP, whose C++ Reducer cannot run on fake tensors and is re-expressed
-   in Python allocation for allocation (``memory/ddpreducer.py``);
+   in Python allocation for allocation (``memory/ddpreducer.py``); or DeepSpeed's own
+   ``deepspeed.initialize`` with the harness's JSON (``trace/zerotrace.py``);
 4. HF Trainer's steps (autocast forward, backward, FSDP's / torch's gradient clipping,
-   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end).
+   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end;
+   under DeepSpeed: no autocast, ``engine.backward`` / ``engine.step``).
+
+DeepSpeed ZeRO-1/2/3 (``zero1``, ``zero2``, ``zero3``; deepspeed installed) runs its real
+engine and ZeRO optimizers (``stage_1_and_2.py``, ``stage3.py`` with ``zero.Init`` at load
+and its parameter coordinator) on a fake CUDA-like accelerator (``trace/zerofake.py``:
+streams that tag allocations, ``record_stream``, host waits at ``synchronize`` and
+``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
+buffers and buckets are the whole model's). Not traced: ZeRO-Offload (``cpu_offload``)
+and k-bit weights under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes
+the rules, ``memory/distributed.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -54,8 +65,9 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world: they stay rule-based
-  (``memory/distributed.py``); ``check_world_plan`` refuses them.
+* ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) do not run in the fake world: they stay
+  rule-based (``memory/distributed.py``); ``check_world_plan`` refuses them, and every
+  ZeRO plan when deepspeed is not installed.
 
 Not modelled
 ------------
@@ -64,7 +76,7 @@ Not modelled
   holds it until a host wait passes it (FSDP's rate limiter, a synchronize).
 * The other ranks (uneven last shards), real collectives' overlap, NVLink SHARP.
 
-Sources: torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
+Sources: DeepSpeed 0.19.8 (``trace/zerotrace.py``), torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
 ``_runtime_utils``), ``torch/csrc/distributed/c10d/reducer.cpp``, accelerate 1.16
 ``accelerator.py::prepare_model`` and ``FullyShardedDataParallelPlugin`` (1.15's are the
 same for these paths), transformers 5.17 ``trainer.py``, ``modeling_utils.py``

@@ -1,29 +1,42 @@
-"""Run DeepSpeed's own ZeRO (``DeepSpeedEngine``, ``DeepSpeedZeroOptimizer``) on CPU fake tensors
-as it runs on a GPU.
+"""Run DeepSpeed's own ZeRO (``DeepSpeedEngine``, ZeRO-1/2/3) on CPU fake tensors as it runs
+on a GPU.
 
 On a machine without CUDA, DeepSpeed picks its ``CPU_Accelerator``, which says it is a
-*synchronized* device: ZeRO then skips its side streams (``reduction_stream``), its
-``record_stream`` calls and the host waits that go with them. ``zero_on_fake_device`` puts
-in ``FakeCudaAccelerator`` for the duration of a trace (``deepspeed.accelerator``'s global
-accelerator, restored after): the CPU accelerator (device name ``cpu``: tensors stay CPU
-fake tensors) with the answers of DeepSpeed's ``CUDA_Accelerator`` where they differ and
-matter to memory:
+*synchronized* device: ZeRO then skips its side streams (ZeRO-1/2's ``reduction_stream``,
+ZeRO-3's all-gather and reduce-and-partition streams), its ``record_stream`` calls and the
+host waits that go with them. ``zero_on_fake_device`` puts in ``FakeCudaAccelerator`` for
+the duration of a trace (``deepspeed.accelerator``'s global accelerator, restored after):
+the CPU accelerator (device name ``cpu``: tensors stay CPU fake tensors) with the answers of
+DeepSpeed's ``CUDA_Accelerator`` where they differ and matter to memory:
 
 * not a synchronized device (``is_synchronized_device``, ``resolves_data_dependency``,
-  ``handles_memory_backpressure``): ZeRO-1/2 reduce gradients on its ``reduction_stream``
-  and keep the buckets it hands to that stream alive with ``record_stream``;
+  ``handles_memory_backpressure``);
 * streams and events: the recorder's (``FakeDeviceHandle``), so that allocations carry the
   stream they were made on and ``synchronize`` / ``event.synchronize`` are host waits;
 * ``empty_cache``: the caching allocator's, an event of the trace (DeepSpeed calls it while
   it builds its flat buffers);
-* pinned memory (CPU offload): host memory (``pin_memory``, ``is_pinned``,
-  ``on_accelerator``), as the recorder keeps it.
+* ``available_memory``: enough (ZeRO-1/2 flatten on the GPU when the flat buffer fits);
+* pinned memory is host memory (``pin_memory``, ``is_pinned``, ``on_accelerator``);
+* no shared-memory collectives of CPU processes (``ShareMemCommBuilder``: none).
 
-Beside the accelerator, ``Tensor.record_stream`` (refused by CPU tensors) tells the recorder,
-and fake storages get data pointers unique to them (``fsdpfake.storage_pointer``).
+Beside the accelerator, where a CPU fake-tensor run differs from the CUDA one:
+
+* ``Tensor.record_stream`` (refused by CPU tensors) tells the recorder;
+* fake storages get data pointers unique to them (``fsdpfake.storage_pointer``);
+* ``.item()`` / ``bool()`` / ``float()`` / ``int()`` of a fake tensor (ZeRO's overflow
+  check, the gradient norm): a device-to-host copy, so a host wait; the values read are no
+  overflow and norms of 0 (which no allocation depends on);
+* ``Module.to(device)`` of the engine's model, whose weights are on the device already: a
+  no-op, as on the GPU (``Module._apply`` would swap fake parameters);
+* ZeRO-3's checks that all ranks hold the same ids (``assert_ints_same_as_other_ranks``, a
+  broadcast of values): no-ops;
+* the launcher's environment of rank 0 (``LOCAL_RANK``, ...), DeepSpeed's communication
+  backend on torch's fake group (``deepspeed.comm.init_distributed``, as accelerate sets it
+  up before loading), and DeepSpeed's process-group globals made fresh for each trace.
 
 Sources: DeepSpeed 0.19.8 ``accelerator/cuda_accelerator.py``, ``cpu_accelerator.py``,
-``accelerator/real_accelerator.py`` (``set_accelerator``), ``runtime/zero/stage_1_and_2.py``.
+``accelerator/real_accelerator.py``, ``comm/torch.py``, ``runtime/zero/stage_1_and_2.py``,
+``stage3.py``, ``partition_parameters.py``, ``partitioned_param_coordinator.py``, ``utils.py``.
 """
 
 from __future__ import annotations

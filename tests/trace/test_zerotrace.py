@@ -211,3 +211,18 @@ def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():
     assert side[64 * 64 * BF16] == 2 * 2  # q, o
     assert side[64 * 32 * BF16] == 2 * 2  # k, v
     assert side[64 * BF16] == 2 * 2 + 1  # the norms (persistent: gathered once)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_the_repeated_second_step_is_the_traced_third(strategy):
+    """A ZeRO trace is every layer's, with two steps traced and the second repeated
+    (ZeRO-3 records its module order in the first step and prefetches from the second)."""
+    from vramcalc.trace.worldtrace import trace_world
+
+    repeated = traced(strategy=strategy, method="full")
+    whole = trace_world(TINY_LLAMA, plan(strategy=strategy, method="full"), unroll=False)
+    assert repeated.markers == whole.markers
+    assert [(op, nbytes) for op, _, nbytes in repeated.events] == [
+        (op, nbytes) for op, _, nbytes in whole.events
+    ]
+    assert repeated.streams == whole.streams

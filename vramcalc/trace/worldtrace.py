@@ -330,7 +330,8 @@ def trace_world(
     With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
     many and unrolled to all of them, and under FSDP two steps are traced and the second
     repeated (``trace/worldunroll.py``; DDP rebuilds its buckets in the second step, so its
-    steps are traced); where the trace does not have that shape, all of it is traced."""
+    steps are traced); where the trace does not have that shape, all of it is traced. A
+    ZeRO plan is traced with every layer, two steps and the second repeated."""
     check_world_plan(plan)
     return canonical_world(_unrolled(config_dict, plan, steps, num_layers, unroll))
 
@@ -343,7 +344,14 @@ def _unrolled(
     unroll: bool,
 ) -> WorldTrace:
     total = num_layers or config_layers(config_dict)
-    if not unroll or plan.strategy in ZERO:  # ZeRO's flat buffers are the whole model's
+    if not unroll:
+        return _trace(config_dict, plan, steps, num_layers, None)
+    if plan.strategy in ZERO:  # every layer (ZeRO's flat buffers are the whole model's)
+        if steps > 2:  # the second step repeated
+            try:
+                return repeat_world_step(_trace(config_dict, plan, 2, num_layers, None), steps - 2)
+            except UnrollError:
+                pass
         return _trace(config_dict, plan, steps, num_layers, None)
     layers = min(total, TRACED_LAYERS)
     if plan.strategy in SHARDED and steps > 2:

@@ -115,7 +115,8 @@ from vramcalc.trace.worldunroll import (
     layer_maps,
     unroll_world,
 )
-from vramcalc.trace.zerofake import has_deepspeed
+from vramcalc.trace.zerofake import has_deepspeed, zero_on_fake_device
+from vramcalc.trace.zerotrace import zero_steps
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
@@ -389,9 +390,6 @@ def _trace(
     )
 
     sharded, zero = plan.strategy in SHARDED, plan.strategy in ZERO
-    if zero:
-        from vramcalc.trace.zerofake import zero_on_fake_device  # deepspeed: only for ZeRO
-        from vramcalc.trace.zerotrace import zero_steps
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -47,6 +47,7 @@ import unittest.mock
 from collections.abc import Iterator
 from typing import Any
 
+from vramcalc.trace.fsdpfake import patch_all, storage_pointer, tensor_pointer
 from vramcalc.trace.worldrecorder import FakeDeviceHandle, WorldRecorder
 
 
@@ -166,8 +167,6 @@ def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[An
 
     import_deepspeed()
     import deepspeed.accelerator.real_accelerator as real_accelerator
-
-    from vramcalc.trace.fsdpfake import patch_all, storage_pointer, tensor_pointer
 
     handle = FakeDeviceHandle(recorder)
     accelerator = fake_cuda_accelerator(recorder, handle)

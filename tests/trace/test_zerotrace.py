@@ -10,8 +10,8 @@ DeepSpeed 0.19.8 ``stage_1_and_2.py`` (``DeepSpeedZeroOptimizer.__init__``,
 ``initialize_optimizer_states``, ``copy_grads_in_partition``, ``setup_buckets``):
 
 * the flat bf16 buffer: N padded to a multiple of ``2 * world_size`` elements
-  (``nccl_start_alignment_factor`` 2 per rank; each parameter's start aligned to 16 bytes,
-  8 bf16 elements: all of these sizes are multiples of 8);
+  (``nccl_start_alignment_factor`` 2 per rank; ``parameter_alignment`` is off by default:
+  no padding between parameters);
 * rank 0's partition: the flat size / world_size; its fp32 master copy (``.clone()`` in
   bf16, then ``.to(fp32)``), an fp32 gradient partition made and dropped at once, two fp32
   Adam states (torch AdamW, ``zeros_like`` at the first step) and, at each step, the fp32

@@ -173,9 +173,9 @@ class Prepared:
         ``allocator_model``: ``simulate`` (the run traced once per recipe and replayed
         through the caching-allocator model: a fraction of a second per plan, cached) or
         ``approximate`` (the calibrated fraction, only when asked for); default
-        ``default_allocator_model()``. Multi-GPU FSDP1 and DDP plans simulate rank 0 of the
-        world (``memory/worldsim.py``); ZeRO plans are approximate, and marked so
-        (``MemoryEstimate.allocator_model``, the assumptions).
+        ``default_allocator_model()``. Multi-GPU FSDP1, DDP and DeepSpeed ZeRO plans simulate
+        rank 0 of the world (``memory/worldsim.py``); ZeRO-Offload and k-bit ZeRO-3 plans are
+        approximate, and marked so (``MemoryEstimate.allocator_model``, the assumptions).
         """
         if lora_key(plan) != self.lora:
             raise ValueError(
@@ -199,7 +199,8 @@ class Prepared:
 
         A recipe whose training step cannot be traced raises ``SimulationError`` naming it
         and the way out (``--allocator-model approximate``): no answer is silently
-        approximated. A multi-GPU plan: ``worldsim.seam_simulation`` (None for ZeRO)."""
+        approximated. A multi-GPU plan: ``worldsim.seam_simulation`` (None for ZeRO-Offload and k-bit
+        ZeRO-3)."""
         if allocator_model not in ALLOCATOR_MODELS:
             raise ValueError(
                 f"allocator_model {allocator_model!r} is not one of {ALLOCATOR_MODELS}"
@@ -223,7 +224,7 @@ class Prepared:
         """Whether ``plan``'s simulation is on disk already (no trace, no replay to run)."""
         if plan.num_gpus > 1:
             return (
-                plan.strategy not in worldsim.WORLD_STRATEGIES
+                not worldsim.simulates_world(plan)
                 or worldsim.cached_world_simulation(self.spec.config_dict, plan) is not None
             )
         return slack.cached_simulation(self.spec.config_dict, plan) is not None
@@ -474,11 +475,18 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
         else "the default caching allocator"
     )
     if simulation is not None and plan.num_gpus > 1:
+        wrap, code = (
+            ("deepspeed.initialize with the harness's DeepSpeed JSON", "DeepSpeed's own ZeRO code")
+            if plan.strategy in worldsim.ZERO
+            else (
+                f"the {plan.strategy} wrap with accelerate's arguments",
+                "FSDP1 itself; DDP's Reducer re-expressed",
+            )
+        )
         return (
             f"peak allocated and reserved bytes from rank 0's whole run (loading as rank 0 "
-            f"does it, the {plan.strategy} wrap with accelerate's arguments, 3 optimizer steps) "
-            "traced on fake tensors under torch's fake process group (FSDP1 itself; DDP's "
-            f"Reducer re-expressed) and replayed through a model of {mode}, one pool per stream"
+            f"does it, {wrap}, 3 optimizer steps) traced on fake tensors under torch's fake "
+            f"process group ({code}) and replayed through a model of {mode}, one pool per stream"
         )
     if simulation is not None:
         text = (
@@ -493,7 +501,7 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
         return text
     why = (
         worldsim.ZERO_REASON
-        if plan.num_gpus > 1 and plan.strategy not in worldsim.WORLD_STRATEGIES
+        if plan.num_gpus > 1 and not worldsim.simulates_world(plan)
         else "--allocator-model approximate"
     )
     return (
@@ -521,13 +529,20 @@ MULTI_GPU_EVIDENCE = (
     "0.02 %; not yet against a real multi-GPU run (NCCL's buffers and real collectives are not "
     "in a fake world)"
 )
+ZERO_EVIDENCE = (
+    "per-GPU memory of DeepSpeed ZeRO plans simulated with DeepSpeed's own code (rank 0 traced "
+    "under torch's fake process group, trace/zerotrace.py); no measurement checks it yet (no "
+    "ZeRO record, simulated world or real, in data/measurements)"
+)
 
 
 def _assumptions(
     inventory: ModelInventory, plan: TrainingPlan, weights: WeightsEstimate
 ) -> tuple[str, ...]:
     out = [
-        "HF Trainer, bf16=True (forward/backward under bf16 autocast)",
+        "HF Trainer, bf16=True (forward/backward under bf16 autocast)"
+        if plan.strategy not in worldsim.ZERO or plan.num_gpus == 1
+        else "HF Trainer with DeepSpeed bf16 (the model cast to bf16, no autocast)",
         f"base weights loaded in {plan.dtype}"
         + (f", linear layers quantized to {plan.quant}" if plan.is_kbit else ""),
     ]
@@ -601,7 +616,8 @@ def _assumptions(
             + (" with CPU offload" if plan.cpu_offload else "")
             + "; memory is per GPU, each running the full micro-batch"
         )
-        out.append(MULTI_GPU_EVIDENCE)
+        zero = plan.strategy in worldsim.ZERO and worldsim.simulates_world(plan)
+        out.append(ZERO_EVIDENCE if zero else MULTI_GPU_EVIDENCE)
         out.append(NCCL_ASSUMPTION)
     out.append(
         "driver reserve, CUDA context and kernel modules, cuBLAS workspaces from "

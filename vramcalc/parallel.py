@@ -20,7 +20,7 @@ from vramcalc.errors import VramcalcError
 from vramcalc.estimate import default_allocator_model, prepare
 from vramcalc.measurements import plan_of
 from vramcalc.memory.slack import cached_simulation
-from vramcalc.memory.worldsim import WORLD_STRATEGIES, cached_world_simulation
+from vramcalc.memory.worldsim import cached_world_simulation, simulates_world
 from vramcalc.speed.opprofile import profile_cached
 from vramcalc.speed.throughput_fit import compare_records, excluded_reason
 
@@ -46,7 +46,7 @@ def pending(record: dict[str, Any], allocator_model: str | None, memory: bool) -
     if not memory or allocator_model == "approximate":
         return False
     if plan.num_gpus > 1:
-        world = plan.strategy in WORLD_STRATEGIES
+        world = simulates_world(plan)
         return world and cached_world_simulation(config, plan) is None
     return cached_simulation(config, plan) is None
 

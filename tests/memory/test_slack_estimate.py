@@ -165,10 +165,29 @@ def test_multi_gpu_fsdp_and_ddp_plans_simulate_rank_0_of_the_world(tiny_llama_di
         assert any("rank 0's whole run" in line for line in est.assumptions)
 
 
+def test_zero_plans_simulate_rank_0_with_deepspeeds_code_and_say_so(tiny_llama_dir):
+    pytest.importorskip("deepspeed")
+    from vramcalc.estimate import MULTI_GPU_EVIDENCE, ZERO_EVIDENCE, prepare
+    from vramcalc.memory.worldsim import simulate_world
+
+    p = TrainingPlan(
+        str(tiny_llama_dir), method="lora", num_gpus=2, strategy="zero2", seq_len=16, batch_size=2
+    )
+    prepared = prepare(p.model, p)
+    est = prepared.estimate(p, "simulate")
+    world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
+    assert est.allocator_model == "simulated"
+    assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
+    assert ZERO_EVIDENCE in est.assumptions and MULTI_GPU_EVIDENCE not in est.assumptions
+    assert any("DeepSpeed's own ZeRO code" in line for line in est.assumptions)
+
+
 def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
     from vramcalc.memory.worldsim import ZERO_REASON
 
-    p = TrainingPlan(str(tiny_llama_dir), method="lora", num_gpus=2, strategy="zero3")
+    p = TrainingPlan(
+        str(tiny_llama_dir), method="lora", num_gpus=2, strategy="zero2", cpu_offload=True
+    )
     est = prepare(p.model, p).estimate(p)
     assert est.components["allocator_reserve"] == max(
         int(est.peak_allocated_bytes * 0.0863), 41943040

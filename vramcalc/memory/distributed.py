@@ -32,6 +32,12 @@ accelerate configures them with ``auto`` values):
 * ``--cpu-offload``: optimizer states move to CPU (and, for fsdp/zero3, the
   parameter and gradient shards too).
 * Every process also holds NCCL communicator buffers (calibration file).
+
+These rules answer ``--allocator-model approximate``. With the default (``simulate``),
+multi-GPU plans are traced instead (``memory/worldsim.py``): FSDP1 and DDP, and DeepSpeed
+ZeRO-1/2/3 with DeepSpeed's own code (``trace/zerotrace.py``, deepspeed installed); the ZeRO
+rules still answer ZeRO-Offload (``--cpu-offload``) and k-bit ZeRO-3 plans, which the trace
+does not run.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """A multi-GPU plan's per-GPU peaks, from the world trace, per allocator mode; cached on disk.
 
 ``simulate_world`` is ``memory/slack.py::simulate_plan`` for ``num_gpus > 1`` plans that
-``memory/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
-offload, and DDP): it returns the same ``AllocatorSimulation`` (peak allocated, peak
-reserved per allocator mode), so ``estimate_from_inventory(simulation=...)`` takes it as
-it takes a single-GPU one; ``seam_simulation`` is what the estimator's seam
-(``estimate.Prepared.simulation``) asks for a multi-GPU plan: the world simulation, None
-for ZeRO (rule-based, ``ZERO_REASON``), ``SimulationError`` for a plan the world trace cannot
-run. ``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with
-NCCL's buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
+``trace/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
+offload; DDP; DeepSpeed ZeRO-1/2/3 without CPU offload, ZeRO-3 with 16-bit weights:
+DeepSpeed's own code, ``trace/zerotrace.py``): it returns the same ``AllocatorSimulation``
+(peak allocated, peak reserved per allocator mode), so
+``estimate_from_inventory(simulation=...)`` takes it as it takes a single-GPU one;
+``seam_simulation`` is what the estimator's seam (``estimate.Prepared.simulation``) asks for
+a multi-GPU plan: the world simulation, None for ZeRO-Offload and k-bit ZeRO-3 (rule-based,
+``ZERO_REASON``; ``simulates_world``), ``SimulationError`` for a plan the world trace cannot
+run (a ZeRO plan without deepspeed installed among them: ``pip install deepspeed``).
+``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with NCCL's
+buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
 """
 
 from __future__ import annotations
@@ -33,17 +36,34 @@ from vramcalc.memory.slack import (
     write_simulation,
 )
 from vramcalc.memory.worldreplay import replay
-from vramcalc.trace.worldtrace import WORLD_STRATEGIES, check_world_plan, trace_world
+from vramcalc.trace.worldtrace import (
+    WORLD_STRATEGIES,
+    ZERO,
+    check_world_plan,
+    trace_world,
+)
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns (6: the cuBLAS
 #: workspace after its first matmul's output)
 WORLD_SIMULATION_VERSION = 6
-#: why a ZeRO plan's peaks are the rules' (``MemoryEstimate`` assumptions)
+#: why a ZeRO-Offload or k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate``
+#: assumptions)
 ZERO_REASON = (
-    "ZeRO (DeepSpeed) is not simulated: the world trace runs FSDP1 and DDP only, so its "
-    "per-GPU bytes are memory/distributed.py's rules"
+    "ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) are not simulated: the world trace runs "
+    "DeepSpeed's ZeRO with every partition on the GPU and 16-bit weights under ZeRO-3 only, "
+    "so its per-GPU bytes are memory/distributed.py's rules"
 )
+
+
+def simulates_world(plan: TrainingPlan) -> bool:
+    """Whether the world trace answers this multi-GPU plan (else the rules, ``ZERO_REASON``):
+    FSDP1, DDP, and ZeRO-1/2/3 without CPU offload (``offload_optimizer`` puts ZeRO's
+    partitions in host memory the fake device cannot tell from its own), ZeRO-3 with 16-bit
+    weights only (4-bit ones load without ``zero.Init``: not traced)."""
+    if plan.strategy in ZERO:
+        return not plan.cpu_offload and not (plan.strategy == "zero3" and plan.is_kbit)
+    return plan.strategy in WORLD_STRATEGIES
 
 
 def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
@@ -55,7 +75,18 @@ def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
         "cpu_offload": plan.cpu_offload,
         "v": WORLD_SIMULATION_VERSION,
     }
+    if plan.strategy in ZERO:  # DeepSpeed's code is what runs
+        world["deepspeed"] = _deepspeed_version()
     return "world-" + hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _deepspeed_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return None
 
 
 def cached_world_simulation(config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation | None:
@@ -93,12 +124,12 @@ def simulate_world(
 def seam_simulation(
     model_name: str, config_dict: dict, plan: TrainingPlan
 ) -> AllocatorSimulation | None:
-    """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``) and
-    DDP plans simulated (``simulate_world``); ZeRO plans None (the rules, ``ZERO_REASON``); a
-    plan the world trace refuses (FSDP cannot shard bitsandbytes' int8 weights) or fails on
-    is a ``SimulationError`` naming ``--allocator-model approximate``: no answer is silently
-    approximated."""
-    if plan.strategy not in WORLD_STRATEGIES:
+    """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``), DDP
+    and ZeRO plans simulated (``simulate_world``); ZeRO-Offload and k-bit ZeRO-3 plans None
+    (the rules, ``ZERO_REASON``); a plan the world trace refuses (FSDP cannot shard bitsandbytes'
+    int8 weights; ZeRO without deepspeed installed) or fails on is a ``SimulationError``
+    naming ``--allocator-model approximate``: no answer is silently approximated."""
+    if not simulates_world(plan):
         return None
     way_out = "--allocator-model approximate gives the rule-based estimate instead"
     try:

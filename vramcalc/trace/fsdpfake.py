@@ -48,7 +48,7 @@ _POINTER_STRIDE = 1 << 40  # fake data pointers: storage key * stride + byte off
 
 
 @contextlib.contextmanager
-def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
+def patched(target: Any, name: str, value: Any) -> Iterator[None]:
     original = target.__dict__[name] if isinstance(target, type) else getattr(target, name)
     setattr(target, name, value)
     try:
@@ -57,8 +57,28 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
         setattr(target, name, original)
 
 
-def _storage_pointer(storage: Any) -> int:
+def storage_pointer(storage: Any) -> int:
+    """A fake storage's data pointer: unique to it, 0 once freed (as CUDA's)."""
     return storage._cdata * _POINTER_STRIDE if storage.nbytes() else 0
+
+
+def tensor_pointer(tensor: Any) -> int:
+    """A fake tensor's data pointer: its storage's, plus its offset in bytes."""
+    storage = tensor.untyped_storage()
+    if not storage.nbytes():
+        return 0
+    return storage_pointer(storage) + tensor.storage_offset() * tensor.element_size()
+
+
+def patch_all(stack: contextlib.ExitStack, patches: Any) -> None:
+    """Each ``(target, name, value)`` of ``patches`` set on ``stack``, undone when it closes
+    (a name a class does not define itself is deleted again)."""
+    for target, name, value in patches:
+        if isinstance(target, type) and name not in target.__dict__:
+            setattr(target, name, value)
+            stack.callback(delattr, target, name)
+        else:
+            stack.enter_context(patched(target, name, value))
 
 
 @contextlib.contextmanager
@@ -82,12 +102,6 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
         if storage.nbytes() != before:
             recorder.resized(storage, int(storage.nbytes()))
         return out
-
-    def tensor_pointer(tensor: Any) -> int:
-        storage = tensor.untyped_storage()
-        if not storage.nbytes():
-            return 0
-        return _storage_pointer(storage) + tensor.storage_offset() * tensor.element_size()
 
     def move_states_to_device(params: list, buffers: list, device: Any) -> None:
         with torch.no_grad(), recorder.scope("device"):
@@ -227,28 +241,26 @@ def fsdp1_on_fake_device(recorder: WorldRecorder) -> Iterator[FakeDeviceHandle]:
         # made here, before the recorder runs, so that no trace depends on what ran before
         flat_param_module._get_dtype_size(dtype)
     with contextlib.ExitStack() as stack:
-        for target, name, value in (
-            (_FSDPDeviceHandle, "from_device", classmethod(from_device)),
-            (init_utils, "_check_module_states_for_sync_module_states", lambda states: None),
-            (init_utils, "_move_states_to_device", move_states_to_device),
-            # DDP's check that every rank has the same shapes reads values (one small tensor)
-            (ddp_module, "_verify_param_shape_across_processes", lambda group, params: None),
-            (torch.UntypedStorage, "resize_", resize_),
-            (torch.UntypedStorage, "data_ptr", _storage_pointer),
-            (FakeTensor, "data_ptr", tensor_pointer),
-            (FakeTensor, "pin_memory", pin_memory),
-            (FlatParamHandle, "flat_param_to", flat_param_to),
-            (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
-            (FlatParamHandle, "pre_unshard", pre_unshard),
-            (FlatParamHandle, "init_flat_param_attributes", init_flat_param_attributes),
-            (FlatParamHandle, "prepare_gradient_for_backward", prepare_gradient_for_backward),
-            (flat_param_module, "_no_dispatch_record_stream", recorder.record_stream),
-            (runtime_utils, "_no_dispatch_record_stream", recorder.record_stream),
-            (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),
-        ):
-            if isinstance(target, type) and name not in target.__dict__:
-                setattr(target, name, value)
-                stack.callback(delattr, target, name)
-            else:
-                stack.enter_context(_patched(target, name, value))
+        patch_all(
+            stack,
+            (
+                (_FSDPDeviceHandle, "from_device", classmethod(from_device)),
+                (init_utils, "_check_module_states_for_sync_module_states", lambda states: None),
+                (init_utils, "_move_states_to_device", move_states_to_device),
+                # DDP's check that every rank has the same shapes reads values (one small tensor)
+                (ddp_module, "_verify_param_shape_across_processes", lambda group, params: None),
+                (torch.UntypedStorage, "resize_", resize_),
+                (torch.UntypedStorage, "data_ptr", storage_pointer),
+                (FakeTensor, "data_ptr", tensor_pointer),
+                (FakeTensor, "pin_memory", pin_memory),
+                (FlatParamHandle, "flat_param_to", flat_param_to),
+                (FlatParamHandle, "_use_low_precision_shard", use_low_precision_shard),
+                (FlatParamHandle, "pre_unshard", pre_unshard),
+                (FlatParamHandle, "init_flat_param_attributes", init_flat_param_attributes),
+                (FlatParamHandle, "prepare_gradient_for_backward", prepare_gradient_for_backward),
+                (flat_param_module, "_no_dispatch_record_stream", recorder.record_stream),
+                (runtime_utils, "_no_dispatch_record_stream", recorder.record_stream),
+                (init_utils, "_init_param_handle_from_params", init_param_handle_from_params),
+            ),
+        )
         yield handle

@@ -443,15 +443,19 @@ def hook_backward(loss: Any, nodes: dict[Any, int], enter: Callable[[int], None]
         node.register_prehook(prehook)
 
 
-def backward(recorder: Any, loss: Any, nodes: dict[Any, int], label: str) -> None:
+def backward(recorder: Any, loss: Any, nodes: dict[Any, int], label: str, run: Any = None) -> None:
     """A micro-batch's backward as both step traces record it: each graph node tells
     ``recorder`` its decoder layer (``hook_backward``), ``label`` marks where it starts, and
-    ``recorder.in_backward`` holds while it runs."""
+    ``recorder.in_backward`` holds while it runs; ``run(loss)`` runs it (default
+    ``loss.backward()``; DeepSpeed: ``engine.backward``)."""
     recorder.layer = -1
     hook_backward(loss, nodes, lambda layer: setattr(recorder, "layer", layer))
     recorder.mark(label)
     recorder.in_backward = True
-    loss.backward()
+    if run is None:
+        loss.backward()
+    else:
+        run(loss)
     recorder.in_backward = False
     recorder.layer = -1
     nodes.clear()

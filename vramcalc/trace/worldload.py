@@ -37,8 +37,9 @@ SHARDED = ("fsdp", "fsdp-grad-op")
 
 
 def loads_on_gpu(plan: TrainingPlan) -> bool:
-    """Whether rank 0 loads onto the GPU (``device_map``) or on the CPU (FSDP, 16-bit)."""
-    return not (plan.strategy in SHARDED and not plan.is_kbit)
+    """Whether rank 0 loads onto the GPU (``device_map``) or on the CPU (FSDP, 16-bit), or
+    partitioned by ``zero.Init`` (ZeRO-3: ``trace/zerotrace.py::load_zero3`` lays it out)."""
+    return not (plan.strategy in (*SHARDED, "zero3") and not plan.is_kbit)
 
 
 def _nbytes(tensor: Any) -> int:

@@ -180,6 +180,8 @@ class WorldRecorder(StepRecorder):
 
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
             return
+        if tensor.is_meta:  # a shape only (DeepSpeed's ``zeros_like(p, device="meta")``)
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._handles:

@@ -2,8 +2,8 @@
 
 What is traced
 --------------
-``trace_world`` does for one rank of an N-GPU FSDP / DDP run what ``memory/steptrace.py``
-does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
+``trace_world`` does for one rank of an N-GPU FSDP / DDP / DeepSpeed ZeRO run what
+``memory/steptrace.py`` does for one GPU. The simulated-world records (``data/measurements/h100_world_*.jsonl``)
 were measured the same way: rank 0 of an N-rank world on torch's fake process group
 (``harness/simworld.py``). In order:
 
@@ -20,9 +20,20 @@ were measured the same way: rank 0 of an N-rank world on torch's fake process gr
 3. the wrap, traced: torch's own FSDP1 ``FullyShardedDataParallel`` with accelerate's
    arguments (``fsdp_kwargs``) and accelerate's fp32 upcast of trainable flat
    parameters; or DDP, whose C++ Reducer cannot run on fake tensors and is re-expressed
-   in Python allocation for allocation (``memory/ddpreducer.py``);
+   in Python allocation for allocation (``memory/ddpreducer.py``); or DeepSpeed's own
+   ``deepspeed.initialize`` with the harness's JSON (``trace/zerotrace.py``);
 4. HF Trainer's steps (autocast forward, backward, FSDP's / torch's gradient clipping,
-   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end).
+   the optimizer, ``model.zero_grad()``, the harness's synchronize at each step end;
+   under DeepSpeed: no autocast, ``engine.backward`` / ``engine.step``).
+
+DeepSpeed ZeRO-1/2/3 (``zero1``, ``zero2``, ``zero3``; deepspeed installed) runs its real
+engine and ZeRO optimizers (``stage_1_and_2.py``, ``stage3.py`` with ``zero.Init`` at load
+and its parameter coordinator) on a fake CUDA-like accelerator (``trace/zerofake.py``:
+streams that tag allocations, ``record_stream``, host waits at ``synchronize`` and
+``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
+buffers and buckets are the whole model's). Not traced: ZeRO-Offload (``cpu_offload``)
+and k-bit weights under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes
+the rules, ``memory/distributed.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -54,8 +65,9 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* ZeRO-1/2/3 (DeepSpeed) do not run in the fake world: they stay rule-based
-  (``memory/distributed.py``); ``check_world_plan`` refuses them.
+* ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) do not run in the fake world: they stay
+  rule-based (``memory/distributed.py``); ``check_world_plan`` refuses them, and every
+  ZeRO plan when deepspeed is not installed.
 
 Not modelled
 ------------
@@ -64,7 +76,7 @@ Not modelled
   holds it until a host wait passes it (FSDP's rate limiter, a synchronize).
 * The other ranks (uneven last shards), real collectives' overlap, NVLink SHARP.
 
-Sources: torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
+Sources: DeepSpeed 0.19.8 (``trace/zerotrace.py``), torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
 ``_runtime_utils``), ``torch/csrc/distributed/c10d/reducer.cpp``, accelerate 1.16
 ``accelerator.py::prepare_model`` and ``FullyShardedDataParallelPlugin`` (1.15's are the
 same for these paths), transformers 5.17 ``trainer.py``, ``modeling_utils.py``
@@ -103,10 +115,14 @@ from vramcalc.trace.worldunroll import (
     layer_maps,
     unroll_world,
 )
+from vramcalc.trace.zerofake import has_deepspeed, zero_on_fake_device
+from vramcalc.trace.zerotrace import zero_steps
 from vramcalc.training_plan import TrainingPlan
 
 SHARDED = ("fsdp", "fsdp-grad-op")
-WORLD_STRATEGIES = (*SHARDED, "ddp")
+ZERO = ("zero1", "zero2", "zero3")  # DeepSpeed's own code (trace/zerotrace.py)
+WORLD_STRATEGIES = (*SHARDED, "ddp", *ZERO)
+DEEPSPEED_HINT = "pip install deepspeed (vramcalc's zero extra: pip install 'vramcalc[zero]')"
 BUCKET_CAP_MB = 25  # DistributedDataParallel's default, as accelerate passes it
 
 
@@ -141,7 +157,20 @@ def check_world_plan(plan: TrainingPlan) -> None:
     if plan.strategy not in WORLD_STRATEGIES:
         problems.append(
             f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)} "
-            "(ZeRO stays rule-based, memory/distributed.py)"
+            "(ZeRO-3 stays rule-based, memory/distributed.py)"
+        )
+    if plan.strategy in ZERO and not has_deepspeed():
+        problems.append(
+            f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
+            f"installed: {DEEPSPEED_HINT}"
+        )
+    if plan.strategy in ZERO and plan.cpu_offload:
+        problems.append(
+            f"cpu_offload under {plan.strategy}: ZeRO-Offload (host partitions) is not traced"
+        )
+    if plan.strategy == "zero3" and plan.is_kbit:
+        problems.append(
+            f"quant {plan.quant} under zero3: k-bit weights under ZeRO-3 are not traced"
         )
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
@@ -302,7 +331,8 @@ def trace_world(
     With ``unroll``, a model of more than ``unroll.TRACED_LAYERS`` layers is traced with that
     many and unrolled to all of them, and under FSDP two steps are traced and the second
     repeated (``trace/worldunroll.py``; DDP rebuilds its buckets in the second step, so its
-    steps are traced); where the trace does not have that shape, all of it is traced."""
+    steps are traced); where the trace does not have that shape, all of it is traced. A
+    ZeRO plan is traced with every layer, two steps and the second repeated."""
     check_world_plan(plan)
     return canonical_world(_unrolled(config_dict, plan, steps, num_layers, unroll))
 
@@ -316,6 +346,13 @@ def _unrolled(
 ) -> WorldTrace:
     total = num_layers or config_layers(config_dict)
     if not unroll:
+        return _trace(config_dict, plan, steps, num_layers, None)
+    if plan.strategy in ZERO:  # every layer (ZeRO's flat buffers are the whole model's)
+        if steps > 2:  # the second step repeated
+            try:
+                return repeat_world_step(_trace(config_dict, plan, 2, num_layers, None), steps - 2)
+            except UnrollError:
+                pass
         return _trace(config_dict, plan, steps, num_layers, None)
     layers = min(total, TRACED_LAYERS)
     if plan.strategy in SHARDED and steps > 2:
@@ -352,7 +389,7 @@ def _trace(
         gpu_code_paths,
     )
 
-    sharded = plan.strategy in SHARDED
+    sharded, zero = plan.strategy in SHARDED, plan.strategy in ZERO
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -375,10 +412,13 @@ def _trace(
         quiet(),
         gpu_code_paths(),
         cuda_functions(),
-        fsdp1_on_fake_device(recorder),
+        zero_on_fake_device(recorder, plan.num_gpus) if zero else fsdp1_on_fake_device(recorder),
         fsdp_layer_tags(recorder) if sharded else contextlib.nullcontext(),
         recorder.mode,
     ):
+        if zero:
+            wrapper = zero_steps(model, plan, recorder, steps)
+            return _world_trace(recorder, num_decoder_layers, wrapper)
         recorder.mark("wrap")
         if sharded:
             wrapped = wrap_fsdp(model, plan, recorder)
@@ -420,6 +460,10 @@ def _trace(
         recorder.mark("end")
         recorder.stopped = True  # what is freed after the last step cannot raise a peak
         del optimizer, params, wrapped
+    return _world_trace(recorder, num_decoder_layers, wrapper)
+
+
+def _world_trace(recorder: WorldRecorder, num_decoder_layers: int, wrapper: str) -> WorldTrace:
     return WorldTrace(
         tuple(recorder.events),
         tuple(recorder.streams),

@@ -1,0 +1,228 @@
+"""Rank 0 of a DeepSpeed ZeRO-1/2 world: DeepSpeed's own code traced on fake tensors
+(vramcalc/trace/zerotrace.py, zerofake.py).
+
+Tiny Llama (tests/conftest.py): hidden 64, 2 layers, q/o 64x64, k/v 64x32. LoRA r=8 on
+q, k, v, o: A is 8 x in, B is out x 8, so a layer's adapters hold 8*(64+64) + 8*(64+32) +
+8*(64+32) + 8*(64+64) = 3,584 elements and the model's N = 7,168, in this order (q A, q B,
+k A, k B, v A, v B, o A, o B per layer; peft's fp32 adapters, cast to bf16 by the engine).
+
+DeepSpeed 0.19.8 ``stage_1_and_2.py`` (``DeepSpeedZeroOptimizer.__init__``,
+``initialize_optimizer_states``, ``copy_grads_in_partition``, ``setup_buckets``):
+
+* the flat bf16 buffer: N padded to a multiple of ``2 * world_size`` elements
+  (``nccl_start_alignment_factor`` 2 per rank; ``parameter_alignment`` is off by default:
+  no padding between parameters);
+* rank 0's partition: the flat size / world_size; its fp32 master copy (``.clone()`` in
+  bf16, then ``.to(fp32)``), an fp32 gradient partition made and dropped at once, two fp32
+  Adam states (torch AdamW, ``zeros_like`` at the first step) and, at each step, the fp32
+  gradient partition (``flatten(averaged_gradients).to(fp32)``);
+* the reduce bucket (``contiguous_gradients``): ``reduce_bucket_size`` = hidden² = 4,096
+  bf16 elements; the contiguous gradients of rank 0's partition: every parameter that starts
+  in it, whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import pytest
+
+from tests.conftest import TINY_LLAMA
+from vramcalc.errors import InvalidPlanError, SimulationError
+from vramcalc.memory.allocator import ALLOC, FREE
+from vramcalc.training_plan import TrainingPlan
+
+pytest.importorskip("deepspeed")
+
+BF16, FP32 = 2, 4
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+LAYER_ADAPTERS = (512, 512, 512, 256, 512, 256, 512, 512)  # q A, q B, k A, k B, v A, v B, o A, o B
+N = 2 * sum(LAYER_ADAPTERS)  # 7,168
+BUCKET = 64 * 64  # reduce_bucket_size = hidden²
+
+
+def plan(**fields) -> TrainingPlan:  # type: ignore[no-untyped-def]
+    base = dict(
+        model="tiny",
+        seq_len=16,
+        batch_size=2,
+        num_gpus=2,
+        gradient_checkpointing=True,
+        method="lora",
+        targets=QKVO,
+    )
+    return TrainingPlan(**{**base, **fields})
+
+
+@functools.cache
+def traced(**fields):  # type: ignore[no-untyped-def]
+    from vramcalc.trace.worldtrace import trace_world
+
+    return trace_world(TINY_LLAMA, plan(**fields))
+
+
+def labelled(trace, start: str, stop: str) -> collections.Counter:  # type: ignore[no-untyped-def]
+    """(aten op, bytes) -> count of the allocations of 1 KiB or more between two markers."""
+    at = dict(trace.markers)
+    return collections.Counter(
+        (trace.labels[i], trace.events[i][2])
+        for i in range(at[start], at[stop])
+        if trace.events[i][0] == ALLOC and trace.events[i][2] >= 1024
+    )
+
+
+def flat_and_partition(world_size: int) -> tuple[int, int]:
+    alignment = 2 * world_size
+    flat = -(-N // alignment) * alignment
+    return flat, flat // world_size
+
+
+def partition_params(partition: int) -> int:
+    """Elements of the parameters that start in rank 0's partition (whole)."""
+    total = start = 0
+    for numel in LAYER_ADAPTERS * 2:
+        if start < partition:
+            total += numel
+        start += numel
+    return total
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_zero2_lora_wrap_allocates_the_flat_buffer_and_the_fp32_master_partition(world_size):
+    trace = traced(strategy="zero2", num_gpus=world_size)
+    flat, partition = flat_and_partition(world_size)
+    assert (flat, partition) == ((7168, 3584) if world_size == 2 else (7170, 2390))
+    wrap = labelled(trace, "wrap", "step0")
+    # peft's fp32 adapters cast to bf16 by the engine (the q/k/v/o A and B of 512 elements)
+    assert wrap[("_to_copy", 512 * BF16)] == 2 * 6
+    del wrap[("_to_copy", 512 * BF16)]
+    assert wrap == {
+        ("cat", flat * BF16): 1,  # the flat bf16 buffer of the trainable parameters
+        ("clone", partition * BF16): 1,  # rank 0's partition copied ...
+        ("_to_copy", partition * FP32): 1,  # ... to its fp32 master copy
+        ("zeros", partition * FP32): 1,  # the fp32 gradient partition (dropped at once)
+    }
+
+
+def test_zero2_lora_step_allocates_adam_states_and_the_gradient_partition():
+    trace = traced(strategy="zero2")
+    flat, partition = flat_and_partition(2)
+    backward = labelled(trace, "step0_backward0", "step0_optimizer")
+    assert backward[("empty", BUCKET * BF16)] == 1  # the reduce bucket (ipg buffer)
+    assert backward[("empty", partition_params(partition) * BF16)] == 1  # grads_in_partition
+    optimizer = labelled(trace, "step0_optimizer", "step1")
+    assert optimizer[("zeros_like", partition * FP32)] == 2  # exp_avg, exp_avg_sq
+    assert optimizer[("_to_copy", partition * FP32)] == 1  # the fp32 gradient partition
+    # the second step makes no new states
+    assert labelled(trace, "step1_optimizer", "step2")[("zeros_like", partition * FP32)] == 0
+
+
+def test_zero2_frees_other_ranks_gradients_as_buckets_fill_where_zero1_keeps_them():
+    """ZeRO-1 reduces every gradient at the end of backward; ZeRO-2 reduces each bucket as it
+    fills and drops the gradients rank 0 does not own: its backward holds less, the rest of
+    the step is the same."""
+
+    def backward_peak(trace) -> int:  # type: ignore[no-untyped-def]
+        at, live, peak = dict(trace.markers), {}, 0
+        for index, (op, handle, nbytes) in enumerate(trace.events[: at["step0_optimizer"]]):
+            if op == ALLOC:
+                live[handle] = nbytes
+            elif op == FREE:
+                live.pop(handle, None)
+            if index >= at["step0_backward0"]:
+                peak = max(peak, sum(live.values()))
+        return peak
+
+    zero1, zero2 = traced(strategy="zero1", method="full"), traced(strategy="zero2", method="full")
+    assert backward_peak(zero1) > backward_peak(zero2)
+    assert labelled(zero1, "wrap", "step0") == labelled(zero2, "wrap", "step0")
+    assert labelled(zero1, "step0_optimizer", "end") == labelled(zero2, "step0_optimizer", "end")
+
+
+def test_zero_config_is_the_harness_deepspeed_json():
+    from vramcalc.trace.zerotrace import zero_config
+    from vramcalc_harness.distributed import deepspeed_config
+    from vramcalc_harness.scenario import Case
+
+    for strategy in ("zero1", "zero2"):
+        p = TrainingPlan(
+            model="meta-llama/Llama-3.1-8B", method="lora", num_gpus=2, strategy=strategy
+        )
+        assert zero_config(p, 4096) == deepspeed_config(Case(p))
+
+
+def test_seam_simulates_zero_plans():
+    from vramcalc.memory.worldsim import seam_simulation
+
+    simulation = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2"))
+    assert simulation is not None
+    assert simulation.peak_allocated_bytes["default"] > 0
+    # the rules: ZeRO-Offload, k-bit weights under ZeRO-3
+    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True)) is None
+    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="nf4")) is None
+
+
+def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(monkeypatch):
+    import vramcalc.trace.worldtrace as worldtrace
+    from vramcalc.memory.worldsim import seam_simulation
+
+    monkeypatch.setattr(worldtrace, "has_deepspeed", lambda: False)
+    with pytest.raises(InvalidPlanError, match="pip install deepspeed"):
+        worldtrace.check_world_plan(plan(strategy="zero1"))
+    with pytest.raises(SimulationError) as err:
+        seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", seq_len=8))
+    assert "pip install deepspeed" in str(err.value)
+    assert "--allocator-model approximate" in str(err.value)
+
+
+# -- ZeRO-3 ------------------------------------------------------------------------------------
+#: base elements: 2 layers of 36,992 (q 64x64, k, v 64x32, o 64x64, gate, up, down 64x128,
+#: 2 norms of 64) + embedding, head 256x64 and the final norm (tests/trace/test_worldtrace.py)
+BASE = 2 * 36_992 + 32_832
+ROTARY = 64  # the rotary embedding's buffers
+
+
+def test_zero3_lora_load_leaves_rank0_its_partition_of_every_weight_and_whole_adapters():
+    """zero.Init partitions each weight as it is made (every size here is even: halves, no
+    padding); peft's fp32 adapters come after, whole, until deepspeed.initialize."""
+    trace = traced(strategy="zero3")
+    at, live = dict(trace.markers), {}
+    for op, handle, nbytes in trace.events[: at["wrap"]]:
+        if op == ALLOC:
+            live[handle] = nbytes
+        elif op == FREE:
+            live.pop(handle, None)
+    assert sum(live.values()) == BASE // 2 * BF16 + N * FP32 + ROTARY
+    # loading gathers each module's weights whole (the embedding's 256x64 the largest)
+    assert max(trace.events[i][2] for i in range(at["load"], at["wrap"])) == 256 * 64 * BF16
+
+
+def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():
+    trace = traced(strategy="zero3")
+    at = dict(trace.markers)
+    side = collections.Counter(
+        trace.events[i][2]
+        for i in range(at["step0"], at["step0_backward0"])
+        if trace.events[i][0] == ALLOC and trace.streams[i] != 0
+    )
+    assert side[256 * 64 * BF16] == 2  # embedding, head
+    assert side[64 * 128 * BF16] == 2 * 3  # gate, up, down
+    assert side[64 * 64 * BF16] == 2 * 2  # q, o
+    assert side[64 * 32 * BF16] == 2 * 2  # k, v
+    assert side[64 * BF16] == 2 * 2 + 1  # the norms (persistent: gathered once)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_the_repeated_second_step_is_the_traced_third(strategy):
+    """A ZeRO trace is every layer's, with two steps traced and the second repeated
+    (ZeRO-3 records its module order in the first step and prefetches from the second)."""
+    from vramcalc.trace.worldtrace import trace_world
+
+    repeated = traced(strategy=strategy, method="full")
+    whole = trace_world(TINY_LLAMA, plan(strategy=strategy, method="full"), unroll=False)
+    assert repeated.markers == whole.markers
+    assert [(op, nbytes) for op, _, nbytes in repeated.events] == [
+        (op, nbytes) for op, _, nbytes in whole.events
+    ]
+    assert repeated.streams == whole.streams

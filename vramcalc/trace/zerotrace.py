@@ -1,0 +1,201 @@
+"""Rank 0 of a DeepSpeed ZeRO world: ``deepspeed.initialize`` and Trainer's steps, on fake tensors.
+
+What runs is DeepSpeed's own code (``DeepSpeedEngine``; ZeRO-1/2: ``DeepSpeedZeroOptimizer``,
+``runtime/zero/stage_1_and_2.py``; ZeRO-3: ``DeepSpeedZeroOptimizer_Stage3``, ``zero.Init``'s
+partitioned parameters and the parameter coordinator) with the JSON the harness writes
+(``harness/distributed.py::deepspeed_config``, mirrored by ``zero_config``), on the fake
+accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate:
+
+0. ZeRO-3 only, the load (``load_zero3``): transformers builds the model inside
+   ``zero.Init`` (each module's weights made on the GPU and partitioned at once), loads the
+   checkpoint module by module into gathered weights, and peft adds its fp32 adapters whole
+   on the GPU (ZeRO-1/2 load with a ``device_map``, ``trace/worldload.py``);
+1. Trainer builds its optimizer on the trainable parameters (``deepspeed_init`` ->
+   ``create_optimizer``: torch's AdamW, ``steptrace.trainer_optimizer``) and accelerate's
+   ``_prepare_deepspeed`` hands model and optimizer to ``deepspeed.initialize``. ZeRO-1/2:
+   the engine casts every floating parameter to the 16-bit dtype (peft's fp32 adapters too),
+   and ZeRO flattens the trainable ones into one aligned bf16 buffer, keeps an fp32 master
+   copy of rank 0's partition and points the optimizer at it. ZeRO-3: no cast (the model
+   is zero.Init's), the adapters are partitioned, rank 0's partitions flattened;
+2. per micro-batch: the forward with no autocast (accelerate turns ``native_amp`` off under
+   DeepSpeed), ``engine.backward(loss)`` (ZeRO's gradient hooks fill its reduce buckets and
+   keep rank 0's partition; ZeRO-3 gathers each module's weights around its forward and
+   backward, prefetching from the second step), ``set_gradient_accumulation_boundary`` as
+   accelerate's ``DeepSpeedEngineWrapper`` sets it, ``engine.step()`` after the last one
+   (ZeRO's own clipping at ``gradient_clipping`` 1.0, the optimizer on the fp32 partition,
+   the 16-bit partition updated), Trainer's ``model.zero_grad()`` and the harness's
+   synchronize at each step end.
+
+A ZeRO trace is not unrolled over layers (``trace/worldunroll.py``): ZeRO's flat buffers,
+partitions and bucket boundaries follow from the sizes of all the trainable parameters
+together, so every decoder layer is traced; two steps are traced and the second repeated
+(``worldrepeat.repeat_world_step``; ZeRO-3 records its module order in the first step and
+prefetches from the second on: the third step is the second's, event for event). The cost
+(two CPU cores, LoRA at 2,048 tokens, 3 steps, trace and replay): Llama-3.1-8B on 2 GPUs
+about 11 s under ZeRO-1/2 (20 s with DeepSpeed's first import) and 30 s under ZeRO-3.
+
+Not traced: ZeRO-Offload (``offload_optimizer`` / ``offload_param``: host partitions that a
+fake CPU device cannot tell from its own) and k-bit weights under ZeRO-3 (transformers loads
+them without ``zero.Init``); both stay rule-based (``memory/distributed.py``). Transformers
+initializes under a gather only the weights a checkpoint lacks (``_initialize_missing_keys``):
+none here.
+
+Sources: DeepSpeed 0.19.8 ``runtime/engine.py``, ``runtime/zero/stage_1_and_2.py``,
+``stage3.py``, ``partition_parameters.py``; accelerate 1.15 ``accelerator.py::
+_prepare_deepspeed``, ``utils/deepspeed.py``; transformers 5.17 ``integrations/deepspeed.py``
+(``deepspeed_init``, ``_load_state_dict_into_zero3_model``), ``modeling_utils.py``,
+``trainer.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vramcalc.trace.steptrace import backward, tag_layers, trainer_optimizer
+from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.zerofake import import_deepspeed
+from vramcalc.training_plan import TrainingPlan
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+MAX_GRAD_NORM = 1.0  # Trainer's default, the harness's gradient_clipping
+
+
+def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON the harness writes for ``plan`` (``harness/distributed.py::
+    deepspeed_config``): bucket sizes from ``hidden_size`` as accelerate fills ``auto``."""
+    stage = ZERO_STAGES[plan.strategy]
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": hidden_size * hidden_size,
+    }
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if plan.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": plan.batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
+        "gradient_clipping": MAX_GRAD_NORM,
+        "bf16": {"enabled": plan.dtype != "fp16"},
+        "fp16": {"enabled": plan.dtype == "fp16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: Any, plan: TrainingPlan) -> Any:
+    """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer; the engine."""
+    deepspeed = import_deepspeed()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = trainer_optimizer(params, plan)
+    config = zero_config(plan, int(model.config.hidden_size))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
+    """Rank 0's load under ZeRO-3 (transformers' ``from_pretrained`` inside
+    ``deepspeed.zero.Init``): each module's parameters made on the GPU as it is built and
+    partitioned at once (children before their parent), then, module by module, gathered
+    whole to load the checkpoint into and partitioned again
+    (``_load_state_dict_into_zero3_model``: ``GatheredParameters(modifier_rank=0)``);
+    buffers on the GPU; peft's adapters made whole on the GPU afterwards (partitioned by
+    ``deepspeed.initialize``). The model arrives with every storage on the host."""
+    import torch
+
+    deepspeed = import_deepspeed()
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    config = zero_config(plan, int(model.config.hidden_size))
+    init = deepspeed.zero.Init(config_dict_or_path=config)  # not entered: nothing patched
+    adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+
+    def build(module: Any) -> None:
+        for child in module.children():
+            build(child)
+        params = [
+            p
+            for p in module.parameters(recurse=False)
+            if id(p) not in adapters and not is_zero_param(p)
+        ]
+        if params:
+            with recorder.in_layer(recorder.layer_of(module)), recorder.scope("device"):
+                for param in params:
+                    param.data = param.detach().clone()  # made on the GPU
+                init._convert_to_zero_parameters(params)
+
+    def load(module: Any) -> None:
+        params = [p for p in module.parameters(recurse=False) if id(p) not in adapters]
+        if params:
+            with (
+                recorder.in_layer(recorder.layer_of(module)),
+                deepspeed.zero.GatheredParameters(params, modifier_rank=0),
+            ):
+                pass  # module._load_from_state_dict: a copy into the gathered weights
+        for child in module.children():
+            load(child)
+
+    with torch.no_grad():
+        build(model)
+        with recorder.scope("device"):
+            for buffer in model.buffers():
+                buffer.data = buffer.detach().clone()
+        load(model)
+        with recorder.scope("device"):
+            for param in model.parameters():
+                if id(param) in adapters:
+                    param.data = param.detach().clone()
+
+
+def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
+    """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
+    ``recorder`` inside the fake world; returns the wrapper's description."""
+    import torch
+
+    if plan.strategy == "zero3":
+        load_zero3(model, plan, recorder)
+        recorder.empty_cache()  # Trainer's accelerator.free_memory() before its loop
+    recorder.mark("wrap")
+    engine = initialize(model, plan)
+    nodes = tag_layers(engine.module, recorder)
+    engine.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
+    vocab = int(model.config.vocab_size)
+    for step in range(steps):
+        recorder.mark(f"step{step}")
+        for micro in range(plan.grad_accum):
+            last = micro == plan.grad_accum - 1
+            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+            labels = ids.clone()
+            loss = engine(input_ids=ids, labels=labels).loss
+            del ids, labels
+            if plan.grad_accum > 1:
+                loss = loss / plan.grad_accum
+            engine.set_gradient_accumulation_boundary(is_boundary=last)
+            backward(
+                recorder,
+                loss,
+                nodes,
+                f"step{step}_backward{micro}",
+                lambda loss: engine.backward(loss, scale_wrt_gas=False),
+            )
+            del loss
+            if last:
+                recorder.mark(f"step{step}_optimizer")
+                engine.step()
+        engine.zero_grad()
+        recorder.sync()  # the harness synchronizes at every step end (on_step_end)
+    recorder.mark("end")
+    recorder.stopped = True  # what is freed after the last step cannot raise a peak
+    engine.destroy()
+    return f"DeepSpeed ZeRO-{ZERO_STAGES[plan.strategy]} (DeepSpeedEngine, the harness's config)"

@@ -21,6 +21,7 @@ from vramcalc.memory.alloc_conf import allocator_config
 from vramcalc.memory.allocator import simulate
 from vramcalc.memory.allocator_trace import events_from_snapshot_trace, world_trace_from_snapshot
 from vramcalc.memory.worldreplay import replay
+from vramcalc.timeline import measured_record
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -53,15 +54,27 @@ def _streams(trace_path: Path) -> frozenset[int]:
     return _shape(trace_path)[0]
 
 
-ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
+def _fsdp_rank(trace_path: Path) -> bool:
+    """Whether the trace is of a rank of an FSDP world, told from its record, not the trace:
+    the groups below are made at collection, where reading every trace would cost seconds in
+    each pytest-xdist worker (``test_there_are_traces_of_several_streams`` checks the groups
+    against the traces' own streams)."""
+    record = measured_record(trace_path)
+    return (record.get("num_gpus") or 1) > 1 and str(record.get("strategy")).startswith("fsdp")
+
+
 #: runs that captured CUDA graphs: a serving run's compiled decoding, on a capture stream
 GRAPHS = [p for p in TRACES if captured_graphs(p)]
 #: rank 0 of an FSDP world: compute, unshard, pre-unshard and post-backward streams
-MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS]
+MULTI_STREAM = [p for p in TRACES if _fsdp_rank(p)]
+ONE_STREAM = [p for p in TRACES if not _fsdp_rank(p) and p not in GRAPHS]
 
 
 def test_there_are_traces_of_several_streams():
     assert len(MULTI_STREAM) >= 3 and {len(_streams(p)) for p in MULTI_STREAM} == {4}
+    # the groups told from the records are those of the traces' streams
+    assert [p for p in TRACES if len(_streams(p)) == 1] == ONE_STREAM
+    assert [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS] == MULTI_STREAM
 
 
 def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():

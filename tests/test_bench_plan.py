@@ -58,7 +58,8 @@ def import_seconds(request) -> float:
     _seconds(IMPORT)  # the files in the page cache, as for the plans
     # the median of 3 where the benchmarks time (-n 0); one import where they only run once,
     # beside the other tests' processes (pytest-benchmark disables them under pytest-xdist)
-    repeats = 1 if request.config._benchmarksession.disabled else 3
+    session = getattr(request.config, "_benchmarksession", None)
+    repeats = 1 if getattr(session, "disabled", False) else 3
     return statistics.median(_seconds(IMPORT) for _ in range(repeats))
 
 

@@ -23,9 +23,15 @@ GPU_FIELDS = (
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def root(tmp_path_factory):
+    """The run's folder; its ``scratch`` holds the random-init checkpoint, made once for every
+    test of the module (a worker process the fewer for each test that runs cases)."""
+    return tmp_path_factory.mktemp("measure")
+
+
+@pytest.fixture(scope="module")
+def run(root):
     """One run of four cases: Trainer ok, loop ok, simulated OOM, a hang past its timeout."""
-    root = tmp_path_factory.mktemp("measure")
     small = {"model": TINY_LLAMA, "seq_len": 16, "batch_size": 2, "steps": 2, "warmup_steps": 1}
     cases = {
         "cases": [
@@ -173,7 +179,7 @@ def test_a_gpu_record_does_not_count_as_done_on_cpu(tmp_path):
     assert finished_case_ids(output, "cpu", retry_errors=True) == set()
 
 
-def test_min_seconds_allocator_and_trace_fields_reach_the_record(tmp_path, monkeypatch):
+def test_min_seconds_allocator_and_trace_fields_reach_the_record(root, tmp_path, monkeypatch):
     """Measured steps go on until both ``steps`` and ``min_seconds`` are met; the plan's
     allocator reaches the worker as PYTORCH_CUDA_ALLOC_CONF (an inherited one is dropped)."""
     from vramcalc_harness.launcher import run_cases
@@ -186,7 +192,7 @@ def test_min_seconds_allocator_and_trace_fields_reach_the_record(tmp_path, monke
         Case.from_dict({**small, "allocator": "expandable", "record_trace": True, "steps": 1}),
     ]
     output = tmp_path / "out.jsonl"
-    run_cases(cases, output, device="cpu", scratch_dir=tmp_path, progress=False)
+    run_cases(cases, output, device="cpu", scratch_dir=root / "scratch", progress=False)
     timed, traced = read_records(output)
     assert timed["status"] == traced["status"] == "ok"
     assert len(timed["step_seconds_measured"]) >= 2

@@ -30,7 +30,13 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def scratch(tmp_path_factory):
+    """One scratch directory, so the random-init checkpoint is made once for every run."""
+    return tmp_path_factory.mktemp("serve-scratch")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, scratch):
     from vramcalc_harness.launcher import run_cases
 
     root = tmp_path_factory.mktemp("serve")
@@ -38,7 +44,7 @@ def records(tmp_path_factory):
         {"cases": [{**SMALL, "mode": "unmerged"}, {**SMALL, "mode": "multi"}]}
     )
     output = root / "serve.jsonl"
-    run_cases(cases, output, device="cpu", scratch_dir=root / "scratch", progress=False)
+    run_cases(cases, output, device="cpu", scratch_dir=scratch, progress=False)
     return cases, read_records(output)
 
 
@@ -113,14 +119,14 @@ def test_dora_serve_case_reads_round_trips_and_refuses_mixed_batches():
     assert "dora with mode multi" in problems and "dora must be true or false" in problems
 
 
-def test_dora_adapters_are_built_with_peft_dora(tmp_path, records):
+def test_dora_adapters_are_built_with_peft_dora(tmp_path, scratch, records):
     from vramcalc_harness.launcher import run_cases
 
     cases = cases_from_yaml_data(
         {"cases": [{**SMALL, "mode": "unmerged", "dora": True, "steps": 1, "new_tokens": 4}]}
     )
     output = tmp_path / "dora.jsonl"
-    run_cases(cases, output, device="cpu", scratch_dir=tmp_path / "scratch", progress=False)
+    run_cases(cases, output, device="cpu", scratch_dir=scratch, progress=False)
     (record,) = read_records(output)
     assert record["status"] == "ok", record["error"]
     assert record["dora"] is True and record["lora_targets_used"] == ["q_proj", "v_proj"]

@@ -25,6 +25,7 @@ from vramcalc.memory.allocator_trace import (
     world_trace_from_snapshot,
 )
 from vramcalc.memory.worldreplay import replay
+from vramcalc.timeline import measured_record
 from vramcalc_harness.alloc_trace import load_trace
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
@@ -57,12 +58,25 @@ def _streams(trace_path: Path) -> frozenset[int]:
     return _shape(trace_path)[0]
 
 
-ONE_STREAM = [p for p in TRACES if len(_streams(p)) == 1]
+def _multi_stream_rank(trace_path: Path) -> bool:
+    """Whether the trace is of a rank of an FSDP or ZeRO-3 world (ZeRO-1/2 run on one stream:
+    ``overlap_comm`` is off by default), told from its record, not the trace: the groups below
+    are made at collection, where reading every trace would cost seconds in each
+    pytest-xdist worker (``test_there_are_traces_of_several_streams`` checks the groups
+    against the traces' own streams)."""
+    record = measured_record(trace_path)
+    strategy = str(record.get("strategy"))
+    return (record.get("num_gpus") or 1) > 1 and (
+        strategy.startswith("fsdp") or strategy == "zero3"
+    )
+
+
 #: runs that captured CUDA graphs: a serving run's compiled decoding, on a capture stream
 GRAPHS = [p for p in TRACES if captured_graphs(p)]
-#: rank 0 of an FSDP world (compute, unshard, pre-unshard and post-backward streams) or of
-#: a ZeRO-3 one (compute and DeepSpeed's streams)
-MULTI_STREAM = [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS]
+#: rank 0 of an FSDP world (compute, unshard, pre-unshard and post-backward streams) or of a
+#: ZeRO-3 one (compute and DeepSpeed's all-gather and reduce streams)
+MULTI_STREAM = [p for p in TRACES if _multi_stream_rank(p)]
+ONE_STREAM = [p for p in TRACES if not _multi_stream_rank(p) and p not in GRAPHS]
 
 
 def test_there_are_traces_of_several_streams():
@@ -70,6 +84,9 @@ def test_there_are_traces_of_several_streams():
     fsdp = [p.name[:8] for p in MULTI_STREAM if p.parent.name.startswith("h100_fsdptrace")]
     assert len(fsdp) >= 3 and {streams[name] for name in fsdp} == {4}
     assert streams["bb08e639"] == 3  # ZeRO-3: compute + DeepSpeed's own streams
+    # the groups told from the records are those of the traces' streams
+    assert [p for p in TRACES if len(_streams(p)) == 1] == ONE_STREAM
+    assert [p for p in TRACES if len(_streams(p)) > 1 and p not in GRAPHS] == MULTI_STREAM
 
 
 def test_the_graph_capturing_trace_is_the_compiled_static_cache_run():

@@ -1,17 +1,18 @@
 """Simulated-world records against the world trace (the estimator) and the rules (its fallback): ``python -m vramcalc.worldcompare``.
 
 For every ok record of a simulated world (``simulated_world_size``; by default
-``data/measurements/h100_world_2026-12-06.jsonl`` and ``h100_world2_2026-12-06.jsonl``): the
-measured peak allocated, peak
-reserved and device total; the rules' estimate (``prepare(...).estimate(plan,
-"approximate")``: ``memory/distributed.py`` + the calibrated slack, without NCCL's
-buffers); and the world trace (``memory/worldsim.py``, what the estimator answers a
-multi-GPU FSDP1 / DDP plan with): its peaks, and the device total composed as the
-estimator composes it (peak reserved + CUDA context + driver reserve) with
-no NCCL term, since a fake world has no NCCL communicator. Summaries per split and per
-group; writes ``reports/world_memory.md`` and ``.csv``. The world simulations are cached,
-so a second run takes seconds; the first traces every plan (5 layers, unrolled: under a
-minute each for 7-8B models on 2 CPU cores).
+``data/measurements/h100_world_2026-12-06.jsonl``, ``h100_world2_2026-12-06.jsonl`` and
+``h100_zero_2026-12-06.jsonl``): the measured peak allocated, peak reserved and device
+total; the rules' estimate (``prepare(...).estimate(plan, "approximate")``:
+``memory/distributed.py`` + the calibrated slack, without NCCL's buffers); and the world
+trace (``memory/worldsim.py``, what the estimator answers a multi-GPU FSDP1 / DDP / ZeRO
+plan with; the rules where it does not simulate, ``world_simulated`` False): its peaks, and
+the device total composed as the estimator composes it (peak reserved + CUDA context +
+driver reserve) with no NCCL term, since a fake world has no NCCL communicator. Summaries
+per split and per group; writes ``reports/world_memory.md`` and ``.csv``. The world
+simulations are cached, so a second run takes seconds; the first traces every plan (FSDP
+and DDP: 5 layers, unrolled, under a minute each for 7-8B models on 2 CPU cores; ZeRO:
+every layer, 4-45 s for 1-8B models).
 ``--fsdp2`` adds torch's FSDPMemTracker on an FSDP2 stand-in (``memory/fsdp2check.py``)
 for the N = 2 FSDP records.
 """
@@ -31,7 +32,7 @@ from vramcalc.measurements import MEASUREMENTS_DIR, plan_of
 from vramcalc.memory.layers import NO_SDPA
 from vramcalc.memory.nccl import nccl_buffer_bytes
 from vramcalc.memory.overhead import load_calibration
-from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
+from vramcalc.memory.worldsim import simulate_world, simulates_world, world_device_total_bytes
 from vramcalc.trace.fsdp2check import fsdp2_tracker_peak
 
 DEFAULT_RECORDS = (
@@ -75,11 +76,26 @@ def compare_record(record: dict[str, Any]) -> dict[str, Any]:
     plan = plan_of(record)
     spec = resolve_model(plan.model)
     rules = prepare(plan.model, plan).estimate(plan, "approximate")
-    simulation = simulate_world(spec.config_dict, plan)
-    eager = plan.attn == "eager" or spec.config_dict.get("model_type") in NO_SDPA
-    total = world_device_total_bytes(
-        simulation, plan, load_calibration(), eager_attention=eager, simulated_world=True
-    )
+    # a simulated world has no NCCL communicator: the rules' device total without it
+    ruled = {
+        metric: int(getattr(rules, metric))
+        - (rules.components["nccl"] if metric == METRICS[2] else 0)
+        for metric in METRICS
+    }
+    simulated = simulates_world(plan)
+    world, seconds = dict(ruled), 0.0  # what the estimator answers where it does not simulate
+    if simulated:
+        simulation = simulate_world(spec.config_dict, plan)
+        eager = plan.attn == "eager" or spec.config_dict.get("model_type") in NO_SDPA
+        total = world_device_total_bytes(
+            simulation, plan, load_calibration(), eager_attention=eager, simulated_world=True
+        )
+        world = {
+            "peak_allocated_bytes": simulation.peak_allocated_bytes[plan.allocator],
+            "peak_reserved_bytes": simulation.peak_reserved_bytes[plan.allocator],
+            "device_total_bytes": total["device_total"],
+        }
+        seconds = simulation.trace_seconds
     row: dict[str, Any] = {
         "case_id": record["case_id"],
         "split": record["split"],
@@ -89,22 +105,16 @@ def compare_record(record: dict[str, Any]) -> dict[str, Any]:
         "strategy": plan.strategy,
         "num_gpus": plan.num_gpus,
         "cpu_offload": plan.cpu_offload,
-        "trace_seconds": round(simulation.trace_seconds, 1),
+        "world_simulated": simulated,
+        "trace_seconds": round(seconds, 1),
         "nccl_rule_bytes": nccl_buffer_bytes(plan.num_gpus),
-    }
-    world = {
-        "peak_allocated_bytes": simulation.peak_allocated_bytes[plan.allocator],
-        "peak_reserved_bytes": simulation.peak_reserved_bytes[plan.allocator],
-        "device_total_bytes": total["device_total"],
     }
     for metric in METRICS:
         measured = int(record[metric])
         row[f"measured_{metric}"] = measured
-        # a simulated world has no NCCL communicator: the rules' device total without it
-        ruled = getattr(rules, metric) - (rules.components["nccl"] if metric == METRICS[2] else 0)
-        row[f"rules_{metric}"] = int(ruled)
+        row[f"rules_{metric}"] = ruled[metric]
         row[f"world_{metric}"] = int(world[metric])
-        row[f"rules_error_{metric}"] = ruled / measured - 1
+        row[f"rules_error_{metric}"] = ruled[metric] / measured - 1
         row[f"world_error_{metric}"] = world[metric] / measured - 1
     return row
 
@@ -143,8 +153,10 @@ def render_markdown(
         "/ measured. *rules*: the estimator's fallback (`--allocator-model approximate`: "
         "`memory/distributed.py`, calibrated slack), its device total without NCCL's buffers. "
         "*world*: `memory/worldsim.simulate_world` (what the estimator now answers with) "
-        "(rank 0 traced through FSDP1 / DDP on fake tensors, replayed through the caching "
-        "allocator model); its device total = peak reserved + CUDA context + driver reserve "
+        "(rank 0 traced through FSDP1, DDP or DeepSpeed's own ZeRO code on fake tensors, "
+        "replayed through the caching allocator model; where the world is not simulated, "
+        "ZeRO-Offload and k-bit ZeRO-3, the estimator answers with the rules, and the row "
+        "says so); its device total = peak reserved + CUDA context + driver reserve "
         "(calibration), **without NCCL** (a fake world has none; for a real N-GPU run "
         "`memory/nccl.py` adds its buffers by rule, not measured yet).",
         "",
@@ -177,8 +189,9 @@ def render_markdown(
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["group"], r["model"], r["num_gpus"])):
+        mark = "" if r.get("world_simulated", True) else " (rules: not simulated)"
         cells = [
-            f"{_pct(r[f'rules_error_{m}'])} → {_pct(r[f'world_error_{m}'])}"
+            f"{_pct(r[f'rules_error_{m}'])} → {_pct(r[f'world_error_{m}'])}{mark}"
             for m in ("device_total_bytes", "peak_reserved_bytes", "peak_allocated_bytes")
         ]
         lines.append(

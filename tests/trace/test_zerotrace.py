@@ -140,6 +140,35 @@ def test_zero2_frees_other_ranks_gradients_as_buckets_fill_where_zero1_keeps_the
     assert labelled(zero1, "step0_optimizer", "end") == labelled(zero2, "step0_optimizer", "end")
 
 
+def test_full_zero2_flattens_trainers_two_parameter_groups_with_an_empty_cache_between():
+    """Trainer's optimizer has two groups (weight decay; biases and norms without), and ZeRO
+    makes a flat buffer and an fp32 partition per group, calling ``empty_cache`` before each
+    flatten (``stage_1_and_2.py`` 449): the second one comes after the first group's loaded
+    weights were freed, so their segments go back to the driver (the real runs' segment_free
+    run). Tiny Llama: decay group 256x64 embedding and head + 2 x 36,864 = 106,496 elements;
+    norms 2 x 2 x 64 + 64 = 320 (both multiples of 2 * world_size: no padding)."""
+    from vramcalc.memory.allocator import EMPTY_CACHE
+
+    trace = traced(strategy="zero2", method="full")
+    at = dict(trace.markers)
+    decay, norms = 106_496, 320
+    wrap = [
+        (trace.labels[i], nbytes) if op == ALLOC else op
+        for i, (op, _, nbytes) in enumerate(trace.events[at["wrap"] : at["step0"]], at["wrap"])
+        if op == EMPTY_CACHE or (op == ALLOC and trace.labels[i] in ("cat", "clone", "_to_copy"))
+    ]
+    assert wrap == [
+        EMPTY_CACHE,
+        ("cat", decay * BF16),  # group 0 flattened
+        ("clone", decay // 2 * BF16),  # rank 0's partition ...
+        ("_to_copy", decay // 2 * FP32),  # ... its fp32 master copy
+        EMPTY_CACHE,  # the loaded weights of group 0 are free by now
+        ("cat", norms * BF16),  # group 1: the norms
+        ("clone", norms // 2 * BF16),
+        ("_to_copy", norms // 2 * FP32),
+    ]
+
+
 def test_zero_config_is_the_harness_deepspeed_json():
     from vramcalc.trace.zerotrace import zero_config
     from vramcalc_harness.distributed import deepspeed_config

@@ -242,6 +242,34 @@ def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():
     assert side[64 * BF16] == 2 * 2 + 1  # the norms (persistent: gathered once)
 
 
+def test_zero3_frees_a_gathered_weight_at_its_release_not_at_its_backward():
+    """zero.Init leaves ``F.linear`` as DeepSpeed's ``zero3_linear_wrap``, which saves the
+    weight parameter for backward (aten's linear saves a ``weight.t()`` view, which would keep
+    the gathered storage): the head's gathered 256x64 weight is freed when ZeRO-3 releases
+    it after the head's forward, before the loss, and gathered again for its backward."""
+    import torch
+
+    trace = traced(strategy="zero3")
+    at, live = dict(trace.markers), {}
+    head = 256 * 64 * BF16
+    for index in range(at["step0"], at["step0_backward0"]):
+        op, handle, nbytes = trace.events[index]
+        if op == ALLOC and trace.streams[index] != 0 and nbytes == head:
+            live[handle] = index
+        elif op == FREE:
+            live.pop(handle, None)
+    assert live == {}  # embedding and head: both gathered and freed in the forward
+    gathered = [
+        i
+        for i in range(at["step0_backward0"], at["step0_optimizer"])
+        if trace.events[i][0] == ALLOC and trace.streams[i] != 0 and trace.events[i][2] == head
+    ]
+    assert len(gathered) == 2  # head (first) and embedding (last), gathered again
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    assert torch.nn.functional.linear is not zero3_linear_wrap  # put back after the trace
+
+
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_the_repeated_second_step_is_the_traced_third(strategy):
     """A ZeRO trace is every layer's, with two steps traced and the second repeated

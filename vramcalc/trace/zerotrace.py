@@ -51,6 +51,8 @@ _prepare_deepspeed``, ``utils/deepspeed.py``; transformers 5.17 ``integrations/d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
@@ -189,6 +191,31 @@ def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
 def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
     ``recorder`` inside the fake world; returns the wrapper's description."""
+    with memory_efficient_linear() if plan.strategy == "zero3" else contextlib.nullcontext():
+        return _zero_steps(model, plan, recorder, steps)
+
+
+@contextlib.contextmanager
+def memory_efficient_linear() -> Iterator[None]:
+    """``torch.nn.functional.linear`` as ZeRO-3 leaves it: ``zero.Init``'s ``__enter__``
+    (transformers loads the model inside it) replaces it with DeepSpeed's
+    ``zero3_linear_wrap`` (``memory_efficient_linear``, on by default, ``zero/config.py``
+    346) and never puts it back (``partition_parameters.py`` 412-419, 603-604: "This will
+    persist unless manually reset"). Its ``LinearFunctionForZeroStage3`` (``zero/linear.py``)
+    saves the weight parameter itself for backward, not aten ``linear``'s ``weight.t()``
+    view: once ZeRO-3 releases a gathered weight (``param.data`` swapped for an empty
+    tensor), nothing holds its storage, and backward works on the weight gathered again.
+    Put back after the trace (this process goes on)."""
+    import unittest.mock
+
+    import torch
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    with unittest.mock.patch.object(torch.nn.functional, "linear", zero3_linear_wrap):
+        yield
+
+
+def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     import torch
 
     if plan.strategy == "zero3":

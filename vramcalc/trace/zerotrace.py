@@ -22,7 +22,8 @@ accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate
 2. per micro-batch: the forward with no autocast (accelerate turns ``native_amp`` off under
    DeepSpeed), ``engine.backward(loss)`` (ZeRO's gradient hooks fill its reduce buckets and
    keep rank 0's partition; ZeRO-3 gathers each module's weights around its forward and
-   backward, prefetching from the second step), ``set_gradient_accumulation_boundary`` as
+   backward, prefetching from the second step, its linears through ``zero.Init``'s
+   ``F.linear``: ``memory_efficient_linear``), ``set_gradient_accumulation_boundary`` as
    accelerate's ``DeepSpeedEngineWrapper`` sets it, ``engine.step()`` after the last one
    (ZeRO's own clipping at ``gradient_clipping`` 1.0, the optimizer on the fp32 partition,
    the 16-bit partition updated), Trainer's ``model.zero_grad()`` and the harness's

@@ -270,6 +270,21 @@ def test_zero3_frees_a_gathered_weight_at_its_release_not_at_its_backward():
     assert torch.nn.functional.linear is not zero3_linear_wrap  # put back after the trace
 
 
+def test_zero3_fetches_wait_on_the_oldest_of_more_than_two_pending_gathers():
+    """The parameter coordinator's rate limiter (``partitioned_param_coordinator.py``
+    400-411): fetch events that ``query()`` as done are dropped, and with more than two
+    pending the host synchronizes on the oldest. On a GPU behind the host none reads done, so
+    the trace holds those waits, each on a point before it (``replay(gpu_bound=True)``)."""
+    trace = traced(strategy="zero3")
+    at = dict(trace.markers)
+    waits = [
+        (now, upto)
+        for now, upto in trace.sync_points
+        if at["step0"] <= now < at["step0_backward0"] and upto < now
+    ]
+    assert len(waits) >= 10  # 2 layers of q, k, v, o, gate, up, down, norms; embedding, head
+
+
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_the_repeated_second_step_is_the_traced_third(strategy):
     """A ZeRO trace is every layer's, with two steps traced and the second repeated

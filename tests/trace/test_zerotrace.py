@@ -140,6 +140,35 @@ def test_zero2_frees_other_ranks_gradients_as_buckets_fill_where_zero1_keeps_the
     assert labelled(zero1, "step0_optimizer", "end") == labelled(zero2, "step0_optimizer", "end")
 
 
+def test_full_zero2_flattens_trainers_two_parameter_groups_with_an_empty_cache_between():
+    """Trainer's optimizer has two groups (weight decay; biases and norms without), and ZeRO
+    makes a flat buffer and an fp32 partition per group, calling ``empty_cache`` before each
+    flatten (``stage_1_and_2.py`` 449): the second one comes after the first group's loaded
+    weights were freed, so their segments go back to the driver (the real runs' segment_free
+    run). Tiny Llama: decay group 256x64 embedding and head + 2 x 36,864 = 106,496 elements;
+    norms 2 x 2 x 64 + 64 = 320 (both multiples of 2 * world_size: no padding)."""
+    from vramcalc.memory.allocator import EMPTY_CACHE
+
+    trace = traced(strategy="zero2", method="full")
+    at = dict(trace.markers)
+    decay, norms = 106_496, 320
+    wrap = [
+        (trace.labels[i], nbytes) if op == ALLOC else op
+        for i, (op, _, nbytes) in enumerate(trace.events[at["wrap"] : at["step0"]], at["wrap"])
+        if op == EMPTY_CACHE or (op == ALLOC and trace.labels[i] in ("cat", "clone", "_to_copy"))
+    ]
+    assert wrap == [
+        EMPTY_CACHE,
+        ("cat", decay * BF16),  # group 0 flattened
+        ("clone", decay // 2 * BF16),  # rank 0's partition ...
+        ("_to_copy", decay // 2 * FP32),  # ... its fp32 master copy
+        EMPTY_CACHE,  # the loaded weights of group 0 are free by now
+        ("cat", norms * BF16),  # group 1: the norms
+        ("clone", norms // 2 * BF16),
+        ("_to_copy", norms // 2 * FP32),
+    ]
+
+
 def test_zero_config_is_the_harness_deepspeed_json():
     from vramcalc.trace.zerotrace import zero_config
     from vramcalc_harness.distributed import deepspeed_config
@@ -211,6 +240,49 @@ def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():
     assert side[64 * 64 * BF16] == 2 * 2  # q, o
     assert side[64 * 32 * BF16] == 2 * 2  # k, v
     assert side[64 * BF16] == 2 * 2 + 1  # the norms (persistent: gathered once)
+
+
+def test_zero3_frees_a_gathered_weight_at_its_release_not_at_its_backward():
+    """zero.Init leaves ``F.linear`` as DeepSpeed's ``zero3_linear_wrap``, which saves the
+    weight parameter for backward (aten's linear saves a ``weight.t()`` view, which would keep
+    the gathered storage): the head's gathered 256x64 weight is freed when ZeRO-3 releases
+    it after the head's forward, before the loss, and gathered again for its backward."""
+    import torch
+
+    trace = traced(strategy="zero3")
+    at, live = dict(trace.markers), {}
+    head = 256 * 64 * BF16
+    for index in range(at["step0"], at["step0_backward0"]):
+        op, handle, nbytes = trace.events[index]
+        if op == ALLOC and trace.streams[index] != 0 and nbytes == head:
+            live[handle] = index
+        elif op == FREE:
+            live.pop(handle, None)
+    assert live == {}  # embedding and head: both gathered and freed in the forward
+    gathered = [
+        i
+        for i in range(at["step0_backward0"], at["step0_optimizer"])
+        if trace.events[i][0] == ALLOC and trace.streams[i] != 0 and trace.events[i][2] == head
+    ]
+    assert len(gathered) == 2  # head (first) and embedding (last), gathered again
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    assert torch.nn.functional.linear is not zero3_linear_wrap  # put back after the trace
+
+
+def test_zero3_fetches_wait_on_the_oldest_of_more_than_two_pending_gathers():
+    """The parameter coordinator's rate limiter (``partitioned_param_coordinator.py``
+    400-411): fetch events that ``query()`` as done are dropped, and with more than two
+    pending the host synchronizes on the oldest. On a GPU behind the host none reads done, so
+    the trace holds those waits, each on a point before it (``replay(gpu_bound=True)``)."""
+    trace = traced(strategy="zero3")
+    at = dict(trace.markers)
+    waits = [
+        (now, upto)
+        for now, upto in trace.sync_points
+        if at["step0"] <= now < at["step0_backward0"] and upto < now
+    ]
+    assert len(waits) >= 10  # 2 layers of q, k, v, o, gate, up, down, norms; embedding, head
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])

@@ -45,8 +45,9 @@ from vramcalc.trace.worldtrace import (
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what a simulation returns (6: the cuBLAS
-#: workspace after its first matmul's output)
-WORLD_SIMULATION_VERSION = 6
+#: workspace after its first matmul's output; 7: ZeRO gets Trainer's two parameter groups; 8:
+#: ZeRO-3 traces DeepSpeed's memory-efficient F.linear)
+WORLD_SIMULATION_VERSION = 8
 #: why a ZeRO-Offload or k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate``
 #: assumptions)
 ZERO_REASON = (

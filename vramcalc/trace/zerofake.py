@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vramcalc.trace.fsdpfake import patch_all, storage_pointer, tensor_pointer
-from vramcalc.trace.worldrecorder import FakeDeviceHandle, WorldRecorder
+from vramcalc.trace.worldrecorder import FakeDeviceHandle, FakeEvent, WorldRecorder
 
 
 def has_deepspeed() -> bool:
@@ -72,6 +72,17 @@ def import_deepspeed() -> Any:
 
     real_accelerator.ds_accelerator = None
     return deepspeed
+
+
+class LaggingEvent(FakeEvent):
+    """A ``torch.cuda.Event`` of a GPU behind the host: ``query()`` says not done yet (a
+    host wait, ``synchronize``, is what tells it done). ZeRO-3's parameter coordinator
+    drops the fetch events that ``query()`` done and synchronizes on the oldest once more
+    than two are pending (``partitioned_param_coordinator.py`` 400-411): its host waits,
+    which bound how far the GPU can lag."""
+
+    def query(self) -> bool:
+        return False
 
 
 def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> Any:
@@ -105,7 +116,7 @@ def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> 
             return handle.default_stream()
 
         def Event(self, **kwargs: Any) -> Any:  # noqa: N802
-            return handle.Event()
+            return LaggingEvent(recorder)
 
         def synchronize(self, device_index: Any = None) -> None:
             recorder.sync()

@@ -11,7 +11,9 @@ accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate
    checkpoint module by module into gathered weights, and peft adds its fp32 adapters whole
    on the GPU (ZeRO-1/2 load with a ``device_map``, ``trace/worldload.py``);
 1. Trainer builds its optimizer on the trainable parameters (``deepspeed_init`` ->
-   ``create_optimizer``: torch's AdamW, ``steptrace.trainer_optimizer``) and accelerate's
+   ``create_optimizer``: torch's AdamW, ``steptrace.trainer_optimizer``, on two parameter
+   groups, with and without weight decay: ``trainer_param_groups``; ZeRO flattens each group
+   apart, an ``empty_cache`` before each) and accelerate's
    ``_prepare_deepspeed`` hands model and optimizer to ``deepspeed.initialize``. ZeRO-1/2:
    the engine casts every floating parameter to the 16-bit dtype (peft's fp32 adapters too),
    and ZeRO flattens the trainable ones into one aligned bf16 buffer, keeps an fp32 master
@@ -20,7 +22,8 @@ accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate
 2. per micro-batch: the forward with no autocast (accelerate turns ``native_amp`` off under
    DeepSpeed), ``engine.backward(loss)`` (ZeRO's gradient hooks fill its reduce buckets and
    keep rank 0's partition; ZeRO-3 gathers each module's weights around its forward and
-   backward, prefetching from the second step), ``set_gradient_accumulation_boundary`` as
+   backward, prefetching from the second step, its linears through ``zero.Init``'s
+   ``F.linear``: ``memory_efficient_linear``), ``set_gradient_accumulation_boundary`` as
    accelerate's ``DeepSpeedEngineWrapper`` sets it, ``engine.step()`` after the last one
    (ZeRO's own clipping at ``gradient_clipping`` 1.0, the optimizer on the fp32 partition,
    the 16-bit partition updated), Trainer's ``model.zero_grad()`` and the harness's
@@ -49,9 +52,11 @@ _prepare_deepspeed``, ``utils/deepspeed.py``; transformers 5.17 ``integrations/d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from vramcalc.trace.steptrace import backward, tag_layers, trainer_optimizer
+from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
 from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.trace.zerofake import import_deepspeed
 from vramcalc.training_plan import TrainingPlan
@@ -94,11 +99,37 @@ def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
     }
 
 
+#: the names Trainer keeps out of weight decay (transformers 5.17 ``trainer.py::
+#: Trainer.get_decay_parameter_names``; with ``nn.LayerNorm`` modules)
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def trainer_param_groups(model: Any) -> list[dict[str, Any]]:
+    """The parameter groups of Trainer's ``create_optimizer`` (transformers 5.17
+    ``trainer.py``): the trainable parameters with weight decay, then those without (biases,
+    norms), in ``named_parameters`` order. DeepSpeed keeps one flat buffer, fp32 partition
+    and ``empty_cache`` per group (``stage_1_and_2.py`` 423-449; the engine drops an empty
+    group, ``engine.py`` 2348): a full fine-tuning's norms are a second group, flattened
+    after the first group's parameters have been freed."""
+    from torch import nn
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY_PATTERNS))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+
+
 def initialize(model: Any, plan: TrainingPlan) -> Any:
-    """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer; the engine."""
+    """``deepspeed.initialize`` as accelerate calls it, with Trainer's optimizer (its two
+    parameter groups, ``trainer_param_groups``); the engine."""
     deepspeed = import_deepspeed()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = trainer_optimizer(params, plan)
+    groups = trainer_param_groups(model)
+    optimizer = torch_optimizer(groups, plan) or trainer_optimizer(
+        [p for group in groups for p in group["params"]], plan
+    )
     config = zero_config(plan, int(model.config.hidden_size))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -161,6 +192,31 @@ def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
 def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
     ``recorder`` inside the fake world; returns the wrapper's description."""
+    with memory_efficient_linear() if plan.strategy == "zero3" else contextlib.nullcontext():
+        return _zero_steps(model, plan, recorder, steps)
+
+
+@contextlib.contextmanager
+def memory_efficient_linear() -> Iterator[None]:
+    """``torch.nn.functional.linear`` as ZeRO-3 leaves it: ``zero.Init``'s ``__enter__``
+    (transformers loads the model inside it) replaces it with DeepSpeed's
+    ``zero3_linear_wrap`` (``memory_efficient_linear``, on by default, ``zero/config.py``
+    346) and never puts it back (``partition_parameters.py`` 412-419, 603-604: "This will
+    persist unless manually reset"). Its ``LinearFunctionForZeroStage3`` (``zero/linear.py``)
+    saves the weight parameter itself for backward, not aten ``linear``'s ``weight.t()``
+    view: once ZeRO-3 releases a gathered weight (``param.data`` swapped for an empty
+    tensor), nothing holds its storage, and backward works on the weight gathered again.
+    Put back after the trace (this process goes on)."""
+    import unittest.mock
+
+    import torch
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    with unittest.mock.patch.object(torch.nn.functional, "linear", zero3_linear_wrap):
+        yield
+
+
+def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     import torch
 
     if plan.strategy == "zero3":

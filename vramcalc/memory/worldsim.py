@@ -44,10 +44,13 @@ from vramcalc.trace.worldtrace import (
 )
 from vramcalc.training_plan import TrainingPlan
 
-#: bump when the world trace or its replay changes what a simulation returns (6: the cuBLAS
-#: workspace after its first matmul's output; 7: ZeRO gets Trainer's two parameter groups; 8:
-#: ZeRO-3 traces DeepSpeed's memory-efficient F.linear)
-WORLD_SIMULATION_VERSION = 8
+#: bump when the world trace or its replay changes what an FSDP / DDP simulation returns (6:
+#: the cuBLAS workspace after its first matmul's output)
+WORLD_SIMULATION_VERSION = 6
+#: the same for ZeRO plans, whose traces run DeepSpeed's code (1: first traced; 2: Trainer's two
+#: parameter groups; 3: ZeRO-3 traces DeepSpeed's memory-efficient F.linear); apart, so that a
+#: ZeRO change does not throw away the FSDP / DDP simulations cached on users' disks
+ZERO_SIMULATION_VERSION = 3
 #: why a ZeRO-Offload or k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate``
 #: assumptions)
 ZERO_REASON = (
@@ -77,6 +80,7 @@ def world_simulation_key(config_dict: dict, plan: TrainingPlan) -> str:
         "v": WORLD_SIMULATION_VERSION,
     }
     if plan.strategy in ZERO:  # DeepSpeed's code is what runs
+        world["v"] = f"zero-{ZERO_SIMULATION_VERSION}"
         world["deepspeed"] = _deepspeed_version()
     return "world-" + hashlib.sha256(json.dumps(world, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -183,6 +183,7 @@ def test_zero_plans_simulate_rank_0_with_deepspeeds_code_and_say_so(tiny_llama_d
 
 
 def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
+    from vramcalc.estimate import ZERO_EVIDENCE, ZERO_RULES_EVIDENCE
     from vramcalc.memory.worldsim import ZERO_REASON
 
     p = TrainingPlan(
@@ -194,4 +195,36 @@ def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
     )
     assert est.allocator_model == "approximate"
     assert ZERO_REASON in est.assumptions[-1]
+    assert ZERO_RULES_EVIDENCE in est.assumptions and ZERO_EVIDENCE not in est.assumptions
     assert prepare(p.model, p).cached(p)  # nothing to simulate
+
+
+def test_the_zero_evidence_lines_quote_the_committed_world_report():
+    """ZERO_EVIDENCE and ZERO_RULES_EVIDENCE say what reports/world_memory.csv says of the
+    ZeRO records (python -m vramcalc.worldcompare rewrites it)."""
+    import csv
+    import re
+    from pathlib import Path
+
+    from vramcalc.estimate import ZERO_EVIDENCE, ZERO_RULES_EVIDENCE
+
+    report = Path(__file__).resolve().parents[2] / "reports" / "world_memory.csv"
+    rows = [r for r in csv.DictReader(report.open()) if r["strategy"].startswith("zero")]
+    simulated = [r for r in rows if r["world_simulated"] == "True"]
+    ruled = [r for r in rows if r["world_simulated"] != "True"]
+    total = [100 * float(r["world_error_device_total_bytes"]) for r in simulated]
+    allocated = [100 * abs(float(r["world_error_peak_allocated_bytes"])) for r in simulated]
+    quoted = re.search(r"against (\d+) simulated-world .* within \+([\d.]+) / -([\d.]+) %, "
+                       r"peak allocated within ([\d.]+) %", ZERO_EVIDENCE)  # fmt: skip
+    assert quoted is not None
+    assert int(quoted[1]) == len(simulated)
+    assert (float(quoted[2]), float(quoted[3])) == (round(max(total), 1), round(-min(total), 1))
+    assert max(allocated) <= float(quoted[4])
+    under = [-100 * float(r["world_error_device_total_bytes"]) for r in ruled]
+    rules = re.search(r"on the (\d+) such .* were (\d+) to (\d+) % under", ZERO_RULES_EVIDENCE)
+    assert rules is not None
+    assert (int(rules[1]), int(rules[2]), int(rules[3])) == (
+        len(ruled),
+        round(min(under)),
+        round(max(under)),
+    )

@@ -32,15 +32,15 @@ from typing import Any
 import yaml
 
 from vramcalc.catalog import resolve_model
+from vramcalc.configs.sharding import deepspeed_json
 from vramcalc.training_plan import TrainingPlan
 from vramcalc_harness.errors import HarnessError, MissingDependencyError
-from vramcalc_harness.scenario import MAX_GRAD_NORM, Case
+from vramcalc_harness.scenario import Case
 
 FSDP_STRATEGIES = ("fsdp", "fsdp-grad-op")
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")
 SHARDED_WEIGHT_STRATEGIES = ("fsdp", "fsdp-grad-op", "zero3")
 FSDP_SHARDING = {"fsdp": "FULL_SHARD", "fsdp-grad-op": "SHARD_GRAD_OP"}
-ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 NVLS_OFF_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -178,48 +178,9 @@ def hidden_size(plan: TrainingPlan) -> int:
 
 
 def deepspeed_config(case: Case) -> dict[str, Any]:
-    """DeepSpeed JSON of a ZeRO case, with no ``auto`` value left.
-
-    The bucket sizes are the numbers transformers and accelerate put for
-    ``auto`` (from ``hidden_size``), written out because ZeRO-3 loading
-    (``zero.Init`` inside ``from_pretrained``) reads the config before
-    anything fills ``auto`` values.
-    """
-    plan = case.plan
-    stage = ZERO_STAGE[plan.strategy]
-    hidden = hidden_size(plan)
-    zero: dict[str, Any] = {
-        "stage": stage,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": hidden * hidden,
-    }
-    if stage == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-            stage3_param_persistence_threshold=10 * hidden,
-            stage3_gather_16bit_weights_on_model_save=False,
-        )
-    if plan.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-
-    precision = mixed_precision(plan, "cuda")  # DeepSpeed runs on GPUs only
-    return {
-        "train_micro_batch_size_per_gpu": plan.batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
-        "gradient_clipping": MAX_GRAD_NORM,
-        # explicit, not "auto": ZeRO-3 loading (zero.Init) reads it before Trainer fills autos
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "zero_optimization": zero,
-        # the recipe's optimizer is Trainer's (torch / bitsandbytes), not DeepSpeed's
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 1_000_000,
-        "wall_clock_breakdown": False,
-    }
+    """DeepSpeed JSON of a ZeRO case (``vramcalc.configs.sharding.deepspeed_json``, the one the
+    estimator's trace runs), bucket sizes from the model's ``hidden_size``."""
+    return deepspeed_json(case.plan, hidden_size(case.plan))
 
 
 def write_launch_configs(case: Case, device: str, directory: str | Path) -> dict[str, Any]:

@@ -338,6 +338,3 @@ SIMULATED_WORLD_LIMITS = (
     "speed: tokens/s and step time are rank 0 alone, not a multi-GPU measurement",
     "the other ranks' imbalance (rank 0's shards only; uneven last shards not seen)",
 )
-
-
-MAX_GRAD_NORM = 1.0

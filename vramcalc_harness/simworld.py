@@ -38,9 +38,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vramcalc.configs.sharding import ZERO_STAGE
 from vramcalc_harness.distributed import (
     DEEPSPEED_STRATEGIES,
-    ZERO_STAGE,
     launch_env,
     require_strategy_dependencies,
     start_process_group,

@@ -34,6 +34,51 @@ class Sharding:
 
 
 ZERO_STRATEGY = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}
+ZERO_STAGE = {strategy: stage for stage, strategy in ZERO_STRATEGY.items() if stage}
+MAX_GRAD_NORM = 1.0  # Trainer's default max_grad_norm: the recipe's gradient clipping
+
+
+def deepspeed_json(plan: Any, hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON of a ZeRO ``plan`` (a ``TrainingPlan``) with no ``auto`` value left:
+    what the harness runs (``vramcalc_harness/distributed.py``) and the trace replays
+    (``trace/zerotrace.py``).
+
+    The bucket sizes are the numbers transformers and accelerate put for ``auto`` (from
+    ``hidden_size``), written out because ZeRO-3 loading (``zero.Init`` inside
+    ``from_pretrained``) reads the config before anything fills ``auto`` values.
+    """
+    stage = ZERO_STAGE[plan.strategy]
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": hidden_size * hidden_size,
+    }
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if plan.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": plan.batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
+        "gradient_clipping": MAX_GRAD_NORM,
+        # explicit, not "auto": ZeRO-3 loading (zero.Init) reads it before Trainer fills autos
+        # (DeepSpeed runs on GPUs only: bf16 unless the plan is fp16)
+        "bf16": {"enabled": plan.dtype != "fp16"},
+        "fp16": {"enabled": plan.dtype == "fp16"},
+        "zero_optimization": zero,
+        # the recipe's optimizer is Trainer's (torch / bitsandbytes), not DeepSpeed's
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
 
 
 def deepspeed_sharding(

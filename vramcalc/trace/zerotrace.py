@@ -3,7 +3,7 @@
 What runs is DeepSpeed's own code (``DeepSpeedEngine``; ZeRO-1/2: ``DeepSpeedZeroOptimizer``,
 ``runtime/zero/stage_1_and_2.py``; ZeRO-3: ``DeepSpeedZeroOptimizer_Stage3``, ``zero.Init``'s
 partitioned parameters and the parameter coordinator) with the JSON the harness writes
-(``harness/distributed.py::deepspeed_config``, mirrored by ``zero_config``), on the fake
+(``configs/sharding.py::deepspeed_json``, the one the harness writes), on the fake
 accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate:
 
 0. ZeRO-3 only, the load (``load_zero3``): transformers builds the model inside
@@ -56,48 +56,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from vramcalc.configs.sharding import ZERO_STAGE, deepspeed_json
 from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
 from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.trace.zerofake import import_deepspeed
 from vramcalc.training_plan import TrainingPlan
-
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
-MAX_GRAD_NORM = 1.0  # Trainer's default, the harness's gradient_clipping
-
-
-def zero_config(plan: TrainingPlan, hidden_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON the harness writes for ``plan`` (``harness/distributed.py::
-    deepspeed_config``): bucket sizes from ``hidden_size`` as accelerate fills ``auto``."""
-    stage = ZERO_STAGES[plan.strategy]
-    zero: dict[str, Any] = {
-        "stage": stage,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": hidden_size * hidden_size,
-    }
-    if stage == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
-            stage3_param_persistence_threshold=10 * hidden_size,
-            stage3_gather_16bit_weights_on_model_save=False,
-        )
-    if plan.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_micro_batch_size_per_gpu": plan.batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "train_batch_size": plan.batch_size * plan.grad_accum * plan.num_gpus,
-        "gradient_clipping": MAX_GRAD_NORM,
-        "bf16": {"enabled": plan.dtype != "fp16"},
-        "fp16": {"enabled": plan.dtype == "fp16"},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 1_000_000,
-        "wall_clock_breakdown": False,
-    }
-
 
 #: the names Trainer keeps out of weight decay (transformers 5.17 ``trainer.py::
 #: Trainer.get_decay_parameter_names``; with ``nn.LayerNorm`` modules)
@@ -130,7 +93,7 @@ def initialize(model: Any, plan: TrainingPlan) -> Any:
     optimizer = torch_optimizer(groups, plan) or trainer_optimizer(
         [p for group in groups for p in group["params"]], plan
     )
-    config = zero_config(plan, int(model.config.hidden_size))
+    config = deepspeed_json(plan, int(model.config.hidden_size))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -148,7 +111,7 @@ def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
     deepspeed = import_deepspeed()
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
-    config = zero_config(plan, int(model.config.hidden_size))
+    config = deepspeed_json(plan, int(model.config.hidden_size))
     init = deepspeed.zero.Init(config_dict_or_path=config)  # not entered: nothing patched
     adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
 
@@ -254,4 +217,4 @@ def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: 
     recorder.mark("end")
     recorder.stopped = True  # what is freed after the last step cannot raise a peak
     engine.destroy()
-    return f"DeepSpeed ZeRO-{ZERO_STAGES[plan.strategy]} (DeepSpeedEngine, the harness's config)"
+    return f"DeepSpeed ZeRO-{ZERO_STAGE[plan.strategy]} (DeepSpeedEngine, the harness's config)"

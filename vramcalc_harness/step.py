@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.configs.sharding import MAX_GRAD_NORM
 from vramcalc_harness.distributed import (
     decoder_layer_classes,
     fsdp_peft_wrap,
@@ -48,7 +49,7 @@ from vramcalc_harness.distributed import (
     rank_info,
 )
 from vramcalc_harness.errors import HarnessError
-from vramcalc_harness.scenario import MAX_GRAD_NORM, Case
+from vramcalc_harness.scenario import Case
 from vramcalc_harness.simworld import fully_shard_model, state_bytes
 from vramcalc_harness.trackers import is_cuda, synchronize
 
@@ -262,10 +263,7 @@ def run_trainer(
 
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
             if case.simulate_world is not None:  # gradients are still there (zero_grad follows)
-                try:
-                    counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
-                except (AttributeError, TypeError, KeyError) as err:  # DeepSpeed's own wrappers
-                    print(f"[harness] state bytes not counted: {err!r}", flush=True)
+                counted.update(state_bytes(kwargs["model"], kwargs["optimizer"]))
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             synchronize(device)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_LLAMA
-from vramcalc.memory.allocator import ALLOC, AllocatorConfig
+from vramcalc.memory.allocator import ALLOC, FREE, AllocatorConfig
 from vramcalc.memory.worldreplay import replay
 from vramcalc.trace import worldtrace
 from vramcalc.trace.events import UnrollError, WorldTrace
@@ -117,3 +117,27 @@ def test_repeat_world_step_needs_exactly_two_traced_steps() -> None:
     after = WorldTrace(events, (0, 0), (("step0", 0), ("step1", 1), ("end", 1)), (), 1, "test")
     with pytest.raises(UnrollError):  # events after the last step
         repeat_world_step(after, 1)
+
+
+def test_a_wait_on_what_only_the_first_step_did_waits_after_the_twin_before_it() -> None:
+    """ZeRO-3's first backward gathers at its end what the second step's prefetch gathered
+    earlier: an event of step 0 with no twin in step 1. A host wait of step 1 on the point
+    after it waits, in each copy, just after the twin of the event before it (the third
+    step of a 1B ZeRO-3 LoRA trace repeated this way is the traced third, event for event)."""
+    events = (
+        (ALLOC, 1, 512),  # step 0; its twin is event 3
+        (ALLOC, 2, 256),  # step 0 alone (another stream)
+        (FREE, 1, 512),  # twin: event 4
+        (ALLOC, 3, 512),  # step 1
+        (FREE, 3, 512),
+    )
+    markers = (("step0", 0), ("step1", 3), ("end", 5))
+    # after step 1's first event, a wait on the point after step 0's event 1
+    trace = WorldTrace(events, (0, 1, 0, 0, 0), markers, ((4, 2),), 1, "test")
+    repeated = repeat_world_step(trace, 2)
+    assert [(op, nbytes) for op, _, nbytes in repeated.events] == [
+        (op, nbytes) for op, _, nbytes in events + events[3:] * 2
+    ]
+    # copy 1 (events 5, 6) waits after step 1's twin of event 0 (3 + 1), copy 2 (events 7,
+    # 8) after copy 1's (5 + 1)
+    assert repeated.sync_points == ((4, 2), (6, 4), (8, 6))

@@ -89,7 +89,7 @@ def repeat_world_step(trace: WorldTrace, times: int) -> WorldTrace:
             if upto >= b1:
                 awaited = upto + copy * length
             elif upto > b0:  # a point of the step before: its twin in the copy before
-                awaited = twin(upto - 1) + 1 + (copy - 1) * length
+                awaited = _awaited_twin(twins, upto, b0, b1) + (copy - 1) * length
             else:
                 awaited = upto
             syncs.append((now + copy * length, awaited))
@@ -110,6 +110,19 @@ def repeat_world_step(trace: WorldTrace, times: int) -> WorldTrace:
         frozenset(cross),
         tuple(trace.tags[o] for o in origins) if trace.tags else (),
     )
+
+
+def _awaited_twin(twins: dict[int, int], upto: int, b0: int, b1: int) -> int:
+    """Where in step 1 the point before step 0's event ``upto`` lies: just after the twin of
+    the last event before it that has one. Step 0 alone has some events (ZeRO-3 gathers at
+    the end of its first backward what the second step's prefetch gathered earlier), and a
+    host wait of step 1 on the point after one of them waits, in the next copy, on the
+    point where step 1 has done the same work: after the twin of the event before it
+    (none: the start of step 1)."""
+    for index in range(upto - 1, b0 - 1, -1):
+        if index in twins:
+            return twins[index] + 1
+    return b1
 
 
 def _phase_twins(trace: WorldTrace, b0: int, b1: int, end: int) -> dict[int, int]:

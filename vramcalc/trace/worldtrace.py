@@ -106,7 +106,7 @@ from vramcalc.trace.steptrace import (
 )
 from vramcalc.trace.unroll import TRACED_LAYERS
 from vramcalc.trace.worldload import load_world
-from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrecorder import FAKE_GPU, WorldRecorder
 from vramcalc.trace.worldrepeat import canonical_world, repeat_world_step
 from vramcalc.trace.worldunroll import (
     ModelCopies,
@@ -163,10 +163,6 @@ def check_world_plan(plan: TrainingPlan) -> None:
         problems.append(
             f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
             f"installed: {DEEPSPEED_HINT}"
-        )
-    if plan.strategy in ZERO and plan.cpu_offload:
-        problems.append(
-            f"cpu_offload under {plan.strategy}: ZeRO-Offload (host partitions) is not traced"
         )
     if plan.strategy == "zero3" and plan.is_kbit:
         problems.append(
@@ -393,11 +389,14 @@ def _trace(
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    named = to_fake(model, mode)
+    # ZeRO-Offload: the fake GPU is cpu:0, DeepSpeed's "cpu" the host (worldrecorder)
+    split_devices = zero and plan.cpu_offload
+    named = to_fake(model, mode, FAKE_GPU if split_devices else None)
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
     recorder = WorldRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    recorder.split_devices = split_devices
     vocab = int(config.vocab_size)
     num_decoder_layers = len(decoder_layers(model))
     tensor_layers, recorder.module_layers = layer_maps(model)

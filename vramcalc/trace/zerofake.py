@@ -145,6 +145,27 @@ def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> 
                 return None
             return super().create_op_builder(class_name)
 
+        # -- the fake GPU: ``cpu:0`` where the trace tells host from device by device
+        # (``WorldRecorder.split_devices``, ZeRO-Offload), as CUDA's names are ``cuda:i``;
+        # DeepSpeed's explicit ``"cpu"`` (offloaded partitions, pinned buffers) is the host
+        def device_name(self, device_index: Any = None) -> str:
+            if not recorder.split_devices:
+                return str(super().device_name(device_index))
+            return f"cpu:{0 if device_index is None else device_index}"
+
+        def current_device_name(self) -> str:
+            return self.device_name(0) if recorder.split_devices else "cpu"
+
+        def device(self, device_index: Any = None) -> Any:
+            import torch
+
+            if not recorder.split_devices:
+                return super().device(device_index)
+            return torch.device(self.device_name(device_index))
+
+        def current_device(self) -> Any:
+            return 0 if recorder.split_devices else super().current_device()
+
         def is_bf16_supported(self) -> bool:
             return True
 

@@ -58,7 +58,7 @@ from typing import Any
 
 from vramcalc.configs.sharding import ZERO_STAGE, deepspeed_json
 from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
-from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrecorder import FAKE_GPU, WorldRecorder
 from vramcalc.trace.zerofake import import_deepspeed
 from vramcalc.training_plan import TrainingPlan
 
@@ -190,11 +190,12 @@ def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: 
     nodes = tag_layers(engine.module, recorder)
     engine.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
     vocab = int(model.config.vocab_size)
+    device = FAKE_GPU if recorder.split_devices else None  # Trainer puts inputs on the GPU
     for step in range(steps):
         recorder.mark(f"step{step}")
         for micro in range(plan.grad_accum):
             last = micro == plan.grad_accum - 1
-            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len), device=device)
             labels = ids.clone()
             loss = engine(input_ids=ids, labels=labels).loss
             del ids, labels

@@ -26,7 +26,8 @@ things more, all added here:
   real code moves tensors between them (the CUDA ``.to(device)`` that is a no-op on
   CPU). A trace may instead tell the two apart by device (``split_devices``, ZeRO-Offload:
   ``trace/zerotrace.py``): the fake GPU is ``cpu:0`` and a new storage of a tensor on
-  plain ``cpu`` (device index None) is on the host. ``FakeTensorMode`` keeps the two
+  plain ``cpu`` (device index None) is on the host, one on ``cpu:0`` on the device
+  whatever its inputs (``t.to("cpu:0")`` of a host tensor). ``FakeTensorMode`` keeps the two
   devices apart as CUDA's and the CPU's are: ``t.to("cpu")`` of a ``cpu:0`` tensor is a
   copy (``aten._to_copy``, a device-to-host copy), ``t.to("cpu:0")`` a no-op, factory ops
   put their outputs on their ``device`` argument, and an op mixing the two (beyond CPU
@@ -200,10 +201,12 @@ class WorldRecorder(StepRecorder):
         if key in self._handles:
             return
         self._watch(storage, key, tag)
-        host = self._scope == "host" or (
-            self._scope is None
-            and (self._inputs_on_host or (self.split_devices and tensor.device.index is None))
-        )
+        if self._scope is not None:
+            host = self._scope == "host"
+        elif self.split_devices:  # the device decides (a host-to-device copy is the GPU's)
+            host = tensor.device.index is None
+        else:
+            host = self._inputs_on_host
         if host:
             self._host.add(key)
             return

@@ -31,9 +31,10 @@ engine and ZeRO optimizers (``stage_1_and_2.py``, ``stage3.py`` with ``zero.Init
 and its parameter coordinator) on a fake CUDA-like accelerator (``trace/zerofake.py``:
 streams that tag allocations, ``record_stream``, host waits at ``synchronize`` and
 ``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
-buffers and buckets are the whole model's). Not traced: ZeRO-Offload (``cpu_offload``)
-and k-bit weights under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes
-the rules, ``memory/distributed.py``).
+buffers and buckets are the whole model's). ZeRO-Offload (``cpu_offload``) traces with the
+fake GPU on ``cpu:0``, so that DeepSpeed's host (``"cpu"``) partitions stay off the device
+(``WorldRecorder.split_devices``). Not traced: k-bit weights under ZeRO-3
+(``check_world_plan`` refuses them; the estimator takes the rules, ``memory/distributed.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -65,9 +66,9 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) do not run in the fake world: they stay
-  rule-based (``memory/distributed.py``); ``check_world_plan`` refuses them, and every
-  ZeRO plan when deepspeed is not installed.
+* k-bit ZeRO-3 (DeepSpeed) does not run in the fake world: it stays rule-based
+  (``memory/distributed.py``); ``check_world_plan`` refuses it, and every ZeRO plan when
+  deepspeed is not installed.
 
 Not modelled
 ------------

@@ -17,6 +17,11 @@ DeepSpeed's ``CUDA_Accelerator`` where they differ and matter to memory:
   it builds its flat buffers);
 * ``available_memory``: enough (ZeRO-1/2 flatten on the GPU when the flat buffer fits);
 * pinned memory is host memory (``pin_memory``, ``is_pinned``, ``on_accelerator``);
+* under ZeRO-Offload (``WorldRecorder.split_devices``) the GPU's names: ``device_name`` /
+  ``current_device_name`` / ``device`` answer ``cpu:0`` (CUDA's ``cuda:i``) and
+  ``current_device`` 0, so that what DeepSpeed makes "on the accelerator" is on ``cpu:0``
+  and its explicit ``"cpu"`` (offloaded partitions) is the host; elsewhere the CPU
+  accelerator's ``cpu``, every tensor on one device;
 * no shared-memory collectives of CPU processes (``ShareMemCommBuilder``: none).
 
 Beside the accelerator, where a CPU fake-tensor run differs from the CUDA one:

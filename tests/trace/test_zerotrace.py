@@ -178,8 +178,8 @@ def test_seam_simulates_zero_plans():
     offload = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True))
     assert offload is not None  # ZeRO-Offload: simulated, its partitions on the host
     assert offload.peak_allocated_bytes["default"] < simulation.peak_allocated_bytes["default"]
-    # the rules: k-bit weights under ZeRO-3
-    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="nf4")) is None
+    # the rules: int8 weights under ZeRO-3
+    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="int8")) is None
 
 
 def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(monkeypatch):
@@ -272,6 +272,35 @@ def test_zero3_offload_keeps_partitions_on_the_host_and_copies_each_to_the_devic
     optimizer = labelled(trace, "step0_optimizer", "step1")
     assert not any(label in ("zeros_like", "_to_copy") and nbytes >= 3584 * FP32
                    for label, nbytes in optimizer)  # fmt: skip
+
+
+#: a 4-bit weight as bitsandbytes packs it in bf16 (bnb_4bit_quant_storage): numel / 2 bytes
+PACKED_4BIT = {64 * 32 // 2: 2 * 2, 64 * 64 // 2: 2 * 2, 64 * 128 // 2: 2 * 3}  # k, v; q, o; MLP
+
+
+def test_zero3_qlora_keeps_each_gathered_4bit_weight_until_its_backward():
+    """A quantized model loads without zero.Init (``zerotrace.loads_in_zero_init``): whole on
+    the GPU, then partitioned by deepspeed.initialize. bitsandbytes' MatMul4Bit keeps a view
+    of the gathered packed weight for backward (``B.view(-1, 1)``, ``ctx.tensors``), so
+    ZeRO-3's release (``param.data`` swapped) does not free it: at the end of the first
+    forward every 4-bit weight gathered on the all-gather stream is still allocated, where
+    16-bit weights (DeepSpeed's ``F.linear`` saves the parameter) are all freed."""
+    trace = traced(strategy="zero3", method="qlora", quant="nf4")
+    # the load: every weight whole on the GPU before the wrap, none partitioned yet
+    assert not any(label == "empty" for label, _ in labelled(trace, "load", "wrap"))
+
+    def gathered_alive(trace) -> collections.Counter:  # type: ignore[no-untyped-def]
+        at, live = dict(trace.markers), {}
+        for index in range(at["step0"], at["step0_backward0"]):
+            op, handle, nbytes = trace.events[index]
+            if op == ALLOC and trace.streams[index] != 0:
+                live[handle] = nbytes
+            elif op == FREE:
+                live.pop(handle, None)
+        return collections.Counter(nbytes for nbytes in live.values() if nbytes >= 1024)
+
+    assert gathered_alive(trace) == PACKED_4BIT
+    assert gathered_alive(traced(strategy="zero3")) == {}
 
 
 def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():

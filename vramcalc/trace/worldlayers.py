@@ -5,11 +5,15 @@ single-GPU trace never copies (its load layout sizes the packed storage). FSDP
 flattens, shards and all-gathers the parameter itself, so here it has the shape
 bitsandbytes gives it: ``quantize_4bit(A, quant_storage=...)`` packs two 4-bit
 values per byte into ``((numel + 1) // (2 * itemsize), 1)`` elements of the storage
-dtype (``bnb_4bit_quant_storage``: the plan's dtype under FSDP, uint8 otherwise).
-``Packed4bit`` computes as ``MatMul4Bit`` does (bitsandbytes
+dtype (``bnb_4bit_quant_storage``: the plan's dtype under FSDP and ZeRO-3, uint8
+otherwise). ``Packed4bit`` computes as ``MatMul4Bit`` does (bitsandbytes 0.50.2
 ``autograd/_functions.py``): forward dequantizes the weight into a new
 ``(out, in)`` tensor for ``F.linear``; backward dequantizes it again for the input
-gradient; it keeps only the packed weight (``ctx.tensors = (None, B)``).
+gradient; it keeps only the packed weight, as a view (``B = B.view(-1, 1)``,
+``ctx.tensors = (None, B)``, lines 321 and 358). The view holds the storage the weight had
+in forward: FSDP frees an unsharded flat parameter by resizing that storage (no matter),
+but ZeRO-3 releases a gathered weight by swapping ``param.data`` for an empty tensor, so
+under ZeRO-3 every 4-bit weight gathered in forward stays allocated until its backward.
 The quantization state (absmax, codes) is not a parameter: it stays on every GPU,
 unsharded (``memory/worldload.py`` allocates it).
 """
@@ -29,7 +33,9 @@ class _DequantizeMatMul(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]
     ) -> torch.Tensor:
-        ctx.packed, ctx.shape = packed, shape  # bnb: ctx.tensors = (None, B)
+        # bnb: ``B = B.view(-1, 1)``, ``ctx.tensors = (None, B)``: a view of the weight's
+        # storage as it is now (a ZeRO-3 release swaps ``param.data``; the view keeps it)
+        ctx.packed, ctx.shape = packed.view(-1, 1), shape
         weight = packed.new_empty(shape, dtype=torch.bfloat16)  # dequantize_4bit
         return F.linear(x, weight)
 

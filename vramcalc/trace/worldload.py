@@ -16,9 +16,11 @@ What the harness's ``build_model`` does on rank 0 (``harness/build.py``), laid o
   (4-bit: packed data, absmax, code; double quantization: uint8 absmax, nested
   absmax, map copy, offset), adapters in fp32, then ``empty_cache`` (Trainer's
   ``accelerator.free_memory()`` at the start of its training loop).
-* FSDP with k-bit weights skips ``prepare_model_for_kbit_training`` (no fp32 copies
-  of the other parameters); the quantization state is never a parameter, so it stays
-  whole on every GPU. DDP with k-bit weights prepares as on one GPU.
+* FSDP and ZeRO-3 with k-bit weights skip ``prepare_model_for_kbit_training`` (no fp32
+  copies of the other parameters: ``skips_kbit_upcast``); the quantization state is never a
+  parameter, so it stays whole on every GPU. ZeRO-3 with 4-bit weights loads this way too
+  (transformers skips ``zero.Init`` for a quantized model: ``zerotrace.loads_in_zero_init``).
+  DDP and ZeRO-1/2 with k-bit weights prepare as on one GPU.
 
 Each parameter's storage is bound to the allocation that made it, so that when FSDP
 flattens a unit and the original storage dies, its free is the load's handle.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.memory.loading import LOAD_ITEMSIZE, checkpoint_key
 from vramcalc.memory.weights import DYNAMIC_MAP_ENTRIES, NESTED_BLOCKSIZE, NF4_BLOCKSIZE
 from vramcalc.trace.worldrecorder import WorldRecorder
@@ -161,7 +164,7 @@ def load_world(
             else:
                 size = p.numel() * load_size
                 loaded.append((p, recorder.alloc_bytes(size), size))
-    if plan.is_kbit and plan.strategy not in SHARDED:  # prepare_model_for_kbit_training
+    if plan.is_kbit and not skips_kbit_upcast(plan):  # prepare_model_for_kbit_training
         upcast = []
         for p, handle, size in loaded:
             if _nbytes(p) != size:

@@ -33,8 +33,10 @@ streams that tag allocations, ``record_stream``, host waits at ``synchronize`` a
 ``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
 buffers and buckets are the whole model's). ZeRO-Offload (``cpu_offload``) traces with the
 fake GPU on ``cpu:0``, so that DeepSpeed's host (``"cpu"``) partitions stay off the device
-(``WorldRecorder.split_devices``). Not traced: k-bit weights under ZeRO-3
-(``check_world_plan`` refuses them; the estimator takes the rules, ``memory/distributed.py``).
+(``WorldRecorder.split_devices``); 4-bit weights under ZeRO-3 load with a ``device_map``
+(no ``zero.Init``) and are partitioned by ``deepspeed.initialize``. Not traced: int8 weights
+under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes the rules,
+``memory/distributed.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -66,7 +68,7 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* k-bit ZeRO-3 (DeepSpeed) does not run in the fake world: it stays rule-based
+* int8 ZeRO-3 (DeepSpeed) does not run in the fake world: it stays rule-based
   (``memory/distributed.py``); ``check_world_plan`` refuses it, and every ZeRO plan when
   deepspeed is not installed.
 
@@ -95,6 +97,7 @@ from typing import Any
 
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
+from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.trace.events import UnrollError, WorldTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
@@ -165,10 +168,8 @@ def check_world_plan(plan: TrainingPlan) -> None:
             f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
             f"installed: {DEEPSPEED_HINT}"
         )
-    if plan.strategy == "zero3" and plan.is_kbit:
-        problems.append(
-            f"quant {plan.quant} under zero3: k-bit weights under ZeRO-3 are not traced"
-        )
+    if plan.strategy == "zero3" and plan.quant == "int8":
+        problems.append(f"quant {plan.quant} under zero3: int8 weights under ZeRO-3 are not traced")
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
     if problems:
@@ -178,15 +179,15 @@ def check_world_plan(plan: TrainingPlan) -> None:
 # -- the model ---------------------------------------------------------------------------------
 def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None):  # type: ignore[no-untyped-def]
     """The harness's model on the meta device, 4-bit weights packed as bitsandbytes stores
-    them (``(numel + 1) // (2 * itemsize)`` rows of 1): in the plan's dtype under FSDP
-    (``bnb_4bit_quant_storage``), uint8 otherwise."""
+    them (``(numel + 1) // (2 * itemsize)`` rows of 1): in the plan's dtype under FSDP and
+    ZeRO-3 (``bnb_4bit_quant_storage``: ``skips_kbit_upcast``), uint8 otherwise."""
     import torch
 
     from vramcalc.trace.worldlayers import pack_4bit  # torch: only when a trace runs
 
     model = build_model(config_dict, plan, num_layers)
     if plan.is_kbit and plan.quant != "int8":
-        if plan.strategy in SHARDED:  # bnb_4bit_quant_storage = the plan's dtype
+        if skips_kbit_upcast(plan):  # FSDP, ZeRO-3: bnb_4bit_quant_storage = the plan's dtype
             storage = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
         else:
             storage = torch.uint8

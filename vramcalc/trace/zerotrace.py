@@ -6,10 +6,11 @@ partitioned parameters and the parameter coordinator) with the JSON the harness 
 (``configs/sharding.py::deepspeed_json``, the one the harness writes), on the fake
 accelerator of ``trace/zerofake.py``, as HF Trainer drives it through accelerate:
 
-0. ZeRO-3 only, the load (``load_zero3``): transformers builds the model inside
-   ``zero.Init`` (each module's weights made on the GPU and partitioned at once), loads the
-   checkpoint module by module into gathered weights, and peft adds its fp32 adapters whole
-   on the GPU (ZeRO-1/2 load with a ``device_map``, ``trace/worldload.py``);
+0. ZeRO-3 with 16-bit weights only, the load (``load_zero3``): transformers builds the
+   model inside ``zero.Init`` (each module's weights made on the GPU and partitioned at
+   once), loads the checkpoint module by module into gathered weights, and peft adds its
+   fp32 adapters whole on the GPU (ZeRO-1/2, and ZeRO-3 with 4-bit weights, load with a
+   ``device_map``, ``trace/worldload.py``: ``loads_in_zero_init``);
 1. Trainer builds its optimizer on the trainable parameters (``deepspeed_init`` ->
    ``create_optimizer``: torch's AdamW, ``steptrace.trainer_optimizer``, on two parameter
    groups, with and without weight decay: ``trainer_param_groups``; ZeRO flattens each group
@@ -52,9 +53,22 @@ parameters stay on the GPU) and each gather copies rank 0's partition to the GPU
 (``ds_tensor.to(current_device_name())``: 1359-1360 for a bucket, 1396 for one parameter) on
 the all-gather stream; its optimizer's fp32 partitions and gradients are the host's.
 
-Not traced: k-bit weights under ZeRO-3 (transformers loads them without ``zero.Init``); they
-stay rule-based (``memory/distributed.py``). Transformers initializes under a gather only the
-weights a checkpoint lacks (``_initialize_missing_keys``): none here.
+4-bit weights under ZeRO-3 (QLoRA; the harness stores them as bf16,
+``bnb_4bit_quant_storage``, and skips ``prepare_model_for_kbit_training``): transformers loads
+a quantized model without ``zero.Init`` and bitsandbytes' quantizer gives it the GPU as
+``device_map`` (``loads_in_zero_init``), so the whole model, quantization state included, is
+on the GPU after the load; ``deepspeed.initialize`` then partitions every parameter, the
+packed 4-bit weights among them (``parameter_offload.py`` 258-279), while the quantization
+state, not a parameter, stays whole; its ``Init(module=...)`` replaces ``F.linear`` with
+DeepSpeed's memory-efficient one from then on (``memory_efficient_linear``: the bf16 head's
+forward and backward). bitsandbytes' ``MatMul4Bit`` keeps
+``B.view(-1, 1)`` of the gathered weight on its context for backward
+(``autograd/_functions.py`` 321, 358): when ZeRO-3 releases the weight (``param.data``
+swapped for an empty tensor, ``partition_parameters.py`` 329) the view keeps the gathered
+storage until that linear's backward (``trace/worldlayers.py``). Not traced: int8 weights
+under ZeRO-3 (rule-based, ``memory/distributed.py``; no measurement). Transformers
+initializes under a gather only the weights a checkpoint lacks
+(``_initialize_missing_keys``): none here.
 
 Sources: DeepSpeed 0.19.8 ``runtime/engine.py``, ``runtime/zero/stage_1_and_2.py``,
 ``stage3.py``, ``partition_parameters.py``; accelerate 1.15 ``accelerator.py::
@@ -109,6 +123,17 @@ def initialize(model: Any, plan: TrainingPlan) -> Any:
     config = deepspeed_json(plan, int(model.config.hidden_size))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
+
+
+def loads_in_zero_init(plan: TrainingPlan) -> bool:
+    """Whether transformers builds the model inside ``zero.Init``: ZeRO-3 with 16-bit weights.
+    A quantized model is not (``modeling_utils.py`` 1440: ``is_deepspeed_zero3_enabled() and
+    not _is_quantized``): bitsandbytes' quantizer gives it the GPU as its ``device_map``
+    (``quantizer_bnb_4bit.py`` 102-105), a load as ZeRO-1/2's (``worldload.py``), and
+    ``deepspeed.initialize`` partitions the loaded parameters (``parameter_offload.py``
+    258-279: ``Init(module=...)``, which also replaces ``F.linear``:
+    ``memory_efficient_linear``)."""
+    return plan.strategy == "zero3" and not plan.is_kbit
 
 
 def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
@@ -168,17 +193,19 @@ def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
 def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
     ``recorder`` inside the fake world; returns the wrapper's description."""
-    with memory_efficient_linear() if plan.strategy == "zero3" else contextlib.nullcontext():
+    with memory_efficient_linear(plan) if plan.strategy == "zero3" else contextlib.nullcontext():
         return _zero_steps(model, plan, recorder, steps)
 
 
 @contextlib.contextmanager
-def memory_efficient_linear() -> Iterator[None]:
+def memory_efficient_linear(plan: TrainingPlan) -> Iterator[None]:
     """``torch.nn.functional.linear`` as ZeRO-3 leaves it: ``zero.Init``'s ``__enter__``
-    (transformers loads the model inside it) replaces it with DeepSpeed's
+    (transformers loads a 16-bit model inside it) replaces it with DeepSpeed's
     ``zero3_linear_wrap`` (``memory_efficient_linear``, on by default, ``zero/config.py``
     346) and never puts it back (``partition_parameters.py`` 412-419, 603-604: "This will
-    persist unless manually reset"). Its ``LinearFunctionForZeroStage3`` (``zero/linear.py``)
+    persist unless manually reset"); a quantized model, loaded outside ``zero.Init``, gets
+    it from ``deepspeed.initialize``, whose ``Init(module=...)`` replaces it the same way
+    (1090-1091): DeepSpeed's own code does it in the trace, from the wrap on. Its ``LinearFunctionForZeroStage3`` (``zero/linear.py``)
     saves the weight parameter itself for backward, not aten ``linear``'s ``weight.t()``
     view: once ZeRO-3 releases a gathered weight (``param.data`` swapped for an empty
     tensor), nothing holds its storage, and backward works on the weight gathered again.
@@ -188,14 +215,15 @@ def memory_efficient_linear() -> Iterator[None]:
     import torch
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    with unittest.mock.patch.object(torch.nn.functional, "linear", zero3_linear_wrap):
+    linear = zero3_linear_wrap if loads_in_zero_init(plan) else torch.nn.functional.linear
+    with unittest.mock.patch.object(torch.nn.functional, "linear", linear):
         yield
 
 
 def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     import torch
 
-    if plan.strategy == "zero3":
+    if loads_in_zero_init(plan):
         load_zero3(model, plan, recorder)
         recorder.empty_cache()  # Trainer's accelerator.free_memory() before its loop
     recorder.mark("wrap")

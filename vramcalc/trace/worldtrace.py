@@ -159,10 +159,7 @@ def check_world_plan(plan: TrainingPlan) -> None:
     if plan.num_gpus < 2:
         problems.append("num_gpus: a world needs 2 or more GPUs")
     if plan.strategy not in WORLD_STRATEGIES:
-        problems.append(
-            f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)} "
-            "(ZeRO-3 stays rule-based, memory/distributed.py)"
-        )
+        problems.append(f"strategy {plan.strategy}: traced are {', '.join(WORLD_STRATEGIES)}")
     if plan.strategy in ZERO and not has_deepspeed():
         problems.append(
             f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "

@@ -36,7 +36,9 @@ together, so every decoder layer is traced; two steps are traced and the second 
 (``worldrepeat.repeat_world_step``; ZeRO-3 records its module order in the first step and
 prefetches from the second on: the third step is the second's, event for event). The cost
 (two CPU cores, LoRA at 2,048 tokens, 3 steps, trace and replay): Llama-3.1-8B on 2 GPUs
-about 11 s under ZeRO-1/2 (20 s with DeepSpeed's first import) and 30 s under ZeRO-3.
+about 11 s under ZeRO-1/2 (20 s with DeepSpeed's first import) and 30 s under ZeRO-3, 65 s
+for QLoRA under ZeRO-3 (reports/world_memory.csv ``trace_seconds``); Llama-3.2-1B LoRA with
+ZeRO-Offload 13 s (ZeRO-2) and 26 s (ZeRO-3).
 
 ZeRO-Offload (``cpu_offload``: ``offload_optimizer`` and, under ZeRO-3, ``offload_param``,
 device ``cpu``, pinned) is traced with host and GPU told apart by device

@@ -174,7 +174,7 @@ class Prepared:
         through the caching-allocator model: a fraction of a second per plan, cached) or
         ``approximate`` (the calibrated fraction, only when asked for); default
         ``default_allocator_model()``. Multi-GPU FSDP1, DDP and DeepSpeed ZeRO plans simulate
-        rank 0 of the world (``memory/worldsim.py``); ZeRO-Offload and k-bit ZeRO-3 plans are
+        rank 0 of the world (``memory/worldsim.py``); k-bit ZeRO-3 plans are
         approximate, and marked so (``MemoryEstimate.allocator_model``, the assumptions).
         """
         if lora_key(plan) != self.lora:
@@ -199,7 +199,7 @@ class Prepared:
 
         A recipe whose training step cannot be traced raises ``SimulationError`` naming it
         and the way out (``--allocator-model approximate``): no answer is silently
-        approximated. A multi-GPU plan: ``worldsim.seam_simulation`` (None for ZeRO-Offload and k-bit
+        approximated. A multi-GPU plan: ``worldsim.seam_simulation`` (None for k-bit
         ZeRO-3)."""
         if allocator_model not in ALLOCATOR_MODELS:
             raise ValueError(
@@ -531,18 +531,18 @@ MULTI_GPU_EVIDENCE = (
 )
 ZERO_EVIDENCE = (
     "per-GPU memory of DeepSpeed ZeRO plans simulated with DeepSpeed's own code (rank 0 traced "
-    "under torch's fake process group, trace/zerotrace.py) and checked against 17 "
+    "under torch's fake process group, trace/zerotrace.py) and checked against 19 "
     "simulated-world measurements on an H100 (rank 0 of 2 to 8 ranks running DeepSpeed 0.19.8 "
     "on the fake process group: data/measurements/h100_zero_2026-12-06.jsonl; "
-    "reports/world_memory.md): ZeRO-1/2/3, LoRA, QLoRA, full fine-tuning, gradient "
-    "accumulation, device total within +0.9 / -2.3 %, peak allocated within 0.02 %; not yet "
-    "against a real multi-GPU run"
+    "reports/world_memory.md): ZeRO-1/2/3, ZeRO-Offload, LoRA, QLoRA, full fine-tuning, "
+    "gradient accumulation, device total within +0.9 / -2.3 %, peak allocated within 0.02 %; "
+    "not yet against a real multi-GPU run"
 )
-#: a ZeRO plan the world does not simulate (ZeRO-Offload, k-bit ZeRO-3): what the rules missed
+#: a ZeRO plan the world does not simulate (k-bit ZeRO-3): what the rules missed
 ZERO_RULES_EVIDENCE = (
-    "ZeRO-Offload and k-bit ZeRO-3 plans are not simulated: on the 4 such simulated-world "
+    "k-bit ZeRO-3 plans are not simulated: on the 2 such simulated-world "
     "measurements (data/measurements/h100_zero_2026-12-06.jsonl, reports/world_memory.md) "
-    "these rules were 7 to 38 % under the measured device total; leave that much headroom"
+    "these rules were 13 to 38 % under the measured device total; leave that much headroom"
 )
 
 

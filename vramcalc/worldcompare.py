@@ -155,7 +155,7 @@ def render_markdown(
         "*world*: `memory/worldsim.simulate_world` (what the estimator now answers with) "
         "(rank 0 traced through FSDP1, DDP or DeepSpeed's own ZeRO code on fake tensors, "
         "replayed through the caching allocator model; where the world is not simulated, "
-        "ZeRO-Offload and k-bit ZeRO-3, the estimator answers with the rules, and the row "
+        "k-bit ZeRO-3, the estimator answers with the rules, and the row "
         "says so); its device total = peak reserved + CUDA context + driver reserve "
         "(calibration), **without NCCL** (a fake world has none; for a real N-GPU run "
         "`memory/nccl.py` adds its buffers by rule, not measured yet).",

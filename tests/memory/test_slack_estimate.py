@@ -186,9 +186,7 @@ def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
     from vramcalc.estimate import ZERO_EVIDENCE, ZERO_RULES_EVIDENCE
     from vramcalc.memory.worldsim import ZERO_REASON
 
-    p = TrainingPlan(
-        str(tiny_llama_dir), method="lora", num_gpus=2, strategy="zero2", cpu_offload=True
-    )
+    p = TrainingPlan(str(tiny_llama_dir), method="qlora", quant="nf4", num_gpus=2, strategy="zero3")
     est = prepare(p.model, p).estimate(p)
     assert est.components["allocator_reserve"] == max(
         int(est.peak_allocated_bytes * 0.0863), 41943040

@@ -208,7 +208,6 @@ def test_world_peaks_replay_under_both_allocator_modes():
         (dict(strategy="zero3", method="lora", quant="nf4"), "nf4 under zero3"),
         (dict(strategy="fsdp", num_gpus=1), "num_gpus"),
         (dict(strategy="fsdp", method="lora", quant="int8"), "int8"),
-        (dict(strategy="zero2", cpu_offload=True), "cpu_offload under zero2"),
     ],
 )
 def test_plans_the_world_cannot_trace_are_refused(fields, problem):

@@ -175,8 +175,10 @@ def test_seam_simulates_zero_plans():
     simulation = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2"))
     assert simulation is not None
     assert simulation.peak_allocated_bytes["default"] > 0
-    # the rules: ZeRO-Offload, k-bit weights under ZeRO-3
-    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True)) is None
+    offload = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True))
+    assert offload is not None  # ZeRO-Offload: simulated, its partitions on the host
+    assert offload.peak_allocated_bytes["default"] < simulation.peak_allocated_bytes["default"]
+    # the rules: k-bit weights under ZeRO-3
     assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="nf4")) is None
 
 
@@ -191,6 +193,33 @@ def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(m
         seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", seq_len=8))
     assert "pip install deepspeed" in str(err.value)
     assert "--allocator-model approximate" in str(err.value)
+
+
+def test_zero2_offload_keeps_the_fp32_master_partition_and_adam_states_off_the_device():
+    """ZeRO-Offload (``offload_optimizer`` cpu, pinned): ``self.device`` is ``cpu``
+    (``stage_1_and_2.py`` 278), so the fp32 master partition, its gradient, the pinned bf16
+    copy and Trainer's AdamW states are host memory; the GPU keeps the flat bf16 buffer, the
+    bf16 partition cloned before its copy to the host, the reduce bucket and a bf16 staging
+    buffer of the largest parameter (``temp_grad_buffer_for_gpu_offload``, 646-661); the
+    gradients of rank 0's partition go to the host from the bucket (no ``grads_in_partition``
+    on the device, 2161-2177)."""
+    trace = traced(strategy="zero2", cpu_offload=True)
+    flat, partition = flat_and_partition(2)
+    wrap = labelled(trace, "wrap", "step0")
+    assert wrap[("_to_copy", 512 * BF16)] == 2 * 6  # peft's fp32 adapters cast to bf16
+    del wrap[("_to_copy", 512 * BF16)]
+    assert wrap == {
+        ("cat", flat * BF16): 1,  # the flat bf16 buffer, on the GPU
+        ("clone", partition * BF16): 1,  # rank 0's partition cloned, then moved to the host
+        ("zeros", 512 * BF16): 1,  # temp_grad_buffer_for_gpu_offload: the largest parameter
+    }
+    backward = labelled(trace, "step0_backward0", "step0_optimizer")
+    assert backward[("empty", BUCKET * BF16)] == 1  # the reduce bucket
+    assert backward[("empty", partition_params(partition) * BF16)] == 0  # no grads_in_partition
+    markers = [name for name, _ in trace.markers]
+    for step in ("step0_optimizer", "step1_optimizer", "step2_optimizer"):
+        # Adam states, the fp32 gradient partition, the update: all the host's
+        assert labelled(trace, step, markers[markers.index(step) + 1]) == {}
 
 
 # -- ZeRO-3 ------------------------------------------------------------------------------------
@@ -213,6 +242,36 @@ def test_zero3_lora_load_leaves_rank0_its_partition_of_every_weight_and_whole_ad
     assert sum(live.values()) == BASE // 2 * BF16 + N * FP32 + ROTARY
     # loading gathers each module's weights whole (the embedding's 256x64 the largest)
     assert max(trace.events[i][2] for i in range(at["load"], at["wrap"])) == 256 * 64 * BF16
+
+
+def test_zero3_offload_keeps_partitions_on_the_host_and_copies_each_to_the_device_to_gather():
+    """ZeRO-3 with ``offload_param`` cpu: ``zero.Init`` partitions onto its remote device
+    (``partition_parameters.py`` 1161-1169, 1820-1843), so after the load the device holds only
+    the whole fp32 adapters and the rotary buffers; each gather copies rank 0's half to the
+    GPU (``ds_tensor.to(current_device_name())``, 1396) on the all-gather stream beside the
+    whole buffer; the optimizer's fp32 partitions and Adam states are the host's."""
+    trace = traced(strategy="zero3", cpu_offload=True)
+    at, live = dict(trace.markers), {}
+    for op, handle, nbytes in trace.events[: at["wrap"]]:
+        if op == ALLOC:
+            live[handle] = nbytes
+        elif op == FREE:
+            live.pop(handle, None)
+    assert sum(live.values()) == N * FP32 + ROTARY  # no base partition on the device
+    side = collections.Counter(
+        (trace.labels[i], trace.events[i][2])
+        for i in range(at["step0"], at["step0_backward0"])
+        if trace.events[i][0] == ALLOC and trace.streams[i] != 0
+    )
+    for numel, count in ((256 * 64, 2), (64 * 128, 2 * 3), (64 * 64, 2 * 2), (64 * 32, 2 * 2)):
+        assert side[("empty", numel * BF16)] == count  # the whole weight, as without offload
+        assert side[("_to_copy", numel * BF16 // 2)] == count  # rank 0's half, host to device
+    assert side[("_to_copy", 64 * BF16 // 2)] == 2 * 2 + 1  # the norms' halves
+    on_device = traced(strategy="zero3")
+    assert labelled(on_device, "step0_optimizer", "step1")[("zeros_like", 3584 * FP32)] == 2
+    optimizer = labelled(trace, "step0_optimizer", "step1")
+    assert not any(label in ("zeros_like", "_to_copy") and nbytes >= 3584 * FP32
+                   for label, nbytes in optimizer)  # fmt: skip
 
 
 def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():

@@ -35,9 +35,9 @@ accelerate configures them with ``auto`` values):
 
 These rules answer ``--allocator-model approximate``. With the default (``simulate``),
 multi-GPU plans are traced instead (``memory/worldsim.py``): FSDP1 and DDP, and DeepSpeed
-ZeRO-1/2/3 with DeepSpeed's own code (``trace/zerotrace.py``, deepspeed installed); the ZeRO
-rules still answer ZeRO-Offload (``--cpu-offload``) and k-bit ZeRO-3 plans, which the trace
-does not run.
+ZeRO-1/2/3 with DeepSpeed's own code (``trace/zerotrace.py``, deepspeed installed;
+ZeRO-Offload, ``--cpu-offload``, included); the ZeRO rules still answer k-bit ZeRO-3 plans,
+which the trace does not run.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 ``simulate_world`` is ``memory/slack.py::simulate_plan`` for ``num_gpus > 1`` plans that
 ``trace/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
-offload; DDP; DeepSpeed ZeRO-1/2/3 without CPU offload, ZeRO-3 with 16-bit weights:
+offload; DDP; DeepSpeed ZeRO-1/2/3 with or without ZeRO-Offload, ZeRO-3 with 16-bit weights:
 DeepSpeed's own code, ``trace/zerotrace.py``): it returns the same ``AllocatorSimulation``
 (peak allocated, peak reserved per allocator mode), so
 ``estimate_from_inventory(simulation=...)`` takes it as it takes a single-GPU one;
 ``seam_simulation`` is what the estimator's seam (``estimate.Prepared.simulation``) asks for
-a multi-GPU plan: the world simulation, None for ZeRO-Offload and k-bit ZeRO-3 (rule-based,
-``ZERO_REASON``; ``simulates_world``), ``SimulationError`` for a plan the world trace cannot
+a multi-GPU plan: the world simulation, None for k-bit ZeRO-3 (rule-based, ``ZERO_REASON``;
+``simulates_world``), ``SimulationError`` for a plan the world trace cannot
 run (a ZeRO plan without deepspeed installed among them: ``pip install deepspeed``).
 ``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with NCCL's
 buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
@@ -48,25 +48,26 @@ from vramcalc.training_plan import TrainingPlan
 #: the cuBLAS workspace after its first matmul's output)
 WORLD_SIMULATION_VERSION = 6
 #: the same for ZeRO plans, whose traces run DeepSpeed's code (1: first traced; 2: Trainer's two
-#: parameter groups; 3: ZeRO-3 traces DeepSpeed's memory-efficient F.linear); apart, so that a
-#: ZeRO change does not throw away the FSDP / DDP simulations cached on users' disks
-ZERO_SIMULATION_VERSION = 3
-#: why a ZeRO-Offload or k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate``
-#: assumptions)
+#: parameter groups; 3: ZeRO-3 traces DeepSpeed's memory-efficient F.linear; 4: ZeRO-Offload
+#: traced, host and device told apart by device); apart, so that a ZeRO change does not throw
+#: away the FSDP / DDP simulations cached on users' disks
+ZERO_SIMULATION_VERSION = 4
+#: why a k-bit ZeRO-3 plan's peaks are the rules' (``MemoryEstimate`` assumptions)
 ZERO_REASON = (
-    "ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) are not simulated: the world trace runs "
-    "DeepSpeed's ZeRO with every partition on the GPU and 16-bit weights under ZeRO-3 only, "
-    "so its per-GPU bytes are memory/distributed.py's rules"
+    "k-bit ZeRO-3 (DeepSpeed) is not simulated: the world trace runs ZeRO-3 with 16-bit "
+    "weights only (transformers loads 4-bit ones without zero.Init), so its per-GPU bytes "
+    "are memory/distributed.py's rules"
 )
 
 
 def simulates_world(plan: TrainingPlan) -> bool:
     """Whether the world trace answers this multi-GPU plan (else the rules, ``ZERO_REASON``):
-    FSDP1, DDP, and ZeRO-1/2/3 without CPU offload (``offload_optimizer`` puts ZeRO's
-    partitions in host memory the fake device cannot tell from its own), ZeRO-3 with 16-bit
-    weights only (4-bit ones load without ``zero.Init``: not traced)."""
+    FSDP1, DDP, and ZeRO-1/2/3, ZeRO-Offload included (``offload_optimizer`` /
+    ``offload_param``: DeepSpeed's host partitions are told from the fake GPU by device,
+    ``trace/worldrecorder.py``), ZeRO-3 with 16-bit weights only (4-bit ones load without
+    ``zero.Init``: not traced)."""
     if plan.strategy in ZERO:
-        return not plan.cpu_offload and not (plan.strategy == "zero3" and plan.is_kbit)
+        return not (plan.strategy == "zero3" and plan.is_kbit)
     return plan.strategy in WORLD_STRATEGIES
 
 
@@ -130,7 +131,7 @@ def seam_simulation(
     model_name: str, config_dict: dict, plan: TrainingPlan
 ) -> AllocatorSimulation | None:
     """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``), DDP
-    and ZeRO plans simulated (``simulate_world``); ZeRO-Offload and k-bit ZeRO-3 plans None
+    and ZeRO plans simulated (``simulate_world``); k-bit ZeRO-3 plans None
     (the rules, ``ZERO_REASON``); a plan the world trace refuses (FSDP cannot shard bitsandbytes'
     int8 weights; ZeRO without deepspeed installed) or fails on is a ``SimulationError``
     naming ``--allocator-model approximate``: no answer is silently approximated."""

@@ -74,7 +74,7 @@ def render_advice(advice: Advice) -> str:
     if approximate:
         lines.append(
             "  * approximate: a calibrated fraction for the allocator's slack, not a simulated "
-            "run (a ZeRO-Offload or k-bit ZeRO-3 plan, which the simulated world does not run, "
+            "run (a k-bit ZeRO-3 plan, which the simulated world does not run, "
             "or --allocator-model approximate)"
         )
     options = [base, *(c.option for c in advice.changes), *(c.option for c in advice.combinations)]

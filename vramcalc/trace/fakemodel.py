@@ -155,10 +155,11 @@ def _with_lora(model: Any, plan: TrainingPlan) -> Any:
     return model
 
 
-def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
+def to_fake(model: Any, mode: Any, device: Any = None) -> list[tuple[str, Any]]:
     """Replace every meta parameter / buffer by a fake CPU tensor (ties kept; a k-bit
-    weight keeps its attributes: a 4-bit one's ``quant_type``, ``quant_state``, ...); returns
-    the parameters by name."""
+    weight keeps its attributes: a 4-bit one's ``quant_type``, ``quant_state``, ...), on
+    ``device`` if given (``cpu:0``: the fake GPU of a trace that tells it from the host,
+    ``worldtrace``); returns the parameters by name."""
     import torch
 
     made: dict[int, Any] = {}
@@ -169,7 +170,8 @@ def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
                     continue
                 if id(p) not in made:
                     fake = torch.nn.Parameter(
-                        torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
+                        torch.empty(p.shape, dtype=p.dtype, device=device),
+                        requires_grad=p.requires_grad,
                     )
                     if getattr(p, "_vramcalc_kbit", False):  # with what bitsandbytes keeps on it
                         fake.__dict__.update(p.__dict__)
@@ -177,5 +179,5 @@ def to_fake(model: Any, mode: Any) -> list[tuple[str, Any]]:
                 module._parameters[name] = made[id(p)]
             for name, b in list(module._buffers.items()):
                 if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
     return list(model.named_parameters())

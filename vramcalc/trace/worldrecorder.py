@@ -24,7 +24,14 @@ things more, all added here:
   on the host are not recorded; an op whose tensor inputs are all on the host makes
   host outputs; ``scope("host")`` / ``scope("device")`` force one side where the
   real code moves tensors between them (the CUDA ``.to(device)`` that is a no-op on
-  CPU).
+  CPU). A trace may instead tell the two apart by device (``split_devices``, ZeRO-Offload:
+  ``trace/zerotrace.py``): the fake GPU is ``cpu:0`` and a new storage of a tensor on
+  plain ``cpu`` (device index None) is on the host, one on ``cpu:0`` on the device
+  whatever its inputs (``t.to("cpu:0")`` of a host tensor). ``FakeTensorMode`` keeps the two
+  devices apart as CUDA's and the CPU's are: ``t.to("cpu")`` of a ``cpu:0`` tensor is a
+  copy (``aten._to_copy``, a device-to-host copy), ``t.to("cpu:0")`` a no-op, factory ops
+  put their outputs on their ``device`` argument, and an op mixing the two (beyond CPU
+  scalars) raises.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from vramcalc.memory.allocator import EMPTY_CACHE
 from vramcalc.trace.nodestreams import DEFAULT_STREAM, NodeStreams
 from vramcalc.trace.steptrace import StepRecorder
 from vramcalc.training_plan import TrainingPlan
+
+#: the fake GPU's device where a trace tells it from the host (``WorldRecorder.split_devices``)
+FAKE_GPU = "cpu:0"
 
 
 class WorldRecorder(StepRecorder):
@@ -56,6 +66,8 @@ class WorldRecorder(StepRecorder):
         self._live: dict[int, tuple[int, int]] = {}  # storage key -> (handle, nbytes) now
         self._made_on: dict[int, int] = {}  # handle -> stream
         self._scope: str | None = None
+        #: True: the fake GPU is ``cpu:0``, a tensor on ``cpu`` is on the host (module docstring)
+        self.split_devices = False
         self._inputs_on_host = False
         self.module_layers: dict[int, int] = {}  # id(module) -> its decoder layer (tags)
         self.layer_modules: set[int] = set()  # id of each decoder layer module
@@ -164,6 +176,8 @@ class WorldRecorder(StepRecorder):
         self._host.add(key)
 
     def is_host(self, tensor: Any) -> bool:
+        if self.split_devices and tensor.device.index is None:
+            return True
         return self._key(tensor) in self._host
 
     @contextlib.contextmanager
@@ -187,7 +201,12 @@ class WorldRecorder(StepRecorder):
         if key in self._handles:
             return
         self._watch(storage, key, tag)
-        host = self._scope == "host" or (self._scope is None and self._inputs_on_host)
+        if self._scope is not None:
+            host = self._scope == "host"
+        elif self.split_devices:  # the device decides (a host-to-device copy is the GPU's)
+            host = tensor.device.index is None
+        else:
+            host = self._inputs_on_host
         if host:
             self._host.add(key)
             return

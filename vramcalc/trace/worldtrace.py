@@ -31,9 +31,10 @@ engine and ZeRO optimizers (``stage_1_and_2.py``, ``stage3.py`` with ``zero.Init
 and its parameter coordinator) on a fake CUDA-like accelerator (``trace/zerofake.py``:
 streams that tag allocations, ``record_stream``, host waits at ``synchronize`` and
 ``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
-buffers and buckets are the whole model's). Not traced: ZeRO-Offload (``cpu_offload``)
-and k-bit weights under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes
-the rules, ``memory/distributed.py``).
+buffers and buckets are the whole model's). ZeRO-Offload (``cpu_offload``) traces with the
+fake GPU on ``cpu:0``, so that DeepSpeed's host (``"cpu"``) partitions stay off the device
+(``WorldRecorder.split_devices``). Not traced: k-bit weights under ZeRO-3
+(``check_world_plan`` refuses them; the estimator takes the rules, ``memory/distributed.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -65,9 +66,9 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* ZeRO-Offload and k-bit ZeRO-3 (DeepSpeed) do not run in the fake world: they stay
-  rule-based (``memory/distributed.py``); ``check_world_plan`` refuses them, and every
-  ZeRO plan when deepspeed is not installed.
+* k-bit ZeRO-3 (DeepSpeed) does not run in the fake world: it stays rule-based
+  (``memory/distributed.py``); ``check_world_plan`` refuses it, and every ZeRO plan when
+  deepspeed is not installed.
 
 Not modelled
 ------------
@@ -106,7 +107,7 @@ from vramcalc.trace.steptrace import (
 )
 from vramcalc.trace.unroll import TRACED_LAYERS
 from vramcalc.trace.worldload import load_world
-from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrecorder import FAKE_GPU, WorldRecorder
 from vramcalc.trace.worldrepeat import canonical_world, repeat_world_step
 from vramcalc.trace.worldunroll import (
     ModelCopies,
@@ -163,10 +164,6 @@ def check_world_plan(plan: TrainingPlan) -> None:
         problems.append(
             f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
             f"installed: {DEEPSPEED_HINT}"
-        )
-    if plan.strategy in ZERO and plan.cpu_offload:
-        problems.append(
-            f"cpu_offload under {plan.strategy}: ZeRO-Offload (host partitions) is not traced"
         )
     if plan.strategy == "zero3" and plan.is_kbit:
         problems.append(
@@ -393,11 +390,14 @@ def _trace(
     with quiet():
         model = build_world_model(config_dict, plan, num_layers)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    named = to_fake(model, mode)
+    # ZeRO-Offload: the fake GPU is cpu:0, DeepSpeed's "cpu" the host (worldrecorder)
+    split_devices = zero and plan.cpu_offload
+    named = to_fake(model, mode, FAKE_GPU if split_devices else None)
     config = model.config
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads)
     recorder = WorldRecorder(plan, (plan.batch_size, plan.seq_len, heads, head_dim))
+    recorder.split_devices = split_devices
     vocab = int(config.vocab_size)
     num_decoder_layers = len(decoder_layers(model))
     tensor_layers, recorder.module_layers = layer_maps(model)

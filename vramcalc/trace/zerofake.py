@@ -17,6 +17,11 @@ DeepSpeed's ``CUDA_Accelerator`` where they differ and matter to memory:
   it builds its flat buffers);
 * ``available_memory``: enough (ZeRO-1/2 flatten on the GPU when the flat buffer fits);
 * pinned memory is host memory (``pin_memory``, ``is_pinned``, ``on_accelerator``);
+* under ZeRO-Offload (``WorldRecorder.split_devices``) the GPU's names: ``device_name`` /
+  ``current_device_name`` / ``device`` answer ``cpu:0`` (CUDA's ``cuda:i``) and
+  ``current_device`` 0, so that what DeepSpeed makes "on the accelerator" is on ``cpu:0``
+  and its explicit ``"cpu"`` (offloaded partitions) is the host; elsewhere the CPU
+  accelerator's ``cpu``, every tensor on one device;
 * no shared-memory collectives of CPU processes (``ShareMemCommBuilder``: none).
 
 Beside the accelerator, where a CPU fake-tensor run differs from the CUDA one:
@@ -144,6 +149,27 @@ def fake_cuda_accelerator(recorder: WorldRecorder, handle: FakeDeviceHandle) -> 
             if class_name == "ShareMemCommBuilder":
                 return None
             return super().create_op_builder(class_name)
+
+        # -- the fake GPU: ``cpu:0`` where the trace tells host from device by device
+        # (``WorldRecorder.split_devices``, ZeRO-Offload), as CUDA's names are ``cuda:i``;
+        # DeepSpeed's explicit ``"cpu"`` (offloaded partitions, pinned buffers) is the host
+        def device_name(self, device_index: Any = None) -> str:
+            if not recorder.split_devices:
+                return str(super().device_name(device_index))
+            return f"cpu:{0 if device_index is None else device_index}"
+
+        def current_device_name(self) -> str:
+            return self.device_name(0) if recorder.split_devices else "cpu"
+
+        def device(self, device_index: Any = None) -> Any:
+            import torch
+
+            if not recorder.split_devices:
+                return super().device(device_index)
+            return torch.device(self.device_name(device_index))
+
+        def current_device(self) -> Any:
+            return 0 if recorder.split_devices else super().current_device()
 
         def is_bf16_supported(self) -> bool:
             return True

@@ -37,11 +37,24 @@ prefetches from the second on: the third step is the second's, event for event).
 (two CPU cores, LoRA at 2,048 tokens, 3 steps, trace and replay): Llama-3.1-8B on 2 GPUs
 about 11 s under ZeRO-1/2 (20 s with DeepSpeed's first import) and 30 s under ZeRO-3.
 
-Not traced: ZeRO-Offload (``offload_optimizer`` / ``offload_param``: host partitions that a
-fake CPU device cannot tell from its own) and k-bit weights under ZeRO-3 (transformers loads
-them without ``zero.Init``); both stay rule-based (``memory/distributed.py``). Transformers
-initializes under a gather only the weights a checkpoint lacks (``_initialize_missing_keys``):
-none here.
+ZeRO-Offload (``cpu_offload``: ``offload_optimizer`` and, under ZeRO-3, ``offload_param``,
+device ``cpu``, pinned) is traced with host and GPU told apart by device
+(``WorldRecorder.split_devices``): the model, the inputs and the fake accelerator's device
+names are ``cpu:0`` (``zerofake.py``), and what DeepSpeed itself puts on ``"cpu"`` is host
+memory, not recorded. So DeepSpeed's code decides what leaves the GPU: ZeRO-1/2 keep the
+flat bf16 buffer, the reduce bucket and a bf16 gradient staging buffer of the largest
+parameter (``temp_grad_buffer_for_gpu_offload``) on the GPU, and make the fp32 master
+partition, its gradient and the pinned bf16 copy on the host (``self.device = 'cpu'``,
+``stage_1_and_2.py`` 278, 559-575, 646-661); Trainer's AdamW then steps on host tensors, its
+states made there too (``zeros_like``). ZeRO-3's ``zero.Init`` partitions onto its
+``remote_device`` ``cpu`` (``partition_parameters.py`` 1161-1169, 1820-1843; persistent
+parameters stay on the GPU) and each gather copies rank 0's partition to the GPU first
+(``ds_tensor.to(current_device_name())``: 1359-1360 for a bucket, 1396 for one parameter) on
+the all-gather stream; its optimizer's fp32 partitions and gradients are the host's.
+
+Not traced: k-bit weights under ZeRO-3 (transformers loads them without ``zero.Init``); they
+stay rule-based (``memory/distributed.py``). Transformers initializes under a gather only the
+weights a checkpoint lacks (``_initialize_missing_keys``): none here.
 
 Sources: DeepSpeed 0.19.8 ``runtime/engine.py``, ``runtime/zero/stage_1_and_2.py``,
 ``stage3.py``, ``partition_parameters.py``; accelerate 1.15 ``accelerator.py::
@@ -58,7 +71,7 @@ from typing import Any
 
 from vramcalc.configs.sharding import ZERO_STAGE, deepspeed_json
 from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
-from vramcalc.trace.worldrecorder import WorldRecorder
+from vramcalc.trace.worldrecorder import FAKE_GPU, WorldRecorder
 from vramcalc.trace.zerofake import import_deepspeed
 from vramcalc.trace.zerofast import faster_bookkeeping
 from vramcalc.training_plan import TrainingPlan
@@ -194,11 +207,12 @@ def _zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: 
     nodes = tag_layers(engine.module, recorder)
     engine.register_forward_pre_hook(lambda module, args: setattr(recorder, "layer", -1))
     vocab = int(model.config.vocab_size)
+    device = FAKE_GPU if recorder.split_devices else None  # Trainer puts inputs on the GPU
     for step in range(steps):
         recorder.mark(f"step{step}")
         for micro in range(plan.grad_accum):
             last = micro == plan.grad_accum - 1
-            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len))
+            ids = torch.randint(0, vocab, (plan.batch_size, plan.seq_len), device=device)
             labels = ids.clone()
             loss = engine(input_ids=ids, labels=labels).loss
             del ids, labels

@@ -333,3 +333,16 @@ def test_zero_list_is_all_validation_and_covers_every_stage_and_method():
     traced = [c.plan for c in cases if c.record_trace]
     untraced = {c.plan for c in cases if not c.record_trace}
     assert len(traced) == 4 and set(traced) <= untraced
+
+
+def test_held_out_zero_list_is_validation_offload_and_kbit_zero3_on_new_plans():
+    """h100_zerohold.yaml: the kinds simulated last (ZeRO-Offload, k-bit ZeRO-3) on plans that
+    no simulation was built against: none is a plan of h100_zero.yaml."""
+    cases = load_cases(CASE_LIST.with_name("h100_zerohold.yaml"))
+    assert Counter(c.split for c in cases) == {"validation": 8}  # rule (b) of h200x2.yaml
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
+    assert all(c.plan.cpu_offload or (c.plan.strategy, c.plan.is_kbit) == ("zero3", True)
+               for c in cases)  # fmt: skip
+    assert {c.plan.strategy for c in cases if c.plan.cpu_offload} == {"zero1", "zero2", "zero3"}
+    assert not {c.plan for c in cases} & {c.plan for c in load_cases(ZERO)}

@@ -89,6 +89,7 @@ from vramcalc.configs.sharding import ZERO_STAGE, deepspeed_json
 from vramcalc.trace.steptrace import backward, tag_layers, torch_optimizer, trainer_optimizer
 from vramcalc.trace.worldrecorder import FAKE_GPU, WorldRecorder
 from vramcalc.trace.zerofake import import_deepspeed
+from vramcalc.trace.zerofast import faster_bookkeeping
 from vramcalc.training_plan import TrainingPlan
 
 #: the names Trainer keeps out of weight decay (transformers 5.17 ``trainer.py::
@@ -195,7 +196,10 @@ def load_zero3(model: Any, plan: TrainingPlan, recorder: WorldRecorder) -> None:
 def zero_steps(model: Any, plan: TrainingPlan, recorder: WorldRecorder, steps: int) -> str:
     """The wrap and ``steps`` Trainer steps of a ZeRO plan (module docstring), recorded on
     ``recorder`` inside the fake world; returns the wrapper's description."""
-    with memory_efficient_linear(plan) if plan.strategy == "zero3" else contextlib.nullcontext():
+    with (
+        memory_efficient_linear(plan) if plan.strategy == "zero3" else contextlib.nullcontext(),
+        faster_bookkeeping(),
+    ):
         return _zero_steps(model, plan, recorder, steps)
 
 

@@ -14,6 +14,7 @@ from vramcalc.memory.allocator import (
     ALLOC,
     EMPTY_CACHE,
     FREE,
+    RELEASE_POOL,
     AllocatorConfig,
     CachingAllocator,
     simulate,
@@ -353,8 +354,10 @@ def test_malformed_events_raise():
         simulate([(FREE, 7, 0)])
     with pytest.raises(AllocatorTraceError, match="allocated twice"):
         simulate([(ALLOC, 1, 10), (ALLOC, 1, 10)])
-    with pytest.raises(AllocatorTraceError, match="unknown op 5"):
-        simulate([(5, 1, 10)])
+    with pytest.raises(AllocatorTraceError, match="unknown op 9"):
+        simulate([(9, 1, 10)])
+    with pytest.raises(AllocatorTraceError, match="pool 3 released more often"):
+        simulate([(RELEASE_POOL, 3, 0)])
 
 
 def test_zero_byte_allocations_never_reach_the_allocator():

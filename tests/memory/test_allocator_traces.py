@@ -120,10 +120,7 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
     assert result.peak_reserved_bytes == record["peak_reserved_bytes"]
 
 
-NO_GRAPHS = [p for p in TRACES if not captured_graphs(p)]  # private pools: not modelled
-
-
-@pytest.mark.parametrize("trace_path", marked(NO_GRAPHS), ids=[p.name[:8] for p in NO_GRAPHS])
+@pytest.mark.parametrize("trace_path", marked(TRACES), ids=[p.name[:8] for p in TRACES])
 def test_the_models_own_segment_addresses_keep_peak_reserved_within_3_percent(trace_path):
     """What a simulation has: no driver, so the model's top-down addresses
     (``CachingAllocator._take_addresses``); peak allocated does not depend on them. Exact on

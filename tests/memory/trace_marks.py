@@ -1,9 +1,9 @@
 """How the per-trace checks mark the committed allocator traces they run on.
 
 * A run that captured CUDA graphs (``timeline.captures_cuda_graphs``: a serving run's compiled
-  decoding) allocates in a private pool the allocator model does not have: a check that
-  replays it to the measured peaks is a strict xfail (it fails the day the model gets private
-  pools).
+  decoding) allocated in a private pool, which ``allocator_trace`` tells from the trace
+  (``capture_streams``) and the model replays (``CachingAllocator.begin_allocate_to_pool``):
+  it is checked as every other trace is.
 * A large trace: a serving run's holds every decoding step of 4 rounds (``h100_servetrace``'s
   int8 merge case: about 3 M entries in 3.2 MB), and each further read of it costs 10-25 s of a
   2-core CI machine. ``test_allocator_traces`` replays every trace, large or not, to the
@@ -22,9 +22,6 @@ from vramcalc.timeline import captures_cuda_graphs, measured_record
 
 LARGE_TRACE_FILE_BYTES = 1 << 20
 SLOW = bool(os.environ.get("VRAMCALC_SLOW_TESTS"))
-GRAPHS_NOT_MODELLED = pytest.mark.xfail(
-    strict=True, reason="CUDA-graph private pools are not modelled (timeline.captures_cuda_graphs)"
-)
 LARGE_SKIPPED = pytest.mark.skip(
     reason="a large trace's further check: VRAMCALC_SLOW_TESTS=1 runs it"
 )
@@ -39,13 +36,11 @@ def captured_graphs(path: Path) -> bool:
 
 
 def marked(paths: list[Path], skip_large: bool = True) -> list:
-    """``paths`` as parameters: a graph-capturing run a strict xfail; with ``skip_large``, a
-    large trace skipped unless ``VRAMCALC_SLOW_TESTS`` is set."""
+    """``paths`` as parameters: with ``skip_large``, a large trace skipped unless
+    ``VRAMCALC_SLOW_TESTS`` is set."""
     out = []
     for p in paths:
-        if captured_graphs(p):
-            out.append(pytest.param(p, marks=GRAPHS_NOT_MODELLED))
-        elif skip_large and is_large(p) and not SLOW:
+        if skip_large and is_large(p) and not SLOW:
             out.append(pytest.param(p, marks=LARGE_SKIPPED))
         else:
             out.append(p)

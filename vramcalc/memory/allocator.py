@@ -26,7 +26,13 @@ block when its remainder is not split), ``requested_bytes`` requested sizes,
 ``segments()`` counts cudaMalloc segments plus contiguous mapped expandable ranges,
 as ``snapshot()`` reports them (torch's ``segment`` stat stays 0 for the latter).
 
-Not modelled: CUDA-graph and user memory pools, cross-stream use (``recordStream``
+- CUDA-graph private pools: ``begin_allocate_to_pool`` / ``end_allocate_to_pool`` /
+  ``release_pool`` (``beginAllocateToPool``, ``endAllocateToPool``, ``releasePool``;
+  ``PrivatePool``): a malloc on the capture stream is served from the pool's own
+  ``BlockPool``s (cudaMalloc segments, never expandable), its blocks go back there, and
+  ``release_cached_blocks`` frees its segments only once no graph uses it.
+
+Not modelled: user memory pools (``torch.cuda.MemPool``), cross-stream use (``recordStream``
 events: a block is reusable once freed), ``garbage_collection_threshold`` and
 ``per_process_memory_fraction`` (the collector only runs under a fraction), free-memory
 callbacks, ``cudaMallocAsync``. Segments get addresses from a bump pointer; real
@@ -59,6 +65,10 @@ DEFAULT_ADDRESS_SPACE_BYTES = 2**40  # virtual range per expandable segment with
 ADDRESS_TOP = 2**56  # where the simulated address space starts; segments are placed below it
 
 ALLOC, FREE, EMPTY_CACHE = 0, 1, 2  # event ops: (op, handle, nbytes)
+# CUDA-graph private pools: (op, pool id, stream) -> begin_allocate_to_pool, (op, pool id, 0) ->
+# end_allocate_to_pool / release_pool (``CachingAllocator.pool_event``)
+BEGIN_POOL, END_POOL, RELEASE_POOL = 3, 4, 5
+POOL_OPS = (BEGIN_POOL, END_POOL, RELEASE_POOL)
 
 
 @dataclass(frozen=True)
@@ -162,10 +172,11 @@ class SegmentState:
 
 class _Block:
     """``Block``: a range of a segment, free or allocated, linked to its neighbours.
-    ``segment`` is (base address, page bytes) of an expandable segment, else None."""
+    ``segment`` is (base address, page bytes) of an expandable segment, else None; ``pool``
+    the ``_Pool`` it goes back to when freed (``Block::pool``: a global or a private pool)."""
 
     __slots__ = ("addr", "size", "stream", "small", "segment", "mapped", "requested", "allocated",
-                 "prev", "next")  # fmt: skip
+                 "prev", "next", "pool")  # fmt: skip
 
     def __init__(
         self,
@@ -175,10 +186,12 @@ class _Block:
         small: bool,
         segment: tuple[int, int] | None = None,
         mapped: bool = True,
+        pool: _Pool | None = None,
     ):
         self.addr, self.size, self.stream, self.small = addr, size, stream, small
         self.segment = segment
         self.mapped: bool = mapped
+        self.pool = pool
         self.requested, self.allocated = 0, False
         self.prev: _Block | None = None
         self.next: _Block | None = None
@@ -186,12 +199,15 @@ class _Block:
 
 class _Pool:
     """``BlockPool``: free mapped blocks sorted by (stream, size, address) and
-    unmapped ones by (stream, address), each list beside its sorted int keys."""
+    unmapped ones by (stream, address), each list beside its sorted int keys.
+    ``owner``: the id of the CUDA-graph private pool it belongs to (``owner_PrivatePool``),
+    None for the allocator's two global pools."""
 
-    __slots__ = ("small", "keys", "blocks", "unmapped_keys", "unmapped")
+    __slots__ = ("small", "keys", "blocks", "unmapped_keys", "unmapped", "owner")
 
-    def __init__(self, small: bool):
+    def __init__(self, small: bool, owner: int | None = None):
         self.small = small
+        self.owner = owner
         self.keys: list[int] = []
         self.blocks: list[_Block] = []
         self.unmapped_keys: list[int] = []
@@ -270,6 +286,9 @@ class CachingAllocator:
         self._divisions = config.roundup_power2_divisions
         self._expandable = config.expandable_segments
         self._pools = (_Pool(False), _Pool(True))  # indexed by "is small"
+        # CUDA-graph private pools: id -> [large, small, use_count, cudaMalloc segments]
+        self._graph_pools: dict[int, list] = {}
+        self._capturing: dict[int, int] = {}  # captures_underway: stream -> pool id
         self._live: dict[int, _Block | None] = {}
         self._next_addr = ADDRESS_TOP
         self.allocated_bytes = self.peak_allocated_bytes = 0
@@ -300,13 +319,14 @@ class CachingAllocator:
         else:  # round_size
             size = (nbytes + MIN_BLOCK_BYTES - 1) // MIN_BLOCK_BYTES * MIN_BLOCK_BYTES
         small = size <= SMALL_REQUEST_BYTES  # get_pool
-        pool = self._pools[small]
+        capture = self._capturing.get(stream) if self._capturing else None
+        pool = self._pools[small] if capture is None else self._graph_pools[capture][small]
         block = self._get_free_block(pool, size, stream)
         if block is None:
             block = self._alloc_block(pool, size, stream)
             if block is None and self._release_available_cached_blocks(pool, size, stream):
                 block = self._alloc_block(pool, size, stream)
-            if block is None:
+            if block is None and not self._capturing:  # no release while capturing
                 self._release_cached_blocks()
                 self.alloc_retries += 1
                 block = self._alloc_block(pool, size, stream)
@@ -319,7 +339,7 @@ class CachingAllocator:
             if small or self._expandable
             else size < self._max_split and remaining > SMALL_REQUEST_BYTES
         ):
-            front = _Block(block.addr, size, stream, small, block.segment)
+            front = _Block(block.addr, size, stream, small, block.segment, pool=pool)
             front.prev, front.next, block.prev = (prev := block.prev), block, front  # splice
             if prev is not None:
                 prev.next = front
@@ -352,7 +372,7 @@ class CachingAllocator:
             block.allocated = False
             self.allocated_bytes -= block.size
             self.requested_bytes -= block.requested
-            pool = self._pools[block.small]
+            pool = block.pool
             keys, blocks = pool.keys, pool.blocks  # merges and insert inlined: the hot path
             prev, nxt = block.prev, block.next
             if prev is not None and not prev.allocated and prev.mapped:  # try_merge_blocks
@@ -380,9 +400,53 @@ class CachingAllocator:
         """``emptyCache``: ``release_cached_blocks``."""
         self._release_cached_blocks()
 
+    def begin_allocate_to_pool(self, pool_id: int, stream: int) -> None:
+        """``beginAllocateToPool`` (``CUDAGraph::capture_begin``, or cudagraph trees'
+        ``_use_cuda_memory_pool_manager``): until ``end_allocate_to_pool``, every malloc on
+        ``stream`` (the capture filter) is served from private pool ``pool_id`` only, made
+        now (``PrivatePool``, use count 1) or shared (use count + 1). Its blocks go back to
+        it when freed, and are never handed to an allocation outside it."""
+        if pool_id in self._capturing.values():
+            raise AllocatorTraceError(f"already allocating to pool {pool_id}")
+        if (entry := self._graph_pools.get(pool_id)) is None:
+            self._graph_pools[pool_id] = [_Pool(False, pool_id), _Pool(True, pool_id), 1, 0]
+        else:
+            entry[2] += 1
+        self._capturing[stream] = pool_id
+
+    def pool_event(self, op: int, pool_id: int, stream: int) -> None:
+        """A ``BEGIN_POOL``, ``END_POOL`` or ``RELEASE_POOL`` event."""
+        if op == BEGIN_POOL:
+            self.begin_allocate_to_pool(pool_id, stream)
+        elif op == END_POOL:
+            self.end_allocate_to_pool(pool_id)
+        else:
+            self.release_pool(pool_id)
+
+    def end_allocate_to_pool(self, pool_id: int) -> None:
+        """``endAllocateToPool`` (``CUDAGraph::capture_end``)."""
+        for stream, capture in list(self._capturing.items()):
+            if capture == pool_id:
+                del self._capturing[stream]
+                return
+        raise AllocatorTraceError(f"not allocating to pool {pool_id}")
+
+    def release_pool(self, pool_id: int) -> None:
+        """``releasePool`` (``CUDAGraph::reset``): one graph fewer uses the pool; at none,
+        ``release_cached_blocks`` (``empty_cache``) may cudaFree its wholly free segments
+        (``graph_pools_freeable``), and forgets the pool once it has none left."""
+        entry = self._graph_pools.get(pool_id)
+        if entry is None or entry[2] <= 0:
+            raise AllocatorTraceError(f"pool {pool_id} released more often than used")
+        entry[2] -= 1
+
+    def _all_pools(self) -> list[_Pool]:
+        """The global pools and every private pool's."""
+        return [*self._pools, *(q for entry in self._graph_pools.values() for q in entry[:2])]
+
     def segments(self) -> int:
         """Live cudaMalloc segments plus contiguous mapped expandable ranges."""
-        blocks = [b for pool in self._pools for b in pool.blocks]
+        blocks = [b for pool in self._all_pools() for b in pool.blocks]
         blocks += [b for b in self._live.values() if b is not None]
         heads = [b for b in blocks if b.segment and (b.prev is None or not b.prev.mapped)]
         return self.cuda_malloc_segments + len(heads)
@@ -390,7 +454,7 @@ class CachingAllocator:
     def segment_states(self) -> list[SegmentState]:
         """The segments now, as a snapshot lists them (by address): each cudaMalloc
         segment, and each contiguous mapped range of an expandable segment."""
-        blocks = [b for pool in self._pools for b in pool.blocks]
+        blocks = [b for pool in self._all_pools() for b in pool.blocks]
         blocks += [b for b in self._live.values() if b is not None]
         out = []
         for head in blocks:
@@ -459,7 +523,7 @@ class CachingAllocator:
 
     def _alloc_block(self, pool: _Pool, size: int, stream: int) -> _Block | None:
         """``alloc_block``: a cudaMalloc segment of ``get_allocation_size`` bytes."""
-        if self._expandable:
+        if self._expandable and pool.owner is None:  # private pools: cudaMalloc segments
             return self._try_allocate_expandable_block(pool, size, stream)
         if pool.small:
             segment_bytes = SMALL_SEGMENT_BYTES
@@ -470,9 +534,11 @@ class CachingAllocator:
         if self._capacity is not None and self.reserved_bytes + segment_bytes > self._capacity:
             return None
         self.cuda_malloc_segments += 1
+        if pool.owner is not None:
+            self._graph_pools[pool.owner][3] += 1  # cudaMalloc_count
         addr = self._take_addresses(segment_bytes)
         self._reserve(segment_bytes, "segment_alloc", addr, stream)
-        return _Block(addr, segment_bytes, stream, pool.small)
+        return _Block(addr, segment_bytes, stream, pool.small, pool=pool)
 
     def _take_addresses(self, nbytes: int) -> int:
         """cudaMalloc's address: fresh 2 MiB-aligned ranges in *decreasing* order.
@@ -543,7 +609,7 @@ class CachingAllocator:
         device = DEFAULT_ADDRESS_SPACE_BYTES if self._capacity is None else self._capacity
         va_bytes = -(-(device + device // 8) // page) * page  # 1 1/8 of the device
         base = self._take_addresses(va_bytes)
-        candidate = _Block(base, va_bytes, stream, pool.small, (base, page), mapped=False)
+        candidate = _Block(base, va_bytes, stream, pool.small, (base, page), False, pool)
         pool.insert_unmapped(candidate)
         return candidate
 
@@ -561,7 +627,7 @@ class CachingAllocator:
         block.mapped = True
         if mapped_bytes < block.size:
             rest = _Block(block.addr + mapped_bytes, block.size - mapped_bytes, block.stream,
-                          block.small, block.segment, mapped=False)  # fmt: skip
+                          block.small, block.segment, False, pool)  # fmt: skip
             _splice(rest, block, block.next)
             pool.insert_unmapped(rest)
             block.size = mapped_bytes
@@ -582,12 +648,12 @@ class CachingAllocator:
         start, nbytes = base + first * page, (end - first) * page
         stream, small, segment = block.stream, block.small, block.segment
         if start > block.addr:
-            before = _Block(block.addr, start - block.addr, stream, small, segment)
+            before = _Block(block.addr, start - block.addr, stream, small, segment, pool=pool)
             _splice(before, block.prev, block)
             pool.insert(before)
         if block.addr + block.size > start + nbytes:
             after_bytes = block.addr + block.size - start - nbytes
-            after = _Block(start + nbytes, after_bytes, stream, small, segment)
+            after = _Block(start + nbytes, after_bytes, stream, small, segment, pool=pool)
             _splice(after, block, block.next)
             pool.insert(after)
         block.addr, block.size, block.mapped = start, nbytes, False
@@ -599,6 +665,8 @@ class CachingAllocator:
         """``release_block``: cudaFree a whole free segment."""
         pool.remove(block)
         self.cuda_malloc_segments -= 1
+        if pool.owner is not None:
+            self._graph_pools[pool.owner][3] -= 1
         self._reserve(-block.size, "segment_free", block.addr, block.stream)
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int, stream: int) -> bool:
@@ -627,8 +695,12 @@ class CachingAllocator:
 
     def _release_cached_blocks(self) -> None:
         """``release_cached_blocks``: ``release_blocks`` of the large, then the small
-        pool: cudaFree unsplit free segments, unmap free pages of expandable ones."""
-        for pool in self._pools:
+        pool: cudaFree unsplit free segments, unmap free pages of expandable ones; then the
+        private pools no graph uses any more (``graph_pools_freeable``), forgetting each one
+        left without segments. A private pool in use keeps its segments."""
+        freeable = [p for p, e in self._graph_pools.items() if e[2] == 0]
+        pools = [*self._pools, *(q for p in freeable for q in self._graph_pools[p][1::-1])]
+        for pool in pools:
             to_unmap = []
             for block in list(pool.blocks):
                 if block.segment is not None:
@@ -639,6 +711,9 @@ class CachingAllocator:
                 self._unmap_block(pool, block)
                 if block.prev is None and block.next is None and not block.mapped:
                     pool.remove_unmapped(block)  # release_expandable_segment
+        for pool_id in freeable:
+            if self._graph_pools[pool_id][3] == 0:
+                del self._graph_pools[pool_id]
 
 
 def simulate(
@@ -670,6 +745,8 @@ def simulate(
                 return allocator.result(oom_event_index=index, oom_request_bytes=nbytes)
         elif op == EMPTY_CACHE:
             allocator.empty_cache()
+        elif op in POOL_OPS:
+            allocator.pool_event(op, handle, nbytes)
         else:
             raise AllocatorTraceError(f"event {index}: unknown op {op!r}")
     return allocator.result()
@@ -715,6 +792,8 @@ def _simulate_observed(
                                              index, handle))  # fmt: skip
             elif op == EMPTY_CACHE:
                 allocator.empty_cache()
+            elif op in POOL_OPS:
+                allocator.pool_event(op, handle, nbytes)
             else:
                 raise AllocatorTraceError(f"event {index}: unknown op {op!r}")
     finally:

@@ -17,17 +17,24 @@ A rank of an FSDP world allocates on several streams, each with its own pool, an
 blocks used on another stream late: ``world_trace_from_snapshot`` keeps each entry's
 ``stream`` and both moments of such a free, as a ``WorldTrace`` that
 ``memory/worldreplay.replay(..., gpu_bound=True)`` replays.
+
+A run that captured CUDA graphs (torch.compile's cudagraph trees) allocated on its capture
+stream in a private pool the trace does not name: ``capture_streams`` tells the stream from
+its segments, and ``world_trace_from_snapshot`` puts its allocations in that pool.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vramcalc.errors import AllocatorTraceError
 from vramcalc.memory.allocator import (
     ALLOC,
+    BEGIN_POOL,
     EMPTY_CACHE,
+    END_POOL,
     FREE,
 )
 from vramcalc.trace.events import WorldTrace
@@ -59,12 +66,26 @@ def events_from_snapshot_trace(
     and in ``release_available_cached_blocks``, which frees a subset when
     ``max_split_size`` is set (there the replay releases more than the run did).
     The trace must start from an empty allocator (record before the first CUDA
-    allocation, with ``max_entries`` above the number of events).
+    allocation, with ``max_entries`` above the number of events). A capture stream's
+    allocations go to its private pool as in ``world_trace_from_snapshot`` (the pool's
+    filter is then stream 0, where these events allocate).
     """
+    rows = [_row(entry) for entry in entries]
+    captures = capture_streams(rows)
+    in_global = _global_allocs_of_captures(rows, captures)
+    pool_ids = {stream: n + 1 for n, stream in enumerate(sorted(captures))}
+    pooling: int | None = None  # the pool allocations go to now
     events: list[tuple[int, int, int]] = []
     releasing = False
-    for index, entry in enumerate(entries):
-        action, addr, size, _ = _row(entry)
+    for index, (action, addr, size, stream) in enumerate(rows):
+        if action in ("alloc", "oom"):
+            pool = pool_ids[stream] if stream in captures and index not in in_global else None
+            if pool != pooling:
+                if pooling is not None:
+                    events.append((END_POOL, pooling, 0))
+                if pool is not None:
+                    events.append((BEGIN_POOL, pool, 0))
+                pooling = pool
         if action in _RELEASES:
             if not releasing:
                 events.append((EMPTY_CACHE, 0, 0))
@@ -82,6 +103,62 @@ def events_from_snapshot_trace(
     return events
 
 
+#: ``CUDAGeneratorState::register_graph`` (aten/src/ATen/cuda/CUDAGeneratorImpl.cpp): the
+#: first graph captured with a generator allocates its graph-safe seed and offset
+#: (``at::empty({1}, kLong)``, 8 bytes each) in ``CUDAGraph::capture_begin`` before
+#: ``beginAllocateToPool``: on the capture stream, in the global pool
+GENERATOR_STATE_ALLOCS = (8, 8)
+
+
+def capture_streams(rows: Sequence[tuple[str, int, int, int]]) -> frozenset[int]:
+    """The streams that allocated in a CUDA-graph private pool: those with a segment that
+    was wholly free at a release of cached blocks and was not released.
+    ``release_cached_blocks`` (``empty_cache``, torch.cuda.graph's ``__enter__``) cudaFrees
+    every wholly free segment of the global pools, but a private pool's only once no graph
+    uses it (``releasePool``, ``graph_pools_freeable``; c10/cuda/CUDACachingAllocator.cpp).
+    The default stream cannot capture (``cudaStreamBeginCapture`` on the legacy stream)."""
+    if all(row[3] == 0 for row in rows):
+        return frozenset()
+    bases: list[int] = []  # sorted segment_alloc addresses
+    segments: dict[int, list[int]] = {}  # base -> [size, stream, live blocks]
+    segment_of: dict[int, int] = {}  # block address -> its segment's base
+    found: set[int] = set()
+    releasing = False
+    for action, addr, size, stream in rows:
+        if action == "segment_free":
+            releasing = True
+            del bases[bisect_right(bases, addr) - 1], segments[addr]
+            continue
+        if releasing:  # the end of a release run: what survived it wholly free
+            found.update(st for _, st, live in segments.values() if live == 0)
+            releasing = False
+        if action == "segment_alloc":
+            bases.insert(bisect_right(bases, addr), addr)
+            segments[addr] = [size, stream, 0]
+        elif action == "alloc":
+            i = bisect_right(bases, addr) - 1
+            if i >= 0 and addr < bases[i] + segments[bases[i]][0]:  # not an expandable one
+                segments[bases[i]][2] += 1
+                segment_of[addr] = bases[i]
+        elif action == "free_completed" and (base := segment_of.pop(addr, None)) is not None:
+            segments[base][2] -= 1
+    return frozenset(found - {0})
+
+
+def _global_allocs_of_captures(
+    rows: Sequence[tuple[str, int, int, int]], captures: frozenset[int]
+) -> set[int]:
+    """Indices of the allocations of capture streams made in the global pool: the
+    generator's seed and offset (``GENERATOR_STATE_ALLOCS``), a stream's first allocations."""
+    out: set[int] = set()
+    for stream in captures:
+        first = [i for i, row in enumerate(rows) if row[0] == "alloc" and row[3] == stream]
+        first = first[: len(GENERATOR_STATE_ALLOCS)]
+        if tuple(rows[i][2] for i in first) == GENERATOR_STATE_ALLOCS:
+            out.update(first)
+    return out
+
+
 def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any]]) -> WorldTrace:
     """A measured trace (dicts, or ``[action, addr, size, stream]`` rows) as a ``WorldTrace``:
     each ALLOC in its ``stream``'s pool (handles numbered afresh: addresses are reused).
@@ -91,8 +168,17 @@ def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any
     ``allocated_bytes``, of a handle in ``cross_stream``, with a host wait (``sync_points``)
     at its ``free_completed``, where the block returns to its pool: ``replay(trace,
     gpu_bound=True)`` gives it back at the next ``malloc``, as ``process_events`` does.
-    Segment releases and ``oom`` are read as ``events_from_snapshot_trace`` reads them."""
+    Segment releases and ``oom`` are read as ``events_from_snapshot_trace`` reads them.
+
+    A capture stream's allocations (``capture_streams``; cudagraph trees allocate on theirs
+    only to capture or warm up a graph, in the tree's pool) go to one private pool per
+    stream, never released: a ``BEGIN_POOL`` event (pool id, stream) before the first, an
+    ``END_POOL`` before any made in the global pool (``_global_allocs_of_captures``)."""
     rows = [_row(entry) for entry in entries]
+    captures = capture_streams(rows)
+    in_global = _global_allocs_of_captures(rows, captures)
+    pool_ids = {stream: n + 1 for n, stream in enumerate(sorted(captures))}
+    pooling: set[int] = set()  # capture streams now allocating to their pool
     events: list[tuple[int, int, int]] = []
     streams: list[int] = []
     syncs: list[tuple[int, int]] = []
@@ -109,6 +195,11 @@ def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any
             continue
         releasing = False
         if action in ("alloc", "oom"):
+            if stream in captures and (index not in in_global) != (stream in pooling):
+                events.append((END_POOL if stream in pooling else BEGIN_POOL,
+                               pool_ids[stream], stream))  # fmt: skip
+                streams.append(stream)
+                pooling ^= {stream}
             handle = len(events) + 1
             if action == "alloc":
                 handle_at[addr] = handle

@@ -16,6 +16,7 @@ from vramcalc.memory.allocator import (
     ALLOC,
     EMPTY_CACHE,
     FREE,
+    POOL_OPS,
     AllocatorConfig,
     AllocatorResult,
     CachingAllocator,
@@ -86,4 +87,6 @@ def replay(
         elif op == EMPTY_CACHE:
             release(index + 1)  # synchronize_and_free_events
             allocator.empty_cache()
+        elif op in POOL_OPS:  # a CUDA-graph private pool: (op, pool id, stream)
+            allocator.pool_event(op, handle, nbytes)
     return allocator.result()

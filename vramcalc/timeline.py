@@ -166,10 +166,12 @@ def captures_cuda_graphs(record: dict[str, Any]) -> bool:
     """Whether the measured run captured CUDA graphs: a serving run whose decoding
     transformers compiles (``serve_planner.compiled_decoding``: a static cache on a 16-bit
     base). Allocations made while capturing go to a private pool that emptying the cache
-    (``torch.cuda.graph`` does it before each capture) does not release; the allocator model
-    has no private pools, so replaying such a trace is not exact (2 MiB short of
-    ``h100_servetrace``'s 41.27 GB peak reserved when the capture stream's segments are kept,
-    322 MiB short when they are released like any other)."""
+    (``torch.cuda.graph`` does it before each capture) does not release: replaying such a
+    trace puts the capture stream's allocations in a private pool
+    (``allocator_trace.capture_streams``, ``CachingAllocator.begin_allocate_to_pool``), which
+    gives ``h100_servetrace``'s measured peaks exactly (without it, peak reserved was 322 MiB
+    short of the 41.27 GB measured; 2 MiB short with the generator's seed and offset put in
+    the pool too)."""
     if record.get("kind") != "serve":
         return False
     return compiled_decoding(serve_plan_of(record))

@@ -43,6 +43,19 @@ TINY_OPT = {
 }
 
 
+def live_bytes(trace, marker: str) -> int:  # noqa: ANN001
+    """Bytes of a trace's live allocations just before ``marker`` (a step or world trace)."""
+    from vramcalc.memory.allocator import ALLOC, FREE
+
+    stop, live = dict(trace.markers)[marker], {}
+    for op, handle, nbytes in trace.events[:stop]:
+        if op == ALLOC:
+            live[handle] = nbytes
+        elif op == FREE:
+            live.pop(handle, None)
+    return sum(live.values())
+
+
 def pytest_terminal_summary(terminalreporter):  # noqa: ANN001, ANN201
     """The speed benchmarks' figures and targets (``speed_figure``), where CI logs keep them.
     They travel as each test report's ``user_properties``, so they reach this summary from

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, live_bytes
 from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC, FREE, AllocatorConfig
 from vramcalc.training_plan import TrainingPlan
@@ -36,17 +36,6 @@ def traced(**fields):  # type: ignore[no-untyped-def]
     from vramcalc.trace.worldtrace import trace_world
 
     return trace_world(TINY_LLAMA, plan(**fields))
-
-
-def live_bytes(trace, marker: str) -> int:  # type: ignore[no-untyped-def]
-    """Bytes of the events' live allocations just before ``marker``."""
-    stop, live = dict(trace.markers)[marker], {}
-    for op, handle, nbytes in trace.events[:stop]:
-        if op == ALLOC:
-            live[handle] = nbytes
-        elif op == FREE:
-            live.pop(handle, None)
-    return sum(live.values())
 
 
 def allocations(trace, start: str, stop: str) -> collections.Counter:  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ import functools
 
 import pytest
 
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, live_bytes
 from vramcalc.errors import InvalidPlanError, SimulationError
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.training_plan import TrainingPlan
@@ -233,13 +233,8 @@ def test_zero3_lora_load_leaves_rank0_its_partition_of_every_weight_and_whole_ad
     """zero.Init partitions each weight as it is made (every size here is even: halves, no
     padding); peft's fp32 adapters come after, whole, until deepspeed.initialize."""
     trace = traced(strategy="zero3")
-    at, live = dict(trace.markers), {}
-    for op, handle, nbytes in trace.events[: at["wrap"]]:
-        if op == ALLOC:
-            live[handle] = nbytes
-        elif op == FREE:
-            live.pop(handle, None)
-    assert sum(live.values()) == BASE // 2 * BF16 + N * FP32 + ROTARY
+    at = dict(trace.markers)
+    assert live_bytes(trace, "wrap") == BASE // 2 * BF16 + N * FP32 + ROTARY
     # loading gathers each module's weights whole (the embedding's 256x64 the largest)
     assert max(trace.events[i][2] for i in range(at["load"], at["wrap"])) == 256 * 64 * BF16
 
@@ -251,13 +246,8 @@ def test_zero3_offload_keeps_partitions_on_the_host_and_copies_each_to_the_devic
     GPU (``ds_tensor.to(current_device_name())``, 1396) on the all-gather stream beside the
     whole buffer; the optimizer's fp32 partitions and Adam states are the host's."""
     trace = traced(strategy="zero3", cpu_offload=True)
-    at, live = dict(trace.markers), {}
-    for op, handle, nbytes in trace.events[: at["wrap"]]:
-        if op == ALLOC:
-            live[handle] = nbytes
-        elif op == FREE:
-            live.pop(handle, None)
-    assert sum(live.values()) == N * FP32 + ROTARY  # no base partition on the device
+    at = dict(trace.markers)
+    assert live_bytes(trace, "wrap") == N * FP32 + ROTARY  # no base partition on the device
     side = collections.Counter(
         (trace.labels[i], trace.events[i][2])
         for i in range(at["step0"], at["step0_backward0"])

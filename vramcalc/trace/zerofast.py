@@ -33,7 +33,7 @@ from typing import Any
 
 
 def _module_params(
-    module: Any, recurse: bool, listed: dict[tuple[int, bool], Any]
+    module: Any, recurse: bool, listed: dict[tuple[Any, bool], Any]
 ) -> tuple[frozenset[int], int]:
     """``(ds_id`` of each parameter ``iter_params(module, recurse)`` yields, their summed
     ``ds_numel``, duplicates counted as the original walk counts them)``, listed again when
@@ -41,15 +41,14 @@ def _module_params(
     own = module._parameters
     external = getattr(module, "_external_params", {})
     stamp = (tuple(id(p) for p in own.values()), tuple(id(p) for p in external.values()))
-    key = (id(module), recurse)
-    hit = listed.get(key)
-    if hit is not None and hit[0] == stamp and hit[1] is module:
-        return hit[2]
+    hit = listed.get((module, recurse))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
 
     params = list(iter_params(module, recurse=recurse))
     value = (frozenset(p.ds_id for p in params), sum(p.ds_numel for p in params))
-    listed[key] = (stamp, module, value)
+    listed[(module, recurse)] = (stamp, value)
     return value
 
 
@@ -64,7 +63,7 @@ def faster_bookkeeping() -> Iterator[None]:
     cls = coordinator.PartitionedParameterCoordinator
     name = "_PartitionedParameterCoordinator__params_to_release"
     original = cls.__dict__[name]
-    listed: dict[tuple[int, bool], Any] = {}
+    listed: dict[tuple[Any, bool], Any] = {}
 
     @functools.cache
     def params_to_release(self: Any, submodule: Any, step_id: int) -> set[int]:

@@ -213,8 +213,9 @@ def memory_efficient_linear(plan: TrainingPlan) -> Iterator[None]:
     it from ``deepspeed.initialize``, whose ``Init(module=...)`` replaces it the same way
     (1090-1091): DeepSpeed's own code does it in the trace, from the wrap on. Its
     ``LinearFunctionForZeroStage3`` (``zero/linear.py``) saves the weight parameter itself
-    for backward, not aten ``linear``'s ``weight.t()`` view: once ZeRO-3 releases a gathered weight (``param.data`` swapped for an empty
-    tensor), nothing holds its storage, and backward works on the weight gathered again.
+    for backward, not aten ``linear``'s ``weight.t()`` view: once ZeRO-3 releases a gathered
+    weight (``param.data`` swapped for an empty tensor), nothing holds its storage, and
+    backward works on the weight gathered again.
     Put back after the trace (this process goes on)."""
     import unittest.mock
 

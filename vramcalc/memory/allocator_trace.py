@@ -71,15 +71,13 @@ def events_from_snapshot_trace(
     filter is then stream 0, where these events allocate).
     """
     rows = [_row(entry) for entry in entries]
-    captures = capture_streams(rows)
-    in_global = _global_allocs_of_captures(rows, captures)
-    pool_ids = {stream: n + 1 for n, stream in enumerate(sorted(captures))}
+    pools = _pooled_allocs(rows)
     pooling: int | None = None  # the pool allocations go to now
     events: list[tuple[int, int, int]] = []
     releasing = False
-    for index, (action, addr, size, stream) in enumerate(rows):
+    for index, (action, addr, size, _) in enumerate(rows):
         if action in ("alloc", "oom"):
-            pool = pool_ids[stream] if stream in captures and index not in in_global else None
+            pool = pools.get(index)
             if pool != pooling:
                 if pooling is not None:
                     events.append((END_POOL, pooling, 0))
@@ -145,6 +143,20 @@ def capture_streams(rows: Sequence[tuple[str, int, int, int]]) -> frozenset[int]
     return frozenset(found - {0})
 
 
+def _pooled_allocs(rows: Sequence[tuple[str, int, int, int]]) -> dict[int, int]:
+    """Index of each allocation (``alloc`` / ``oom`` row) made in a CUDA-graph private pool ->
+    that pool's id: one pool per capture stream (``capture_streams``), numbered from 1, all
+    its allocations but those made in the global pool (``_global_allocs_of_captures``)."""
+    captures = capture_streams(rows)
+    in_global = _global_allocs_of_captures(rows, captures)
+    pool_ids = {stream: n + 1 for n, stream in enumerate(sorted(captures))}
+    return {
+        index: pool_ids[stream]
+        for index, (action, _, _, stream) in enumerate(rows)
+        if action in ("alloc", "oom") and stream in captures and index not in in_global
+    }
+
+
 def _global_allocs_of_captures(
     rows: Sequence[tuple[str, int, int, int]], captures: frozenset[int]
 ) -> set[int]:
@@ -175,10 +187,8 @@ def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any
     stream, never released: a ``BEGIN_POOL`` event (pool id, stream) before the first, an
     ``END_POOL`` before any made in the global pool (``_global_allocs_of_captures``)."""
     rows = [_row(entry) for entry in entries]
-    captures = capture_streams(rows)
-    in_global = _global_allocs_of_captures(rows, captures)
-    pool_ids = {stream: n + 1 for n, stream in enumerate(sorted(captures))}
-    pooling: set[int] = set()  # capture streams now allocating to their pool
+    pools = _pooled_allocs(rows)
+    pooling: dict[int, int] = {}  # capture stream -> its pool, while allocating to it
     events: list[tuple[int, int, int]] = []
     streams: list[int] = []
     syncs: list[tuple[int, int]] = []
@@ -195,11 +205,13 @@ def world_trace_from_snapshot(entries: Iterable[Mapping[str, Any] | Sequence[Any
             continue
         releasing = False
         if action in ("alloc", "oom"):
-            if stream in captures and (index not in in_global) != (stream in pooling):
-                events.append((END_POOL if stream in pooling else BEGIN_POOL,
-                               pool_ids[stream], stream))  # fmt: skip
+            if (index in pools) != (stream in pooling):
+                if stream in pooling:
+                    events.append((END_POOL, pooling.pop(stream), stream))
+                else:
+                    pooling[stream] = pools[index]
+                    events.append((BEGIN_POOL, pools[index], stream))
                 streams.append(stream)
-                pooling ^= {stream}
             handle = len(events) + 1
             if action == "alloc":
                 handle_at[addr] = handle

@@ -531,9 +531,9 @@ MULTI_GPU_EVIDENCE = (
 )
 ZERO_EVIDENCE = (
     "per-GPU memory of DeepSpeed ZeRO plans simulated with DeepSpeed's own code (rank 0 traced "
-    "under torch's fake process group, trace/zerotrace.py) and checked against 27 "
+    "under torch's fake process group, trace/zerotrace.py) and checked against 29 "
     "simulated-world measurements on an H100 (rank 0 of 2 to 8 ranks running DeepSpeed 0.19.8 "
-    "on the fake process group: data/measurements/h100_zero_2026-12-06.jsonl, 6 of them "
+    "on the fake process group: data/measurements/h100_zero_2026-12-06.jsonl, 8 of them "
     "held out (h100_zerohold_2026-12-06.jsonl); reports/world_memory.md): ZeRO-1/2/3, ZeRO-Offload, LoRA, QLoRA (ZeRO-3 too), full "
     "fine-tuning, gradient accumulation, device total within +0.9 / -2.3 %, peak allocated "
     "within 0.04 %; not yet against a real multi-GPU run"
@@ -541,9 +541,9 @@ ZERO_EVIDENCE = (
 #: a ZeRO plan the world does not simulate (int8 ZeRO-3): what the rules missed
 ZERO_RULES_EVIDENCE = (
     "int8 ZeRO-3 plans are not simulated, and no simulated-world measurement covers them; on "
-    "the 10 ZeRO-Offload and 4-bit ZeRO-3 simulated-world measurements "
+    "the 12 ZeRO-Offload and 4-bit ZeRO-3 simulated-world measurements "
     "(data/measurements/h100_zero*_2026-12-06.jsonl, reports/world_memory.md) these rules "
-    "were 7 to 39 % under the measured device total; leave that much headroom"
+    "ranged from 1 % over to 39 % under the measured device total; leave that much headroom"
 )
 
 

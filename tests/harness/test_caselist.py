@@ -346,3 +346,18 @@ def test_held_out_zero_list_is_validation_offload_and_kbit_zero3_on_new_plans():
                for c in cases)  # fmt: skip
     assert {c.plan.strategy for c in cases if c.plan.cpu_offload} == {"zero1", "zero2", "zero3"}
     assert not {c.plan for c in cases} & {c.plan for c in load_cases(ZERO)}
+
+
+def test_int8_zero3_list_is_validation_and_the_two_int8_zero3_plans():
+    """h100_zeroint8.yaml: int8 LoRA under ZeRO-3 (the one ZeRO plan the rules answered, no
+    measurement behind it), on the GPU and offloaded; nothing measured already is repeated."""
+    cases = load_cases(CASE_LIST.with_name("h100_zeroint8.yaml"))
+    assert Counter(c.split for c in cases) == {"validation": 2}  # rule (b) of h200x2.yaml
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus == 2 for c in cases)
+    assert {(c.plan.strategy, c.plan.method, c.plan.quant) for c in cases} == {
+        ("zero3", "lora", "int8")
+    }
+    assert [c.plan.cpu_offload for c in cases] == [False, True]
+    before = load_cases(ZERO) + load_cases(CASE_LIST.with_name("h100_zerohold.yaml"))
+    assert not {c.case_id for c in cases} & {c.case_id for c in before}

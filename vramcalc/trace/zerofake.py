@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import unittest.mock
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +70,8 @@ def import_deepspeed() -> Any:
 
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
+    import unittest.mock  # 20 ms: not on a warm plan's path (this module is imported by it)
+
     with unittest.mock.patch.dict(os.environ, {"DS_ACCELERATOR": "cpu"}):
         import deepspeed
         import deepspeed.accelerator.real_accelerator as real_accelerator
@@ -227,6 +228,8 @@ def zero_on_fake_device(recorder: WorldRecorder, world_size: int) -> Iterator[An
         if dtype is None and memory_format is None and device is not None and device.type == "cpu":
             return module
         return module_to(module, *args, **kwargs)
+
+    import unittest.mock
 
     previous = real_accelerator.ds_accelerator
     real_accelerator.ds_accelerator = accelerator

@@ -136,15 +136,7 @@ LONGEST_FIRST = (
 )
 
 
-#: files run last: the tokens/s gate profiles the steps of the same committed records as the
-#: accuracy gate, whose processes leave every profile in the run's shared cache (run beside
-#: the accuracy gate, it profiled them all again: about 25 CPU-s; after it, under 1 s)
-LAST = ("tests/speed/test_speed_gate.py",)
-
-
 def pytest_collection_modifyitems(session, config, items):  # noqa: ANN001, ANN201
-    """Files of ``LONGEST_FIRST`` first, in that order, and of ``LAST`` last; the rest keep
-    their order."""
+    """Files of ``LONGEST_FIRST`` first, in that order; the rest keep their order."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    rank |= {path: len(LONGEST_FIRST) + 1 + i for i, path in enumerate(LAST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FIRST)))
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

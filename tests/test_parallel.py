@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+import vramcalc.parallel as parallel
+from tests.conftest import TINY_LLAMA
 from vramcalc.accuracy import build_report
 from vramcalc.estimate import forget_prepared
-from vramcalc.parallel import recipe_groups, warm_caches
+from vramcalc.parallel import recipe_groups, trace_cost, warm_caches
 from vramcalc.training_plan import TrainingPlan
 
 
@@ -25,6 +29,43 @@ def test_records_are_grouped_by_recipe(tiny_llama_dir):
     groups = recipe_groups(records)
     assert [len(g) for g in groups] == [2, 1]
     assert groups[0] == records[:2]
+
+
+def test_the_costliest_recipes_are_handed_out_first(tmp_path, monkeypatch):
+    """A ZeRO trace runs every decoder layer (twice the work under ZeRO-3) and every
+    micro-batch; the others at most 5 layers: a 7-layer model's recipes, costliest first."""
+    model = tmp_path / "seven"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA | {"num_hidden_layers": 7}))
+    single = _record(model, method="lora")
+    fsdp = _record(model, method="lora", num_gpus=2, strategy="fsdp", grad_accum=2)
+    zero2 = _record(model, method="lora", num_gpus=2, strategy="zero2")
+    zero3 = _record(model, method="lora", num_gpus=2, strategy="zero3", grad_accum=2)
+    assert [trace_cost(r) for r in (single, fsdp, zero2, zero3)] == [5, 10, 7, 28]
+    assert trace_cost({"model": "no/such-model"}) == 0
+    handed: list[list[str]] = []
+
+    class Pool:  # the order the tasks are handed to the processes in
+        def __init__(self, processes, mp_context):  # noqa: ANN001
+            handed.append([str(processes)])
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc):  # noqa: ANN002, ANN204
+            return False
+
+        def map(self, fn, groups, models):  # noqa: ANN001, ANN201
+            handed.append([g[0]["case_id"] for g in groups])
+            return []
+
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(parallel, "pending", lambda record, model, memory: True)
+    assert warm_caches([single, fsdp, zero2, zero3], "simulate", workers=3) == 3
+    assert handed == [
+        ["3"],
+        [zero3["case_id"], fsdp["case_id"], zero2["case_id"], single["case_id"]],
+    ]
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Simulations of many records at once, in several processes (``vramcalc report``).
 
-Each recipe (a plan less its batch, sequence, accumulation and allocator mode) goes to one
-worker, which traces it once and simulates its records; every answer lands in the disk
-caches (``cache.py``). The caller then estimates the records in one pass that reads them
-back: the same bytes as a serial run, in the time of the longest worker.
+Each recipe (a plan less its batch, sequence, accumulation and allocator mode) is one task:
+a worker traces it once and simulates its records; every answer lands in the disk caches
+(``cache.py``). The tasks are handed out one at a time, the costliest first (``trace_cost``),
+so that the workers end together. The caller then estimates the records in one pass that
+reads them back: the same bytes as a serial run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from vramcalc.memory.slack import cached_simulation
 from vramcalc.memory.worldsim import cached_world_simulation, simulates_world
 from vramcalc.speed.opprofile import profile_cached
 from vramcalc.speed.throughput_fit import compare_records, excluded_reason
+from vramcalc.trace.steptrace import config_layers
+from vramcalc.trace.unroll import TRACED_LAYERS
+from vramcalc.trace.worldtrace import ZERO
 
 
 def default_workers() -> int:
@@ -51,6 +55,20 @@ def pending(record: dict[str, Any], allocator_model: str | None, memory: bool) -
     return cached_simulation(config, plan) is None
 
 
+def trace_cost(record: dict[str, Any]) -> int:
+    """A rough measure of what simulating ``record`` costs, to order the work: the decoder
+    layers traced (all of them under ZeRO, whose traces are not unrolled; else at most
+    ``unroll.TRACED_LAYERS``) times the micro-batches of a step, twice for ZeRO-3 (its
+    gathers and releases around every module); 0 for what cannot be planned."""
+    try:
+        plan = plan_of(record)
+        layers = config_layers(resolve(plan.model).config_dict)
+    except VramcalcError:
+        return 0
+    traced = layers if plan.strategy in ZERO else min(layers, TRACED_LAYERS)
+    return traced * plan.grad_accum * (2 if plan.strategy == "zero3" else 1)
+
+
 def recipe_groups(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The training records grouped by recipe, largest group first."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -74,8 +92,9 @@ def warm_caches(
     memory: bool = True,
 ) -> int:
     """Simulate ``records`` (with ``memory``) and profile their steps' ops in ``workers``
-    processes, each recipe in one of them; returns how many processes ran (0: not worth it,
-    fewer than two recipes or one worker)."""
+    processes, each recipe a task of its own, handed out costliest first (``trace_cost``)
+    to whichever process is free; returns how many processes ran (0: not worth it, fewer
+    than two recipes or one worker)."""
     workers = default_workers() if workers is None else workers
     if workers < 2:
         return 0
@@ -83,17 +102,16 @@ def warm_caches(
     groups = [g for g in recipe_groups(records) if any(pending(r, model, memory) for r in g)]
     if len(groups) < 2:
         return 0
-    buckets: list[list[dict[str, Any]]] = [[] for _ in range(min(workers, len(groups)))]
-    for group in groups:  # largest first, each to the emptiest bucket
-        min(buckets, key=len).extend(group)
+    groups.sort(key=lambda group: sum(map(trace_cost, group)), reverse=True)
+    processes = min(workers, len(groups))
     progress.note(
-        f"{'simulating' if memory else 'profiling'} {len(groups)} recipes of {sum(map(len, buckets))} records "
-        f"in {len(buckets)} processes"
+        f"{'simulating' if memory else 'profiling'} {len(groups)} recipes of "
+        f"{sum(map(len, groups))} records in {processes} processes"
     )
     context = multiprocessing.get_context("spawn")  # torch is not fork-safe
-    with ProcessPoolExecutor(len(buckets), mp_context=context) as pool:
-        list(pool.map(_warm, buckets, [allocator_model if memory else None] * len(buckets)))
-    return len(buckets)
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        list(pool.map(_warm, groups, [allocator_model if memory else None] * len(groups)))
+    return processes
 
 
 def _warm(records: list[dict[str, Any]], allocator_model: str | None) -> None:

@@ -540,10 +540,9 @@ ZERO_EVIDENCE = (
 )
 #: a ZeRO plan the world does not simulate (int8 ZeRO-3): what the rules missed
 ZERO_RULES_EVIDENCE = (
-    "int8 ZeRO-3 plans are not simulated, and no simulated-world measurement covers them; on "
-    "the 12 ZeRO-Offload and 4-bit ZeRO-3 simulated-world measurements "
-    "(data/measurements/h100_zero*_2026-12-06.jsonl, reports/world_memory.md) these rules "
-    "ranged from 1 % over to 39 % under the measured device total; leave that much headroom"
+    "int8 ZeRO-3 plans are not simulated yet; on the 2 int8 ZeRO-3 simulated-world measurements "
+    "(data/measurements/h100_zeroint8_2026-12-06.jsonl, reports/world_memory.md) these rules "
+    "were 35 to 41 % under the measured device total; leave that much headroom"
 )
 
 

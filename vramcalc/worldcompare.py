@@ -40,6 +40,7 @@ DEFAULT_RECORDS = (
     MEASUREMENTS_DIR / "h100_world2_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zero_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zerohold_2026-12-06.jsonl",
+    MEASUREMENTS_DIR / "h100_zeroint8_2026-12-06.jsonl",
 )
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {

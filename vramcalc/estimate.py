@@ -534,9 +534,10 @@ ZERO_EVIDENCE = (
     "under torch's fake process group, trace/zerotrace.py) and checked against 29 "
     "simulated-world measurements on an H100 (rank 0 of 2 to 8 ranks running DeepSpeed 0.19.8 "
     "on the fake process group: data/measurements/h100_zero_2026-12-06.jsonl, 8 of them "
-    "held out (h100_zerohold_2026-12-06.jsonl); reports/world_memory.md): ZeRO-1/2/3, ZeRO-Offload, LoRA, QLoRA (ZeRO-3 too), full "
-    "fine-tuning, gradient accumulation, device total within +0.9 / -2.3 %, peak allocated "
-    "within 0.04 %; not yet against a real multi-GPU run"
+    "held out (h100_zerohold_2026-12-06.jsonl); reports/world_memory.md): ZeRO-1/2/3, "
+    "ZeRO-Offload, LoRA, QLoRA (ZeRO-3 too), full fine-tuning, gradient accumulation, device "
+    "total within +0.9 / -2.3 %, peak allocated within 0.04 %; not yet against a real "
+    "multi-GPU run"
 )
 #: a ZeRO plan the world does not simulate (int8 ZeRO-3): what the rules missed
 ZERO_RULES_EVIDENCE = (

@@ -9,6 +9,7 @@ import click
 from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
+    echo,
     gpu_option,
     headroom_option,
     json_option,
@@ -51,8 +52,8 @@ def advise(
         plan_and_source(ctx, options), gpu, headroom=headroom, allocator_model=allocator_model
     )
     if as_json:
-        click.echo(json.dumps(advice.to_dict(), indent=2))
+        echo(json.dumps(advice.to_dict(), indent=2))
         return
     if advice.source:
-        click.echo(render_file_plan(advice.source) + "\n")
-    click.echo(render_advice(advice))
+        echo(render_file_plan(advice.source) + "\n")
+    echo(render_advice(advice))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
+    echo,
     echo_result,
     given_options,
     gpu_option,
@@ -214,22 +215,22 @@ def sweep(
         progress=_progress(quiet),
     )
     if result.source:
-        click.echo(render_file_plan(result.source), err=True)
+        echo(render_file_plan(result.source), err=True)
     if result.approximated:
-        click.echo(
+        echo(
             f"Note: {result.approximated} of {len(result.rows)} plans use the approximate "
             "allocator slack (their allocator_model column says which).",
             err=True,
         )
     for warning, count in result.warnings.items():
-        click.echo(f"Warning: {warning} ({count} of {len(result.rows)} plans)", err=True)
+        echo(f"Warning: {warning} ({count} of {len(result.rows)} plans)", err=True)
     if output:
         export.write_sweep(result, output)
-        click.echo(f"{len(result.rows)} plans written to {output}", err=True)
+        echo(f"{len(result.rows)} plans written to {output}", err=True)
     else:
-        click.echo(render_sweep(result))
+        echo(render_sweep(result))
     if result.errors:
-        click.echo(
+        echo(
             f"{result.errors} of {len(result.rows)} plans are invalid; see the error column.",
             err=True,
         )
@@ -288,7 +289,7 @@ def fit(
         allocator_model=allocator_model,
     )
     if result.source:
-        click.echo(render_file_plan(result.source), err=True)
+        echo(render_file_plan(result.source), err=True)
     echo_result(result, as_json, lambda: render_fit(result))
     if not result.found:
         ctx.exit(3)

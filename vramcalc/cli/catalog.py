@@ -7,7 +7,7 @@ import json
 import click
 
 from vramcalc import api
-from vramcalc.cli.options import json_option
+from vramcalc.cli.options import echo, json_option
 from vramcalc.render.catalog import LINK_GPUS, render_gpus, render_models
 
 
@@ -17,9 +17,9 @@ def models(as_json: bool) -> None:
     """List the bundled model catalog (usable offline), with exact parameter counts."""
     entries = api.models()
     if as_json:
-        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
     else:
-        click.echo(render_models(entries))
+        echo(render_models(entries))
 
 
 @click.command()
@@ -30,6 +30,6 @@ def gpus(as_json: bool) -> None:
     NCCL bus bandwidth multi-GPU speed assumes over it, price."""
     table = api.gpus()
     if as_json:  # the catalog rows: interconnect columns with their sources
-        click.echo(json.dumps([gpu.to_dict() for gpu in table], indent=2))
+        echo(json.dumps([gpu.to_dict() for gpu in table], indent=2))
     else:
-        click.echo(render_gpus(table, api.gpu_links(table, LINK_GPUS), LINK_GPUS))
+        echo(render_gpus(table, api.gpu_links(table, LINK_GPUS), LINK_GPUS))

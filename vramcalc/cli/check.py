@@ -13,6 +13,7 @@ from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
     check_plan_options,
+    echo,
     given_options,
     gpu_option,
     headroom_option,
@@ -89,9 +90,9 @@ def check(
     except VramcalcError as err:
         raise InputError(str(err)) from err
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(render_check(result))
+        echo(render_check(result))
     summary = render_check_markdown(result)
     if markdown_path is not None:
         markdown_path.write_text(summary, encoding="utf-8")

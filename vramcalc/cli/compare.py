@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vramcalc import api
+from vramcalc.cli.options import echo
 
 
 @click.command()
@@ -34,4 +35,4 @@ def compare(predicted: Path, measured: Path, output: Path, title: str) -> None:
       vramcalc compare predicted.pickle my_run.pickle -o compare.png
     """
 
-    click.echo(f"wrote {api.compare(predicted, measured, output, title=title)}")
+    echo(f"wrote {api.compare(predicted, measured, output, title=title)}")

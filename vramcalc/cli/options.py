@@ -366,14 +366,18 @@ def hide_status_line() -> None:
     _QUIET.append(True)
 
 
+_SHOWN: list[status_line] = []  # the status line on the terminal now (echo clears it)
+
+
 class status_line:  # noqa: N801 - used as a function: status_line()
     """Progress notes as one line on stderr, rewritten in place (a terminal only, and not
-    under ``--quiet``); ``clear`` removes it before the command's own output ends."""
+    under ``--quiet``); ``clear`` removes it, as ``echo`` does before any of the command's
+    own output, which would otherwise start on the same line."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: Any = None) -> None:
         import sys
 
-        self.stream = sys.stderr
+        self.stream = stream or sys.stderr
         self.shown = False
 
     def __call__(self, message: str) -> None:
@@ -388,21 +392,38 @@ class status_line:  # noqa: N801 - used as a function: status_line()
         self.stream.write(f"\r\033[K{text}")
         self.stream.flush()
         self.shown = True
+        if self not in _SHOWN:
+            _SHOWN.append(self)
 
-    def clear(self) -> None:
+    def erase(self) -> None:
+        """Take the line off the terminal (the next note writes it again)."""
         if self.shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
             self.shown = False
+        if self in _SHOWN:
+            _SHOWN.remove(self)
+
+    def clear(self) -> None:
+        """The command is done: the line erased, ``--quiet`` and ``hide_status_line`` reset."""
+        self.erase()
         _QUIET.clear()
+
+
+def echo(message: str = "", err: bool = False, nl: bool = True) -> None:
+    """``click.echo`` for a command's output and warnings: the status line erased first,
+    so that the output starts at the beginning of a line."""
+    for line in list(_SHOWN):
+        line.erase()
+    click.echo(message, err=err, nl=nl)
 
 
 def echo_result(result: Any, as_json: bool, render: Callable[[], str]) -> None:
     """A command's answer: its warnings on stderr (``Warning: ...``), then ``result.to_dict()``
     as JSON with ``--json``, else ``render()``."""
     for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render())
+        echo(f"Warning: {warning}", err=True)
+    echo(json.dumps(result.to_dict(), indent=2) if as_json else render())
 
 
 def json_option(help: str = "Print one JSON object instead of the report.") -> Callable[[F], F]:

@@ -9,6 +9,7 @@ import click
 from vramcalc import api
 from vramcalc.cli.options import (
     allocator_model_option,
+    echo,
     echo_result,
     given_options,
     gpus_option,
@@ -114,4 +115,4 @@ def plan(
             (snapshot, timelines.write_snapshot),
         ):
             if path is not None:
-                click.echo(f"wrote {write(run, path)}", err=True)
+                echo(f"wrote {write(run, path)}", err=True)

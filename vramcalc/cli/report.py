@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from vramcalc import api
-from vramcalc.cli.options import measurements_option, no_gate_option, out_option
+from vramcalc.cli.options import echo, measurements_option, no_gate_option, out_option
 from vramcalc.measurements import Gate
 from vramcalc.render.accuracy import write_report
 
@@ -63,11 +63,11 @@ def report(
         )
     timeline = None
     if measurements is None and not no_timeline:  # a committed trace, simulated again
-        click.echo("drawing the predicted vs measured timeline of a committed trace", err=True)
+        echo("drawing the predicted vs measured timeline of a committed trace", err=True)
         timeline = api.report_timeline(out_dir)
     write_report(result.report, list(result.gate.target_problems), out_dir, result.inputs, timeline)
     rows = result.report.rows
-    click.echo(
+    echo(
         f"{len(rows)} measurements from {len(result.report.sources)} files; "
         f"wrote {out_dir}/accuracy.md"
     )
@@ -77,14 +77,14 @@ def report(
 def echo_gate(gate: Gate, baseline: str, no_gate: bool) -> None:
     """The distances to the targets and the gate's verdict; exit 1 when it failed."""
     for line in gate.distances:
-        click.echo(f"  {line}")
+        echo(f"  {line}")
     if gate.regressions is None:
-        click.echo(f"gate: no committed {baseline} to compare with; this run is the baseline")
+        echo(f"gate: no committed {baseline} to compare with; this run is the baseline")
     elif gate.regressions:
-        click.echo("gate: FAIL, worse than the committed report:")
+        echo("gate: FAIL, worse than the committed report:")
         for line in gate.regressions:
-            click.echo(f"  {line}")
+            echo(f"  {line}")
     else:
-        click.echo("gate: PASS (no figure worse than the committed report)")
+        echo("gate: PASS (no figure worse than the committed report)")
     if gate.failed and not no_gate:
         raise SystemExit(1)

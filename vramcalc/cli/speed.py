@@ -8,7 +8,7 @@ import click
 
 from vramcalc import api
 from vramcalc.calibration import write_throughput_entries
-from vramcalc.cli.options import measurements_option, no_gate_option, out_option
+from vramcalc.cli.options import echo, measurements_option, no_gate_option, out_option
 from vramcalc.cli.report import echo_gate
 from vramcalc.render.speed import render_speed_fit, write_speed_report
 
@@ -29,7 +29,7 @@ def speed_report(measurements: Path | None, out_dir: Path, no_gate: bool) -> Non
     """
     result = api.speed_report(measurements, baseline=out_dir)
     write_speed_report(result.report, out_dir)
-    click.echo(f"{len(result.report.rows)} cases compared; wrote {out_dir}/throughput.md")
+    echo(f"{len(result.report.rows)} cases compared; wrote {out_dir}/throughput.md")
     echo_gate(result.gate, f"{out_dir}/throughput.json", no_gate)
 
 
@@ -46,7 +46,7 @@ def speed_fit(measurements: Path | None, write: bool) -> None:
     entries of data/calibration.json, leaving every other entry as it is.
     """
     fit = api.speed_fit(measurements)
-    click.echo(render_speed_fit(fit))
+    echo(render_speed_fit(fit))
     if write:
         path = write_throughput_entries(fit.calibration.to_json())
-        click.echo(f"wrote the throughput_* entries of {path}")
+        echo(f"wrote the throughput_* entries of {path}")

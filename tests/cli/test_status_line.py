@@ -53,3 +53,21 @@ def test_a_plans_answer_starts_on_a_line_of_its_own(monkeypatch, tiny_llama_dir,
     notes, _, answer = text.rpartition(ERASE)
     assert notes.count(ERASE) == notes.count("vramcalc:") >= 2  # each note rewrites the line
     assert answer.startswith(f"{tiny_llama_dir} — lora, seq 256 x batch 1")
+
+
+def test_the_tracing_note_says_which_plans_are_traced_apart():
+    from vramcalc.trace.recipe import regime_words
+    from vramcalc.training_plan import TrainingPlan
+
+    window = {"model_type": "mistral", "sliding_window": 4096}
+    plan = TrainingPlan(model="m", batch_size=4, seq_len=2048)
+    assert regime_words({}, plan) == "once per recipe"
+    assert regime_words({}, plan.with_(batch_size=1)) == (
+        "once per recipe; batch size 1 traced apart"
+    )
+    assert regime_words(window, plan) == (
+        "once per recipe; sequences under 4,096 tokens traced apart"
+    )
+    assert regime_words(window, plan.with_(seq_len=8192, rank=1, batch_size=1)) == (
+        "once per recipe; sequences of 4,096+ tokens, batch size 1, rank 1 traced apart"
+    )

@@ -179,6 +179,18 @@ def regime(config_dict: dict[str, Any], plan: TrainingPlan) -> tuple[Any, ...]:
     return sides, plan.batch_size == 1, plan.uses_adapters and plan.adapter_rank == 1
 
 
+def regime_words(config_dict: dict[str, Any], plan: TrainingPlan) -> str:
+    """How often a recipe is traced, for the progress note: once, or once for each regime
+    its plans fall in ("once per recipe" is not the whole truth for a batch of 1)."""
+    sides, batch_one, rank_one = regime(config_dict, plan)
+    apart = [
+        f"sequences {'under' if below else 'of'} {t:,}{'' if below else '+'} tokens"
+        for below, t in zip(sides, length_thresholds(config_dict), strict=True)
+    ]
+    apart += ["batch size 1"] * batch_one + ["rank 1"] * rank_one
+    return "once per recipe" + (f"; {', '.join(apart)} traced apart" if apart else "")
+
+
 def trace_point(config_dict: dict[str, Any], plan: TrainingPlan) -> TracePoint | None:
     """Primes for B, S, r (and c) inside the plan's regime, or None when the regime leaves no
     room (the plan is then traced as it is)."""
@@ -497,7 +509,7 @@ def trace_recipe(config_dict: dict[str, Any], plan: TrainingPlan, point: TracePo
     progress.note(
         "tracing the training step of "
         + progress.describe(plan.model, plan.method, plan.quant)
-        + " on fake tensors (once per recipe)"
+        + f" on fake tensors ({regime_words(config_dict, plan)})"
     )
     started = time.perf_counter()
     micro = min(plan.grad_accum, MAX_TRACED_MICRO_BATCHES)

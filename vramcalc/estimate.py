@@ -174,8 +174,7 @@ class Prepared:
         through the caching-allocator model: a fraction of a second per plan, cached) or
         ``approximate`` (the calibrated fraction, only when asked for); default
         ``default_allocator_model()``. Multi-GPU FSDP1, DDP and DeepSpeed ZeRO plans simulate
-        rank 0 of the world (``memory/worldsim.py``); int8 ZeRO-3 plans are
-        approximate, and marked so (``MemoryEstimate.allocator_model``, the assumptions).
+        rank 0 of the world (``memory/worldsim.py``).
         """
         if lora_key(plan) != self.lora:
             raise ValueError(
@@ -199,8 +198,7 @@ class Prepared:
 
         A recipe whose training step cannot be traced raises ``SimulationError`` naming it
         and the way out (``--allocator-model approximate``): no answer is silently
-        approximated. A multi-GPU plan: ``worldsim.seam_simulation`` (None for int8
-        ZeRO-3)."""
+        approximated. A multi-GPU plan: ``worldsim.seam_simulation``."""
         if allocator_model not in ALLOCATOR_MODELS:
             raise ValueError(
                 f"allocator_model {allocator_model!r} is not one of {ALLOCATOR_MODELS}"
@@ -223,10 +221,7 @@ class Prepared:
     def cached(self, plan: TrainingPlan) -> bool:
         """Whether ``plan``'s simulation is on disk already (no trace, no replay to run)."""
         if plan.num_gpus > 1:
-            return (
-                not worldsim.simulates_world(plan)
-                or worldsim.cached_world_simulation(self.spec.config_dict, plan) is not None
-            )
+            return worldsim.cached_world_simulation(self.spec.config_dict, plan) is not None
         return slack.cached_simulation(self.spec.config_dict, plan) is not None
 
 
@@ -499,14 +494,9 @@ def _slack_assumption(plan: TrainingPlan, simulation: AllocatorSimulation | None
                 "checkpoints have fewer: less memory)"
             )
         return text
-    why = (
-        worldsim.ZERO_REASON
-        if plan.num_gpus > 1 and not worldsim.simulates_world(plan)
-        else "--allocator-model approximate"
-    )
     return (
         f"APPROXIMATE allocator slack under {mode}: a calibrated fraction of peak allocated, "
-        f"not a simulation of this run ({why})"
+        "not a simulation of this run (--allocator-model approximate)"
     )
 
 
@@ -538,12 +528,6 @@ ZERO_EVIDENCE = (
     "ZeRO-Offload, LoRA, QLoRA (ZeRO-3 too), full fine-tuning, gradient accumulation, device "
     "total within +0.9 / -2.3 %, peak allocated within 0.04 %; not yet against a real "
     "multi-GPU run"
-)
-#: a ZeRO plan the world does not simulate (int8 ZeRO-3): what the rules missed
-ZERO_RULES_EVIDENCE = (
-    "int8 ZeRO-3 plans are not simulated yet; on the 2 int8 ZeRO-3 simulated-world measurements "
-    "(data/measurements/h100_zeroint8_2026-12-06.jsonl, reports/world_memory.md) these rules "
-    "were 35 to 41 % under the measured device total; leave that much headroom"
 )
 
 
@@ -627,11 +611,7 @@ def _assumptions(
             + (" with CPU offload" if plan.cpu_offload else "")
             + "; memory is per GPU, each running the full micro-batch"
         )
-        if plan.strategy not in worldsim.ZERO:
-            out.append(MULTI_GPU_EVIDENCE)
-        else:
-            simulated = worldsim.simulates_world(plan)
-            out.append(ZERO_EVIDENCE if simulated else ZERO_RULES_EVIDENCE)
+        out.append(MULTI_GPU_EVIDENCE if plan.strategy not in worldsim.ZERO else ZERO_EVIDENCE)
         out.append(NCCL_ASSUMPTION)
     out.append(
         "driver reserve, CUDA context and kernel modules, cuBLAS workspaces from "

@@ -2,7 +2,8 @@
 
 For every ok record of a simulated world (``simulated_world_size``; by default
 ``data/measurements/h100_world_2026-12-06.jsonl``, ``h100_world2_2026-12-06.jsonl``,
-``h100_zero_2026-12-06.jsonl`` and ``h100_zerohold_2026-12-06.jsonl``): the measured peak allocated, peak reserved and device
+``h100_zero_2026-12-06.jsonl``, ``h100_zerohold_2026-12-06.jsonl``,
+``h100_zeroint8_2026-12-06.jsonl`` and ``h100_zeroint8trace_2026-12-06.jsonl``): the measured peak allocated, peak reserved and device
 total; the rules' estimate (``prepare(...).estimate(plan, "approximate")``:
 ``memory/distributed.py`` + the calibrated slack, without NCCL's buffers); and the world
 trace (``memory/worldsim.py``, what the estimator answers a multi-GPU FSDP1 / DDP / ZeRO
@@ -41,6 +42,7 @@ DEFAULT_RECORDS = (
     MEASUREMENTS_DIR / "h100_zero_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zerohold_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zeroint8_2026-12-06.jsonl",
+    MEASUREMENTS_DIR / "h100_zeroint8trace_2026-12-06.jsonl",
 )
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {
@@ -156,9 +158,8 @@ def render_markdown(
         "`memory/distributed.py`, calibrated slack), its device total without NCCL's buffers. "
         "*world*: `memory/worldsim.simulate_world` (what the estimator now answers with) "
         "(rank 0 traced through FSDP1, DDP or DeepSpeed's own ZeRO code on fake tensors, "
-        "replayed through the caching allocator model; where the world is not simulated, "
-        "int8 ZeRO-3, the estimator answers with the rules, and the row "
-        "says so); its device total = peak reserved + CUDA context + driver reserve "
+        "replayed through the caching allocator model; a row the world does not simulate "
+        "would say so); its device total = peak reserved + CUDA context + driver reserve "
         "(calibration), **without NCCL** (a fake world has none; for a real N-GPU run "
         "`memory/nccl.py` adds its buffers by rule, not measured yet).",
         "",

@@ -123,16 +123,19 @@ def test_replaying_a_real_trace_gives_the_measured_peaks_exactly(trace_path):
 @pytest.mark.parametrize("trace_path", marked(TRACES), ids=[p.name[:8] for p in TRACES])
 def test_the_models_own_segment_addresses_keep_peak_reserved_within_3_percent(trace_path):
     """What a simulation has: no driver, so the model's top-down addresses
-    (``CachingAllocator._take_addresses``); peak allocated does not depend on them. Exact on
-    all but two traces; the worst is the ZeRO-2 full fine-tuning run ef85cf65 (-2.84 %):
-    after DeepSpeed's ``empty_cache`` the driver put new segments into the address ranges
-    it had just freed, above the lowest, and best fit then split other blocks. Increasing
-    addresses fall gigabytes short (the docstring of ``_take_addresses``)."""
+    (``CachingAllocator._take_addresses``). Exact on all but two traces; the worst is the
+    ZeRO-2 full fine-tuning run ef85cf65 (-2.84 %): after DeepSpeed's ``empty_cache`` the
+    driver put new segments into the address ranges it had just freed, above the lowest, and
+    best fit then split other blocks. Increasing addresses fall gigabytes short (the
+    docstring of ``_take_addresses``). Peak allocated counts whole blocks, so it depends on
+    the addresses only where best fit picks a block that is not split the same way: exact on
+    all but the int8 ZeRO-3 run e8d2bea0 (-864,256 bytes, -0.013 %; its reserve is exact)."""
     trace = load_trace(trace_path)
     record = _record(trace_path)
     config = allocator_config(trace["pytorch_cuda_alloc_conf"] or "")
     result = replay(world_trace_from_snapshot(trace["entries"]), config, gpu_bound=True)
-    assert result.peak_allocated_bytes == record["peak_allocated_bytes"]
+    allocated = record["peak_allocated_bytes"]
+    assert abs(result.peak_allocated_bytes - allocated) <= 0.0002 * allocated
     measured = record["peak_reserved_bytes"]
     assert abs(result.peak_reserved_bytes - measured) <= 0.03 * measured
 

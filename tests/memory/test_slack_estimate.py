@@ -182,34 +182,50 @@ def test_zero_plans_simulate_rank_0_with_deepspeeds_code_and_say_so(tiny_llama_d
     assert any("DeepSpeed's own ZeRO code" in line for line in est.assumptions)
 
 
-def test_zero_plans_take_the_fallback_slack_and_say_why(tiny_llama_dir):
-    from vramcalc.estimate import ZERO_EVIDENCE, ZERO_RULES_EVIDENCE
-    from vramcalc.memory.worldsim import ZERO_REASON
+def test_int8_zero3_plans_simulate_rank_0_too(tiny_llama_dir):
+    """int8 weights under ZeRO-3 are simulated like every other ZeRO plan (no rule-based
+    fallback): the estimate's peaks are the world simulation's, and it says so."""
+    pytest.importorskip("deepspeed")
+    from vramcalc.estimate import ZERO_EVIDENCE, prepare
+    from vramcalc.memory.worldsim import simulate_world
 
-    p = TrainingPlan(str(tiny_llama_dir), method="lora", quant="int8", num_gpus=2, strategy="zero3")
-    est = prepare(p.model, p).estimate(p)
-    assert est.components["allocator_reserve"] == max(
-        int(est.peak_allocated_bytes * 0.0863), 41943040
+    p = TrainingPlan(
+        str(tiny_llama_dir),
+        method="lora",
+        quant="int8",
+        num_gpus=2,
+        strategy="zero3",
+        seq_len=16,
+        batch_size=2,
     )
-    assert est.allocator_model == "approximate"
-    assert ZERO_REASON in est.assumptions[-1]
-    assert ZERO_RULES_EVIDENCE in est.assumptions and ZERO_EVIDENCE not in est.assumptions
-    assert prepare(p.model, p).cached(p)  # nothing to simulate
+    prepared = prepare(p.model, p)
+    est = prepared.estimate(p)
+    world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
+    assert prepared.cached(p)
+    assert est.allocator_model == "simulated"
+    assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
+    assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
+    assert ZERO_EVIDENCE in est.assumptions
+    assert not any("APPROXIMATE allocator slack" in line for line in est.assumptions)
+    approximate = prepared.estimate(p, "approximate")  # only when asked for
+    assert approximate.allocator_model == "approximate"
+    assert "(--allocator-model approximate)" in approximate.assumptions[-1]
 
 
 def test_the_zero_evidence_lines_quote_the_committed_world_report():
-    """ZERO_EVIDENCE and ZERO_RULES_EVIDENCE say what reports/world_memory.csv says of the
-    ZeRO records (python -m vramcalc.worldcompare rewrites it)."""
+    """ZERO_EVIDENCE says what reports/world_memory.csv says of the ZeRO records (python -m
+    vramcalc.worldcompare rewrites it): every one of them simulated, int8 ZeRO-3 included."""
     import csv
     import re
     from pathlib import Path
 
-    from vramcalc.estimate import ZERO_EVIDENCE, ZERO_RULES_EVIDENCE
+    from vramcalc.estimate import ZERO_EVIDENCE
 
     report = Path(__file__).resolve().parents[2] / "reports" / "world_memory.csv"
     rows = [r for r in csv.DictReader(report.open()) if r["strategy"].startswith("zero")]
     simulated = [r for r in rows if r["world_simulated"] == "True"]
-    ruled = [r for r in rows if r["world_simulated"] != "True"]
+    assert simulated == rows
+    assert any(r["group"] == "ZeRO-3 LoRA" and r["case_id"] == "7f23c407cdd50e38" for r in rows)
     total = [100 * float(r["world_error_device_total_bytes"]) for r in simulated]
     allocated = [100 * abs(float(r["world_error_peak_allocated_bytes"])) for r in simulated]
     quoted = re.search(r"against (\d+) simulated-world .* within \+([\d.]+) / -([\d.]+) %, "
@@ -218,16 +234,3 @@ def test_the_zero_evidence_lines_quote_the_committed_world_report():
     assert int(quoted[1]) == len(simulated)
     assert (float(quoted[2]), float(quoted[3])) == (round(max(total), 1), round(-min(total), 1))
     assert max(allocated) <= float(quoted[4])
-    # every ZeRO record is simulated but the int8 ZeRO-3 ones, on the rules (ZERO_REASON);
-    # what the rules missed on them
-    assert ruled and all(r["strategy"] == "zero3" for r in ruled)
-    under = [-100 * float(r["rules_error_device_total_bytes"]) for r in ruled]
-    rules = re.search(
-        r"on the (\d+) int8 ZeRO-3 .* were (\d+) to (\d+) % under", ZERO_RULES_EVIDENCE
-    )
-    assert rules is not None
-    assert (int(rules[1]), int(rules[2]), int(rules[3])) == (
-        len(ruled),
-        round(min(under)),
-        round(max(under)),
-    )

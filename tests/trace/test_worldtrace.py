@@ -194,7 +194,6 @@ def test_world_peaks_replay_under_both_allocator_modes():
 @pytest.mark.parametrize(
     "fields, problem",
     [
-        (dict(strategy="zero3", method="lora", quant="int8"), "int8 under zero3"),
         (dict(strategy="fsdp", num_gpus=1), "num_gpus"),
         (dict(strategy="fsdp", method="lora", quant="int8"), "int8"),
     ],

@@ -178,8 +178,13 @@ def test_seam_simulates_zero_plans():
     offload = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero2", cpu_offload=True))
     assert offload is not None  # ZeRO-Offload: simulated, its partitions on the host
     assert offload.peak_allocated_bytes["default"] < simulation.peak_allocated_bytes["default"]
-    # the rules: int8 weights under ZeRO-3
-    assert seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="int8")) is None
+    # int8 weights under ZeRO-3: simulated as well, the trace replayed
+    from vramcalc.memory.worldreplay import replay
+
+    int8 = seam_simulation("tiny", TINY_LLAMA, plan(strategy="zero3", quant="int8"))
+    replayed = replay(traced(strategy="zero3", quant="int8"))
+    assert int8.peak_allocated_bytes["default"] == replayed.peak_allocated_bytes
+    assert int8.peak_reserved_bytes["default"] == replayed.peak_reserved_bytes
 
 
 def test_zero_without_deepspeed_is_an_error_naming_the_install_and_the_way_out(monkeypatch):
@@ -291,6 +296,41 @@ def test_zero3_qlora_keeps_each_gathered_4bit_weight_until_its_backward():
 
     assert gathered_alive(trace) == PACKED_4BIT
     assert gathered_alive(traced(strategy="zero3")) == {}
+
+
+#: an int8 weight (bitsandbytes' Int8Params): numel bytes; k, v 64x32, q, o 64x64, MLP 64x128
+INT8 = {64 * 32: 2 * 2, 64 * 64: 2 * 2, 64 * 128: 2 * 3}
+
+
+def test_zero3_int8_keeps_each_loaded_weight_beside_its_partition_and_drops_each_gathered_one():
+    """int8 weights load whole without zero.Init, as 4-bit ones. bitsandbytes'
+    ``Int8Params._quantize`` makes the weight's data and its ``CB`` one tensor, and an
+    attribute is not what ZeRO-3 partitions: after deepspeed.initialize rank 0 holds every
+    loaded int8 weight (``CB``) and its int8 half (the partition). In forward ZeRO-3 gathers
+    each weight whole in int8 on the all-gather stream, and ``Linear8bitLt.forward`` (which
+    multiplies with ``state.CB``) then sets ``weight.data = state.CB``: no gathered weight is
+    left at the end of the forward (an H100's allocator trace, probe_zeroint8_2026-12-07)."""
+    trace = traced(strategy="zero3", quant="int8")
+    at = dict(trace.markers)
+
+    def live(stop: str) -> collections.Counter:
+        alive: dict[int, tuple[str, int, int]] = {}
+        for index in range(at[stop]):
+            op, handle, nbytes = trace.events[index]
+            if op == ALLOC:
+                alive[handle] = (trace.labels[index], nbytes, trace.streams[index])
+            elif op == FREE:
+                alive.pop(handle, None)
+        return collections.Counter(alive.values())
+
+    wrapped = live("step0")
+    for numel, count in INT8.items():
+        assert wrapped[("load", numel, 0)] == count  # CB: the weight as loaded, whole
+        assert wrapped[("empty", numel // 2, 0)] == count  # rank 0's int8 partition
+    side = labelled(trace, "step0", "step0_backward0")
+    for numel, count in INT8.items():
+        assert side[("empty", numel)] == count  # each gathered whole, in int8
+    assert not [key for key in live("step0_backward0") if key[2] != 0]
 
 
 def test_zero3_gathers_each_weight_whole_on_its_allgather_stream():

@@ -36,8 +36,7 @@ accelerate configures them with ``auto`` values):
 These rules answer ``--allocator-model approximate``. With the default (``simulate``),
 multi-GPU plans are traced instead (``memory/worldsim.py``): FSDP1 and DDP, and DeepSpeed
 ZeRO-1/2/3 with DeepSpeed's own code (``trace/zerotrace.py``, deepspeed installed;
-ZeRO-Offload, ``--cpu-offload``, and 4-bit ZeRO-3 included); the ZeRO rules still answer
-int8 ZeRO-3 plans, which the trace does not run.
+ZeRO-Offload, ``--cpu-offload``, and 4-bit and int8 ZeRO-3 included).
 """
 
 from __future__ import annotations

@@ -133,8 +133,9 @@ def vocab_size(config_dict: dict) -> int | None:
 # -- one plan, cached ------------------------------------------------------------------------
 #: bump when the trace or the load layout changes what a simulation returns
 #: (12: an unrolled model's parameters loaded layer by layer, as the model lists them;
-#: 13: the cuBLAS workspace after its first matmul's output)
-SIMULATION_VERSION = 13
+#: 13: the cuBLAS workspace after its first matmul's output; 14: MatMul8bitLt frees its int32
+#: result after its conversion to A's dtype)
+SIMULATION_VERSION = 14
 #: optimizer steps simulated: the first creates the optimizer states; segments stop growing
 #: by the second or third (every traced H200 run: peaks reached within three steps)
 SIMULATED_STEPS = 3

@@ -2,14 +2,13 @@
 
 ``simulate_world`` is ``memory/slack.py::simulate_plan`` for ``num_gpus > 1`` plans that
 ``trace/worldtrace.py`` traces (FSDP1 ``fsdp`` / ``fsdp-grad-op``, with or without CPU
-offload; DDP; DeepSpeed ZeRO-1/2/3 with or without ZeRO-Offload, ZeRO-3 with 16-bit or 4-bit
-weights: DeepSpeed's own code, ``trace/zerotrace.py``): it returns the same ``AllocatorSimulation``
-(peak allocated, peak reserved per allocator mode), so
+offload; DDP; DeepSpeed ZeRO-1/2/3 with or without ZeRO-Offload, ZeRO-3 with 16-bit, 4-bit or
+int8 weights: DeepSpeed's own code, ``trace/zerotrace.py``): it returns the same
+``AllocatorSimulation`` (peak allocated, peak reserved per allocator mode), so
 ``estimate_from_inventory(simulation=...)`` takes it as it takes a single-GPU one;
 ``seam_simulation`` is what the estimator's seam (``estimate.Prepared.simulation``) asks for
-a multi-GPU plan: the world simulation, None for int8 ZeRO-3 (rule-based, ``ZERO_REASON``;
-``simulates_world``), ``SimulationError`` for a plan the world trace cannot
-run (a ZeRO plan without deepspeed installed among them: ``pip install deepspeed``).
+a multi-GPU plan: the world simulation, or ``SimulationError`` for a plan the world trace
+cannot run (a ZeRO plan without deepspeed installed among them: ``pip install deepspeed``).
 ``world_device_total_bytes`` composes nvidia-smi's figure as the estimator does, with NCCL's
 buffers by rule (``memory/nccl.py``) unless the plan ran in a simulated (fake) world.
 """
@@ -45,31 +44,28 @@ from vramcalc.trace.worldtrace import (
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the world trace or its replay changes what an FSDP / DDP simulation returns (6:
-#: the cuBLAS workspace after its first matmul's output)
-WORLD_SIMULATION_VERSION = 6
+#: the cuBLAS workspace after its first matmul's output; 7: int8 weights as Int8Params, int8
+#: with their CB, and MatMul8bitLt freeing its int32 result after its conversion)
+WORLD_SIMULATION_VERSION = 7
 #: the same for ZeRO plans, whose traces run DeepSpeed's code (1: first traced; 2: Trainer's two
 #: parameter groups; 3: ZeRO-3 traces DeepSpeed's memory-efficient F.linear; 4: ZeRO-Offload
 #: traced, host and device told apart by device; 5: 4-bit ZeRO-3 traced, loaded without
-#: zero.Init, bitsandbytes' MatMul4Bit keeping a view of the gathered weight); apart, so that a
-#: ZeRO change does not throw away the FSDP / DDP simulations cached on users' disks
-ZERO_SIMULATION_VERSION = 5
-#: why an int8 ZeRO-3 plan's peaks are the rules' (``MemoryEstimate`` assumptions)
-ZERO_REASON = (
-    "int8 weights under ZeRO-3 (DeepSpeed) are not simulated: the world trace runs ZeRO-3 "
-    "with 16-bit or 4-bit weights only, so its per-GPU bytes are memory/distributed.py's rules"
-)
+#: zero.Init, bitsandbytes' MatMul4Bit keeping a view of the gathered weight; 6: int8 ZeRO-3
+#: traced (Int8Params' CB kept whole, Linear8bitLt dropping the gathered weight), peft's
+#: lora.bnb forward reading lora_A.weight outside autocast, MatMul8bitLt freeing its int32
+#: result after its conversion); apart, so that a ZeRO change does not throw away the FSDP /
+#: DDP simulations cached on users' disks
+ZERO_SIMULATION_VERSION = 6
 
 
 def simulates_world(plan: TrainingPlan) -> bool:
-    """Whether the world trace answers this multi-GPU plan (else the rules, ``ZERO_REASON``):
-    FSDP1, DDP, and ZeRO-1/2/3, ZeRO-Offload included (``offload_optimizer`` /
-    ``offload_param``: DeepSpeed's host partitions are told from the fake GPU by device,
-    ``trace/worldrecorder.py``), ZeRO-3 with 16-bit or 4-bit weights (4-bit ones load
+    """Whether the world trace answers this multi-GPU plan: every strategy it knows, FSDP1,
+    DDP, and ZeRO-1/2/3, ZeRO-Offload included (``offload_optimizer`` / ``offload_param``:
+    DeepSpeed's host partitions are told from the fake GPU by device,
+    ``trace/worldrecorder.py``), ZeRO-3 with 16-bit, 4-bit or int8 weights (k-bit ones load
     without ``zero.Init`` and are partitioned by ``deepspeed.initialize``:
-    ``zerotrace.loads_in_zero_init``); not int8 weights under ZeRO-3 (bitsandbytes'
-    ``Int8Params`` partitioned by ZeRO: not traced, no measurement)."""
-    if plan.strategy in ZERO:
-        return not (plan.strategy == "zero3" and plan.quant == "int8")
+    ``zerotrace.loads_in_zero_init``; int8 ones keep their whole weight in bitsandbytes'
+    ``CB``: ``trace/worldlayers.py``)."""
     return plan.strategy in WORLD_STRATEGIES
 
 
@@ -129,16 +125,12 @@ def simulate_world(
     return simulation
 
 
-def seam_simulation(
-    model_name: str, config_dict: dict, plan: TrainingPlan
-) -> AllocatorSimulation | None:
+def seam_simulation(model_name: str, config_dict: dict, plan: TrainingPlan) -> AllocatorSimulation:
     """A multi-GPU plan's simulation for the estimator: FSDP1 (``fsdp``, ``fsdp-grad-op``), DDP
-    and ZeRO plans simulated (``simulate_world``); int8 ZeRO-3 plans None
-    (the rules, ``ZERO_REASON``); a plan the world trace refuses (FSDP cannot shard bitsandbytes'
-    int8 weights; ZeRO without deepspeed installed) or fails on is a ``SimulationError``
-    naming ``--allocator-model approximate``: no answer is silently approximated."""
-    if not simulates_world(plan):
-        return None
+    and ZeRO plans simulated (``simulate_world``); a plan the world trace refuses (FSDP cannot
+    shard bitsandbytes' int8 weights; ZeRO without deepspeed installed) or fails on is a
+    ``SimulationError`` naming ``--allocator-model approximate``: no answer is silently
+    approximated."""
     way_out = "--allocator-model approximate gives the rule-based estimate instead"
     try:
         check_world_plan(plan)

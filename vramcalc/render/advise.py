@@ -74,8 +74,7 @@ def render_advice(advice: Advice) -> str:
     if approximate:
         lines.append(
             "  * approximate: a calibrated fraction for the allocator's slack, not a simulated "
-            "run (an int8 ZeRO-3 plan, which the simulated world does not run, "
-            "or --allocator-model approximate)"
+            "run (--allocator-model approximate)"
         )
     options = [base, *(c.option for c in advice.changes), *(c.option for c in advice.combinations)]
     if any(o.plan.num_gpus > 1 and o.tokens_per_second for o in options):

@@ -58,9 +58,12 @@ class _MatMul8bitLtLike(torch.autograd.Function):
 
     forward: ``A.to(fp16)``; its quantization (int8 ``CA``, fp32 row stats, the
     ``abs() >= 6`` outlier mask); with outliers ``subA = A[:, cols]`` and the dequantized
-    weight columns; the int32 GEMM result, its fp16 dequantization and ``.to(A.dtype)``;
-    with outliers the autocast ``addmm`` adding them back (bf16 result). Keeps ``A`` and
-    ``subA`` on ``ctx`` (not ``save_for_backward``: checkpointing cannot free them).
+    weight columns; the int32 GEMM result, its fp16 dequantization and ``.to(A.dtype)``,
+    made while the int32 result is still held (``int8_scaled_mm`` keeps ``out_i32`` until
+    ``int8_mm_dequant`` returns the converted tensor: the fp16 one is freed first, then the
+    int32 one, as an H100's allocator trace shows, ``probe_zeroint8_2026-12-07``); with
+    outliers the autocast ``addmm`` adding them back (bf16 result). Keeps ``A`` and ``subA``
+    on ``ctx`` (not ``save_for_backward``: checkpointing cannot free them).
     backward: the weight dequantized to A's dtype (``CB.to(dtype_A, copy=True)``), the
     gradient cast to A's dtype, their product.
     """
@@ -86,9 +89,8 @@ class _MatMul8bitLtLike(torch.autograd.Function):
             del sub_cb
         out32 = a.new_empty((tokens, n), dtype=torch.int32)
         out16 = a.new_empty((tokens, n), dtype=torch.float16)
-        del out32
-        out = out16.to(a.dtype)
-        del out16
+        out = out16.to(a.dtype)  # int8_mm_dequant's return, int8_scaled_mm's out_i32 held
+        del out16, out32
         if c:  # output.addmm(subA, subB) under autocast: bf16 operands and result
             casts = (out.to(torch.bfloat16), sub_a.to(torch.bfloat16), sub_b.to(torch.bfloat16))
             result = a.new_empty((tokens, n), dtype=torch.bfloat16)
@@ -129,13 +131,28 @@ class Emulated8bit(torch.nn.Linear):
 
 
 def bnb_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft lora.bnb.Linear4bit/8bitLt.forward under CUDA autocast (no input cast)."""
+    """peft 0.21 ``lora.bnb.Linear4bit`` / ``Linear8bitLt.forward`` (vanilla LoRA): the base
+    layer (4-bit: its result cloned), then each adapter. Outside autocast (DeepSpeed runs
+    none) peft casts the input to ``lora_A.weight``'s dtype and the adapter's output back to
+    the result's: reading ``lora_A.weight`` there is, under ZeRO-3, DeepSpeed's
+    ``ZeROOrderedDict.__getitem__``, which gathers the weight at once (on the current
+    stream) and registers it as an external parameter of the running module
+    (``parameter_offload.py`` 79-91)."""
     result = self.base_layer(x, *args, **kwargs)
     if isinstance(self.base_layer, Emulated4bit):
         result = result.clone()
     for name in self.active_adapters:
+        if name not in self.lora_A:  # peft: self.lora_A.keys()
+            continue
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        result = result + lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        requires_conversion = not torch.is_autocast_enabled()
+        if requires_conversion:
+            expected_dtype = result.dtype
+            x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        output = lora_b(lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+        if requires_conversion:
+            output = output.to(expected_dtype)
+        result = result + output
     return result
 
 

@@ -50,8 +50,9 @@ from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
 
 #: bump when the trace, the decoding or the stored format changes
-RECIPE_VERSION = 6  # 4: a marker where each backward pass starts; 5: AdaLoRA traced 3 steps;
-# 6: the cuBLAS workspace allocated after its first matmul's output
+RECIPE_VERSION = 7  # 4: a marker where each backward pass starts; 5: AdaLoRA traced 3 steps;
+# 6: the cuBLAS workspace allocated after its first matmul's output; 7: MatMul8bitLt frees its
+# int32 result after its conversion to A's dtype
 
 
 MAX_TRACED_MICRO_BATCHES = 3  # more repeat the third (repeat.repeat_micro)

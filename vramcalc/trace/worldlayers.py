@@ -1,9 +1,11 @@
-"""bitsandbytes 4-bit layers as a multi-GPU rank holds them: the packed weight is the parameter.
+"""bitsandbytes' k-bit layers as a multi-GPU rank holds them: the parameter bitsandbytes makes.
 
-``memory/emulation.py``'s ``Emulated4bit`` keeps a full-shape weight, which the
-single-GPU trace never copies (its load layout sizes the packed storage). FSDP
-flattens, shards and all-gathers the parameter itself, so here it has the shape
-bitsandbytes gives it: ``quantize_4bit(A, quant_storage=...)`` packs two 4-bit
+``trace/emulation.py``'s ``Emulated4bit`` / ``Emulated8bit`` keep a full-shape bf16 weight,
+which the single-GPU trace never copies (its load layout sizes the quantized storage). FSDP
+and ZeRO-3 flatten, partition and gather the parameter itself, so here it has the shape and
+dtype bitsandbytes gives it.
+
+4-bit: ``quantize_4bit(A, quant_storage=...)`` packs two 4-bit
 values per byte into ``((numel + 1) // (2 * itemsize), 1)`` elements of the storage
 dtype (``bnb_4bit_quant_storage``: the plan's dtype under FSDP and ZeRO-3, uint8
 otherwise). ``Packed4bit`` computes as ``MatMul4Bit`` does (bitsandbytes 0.50.2
@@ -16,6 +18,20 @@ but ZeRO-3 releases a gathered weight by swapping ``param.data`` for an empty te
 under ZeRO-3 every 4-bit weight gathered in forward stays allocated until its backward.
 The quantization state (absmax, codes) is not a parameter: it stays on every GPU,
 unsharded (``memory/worldload.py`` allocates it).
+
+int8 (``Int8Linear``): ``Int8Params`` is an int8 ``(out, in)`` parameter, and
+``Int8Params._quantize`` makes its data and its ``CB`` attribute the same tensor
+(``nn/modules.py`` 742-746; ``worldload.py`` sets ``CB`` at the load). An attribute is
+not what ZeRO-3 partitions: ``deepspeed.initialize`` gives the parameter an int8 partition
+and an empty ``data``, while ``CB`` keeps the whole weight as loaded. ``Linear8bitLt.forward``
+(1180-1194) moves ``weight.CB`` to ``state.CB`` on its first call (``init_8bit_state``),
+multiplies with ``state.CB`` and ``state.SCB`` (``MatMul8bitLt``: the gathered weight is not
+read), and then sets ``weight.data = state.CB``: the weight ZeRO-3 gathered for the forward
+is dropped at once, and a parameter ZeRO-3 keeps gathered costs nothing more. So under ZeRO-3
+rank 0 holds every int8 weight whole (``state.CB``) besides its partition, and a gathered
+int8 weight lives only through its own forward. Seen on an H100
+(``data/measurements/probe_zeroint8_2026-12-07``, README). Elsewhere (DDP, ZeRO-1/2) nothing
+swaps the parameter's data, and ``CB`` is the parameter's own storage.
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vramcalc.trace.emulation import Emulated4bit
+from vramcalc.trace.emulation import Emulated4bit, Emulated8bit
 
 
 class _DequantizeMatMul(torch.autograd.Function):
@@ -75,3 +91,34 @@ def pack_4bit(model: Any, storage_dtype: torch.dtype) -> None:
         weight._vramcalc_kbit = True  # type: ignore[attr-defined]
         module.weight = weight
         module.__class__ = Packed4bit
+
+
+class Int8Linear(Emulated8bit):
+    """``Linear8bitLt`` whose ``weight`` is an int8 ``Int8Params`` with its ``CB`` (module
+    docstring); ``state_cb`` is ``Linear8bitLt.state.CB``."""
+
+    state_cb: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if getattr(weight, "CB", None) is not None:  # init_8bit_state
+            self.state_cb, weight.CB = weight.CB, None  # type: ignore[attr-defined]
+        out = super().forward(x)  # MatMul8bitLt: reads the weight's shape only (state.CB's)
+        if self.state_cb is not None:
+            weight.data = self.state_cb  # the gathered weight, if any, is dropped
+        return out
+
+
+def int8_params(model: Any) -> None:
+    """Give every ``Emulated8bit`` of the meta model an int8 ``(out, in)`` weight (in place);
+    its ``CB`` is set where it is loaded (``worldload.py``)."""
+    for module in model.modules():
+        if type(module) is not Emulated8bit:
+            continue
+        weight = torch.nn.Parameter(
+            torch.empty((module.out_features, module.in_features), dtype=torch.int8, device="meta"),
+            requires_grad=False,
+        )
+        weight._vramcalc_kbit = True  # type: ignore[attr-defined]
+        module.weight = weight
+        module.__class__ = Int8Linear

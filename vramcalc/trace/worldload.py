@@ -65,6 +65,7 @@ def _quantize(
     if plan.quant == "int8":
         fp16 = recorder.alloc_bytes(2 * numel)
         recorder.bind(param, recorder.alloc_bytes(numel), numel, recorder.layer)  # CB, int8
+        param.CB = param.data  # Int8Params: data and CB one tensor (trace/worldlayers.py)
         rows = int(param.shape[0]) if param.dim() == 2 else 1
         recorder.alloc_bytes(4 * rows)  # SCB, fp32 per output row
         recorder.free_handle(fp16)

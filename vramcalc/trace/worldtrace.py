@@ -8,9 +8,10 @@ were measured the same way: rank 0 of an N-rank world on torch's fake process gr
 (``harness/simworld.py``). In order:
 
 1. the model the harness loads (``fakemodel.build_model``: transformers + peft on the
-   meta device, k-bit layers emulated), 4-bit weights packed as bitsandbytes stores them
-   (``memory/worldlayers.py``: in the plan's dtype under FSDP, ``bnb_4bit_quant_storage``,
-   and no fp32 upcast), as fake tensors;
+   meta device, k-bit layers emulated), k-bit weights as bitsandbytes stores them
+   (``trace/worldlayers.py``: 4-bit ones packed, in the plan's dtype under FSDP,
+   ``bnb_4bit_quant_storage``, and no fp32 upcast; int8 ones int8, with their ``CB``), as
+   fake tensors;
 2. loading (``memory/worldload.py``), laid out as rank 0 really does it: FSDP with 16-bit
    weights loads on the CPU (accelerate's ``cpu_ram_efficient_loading``: nothing on the
    GPU); otherwise a ``device_map`` load whose ``caching_allocator_warmup`` counts the
@@ -33,10 +34,9 @@ streams that tag allocations, ``record_stream``, host waits at ``synchronize`` a
 ``.item()``); ZeRO traces are not unrolled (every decoder layer is traced: ZeRO's flat
 buffers and buckets are the whole model's). ZeRO-Offload (``cpu_offload``) traces with the
 fake GPU on ``cpu:0``, so that DeepSpeed's host (``"cpu"``) partitions stay off the device
-(``WorldRecorder.split_devices``); 4-bit weights under ZeRO-3 load with a ``device_map``
-(no ``zero.Init``) and are partitioned by ``deepspeed.initialize``. Not traced: int8 weights
-under ZeRO-3 (``check_world_plan`` refuses them; the estimator takes the rules,
-``memory/distributed.py``).
+(``WorldRecorder.split_devices``); k-bit weights under ZeRO-3 load with a ``device_map``
+(no ``zero.Init``) and are partitioned by ``deepspeed.initialize``, int8 ones as bitsandbytes'
+``Int8Params`` whose ``CB`` keeps the whole weight (``trace/worldlayers.py``).
 
 FSDP1 runs its real code on CPU fake tensors: ``memory/fsdpfake.py`` patches only the
 places where a CPU run differs from a CUDA one (device handle and streams, storage
@@ -68,9 +68,6 @@ Modelled by rule, not traced
   them yet: the fake world has none).
 * DDP's Reducer (re-expressed from ``reducer.cpp``, above).
 * Pinned host memory (CPU offload) is host memory: not on the GPU, not counted.
-* int8 ZeRO-3 (DeepSpeed) does not run in the fake world: it stays rule-based
-  (``memory/distributed.py``); ``check_world_plan`` refuses it, and every ZeRO plan when
-  deepspeed is not installed.
 
 Not modelled
 ------------
@@ -78,6 +75,8 @@ Not modelled
   reusable at once (the GPU keeps up with the host); ``replay(..., gpu_bound=True)``
   holds it until a host wait passes it (FSDP's rate limiter, a synchronize).
 * The other ranks (uneven last shards), real collectives' overlap, NVLink SHARP.
+* A ZeRO plan where deepspeed is not installed: ``check_world_plan`` refuses it (no rule
+  stands in for DeepSpeed's code).
 
 Sources: DeepSpeed 0.19.8 (``trace/zerotrace.py``), torch 2.13 ``torch/distributed/fsdp/`` (``_init_utils``, ``_flat_param``,
 ``_runtime_utils``), ``torch/csrc/distributed/c10d/reducer.cpp``, accelerate 1.16
@@ -165,8 +164,6 @@ def check_world_plan(plan: TrainingPlan) -> None:
             f"strategy {plan.strategy} runs DeepSpeed's own ZeRO code, and deepspeed is not "
             f"installed: {DEEPSPEED_HINT}"
         )
-    if plan.strategy == "zero3" and plan.quant == "int8":
-        problems.append(f"quant {plan.quant} under zero3: int8 weights under ZeRO-3 are not traced")
     if plan.strategy in SHARDED and plan.quant == "int8":
         problems.append("quant int8 cannot be sharded by FSDP (bitsandbytes' Int8Params)")
     if problems:
@@ -175,15 +172,18 @@ def check_world_plan(plan: TrainingPlan) -> None:
 
 # -- the model ---------------------------------------------------------------------------------
 def build_world_model(config_dict: dict[str, Any], plan: TrainingPlan, num_layers: int | None):  # type: ignore[no-untyped-def]
-    """The harness's model on the meta device, 4-bit weights packed as bitsandbytes stores
-    them (``(numel + 1) // (2 * itemsize)`` rows of 1): in the plan's dtype under FSDP and
-    ZeRO-3 (``bnb_4bit_quant_storage``: ``skips_kbit_upcast``), uint8 otherwise."""
+    """The harness's model on the meta device, k-bit weights as bitsandbytes stores them
+    (``trace/worldlayers.py``): 4-bit ones packed (``(numel + 1) // (2 * itemsize)`` rows of 1)
+    in the plan's dtype under FSDP and ZeRO-3 (``bnb_4bit_quant_storage``:
+    ``skips_kbit_upcast``), uint8 otherwise; int8 ones as ``Int8Params``, int8 ``(out, in)``."""
     import torch
 
-    from vramcalc.trace.worldlayers import pack_4bit  # torch: only when a trace runs
+    from vramcalc.trace.worldlayers import int8_params, pack_4bit  # torch: only when a trace runs
 
     model = build_model(config_dict, plan, num_layers)
-    if plan.is_kbit and plan.quant != "int8":
+    if plan.quant == "int8":
+        int8_params(model)
+    elif plan.is_kbit:
         if skips_kbit_upcast(plan):  # FSDP, ZeRO-3: bnb_4bit_quant_storage = the plan's dtype
             storage = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
         else:

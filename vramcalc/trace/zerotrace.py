@@ -55,21 +55,26 @@ parameters stay on the GPU) and each gather copies rank 0's partition to the GPU
 (``ds_tensor.to(current_device_name())``: 1359-1360 for a bucket, 1396 for one parameter) on
 the all-gather stream; its optimizer's fp32 partitions and gradients are the host's.
 
-4-bit weights under ZeRO-3 (QLoRA; the harness stores them as bf16,
-``bnb_4bit_quant_storage``, and skips ``prepare_model_for_kbit_training``): transformers loads
-a quantized model without ``zero.Init`` and bitsandbytes' quantizer gives it the GPU as
-``device_map`` (``loads_in_zero_init``), so the whole model, quantization state included, is
-on the GPU after the load; ``deepspeed.initialize`` then partitions every parameter, the
-packed 4-bit weights among them (``parameter_offload.py`` 258-279), while the quantization
-state, not a parameter, stays whole; its ``Init(module=...)`` replaces ``F.linear`` with
-DeepSpeed's memory-efficient one from then on (``memory_efficient_linear``: the bf16 head's
-forward and backward). bitsandbytes' ``MatMul4Bit`` keeps
+k-bit weights under ZeRO-3 (QLoRA: the harness stores 4-bit ones as bf16,
+``bnb_4bit_quant_storage``; int8 LoRA; both skip ``prepare_model_for_kbit_training``):
+transformers loads a quantized model without ``zero.Init`` and bitsandbytes' quantizer gives it
+the GPU as ``device_map`` (``loads_in_zero_init``), so the whole model, quantization state
+included, is on the GPU after the load; ``deepspeed.initialize`` then partitions every
+parameter, the quantized weights among them (``parameter_offload.py`` 258-279), while the
+quantization state, not a parameter, stays whole; its ``Init(module=...)`` replaces
+``F.linear`` with DeepSpeed's memory-efficient one from then on (``memory_efficient_linear``:
+the bf16 head's forward and backward, the adapters'). bitsandbytes' ``MatMul4Bit`` keeps
 ``B.view(-1, 1)`` of the gathered weight on its context for backward
 (``autograd/_functions.py`` 321, 358): when ZeRO-3 releases the weight (``param.data``
 swapped for an empty tensor, ``partition_parameters.py`` 329) the view keeps the gathered
-storage until that linear's backward (``trace/worldlayers.py``). Not traced: int8 weights
-under ZeRO-3 (rule-based, ``memory/distributed.py``; no measurement). Transformers
-initializes under a gather only the weights a checkpoint lacks
+storage until that linear's backward. An int8 weight is the other way round: its int8
+partition is made, but ``Int8Params.CB`` keeps the whole weight as loaded, and
+``Linear8bitLt.forward`` computes with it and then points ``weight.data`` at it, dropping the
+weight ZeRO-3 gathered as soon as its forward is done (``trace/worldlayers.py``; an H100's
+allocator trace with Python stacks shows both, ``data/measurements/probe_zeroint8_2026-12-07``).
+With no autocast, peft's ``lora.bnb`` forward reads ``lora_A.weight`` before calling the
+adapter, which ZeRO-3 answers with a gather of it at once (``emulation.bnb_lora_forward``).
+Transformers initializes under a gather only the weights a checkpoint lacks
 (``_initialize_missing_keys``): none here.
 
 Sources: DeepSpeed 0.19.8 ``runtime/engine.py``, ``runtime/zero/stage_1_and_2.py``,

@@ -277,3 +277,25 @@ def test_compare_groups_and_summaries():
     s = summarize(rows, "e")
     assert (s["n"], s["max_abs"], s["worst_under"]) == (4, 0.05, 0.05)
     assert s["median_abs"] == pytest.approx(0.015)
+
+
+def test_a_world_trace_notes_each_layer_it_traces():
+    """The progress note names the step, the pass and the layer (a ZeRO trace runs every
+    layer: minutes for a large model); noting changes nothing in the trace."""
+    from vramcalc import progress
+    from vramcalc.trace.worldtrace import trace_world
+
+    notes: list[str] = []
+    with progress.reporting(notes.append):
+        trace = trace_world(TINY_LLAMA, plan(strategy="ddp"))
+    head = "tracing rank 0 of a 2-GPU ddp run of tiny LoRA on fake tensors: "
+    layers = [n.removeprefix(head) for n in notes if n.startswith(head)]
+    # 3 steps, each layer's forward and (checkpointing) its recomputation in backward
+    assert layers[:4] == [
+        "step 1 of 3, forward, layer 1 of 2",
+        "step 1 of 3, forward, layer 2 of 2",
+        "step 1 of 3, backward, layer 2 of 2",
+        "step 1 of 3, backward, layer 1 of 2",
+    ]
+    assert len(layers) == 3 * 4 and layers[-1] == "step 3 of 3, backward, layer 1 of 2"
+    assert trace == traced(strategy="ddp")

@@ -55,11 +55,13 @@ SHORT = {
 
 def group_of(record: dict[str, Any]) -> str:
     """The issue's groups: model and method under FSDP, offload, grad-op, full FSDP, DDP;
-    ZeRO by stage and method."""
+    ZeRO by stage and method (an int8 base named: "ZeRO-3 int8 LoRA")."""
     model = SHORT.get(record["model"], record["model"])
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}.get(
         record["method"], record["method"]
     )
+    if record.get("quant") == "int8":  # QLoRA names its 4-bit base; LoRA on int8 says so
+        method = f"int8 {method}"
     if record["strategy"] == "ddp":
         return "DDP"
     if record["strategy"].startswith("zero"):

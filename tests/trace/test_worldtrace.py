@@ -271,6 +271,8 @@ def test_compare_groups_and_summaries():
     assert group_of({**base, "cpu_offload": True}) == "FSDP + CPU offload"
     assert group_of({**base, "strategy": "ddp"}) == "DDP"
     assert group_of({**base, "strategy": "zero3"}) == "ZeRO-3 QLoRA"
+    int8 = {**base, "strategy": "zero3", "method": "lora", "quant": "int8"}
+    assert group_of(int8) == "ZeRO-3 int8 LoRA"
     zero2_offload = {**base, "strategy": "zero2", "method": "lora", "cpu_offload": True}
     assert group_of(zero2_offload) == "ZeRO-2 LoRA + CPU offload"
     rows = [{"e": e} for e in (0.01, -0.05, 0.02, 0.0)]

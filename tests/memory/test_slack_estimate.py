@@ -225,7 +225,7 @@ def test_the_zero_evidence_lines_quote_the_committed_world_report():
     rows = [r for r in csv.DictReader(report.open()) if r["strategy"].startswith("zero")]
     simulated = [r for r in rows if r["world_simulated"] == "True"]
     assert simulated == rows
-    assert any(r["group"] == "ZeRO-3 LoRA" and r["case_id"] == "7f23c407cdd50e38" for r in rows)
+    assert "7f23c407cdd50e38" in {r["case_id"] for r in rows}  # int8 LoRA under ZeRO-3
     total = [100 * float(r["world_error_device_total_bytes"]) for r in simulated]
     allocated = [100 * abs(float(r["world_error_peak_allocated_bytes"])) for r in simulated]
     quoted = re.search(r"against (\d+) simulated-world .* within \+([\d.]+) / -([\d.]+) %, "

@@ -100,6 +100,7 @@ from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.trace.events import UnrollError, WorldTrace
 from vramcalc.trace.fakemodel import build_model, to_fake
 from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
+from vramcalc.trace.layerprogress import announce_layers
 from vramcalc.trace.steptrace import (
     backward,
     config_layers,
@@ -460,42 +461,6 @@ def _trace(
         recorder.stopped = True  # what is freed after the last step cannot raise a peak
         del optimizer, params, wrapped
     return _world_trace(recorder, num_decoder_layers, wrapper)
-
-
-@contextlib.contextmanager
-def announce_layers(
-    model: Any, recorder: WorldRecorder, plan: TrainingPlan, model_layers: int, steps: int
-) -> Iterator[None]:
-    """A progress note as each decoder layer's forward starts (its recomputation in backward
-    too): the step, the pass and the layer, e.g. "tracing rank 0 of a 2-GPU zero3 run of
-    Llama-2-13b LoRA on fake tensors: step 1 of 2, backward, layer 12 of 40". A ZeRO trace
-    runs every layer and can take minutes. The hooks only note: the trace is the same."""
-    from vramcalc import progress
-
-    layers = decoder_layers(model)
-    what = progress.describe(plan.model, plan.method, plan.quant)
-    head = f"tracing rank 0 of a {plan.num_gpus}-GPU {plan.strategy} run of {what} on fake tensors"
-    unrolled = f", unrolled to {model_layers}" if model_layers > len(layers) else ""
-
-    def hook(index: int) -> Any:
-        def pre_forward(module: Any, args: Any) -> None:
-            label = recorder.markers[-1][0] if recorder.markers else ""
-            step, _, phase = label.removeprefix("step").partition("_")
-            where = (
-                f"step {int(step) + 1} of {steps}, {phase.rstrip('0123456789') or 'forward'}"
-                if step.isdigit()
-                else "loading"
-            )
-            progress.note(f"{head}: {where}, layer {index + 1} of {len(layers)}{unrolled}")
-
-        return pre_forward
-
-    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _world_trace(recorder: WorldRecorder, num_decoder_layers: int, wrapper: str) -> WorldTrace:

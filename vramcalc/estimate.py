@@ -521,13 +521,13 @@ MULTI_GPU_EVIDENCE = (
 )
 ZERO_EVIDENCE = (
     "per-GPU memory of DeepSpeed ZeRO plans simulated with DeepSpeed's own code (rank 0 traced "
-    "under torch's fake process group, trace/zerotrace.py) and checked against 33 "
+    "under torch's fake process group, trace/zerotrace.py) and checked against 36 "
     "simulated-world measurements on an H100 (rank 0 of 2 to 8 ranks running DeepSpeed 0.19.8 "
     "on the fake process group: data/measurements/h100_zero_2026-12-06.jsonl, 8 of them "
-    "held out (h100_zerohold_2026-12-06.jsonl), 4 of int8 LoRA under ZeRO-3 "
-    "(h100_zeroint8*_2026-12-06.jsonl); reports/world_memory.md): ZeRO-1/2/3, ZeRO-Offload, "
+    "held out (h100_zerohold_2026-12-06.jsonl), 7 of int8 LoRA under ZeRO-3, 3 of them held "
+    "out (h100_zeroint8*_2026-12-06.jsonl); reports/world_memory.md): ZeRO-1/2/3, ZeRO-Offload, "
     "LoRA, QLoRA and int8 LoRA (ZeRO-3 too), full fine-tuning, gradient accumulation, device "
-    "total within +1.0 / -2.3 %, peak allocated within 0.08 %; not yet against a real "
+    "total within +1.0 / -2.3 %, peak allocated within 0.2 %; not yet against a real "
     "multi-GPU run"
 )
 

@@ -3,7 +3,8 @@
 For every ok record of a simulated world (``simulated_world_size``; by default
 ``data/measurements/h100_world_2026-12-06.jsonl``, ``h100_world2_2026-12-06.jsonl``,
 ``h100_zero_2026-12-06.jsonl``, ``h100_zerohold_2026-12-06.jsonl``,
-``h100_zeroint8_2026-12-06.jsonl`` and ``h100_zeroint8trace_2026-12-06.jsonl``): the measured peak allocated, peak reserved and device
+``h100_zeroint8_2026-12-06.jsonl``, ``h100_zeroint8trace_2026-12-06.jsonl`` and
+``h100_zeroint8hold_2026-12-06.jsonl``): the measured peak allocated, peak reserved and device
 total; the rules' estimate (``prepare(...).estimate(plan, "approximate")``:
 ``memory/distributed.py`` + the calibrated slack, without NCCL's buffers); and the world
 trace (``memory/worldsim.py``, what the estimator answers a multi-GPU FSDP1 / DDP / ZeRO
@@ -43,6 +44,7 @@ DEFAULT_RECORDS = (
     MEASUREMENTS_DIR / "h100_zerohold_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zeroint8_2026-12-06.jsonl",
     MEASUREMENTS_DIR / "h100_zeroint8trace_2026-12-06.jsonl",
+    MEASUREMENTS_DIR / "h100_zeroint8hold_2026-12-06.jsonl",
 )
 METRICS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 SHORT = {

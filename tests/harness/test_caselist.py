@@ -361,3 +361,30 @@ def test_int8_zero3_list_is_validation_and_the_two_int8_zero3_plans():
     assert [c.plan.cpu_offload for c in cases] == [False, True]
     before = load_cases(ZERO) + load_cases(CASE_LIST.with_name("h100_zerohold.yaml"))
     assert not {c.case_id for c in cases} & {c.case_id for c in before}
+
+
+def test_int8_zero3_trace_list_is_the_two_int8_plans_again_with_their_traces():
+    """h100_zeroint8trace.yaml measures h100_zeroint8.yaml's two plans again with the
+    allocator's trace (to find what the world trace got wrong): only the trace flag differs."""
+    from dataclasses import replace
+
+    cases = load_cases(CASE_LIST.with_name("h100_zeroint8trace.yaml"))
+    assert all(c.record_trace and c.split == "validation" for c in cases)
+    first = load_cases(CASE_LIST.with_name("h100_zeroint8.yaml"))
+    assert [replace(c, record_trace=False).case_id for c in cases] == [c.case_id for c in first]
+
+
+def test_held_out_int8_zero3_list_is_validation_on_plans_no_simulation_was_built_against():
+    """h100_zeroint8hold.yaml: int8 LoRA ZeRO-3 on another model, rank, targets, world size
+    and sequence length than the plans the int8 world trace was fixed on."""
+    cases = load_cases(CASE_LIST.with_name("h100_zeroint8hold.yaml"))
+    assert Counter(c.split for c in cases) == {"validation": 3}  # rule (b) of h200x2.yaml
+    assert check_models(cases) == []
+    assert all(c.simulate_world == c.plan.num_gpus > 1 for c in cases)
+    assert {(c.plan.strategy, c.plan.method, c.plan.quant) for c in cases} == {
+        ("zero3", "lora", "int8")
+    }
+    built_on = load_cases(CASE_LIST.with_name("h100_zeroint8.yaml"))
+    assert not {c.plan for c in cases} & {c.plan for c in built_on}
+    assert {c.plan.model for c in cases} > {c.plan.model for c in built_on}
+    assert {c.plan.num_gpus for c in cases} > {c.plan.num_gpus for c in built_on}

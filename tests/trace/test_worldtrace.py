@@ -301,3 +301,17 @@ def test_a_world_trace_notes_each_layer_it_traces():
     ]
     assert len(layers) == 3 * 4 and layers[-1] == "step 3 of 3, backward, layer 1 of 2"
     assert trace == traced(strategy="ddp")
+
+
+def test_a_markers_pass_is_read_once_for_the_phases_and_the_progress_notes():
+    from vramcalc.memory.provenance import BACKWARD, FORWARD, OPTIMIZER, marker_pass, run_phases
+
+    assert marker_pass("step0") == (FORWARD, 0, 0)
+    assert marker_pass("step2_micro1") == (FORWARD, 2, 1)
+    assert marker_pass("step1_backward3") == (BACKWARD, 1, 3)
+    assert marker_pass("step0_optimizer") == (OPTIMIZER, 0, 0)
+    assert [marker_pass(m) for m in ("load", "wrap", "end")] == [None, None, None]
+    markers = [("load", 0), ("step0", 2), ("step0_micro1", 4), ("step0_backward1", 6), ("end", 9)]
+    labels = [p.label for p in run_phases(1, 10, markers)]
+    assert labels == ["loading", "step 1 forward", "step 1 forward (micro-batch 2)",
+                      "step 1 backward (micro-batch 2)"]  # fmt: skip

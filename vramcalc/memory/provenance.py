@@ -91,20 +91,7 @@ def run_phases(
     trace's markers (``step0``, ``step0_backward0``, ``step0_micro1``, ``step0_optimizer``,
     ..., ``end``), positions counted after the ``load_events`` loading events."""
     phases = [Phase(LOAD, -1, -1, 0, load_events)] if load_events else []
-    cuts: list[tuple[int, str, int, int]] = []  # (start, kind, step, micro)
-    for label, at in markers:
-        if label == "end" or not label.startswith("step"):
-            continue
-        head, _, rest = label.partition("_")
-        step = int(head[4:])
-        if not rest:
-            cuts.append((at, FORWARD, step, 0))
-        elif rest.startswith("micro"):
-            cuts.append((at, FORWARD, step, int(rest[5:])))
-        elif rest.startswith("backward"):
-            cuts.append((at, BACKWARD, step, int(rest[8:])))
-        elif rest == "optimizer":
-            cuts.append((at, OPTIMIZER, step, 0))
+    cuts = [(at, *where) for label, at in markers if (where := marker_pass(label))]
     if not cuts:
         return (*phases, Phase(STEPS, 0, 0, load_events, total_events))
     bounds = [load_events + at for at, *_ in cuts] + [total_events]
@@ -112,6 +99,25 @@ def run_phases(
         if stop > start:
             phases.append(Phase(kind, step, micro, start, stop))
     return tuple(phases)
+
+
+def marker_pass(label: str) -> tuple[str, int, int] | None:
+    """``(kind, step, micro)`` of the pass a trace's marker starts (``step0``: the forward of
+    step 0's first micro-batch, ``step0_micro1``, ``step0_backward1``, ``step0_optimizer``);
+    None for the others (``load``, ``wrap``, ``end``)."""
+    if not label.startswith("step"):
+        return None
+    head, _, rest = label.partition("_")
+    step = int(head[4:])
+    if not rest:
+        return FORWARD, step, 0
+    if rest.startswith("micro"):
+        return FORWARD, step, int(rest[5:])
+    if rest.startswith("backward"):
+        return BACKWARD, step, int(rest[8:])
+    if rest == "optimizer":
+        return OPTIMIZER, step, 0
+    return None
 
 
 def phase_index(phases: Sequence[Phase], total_events: int) -> list[int]:

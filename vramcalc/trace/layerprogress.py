@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vramcalc import progress
+from vramcalc.memory.provenance import marker_pass
 from vramcalc.trace.steptrace import decoder_layers
 from vramcalc.trace.worldrecorder import WorldRecorder
 from vramcalc.training_plan import TrainingPlan
@@ -33,12 +34,9 @@ def announce_layers(
     def hook(index: int) -> Any:
         def pre_forward(module: Any, args: Any) -> None:
             label = recorder.markers[-1][0] if recorder.markers else ""
-            step, _, phase = label.removeprefix("step").partition("_")
-            where = (
-                f"step {int(step) + 1} of {steps}, {phase.rstrip('0123456789') or 'forward'}"
-                if step.isdigit()
-                else "loading"
-            )
+            kind, step, micro = marker_pass(label) or ("loading", -1, 0)
+            where = kind if step < 0 else f"step {step + 1} of {steps}, {kind}"
+            where += f" (micro-batch {micro + 1})" if micro else ""
             progress.note(f"{head}: {where}, layer {index + 1} of {len(layers)}{unrolled}")
 
         return pre_forward

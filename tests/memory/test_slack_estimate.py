@@ -145,20 +145,29 @@ def test_a_recipe_that_cannot_be_traced_is_an_error_naming_the_way_out(tiny_llam
     assert prepare(p.model, p).estimate(p, "approximate").allocator_model == "approximate"
 
 
+def _estimate_is_the_world_simulation(p: TrainingPlan):  # type: ignore[no-untyped-def]
+    """The default estimate of multi-GPU plan ``p``, checked to be its world simulation's
+    peaks (simulated, cached); returns (prepared, estimate, simulation)."""
+    from vramcalc.memory.worldsim import simulate_world
+
+    prepared = prepare(p.model, p)
+    est = prepared.estimate(p)
+    world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
+    assert prepared.cached(p)
+    assert est.allocator_model == "simulated"
+    assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
+    assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
+    return prepared, est, world
+
+
 def test_multi_gpu_fsdp_and_ddp_plans_simulate_rank_0_of_the_world(tiny_llama_dir):
     from vramcalc.memory.nccl import nccl_buffer_bytes
     from vramcalc.memory.overhead import load_calibration
-    from vramcalc.memory.worldsim import simulate_world, world_device_total_bytes
+    from vramcalc.memory.worldsim import world_device_total_bytes
 
     for strategy in ("fsdp", "ddp"):
         p = TrainingPlan(str(tiny_llama_dir), method="lora", num_gpus=2, strategy=strategy)
-        prepared = prepare(p.model, p)
-        est = prepared.estimate(p)
-        world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
-        assert prepared.cached(p)
-        assert est.allocator_model == "simulated"
-        assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
-        assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
+        _, est, world = _estimate_is_the_world_simulation(p)
         assert est.components["nccl"] == nccl_buffer_bytes(2)
         total = world_device_total_bytes(world, p, load_calibration())["device_total"]
         assert est.device_total_bytes == total
@@ -186,8 +195,7 @@ def test_int8_zero3_plans_simulate_rank_0_too(tiny_llama_dir):
     """int8 weights under ZeRO-3 are simulated like every other ZeRO plan (no rule-based
     fallback): the estimate's peaks are the world simulation's, and it says so."""
     pytest.importorskip("deepspeed")
-    from vramcalc.estimate import ZERO_EVIDENCE, prepare
-    from vramcalc.memory.worldsim import simulate_world
+    from vramcalc.estimate import ZERO_EVIDENCE
 
     p = TrainingPlan(
         str(tiny_llama_dir),
@@ -198,13 +206,7 @@ def test_int8_zero3_plans_simulate_rank_0_too(tiny_llama_dir):
         seq_len=16,
         batch_size=2,
     )
-    prepared = prepare(p.model, p)
-    est = prepared.estimate(p)
-    world = simulate_world(prepared.spec.config_dict, p)  # cached by the estimate
-    assert prepared.cached(p)
-    assert est.allocator_model == "simulated"
-    assert est.peak_allocated_bytes == world.peak_allocated_bytes["default"]
-    assert est.peak_reserved_bytes == world.peak_reserved_bytes["default"]
+    prepared, est, _ = _estimate_is_the_world_simulation(p)
     assert ZERO_EVIDENCE in est.assumptions
     assert not any("APPROXIMATE allocator slack" in line for line in est.assumptions)
     approximate = prepared.estimate(p, "approximate")  # only when asked for

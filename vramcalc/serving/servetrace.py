@@ -46,7 +46,7 @@ from typing import Any
 from vramcalc.adapters import serving_lora_config
 from vramcalc.memory.layers import NO_SDPA
 from vramcalc.serve_plan import ServePlan
-from vramcalc.trace.fakemodel import layered_config, to_fake
+from vramcalc.trace.fakemodel import frozen_heap, layered_config, to_fake
 from vramcalc.trace.int8 import outlier_rule
 from vramcalc.trace.steptrace import StepRecorder, decoder_layers
 
@@ -286,6 +286,7 @@ def loaded_params(model: Any) -> list[tuple[str, tuple[int, ...], str, bool, boo
     return out
 
 
+@frozen_heap()
 def trace_serving(
     config_dict: dict[str, Any],
     plan: ServePlan,

@@ -32,6 +32,7 @@ from vramcalc import progress
 from vramcalc.cache import cache_dir
 from vramcalc.errors import VramcalcError
 from vramcalc.inventory import library_versions
+from vramcalc.trace.fakemodel import frozen_heap
 from vramcalc.trace.oprecorder import (
     OpEvent,
     Vector,
@@ -230,6 +231,7 @@ def _runs(ops: list[tuple[int, Op]]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+@frozen_heap()
 def trace_profile(
     config_dict: dict[str, Any], plan: TrainingPlan, rank_prime: int = 0
 ) -> OpProfile:

@@ -60,7 +60,11 @@ class NodeStreams:
     def made_under(self, stream: int) -> Iterator[None]:
         """Nodes the ops in here make (and an ``AccumulateGrad`` they make for a leaf) run
         their backward on ``stream``."""
-        if stream == DEFAULT_STREAM:
+        import torch
+
+        if stream == DEFAULT_STREAM or not torch.is_grad_enabled():
+            # with grad off no op makes a node (DeepSpeed's gathers and bucket copies run on
+            # its side streams under ``no_grad``): no torch-function mode on every call there
             yield
             return
         from torch.overrides import TorchFunctionMode

@@ -28,7 +28,7 @@ from typing import Any
 
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.trace.events import Shape, StepTrace
-from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.fakemodel import build_model, frozen_heap, to_fake
 from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
 
@@ -512,6 +512,7 @@ def config_layers(config_dict: dict[str, Any]) -> int:
     return int(getattr(config, "num_hidden_layers", 0) or 0)
 
 
+@frozen_heap()
 def trace_at(
     config_dict: dict[str, Any],
     plan: TrainingPlan,

@@ -98,7 +98,7 @@ from vramcalc.errors import InvalidPlanError
 from vramcalc.memory.allocator import ALLOC
 from vramcalc.memory.distributed import skips_kbit_upcast
 from vramcalc.trace.events import UnrollError, WorldTrace
-from vramcalc.trace.fakemodel import build_model, to_fake
+from vramcalc.trace.fakemodel import build_model, frozen_heap, to_fake
 from vramcalc.trace.fsdpfake import fsdp1_on_fake_device
 from vramcalc.trace.layerprogress import announce_layers
 from vramcalc.trace.steptrace import (
@@ -368,6 +368,7 @@ def _all_layers(trace: WorldTrace, num_layers: int) -> WorldTrace:
     return unroll_world(trace, num_layers) if num_layers > trace.num_layers else trace
 
 
+@frozen_heap()
 def _trace(
     config_dict: dict[str, Any],
     plan: TrainingPlan,

@@ -29,6 +29,7 @@ from typing import Any
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.trace.events import Shape, StepTrace
 from vramcalc.trace.fakemodel import build_model, frozen_heap, to_fake
+from vramcalc.trace.leaves import make_leaves
 from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
 
@@ -69,9 +70,13 @@ class StepRecorder:
         # of what it stacks one element per tensor into (StepTrace.per_tensor)
         self.clipping = 0
         self.per_tensor: list[int] = []
+        import torch
+        from torch.utils._pytree import tree_leaves
+
         from vramcalc.trace.emulation import ROUNDED_DIMS  # torch: only once a trace runs
 
         self._rounded = ROUNDED_DIMS
+        self._leaves = make_leaves(torch, tree_leaves)
         self._attn_shape = attn_shape  # batch, seq, heads, head_dim
 
     def known(self, tensors: Any, layer: int = -1) -> None:
@@ -151,17 +156,13 @@ class StepRecorder:
         for arg in args:
             if isinstance(arg, (list, tuple)) and len(arg) == len(outputs) and len(arg) > 1:
                 return [self._tag_of(a) for a in arg]
-        from torch.utils._pytree import tree_leaves
-
-        tag = next((t for t in map(self._tag_of, tree_leaves(args)) if t >= 0), -1)
+        tag = next((t for t in map(self._tag_of, self._leaves(args)) if t >= 0), -1)
         return [tag] * len(outputs)
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
-        from torch.utils._pytree import tree_leaves
-
         name = func.overloadpacket.__name__
         out = func(*args, **kwargs)
-        outputs = tree_leaves(out)
+        outputs = self._leaves(out)
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
             self.track(tensor, tag)
         if name in _MATMULS:

@@ -34,7 +34,16 @@ A ZeRO trace is not unrolled over layers (``trace/worldunroll.py``): ZeRO's flat
 partitions and bucket boundaries follow from the sizes of all the trainable parameters
 together, so every decoder layer is traced; two steps are traced and the second repeated
 (``worldrepeat.repeat_world_step``; ZeRO-3 records its module order in the first step and
-prefetches from the second on: the third step is the second's, event for event). The cost
+prefetches from the second on: the third step is the second's, event for event). Executing
+fewer layers than the model has (``config.num_hidden_layers`` cut after ``initialize``) keeps
+the load, the wrap and the optimizer step event for event, and the interior layers alike,
+but under ZeRO-3 not the ends: what a module releases is decided by looking
+``stage3_max_reuse_distance`` (10^9 elements) ahead in the recorded module order, about 8
+layers of Llama-3.2-1B each way, so the first and last layers' gathers and releases depend
+on how many layers there are (Llama-3.2-1B LoRA, 2,048 x 4, 2 GPUs, 10 of 16 layers run: the
+second step's forward differs from the full trace's in layers 1-4 and the last two); and
+the reduce buckets flush where the gradients of the layers above fill them, in the middle of
+a layer. The cost
 (two CPU cores, LoRA at 2,048 tokens, 3 steps, trace and replay): Llama-3.1-8B on 2 GPUs
 about 11 s under ZeRO-1/2 (20 s with DeepSpeed's first import) and 30 s under ZeRO-3, 65 s
 for QLoRA under ZeRO-3 (reports/world_memory.csv ``trace_seconds``); Llama-3.2-1B LoRA with

@@ -79,8 +79,9 @@ def sweep_cache(tmp_path_factory):
 
 @pytest.mark.benchmark(group="sweep-1000-simulated")
 def test_thousand_rows_cold(benchmark, cases, tmp_path, monkeypatch, sweep_cache, speed_figure):
-    monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / "warmup"))
-    run_sweep(cases[:10], [])  # the one-off imports, outside the timing
+    if not benchmark.disabled:  # timed (no pytest-xdist): the one-off imports outside it
+        monkeypatch.setenv("VRAMCALC_CACHE_DIR", str(tmp_path / "warmup"))
+        run_sweep(cases[:10], [])
     seconds: list[float] = []
 
     def fresh():

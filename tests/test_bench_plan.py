@@ -59,12 +59,14 @@ def warm_env(warm_cache) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def import_seconds(request) -> float:
-    _seconds(IMPORT)  # the files in the page cache, as for the plans
-    # the median of 3 where the benchmarks time (-n 0); one import where they only run once,
-    # beside the other tests' processes (pytest-benchmark disables them under pytest-xdist)
+    # the median of 3 where the benchmarks time (-n 0), after one that puts the files in the
+    # page cache, as for the plans; one import where they only run once, beside the other
+    # tests' processes (pytest-benchmark disables them under pytest-xdist)
     session = getattr(request.config, "_benchmarksession", None)
-    repeats = 1 if getattr(session, "disabled", False) else 3
-    return statistics.median(_seconds(IMPORT) for _ in range(repeats))
+    if getattr(session, "disabled", False):
+        return _seconds(IMPORT)
+    _seconds(IMPORT)
+    return statistics.median(_seconds(IMPORT) for _ in range(3))
 
 
 @pytest.mark.benchmark(group="plan-process")

@@ -124,9 +124,9 @@ def tiny_opt_dir(tmp_path):
 
 
 #: the longest files (``--durations`` on a 2-core machine), run first: with ``--dist loadfile``
-#: one worker starts the cold accuracy gate (about 5 of the suite's 10 minutes) at once while
-#: the other takes the rest, instead of the gate starting two thirds of the way through and
-#: running on alone at the end
+#: one worker starts the cold accuracy gate (its fixture about 9.5 of the suite's 12 minutes,
+#: 2026-12-07, in two processes of its own) at once while the other takes the rest, instead of
+#: the gate starting two thirds of the way through and running on alone at the end
 LONGEST_FIRST = (
     "tests/test_accuracy.py",
     "tests/test_bench_plan.py",

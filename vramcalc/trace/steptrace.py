@@ -47,6 +47,7 @@ class StepRecorder:
     def __init__(self, plan: TrainingPlan, attn_shape: tuple[int, int, int, int]) -> None:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
 
         recorder = self
         # a tensor's device asked (the autograd engine asks it of every input and output):
@@ -77,8 +78,6 @@ class StepRecorder:
         # of what it stacks one element per tensor into (StepTrace.per_tensor)
         self.clipping = 0
         self.per_tensor: list[int] = []
-        from torch.utils._pytree import tree_leaves
-
         from vramcalc.trace.emulation import ROUNDED_DIMS  # torch: only once a trace runs
 
         self._rounded = ROUNDED_DIMS

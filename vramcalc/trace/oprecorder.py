@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vramcalc.trace.fastviews import make_call
+
 # kinds: what prices an op on the GPU (throughput.py)
 MATMUL, MATMUL_FP32, INT8_MATMUL = "matmul", "matmul_fp32", "int8_matmul"
 ATTENTION, MEMORY, LAUNCH = "attention", "memory", "launch"
@@ -178,6 +180,7 @@ class Recorder:
         self.layer_of: dict[int, int] = {}
         # the frame (held, so that its id is not reused), instruction and op of the last op
         self._last_caller: tuple[Any, int, str] | None = None
+        self._call: Any = None  # trace/fastviews.py's, once ``mode`` is made
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -216,7 +219,7 @@ class Recorder:
             self.events.append(event)
 
     def dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
         if self.paused or func.namespace == "prim":  # prim: tensor.device and such, metadata
             return out
         name = func.overloadpacket.__name__
@@ -290,9 +293,11 @@ class Recorder:
         return out
 
     def mode(self) -> Any:
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         recorder = self
+        self._call = make_call(torch)
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]

@@ -29,6 +29,7 @@ from typing import Any
 from vramcalc.memory.allocator import ALLOC, FREE
 from vramcalc.trace.events import Shape, StepTrace
 from vramcalc.trace.fakemodel import build_model, frozen_heap, to_fake
+from vramcalc.trace.fastviews import make_call
 from vramcalc.trace.leaves import make_leaves
 from vramcalc.trace.repeat import steps_to_trace
 from vramcalc.training_plan import TrainingPlan
@@ -82,6 +83,7 @@ class StepRecorder:
 
         self._rounded = ROUNDED_DIMS
         self._leaves = make_leaves(torch, tree_leaves)
+        self._call = make_call(torch)
         self._attn_shape = attn_shape  # batch, seq, heads, head_dim
 
     def known(self, tensors: Any, layer: int = -1) -> None:
@@ -166,7 +168,7 @@ class StepRecorder:
 
     def dispatch(self, func: Any, args: Any, kwargs: Any) -> Any:
         name = func.overloadpacket.__name__
-        out = func(*args, **kwargs)
+        out = self._call(func, args, kwargs)
         outputs = self._leaves(out)
         for tensor, tag in zip(outputs, self._output_tags(args, outputs), strict=True):
             self.track(tensor, tag)

@@ -1,0 +1,142 @@
+"""View ops answered by their meta kernel (vramcalc/trace/fastviews.py) give FakeTensorMode's
+own outputs, and the traces that use them are the same event for event without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from tests.conftest import TINY_LLAMA
+from vramcalc.trace import fastviews
+from vramcalc.trace.fastviews import ANSWERED, VIEWS, make_call
+from vramcalc.training_plan import TrainingPlan
+
+aten = torch.ops.aten
+
+
+def _cases(x, y, z):  # noqa: ANN001, ANN202 - a (4, 6, 8), a (6, 8) and a (1, 6, 1) tensor
+    return {
+        "detach.default": (x,),
+        "alias.default": (x,),
+        "view.default": (x, [4, 48]),
+        "view.dtype": (x, torch.int16),
+        "_unsafe_view.default": (x, [24, 8]),
+        "_reshape_alias.default": (x, [24, 8], [8, 1]),
+        "slice.Tensor": (x, 1, 2, 5),
+        "select.int": (x, 0, 1),
+        "t.default": (y,),
+        "transpose.int": (x, 0, 2),
+        "permute.default": (x, [2, 0, 1]),
+        "expand.default": (z, [4, 6, 8]),
+        "unsqueeze.default": (x, 1),
+        "squeeze.default": (z,),
+        "squeeze.dim": (z, 0),
+        "squeeze.dims": (z, [0, 2]),
+        "as_strided.default": (x, [2, 2], [1, 2], 3),
+        "diagonal.default": (y,),
+        "split.Tensor": (x, 2, 1),
+        "split_with_sizes.default": (x, [1, 3], 0),
+        "unbind.int": (x, 0),
+    }
+
+
+def _facts(out, source):  # noqa: ANN001, ANN202
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    return [
+        (
+            type(t),
+            tuple(t.shape),
+            t.stride(),
+            t.storage_offset(),
+            t.dtype,
+            t.device,
+            t.requires_grad,
+            t.untyped_storage()._cdata == source.untyped_storage()._cdata,
+        )
+        for t in outs
+    ]
+
+
+def _op(name: str):  # noqa: ANN202
+    packet, _, overload = name.partition(".")
+    return getattr(getattr(aten, packet), overload)
+
+
+def test_each_view_op_gives_fake_tensor_modes_own_output():
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    call = make_call(torch)
+    with mode:
+        x = torch.empty(4, 6, 8, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(6, 8, device="cuda", dtype=torch.bfloat16)
+        z = torch.empty(1, 6, 1, device="cuda", dtype=torch.bfloat16)
+        cases = _cases(x, y, z)
+        assert sorted(cases) == sorted(VIEWS)
+        for name, args in cases.items():
+            before = ANSWERED[0]
+            want = _facts(_op(name)(*args), args[0])
+            got = _facts(call(_op(name), args, {}), args[0])
+            assert ANSWERED[0] == before + 1, name
+            assert got == want, name
+            assert all(kind is FakeTensor and same for kind, *_, same in got), name
+            assert got[0][5] == torch.device("cuda:0")
+
+
+def test_other_calls_go_through_fake_tensor_mode():
+    """Ops not in VIEWS, keyword arguments, a fake tensor holding a constant and a real
+    tensor: FakeTensorMode's own path (a constant's view keeps the constant there)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    call = make_call(torch)
+    before = ANSWERED[0]
+    with mode:
+        x = torch.empty(4, 6, device="cuda")
+        constant = torch.tensor(2.0)  # one element: FakeTensorMode keeps its value
+        assert constant.constant is not None
+        assert tuple(call(aten.mul.Tensor, (x, x), {}).shape) == (4, 6)
+        assert tuple(call(aten.transpose.int, (x,), {"dim0": 0, "dim1": 1}).shape) == (6, 4)
+        assert call(aten.detach.default, (constant,), {}).constant is not None
+    real = call(aten.detach.default, (torch.ones(2),), {})
+    assert type(real) is torch.Tensor and real.tolist() == [1.0, 1.0]
+    assert ANSWERED[0] == before
+
+
+def _trace(kind: str):  # noqa: ANN202
+    if kind == "step-qlora":
+        from vramcalc.trace.steptrace import trace_at
+
+        plan = TrainingPlan("tiny", method="qlora", seq_len=16, batch_size=2)
+        return trace_at(TINY_LLAMA, plan, 2, None)
+    if kind.startswith("world"):
+        pytest.importorskip("deepspeed")
+        from vramcalc.trace.worldtrace import trace_world
+
+        plan = TrainingPlan(
+            "tiny",
+            method="lora",
+            seq_len=16,
+            batch_size=2,
+            num_gpus=2,
+            strategy=kind.split("-")[1],
+            gradient_checkpointing=True,
+        )
+        return trace_world(TINY_LLAMA, plan)
+    from vramcalc.serve_plan import serve_plan
+    from vramcalc.serving.servetrace import trace_serving
+
+    plan = serve_plan(
+        "tiny", quant="int8", rank=4, adapters=1, batch=2, prompt_tokens=16, new_tokens=7
+    )
+    return trace_serving(TINY_LLAMA, plan, rounds=(1, 1))
+
+
+@pytest.mark.parametrize("kind", ["step-qlora", "world-zero3", "world-fsdp", "serve-int8"])
+def test_traces_are_the_same_event_for_event_without_the_fast_views(kind):
+    before = ANSWERED[0]
+    fast = _trace(kind)
+    assert ANSWERED[0] - before > 50
+    fastviews.ENABLED[0] = False
+    try:
+        slow = _trace(kind)
+    finally:
+        fastviews.ENABLED[0] = True
+    assert fast == slow

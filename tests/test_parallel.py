@@ -33,7 +33,8 @@ def test_records_are_grouped_by_recipe(tiny_llama_dir):
 
 def test_the_costliest_recipes_are_handed_out_first(tmp_path, monkeypatch):
     """A ZeRO trace runs every decoder layer (twice the work under ZeRO-3) and every
-    micro-batch; the others at most 5 layers: a 7-layer model's recipes, costliest first."""
+    micro-batch; the others at most 5 layers: a 7-layer model's recipes, costliest first,
+    after the profiles of those whose ops are not profiled yet (alone, costliest first)."""
     model = tmp_path / "seven"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_LLAMA | {"num_hidden_layers": 7}))
@@ -56,16 +57,27 @@ def test_the_costliest_recipes_are_handed_out_first(tmp_path, monkeypatch):
             return False
 
         def map(self, fn, groups, models):  # noqa: ANN001, ANN201
-            handed.append([g[0]["case_id"] for g in groups])
+            handed.append([(g[0]["case_id"], m) for g, m in zip(groups, models, strict=True)])
             return []
 
     monkeypatch.setattr(parallel, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(parallel, "pending", lambda record, model, memory: True)
+    unprofiled = [single["case_id"], zero2["case_id"]]
+    monkeypatch.setattr(parallel, "profile_pending", lambda r: r["case_id"] in unprofiled)
+    monkeypatch.setattr(parallel, "simulation_pending", lambda r, model: r is not fsdp)
     assert warm_caches([single, fsdp, zero2, zero3], "simulate", workers=3) == 3
     assert handed == [
         ["3"],
-        [zero3["case_id"], fsdp["case_id"], zero2["case_id"], single["case_id"]],
+        [
+            (zero2["case_id"], None),
+            (single["case_id"], None),
+            (zero3["case_id"], "simulate"),
+            (zero2["case_id"], "simulate"),
+            (single["case_id"], "simulate"),
+        ],
     ]
+    handed.clear()  # only profiles (a speed report): no simulation
+    assert warm_caches([single, fsdp, zero2, zero3], "simulate", memory=False, workers=2) == 2
+    assert handed == [["2"], [(zero2["case_id"], None), (single["case_id"], None)]]
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from vramcalc.collector import tune
+
 # Inventories built by tests go to a per-session temp cache, never ~/.cache.
 os.environ.setdefault("VRAMCALC_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # allocator (seconds per plan); the allocator tests (test_allocator*, test_steptrace,
 # test_slack_estimate, the report gate) ask for it explicitly.
 os.environ.setdefault("VRAMCALC_ALLOCATOR_MODEL", "approximate")
+# the collector's thresholds of a planning process, as the CLI and a report's workers set
+# them (vramcalc/collector.py: a quarter of the CPU time of the allocator and serving tests)
+tune()
 
 TINY_LLAMA = {
     "model_type": "llama",

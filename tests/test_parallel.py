@@ -47,7 +47,8 @@ def test_the_costliest_recipes_are_handed_out_first(tmp_path, monkeypatch):
     handed: list[list[str]] = []
 
     class Pool:  # the order the tasks are handed to the processes in
-        def __init__(self, processes, mp_context):  # noqa: ANN001
+        def __init__(self, processes, mp_context, initializer):  # noqa: ANN001
+            assert initializer is parallel.tune  # the collector's thresholds in each process
             handed.append([str(processes)])
 
         def __enter__(self):  # noqa: ANN204

@@ -17,6 +17,7 @@ from typing import Any
 
 from vramcalc import progress
 from vramcalc.catalog import resolve
+from vramcalc.collector import tune
 from vramcalc.errors import VramcalcError
 from vramcalc.estimate import default_allocator_model, prepare
 from vramcalc.measurements import plan_of
@@ -132,7 +133,7 @@ def warm_caches(
             if any(simulation_pending(record, model) for record in group)
         ]
     context = multiprocessing.get_context("spawn")  # torch is not fork-safe
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=tune) as pool:
         list(pool.map(_warm, *zip(*tasks, strict=True)))
     return processes
 

@@ -15,6 +15,7 @@ import click
 
 from vramcalc.cli.options import status_line
 from vramcalc.cli.quiet import asks_verbose, libraries_quiet
+from vramcalc.collector import tune
 from vramcalc.errors import VramcalcError
 from vramcalc.progress import reporting
 
@@ -87,6 +88,7 @@ def cli() -> None:
 
 
 def main() -> None:
+    tune()  # the collector's thresholds for a planning process (vramcalc/collector.py)
     cli(prog_name="vramcalc")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcalc.catalog import resolve_model
+from vramcalc.collector import tune
 from vramcalc.estimate import prepare
 from vramcalc.measurements import MEASUREMENTS_DIR, plan_of
 from vramcalc.memory.layers import NO_SDPA
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/world_memory")
     parser.add_argument("--fsdp2", action="store_true", help="also run FSDPMemTracker (slow)")
     args = parser.parse_args(argv)
+    tune()  # the collector's thresholds of a planning process (collector.py)
     records = [
         json.loads(line)
         for path in args.records

@@ -100,6 +100,29 @@ def test_other_calls_go_through_fake_tensor_mode():
     assert ANSWERED[0] == before
 
 
+def test_an_index_lifted_from_a_list_of_one_is_not_a_constant_for_indexing():
+    """``x[[i]]`` (peft's sub-batch of one request per adapter): FakeTensorMode keeps the
+    lifted index's value and answers the op without its cache; a twin without the value
+    gives the same output. A boolean mask keeps its value (the output's size is its count)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    call = make_call(torch)
+    with mode:
+        x = torch.empty(4, 6, dtype=torch.bfloat16)
+        index = torch.tensor([2])
+        mask = torch.tensor([True])
+        assert index.constant is not None and mask.constant is not None
+        want = _facts(aten.index.Tensor(x, [index]), x)
+        before = ANSWERED[0]
+        got = _facts(call(aten.index.Tensor, (x, [index]), {}), x)
+        assert ANSWERED[0] == before + 1 and got == want and want[0][1] == (1, 6)
+        values = torch.empty(1, 6, dtype=torch.bfloat16)
+        assert call(aten.index_put_.default, (x, [index], values, True), {}) is x
+        assert ANSWERED[0] == before + 2
+        small = torch.empty(1, 6, dtype=torch.bfloat16)
+        assert tuple(call(aten.index.Tensor, (small, [mask]), {}).shape) == (1, 6)
+        assert ANSWERED[0] == before + 2
+
+
 def _trace(kind: str):  # noqa: ANN202
     if kind == "step-qlora":
         from vramcalc.trace.steptrace import trace_at
@@ -123,13 +146,21 @@ def _trace(kind: str):  # noqa: ANN202
     from vramcalc.serve_plan import serve_plan
     from vramcalc.serving.servetrace import trace_serving
 
-    plan = serve_plan(
-        "tiny", quant="int8", rank=4, adapters=1, batch=2, prompt_tokens=16, new_tokens=7
-    )
+    if kind == "serve-int8":
+        plan = serve_plan(
+            "tiny", quant="int8", rank=4, adapters=1, batch=2, prompt_tokens=16, new_tokens=7
+        )
+    else:  # peft's mixed batch: a sub-batch of one request for each of four adapters
+        plan = serve_plan(
+            "tiny", quant="nf4", rank=4, adapters=4, mode="multi", batch=4, prompt_tokens=16,
+            new_tokens=7,
+        )  # fmt: skip
     return trace_serving(TINY_LLAMA, plan, rounds=(1, 1))
 
 
-@pytest.mark.parametrize("kind", ["step-qlora", "world-zero3", "world-fsdp", "serve-int8"])
+@pytest.mark.parametrize(
+    "kind", ["step-qlora", "world-zero3", "world-fsdp", "serve-int8", "serve-multi"]
+)
 def test_traces_are_the_same_event_for_event_without_the_fast_views(kind):
     before = ANSWERED[0]
     fast = _trace(kind)

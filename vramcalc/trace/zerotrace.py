@@ -45,9 +45,9 @@ second step's forward differs from the full trace's in layers 1-4 and the last t
 the reduce buckets flush where the gradients of the layers above fill them, in the middle of
 a layer. The cost
 (one process on a 2-core machine, LoRA at 2,048 tokens, 3 steps, trace and replay,
-reports/world_memory.csv ``trace_seconds``): Llama-3.1-8B on 2 GPUs about 8-11 s under
-ZeRO-2 and 16-19 s under ZeRO-3, 27 s for QLoRA under ZeRO-3; Llama-3.2-1B LoRA with
-ZeRO-Offload 6 s (ZeRO-2) and 12-13 s (ZeRO-3).
+reports/world_memory.csv ``trace_seconds``): Llama-3.1-8B on 2 GPUs about 5-6 s under
+ZeRO-2 and 13-15 s under ZeRO-3, 22 s for QLoRA under ZeRO-3; Llama-3.2-1B LoRA with
+ZeRO-Offload 4 s (ZeRO-2) and 10-11 s (ZeRO-3).
 
 ZeRO-Offload (``cpu_offload``: ``offload_optimizer`` and, under ZeRO-3, ``offload_param``,
 device ``cpu``, pinned) is traced with host and GPU told apart by device

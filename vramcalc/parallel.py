@@ -132,6 +132,8 @@ def warm_caches(
             for group in groups
             if any(simulation_pending(record, model) for record in group)
         ]
+    if not tasks:  # the caches filled meanwhile (another process): no process to start
+        return 0
     context = multiprocessing.get_context("spawn")  # torch is not fork-safe
     with ProcessPoolExecutor(processes, mp_context=context, initializer=tune) as pool:
         list(pool.map(_warm, *zip(*tasks, strict=True)))

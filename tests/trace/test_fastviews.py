@@ -123,6 +123,48 @@ def test_an_index_lifted_from_a_list_of_one_is_not_a_constant_for_indexing():
         assert ANSWERED[0] == before + 2
 
 
+def test_new_empty_tensors_are_fake_tensor_modes_own():
+    """``empty``, ``empty_strided`` and ``new_empty`` under a mode that routes them through
+    ``call``: the same tensors as FakeTensorMode alone makes (storage bytes and pinning too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    call = make_call(torch)
+
+    class Through(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            return call(func, args, kwargs or {})
+
+    def facts(t):  # noqa: ANN001, ANN202
+        pinned = t.is_pinned() if t.device.type == "cpu" else None
+        return (*_facts(t, t)[0][:7], t.untyped_storage().nbytes(), pinned)
+
+    cuda, host = torch.device("cuda"), torch.device("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, 6, device="cuda", dtype=torch.bfloat16)
+        cases = [
+            (aten.empty.memory_format, ([3, 5],), {"dtype": torch.float32, "device": cuda}),
+            (aten.empty.memory_format, ([3, 5],), {"dtype": torch.float16}),
+            (aten.empty.memory_format, ([0],), {"dtype": torch.bfloat16, "device": cuda}),
+            (
+                aten.empty.memory_format,
+                ([8],),
+                {"dtype": torch.float32, "device": host, "pin_memory": True},
+            ),
+            (aten.empty_strided.default, ([3, 5], [1, 3]), {"dtype": torch.int8, "device": cuda}),
+            (aten.new_empty.default, (x, [7]), {}),
+            (aten.new_empty.default, (x, [7, 2]), {"dtype": torch.float32}),
+            (aten.new_empty.default, (x, [7]), {"device": host, "pin_memory": False}),
+        ]
+        for func, args, kwargs in cases:
+            want = facts(func(*args, **kwargs))
+            before = ANSWERED[0]
+            with Through():
+                got = facts(func(*args, **kwargs))
+            assert ANSWERED[0] == before + 1, (func, args, kwargs)
+            assert got == want, (func, args, kwargs)
+        assert facts(x.new_empty(3))[5] == torch.device("cuda:0")
+
+
 def _trace(kind: str):  # noqa: ANN202
     if kind == "step-qlora":
         from vramcalc.trace.steptrace import trace_at

@@ -111,8 +111,8 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
     empty = aten.empty.memory_format
     meta, cpu = torch.device("meta"), torch.device("cpu")
     fake_key, current = torch._C._TorchDispatchModeKey.FAKE, torch._C._get_dispatch_mode
-    plain = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout)
-    plain += (torch.memory_format,)
+    plain: tuple[type, ...] = (int, float, bool, str, type(None), torch.dtype, torch.device)
+    plain += (torch.layout, torch.memory_format)
     sizes = (list, tuple, torch.Size)
 
     def made(mode: Any, func: Any, args: Any, kwargs: Any, device: Any) -> Any:

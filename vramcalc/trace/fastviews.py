@@ -81,6 +81,7 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
         disable = torch._C._DisableTorchDispatch
         preserve = torch._C._PreserveDispatchKeyGuard
         meta_in_tls = torch._C._set_meta_in_tls_dispatch_include
+        fake_key, current = torch._C._TorchDispatchModeKey.FAKE, torch._C._get_dispatch_mode
     except (ImportError, AttributeError):  # another torch: every op as FakeTensorMode does it
         return lambda func, args, kwargs: func(*args, **kwargs)
     aten = torch.ops.aten
@@ -110,7 +111,6 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
     new_empty = aten.new_empty.default
     empty = aten.empty.memory_format
     meta, cpu = torch.device("meta"), torch.device("cpu")
-    fake_key, current = torch._C._TorchDispatchModeKey.FAKE, torch._C._get_dispatch_mode
     plain: tuple[type, ...] = (int, float, bool, str, type(None), torch.dtype, torch.device)
     plain += (torch.layout, torch.memory_format)
     sizes = (list, tuple, torch.Size)
@@ -121,7 +121,7 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
         if (
             mode is None
             or mode.shape_env is not None
-            or mode.propagate_real_tensors
+            or getattr(mode, "propagate_real_tensors", False)
             or mode.in_kernel_invocation
             or not all(type(v) in plain for v in kwargs.values())
             or not all(type(a) in sizes and all(type(d) is int for d in a) for a in args)
@@ -161,7 +161,7 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
         if (
             source.constant is not None
             or mode.shape_env is not None
-            or mode.propagate_real_tensors
+            or getattr(mode, "propagate_real_tensors", False)
             or mode.in_kernel_invocation
             or any(isinstance(a, tensor) for a in args[1:])
         ):

@@ -129,7 +129,7 @@ def tiny_opt_dir(tmp_path):
 
 
 #: the longest files (``--durations`` on a 2-core machine), run first: with ``--dist loadfile``
-#: one worker starts the cold accuracy gate (its fixture about 9.5 of the suite's 12 minutes,
+#: one worker starts the cold accuracy gate (its fixture about 6.6 of the suite's 8.6 minutes,
 #: 2026-12-07, in two processes of its own) at once while the other takes the rest, instead of
 #: the gate starting two thirds of the way through and running on alone at the end
 LONGEST_FIRST = (

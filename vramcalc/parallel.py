@@ -38,12 +38,6 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def pending(record: dict[str, Any], allocator_model: str | None, memory: bool) -> bool:
-    """Whether estimating ``record`` would trace: its simulation (with ``memory``) or its op
-    profile (a speed case) is not in the disk caches yet."""
-    return profile_pending(record) or (memory and simulation_pending(record, allocator_model))
-
-
 def profile_pending(record: dict[str, Any]) -> bool:
     """Whether ``record`` is a speed case whose step's ops are not profiled in the cache yet."""
     try:
@@ -114,15 +108,8 @@ def warm_caches(
     if workers < 2:
         return 0
     model = allocator_model or default_allocator_model()
-    groups = [g for g in recipe_groups(records) if any(pending(r, model, memory) for r in g)]
-    if len(groups) < 2:
-        return 0
-    groups.sort(key=lambda group: sum(map(trace_cost, group)), reverse=True)
-    processes = min(workers, len(groups))
-    progress.note(
-        f"{'simulating' if memory else 'profiling'} {len(groups)} recipes of "
-        f"{sum(map(len, groups))} records in {processes} processes"
-    )
+    groups = sorted(recipe_groups(records), key=lambda g: sum(map(trace_cost, g)), reverse=True)
+    # each recipe's profile alone first, then its simulation: what is not in the caches yet
     tasks: list[tuple[list[dict[str, Any]], str | None]] = [
         (group, None) for group in groups if any(map(profile_pending, group))
     ]
@@ -132,8 +119,14 @@ def warm_caches(
             for group in groups
             if any(simulation_pending(record, model) for record in group)
         ]
-    if not tasks:  # the caches filled meanwhile (another process): no process to start
+    recipes = {id(group): group for group, _ in tasks}
+    if len(recipes) < 2:
         return 0
+    processes = min(workers, len(recipes))
+    progress.note(
+        f"{'simulating' if memory else 'profiling'} {len(recipes)} recipes of "
+        f"{sum(map(len, recipes.values()))} records in {processes} processes"
+    )
     context = multiprocessing.get_context("spawn")  # torch is not fork-safe
     with ProcessPoolExecutor(processes, mp_context=context, initializer=tune) as pool:
         list(pool.map(_warm, *zip(*tasks, strict=True)))

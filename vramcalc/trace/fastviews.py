@@ -115,44 +115,58 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
     plain += (torch.layout, torch.memory_format)
     sizes = (list, tuple, torch.Size)
 
-    def made(mode: Any, func: Any, args: Any, kwargs: Any, device: Any) -> Any:
-        """FakeTensor's ``constructors`` (fake_impls.py): the op on the meta device in the
-        mode's kernel invocation, wrapped as a fake tensor on ``device``."""
-        if (
-            mode is None
-            or mode.shape_env is not None
-            or getattr(mode, "propagate_real_tensors", False)
-            or mode.in_kernel_invocation
-            or not all(type(v) in plain for v in kwargs.values())
-            or not all(type(a) in sizes and all(type(d) is int for d in a) for a in args)
-        ):
-            return None
+    def answerable(mode: Any) -> bool:
+        """A mode whose answers are the meta kernel's: no shape environment, no real tensors
+        behind its fakes, not inside a kernel already."""
+        return (
+            mode is not None
+            and mode.shape_env is None
+            and not getattr(mode, "propagate_real_tensors", False)
+            and not mode.in_kernel_invocation
+        )
+
+    def in_kernel(mode: Any, func: Any, args: Any, kwargs: Any) -> Any:
+        """``func`` under ``in_kernel_invocation_manager`` (fake_tensor.py), inline: the op
+        sees meta tensors."""
         with disable():
             mode.in_kernel_invocation = True
             with preserve():
                 meta_in_tls(True)
                 try:
-                    out = func(*args, **{**kwargs, "device": meta})
+                    out = func(*args, **kwargs)
                 finally:
                     mode.in_kernel_invocation = False
         answered[0] += 1
-        return FakeTensor(mode, out, device)
+        return out
+
+    def made(mode: Any, func: Any, args: Any, kwargs: Any, device: Any) -> Any:
+        """FakeTensor's ``constructors`` (fake_impls.py): the op on the meta device in the
+        mode's kernel invocation, wrapped as a fake tensor on ``device``."""
+        if (
+            not answerable(mode)
+            or not all(type(v) in plain for v in kwargs.values())
+            or not all(type(a) in sizes and all(type(d) is int for d in a) for a in args)
+        ):
+            return None
+        return FakeTensor(mode, in_kernel(mode, func, args, {**kwargs, "device": meta}), device)
 
     def call(func: Any, args: Any, kwargs: Any) -> Any:
-        if func in indexing and enabled[0] and len(args) > 1 and type(args[1]) in (list, tuple):
+        if not enabled[0]:
+            return func(*args, **kwargs)
+        if func in indexing and len(args) > 1 and type(args[1]) in (list, tuple):
             indices = [unlifted(i) for i in args[1]]
             return func(args[0], indices, *args[2:], **kwargs)
-        if func in empties and enabled[0]:
+        if func in empties:
             device = kwargs.get("device") or cpu
             out = made(current(fake_key), func, args, kwargs, device)
             return func(*args, **kwargs) if out is None else out
-        if func is new_empty and enabled[0] and type(args[0]) is FakeTensor:
+        if func is new_empty and type(args[0]) is FakeTensor:
             source, rest = args[0], {k: v for k, v in kwargs.items() if v is not None}
             rest.setdefault("dtype", source.dtype)
             device = rest.pop("device", None) or source.fake_device
             out = made(source.fake_mode, empty, args[1:], rest, device)
             return func(*args, **kwargs) if out is None else out
-        if func not in views or not enabled[0] or kwargs:
+        if func not in views or kwargs:
             return func(*args, **kwargs)
         source = args[0]
         if type(source) is not FakeTensor or source.layout is not strided:
@@ -160,22 +174,11 @@ def make_call(torch: Any) -> Callable[[Any, Any, Any], Any]:
         mode = source.fake_mode
         if (
             source.constant is not None
-            or mode.shape_env is not None
-            or getattr(mode, "propagate_real_tensors", False)
-            or mode.in_kernel_invocation
+            or not answerable(mode)
             or any(isinstance(a, tensor) for a in args[1:])
         ):
             return func(*args, **kwargs)
-        # in_kernel_invocation_manager (fake_tensor.py), inline: the op sees meta tensors
-        with disable():
-            mode.in_kernel_invocation = True
-            with preserve():
-                meta_in_tls(True)
-                try:
-                    out = func(*args)
-                finally:
-                    mode.in_kernel_invocation = False
-        answered[0] += 1
+        out = in_kernel(mode, func, args, {})
         converter, device = mode.fake_tensor_converter, source.fake_device
         if isinstance(out, tensor):
             return converter.from_meta_and_device(mode, out, device)
